@@ -1,0 +1,1 @@
+"""The drive: object-store layer, key mapping, listings and uploads for kgpu."""

@@ -1,0 +1,114 @@
+"""Mapping of request paths onto object keys inside one drive prefix.
+
+A drive is a key prefix: ``users/{id}/`` for my drive, ``orgs/{slug}/`` for a
+shared drive. Whatever a client sends, the resulting key stays inside that
+prefix, or the request is refused with :class:`InvalidPath` (400). Paths are
+checked segment by segment on the *raw* bytes of the URL, before any router
+has decoded ``%2f`` into a separator.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+
+MAX_KEY_BYTES = 1024  # the S3 / R2 limit for a whole key
+_PERCENT = re.compile(rb"%([0-9A-Fa-f]{2})")
+_BAD_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+
+
+class InvalidPath(ValueError):
+    """The path cannot be mapped to a key inside the drive."""
+
+
+@dataclass(frozen=True)
+class DrivePath:
+    prefix: str  # the drive's prefix, ending in "/"
+    rel: str  # path relative to the drive, "" for its root; ends in "/" for a folder
+
+    @property
+    def key(self) -> str:
+        return self.prefix + self.rel
+
+    @property
+    def is_dir(self) -> bool:
+        return self.rel == "" or self.rel.endswith("/")
+
+    @property
+    def name(self) -> str:
+        return self.rel.rstrip("/").rsplit("/", 1)[-1]
+
+
+def user_prefix(user_id: int) -> str:
+    return f"users/{int(user_id)}/"
+
+
+def _check_segment(segment: str) -> None:
+    if segment in ("", ".", ".."):
+        raise InvalidPath("empty, '.' or '..' path segments are not allowed")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in segment):
+        raise InvalidPath("control characters (NUL included) are not allowed in paths")
+    if "\\" in segment or "/" in segment:
+        raise InvalidPath("encoded slashes and backslashes are not allowed in path segments")
+    folded = unicodedata.normalize("NFKC", segment)
+    if folded in (".", "..") or "/" in folded or "\\" in folded:
+        raise InvalidPath("path segment folds to a separator or a dot segment")
+
+
+def _join(prefix: str, segments: list[str], is_dir: bool) -> DrivePath:
+    for segment in segments:
+        _check_segment(segment)
+    rel = "/".join(segments) + ("/" if is_dir and segments else "")
+    if len((prefix + rel).encode("utf-8")) > MAX_KEY_BYTES:
+        raise InvalidPath(f"path too long: a key is at most {MAX_KEY_BYTES} bytes")
+    return DrivePath(prefix=prefix, rel=rel)
+
+
+def _split(path: str) -> tuple[list[str], bool]:
+    if path == "":
+        return [], True
+    is_dir = path.endswith("/")
+    body = path[:-1] if is_dir else path
+    if body == "":
+        raise InvalidPath("absolute paths are not allowed")
+    return body.split("/"), is_dir
+
+
+def from_raw_path(prefix: str, raw: bytes) -> DrivePath:
+    """Map the raw (still percent-encoded) part of a URL path after the drive's mount point."""
+    if _BAD_PERCENT.search(raw):
+        raise InvalidPath("malformed percent-encoding in path")
+    if b"\\" in raw:
+        raise InvalidPath("backslashes are not allowed in paths")
+    raw_segments = raw.split(b"/")
+    is_dir = raw == b"" or raw.endswith(b"/")
+    if raw_segments and raw_segments[-1] == b"":
+        raw_segments = raw_segments[:-1]
+    if raw and not raw_segments:
+        raise InvalidPath("absolute paths are not allowed")
+    segments = []
+    for raw_segment in raw_segments:
+        decoded = _PERCENT.sub(lambda m: bytes([int(m.group(1), 16)]), raw_segment)
+        try:
+            segments.append(decoded.decode("utf-8", errors="strict"))
+        except UnicodeDecodeError:
+            raise InvalidPath("path is not valid UTF-8") from None
+    return _join(prefix, segments, is_dir)
+
+
+def from_text(prefix: str, path: str) -> DrivePath:
+    """Map an already-decoded path (a query parameter, a JSON field)."""
+    segments, is_dir = _split(path)
+    return _join(prefix, segments, is_dir)
+
+
+def listing_prefix(prefix: str, partial: str) -> str:
+    """A ``?prefix=`` filter: may end mid-name, but must stay inside the drive."""
+    if partial == "":
+        return prefix
+    head, _, tail = partial.rpartition("/")
+    base = from_text(prefix, head + "/").key if head else prefix
+    if tail:
+        _check_segment(tail)
+    return base + tail

@@ -1,0 +1,56 @@
+"""Folder listings in the two forms clients read: HTML links and JSON."""
+
+from __future__ import annotations
+
+import html
+from typing import Iterable
+from urllib.parse import quote
+
+from drive.store import CommonPrefix, ObjectInfo
+
+
+def entry_json(entry: ObjectInfo | CommonPrefix, drive_prefix: str) -> dict:
+    if isinstance(entry, CommonPrefix):
+        rel = entry.prefix[len(drive_prefix) :]
+        return {"name": rel.rstrip("/").rsplit("/", 1)[-1], "path": rel, "type": "dir"}
+    rel = entry.key[len(drive_prefix) :]
+    return {
+        "name": rel.rsplit("/", 1)[-1],
+        "path": rel,
+        "type": "file",
+        "size": entry.size,
+        "etag": entry.etag.strip('"'),
+        "last_modified": entry.last_modified.isoformat().replace("+00:00", "Z"),
+    }
+
+
+def html_head(title: str) -> str:
+    safe = html.escape(title)
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+        f"<title>Index of {safe}</title></head><body>\n<h1>Index of {safe}</h1>\n"
+        "<table>\n<tr><th>Name</th><th>Size</th><th>Modified</th></tr>\n"
+        '<tr><td><a href="../">../</a></td><td></td><td></td></tr>\n'
+    )
+
+
+def html_row(item: dict) -> str:
+    """One row; ``item`` is an :func:`entry_json` dict. The href is relative to the folder."""
+    is_dir = item["type"] == "dir"
+    name = item["name"] + ("/" if is_dir else "")
+    href = quote(name, safe="/")
+    if href.startswith(".") or ":" in href.split("/", 1)[0]:
+        href = "./" + href  # so a name like "a:b" is not read as a URL scheme
+    size = "" if is_dir else str(item["size"])
+    modified = item.get("last_modified", "")
+    return f'<tr><td><a href="{html.escape(href)}">{html.escape(name)}</a></td><td>{size}</td><td>{modified}</td></tr>\n'
+
+
+HTML_TAIL = "</table>\n</body></html>\n"
+
+
+def render_html(title: str, items: Iterable[dict]) -> Iterable[str]:
+    yield html_head(title)
+    for item in items:
+        yield html_row(item)
+    yield HTML_TAIL

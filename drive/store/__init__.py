@@ -1,0 +1,106 @@
+"""The object-store interface.
+
+Every backend (the embedded ``rclone serve s3``, moto, Cloudflare R2, AWS S3)
+is reached through :class:`ObjectStore`. The drive code never talks to boto3
+directly, so a new backend is one module implementing this protocol plus a
+run of ``tests/test_store_conformance.py`` against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Iterator, Protocol, runtime_checkable
+
+
+class StoreError(Exception):
+    """Base class for object-store failures the HTTP layer maps to envelopes."""
+
+
+class StoreUnavailable(StoreError):
+    """The store could not be reached or answered with a server error (503)."""
+
+
+class ObjectNotFound(StoreError):
+    """The key (or multipart upload) does not exist."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str  # quoted, as HTTP and S3 write it: '"abc..."'
+    last_modified: datetime
+    content_type: str | None = None
+
+
+@dataclass(frozen=True)
+class CommonPrefix:
+    """A "folder" returned by a delimited listing; ``prefix`` ends with the delimiter."""
+
+    prefix: str
+
+
+@dataclass(frozen=True)
+class ListPage:
+    entries: list[ObjectInfo | CommonPrefix]
+    next_token: str | None
+
+
+@dataclass(frozen=True)
+class UploadedPart:
+    number: int
+    etag: str
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    bucket: str
+
+    def ensure_bucket(self) -> None: ...
+
+    def put_object(self, key: str, data: bytes, content_type: str | None = None) -> str:
+        """Store ``data`` in one request; returns the ETag."""
+
+    def head(self, key: str) -> ObjectInfo | None: ...
+
+    def list_page(
+        self, prefix: str, delimiter: str | None = None, token: str | None = None, max_keys: int = 1000
+    ) -> ListPage: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def delete_many(self, keys: list[str]) -> None: ...
+
+    def copy(self, src_key: str, dst_key: str) -> None: ...
+
+    def presign_get(self, key: str, expires_in: int) -> str: ...
+
+    def presign_put(self, key: str, expires_in: int) -> str: ...
+
+    def create_multipart(self, key: str, content_type: str | None = None) -> str: ...
+
+    def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> UploadedPart: ...
+
+    def complete_multipart(self, key: str, upload_id: str, parts: list[UploadedPart]) -> str: ...
+
+    def abort_multipart(self, key: str, upload_id: str) -> None: ...
+
+
+def iter_entries(
+    store: ObjectStore, prefix: str, delimiter: str | None = None, page_size: int = 1000
+) -> Iterator[ObjectInfo | CommonPrefix]:
+    """Every entry under ``prefix``, fetched one page at a time (never all in memory)."""
+    token: str | None = None
+    while True:
+        page = store.list_page(prefix, delimiter=delimiter, token=token, max_keys=page_size)
+        yield from page.entries
+        if not page.next_token:
+            return
+        token = page.next_token
+
+
+def iter_objects(store: ObjectStore, prefix: str) -> Iterator[ObjectInfo]:
+    for entry in iter_entries(store, prefix):
+        if isinstance(entry, ObjectInfo):
+            yield entry

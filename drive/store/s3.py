@@ -1,0 +1,172 @@
+"""ObjectStore over any S3-compatible endpoint (rclone serve s3, moto, R2, S3) via boto3."""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, TypeVar
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
+
+from drive.presign import Presigner
+from drive.store import CommonPrefix, ListPage, ObjectInfo, ObjectNotFound, StoreUnavailable, UploadedPart
+
+T = TypeVar("T")
+
+_NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound", "NoSuchUpload", "NoSuchBucket"}
+
+
+def _translate_errors(fn: Callable[..., T]) -> Callable[..., T]:
+    """Map botocore failures onto the store's own exceptions."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if code in _NOT_FOUND_CODES or status == 404:
+                raise ObjectNotFound(code) from exc
+            if status >= 500 or status == 0:
+                raise StoreUnavailable(f"object store error {code or status}") from exc
+            raise
+        except (BotoConnectionError, BotoCoreError) as exc:
+            raise StoreUnavailable(f"object store unreachable: {exc.__class__.__name__}") from exc
+
+    return wrapper
+
+
+class S3ObjectStore:
+    def __init__(
+        self,
+        endpoint_url: str,
+        access_key: str,
+        secret_key: str,
+        bucket: str,
+        region: str = "us-east-1",
+        public_endpoint_url: str | None = None,
+    ):
+        self.bucket = bucket
+        self.endpoint_url = endpoint_url
+        config = Config(
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": 2, "mode": "standard"},
+            connect_timeout=3,
+            read_timeout=120,
+            max_pool_connections=32,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        self._client = boto3.client(
+            "s3",
+            endpoint_url=endpoint_url,
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
+            region_name=region,
+            config=config,
+        )
+        self._presigner = Presigner(public_endpoint_url or endpoint_url, bucket, access_key, secret_key, region)
+
+    @_translate_errors
+    def ensure_bucket(self) -> None:
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404:
+                raise
+            self._client.create_bucket(Bucket=self.bucket)
+
+    @_translate_errors
+    def put_object(self, key: str, data: bytes, content_type: str | None = None) -> str:
+        extra = {"ContentType": content_type} if content_type else {}
+        return self._client.put_object(Bucket=self.bucket, Key=key, Body=data, **extra)["ETag"]
+
+    @_translate_errors
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            meta = self._client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (404, 403):
+                # 403: stores answer it for a HEAD under a key whose "parent" is a file.
+                return None
+            raise
+        return ObjectInfo(
+            key=key,
+            size=meta["ContentLength"],
+            etag=meta["ETag"],
+            last_modified=meta["LastModified"],
+            content_type=meta.get("ContentType"),
+        )
+
+    @_translate_errors
+    def list_page(
+        self, prefix: str, delimiter: str | None = None, token: str | None = None, max_keys: int = 1000
+    ) -> ListPage:
+        params: dict = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": max_keys}
+        if delimiter:
+            params["Delimiter"] = delimiter
+        if token:
+            params["ContinuationToken"] = token
+        reply = self._client.list_objects_v2(**params)
+        entries: list[ObjectInfo | CommonPrefix] = [
+            CommonPrefix(p["Prefix"]) for p in reply.get("CommonPrefixes", [])
+        ]
+        entries += [
+            ObjectInfo(key=o["Key"], size=o["Size"], etag=o.get("ETag", ""), last_modified=o["LastModified"])
+            for o in reply.get("Contents", [])
+        ]
+        next_token = reply.get("NextContinuationToken") if reply.get("IsTruncated") else None
+        return ListPage(entries=entries, next_token=next_token)
+
+    @_translate_errors
+    def delete(self, key: str) -> None:
+        self._client.delete_object(Bucket=self.bucket, Key=key)
+
+    @_translate_errors
+    def delete_many(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):
+            batch = keys[start : start + 1000]
+            self._client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
+            )
+
+    @_translate_errors
+    def copy(self, src_key: str, dst_key: str) -> None:
+        self._client.copy_object(
+            Bucket=self.bucket, Key=dst_key, CopySource={"Bucket": self.bucket, "Key": src_key}
+        )
+
+    def presign_get(self, key: str, expires_in: int) -> str:
+        return self._presigner.presign("GET", key, expires_in)
+
+    def presign_put(self, key: str, expires_in: int) -> str:
+        return self._presigner.presign("PUT", key, expires_in)
+
+    @_translate_errors
+    def create_multipart(self, key: str, content_type: str | None = None) -> str:
+        extra = {"ContentType": content_type} if content_type else {}
+        return self._client.create_multipart_upload(Bucket=self.bucket, Key=key, **extra)["UploadId"]
+
+    @_translate_errors
+    def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> UploadedPart:
+        reply = self._client.upload_part(
+            Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data
+        )
+        return UploadedPart(number=number, etag=reply["ETag"])
+
+    @_translate_errors
+    def complete_multipart(self, key: str, upload_id: str, parts: list[UploadedPart]) -> str:
+        reply = self._client.complete_multipart_upload(
+            Bucket=self.bucket,
+            Key=key,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": [{"PartNumber": p.number, "ETag": p.etag} for p in parts]},
+        )
+        return reply["ETag"]
+
+    @_translate_errors
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)

@@ -1,0 +1,1 @@
+"""The kgpu HTTP gateway: FastAPI application, auth, users, drive routes."""

@@ -1,0 +1,89 @@
+"""The FastAPI application: wiring of settings, database, object store and routes."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from drive.store import ObjectStore
+from drive.store.embedded import EmbeddedS3Server
+from drive.store.s3 import S3ObjectStore
+from gateway import db
+from gateway.auth import Authenticator
+from gateway.errors import RequestIdMiddleware, install_error_handlers
+from gateway.quota import UsageBook
+from gateway.routes import admin, files, health, me
+from gateway.settings import Settings
+
+log = logging.getLogger("kgpu")
+
+
+def open_store(settings: Settings) -> tuple[ObjectStore, EmbeddedS3Server | None]:
+    """The configured store, or the embedded ``rclone serve s3`` started over the data directory."""
+    if not settings.uses_embedded_store:
+        store = S3ObjectStore(
+            settings.s3_endpoint_url,
+            settings.s3_access_key_id,
+            settings.s3_secret_access_key,
+            settings.s3_bucket,
+            settings.s3_region,
+            settings.s3_public_endpoint_url or None,
+        )
+        return store, None
+    server = EmbeddedS3Server(settings.data_dir)
+    endpoint = server.start()
+    store = S3ObjectStore(
+        endpoint,
+        server.credentials.access_key,
+        server.credentials.secret_key,
+        settings.s3_bucket,
+        settings.s3_region,
+        settings.s3_public_endpoint_url or None,
+    )
+    log.info("embedded object store (rclone serve s3) at %s over %s", endpoint, server.root)
+    return store, server
+
+
+def create_app(settings: Settings | None = None, store: ObjectStore | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        url = settings.resolved_database_url
+        db.migrate(url)
+        engine = db.make_engine(url)
+        sessions = db.make_sessionmaker(engine)
+        embedded = None
+        active_store = store
+        if active_store is None:
+            active_store, embedded = open_store(settings)
+        try:
+            active_store.ensure_bucket()
+        except Exception:
+            log.warning("object store not reachable at start-up; drive routes will answer 503", exc_info=True)
+        app.state.settings = settings
+        app.state.sessions = sessions
+        app.state.store = active_store
+        app.state.authenticator = Authenticator(sessions, settings.admin_token, settings.auth_cache_seconds)
+        app.state.usage = UsageBook(sessions, active_store, settings.quota_reconcile_seconds)
+        try:
+            yield
+        finally:
+            app.state.usage.close()
+            if embedded is not None:
+                embedded.stop()
+            engine.dispose()
+
+    app = FastAPI(
+        title="kgpu",
+        version="0.1.0",
+        description="GPU-rental gateway with a persistent drive. Every route is under /v1.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.add_middleware(RequestIdMiddleware)
+    for module in (health, me, admin, files):
+        app.include_router(module.router)
+    return app

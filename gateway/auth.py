@@ -1,0 +1,136 @@
+"""Bearer authentication: who is calling, and may they?
+
+Lookups are cached for ``KGPU_AUTH_CACHE_SECONDS`` (default 2 s) because a
+download is one redirect and the token check would otherwise be most of its
+cost. Changes made through this server's own API (revocation, status, role)
+clear the cache at once; changes made by ``kgpu admin`` in another process
+reach a running server within that many seconds.
+"""
+
+from __future__ import annotations
+
+import hmac
+import threading
+import time
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+from starlette.concurrency import run_in_threadpool
+
+from drive.keys import user_prefix
+from gateway.errors import ApiError
+from gateway.models import ApiToken, User, utcnow
+from gateway.tokens import as_utc, hash_token, is_well_formed
+
+_BEARER_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="kgpu"'}
+
+
+@dataclass(frozen=True)
+class Principal:
+    user_id: int | None  # None: the environment admin token, which has no user row
+    email: str
+    role: str
+    status: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    @property
+    def drive_prefix(self) -> str:
+        if self.user_id is None:
+            raise ApiError(403, "no_drive", "the environment admin token has no drive; use a user's token")
+        return user_prefix(self.user_id)
+
+
+ENV_ADMIN = Principal(user_id=None, email="", role="admin", status="approved")
+
+
+def unauthorized(message: str) -> ApiError:
+    return ApiError(401, "unauthorized", message, _BEARER_CHALLENGE)
+
+
+class Authenticator:
+    def __init__(self, sessions: sessionmaker, admin_token: str, cache_seconds: float = 2.0):
+        self._sessions = sessions
+        self._admin_token = admin_token
+        self._cache_seconds = cache_seconds
+        self._cache: dict[str, tuple[float, Principal, float | None]] = {}
+        self._lock = threading.Lock()
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+    def bearer(self, authorization: str | None) -> str:
+        if not authorization:
+            raise unauthorized("missing Authorization: Bearer token")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise unauthorized("Authorization must be 'Bearer <token>'")
+        return token.strip()
+
+    def cached(self, token: str) -> Principal | None:
+        hit = self._cache.get(token)
+        if hit is None:
+            return None
+        fetched, principal, expires = hit
+        now = time.time()
+        if now - fetched > self._cache_seconds or (expires is not None and now >= expires):
+            return None
+        return principal
+
+    def lookup(self, token: str) -> Principal:
+        """Resolve a token against the database (blocking)."""
+        if self._admin_token and hmac.compare_digest(token, self._admin_token):
+            return ENV_ADMIN
+        if not is_well_formed(token):
+            raise unauthorized("malformed token: expected kgpu_ and 48 hex digits")
+        with self._sessions() as session:
+            row = session.execute(
+                select(ApiToken, User)
+                .join(User, User.id == ApiToken.user_id)
+                .where(ApiToken.token_hash == hash_token(token))
+            ).first()
+        if row is None:
+            raise unauthorized("unknown token")
+        api_token, user = row
+        if api_token.revoked_at is not None:
+            raise unauthorized("token revoked")
+        expires = as_utc(api_token.expires_at)
+        if expires is not None and expires <= utcnow():
+            raise unauthorized("token expired")
+        principal = Principal(user_id=user.id, email=user.email, role=user.role, status=user.status)
+        if self._cache_seconds > 0:
+            with self._lock:
+                if len(self._cache) > 10_000:
+                    self._cache.clear()
+                self._cache[token] = (time.time(), principal, expires.timestamp() if expires else None)
+        return principal
+
+
+async def current_principal(request: Request) -> Principal:
+    """Any valid token, pending users included (they may only read /v1/me)."""
+    authenticator: Authenticator = request.app.state.authenticator
+    token = authenticator.bearer(request.headers.get("authorization"))
+    return authenticator.cached(token) or await run_in_threadpool(authenticator.lookup, token)
+
+
+async def approved_principal(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
+    if principal.status != "approved":
+        raise ApiError(403, "account_pending", "your account is waiting for an admin's approval")
+    return principal
+
+
+async def admin_principal(principal: Annotated[Principal, Depends(approved_principal)]) -> Principal:
+    if not principal.is_admin:
+        raise ApiError(403, "admin_only", "this needs an admin token")
+    return principal
+
+
+AnyUser = Annotated[Principal, Depends(current_principal)]
+ApprovedUser = Annotated[Principal, Depends(approved_principal)]
+AdminUser = Annotated[Principal, Depends(admin_principal)]

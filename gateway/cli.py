@@ -1,0 +1,161 @@
+"""The ``kgpu`` command: ``kgpu serve`` and ``kgpu admin ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy import select
+
+from gateway import db, tokens, users
+from gateway.errors import ApiError
+from gateway.models import ApiToken, User, utcnow
+from gateway.settings import Settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from gateway.app import create_app
+
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "data_dir": args.data_dir}.items() if v}
+    settings = Settings(**overrides)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, proxy_headers=True)
+    return 0
+
+
+def _sessions(args: argparse.Namespace):
+    settings = Settings(**({"data_dir": args.data_dir} if args.data_dir else {}))
+    url = settings.resolved_database_url
+    db.migrate(url)
+    return settings, db.make_sessionmaker(db.make_engine(url))
+
+
+def _print(obj) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def _user_create(args) -> int:
+    settings, sessions = _sessions(args)
+    new = users.NewUser(email=args.email, name=args.name, role=args.role, status=args.status, credits=args.credits)
+    with sessions.begin() as session:
+        user = users.create(session, new, settings.starting_credits)
+        result = {"user": users.describe(user)}
+        if not args.no_token:
+            _, plaintext = tokens.issue(session, user.id, label="kgpu admin user create")
+            result["token"] = plaintext
+    _print(result)
+    return 0
+
+
+def _user_list(args) -> int:
+    _, sessions = _sessions(args)
+    with sessions() as session:
+        _print({"users": [users.describe(u) for u in session.scalars(select(User).order_by(User.id))]})
+    return 0
+
+
+def _user_set(args) -> int:
+    _, sessions = _sessions(args)
+    with sessions.begin() as session:
+        user = users.find(session, args.user)
+        users.apply_patch(user, users.UserPatch(status=args.status, role=args.role))
+        _print({"user": users.describe(user)})
+    return 0
+
+
+def _token_issue(args) -> int:
+    _, sessions = _sessions(args)
+    expires = utcnow() + timedelta(days=args.expires_days) if args.expires_days else None
+    with sessions.begin() as session:
+        user = users.find(session, args.user)
+        if args.replace:
+            tokens.revoke_all(session, user.id)
+        row, plaintext = tokens.issue(session, user.id, label=args.label, expires_at=expires)
+        _print({"token": plaintext, "token_info": tokens.describe(row)})
+    return 0
+
+
+def _token_revoke(args) -> int:
+    _, sessions = _sessions(args)
+    with sessions.begin() as session:
+        if not tokens.revoke(session, args.token_id):
+            raise ApiError(404, "token_not_found", f"no live token with id {args.token_id}")
+    _print({"revoked": args.token_id})
+    return 0
+
+
+def _token_list(args) -> int:
+    _, sessions = _sessions(args)
+    with sessions() as session:
+        query = select(ApiToken).order_by(ApiToken.id)
+        if args.user:
+            query = query.where(ApiToken.user_id == users.find(session, args.user).id)
+        _print({"tokens": [tokens.describe(t) for t in session.scalars(query)]})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kgpu", description="kgpu GPU-rental gateway")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the service (embedded SQLite and object store by default)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--data-dir", type=Path)
+    serve.set_defaults(func=_serve)
+
+    admin = commands.add_parser("admin", help="manage users and tokens directly in the database")
+    admin.add_argument("--data-dir", type=Path, help="data directory (for the default SQLite database)")
+    areas = admin.add_subparsers(dest="area", required=True)
+
+    user = areas.add_parser("user").add_subparsers(dest="action", required=True)
+    create = user.add_parser("create", help="create a user and print its first token")
+    create.add_argument("--email", required=True)
+    create.add_argument("--name", default="")
+    create.add_argument("--role", choices=["user", "admin"], default="user")
+    create.add_argument("--status", choices=["approved", "pending"], default="approved")
+    create.add_argument("--credits", type=int)
+    create.add_argument("--no-token", action="store_true")
+    create.set_defaults(func=_user_create)
+    user.add_parser("list").set_defaults(func=_user_list)
+    setter = user.add_parser("set", help="change a user's status or role")
+    setter.add_argument("user", help="id or email")
+    setter.add_argument("--status", choices=["approved", "pending"])
+    setter.add_argument("--role", choices=["user", "admin"])
+    setter.set_defaults(func=_user_set)
+
+    token = areas.add_parser("token").add_subparsers(dest="action", required=True)
+    issue = token.add_parser("issue", help="issue a token (printed once)")
+    issue.add_argument("user", help="id or email")
+    issue.add_argument("--expires-days", type=float)
+    issue.add_argument("--label", default="kgpu admin token issue")
+    issue.add_argument("--replace", action="store_true", help="revoke the user's other tokens")
+    issue.set_defaults(func=_token_issue)
+    revoke = token.add_parser("revoke")
+    revoke.add_argument("token_id", type=int)
+    revoke.set_defaults(func=_token_revoke)
+    listing = token.add_parser("list")
+    listing.add_argument("--user", help="id or email")
+    listing.set_defaults(func=_token_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ApiError as exc:
+        print(f"kgpu: {exc.message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The error envelope and request ids (SPEC decision 9).
+
+Every response carries ``X-Request-ID`` (the client's own, when it sent a sane
+one). Every error is ``{"error_code", "message", "trace_id"}`` with the right
+status; nothing else, and never a traceback, reaches a client.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from contextvars import ContextVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from drive.keys import InvalidPath
+from drive.store import ObjectNotFound, StoreUnavailable
+
+log = logging.getLogger("kgpu")
+request_id_var: ContextVar[str] = ContextVar("request_id", default="")
+_SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+_DEFAULT_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    402: "insufficient_credits",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    410: "gone",
+    411: "length_required",
+    413: "payload_too_large",
+    416: "range_not_satisfiable",
+    422: "validation_error",
+    503: "service_unavailable",
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error_code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.error_code = error_code
+        self.message = message
+        self.headers = headers or {}
+
+
+def envelope(status: int, error_code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error_code": error_code, "message": message, "trace_id": request_id_var.get()}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class RequestIdMiddleware:
+    """Pure ASGI (not BaseHTTPMiddleware) so streamed bodies and 100-continue stay untouched."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                incoming = value.decode("latin-1")
+                break
+        request_id = incoming if _SANE_ID.match(incoming) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = [h for h in message.get("headers", []) if h[0].lower() != b"x-request-id"]
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error in request %s", request_id)
+            if not started:
+                response = envelope(500, "internal_error", "internal server error")
+                await response(scope, receive, send_with_id)
+        finally:
+            request_id_var.reset(token)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError):
+        return envelope(exc.status, exc.error_code, exc.message, exc.headers)
+
+    @app.exception_handler(InvalidPath)
+    async def _invalid_path(_: Request, exc: InvalidPath):
+        return envelope(400, "invalid_path", str(exc))
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_unavailable(_: Request, exc: StoreUnavailable):
+        return envelope(503, "store_unavailable", str(exc), {"Retry-After": "5"})
+
+    @app.exception_handler(ObjectNotFound)
+    async def _not_found(_: Request, exc: ObjectNotFound):
+        return envelope(404, "not_found", "no such file")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException):
+        code = _DEFAULT_CODES.get(exc.status_code, "error")
+        message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+        return envelope(exc.status_code, code, message, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', '')}" for err in exc.errors()
+        )
+        return envelope(422, "validation_error", problems or "invalid request")

@@ -1,0 +1,67 @@
+"""/v1/admin/users: accounts, approval, tokens and credits (admins only)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+
+from gateway import tokens, users
+from gateway.auth import AdminUser
+from gateway.models import User
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"])
+
+
+class CreditGrant(BaseModel):
+    credits: int = Field(description="credits to add (negative to take back)")
+
+
+@router.post("/users", status_code=201)
+def create_user(body: users.NewUser, request: Request, _: AdminUser) -> dict:
+    state = request.app.state
+    with state.sessions.begin() as session:
+        user = users.create(session, body, state.settings.starting_credits)
+        _, plaintext = tokens.issue(session, user.id, label="created by admin")
+        return {"user": users.describe(user), "token": plaintext}
+
+
+@router.get("/users")
+def list_users(request: Request, _: AdminUser, status: users.Status | None = None) -> dict:
+    with request.app.state.sessions() as session:
+        query = select(User).order_by(User.id)
+        if status:
+            query = query.where(User.status == status)
+        return {"users": [users.describe(u) for u in session.scalars(query)]}
+
+
+@router.patch("/users/{user_id}")
+def patch_user(user_id: int, body: users.UserPatch, request: Request, _: AdminUser) -> dict:
+    with request.app.state.sessions.begin() as session:
+        user = users.get(session, user_id)
+        users.apply_patch(user, body)
+        described = users.describe(user)
+    request.app.state.authenticator.invalidate()
+    return {"user": described}
+
+
+@router.post("/users/{user_id}/token", status_code=201)
+def reissue_token(user_id: int, request: Request, _: AdminUser) -> dict:
+    """Revoke every token of the user and issue a new one (shown once)."""
+    with request.app.state.sessions.begin() as session:
+        users.get(session, user_id)
+        revoked = tokens.revoke_all(session, user_id)
+        row, plaintext = tokens.issue(session, user_id, label="reissued by admin")
+        described = tokens.describe(row)
+    request.app.state.authenticator.invalidate()
+    return {"token": plaintext, "token_info": described, "revoked": revoked}
+
+
+@router.post("/users/{user_id}/credits")
+def grant_credits(user_id: int, body: CreditGrant, request: Request, _: AdminUser) -> dict:
+    with request.app.state.sessions.begin() as session:
+        user = users.get(session, user_id)
+        user.credits = User.credits + body.credits
+        session.flush()
+        session.refresh(user)
+        return {"user": users.describe(user)}

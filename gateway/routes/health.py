@@ -1,0 +1,33 @@
+"""/healthz: is the service up, and can it reach its database and object store?"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
+
+from drive.store import StoreError
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz(request: Request):
+    state = request.app.state
+    checks = {"database": "ok", "object_store": "ok"}
+
+    def check_db():
+        with state.sessions() as session:
+            session.execute(text("SELECT 1"))
+
+    try:
+        await run_in_threadpool(check_db)
+    except Exception:
+        checks["database"] = "unavailable"
+    try:
+        await run_in_threadpool(state.store.head, ".kgpu-healthz")
+    except StoreError:
+        checks["object_store"] = "unavailable"
+    healthy = all(v == "ok" for v in checks.values())
+    return JSONResponse({"status": "ok" if healthy else "degraded", "checks": checks}, status_code=200 if healthy else 503)

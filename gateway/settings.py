@@ -1,0 +1,54 @@
+"""All configuration, read from ``KGPU_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KGPU_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Path("data")
+    # Empty: SQLite in the data directory.
+    database_url: str = ""
+    # Where clients are told the API lives (KGPU_API_BASE in pods); empty: derived from the request.
+    public_base_url: str = ""
+    admin_token: str = ""
+    # Token lookups are cached this long; revocations through the API clear the cache at once.
+    auth_cache_seconds: float = Field(default=2.0, ge=0)
+    starting_credits: int = Field(default=1_000_000, ge=0)
+
+    # Object store. An empty endpoint starts the embedded `rclone serve s3` over data_dir/objects.
+    s3_endpoint_url: str = ""
+    # The address presigned URLs carry: pods and laptops may reach the store elsewhere than the server.
+    s3_public_endpoint_url: str = ""
+    s3_access_key_id: str = ""
+    s3_secret_access_key: str = ""
+    s3_bucket: str = "kgpu"
+    s3_region: str = "us-east-1"
+
+    presign_expires_seconds: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+    user_quota_bytes: int = Field(default=100 * GiB, ge=0)
+    # How old the stored drive usage may get before a background re-count from the store.
+    quota_reconcile_seconds: int = Field(default=600, ge=0)
+    # Streamed uploads: the part size of multipart uploads (known length) and for chunked bodies.
+    upload_part_bytes: int = Field(default=8 * MiB, ge=5 * MiB)
+    upload_unknown_length_part_bytes: int = Field(default=16 * MiB, ge=5 * MiB)
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'kgpu.db').resolve()}"
+
+    @property
+    def uses_embedded_store(self) -> bool:
+        return not self.s3_endpoint_url

@@ -1,0 +1,90 @@
+"""User accounts: creation, approval, roles, credits. Shared by the admin API and the CLI."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from gateway.errors import ApiError
+from gateway.models import User
+from gateway.tokens import as_utc
+
+Role = Literal["user", "admin"]
+Status = Literal["approved", "pending"]
+
+
+class NewUser(BaseModel):
+    email: str = Field(min_length=3, max_length=320)
+    name: str = Field(default="", max_length=200)
+    role: Role = "user"
+    status: Status = "approved"
+    credits: int | None = Field(default=None, ge=0)
+
+    @field_validator("email")
+    @classmethod
+    def _email_shape(cls, value: str) -> str:
+        value = value.strip().lower()
+        local, at, domain = value.partition("@")
+        if not at or not local or "." not in domain or any(c.isspace() for c in value):
+            raise ValueError("not an email address")
+        return value
+
+
+class UserPatch(BaseModel):
+    status: Status | None = None
+    role: Role | None = None
+    name: str | None = Field(default=None, max_length=200)
+
+
+def describe(user: User) -> dict:
+    return {
+        "id": user.id,
+        "email": user.email,
+        "name": user.name,
+        "role": user.role,
+        "status": user.status,
+        "credits": user.credits,
+        "created_at": as_utc(user.created_at).isoformat(),
+    }
+
+
+def create(session: Session, new: NewUser, starting_credits: int) -> User:
+    user = User(
+        email=new.email,
+        name=new.name,
+        role=new.role,
+        status=new.status,
+        credits=starting_credits if new.credits is None else new.credits,
+    )
+    session.add(user)
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        raise ApiError(409, "user_exists", f"a user with email {new.email} already exists") from None
+    return user
+
+
+def get(session: Session, user_id: int) -> User:
+    user = session.get(User, user_id)
+    if user is None:
+        raise ApiError(404, "user_not_found", f"no user with id {user_id}")
+    return user
+
+
+def find(session: Session, id_or_email: str) -> User:
+    if id_or_email.isdigit():
+        return get(session, int(id_or_email))
+    user = session.scalar(select(User).where(User.email == id_or_email.strip().lower()))
+    if user is None:
+        raise ApiError(404, "user_not_found", f"no user with email {id_or_email}")
+    return user
+
+
+def apply_patch(user: User, patch: UserPatch) -> None:
+    for field, value in patch.model_dump(exclude_none=True).items():
+        setattr(user, field, value)

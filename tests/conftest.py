@@ -1,0 +1,201 @@
+"""Shared fixtures: real object stores, real databases, a real HTTP server.
+
+Stacks the HTTP tests run on (``stack`` fixture):
+  rclone-sqlite    embedded ``rclone serve s3`` (checks signatures) + SQLite
+  moto-sqlite      moto's S3 server + SQLite
+  rclone-postgres  embedded ``rclone serve s3`` + the PostgreSQL on 127.0.0.1:5432
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+import uvicorn
+
+from drive.store.embedded import EmbeddedS3Server, free_port
+from drive.store.s3 import S3ObjectStore
+from gateway.app import create_app
+from gateway.settings import Settings
+
+ADMIN_TOKEN = "test-admin-" + secrets.token_hex(8)
+PG_ADMIN_URL = os.environ.get("KGPU_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@dataclass
+class S3Target:
+    name: str
+    endpoint: str
+    access_key: str
+    secret_key: str
+    checks_signatures: bool
+
+    def store(self, bucket: str) -> S3ObjectStore:
+        store = S3ObjectStore(self.endpoint, self.access_key, self.secret_key, bucket)
+        store.ensure_bucket()
+        return store
+
+
+@pytest.fixture(scope="session")
+def rclone_target(tmp_path_factory) -> S3Target:
+    server = EmbeddedS3Server(tmp_path_factory.mktemp("rclone-s3"))
+    endpoint = server.start()
+    yield S3Target("rclone", endpoint, server.credentials.access_key, server.credentials.secret_key, True)
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_target() -> S3Target:
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield S3Target("moto", f"http://127.0.0.1:{port}", "testing", "testing", False)
+    server.stop()
+
+
+@pytest.fixture(scope="session", params=["rclone", "moto"])
+def s3_target(request) -> S3Target:
+    return request.getfixturevalue(f"{request.param}_target")
+
+
+@pytest.fixture
+def store(s3_target) -> S3ObjectStore:
+    return s3_target.store("t" + uuid.uuid4().hex[:12])
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    import psycopg
+
+    name = "kgpu_test_" + secrets.token_hex(4)
+    try:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class LiveServer:
+    """The real application on uvicorn in a background thread, as `kgpu serve` runs it."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.app = create_app(settings)
+        self.port = free_port()
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "LiveServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@dataclass
+class Account:
+    id: int
+    email: str
+    token: str
+    base: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def auth(self) -> dict:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+@dataclass
+class Stack:
+    name: str
+    server: LiveServer
+    target: S3Target
+
+    @property
+    def base(self) -> str:
+        return self.server.base
+
+    @property
+    def settings(self) -> Settings:
+        return self.server.settings
+
+    @property
+    def admin(self) -> dict:
+        return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    @property
+    def store(self):
+        return self.server.app.state.store
+
+    def new_user(self, **fields) -> Account:
+        email = fields.pop("email", f"u{uuid.uuid4().hex[:10]}@lab.example")
+        reply = requests.post(f"{self.base}/v1/admin/users", json={"email": email, **fields}, headers=self.admin)
+        assert reply.status_code == 201, reply.text
+        body = reply.json()
+        return Account(body["user"]["id"], email, body["token"], self.base, body)
+
+
+STACKS = {
+    "rclone-sqlite": ("rclone_target", None),
+    "moto-sqlite": ("moto_target", None),
+    "rclone-postgres": ("rclone_target", "postgres_url"),
+}
+
+
+def make_settings(tmp: Path, target: S3Target, database_url: str = "", **extra) -> Settings:
+    return Settings(
+        data_dir=tmp,
+        database_url=database_url,
+        admin_token=ADMIN_TOKEN,
+        s3_endpoint_url=target.endpoint,
+        s3_access_key_id=target.access_key,
+        s3_secret_access_key=target.secret_key,
+        s3_bucket="b" + uuid.uuid4().hex[:12],
+        **extra,
+    )
+
+
+@pytest.fixture(scope="session", params=list(STACKS))
+def stack(request, tmp_path_factory) -> Stack:
+    target_fixture, db_fixture = STACKS[request.param]
+    target = request.getfixturevalue(target_fixture)
+    database_url = request.getfixturevalue(db_fixture) if db_fixture else ""
+    tmp = tmp_path_factory.mktemp(request.param)
+    # Small parts so multipart paths run on small test files.
+    settings = make_settings(
+        tmp, target, database_url, upload_part_bytes=5 << 20, upload_unknown_length_part_bytes=5 << 20
+    )
+    server = LiveServer(settings).start()
+    yield Stack(request.param, server, target)
+    server.stop()
+
+
+@pytest.fixture
+def user(stack) -> Account:
+    return stack.new_user(name="Test Researcher")
