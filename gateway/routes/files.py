@@ -20,7 +20,7 @@ from starlette.requests import ClientDisconnect
 
 from drive import keys, listing
 from drive.keys import DrivePath
-from drive.store import CommonPrefix, ObjectInfo, ObjectStore, iter_entries
+from drive.store import CommonPrefix, ObjectInfo, ObjectStore, StoreUnavailable, iter_entries
 from drive.uploads import IncompleteBody, UploadTooLarge, choose_part_size, stream_to_store
 from gateway.auth import ApprovedUser, Principal
 from gateway.errors import ApiError
@@ -224,6 +224,8 @@ async def _stream_upload(request: Request, principal: Principal, drive_path: Dri
     length = _content_length(request)
     used, quota = await run_in_threadpool(_quota, request, principal, length or 0)
     previous = await run_in_threadpool(store.head, drive_path.key)
+    if previous is None:
+        await run_in_threadpool(_refuse_if_folder, store, drive_path)
     settings = state.settings
     part_size = choose_part_size(length, settings.upload_part_bytes, settings.upload_unknown_length_part_bytes)
     try:
@@ -242,11 +244,31 @@ async def _stream_upload(request: Request, principal: Principal, drive_path: Dri
         raise ApiError(400, "incomplete_body", str(exc), {"Connection": "close"}) from None
     except ClientDisconnect:
         raise ApiError(400, "client_disconnected", "the client went away before the body was complete") from None
+    except StoreUnavailable:
+        await run_in_threadpool(_raise_if_name_conflict, store, drive_path)
+        raise
     await run_in_threadpool(state.usage.add, principal.drive_prefix, result.size - (previous.size if previous else 0))
     return JSONResponse(
         {"path": drive_path.rel, "size": result.size, "etag": result.etag.strip('"'), "parts": result.parts},
         status_code=200 if previous else 201,
     )
+
+
+def _refuse_if_folder(store: ObjectStore, path: DrivePath) -> None:
+    """A file may not take the name of a folder. Stores over a filesystem (the embedded
+    rclone) cannot hold both, and a refused PUT there leaves their folder view wrong for
+    minutes, so this is checked before the write rather than explained after it."""
+    if store.list_page(path.key + "/", max_keys=1).entries:
+        raise ApiError(409, "name_conflict", f"a folder named {path.rel} exists")
+
+
+def _raise_if_name_conflict(store: ObjectStore, path: DrivePath) -> None:
+    """Explain a refused write (a bare 500 from the store) when a parent is a file."""
+    parts = path.rel.split("/")
+    for depth in range(1, len(parts)):
+        ancestor = "/".join(parts[:depth])
+        if store.head(path.prefix + ancestor) is not None:
+            raise ApiError(409, "name_conflict", f"{ancestor} is a file, so it cannot hold {path.rel}")
 
 
 @router.put("/v1/files/{path:path}", summary="Upload: 307 to a presigned PUT with Expect, else streamed")

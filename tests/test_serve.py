@@ -1,0 +1,94 @@
+"""`kgpu serve` with no configuration: embedded SQLite and rclone S3, data kept across restarts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from drive.store.embedded import free_port
+from tests.clients import curl
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found += [int(p) for p in text]
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+class Served:
+    def __init__(self, data_dir: Path):
+        self.port = free_port()
+        env = {**os.environ, "KGPU_ADMIN_TOKEN": "serve-test-admin"}
+        env.pop("KGPU_DATABASE_URL", None)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--data-dir", str(data_dir), "--port", str(self.port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.base = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if requests.get(f"{self.base}/healthz", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline and self.process.poll() is None, "kgpu serve did not start"
+            time.sleep(0.1)
+
+    def rclone_pid(self) -> int:
+        [pid] = [p for p in children(self.process.pid) if "rclone" in Path(f"/proc/{p}/cmdline").read_text()]
+        return pid
+
+
+def wait_gone(pid: int, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_serve_embedded_defaults_and_restart(tmp_path):
+    data = tmp_path / "data"
+    first = Served(data)
+    admin = {"Authorization": "Bearer serve-test-admin"}
+    token = requests.post(f"{first.base}/v1/admin/users", json={"email": "r@lab.example"}, headers=admin).json()["token"]
+    payload = os.urandom(300_000)
+    curl("-f", "-L", "-T", "-", f"{first.base}/v1/files/kept/a.bin", token=token, input=payload)
+    assert (data / "kgpu.db").exists() and (data / "objects" / "kgpu").is_dir()
+    store_pid = first.rclone_pid()
+    first.process.send_signal(signal.SIGTERM)
+    first.process.wait(timeout=15)
+    assert wait_gone(store_pid), "rclone serve s3 outlived kgpu serve"
+
+    second = Served(data)
+    try:
+        got = curl("-f", "-L", f"{second.base}/v1/files/kept/a.bin", token=token)
+        assert got.stdout == payload
+        # Killed without a chance to clean up, the server still takes its store with it.
+        store_pid = second.rclone_pid()
+        second.process.send_signal(signal.SIGKILL)
+        second.process.wait(timeout=15)
+        assert wait_gone(store_pid), "rclone serve s3 outlived a SIGKILLed kgpu serve"
+    finally:
+        if second.process.poll() is None:
+            second.process.kill()
