@@ -1,0 +1,342 @@
+"""HTTP handlers shared by every drive (my drive at /v1/files, shared drives at /v1/shared/{org}).
+
+A :class:`Drive` says where a drive lives in the store, where it is mounted in
+the URL space, whether the caller may write, and its quota. The handlers here
+do the rest the same way for every drive:
+
+* downloads are 302s to presigned GETs (SPEC decision 3);
+* uploads with ``Content-Length`` and ``Expect: 100-continue`` are 307s to
+  presigned PUTs, answered before any body byte is read; every other upload is
+  streamed through to the store once (SPEC decision 4).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import mimetypes
+from dataclasses import dataclass
+from typing import Iterator
+
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+
+from drive import keys, listing
+from drive.keys import DrivePath
+from drive.store import CommonPrefix, ObjectInfo, ObjectStore, StoreUnavailable, iter_entries
+from drive.uploads import IncompleteBody, UploadTooLarge, choose_part_size, stream_to_store
+from gateway.errors import ApiError
+
+_IGNORED_CONTENT_TYPES = {"", "application/x-www-form-urlencoded"}
+
+
+@dataclass(frozen=True)
+class Drive:
+    prefix: str  # where the drive lives in the store: "users/7/", "orgs/vitallab/"
+    mount: bytes  # where it is mounted in the URL space: b"/v1/files/", b"/v1/shared/vitallab/"
+    writable: bool
+    quota_bytes: int | None  # None: no quota
+
+    def path(self, request: Request) -> DrivePath:
+        """The request's path inside this drive, checked on the raw URL bytes."""
+        raw = request.scope.get("raw_path") or request.scope["path"].encode()
+        raw = raw.split(b"?", 1)[0]
+        rel = raw[len(self.mount) :] if raw.startswith(self.mount) else b""
+        return keys.from_raw_path(self.prefix, rel)
+
+    def require_write(self) -> None:
+        if not self.writable:
+            raise ApiError(403, "read_only", "you may read this drive but not write to it")
+
+
+def wants_json(request: Request) -> bool:
+    flag = request.query_params.get("json", "").lower()
+    return flag in ("1", "true", "yes") or "application/json" in request.headers.get("accept", "")
+
+
+def _content_length(request: Request) -> int | None:
+    value = request.headers.get("content-length")
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise ApiError(400, "bad_content_length", "Content-Length must be a non-negative integer")
+    return int(value)
+
+
+def _has_body(request: Request) -> bool:
+    length = request.headers.get("content-length")
+    if length is not None:
+        return length != "0"
+    return "chunked" in request.headers.get("transfer-encoding", "").lower()
+
+
+def _content_type(request: Request, path: DrivePath) -> str:
+    sent = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if sent not in _IGNORED_CONTENT_TYPES:
+        return request.headers["content-type"]
+    return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+
+
+def _store(request: Request) -> ObjectStore:
+    return request.app.state.store
+
+
+def _expires(request: Request) -> int:
+    return request.app.state.settings.presign_expires_seconds
+
+
+def check_quota(request: Request, drive: Drive, incoming: int) -> int | None:
+    """Room left after ``incoming`` more bytes (None: no quota); 413 if they would not fit."""
+    if drive.quota_bytes is None:
+        return None
+    used = request.app.state.usage.used_bytes(drive.prefix)
+    if used + incoming > drive.quota_bytes:
+        raise ApiError(
+            413,
+            "quota_exceeded",
+            f"this upload ({incoming} bytes) would take the drive to {used + incoming} of {drive.quota_bytes} bytes",
+            {"Connection": "close"},
+        )
+    return drive.quota_bytes - used
+
+
+# ---------------------------------------------------------------- listings
+
+
+def flat_listing(
+    request: Request, drive: Drive, list_prefix: str, glob: str | None, first_page, header: dict
+) -> StreamingResponse:
+    """Every file under ``list_prefix`` as one JSON document, streamed page by page after ``header``."""
+    store = _store(request)
+    whole_drive = list_prefix == drive.prefix and glob is None
+
+    def body() -> Iterator[bytes]:
+        yield json.dumps(header)[:-1].encode() + b', "files": ['
+        count = total = 0
+        page = first_page
+        while True:
+            for entry in page.entries:
+                if not isinstance(entry, ObjectInfo):
+                    continue
+                item = listing.entry_json(entry, drive.prefix)
+                if glob is not None and not fnmatch.fnmatchcase(item["path"], glob):
+                    continue
+                del item["name"], item["type"]
+                yield (b"," if count else b"") + json.dumps(item).encode()
+                count += 1
+                total += entry.size
+            if not page.next_token:
+                break
+            page = store.list_page(list_prefix, token=page.next_token)
+        if whole_drive:
+            request.app.state.usage.set_counted(drive.prefix, total)
+        yield f'], "count": {count}, "total_bytes": {total}}}'.encode()
+
+    return StreamingResponse(body(), media_type="application/json")
+
+
+async def folder(request: Request, drive: Drive, path: DrivePath, title: str) -> Response:
+    store = _store(request)
+    first = await run_in_threadpool(store.list_page, path.key, "/")
+    if path.rel and not first.entries:
+        raise ApiError(404, "not_found", f"no folder {path.rel}")
+
+    def items() -> Iterator[dict]:
+        page = first
+        while True:
+            for entry in page.entries:
+                if isinstance(entry, ObjectInfo) and entry.key == path.key:
+                    continue  # a folder marker object is not a child of itself
+                yield listing.entry_json(entry, drive.prefix)
+            if not page.next_token:
+                return
+            page = store.list_page(path.key, "/", page.next_token)
+
+    if wants_json(request):
+
+        def body() -> Iterator[bytes]:
+            yield json.dumps({"path": path.rel})[:-1].encode() + b', "entries": ['
+            for n, item in enumerate(items()):
+                yield (b"," if n else b"") + json.dumps(item).encode()
+            yield b"]}"
+
+        return StreamingResponse(body(), media_type="application/json")
+    html = (chunk.encode() for chunk in listing.render_html(title, items()))
+    return StreamingResponse(html, media_type="text/html; charset=utf-8")
+
+
+# ---------------------------------------------------------------- one file
+
+
+async def head(request: Request, drive: Drive) -> Response:
+    path = drive.path(request)
+    if path.is_dir:
+        return Response(status_code=200, media_type="text/html; charset=utf-8")
+    info = await run_in_threadpool(_store(request).head, path.key)
+    if info is None:
+        return Response(status_code=404)
+    return Response(
+        status_code=200,
+        headers={
+            "Content-Length": str(info.size),
+            "Content-Type": info.content_type or "application/octet-stream",
+            "ETag": info.etag,
+            "Last-Modified": info.last_modified.strftime("%a, %d %b %Y %H:%M:%S GMT"),
+            "Accept-Ranges": "bytes",
+        },
+    )
+
+
+async def get(request: Request, drive: Drive) -> Response:
+    path = drive.path(request)
+    if path.is_dir:
+        return await folder(request, drive, path, (drive.mount + path.rel.encode()).decode())
+    store = _store(request)
+    if wants_json(request):
+        info = await run_in_threadpool(store.head, path.key)
+        if info is None:
+            raise ApiError(404, "not_found", f"no file {path.rel}")
+        return JSONResponse(
+            {
+                "url": store.presign_get(path.key, _expires(request)),
+                "size": info.size,
+                "expires_in": _expires(request),
+                "etag": info.etag.strip('"'),
+                "content_type": info.content_type,
+            }
+        )
+    # No HEAD here: a redirect is the hot path, and the store itself answers 404 for a missing key.
+    return Response(
+        status_code=302,
+        headers={"Location": store.presign_get(path.key, _expires(request)), "Cache-Control": "no-store"},
+    )
+
+
+def _refuse_if_folder(store: ObjectStore, path: DrivePath) -> None:
+    """A file may not take the name of a folder. Stores over a filesystem (the embedded
+    rclone) cannot hold both, and a refused PUT there leaves their folder view wrong for
+    minutes, so this is checked before the write rather than explained after it."""
+    if store.list_page(path.key + "/", max_keys=1).entries:
+        raise ApiError(409, "name_conflict", f"a folder named {path.rel} exists")
+
+
+def _raise_if_name_conflict(store: ObjectStore, path: DrivePath) -> None:
+    """Explain a refused write (a bare 500 from the store) when a parent is a file."""
+    parts = path.rel.split("/")
+    for depth in range(1, len(parts)):
+        ancestor = "/".join(parts[:depth])
+        if store.head(path.prefix + ancestor) is not None:
+            raise ApiError(409, "name_conflict", f"{ancestor} is a file, so it cannot hold {path.rel}")
+
+
+async def stream_upload(request: Request, drive: Drive, path: DrivePath) -> JSONResponse:
+    state = request.app.state
+    store = _store(request)
+    length = _content_length(request)
+    room = await run_in_threadpool(check_quota, request, drive, length or 0)
+    previous = await run_in_threadpool(store.head, path.key)
+    if previous is None:
+        await run_in_threadpool(_refuse_if_folder, store, path)
+    settings = state.settings
+    part_size = choose_part_size(length, settings.upload_part_bytes, settings.upload_unknown_length_part_bytes)
+    try:
+        result = await stream_to_store(
+            store,
+            path.key,
+            request.stream(),
+            content_length=length,
+            content_type=_content_type(request, path),
+            part_size=part_size,
+            max_bytes=None if room is None else room + (previous.size if previous else 0),
+        )
+    except UploadTooLarge as exc:
+        raise ApiError(413, "quota_exceeded", str(exc), {"Connection": "close"}) from None
+    except IncompleteBody as exc:
+        raise ApiError(400, "incomplete_body", str(exc), {"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise ApiError(400, "client_disconnected", "the client went away before the body was complete") from None
+    except StoreUnavailable:
+        await run_in_threadpool(_raise_if_name_conflict, store, path)
+        raise
+    await run_in_threadpool(state.usage.add, drive.prefix, result.size - (previous.size if previous else 0))
+    return JSONResponse(
+        {"path": path.rel, "size": result.size, "etag": result.etag.strip('"'), "parts": result.parts},
+        status_code=200 if previous else 201,
+    )
+
+
+def _file_path(request: Request, drive: Drive, method: str) -> DrivePath:
+    path = drive.path(request)
+    if path.is_dir:
+        raise ApiError(400, "is_a_folder", f"{method} needs a file path, not one ending in '/'")
+    drive.require_write()
+    return path
+
+
+async def put(request: Request, drive: Drive) -> Response:
+    path = _file_path(request, drive, "PUT")
+    length = _content_length(request)
+    if request.headers.get("expect", "").lower() == "100-continue" and length is not None:
+        # Answered before the body is read: uvicorn sends 100 Continue only when the app reads.
+        await run_in_threadpool(check_quota, request, drive, length)
+        await run_in_threadpool(request.app.state.usage.add, drive.prefix, length)
+        url = _store(request).presign_put(path.key, _expires(request))
+        return Response(status_code=307, headers={"Location": url, "Connection": "close"})
+    return await stream_upload(request, drive, path)
+
+
+async def post(request: Request, drive: Drive) -> Response:
+    """A body is streamed through (curl --data-binary sends POST); no body mints a presigned PUT."""
+    path = _file_path(request, drive, "POST")
+    if _has_body(request):
+        return await stream_upload(request, drive, path)
+    content_type = request.headers.get("x-content-type") or mimetypes.guess_type(path.name)[0]
+    return JSONResponse(
+        {
+            "url": _store(request).presign_put(path.key, _expires(request)),
+            "method": "PUT",
+            "expires_in": _expires(request),
+            "headers": {"Content-Type": content_type} if content_type else {},
+        }
+    )
+
+
+async def delete(request: Request, drive: Drive) -> Response:
+    """One file, or every file under a folder (a path ending in '/', or with no exact key)."""
+    path = drive.path(request)
+    drive.require_write()
+    if path.rel == "":
+        raise ApiError(400, "refused", "refusing to delete a whole drive; delete its folders one by one")
+    store = _store(request)
+    usage = request.app.state.usage
+    if not path.is_dir:
+        info = await run_in_threadpool(store.head, path.key)
+        if info is not None:
+            await run_in_threadpool(store.delete, path.key)
+            await run_in_threadpool(usage.add, drive.prefix, -info.size)
+            return Response(status_code=204)
+    folder_key = path.key if path.is_dir else path.key + "/"
+
+    def delete_prefix() -> tuple[int, int]:
+        batch: list[str] = []
+        count = freed = 0
+        for entry in iter_entries(store, folder_key):
+            if isinstance(entry, CommonPrefix):
+                continue
+            batch.append(entry.key)
+            count += 1
+            freed += entry.size
+            if len(batch) == 1000:
+                store.delete_many(batch)
+                batch = []
+        if batch:
+            store.delete_many(batch)
+        return count, freed
+
+    count, freed = await run_in_threadpool(delete_prefix)
+    if count == 0:
+        raise ApiError(404, "not_found", f"no file or folder {path.rel}")
+    await run_in_threadpool(usage.add, drive.prefix, -freed)
+    return Response(status_code=204, headers={"X-Deleted-Count": str(count)})
