@@ -47,7 +47,7 @@ def user_prefix(user_id: int) -> str:
 def _check_segment(segment: str) -> None:
     if segment in ("", ".", ".."):
         raise InvalidPath("empty, '.' or '..' path segments are not allowed")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in segment):
+    if any(unicodedata.category(ch) == "Cc" for ch in segment):
         raise InvalidPath("control characters (NUL included) are not allowed in paths")
     if "\\" in segment or "/" in segment:
         raise InvalidPath("encoded slashes and backslashes are not allowed in path segments")

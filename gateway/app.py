@@ -14,7 +14,7 @@ from gateway import db
 from gateway.auth import Authenticator
 from gateway.errors import RequestIdMiddleware, install_error_handlers
 from gateway.quota import UsageBook
-from gateway.routes import admin, files, health, me
+from gateway.routes import admin, files, health, me, orgs_admin, shared
 from gateway.settings import Settings
 
 log = logging.getLogger("kgpu")
@@ -84,6 +84,6 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
     )
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
-    for module in (health, me, admin, files):
+    for module in (health, me, admin, orgs_admin, files, shared):
         app.include_router(module.router)
     return app

@@ -21,6 +21,7 @@ from typing import Iterator
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import ClientDisconnect
 
 from drive import keys, listing
@@ -43,8 +44,11 @@ class Drive:
         """The request's path inside this drive, checked on the raw URL bytes."""
         raw = request.scope.get("raw_path") or request.scope["path"].encode()
         raw = raw.split(b"?", 1)[0]
-        rel = raw[len(self.mount) :] if raw.startswith(self.mount) else b""
-        return keys.from_raw_path(self.prefix, rel)
+        if raw + b"/" == self.mount:
+            return keys.from_raw_path(self.prefix, b"")
+        if not raw.startswith(self.mount):
+            raise keys.InvalidPath("the drive's own part of the URL must not be percent-encoded")
+        return keys.from_raw_path(self.prefix, raw[len(self.mount) :])
 
     def require_write(self) -> None:
         if not self.writable:
@@ -65,7 +69,7 @@ def _content_length(request: Request) -> int | None:
     return int(value)
 
 
-def _has_body(request: Request) -> bool:
+def has_body(request: Request) -> bool:
     length = request.headers.get("content-length")
     if length is not None:
         return length != "0"
@@ -290,7 +294,7 @@ async def put(request: Request, drive: Drive) -> Response:
 async def post(request: Request, drive: Drive) -> Response:
     """A body is streamed through (curl --data-binary sends POST); no body mints a presigned PUT."""
     path = _file_path(request, drive, "POST")
-    if _has_body(request):
+    if has_body(request):
         return await stream_upload(request, drive, path)
     content_type = request.headers.get("x-content-type") or mimetypes.guess_type(path.name)[0]
     return JSONResponse(
@@ -340,3 +344,19 @@ async def delete(request: Request, drive: Drive) -> Response:
         raise ApiError(404, "not_found", f"no file or folder {path.rel}")
     await run_in_threadpool(usage.add, drive.prefix, -freed)
     return Response(status_code=204, headers={"X-Deleted-Count": str(count)})
+
+
+class AnyPathConvertor(Convertor):
+    """Like Starlette's ``path`` convertor, but also across newlines, so a path holding an
+    encoded control character reaches :mod:`drive.keys` and gets its 400 instead of a 404."""
+
+    regex = r"[\s\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("anypath", AnyPathConvertor())

@@ -38,26 +38,26 @@ async def list_files(
     return drive_http.flat_listing(request, drive, list_prefix, glob, first, header)
 
 
-@router.head("/v1/files/{path:path}", summary="Size, type, ETag and Last-Modified of a file")
+@router.head("/v1/files/{path:anypath}", summary="Size, type, ETag and Last-Modified of a file")
 async def head_file(request: Request, principal: ApprovedUser, path: str) -> Response:
     return await drive_http.head(request, my_drive(request, principal))
 
 
-@router.get("/v1/files/{path:path}", summary="Download (302 to a presigned GET) or list a folder")
+@router.get("/v1/files/{path:anypath}", summary="Download (302 to a presigned GET) or list a folder")
 async def get_file(request: Request, principal: ApprovedUser, path: str) -> Response:
     return await drive_http.get(request, my_drive(request, principal))
 
 
-@router.put("/v1/files/{path:path}", summary="Upload: 307 to a presigned PUT with Expect, else streamed")
+@router.put("/v1/files/{path:anypath}", summary="Upload: 307 to a presigned PUT with Expect, else streamed")
 async def put_file(request: Request, principal: ApprovedUser, path: str) -> Response:
     return await drive_http.put(request, my_drive(request, principal))
 
 
-@router.post("/v1/files/{path:path}", summary="Upload a body (streamed), or mint a presigned PUT if empty")
+@router.post("/v1/files/{path:anypath}", summary="Upload a body (streamed), or mint a presigned PUT if empty")
 async def post_file(request: Request, principal: ApprovedUser, path: str) -> Response:
     return await drive_http.post(request, my_drive(request, principal))
 
 
-@router.delete("/v1/files/{path:path}", status_code=204, summary="Delete a file, or every file under a folder")
+@router.delete("/v1/files/{path:anypath}", status_code=204, summary="Delete a file, or every file under a folder")
 async def delete_file(request: Request, principal: ApprovedUser, path: str) -> Response:
     return await drive_http.delete(request, my_drive(request, principal))

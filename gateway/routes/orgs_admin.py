@@ -1,0 +1,65 @@
+"""/v1/admin/orgs: organisations and their members.
+
+Global admins manage every org and create orgs; an org's own ``admin``
+members manage that org's members.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from gateway import orgs
+from gateway.auth import AdminUser, ApprovedUser
+from gateway.errors import ApiError
+
+router = APIRouter(prefix="/v1/admin/orgs", tags=["admin: organizations"])
+
+
+def _managed(session, principal, slug: str) -> orgs.Access:
+    found = orgs.access(session, principal, slug)
+    if not found.can_manage:
+        raise ApiError(403, "org_admin_only", f"managing {slug}'s members needs its admin role")
+    return found
+
+
+@router.get("")
+def list_orgs(request: Request, principal: ApprovedUser) -> dict:
+    """Every org for global admins; the orgs a caller administers otherwise."""
+    with request.app.state.sessions() as session:
+        found = [
+            {**orgs.describe(org), "role": role}
+            for org, role in orgs.visible_orgs(session, principal)
+            if role == "admin"
+        ]
+    if not found and not principal.is_admin:
+        raise ApiError(403, "admin_only", "this needs an admin token or an org's admin role")
+    return {"orgs": found}
+
+
+@router.post("", status_code=201)
+def create_org(body: orgs.NewOrg, request: Request, _: AdminUser) -> dict:
+    with request.app.state.sessions.begin() as session:
+        return {"org": orgs.describe(orgs.create(session, body))}
+
+
+@router.get("/{slug}/members")
+def list_members(slug: str, request: Request, principal: ApprovedUser) -> dict:
+    with request.app.state.sessions() as session:
+        found = _managed(session, principal, slug)
+        return {"org": orgs.describe(found.org), "members": orgs.members(session, found.org)}
+
+
+@router.post("/{slug}/members")
+def set_member(slug: str, body: orgs.Membership, request: Request, principal: ApprovedUser) -> dict:
+    with request.app.state.sessions.begin() as session:
+        found = _managed(session, principal, slug)
+        member, user = orgs.set_member(session, found.org, body)
+        return {"org": slug, "member": orgs.describe_member(member, user)}
+
+
+@router.delete("/{slug}/members/{user_id}", status_code=204)
+def remove_member(slug: str, user_id: int, request: Request, principal: ApprovedUser) -> Response:
+    with request.app.state.sessions.begin() as session:
+        found = _managed(session, principal, slug)
+        orgs.remove_member(session, found.org, user_id)
+    return Response(status_code=204)

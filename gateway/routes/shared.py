@@ -1,0 +1,136 @@
+"""/v1/shared: the shared drives of the caller's organisations, at ``orgs/{slug}/`` in the store.
+
+Same handlers as my drive (gateway/drive_http.py); reading needs any role in
+the org, writing needs ``uploader`` or ``admin``, and an org the caller is not
+in answers 404 as if it did not exist. Membership is read on every request, so
+a removed member loses access at once.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from drive import keys, listing
+from gateway import drive_http, orgs
+from gateway.auth import ApprovedUser, Principal
+from gateway.drive_http import Drive
+from gateway.errors import ApiError
+from gateway.models import SharedFile, utcnow
+
+router = APIRouter(tags=["shared drives"])
+
+
+def _shared_drive(request: Request, principal: Principal, slug: str) -> tuple[Drive, orgs.Access]:
+    with request.app.state.sessions() as session:
+        access = orgs.access(session, principal, slug)
+    drive = Drive(
+        prefix=f"orgs/{access.org.slug}/",
+        mount=f"/v1/shared/{access.org.slug}/".encode(),
+        writable=access.can_write,
+        quota_bytes=None,
+    )
+    return drive, access
+
+
+async def shared_drive(request: Request, principal: Principal, slug: str) -> Drive:
+    drive, _ = await run_in_threadpool(_shared_drive, request, principal, slug)
+    return drive
+
+
+@router.get("/v1/shared", summary="The organisations you belong to (HTML for rclone, JSON with ?json=1)")
+@router.get("/v1/shared/", include_in_schema=False)
+async def list_orgs(request: Request, principal: ApprovedUser) -> Response:
+    def load() -> list[dict]:
+        with request.app.state.sessions() as session:
+            return [
+                {"name": org.slug, "path": org.slug + "/", "type": "dir", "title": org.name, "role": role}
+                for org, role in orgs.visible_orgs(session, principal)
+            ]
+
+    items = await run_in_threadpool(load)
+    if drive_http.wants_json(request):
+        return JSONResponse({"orgs": items})
+    if not request.url.path.endswith("/"):
+        # Relative links in the page resolve against the folder, so the folder URL ends in '/'.
+        return RedirectResponse(str(request.url.replace(path="/v1/shared/")), status_code=301)
+    html = (chunk.encode() for chunk in listing.render_html("/v1/shared/", items))
+    return StreamingResponse(html, media_type="text/html; charset=utf-8")
+
+
+@router.get("/v1/shared/{org}", include_in_schema=False)
+async def org_root_without_slash(org: str, request: Request, principal: ApprovedUser) -> Response:
+    await shared_drive(request, principal, org)
+    return RedirectResponse(str(request.url.replace(path=f"/v1/shared/{org}/")), status_code=301)
+
+
+@router.head("/v1/shared/{org}/{path:anypath}", summary="Size, type and ETag of a shared file")
+async def head_shared(org: str, path: str, request: Request, principal: ApprovedUser) -> Response:
+    return await drive_http.head(request, await shared_drive(request, principal, org))
+
+
+@router.get("/v1/shared/{org}/{path:anypath}", summary="Download (302 to a presigned GET) or list a folder")
+async def get_shared(org: str, path: str, request: Request, principal: ApprovedUser) -> Response:
+    return await drive_http.get(request, await shared_drive(request, principal, org))
+
+
+@router.put("/v1/shared/{org}/{path:anypath}", summary="Upload (uploader/admin): 307 with Expect, else streamed")
+async def put_shared(org: str, path: str, request: Request, principal: ApprovedUser) -> Response:
+    return await drive_http.put(request, await shared_drive(request, principal, org))
+
+
+@router.delete("/v1/shared/{org}/{path:anypath}", status_code=204, summary="Delete a shared file or folder")
+async def delete_shared(org: str, path: str, request: Request, principal: ApprovedUser) -> Response:
+    return await drive_http.delete(request, await shared_drive(request, principal, org))
+
+
+@router.post(
+    "/v1/shared/{org}/{path:anypath}",
+    summary="Mint a presigned PUT (no body), stream a body, or record an upload (…/registered)",
+)
+async def post_shared(org: str, path: str, request: Request, principal: ApprovedUser) -> Response:
+    drive, access = await run_in_threadpool(_shared_drive, request, principal, org)
+    if path.endswith("/registered") and not drive_http.has_body(request):
+        return await _register(request, principal, drive, access)
+    return await drive_http.post(request, drive)
+
+
+async def _register(request: Request, principal: Principal, drive: Drive, access: orgs.Access) -> JSONResponse:
+    """Record an out-of-band PUT in the shared-file table, once the object is really there."""
+    drive.require_write()
+    raw = request.scope.get("raw_path") or request.scope["path"].encode()
+    raw = raw.split(b"?", 1)[0].removesuffix(b"/registered")
+    path = keys.from_raw_path(drive.prefix, raw[len(drive.mount) :])
+    if path.is_dir:
+        raise ApiError(400, "is_a_folder", "only files can be registered")
+    info = await run_in_threadpool(request.app.state.store.head, path.key)
+    if info is None:
+        raise ApiError(404, "not_found", f"no object {path.rel} to register; PUT it first")
+
+    def record() -> dict:
+        with request.app.state.sessions.begin() as session:
+            org_id = access.org.id
+            row = session.scalar(select(SharedFile).where(SharedFile.org_id == org_id, SharedFile.key == path.rel))
+            if row is None:
+                row = SharedFile(org_id=org_id, key=path.rel)
+                session.add(row)
+            row.size = info.size
+            row.etag = info.etag.strip('"')
+            row.content_type = info.content_type
+            row.uploader_user_id = principal.user_id
+            row.registered_at = utcnow()
+            session.flush()
+            return {
+                "id": row.id,
+                "org": access.org.slug,
+                "key": row.key,
+                "size": row.size,
+                "etag": row.etag,
+                "content_type": row.content_type,
+                "uploader_user_id": row.uploader_user_id,
+                "registered_at": row.registered_at.isoformat(),
+            }
+
+    return JSONResponse(await run_in_threadpool(record), status_code=201)
