@@ -107,6 +107,8 @@ def listing_prefix(prefix: str, partial: str) -> str:
     """A ``?prefix=`` filter: may end mid-name, but must stay inside the drive."""
     if partial == "":
         return prefix
+    if partial.startswith("/"):
+        raise InvalidPath("absolute paths are not allowed")
     head, _, tail = partial.rpartition("/")
     base = from_text(prefix, head + "/").key if head else prefix
     if tail:

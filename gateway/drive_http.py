@@ -42,8 +42,9 @@ class Drive:
 
     def path(self, request: Request) -> DrivePath:
         """The request's path inside this drive, checked on the raw URL bytes."""
-        raw = request.scope.get("raw_path") or request.scope["path"].encode()
-        raw = raw.split(b"?", 1)[0]
+        return self.path_from_raw(raw_path(request))
+
+    def path_from_raw(self, raw: bytes) -> DrivePath:
         if raw + b"/" == self.mount:
             return keys.from_raw_path(self.prefix, b"")
         if not raw.startswith(self.mount):
@@ -53,6 +54,12 @@ class Drive:
     def require_write(self) -> None:
         if not self.writable:
             raise ApiError(403, "read_only", "you may read this drive but not write to it")
+
+
+def raw_path(request: Request) -> bytes:
+    """The URL path exactly as the client sent it (percent-encoding intact), without the query."""
+    raw = request.scope.get("raw_path") or request.scope["path"].encode()
+    return raw.split(b"?", 1)[0]
 
 
 def wants_json(request: Request) -> bool:

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from drive import keys, listing
+from drive import listing
 from gateway import drive_http, orgs
 from gateway.auth import ApprovedUser, Principal
 from gateway.drive_http import Drive
@@ -100,9 +100,7 @@ async def post_shared(org: str, path: str, request: Request, principal: Approved
 async def _register(request: Request, principal: Principal, drive: Drive, access: orgs.Access) -> JSONResponse:
     """Record an out-of-band PUT in the shared-file table, once the object is really there."""
     drive.require_write()
-    raw = request.scope.get("raw_path") or request.scope["path"].encode()
-    raw = raw.split(b"?", 1)[0].removesuffix(b"/registered")
-    path = keys.from_raw_path(drive.prefix, raw[len(drive.mount) :])
+    path = drive.path_from_raw(drive_http.raw_path(request).removesuffix(b"/registered"))
     if path.is_dir:
         raise ApiError(400, "is_a_folder", "only files can be registered")
     info = await run_in_threadpool(request.app.state.store.head, path.key)
