@@ -60,7 +60,7 @@ async def list_orgs(request: Request, principal: ApprovedUser) -> Response:
     return StreamingResponse(html, media_type="text/html; charset=utf-8")
 
 
-@router.get("/v1/shared/{org}", include_in_schema=False)
+@router.api_route("/v1/shared/{org}", methods=["GET", "HEAD"], include_in_schema=False)
 async def org_root_without_slash(org: str, request: Request, principal: ApprovedUser) -> Response:
     await shared_drive(request, principal, org)
     return RedirectResponse(str(request.url.replace(path=f"/v1/shared/{org}/")), status_code=301)
