@@ -199,3 +199,13 @@ def stack(request, tmp_path_factory) -> Stack:
 @pytest.fixture
 def user(stack) -> Account:
     return stack.new_user(name="Test Researcher")
+
+
+@pytest.fixture(params=["local"])
+def pod_backend(request, tmp_path):
+    """Every pod backend, one after the other (the docker backend joins when it lands)."""
+    if request.param == "local":
+        from gateway.pods.local import LocalPodBackend
+
+        return LocalPodBackend(tmp_path / "pods")
+    raise AssertionError(request.param)

@@ -1,0 +1,92 @@
+"""The pod-backend interface: where a rental's container (or process sandbox) lives.
+
+Every backend keeps a run's state *in the pod*, under ``/tmp/kgpu/runs/{run_id}/``
+(SPEC decision 7): ``pid``, ``stdout``, ``stderr``, ``started_at``,
+``completed_at`` and ``exit_code``, written by the same POSIX-sh runner
+(``runner.sh``) on every backend. The gateway keeps nothing about runs, so a
+restarted gateway finds them where they were.
+
+Backends: ``local`` (processes on this host, gateway/pods/local.py) and
+``docker`` (gateway/pods/docker.py). ``tests/test_pod_conformance.py`` runs the
+same tests on each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+RUNNER = (Path(__file__).parent / "runner.sh").read_text()
+RUNS_DIR = "/tmp/kgpu/runs"
+
+
+class PodError(Exception):
+    """A backend could not do what was asked (the message says why)."""
+
+
+class PodStartError(PodError):
+    """The pod could not be started (image missing, no resources...)."""
+
+
+@dataclass(frozen=True)
+class PodSpec:
+    rental_id: str
+    image: str
+    gpu_indices: list[int]
+    cpu: float
+    memory_bytes: int
+    ephemeral_storage_gib: int
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PodStatus:
+    phase: str  # Pending | Running | Failed | Gone
+    ready: bool
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class RunState:
+    run_id: str
+    pid: int | None
+    started_at: float | None
+    completed_at: float | None
+    exit_code: int | None
+    alive: bool
+    stdout: bytes
+    stderr: bytes
+    stdout_truncated: bool
+    stderr_truncated: bool
+
+    @property
+    def finished(self) -> bool:
+        return self.exit_code is not None or (self.pid is not None and not self.alive)
+
+
+@runtime_checkable
+class PodBackend(Protocol):
+    name: str
+
+    def start(self, spec: PodSpec) -> str:
+        """Create the pod and return the backend's reference to it."""
+
+    def status(self, ref: str) -> PodStatus: ...
+
+    def destroy(self, ref: str) -> None: ...
+
+    def adopt(self) -> dict[str, str]:
+        """Pods this backend still runs, by rental id (for a restarted gateway)."""
+
+    def start_run(self, ref: str, run_id: str, argv: list[str], env: dict[str, str]) -> None: ...
+
+    def run_state(self, ref: str, run_id: str, tail_bytes: int) -> RunState | None: ...
+
+    def run_ids(self, ref: str) -> list[str]: ...
+
+    def read_output(self, ref: str, run_id: str, stream: str, offset: int) -> bytes:
+        """Bytes of ``stdout`` or ``stderr`` from ``offset`` on (for live streaming)."""
+
+    def signal_run(self, ref: str, run_id: str, signal_name: str) -> None:
+        """Send TERM or KILL to the run's process group."""

@@ -1,0 +1,183 @@
+"""The ``local`` pod backend: a rental is a directory on this host and its runs are processes.
+
+A pod is ``{data_dir}/pods/{rental_id}/`` holding ``workspace/`` (the working
+directory of every run) and ``tmp/kgpu/runs/`` (the run state the runner
+writes). GPUs are pinned with ``CUDA_VISIBLE_DEVICES``/``NVIDIA_VISIBLE_DEVICES``.
+Runs start in their own session, so they outlive a gateway killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from gateway.pods import RUNNER, RUNS_DIR, PodError, PodSpec, PodStatus, RunState
+
+_SIGNALS = {"TERM": signal.SIGTERM, "KILL": signal.SIGKILL}
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def read_tail(path: Path, limit: int) -> tuple[bytes, bool]:
+    try:
+        with open(path, "rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, size - limit))
+            return handle.read(), size > limit
+    except FileNotFoundError:
+        return b"", False
+
+
+class LocalPodBackend:
+    name = "local"
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _pod(self, ref: str) -> Path:
+        pod = self.root / ref
+        if not (pod / "pod.json").exists():
+            raise PodError(f"no pod {ref}")
+        return pod
+
+    def _runs(self, ref: str) -> Path:
+        return self._pod(ref) / RUNS_DIR.lstrip("/")
+
+    def start(self, spec: PodSpec) -> str:
+        pod = self.root / spec.rental_id
+        (pod / "workspace").mkdir(parents=True, exist_ok=True)
+        (pod / RUNS_DIR.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        visible = ",".join(str(i) for i in spec.gpu_indices)
+        env = {
+            **spec.env,
+            "CUDA_VISIBLE_DEVICES": visible,
+            "NVIDIA_VISIBLE_DEVICES": visible or "void",
+            "NVIDIA_DRIVER_CAPABILITIES": "compute,utility",
+        }
+        record = {"rental_id": spec.rental_id, "image": spec.image, "env": env, "created_at": time.time()}
+        (pod / "pod.json").write_text(json.dumps(record))
+        return spec.rental_id
+
+    def status(self, ref: str) -> PodStatus:
+        if not (self.root / ref / "pod.json").exists():
+            return PodStatus("Gone", False, "pod directory is gone")
+        return PodStatus("Running", True)
+
+    def adopt(self) -> dict[str, str]:
+        return {p.name: p.name for p in self.root.iterdir() if (p / "pod.json").exists()}
+
+    def destroy(self, ref: str) -> None:
+        pod = self.root / ref
+        if not pod.exists():
+            return
+        runs = pod / RUNS_DIR.lstrip("/")
+        ids = [d.name for d in runs.iterdir()] if runs.exists() else []
+        for run_id in ids:
+            self.signal_run(ref, run_id, "TERM")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(self._running(ref, r) for r in ids):
+            time.sleep(0.05)
+        for run_id in ids:
+            self.signal_run(ref, run_id, "KILL")
+        shutil.rmtree(pod, ignore_errors=True)
+
+    def _running(self, ref: str, run_id: str) -> bool:
+        pid = _read(self._runs(ref) / run_id / "runner_pid")
+        return _alive(int(pid)) if pid else False
+
+    def start_run(self, ref: str, run_id: str, argv: list[str], env: dict[str, str]) -> None:
+        pod = self._pod(ref)
+        record = json.loads((pod / "pod.json").read_text())
+        run_dir = self._runs(ref) / run_id
+        workspace = pod / "workspace"
+        process_env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(workspace),
+            "LANG": "C.UTF-8",
+            **record["env"],
+            **env,
+        }
+        process = subprocess.Popen(
+            ["sh", "-c", RUNNER, "kgpu-run", str(run_dir), *argv],
+            cwd=workspace,
+            env=process_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        threading.Thread(target=process.wait, daemon=True).start()  # reap it; the run itself needs no parent
+        deadline = time.monotonic() + 5
+        while not (run_dir / "pid").exists():
+            if process.poll() is not None and not (run_dir / "pid").exists():
+                raise PodError(f"the runner exited with {process.returncode} before starting the command")
+            if time.monotonic() > deadline:
+                raise PodError("the runner did not start within 5 s")
+            time.sleep(0.005)
+
+    def run_state(self, ref: str, run_id: str, tail_bytes: int) -> RunState | None:
+        run_dir = self._runs(ref) / run_id
+        if not run_dir.is_dir():
+            return None
+        pid = _read(run_dir / "pid")
+        exit_code = _read(run_dir / "exit_code")
+        started = _read(run_dir / "started_at")
+        completed = _read(run_dir / "completed_at")
+        stdout, stdout_cut = read_tail(run_dir / "stdout", tail_bytes)
+        stderr, stderr_cut = read_tail(run_dir / "stderr", tail_bytes)
+        runner = _read(run_dir / "runner_pid")
+        return RunState(
+            run_id=run_id,
+            pid=int(pid) if pid else None,
+            started_at=float(started) if started else None,
+            completed_at=float(completed) if completed else None,
+            exit_code=int(exit_code) if exit_code else None,
+            alive=_alive(int(runner)) if runner else False,
+            stdout=stdout,
+            stderr=stderr,
+            stdout_truncated=stdout_cut,
+            stderr_truncated=stderr_cut,
+        )
+
+    def run_ids(self, ref: str) -> list[str]:
+        runs = self._runs(ref)
+        return sorted(d.name for d in runs.iterdir() if d.is_dir())
+
+    def read_output(self, ref: str, run_id: str, stream: str, offset: int) -> bytes:
+        try:
+            with open(self._runs(ref) / run_id / stream, "rb") as handle:
+                handle.seek(offset)
+                return handle.read(1 << 20)
+        except FileNotFoundError:
+            return b""
+
+    def signal_run(self, ref: str, run_id: str, signal_name: str) -> None:
+        runner = _read(self._runs(ref) / run_id / "runner_pid")
+        if not runner or not _alive(int(runner)):
+            return
+        try:
+            os.killpg(int(runner), _SIGNALS[signal_name])
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,125 @@
+"""The pod-backend conformance suite: every PodBackend passes all of it (local, docker)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from gateway.pods import PodBackend, PodSpec
+
+
+def wait_finished(backend, ref, run_id, seconds=20.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        state = backend.run_state(ref, run_id, 65536)
+        if state is not None and state.finished:
+            return state
+        time.sleep(0.05)
+    raise AssertionError(f"run {run_id} did not finish in {seconds}s")
+
+
+@pytest.fixture
+def pod(pod_backend):
+    spec = PodSpec(
+        rental_id="gpu-" + uuid.uuid4().hex[:10],
+        image=getattr(pod_backend, "test_image", "local"),
+        gpu_indices=[],
+        cpu=1,
+        memory_bytes=512 << 20,
+        ephemeral_storage_gib=1,
+        env={"KGPU_GPU_ID": "conformance", "GREETING": "hello"},
+    )
+    ref = pod_backend.start(spec)
+    yield pod_backend, ref, spec
+    pod_backend.destroy(ref)
+
+
+def test_is_a_pod_backend(pod_backend):
+    assert isinstance(pod_backend, PodBackend)
+
+
+def test_pod_is_running_and_ready(pod):
+    backend, ref, _ = pod
+    deadline = time.monotonic() + 30
+    while not backend.status(ref).ready:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert backend.status(ref).phase == "Running"
+
+
+def test_run_records_output_and_exit_code(pod):
+    backend, ref, _ = pod
+    backend.start_run(ref, "run-a", ["sh", "-c", 'echo "$GREETING $EXTRA"; echo oops >&2; exit 7'], {"EXTRA": "world"})
+    state = wait_finished(backend, ref, "run-a")
+    assert state.exit_code == 7
+    assert state.stdout == b"hello world\n" and state.stderr == b"oops\n"
+    assert state.pid and state.started_at and state.completed_at >= state.started_at
+    assert "run-a" in backend.run_ids(ref)
+
+
+def test_pod_env_has_gpu_pinning(pod):
+    backend, ref, _ = pod
+    backend.start_run(ref, "run-env", ["sh", "-c", 'echo "[$KGPU_GPU_ID][$CUDA_VISIBLE_DEVICES]"'], {})
+    assert wait_finished(backend, ref, "run-env").stdout == b"[conformance][]\n"
+
+
+def test_runs_share_the_pod_filesystem(pod):
+    backend, ref, _ = pod
+    backend.start_run(ref, "run-w", ["sh", "-c", "echo kept > shared.txt"], {})
+    wait_finished(backend, ref, "run-w")
+    backend.start_run(ref, "run-r", ["cat", "shared.txt"], {})
+    assert wait_finished(backend, ref, "run-r").stdout == b"kept\n"
+
+
+def test_output_tail_is_bounded(pod):
+    backend, ref, _ = pod
+    backend.start_run(ref, "run-big", ["sh", "-c", "i=0; while [ $i -lt 20000 ]; do echo line-$i; i=$((i+1)); done"], {})
+    wait_finished(backend, ref, "run-big")
+    state = backend.run_state(ref, "run-big", 1000)
+    assert len(state.stdout) == 1000 and state.stdout_truncated
+    assert state.stdout.endswith(b"line-19999\n")
+
+
+def test_live_output_by_offset(pod):
+    backend, ref, _ = pod
+    backend.start_run(ref, "run-live", ["sh", "-c", "echo first; sleep 1; echo second"], {})
+    deadline = time.monotonic() + 10
+    while backend.read_output(ref, "run-live", "stdout", 0) != b"first\n":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    wait_finished(backend, ref, "run-live")
+    assert backend.read_output(ref, "run-live", "stdout", 6) == b"second\n"
+
+
+def test_terminate_a_run(pod):
+    backend, ref, _ = pod
+    backend.start_run(ref, "run-long", ["sleep", "300"], {})
+    assert not backend.run_state(ref, "run-long", 100).finished
+    backend.signal_run(ref, "run-long", "TERM")
+    state = wait_finished(backend, ref, "run-long", 10)
+    assert state.exit_code == 143
+
+
+def test_kill_a_run_that_ignores_term(pod):
+    backend, ref, _ = pod
+    backend.start_run(ref, "run-stubborn", ["sh", "-c", "trap '' TERM; sleep 300 & wait; sleep 300"], {})
+    time.sleep(0.3)
+    backend.signal_run(ref, "run-stubborn", "KILL")
+    state = wait_finished(backend, ref, "run-stubborn", 10)
+    assert state.finished and state.exit_code in (None, 137)
+
+
+def test_unknown_run_is_none(pod):
+    backend, ref, _ = pod
+    assert backend.run_state(ref, "run-nope", 100) is None
+
+
+def test_adopt_and_destroy(pod_backend):
+    spec = PodSpec("gpu-" + uuid.uuid4().hex[:10], getattr(pod_backend, "test_image", "local"), [], 1, 256 << 20, 1)
+    ref = pod_backend.start(spec)
+    assert pod_backend.adopt().get(spec.rental_id) == ref
+    pod_backend.destroy(ref)
+    assert spec.rental_id not in pod_backend.adopt()
+    assert pod_backend.status(ref).phase == "Gone"
