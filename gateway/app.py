@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 
 from drive.store import ObjectStore
 from drive.store.embedded import EmbeddedS3Server
@@ -14,7 +16,10 @@ from gateway import db
 from gateway.auth import Authenticator
 from gateway.errors import RequestIdMiddleware, install_error_handlers
 from gateway.quota import UsageBook
-from gateway.routes import admin, files, health, me, orgs_admin, shared
+from gateway.inventory import load_inventory
+from gateway.pods import PodBackend
+from gateway.rentals import Rentals
+from gateway.routes import admin, files, gpus, health, me, orgs_admin, runs, shared
 from gateway.settings import Settings
 
 log = logging.getLogger("kgpu")
@@ -46,6 +51,26 @@ def open_store(settings: Settings) -> tuple[ObjectStore, EmbeddedS3Server | None
     return store, server
 
 
+def open_pod_backend(settings: Settings) -> PodBackend:
+    if settings.pod_backend == "docker":
+        from gateway.pods.docker import DockerPodBackend
+
+        return DockerPodBackend()
+    from gateway.pods.local import LocalPodBackend
+
+    return LocalPodBackend(settings.data_dir / "pods")
+
+
+async def reaper_loop(rentals: Rentals, interval: float) -> None:
+    """Bill and reap on a timer; each tick is idempotent, so several gateways may run one."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await run_in_threadpool(rentals.tick)
+        except Exception:
+            log.exception("reaper tick failed")
+
+
 def create_app(settings: Settings | None = None, store: ObjectStore | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -68,9 +93,12 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
         app.state.store = active_store
         app.state.authenticator = Authenticator(sessions, settings.admin_token, settings.auth_cache_seconds)
         app.state.usage = UsageBook(sessions, active_store, settings.quota_reconcile_seconds)
+        app.state.rentals = Rentals(settings, sessions, open_pod_backend(settings), load_inventory(settings))
+        reaper = asyncio.get_running_loop().create_task(reaper_loop(app.state.rentals, settings.reaper_interval_seconds))
         try:
             yield
         finally:
+            reaper.cancel()
             app.state.usage.close()
             if embedded is not None:
                 embedded.stop()
@@ -84,6 +112,6 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
     )
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
-    for module in (health, me, admin, orgs_admin, files, shared):
+    for module in (health, me, admin, orgs_admin, files, shared, gpus, runs):
         app.include_router(module.router)
     return app

@@ -34,10 +34,12 @@ class Principal:
     email: str
     role: str
     status: str
+    rental_id: str | None = None  # set for in-pod tokens: scoped to one rental
 
     @property
     def is_admin(self) -> bool:
-        return self.role == "admin"
+        """Admin powers never travel into a pod: an in-pod token of an admin is not an admin."""
+        return self.role == "admin" and self.rental_id is None
 
     @property
     def drive_prefix(self) -> str:
@@ -103,7 +105,9 @@ class Authenticator:
         expires = as_utc(api_token.expires_at)
         if expires is not None and expires <= utcnow():
             raise unauthorized("token expired")
-        principal = Principal(user_id=user.id, email=user.email, role=user.role, status=user.status)
+        principal = Principal(
+            user_id=user.id, email=user.email, role=user.role, status=user.status, rental_id=api_token.rental_id
+        )
         if self._cache_seconds > 0:
             with self._lock:
                 if len(self._cache) > 10_000:
@@ -125,7 +129,14 @@ async def approved_principal(principal: Annotated[Principal, Depends(current_pri
     return principal
 
 
-async def admin_principal(principal: Annotated[Principal, Depends(approved_principal)]) -> Principal:
+async def account_principal(principal: Annotated[Principal, Depends(approved_principal)]) -> Principal:
+    """An account token: in-pod tokens may use the drive and their own rental, nothing else."""
+    if principal.rental_id is not None:
+        raise ApiError(403, "pod_token", "an in-pod token cannot do this; use your account token")
+    return principal
+
+
+async def admin_principal(principal: Annotated[Principal, Depends(account_principal)]) -> Principal:
     if not principal.is_admin:
         raise ApiError(403, "admin_only", "this needs an admin token")
     return principal
@@ -133,4 +144,15 @@ async def admin_principal(principal: Annotated[Principal, Depends(approved_princ
 
 AnyUser = Annotated[Principal, Depends(current_principal)]
 ApprovedUser = Annotated[Principal, Depends(approved_principal)]
+AccountUser = Annotated[Principal, Depends(account_principal)]
 AdminUser = Annotated[Principal, Depends(admin_principal)]
+
+
+async def optional_principal(request: Request) -> Principal | None:
+    """The caller if a token was sent (it must then be valid), else None: for public routes."""
+    if not request.headers.get("authorization"):
+        return None
+    return await current_principal(request)
+
+
+MaybeUser = Annotated[Principal | None, Depends(optional_principal)]

@@ -129,7 +129,7 @@ def flat_listing(
         page = first_page
         while True:
             for entry in page.entries:
-                if not isinstance(entry, ObjectInfo):
+                if not isinstance(entry, ObjectInfo) or listing.is_hidden(entry.key):
                     continue
                 item = listing.entry_json(entry, drive.prefix)
                 if glob is not None and not fnmatch.fnmatchcase(item["path"], glob):
@@ -158,7 +158,7 @@ async def folder(request: Request, drive: Drive, path: DrivePath, title: str) ->
         page = first
         while True:
             for entry in page.entries:
-                if isinstance(entry, ObjectInfo) and entry.key == path.key:
+                if isinstance(entry, ObjectInfo) and (entry.key == path.key or listing.is_hidden(entry.key)):
                     continue  # a folder marker object is not a child of itself
                 yield listing.entry_json(entry, drive.prefix)
             if not page.next_token:

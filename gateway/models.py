@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy import BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from gateway.db import Base
@@ -40,6 +40,8 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Set for in-pod tokens: scoped to this rental and revoked when it ends.
+    rental_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
 
     user: Mapped[User] = relationship(back_populates="tokens")
 
@@ -89,3 +91,49 @@ class SharedFile(Base):
     content_type: Mapped[str | None] = mapped_column(String(200), nullable=True)
     uploader_user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), nullable=True)
     registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Rental(Base):
+    """A GPU rental (a pod). Rows are kept after the rental ends, so its story stays readable."""
+
+    __tablename__ = "rentals"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # "gpu-…", also KGPU_RENT_ID
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(30))
+    image: Mapped[str] = mapped_column(String(300))
+    node: Mapped[str] = mapped_column(String(100))
+    gpu_model: Mapped[str] = mapped_column(String(50))
+    gpu_count: Mapped[int] = mapped_column(Integer)
+    gpu_indices: Mapped[str] = mapped_column(String(100), default="")  # "0,1"
+    cpu: Mapped[float] = mapped_column(Float)
+    memory_bytes: Mapped[int] = mapped_column(BigInteger)
+    ephemeral_storage_gib: Mapped[int] = mapped_column(Integer)
+    duration_hours: Mapped[int] = mapped_column(Integer)
+    env_json: Mapped[str] = mapped_column(Text, default="{}")
+    backend: Mapped[str] = mapped_column(String(20))
+    pod_ref: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    phase: Mapped[str] = mapped_column(String(20), index=True)  # Pending Running Terminating Ended Failed
+    ready: Mapped[bool] = mapped_column(Boolean, default=False)
+    pending_reason: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    end_reason: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    price_per_hour_credits: Mapped[int] = mapped_column(Integer)
+    idle_warning: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    last_activity_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class CreditCharge(Base):
+    """One minute of one rental, charged once: the (rental, minute) pair is unique."""
+
+    __tablename__ = "credit_charges"
+    __table_args__ = (UniqueConstraint("rental_id", "minute"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rental_id: Mapped[str] = mapped_column(ForeignKey("rentals.id", ondelete="CASCADE"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    minute: Mapped[int] = mapped_column(Integer)
+    credits: Mapped[int] = mapped_column(Integer)
+    charged_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

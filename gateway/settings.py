@@ -43,6 +43,20 @@ class Settings(BaseSettings):
     upload_part_bytes: int = Field(default=8 * MiB, ge=5 * MiB)
     upload_unknown_length_part_bytes: int = Field(default=16 * MiB, ge=5 * MiB)
 
+    # GPU rentals. Inventory: a JSON list of {"node", "gpu_model", "count", "price_per_hour_credits"};
+    # empty: the GPUs nvidia-smi finds on this host, or one CPU-only class where there are none.
+    gpu_inventory: str = ""
+    gpu_price_per_hour_credits: int = Field(default=500, ge=0)
+    cpu_price_per_hour_credits: int = Field(default=100, ge=0)
+    pod_backend: str = Field(default="local", pattern="^(local|docker)$")
+    default_image: str = "ghcr.io/vitaldb/kgpu-pytorch:latest"
+    max_gpus_per_user: int = Field(default=4, ge=0)
+    idle_warning_seconds: int = Field(default=3600, ge=1)
+    idle_return_seconds: int = Field(default=7200, ge=1)
+    reaper_interval_seconds: float = Field(default=15, gt=0)
+    run_output_tail_bytes: int = Field(default=64 * 1024, ge=1024)
+    run_kill_grace_seconds: float = Field(default=5, ge=0)
+
     @property
     def resolved_database_url(self) -> str:
         if self.database_url:

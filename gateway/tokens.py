@@ -27,8 +27,16 @@ def is_well_formed(token: str) -> bool:
     return bool(TOKEN_PATTERN.match(token))
 
 
-def issue(session: Session, user_id: int, *, label: str = "", expires_at: datetime | None = None) -> tuple[ApiToken, str]:
-    """Create a token for the user; returns the row and the plaintext (shown once, never stored)."""
+def issue(
+    session: Session,
+    user_id: int,
+    *,
+    label: str = "",
+    expires_at: datetime | None = None,
+    rental_id: str | None = None,
+) -> tuple[ApiToken, str]:
+    """Create a token for the user; returns the row and the plaintext (shown once, never stored).
+    With ``rental_id`` it is an in-pod token, scoped to that rental."""
     plaintext = new_token()
     row = ApiToken(
         user_id=user_id,
@@ -36,6 +44,7 @@ def issue(session: Session, user_id: int, *, label: str = "", expires_at: dateti
         hint=plaintext[:11],
         label=label,
         expires_at=expires_at,
+        rental_id=rental_id,
     )
     session.add(row)
     session.flush()
@@ -82,6 +91,7 @@ def describe(row: ApiToken) -> dict:
         "expires_at": as_utc(row.expires_at).isoformat() if row.expires_at else None,
         "revoked_at": as_utc(row.revoked_at).isoformat() if row.revoked_at else None,
         "live": is_live(row),
+        "rental_id": row.rental_id,
     }
 
 

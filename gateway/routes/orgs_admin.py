@@ -9,7 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from gateway import orgs
-from gateway.auth import AdminUser, ApprovedUser
+from gateway.auth import AccountUser, AdminUser
 from gateway.errors import ApiError
 
 router = APIRouter(prefix="/v1/admin/orgs", tags=["admin: organizations"])
@@ -23,7 +23,7 @@ def _managed(session, principal, slug: str) -> orgs.Access:
 
 
 @router.get("")
-def list_orgs(request: Request, principal: ApprovedUser) -> dict:
+def list_orgs(request: Request, principal: AccountUser) -> dict:
     """Every org for global admins; the orgs a caller administers otherwise."""
     with request.app.state.sessions() as session:
         found = [
@@ -43,14 +43,14 @@ def create_org(body: orgs.NewOrg, request: Request, _: AdminUser) -> dict:
 
 
 @router.get("/{slug}/members")
-def list_members(slug: str, request: Request, principal: ApprovedUser) -> dict:
+def list_members(slug: str, request: Request, principal: AccountUser) -> dict:
     with request.app.state.sessions() as session:
         found = _managed(session, principal, slug)
         return {"org": orgs.describe(found.org), "members": orgs.members(session, found.org)}
 
 
 @router.post("/{slug}/members")
-def set_member(slug: str, body: orgs.Membership, request: Request, principal: ApprovedUser) -> dict:
+def set_member(slug: str, body: orgs.Membership, request: Request, principal: AccountUser) -> dict:
     with request.app.state.sessions.begin() as session:
         found = _managed(session, principal, slug)
         member, user = orgs.set_member(session, found.org, body)
@@ -58,7 +58,7 @@ def set_member(slug: str, body: orgs.Membership, request: Request, principal: Ap
 
 
 @router.delete("/{slug}/members/{user_id}", status_code=204)
-def remove_member(slug: str, user_id: int, request: Request, principal: ApprovedUser) -> Response:
+def remove_member(slug: str, user_id: int, request: Request, principal: AccountUser) -> Response:
     with request.app.state.sessions.begin() as session:
         found = _managed(session, principal, slug)
         orgs.remove_member(session, found.org, user_id)

@@ -1,0 +1,70 @@
+"""Per-minute billing as ledger rows: each minute of each rental is charged exactly once.
+
+A rental's minute ``m`` (0-based, from its start, rounded up) costs
+``ceil((m+1)·u·p/60) − ceil(m·u·p/60)`` credits for ``u`` billed units (its GPU
+count, at least one: a CPU-only pod bills at its class rate) at ``p`` credits
+per hour, so any number of minutes costs exactly the rounded-up total. The
+``(rental_id, minute)`` pair is unique in the ledger and the balance moves in
+the same transaction as the insert, so gateway restarts and several gateway
+processes on one database never charge a minute twice.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from gateway.models import CreditCharge, Rental, User
+from gateway.tokens import as_utc
+
+
+def billed_units(rental: Rental) -> int:
+    return max(rental.gpu_count, 1)
+
+
+def hourly_price(rental: Rental) -> int:
+    return billed_units(rental) * rental.price_per_hour_credits
+
+
+def minute_cost(per_hour: int, minute: int) -> int:
+    return math.ceil((minute + 1) * per_hour / 60) - math.ceil(minute * per_hour / 60)
+
+
+def minutes_due(rental: Rental, now: datetime) -> int:
+    started = as_utc(rental.started_at)
+    if started is None:
+        return 0
+    until = min(now, as_utc(rental.ended_at)) if rental.ended_at else now
+    return max(1, math.ceil((until - started).total_seconds() / 60))
+
+
+def _insert_ignoring_duplicates(session: Session, values: dict) -> bool:
+    dialect = session.get_bind().dialect.name
+    module = postgresql if dialect == "postgresql" else sqlite
+    statement = module.insert(CreditCharge).values(**values).on_conflict_do_nothing(
+        index_elements=["rental_id", "minute"]
+    )
+    return session.execute(statement).rowcount == 1
+
+
+def charge(session: Session, rental: Rental, now: datetime) -> int:
+    """Charge every minute of the rental that is due and not yet charged; returns credits taken."""
+    due = minutes_due(rental, now)
+    charged = session.scalar(select(func.count()).where(CreditCharge.rental_id == rental.id)) or 0
+    taken = 0
+    per_hour = hourly_price(rental)
+    for minute in range(charged, due):
+        cost = minute_cost(per_hour, minute)
+        values = {"rental_id": rental.id, "user_id": rental.user_id, "minute": minute, "credits": cost, "charged_at": now}
+        if _insert_ignoring_duplicates(session, values):
+            session.execute(update(User).where(User.id == rental.user_id).values(credits=User.credits - cost))
+            taken += cost
+    return taken
+
+
+def charged_total(session: Session, rental_id: str) -> int:
+    return session.scalar(select(func.coalesce(func.sum(CreditCharge.credits), 0)).where(CreditCharge.rental_id == rental_id))

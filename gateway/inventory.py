@@ -1,0 +1,68 @@
+"""What can be rented: GPU classes per node, their prices, and which indices are free."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from pydantic import BaseModel, Field, TypeAdapter
+
+from gateway.settings import Settings
+
+CREDITS_PER_DOLLAR = 1500
+
+
+class GpuClass(BaseModel):
+    node: str = "local"
+    gpu_model: str
+    count: int = Field(ge=0)
+    price_per_hour_credits: int = Field(ge=0)
+
+
+@dataclass(frozen=True)
+class Placement:
+    node: str
+    gpu_model: str
+    indices: list[int]
+    price_per_hour_credits: int
+
+
+def detect_gpus() -> list[str]:
+    """GPU names from nvidia-smi, or [] where there is none."""
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
+
+
+def model_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100'."""
+    words = [w for w in name.lower().replace("nvidia", "").split() if w]
+    return words[0] if words else "gpu"
+
+
+def load_inventory(settings: Settings) -> list[GpuClass]:
+    if settings.gpu_inventory:
+        return TypeAdapter(list[GpuClass]).validate_python(json.loads(settings.gpu_inventory))
+    names = detect_gpus()
+    if names:
+        return [
+            GpuClass(
+                node="local",
+                gpu_model=model_slug(names[0]),
+                count=len(names),
+                price_per_hour_credits=settings.gpu_price_per_hour_credits,
+            )
+        ]
+    return [GpuClass(node="local", gpu_model="cpu", count=0, price_per_hour_credits=settings.cpu_price_per_hour_credits)]
+
+
+def free_indices(gpu_class: GpuClass, busy: set[int]) -> list[int]:
+    return [i for i in range(gpu_class.count) if i not in busy]

@@ -1,0 +1,405 @@
+"""The ``docker`` pod backend: a rental is a container from the rental's image.
+
+The container runs ``sleep infinity`` (entrypoint overridden, under docker's
+``--init`` so orphans are reaped) until the in-pod bootstrap lands. It is named
+``{prefix}-{rental_id}`` and labelled ``{prefix}.rental_id`` and
+``{prefix}.managed=true`` so a restarted gateway finds it again (``adopt``); the
+container name is the backend's reference.
+
+Runs are ``docker exec`` sessions of the POSIX-sh runner (``runner.sh``), each its
+own session and process group (runc makes every exec a session leader), keeping
+their state in the container under ``/tmp/kgpu/runs/{run_id}/``. Every read
+(``run_state``, ``read_output``, ``run_ids``) or signal is one exec of a small sh
+script: about 60 ms on an idle host.
+
+Limits: CPU (``nano_cpus``), memory (``mem_limit``, swap off), ``pids_limit``, GPUs
+by ``device_requests`` (only when the rental has GPUs). ``/dev/fuse`` and
+``CAP_SYS_ADMIN`` are given for the in-pod rclone mounts; never ``--privileged``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import docker
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.types import DeviceRequest
+
+from gateway.pods import RUNNER, RUNS_DIR, PodError, PodSpec, PodStartError, PodStatus, RunState
+
+log = logging.getLogger(__name__)
+
+WORKDIR = "/workspace"
+READ_CHUNK = 1 << 20  # read_output returns at most this many bytes a call
+
+# Prints the run's small files as key=value lines, whether the runner is alive, then
+# for stdout and stderr "name size start length" and exactly `length` raw bytes from
+# offset `start` (the files only grow, so bytes below the size read first are stable).
+_STATE_SCRIPT = r"""
+d="$1"; n="$2"
+[ -d "$d" ] || { echo missing; exit 0; }
+echo found
+for f in pid runner_pid started_at completed_at exit_code; do
+  v=$(cat "$d/$f" 2>/dev/null | head -n 1)
+  echo "$f=$v"
+done
+r=$(cat "$d/runner_pid" 2>/dev/null)
+if [ -n "$r" ] && kill -0 "$r" 2>/dev/null; then echo alive=1; else echo alive=0; fi
+for s in stdout stderr; do
+  size=$(wc -c < "$d/$s" 2>/dev/null) || size=0
+  size=${size:-0}; size=$((size + 0))
+  start=$((size > n ? size - n : 0))
+  len=$((size - start))
+  echo "$s $size $start $len"
+  [ "$len" -gt 0 ] && tail -c +$((start + 1)) "$d/$s" | head -c "$len"
+done
+exit 0
+"""
+
+_READ_SCRIPT = r"""
+f="$1"; off="$2"; max="$3"
+[ -f "$f" ] || exit 0
+tail -c +$((off + 1)) "$f" | head -c "$max"
+"""
+
+_WAIT_PID_SCRIPT = r"""
+d="$1"; i=0
+while [ ! -e "$d/pid" ]; do
+  [ "$i" -ge 500 ] && { echo timeout; exit 0; }
+  sleep 0.01; i=$((i + 1))
+done
+echo ok
+"""
+
+_LIST_SCRIPT = r"""
+for d in "$1"/*/; do [ -d "$d" ] && basename "$d"; done
+exit 0
+"""
+
+_SIGNAL_SCRIPT = r"""
+d="$1"; sig="$2"
+r=$(cat "$d/runner_pid" 2>/dev/null) || exit 0
+[ -n "$r" ] && kill -0 "$r" 2>/dev/null && kill "-$sig" -- "-$r" 2>/dev/null
+exit 0
+"""
+
+# TERM every run's process group, then wait up to $1 seconds for the runners to go.
+_TERM_ALL_SCRIPT = r"""
+grace="$1"; pids=
+for f in /tmp/kgpu/runs/*/runner_pid; do
+  [ -f "$f" ] || continue
+  r=$(cat "$f" 2>/dev/null)
+  [ -n "$r" ] && kill -0 "$r" 2>/dev/null && kill -TERM -- "-$r" 2>/dev/null && pids="$pids $r"
+done
+i=0
+while [ -n "$pids" ] && [ "$i" -lt $((grace * 10)) ]; do
+  left=
+  for r in $pids; do kill -0 "$r" 2>/dev/null && left="$left $r"; done
+  pids=$left
+  [ -n "$pids" ] && sleep 0.1
+  i=$((i + 1))
+done
+exit 0
+"""
+
+
+def _float(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:  # a `date` without %N prints "1700000000.%N" or "1700000000.N"
+        head = value.split(".", 1)[0]
+        return float(head) if head.isdigit() else None
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value else None
+    except ValueError:
+        return None
+
+
+def _safe_id(run_id: str) -> str:
+    if not run_id or "/" in run_id or run_id in (".", "..") or "\0" in run_id:
+        raise PodError(f"bad run id {run_id!r}")
+    return run_id
+
+
+class DockerPodBackend:
+    name = "docker"
+
+    def __init__(
+        self,
+        client: docker.DockerClient | None = None,
+        network: str | None = None,
+        labels_prefix: str = "kgpu",
+        *,
+        pull: bool = True,
+        pids_limit: int = 32768,
+        init: bool = True,
+        destroy_grace_s: int = 5,
+    ):
+        """``pull=False``: a missing image fails at once instead of trying a registry."""
+        self.client = client if client is not None else docker.from_env()
+        self.api = self.client.api
+        self.network = network
+        self.prefix = labels_prefix
+        self.pull = pull
+        self.pids_limit = pids_limit
+        self.init = init
+        self.destroy_grace_s = destroy_grace_s
+
+    # --- labels and names -------------------------------------------------------
+
+    @property
+    def _label_rental(self) -> str:
+        return f"{self.prefix}.rental_id"
+
+    @property
+    def _label_managed(self) -> str:
+        return f"{self.prefix}.managed"
+
+    def container_name(self, rental_id: str) -> str:
+        return f"{self.prefix}-{rental_id}"
+
+    # --- pods ---------------------------------------------------------------------
+
+    def _ensure_image(self, image: str) -> None:
+        try:
+            self.client.images.get(image)
+            return
+        except ImageNotFound:
+            if not self.pull:
+                raise PodStartError(f"image {image!r} is not on this docker host (pulling is off)") from None
+        except DockerException as exc:
+            raise PodStartError(f"docker could not look up image {image!r}: {exc}") from exc
+        try:
+            log.info("pulling image %s", image)
+            self.client.images.pull(image)
+        except (APIError, DockerException) as exc:
+            detail = getattr(exc, "explanation", None) or str(exc)
+            raise PodStartError(f"could not pull image {image!r}: {detail}") from exc
+
+    def start(self, spec: PodSpec) -> str:
+        name = self.container_name(spec.rental_id)
+        self._ensure_image(spec.image)
+        # Inside the container the granted GPUs are numbered from 0; NVIDIA_VISIBLE_DEVICES
+        # names the host's devices (what the NVIDIA runtime reads), "void" for none, so an
+        # image with NVIDIA_VISIBLE_DEVICES=all in its ENV gets no GPU on a CPU-only rental.
+        host_ids = [str(i) for i in spec.gpu_indices]
+        env = {
+            **spec.env,
+            "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(len(host_ids))),
+            "NVIDIA_VISIBLE_DEVICES": ",".join(host_ids) or "void",
+            "NVIDIA_DRIVER_CAPABILITIES": "compute,utility",
+        }
+        kwargs = dict(
+            name=name,
+            hostname=spec.rental_id[:63],
+            entrypoint=["sleep", "infinity"],
+            command=[],
+            detach=True,
+            init=self.init,
+            labels={self._label_rental: spec.rental_id, self._label_managed: "true"},
+            environment=env,
+            working_dir=WORKDIR,
+            nano_cpus=int(spec.cpu * 1e9),
+            mem_limit=spec.memory_bytes,
+            memswap_limit=spec.memory_bytes,  # no swap beyond the memory limit
+            shm_size=max(64 << 20, spec.memory_bytes // 2),  # DataLoader workers need /dev/shm; counts as memory
+            pids_limit=self.pids_limit,
+            devices=["/dev/fuse:/dev/fuse:rwm"],
+            cap_add=["SYS_ADMIN"],
+            security_opt=["apparmor:unconfined"],  # AppArmor's docker-default profile refuses mount(2) (FUSE)
+        )
+        # TODO(ephemeral storage): spec.ephemeral_storage_gib is not enforced. docker refuses
+        # `--storage-opt size=` on overlay2 over ext4 (it needs xfs with pquota); enforce it by
+        # watching the container's writable-layer size (`docker ps --size` / SizeRw) and ending
+        # the rental when it passes the limit, or run the daemon on xfs+pquota and pass
+        # storage_opt={"size": f"{spec.ephemeral_storage_gib}G"}.
+        if spec.gpu_indices:
+            kwargs["device_requests"] = [DeviceRequest(device_ids=host_ids, capabilities=[["gpu"]])]
+        if self.network:
+            kwargs["network"] = self.network
+        try:
+            container = self.client.containers.run(spec.image, **kwargs)
+        except APIError as exc:
+            if exc.status_code == 409:  # the name is taken: a start retried after a crash?
+                return self._reuse(name, spec.rental_id)
+            self._remove_quietly(name)
+            raise PodStartError(f"docker could not start {spec.image!r}: {exc.explanation or exc}") from exc
+        except DockerException as exc:
+            self._remove_quietly(name)
+            raise PodStartError(f"docker could not start {spec.image!r}: {exc}") from exc
+        log.info("started container %s (%s) for rental %s", name, container.short_id, spec.rental_id)
+        return name
+
+    def _reuse(self, name: str, rental_id: str) -> str:
+        try:
+            container = self.client.containers.get(name)
+        except DockerException as exc:
+            raise PodStartError(f"container name {name} is taken and cannot be inspected: {exc}") from exc
+        if container.labels.get(self._label_rental) != rental_id:
+            raise PodStartError(f"container name {name} is taken by a container this gateway does not manage")
+        if container.status != "running":
+            try:
+                container.start()
+            except DockerException as exc:
+                raise PodStartError(f"existing container {name} would not start: {exc}") from exc
+        return name
+
+    def _remove_quietly(self, name: str) -> None:
+        try:
+            self.api.remove_container(name, force=True)
+        except DockerException:
+            pass
+
+    def status(self, ref: str) -> PodStatus:
+        try:
+            info = self.api.inspect_container(ref)
+        except NotFound:
+            return PodStatus("Gone", False, "container is gone")
+        except DockerException as exc:
+            return PodStatus("Pending", False, f"docker did not answer: {exc}")
+        state = info.get("State") or {}
+        status = state.get("Status")
+        if status == "running" and not state.get("Paused"):
+            return PodStatus("Running", True)
+        if status in ("created", "restarting", "paused") or state.get("Paused"):
+            return PodStatus("Pending", False, f"container is {status}")
+        if status == "removing":
+            return PodStatus("Gone", False, "container is being removed")
+        reason = f"container {status}, exit code {state.get('ExitCode')}"
+        if state.get("OOMKilled"):
+            reason += " (out of memory)"
+        if state.get("Error"):
+            reason += f": {state['Error']}"
+        return PodStatus("Failed", False, reason)
+
+    def adopt(self) -> dict[str, str]:
+        found = self.api.containers(all=True, filters={"label": [f"{self._label_managed}=true"]})
+        pods = {}
+        for item in found:
+            rental_id = (item.get("Labels") or {}).get(self._label_rental)
+            names = [n.lstrip("/") for n in item.get("Names") or []]
+            if rental_id and names:
+                pods[rental_id] = names[0]
+        return pods
+
+    def destroy(self, ref: str) -> None:
+        try:
+            self._exec(ref, _TERM_ALL_SCRIPT, str(self.destroy_grace_s))
+        except PodError:
+            pass  # not running or gone: removing it is all that is left
+        try:
+            self.api.remove_container(ref, force=True)
+        except NotFound:
+            pass
+        except APIError as exc:
+            if exc.status_code == 409 and "already in progress" in str(exc.explanation):
+                return
+            raise PodError(f"docker could not remove {ref}: {exc.explanation or exc}") from exc
+
+    # --- exec helpers ---------------------------------------------------------------
+
+    def _exec_create(self, ref: str, cmd: list[str], **kwargs) -> str:
+        try:
+            return self.api.exec_create(ref, cmd, **kwargs)["Id"]
+        except NotFound:
+            raise PodError(f"no pod {ref}") from None
+        except APIError as exc:
+            raise PodError(f"cannot exec in {ref}: {exc.explanation or exc}") from exc
+        except DockerException as exc:
+            raise PodError(f"cannot exec in {ref}: {exc}") from exc
+
+    def _exec(self, ref: str, script: str, *args: str) -> bytes:
+        """Run ``sh -c script kgpu args...`` in the pod; its stdout (stderr is dropped)."""
+        exec_id = self._exec_create(ref, ["sh", "-c", script, "kgpu", *args], stdout=True, stderr=False)
+        try:
+            return self.api.exec_start(exec_id) or b""
+        except DockerException as exc:
+            raise PodError(f"exec in {ref} failed: {exc}") from exc
+
+    # --- runs ---------------------------------------------------------------------------
+
+    def start_run(self, ref: str, run_id: str, argv: list[str], env: dict[str, str]) -> None:
+        run_dir = f"{RUNS_DIR}/{_safe_id(run_id)}"
+        exec_id = self._exec_create(
+            ref,
+            ["sh", "-c", RUNNER, "kgpu-run", run_dir, *argv],
+            stdout=False,
+            stderr=False,
+            environment=dict(env),
+            workdir=WORKDIR,
+        )
+        try:
+            self.api.exec_start(exec_id, detach=True)
+        except DockerException as exc:
+            raise PodError(f"could not start the runner in {ref}: {exc}") from exc
+        # One exec that waits in the pod (up to 5 s) for the runner's pid file.
+        if self._exec(ref, _WAIT_PID_SCRIPT, run_dir).strip() == b"ok":
+            return
+        try:
+            info = self.api.exec_inspect(exec_id)
+        except DockerException:
+            info = {}
+        if info.get("Running") is False:
+            raise PodError(f"the runner exited with {info.get('ExitCode')} before starting the command")
+        raise PodError("the runner did not start within 5 s")
+
+    def run_state(self, ref: str, run_id: str, tail_bytes: int) -> RunState | None:
+        run_dir = f"{RUNS_DIR}/{_safe_id(run_id)}"
+        out = self._exec(ref, _STATE_SCRIPT, run_dir, str(max(0, int(tail_bytes))))
+        head, _, rest = out.partition(b"\n")
+        if head != b"found":
+            return None
+        fields: dict[str, str] = {}
+        for _ in range(6):
+            line, _, rest = rest.partition(b"\n")
+            key, _, value = line.decode(errors="replace").partition("=")
+            fields[key] = value.strip()
+        streams: dict[str, tuple[bytes, bool]] = {}
+        for _ in range(2):
+            line, _, rest = rest.partition(b"\n")
+            parts = line.decode(errors="replace").split()
+            if len(parts) != 4:
+                raise PodError(f"unexpected run-state answer from {ref}: {out[:200]!r}")
+            stream, size, _start, length = parts[0], int(parts[1]), int(parts[2]), int(parts[3])
+            streams[stream] = (rest[:length], size > tail_bytes)
+            rest = rest[length:]
+        stdout, stdout_cut = streams["stdout"]
+        stderr, stderr_cut = streams["stderr"]
+        return RunState(
+            run_id=run_id,
+            pid=_int(fields.get("pid")),
+            started_at=_float(fields.get("started_at")),
+            completed_at=_float(fields.get("completed_at")),
+            exit_code=_int(fields.get("exit_code")),
+            alive=fields.get("alive") == "1",
+            stdout=stdout,
+            stderr=stderr,
+            stdout_truncated=stdout_cut,
+            stderr_truncated=stderr_cut,
+        )
+
+    def run_ids(self, ref: str) -> list[str]:
+        out = self._exec(ref, _LIST_SCRIPT, RUNS_DIR)
+        return sorted(line for line in out.decode(errors="replace").splitlines() if line)
+
+    def read_output(self, ref: str, run_id: str, stream: str, offset: int) -> bytes:
+        if stream not in ("stdout", "stderr"):
+            raise PodError(f"no stream {stream!r}")
+        path = f"{RUNS_DIR}/{_safe_id(run_id)}/{stream}"
+        return self._exec(ref, _READ_SCRIPT, path, str(max(0, int(offset))), str(READ_CHUNK))
+
+    def signal_run(self, ref: str, run_id: str, signal_name: str) -> None:
+        if signal_name not in ("TERM", "KILL"):
+            raise PodError(f"unsupported signal {signal_name!r}")
+        self._exec(ref, _SIGNAL_SCRIPT, f"{RUNS_DIR}/{_safe_id(run_id)}", signal_name)
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return f"DockerPodBackend(prefix={self.prefix!r}, network={self.network!r}, pull={self.pull})"
+
+
+__all__ = ["DockerPodBackend"]

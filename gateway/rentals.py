@@ -1,0 +1,352 @@
+"""GPU rentals: placing, starting, describing and ending pods, and the reaper that
+bills them and returns idle, expired and unpaid ones.
+
+Times come from an injected clock (``now``) so tests move time instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import threading
+from datetime import datetime, timedelta
+from typing import Callable
+
+from pydantic import BaseModel, Field, field_validator
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from gateway import billing, tokens
+from gateway.auth import Principal
+from gateway.errors import ApiError
+from gateway.inventory import GpuClass, free_indices
+from gateway.models import ApiToken, Rental, User, utcnow
+from gateway.pods import PodBackend, PodError, PodSpec
+from gateway.settings import Settings
+from gateway.tokens import as_utc
+
+log = logging.getLogger("kgpu.rentals")
+
+ACTIVE = ("Pending", "Running", "Terminating")
+_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,28}[a-z0-9])?$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+_UNITS = {None: 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+
+
+def parse_memory(value: str) -> int:
+    match = _QUANTITY.match(value.strip())
+    if not match:
+        raise ValueError("memory must be a quantity such as 16Gi or 512Mi")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def parse_cpu(value: str | float) -> float:
+    text = str(value).strip()
+    cores = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    return cores
+
+
+class RentRequest(BaseModel):
+    name: str = "rent"
+    image: str | None = Field(default=None, max_length=300)
+    gpu_model: str | None = None
+    gpu_count: int | None = Field(default=None, ge=0, le=4)
+    cpu: str | float = "2"
+    memory: str = "16Gi"
+    ephemeral_storage_gib: int = Field(default=100, ge=1, le=100)
+    duration_hours: int = Field(default=12, ge=1, le=168)
+    env: dict[str, str] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _dns_safe(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("name must be DNS-safe: lowercase letters, digits and inner '-', at most 30")
+        return value
+
+    @field_validator("cpu")
+    @classmethod
+    def _cpu(cls, value):
+        try:
+            cores = parse_cpu(value)
+        except ValueError:
+            raise ValueError("cpu must be a number of cores such as 2 or 500m") from None
+        if not 0 < cores <= 16:
+            raise ValueError("cpu must be more than 0 and at most 16 cores")
+        return value
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, value: str) -> str:
+        if not 0 < parse_memory(value) <= 128 << 30:
+            raise ValueError("memory must be more than 0 and at most 128Gi")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value):
+        for name in value or {}:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"env name {name!r} is not a valid variable name")
+            if name.startswith("KGPU_") or name in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"):
+                raise ValueError(f"env {name} is set by kgpu and cannot be overridden")
+        return value
+
+
+class Rentals:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker,
+        backend: PodBackend,
+        inventory: list[GpuClass],
+        now: Callable[[], datetime] = utcnow,
+    ):
+        self.settings = settings
+        self.sessions = sessions
+        self.backend = backend
+        self.inventory = inventory
+        self.now = now
+        self._placement_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ placing
+
+    def _busy(self, session: Session) -> dict[tuple[str, str], set[int]]:
+        busy: dict[tuple[str, str], set[int]] = {}
+        for node, model, indices in session.execute(
+            select(Rental.node, Rental.gpu_model, Rental.gpu_indices).where(Rental.phase.in_(ACTIVE))
+        ):
+            busy.setdefault((node, model), set()).update(int(i) for i in indices.split(",") if i)
+        return busy
+
+    def _classes(self, gpu_model: str | None) -> list[GpuClass]:
+        if gpu_model is None:
+            return self.inventory[:1]
+        found = [c for c in self.inventory if c.gpu_model == gpu_model]
+        if not found:
+            menu = ", ".join(sorted({c.gpu_model for c in self.inventory}))
+            raise ApiError(422, "validation_error", f"gpu_model {gpu_model!r} is not offered here (menu: {menu})")
+        return found
+
+    def cluster(self, session: Session) -> list[dict]:
+        busy = self._busy(session)
+        return [
+            {
+                "node": c.node,
+                "gpu_model": c.gpu_model,
+                "gpu_busy": len(busy.get((c.node, c.gpu_model), set())),
+                "gpu_total": c.count,
+                "ready": True,
+                "price_per_hour_credits": c.price_per_hour_credits,
+            }
+            for c in self.inventory
+        ]
+
+    def rent(self, principal: Principal, request: RentRequest, api_base: str) -> Rental:
+        with self._placement_lock, self.sessions.begin() as session:
+            user = session.get(User, principal.user_id)
+            classes = self._classes(request.gpu_model)
+            count = request.gpu_count if request.gpu_count is not None else (1 if classes[0].count else 0)
+            mine = session.scalars(
+                select(Rental.gpu_count).where(Rental.user_id == user.id, Rental.phase.in_(ACTIVE))
+            ).all()
+            if sum(mine) + count > self.settings.max_gpus_per_user:
+                raise ApiError(
+                    409, "gpu_cap_reached", f"you hold {sum(mine)} GPUs; the cap is {self.settings.max_gpus_per_user}"
+                )
+            busy = self._busy(session)
+            placement = None
+            for gpu_class in classes:
+                free = free_indices(gpu_class, busy.get((gpu_class.node, gpu_class.gpu_model), set()))
+                if len(free) >= count:
+                    placement = (gpu_class, free[:count])
+                    break
+            if placement is None:
+                raise ApiError(409, "no_capacity", f"no node has {count} free {classes[0].gpu_model} GPUs right now")
+            gpu_class, indices = placement
+            hourly = max(count, 1) * gpu_class.price_per_hour_credits
+            if user.credits < hourly:
+                raise ApiError(
+                    402, "insufficient_credits", f"one hour costs {hourly} credits; your balance is {user.credits}"
+                )
+            now = self.now()
+            rental = Rental(
+                id="gpu-" + secrets.token_hex(6),
+                user_id=user.id,
+                name=request.name,
+                image=request.image or self.settings.default_image,
+                node=gpu_class.node,
+                gpu_model=gpu_class.gpu_model,
+                gpu_count=count,
+                gpu_indices=",".join(map(str, indices)),
+                cpu=parse_cpu(request.cpu),
+                memory_bytes=parse_memory(request.memory),
+                ephemeral_storage_gib=request.ephemeral_storage_gib,
+                duration_hours=request.duration_hours,
+                env_json=json.dumps(request.env or {}),
+                backend=self.backend.name,
+                phase="Pending",
+                ready=False,
+                pending_reason="starting the pod",
+                price_per_hour_credits=gpu_class.price_per_hour_credits,
+                created_at=now,
+                last_activity_at=now,
+            )
+            session.add(rental)
+            session.flush()
+            _, pod_token = tokens.issue(session, user.id, label=f"in-pod token of {rental.id}", rental_id=rental.id)
+        spec = PodSpec(
+            rental_id=rental.id,
+            image=rental.image,
+            gpu_indices=indices,
+            cpu=rental.cpu,
+            memory_bytes=rental.memory_bytes,
+            ephemeral_storage_gib=rental.ephemeral_storage_gib,
+            env={
+                **(request.env or {}),
+                "KGPU_GPU_ID": rental.id,
+                "KGPU_RENT_ID": rental.id,
+                "KGPU_API_BASE": api_base,
+                "KGPU_API_TOKEN": pod_token,
+            },
+        )
+        try:
+            ref = self.backend.start(spec)
+        except PodError as exc:
+            return self._finish(rental.id, "Failed", f"start_failed: {exc}")
+        with self.sessions.begin() as session:
+            rental = session.get(Rental, rental.id)
+            rental.pod_ref = ref
+            status = self.backend.status(ref)
+            rental.phase = "Running" if status.phase == "Running" else "Pending"
+            rental.ready = status.ready
+            rental.pending_reason = None if status.ready else status.reason
+            rental.started_at = self.now()
+            billing.charge(session, rental, self.now())
+            return rental
+
+    # ------------------------------------------------------------------ reading
+
+    def get(self, session: Session, principal: Principal, rental_id: str) -> Rental:
+        rental = session.get(Rental, rental_id)
+        if rental is None or rental.user_id != principal.user_id or (
+            principal.rental_id is not None and principal.rental_id != rental_id
+        ):
+            raise ApiError(404, "gpu_not_found", f"no rental {rental_id} of yours")
+        return rental
+
+    def active_of(self, session: Session, principal: Principal) -> list[Rental]:
+        query = select(Rental).where(Rental.user_id == principal.user_id, Rental.phase.in_(ACTIVE))
+        if principal.rental_id is not None:
+            query = query.where(Rental.id == principal.rental_id)
+        return list(session.scalars(query.order_by(Rental.created_at)))
+
+    def describe(self, session: Session, rental: Rental) -> dict:
+        now = self.now()
+        last = as_utc(rental.last_activity_at)
+        started = as_utc(rental.started_at)
+        return {
+            "gpu_id": rental.id,
+            "rent_id": rental.id,
+            "name": rental.name,
+            "image": rental.image,
+            "node": rental.node,
+            "gpu_model": rental.gpu_model,
+            "gpu_count": rental.gpu_count,
+            "phase": rental.phase,
+            "ready": rental.ready,
+            "pending_reason": rental.pending_reason,
+            "end_reason": rental.end_reason,
+            "created_at": as_utc(rental.created_at).isoformat(),
+            "started_at": started.isoformat() if started else None,
+            "expires_at": (started + timedelta(hours=rental.duration_hours)).isoformat() if started else None,
+            "ended_at": as_utc(rental.ended_at).isoformat() if rental.ended_at else None,
+            "last_activity_at": last.isoformat() if last else None,
+            "idle_seconds": int((now - last).total_seconds()) if last and rental.phase in ACTIVE else None,
+            "idle_warning": rental.idle_warning,
+            "price_per_hour_credits": billing.hourly_price(rental),
+            "credits_charged": billing.charged_total(session, rental.id),
+        }
+
+    def touch(self, rental_id: str) -> None:
+        with self.sessions.begin() as session:
+            rental = session.get(Rental, rental_id)
+            rental.last_activity_at = self.now()
+            rental.idle_warning = False
+
+    # ------------------------------------------------------------------ ending
+
+    def end(self, principal: Principal, rental_id: str, reason: str = "returned") -> Rental:
+        with self.sessions() as session:
+            rental = self.get(session, principal, rental_id)
+        if rental.phase not in ACTIVE:
+            return rental
+        return self._finish(rental.id, "Ended", reason)
+
+    def _finish(self, rental_id: str, phase: str, reason: str) -> Rental:
+        with self.sessions.begin() as session:
+            rental = session.get(Rental, rental_id)
+            if rental.phase in ("Ended", "Failed"):
+                return rental
+            rental.phase = "Terminating"
+            rental.ready = False
+            ref = rental.pod_ref
+            for token in session.scalars(select(ApiToken).where(ApiToken.rental_id == rental_id)):
+                token.revoked_at = token.revoked_at or utcnow()
+        if ref:
+            try:
+                self.backend.destroy(ref)
+            except PodError:
+                log.warning("could not destroy pod %s of %s", ref, rental_id, exc_info=True)
+        with self.sessions.begin() as session:
+            rental = session.get(Rental, rental_id)
+            rental.ended_at = self.now()
+            billing.charge(session, rental, rental.ended_at)
+            rental.phase = phase
+            rental.end_reason = reason
+            rental.pending_reason = None
+            return rental
+
+    # ------------------------------------------------------------------ reaper
+
+    def tick(self) -> list[tuple[str, str]]:
+        """Bill every active rental and return those that must end; returns (rental, reason) ended."""
+        now = self.now()
+        ending: list[tuple[str, str]] = []
+        with self.sessions.begin() as session:
+            for rental in session.scalars(select(Rental).where(Rental.phase.in_(("Pending", "Running")))):
+                if rental.pod_ref and self._has_live_run(rental.pod_ref):
+                    rental.last_activity_at = now
+                billing.charge(session, rental, now)
+                idle = (now - as_utc(rental.last_activity_at)).total_seconds()
+                rental.idle_warning = idle >= self.settings.idle_warning_seconds
+                started = as_utc(rental.started_at)
+                if started and now >= started + timedelta(hours=rental.duration_hours):
+                    ending.append((rental.id, "expired"))
+                elif idle >= self.settings.idle_return_seconds:
+                    ending.append((rental.id, "auto_idle"))
+            session.flush()
+            broke = {
+                rental.id
+                for rental in session.scalars(
+                    select(Rental).join(User, User.id == Rental.user_id).where(
+                        Rental.phase.in_(("Pending", "Running")), User.credits <= 0
+                    )
+                )
+            }
+        ending += [(rental_id, "out_of_credits") for rental_id in broke if rental_id not in dict(ending)]
+        for rental_id, reason in ending:
+            self._finish(rental_id, "Ended", reason)
+        return ending
+
+    def _has_live_run(self, ref: str) -> bool:
+        try:
+            return any(
+                (state := self.backend.run_state(ref, run_id, 0)) is not None and not state.finished
+                for run_id in self.backend.run_ids(ref)
+            )
+        except PodError:
+            return False

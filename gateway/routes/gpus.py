@@ -1,0 +1,100 @@
+"""/v1/gpus (rent and return) and /v1/balance."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from gateway import billing
+from gateway.auth import AccountUser, ApprovedUser, MaybeUser
+from gateway.errors import ApiError
+from gateway.models import Rental, User
+from gateway.rentals import ACTIVE, RentRequest, Rentals
+from gateway.runs import run_summary
+
+router = APIRouter(tags=["gpus"])
+
+
+def _rentals(request: Request) -> Rentals:
+    return request.app.state.rentals
+
+
+def api_base(request: Request) -> str:
+    """KGPU_API_BASE as pods must see it."""
+    configured = request.app.state.settings.public_base_url
+    return configured.rstrip("/") if configured else str(request.base_url).rstrip("/")
+
+
+@router.get("/v1/gpus", summary="Cluster summary (public); with a token also your balance and rentals")
+def cluster(request: Request, principal: MaybeUser) -> dict:
+    rentals = _rentals(request)
+    with request.app.state.sessions() as session:
+        nodes = rentals.cluster(session)
+        reply = {
+            "cluster": nodes,
+            "active_total": sum(n["gpu_busy"] for n in nodes),
+            "price_per_hour_credits": nodes[0]["price_per_hour_credits"] if nodes else None,
+        }
+        if principal is not None and principal.user_id is not None and principal.status == "approved":
+            user = session.get(User, principal.user_id)
+            reply["credits"] = {"balance": user.credits}
+            reply["my_gpus"] = [rentals.describe(session, r) for r in rentals.active_of(session, principal)]
+        return reply
+
+
+@router.post("/v1/gpus", status_code=201, summary="Rent a GPU (the image is fixed for the rental's lifetime)")
+def rent(body: RentRequest, request: Request, principal: AccountUser) -> dict:
+    if principal.user_id is None:
+        raise ApiError(403, "no_account", "the environment admin token cannot rent; use a user's token")
+    rentals = _rentals(request)
+    rental = rentals.rent(principal, body, api_base(request))
+    with request.app.state.sessions() as session:
+        return rentals.describe(session, session.get(Rental, rental.id))
+
+
+@router.get("/v1/gpus/{gpu_id}", summary="A rental's state and its runs (also after it ended)")
+def rental_state(gpu_id: str, request: Request, principal: ApprovedUser) -> dict:
+    rentals = _rentals(request)
+    with request.app.state.sessions() as session:
+        rental = rentals.get(session, principal, gpu_id)
+        described = rentals.describe(session, rental)
+        ref, active = rental.pod_ref, rental.phase in ACTIVE
+    described["runs"] = []
+    if ref and active:
+        backend = rentals.backend
+        described["runs"] = [
+            run_summary(gpu_id, state)
+            for run_id in backend.run_ids(ref)
+            if (state := backend.run_state(ref, run_id, 0)) is not None
+        ]
+    return described
+
+
+@router.delete("/v1/gpus/{gpu_id}", summary="Return the GPU: the pod is destroyed")
+async def return_gpu(gpu_id: str, request: Request, principal: ApprovedUser) -> dict:
+    rentals = _rentals(request)
+    rental = await run_in_threadpool(rentals.end, principal, gpu_id, "returned")
+
+    def describe():
+        with request.app.state.sessions() as session:
+            return rentals.describe(session, session.get(Rental, rental.id))
+
+    return await run_in_threadpool(describe)
+
+
+@router.get("/v1/balance", summary="Your credits")
+def balance(request: Request, principal: ApprovedUser) -> dict:
+    if principal.user_id is None:
+        raise ApiError(403, "no_account", "the environment admin token has no balance")
+    rentals = _rentals(request)
+    with request.app.state.sessions() as session:
+        user = session.get(User, principal.user_id)
+        return {
+            "balance": user.credits,
+            "price_per_hour_credits": rentals.inventory[0].price_per_hour_credits if rentals.inventory else None,
+            "starting_credits": request.app.state.settings.starting_credits,
+            "credits_per_dollar": 1500,
+            "charged_active": sum(
+                billing.charged_total(session, r.id) for r in rentals.active_of(session, principal)
+            ),
+        }

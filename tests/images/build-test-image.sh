@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Make sure Docker is usable here and the local test image kgpu-test:latest exists.
+# Idempotent and unattended (CI=true, no stdin): installs docker.io if dockerd is missing,
+# starts dockerd in the background if `docker info` fails (log: /tmp/dockerd.log), and builds
+# the image from a debootstrap --variant=minbase rootfs piped to `docker import` (no registry
+# is reachable). Does nothing that is already done; prints what it did.
+set -euo pipefail
+
+IMAGE="${KGPU_TEST_IMAGE:-kgpu-test:latest}"
+SUITE="${KGPU_TEST_SUITE:-bookworm}"
+MIRROR="${KGPU_TEST_MIRROR:-http://deb.debian.org/debian}"
+DOCKERD_LOG="${DOCKERD_LOG:-/tmp/dockerd.log}"
+export DEBIAN_FRONTEND=noninteractive
+
+say() { echo "build-test-image: $*"; }
+sudo_() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo -n "$@"; fi; }
+
+apt_updated=
+apt_install() {
+  if [ -z "$apt_updated" ]; then sudo_ apt-get update -qq; apt_updated=1; fi
+  sudo_ apt-get install -y -qq --no-install-recommends "$@" </dev/null >/dev/null
+}
+
+# 1. docker.io (the daemon; a docker CLI alone is not enough).
+if ! command -v dockerd >/dev/null 2>&1; then
+  say "installing docker.io"
+  apt_install docker.io
+else
+  say "dockerd present: $(command -v dockerd)"
+fi
+
+# 2. dockerd running.
+if docker info >/dev/null 2>&1; then
+  say "dockerd already running"
+else
+  say "starting dockerd in the background (log: $DOCKERD_LOG)"
+  sudo_ setsid sh -c "nohup dockerd >'$DOCKERD_LOG' 2>&1 </dev/null &"
+  for _ in $(seq 1 150); do
+    docker info >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+  if ! docker info >/dev/null 2>&1; then
+    say "dockerd did not become ready within 30 s; last lines of $DOCKERD_LOG:" >&2
+    tail -n 30 "$DOCKERD_LOG" >&2 || true
+    exit 1
+  fi
+  say "dockerd ready"
+fi
+
+# 3. The test image.
+if docker image inspect "$IMAGE" >/dev/null 2>&1; then
+  say "image $IMAGE already exists; nothing to build"
+  exit 0
+fi
+
+if ! command -v debootstrap >/dev/null 2>&1; then
+  say "installing debootstrap"
+  apt_install debootstrap
+fi
+
+started=$(date +%s)
+rootfs=$(mktemp -d /tmp/kgpu-test-rootfs.XXXXXX)
+trap 'sudo_ rm -rf "$rootfs"' EXIT
+say "debootstrap --variant=minbase $SUITE into $rootfs"
+sudo_ debootstrap --variant=minbase --include=ca-certificates,curl,fuse3,procps \
+  "$SUITE" "$rootfs" "$MIRROR" >/tmp/kgpu-test-debootstrap.log 2>&1 || {
+  say "debootstrap failed; last lines of /tmp/kgpu-test-debootstrap.log:" >&2
+  tail -n 30 /tmp/kgpu-test-debootstrap.log >&2
+  exit 1
+}
+# Keep it small: no docs, man pages, locales, apt lists or caches.
+sudo_ rm -rf "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/* \
+  "$rootfs"/usr/share/locale/* "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin \
+  "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/log/*.log
+say "importing $rootfs as $IMAGE"
+sudo_ tar -C "$rootfs" -c . | docker import \
+  -c 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+  -c 'ENV LANG=C.UTF-8' \
+  -c 'CMD ["sleep", "infinity"]' \
+  - "$IMAGE" >/dev/null
+size=$(docker image inspect -f '{{.Size}}' "$IMAGE")
+say "built $IMAGE ($((size / 1024 / 1024)) MiB) in $(( $(date +%s) - started )) s"
