@@ -8,6 +8,15 @@ from urllib.parse import quote
 
 from drive.store import CommonPrefix, ObjectInfo
 
+# WebDAV's MKCOL leaves this empty object in a new folder so that the folder exists on every
+# store (rclone serve s3 refuses keys ending in '/'). No listing ever shows it (drive/dav.py).
+FOLDER_MARKER = ".kgpu-folder"
+
+
+def is_hidden(key: str) -> bool:
+    """True for objects the drive keeps for itself (folder markers), never listed to clients."""
+    return key == FOLDER_MARKER or key.endswith("/" + FOLDER_MARKER)
+
 
 def entry_json(entry: ObjectInfo | CommonPrefix, drive_prefix: str) -> dict:
     if isinstance(entry, CommonPrefix):
