@@ -14,6 +14,7 @@ from drive.store.embedded import EmbeddedS3Server
 from drive.store.s3 import S3ObjectStore
 from gateway import db
 from gateway.auth import Authenticator
+from gateway.dav_app import DavDispatcher
 from gateway.errors import RequestIdMiddleware, install_error_handlers
 from gateway.quota import UsageBook
 from gateway.inventory import load_inventory
@@ -93,7 +94,13 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
         app.state.store = active_store
         app.state.authenticator = Authenticator(sessions, settings.admin_token, settings.auth_cache_seconds)
         app.state.usage = UsageBook(sessions, active_store, settings.quota_reconcile_seconds)
-        app.state.rentals = Rentals(settings, sessions, open_pod_backend(settings), load_inventory(settings))
+        app.state.rentals = Rentals(
+            settings,
+            sessions,
+            open_pod_backend(settings),
+            load_inventory(settings),
+            tokens_revoked=app.state.authenticator.invalidate,
+        )
         reaper = asyncio.get_running_loop().create_task(reaper_loop(app.state.rentals, settings.reaper_interval_seconds))
         try:
             yield
@@ -111,6 +118,7 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(DavDispatcher)  # WebDAV on /v1/files/ and /v1/dav/ (inside the request-id middleware)
     app.add_middleware(RequestIdMiddleware)
     for module in (health, me, admin, orgs_admin, files, shared, gpus, runs):
         app.include_router(module.router)

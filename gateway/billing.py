@@ -45,10 +45,13 @@ def minutes_due(rental: Rental, now: datetime) -> int:
 def _insert_ignoring_duplicates(session: Session, values: dict) -> bool:
     dialect = session.get_bind().dialect.name
     module = postgresql if dialect == "postgresql" else sqlite
-    statement = module.insert(CreditCharge).values(**values).on_conflict_do_nothing(
-        index_elements=["rental_id", "minute"]
+    statement = (
+        module.insert(CreditCharge)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["rental_id", "minute"])
+        .returning(CreditCharge.id)
     )
-    return session.execute(statement).rowcount == 1
+    return session.execute(statement).first() is not None
 
 
 def charge(session: Session, rental: Rental, now: datetime) -> int:

@@ -104,8 +104,11 @@ class Rentals:
         backend: PodBackend,
         inventory: list[GpuClass],
         now: Callable[[], datetime] = utcnow,
+        tokens_revoked: Callable[[], None] = lambda: None,
     ):
+        """``tokens_revoked`` is called when a rental's in-pod token dies (to clear auth caches)."""
         self.settings = settings
+        self.tokens_revoked = tokens_revoked
         self.sessions = sessions
         self.backend = backend
         self.inventory = inventory
@@ -296,6 +299,7 @@ class Rentals:
             ref = rental.pod_ref
             for token in session.scalars(select(ApiToken).where(ApiToken.rental_id == rental_id)):
                 token.revoked_at = token.revoked_at or utcnow()
+        self.tokens_revoked()
         if ref:
             try:
                 self.backend.destroy(ref)

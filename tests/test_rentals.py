@@ -1,0 +1,281 @@
+"""GPU rentals, runs and credits on the local pod backend, driven over HTTP as the seed's workflows do."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import requests
+
+from gateway.db import make_engine, make_sessionmaker
+from gateway.models import CreditCharge, Rental
+from gateway.rentals import Rentals
+from tests.conftest import ADMIN_TOKEN, LiveServer, make_settings
+
+FAKE_GPUS = json.dumps(
+    [
+        {"node": "node-a", "gpu_model": "h100", "count": 2, "price_per_hour_credits": 500},
+        {"node": "node-b", "gpu_model": "h100", "count": 4, "price_per_hour_credits": 500},
+        {"node": "node-c", "gpu_model": "a5000", "count": 1, "price_per_hour_credits": 300},
+    ]
+)
+
+
+class Clock:
+    def __init__(self):
+        self.moment = datetime.now(timezone.utc)
+
+    def __call__(self) -> datetime:
+        return self.moment
+
+    def advance(self, **delta) -> None:
+        self.moment += timedelta(**delta)
+
+
+@pytest.fixture
+def clock(stack):
+    rentals = stack.server.app.state.rentals
+    fake = Clock()
+    original, rentals.now = rentals.now, fake
+    yield fake
+    rentals.now = original
+
+
+def rent(base: str, token: str, **body) -> requests.Response:
+    return requests.post(f"{base}/v1/gpus", json={"name": "t", **body}, headers={"Authorization": f"Bearer {token}"})
+
+
+def run(base: str, token: str, gpu_id: str, command: list[str], **extra) -> dict:
+    reply = requests.post(
+        f"{base}/v1/runs",
+        json={"gpu_id": gpu_id, "name": "t", "command": command, **extra},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def test_workflow_a_rent_run_return(stack, user):
+    public = requests.get(f"{stack.base}/v1/gpus").json()
+    assert public["cluster"][0]["gpu_model"] == "cpu" and "my_gpus" not in public
+    rented = rent(stack.base, user.token, name="check")
+    assert rented.status_code == 201, rented.text
+    gpu = rented.json()
+    assert gpu["phase"] == "Running" and gpu["ready"] and gpu["gpu_id"].startswith("gpu-")
+    result = run(stack.base, user.token, gpu["gpu_id"], ["sh", "-c", "echo GPU $KGPU_GPU_ID; exit 0"])
+    assert result["phase"] == "Succeeded" and result["exit_code"] == 0
+    assert result["stdout"] == f"GPU {gpu['gpu_id']}\n"
+    assert set(result) >= {"run_id", "gpu_id", "phase", "exit_code", "stdout", "stderr", "started_at", "completed_at", "elapsed_seconds", "pid"}
+    mine = requests.get(f"{stack.base}/v1/gpus", headers=user.auth).json()
+    assert [g["gpu_id"] for g in mine["my_gpus"]] == [gpu["gpu_id"]]
+    assert mine["credits"]["balance"] < stack.settings.starting_credits
+    returned = requests.delete(f"{stack.base}/v1/gpus/{gpu['gpu_id']}", headers=user.auth).json()
+    assert returned["phase"] == "Ended" and returned["end_reason"] == "returned"
+    after = requests.get(f"{stack.base}/v1/gpus/{gpu['gpu_id']}", headers=user.auth)
+    assert after.status_code == 200 and after.json()["phase"] == "Ended"
+    gone = requests.post(
+        f"{stack.base}/v1/runs", json={"gpu_id": gpu["gpu_id"], "command": ["true"]}, headers=user.auth
+    )
+    assert gone.status_code == 410
+
+
+def test_workflow_b_code_from_the_drive_and_polling(stack, user):
+    requests.put(f"{stack.base}/v1/files/train.py", data=b"import time\ntime.sleep(1.5)\nprint('trained')\n", headers=user.auth)
+    gpu = rent(stack.base, user.token, name="exp").json()["gpu_id"]
+    script = (
+        "curl -sfL -H \"Authorization: Bearer $KGPU_API_TOKEN\" $KGPU_API_BASE/v1/files/train.py > /tmp/train-$KGPU_GPU_ID.py"
+        " && python3 /tmp/train-$KGPU_GPU_ID.py"
+        " && echo done | curl -sfL -H \"Authorization: Bearer $KGPU_API_TOKEN\" -T - $KGPU_API_BASE/v1/files/out/$KGPU_GPU_ID.txt >/dev/null"
+    )
+    started = run(stack.base, user.token, gpu, ["bash", "-c", script], wait_seconds=0.2)
+    assert started["phase"] == "Running" and started["exit_code"] is None
+    for _ in range(100):
+        state = requests.get(f"{stack.base}/v1/runs/{started['run_id']}?gpu_id={gpu}", headers=user.auth).json()
+        if state["phase"] != "Running":
+            break
+        time.sleep(0.1)
+    assert state["phase"] == "Succeeded", state
+    assert state["stdout"] == "trained\n"
+    assert requests.get(f"{stack.base}/v1/files/out/{gpu}.txt", headers=user.auth).content == b"done\n"
+    without_hint = requests.get(f"{stack.base}/v1/runs/{started['run_id']}", headers=user.auth).json()
+    assert without_hint["phase"] == "Succeeded"
+    listed = requests.get(f"{stack.base}/v1/runs", headers=user.auth).json()["runs"]
+    assert started["run_id"] in [r["run_id"] for r in listed]
+    detail = requests.get(f"{stack.base}/v1/gpus/{gpu}", headers=user.auth).json()
+    assert started["run_id"] in [r["run_id"] for r in detail["runs"]]
+    requests.delete(f"{stack.base}/v1/gpus/{gpu}", headers=user.auth)
+
+
+def test_stop_and_stream_a_run(stack, user):
+    gpu = rent(stack.base, user.token).json()["gpu_id"]
+    long = run(stack.base, user.token, gpu, ["sleep", "300"], wait_seconds=0)
+    stopped = requests.delete(f"{stack.base}/v1/runs/{long['run_id']}", headers=user.auth)
+    assert stopped.status_code == 202
+    assert stopped.json()["exit_code"] == 143 and stopped.json()["phase"] == "Failed"
+    chatty = run(stack.base, user.token, gpu, ["sh", "-c", "echo one; sleep 0.5; echo two >&2; echo three; exit 4"], wait_seconds=0)
+    with requests.get(f"{stack.base}/v1/runs/{chatty['run_id']}/stream", headers=user.auth, stream=True) as reply:
+        assert reply.headers["Content-Type"].startswith("application/x-ndjson")
+        events = [json.loads(line) for line in reply.iter_lines() if line]
+    assert events[-1] == {"type": "done", "exit_code": 4}
+    assert "".join(e["chunk"] for e in events if e["type"] == "stdout") == "one\nthree\n"
+    assert "".join(e["chunk"] for e in events if e["type"] == "stderr") == "two\n"
+    requests.delete(f"{stack.base}/v1/gpus/{gpu}", headers=user.auth)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "Bad_Name"},
+        {"name": "x" * 31},
+        {"gpu_count": 5},
+        {"gpu_count": -1},
+        {"cpu": 17},
+        {"cpu": "lots"},
+        {"memory": "129Gi"},
+        {"memory": "sixteen"},
+        {"ephemeral_storage_gib": 0},
+        {"ephemeral_storage_gib": 101},
+        {"duration_hours": 0},
+        {"duration_hours": 169},
+        {"env": {"KGPU_API_TOKEN": "x"}},
+        {"env": {"1BAD": "x"}},
+        {"gpu_model": "tpu"},
+    ],
+)
+def test_bad_rental_requests_are_422(stack, user, body):
+    reply = rent(stack.base, user.token, **body)
+    assert reply.status_code == 422, reply.text
+    assert reply.json()["error_code"] == "validation_error"
+
+
+def test_insufficient_credits_is_402(stack):
+    poor = stack.new_user(credits=50)
+    reply = rent(stack.base, poor.token)
+    assert reply.status_code == 402 and reply.json()["error_code"] == "insufficient_credits"
+
+
+def test_billing_minutes_once_and_reaper(stack, user, clock):
+    rentals = stack.server.app.state.rentals
+    gpu = rent(stack.base, user.token).json()["gpu_id"]
+    balance = lambda: requests.get(f"{stack.base}/v1/balance", headers=user.auth).json()["balance"]  # noqa: E731
+    start = balance()
+    clock.advance(minutes=10, seconds=30)
+    rentals.tick()
+    rentals.tick()  # a second tick in the same minute charges nothing more
+    # A second gateway process on the same database ticks too: still nothing more.
+    other = Rentals(stack.settings, make_sessionmaker(make_engine(stack.settings.resolved_database_url)), rentals.backend, rentals.inventory, clock)
+    other.tick()
+    with stack.server.app.state.sessions() as session:
+        minutes = sorted(session.query(CreditCharge.minute).filter(CreditCharge.rental_id == gpu).all())
+    assert [m for (m,) in minutes] == list(range(11))
+    cpu_price = stack.settings.cpu_price_per_hour_credits
+    assert stack.settings.starting_credits - balance() == -(-11 * cpu_price // 60)
+    assert start - balance() == -(-11 * cpu_price // 60) - -(-cpu_price // 60)
+
+    clock.advance(minutes=50)
+    rentals.tick()
+    state = requests.get(f"{stack.base}/v1/gpus/{gpu}", headers=user.auth).json()
+    assert state["idle_warning"] is True and state["phase"] == "Running"
+    run(stack.base, user.token, gpu, ["true"])  # activity clears the warning
+    assert requests.get(f"{stack.base}/v1/gpus/{gpu}", headers=user.auth).json()["idle_warning"] is False
+    clock.advance(hours=2, seconds=1)
+    assert (gpu, "auto_idle") in rentals.tick()
+    ended = requests.get(f"{stack.base}/v1/gpus/{gpu}", headers=user.auth).json()
+    assert ended["phase"] == "Ended" and ended["end_reason"] == "auto_idle"
+
+
+def test_concurrent_gateways_charge_each_minute_once(stack, user, clock):
+    rentals = stack.server.app.state.rentals
+    gpu = rent(stack.base, user.token).json()["gpu_id"]
+    clock.advance(minutes=30, seconds=1)
+    gateways = [
+        Rentals(stack.settings, make_sessionmaker(make_engine(stack.settings.resolved_database_url)), rentals.backend, rentals.inventory, clock)
+        for _ in range(3)
+    ]
+    threads = [threading.Thread(target=g.tick) for g in gateways for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with stack.server.app.state.sessions() as session:
+        minutes = [m for (m,) in session.query(CreditCharge.minute).filter(CreditCharge.rental_id == gpu)]
+    assert sorted(minutes) == list(range(31))
+    requests.delete(f"{stack.base}/v1/gpus/{gpu}", headers=user.auth)
+
+
+def test_duration_ceiling_and_out_of_credits(stack, clock):
+    rentals = stack.server.app.state.rentals
+    short = stack.new_user()
+    gpu = rent(stack.base, short.token, duration_hours=1).json()["gpu_id"]
+    clock.advance(minutes=30)
+    run(stack.base, short.token, gpu, ["true"])
+    clock.advance(minutes=31)
+    assert (gpu, "expired") in rentals.tick()
+    price = stack.settings.cpu_price_per_hour_credits
+    broke = stack.new_user(credits=price)  # exactly one hour
+    gpu2 = rent(stack.base, broke.token).json()["gpu_id"]
+    clock.advance(minutes=59)
+    assert gpu2 not in dict(rentals.tick())
+    clock.advance(minutes=1, seconds=1)
+    run(stack.base, broke.token, gpu2, ["true"])
+    assert (gpu2, "out_of_credits") in rentals.tick()
+    assert requests.get(f"{stack.base}/v1/gpus/{gpu2}", headers=broke.auth).json()["end_reason"] == "out_of_credits"
+
+
+def test_in_pod_token_is_scoped_to_its_rental(stack, user):
+    gpu = rent(stack.base, user.token).json()["gpu_id"]
+    other_gpu = rent(stack.base, user.token, name="other").json()["gpu_id"]
+    token = run(stack.base, user.token, gpu, ["sh", "-c", "printf %s $KGPU_API_TOKEN"])["stdout"]
+    pod = {"Authorization": f"Bearer {token}"}
+    assert requests.put(f"{stack.base}/v1/files/from-pod.txt", data=b"x", headers=pod).status_code == 201
+    assert requests.get(f"{stack.base}/v1/gpus/{gpu}", headers=pod).status_code == 200
+    assert run(stack.base, token, gpu, ["true"])["exit_code"] == 0
+    assert requests.get(f"{stack.base}/v1/gpus/{other_gpu}", headers=pod).status_code == 404
+    assert requests.post(f"{stack.base}/v1/runs", json={"gpu_id": other_gpu, "command": ["true"]}, headers=pod).status_code == 404
+    assert rent(stack.base, token).status_code == 403
+    assert requests.get(f"{stack.base}/v1/admin/users", headers=pod).status_code == 403
+    assert [g["gpu_id"] for g in requests.get(f"{stack.base}/v1/gpus", headers=pod).json()["my_gpus"]] == [gpu]
+    assert requests.delete(f"{stack.base}/v1/gpus/{gpu}", headers=pod).json()["end_reason"] == "returned"
+    assert requests.get(f"{stack.base}/v1/files", headers=pod).status_code == 401  # dead with its rental
+    requests.delete(f"{stack.base}/v1/gpus/{other_gpu}", headers=user.auth)
+
+
+@pytest.fixture(scope="module")
+def gpu_server(tmp_path_factory, rclone_target):
+    server = LiveServer(make_settings(tmp_path_factory.mktemp("gpus"), rclone_target, gpu_inventory=FAKE_GPUS)).start()
+    yield server
+    server.stop()
+
+
+def new_account(server, **fields) -> str:
+    reply = requests.post(
+        f"{server.base}/v1/admin/users",
+        json={"email": f"g{time.monotonic_ns()}@lab.example", **fields},
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+    )
+    return reply.json()["token"]
+
+
+def test_capacity_pinning_and_per_user_cap(gpu_server):
+    base = gpu_server.base
+    first = new_account(gpu_server)
+    a = rent(base, first, gpu_model="a5000", gpu_count=1).json()
+    script = ["sh", "-c", 'echo "$CUDA_VISIBLE_DEVICES|$NVIDIA_VISIBLE_DEVICES"']
+    assert run(base, first, a["gpu_id"], script)["stdout"] == "0|0\n"
+    second = new_account(gpu_server)
+    full = rent(base, second, gpu_model="a5000", gpu_count=1)
+    assert full.status_code == 409 and full.json()["error_code"] == "no_capacity"
+    big = rent(base, first, gpu_model="h100", gpu_count=3).json()
+    assert big["node"] == "node-b"  # node-a has only two
+    assert run(base, first, big["gpu_id"], script)["stdout"] == "0,1,2|0,1,2\n"
+    capped = rent(base, first, gpu_model="h100", gpu_count=1)
+    assert capped.status_code == 409 and capped.json()["error_code"] == "gpu_cap_reached"
+    cluster = {(c["node"], c["gpu_model"]): c for c in requests.get(f"{base}/v1/gpus").json()["cluster"]}
+    assert cluster[("node-b", "h100")]["gpu_busy"] == 3 and cluster[("node-c", "a5000")]["gpu_busy"] == 1
+    requests.delete(f"{base}/v1/gpus/{a['gpu_id']}", headers={"Authorization": f"Bearer {first}"})
+    assert rent(base, second, gpu_model="a5000", gpu_count=1).status_code == 201
+    price = requests.get(f"{base}/v1/gpus/{big['gpu_id']}", headers={"Authorization": f"Bearer {first}"}).json()
+    assert price["price_per_hour_credits"] == 1500  # 3 GPUs x 500
