@@ -33,6 +33,8 @@ class Presigner:
         self._secret_key = secret_key
         self._region = region
         self._key_cache: tuple[str, bytes] | None = None
+        self._encoded_key_id = _uri_encode(access_key)
+        self._encoded_region = _uri_encode(region)
 
     def _signing_key(self, datestamp: str) -> bytes:
         cached = self._key_cache
@@ -50,14 +52,12 @@ class Presigner:
         datestamp = amz_date[:8]
         scope = f"{datestamp}/{self._region}/s3/aws4_request"
         path = f"{self._base_path}/{self._bucket}/{_uri_encode(key, safe='/')}"
-        query = [
-            ("X-Amz-Algorithm", _ALGORITHM),
-            ("X-Amz-Credential", f"{self._access_key}/{scope}"),
-            ("X-Amz-Date", amz_date),
-            ("X-Amz-Expires", str(int(expires_in))),
-            ("X-Amz-SignedHeaders", "host"),
-        ]
-        canonical_query = "&".join(f"{_uri_encode(k)}={_uri_encode(v)}" for k, v in sorted(query))
+        # The parameters in their sorted order, encoded once: only the date and expiry vary.
+        canonical_query = (
+            f"X-Amz-Algorithm={_ALGORITHM}&X-Amz-Credential={self._encoded_key_id}%2F{datestamp}%2F"
+            f"{self._encoded_region}%2Fs3%2Faws4_request&X-Amz-Date={amz_date}"
+            f"&X-Amz-Expires={int(expires_in)}&X-Amz-SignedHeaders=host"
+        )
         canonical_request = "\n".join(
             [method, path, canonical_query, f"host:{self._host}", "", "host", "UNSIGNED-PAYLOAD"]
         )

@@ -1,7 +1,7 @@
 """Streaming an upload body through to the object store, exactly once.
 
 Bodies are never buffered whole: up to one part is collected in memory while
-the previous part is being sent, so a 1 GiB upload costs about two parts of
+the previous part is being sent, so a 1 GiB upload costs about three parts of
 memory. Anything larger than one part goes up as a multipart upload whose
 parts all have the same size except the last (R2 refuses anything else), at
 most 10,000 of them.
@@ -55,7 +55,8 @@ async def stream_to_store(
     part_size: int,
     max_bytes: int | None = None,
 ) -> UploadResult:
-    buffer = bytearray()
+    pending: list[bytes] = []  # chunks of the part being collected, joined once when it is full
+    pending_size = 0
     received = 0
     upload_id: str | None = None
     parts: list[UploadedPart] = []
@@ -81,19 +82,27 @@ async def stream_to_store(
                 raise UploadTooLarge("upload exceeds the drive quota")
             if content_length is not None and received > content_length:
                 raise IncompleteBody("body is longer than its Content-Length")
-            buffer += chunk
-            while len(buffer) >= part_size:
-                data = bytes(buffer[:part_size])
-                del buffer[:part_size]
+            while pending_size + len(chunk) >= part_size:
+                needed = part_size - pending_size
+                pending.append(chunk[:needed])
+                chunk = chunk[needed:]
+                data = b"".join(pending)
+                pending, pending_size = [], 0
                 await send_part(data)
+                del data
+            if chunk:
+                pending.append(chunk)
+                pending_size += len(chunk)
         if content_length is not None and received != content_length:
             raise IncompleteBody(f"body ended after {received} of {content_length} bytes")
+        rest = b"".join(pending)
+        pending = []
         if upload_id is None:
-            etag = await run_in_threadpool(store.put_object, key, bytes(buffer), content_type)
+            etag = await run_in_threadpool(store.put_object, key, rest, content_type)
             return UploadResult(size=received, etag=etag, parts=0)
-        if buffer:
-            await send_part(bytes(buffer))
-            buffer.clear()
+        if rest:
+            await send_part(rest)
+        del rest
         if in_flight is not None:
             parts.append(await in_flight)
             in_flight = None

@@ -120,6 +120,6 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
     install_error_handlers(app)
     app.add_middleware(DavDispatcher)  # WebDAV on /v1/files/ and /v1/dav/ (inside the request-id middleware)
     app.add_middleware(RequestIdMiddleware)
-    for module in (health, me, admin, orgs_admin, files, shared, gpus, runs):
+    for module in (files, shared, gpus, runs, me, admin, orgs_admin, health):  # hottest first
         app.include_router(module.router)
     return app

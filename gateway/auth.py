@@ -9,6 +9,7 @@ reach a running server within that many seconds.
 
 from __future__ import annotations
 
+import base64
 import hmac
 import threading
 import time
@@ -67,10 +68,20 @@ class Authenticator:
         with self._lock:
             self._cache.clear()
 
-    def bearer(self, authorization: str | None) -> str:
+    def bearer(self, authorization: str | None, allow_basic: bool = False) -> str:
+        """The token from ``Bearer <token>``; with ``allow_basic`` also from HTTP Basic, where the
+        token is the password and the user name is ignored (what WebDAV clients can send)."""
         if not authorization:
             raise unauthorized("missing Authorization: Bearer token")
         scheme, _, token = authorization.partition(" ")
+        if allow_basic and scheme.lower() == "basic":
+            try:
+                _, _, token = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
+            except (ValueError, UnicodeDecodeError):
+                raise unauthorized("malformed Basic credentials") from None
+            if not token:
+                raise unauthorized("Basic credentials need the token as the password")
+            return token
         if scheme.lower() != "bearer" or not token.strip():
             raise unauthorized("Authorization must be 'Bearer <token>'")
         return token.strip()
@@ -119,11 +130,16 @@ class Authenticator:
 async def current_principal(request: Request) -> Principal:
     """Any valid token, pending users included (they may only read /v1/me)."""
     authenticator: Authenticator = request.app.state.authenticator
-    token = authenticator.bearer(request.headers.get("authorization"))
+    # HTTP Basic (token as password) is accepted on the drive routes, for WebDAV clients.
+    drive_route = request.url.path.startswith(("/v1/files", "/v1/shared", "/v1/dav"))
+    token = authenticator.bearer(request.headers.get("authorization"), allow_basic=drive_route)
     return authenticator.cached(token) or await run_in_threadpool(authenticator.lookup, token)
 
 
-async def approved_principal(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
+async def approved_principal(request: Request) -> Principal:
+    # Not a sub-dependency of current_principal: every level of FastAPI's dependency
+    # resolution costs time on the download redirect, the hottest path of the service.
+    principal = await current_principal(request)
     if principal.status != "approved":
         raise ApiError(403, "account_pending", "your account is waiting for an admin's approval")
     return principal
