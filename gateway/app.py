@@ -16,6 +16,7 @@ from gateway import db
 from gateway.auth import Authenticator
 from gateway.dav_app import DavDispatcher
 from gateway.errors import RequestIdMiddleware, install_error_handlers
+from gateway.fast_download import FastDownload
 from gateway.quota import UsageBook
 from gateway.inventory import load_inventory
 from gateway.pods import PodBackend
@@ -119,6 +120,7 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
     )
     install_error_handlers(app)
     app.add_middleware(DavDispatcher)  # WebDAV on /v1/files/ and /v1/dav/ (inside the request-id middleware)
+    app.add_middleware(FastDownload, fastapi_app=app)
     app.add_middleware(RequestIdMiddleware)
     for module in (files, shared, gpus, runs, me, admin, orgs_admin, health):  # hottest first
         app.include_router(module.router)

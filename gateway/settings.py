@@ -41,7 +41,10 @@ class Settings(BaseSettings):
     quota_reconcile_seconds: int = Field(default=600, ge=0)
     # Streamed uploads: the part size of multipart uploads (known length) and for chunked bodies.
     upload_part_bytes: int = Field(default=8 * MiB, ge=5 * MiB)
-    upload_unknown_length_part_bytes: int = Field(default=16 * MiB, ge=5 * MiB)
+    upload_unknown_length_part_bytes: int = Field(default=12 * MiB, ge=5 * MiB)  # x 10,000 parts > 100 GiB
+    # /v1/dav/: WebDAV that serves file bytes itself (GET proxied, PUT streamed) for clients that do
+    # not follow redirects (litmus, cadaver, davfs2, desktop clients). Egress through the gateway.
+    dav_proxy_enabled: bool = True
 
     # GPU rentals. Inventory: a JSON list of {"node", "gpu_model", "count", "price_per_hour_credits"};
     # empty: the GPUs nvidia-smi finds on this host, or one CPU-only class where there are none.

@@ -323,3 +323,22 @@ def test_delete_file_folder_and_missing(stack, user):
     remaining = requests.get(f"{stack.base}/v1/files", headers=user.auth).json()
     assert [f["path"] for f in remaining["files"]] == ["keep.txt"]
     assert remaining["quota"]["used_bytes"] == 5
+
+
+def test_fast_download_path_agrees_with_the_routes(stack, user):
+    """The second GET finds the token cached and is answered by gateway/fast_download.py."""
+    requests.put(f"{stack.base}/v1/files/fast/a b.txt", data=b"fast", headers=user.auth)
+    app = stack.server.app
+    app.state.authenticator.invalidate()
+    first = requests.get(f"{stack.base}/v1/files/fast/a%20b.txt", headers=user.auth, allow_redirects=False)
+    assert app.state.authenticator.cached(user.token) is not None
+    second = requests.get(f"{stack.base}/v1/files/fast/a%20b.txt", headers=user.auth, allow_redirects=False)
+    for reply in (first, second):
+        assert reply.status_code == 302 and reply.headers["X-Request-ID"]
+        assert f"/users/{user.id}/fast/a%20b.txt?" in reply.headers["Location"]
+        assert requests.get(reply.headers["Location"]).content == b"fast"
+    bad = requests.get(f"{stack.base}/v1/files/fast/%2e%2e/x", headers=user.auth, allow_redirects=False)
+    assert bad.status_code == 400 and bad.json()["error_code"] == "invalid_path"
+    pending = stack.new_user(status="pending")
+    requests.get(f"{stack.base}/v1/me", headers=pending.auth)  # now cached
+    assert requests.get(f"{stack.base}/v1/files/x", headers=pending.auth, allow_redirects=False).status_code == 403
