@@ -92,3 +92,34 @@ def test_serve_embedded_defaults_and_restart(tmp_path):
     finally:
         if second.process.poll() is None:
             second.process.kill()
+
+
+def test_a_run_survives_a_killed_gateway(tmp_path):
+    data = tmp_path / "data"
+    admin = {"Authorization": "Bearer serve-test-admin"}
+    first = Served(data)
+    token = requests.post(f"{first.base}/v1/admin/users", json={"email": "k@lab.example"}, headers=admin).json()["token"]
+    auth = {"Authorization": f"Bearer {token}"}
+    gpu = requests.post(f"{first.base}/v1/gpus", json={"name": "survivor"}, headers=auth).json()["gpu_id"]
+    started = requests.post(
+        f"{first.base}/v1/runs",
+        json={"gpu_id": gpu, "command": ["sh", "-c", "sleep 2; echo finished; exit 5"], "wait_seconds": 0},
+        headers=auth,
+    ).json()
+    assert started["phase"] == "Running"
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait(timeout=15)
+
+    second = Served(data)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            state = requests.get(f"{second.base}/v1/runs/{started['run_id']}", headers=auth).json()
+            if state["phase"] != "Running" or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert state["phase"] == "Failed" and state["exit_code"] == 5 and state["stdout"] == "finished\n"
+        assert requests.delete(f"{second.base}/v1/gpus/{gpu}", headers=auth).json()["phase"] == "Ended"
+    finally:
+        second.process.terminate()
+        second.process.wait(timeout=15)
