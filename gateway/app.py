@@ -39,7 +39,7 @@ def open_store(settings: Settings) -> tuple[ObjectStore, EmbeddedS3Server | None
             settings.s3_public_endpoint_url or None,
         )
         return store, None
-    server = EmbeddedS3Server(settings.data_dir)
+    server = EmbeddedS3Server(settings.data_dir, settings.embedded_s3_host, settings.embedded_s3_port)
     endpoint = server.start()
     store = S3ObjectStore(
         endpoint,
@@ -119,8 +119,8 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.add_middleware(DavDispatcher)  # WebDAV on /v1/files/ and /v1/dav/ (inside the request-id middleware)
     app.add_middleware(FastDownload, fastapi_app=app)
+    app.add_middleware(DavDispatcher)  # WebDAV on /v1/files/ and /v1/dav/: outside FastDownload, inside request ids
     app.add_middleware(RequestIdMiddleware)
     for module in (files, shared, gpus, runs, me, admin, orgs_admin, health):  # hottest first
         app.include_router(module.router)

@@ -12,6 +12,7 @@ do the rest the same way for every drive:
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import json
 import mimetypes
@@ -184,7 +185,8 @@ async def folder(request: Request, drive: Drive, path: DrivePath, title: str) ->
 async def head(request: Request, drive: Drive) -> Response:
     path = drive.path(request)
     if path.is_dir:
-        return Response(status_code=200, media_type="text/html; charset=utf-8")
+        exists = path.rel == "" or (await run_in_threadpool(_store(request).list_page, path.key, "/", None, 1)).entries
+        return Response(status_code=200 if exists else 404, media_type="text/html; charset=utf-8")
     info = await run_in_threadpool(_store(request).head, path.key)
     if info is None:
         return Response(status_code=404)
@@ -242,11 +244,36 @@ def _raise_if_name_conflict(store: ObjectStore, path: DrivePath) -> None:
             raise ApiError(409, "name_conflict", f"{ancestor} is a file, so it cannot hold {path.rel}")
 
 
+DRAIN_LIMIT = 16 << 20
+
+
+async def _drain(request: Request) -> None:
+    """Read and drop what is left of a refused body, up to DRAIN_LIMIT bytes or 5 s.
+
+    Closing a connection with unread bytes in it makes the kernel send a reset, and the
+    client then sees "connection reset" instead of the 413 that explains the refusal."""
+    taken = 0
+    try:
+        async with asyncio.timeout(5):
+            while taken <= DRAIN_LIMIT:
+                message = await request.receive()
+                taken += len(message.get("body", b""))
+                if message["type"] != "http.request" or not message.get("more_body"):
+                    return
+    except TimeoutError:
+        pass
+
+
 async def stream_upload(request: Request, drive: Drive, path: DrivePath) -> JSONResponse:
     state = request.app.state
     store = _store(request)
     length = _content_length(request)
-    room = await run_in_threadpool(check_quota, request, drive, length or 0)
+    try:
+        room = await run_in_threadpool(check_quota, request, drive, length or 0)
+    except ApiError:
+        if length is not None and length <= DRAIN_LIMIT:
+            await _drain(request)
+        raise
     previous = await run_in_threadpool(store.head, path.key)
     if previous is None:
         await run_in_threadpool(_refuse_if_folder, store, path)
@@ -263,6 +290,7 @@ async def stream_upload(request: Request, drive: Drive, path: DrivePath) -> JSON
             max_bytes=None if room is None else room + (previous.size if previous else 0),
         )
     except UploadTooLarge as exc:
+        await _drain(request)
         raise ApiError(413, "quota_exceeded", str(exc), {"Connection": "close"}) from None
     except IncompleteBody as exc:
         raise ApiError(400, "incomplete_body", str(exc), {"Connection": "close"}) from None
@@ -292,6 +320,7 @@ async def put(request: Request, drive: Drive) -> Response:
     if request.headers.get("expect", "").lower() == "100-continue" and length is not None:
         # Answered before the body is read: uvicorn sends 100 Continue only when the app reads.
         await run_in_threadpool(check_quota, request, drive, length)
+        await run_in_threadpool(_refuse_if_folder, _store(request), path)
         await run_in_threadpool(request.app.state.usage.add, drive.prefix, length)
         url = _store(request).presign_put(path.key, _expires(request))
         return Response(status_code=307, headers={"Location": url, "Connection": "close"})
@@ -303,6 +332,10 @@ async def post(request: Request, drive: Drive) -> Response:
     path = _file_path(request, drive, "POST")
     if has_body(request):
         return await stream_upload(request, drive, path)
+    # The size of a two-step upload is unknown here: refuse a full drive (not even one more
+    # byte fits) and count the upload at the next recount.
+    await run_in_threadpool(check_quota, request, drive, 1)
+    await run_in_threadpool(_refuse_if_folder, _store(request), path)
     content_type = request.headers.get("x-content-type") or mimetypes.guess_type(path.name)[0]
     return JSONResponse(
         {

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from drive.keys import InvalidPath
 from drive.store import ObjectNotFound, StoreUnavailable
+from gateway.pods import PodError
 
 log = logging.getLogger("kgpu")
 request_id_var: ContextVar[str] = ContextVar("request_id", default="")
@@ -107,6 +108,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StoreUnavailable)
     async def _store_unavailable(_: Request, exc: StoreUnavailable):
         return envelope(503, "store_unavailable", str(exc), {"Retry-After": "5"})
+
+    @app.exception_handler(PodError)
+    async def _pod_error(_: Request, exc: PodError):
+        return envelope(503, "pod_unavailable", str(exc), {"Retry-After": "5"})
 
     @app.exception_handler(ObjectNotFound)
     async def _not_found(_: Request, exc: ObjectNotFound):

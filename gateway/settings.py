@@ -28,6 +28,10 @@ class Settings(BaseSettings):
 
     # Object store. An empty endpoint starts the embedded `rclone serve s3` over data_dir/objects.
     s3_endpoint_url: str = ""
+    # Where the embedded store listens (port 0: a free one at each start). Pods in containers
+    # reach it only on an address they can route to (e.g. 0.0.0.0 plus a public endpoint URL).
+    embedded_s3_host: str = "127.0.0.1"
+    embedded_s3_port: int = Field(default=0, ge=0, le=65535)
     # The address presigned URLs carry: pods and laptops may reach the store elsewhere than the server.
     s3_public_endpoint_url: str = ""
     s3_access_key_id: str = ""

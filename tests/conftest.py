@@ -201,11 +201,61 @@ def user(stack) -> Account:
     return stack.new_user(name="Test Researcher")
 
 
-@pytest.fixture(params=["local"])
+DOCKER_TEST_IMAGE = "kgpu-test:latest"
+DOCKER_TEST_PREFIX = "kgpu-test"  # its own names and labels: a real gateway on this host never adopts them
+
+
+@pytest.fixture(scope="session")
+def docker_pod_client():
+    """A docker client with kgpu-test:latest present (tests/images/build-test-image.sh, once a session).
+
+    Without docker here the docker tests skip, except in CI (env CI set), where they fail.
+    """
+    import subprocess
+    import sys
+
+    def unavailable(why: str):
+        if os.environ.get("CI"):
+            pytest.fail(f"docker pod backend unavailable in CI: {why}", pytrace=False)
+        pytest.skip(f"docker pod backend unavailable: {why}")
+
+    script = Path(__file__).parent / "images" / "build-test-image.sh"
+    started = time.monotonic()
+    try:
+        done = subprocess.run(
+            ["bash", str(script)], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        unavailable(f"{script.name}: {exc}")
+    if done.returncode != 0:
+        unavailable(f"{script.name} exited {done.returncode}:\n{done.stdout}{done.stderr}")
+    print(f"{done.stdout.strip()} [{time.monotonic() - started:.1f} s]", file=sys.stderr)
+    try:
+        import docker
+
+        client = docker.from_env()
+        client.images.get(DOCKER_TEST_IMAGE)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "no docker"
+        unavailable(f"{type(exc).__name__}: {exc}")
+    yield client
+    # Containers a failed test left behind.
+    for container in client.containers.list(all=True, filters={"label": f"{DOCKER_TEST_PREFIX}.managed=true"}):
+        container.remove(force=True)
+    client.close()
+
+
+@pytest.fixture(params=["local", "docker"])
 def pod_backend(request, tmp_path):
-    """Every pod backend, one after the other (the docker backend joins when it lands)."""
+    """Every pod backend, one after the other."""
     if request.param == "local":
         from gateway.pods.local import LocalPodBackend
 
         return LocalPodBackend(tmp_path / "pods")
+    if request.param == "docker":
+        from gateway.pods.docker import DockerPodBackend
+
+        client = request.getfixturevalue("docker_pod_client")
+        backend = DockerPodBackend(client, labels_prefix=DOCKER_TEST_PREFIX, pull=False)
+        backend.test_image = DOCKER_TEST_IMAGE
+        return backend
     raise AssertionError(request.param)

@@ -92,6 +92,12 @@ def test_admin_api(stack, user):
     assert missing.status_code == 404 and envelope_of(missing)["error_code"] == "user_not_found"
     granted = requests.post(f"{stack.base}/v1/admin/users/{user.id}/credits", json={"credits": 500}, headers=stack.admin)
     assert granted.json()["user"]["credits"] == stack.settings.starting_credits + 500
+    overdrawn = requests.post(
+        f"{stack.base}/v1/admin/users/{user.id}/credits", json={"credits": -(stack.settings.starting_credits + 501)}, headers=stack.admin
+    )
+    assert overdrawn.status_code == 422
+    taken = requests.post(f"{stack.base}/v1/admin/users/{user.id}/credits", json={"credits": -500}, headers=stack.admin)
+    assert taken.json()["user"]["credits"] == stack.settings.starting_credits
 
 
 def test_users_are_not_admins_until_promoted(stack, user):

@@ -166,6 +166,9 @@ def test_file_and_folder_names_conflict_clearly(stack, user):
     reply = requests.put(f"{stack.base}/v1/files/c", data=b"2", headers=user.auth)
     assert reply.status_code == 409
     assert reply.json()["error_code"] == "name_conflict"
+    redirected = requests.put(f"{stack.base}/v1/files/c", data=b"2", headers={**user.auth, "Expect": "100-continue"})
+    assert redirected.status_code == 409  # refused before a 307 could reach the store
+    assert requests.post(f"{stack.base}/v1/files/c", headers=user.auth).status_code == 409
     assert requests.get(f"{stack.base}/v1/files/c/inner.txt", headers=user.auth).content == b"1"
 
 
@@ -198,6 +201,12 @@ def test_quota_stops_a_chunked_upload_midway(stack, user, small_quota):
     )
     assert result.stdout.decode(errors="replace").rsplit("\n", 1)[-1] == "413"
     assert stack.store.head(f"users/{user.id}/q/chunked.bin") is None
+
+
+def test_a_full_drive_mints_no_upload_url(stack, user, small_quota):
+    assert requests.put(f"{stack.base}/v1/files/q/full.bin", data=os.urandom(small_quota), headers=user.auth).status_code == 201
+    minted = requests.post(f"{stack.base}/v1/files/q/more.bin", headers=user.auth)
+    assert minted.status_code == 413 and minted.json()["error_code"] == "quota_exceeded"
 
 
 def test_quota_counts_what_was_uploaded(stack, user, small_quota):
@@ -257,6 +266,8 @@ def test_head_answers_itself(stack, user):
     assert reply.headers["ETag"] == '"' + hashlib.md5(b"<p>hi</p>").hexdigest() + '"'
     assert re.match(r"^\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT$", reply.headers["Last-Modified"])
     assert requests.head(f"{stack.base}/v1/files/h/missing", headers=user.auth).status_code == 404
+    assert requests.head(f"{stack.base}/v1/files/h/", headers=user.auth).status_code == 200
+    assert requests.head(f"{stack.base}/v1/files/nowhere/", headers=user.auth).status_code == 404
 
 
 # ------------------------------------------------------------------ listings

@@ -10,7 +10,7 @@ Runs are ``docker exec`` sessions of the POSIX-sh runner (``runner.sh``), each i
 own session and process group (runc makes every exec a session leader), keeping
 their state in the container under ``/tmp/kgpu/runs/{run_id}/``. Every read
 (``run_state``, ``read_output``, ``run_ids``) or signal is one exec of a small sh
-script: about 60 ms on an idle host.
+script: 50–90 ms here (2 cores). Needs docker-init on the host (Debian's docker.io has it).
 
 Limits: CPU (``nano_cpus``), memory (``mem_limit``, swap off), ``pids_limit``, GPUs
 by ``device_requests`` (only when the rental has GPUs). ``/dev/fuse`` and
@@ -20,14 +20,19 @@ by ``device_requests`` (only when the rental has GPUs). ``/dev/fuse`` and
 from __future__ import annotations
 
 import logging
+import time
 
 import docker
+import requests
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import DeviceRequest
 
 from gateway.pods import RUNNER, RUNS_DIR, PodError, PodSpec, PodStartError, PodStatus, RunState
 
 log = logging.getLogger(__name__)
+
+# What the SDK raises: its own errors, and requests' when the daemon cannot be reached.
+_DOCKER_ERRORS = (DockerException, requests.RequestException)
 
 WORKDIR = "/workspace"
 READ_CHUNK = 1 << 20  # read_output returns at most this many bytes a call
@@ -46,8 +51,7 @@ done
 r=$(cat "$d/runner_pid" 2>/dev/null)
 if [ -n "$r" ] && kill -0 "$r" 2>/dev/null; then echo alive=1; else echo alive=0; fi
 for s in stdout stderr; do
-  size=$(wc -c < "$d/$s" 2>/dev/null) || size=0
-  size=${size:-0}; size=$((size + 0))
+  size=$(( $(wc -c 2>/dev/null < "$d/$s" || echo 0) + 0 ))
   start=$((size > n ? size - n : 0))
   len=$((size - start))
   echo "$s $size $start $len"
@@ -65,7 +69,7 @@ tail -c +$((off + 1)) "$f" | head -c "$max"
 _WAIT_PID_SCRIPT = r"""
 d="$1"; i=0
 while [ ! -e "$d/pid" ]; do
-  [ "$i" -ge 500 ] && { echo timeout; exit 0; }
+  [ "$i" -ge 100 ] && { echo wait; exit 0; }
   sleep 0.01; i=$((i + 1))
 done
 echo ok
@@ -79,17 +83,18 @@ exit 0
 _SIGNAL_SCRIPT = r"""
 d="$1"; sig="$2"
 r=$(cat "$d/runner_pid" 2>/dev/null) || exit 0
-[ -n "$r" ] && kill -0 "$r" 2>/dev/null && kill "-$sig" -- "-$r" 2>/dev/null
+[ -n "$r" ] && kill -0 "$r" 2>/dev/null && kill "-$sig" "-$r" 2>/dev/null
 exit 0
 """
 
-# TERM every run's process group, then wait up to $1 seconds for the runners to go.
+# (dash's kill takes no "--": `kill -SIG -PGID` is the form dash, bash and busybox all take.)
+# TERM every run's process group under $2, then wait up to $1 seconds for the runners to go.
 _TERM_ALL_SCRIPT = r"""
 grace="$1"; pids=
-for f in /tmp/kgpu/runs/*/runner_pid; do
+for f in "$2"/*/runner_pid; do
   [ -f "$f" ] || continue
   r=$(cat "$f" 2>/dev/null)
-  [ -n "$r" ] && kill -0 "$r" 2>/dev/null && kill -TERM -- "-$r" 2>/dev/null && pids="$pids $r"
+  [ -n "$r" ] && kill -0 "$r" 2>/dev/null && kill -TERM "-$r" 2>/dev/null && pids="$pids $r"
 done
 i=0
 while [ -n "$pids" ] && [ "$i" -lt $((grace * 10)) ]; do
@@ -172,12 +177,12 @@ class DockerPodBackend:
         except ImageNotFound:
             if not self.pull:
                 raise PodStartError(f"image {image!r} is not on this docker host (pulling is off)") from None
-        except DockerException as exc:
+        except _DOCKER_ERRORS as exc:
             raise PodStartError(f"docker could not look up image {image!r}: {exc}") from exc
         try:
             log.info("pulling image %s", image)
             self.client.images.pull(image)
-        except (APIError, DockerException) as exc:
+        except _DOCKER_ERRORS as exc:
             detail = getattr(exc, "explanation", None) or str(exc)
             raise PodStartError(f"could not pull image {image!r}: {detail}") from exc
 
@@ -229,7 +234,7 @@ class DockerPodBackend:
                 return self._reuse(name, spec.rental_id)
             self._remove_quietly(name)
             raise PodStartError(f"docker could not start {spec.image!r}: {exc.explanation or exc}") from exc
-        except DockerException as exc:
+        except _DOCKER_ERRORS as exc:
             self._remove_quietly(name)
             raise PodStartError(f"docker could not start {spec.image!r}: {exc}") from exc
         log.info("started container %s (%s) for rental %s", name, container.short_id, spec.rental_id)
@@ -238,21 +243,21 @@ class DockerPodBackend:
     def _reuse(self, name: str, rental_id: str) -> str:
         try:
             container = self.client.containers.get(name)
-        except DockerException as exc:
+        except _DOCKER_ERRORS as exc:
             raise PodStartError(f"container name {name} is taken and cannot be inspected: {exc}") from exc
         if container.labels.get(self._label_rental) != rental_id:
             raise PodStartError(f"container name {name} is taken by a container this gateway does not manage")
         if container.status != "running":
             try:
                 container.start()
-            except DockerException as exc:
+            except _DOCKER_ERRORS as exc:
                 raise PodStartError(f"existing container {name} would not start: {exc}") from exc
         return name
 
     def _remove_quietly(self, name: str) -> None:
         try:
             self.api.remove_container(name, force=True)
-        except DockerException:
+        except _DOCKER_ERRORS:
             pass
 
     def status(self, ref: str) -> PodStatus:
@@ -260,7 +265,7 @@ class DockerPodBackend:
             info = self.api.inspect_container(ref)
         except NotFound:
             return PodStatus("Gone", False, "container is gone")
-        except DockerException as exc:
+        except _DOCKER_ERRORS as exc:
             return PodStatus("Pending", False, f"docker did not answer: {exc}")
         state = info.get("State") or {}
         status = state.get("Status")
@@ -278,7 +283,10 @@ class DockerPodBackend:
         return PodStatus("Failed", False, reason)
 
     def adopt(self) -> dict[str, str]:
-        found = self.api.containers(all=True, filters={"label": [f"{self._label_managed}=true"]})
+        try:
+            found = self.api.containers(all=True, filters={"label": [f"{self._label_managed}=true"]})
+        except _DOCKER_ERRORS as exc:
+            raise PodError(f"docker could not list containers: {exc}") from exc
         pods = {}
         for item in found:
             rental_id = (item.get("Labels") or {}).get(self._label_rental)
@@ -289,7 +297,7 @@ class DockerPodBackend:
 
     def destroy(self, ref: str) -> None:
         try:
-            self._exec(ref, _TERM_ALL_SCRIPT, str(self.destroy_grace_s))
+            self._exec(ref, _TERM_ALL_SCRIPT, str(self.destroy_grace_s), RUNS_DIR)
         except PodError:
             pass  # not running or gone: removing it is all that is left
         try:
@@ -300,6 +308,8 @@ class DockerPodBackend:
             if exc.status_code == 409 and "already in progress" in str(exc.explanation):
                 return
             raise PodError(f"docker could not remove {ref}: {exc.explanation or exc}") from exc
+        except _DOCKER_ERRORS as exc:
+            raise PodError(f"docker could not remove {ref}: {exc}") from exc
 
     # --- exec helpers ---------------------------------------------------------------
 
@@ -310,7 +320,7 @@ class DockerPodBackend:
             raise PodError(f"no pod {ref}") from None
         except APIError as exc:
             raise PodError(f"cannot exec in {ref}: {exc.explanation or exc}") from exc
-        except DockerException as exc:
+        except _DOCKER_ERRORS as exc:
             raise PodError(f"cannot exec in {ref}: {exc}") from exc
 
     def _exec(self, ref: str, script: str, *args: str) -> bytes:
@@ -318,7 +328,7 @@ class DockerPodBackend:
         exec_id = self._exec_create(ref, ["sh", "-c", script, "kgpu", *args], stdout=True, stderr=False)
         try:
             return self.api.exec_start(exec_id) or b""
-        except DockerException as exc:
+        except _DOCKER_ERRORS as exc:
             raise PodError(f"exec in {ref} failed: {exc}") from exc
 
     # --- runs ---------------------------------------------------------------------------
@@ -335,18 +345,25 @@ class DockerPodBackend:
         )
         try:
             self.api.exec_start(exec_id, detach=True)
-        except DockerException as exc:
+        except _DOCKER_ERRORS as exc:
             raise PodError(f"could not start the runner in {ref}: {exc}") from exc
-        # One exec that waits in the pod (up to 5 s) for the runner's pid file.
-        if self._exec(ref, _WAIT_PID_SCRIPT, run_dir).strip() == b"ok":
-            return
-        try:
-            info = self.api.exec_inspect(exec_id)
-        except DockerException:
-            info = {}
-        if info.get("Running") is False:
-            raise PodError(f"the runner exited with {info.get('ExitCode')} before starting the command")
-        raise PodError("the runner did not start within 5 s")
+        # Wait for the runner's pid file (up to 30 s, as local.py): one exec that waits in the
+        # pod for about a second, usually answered in milliseconds; between those, ask docker
+        # whether the runner exec has already exited.
+        deadline = time.monotonic() + 30
+        while True:
+            if self._exec(ref, _WAIT_PID_SCRIPT, run_dir).strip() == b"ok":
+                return
+            try:
+                info = self.api.exec_inspect(exec_id)
+            except _DOCKER_ERRORS:
+                info = {}
+            if info.get("Running") is False:
+                if self._exec(ref, _WAIT_PID_SCRIPT, run_dir).strip() == b"ok":
+                    return  # a command that ran and ended in a moment
+                raise PodError(f"the runner exited with {info.get('ExitCode')} before starting the command")
+            if time.monotonic() > deadline:
+                raise PodError("the runner did not start within 30 s")
 
     def run_state(self, ref: str, run_id: str, tail_bytes: int) -> RunState | None:
         run_dir = f"{RUNS_DIR}/{_safe_id(run_id)}"

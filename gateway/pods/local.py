@@ -129,12 +129,12 @@ class LocalPodBackend:
             start_new_session=True,
         )
         threading.Thread(target=process.wait, daemon=True).start()  # reap it; the run itself needs no parent
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while not (run_dir / "pid").exists():
             if process.poll() is not None and not (run_dir / "pid").exists():
                 raise PodError(f"the runner exited with {process.returncode} before starting the command")
             if time.monotonic() > deadline:
-                raise PodError("the runner did not start within 5 s")
+                raise PodError("the runner did not start within 30 s")
             time.sleep(0.005)
 
     def run_state(self, ref: str, run_id: str, tail_bytes: int) -> RunState | None:

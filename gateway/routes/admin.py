@@ -8,6 +8,7 @@ from sqlalchemy import select
 
 from gateway import tokens, users
 from gateway.auth import AdminUser
+from gateway.errors import ApiError
 from gateway.models import User
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
@@ -61,6 +62,8 @@ def reissue_token(user_id: int, request: Request, _: AdminUser) -> dict:
 def grant_credits(user_id: int, body: CreditGrant, request: Request, _: AdminUser) -> dict:
     with request.app.state.sessions.begin() as session:
         user = users.get(session, user_id)
+        if user.credits + body.credits < 0:
+            raise ApiError(422, "validation_error", f"the balance is {user.credits}; it cannot go below zero")
         user.credits = User.credits + body.credits
         session.flush()
         session.refresh(user)

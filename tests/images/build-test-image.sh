@@ -33,14 +33,23 @@ fi
 if docker info >/dev/null 2>&1; then
   say "dockerd already running"
 else
+  # A pid file left by a dockerd that died (a restored machine) keeps a new one from starting.
+  if [ -f /var/run/docker.pid ] && ! kill -0 "$(cat /var/run/docker.pid)" 2>/dev/null; then
+    say "removing stale /var/run/docker.pid"
+    sudo_ rm -f /var/run/docker.pid
+  fi
   say "starting dockerd in the background (log: $DOCKERD_LOG)"
-  sudo_ setsid sh -c "nohup dockerd >'$DOCKERD_LOG' 2>&1 </dev/null &"
+  # Its own session, so it outlives this script and whatever started it (pytest, CI).
+  if [ "$(id -u)" -eq 0 ]; then start=(setsid nohup dockerd); else start=(sudo -n setsid nohup dockerd); fi
+  "${start[@]}" >>"$DOCKERD_LOG" 2>&1 </dev/null &
+  dockerd_pid=$!
   for _ in $(seq 1 150); do
     docker info >/dev/null 2>&1 && break
+    kill -0 "$dockerd_pid" 2>/dev/null || break  # it exited: no use waiting
     sleep 0.2
   done
   if ! docker info >/dev/null 2>&1; then
-    say "dockerd did not become ready within 30 s; last lines of $DOCKERD_LOG:" >&2
+    say "dockerd did not become ready; last lines of $DOCKERD_LOG:" >&2
     tail -n 30 "$DOCKERD_LOG" >&2 || true
     exit 1
   fi

@@ -1,0 +1,863 @@
+#!/usr/bin/env python3
+"""Benchmark of the /v1/files hot paths against their lower bounds, on 127.0.0.1 only.
+
+Starts its own ``kgpu serve`` (embedded ``rclone serve s3``, SQLite, a temporary
+data directory) and a bare uvicorn app, measures, prints figures, and removes
+everything it made. Nothing but 127.0.0.1 is touched. See bench/README.md.
+
+  (a) GET /v1/files/x 302 req/s vs a bare FastAPI constant 302 served the same way
+  (b) 1 GiB `curl -L -T` through the 307 vs `curl -T` straight to a presigned PUT
+  (c) 1 GiB streamed PUT (`-H 'Expect:'`, from a file and from a pipe) vs the same
+      direct PUT, with the server's peak RSS growth
+  (d) PUT 307 answer time at 0 objects and at N objects in the drive
+
+Every uploaded object is downloaded again (curl -L through the gateway) and its
+sha256 compared with the source file's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+HOST = "127.0.0.1"
+MiB = 1 << 20
+
+# A Location of the same shape and length as a presigned GET the gateway sends.
+BARE_LOCATION = (
+    "http://127.0.0.1:40000/kgpu/users/1/x?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+    "&X-Amz-Credential=kgpu0123456789abcdef%2F20260101%2Fus-east-1%2Fs3%2Faws4_request"
+    "&X-Amz-Date=20260101T000000Z&X-Amz-Expires=3600&X-Amz-SignedHeaders=host"
+    "&X-Amz-Signature=" + "0" * 64
+)
+
+
+# ------------------------------------------------------------------ the bare 302 server
+
+
+def serve_bare_302(port: int) -> None:
+    """A tiny FastAPI app with one constant-302 route, run exactly as `kgpu serve` runs uvicorn."""
+    import logging
+
+    import uvicorn
+    from fastapi import FastAPI, Response
+
+    app = FastAPI()
+
+    @app.get("/v1/files/{path:path}")
+    async def redirect(path: str) -> Response:
+        return Response(status_code=302, headers={"Location": BARE_LOCATION, "Cache-Control": "no-store"})
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    uvicorn.run(app, host=HOST, port=port, proxy_headers=True)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def shm_has_room(size: int) -> bool:
+    """Room on /dev/shm for the big file, one object of its size, and the small objects."""
+    try:
+        stat = os.statvfs("/dev/shm")
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize > 2 * size + 2 * (1 << 30)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def http_json(method: str, url: str, token: str | None = None, body: dict | None = None, timeout: float = 30):
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=timeout) as reply:
+        return json.loads(reply.read() or b"null")
+
+
+def rss_kib(pid: int, field_name: str = "VmRSS") -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process so far (all its threads)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+class RssSampler:
+    """Peak VmRSS of a process, sampled every ``interval`` seconds in a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.05):
+        self.pid = pid
+        self.interval = interval
+        self.base = rss_kib(pid)
+        self.hwm_before = rss_kib(pid, "VmHWM")
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_kib(self.pid))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_kib(self.pid))
+        self.hwm_after = rss_kib(self.pid, "VmHWM")
+
+    @property
+    def growth_mib(self) -> float:
+        return (self.peak - self.base) / 1024
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+# ------------------------------------------------------------------ the servers
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    port: int
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def stop(self) -> None:
+        if self.popen.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGTERM)  # its own session: the server and its rclone child
+        try:
+            self.popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(timeout=5)
+
+
+def wait_ready(proc: Proc, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    url = f"http://{HOST}:{proc.port}/healthz"
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited early; see {proc.log_path}:\n{proc.log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except (OSError, urllib.error.HTTPError):
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{proc.name} not ready within {timeout}s; see {proc.log_path}")
+
+
+def start_kgpu(data_dir: Path, port: int, admin_token: str, log_dir: Path, n: int, src: str | None = None) -> Proc:
+    log_path = log_dir / f"kgpu-serve-{n}.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KGPU_")}
+    env["KGPU_ADMIN_TOKEN"] = admin_token
+    if src:  # another checkout of the code (e.g. `git archive` of a commit), ahead of the editable install
+        env["PYTHONPATH"] = str(Path(src).resolve())
+    with open(log_path, "wb") as out:
+        popen = subprocess.Popen(
+            [str(VENV_BIN / "kgpu"), "serve", "--data-dir", str(data_dir), "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=str(REPO),
+            start_new_session=True,
+        )
+    proc = Proc("kgpu serve", popen, log_path, port)
+    wait_ready(proc)
+    return proc
+
+
+def start_bare(port: int, log_dir: Path) -> Proc:
+    log_path = log_dir / "bare-302.log"
+    with open(log_path, "wb") as out:
+        popen = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--serve-bare-302", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=str(REPO),
+            start_new_session=True,
+        )
+    proc = Proc("bare 302", popen, log_path, port)
+    wait_ready(proc)
+    return proc
+
+
+def store_endpoint(kgpu: Proc) -> str:
+    found = re.findall(r"embedded object store \(rclone serve s3\) at (http://\S+)", kgpu.log_path.read_text())
+    if not found:
+        raise RuntimeError("no embedded store address in the server log")
+    return found[-1]
+
+
+def store_client(data_dir: Path, endpoint: str):
+    import boto3
+    from botocore.config import Config
+
+    creds = json.loads((data_dir / "embedded-s3.json").read_text())
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=creds["access_key"],
+        aws_secret_access_key=creds["secret_key"],
+        region_name="us-east-1",
+        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
+    )
+
+
+# ------------------------------------------------------------------ (a) 302 throughput
+
+
+def check_302(port: int, path: str, token: str | None) -> str:
+    import http.client
+
+    conn = http.client.HTTPConnection(HOST, port, timeout=10)
+    conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
+    reply = conn.getresponse()
+    reply.read()
+    conn.close()
+    if reply.status != 302 or not reply.getheader("location"):
+        raise RuntimeError(f"GET {path} on :{port} answered {reply.status}, not a 302 with a Location")
+    return reply.getheader("location")
+
+
+def measured_load(load, server_pid: int, *args) -> dict:
+    """One load run, plus the server's CPU time per request (robust to other load on the machine)."""
+    cpu_before = cpu_seconds(server_pid)
+    result = load(*args)
+    cpu = cpu_seconds(server_pid) - cpu_before
+    result["server_cpu_s"] = cpu
+    result["server_cpu_us_per_request"] = cpu / max(result["requests"], 1) * 1e6
+    return result
+
+
+def load_wrk(port: int, path: str, token: str | None, seconds: float, conns: int, threads: int) -> dict:
+    command = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds:g}s", "--timeout", "5s"]
+    if token:
+        command += ["-H", f"Authorization: Bearer {token}"]
+    command.append(f"http://{HOST}:{port}{path}")
+    out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    latency = re.search(r"Latency\s+(\S+)\s+(\S+)\s+(\S+)", out)
+    return {
+        "rps": rps,
+        "requests": total,
+        "non_2xx_3xx": int(bad.group(1)) if bad else 0,
+        "socket_errors": errors.group(1) if errors else "",
+        "latency_avg": latency.group(1) if latency else "",
+    }
+
+
+def load_python(port: int, path: str, token: str | None, seconds: float, conns: int, threads: int) -> dict:
+    """Fallback load generator: ``conns`` threads, each with one keep-alive http.client connection."""
+    import http.client
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    stop_at = time.monotonic() + seconds
+    counts = [0] * conns
+    bad = [0] * conns
+
+    def worker(i: int) -> None:
+        conn = http.client.HTTPConnection(HOST, port, timeout=10)
+        while time.monotonic() < stop_at:
+            conn.request("GET", path, headers=headers)
+            reply = conn.getresponse()
+            reply.read()
+            if reply.status != 302:
+                bad[i] += 1
+            counts[i] += 1
+        conn.close()
+
+    started = time.monotonic()
+    workers = [threading.Thread(target=worker, args=(i,)) for i in range(conns)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    elapsed = time.monotonic() - started
+    return {"rps": sum(counts) / elapsed, "requests": sum(counts), "non_2xx_3xx": sum(bad), "socket_errors": "", "latency_avg": ""}
+
+
+# ------------------------------------------------------------------ (b) (c) big uploads
+
+
+def make_file(path: Path, size: int) -> str:
+    digest = hashlib.sha256()
+    block = 8 * MiB
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            chunk = os.urandom(min(block, left))
+            f.write(chunk)
+            digest.update(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class Upload:
+    label: str
+    seconds: float
+    size: int
+    http_code: str
+    detail: str = ""
+    server_rss_growth_mib: float | None = None
+    server_hwm_delta_mib: float | None = None
+    store_rss_peak_mib: float | None = None
+    verified: bool | None = None
+    server_cpu_s: float = 0.0
+    store_cpu_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def mib_s(self) -> float:
+        return self.size / MiB / self.seconds
+
+
+def run_curl(
+    label: str, command: list[str], size: int, server_pid: int, stdin_file: Path | None = None, timeout: float = 180
+) -> Upload:
+    store_pids = children(server_pid)
+    store_peak = [0]
+    stop = threading.Event()
+
+    def watch_store() -> None:
+        while not stop.is_set():
+            for pid in store_pids:
+                store_peak[0] = max(store_peak[0], rss_kib(pid))
+            stop.wait(0.05)
+
+    watcher = threading.Thread(target=watch_store, daemon=True)
+    watcher.start()
+    cpu_before = cpu_seconds(server_pid), sum(cpu_seconds(p) for p in store_pids)
+    with RssSampler(server_pid) as sampler:
+        started = time.perf_counter()
+        if stdin_file is None:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        else:
+            cat = subprocess.Popen(["cat", str(stdin_file)], stdout=subprocess.PIPE)
+            try:
+                done = subprocess.run(command, stdin=cat.stdout, capture_output=True, text=True, timeout=timeout)
+            finally:
+                cat.stdout.close()
+                cat.wait(timeout=30)
+        seconds = time.perf_counter() - started
+    stop.set()
+    watcher.join()
+    server_cpu = cpu_seconds(server_pid) - cpu_before[0]
+    store_cpu = sum(cpu_seconds(p) for p in store_pids) - cpu_before[1]
+    if done.returncode != 0:
+        raise RuntimeError(f"{label}: curl failed ({done.returncode}): {done.stderr.strip()} {done.stdout[-500:]}")
+    # -w output is the last line; a JSON body (if any) precedes it.
+    lines = done.stdout.strip().splitlines()
+    code = lines[-1].split()[0] if lines else "?"
+    upload = Upload(label, seconds, size, code, detail=" ".join(lines[:-1])[:300])
+    upload.server_rss_growth_mib = sampler.growth_mib
+    upload.server_hwm_delta_mib = (sampler.hwm_after - sampler.hwm_before) / 1024
+    upload.store_rss_peak_mib = store_peak[0] / 1024 if store_pids else None
+    upload.extra["curl_w"] = lines[-1] if lines else ""
+    upload.server_cpu_s = server_cpu
+    upload.store_cpu_s = store_cpu
+    return upload
+
+
+def download_sha256(url: str, token: str, timeout: float = 180) -> tuple[str, int]:
+    """sha256 and size of `curl -L` GET through the gateway (302 to the presigned GET)."""
+    curl = subprocess.Popen(
+        ["curl", "-sS", "-f", "-L", "-H", f"Authorization: Bearer {token}", url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    digest = hashlib.sha256()
+    size = 0
+    deadline = time.monotonic() + timeout
+    while True:
+        chunk = curl.stdout.read(4 * MiB)
+        if not chunk:
+            break
+        digest.update(chunk)
+        size += len(chunk)
+        if time.monotonic() > deadline:
+            curl.kill()
+            raise RuntimeError(f"download of {url} too slow")
+    rc = curl.wait(timeout=30)
+    if rc != 0:
+        raise RuntimeError(f"download of {url} failed ({rc}): {curl.stderr.read().decode().strip()}")
+    return digest.hexdigest(), size
+
+
+# ------------------------------------------------------------------ (d) 307 latency
+
+
+def put_redirect_once(port: int, path: str, token: str, length: int) -> float:
+    """Seconds from connect to the end of the 307's headers; the body is never sent."""
+    request = (
+        f"PUT {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nUser-Agent: kgpu-bench\r\nAccept: */*\r\n"
+        f"Authorization: Bearer {token}\r\nContent-Length: {length}\r\nExpect: 100-continue\r\n\r\n"
+    ).encode()
+    started = time.perf_counter()
+    with socket.create_connection((HOST, port), timeout=10) as sock:
+        sock.sendall(request)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+        elapsed = time.perf_counter() - started
+    status_line = buf.split(b"\r\n", 1)[0]
+    if not status_line.startswith(b"HTTP/1.1 307") or b"\r\nlocation: " not in buf.lower():
+        raise RuntimeError(f"PUT {path} with Expect answered {status_line!r}, not a 307 (the body was not sent)")
+    return elapsed
+
+
+def redirect_latency(port: int, token: str, count: int, tag: str) -> dict:
+    for i in range(10):  # warm-up: auth cache, connection pools, code paths
+        put_redirect_once(port, f"/v1/files/lat/warm-{tag}-{i}.bin", token, 1024)
+    times = [put_redirect_once(port, f"/v1/files/lat/{tag}-{i}.bin", token, 1024) for i in range(count)]
+    return {
+        "n": count,
+        "median_ms": statistics.median(times) * 1000,
+        "p95_ms": pct(times, 0.95) * 1000,
+        "max_ms": max(times) * 1000,
+    }
+
+
+def interleaved_latency(port: int, tokens: dict[str, str], count: int) -> dict:
+    """The same measurement for several users, one request each in turn, so drift hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in tokens}
+    for name, token in tokens.items():
+        for i in range(10):
+            put_redirect_once(port, f"/v1/files/lat/warm-il-{i}.bin", token, 1024)
+    for i in range(count):
+        for name, token in tokens.items():
+            times[name].append(put_redirect_once(port, f"/v1/files/lat/il-{i}.bin", token, 1024))
+    return {
+        name: {"n": count, "median_ms": statistics.median(t) * 1000, "p95_ms": pct(t, 0.95) * 1000, "max_ms": max(t) * 1000}
+        for name, t in times.items()
+    }
+
+
+def write_objects_on_disk(data_dir: Path, user_id: int, count: int, per_dir: int = 1000) -> float:
+    """``count`` small files under users/{id}/bulk/ in the embedded store's directory (it serves it as is)."""
+    started = time.perf_counter()
+    base = data_dir / "objects" / "kgpu" / "users" / str(user_id) / "bulk"
+    payload = b"kgpu bench object\n"
+    for i in range(count):
+        folder = base / f"d{i // per_dir:04d}"
+        if i % per_dir == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / f"f{i:07d}.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, payload)
+        os.close(fd)
+    return time.perf_counter() - started
+
+
+def visible_objects(s3, user_id: int, count: int, per_dir: int = 1000) -> bool:
+    """Does the store list what was written on disk? (First folder and last folder, delimited.)"""
+    prefix = f"users/{user_id}/bulk/"
+    folders = s3.list_objects_v2(Bucket="kgpu", Prefix=prefix, Delimiter="/", MaxKeys=1000)
+    want_folders = -(-count // per_dir)
+    if len(folders.get("CommonPrefixes", [])) != min(want_folders, 1000):
+        return False
+    last = f"{prefix}d{(count - 1) // per_dir:04d}/"
+    listed = s3.list_objects_v2(Bucket="kgpu", Prefix=last, MaxKeys=1000).get("KeyCount", 0)
+    return listed == count - (count - 1) // per_dir * per_dir
+
+
+def count_objects(s3, user_id: int) -> tuple[int, float]:
+    started = time.perf_counter()
+    total = 0
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket="kgpu", Prefix=f"users/{user_id}/"):
+        total += page.get("KeyCount", 0)
+    return total, time.perf_counter() - started
+
+
+# ------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mib", type=int, default=1024, help="size of the big upload (default 1024)")
+    parser.add_argument("--objects", type=int, default=100_000, help="objects put in the drive for (d) (default 100000)")
+    parser.add_argument("--latency-requests", type=int, default=200, help="PUT 307 requests per latency figure")
+    parser.add_argument("--duration", type=float, default=5, help="seconds of each load run in (a)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating load rounds per server in (a)")
+    parser.add_argument("--connections", type=int, default=16, help="keep-alive connections in (a)")
+    parser.add_argument("--threads", type=int, default=1, help="load generator threads in (a) (wrk -t)")
+    parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
+    parser.add_argument("--count-objects", action="store_true", help="also time a full listing of the drive in (d)")
+    parser.add_argument("--only", default="abcd", help="which parts to run, e.g. 'ad' (default abcd)")
+    parser.add_argument(
+        "--tmp", default=None,
+        help="parent of the temporary data directory (SQLite, logs); default $TMPDIR or /tmp",
+    )
+    parser.add_argument(
+        "--objects-on-disk", action="store_true",
+        help="keep the store's objects and the big file there too, not on /dev/shm (slow cleanup of --objects)",
+    )
+    parser.add_argument("--src", help="run kgpu serve from this source tree (put first on PYTHONPATH) instead of the repo")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
+    parser.add_argument("--time-limit", type=int, default=600, help="hard limit in seconds for the whole run")
+    parser.add_argument("--json", dest="json_out", help="also write the figures to this file as JSON")
+    parser.add_argument("--serve-bare-302", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_bare_302:
+        serve_bare_302(args.serve_bare_302)
+        return 0
+
+    loadgen = args.loadgen
+    if loadgen == "auto":
+        loadgen = "wrk" if shutil.which("wrk") else "python"
+    if loadgen == "wrk" and not shutil.which("wrk"):
+        parser.error("wrk not found (apt-get install -y wrk), use --loadgen python")
+    size = args.size_mib * MiB
+
+    def on_alarm(*_):
+        raise TimeoutError(f"benchmark exceeded --time-limit {args.time_limit}s")
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(args.time_limit)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    # The data directory (SQLite, logs) goes on disk, as in a deployment: the PUT 307 path commits to the
+    # database. The store's objects and the big file go on tmpfs when it has room (--objects-on-disk: not):
+    # on this kind of machine creating and deleting 100,000 small files on the ext4 root (mounted with
+    # discard) took 42 s and 165 s, against 1.6 s and 1.0 s on /dev/shm.
+    tmp = Path(tempfile.mkdtemp(prefix="kgpu-bench-", dir=args.tmp))
+    fast = Path(tempfile.mkdtemp(prefix="kgpu-bench-", dir="/dev/shm")) if (
+        not args.objects_on_disk and shm_has_room(size)) else tmp
+    data_dir = tmp / "data"
+    data_dir.mkdir()
+    if fast != tmp:
+        (fast / "objects").mkdir()
+        (data_dir / "objects").symlink_to(fast / "objects")
+    log_dir = tmp / "logs"
+    log_dir.mkdir()
+    procs: list[Proc] = []
+    log(f"temporary directory {tmp}, objects and the big file in {fast}")
+    results: dict = {"tmp": str(tmp), "fast": str(fast), "config": {k: v for k, v in vars(args).items() if k != "serve_bare_302"}, "loadgen": loadgen}
+    run_started = time.monotonic()
+    results["loadavg_start"] = os.getloadavg()
+    try:
+        admin_token = "bench-admin-" + secrets.token_hex(12)
+        port = free_port()
+        log(f"starting kgpu serve on :{port}, data in {data_dir}")
+        kgpu = start_kgpu(data_dir, port, admin_token, log_dir, 1, args.src)
+        procs.append(kgpu)
+        base = f"http://{HOST}:{port}"
+        created = http_json("POST", f"{base}/v1/admin/users", admin_token, {"email": "bench@example.org"})
+        token, user_id = created["token"], created["user"]["id"]
+        log(f"user {user_id} created")
+
+        # ---------------------------------------------------------------- (d) at 0 objects, first:
+        # the drive must be empty, and the first request also creates the usage row (a one-off listing).
+        if "d" in args.only:
+            started = time.perf_counter()
+            put_redirect_once(port, "/v1/files/lat/first.bin", token, 1024)
+            results["d_first_request_ms"] = (time.perf_counter() - started) * 1000
+            log("(d) PUT 307 latency at 0 objects")
+            results["d_empty"] = redirect_latency(port, token, args.latency_requests, "empty")
+
+        # ---------------------------------------------------------------- (a)
+        if "a" in args.only:
+            bare_port = free_port()
+            bare = start_bare(bare_port, log_dir)
+            procs.append(bare)
+            location = check_302(port, "/v1/files/x", token)
+            check_302(bare_port, "/v1/files/x", None)
+            results["a_location_example"] = location
+            load = load_wrk if loadgen == "wrk" else load_python
+            runs: dict[str, list[dict]] = {"bare": [], "kgpu": []}
+            # a short warm-up of each, then alternate rounds so drift hits both alike
+            load(bare_port, "/v1/files/x", None, 1, args.connections, args.threads)
+            load(port, "/v1/files/x", token, 1, args.connections, args.threads)
+            for r in range(args.rounds):
+                log(f"(a) round {r + 1}/{args.rounds}: bare 302, then GET /v1/files/x")
+                runs["bare"].append(
+                    measured_load(load, bare.pid, bare_port, "/v1/files/x", None, args.duration, args.connections, args.threads)
+                )
+                runs["kgpu"].append(
+                    measured_load(load, kgpu.pid, port, "/v1/files/x", token, args.duration, args.connections, args.threads)
+                )
+            bare.stop()
+            procs.remove(bare)
+            bare_rps = statistics.median(r["rps"] for r in runs["bare"])
+            kgpu_rps = statistics.median(r["rps"] for r in runs["kgpu"])
+            bare_cpu = statistics.median(r["server_cpu_us_per_request"] for r in runs["bare"])
+            kgpu_cpu = statistics.median(r["server_cpu_us_per_request"] for r in runs["kgpu"])
+            results["a"] = {
+                "runs": runs, "bare_rps": bare_rps, "kgpu_rps": kgpu_rps, "ratio": kgpu_rps / bare_rps,
+                "bare_cpu_us": bare_cpu, "kgpu_cpu_us": kgpu_cpu, "cpu_ratio": bare_cpu / kgpu_cpu,
+            }
+
+        # ---------------------------------------------------------------- (b) (c)
+        if "b" in args.only or "c" in args.only:
+            big = fast / "big.bin"
+            log(f"writing a {args.size_mib} MiB random file")
+            source_sha = make_file(big, size)
+            uploads: list[Upload] = []
+            fmt = ["-w", "\n%{http_code} redirects=%{num_redirects} up=%{size_upload} t=%{time_total}\n"]
+            auth = ["-H", f"Authorization: Bearer {token}"]
+
+            def direct(n: int) -> Upload:
+                url = http_json("POST", f"{base}/v1/files/big/direct-{n}.bin", token)["url"]
+                return run_curl(
+                    f"direct presigned PUT #{n}", ["curl", "-sS", "-f", "-o", "/dev/null", *fmt, "-T", str(big), url],
+                    size, kgpu.pid,
+                )
+
+            gateway_steps = []
+            if "b" in args.only:
+                gateway_steps.append((
+                    "redirect-307",
+                    lambda: run_curl(
+                        "gateway 307 (curl -L -T, Expect: 100-continue)",
+                        ["curl", "-sS", "-f", "-L", "-o", "/dev/null", *fmt, *auth, "-H", "Expect: 100-continue",
+                         "-T", str(big), f"{base}/v1/files/big/redirect-307.bin"],
+                        size, kgpu.pid,
+                    ),
+                ))
+            if "c" in args.only:
+                gateway_steps.append((
+                    "streamed",
+                    lambda: run_curl(
+                        "gateway streamed (curl -T file, Expect:)",
+                        ["curl", "-sS", "-f", *fmt, *auth, "-H", "Expect:", "-T", str(big),
+                         f"{base}/v1/files/big/streamed.bin"],
+                        size, kgpu.pid,
+                    ),
+                ))
+                gateway_steps.append((
+                    "streamed-chunked",
+                    lambda: run_curl(
+                        "gateway streamed chunked (cat | curl -T -, Expect:)",
+                        ["curl", "-sS", "-f", *fmt, *auth, "-H", "Expect:", "-T", "-",
+                         f"{base}/v1/files/big/streamed-chunked.bin"],
+                        size, kgpu.pid, stdin_file=big,
+                    ),
+                ))
+            # Every gateway upload sits between two direct ones and is compared with their mean, so that
+            # drift (other load on the machine) hits both sides of each ratio alike.
+            plan = [("direct-1", lambda: direct(1))]
+            for n, step in enumerate(gateway_steps, start=2):
+                plan += [step, (f"direct-{n}", lambda n=n: direct(n))]
+            by_name: dict[str, Upload] = {}
+            for name, step in plan:
+                log(f"(b/c) upload: {name}")
+                upload = step()
+                got_sha, got_size = download_sha256(f"{base}/v1/files/big/{name}.bin", token)
+                upload.verified = got_sha == source_sha and got_size == size
+                if not upload.verified:
+                    raise RuntimeError(f"{name}: downloaded object differs (size {got_size}, sha256 {got_sha})")
+                # Free the space as we go. The store keeps each object as a plain file; removing it there
+                # avoids DELETE's HEAD, for which rclone serve s3 reads the whole file to compute its MD5.
+                (data_dir / "objects" / "kgpu" / "users" / str(user_id) / "big" / f"{name}.bin").unlink()
+                uploads.append(upload)
+                by_name[name] = upload
+                log(f"    {upload.seconds:.2f} s, {upload.mib_s:.0f} MiB/s, server RSS +{upload.server_rss_growth_mib:.1f} MiB, "
+                    f"CPU server {upload.server_cpu_s:.2f} s store {upload.store_cpu_s:.2f} s, sha256 ok")
+            big.unlink()
+            results["uploads"] = {u.label: u.__dict__ | {"mib_s": u.mib_s} for u in uploads}
+            directs = [u for u in uploads if u.label.startswith("direct")]
+            results["direct_mean_s"] = statistics.mean(u.seconds for u in directs)
+            results["upload_ratios"] = {}
+            for i, (name, _) in enumerate(plan):
+                if name.startswith("direct"):
+                    continue
+                around = statistics.mean([by_name[plan[i - 1][0]].seconds, by_name[plan[i + 1][0]].seconds])
+                results["upload_ratios"][by_name[name].label] = around / by_name[name].seconds
+
+        # ---------------------------------------------------------------- (d) at N objects
+        if "d" in args.only:
+            log(f"(d) writing {args.objects} objects into the store's directory")
+            results["d_write_objects_s"] = write_objects_on_disk(data_dir, user_id, args.objects)
+            s3 = store_client(data_dir, store_endpoint(kgpu))
+            restarted = False
+            if not visible_objects(s3, user_id, args.objects):
+                # The store caches directory listings: restart so it reads the directory afresh.
+                log("(d) the store does not list them yet: restarting kgpu serve on the same data directory")
+                kgpu.stop()
+                procs.remove(kgpu)
+                kgpu = start_kgpu(data_dir, port, admin_token, log_dir, 2, args.src)
+                procs.append(kgpu)
+                s3 = store_client(data_dir, store_endpoint(kgpu))
+                restarted = True
+                if not visible_objects(s3, user_id, args.objects):
+                    raise RuntimeError("the store does not list the objects written on disk")
+            results["d_restarted"] = restarted
+            if args.count_objects:
+                total, seconds = count_objects(s3, user_id)
+                results["d_full_listing"] = {"objects": total, "seconds": seconds}
+            log(f"(d) PUT 307 latency at {args.objects} objects")
+            results["d_full"] = redirect_latency(port, token, args.latency_requests, "full")
+            results["d_ratio_median"] = results["d_full"]["median_ms"] / results["d_empty"]["median_ms"]
+            results["d_ratio_p95"] = results["d_full"]["p95_ms"] / results["d_empty"]["p95_ms"]
+            # The same comparison made robust to drift: a second user with an empty drive, requests alternated.
+            other = http_json("POST", f"{base}/v1/admin/users", admin_token, {"email": "bench-empty@example.org"})
+            put_redirect_once(port, "/v1/files/lat/first.bin", other["token"], 1024)
+            log(f"(d) interleaved: user with {args.objects} objects vs a user with an empty drive")
+            results["d_interleaved"] = interleaved_latency(
+                port, {"full": token, "empty": other["token"]}, args.latency_requests
+            )
+        results["total_seconds"] = time.monotonic() - run_started
+        results["loadavg_end"] = os.getloadavg()
+    finally:
+        signal.alarm(0)
+        cleanup_started = time.monotonic()
+        for proc in reversed(procs):
+            proc.stop()
+        if args.keep:
+            log(f"kept {tmp} and {fast}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(fast, ignore_errors=True)
+        log(f"cleaned up in {time.monotonic() - cleanup_started:.1f} s")
+
+    report(results, args)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+def report(results: dict, args) -> None:
+    def verdict(ok: bool) -> str:
+        return "ok" if ok else "MISSED"
+
+    def rounds(a: dict, name: str) -> str:
+        return ", ".join(f"{r['rps']:.0f}" for r in a["runs"][name])
+
+    out = ["", "kgpu files benchmark (127.0.0.1, one uvicorn worker each)",
+           f"data directory (SQLite) {results['tmp']}/data, store objects and the big file in {results['fast']}", ""]
+    if "a" in results:
+        a = results["a"]
+        out.append(f"(a) GET /v1/files/x 302, {results['loadgen']}, {args.connections} connections, "
+                   f"{args.rounds} x {args.duration:g} s each, median of rounds")
+        out.append(f"    bare FastAPI constant 302 : {a['bare_rps']:9.0f} req/s   "
+                   f"(rounds: {rounds(a, 'bare')})")
+        out.append(f"    kgpu GET /v1/files/x      : {a['kgpu_rps']:9.0f} req/s   "
+                   f"(rounds: {rounds(a, 'kgpu')})")
+        out.append(f"    server CPU per request: bare {a['bare_cpu_us']:.0f} us, kgpu {a['kgpu_cpu_us']:.0f} us "
+                   f"(bare/kgpu {a['cpu_ratio']:.2f}: the throughput ratio on an otherwise idle core)")
+        bad = sum(r["non_2xx_3xx"] for rs in a["runs"].values() for r in rs)
+        out.append(f"    ratio {a['ratio']:.2f} (target >= 0.5: {verdict(a['ratio'] >= 0.5)}); non-2xx/3xx answers: {bad}")
+        out.append("")
+    if "uploads" in results:
+        out.append(f"(b)(c) {args.size_mib} MiB uploads, each verified by sha256 of a curl -L download")
+        for label, u in results["uploads"].items():
+            ratio = results["upload_ratios"].get(label)
+            extra = f"  ratio {ratio:.2f}" if ratio else ""
+            store = f", store RSS peak {u['store_rss_peak_mib']:.0f} MiB" if u["store_rss_peak_mib"] else ""
+            out.append(f"    {label:50s} {u['seconds']:6.2f} s {u['mib_s']:6.0f} MiB/s  HTTP {u['http_code']}{extra}")
+            out.append(f"    {'':50s} server RSS +{u['server_rss_growth_mib']:.1f} MiB (VmHWM +{u['server_hwm_delta_mib']:.1f}){store}; "
+                       f"CPU s: server {u['server_cpu_s']:.2f}, store {u['store_cpu_s']:.2f}")
+        out.append(f"    ratio: mean time of the two direct PUTs around each gateway upload / its time "
+                   f"(all direct PUTs: mean {results['direct_mean_s']:.2f} s)")
+        targets = {"gateway 307": 0.9, "gateway streamed": 0.6}
+        for label, ratio in results["upload_ratios"].items():
+            target = next(t for k, t in targets.items() if label.startswith(k))
+            growth = results["uploads"][label]["server_rss_growth_mib"]
+            rss_note = f", RSS growth {growth:.1f} MiB (target <= 64: {verdict(growth <= 64)})" if "streamed" in label else ""
+            out.append(f"    {label}: ratio {ratio:.2f} (target >= {target}: {verdict(ratio >= target)}){rss_note}")
+        out.append("")
+    if "d_full" in results:
+        e, f = results["d_empty"], results["d_full"]
+        out.append(f"(d) PUT 307 answer time (raw socket: connect, headers with Expect: 100-continue, status+headers read), "
+                   f"{e['n']} requests each")
+        out.append(f"    first request for the user (creates its usage row): {results['d_first_request_ms']:.1f} ms")
+        out.append(f"    0 objects          : median {e['median_ms']:6.2f} ms  p95 {e['p95_ms']:6.2f} ms  max {e['max_ms']:6.2f} ms")
+        out.append(f"    {args.objects:>7d} objects    : median {f['median_ms']:6.2f} ms  p95 {f['p95_ms']:6.2f} ms  max {f['max_ms']:6.2f} ms"
+                   f"{'  (server restarted after writing them)' if results['d_restarted'] else ''}")
+        out.append(f"    ratio median {results['d_ratio_median']:.2f}, p95 {results['d_ratio_p95']:.2f} "
+                   f"(target <= 1.5: {verdict(max(results['d_ratio_median'], results['d_ratio_p95']) <= 1.5)})")
+        il = results["d_interleaved"]
+        out.append(f"    interleaved, same moment: {args.objects} objects median {il['full']['median_ms']:.2f} ms p95 "
+                   f"{il['full']['p95_ms']:.2f} ms; second user, empty drive: median {il['empty']['median_ms']:.2f} ms p95 "
+                   f"{il['empty']['p95_ms']:.2f} ms; ratio median {il['full']['median_ms'] / il['empty']['median_ms']:.2f}, "
+                   f"p95 {il['full']['p95_ms'] / il['empty']['p95_ms']:.2f}")
+        out.append(f"    objects written in {results['d_write_objects_s']:.1f} s")
+        if "d_full_listing" in results:
+            fl = results["d_full_listing"]
+            out.append(f"    a full listing of the drive (what a reconcile costs): {fl['objects']} objects in {fl['seconds']:.1f} s")
+        out.append("")
+    load = " -> ".join(" ".join(f"{x:.1f}" for x in results[k]) for k in ("loadavg_start", "loadavg_end") if k in results)
+    out.append(f"total {results.get('total_seconds', 0):.0f} s; load average {load} on {os.cpu_count()} CPUs")
+    print("\n".join(out), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Benchmark of /v1/runs long-polls on the local pod backend (run by hand; 127.0.0.1 only).
+
+  (1) latency from a run's exit to the long-poll's answer (target p50 <= 100 ms)
+  (2) N long-polls held at once by one gateway process: all return, and its RSS
+
+Starts its own `kgpu serve` on a temporary data directory and removes it afterwards.
+Usage: .venv/bin/python bench/runs_bench.py [--samples 30] [--concurrent 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN = "bench-admin-token"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=30)
+    parser.add_argument("--concurrent", type=int, default=500)
+    parser.add_argument("--hold-seconds", type=float, default=5.0)
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="kgpu-runs-bench-"))
+    port = free_port()
+    env = {**os.environ, "KGPU_ADMIN_TOKEN": ADMIN}
+    server = subprocess.Popen(
+        [str(ROOT / ".venv/bin/kgpu"), "serve", "--data-dir", str(tmp / "data"), "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if requests.get(f"{base}/healthz", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("kgpu serve did not start")
+            time.sleep(0.1)
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        token = requests.post(f"{base}/v1/admin/users", json={"email": "bench@lab.example"}, headers=admin).json()["token"]
+        auth = {"Authorization": f"Bearer {token}"}
+        gpu = requests.post(f"{base}/v1/gpus", json={"name": "bench"}, headers=auth).json()["gpu_id"]
+
+        print("(1) exit -> long-poll answer latency")
+        latencies = []
+        session = requests.Session()
+        for _ in range(args.samples):
+            reply = session.post(
+                f"{base}/v1/runs",
+                json={"gpu_id": gpu, "command": ["sh", "-c", "sleep 0.3; date +%s.%N"], "wait_seconds": 10},
+                headers=auth,
+            )
+            received = time.time()
+            body = reply.json()
+            assert body["phase"] == "Succeeded", body
+            latencies.append((received - float(body["stdout"])) * 1000)
+        latencies.sort()
+        p50 = statistics.median(latencies)
+        p95 = latencies[int(0.95 * (len(latencies) - 1))]
+        print(f"    {args.samples} runs: p50 {p50:.1f} ms, p95 {p95:.1f} ms, max {latencies[-1]:.1f} ms "
+              f"(target p50 <= 100 ms: {'ok' if p50 <= 100 else 'MISSED'})")
+
+        print(f"(2) {args.concurrent} long-polls held at once (each run sleeps {args.hold_seconds} s)")
+        before = rss_mib(server.pid)
+        peak = [before]
+        results: list[str] = []
+        lock = threading.Lock()
+
+        def one() -> None:
+            try:
+                reply = requests.post(
+                    f"{base}/v1/runs",
+                    json={"gpu_id": gpu, "command": ["sleep", str(args.hold_seconds)], "wait_seconds": 60},
+                    headers=auth, timeout=120,
+                )
+                outcome = reply.json().get("phase", str(reply.status_code))
+            except Exception as exc:  # noqa: BLE001 - reported, not hidden
+                outcome = f"error: {exc.__class__.__name__}"
+            with lock:
+                results.append(outcome)
+
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                peak[0] = max(peak[0], rss_mib(server.pid))
+                time.sleep(0.1)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        started = time.monotonic()
+        threads = [threading.Thread(target=one) for _ in range(args.concurrent)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        stop.set()
+        elapsed = time.monotonic() - started
+        succeeded = results.count("Succeeded")
+        print(f"    {succeeded} of {args.concurrent} returned Succeeded in {elapsed:.1f} s "
+              f"(others: {sorted(set(r for r in results if r != 'Succeeded'))})")
+        print(f"    gateway RSS {before:.0f} MiB before, peak {peak[0]:.0f} MiB (+{peak[0] - before:.0f} MiB)")
+        requests.delete(f"{base}/v1/gpus/{gpu}", headers=auth)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
