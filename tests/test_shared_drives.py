@@ -34,7 +34,19 @@ def lab(stack):
         )
         assert added.status_code == 200, added.text
     requests.put(f"{stack.base}/v1/shared/{slug}/data/seed.csv", data=b"a,b\n1,2\n", headers=people["org_admin"].auth)
+    people["in_pod"] = in_pod_account(stack, people["uploader"])
     return slug, people
+
+
+def in_pod_account(stack, account):
+    """The in-pod token of a rental of ``account`` (read from inside the pod)."""
+    gpu = requests.post(f"{stack.base}/v1/gpus", json={"name": "pod"}, headers=account.auth).json()["gpu_id"]
+    reply = requests.post(
+        f"{stack.base}/v1/runs",
+        json={"gpu_id": gpu, "command": ["sh", "-c", "printf %s $KGPU_API_TOKEN"]},
+        headers=account.auth,
+    ).json()
+    return type(account)(account.id, account.email, reply["stdout"], account.base, {"gpu_id": gpu})
 
 
 def operations(stack, slug: str, account) -> dict[str, int]:
@@ -67,6 +79,8 @@ EXPECTED = {
     "member": {**{op: "ok" for op in READ}, **{op: 403 for op in WRITE}, "manage": 403},
     "non_member": {op: 404 for op in READ + WRITE + ["manage"]},
     "pending": {op: 403 for op in READ + WRITE + ["manage"]},
+    # An uploader's in-pod token: the drive with its owner's role, no member management.
+    "in_pod": {**{op: "ok" for op in READ + WRITE}, "manage": 403},
 }
 
 
