@@ -57,7 +57,7 @@ def open_pod_backend(settings: Settings) -> PodBackend:
     if settings.pod_backend == "docker":
         from gateway.pods.docker import DockerPodBackend
 
-        return DockerPodBackend()
+        return DockerPodBackend(network=settings.docker_network or None, pull=settings.docker_pull)
     from gateway.pods.local import LocalPodBackend
 
     return LocalPodBackend(settings.data_dir / "pods")

@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     cpu_price_per_hour_credits: int = Field(default=100, ge=0)
     pod_backend: str = Field(default="local", pattern="^(local|docker)$")
     default_image: str = "ghcr.io/vitaldb/kgpu-pytorch:latest"
+    # docker backend: the network pods join ("host" reaches a gateway on 127.0.0.1; empty: the
+    # default bridge, where the host is 172.17.0.1), and whether a missing image may be pulled.
+    docker_network: str = ""
+    docker_pull: bool = True
     max_gpus_per_user: int = Field(default=4, ge=0)
     idle_warning_seconds: int = Field(default=3600, ge=1)
     idle_return_seconds: int = Field(default=7200, ge=1)

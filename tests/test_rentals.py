@@ -279,3 +279,49 @@ def test_capacity_pinning_and_per_user_cap(gpu_server):
     assert rent(base, second, gpu_model="a5000", gpu_count=1).status_code == 201
     price = requests.get(f"{base}/v1/gpus/{big['gpu_id']}", headers={"Authorization": f"Bearer {first}"}).json()
     assert price["price_per_hour_credits"] == 1500  # 3 GPUs x 500
+
+
+@pytest.fixture(scope="module")
+def docker_server(tmp_path_factory, rclone_target, docker_pod_client):
+    """The gateway with the docker pod backend; pods join the host network to reach it on 127.0.0.1."""
+    settings = make_settings(
+        tmp_path_factory.mktemp("docker-gw"), rclone_target,
+        pod_backend="docker", docker_network="host", docker_pull=False, default_image="kgpu-test:latest",
+    )
+    server = LiveServer(settings).start()
+    yield server
+    server.stop()
+
+
+def test_workflows_a_and_b_on_docker(docker_server):
+    base = docker_server.base
+    token = new_account(docker_server)
+    auth = {"Authorization": f"Bearer {token}"}
+    requests.put(f"{base}/v1/files/train.sh", data=b"echo trained in $(cat /etc/debian_version | cut -c1-2)\n", headers=auth)
+    gpu = rent(base, token, name="dock")
+    assert gpu.status_code == 201, gpu.text
+    gpu_id = gpu.json()["gpu_id"]
+    assert gpu.json()["ready"] is True
+    hello = run(base, token, gpu_id, ["sh", "-c", "echo $KGPU_GPU_ID; test -c /dev/fuse && echo fuse"])
+    assert hello["stdout"] == f"{gpu_id}\nfuse\n" and hello["phase"] == "Succeeded"
+    script = 'curl -sfL -H "Authorization: Bearer $KGPU_API_TOKEN" $KGPU_API_BASE/v1/files/train.sh > /tmp/t.sh && sh /tmp/t.sh'
+    started = run(base, token, gpu_id, ["sh", "-c", "sleep 1; " + script], wait_seconds=0)
+    assert started["phase"] == "Running"
+    for _ in range(100):
+        state = requests.get(f"{base}/v1/runs/{started['run_id']}", headers=auth).json()
+        if state["phase"] != "Running":
+            break
+        time.sleep(0.1)
+    assert state["phase"] == "Succeeded" and state["stdout"] == "trained in 12\n", state
+    stopped = requests.delete(f"{base}/v1/runs/{run(base, token, gpu_id, ['sleep', '300'], wait_seconds=0)['run_id']}", headers=auth)
+    assert stopped.json()["exit_code"] == 143
+    assert requests.delete(f"{base}/v1/gpus/{gpu_id}", headers=auth).json()["phase"] == "Ended"
+    assert not [c for c in docker_server.app.state.rentals.backend.adopt() if c == gpu_id]
+
+
+def test_missing_image_fails_the_start_on_docker(docker_server):
+    token = new_account(docker_server)
+    reply = rent(docker_server.base, token, image="no-such-image:never")
+    assert reply.status_code == 201
+    body = reply.json()
+    assert body["phase"] == "Failed" and body["end_reason"].startswith("start_failed:")
