@@ -14,6 +14,7 @@ from drive.store.embedded import EmbeddedS3Server
 from drive.store.s3 import S3ObjectStore
 from gateway import db
 from gateway.auth import Authenticator
+from gateway.dav_app import DavDispatcher
 from gateway.errors import RequestIdMiddleware, install_error_handlers
 from gateway.fast_download import FastDownload
 from gateway.quota import UsageBook
@@ -119,6 +120,7 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
     )
     install_error_handlers(app)
     app.add_middleware(FastDownload, fastapi_app=app)
+    app.add_middleware(DavDispatcher)  # WebDAV on /v1/files/ and /v1/dav/: outside FastDownload, inside request ids
     app.add_middleware(RequestIdMiddleware)
     for module in (files, shared, gpus, runs, me, admin, orgs_admin, health):  # hottest first
         app.include_router(module.router)

@@ -1,0 +1,863 @@
+"""WebDAV over the object store: a wsgidav provider for one drive prefix per request.
+
+One :class:`ObjectStoreProvider` serves every caller: the drive it shows is read
+from ``environ[ENVIRON_KEY]`` (a :class:`DavContext` the ASGI wrapper in
+gateway/dav_app.py puts there after authenticating the request), never from the
+URL alone. Every path goes through :mod:`drive.keys`, so nothing escapes the
+caller's prefix.
+
+How a drive looks as WebDAV:
+
+* a **file** is an object; its live properties come from the store (size, ETag,
+  Last-Modified, Content-Type).
+* a **folder** is a key prefix: it exists while any key starts with ``rel/``.
+  MKCOL makes an empty folder exist by writing an empty marker object
+  ``rel/.kgpu-folder`` (a key ending in ``/`` would do on S3, but ``rclone serve
+  s3`` cannot store one). Markers are hidden from every listing, WebDAV and HTTP
+  (:func:`drive.listing.is_hidden`), and the name is refused for writes.
+* a folder's members come from one delimited list call per 1,000 keys: the list
+  already carries size, ETag and Last-Modified, so no member is ever HEADed.
+* ``shared/`` at the root of my drive is virtual and read-only: one folder per
+  organisation the caller may read, mapped to ``orgs/{slug}/``. The name is
+  reserved there (a real ``users/{id}/shared/`` folder is hidden by it).
+* COPY and MOVE are server-side copies in the store (then deletes, for MOVE),
+  for files and whole folders, run 8 at a time.
+* dead properties (PROPPATCH) and locks live in SQLite under the data directory
+  (:class:`SqlitePropertyManager`, :class:`SqliteLockStorage`), keyed by the
+  object key (``/users/7/a/b``), so both mount points see the same ones and
+  both survive a restart.
+"""
+
+from __future__ import annotations
+
+import functools
+import mimetypes
+import os
+import pickle
+import sqlite3
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import MutableMapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator
+from urllib.parse import quote, unquote
+
+from wsgidav import util
+from wsgidav.dav_error import (
+    HTTP_BAD_REQUEST,
+    HTTP_FORBIDDEN,
+    HTTP_INSUFFICIENT_STORAGE,
+    HTTP_NOT_FOUND,
+    HTTP_SERVICE_UNAVAILABLE,
+    DAVError,
+)
+from wsgidav.dav_provider import DAVCollection, DAVNonCollection, DAVProvider
+from wsgidav.lock_man.lock_storage import LockStorageDict
+from wsgidav.prop_man.property_manager import PropertyManager
+
+from drive import keys
+from drive.keys import DrivePath, InvalidPath
+from drive.listing import FOLDER_MARKER, is_hidden
+from drive.store import CommonPrefix, ObjectInfo, ObjectNotFound, ObjectStore, StoreUnavailable, iter_entries, iter_objects
+from drive.uploads import MAX_PARTS, choose_part_size
+
+ENVIRON_KEY = "kgpu.dav"
+_CACHE_KEY = "kgpu.dav.cache"
+_DEST_EXISTED_KEY = "kgpu.dav.dest_existed"
+SHARED = "shared"  # the virtual read-only subtree at the root of my drive
+_IGNORED_CONTENT_TYPES = {"", "application/x-www-form-urlencoded"}
+COPY_THREADS = 8
+
+
+@dataclass
+class DavContext:
+    """Who is calling and which drive they see; one per request."""
+
+    store: ObjectStore
+    prefix: str  # the caller's own drive, "users/7/"
+    principal: str  # lock owner, "user:7"
+    load_orgs: Callable[[], list[str]] = list  # slugs of the orgs the caller may read
+    usage: object | None = None  # gateway.quota.UsageBook: used_bytes(prefix), add(prefix, delta)
+    quota_bytes: int | None = None
+    part_size: int = 8 << 20
+    unknown_length_part_size: int = 16 << 20
+    presign_expires: int = 3600
+    _orgs: list[str] | None = field(default=None, repr=False)
+
+    def org_slugs(self) -> list[str]:
+        if self._orgs is None:
+            self._orgs = list(self.load_orgs())
+        return self._orgs
+
+    def used_bytes(self) -> int:
+        return self.usage.used_bytes(self.prefix) if self.usage is not None else 0
+
+    def add_usage(self, prefix: str, delta: int) -> None:
+        if self.usage is not None and delta and prefix == self.prefix:
+            self.usage.add(prefix, delta)
+
+    def check_room(self, prefix: str, incoming: int) -> None:
+        """507 when ``incoming`` more bytes would not fit in the caller's quota."""
+        if self.quota_bytes is None or prefix != self.prefix or incoming <= 0:
+            return
+        used = self.used_bytes()
+        if used + incoming > self.quota_bytes:
+            raise DAVError(
+                HTTP_INSUFFICIENT_STORAGE,
+                f"{incoming} more bytes would take the drive to {used + incoming} of {self.quota_bytes} bytes",
+            )
+
+
+@contextmanager
+def store_errors() -> Iterator[None]:
+    """Store and path failures as WebDAV statuses (wsgidav turns anything else into a 500)."""
+    try:
+        yield
+    except StoreUnavailable as exc:
+        raise DAVError(HTTP_SERVICE_UNAVAILABLE, str(exc)) from None
+    except ObjectNotFound:
+        raise DAVError(HTTP_NOT_FOUND) from None
+    except InvalidPath as exc:
+        raise DAVError(HTTP_BAD_REQUEST, str(exc)) from None
+
+
+def _ctx(environ: dict) -> DavContext:
+    return environ[ENVIRON_KEY]
+
+
+def _invalidate(environ: dict) -> None:
+    environ.get(_CACHE_KEY, {}).clear()
+
+
+def _cache_key(path: str) -> str:
+    return "/" + path.strip("/")
+
+
+def _guess_type(name: str) -> str:
+    return _type_of_suffix(os.path.splitext(name)[1].lower())
+
+
+@functools.lru_cache(maxsize=1024)
+def _type_of_suffix(suffix: str) -> str:
+    return mimetypes.guess_type("x" + suffix)[0] or "application/octet-stream"
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+# ---------------------------------------------------------------- provider
+
+
+class ObjectStoreProvider(DAVProvider):
+    """One instance per mount point; the drive comes from the request's :class:`DavContext`.
+
+    ``proxy_reads``: GET serves the bytes (read from a presigned URL) instead of being
+    left to the HTTP routes' 302; the /v1/dav mount, for clients that do not follow
+    redirects.
+    """
+
+    def __init__(self, *, proxy_reads: bool):
+        super().__init__()
+        self.proxy_reads = proxy_reads
+
+    def __repr__(self) -> str:
+        return f"ObjectStoreProvider(proxy_reads={self.proxy_reads})"
+
+    def is_readonly(self) -> bool:
+        return False
+
+    def ref_url_to_path(self, ref_url: str) -> str:
+        """Inverse of the resources' ``get_ref_url`` ("/users/7/a/b" → "/a/b")."""
+        head, _, rest = unquote(ref_url).lstrip("/").partition("/")
+        owner, _, rel = rest.partition("/")
+        if head == "orgs":
+            return f"/{SHARED}/{owner}/{rel}"
+        return "/" + rel
+
+    def get_resource_inst(self, path: str, environ: dict):
+        cache = environ.setdefault(_CACHE_KEY, {})
+        key = _cache_key(path)
+        if key not in cache:
+            with store_errors():
+                cache[key] = self._resolve(path, environ)
+        return cache[key]
+
+    def _resolve(self, path: str, environ: dict):
+        ctx = _ctx(environ)
+        segments = [s for s in path.split("/") if s]
+        prefix, inner, readonly = ctx.prefix, segments, False
+        if segments and segments[0] == SHARED:
+            if len(segments) == 1:
+                return SharedRoot("/" + SHARED, environ)
+            if segments[1] not in ctx.org_slugs():
+                return None
+            prefix, inner, readonly = f"orgs/{segments[1]}/", segments[2:], True
+        if not inner:
+            return FolderResource(path, environ, DrivePath(prefix, ""), readonly)
+        if inner[-1] == FOLDER_MARKER:
+            return None
+        location = keys.from_text(prefix, "/".join(inner))
+        info = ctx.store.head(location.key)
+        if info is not None:
+            return FileResource(path, environ, location, info, readonly)
+        if ctx.store.list_page(location.key + "/", max_keys=1).entries:
+            return FolderResource(path, environ, DrivePath(prefix, location.rel + "/"), readonly)
+        return None
+
+    def custom_request_handler(self, environ, start_response, default_handler):
+        method = environ["REQUEST_METHOD"]
+        if method == "PROPFIND":
+            # RFC 4918 9.1: a server may refuse Depth: infinity (403 propfind-finite-depth).
+            default_handler.__self__.allow_propfind_infinite = False
+        if method in ("COPY", "MOVE"):
+            plain_start_response = start_response
+
+            def start_response(status, headers, exc_info=None):
+                # A COPY/MOVE done by handle_copy/handle_move is reported as 204 by wsgidav;
+                # RFC 4918 wants 201 when the destination did not exist before.
+                if status.startswith("204") and environ.get(_DEST_EXISTED_KEY) is False:
+                    status = "201 Created"
+                return plain_start_response(status, headers, exc_info)
+
+        with store_errors():
+            yield from default_handler(environ, start_response)
+
+
+# ---------------------------------------------------------------- resources
+
+
+class _Located:
+    """Shared by files and folders: where the resource lives in the store."""
+
+    location: DrivePath
+    readonly: bool
+    environ: dict
+    provider: ObjectStoreProvider
+
+    def get_ref_url(self) -> str:
+        # Locks and dead properties are keyed by the object key: the same for both mounts.
+        # (Asked once per property of every member of a listing: computed once.)
+        ref = self.__dict__.get("_ref")
+        if ref is None:
+            ref = self.__dict__["_ref"] = quote("/" + self.location.key)
+        return ref
+
+    def _require_writable(self) -> None:
+        if self.readonly:
+            raise DAVError(HTTP_FORBIDDEN, "the shared/ folders are read-only here")
+
+    def _check_new_name(self, name: str) -> None:
+        if name == FOLDER_MARKER:
+            raise DAVError(HTTP_FORBIDDEN, f"{FOLDER_MARKER} is reserved for folder markers")
+        if name == SHARED and self.location.rel == "" and self.location.prefix == _ctx(self.environ).prefix:
+            raise DAVError(HTTP_FORBIDDEN, "shared/ is reserved for your organisations' drives")
+
+    def set_property_value(self, name, value, *, dry_run=False):
+        self._require_writable()
+        return super().set_property_value(name, value, dry_run=dry_run)
+
+    def handle_copy(self, dest_path, *, depth_infinity):
+        return _transfer(self, dest_path, move=False, depth_infinity=depth_infinity)
+
+    def handle_move(self, dest_path):
+        return _transfer(self, dest_path, move=True, depth_infinity=True)
+
+
+class FileResource(_Located, DAVNonCollection):
+    def __init__(self, path: str, environ: dict, location: DrivePath, info: ObjectInfo | None, readonly: bool):
+        DAVNonCollection.__init__(self, path, environ)
+        self.location = location
+        self.info = info  # None: created by this PUT, not yet written
+        self.readonly = readonly
+        self._writer: StoreWriter | None = None
+
+    def get_content_length(self) -> int:
+        return self.info.size if self.info else 0
+
+    def get_content_type(self) -> str:
+        if self.info and self.info.content_type:
+            return self.info.content_type
+        return _guess_type(self.name)
+
+    def get_display_name(self) -> str:
+        return self.name
+
+    def get_etag(self) -> str | None:
+        # Unquoted here (wsgidav quotes it in headers and compares it unquoted in If headers);
+        # the getetag property is quoted in get_property_value.
+        if not self.info or not self.info.etag:
+            return None
+        return self.info.etag.strip('"')
+
+    def support_etag(self) -> bool:
+        return True
+
+    def support_ranges(self) -> bool:
+        return True
+
+    def get_last_modified(self) -> float | None:
+        if self.info is None:
+            return None
+        cached = self.__dict__.get("_modified")
+        if cached is None or cached[0] is not self.info:
+            cached = self.__dict__["_modified"] = (self.info, self.info.last_modified.timestamp())
+        return cached[1]
+
+    def get_property_value(self, name):
+        if name == "{DAV:}getetag":
+            etag = self.get_etag()
+            if etag is None:
+                raise DAVError(HTTP_NOT_FOUND)
+            return f'"{etag}"'
+        return super().get_property_value(name)
+
+    def get_content(self):
+        if not self.provider.proxy_reads or self.info is None:
+            raise DAVError(HTTP_FORBIDDEN, "downloads are redirects here: GET follows a 302")
+        ctx = _ctx(self.environ)
+        return PresignedReader(ctx.store.presign_get(self.location.key, ctx.presign_expires), self.info.size)
+
+    def begin_write(self, *, content_type=None):
+        self._require_writable()
+        ctx = _ctx(self.environ)
+        length_header = self.environ.get("CONTENT_LENGTH", "")
+        length = int(length_header) if length_header.isdigit() else None
+        previous = self.info.size if self.info else 0
+        room = None
+        if ctx.quota_bytes is not None and self.location.prefix == ctx.prefix:
+            with store_errors():
+                room = ctx.quota_bytes - ctx.used_bytes() + previous
+            if length is not None and length > room:
+                raise DAVError(HTTP_INSUFFICIENT_STORAGE, "this upload would not fit in the drive's quota")
+        sent = (content_type or "").split(";")[0].strip().lower()
+        kind = content_type if sent not in _IGNORED_CONTENT_TYPES else _guess_type(self.name)
+        self._writer = StoreWriter(
+            ctx.store,
+            self.location.key,
+            kind,
+            part_size=choose_part_size(length, ctx.part_size, ctx.unknown_length_part_size),
+            max_bytes=room,
+        )
+        self._previous_size = previous
+        return self._writer
+
+    def end_write(self, *, with_errors):
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        if with_errors:
+            writer.abort()
+            return
+        ctx = _ctx(self.environ)
+        self.info = ObjectInfo(self.location.key, writer.size, writer.etag or "", _utcnow(), writer.content_type)
+        ctx.add_usage(self.location.prefix, writer.size - self._previous_size)
+        _invalidate(self.environ)
+        self.environ[_CACHE_KEY][_cache_key(self.path)] = self
+
+    def delete(self):
+        self._require_writable()
+        ctx = _ctx(self.environ)
+        with store_errors():
+            ctx.store.delete(self.location.key)
+        ctx.add_usage(self.location.prefix, -(self.info.size if self.info else 0))
+        self.remove_all_properties(recursive=False)
+        self.remove_all_locks(recursive=False)
+        _invalidate(self.environ)
+
+
+class FolderResource(_Located, DAVCollection):
+    def __init__(self, path: str, environ: dict, location: DrivePath, readonly: bool):
+        DAVCollection.__init__(self, path, environ)
+        self.location = location  # rel is "" (a drive's root) or ends in "/"
+        self.readonly = readonly
+
+    @property
+    def _is_my_root(self) -> bool:
+        return self.location.rel == "" and self.location.prefix == _ctx(self.environ).prefix
+
+    def get_display_name(self) -> str:
+        return self.name
+
+    def get_used_bytes(self):
+        return _ctx(self.environ).used_bytes() if self._is_my_root else None
+
+    def get_available_bytes(self):
+        ctx = _ctx(self.environ)
+        if not self._is_my_root or ctx.quota_bytes is None:
+            return None
+        return max(0, ctx.quota_bytes - ctx.used_bytes())
+
+    def get_member_list(self):
+        ctx = _ctx(self.environ)
+        cache = self.environ.setdefault(_CACHE_KEY, {})
+        base = self.location.key
+        members = []
+        with store_errors():
+            for entry in iter_entries(ctx.store, base, "/"):
+                if isinstance(entry, CommonPrefix):
+                    name = entry.prefix[len(base) : -1]
+                    if not name or "/" in name or (name == SHARED and self._is_my_root):
+                        continue
+                    member = FolderResource(
+                        util.join_uri(self.path, name),
+                        self.environ,
+                        DrivePath(self.location.prefix, self.location.rel + name + "/"),
+                        self.readonly,
+                    )
+                else:
+                    name = entry.key[len(base) :]
+                    if not name or "/" in name or is_hidden(entry.key):
+                        continue
+                    member = FileResource(
+                        util.join_uri(self.path, name),
+                        self.environ,
+                        DrivePath(self.location.prefix, self.location.rel + name),
+                        entry,
+                        self.readonly,
+                    )
+                cache.setdefault(_cache_key(member.path), member)
+                members.append(member)
+            if self._is_my_root and ctx.org_slugs():
+                members.append(SharedRoot("/" + SHARED, self.environ))
+        return members
+
+    def get_member_names(self):
+        return [member.name for member in self.get_member_list()]
+
+    def get_member(self, name):
+        return self.provider.get_resource_inst(util.join_uri(self.path, name), self.environ)
+
+    def create_empty_resource(self, name):
+        self._require_writable()
+        self._check_new_name(name)
+        ctx = _ctx(self.environ)
+        with store_errors():
+            location = keys.from_text(self.location.prefix, self.location.rel + name)
+            resource = FileResource(util.join_uri(self.path, name), self.environ, location, None, False)
+            if self.environ["REQUEST_METHOD"] != "PUT":
+                # LOCK on an unmapped URL creates an empty resource (RFC 4918 7.3).
+                kind = _guess_type(name)
+                etag = ctx.store.put_object(location.key, b"", kind)
+                resource.info = ObjectInfo(location.key, 0, etag, _utcnow(), kind)
+        _invalidate(self.environ)
+        self.environ[_CACHE_KEY][_cache_key(resource.path)] = resource
+        return resource
+
+    def create_collection(self, name):
+        self._require_writable()
+        self._check_new_name(name)
+        with store_errors():
+            location = keys.from_text(self.location.prefix, self.location.rel + name + "/")
+            _ctx(self.environ).store.put_object(location.key + FOLDER_MARKER, b"")
+        _invalidate(self.environ)
+
+    def support_recursive_delete(self) -> bool:
+        return True
+
+    def handle_delete(self):
+        locks = self.provider.lock_manager
+        if locks is not None and locks.get_url_lock_list(self.get_ref_url(), recursive=True):
+            return False  # wsgidav walks the tree and checks every lock first, then calls delete()
+        self.delete()
+        return True
+
+    def delete(self):
+        self._require_writable()
+        if self.location.rel == "":
+            raise DAVError(HTTP_FORBIDDEN, "refusing to delete a whole drive")
+        ctx = _ctx(self.environ)
+        with store_errors():
+            freed = delete_prefix(ctx.store, self.location.key)
+        ctx.add_usage(self.location.prefix, -freed)
+        _remove_property_tree(self.provider, self.get_ref_url())
+        self.remove_all_locks(recursive=True)
+        _invalidate(self.environ)
+        return []
+
+
+class SharedRoot(DAVCollection):
+    """``shared/``: one read-only folder per organisation the caller may read."""
+
+    readonly = True
+
+    def __init__(self, path: str, environ: dict):
+        super().__init__(path, environ)
+
+    def get_ref_url(self) -> str:
+        return "/orgs/"
+
+    def get_display_name(self) -> str:
+        return SHARED
+
+    def get_member_names(self):
+        return list(_ctx(self.environ).org_slugs())
+
+    def get_member(self, name):
+        return self.provider.get_resource_inst(util.join_uri(self.path, name), self.environ)
+
+    def prevent_locking(self) -> bool:
+        return True
+
+    def create_empty_resource(self, name):
+        raise DAVError(HTTP_FORBIDDEN, "the shared/ folders are read-only here")
+
+    def create_collection(self, name):
+        raise DAVError(HTTP_FORBIDDEN, "the shared/ folders are read-only here")
+
+    def delete(self):
+        raise DAVError(HTTP_FORBIDDEN, "the shared/ folders are read-only here")
+
+    def handle_copy(self, dest_path, *, depth_infinity):
+        raise DAVError(HTTP_FORBIDDEN, "copy one organisation's folder at a time")
+
+    def handle_move(self, dest_path):
+        raise DAVError(HTTP_FORBIDDEN, "the shared/ folders are read-only here")
+
+
+# ---------------------------------------------------------------- copy, move, delete
+
+
+def delete_prefix(store: ObjectStore, prefix: str) -> int:
+    """Delete every object under ``prefix`` (1,000 per request); returns the bytes freed."""
+    batch: list[str] = []
+    freed = 0
+    for info in iter_objects(store, prefix):
+        batch.append(info.key)
+        freed += info.size
+        if len(batch) == 1000:
+            store.delete_many(batch)
+            batch = []
+    if batch:
+        store.delete_many(batch)
+    return freed
+
+
+def _transfer(src, dest_path: str, *, move: bool, depth_infinity: bool) -> bool:
+    """COPY or MOVE ``src`` to ``dest_path`` with server-side copies in the store.
+
+    wsgidav has already checked the request: the destination's parent is a
+    collection, Overwrite allows replacing an existing destination, no lock is in
+    the way, and the destination is not ``src`` itself or below it.
+    """
+    environ, provider = src.environ, src.provider
+    ctx = _ctx(environ)
+    if move:
+        src._require_writable()
+    if util.is_child_uri(dest_path, src.path):
+        raise DAVError(HTTP_FORBIDDEN, "cannot copy or move a resource over a folder that holds it")
+    with store_errors():
+        parent = provider.get_resource_inst(util.get_uri_parent(dest_path), environ)
+        if parent is None or not isinstance(parent, FolderResource):
+            raise DAVError(HTTP_FORBIDDEN if parent is not None else HTTP_NOT_FOUND, "no such destination folder")
+        parent._require_writable()
+        name = util.get_uri_name(dest_path)
+        parent._check_new_name(name)
+        suffix = "/" if src.is_collection else ""
+        dest = keys.from_text(parent.location.prefix, parent.location.rel + name + suffix)
+        existing = provider.get_resource_inst(dest_path, environ)
+        environ[_DEST_EXISTED_KEY] = existing is not None
+        if existing is not None:
+            existing.delete()  # RFC 4918 9.8.4 / 9.9.3: Overwrite: T deletes the destination first
+        src_ref, dest_ref = src.get_ref_url(), quote("/" + dest.key)
+        store = ctx.store
+        if not src.is_collection:
+            same_drive = src.location.prefix == dest.prefix
+            if not (move and same_drive):
+                ctx.check_room(dest.prefix, src.get_content_length())
+            store.copy(src.location.key, dest.key)
+            ctx.add_usage(dest.prefix, src.get_content_length())
+            if move:
+                store.delete(src.location.key)
+                ctx.add_usage(src.location.prefix, -src.get_content_length())
+        elif not depth_infinity:
+            store.put_object(dest.key + FOLDER_MARKER, b"")
+        else:
+            objects = list(iter_objects(store, src.location.key))
+            total = sum(info.size for info in objects)
+            if not (move and src.location.prefix == dest.prefix):
+                ctx.check_room(dest.prefix, total)
+            pairs = [(info.key, dest.key + info.key[len(src.location.key) :]) for info in objects]
+            if src.location.key + FOLDER_MARKER not in {info.key for info in objects}:
+                pairs.append((None, dest.key + FOLDER_MARKER))  # the destination folder exists even if empty
+
+            def copy_one(pair: tuple[str | None, str]) -> None:
+                source, target = pair
+                if source is None:
+                    store.put_object(target, b"")
+                else:
+                    store.copy(source, target)
+
+            with ThreadPoolExecutor(max_workers=COPY_THREADS) as pool:
+                list(pool.map(copy_one, pairs))
+            ctx.add_usage(dest.prefix, total)
+            if move:
+                store.delete_many([info.key for info in objects])
+                ctx.add_usage(src.location.prefix, -total)
+    properties = provider.prop_manager
+    if properties is not None:
+        if move:
+            properties.move_properties(src_ref, dest_ref, with_children=src.is_collection)
+        elif isinstance(properties, SqlitePropertyManager):
+            properties.copy_tree(src_ref, dest_ref, with_children=src.is_collection and depth_infinity)
+        else:
+            properties.copy_properties(src_ref, dest_ref)
+    if move:
+        src.remove_all_locks(recursive=True)
+    _invalidate(environ)
+    return True
+
+
+def _remove_property_tree(provider: DAVProvider, ref_url: str) -> None:
+    properties = provider.prop_manager
+    if isinstance(properties, SqlitePropertyManager):
+        properties.remove_tree(ref_url)
+    elif properties is not None:
+        properties.remove_properties(ref_url)
+
+
+# ---------------------------------------------------------------- bytes in and out
+
+
+class StoreWriter:
+    """A PUT body written to the store: one PUT when small, else a multipart upload of
+    equal parts (R2's rule) with at most one part in memory."""
+
+    def __init__(self, store: ObjectStore, key: str, content_type: str, *, part_size: int, max_bytes: int | None):
+        self.store = store
+        self.key = key
+        self.content_type = content_type
+        self.part_size = part_size
+        self.max_bytes = max_bytes
+        self.size = 0
+        self.etag: str | None = None
+        self._buffer = bytearray()
+        self._upload_id: str | None = None
+        self._parts: list = []
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.max_bytes is not None and self.size > self.max_bytes:
+            raise DAVError(HTTP_INSUFFICIENT_STORAGE, "upload exceeds the drive quota")
+        self._buffer += data
+        while len(self._buffer) >= self.part_size:
+            part = bytes(self._buffer[: self.part_size])
+            del self._buffer[: self.part_size]
+            self._send(part)
+
+    def writelines(self, chunks) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+    def _send(self, data: bytes) -> None:
+        with store_errors():
+            if self._upload_id is None:
+                self._upload_id = self.store.create_multipart(self.key, self.content_type)
+            number = len(self._parts) + 1
+            if number > MAX_PARTS:
+                raise DAVError(HTTP_INSUFFICIENT_STORAGE, f"body needs more than {MAX_PARTS} parts")
+            self._parts.append(self.store.upload_part(self.key, self._upload_id, number, data))
+
+    def close(self) -> None:
+        try:
+            with store_errors():
+                if self._upload_id is None:
+                    self.etag = self.store.put_object(self.key, bytes(self._buffer), self.content_type)
+                else:
+                    if self._buffer:
+                        self._send(bytes(self._buffer))
+                    self.etag = self.store.complete_multipart(self.key, self._upload_id, self._parts)
+                    self._upload_id = None
+            self._buffer.clear()
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        if self._upload_id is not None:
+            try:
+                self.store.abort_multipart(self.key, self._upload_id)
+            except Exception:
+                pass  # the store expires abandoned uploads
+            self._upload_id = None
+
+
+class PresignedReader:
+    """A file-like view of an object read through a presigned GET (seek opens a ranged GET)."""
+
+    def __init__(self, url: str, size: int, timeout: float = 60.0):
+        self.url = url
+        self.size = size
+        self.timeout = timeout
+        self.pos = 0
+        self._response = None
+
+    def seek(self, pos: int) -> None:
+        self.close()
+        self.pos = pos
+
+    def read(self, n: int = -1) -> bytes:
+        if self.pos >= self.size:
+            return b""
+        if self._response is None:
+            self._open()
+        data = self._response.read() if n is None or n < 0 else self._response.read(n)
+        self.pos += len(data)
+        return data
+
+    def _open(self) -> None:
+        request = urllib.request.Request(self.url)
+        if self.pos:
+            request.add_header("Range", f"bytes={self.pos}-")
+        try:
+            response = urllib.request.urlopen(request, timeout=self.timeout)
+        except urllib.error.HTTPError as exc:
+            raise DAVError(HTTP_NOT_FOUND if exc.code == 404 else HTTP_SERVICE_UNAVAILABLE) from None
+        except OSError as exc:
+            raise DAVError(HTTP_SERVICE_UNAVAILABLE, f"object store unreachable: {exc}") from None
+        if self.pos and not response.headers.get("Content-Range"):
+            skip = self.pos  # a store that ignored Range sent the whole object
+            while skip:
+                skipped = len(response.read(min(skip, 1 << 20)))
+                if not skipped:
+                    break
+                skip -= skipped
+        self._response = response
+
+    def close(self) -> None:
+        if self._response is not None:
+            self._response.close()
+            self._response = None
+
+
+# ---------------------------------------------------------------- persistent locks and properties
+
+
+class SqliteMap(MutableMapping):
+    """A persistent ``str`` → picklable mapping in one SQLite table, safe across threads
+    (and processes: WAL). It stands in for the ``shelve`` wsgidav's managers use."""
+
+    def __init__(self, path: Path, table: str):
+        if not table.isidentifier():
+            raise ValueError(table)
+        self._table = table
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+        with self._lock:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (k TEXT PRIMARY KEY, v BLOB NOT NULL)")
+
+    def _query(self, sql: str, args: tuple = ()) -> list:
+        with self._lock:
+            return self._conn.execute(sql.format(t=self._table), args).fetchall()
+
+    def __getitem__(self, key: str):
+        rows = self._query("SELECT v FROM {t} WHERE k = ?", (key,))
+        if not rows:
+            raise KeyError(key)
+        return pickle.loads(rows[0][0])
+
+    def __setitem__(self, key: str, value) -> None:
+        self._query("INSERT OR REPLACE INTO {t} (k, v) VALUES (?, ?)", (key, pickle.dumps(value)))
+
+    def __delitem__(self, key: str) -> None:
+        with self._lock:
+            deleted = self._conn.execute(f"DELETE FROM {self._table} WHERE k = ?", (key,)).rowcount
+        if not deleted:
+            raise KeyError(key)
+
+    def __contains__(self, key) -> bool:
+        return bool(self._query("SELECT 1 FROM {t} WHERE k = ?", (key,)))
+
+    def __iter__(self):
+        return iter([row[0] for row in self._query("SELECT k FROM {t}")])
+
+    def __len__(self) -> int:
+        return self._query("SELECT COUNT(*) FROM {t}")[0][0]
+
+    def items(self):
+        return [(k, pickle.loads(v)) for k, v in self._query("SELECT k, v FROM {t}")]
+
+    def keys_under(self, prefix: str) -> list[str]:
+        """Keys equal to ``prefix`` or below it as a URL path."""
+        base = prefix.rstrip("/")
+        rows = self._query("SELECT k FROM {t} WHERE k >= ? AND k < ?", (base, base + "\U0010ffff"))
+        return [row[0] for row in rows if util.is_equal_or_child_uri(base or "/", row[0])]
+
+    def clear(self) -> None:
+        self._query("DELETE FROM {t}")
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+class SqlitePropertyManager(PropertyManager):
+    """wsgidav's property manager with its dictionary in SQLite (dead properties survive restarts)."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self._path = Path(path)
+        self._dict = SqliteMap(self._path, "dav_properties")
+        self._loaded = True
+
+    def __repr__(self) -> str:
+        return f"SqlitePropertyManager({self._path})"
+
+    def _lazy_open(self):
+        pass
+
+    def _sync(self):
+        pass
+
+    def _close(self):
+        pass  # the connection lives as long as the process
+
+    def _retarget(self, src_url: str, dest_url: str, url: str) -> str:
+        return dest_url.rstrip("/") + url[len(src_url.rstrip("/")) :]
+
+    def move_properties(self, src_url, dest_url, with_children, environ=None):
+        urls = self._dict.keys_under(src_url) if with_children else [src_url]
+        for url in urls:
+            if url in self._dict:
+                self._dict[self._retarget(src_url, dest_url, url)] = self._dict[url]
+                del self._dict[url]
+
+    def copy_tree(self, src_url: str, dest_url: str, *, with_children: bool) -> None:
+        urls = self._dict.keys_under(src_url) if with_children else [src_url]
+        for url in urls:
+            if url in self._dict:
+                self._dict[self._retarget(src_url, dest_url, url)] = self._dict[url]
+
+    def remove_tree(self, url: str) -> None:
+        for key in self._dict.keys_under(url):
+            del self._dict[key]
+
+
+class SqliteLockStorage(LockStorageDict):
+    """wsgidav's lock storage with its dictionary in SQLite (locks survive restarts)."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self._path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"SqliteLockStorage({self._path})"
+
+    def open(self):
+        self._dict = SqliteMap(self._path, "dav_locks")
+
+    def close(self):
+        self._dict = None
+
+    def _flush(self):
+        pass

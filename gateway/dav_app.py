@@ -1,0 +1,329 @@
+"""WebDAV for my drive: the wsgidav application, and the ASGI dispatcher in front of the API.
+
+Two mount points serve the same drive (the caller's ``users/{id}/``, plus the
+virtual read-only ``shared/{org}/``):
+
+``/v1/files/``
+    The WebDAV methods (OPTIONS, PROPFIND, PROPPATCH, MKCOL, MOVE, COPY, LOCK,
+    UNLOCK) go to wsgidav; GET, HEAD, PUT, POST and DELETE stay on the HTTP
+    routes of gateway/routes/files.py: GET is a 302 to a presigned URL, PUT
+    streams the body to the store unless it carries ``Expect: 100-continue``
+    (SPEC decisions 3 and 4). This is what ``rclone mount :webdav:`` uses: rclone
+    follows the 302 on GET and sends PUTs without ``Expect``. PUT, POST and
+    DELETE first check WebDAV locks here (423 without the token), and a DELETE
+    also drops the dead properties and locks of what it deleted.
+    In the virtual ``shared/`` subtree, GET and HEAD are answered by the
+    /v1/shared routes (302s into the org's drive); writes are 403.
+
+``/v1/dav/`` (``KGPU_DAV_PROXY_ENABLED``, default on)
+    Every method goes to wsgidav: GET streams the bytes through the gateway
+    (read from a presigned URL, ranges honoured) and PUT is streamed into the
+    store, for clients that do not follow redirects (litmus, cadaver, davfs2,
+    Finder, Windows). Turned off, /v1/dav/ answers 404: bytes then never flow
+    through the gateway (egress costs money in production).
+
+Authentication on both: ``Authorization: Bearer <token>`` or HTTP Basic with the
+token as the password (any user name). Without valid credentials the answer is
+401 with ``WWW-Authenticate: Basic realm="kgpu"`` (so desktop clients prompt)
+and a Bearer challenge; pending accounts get 403, the environment admin token
+(which has no drive) 403 too. Paths, and the ``Destination`` of COPY and MOVE,
+are checked on their raw bytes by :mod:`drive.keys` before wsgidav sees them.
+
+Dead properties and locks are kept in ``{data_dir}/webdav.sqlite3``; see
+:mod:`drive.dav` for how a drive looks as WebDAV.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Callable
+from urllib.parse import quote, urlsplit
+
+from a2wsgi import WSGIMiddleware
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from wsgidav import util
+from wsgidav.dav_error import DAVError
+from wsgidav.dir_browser import WsgiDavDirBrowser
+from wsgidav.error_printer import ErrorPrinter
+from wsgidav.request_resolver import RequestResolver
+from wsgidav.wsgidav_app import WsgiDAVApp
+
+from drive import dav, keys
+from drive.keys import InvalidPath
+from gateway import orgs
+from gateway.auth import Principal
+from gateway.errors import ApiError, envelope
+
+FILES_MOUNT = b"/v1/files"
+DAV_MOUNT = b"/v1/dav"
+DAV_METHODS = frozenset({"OPTIONS", "PROPFIND", "PROPPATCH", "MKCOL", "MOVE", "COPY", "LOCK", "UNLOCK"})
+WRITE_METHODS = frozenset({"PUT", "POST", "DELETE", "MKCOL", "PROPPATCH", "MOVE", "LOCK", "UNLOCK"})
+CHALLENGES = [(b"www-authenticate", b'Basic realm="kgpu"'), (b"www-authenticate", b'Bearer realm="kgpu"')]
+WSGI_THREADS = 16
+_CHECK_PREFIX = "users/0/"  # only the shape of a path is checked here; the provider maps it for real
+
+
+def build_wsgidav(data_dir: Path) -> tuple[Callable, WsgiDAVApp]:
+    """The wsgidav WSGI application for both mount points, wrapped to hand it the request's drive."""
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    database = data_dir / "webdav.sqlite3"
+    config = {
+        "provider_mapping": {
+            FILES_MOUNT.decode(): dav.ObjectStoreProvider(proxy_reads=False),
+            DAV_MOUNT.decode(): dav.ObjectStoreProvider(proxy_reads=True),
+        },
+        # Authentication happens in DavDispatcher; no CORS, no wsgidav authenticator.
+        "middleware_stack": [ErrorPrinter, WsgiDavDirBrowser, RequestResolver],
+        # Not in the stack; set so wsgidav does not warn about Basic without TLS (TLS ends before us).
+        "http_authenticator": {"accept_basic": False, "accept_digest": False, "default_to_digest": False},
+        "property_manager": dav.SqlitePropertyManager(database),
+        "lock_storage": dav.SqliteLockStorage(database),
+        "verbose": 1,
+        "logging": {"enable": False},
+        "suppress_version_info": True,
+        "block_size": 256 * 1024,
+        "dir_browser": {
+            "enable": True,
+            "icon": False,
+            "response_trailer": "",
+            "show_user": False,
+            "davmount": False,
+            "ms_sharepoint_support": False,
+            "libre_office_support": False,
+        },
+    }
+    application = WsgiDAVApp(config)
+
+    def wsgi(environ: dict, start_response):
+        context: dav.DavContext = environ["asgi.scope"][dav.ENVIRON_KEY]
+        environ[dav.ENVIRON_KEY] = context
+        environ["wsgidav.auth.user_name"] = context.principal
+        environ["wsgidav.auth.realm"] = "kgpu"
+        return application(environ, start_response)
+
+    return wsgi, application
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _rel_text(raw_rel: bytes) -> str:
+    """The decoded path inside the mount ("" for its root); InvalidPath if it would escape."""
+    return keys.from_raw_path(_CHECK_PREFIX, raw_rel).rel
+
+
+def _in_shared(rel: str) -> bool:
+    return rel.split("/", 1)[0] == dav.SHARED
+
+
+def _maybe_shared(raw_rel: bytes) -> bool:
+    """Whether the first segment could be ``shared`` (cheap: no decoding unless it is encoded)."""
+    first = raw_rel.split(b"/", 1)[0]
+    return first == dav.SHARED.encode() or b"%" in first
+
+
+def _split_mount(raw: bytes) -> tuple[bytes | None, bytes]:
+    for mount in (FILES_MOUNT, DAV_MOUNT):
+        if raw == mount:
+            return mount, b""
+        if raw.startswith(mount + b"/"):
+            return mount, raw[len(mount) + 1 :]
+    return None, b""
+
+
+class DavDispatcher:
+    """ASGI middleware: WebDAV requests to wsgidav, everything else to the API."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+        self._dav: WSGIMiddleware | None = None
+        self._wsgidav: WsgiDAVApp | None = None
+        self._lock = threading.Lock()
+
+    def _dav_app(self, state) -> WSGIMiddleware:
+        if self._dav is None:
+            with self._lock:
+                if self._dav is None:
+                    wsgi, self._wsgidav = build_wsgidav(state.settings.data_dir)
+                    self._dav = WSGIMiddleware(wsgi, workers=WSGI_THREADS)
+        return self._dav
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        raw = (scope.get("raw_path") or scope["path"].encode("utf-8")).split(b"?", 1)[0]
+        mount, raw_rel = _split_mount(raw)
+        if mount is None:
+            await self.app(scope, receive, send)
+            return
+        method = scope["method"].upper()
+        if mount == FILES_MOUNT and method in ("GET", "HEAD") and not _maybe_shared(raw_rel):
+            await self.app(scope, receive, send)  # the download redirect: the hot path, left alone
+            return
+        state = scope["app"].state
+        try:
+            rel = _rel_text(raw_rel)
+        except InvalidPath as exc:
+            if mount == FILES_MOUNT and method not in DAV_METHODS:
+                await self.app(scope, receive, send)  # the HTTP routes answer their own 400
+            else:
+                await envelope(400, "invalid_path", str(exc))(scope, receive, send)
+            return
+        if mount == FILES_MOUNT and method not in DAV_METHODS:
+            if not _in_shared(rel):
+                if method in ("PUT", "POST", "DELETE") and rel:
+                    await self._http_write(scope, receive, send, method, rel)
+                else:
+                    await self.app(scope, receive, send)
+            elif raw_rel.split(b"/", 1)[0] != dav.SHARED.encode():
+                await envelope(400, "invalid_path", "the shared/ part of the URL must not be percent-encoded")(
+                    scope, receive, send
+                )
+            elif method in ("GET", "HEAD"):
+                # /v1/files/shared/{org}/... is /v1/shared/{org}/...: 302s into the org's drive.
+                rest = raw[len(FILES_MOUNT + b"/" + dav.SHARED.encode()) :]
+                path = "/v1/shared" + scope["path"][len("/v1/files/" + dav.SHARED) :]
+                await self.app({**scope, "path": path, "raw_path": b"/v1/shared" + rest}, receive, send)
+            elif method in WRITE_METHODS:
+                await self._dav_request(scope, receive, send, method, rel, None)  # 401 or 403
+            else:
+                await self.app(scope, receive, send)
+            return
+        if mount == DAV_MOUNT and not state.settings.dav_proxy_enabled:
+            await envelope(404, "not_found", "/v1/dav/ is turned off here (KGPU_DAV_PROXY_ENABLED); use /v1/files/")(
+                scope, receive, send
+            )
+            return
+        destination = None
+        if method in ("COPY", "MOVE"):
+            try:
+                destination = self._destination(scope, mount)
+            except InvalidPath as exc:
+                await envelope(400, "invalid_path", f"Destination: {exc}")(scope, receive, send)
+                return
+        await self._dav_request(scope, receive, send, method, rel, destination, mount)
+
+    async def _http_write(self, scope: Scope, receive: Receive, send: Send, method: str, rel: str) -> None:
+        """PUT, POST and DELETE on /v1/files/ stay HTTP routes, but respect WebDAV locks (423
+        without the lock token in an ``If`` header), and a DELETE drops the dead properties
+        and locks of what it deleted."""
+        principal = await self._authenticate(scope)
+        if isinstance(principal, Response):
+            await self.app(scope, receive, send)  # the route answers 401 or 403 in its own words
+            return
+        self._dav_app(scope["app"].state)
+        locks, properties = self._wsgidav.lock_manager, self._wsgidav.prop_manager
+        ref = quote("/" + principal.drive_prefix + rel.rstrip("/"))
+        conditions = {"HTTP_IF": _header(scope, b"if")} if _header(scope, b"if") else {}
+        util.parse_if_header_dict(conditions)
+        try:
+            locks.check_write_permission(
+                url=ref,
+                depth="infinity" if method == "DELETE" else "0",
+                token_list=conditions["wsgidav.ifLockTokenList"],
+                principal=f"user:{principal.user_id}",
+            )
+        except DAVError:
+            await envelope(423, "locked", f"{rel} is locked; send its lock token in an If header")(scope, receive, send)
+            return
+        if method != "DELETE":
+            await self.app(scope, receive, send)
+            return
+        status = 0
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, send_noting_status)
+        if status == 204:
+            properties.remove_tree(ref)
+            locks.remove_all_locks_from_url(ref, recursive=True)
+
+    @staticmethod
+    def _destination(scope: Scope, mount: bytes) -> str | None:
+        """The decoded path of a Destination inside the same mount, checked like a request path."""
+        value = _header(scope, b"destination")
+        if not value:
+            return None
+        raw = urlsplit(value).path.encode("latin-1")
+        dest_mount, raw_rel = _split_mount(raw)
+        if dest_mount != mount:
+            return None  # another mount or host: wsgidav answers 502
+        return _rel_text(raw_rel)
+
+    async def _dav_request(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        method: str,
+        rel: str,
+        destination: str | None,
+        mount: bytes | None = None,
+    ) -> None:
+        principal = await self._authenticate(scope)
+        if isinstance(principal, Response):
+            await principal(scope, receive, send)
+            return
+        if (method in WRITE_METHODS and _in_shared(rel)) or (destination is not None and _in_shared(destination)):
+            await envelope(403, "read_only", "shared/ shows your organisations' drives read-only; use /v1/shared/")(
+                scope, receive, send
+            )
+            return
+        if mount is None:  # a write in the shared/ subtree, refused above
+            return
+        state = scope["app"].state
+        settings = state.settings
+
+        def load_orgs() -> list[str]:
+            with state.sessions() as session:
+                return [org.slug for org, _ in orgs.visible_orgs(session, principal)]
+
+        context = dav.DavContext(
+            store=state.store,
+            prefix=principal.drive_prefix,
+            principal=f"user:{principal.user_id}",
+            load_orgs=load_orgs,
+            usage=state.usage,
+            quota_bytes=settings.user_quota_bytes,
+            part_size=settings.upload_part_bytes,
+            unknown_length_part_size=settings.upload_unknown_length_part_bytes,
+            presign_expires=settings.presign_expires_seconds,
+        )
+
+        async def send_without_date(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                # uvicorn adds its own Date header; wsgidav's would be a second one.
+                message = {**message, "headers": [h for h in message["headers"] if h[0] != b"date"]}
+            await send(message)
+
+        await self._dav_app(state)({**scope, dav.ENVIRON_KEY: context}, receive, send_without_date)
+
+    @staticmethod
+    async def _authenticate(scope: Scope) -> Principal | Response:
+        authenticator = scope["app"].state.authenticator
+        try:
+            token = authenticator.bearer(_header(scope, b"authorization"), allow_basic=True)
+            principal = authenticator.cached(token) or await run_in_threadpool(authenticator.lookup, token)
+        except ApiError as exc:
+            response = envelope(exc.status, exc.error_code, exc.message)
+            if exc.status == 401:
+                response.raw_headers = [h for h in response.raw_headers if h[0] != b"www-authenticate"] + CHALLENGES
+            return response
+        if principal.status != "approved":
+            return envelope(403, "account_pending", "your account is waiting for an admin's approval")
+        if principal.user_id is None:
+            return envelope(403, "no_drive", "the environment admin token has no drive; use a user's token")
+        return principal

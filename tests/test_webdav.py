@@ -1,0 +1,360 @@
+"""WebDAV on /v1/files/ and /v1/dav/ (gateway/dav_app.py, drive/dav.py), with requests on every stack."""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import hashlib
+import os
+import uuid
+import xml.etree.ElementTree as ET
+from urllib.parse import quote, unquote
+
+import pytest
+import requests
+
+from drive.listing import FOLDER_MARKER
+from tests.conftest import Account, LiveServer
+
+D = "{DAV:}"
+NAMES = ["a b.txt", "hash#.txt", "pct%41.txt", "plus+.txt", "ünï.txt", "🚀 emoji.bin"]
+
+
+def dav(method: str, url: str, account, **kwargs) -> requests.Response:
+    headers = {**account.auth, **kwargs.pop("headers", {})}
+    return requests.request(method, url, headers=headers, allow_redirects=False, **kwargs)
+
+
+def propfind(url: str, account, depth: str = "1", body: bytes | None = None) -> dict[str, dict[str, ET.Element]]:
+    reply = dav("PROPFIND", url, account, headers={"Depth": depth}, data=body)
+    assert reply.status_code == 207, (reply.status_code, reply.text)
+    found = {}
+    for response in ET.fromstring(reply.content).iter(f"{D}response"):
+        href = response.find(f"{D}href").text
+        props = {}
+        for propstat in response.iter(f"{D}propstat"):
+            if propstat.find(f"{D}status").text.split()[1] == "200":
+                for prop in propstat.find(f"{D}prop"):
+                    props[prop.tag] = prop
+        found[href] = props
+    return found
+
+
+def names_in(listing: dict, folder_href: str) -> set[str]:
+    return {unquote(href[len(folder_href) :]).rstrip("/") for href in listing if href != folder_href}
+
+
+def put(stack, account, rel: str, data: bytes) -> None:
+    reply = requests.put(f"{stack.base}/v1/files/{quote(rel)}", data=data, headers=account.auth)
+    assert reply.status_code in (200, 201), reply.text
+
+
+def fetch(stack, account, rel: str, mount: str = "files") -> bytes:
+    reply = requests.get(f"{stack.base}/v1/{mount}/{quote(rel)}", headers=account.auth)
+    assert reply.status_code == 200, (rel, reply.status_code)
+    return reply.content
+
+
+def test_propfind_properties_and_names_round_trip(stack, user):
+    for n, name in enumerate(NAMES):
+        put(stack, user, f"dir/{name}", name.encode() * (n + 1))
+    base = f"{stack.base}/v1/files/dir/"
+    listing = propfind(base, user)
+    assert names_in(listing, "/v1/files/dir/") == set(NAMES)
+    for n, name in enumerate(NAMES):
+        href = "/v1/files/dir/" + quote(name)
+        assert href in listing, (href, list(listing))  # hrefs are percent-encoded
+        props = listing[href]
+        assert props[f"{D}getcontentlength"].text == str(len(name.encode()) * (n + 1))
+        assert props[f"{D}displayname"].text == name
+        assert len(props[f"{D}resourcetype"]) == 0
+        head = requests.head(base + quote(name), headers=user.auth)
+        assert props[f"{D}getetag"].text == head.headers["ETag"] and props[f"{D}getetag"].text.startswith('"')
+        modified = props[f"{D}getlastmodified"].text
+        assert email.utils.format_datetime(email.utils.parsedate_to_datetime(modified), usegmt=True) == modified
+        assert props[f"{D}getcontenttype"].text
+        single = propfind(base + quote(name), user, depth="0")
+        assert list(single) == [href]
+        assert fetch(stack, user, f"dir/{name}") == name.encode() * (n + 1)
+    assert listing["/v1/files/dir/"][f"{D}resourcetype"].find(f"{D}collection") is not None
+
+
+def test_depth_infinity_is_refused(stack, user):
+    for depth in ({"Depth": "infinity"}, {}):
+        reply = dav("PROPFIND", f"{stack.base}/v1/files/", user, headers=depth)
+        assert reply.status_code == 403
+        assert ET.fromstring(reply.content).find(f"{D}propfind-finite-depth") is not None
+
+
+def test_listing_needs_no_head_per_object(stack, user):
+    for n in range(25):
+        stack.store.put_object(f"users/{user.id}/many/f{n:02d}.txt", b"x" * n)
+    store = stack.store
+    calls = {"head": 0, "list_page": 0}
+    originals = {name: getattr(store, name) for name in calls}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    for name in calls:
+        setattr(store, name, counting(name))
+    try:
+        listing = propfind(f"{stack.base}/v1/files/many/", user)
+    finally:
+        for name in calls:
+            delattr(store, name)
+    assert len(listing) == 26
+    assert calls["head"] <= 1 and calls["list_page"] <= 2, calls
+
+
+def test_mkcol_makes_empty_folders_with_a_hidden_marker(stack, user):
+    base = f"{stack.base}/v1/files"
+    assert dav("MKCOL", f"{base}/empty/", user).status_code == 201
+    assert dav("MKCOL", f"{base}/empty/", user).status_code == 405
+    assert dav("MKCOL", f"{base}/no/parent/", user).status_code == 409
+    assert dav("MKCOL", f"{base}/empty/inner", user).status_code == 201
+    assert names_in(propfind(f"{base}/", user), "/v1/files/") == {"empty"}
+    assert names_in(propfind(f"{base}/empty/", user), "/v1/files/empty/") == {"inner"}
+    assert names_in(propfind(f"{base}/empty/inner/", user), "/v1/files/empty/inner/") == set()
+    assert stack.store.head(f"users/{user.id}/empty/inner/{FOLDER_MARKER}") is not None
+    # Hidden from the HTTP listings too.
+    assert requests.get(f"{base}?json=1", headers=user.auth).json()["files"] == []
+    assert requests.get(f"{base}/empty/inner/?json=1", headers=user.auth).json()["entries"] == []
+    assert FOLDER_MARKER not in requests.get(f"{base}/empty/inner/", headers=user.auth).text
+    # The marker's name is reserved; a file cannot take a folder's name.
+    assert dav("MKCOL", f"{base}/empty/{FOLDER_MARKER}", user).status_code == 403
+    assert dav("PROPFIND", f"{base}/empty/inner/{FOLDER_MARKER}", user, headers={"Depth": "0"}).status_code == 404
+    assert requests.put(f"{base}/empty", data=b"x", headers=user.auth).status_code == 409
+    assert requests.delete(f"{base}/empty/", headers=user.auth).status_code == 204
+    assert names_in(propfind(f"{base}/", user), "/v1/files/") == set()
+
+
+def test_copy_and_move_files_and_folders(stack, user):
+    base = f"{stack.base}/v1/files"
+    put(stack, user, "src/a.txt", b"A")
+    put(stack, user, "src/sub/b c.txt", b"B" * 100)
+    assert dav("MKCOL", f"{base}/src/sub/empty/", user).status_code == 201
+    # COPY a file: 201 new, 412 with Overwrite: F on an existing one, 204 with Overwrite: T.
+    copy = {"Destination": f"{base}/dst/a%20copy.txt"}
+    assert dav("MKCOL", f"{base}/dst/", user).status_code == 201
+    assert dav("COPY", f"{base}/src/a.txt", user, headers=copy).status_code == 201
+    assert dav("COPY", f"{base}/src/a.txt", user, headers={**copy, "Overwrite": "F"}).status_code == 412
+    put(stack, user, "src/a.txt", b"A2")
+    assert dav("COPY", f"{base}/src/a.txt", user, headers={**copy, "Overwrite": "T"}).status_code == 204
+    assert fetch(stack, user, "dst/a copy.txt") == b"A2"
+    # COPY a folder (Depth infinity), empty subfolders included.
+    assert dav("COPY", f"{base}/src/", user, headers={"Destination": f"{base}/dst/tree/"}).status_code == 201
+    assert fetch(stack, user, "dst/tree/sub/b c.txt") == b"B" * 100
+    assert names_in(propfind(f"{base}/dst/tree/sub/", user), "/v1/files/dst/tree/sub/") == {"b c.txt", "empty"}
+    # COPY Depth 0 of a folder makes an empty folder.
+    assert dav("COPY", f"{base}/src/", user, headers={"Destination": f"{base}/shallow/", "Depth": "0"}).status_code == 201
+    assert names_in(propfind(f"{base}/shallow/", user), "/v1/files/shallow/") == set()
+    # MOVE a file, then a folder over an existing one.
+    assert dav("MOVE", f"{base}/dst/a%20copy.txt", user, headers={"Destination": f"{base}/moved.txt"}).status_code == 201
+    assert requests.head(f"{base}/dst/a%20copy.txt", headers=user.auth).status_code == 404
+    assert fetch(stack, user, "moved.txt") == b"A2"
+    move = {"Destination": f"{base}/shallow/"}
+    assert dav("MOVE", f"{base}/dst/tree/", user, headers={**move, "Overwrite": "F"}).status_code == 412
+    assert dav("MOVE", f"{base}/dst/tree/", user, headers=move).status_code == 204
+    assert dav("PROPFIND", f"{base}/dst/tree/", user, headers={"Depth": "0"}).status_code == 404
+    assert fetch(stack, user, "shallow/sub/b c.txt") == b"B" * 100
+    assert fetch(stack, user, "shallow/a.txt") == b"A2"
+    # Quota usage follows the copies and moves: src (2 + 100) + shallow (2 + 100) + moved.txt (2).
+    assert requests.get(f"{base}?json=1", headers=user.auth).json()["total_bytes"] == 206
+    # Onto itself, below itself, into a missing folder.
+    assert dav("MOVE", f"{base}/src/", user, headers={"Destination": f"{base}/src/sub/x/"}).status_code == 403
+    assert dav("COPY", f"{base}/src/a.txt", user, headers={"Destination": f"{base}/nowhere/a.txt"}).status_code == 409
+
+
+def test_paths_and_destinations_cannot_escape(stack, user):
+    base = f"{stack.base}/v1/files"
+    put(stack, user, "a.txt", b"a")
+    for bad in ["a%2Fb", "%2e%2e/", "x/%2e%2e/%2e%2e/", "bad%ffutf8", "nul%00", "back%5cslash"]:
+        reply = dav("PROPFIND", f"{base}/{bad}", user, headers={"Depth": "0"})
+        assert reply.status_code == 400, (bad, reply.status_code)
+        assert reply.json()["error_code"] == "invalid_path"
+    for bad in ["../../users/1/x", "%2e%2e/%2e%2e/users/1/x", "a%2Fb", "ok/%ff"]:
+        reply = dav("COPY", f"{base}/a.txt", user, headers={"Destination": f"{base}/{bad}"})
+        assert reply.status_code in (400, 502), (bad, reply.status_code)
+    other = stack.new_user()
+    reply = dav("COPY", f"{base}/a.txt", user, headers={"Destination": f"{stack.base}/v1/shared/x/a.txt"})
+    assert reply.status_code == 502
+    assert requests.get(f"{base}?json=1", headers=other.auth).json()["files"] == []
+
+
+def test_proppatch_keeps_dead_properties(stack, user):
+    base = f"{stack.base}/v1/files"
+    put(stack, user, "p.txt", b"p")
+    body = (
+        b'<?xml version="1.0"?><D:propertyupdate xmlns:D="DAV:" xmlns:K="urn:kgpu:test">'
+        b"<D:set><D:prop><K:color>blue \xc3\xbc</K:color></D:prop></D:set></D:propertyupdate>"
+    )
+    assert dav("PROPPATCH", f"{base}/p.txt", user, data=body).status_code == 207
+    wanted = b'<D:propfind xmlns:D="DAV:" xmlns:K="urn:kgpu:test"><D:prop><K:color/></D:prop></D:propfind>'
+    assert propfind(f"{base}/p.txt", user, "0", wanted)["/v1/files/p.txt"]["{urn:kgpu:test}color"].text == "blue ü"
+    # Properties follow a MOVE, and are the same through /v1/dav/.
+    assert dav("MOVE", f"{base}/p.txt", user, headers={"Destination": f"{base}/q.txt"}).status_code == 201
+    listing = propfind(f"{stack.base}/v1/dav/q.txt", user, "0", wanted)
+    assert listing["/v1/dav/q.txt"]["{urn:kgpu:test}color"].text == "blue ü"
+    # A DELETE through the HTTP route drops them: a new file of the same name starts bare.
+    assert requests.delete(f"{base}/q.txt", headers=user.auth).status_code == 204
+    put(stack, user, "q.txt", b"q")
+    assert "{urn:kgpu:test}color" not in propfind(f"{base}/q.txt", user, "0", wanted)["/v1/files/q.txt"]
+    # Protected live properties stay protected.
+    protected = b'<D:propertyupdate xmlns:D="DAV:"><D:set><D:prop><D:getetag>x</D:getetag></D:prop></D:set></D:propertyupdate>'
+    reply = dav("PROPPATCH", f"{base}/q.txt", user, data=protected)
+    assert reply.status_code == 207 and "403" in reply.text
+
+
+def test_lock_and_unlock(stack, user):
+    base = f"{stack.base}/v1/files"
+    put(stack, user, "locked.txt", b"v1")
+    body = (
+        b'<?xml version="1.0"?><D:lockinfo xmlns:D="DAV:"><D:lockscope><D:exclusive/></D:lockscope>'
+        b"<D:locktype><D:write/></D:locktype><D:owner>me</D:owner></D:lockinfo>"
+    )
+    reply = dav("LOCK", f"{base}/locked.txt", user, data=body, headers={"Timeout": "Second-600"})
+    assert reply.status_code == 200, reply.text
+    token = reply.headers["Lock-Token"]
+    other = {"Destination": f"{base}/elsewhere.txt"}
+    assert dav("MOVE", f"{base}/locked.txt", user, headers=other).status_code == 423
+    # The HTTP routes respect the lock too: 423 without the token, as they were with it.
+    assert requests.put(f"{base}/locked.txt", data=b"v2", headers=user.auth).status_code == 423
+    assert requests.delete(f"{base}/locked.txt", headers=user.auth).json()["error_code"] == "locked"
+    assert requests.put(f"{base}/locked.txt", data=b"v2", headers={**user.auth, "If": f"({token})"}).status_code == 200
+    assert dav("PUT", f"{stack.base}/v1/dav/locked.txt", user, data=b"v3").status_code == 423
+    assert dav("MOVE", f"{base}/locked.txt", user, headers={**other, "If": f"({token})"}).status_code == 201
+    # A LOCK on an unmapped URL creates an empty file.
+    reply = dav("LOCK", f"{base}/new-locked.txt", user, data=body)
+    assert reply.status_code == 201
+    assert requests.head(f"{base}/new-locked.txt", headers=user.auth).headers["Content-Length"] == "0"
+    assert dav("UNLOCK", f"{base}/new-locked.txt", user, headers={"Lock-Token": reply.headers["Lock-Token"]}).status_code == 204
+
+
+def test_auth_basic_bearer_and_challenges(stack, user):
+    url = f"{stack.base}/v1/files/"
+    reply = requests.request("PROPFIND", url, headers={"Depth": "0"})
+    assert reply.status_code == 401
+    challenges = reply.headers["WWW-Authenticate"]
+    assert 'Basic realm="kgpu"' in challenges and "Bearer" in challenges
+    assert reply.json()["error_code"] == "unauthorized"
+    basic = requests.request("PROPFIND", url, headers={"Depth": "0"}, auth=("anyone@anywhere", user.token))
+    assert basic.status_code == 207
+    wrong = requests.request("PROPFIND", url, headers={"Depth": "0"}, auth=(user.email, "kgpu_" + "0" * 48))
+    assert wrong.status_code == 401 and 'Basic realm="kgpu"' in wrong.headers["WWW-Authenticate"]
+    # Basic also works on the plain HTTP routes of the drive, so WebDAV clients can GET and PUT.
+    assert requests.put(f"{url}basic.txt", data=b"hi", auth=("x", user.token)).status_code == 201
+    assert requests.get(f"{url}basic.txt", auth=("x", user.token), allow_redirects=False).status_code == 302
+    header = "Basic " + base64.b64encode(b"x:" + user.token.encode()).decode()
+    assert requests.get(f"{stack.base}/v1/me", headers={"Authorization": header}).status_code == 401
+    pending = stack.new_user(status="pending")
+    assert dav("PROPFIND", url, pending, headers={"Depth": "0"}).status_code == 403
+    assert requests.request("PROPFIND", url, headers={**stack.admin, "Depth": "0"}).json()["error_code"] == "no_drive"
+
+
+def test_dav_mount_proxies_bytes_and_can_be_turned_off(stack, user):
+    base = f"{stack.base}/v1/dav"
+    data = os.urandom(7 << 20)  # more than one 5 MiB part: a multipart upload through wsgidav
+    reply = dav("PUT", f"{base}/proxied/big%20file.bin", user, data=data)
+    assert reply.status_code == 409  # no parent folder yet: WebDAV semantics on this mount
+    assert dav("MKCOL", f"{base}/proxied/", user).status_code == 201
+    reply = dav("PUT", f"{base}/proxied/big%20file.bin", user, data=data)
+    assert reply.status_code == 201 and reply.headers["ETag"].startswith('"')
+    reply = dav("GET", f"{base}/proxied/big%20file.bin", user)
+    assert reply.status_code == 200 and hashlib.sha256(reply.content).digest() == hashlib.sha256(data).digest()
+    ranged = dav("GET", f"{base}/proxied/big%20file.bin", user, headers={"Range": "bytes=6000000-6000009"})
+    assert ranged.status_code == 206 and ranged.content == data[6000000:6000010]
+    # The same object through /v1/files: a 302, and the same bytes.
+    assert fetch(stack, user, "proxied/big file.bin") == data
+    assert dav("GET", f"{stack.base}/v1/files/proxied/big%20file.bin", user).status_code == 302
+    assert dav("DELETE", f"{base}/proxied/", user).status_code == 204
+    assert dav("GET", f"{base}/proxied/big%20file.bin", user).status_code == 404
+    stack.settings.dav_proxy_enabled = False
+    try:
+        assert dav("PROPFIND", f"{base}/", user, headers={"Depth": "0"}).status_code == 404
+        assert dav("PROPFIND", f"{stack.base}/v1/files/", user, headers={"Depth": "0"}).status_code == 207
+    finally:
+        stack.settings.dav_proxy_enabled = True
+
+
+def test_copy_checks_the_quota(stack, user):
+    put(stack, user, "q/one.bin", b"1" * 1000)
+    old = stack.settings.user_quota_bytes
+    stack.settings.user_quota_bytes = 1500
+    try:
+        reply = dav("COPY", f"{stack.base}/v1/files/q/", user, headers={"Destination": f"{stack.base}/v1/files/q2/"})
+        assert reply.status_code == 507
+        reply = dav("PUT", f"{stack.base}/v1/dav/q/two.bin", user, data=b"2" * 1000)
+        assert reply.status_code == 507
+    finally:
+        stack.settings.user_quota_bytes = old
+
+
+def test_shared_subtree_is_read_only(stack):
+    owner, member, outsider = stack.new_user(), stack.new_user(), stack.new_user()
+    slug = "dav-" + uuid.uuid4().hex[:8]
+    reply = requests.post(f"{stack.base}/v1/admin/orgs", json={"slug": slug, "owner_user_id": owner.id}, headers=stack.admin)
+    assert reply.status_code == 201
+    requests.post(f"{stack.base}/v1/admin/orgs/{slug}/members", json={"user_id": member.id}, headers=stack.admin)
+    assert requests.put(f"{stack.base}/v1/shared/{slug}/d/data%201.csv", data=b"a,b\n", headers=owner.auth).ok
+    base = f"{stack.base}/v1/files"
+    assert "shared" in names_in(propfind(f"{base}/", member), "/v1/files/")
+    assert names_in(propfind(f"{base}/shared/", member), "/v1/files/shared/") == {slug}
+    listing = propfind(f"{base}/shared/{slug}/d/", member)
+    assert names_in(listing, f"/v1/files/shared/{slug}/d/") == {"data 1.csv"}
+    assert fetch(stack, member, f"shared/{slug}/d/data 1.csv") == b"a,b\n"
+    assert fetch(stack, member, f"shared/{slug}/d/data 1.csv", mount="dav") == b"a,b\n"
+    target = f"{base}/shared/{slug}/d/data%201.csv"
+    refused = {
+        "PUT": dav("PUT", f"{base}/shared/{slug}/new.txt", member, data=b"x"),
+        "DELETE": dav("DELETE", target, member),
+        "MKCOL": dav("MKCOL", f"{base}/shared/{slug}/new/", member),
+        "MOVE": dav("MOVE", target, member, headers={"Destination": f"{base}/mine.csv"}),
+        "PROPPATCH": dav("PROPPATCH", target, member, data=b'<D:propertyupdate xmlns:D="DAV:"/>'),
+        "LOCK": dav("LOCK", target, member, data=b'<D:lockinfo xmlns:D="DAV:"/>'),
+        "COPY in": dav("COPY", f"{base}/shared/{slug}/d/", member, headers={"Destination": f"{base}/shared/{slug}/e/"}),
+        "PUT dav": dav("PUT", f"{stack.base}/v1/dav/shared/{slug}/new.txt", member, data=b"x"),
+    }
+    assert {what: reply.status_code for what, reply in refused.items()} == {what: 403 for what in refused}
+    # Even an uploader of the org writes through /v1/shared/, never through this subtree.
+    assert dav("PUT", f"{base}/shared/{slug}/new.txt", owner, data=b"x").status_code == 403
+    # Copying out of it into my drive is fine.
+    copied = dav("COPY", target, member, headers={"Destination": f"{base}/mine.csv"})
+    assert copied.status_code == 201
+    assert fetch(stack, member, "mine.csv") == b"a,b\n"
+    # Others see nothing.
+    assert "shared" not in names_in(propfind(f"{base}/", outsider), "/v1/files/")
+    assert dav("PROPFIND", f"{base}/shared/{slug}/", outsider, headers={"Depth": "0"}).status_code == 404
+    assert dav("GET", f"{base}/shared/{slug}/d/data%201.csv", outsider).status_code == 404
+
+
+@pytest.mark.parametrize("stack", ["rclone-sqlite"], indirect=True)
+def test_locks_and_properties_survive_a_restart(stack, tmp_path):
+    settings = stack.settings.model_copy(update={"data_dir": tmp_path})
+    server = LiveServer(settings).start()
+    try:
+        reply = requests.post(f"{server.base}/v1/admin/users", json={"email": "r@lab.example"}, headers=stack.admin)
+        account = Account(reply.json()["user"]["id"], "r@lab.example", reply.json()["token"], server.base)
+        base = f"{server.base}/v1/files"
+        assert requests.put(f"{base}/keep.txt", data=b"k", headers=account.auth).status_code == 201
+        body = b'<D:propertyupdate xmlns:D="DAV:" xmlns:K="urn:k"><D:set><D:prop><K:x>1</K:x></D:prop></D:set></D:propertyupdate>'
+        assert dav("PROPPATCH", f"{base}/keep.txt", account, data=body).status_code == 207
+        lock = b'<D:lockinfo xmlns:D="DAV:"><D:lockscope><D:exclusive/></D:lockscope><D:locktype><D:write/></D:locktype></D:lockinfo>'
+        token = dav("LOCK", f"{base}/keep.txt", account, data=lock).headers["Lock-Token"]
+    finally:
+        server.stop()
+    server = LiveServer(settings).start()
+    try:
+        base = f"{server.base}/v1/files"
+        props = propfind(f"{base}/keep.txt", account, "0")["/v1/files/keep.txt"]
+        assert props["{urn:k}x"].text == "1"
+        assert token.strip("<>") in ET.tostring(props[f"{D}lockdiscovery"]).decode()
+        assert dav("MOVE", f"{base}/keep.txt", account, headers={"Destination": f"{base}/k2.txt"}).status_code == 423
+        moved = dav("MOVE", f"{base}/keep.txt", account, headers={"Destination": f"{base}/k2.txt", "If": f"({token})"})
+        assert moved.status_code == 201
+    finally:
+        server.stop()
