@@ -310,6 +310,8 @@ def _file_path(request: Request, drive: Drive, method: str) -> DrivePath:
     path = drive.path(request)
     if path.is_dir:
         raise ApiError(400, "is_a_folder", f"{method} needs a file path, not one ending in '/'")
+    if path.name == listing.FOLDER_MARKER:
+        raise ApiError(400, "reserved_name", f"{listing.FOLDER_MARKER} is reserved for folder markers")
     drive.require_write()
     return path
 

@@ -353,3 +353,8 @@ def test_fast_download_path_agrees_with_the_routes(stack, user):
     pending = stack.new_user(status="pending")
     requests.get(f"{stack.base}/v1/me", headers=pending.auth)  # now cached
     assert requests.get(f"{stack.base}/v1/files/x", headers=pending.auth, allow_redirects=False).status_code == 403
+
+
+def test_folder_marker_name_is_reserved(stack, user):
+    reply = requests.put(f"{stack.base}/v1/files/a/.kgpu-folder", data=b"x", headers=user.auth)
+    assert reply.status_code == 400 and reply.json()["error_code"] == "reserved_name"
