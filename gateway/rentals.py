@@ -23,7 +23,7 @@ from gateway.auth import Principal
 from gateway.errors import ApiError
 from gateway.inventory import GpuClass, free_indices
 from gateway.models import ApiToken, Rental, User, utcnow
-from gateway.pods import PodBackend, PodError, PodSpec
+from gateway.pods import PodBackend, PodError, PodSpec, PodStatus
 from gateway.settings import Settings
 from gateway.tokens import as_utc
 
@@ -47,6 +47,16 @@ def parse_cpu(value: str | float) -> float:
     text = str(value).strip()
     cores = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
     return cores
+
+
+def check_env(value: dict[str, str] | None) -> dict[str, str] | None:
+    """Extra environment of a pod or a run: valid names, and none of the variables kgpu sets."""
+    for name in value or {}:
+        if not _ENV_NAME.match(name):
+            raise ValueError(f"env name {name!r} is not a valid variable name")
+        if name.startswith("KGPU_") or name in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"):
+            raise ValueError(f"env {name} is set by kgpu and cannot be overridden")
+    return value
 
 
 class RentRequest(BaseModel):
@@ -88,12 +98,7 @@ class RentRequest(BaseModel):
     @field_validator("env")
     @classmethod
     def _env(cls, value):
-        for name in value or {}:
-            if not _ENV_NAME.match(name):
-                raise ValueError(f"env name {name!r} is not a valid variable name")
-            if name.startswith("KGPU_") or name in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"):
-                raise ValueError(f"env {name} is set by kgpu and cannot be overridden")
-        return value
+        return check_env(value)
 
 
 class Rentals:
@@ -322,8 +327,16 @@ class Rentals:
         ending: list[tuple[str, str]] = []
         with self.sessions.begin() as session:
             for rental in session.scalars(select(Rental).where(Rental.phase.in_(("Pending", "Running")))):
-                if rental.pod_ref and self._has_live_run(rental.pod_ref):
-                    rental.last_activity_at = now
+                if rental.pod_ref:
+                    status = self._status(rental.pod_ref)
+                    if status.phase in ("Gone", "Failed"):
+                        ending.append((rental.id, f"pod_lost: {status.reason or status.phase}"))
+                        continue
+                    rental.ready = status.ready
+                    rental.phase = "Running" if status.phase == "Running" else "Pending"
+                    rental.pending_reason = None if status.ready else status.reason
+                    if self._has_live_run(rental.pod_ref):
+                        rental.last_activity_at = now
                 billing.charge(session, rental, now)
                 idle = (now - as_utc(rental.last_activity_at)).total_seconds()
                 rental.idle_warning = idle >= self.settings.idle_warning_seconds
@@ -345,6 +358,12 @@ class Rentals:
         for rental_id, reason in ending:
             self._finish(rental_id, "Ended", reason)
         return ending
+
+    def _status(self, ref: str) -> PodStatus:
+        try:
+            return self.backend.status(ref)
+        except PodError as exc:
+            return PodStatus("Pending", False, f"pod status unknown: {exc}")
 
     def _has_live_run(self, ref: str) -> bool:
         try:

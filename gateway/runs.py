@@ -33,7 +33,8 @@ def _iso(moment: float | None) -> str | None:
 def run_summary(gpu_id: str, state: RunState) -> dict:
     end = state.completed_at
     elapsed = None
-    if state.started_at is not None:
+    if state.started_at is not None and (end is not None or not state.finished):
+        # A run killed with its wrapper has no completion time: its elapsed time is unknown.
         elapsed = round((end or datetime.now(timezone.utc).timestamp()) - state.started_at, 3)
     return {
         "run_id": state.run_id,

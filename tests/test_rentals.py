@@ -325,3 +325,20 @@ def test_missing_image_fails_the_start_on_docker(docker_server):
     assert reply.status_code == 201
     body = reply.json()
     assert body["phase"] == "Failed" and body["end_reason"].startswith("start_failed:")
+
+
+def test_runs_cannot_see_the_gateway_or_other_pods(stack, user):
+    if not stack.server.app.state.rentals.backend.sandbox:
+        pytest.fail("bubblewrap is needed for the local backend's sandbox: .ci/run installs it")
+    mine = rent(stack.base, user.token).json()["gpu_id"]
+    other = rent(stack.base, stack.new_user().token).json()["gpu_id"]
+    data_dir = stack.settings.data_dir.resolve()
+    probe = run(stack.base, user.token, mine, ["sh", "-c", f"ls {data_dir} 2>&1; ls {data_dir}/pods/{other} 2>&1; pwd; echo x > /tmp/mine && echo wrote"])
+    assert "kgpu.db" not in probe["stdout"] and "pod.json" not in probe["stdout"]
+    assert probe["stdout"].endswith("/workspace\nwrote\n")
+    escaped = run(stack.base, user.token, mine, ["sh", "-c", "echo no > /etc/kgpu-escape"])
+    assert escaped["exit_code"] != 0
+    bad_env = requests.post(
+        f"{stack.base}/v1/runs", json={"gpu_id": mine, "command": ["true"], "env": {"KGPU_GPU_ID": "x"}}, headers=user.auth
+    )
+    assert bad_env.status_code == 422

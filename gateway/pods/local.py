@@ -1,9 +1,12 @@
 """The ``local`` pod backend: a rental is a directory on this host and its runs are processes.
 
 A pod is ``{data_dir}/pods/{rental_id}/`` holding ``workspace/`` (the working
-directory of every run) and ``tmp/kgpu/runs/`` (the run state the runner
-writes). GPUs are pinned with ``CUDA_VISIBLE_DEVICES``/``NVIDIA_VISIBLE_DEVICES``.
-Runs start in their own session, so they outlive a gateway killed with SIGKILL.
+directory of every run) and ``tmp/`` (the pod's /tmp, where the runner keeps run
+state under kgpu/runs/). Where bubblewrap is installed every run is sandboxed:
+it sees ``/workspace`` and ``/tmp`` of its own pod, the host read-only, and not
+the gateway's data directory. GPUs are pinned with ``CUDA_VISIBLE_DEVICES``/
+``NVIDIA_VISIBLE_DEVICES``. Runs start in their own session, so they outlive a
+gateway killed with SIGKILL.
 """
 
 from __future__ import annotations
@@ -49,12 +52,37 @@ def read_tail(path: Path, limit: int) -> tuple[bytes, bool]:
         return b"", False
 
 
+def sandbox_command(workspace: Path, pod_tmp: Path, hidden: list[Path]) -> list[str]:
+    """bubblewrap around a run: the host read-only, the pod's own /tmp and /workspace
+    writable, and the gateway's data directory (database, store, other pods) out of sight.
+    The network stays shared: runs reach KGPU_API_BASE. No pid namespace: the gateway
+    signals runs by their host pids."""
+    command = ["bwrap"]
+    for entry in sorted(os.listdir("/")):
+        path = Path("/") / entry
+        if entry in ("tmp", "proc", "dev", "workspace"):
+            continue
+        if path.is_symlink():
+            command += ["--symlink", os.readlink(path), str(path)]
+        elif path.is_dir():
+            command += ["--ro-bind", str(path), str(path)]
+    command += ["--dev", "/dev", "--proc", "/proc", "--bind", str(pod_tmp), "/tmp", "--bind", str(workspace), "/workspace"]
+    for path in hidden:
+        if not path.is_relative_to("/tmp"):
+            command += ["--tmpfs", str(path)]
+    return command + ["--chdir", "/workspace", "--"]
+
+
 class LocalPodBackend:
     name = "local"
 
-    def __init__(self, root: Path):
-        self.root = Path(root)
+    def __init__(self, root: Path, sandbox: bool | None = None, hidden: list[Path] | None = None):
+        """``sandbox``: run inside bubblewrap (None: when ``bwrap`` is installed). ``hidden``:
+        paths a sandboxed run must not see (the data directory by default)."""
+        self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.sandbox = shutil.which("bwrap") is not None if sandbox is None else sandbox
+        self.hidden = [p.resolve() for p in (hidden if hidden is not None else [self.root.parent])]
 
     def _pod(self, ref: str) -> Path:
         pod = self.root / ref
@@ -112,15 +140,20 @@ class LocalPodBackend:
         record = json.loads((pod / "pod.json").read_text())
         run_dir = self._runs(ref) / run_id
         workspace = pod / "workspace"
+        if self.sandbox:
+            prefix = sandbox_command(workspace, pod / "tmp", self.hidden)
+            inner_run_dir, home = f"{RUNS_DIR}/{run_id}", "/workspace"
+        else:
+            prefix, inner_run_dir, home = [], str(run_dir), str(workspace)
         process_env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": str(workspace),
+            "HOME": home,
             "LANG": "C.UTF-8",
             **record["env"],
             **env,
         }
         process = subprocess.Popen(
-            ["sh", "-c", RUNNER, "kgpu-run", str(run_dir), *argv],
+            [*prefix, "sh", "-c", RUNNER, "kgpu-run", inner_run_dir, *argv],
             cwd=workspace,
             env=process_env,
             stdin=subprocess.DEVNULL,
@@ -178,6 +211,6 @@ class LocalPodBackend:
         if not runner or not _alive(int(runner)):
             return
         try:
-            os.killpg(int(runner), _SIGNALS[signal_name])
+            os.killpg(os.getpgid(int(runner)), _SIGNALS[signal_name])
         except ProcessLookupError:
             pass

@@ -6,7 +6,9 @@ dir="$1"; shift
 mkdir -p "$dir" || exit 97
 child=
 term=
-trap 'term=1; [ -n "$child" ] && kill -TERM "$child" 2>/dev/null' TERM
+# The TERM reaches the whole process group, the command included: only note it here,
+# and pass it on if it came before the command was started.
+trap 'term=1' TERM
 echo "$$" > "$dir/runner_pid"
 date +%s.%N > "$dir/started_at"
 "$@" > "$dir/stdout" 2> "$dir/stderr" < /dev/null &

@@ -9,14 +9,14 @@ import time
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from gateway import runs
 from gateway.auth import ApprovedUser, Principal
 from gateway.errors import ApiError
 from gateway.pods import RunState
-from gateway.rentals import Rentals
+from gateway.rentals import Rentals, check_env
 
 router = APIRouter(tags=["runs"])
 POLL_SECONDS = 0.05
@@ -28,6 +28,11 @@ class RunRequest(BaseModel):
     command: list[str] = Field(min_length=1, description="argv; wrap shell syntax in ['bash', '-c', '...']")
     env: dict[str, str] | None = None
     wait_seconds: float = Field(default=10, ge=0, le=60)
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value):
+        return check_env(value)
 
 
 def _rentals(request: Request) -> Rentals:
@@ -97,6 +102,7 @@ def list_runs(request: Request, principal: ApprovedUser, gpu_id: str | None = No
             state = rentals.backend.run_state(ref, run_id, 0)
             if state is not None:
                 found.append(runs.run_summary(rental_id, state))
+    found.sort(key=lambda run: (run["started_at"] or "", run["run_id"]))
     return {"runs": found}
 
 
