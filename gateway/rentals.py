@@ -337,6 +337,10 @@ class Rentals:
                     rental.pending_reason = None if status.ready else status.reason
                     if self._has_live_run(rental.pod_ref):
                         rental.last_activity_at = now
+                    used = self._storage(rental.pod_ref)
+                    if used is not None and used > rental.ephemeral_storage_gib << 30:
+                        ending.append((rental.id, "ephemeral_storage_exceeded"))
+                        continue
                 billing.charge(session, rental, now)
                 idle = (now - as_utc(rental.last_activity_at)).total_seconds()
                 rental.idle_warning = idle >= self.settings.idle_warning_seconds
@@ -364,6 +368,12 @@ class Rentals:
             return self.backend.status(ref)
         except PodError as exc:
             return PodStatus("Pending", False, f"pod status unknown: {exc}")
+
+    def _storage(self, ref: str) -> int | None:
+        try:
+            return self.backend.storage_bytes(ref)
+        except PodError:
+            return None
 
     def _has_live_run(self, ref: str) -> bool:
         try:

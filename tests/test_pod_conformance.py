@@ -123,3 +123,12 @@ def test_adopt_and_destroy(pod_backend):
     pod_backend.destroy(ref)
     assert spec.rental_id not in pod_backend.adopt()
     assert pod_backend.status(ref).phase == "Gone"
+
+
+def test_storage_is_measured(pod):
+    backend, ref, _ = pod
+    before = backend.storage_bytes(ref)
+    backend.start_run(ref, "run-disk", ["sh", "-c", "head -c 3000000 /dev/urandom > /tmp/blob; sync"], {})
+    assert wait_finished(backend, ref, "run-disk").exit_code == 0
+    after = backend.storage_bytes(ref)
+    assert before is not None and after - before >= 2_900_000

@@ -342,3 +342,11 @@ def test_runs_cannot_see_the_gateway_or_other_pods(stack, user):
         f"{stack.base}/v1/runs", json={"gpu_id": mine, "command": ["true"], "env": {"KGPU_GPU_ID": "x"}}, headers=user.auth
     )
     assert bad_env.status_code == 422
+
+
+def test_going_over_ephemeral_storage_returns_the_rental(stack, user):
+    rentals = stack.server.app.state.rentals
+    gpu = rent(stack.base, user.token, ephemeral_storage_gib=1).json()["gpu_id"]
+    assert run(stack.base, user.token, gpu, ["sh", "-c", "fallocate -l 1100M /tmp/big || head -c 1100M /dev/zero > /tmp/big"])["exit_code"] == 0
+    assert (gpu, "ephemeral_storage_exceeded") in rentals.tick()
+    assert requests.get(f"{stack.base}/v1/gpus/{gpu}", headers=user.auth).json()["end_reason"] == "ephemeral_storage_exceeded"

@@ -90,3 +90,7 @@ class PodBackend(Protocol):
 
     def signal_run(self, ref: str, run_id: str, signal_name: str) -> None:
         """Send TERM or KILL to the run's process group."""
+
+    def storage_bytes(self, ref: str) -> int | None:
+        """Bytes the pod has written to its ephemeral disk (None: unknown). The reaper
+        returns a rental that goes over its ``ephemeral_storage_gib``."""

@@ -282,6 +282,16 @@ class DockerPodBackend:
             reason += f": {state['Error']}"
         return PodStatus("Failed", False, reason)
 
+    def storage_bytes(self, ref: str) -> int | None:
+        """The writable layer's size: docker cannot cap it on overlay2 (``--storage-opt size``
+        is refused there), so the reaper watches it instead."""
+        try:
+            found = self.api.containers(all=True, size=True, filters={"name": ref})
+        except _DOCKER_ERRORS:
+            return None
+        exact = [c for c in found if f"/{ref}" in c.get("Names", [])]  # the filter matches substrings
+        return exact[0].get("SizeRw") or 0 if exact else None  # docker omits a zero SizeRw
+
     def adopt(self) -> dict[str, str]:
         try:
             found = self.api.containers(all=True, filters={"label": [f"{self._label_managed}=true"]})

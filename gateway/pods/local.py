@@ -214,3 +214,16 @@ class LocalPodBackend:
             os.killpg(os.getpgid(int(runner)), _SIGNALS[signal_name])
         except ProcessLookupError:
             pass
+
+    def storage_bytes(self, ref: str) -> int | None:
+        pod = self.root / ref
+        if not pod.exists():
+            return None
+        total = 0
+        for folder, _, names in os.walk(pod):
+            for name in names:
+                try:
+                    total += os.lstat(os.path.join(folder, name)).st_blocks * 512
+                except FileNotFoundError:
+                    pass
+        return total
