@@ -37,7 +37,7 @@ def _alive(pid: int | None) -> bool:
         return False
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
+    except (OSError, IndexError):  # gone, or exiting while we read (ProcessLookupError)
         return False
     return state not in ("Z", "X")
 

@@ -54,7 +54,11 @@ def set_member(slug: str, body: orgs.Membership, request: Request, principal: Ac
     with request.app.state.sessions.begin() as session:
         found = _managed(session, principal, slug)
         member, user = orgs.set_member(session, found.org, body)
-        return {"org": slug, "member": orgs.describe_member(member, user)}
+        described = orgs.describe_member(member, user)
+        if not principal.is_admin:
+            # An org admin names people by id; echoing their email would let one list every account.
+            described = {"user_id": user.id, "role": member.role}
+        return {"org": slug, "member": described}
 
 
 @router.delete("/{slug}/members/{user_id}", status_code=204)
