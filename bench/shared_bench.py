@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         mounted = mount.mountpoint / org / "big.bin"
         fb.log(f"(c) {args.random_reads} random reads of {args.random_read_kib} KiB, cold")
         cold = random_reads(mounted, source, args.random_reads, read_len, args.seed)
-        fb.log(f"(c) the same reads again, warm")
+        fb.log("(c) the same reads again, warm")
         warm = random_reads(mounted, source, args.random_reads, read_len, args.seed)
         cold["cache_bytes_after"] = tree_bytes(mount.cache_dir)
         results["random"] = {"cold": cold, "warm": warm}

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from gateway.db import make_engine, make_sessionmaker
-from gateway.models import CreditCharge, Rental
+from gateway.models import CreditCharge
 from gateway.rentals import Rentals
 from tests.conftest import ADMIN_TOKEN, LiveServer, make_settings
 
