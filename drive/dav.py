@@ -25,7 +25,10 @@ How a drive looks as WebDAV:
 * dead properties (PROPPATCH) and locks live in SQLite under the data directory
   (:class:`SqlitePropertyManager`, :class:`SqliteLockStorage`), keyed by the
   object key (``/users/7/a/b``), so both mount points see the same ones and
-  both survive a restart.
+  both survive a restart. A PROPFIND reads those of a whole folder with one
+  range query each (:func:`_note_folder_extras`), not two queries per member.
+* a folder's listing is kept for :data:`LISTING_TTL` seconds (:class:`ListingCache`),
+  dropped on every write the gateway makes or sees under it (:func:`invalidate_listing`).
 """
 
 from __future__ import annotations
@@ -36,8 +39,11 @@ import os
 import pickle
 import sqlite3
 import threading
+import time
 import urllib.error
 import urllib.request
+import weakref
+from collections import OrderedDict
 from collections.abc import MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -59,6 +65,7 @@ from wsgidav.dav_error import (
 from wsgidav.dav_provider import DAVCollection, DAVNonCollection, DAVProvider
 from wsgidav.lock_man.lock_storage import LockStorageDict
 from wsgidav.prop_man.property_manager import PropertyManager
+from wsgidav.xml_tools import etree
 
 from drive import keys
 from drive.keys import DrivePath, InvalidPath
@@ -69,6 +76,8 @@ from drive.uploads import MAX_PARTS, choose_part_size
 ENVIRON_KEY = "kgpu.dav"
 _CACHE_KEY = "kgpu.dav.cache"
 _DEST_EXISTED_KEY = "kgpu.dav.dest_existed"
+_EXTRAS_KEY = "kgpu.dav.extras"  # folder ref URL -> (ref URLs with dead properties, lock roots), this request
+_LOCK_URL_PREFIX = "URL2TOKEN:"  # wsgidav's LockStorageDict key for a URL's lock tokens
 SHARED = "shared"  # the virtual read-only subtree at the root of my drive
 _IGNORED_CONTENT_TYPES = {"", "application/x-www-form-urlencoded"}
 COPY_THREADS = 8
@@ -130,8 +139,14 @@ def _ctx(environ: dict) -> DavContext:
     return environ[ENVIRON_KEY]
 
 
-def _invalidate(environ: dict) -> None:
+def _invalidate(environ: dict, *changed_keys: str) -> None:
+    """After a write: forget this request's resources and hints, and the cached listings
+    of the folders that hold (or are under) ``changed_keys``."""
     environ.get(_CACHE_KEY, {}).clear()
+    environ.pop(_EXTRAS_KEY, None)
+    store = _ctx(environ).store
+    for key in changed_keys:
+        invalidate_listing(store, key)
 
 
 def _cache_key(path: str) -> str:
@@ -149,6 +164,95 @@ def _type_of_suffix(suffix: str) -> str:
 
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+# ---------------------------------------------------------------- folder listings, cached briefly
+
+LISTING_TTL = 2.0  # seconds a folder's listing is served again without asking the store
+LISTING_MAX_FOLDERS = 64
+LISTING_MAX_ENTRIES = 100_000  # all cached folders together (about 500 bytes an entry: 50 MB at most)
+
+
+class ListingCache:
+    """Recent delimited listings of one store's folders, by folder key ("users/7/a/").
+
+    Every write the gateway makes (WebDAV here, and the HTTP routes of
+    gateway/drive_http.py) drops the listings it could change, through
+    :func:`invalidate_listing`. Writes it cannot see are those a client makes
+    straight to the store with a presigned URL (the 307 of a PUT with
+    ``Expect: 100-continue``, the URL a body-less POST returns) and those of
+    other processes sharing the bucket: a listing may miss them for up to
+    :data:`LISTING_TTL` seconds, counted from when the listing began.
+    """
+
+    def __init__(
+        self, ttl: float = LISTING_TTL, max_folders: int = LISTING_MAX_FOLDERS, max_entries: int = LISTING_MAX_ENTRIES
+    ):
+        self.ttl = ttl
+        self.max_folders = max_folders
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+        self._folders: OrderedDict[str, tuple[float, list]] = OrderedDict()
+        self._entries = 0
+        self._generation = 0  # bumped by every invalidation: a listing that raced one is not kept
+
+    def entries(self, store: ObjectStore, folder: str) -> list:
+        """The members of ``folder`` (ObjectInfo and CommonPrefix, as iter_entries yields them)."""
+        now = time.monotonic()
+        with self._lock:
+            hit = self._folders.get(folder)
+            if hit is not None and now - hit[0] < self.ttl:
+                self._folders.move_to_end(folder)
+                return hit[1]
+            generation = self._generation
+        listed = list(iter_entries(store, folder, "/"))
+        with self._lock:
+            if generation == self._generation and len(listed) <= self.max_entries:
+                self._drop(folder)
+                self._folders[folder] = (now, listed)
+                self._entries += len(listed)
+                while len(self._folders) > self.max_folders or self._entries > self.max_entries:
+                    self._drop(next(iter(self._folders)))
+        return listed
+
+    def invalidate(self, key: str) -> None:
+        """Forget the folders that hold ``key`` (at any depth) and those under it."""
+        with self._lock:
+            self._generation += 1
+            for folder in [f for f in self._folders if key.startswith(f) or f.startswith(key)]:
+                self._drop(folder)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._generation += 1
+            self._folders.clear()
+            self._entries = 0
+
+    def _drop(self, folder: str) -> None:
+        hit = self._folders.pop(folder, None)
+        if hit is not None:
+            self._entries -= len(hit[1])
+
+
+_LISTINGS: weakref.WeakKeyDictionary[object, ListingCache] = weakref.WeakKeyDictionary()
+_LISTINGS_LOCK = threading.Lock()
+
+
+def listing_cache(store: ObjectStore) -> ListingCache:
+    """The listing cache of ``store`` (one per store object, gone with it)."""
+    with _LISTINGS_LOCK:
+        cache = _LISTINGS.get(store)
+        if cache is None:
+            cache = _LISTINGS[store] = ListingCache()
+        return cache
+
+
+def invalidate_listing(store: ObjectStore, key: str) -> None:
+    """Call after writing or deleting ``key`` (an object, or a folder prefix ending in "/")."""
+    with _LISTINGS_LOCK:
+        cache = _LISTINGS.get(store)
+    if cache is not None:
+        cache.invalidate(key)
 
 
 # ---------------------------------------------------------------- provider
@@ -258,6 +362,11 @@ class _Located:
         if name == SHARED and self.location.rel == "" and self.location.prefix == _ctx(self.environ).prefix:
             raise DAVError(HTTP_FORBIDDEN, "shared/ is reserved for your organisations' drives")
 
+    def get_property_value(self, name):
+        if name == "{DAV:}lockdiscovery" and not _may_have(self.environ, self.get_ref_url(), locks=True):
+            return etree.Element(name)  # what wsgidav builds for a URL without locks, without asking
+        return super().get_property_value(name)
+
     def set_property_value(self, name, value, *, dry_run=False):
         self._require_writable()
         return super().set_property_value(name, value, dry_run=dry_run)
@@ -357,7 +466,7 @@ class FileResource(_Located, DAVNonCollection):
         ctx = _ctx(self.environ)
         self.info = ObjectInfo(self.location.key, writer.size, writer.etag or "", _utcnow(), writer.content_type)
         ctx.add_usage(self.location.prefix, writer.size - self._previous_size)
-        _invalidate(self.environ)
+        _invalidate(self.environ, self.location.key)
         self.environ[_CACHE_KEY][_cache_key(self.path)] = self
 
     def delete(self):
@@ -368,7 +477,7 @@ class FileResource(_Located, DAVNonCollection):
         ctx.add_usage(self.location.prefix, -(self.info.size if self.info else 0))
         self.remove_all_properties(recursive=False)
         self.remove_all_locks(recursive=False)
-        _invalidate(self.environ)
+        _invalidate(self.environ, self.location.key)
 
 
 class FolderResource(_Located, DAVCollection):
@@ -399,7 +508,10 @@ class FolderResource(_Located, DAVCollection):
         base = self.location.key
         members = []
         with store_errors():
-            for entry in iter_entries(ctx.store, base, "/"):
+            entries = listing_cache(ctx.store).entries(ctx.store, base)
+            if self.environ.get("REQUEST_METHOD") == "PROPFIND":
+                _note_folder_extras(self)
+            for entry in entries:
                 if isinstance(entry, CommonPrefix):
                     name = entry.prefix[len(base) : -1]
                     if not name or "/" in name or (name == SHARED and self._is_my_root):
@@ -445,7 +557,7 @@ class FolderResource(_Located, DAVCollection):
                 kind = _guess_type(name)
                 etag = ctx.store.put_object(location.key, b"", kind)
                 resource.info = ObjectInfo(location.key, 0, etag, _utcnow(), kind)
-        _invalidate(self.environ)
+        _invalidate(self.environ, location.key)
         self.environ[_CACHE_KEY][_cache_key(resource.path)] = resource
         return resource
 
@@ -455,7 +567,7 @@ class FolderResource(_Located, DAVCollection):
         with store_errors():
             location = keys.from_text(self.location.prefix, self.location.rel + name + "/")
             _ctx(self.environ).store.put_object(location.key + FOLDER_MARKER, b"")
-        _invalidate(self.environ)
+        _invalidate(self.environ, location.key)
 
     def support_recursive_delete(self) -> bool:
         return True
@@ -477,7 +589,7 @@ class FolderResource(_Located, DAVCollection):
         ctx.add_usage(self.location.prefix, -freed)
         _remove_property_tree(self.provider, self.get_ref_url())
         self.remove_all_locks(recursive=True)
-        _invalidate(self.environ)
+        _invalidate(self.environ, self.location.key)
         return []
 
 
@@ -518,6 +630,48 @@ class SharedRoot(DAVCollection):
 
     def handle_move(self, dest_path):
         raise DAVError(HTTP_FORBIDDEN, "the shared/ folders are read-only here")
+
+
+# ---------------------------------------------------------------- dead properties and locks of a listing
+
+
+def _note_folder_extras(folder: FolderResource) -> None:
+    """Read which URLs at or under ``folder`` have dead properties or locks: one range query
+    each, so a PROPFIND asks nothing more for the members that have none (most of them).
+
+    Kept in the request's environ for this PROPFIND only (dropped by any write,
+    :func:`_invalidate`), so it is never older than the request.
+    """
+    provider, environ = folder.provider, folder.environ
+    ref = folder.get_ref_url()
+    base = unquote(ref).rstrip("/")
+    properties = provider.prop_manager
+    storage = getattr(provider.lock_manager, "storage", None)
+    if not isinstance(properties, SqlitePropertyManager) or not isinstance(storage, SqliteLockStorage):
+        return
+    with_properties = frozenset(properties.urls_under(ref))
+    # Lock storage keys are "URL2TOKEN:" + the (quoted) ref URL without a trailing slash.
+    lock_keys = storage.urls_under(_LOCK_URL_PREFIX + (ref.rstrip("/") or "/"))
+    with_locks = frozenset(unquote(key[len(_LOCK_URL_PREFIX) :]).rstrip("/") or "/" for key in lock_keys)
+    environ.setdefault(_EXTRAS_KEY, {})[base or "/"] = (with_properties, with_locks)
+
+
+def _may_have(environ: dict, ref_url: str, *, locks: bool) -> bool:
+    """False only when a listing of the folder that holds ``ref_url`` (or of itself)
+    found no dead properties (``locks=False``) or no lock (``locks=True``) for it."""
+    known = environ.get(_EXTRAS_KEY)
+    if not known:
+        return True
+    url = unquote(ref_url).rstrip("/") or "/"
+    found = known.get(url)
+    if found is None:
+        found = known.get(url.rsplit("/", 1)[0])
+        if found is None:
+            return True
+    with_properties, with_locks = found
+    if locks:
+        return url in with_locks
+    return url in with_properties
 
 
 # ---------------------------------------------------------------- copy, move, delete
@@ -609,7 +763,7 @@ def _transfer(src, dest_path: str, *, move: bool, depth_infinity: bool) -> bool:
             properties.copy_properties(src_ref, dest_ref)
     if move:
         src.remove_all_locks(recursive=True)
-    _invalidate(environ)
+    _invalidate(environ, src.location.key, dest.key)
     return True
 
 
@@ -822,6 +976,20 @@ class SqlitePropertyManager(PropertyManager):
     def _close(self):
         pass  # the connection lives as long as the process
 
+    def urls_under(self, url: str) -> list[str]:
+        """Unquoted, without a trailing slash: the URLs at or under ``url`` with dead properties."""
+        return [unquote(key).rstrip("/") or "/" for key in self._dict.keys_under(url)]
+
+    def get_properties(self, norm_url, environ=None):
+        if environ is not None and not _may_have(environ, norm_url, locks=False):
+            return []
+        return super().get_properties(norm_url, environ)
+
+    def get_property(self, norm_url, name, environ=None):
+        if environ is not None and not _may_have(environ, norm_url, locks=False):
+            return None
+        return super().get_property(norm_url, name, environ)
+
     def _retarget(self, src_url: str, dest_url: str, url: str) -> str:
         return dest_url.rstrip("/") + url[len(src_url.rstrip("/")) :]
 
@@ -858,6 +1026,10 @@ class SqliteLockStorage(LockStorageDict):
 
     def close(self):
         self._dict = None
+
+    def urls_under(self, key: str) -> list[str]:
+        """The ``URL2TOKEN:`` keys at or under ``key`` (the URLs with locks, expired ones too)."""
+        return self._dict.keys_under(key) if self._dict is not None else []
 
     def _flush(self):
         pass

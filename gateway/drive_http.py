@@ -26,6 +26,7 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import ClientDisconnect
 
 from drive import keys, listing
+from drive.dav import invalidate_listing
 from drive.keys import DrivePath
 from drive.store import CommonPrefix, ObjectInfo, ObjectStore, StoreUnavailable, iter_entries
 from drive.uploads import IncompleteBody, UploadTooLarge, choose_part_size, stream_to_store
@@ -299,6 +300,7 @@ async def stream_upload(request: Request, drive: Drive, path: DrivePath) -> JSON
     except StoreUnavailable:
         await run_in_threadpool(_raise_if_name_conflict, store, path)
         raise
+    invalidate_listing(store, path.key)  # WebDAV's cached listing of the folder (drive/dav.py)
     await run_in_threadpool(state.usage.add, drive.prefix, result.size - (previous.size if previous else 0))
     return JSONResponse(
         {"path": path.rel, "size": result.size, "etag": result.etag.strip('"'), "parts": result.parts},
@@ -324,6 +326,8 @@ async def put(request: Request, drive: Drive) -> Response:
         await run_in_threadpool(check_quota, request, drive, length)
         await run_in_threadpool(_refuse_if_folder, _store(request), path)
         await run_in_threadpool(request.app.state.usage.add, drive.prefix, length)
+        # The client writes straight to the store: WebDAV's cached listing of the folder may miss
+        # the file for up to drive.dav.LISTING_TTL seconds.
         url = _store(request).presign_put(path.key, _expires(request))
         return Response(status_code=307, headers={"Location": url, "Connection": "close"})
     return await stream_upload(request, drive, path)
@@ -361,6 +365,7 @@ async def delete(request: Request, drive: Drive) -> Response:
         info = await run_in_threadpool(store.head, path.key)
         if info is not None:
             await run_in_threadpool(store.delete, path.key)
+            invalidate_listing(store, path.key)
             await run_in_threadpool(usage.add, drive.prefix, -info.size)
             return Response(status_code=204)
     folder_key = path.key if path.is_dir else path.key + "/"
@@ -382,6 +387,7 @@ async def delete(request: Request, drive: Drive) -> Response:
         return count, freed
 
     count, freed = await run_in_threadpool(delete_prefix)
+    invalidate_listing(store, folder_key)
     if count == 0:
         raise ApiError(404, "not_found", f"no file or folder {path.rel}")
     await run_in_threadpool(usage.add, drive.prefix, -freed)

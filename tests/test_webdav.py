@@ -358,3 +358,161 @@ def test_locks_and_properties_survive_a_restart(stack, tmp_path):
         assert moved.status_code == 201
     finally:
         server.stop()
+
+
+def test_folder_listings_are_cached_briefly_and_dropped_by_every_write(stack, user):
+    from drive import dav as drive_dav
+
+    base = f"{stack.base}/v1/files"
+    folder = "/v1/files/cached/"
+    put(stack, user, "cached/a.txt", b"a")
+    store = stack.store
+    cache = drive_dav.listing_cache(store)
+    assert cache.ttl <= 5.0  # bounds how long a write straight to the store (presigned URL) may go unseen
+    ttl, cache.ttl = cache.ttl, 600.0  # here only invalidation may make a write visible, never expiry
+    try:
+        calls = {"list_page": 0}
+        original = store.list_page
+
+        def counting(*args, **kwargs):
+            calls["list_page"] += 1
+            return original(*args, **kwargs)
+
+        store.list_page = counting
+        try:
+            assert names_in(propfind(f"{base}/cached/", user), folder) == {"a.txt"}
+            listed = calls["list_page"]
+            assert names_in(propfind(f"{base}/cached/", user), folder) == {"a.txt"}
+            assert calls["list_page"] - listed <= 1  # the folder's existence check; its listing came from the cache
+        finally:
+            del store.list_page
+
+        def names() -> set[str]:
+            return names_in(propfind(f"{base}/cached/", user), folder)
+
+        def sub_names() -> set[str]:
+            return names_in(propfind(f"{base}/cached/sub/", user), folder + "sub/")
+
+        # Every write the gateway sees shows at once, on both mounts.
+        put(stack, user, "cached/b.txt", b"b")  # HTTP PUT, streamed
+        assert names() == {"a.txt", "b.txt"}
+        assert requests.post(f"{base}/cached/c.txt", data=b"c", headers=user.auth).status_code in (200, 201)
+        assert names() == {"a.txt", "b.txt", "c.txt"}
+        assert requests.delete(f"{base}/cached/c.txt", headers=user.auth).status_code == 204
+        assert names() == {"a.txt", "b.txt"}
+        assert dav("PUT", f"{stack.base}/v1/dav/cached/d.txt", user, data=b"d").status_code == 201
+        assert names() == {"a.txt", "b.txt", "d.txt"}
+        assert dav("MKCOL", f"{base}/cached/sub", user).status_code == 201
+        assert names() == {"a.txt", "b.txt", "d.txt", "sub"}
+        assert sub_names() == set()
+        copy = {"Destination": f"{base}/cached/sub/a2.txt"}
+        assert dav("COPY", f"{base}/cached/a.txt", user, headers=copy).status_code == 201
+        assert sub_names() == {"a2.txt"}
+        move = {"Destination": f"{base}/cached/sub/b.txt"}
+        assert dav("MOVE", f"{base}/cached/b.txt", user, headers=move).status_code == 201
+        assert names() == {"a.txt", "d.txt", "sub"}
+        assert sub_names() == {"a2.txt", "b.txt"}
+        assert dav("DELETE", f"{stack.base}/v1/dav/cached/d.txt", user).status_code == 204
+        assert names() == {"a.txt", "sub"}
+        assert requests.delete(f"{base}/cached/sub/", headers=user.auth).status_code == 204  # a folder, HTTP route
+        assert names() == {"a.txt"}
+        put(stack, user, "cached/deep/er/e.txt", b"e")  # new folders appear in the listings above them
+        assert names() == {"a.txt", "deep"}
+        assert dav("DELETE", f"{base}/cached/deep", user).status_code == 204
+        assert names() == {"a.txt"}
+
+        # A write straight to the store (as through a presigned URL) is seen once the listing expires.
+        store.put_object(f"users/{user.id}/cached/direct.txt", b"z")
+        assert names() == {"a.txt"}
+        cache.ttl = 0.0
+        assert names() == {"a.txt", "direct.txt"}
+    finally:
+        cache.ttl = ttl
+
+
+def test_listing_cache_is_bounded_and_skips_listings_that_raced_a_write():
+    from drive.dav import ListingCache
+    from drive.store import ObjectInfo
+
+    class FakeStore:
+        def __init__(self):
+            self.lists = 0
+            self.during_list = None
+
+    cache = ListingCache(ttl=60.0, max_folders=2, max_entries=5)
+    entries = {f"f{n}/": [ObjectInfo(f"f{n}/x{i}", 1, "e", None, None) for i in range(n)] for n in range(7)}
+
+    import drive.dav as drive_dav
+
+    fake = FakeStore()
+
+    def fake_iter_entries(store, folder, delimiter="/"):
+        store.lists += 1
+        if store.during_list:
+            store.during_list()
+        return iter(entries[folder])
+
+    original = drive_dav.iter_entries
+    drive_dav.iter_entries = fake_iter_entries
+    try:
+        assert len(cache.entries(fake, "f1/")) == 1 and fake.lists == 1
+        assert len(cache.entries(fake, "f1/")) == 1 and fake.lists == 1  # cached
+        cache.entries(fake, "f2/")
+        cache.entries(fake, "f3/")  # 1 + 2 + 3 entries > 5: the oldest folder goes
+        assert cache.entries(fake, "f1/") and fake.lists == 4
+        cache.entries(fake, "f6/")  # more than max_entries: never kept
+        cache.entries(fake, "f6/")
+        assert fake.lists == 6
+        cache.invalidate("f1/x0")
+        cache.entries(fake, "f1/")
+        assert fake.lists == 7
+        fake.during_list = lambda: cache.invalidate("f2/new")  # a write while listing
+        cache.invalidate("f2/")
+        cache.entries(fake, "f2/")
+        fake.during_list = None
+        cache.entries(fake, "f2/")
+        assert fake.lists == 9  # the raced listing was not kept
+    finally:
+        drive_dav.iter_entries = original
+
+
+def test_propfind_reads_properties_and_locks_once_per_folder(stack, user):
+    from drive.dav import SqliteMap
+
+    base = f"{stack.base}/v1/files"
+    for n in range(20):
+        put(stack, user, f"props/f{n:02d}.txt", b"x")
+    body = (
+        b'<?xml version="1.0"?><D:propertyupdate xmlns:D="DAV:" xmlns:K="urn:kgpu:test">'
+        b"<D:set><D:prop><K:color>red</K:color></D:prop></D:set></D:propertyupdate>"
+    )
+    assert dav("PROPPATCH", f"{base}/props/f03.txt", user, data=body).status_code == 207
+    lock = (
+        b'<?xml version="1.0"?><D:lockinfo xmlns:D="DAV:"><D:lockscope><D:exclusive/></D:lockscope>'
+        b"<D:locktype><D:write/></D:locktype><D:owner>me</D:owner></D:lockinfo>"
+    )
+    reply = dav("LOCK", f"{base}/props/f07.txt", user, data=lock, headers={"Timeout": "Second-600"})
+    assert reply.status_code == 200
+    queries = []
+    original = SqliteMap._query
+
+    def counting(self, sql, args=()):
+        queries.append(sql)
+        return original(self, sql, args)
+
+    SqliteMap._query = counting
+    try:
+        listing = propfind(f"{base}/props/", user)
+    finally:
+        SqliteMap._query = original
+    assert len(listing) == 21
+    assert len(queries) < 20, queries  # not two per member
+    assert listing["/v1/files/props/f03.txt"]["{urn:kgpu:test}color"].text == "red"
+    for href, props in listing.items():
+        assert (props[f"{D}lockdiscovery"].find(f"{D}activelock") is not None) == href.endswith("f07.txt"), href
+        assert ("{urn:kgpu:test}color" in props) == href.endswith("f03.txt"), href
+    named = b'<D:propfind xmlns:D="DAV:" xmlns:K="urn:kgpu:test"><D:prop><K:color/><D:lockdiscovery/></D:prop></D:propfind>'
+    listing = propfind(f"{base}/props/", user, body=named)
+    assert listing["/v1/files/props/f03.txt"]["{urn:kgpu:test}color"].text == "red"
+    assert listing["/v1/files/props/f07.txt"][f"{D}lockdiscovery"].find(f"{D}activelock") is not None
+    assert dav("UNLOCK", f"{base}/props/f07.txt", user, headers={"Lock-Token": reply.headers["Lock-Token"]}).status_code == 204
