@@ -516,3 +516,74 @@ def test_propfind_reads_properties_and_locks_once_per_folder(stack, user):
     assert listing["/v1/files/props/f03.txt"]["{urn:kgpu:test}color"].text == "red"
     assert listing["/v1/files/props/f07.txt"][f"{D}lockdiscovery"].find(f"{D}activelock") is not None
     assert dav("UNLOCK", f"{base}/props/f07.txt", user, headers={"Lock-Token": reply.headers["Lock-Token"]}).status_code == 204
+
+
+def test_propfind_depth_1_fast_path_matches_wsgidav(stack, user, monkeypatch):
+    import drive.dav as dav_module
+
+    base = f"{stack.base}/v1/files"
+    odd = [*NAMES, "amp&<lt>.txt", "quote\"'.txt", "sp  two.txt", "semi;colon=@.txt"]
+    for n, name in enumerate(odd):
+        put(stack, user, f"odd/{name}", b"y" * n)
+    for sub in ("sub dir", "ü#%41 😀", "plain"):
+        put(stack, user, f"odd/{sub}/inner.txt", b"z")
+    assert dav("MKCOL", f"{base}/odd/empty%20one", user).status_code == 201
+    put(stack, user, "top.txt", b"t")
+    real = dav_module._fast_propfind
+    used = []
+
+    def counting(*args):
+        result = real(*args)
+        used.append(result is not None)
+        return result
+
+    bodies = [
+        None,
+        b'<?xml version="1.0"?><D:propfind xmlns:D="DAV:"><D:allprop/></D:propfind>',
+        (
+            b'<D:propfind xmlns:D="DAV:"><D:prop><D:getetag/><D:displayname/><D:resourcetype/>'
+            b"<D:getlastmodified/><D:creationdate/><D:getcontentlength/><D:getcontenttype/>"
+            b"<D:lockdiscovery/><D:supportedlock/></D:prop></D:propfind>"
+        ),
+        b'<D:propfind xmlns:D="DAV:"><D:prop><D:creationdate/><D:displayname/></D:prop></D:propfind>',
+        b'<D:propfind xmlns:D="DAV:" xmlns:X="urn:x"><D:prop><X:nothing/><D:getcontentlength/><D:unknown/></D:prop></D:propfind>',
+        (  # what rclone's webdav backend sends
+            b'<?xml version="1.0"?>\n<d:propfind  xmlns:d="DAV:" xmlns:oc="http://owncloud.org/ns" xmlns:nc="http://nextcloud.org/ns">'
+            b"<d:prop><d:displayname /><d:getlastmodified /><d:getcontentlength /><d:resourcetype /><d:getcontenttype />"
+            b"<oc:checksums /><oc:permissions /></d:prop></d:propfind>"
+        ),
+    ]
+    for url in (f"{base}/odd/", f"{base}/odd", f"{base}/", f"{base}/odd/sub%20dir/"):
+        for body in bodies:
+            used.clear()
+            monkeypatch.setattr(dav_module, "_fast_propfind", counting)
+            fast = dav("PROPFIND", url, user, headers={"Depth": "1"}, data=body)
+            monkeypatch.setattr(dav_module, "_fast_propfind", lambda *args: None)
+            slow = dav("PROPFIND", url, user, headers={"Depth": "1"}, data=body)
+            assert used == [True], (url, body)
+            assert fast.status_code == slow.status_code == 207, (fast.text, slow.text)
+            assert fast.content == slow.content, (url, body)  # byte for byte
+            assert fast.headers["Content-Type"] == slow.headers["Content-Type"]
+            parsed = ET.fromstring(fast.content)  # and it is well-formed XML
+            if url.endswith("/odd/") and body is None:
+                hrefs = [r.find(f"{D}href").text for r in parsed.iter(f"{D}response")]
+                assert {unquote(h[len("/v1/files/odd/") :]).rstrip("/") for h in hrefs[1:]} == {
+                    *odd, "sub dir", "ü#%41 😀", "plain", "empty one"
+                }
+    monkeypatch.setattr(dav_module, "_fast_propfind", real)
+    for bad in (b"<D:propfind xmlns:D='DAV:'><D:prop>", b"<D:other xmlns:D='DAV:'/>"):
+        assert dav("PROPFIND", f"{base}/odd/", user, headers={"Depth": "1"}, data=bad).status_code == 400
+    # A member with a dead property, or a lock, or a body asking for quota: wsgidav's way, same answer.
+    patch = (
+        b'<?xml version="1.0"?><D:propertyupdate xmlns:D="DAV:" xmlns:K="urn:kgpu:test">'
+        b"<D:set><D:prop><K:color>red</K:color></D:prop></D:set></D:propertyupdate>"
+    )
+    assert dav("PROPPATCH", f"{base}/odd/plain", user, data=patch).status_code == 207
+    monkeypatch.setattr(dav_module, "_fast_propfind", counting)
+    used.clear()
+    listing = propfind(f"{base}/odd/", user)
+    assert used == [False] and listing["/v1/files/odd/plain/"]["{urn:kgpu:test}color"].text == "red"
+    used.clear()
+    quota = b'<D:propfind xmlns:D="DAV:"><D:prop><D:quota-used-bytes/></D:prop></D:propfind>'
+    propfind(f"{base}/", user, body=quota)
+    assert used == [False]
