@@ -76,7 +76,16 @@ from wsgidav.xml_tools import etree
 from drive import keys
 from drive.keys import DrivePath, InvalidPath
 from drive.listing import FOLDER_MARKER, is_hidden
-from drive.store import CommonPrefix, ObjectInfo, ObjectNotFound, ObjectStore, StoreUnavailable, iter_entries, iter_objects
+from drive.store import (
+    CommonPrefix,
+    ObjectInfo,
+    ObjectNotFound,
+    ObjectStore,
+    StoreUnavailable,
+    delete_prefix,
+    iter_entries,
+    iter_objects,
+)
 from drive.uploads import MAX_PARTS, choose_part_size
 
 ENVIRON_KEY = "kgpu.dav"
@@ -597,7 +606,7 @@ class FolderResource(_Located, DAVCollection):
             raise DAVError(HTTP_FORBIDDEN, "refusing to delete a whole drive")
         ctx = _ctx(self.environ)
         with store_errors():
-            freed = delete_prefix(ctx.store, self.location.key)
+            _, freed = delete_prefix(ctx.store, self.location.key)
         ctx.add_usage(self.location.prefix, -freed)
         _remove_property_tree(self.provider, self.get_ref_url())
         self.remove_all_locks(recursive=True)
@@ -935,21 +944,6 @@ class _Xml(str):
 
 
 # ---------------------------------------------------------------- copy, move, delete
-
-
-def delete_prefix(store: ObjectStore, prefix: str) -> int:
-    """Delete every object under ``prefix`` (1,000 per request); returns the bytes freed."""
-    batch: list[str] = []
-    freed = 0
-    for info in iter_objects(store, prefix):
-        batch.append(info.key)
-        freed += info.size
-        if len(batch) == 1000:
-            store.delete_many(batch)
-            batch = []
-    if batch:
-        store.delete_many(batch)
-    return freed
 
 
 def _transfer(src, dest_path: str, *, move: bool, depth_infinity: bool) -> bool:

@@ -28,7 +28,7 @@ from starlette.requests import ClientDisconnect
 from drive import keys, listing
 from drive.dav import invalidate_listing
 from drive.keys import DrivePath
-from drive.store import CommonPrefix, ObjectInfo, ObjectStore, StoreUnavailable, iter_entries
+from drive.store import ObjectInfo, ObjectStore, StoreUnavailable, delete_prefix
 from drive.uploads import IncompleteBody, UploadTooLarge, choose_part_size, stream_to_store
 from gateway.errors import ApiError
 
@@ -370,23 +370,7 @@ async def delete(request: Request, drive: Drive) -> Response:
             return Response(status_code=204)
     folder_key = path.key if path.is_dir else path.key + "/"
 
-    def delete_prefix() -> tuple[int, int]:
-        batch: list[str] = []
-        count = freed = 0
-        for entry in iter_entries(store, folder_key):
-            if isinstance(entry, CommonPrefix):
-                continue
-            batch.append(entry.key)
-            count += 1
-            freed += entry.size
-            if len(batch) == 1000:
-                store.delete_many(batch)
-                batch = []
-        if batch:
-            store.delete_many(batch)
-        return count, freed
-
-    count, freed = await run_in_threadpool(delete_prefix)
+    count, freed = await run_in_threadpool(delete_prefix, store, folder_key)
     invalidate_listing(store, folder_key)
     if count == 0:
         raise ApiError(404, "not_found", f"no file or folder {path.rel}")

@@ -104,3 +104,19 @@ def iter_objects(store: ObjectStore, prefix: str) -> Iterator[ObjectInfo]:
     for entry in iter_entries(store, prefix):
         if isinstance(entry, ObjectInfo):
             yield entry
+
+
+def delete_prefix(store: ObjectStore, prefix: str) -> tuple[int, int]:
+    """Delete every object under ``prefix``, 1,000 per request; returns (objects, bytes) freed."""
+    batch: list[str] = []
+    count = freed = 0
+    for info in iter_objects(store, prefix):
+        batch.append(info.key)
+        count += 1
+        freed += info.size
+        if len(batch) == 1000:
+            store.delete_many(batch)
+            batch = []
+    if batch:
+        store.delete_many(batch)
+    return count, freed
