@@ -79,13 +79,43 @@ def serve_bare_302(port: int) -> None:
 # ------------------------------------------------------------------ helpers
 
 
-def shm_has_room(size: int) -> bool:
-    """Room on /dev/shm for the big file, one object of its size, and the small objects."""
+def shm_has_room(need: int) -> bool:
+    """Room on /dev/shm for ``need`` bytes, with 1 GiB to spare."""
     try:
         stat = os.statvfs("/dev/shm")
     except OSError:
         return False
-    return stat.f_bavail * stat.f_frsize > 2 * size + 2 * (1 << 30)
+    return stat.f_bavail * stat.f_frsize > need + (1 << 30)
+
+
+def arm_time_limit(seconds: int) -> None:
+    """End the whole run (with its cleanup) after ``seconds``, or on SIGTERM."""
+
+    def on_alarm(*_):
+        raise TimeoutError(f"benchmark exceeded --time-limit {seconds}s")
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+def make_dirs(prefix: str, parent: str | None, fast_bytes: int, on_disk: bool) -> tuple[Path, Path, Path, Path]:
+    """(tmp, fast, data_dir, log_dir) of one run.
+
+    The data directory (SQLite, logs) goes on disk, as in a deployment: the PUT 307 path commits to the
+    database. The store's objects and big files go on tmpfs when it has room for ``fast_bytes`` (unless
+    ``on_disk``): on this kind of machine creating and deleting 100,000 small files on the ext4 root
+    (mounted with discard) took 42 s and 165 s, against 1.6 s and 1.0 s on /dev/shm."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    fast = Path(tempfile.mkdtemp(prefix=prefix, dir="/dev/shm")) if not on_disk and shm_has_room(fast_bytes) else tmp
+    data_dir = tmp / "data"
+    data_dir.mkdir()
+    if fast != tmp:
+        (fast / "objects").mkdir()
+        (data_dir / "objects").symlink_to(fast / "objects")
+    log_dir = tmp / "logs"
+    log_dir.mkdir()
+    return tmp, fast, data_dir, log_dir
 
 
 def free_port() -> int:
@@ -587,27 +617,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("wrk not found (apt-get install -y wrk), use --loadgen python")
     size = args.size_mib * MiB
 
-    def on_alarm(*_):
-        raise TimeoutError(f"benchmark exceeded --time-limit {args.time_limit}s")
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(args.time_limit)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
-    # The data directory (SQLite, logs) goes on disk, as in a deployment: the PUT 307 path commits to the
-    # database. The store's objects and the big file go on tmpfs when it has room (--objects-on-disk: not):
-    # on this kind of machine creating and deleting 100,000 small files on the ext4 root (mounted with
-    # discard) took 42 s and 165 s, against 1.6 s and 1.0 s on /dev/shm.
-    tmp = Path(tempfile.mkdtemp(prefix="kgpu-bench-", dir=args.tmp))
-    fast = Path(tempfile.mkdtemp(prefix="kgpu-bench-", dir="/dev/shm")) if (
-        not args.objects_on_disk and shm_has_room(size)) else tmp
-    data_dir = tmp / "data"
-    data_dir.mkdir()
-    if fast != tmp:
-        (fast / "objects").mkdir()
-        (data_dir / "objects").symlink_to(fast / "objects")
-    log_dir = tmp / "logs"
-    log_dir.mkdir()
+    arm_time_limit(args.time_limit)
+    # The big file, one object of its size, and the small objects.
+    tmp, fast, data_dir, log_dir = make_dirs("kgpu-bench-", args.tmp, 2 * size + (1 << 30), args.objects_on_disk)
     procs: list[Proc] = []
     log(f"temporary directory {tmp}, objects and the big file in {fast}")
     results: dict = {"tmp": str(tmp), "fast": str(fast), "config": {k: v for k, v in vars(args).items() if k != "serve_bare_302"}, "loadgen": loadgen}

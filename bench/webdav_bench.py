@@ -42,7 +42,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -79,15 +78,6 @@ def rclone_binary() -> str:
     from drive.store.embedded import rclone_binary as embedded_rclone
 
     return embedded_rclone()
-
-
-def room_on_shm(size: int) -> bool:
-    """Room on /dev/shm for the source file, two objects of its size in the store and a mount cache."""
-    try:
-        stat = os.statvfs("/dev/shm")
-    except OSError:
-        return False
-    return stat.f_bavail * stat.f_frsize > 4 * size + (1 << 30)
 
 
 def is_mounted(path: Path) -> bool:
@@ -504,23 +494,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("(2) needs FUSE: /dev/fuse and fusermount3 (apt-get install -y fuse3); or --only 1")
     size = args.size_mib * MiB
 
-    def on_alarm(*_):
-        raise TimeoutError(f"benchmark exceeded --time-limit {args.time_limit}s")
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(args.time_limit)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
-    tmp = Path(tempfile.mkdtemp(prefix="kgpu-webdav-bench-", dir=args.tmp))
-    fast = Path(tempfile.mkdtemp(prefix="kgpu-webdav-bench-", dir="/dev/shm")) if (
-        not args.on_disk and room_on_shm(size)) else tmp
-    data_dir = tmp / "data"
-    data_dir.mkdir()
-    if fast != tmp:
-        (fast / "objects").mkdir()
-        (data_dir / "objects").symlink_to(fast / "objects")
-    log_dir = tmp / "logs"
-    log_dir.mkdir()
+    fb.arm_time_limit(args.time_limit)
+    tmp, fast, data_dir, log_dir = fb.make_dirs("kgpu-webdav-bench-", args.tmp, 4 * size, args.on_disk)
     procs: list[fb.Proc] = []
     mounts: list[Mount] = []
     fb.log(f"temporary directory {tmp}; store objects, source file and mount caches in {fast}")
@@ -624,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
             mounts.append(mount)
             out: dict = {"mount_flags": MOUNT_FLAGS + args.mount_flag}
             (mount.mountpoint / "mount-bench").mkdir()
-            fb.log(f"(2) copying it into the mount, then waiting for rclone's upload queue to drain")
+            fb.log("(2) copying it into the mount, then waiting for rclone's upload queue to drain")
             with Watch({"gateway": kgpu.pid, "store": store_pid, "rclone": mount.popen.pid}) as watch:
                 started, started_wall = time.perf_counter(), time.time()
                 with open(source, "rb") as src, open(mount.mountpoint / rel, "wb") as dst:
