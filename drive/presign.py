@@ -29,7 +29,6 @@ class Presigner:
         self._host = parts.netloc
         self._base_path = parts.path  # an endpoint may sit under a path
         self._bucket = bucket
-        self._access_key = access_key
         self._secret_key = secret_key
         self._region = region
         self._key_cache: tuple[str, bytes] | None = None

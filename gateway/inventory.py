@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from dataclasses import dataclass
 
 from pydantic import BaseModel, Field, TypeAdapter
 
@@ -19,14 +18,6 @@ class GpuClass(BaseModel):
     gpu_model: str
     count: int = Field(ge=0)
     price_per_hour_credits: int = Field(ge=0)
-
-
-@dataclass(frozen=True)
-class Placement:
-    node: str
-    gpu_model: str
-    indices: list[int]
-    price_per_hour_credits: int
 
 
 def detect_gpus() -> list[str]:

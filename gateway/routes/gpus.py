@@ -8,6 +8,7 @@ from starlette.concurrency import run_in_threadpool
 from gateway import billing
 from gateway.auth import AccountUser, ApprovedUser, MaybeUser
 from gateway.errors import ApiError
+from gateway.inventory import CREDITS_PER_DOLLAR
 from gateway.models import Rental, User
 from gateway.rentals import ACTIVE, RentRequest, Rentals
 from gateway.runs import run_summary
@@ -93,7 +94,7 @@ def balance(request: Request, principal: ApprovedUser) -> dict:
             "balance": user.credits,
             "price_per_hour_credits": rentals.inventory[0].price_per_hour_credits if rentals.inventory else None,
             "starting_credits": request.app.state.settings.starting_credits,
-            "credits_per_dollar": 1500,
+            "credits_per_dollar": CREDITS_PER_DOLLAR,
             "charged_active": sum(
                 billing.charged_total(session, r.id) for r in rentals.active_of(session, principal)
             ),
