@@ -166,6 +166,45 @@ def children(pid: int) -> list[int]:
         return []
 
 
+class ProcessWatch:
+    """CPU seconds and peak RSS of some processes (by name; a pid of 0 or None is skipped) over a ``with`` block."""
+
+    def __init__(self, pids: dict[str, int]):
+        self.pids = {name: pid for name, pid in pids.items() if pid}
+        self.peak_kib = {name: 0 for name in self.pids}
+        self.base_kib = {name: rss_kib(pid) for name, pid in self.pids.items()}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for name, pid in self.pids.items():
+                self.peak_kib[name] = max(self.peak_kib[name], rss_kib(pid))
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> "ProcessWatch":
+        self.before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.cpu = {name: cpu_seconds(pid) - self.before[name] for name, pid in self.pids.items()}
+
+    def summary(self) -> str:
+        cpu = ", ".join(f"{name} {s:.1f}" for name, s in self.cpu.items())
+        rss = ", ".join(f"{name} {self.peak_kib[name] / 1024:.0f} (+{(self.peak_kib[name] - self.base_kib[name]) / 1024:.0f})"
+                        for name in self.pids)
+        return f"CPU s: {cpu}; peak RSS MiB: {rss}"
+
+
+def totals_line(results: dict) -> str:
+    """The closing line of a bench: its duration and the load average before and after."""
+    load = " -> ".join(" ".join(f"{x:.1f}" for x in results[k]) for k in ("loadavg_start", "loadavg_end") if k in results)
+    return f"total {results.get('total_seconds', 0):.0f} s; load average {load} on {os.cpu_count()} CPUs"
+
+
 class RssSampler:
     """Peak VmRSS of a process, sampled every ``interval`` seconds in a thread."""
 
@@ -866,8 +905,7 @@ def report(results: dict, args) -> None:
             fl = results["d_full_listing"]
             out.append(f"    a full listing of the drive (what a reconcile costs): {fl['objects']} objects in {fl['seconds']:.1f} s")
         out.append("")
-    load = " -> ".join(" ".join(f"{x:.1f}" for x in results[k]) for k in ("loadavg_start", "loadavg_end") if k in results)
-    out.append(f"total {results.get('total_seconds', 0):.0f} s; load average {load} on {os.cpu_count()} CPUs")
+    out.append(totals_line(results))
     print("\n".join(out), flush=True)
 
 

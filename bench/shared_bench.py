@@ -35,7 +35,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,32 +129,6 @@ class Mount:
         shutil.rmtree(self.cache_dir, ignore_errors=True)
         with contextlib.suppress(OSError):
             self.mountpoint.rmdir()
-
-
-class CpuWatch:
-    """CPU seconds and peak RSS of some processes over a ``with`` block."""
-
-    def __init__(self, pids: dict[str, int]):
-        self.pids = pids
-        self.peak_kib = {name: 0 for name in pids}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for name, pid in self.pids.items():
-                self.peak_kib[name] = max(self.peak_kib[name], fb.rss_kib(pid))
-            self._stop.wait(0.05)
-
-    def __enter__(self) -> "CpuWatch":
-        self.before = {name: fb.cpu_seconds(pid) for name, pid in self.pids.items()}
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.cpu = {name: fb.cpu_seconds(pid) - self.before[name] for name, pid in self.pids.items()}
 
 
 def timed_dd(path: Path, size: int, timeout: float) -> float:
@@ -296,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             for kind in order:
                 if kind == "direct":
                     url = fb.http_json("GET", f"{file_url}?json=1", token)["url"]  # a fresh presigned GET
-                    with CpuWatch({"store": store_pid}) as watch:
+                    with fb.ProcessWatch({"store": store_pid}) as watch:
                         seconds, curl_w = timed_curl(url, size, timeout)
                     row["direct"] = {"seconds": seconds, "mib_s": size / MiB / seconds, "curl": curl_w,
                                      "store_cpu_s": watch.cpu["store"]}
@@ -306,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                     mounted = mount.mountpoint / org / "big.bin"
                     if mounted.stat().st_size != size:
                         raise RuntimeError(f"the mount shows {mounted.stat().st_size} bytes, not {size}")
-                    with CpuWatch({"rclone_mount": mount.popen.pid, "store": store_pid, "gateway": kgpu.pid}) as watch:
+                    with fb.ProcessWatch({"rclone_mount": mount.popen.pid, "store": store_pid, "gateway": kgpu.pid}) as watch:
                         seconds = timed_dd(mounted, size, timeout)
                     row["mount"] = {
                         "seconds": seconds, "mib_s": size / MiB / seconds,
@@ -393,8 +366,7 @@ def report(results: dict, args) -> None:
                    f"max {x['max_ms']:.1f} ms, {x['mib_s']:.0f} MiB/s; mismatches {x['mismatches']}")
     out.append(f"    cache after the cold pass: {c['cache_bytes_after'] / MiB:.0f} MiB")
     out.append("")
-    load = " -> ".join(" ".join(f"{x:.1f}" for x in results[k]) for k in ("loadavg_start", "loadavg_end") if k in results)
-    out.append(f"total {results.get('total_seconds', 0):.0f} s; load average {load}")
+    out.append(fb.totals_line(results))
     print("\n".join(out), flush=True)
 
 

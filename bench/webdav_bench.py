@@ -42,7 +42,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -434,39 +433,6 @@ def make_file(path: Path, size: int):
     return digest
 
 
-class Watch:
-    """CPU seconds and peak RSS of some processes over a ``with`` block."""
-
-    def __init__(self, pids: dict[str, int]):
-        self.pids = {name: pid for name, pid in pids.items() if pid}
-        self.peak_kib = {name: 0 for name in self.pids}
-        self.base_kib = {name: fb.rss_kib(pid) for name, pid in self.pids.items()}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for name, pid in self.pids.items():
-                self.peak_kib[name] = max(self.peak_kib[name], fb.rss_kib(pid))
-            self._stop.wait(0.05)
-
-    def __enter__(self) -> "Watch":
-        self.before = {name: fb.cpu_seconds(pid) for name, pid in self.pids.items()}
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.cpu = {name: fb.cpu_seconds(pid) - self.before[name] for name, pid in self.pids.items()}
-
-    def summary(self) -> str:
-        cpu = ", ".join(f"{name} {s:.1f}" for name, s in self.cpu.items())
-        rss = ", ".join(f"{name} {self.peak_kib[name] / 1024:.0f} (+{(self.peak_kib[name] - self.base_kib[name]) / 1024:.0f})"
-                        for name in self.pids)
-        return f"CPU s: {cpu}; peak RSS MiB: {rss}"
-
-
 # ------------------------------------------------------------------ main
 
 
@@ -600,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
             out: dict = {"mount_flags": MOUNT_FLAGS + args.mount_flag}
             (mount.mountpoint / "mount-bench").mkdir()
             fb.log("(2) copying it into the mount, then waiting for rclone's upload queue to drain")
-            with Watch({"gateway": kgpu.pid, "store": store_pid, "rclone": mount.popen.pid}) as watch:
+            with fb.ProcessWatch({"gateway": kgpu.pid, "store": store_pid, "rclone": mount.popen.pid}) as watch:
                 started, started_wall = time.perf_counter(), time.time()
                 with open(source, "rb") as src, open(mount.mountpoint / rel, "wb") as dst:
                     while chunk := src.read(4 * MiB):
@@ -619,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
             fb.log("(2) reading it back through a fresh mount and cache")
             got = hashlib.sha256()
             got_size = 0
-            with Watch({"gateway": kgpu.pid, "store": store_pid, "rclone": mount.popen.pid}) as watch:
+            with fb.ProcessWatch({"gateway": kgpu.pid, "store": store_pid, "rclone": mount.popen.pid}) as watch:
                 started = time.perf_counter()
                 with open(mount.mountpoint / rel, "rb") as f:
                     while chunk := f.read(4 * MiB):
@@ -634,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
 
             line = b"one appended line\n"
             fb.log("(2) appending one line through the mount, then waiting for it to be stored")
-            with Watch({"gateway": kgpu.pid, "store": store_pid, "rclone": mount.popen.pid}) as watch:
+            with fb.ProcessWatch({"gateway": kgpu.pid, "store": store_pid, "rclone": mount.popen.pid}) as watch:
                 started, started_wall = time.perf_counter(), time.time()
                 with open(mount.mountpoint / rel, "ab") as f:
                     out["append_open_s"] = time.perf_counter() - started
@@ -764,8 +730,7 @@ def report(results: dict, args) -> None:
                        f"then the download of the old content (if not done during the hold) and the upload {a['upload_s']:.2f} s")
         out.append(f"        {m['append_watch']}")
         out.append("")
-    load = " -> ".join(" ".join(f"{x:.1f}" for x in results[k]) for k in ("loadavg_start", "loadavg_end") if k in results)
-    out.append(f"total {results.get('total_seconds', 0):.0f} s; load average {load} on {os.cpu_count()} CPUs")
+    out.append(fb.totals_line(results))
     print("\n".join(out), flush=True)
 
 
