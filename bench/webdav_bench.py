@@ -73,20 +73,6 @@ BODIES = {"allprop": b"", "rclone": RCLONE_PROPFIND_BODY}
 MOUNT_FLAGS = ["--webdav-vendor", "other", "--vfs-cache-mode", "writes"]
 
 
-def rclone_binary() -> str:
-    from drive.store.embedded import rclone_binary as embedded_rclone
-
-    return embedded_rclone()
-
-
-def is_mounted(path: Path) -> bool:
-    target = str(path)
-    for line in Path("/proc/mounts").read_text().splitlines():
-        if line.split()[1].replace("\\040", " ") == target:
-            return True
-    return False
-
-
 def store_endpoint(kgpu: fb.Proc, data_dir: Path) -> str:
     """The embedded store's address: from the server's log, else from the store's own log."""
     with contextlib.suppress(RuntimeError):
@@ -172,7 +158,7 @@ def start_rclone_webdav(endpoint: str, data_dir: Path, user_id: int, log_dir: Pa
     log_path = log_dir / "rclone-serve-webdav.log"
     with open(log_path, "wb") as out:
         popen = subprocess.Popen(
-            [rclone_binary(), "--config", os.devnull, "serve", "webdav", remote,
+            [fb.rclone_binary(), "--config", os.devnull, "serve", "webdav", remote,
              "--addr", f"{HOST}:{port}", "--log-level", "NOTICE"],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
@@ -274,13 +260,9 @@ def simplify_frame(frame: str) -> str:
 
 
 @dataclass
-class Mount:
-    """One ``rclone mount :webdav:`` of /v1/files/, in the foreground as our child, on a fresh cache."""
+class Mount(fb.RcloneMount):
+    """One ``rclone mount :webdav:`` of /v1/files/, on a fresh cache, with rclone's remote control."""
 
-    mountpoint: Path
-    cache_dir: Path
-    popen: subprocess.Popen
-    log_path: Path
     rc_port: int
 
     @classmethod
@@ -293,7 +275,7 @@ class Mount:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RCLONE_")}
         env["RCLONE_WEBDAV_HEADERS"] = f"Authorization,Bearer {token}"  # not on the command line (ps)
         popen = subprocess.Popen(
-            [rclone_binary(), "--config", os.devnull, "mount", ":webdav:", str(mountpoint),
+            [fb.rclone_binary(), "--config", os.devnull, "mount", ":webdav:", str(mountpoint),
              "--webdav-url", f"{base}/v1/files/", *MOUNT_FLAGS, *extra,
              "--rc", "--rc-addr", f"{HOST}:{rc_port}", "--rc-no-auth",
              "--cache-dir", str(cache_dir), "--log-file", str(log_path), "--log-level", "INFO",
@@ -301,12 +283,7 @@ class Mount:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
         )
         mount = cls(mountpoint, cache_dir, popen, log_path, rc_port)
-        deadline = time.monotonic() + timeout
-        while not is_mounted(mountpoint):
-            if popen.poll() is not None or time.monotonic() > deadline:
-                mount.stop()
-                raise RuntimeError(f"rclone mount did not come up; see {log_path}:\n{log_path.read_text()[-2000:]}")
-            time.sleep(0.05)
+        mount.wait_mounted(timeout)
         return mount
 
     def queue(self) -> list | None:
@@ -320,28 +297,6 @@ class Mount:
                 return json.loads(reply.read()).get("queue") or []
         except (OSError, urllib.error.HTTPError, ValueError):
             return None
-
-    def stop(self) -> None:
-        if is_mounted(self.mountpoint):
-            done = subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
-            if done.returncode != 0:
-                subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
-        if self.popen.poll() is None:
-            try:
-                self.popen.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.popen.terminate()
-                try:
-                    self.popen.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    self.popen.kill()
-                    self.popen.wait(timeout=5)
-
-    def remove(self) -> None:
-        self.stop()
-        shutil.rmtree(self.cache_dir, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            self.mountpoint.rmdir()
 
 
 def head_size(base: str, path: str, token: str) -> int | None:
