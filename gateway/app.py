@@ -57,7 +57,11 @@ def open_pod_backend(settings: Settings) -> PodBackend:
     if settings.pod_backend == "docker":
         from gateway.pods.docker import DockerPodBackend
 
-        return DockerPodBackend(network=settings.docker_network or None, pull=settings.docker_pull)
+        return DockerPodBackend(
+            network=settings.docker_network or None,
+            pull=settings.docker_pull,
+            flush_timeout_s=settings.pod_flush_timeout_seconds,
+        )
     from gateway.pods.local import LocalPodBackend
 
     return LocalPodBackend(settings.data_dir / "pods")

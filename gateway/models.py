@@ -123,6 +123,10 @@ class Rental(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     last_activity_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # What kgpu-bootstrap reported about /shared and /files (JSON); None: the image has no bootstrap.
+    mounts_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Set on return when writes to /files could not all be uploaded before the pod went.
+    flush_error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class CreditCharge(Base):

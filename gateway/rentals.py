@@ -228,10 +228,7 @@ class Rentals:
         with self.sessions.begin() as session:
             rental = session.get(Rental, rental.id)
             rental.pod_ref = ref
-            status = self.backend.status(ref)
-            rental.phase = "Running" if status.phase == "Running" else "Pending"
-            rental.ready = status.ready
-            rental.pending_reason = None if status.ready else status.reason
+            _apply(rental, self.backend.status(ref))
             rental.started_at = self.now()
             billing.charge(session, rental, self.now())
             return rental
@@ -268,6 +265,8 @@ class Rentals:
             "ready": rental.ready,
             "pending_reason": rental.pending_reason,
             "end_reason": rental.end_reason,
+            "mounts": json.loads(rental.mounts_json) if rental.mounts_json else None,
+            "flush_error": rental.flush_error,
             "created_at": as_utc(rental.created_at).isoformat(),
             "started_at": started.isoformat() if started else None,
             "expires_at": (started + timedelta(hours=rental.duration_hours)).isoformat() if started else None,
@@ -278,6 +277,15 @@ class Rentals:
             "price_per_hour_credits": billing.hourly_price(rental),
             "credits_charged": billing.charged_total(session, rental.id),
         }
+
+    def refresh(self, rental_id: str) -> None:
+        """Ask the backend how a starting pod is doing now, rather than at the reaper's next tick."""
+        with self.sessions.begin() as session:
+            rental = session.get(Rental, rental_id)
+            if rental.phase in ("Pending", "Running") and rental.pod_ref and not rental.ready:
+                status = self._status(rental.pod_ref)
+                if status.phase not in ("Gone", "Failed"):  # the reaper ends lost pods
+                    _apply(rental, status)
 
     def touch(self, rental_id: str) -> None:
         with self.sessions.begin() as session:
@@ -302,16 +310,22 @@ class Rentals:
             rental.phase = "Terminating"
             rental.ready = False
             ref = rental.pod_ref
+        lost = None
+        if ref:
+            try:
+                lost = self.backend.destroy(ref)
+            except PodError:
+                log.warning("could not destroy pod %s of %s", ref, rental_id, exc_info=True)
+        # Only now: the pod's /files mount uploads its last writes with the in-pod token.
+        with self.sessions.begin() as session:
             for token in session.scalars(select(ApiToken).where(ApiToken.rental_id == rental_id)):
                 token.revoked_at = token.revoked_at or utcnow()
         self.tokens_revoked()
-        if ref:
-            try:
-                self.backend.destroy(ref)
-            except PodError:
-                log.warning("could not destroy pod %s of %s", ref, rental_id, exc_info=True)
+        if lost:
+            log.warning("rental %s ended (%s) but not every write to /files was uploaded: %s", rental_id, reason, lost)
         with self.sessions.begin() as session:
             rental = session.get(Rental, rental_id)
+            rental.flush_error = lost
             rental.ended_at = self.now()
             billing.charge(session, rental, rental.ended_at)
             rental.phase = phase
@@ -332,9 +346,7 @@ class Rentals:
                     if status.phase in ("Gone", "Failed"):
                         ending.append((rental.id, f"pod_lost: {status.reason or status.phase}"))
                         continue
-                    rental.ready = status.ready
-                    rental.phase = "Running" if status.phase == "Running" else "Pending"
-                    rental.pending_reason = None if status.ready else status.reason
+                    _apply(rental, status)
                     if self._has_live_run(rental.pod_ref):
                         rental.last_activity_at = now
                     used = self._storage(rental.pod_ref)
@@ -383,3 +395,12 @@ class Rentals:
             )
         except PodError:
             return False
+
+
+def _apply(rental: Rental, status: PodStatus) -> None:
+    """A live pod's status onto its rental."""
+    rental.phase = "Running" if status.phase == "Running" else "Pending"
+    rental.ready = status.ready
+    rental.pending_reason = None if status.ready else status.reason
+    if status.mounts is not None:
+        rental.mounts_json = json.dumps(status.mounts)

@@ -57,10 +57,15 @@ class Settings(BaseSettings):
     cpu_price_per_hour_credits: int = Field(default=100, ge=0)
     pod_backend: str = Field(default="local", pattern="^(local|docker)$")
     default_image: str = "ghcr.io/vitaldb/kgpu-pytorch:latest"
-    # docker backend: the network pods join ("host" reaches a gateway on 127.0.0.1; empty: the
-    # default bridge, where the host is 172.17.0.1), and whether a missing image may be pulled.
-    docker_network: str = ""
+    # docker backend: the network pods join ("host": pods reach the gateway and the embedded store
+    # on 127.0.0.1; empty: docker's default bridge, where the host is 172.17.0.1 and both must
+    # listen there, see KGPU_POD_API_BASE), and whether a missing image may be pulled.
+    docker_network: str = "host"
     docker_pull: bool = True
+    # KGPU_API_BASE as pods see it; empty: public_base_url, else the address the rent request came to.
+    pod_api_base: str = ""
+    # On return, how long the pod may take to upload what /files still holds before it is removed.
+    pod_flush_timeout_seconds: int = Field(default=60, ge=1, le=600)
     max_gpus_per_user: int = Field(default=4, ge=0)
     idle_warning_seconds: int = Field(default=3600, ge=1)
     idle_return_seconds: int = Field(default=7200, ge=1)

@@ -45,6 +45,8 @@ class PodStatus:
     phase: str  # Pending | Running | Failed | Gone
     ready: bool
     reason: str | None = None
+    # What the in-pod bootstrap reported about /shared and /files (None: no bootstrap).
+    mounts: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,10 @@ class PodBackend(Protocol):
 
     def status(self, ref: str) -> PodStatus: ...
 
-    def destroy(self, ref: str) -> None: ...
+    def destroy(self, ref: str) -> str | None:
+        """Stop the runs (SIGTERM, then a grace period), upload what the pod's read-write mounts
+        still hold (kgpu-flush), and remove the pod. Returns None when nothing written to the
+        drive was lost, else what could not be uploaded."""
 
     def adopt(self) -> dict[str, str]:
         """Pods this backend still runs, by rental id (for a restarted gateway)."""

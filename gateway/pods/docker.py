@@ -1,7 +1,11 @@
 """The ``docker`` pod backend: a rental is a container from the rental's image.
 
-The container runs ``sleep infinity`` (entrypoint overridden, under docker's
-``--init`` so orphans are reaped) until the in-pod bootstrap lands. It is named
+An image whose entrypoint is ``kgpu-bootstrap`` (the kgpu-pytorch image) runs it: it mounts
+``/shared`` and ``/files`` and reports to ``/tmp/kgpu/mounts/status``; the pod is ready once
+that report is there (gateway/pods/mounts.py). Any other image runs ``sleep infinity``
+(entrypoint overridden) and is ready when started. Both run under docker's ``--init`` so
+orphans are reaped. Before a pod is removed its runs get SIGTERM, then ``kgpu-flush``
+uploads what ``/files`` still holds and unmounts (bounded by ``flush_timeout_s``). It is named
 ``{prefix}-{rental_id}`` and labelled ``{prefix}.rental_id`` and
 ``{prefix}.managed=true`` so a restarted gateway finds it again (``adopt``); the
 container name is the backend's reference.
@@ -28,6 +32,7 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import DeviceRequest
 
 from gateway.pods import RUNNER, RUNS_DIR, PodError, PodSpec, PodStartError, PodStatus, RunState
+from gateway.pods.mounts import FLUSH_SCRIPT, STATUS_PATH, parse_status, runs_bootstrap
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +149,11 @@ class DockerPodBackend:
         pids_limit: int = 32768,
         init: bool = True,
         destroy_grace_s: int = 5,
+        flush_timeout_s: int = 60,
     ):
         """``pull=False``: a missing image fails at once instead of trying a registry."""
-        self.client = client if client is not None else docker.from_env()
+        # The flush before removal is one blocking exec: the API timeout must outlast it.
+        self.client = client if client is not None else docker.from_env(timeout=flush_timeout_s + 60)
         self.api = self.client.api
         self.network = network
         self.prefix = labels_prefix
@@ -154,6 +161,7 @@ class DockerPodBackend:
         self.pids_limit = pids_limit
         self.init = init
         self.destroy_grace_s = destroy_grace_s
+        self.flush_timeout_s = flush_timeout_s
 
     # --- labels and names -------------------------------------------------------
 
@@ -165,15 +173,18 @@ class DockerPodBackend:
     def _label_managed(self) -> str:
         return f"{self.prefix}.managed"
 
+    @property
+    def _label_bootstrap(self) -> str:
+        return f"{self.prefix}.bootstrap"
+
     def container_name(self, rental_id: str) -> str:
         return f"{self.prefix}-{rental_id}"
 
     # --- pods ---------------------------------------------------------------------
 
-    def _ensure_image(self, image: str) -> None:
+    def _ensure_image(self, image: str):
         try:
-            self.client.images.get(image)
-            return
+            return self.client.images.get(image)
         except ImageNotFound:
             if not self.pull:
                 raise PodStartError(f"image {image!r} is not on this docker host (pulling is off)") from None
@@ -181,14 +192,15 @@ class DockerPodBackend:
             raise PodStartError(f"docker could not look up image {image!r}: {exc}") from exc
         try:
             log.info("pulling image %s", image)
-            self.client.images.pull(image)
+            return self.client.images.pull(image)
         except _DOCKER_ERRORS as exc:
             detail = getattr(exc, "explanation", None) or str(exc)
             raise PodStartError(f"could not pull image {image!r}: {detail}") from exc
 
     def start(self, spec: PodSpec) -> str:
         name = self.container_name(spec.rental_id)
-        self._ensure_image(spec.image)
+        image = self._ensure_image(spec.image)
+        bootstrap = runs_bootstrap(((image.attrs or {}).get("Config") or {}).get("Entrypoint"))
         # Inside the container the granted GPUs are numbered from 0; NVIDIA_VISIBLE_DEVICES
         # names the host's devices (what the NVIDIA runtime reads), "void" for none, so an
         # image with NVIDIA_VISIBLE_DEVICES=all in its ENV gets no GPU on a CPU-only rental.
@@ -202,11 +214,13 @@ class DockerPodBackend:
         kwargs = dict(
             name=name,
             hostname=spec.rental_id[:63],
-            entrypoint=["sleep", "infinity"],
-            command=[],
             detach=True,
             init=self.init,
-            labels={self._label_rental: spec.rental_id, self._label_managed: "true"},
+            labels={
+                self._label_rental: spec.rental_id,
+                self._label_managed: "true",
+                self._label_bootstrap: "true" if bootstrap else "false",
+            },
             environment=env,
             working_dir=WORKDIR,
             nano_cpus=int(spec.cpu * 1e9),
@@ -223,6 +237,8 @@ class DockerPodBackend:
         # watching the container's writable-layer size (`docker ps --size` / SizeRw) and ending
         # the rental when it passes the limit, or run the daemon on xfs+pquota and pass
         # storage_opt={"size": f"{spec.ephemeral_storage_gib}G"}.
+        if not bootstrap:
+            kwargs.update(entrypoint=["sleep", "infinity"], command=[])
         if spec.gpu_indices:
             kwargs["device_requests"] = [DeviceRequest(device_ids=host_ids, capabilities=[["gpu"]])]
         if self.network:
@@ -270,7 +286,10 @@ class DockerPodBackend:
         state = info.get("State") or {}
         status = state.get("Status")
         if status == "running" and not state.get("Paused"):
-            return PodStatus("Running", True)
+            labels = (info.get("Config") or {}).get("Labels") or {}
+            if labels.get(self._label_bootstrap) != "true":
+                return PodStatus("Running", True)
+            return self._bootstrap_status(ref)
         if status in ("created", "restarting", "paused") or state.get("Paused"):
             return PodStatus("Pending", False, f"container is {status}")
         if status == "removing":
@@ -281,6 +300,16 @@ class DockerPodBackend:
         if state.get("Error"):
             reason += f": {state['Error']}"
         return PodStatus("Failed", False, reason)
+
+    def _bootstrap_status(self, ref: str) -> PodStatus:
+        try:
+            text = self._exec(ref, 'cat "$1" 2>/dev/null; exit 0', STATUS_PATH).decode(errors="replace")
+        except PodError as exc:
+            return PodStatus("Running", False, f"cannot read the mount status: {exc}")
+        ready, mounts = parse_status(text)
+        if ready:
+            return PodStatus("Running", True, mounts=mounts)
+        return PodStatus("Running", False, "kgpu-bootstrap is mounting /shared and /files", mounts=mounts)
 
     def storage_bytes(self, ref: str) -> int | None:
         """The writable layer's size: docker cannot cap it on overlay2 (``--storage-opt size``
@@ -305,9 +334,11 @@ class DockerPodBackend:
                 pods[rental_id] = names[0]
         return pods
 
-    def destroy(self, ref: str) -> None:
+    def destroy(self, ref: str) -> str | None:
+        lost = None
         try:
             self._exec(ref, _TERM_ALL_SCRIPT, str(self.destroy_grace_s), RUNS_DIR)
+            lost = self._flush(ref)
         except PodError:
             pass  # not running or gone: removing it is all that is left
         try:
@@ -316,10 +347,25 @@ class DockerPodBackend:
             pass
         except APIError as exc:
             if exc.status_code == 409 and "already in progress" in str(exc.explanation):
-                return
+                return lost
             raise PodError(f"docker could not remove {ref}: {exc.explanation or exc}") from exc
         except _DOCKER_ERRORS as exc:
             raise PodError(f"docker could not remove {ref}: {exc}") from exc
+        return lost
+
+    def _flush(self, ref: str) -> str | None:
+        """Run kgpu-flush in the pod: None when every write reached the drive, else its report."""
+        exec_id = self._exec_create(
+            ref, ["sh", "-c", FLUSH_SCRIPT, "kgpu-flush", str(self.flush_timeout_s)], stdout=True, stderr=True
+        )
+        try:
+            output = (self.api.exec_start(exec_id) or b"").decode(errors="replace").strip()
+            code = self.api.exec_inspect(exec_id).get("ExitCode")
+        except _DOCKER_ERRORS as exc:
+            return f"kgpu-flush did not finish: {exc}"
+        if output:
+            log.info("flush of %s: %s", ref, output.replace("\n", "; "))
+        return None if code == 0 else (output or f"kgpu-flush exited with {code}")
 
     # --- exec helpers ---------------------------------------------------------------
 

@@ -116,10 +116,11 @@ class LocalPodBackend:
     def adopt(self) -> dict[str, str]:
         return {p.name: p.name for p in self.root.iterdir() if (p / "pod.json").exists()}
 
-    def destroy(self, ref: str) -> None:
+    def destroy(self, ref: str) -> str | None:
+        """Runs here mount nothing (FUSE mounts are for container pods): nothing to flush."""
         pod = self.root / ref
         if not pod.exists():
-            return
+            return None
         runs = pod / RUNS_DIR.lstrip("/")
         ids = [d.name for d in runs.iterdir()] if runs.exists() else []
         for run_id in ids:
@@ -130,6 +131,7 @@ class LocalPodBackend:
         for run_id in ids:
             self.signal_run(ref, run_id, "KILL")
         shutil.rmtree(pod, ignore_errors=True)
+        return None
 
     def _running(self, ref: str, run_id: str) -> bool:
         pid = _read(self._runs(ref) / run_id / "runner_pid")

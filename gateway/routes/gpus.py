@@ -22,7 +22,8 @@ def _rentals(request: Request) -> Rentals:
 
 def api_base(request: Request) -> str:
     """KGPU_API_BASE as pods must see it."""
-    configured = request.app.state.settings.public_base_url
+    settings = request.app.state.settings
+    configured = settings.pod_api_base or settings.public_base_url
     return configured.rstrip("/") if configured else str(request.base_url).rstrip("/")
 
 
@@ -58,6 +59,11 @@ def rental_state(gpu_id: str, request: Request, principal: ApprovedUser) -> dict
     rentals = _rentals(request)
     with request.app.state.sessions() as session:
         rental = rentals.get(session, principal, gpu_id)
+        starting = rental.phase in ("Pending", "Running") and not rental.ready
+    if starting:
+        rentals.refresh(gpu_id)
+    with request.app.state.sessions() as session:
+        rental = session.get(Rental, gpu_id)
         described = rentals.describe(session, rental)
         ref, active = rental.pod_ref, rental.phase in ACTIVE
     described["runs"] = []

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Make sure Docker is usable here and the local test image kgpu-test:latest exists.
+# Make sure Docker is usable here and the local test images exist: kgpu-test:latest (a plain
+# image) and kgpu-pytorch-test:latest (images/kgpu-pytorch/Dockerfile built FROM kgpu-test,
+# rebuilt whenever its sources change: the image carries their hash as a label).
 # Idempotent and unattended (CI=true, no stdin): installs docker.io if dockerd is missing,
 # starts dockerd in the background if `docker info` fails (log: /tmp/dockerd.log), and builds
 # the image from a debootstrap --variant=minbase rootfs piped to `docker import` (no registry
@@ -7,6 +9,8 @@
 set -euo pipefail
 
 IMAGE="${KGPU_TEST_IMAGE:-kgpu-test:latest}"
+PYTORCH_IMAGE="${KGPU_TEST_PYTORCH_IMAGE:-kgpu-pytorch-test:latest}"
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 SUITE="${KGPU_TEST_SUITE:-bookworm}"
 MIRROR="${KGPU_TEST_MIRROR:-http://deb.debian.org/debian}"
 DOCKERD_LOG="${DOCKERD_LOG:-/tmp/dockerd.log}"
@@ -56,9 +60,25 @@ else
   say "dockerd ready"
 fi
 
-# 3. The test image.
+# 3. The plain test image.
+build_pytorch_image() {
+  local wanted built
+  wanted=$(bash "$ROOT/images/kgpu-pytorch/build.sh" --hash)
+  built=$(docker image inspect -f '{{index .Config.Labels "net.kgpu.source-hash"}}' "$PYTORCH_IMAGE" 2>/dev/null || true)
+  if [ "$built" = "$wanted" ]; then
+    say "image $PYTORCH_IMAGE is up to date"
+    return
+  fi
+  local started=$(date +%s)
+  # Debian's mirror is reachable from a build container here, PyPI is not: wheels come from this host.
+  bash "$ROOT/images/kgpu-pytorch/build.sh" --base "$IMAGE" --tag "$PYTORCH_IMAGE" --offline-python 3.11 |
+    sed 's/^/build-test-image: /'
+  say "built $PYTORCH_IMAGE in $(( $(date +%s) - started )) s"
+}
+
 if docker image inspect "$IMAGE" >/dev/null 2>&1; then
-  say "image $IMAGE already exists; nothing to build"
+  say "image $IMAGE already exists"
+  build_pytorch_image
   exit 0
 fi
 
@@ -89,3 +109,4 @@ sudo_ tar -C "$rootfs" -c . | docker import \
   - "$IMAGE" >/dev/null
 size=$(docker image inspect -f '{{.Size}}' "$IMAGE")
 say "built $IMAGE ($((size / 1024 / 1024)) MiB) in $(( $(date +%s) - started )) s"
+build_pytorch_image

@@ -1,0 +1,59 @@
+"""The gateway's view of the rclone mounts inside a pod (made by bootstrap/bin/*).
+
+``kgpu-bootstrap`` writes ``/tmp/kgpu/mounts/status`` as ``key=value`` lines::
+
+    shared.path=/shared
+    shared.status=mounted        (or failed)
+    shared.seconds=0.84
+    shared.error=                (why it failed)
+    files.…
+    state=ready                  (last; "mounting" before)
+
+``kgpu-flush`` (run in the pod before it is destroyed) uploads what the ``/files`` mount
+still holds and unmounts everything; the gateway runs the script's text with ``sh -c``,
+so it works in any image, also where the user ran the helpers by hand.
+"""
+
+from __future__ import annotations
+
+from bootstrap import script_path
+
+STATUS_PATH = "/tmp/kgpu/mounts/status"
+FLUSH_SCRIPT = script_path("kgpu-flush").read_text()
+BOOTSTRAP_NAME = "kgpu-bootstrap"
+
+
+def parse_status(text: str) -> tuple[bool, dict | None]:
+    """(all mounts reported, {mount: {"path", "status", "seconds", "error"}}) from the status
+    file's text; (False, None) when the bootstrap has written nothing yet."""
+    mounts: dict[str, dict] = {}
+    state = None
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        if key == "state":
+            state = value.strip()
+            continue
+        mount, _, field = key.partition(".")
+        if not field:
+            continue
+        entry = mounts.setdefault(mount, {"path": None, "status": None, "seconds": None, "error": None})
+        if field == "seconds":
+            try:
+                entry["seconds"] = float(value)
+            except ValueError:
+                pass
+        elif field in entry:
+            entry[field] = value or None
+    if state is None:
+        return False, None
+    return state == "ready", mounts
+
+
+def runs_bootstrap(entrypoint: list[str] | str | None) -> bool:
+    """Whether an image's entrypoint is kgpu-bootstrap (then the pod mounts by itself)."""
+    if not entrypoint:
+        return False
+    parts = entrypoint.split() if isinstance(entrypoint, str) else entrypoint
+    return any(part.rsplit("/", 1)[-1] == BOOTSTRAP_NAME for part in parts)
