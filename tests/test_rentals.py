@@ -350,3 +350,15 @@ def test_going_over_ephemeral_storage_returns_the_rental(stack, user):
     assert run(stack.base, user.token, gpu, ["sh", "-c", "fallocate -l 1100M /tmp/big || head -c 1100M /dev/zero > /tmp/big"])["exit_code"] == 0
     assert (gpu, "ephemeral_storage_exceeded") in rentals.tick()
     assert requests.get(f"{stack.base}/v1/gpus/{gpu}", headers=user.auth).json()["end_reason"] == "ephemeral_storage_exceeded"
+
+
+def test_the_sandbox_keeps_the_nvidia_device_nodes(monkeypatch, tmp_path):
+    """bubblewrap's --dev builds a bare /dev: the GPUs' nodes are bound back in, or CUDA sees none."""
+    from gateway.pods import local
+
+    nodes = ["/dev/nvidia0", "/dev/nvidia1", "/dev/nvidiactl", "/dev/nvidia-uvm"]
+    monkeypatch.setattr(local.glob, "glob", lambda pattern: nodes if pattern == "/dev/nvidia*" else [])
+    command = local.sandbox_command(tmp_path / "ws", tmp_path / "tmp", [])
+    bound = [command[i + 1] for i, arg in enumerate(command) if arg == "--dev-bind"]
+    assert sorted(bound) == sorted(nodes)
+    assert command.index("--dev") < command.index("--dev-bind")  # bound after /dev is built

@@ -11,6 +11,7 @@ gateway killed with SIGKILL.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -67,6 +68,10 @@ def sandbox_command(workspace: Path, pod_tmp: Path, hidden: list[Path]) -> list[
         elif path.is_dir():
             command += ["--ro-bind", str(path), str(path)]
     command += ["--dev", "/dev", "--proc", "/proc", "--bind", str(pod_tmp), "/tmp", "--bind", str(workspace), "/workspace"]
+    # --dev makes a minimal /dev: the NVIDIA device nodes must be bound in for CUDA and
+    # nvidia-smi. All of them (NVML wants every GPU's node); CUDA_VISIBLE_DEVICES pins the rental's.
+    for node in sorted(glob.glob("/dev/nvidia*")):
+        command += ["--dev-bind", node, node]
     for path in hidden:
         if not path.is_relative_to("/tmp"):
             command += ["--tmpfs", str(path)]
