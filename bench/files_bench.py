@@ -337,10 +337,15 @@ def wait_ready(proc: Proc, timeout: float = 30) -> None:
     raise RuntimeError(f"{proc.name} not ready within {timeout}s; see {proc.log_path}")
 
 
-def start_kgpu(data_dir: Path, port: int, admin_token: str, log_dir: Path, n: int, src: str | None = None) -> Proc:
+def start_kgpu(
+    data_dir: Path, port: int, admin_token: str, log_dir: Path, n: int, src: str | None = None,
+    settings: dict[str, str] | None = None,
+) -> Proc:
+    """``settings``: more KGPU_* variables (by default only the admin token is set)."""
     log_path = log_dir / f"kgpu-serve-{n}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("KGPU_")}
     env["KGPU_ADMIN_TOKEN"] = admin_token
+    env.update(settings or {})
     if src:  # another checkout of the code (e.g. `git archive` of a commit), ahead of the editable install
         env["PYTHONPATH"] = str(Path(src).resolve())
     with open(log_path, "wb") as out:
