@@ -333,3 +333,31 @@ def test_inside_a_gpu_doc_examples(pod_server, pytorch_image):
     assert drive_bytes(base, token, "exp42/results.csv") == b"epoch,loss\n1,0.9\n2,0.5\n"
     assert drive_bytes(base, token, "exp42/last-words.txt") == b"one more result\n"
     assert len(drive_bytes(base, token, "envs/exp42.tar.zst") or b"") > 1000
+
+
+def test_a_bootstrap_that_never_reports_does_not_hold_the_rental(docker_pod_client):
+    """An image whose kgpu-bootstrap hangs becomes ready after the backend's deadline, saying so in mounts."""
+    from gateway.pods import PodSpec
+    from gateway.pods.docker import DockerPodBackend
+    from tests.conftest import DOCKER_TEST_PREFIX
+
+    dockerfile = (
+        f"FROM {DOCKER_TEST_IMAGE}\n"
+        "RUN printf '#!/bin/sh\\nexec sleep infinity\\n' > /usr/local/bin/kgpu-bootstrap && chmod +x /usr/local/bin/kgpu-bootstrap\n"
+        'ENTRYPOINT ["kgpu-bootstrap"]\n'
+    )
+    image, _ = docker_pod_client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag="kgpu-test-silent-bootstrap:latest", rm=True)
+    backend = DockerPodBackend(docker_pod_client, labels_prefix=DOCKER_TEST_PREFIX, pull=False, bootstrap_timeout_s=3)
+    spec = PodSpec(rental_id="silent-" + uuid.uuid4().hex[:8], image="kgpu-test-silent-bootstrap:latest",
+                   gpu_indices=[], cpu=1, memory_bytes=256 << 20, ephemeral_storage_gib=1)
+    ref = backend.start(spec)
+    try:
+        first = backend.status(ref)
+        assert not first.ready and "mounting" in first.reason
+        deadline = time.monotonic() + 20
+        while not (status := backend.status(ref)).ready:
+            assert time.monotonic() < deadline, status
+            time.sleep(0.5)
+        assert status.mounts["bootstrap"]["status"] == "failed" and "within 3 s" in status.mounts["bootstrap"]["error"]
+    finally:
+        assert backend.destroy(ref) is None

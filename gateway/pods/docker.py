@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime, timezone
 
 import docker
 import requests
@@ -130,6 +131,15 @@ def _int(value: str | None) -> int | None:
         return None
 
 
+def _age_seconds(docker_time: str | None) -> float:
+    """Seconds since a docker timestamp ("2026-11-26T23:47:03.123456789Z"); 0 if unreadable."""
+    try:
+        moment = datetime.fromisoformat(docker_time[:19]).replace(tzinfo=timezone.utc)
+    except (TypeError, ValueError):
+        return 0.0
+    return (datetime.now(timezone.utc) - moment).total_seconds()
+
+
 def _safe_id(run_id: str) -> str:
     if not run_id or "/" in run_id or run_id in (".", "..") or "\0" in run_id:
         raise PodError(f"bad run id {run_id!r}")
@@ -150,6 +160,7 @@ class DockerPodBackend:
         init: bool = True,
         destroy_grace_s: int = 5,
         flush_timeout_s: int = 60,
+        bootstrap_timeout_s: int = 180,
     ):
         """``pull=False``: a missing image fails at once instead of trying a registry."""
         # The flush before removal is one blocking exec: the API timeout must outlast it.
@@ -162,6 +173,7 @@ class DockerPodBackend:
         self.init = init
         self.destroy_grace_s = destroy_grace_s
         self.flush_timeout_s = flush_timeout_s
+        self.bootstrap_timeout_s = bootstrap_timeout_s
 
     # --- labels and names -------------------------------------------------------
 
@@ -289,7 +301,7 @@ class DockerPodBackend:
             labels = (info.get("Config") or {}).get("Labels") or {}
             if labels.get(self._label_bootstrap) != "true":
                 return PodStatus("Running", True)
-            return self._bootstrap_status(ref)
+            return self._bootstrap_status(ref, state.get("StartedAt"))
         if status in ("created", "restarting", "paused") or state.get("Paused"):
             return PodStatus("Pending", False, f"container is {status}")
         if status == "removing":
@@ -301,7 +313,7 @@ class DockerPodBackend:
             reason += f": {state['Error']}"
         return PodStatus("Failed", False, reason)
 
-    def _bootstrap_status(self, ref: str) -> PodStatus:
+    def _bootstrap_status(self, ref: str, started_at: str | None) -> PodStatus:
         try:
             text = self._exec(ref, 'cat "$1" 2>/dev/null; exit 0', STATUS_PATH).decode(errors="replace")
         except PodError as exc:
@@ -309,6 +321,11 @@ class DockerPodBackend:
         ready, mounts = parse_status(text)
         if ready:
             return PodStatus("Running", True, mounts=mounts)
+        if _age_seconds(started_at) > self.bootstrap_timeout_s:
+            # A bootstrap that never reports must not hold the rental (and its billing) hostage.
+            silent = {"path": None, "status": "failed", "seconds": None,
+                      "error": f"kgpu-bootstrap reported nothing within {self.bootstrap_timeout_s} s"}
+            return PodStatus("Running", True, mounts={**(mounts or {}), "bootstrap": silent})
         return PodStatus("Running", False, "kgpu-bootstrap is mounting /shared and /files", mounts=mounts)
 
     def storage_bytes(self, ref: str) -> int | None:
