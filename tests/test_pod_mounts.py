@@ -361,3 +361,25 @@ def test_a_bootstrap_that_never_reports_does_not_hold_the_rental(docker_pod_clie
         assert status.mounts["bootstrap"]["status"] == "failed" and "within 3 s" in status.mounts["bootstrap"]["error"]
     finally:
         assert backend.destroy(ref) is None
+
+
+def test_an_idle_return_flushes_too(pod_server, pytorch_image):
+    """The reaper's returns (idle here; expiry and credits take the same path) upload /files first."""
+    from datetime import timedelta
+
+    from gateway.models import utcnow
+
+    base, token = pod_server.base, new_user(pod_server.base)["token"]
+    gpu = rent_ready(base, token, pytorch_image)["gpu_id"]
+    digest = ok(base, token, gpu, "head -c 100000 /dev/urandom > /files/idle.bin && sha256sum /files/idle.bin").split()[0]
+    rentals = pod_server.app.state.rentals
+    original = rentals.now
+    rentals.now = lambda: utcnow() + timedelta(seconds=pod_server.settings.idle_return_seconds + 60)
+    try:
+        assert (gpu, "auto_idle") in rentals.tick()
+    finally:
+        rentals.now = original
+    state = requests.get(f"{base}/v1/gpus/{gpu}", headers=bearer(token)).json()
+    assert state["end_reason"] == "auto_idle" and state["flush_error"] is None, state
+    saved = drive_bytes(base, token, "idle.bin")
+    assert saved is not None and hashlib.sha256(saved).hexdigest() == digest
