@@ -92,17 +92,18 @@ def postgres_url() -> str:
 class LiveServer:
     """The real application on uvicorn in a background thread, as `kgpu serve` runs it."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, host: str = "127.0.0.1"):
         self.settings = settings
         self.app = create_app(settings)
-        self.port = free_port()
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        self.host = host
+        self.port = free_port(host)
+        config = uvicorn.Config(self.app, host=host, port=self.port, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> "LiveServer":
         self.thread.start()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import ipaddress
 import os
 import random
 import re
@@ -25,6 +26,7 @@ import requests
 
 from bootstrap import SCRIPTS, script_path
 from drive.store.embedded import rclone_binary
+from gateway.settings import Settings
 from tests.conftest import ADMIN_TOKEN, DOCKER_TEST_IMAGE, LiveServer, make_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -383,3 +385,34 @@ def test_an_idle_return_flushes_too(pod_server, pytorch_image):
     assert state["end_reason"] == "auto_idle" and state["flush_error"] is None, state
     saved = drive_bytes(base, token, "idle.bin")
     assert saved is not None and hashlib.sha256(saved).hexdigest() == digest
+
+
+def test_pods_on_a_bridge_network(tmp_path_factory, docker_pod_client, pytorch_image):
+    """The documented bridge set-up: gateway and embedded store on the bridge's host address,
+    KGPU_POD_API_BASE naming it; pods mount, read, write and flush as on the host network."""
+    ipam = docker_pod_client.networks.get("bridge").attrs["IPAM"]["Config"][0]
+    # docker gives the host the subnet's first address (and does not always say so)
+    bridge = ipam.get("Gateway") or str(next(ipaddress.ip_network(ipam["Subnet"]).hosts()))
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("pod-bridge"), admin_token=ADMIN_TOKEN, pod_backend="docker",
+        docker_network="bridge", docker_pull=False, default_image=pytorch_image, embedded_s3_host=bridge,
+    )
+    server = LiveServer(settings, host=bridge)
+    server.settings.pod_api_base = server.base  # KGPU_POD_API_BASE: the port is known only now
+    server.start()
+    try:
+        base = server.base
+        person = new_user(base)
+        token = person["token"]
+        requests.post(f"{base}/v1/admin/orgs", json={"slug": "bridgelab", "name": "B", "owner_user_id": person["id"]}, headers=ADMIN)
+        assert requests.put(f"{base}/v1/shared/bridgelab/d.txt", data=b"over the bridge\n", headers=bearer(token)).status_code in (200, 201)
+        state = rent_ready(base, token, pytorch_image)
+        gpu = state["gpu_id"]
+        assert {n: m["status"] for n, m in state["mounts"].items()} == {"shared": "mounted", "files": "mounted"}, state
+        seen = ok(base, token, gpu, 'echo "$KGPU_API_BASE"; cat /shared/bridgelab/d.txt; hostname -I 2>/dev/null || true')
+        assert seen.startswith(f"{base}\nover the bridge\n")
+        ok(base, token, gpu, "echo kept > /files/bridge.txt")
+        ended = requests.delete(f"{base}/v1/gpus/{gpu}", headers=bearer(token)).json()
+        assert ended["flush_error"] is None and drive_bytes(base, token, "bridge.txt") == b"kept\n"
+    finally:
+        server.stop()
