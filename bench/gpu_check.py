@@ -4,38 +4,31 @@ Starts its own `kgpu serve` (embedded store, SQLite, local pod backend, inventor
 from nvidia-smi) on a temporary data directory, then over HTTP: GET /v1/gpus, rent every
 GPU, run `nvidia-smi -L` (and torch, where installed) in the rental, try one GPU more
 (409 no_capacity expected), return the rental. Prints each answer; exit 1 on a mismatch.
-Usage: python bench/gpu_check.py [--kgpu PATH_TO_KGPU_SCRIPT]
+Usage: python bench/gpu_check.py   (the `kgpu` script beside that python is the server)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import socket
 import subprocess
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import files_bench as fb  # noqa: E402  (same folder: its server helpers)
+
 ADMIN = "gpu-check-admin-token"
 TORCH = "import torch; print('torch sees', torch.cuda.device_count(), 'GPU(s):', torch.cuda.get_device_name(0))"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kgpu", default=str(ROOT / ".venv/bin/kgpu"))
-    args = parser.parse_args()
+    parser.parse_args()
     if not shutil.which("nvidia-smi"):
         print("no nvidia-smi on this machine: nothing to check")
         return 2
@@ -44,27 +37,10 @@ def main() -> int:
     host_gpus = [line for line in smi.stdout.splitlines() if line.startswith("GPU ")]
 
     tmp = Path(tempfile.mkdtemp(prefix="kgpu-gpu-check-"))
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KGPU_")}
-    env.update(KGPU_ADMIN_TOKEN=ADMIN, KGPU_POD_BACKEND="local")
-    server = subprocess.Popen(
-        [args.kgpu, "serve", "--data-dir", str(tmp / "data"), "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
+    server = fb.start_kgpu(tmp / "data", fb.free_port(), ADMIN, tmp, 0, settings={"KGPU_POD_BACKEND": "local"})
+    base = f"http://{fb.HOST}:{server.port}"
     failures = []
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"{base}/healthz", timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                print(server.stdout.read() if server.poll() is not None else "")
-                raise SystemExit("kgpu serve did not start")
-            time.sleep(0.2)
         admin = {"Authorization": f"Bearer {ADMIN}"}
         token = requests.post(f"{base}/v1/admin/users", json={"email": "gpu@lab.example"}, headers=admin).json()["token"]
         auth = {"Authorization": f"Bearer {token}"}
@@ -93,8 +69,7 @@ def main() -> int:
         ended = requests.delete(f"{base}/v1/gpus/{gpu}", headers=auth).json()
         print("DELETE:", ended["phase"], ended["end_reason"], "credits charged", ended["credits_charged"])
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     print("FAILURES: " + "; ".join(failures) if failures else "gpu check: all as expected")
     return 1 if failures else 0
