@@ -416,3 +416,18 @@ def test_pods_on_a_bridge_network(tmp_path_factory, docker_pod_client, pytorch_i
         assert ended["flush_error"] is None and drive_bytes(base, token, "bridge.txt") == b"kept\n"
     finally:
         server.stop()
+
+
+def test_mounting_pods_get_fuse_and_sys_admin_only(pod_server, pytorch_image, docker_pod_client):
+    base, token = pod_server.base, new_user(pod_server.base)["token"]
+    gpu = rent_ready(base, token, pytorch_image)["gpu_id"]
+    try:
+        host = docker_pod_client.api.inspect_container(f"kgpu-{gpu}")["HostConfig"]
+        assert host["Privileged"] is False
+        assert host["CapAdd"] == ["SYS_ADMIN"] and not host.get("CapDrop")
+        assert [d["PathOnHost"] for d in host["Devices"]] == ["/dev/fuse"]
+        assert host["NetworkMode"] == "host"  # the default: pods reach 127.0.0.1 (see the bridge test)
+        caps = ok(base, token, gpu, "grep CapEff /proc/self/status")
+        assert int(caps.split()[1], 16) & (1 << 21)  # CAP_SYS_ADMIN, and only what docker grants besides
+    finally:
+        requests.delete(f"{base}/v1/gpus/{gpu}", headers=bearer(token))
