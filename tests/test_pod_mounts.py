@@ -288,6 +288,9 @@ def test_mount_status_parsing():
         "shared": {"path": "/shared", "status": "mounted", "seconds": 0.5, "error": None},
         "files": {"path": "/files", "status": "failed", "seconds": None, "error": "a=b: no"},
     }
+    _, later = parse_status("shared.path=/shared\nshared.status=mounted\nfiles.path=/files\nfiles.status=mounted\nstate=ready\nlive=/files,\n")
+    assert later["files"]["status"] == "mounted" and later["shared"]["status"] == "lost"
+    assert "no longer mounted" in later["shared"]["error"]
     assert runs_bootstrap(["kgpu-bootstrap"]) and runs_bootstrap(["/usr/local/bin/kgpu-bootstrap", "x"])
     assert not runs_bootstrap(None) and not runs_bootstrap(["/opt/nvidia/nvidia_entrypoint.sh"])
 
@@ -429,5 +432,18 @@ def test_mounting_pods_get_fuse_and_sys_admin_only(pod_server, pytorch_image, do
         assert host["NetworkMode"] == "host"  # the default: pods reach 127.0.0.1 (see the bridge test)
         caps = ok(base, token, gpu, "grep CapEff /proc/self/status")
         assert int(caps.split()[1], 16) & (1 << 21)  # CAP_SYS_ADMIN, and only what docker grants besides
+    finally:
+        requests.delete(f"{base}/v1/gpus/{gpu}", headers=bearer(token))
+
+
+def test_a_mount_lost_later_shows_at_the_next_tick(pod_server, pytorch_image):
+    base, token = pod_server.base, new_user(pod_server.base)["token"]
+    gpu = rent_ready(base, token, pytorch_image)["gpu_id"]
+    try:
+        ok(base, token, gpu, "fusermount3 -u /shared")
+        pod_server.app.state.rentals.tick()
+        state = requests.get(f"{base}/v1/gpus/{gpu}", headers=bearer(token)).json()
+        assert state["mounts"]["shared"]["status"] == "lost" and state["mounts"]["files"]["status"] == "mounted", state
+        assert state["ready"] and state["phase"] == "Running"
     finally:
         requests.delete(f"{base}/v1/gpus/{gpu}", headers=bearer(token))

@@ -33,7 +33,7 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import DeviceRequest
 
 from gateway.pods import RUNNER, RUNS_DIR, PodError, PodSpec, PodStartError, PodStatus, RunState
-from gateway.pods.mounts import FLUSH_SCRIPT, STATUS_PATH, parse_status, runs_bootstrap
+from gateway.pods.mounts import FLUSH_SCRIPT, READ_STATUS_SCRIPT, STATUS_PATH, parse_status, runs_bootstrap
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +315,7 @@ class DockerPodBackend:
 
     def _bootstrap_status(self, ref: str, started_at: str | None) -> PodStatus:
         try:
-            text = self._exec(ref, 'cat "$1" 2>/dev/null; exit 0', STATUS_PATH).decode(errors="replace")
+            text = self._exec(ref, READ_STATUS_SCRIPT, STATUS_PATH).decode(errors="replace")
         except PodError as exc:
             return PodStatus("Running", False, f"cannot read the mount status: {exc}")
         ready, mounts = parse_status(text)

@@ -9,6 +9,9 @@
     files.…
     state=ready                  (last; "mounting" before)
 
+The gateway reads it with ``READ_STATUS_SCRIPT``, which adds ``live=`` (the rclone mounts
+alive now): a mount reported ``mounted`` that has gone since shows as ``lost``.
+
 ``kgpu-flush`` (run in the pod before it is destroyed) uploads what the ``/files`` mount
 still holds and unmounts everything; the gateway runs the script's text with ``sh -c``,
 so it works in any image, also where the user ran the helpers by hand.
@@ -19,21 +22,32 @@ from __future__ import annotations
 from bootstrap import script_path
 
 STATUS_PATH = "/tmp/kgpu/mounts/status"
+# The status file, then the rclone mounts alive now (a mount can die after it was reported).
+READ_STATUS_SCRIPT = """
+cat "$1" 2>/dev/null
+printf 'live='; awk '$3 ~ /^fuse[.]rclone/ { printf "%s,", $2 }' /proc/mounts 2>/dev/null; echo
+exit 0
+"""
 FLUSH_SCRIPT = script_path("kgpu-flush").read_text()
 BOOTSTRAP_NAME = "kgpu-bootstrap"
 
 
 def parse_status(text: str) -> tuple[bool, dict | None]:
     """(all mounts reported, {mount: {"path", "status", "seconds", "error"}}) from the status
-    file's text; (False, None) when the bootstrap has written nothing yet."""
+    file's text (and the ``live=`` line, when there is one); (False, None) when the bootstrap
+    has written nothing yet."""
     mounts: dict[str, dict] = {}
     state = None
+    live = None
     for line in text.splitlines():
         key, sep, value = line.partition("=")
         if not sep:
             continue
         if key == "state":
             state = value.strip()
+            continue
+        if key == "live":
+            live = {path for path in value.strip().split(",") if path}
             continue
         mount, _, field = key.partition(".")
         if not field:
@@ -48,6 +62,11 @@ def parse_status(text: str) -> tuple[bool, dict | None]:
             entry[field] = value or None
     if state is None:
         return False, None
+    if live is not None:
+        for entry in mounts.values():
+            if entry["status"] == "mounted" and entry["path"] not in live:
+                entry["status"] = "lost"
+                entry["error"] = f"{entry['path']} is no longer mounted (rclone exited; see /tmp/kgpu/mounts/*.log)"
     return state == "ready", mounts
 
 
