@@ -11,6 +11,7 @@ import logging
 import re
 import secrets
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Callable
 
@@ -371,8 +372,11 @@ class Rentals:
                 )
             }
         ending += [(rental_id, "out_of_credits") for rental_id in broke if rental_id not in dict(ending)]
-        for rental_id, reason in ending:
-            self._finish(rental_id, "Ended", reason)
+        # Each return may wait for its pod's /files flush (up to KGPU_POD_FLUSH_TIMEOUT_SECONDS):
+        # side by side, so one slow pod does not hold back the others.
+        if ending:
+            with ThreadPoolExecutor(max_workers=min(8, len(ending)), thread_name_prefix="kgpu-return") as pool:
+                list(pool.map(lambda item: self._finish(item[0], "Ended", item[1]), ending))
         return ending
 
     def _status(self, ref: str) -> PodStatus:

@@ -190,10 +190,10 @@ def test_a_researchers_day(pod_server, pytorch_image, kind):
         base, token, gpu,
         """set -e
         mkdir -p /workspace/out && head -c 2000000 /dev/urandom > /workspace/out/weights.bin && echo done > /workspace/out/log.txt
-        tar -czf /tmp/out.tgz -C /workspace out
-        cat /tmp/out.tgz | curl -fsS -L -H "Authorization: Bearer $KGPU_API_TOKEN" -H "Expect: 100-continue" \\
-          -H "Content-Type: application/gzip" --data-binary @- "$KGPU_API_BASE/v1/files/runs-out/$KGPU_GPU_ID-outputs.tgz" >/dev/null
-        sha256sum /tmp/out.tgz""",
+        tar -czf - -C /workspace out | tee /tmp/sent.tgz | curl -fsS -L -H "Authorization: Bearer $KGPU_API_TOKEN" \\
+          -H "Expect: 100-continue" -H "Content-Type: application/gzip" --data-binary @- \\
+          "$KGPU_API_BASE/v1/files/runs-out/$KGPU_GPU_ID-outputs.tgz" >/dev/null
+        sha256sum /tmp/sent.tgz""",
     ).split()[0]
     tarball = drive_bytes(base, token, f"runs-out/{gpu}-outputs.tgz")
     assert tarball is not None and hashlib.sha256(tarball).hexdigest() == tar_digest
