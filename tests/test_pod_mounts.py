@@ -291,6 +291,8 @@ def test_mount_status_parsing():
     _, later = parse_status("shared.path=/shared\nshared.status=mounted\nfiles.path=/files\nfiles.status=mounted\nstate=ready\nlive=/files,\n")
     assert later["files"]["status"] == "mounted" and later["shared"]["status"] == "lost"
     assert "no longer mounted" in later["shared"]["error"]
+    _, flooded = parse_status("".join(f"m{i}.status=failed\nm{i}.error={'x' * 5000}\n" for i in range(50)) + "state=ready\n")
+    assert len(flooded) == 8 and all(len(m["error"]) == 1000 for m in flooded.values())
     assert runs_bootstrap(["kgpu-bootstrap"]) and runs_bootstrap(["/usr/local/bin/kgpu-bootstrap", "x"])
     assert not runs_bootstrap(None) and not runs_bootstrap(["/opt/nvidia/nvidia_entrypoint.sh"])
 

@@ -33,7 +33,14 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import DeviceRequest
 
 from gateway.pods import RUNNER, RUNS_DIR, PodError, PodSpec, PodStartError, PodStatus, RunState
-from gateway.pods.mounts import FLUSH_SCRIPT, READ_STATUS_SCRIPT, STATUS_PATH, parse_status, runs_bootstrap
+from gateway.pods.mounts import (
+    FLUSH_SCRIPT,
+    MAX_FLUSH_REPORT,
+    READ_STATUS_SCRIPT,
+    STATUS_PATH,
+    parse_status,
+    runs_bootstrap,
+)
 
 log = logging.getLogger(__name__)
 
@@ -380,6 +387,7 @@ class DockerPodBackend:
             code = self.api.exec_inspect(exec_id).get("ExitCode")
         except _DOCKER_ERRORS as exc:
             return f"kgpu-flush did not finish: {exc}"
+        output = output[-MAX_FLUSH_REPORT:]  # the pod's own words: bounded
         if output:
             log.info("flush of %s: %s", ref, output.replace("\n", "; "))
         return None if code == 0 else (output or f"kgpu-flush exited with {code}")

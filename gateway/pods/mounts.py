@@ -24,12 +24,15 @@ from bootstrap import script_path
 STATUS_PATH = "/tmp/kgpu/mounts/status"
 # The status file, then the rclone mounts alive now (a mount can die after it was reported).
 READ_STATUS_SCRIPT = """
-cat "$1" 2>/dev/null
+head -c 16384 "$1" 2>/dev/null; echo
 printf 'live='; awk '$3 ~ /^fuse[.]rclone/ { printf "%s,", $2 }' /proc/mounts 2>/dev/null; echo
 exit 0
 """
 FLUSH_SCRIPT = script_path("kgpu-flush").read_text()
 BOOTSTRAP_NAME = "kgpu-bootstrap"
+MAX_MOUNTS = 8
+MAX_VALUE = 1000
+MAX_FLUSH_REPORT = 4000
 
 
 def parse_status(text: str) -> tuple[bool, dict | None]:
@@ -50,8 +53,9 @@ def parse_status(text: str) -> tuple[bool, dict | None]:
             live = {path for path in value.strip().split(",") if path}
             continue
         mount, _, field = key.partition(".")
-        if not field:
+        if not field or (mount not in mounts and len(mounts) >= MAX_MOUNTS):
             continue
+        value = value[:MAX_VALUE]  # the pod writes this file: keep what reaches the database small
         entry = mounts.setdefault(mount, {"path": None, "status": None, "seconds": None, "error": None})
         if field == "seconds":
             try:
