@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from gateway.db import make_engine, make_sessionmaker
-from gateway.models import CreditCharge
+from gateway.models import CreditCharge, Rental
 from gateway.rentals import Rentals
 from tests.conftest import ADMIN_TOKEN, LiveServer, make_settings
 
@@ -362,3 +362,20 @@ def test_the_sandbox_keeps_the_nvidia_device_nodes(monkeypatch, tmp_path):
     bound = [command[i + 1] for i, arg in enumerate(command) if arg == "--dev-bind"]
     assert sorted(bound) == sorted(nodes)
     assert command.index("--dev") < command.index("--dev-bind")  # bound after /dev is built
+
+
+def test_a_return_ends_the_rental_even_when_the_backend_breaks(stack, user, monkeypatch):
+    backend = stack.server.app.state.rentals.backend
+    gpu = rent(stack.base, user.token).json()["gpu_id"]
+    pod_token = run(stack.base, user.token, gpu, ["sh", "-c", "printf %s $KGPU_API_TOKEN"])["stdout"]
+    real_destroy = backend.destroy
+
+    def broken(ref):
+        raise RuntimeError("the backend fell over")
+
+    monkeypatch.setattr(backend, "destroy", broken)
+    ended = requests.delete(f"{stack.base}/v1/gpus/{gpu}", headers=user.auth)
+    assert ended.status_code == 200 and ended.json()["phase"] == "Ended", ended.text
+    assert requests.get(f"{stack.base}/v1/me", headers={"Authorization": f"Bearer {pod_token}"}).status_code == 401
+    with stack.server.app.state.sessions() as session:
+        real_destroy(session.get(Rental, gpu).pod_ref)  # the pod the broken backend left behind
