@@ -64,7 +64,11 @@ def open_pod_backend(settings: Settings) -> PodBackend:
         )
     from gateway.pods.local import LocalPodBackend
 
-    return LocalPodBackend(settings.data_dir / "pods")
+    return LocalPodBackend(
+        settings.data_dir / "pods",
+        mounts=settings.local_pod_mounts,
+        flush_timeout_s=settings.pod_flush_timeout_seconds,
+    )
 
 
 async def reaper_loop(rentals: Rentals, interval: float) -> None:

@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     # listen there, see KGPU_POD_API_BASE), and whether a missing image may be pulled.
     docker_network: str = "host"
     docker_pull: bool = True
+    # local backend: mount /shared and /files for each pod (kgpu-bootstrap on the host, the mounts
+    # bound into the bubblewrap sandbox); needs bubblewrap, /dev/fuse and fusermount3.
+    local_pod_mounts: bool = True
     # KGPU_API_BASE as pods see it; empty: public_base_url, else the address the rent request came to.
     pod_api_base: str = ""
     # On return, how long the pod may take to upload what /files still holds before it is removed.

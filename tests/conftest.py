@@ -170,6 +170,8 @@ STACKS = {
 
 
 def make_settings(tmp: Path, target: S3Target, database_url: str = "", **extra) -> Settings:
+    # Local pods mount /shared and /files only where a test asks (two rclone daemons per pod).
+    extra.setdefault("local_pod_mounts", False)
     return Settings(
         data_dir=tmp,
         database_url=database_url,

@@ -131,10 +131,31 @@ def put_tools(base: str, token: str) -> None:
         assert reply.status_code in (200, 201), reply.text
 
 
-@pytest.mark.parametrize("kind", ["kgpu-pytorch", "plain image, helpers by hand"])
-def test_a_researchers_day(pod_server, pytorch_image, kind):
-    base = pod_server.base
-    by_hand = kind != "kgpu-pytorch"
+@pytest.fixture(scope="module")
+def local_pod_server(tmp_path_factory, rclone_target):
+    """The gateway with the local backend and its mounts (kgpu-bootstrap on the host, bound into bwrap)."""
+    settings = make_settings(
+        tmp_path_factory.mktemp("pod-mounts-local"), rclone_target, pod_backend="local", local_pod_mounts=True,
+        pod_flush_timeout_seconds=20,
+    )
+    server = LiveServer(settings).start()
+    if not server.app.state.rentals.backend.mounts:
+        server.stop()
+        pytest.fail("local pod mounts need bubblewrap, /dev/fuse and fusermount3: .ci/run installs them")
+    yield server
+    backend = server.app.state.rentals.backend
+    for ref in backend.adopt().values():
+        backend.destroy(ref)
+    server.stop()
+
+
+@pytest.mark.parametrize("kind", ["kgpu-pytorch", "plain image, helpers by hand", "local backend"])
+def test_a_researchers_day(request, pytorch_image, kind):
+    """The same day on every pod backend: docker with the kgpu-pytorch image, docker with a plain
+    image mounted by hand, and the local backend (mounts bound into its sandbox)."""
+    server = request.getfixturevalue("local_pod_server" if kind == "local backend" else "pod_server")
+    base = server.base
+    by_hand = kind == "plain image, helpers by hand"
     image = DOCKER_TEST_IMAGE if by_hand else pytorch_image
 
     # An admin makes the lab: an org, an uploader and a member.

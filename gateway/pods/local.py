@@ -2,7 +2,10 @@
 
 A pod is ``{data_dir}/pods/{rental_id}/`` holding ``workspace/`` (the working
 directory of every run) and ``tmp/`` (the pod's /tmp, where the runner keeps run
-state under kgpu/runs/). Where bubblewrap is installed every run is sandboxed:
+state under kgpu/runs/); with mounts on, also ``mnt/shared`` and ``mnt/files`` (the
+rclone mounts kgpu-bootstrap makes, bound at /shared and /files in the sandbox) and
+``state/`` (the bootstrap's status, logs and caches, out of the runs' sight).
+Where bubblewrap is installed every run is sandboxed:
 it sees ``/workspace`` and ``/tmp`` of its own pod, the host read-only, and not
 the gateway's data directory. GPUs are pinned with ``CUDA_VISIBLE_DEVICES``/
 ``NVIDIA_VISIBLE_DEVICES``. Runs start in their own session, so they outlive a
@@ -11,6 +14,7 @@ gateway killed with SIGKILL.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -21,7 +25,13 @@ import threading
 import time
 from pathlib import Path
 
+from bootstrap import script_path
+from drive.store.embedded import rclone_binary
 from gateway.pods import RUNNER, RUNS_DIR, PodError, PodSpec, PodStatus, RunState
+from gateway.pods.mounts import MAX_FLUSH_REPORT, parse_status
+
+MOUNT_DIR = "mnt"  # {pod}/mnt/shared and {pod}/mnt/files: the pod's rclone mounts, bound at /shared and /files
+POD_MOUNTS = {"shared": True, "files": False}  # name: read-only
 
 _SIGNALS = {"TERM": signal.SIGTERM, "KILL": signal.SIGKILL}
 
@@ -53,9 +63,10 @@ def read_tail(path: Path, limit: int) -> tuple[bytes, bool]:
         return b"", False
 
 
-def sandbox_command(workspace: Path, pod_tmp: Path, hidden: list[Path]) -> list[str]:
+def sandbox_command(workspace: Path, pod_tmp: Path, hidden: list[Path], mounts: Path | None = None) -> list[str]:
     """bubblewrap around a run: the host read-only, the pod's own /tmp and /workspace
-    writable, and the gateway's data directory (database, store, other pods) out of sight.
+    writable, the pod's rclone mounts (under ``mounts``) at /shared and /files, and the
+    gateway's data directory (database, store, other pods) out of sight.
     The network stays shared: runs reach KGPU_API_BASE. No pid namespace: the gateway
     signals runs by their host pids."""
     command = ["bwrap"]
@@ -75,19 +86,36 @@ def sandbox_command(workspace: Path, pod_tmp: Path, hidden: list[Path]) -> list[
     for path in hidden:
         if not path.is_relative_to("/tmp"):
             command += ["--tmpfs", str(path)]
+    for name, readonly in POD_MOUNTS.items():
+        if mounts is not None and os.path.ismount(mounts / name):
+            command += ["--ro-bind" if readonly else "--bind", str(mounts / name), f"/{name}"]
     return command + ["--chdir", "/workspace", "--"]
 
 
 class LocalPodBackend:
     name = "local"
 
-    def __init__(self, root: Path, sandbox: bool | None = None, hidden: list[Path] | None = None):
+    def __init__(
+        self,
+        root: Path,
+        sandbox: bool | None = None,
+        hidden: list[Path] | None = None,
+        *,
+        mounts: bool = False,
+        flush_timeout_s: int = 60,
+        bootstrap_timeout_s: int = 180,
+    ):
         """``sandbox``: run inside bubblewrap (None: when ``bwrap`` is installed). ``hidden``:
-        paths a sandboxed run must not see (the data directory by default)."""
+        paths a sandboxed run must not see (the data directory by default). ``mounts``: run
+        kgpu-bootstrap for each pod, its mounts bound at /shared and /files in the sandbox
+        (only with the sandbox, FUSE and fusermount3 here)."""
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.sandbox = shutil.which("bwrap") is not None if sandbox is None else sandbox
         self.hidden = [p.resolve() for p in (hidden if hidden is not None else [self.root.parent])]
+        self.mounts = bool(mounts and self.sandbox and os.path.exists("/dev/fuse") and shutil.which("fusermount3"))
+        self.flush_timeout_s = flush_timeout_s
+        self.bootstrap_timeout_s = bootstrap_timeout_s
 
     def _pod(self, ref: str) -> Path:
         pod = self.root / ref
@@ -110,19 +138,55 @@ class LocalPodBackend:
             "NVIDIA_DRIVER_CAPABILITIES": "compute,utility",
         }
         record = {"rental_id": spec.rental_id, "image": spec.image, "env": env, "created_at": time.time()}
+        if self.mounts and "KGPU_API_TOKEN" in spec.env:
+            record["bootstrap_pid"] = self._start_bootstrap(pod, spec.env)
         (pod / "pod.json").write_text(json.dumps(record))
         return spec.rental_id
 
+    def _mount_env(self, pod: Path) -> dict[str, str]:
+        return {
+            "PATH": f"{Path(rclone_binary()).parent}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}",
+            "HOME": str(pod / "tmp"),
+            # Not under the pod's /tmp: the mounts' remote-control socket would let a run drive a
+            # host rclone (outside the sandbox). The state stays where runs cannot see it.
+            "KGPU_STATE_DIR": str(pod / "state"),
+            "KGPU_MOUNT_ROOT": str(pod / MOUNT_DIR),
+        }
+
+    def _start_bootstrap(self, pod: Path, pod_env: dict[str, str]) -> int:
+        """kgpu-bootstrap in its own session (it outlives a restarted gateway, as runs do)."""
+        env = {**self._mount_env(pod), "KGPU_API_BASE": pod_env["KGPU_API_BASE"], "KGPU_API_TOKEN": pod_env["KGPU_API_TOKEN"]}
+        with open(pod / "bootstrap.out", "wb") as out:
+            process = subprocess.Popen(
+                ["bash", str(script_path("kgpu-bootstrap"))],
+                cwd=pod, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        threading.Thread(target=process.wait, daemon=True).start()
+        return process.pid
+
     def status(self, ref: str) -> PodStatus:
-        if not (self.root / ref / "pod.json").exists():
+        pod = self.root / ref
+        try:
+            record = json.loads((pod / "pod.json").read_text())
+        except FileNotFoundError:
             return PodStatus("Gone", False, "pod directory is gone")
-        return PodStatus("Running", True)
+        if not record.get("bootstrap_pid"):
+            return PodStatus("Running", True)
+        text = _read(pod / "state" / "mounts" / "status") or ""
+        live = [f"/{p.name}" for p in (pod / MOUNT_DIR).glob("*") if os.path.ismount(p)]
+        ready, mounts = parse_status(f"{text}\nlive={','.join(live)}\n")
+        if ready:
+            return PodStatus("Running", True, mounts=mounts)
+        if time.time() - record["created_at"] > self.bootstrap_timeout_s:
+            silent = {"path": None, "status": "failed", "seconds": None,
+                      "error": f"kgpu-bootstrap reported nothing within {self.bootstrap_timeout_s} s"}
+            return PodStatus("Running", True, mounts={**(mounts or {}), "bootstrap": silent})
+        return PodStatus("Running", False, "kgpu-bootstrap is mounting /shared and /files", mounts=mounts)
 
     def adopt(self) -> dict[str, str]:
         return {p.name: p.name for p in self.root.iterdir() if (p / "pod.json").exists()}
 
     def destroy(self, ref: str) -> str | None:
-        """Runs here mount nothing (FUSE mounts are for container pods): nothing to flush."""
         pod = self.root / ref
         if not pod.exists():
             return None
@@ -135,8 +199,34 @@ class LocalPodBackend:
             time.sleep(0.05)
         for run_id in ids:
             self.signal_run(ref, run_id, "KILL")
+        lost = self._flush(pod) if (pod / MOUNT_DIR).exists() else None
+        mounted = [p for p in (pod / MOUNT_DIR).glob("*") if os.path.ismount(p)]
+        for path in mounted:  # kgpu-flush could not unmount it: detach it lazily
+            subprocess.run(["fusermount3", "-uz", str(path)], capture_output=True)
+        if any(os.path.ismount(p) for p in mounted):
+            # Deleting through a live mount would delete the user's drive: leave the pod's folder.
+            return (lost or "") + f" (the mounts under {pod / MOUNT_DIR} are stuck; the pod folder was kept)"
         shutil.rmtree(pod, ignore_errors=True)
-        return None
+        return lost
+
+    def _flush(self, pod: Path) -> str | None:
+        """kgpu-flush for the pod's mounts (as in a container), then its bootstrap is stopped."""
+        try:
+            done = subprocess.run(
+                ["sh", str(script_path("kgpu-flush")), str(self.flush_timeout_s)],
+                env=self._mount_env(pod), capture_output=True, text=True, timeout=self.flush_timeout_s + 30,
+            )
+            report, code = (done.stdout + done.stderr).strip()[-MAX_FLUSH_REPORT:], done.returncode
+        except subprocess.TimeoutExpired:
+            report, code = "kgpu-flush did not finish", 1
+        try:
+            pid = json.loads((pod / "pod.json").read_text()).get("bootstrap_pid")
+        except (FileNotFoundError, ValueError):
+            pid = None
+        if pid and _alive(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)  # its own session: bash and its sleep
+        return None if code == 0 else report
 
     def _running(self, ref: str, run_id: str) -> bool:
         pid = _read(self._runs(ref) / run_id / "runner_pid")
@@ -148,7 +238,7 @@ class LocalPodBackend:
         run_dir = self._runs(ref) / run_id
         workspace = pod / "workspace"
         if self.sandbox:
-            prefix = sandbox_command(workspace, pod / "tmp", self.hidden)
+            prefix = sandbox_command(workspace, pod / "tmp", self.hidden, pod / MOUNT_DIR)
             inner_run_dir, home = f"{RUNS_DIR}/{run_id}", "/workspace"
         else:
             prefix, inner_run_dir, home = [], str(run_dir), str(workspace)
@@ -227,7 +317,9 @@ class LocalPodBackend:
         if not pod.exists():
             return None
         total = 0
-        for folder, _, names in os.walk(pod):
+        for folder, dirs, names in os.walk(pod):
+            if Path(folder) == pod and MOUNT_DIR in dirs:
+                dirs.remove(MOUNT_DIR)  # the drives, not the pod's disk
             for name in names:
                 try:
                     total += os.lstat(os.path.join(folder, name)).st_blocks * 512
