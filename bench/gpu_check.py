@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import requests
@@ -53,6 +54,9 @@ def main() -> int:
         rented = requests.post(f"{base}/v1/gpus", json={"name": "check", "gpu_count": len(host_gpus)}, headers=auth)
         print("POST /v1/gpus:", rented.status_code, rented.text[:300])
         gpu = rented.json()["gpu_id"]
+        while not (state := requests.get(f"{base}/v1/gpus/{gpu}", headers=auth).json())["ready"]:
+            time.sleep(0.1)  # with FUSE here the pod mounts /shared and /files first
+        print("mounts:", json.dumps(state["mounts"]))
         for argv in (["nvidia-smi", "-L"], ["python3", "-c", TORCH], ["sh", "-c", "echo /dev holds: $(ls /dev); echo CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"]):
             if argv[0] == "python3" and not shutil.which("python3"):
                 continue

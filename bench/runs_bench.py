@@ -71,6 +71,8 @@ def main() -> int:
         token = requests.post(f"{base}/v1/admin/users", json={"email": "bench@lab.example"}, headers=admin).json()["token"]
         auth = {"Authorization": f"Bearer {token}"}
         gpu = requests.post(f"{base}/v1/gpus", json={"name": "bench"}, headers=auth).json()["gpu_id"]
+        while not requests.get(f"{base}/v1/gpus/{gpu}", headers=auth).json()["ready"]:  # mounts first
+            time.sleep(0.1)
 
         print("(1) exit -> long-poll answer latency")
         latencies = []

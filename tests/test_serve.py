@@ -101,6 +101,10 @@ def test_a_run_survives_a_killed_gateway(tmp_path):
     token = requests.post(f"{first.base}/v1/admin/users", json={"email": "k@lab.example"}, headers=admin).json()["token"]
     auth = {"Authorization": f"Bearer {token}"}
     gpu = requests.post(f"{first.base}/v1/gpus", json={"name": "survivor"}, headers=auth).json()["gpu_id"]
+    deadline = time.monotonic() + 60  # with FUSE here the pod mounts /shared and /files first
+    while not requests.get(f"{first.base}/v1/gpus/{gpu}", headers=auth).json()["ready"]:
+        assert time.monotonic() < deadline, "the rental never became ready"
+        time.sleep(0.1)
     started = requests.post(
         f"{first.base}/v1/runs",
         json={"gpu_id": gpu, "command": ["sh", "-c", "sleep 2; echo finished; exit 5"], "wait_seconds": 0},
