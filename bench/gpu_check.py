@@ -57,7 +57,13 @@ def main() -> int:
         while not (state := requests.get(f"{base}/v1/gpus/{gpu}", headers=auth).json())["ready"]:
             time.sleep(0.1)  # with FUSE here the pod mounts /shared and /files first
         print("mounts:", json.dumps(state["mounts"]))
-        for argv in (["nvidia-smi", "-L"], ["python3", "-c", TORCH], ["sh", "-c", "echo /dev holds: $(ls /dev); echo CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"]):
+        probes = (
+            ["nvidia-smi", "-L"],
+            ["python3", "-c", TORCH],
+            ["sh", "-c", "echo /dev holds: $(ls /dev); echo CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"],
+            ["sh", "-c", "grep -E ' /(shared|files) ' /proc/mounts || echo no mounts; echo x > /files/gpu-check.txt && ls /files"],
+        )
+        for argv in probes:
             if argv[0] == "python3" and not shutil.which("python3"):
                 continue
             run = requests.post(
