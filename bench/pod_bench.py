@@ -15,7 +15,7 @@ tests/images/build-test-image.sh), makes a user and an org, then:
       written to /files by the last run before ``DELETE /v1/gpus/{id}``; the DELETE's
       time against a DELETE with nothing written, and whether everything arrived.
 
-Usage: .venv/bin/python bench/pod_bench.py [--rentals 5] [--size-mib 1024] [--big-mib 256]
+Usage: .venv/bin/python bench/pod_bench.py [--rentals 5] [--size-mib 1024] [--big-mib 256] [--backend local]
 Everything it starts is stopped and its temporary directory deleted at the end.
 """
 
@@ -97,6 +97,8 @@ def main() -> int:
     parser.add_argument("--small-files", type=int, default=100)
     parser.add_argument("--big-mib", type=int, default=256)
     parser.add_argument("--time-limit", type=int, default=1800)
+    parser.add_argument("--backend", choices=["docker", "local"], default="docker",
+                        help="local: the pods' mounts run on this host, bound into the bubblewrap sandbox")
     args = parser.parse_args()
     fb.arm_time_limit(args.time_limit)
 
@@ -104,7 +106,7 @@ def main() -> int:
     admin_token = secrets.token_hex(16)
     server = fb.start_kgpu(
         tmp / "data", fb.free_port(), admin_token, tmp, 0,
-        settings={"KGPU_POD_BACKEND": "docker", "KGPU_DEFAULT_IMAGE": IMAGE, "KGPU_DOCKER_PULL": "false"},
+        settings={"KGPU_POD_BACKEND": args.backend, "KGPU_DEFAULT_IMAGE": IMAGE, "KGPU_DOCKER_PULL": "false"},
     )
     base = f"http://{fb.HOST}:{server.port}"
     admin = {"Authorization": f"Bearer {admin_token}"}
