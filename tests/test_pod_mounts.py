@@ -136,7 +136,7 @@ def local_pod_server(tmp_path_factory, rclone_target):
     """The gateway with the local backend and its mounts (kgpu-bootstrap on the host, bound into bwrap)."""
     settings = make_settings(
         tmp_path_factory.mktemp("pod-mounts-local"), rclone_target, pod_backend="local", local_pod_mounts=True,
-        pod_flush_timeout_seconds=20,
+        pod_flush_timeout_seconds=20, reaper_interval_seconds=3600,  # no tick: readiness comes from the GETs
     )
     server = LiveServer(settings).start()
     if not server.app.state.rentals.backend.mounts:
@@ -468,5 +468,22 @@ def test_a_mount_lost_later_shows_at_the_next_tick(pod_server, pytorch_image):
         state = requests.get(f"{base}/v1/gpus/{gpu}", headers=bearer(token)).json()
         assert state["mounts"]["shared"]["status"] == "lost" and state["mounts"]["files"]["status"] == "mounted", state
         assert state["ready"] and state["phase"] == "Running"
+    finally:
+        requests.delete(f"{base}/v1/gpus/{gpu}", headers=bearer(token))
+
+
+def test_the_rental_list_shows_a_pod_ready_once_mounted(local_pod_server):
+    """GET /v1/gpus (my_gpus) asks a starting pod as GET /v1/gpus/{id} does (this server's reaper never ticks)."""
+    base, token = local_pod_server.base, new_user(local_pod_server.base)["token"]
+    gpu = requests.post(f"{base}/v1/gpus", json={"name": "listed"}, headers=bearer(token)).json()["gpu_id"]
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            mine = {g["gpu_id"]: g for g in requests.get(f"{base}/v1/gpus", headers=bearer(token)).json()["my_gpus"]}
+            if mine[gpu]["ready"]:
+                break
+            assert time.monotonic() < deadline, mine[gpu]
+            time.sleep(0.2)
+        assert mine[gpu]["mounts"]["files"]["status"] == "mounted"
     finally:
         requests.delete(f"{base}/v1/gpus/{gpu}", headers=bearer(token))

@@ -37,11 +37,16 @@ def cluster(request: Request, principal: MaybeUser) -> dict:
             "active_total": sum(n["gpu_busy"] for n in nodes),
             "price_per_hour_credits": nodes[0]["price_per_hour_credits"] if nodes else None,
         }
-        if principal is not None and principal.user_id is not None and principal.status == "approved":
+        mine = principal is not None and principal.user_id is not None and principal.status == "approved"
+        starting = [r.id for r in rentals.active_of(session, principal) if not r.ready] if mine else []
+    for rental_id in starting:  # as GET /v1/gpus/{id} does: a starting pod's state now, not at the next tick
+        rentals.refresh(rental_id)
+    if mine:
+        with request.app.state.sessions() as session:
             user = session.get(User, principal.user_id)
             reply["credits"] = {"balance": user.credits}
             reply["my_gpus"] = [rentals.describe(session, r) for r in rentals.active_of(session, principal)]
-        return reply
+    return reply
 
 
 @router.post("/v1/gpus", status_code=201, summary="Rent a GPU (the image is fixed for the rental's lifetime)")
