@@ -20,6 +20,7 @@ from gateway.fast_download import FastDownload
 from gateway.quota import UsageBook
 from gateway.inventory import load_inventory
 from gateway.pods import PodBackend
+from gateway.pods.network import pod_host_address
 from gateway.rentals import Rentals
 from gateway.routes import admin, files, gpus, health, me, orgs_admin, runs, shared
 from gateway.settings import Settings
@@ -27,8 +28,9 @@ from gateway.settings import Settings
 log = logging.getLogger("kgpu")
 
 
-def open_store(settings: Settings) -> tuple[ObjectStore, EmbeddedS3Server | None]:
-    """The configured store, or the embedded ``rclone serve s3`` started over the data directory."""
+def open_store(settings: Settings, pod_address: str | None = None) -> tuple[ObjectStore, EmbeddedS3Server | None]:
+    """The configured store, or the embedded ``rclone serve s3`` started over the data directory
+    (on ``pod_address`` when pods reach this host there, so presigned URLs work for them too)."""
     if not settings.uses_embedded_store:
         store = S3ObjectStore(
             settings.s3_endpoint_url,
@@ -39,7 +41,8 @@ def open_store(settings: Settings) -> tuple[ObjectStore, EmbeddedS3Server | None
             settings.s3_public_endpoint_url or None,
         )
         return store, None
-    server = EmbeddedS3Server(settings.data_dir, settings.embedded_s3_host, settings.embedded_s3_port)
+    host = settings.embedded_s3_host or pod_address or "127.0.0.1"
+    server = EmbeddedS3Server(settings.data_dir, host, settings.embedded_s3_port)
     endpoint = server.start()
     store = S3ObjectStore(
         endpoint,
@@ -92,8 +95,9 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
         sessions = db.make_sessionmaker(engine)
         embedded = None
         active_store = store
+        app.state.pod_address = pod_host_address(settings)
         if active_store is None:
-            active_store, embedded = open_store(settings)
+            active_store, embedded = open_store(settings, app.state.pod_address)
         try:
             active_store.ensure_bucket()
         except Exception:

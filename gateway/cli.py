@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -13,6 +14,7 @@ from sqlalchemy import select
 from gateway import db, tokens, users
 from gateway.errors import ApiError
 from gateway.models import ApiToken, User, utcnow
+from gateway.pods.network import pod_host_address
 from gateway.settings import Settings
 
 
@@ -27,8 +29,23 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings(**overrides)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, proxy_headers=True)
+    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, proxy_headers=True)
+    sockets = [config.bind_socket()]
+    pod_address = pod_host_address(settings)
+    if pod_address and settings.host in ("127.0.0.1", "localhost"):
+        # Docker pods on a bridge cannot reach 127.0.0.1: serve them on the bridge's host address too.
+        logging.getLogger("kgpu").info("also listening on %s:%s for pods", pod_address, settings.port)
+        sockets.append(_listen(pod_address, settings.port))
+    uvicorn.Server(config).run(sockets=sockets)
     return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
 
 
 def _sessions(args: argparse.Namespace):

@@ -28,9 +28,9 @@ class Settings(BaseSettings):
 
     # Object store. An empty endpoint starts the embedded `rclone serve s3` over data_dir/objects.
     s3_endpoint_url: str = ""
-    # Where the embedded store listens (port 0: a free one at each start). Pods in containers
-    # reach it only on an address they can route to (e.g. 0.0.0.0 plus a public endpoint URL).
-    embedded_s3_host: str = "127.0.0.1"
+    # Where the embedded store listens (port 0: a free one at each start). Empty: 127.0.0.1, or
+    # the docker bridge's host address when docker pods run on a bridge (so pods reach it too).
+    embedded_s3_host: str = ""
     embedded_s3_port: int = Field(default=0, ge=0, le=65535)
     # The address presigned URLs carry: pods and laptops may reach the store elsewhere than the server.
     s3_public_endpoint_url: str = ""
@@ -57,10 +57,10 @@ class Settings(BaseSettings):
     cpu_price_per_hour_credits: int = Field(default=100, ge=0)
     pod_backend: str = Field(default="local", pattern="^(local|docker)$")
     default_image: str = "ghcr.io/vitaldb/kgpu-pytorch:latest"
-    # docker backend: the network pods join ("host": pods reach the gateway and the embedded store
-    # on 127.0.0.1; empty: docker's default bridge, where the host is 172.17.0.1 and both must
-    # listen there, see KGPU_POD_API_BASE), and whether a missing image may be pulled.
-    docker_network: str = "host"
+    # docker backend: the network pods join (empty: docker's default bridge, where pods reach the
+    # host at its bridge address, which `kgpu serve` and the embedded store then also listen on;
+    # "host": pods share the host's network and reach 127.0.0.1), and whether to pull images.
+    docker_network: str = ""
     docker_pull: bool = True
     # local backend: mount /shared and /files for each pod (kgpu-bootstrap on the host, the mounts
     # bound into the bubblewrap sandbox); needs bubblewrap, /dev/fuse and fusermount3.

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import ipaddress
 import os
 import random
 import re
@@ -26,8 +25,8 @@ import requests
 
 from bootstrap import SCRIPTS, script_path
 from drive.store.embedded import rclone_binary
-from gateway.settings import Settings
 from tests.conftest import ADMIN_TOKEN, DOCKER_TEST_IMAGE, LiveServer, make_settings
+from tests.test_serve import Served
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTORCH_TEST_IMAGE = "kgpu-pytorch-test:latest"
@@ -52,10 +51,11 @@ def pytorch_image(docker_pod_client) -> str:
 
 @pytest.fixture(scope="module")
 def pod_server(tmp_path_factory, rclone_target, pytorch_image):
-    """The gateway with the docker backend, on its defaults for pods (host network)."""
+    """The gateway with the docker backend, pods on the host network."""
     settings = make_settings(
         tmp_path_factory.mktemp("pod-mounts"), rclone_target,
         pod_backend="docker", docker_pull=False, default_image=pytorch_image, pod_flush_timeout_seconds=20,
+        docker_network="host",  # LiveServer listens on 127.0.0.1 only (the bridge set-up has its own test)
     )
     server = LiveServer(settings).start()
     yield server
@@ -278,7 +278,7 @@ def test_what_cannot_be_flushed_is_named_on_return(tmp_path_factory, rclone_targ
     settings = make_settings(
         tmp_path_factory.mktemp("pod-mounts-quota"), rclone_target,
         pod_backend="docker", docker_pull=False, default_image=pytorch_image,
-        user_quota_bytes=10_000, pod_flush_timeout_seconds=3,
+        user_quota_bytes=10_000, pod_flush_timeout_seconds=3, docker_network="host",
     )
     server = LiveServer(settings).start()
     try:
@@ -413,35 +413,33 @@ def test_an_idle_return_flushes_too(pod_server, pytorch_image):
     assert saved is not None and hashlib.sha256(saved).hexdigest() == digest
 
 
-def test_pods_on_a_bridge_network(tmp_path_factory, docker_pod_client, pytorch_image):
-    """The documented bridge set-up: gateway and embedded store on the bridge's host address,
-    KGPU_POD_API_BASE naming it; pods mount, read, write and flush as on the host network."""
-    ipam = docker_pod_client.networks.get("bridge").attrs["IPAM"]["Config"][0]
-    # docker gives the host the subnet's first address (and does not always say so)
-    bridge = ipam.get("Gateway") or str(next(ipaddress.ip_network(ipam["Subnet"]).hosts()))
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("pod-bridge"), admin_token=ADMIN_TOKEN, pod_backend="docker",
-        docker_network="bridge", docker_pull=False, default_image=pytorch_image, embedded_s3_host=bridge,
-    )
-    server = LiveServer(settings, host=bridge)
-    server.settings.pod_api_base = server.base  # KGPU_POD_API_BASE: the port is known only now
-    server.start()
+def test_docker_pods_on_the_default_bridge_with_no_configuration(tmp_path, docker_pod_client, pytorch_image):
+    """`kgpu serve` with the docker backend and nothing else set: pods join docker's default bridge
+    (not the host's network), and still reach the gateway and the embedded store (presigned URLs),
+    which listen on the bridge's host address too."""
+    served = Served(tmp_path / "data", {"KGPU_POD_BACKEND": "docker", "KGPU_DEFAULT_IMAGE": pytorch_image, "KGPU_DOCKER_PULL": "false"})
     try:
-        base = server.base
-        person = new_user(base)
+        base = served.base
+        person = requests.post(f"{base}/v1/admin/users", json={"email": "b@lab.example"}, headers={"Authorization": "Bearer serve-test-admin"}).json()
         token = person["token"]
-        requests.post(f"{base}/v1/admin/orgs", json={"slug": "bridgelab", "name": "B", "owner_user_id": person["id"]}, headers=ADMIN)
+        requests.post(f"{base}/v1/admin/orgs", json={"slug": "bridgelab", "name": "B", "owner_user_id": person["user"]["id"]},
+                      headers={"Authorization": "Bearer serve-test-admin"})
         assert requests.put(f"{base}/v1/shared/bridgelab/d.txt", data=b"over the bridge\n", headers=bearer(token)).status_code in (200, 201)
         state = rent_ready(base, token, pytorch_image)
         gpu = state["gpu_id"]
         assert {n: m["status"] for n, m in state["mounts"].items()} == {"shared": "mounted", "files": "mounted"}, state
-        seen = ok(base, token, gpu, 'echo "$KGPU_API_BASE"; cat /shared/bridgelab/d.txt; hostname -I 2>/dev/null || true')
-        assert seen.startswith(f"{base}\nover the bridge\n")
+        network = docker_pod_client.api.inspect_container(f"kgpu-{gpu}")["HostConfig"]["NetworkMode"]
+        assert network in ("default", "bridge")
+        seen = ok(base, token, gpu, 'echo "$KGPU_API_BASE"; cat /shared/bridgelab/d.txt')
+        api_base, content = seen.split("\n", 1)
+        assert not api_base.startswith("http://127.0.0.1") and api_base.endswith(f":{served.port}")
+        assert content == "over the bridge\n"
         ok(base, token, gpu, "echo kept > /files/bridge.txt")
         ended = requests.delete(f"{base}/v1/gpus/{gpu}", headers=bearer(token)).json()
         assert ended["flush_error"] is None and drive_bytes(base, token, "bridge.txt") == b"kept\n"
     finally:
-        server.stop()
+        served.process.terminate()
+        served.process.wait(timeout=30)
 
 
 def test_mounting_pods_get_fuse_and_sys_admin_only(pod_server, pytorch_image, docker_pod_client):
@@ -452,7 +450,6 @@ def test_mounting_pods_get_fuse_and_sys_admin_only(pod_server, pytorch_image, do
         assert host["Privileged"] is False
         assert host["CapAdd"] == ["SYS_ADMIN"] and not host.get("CapDrop")
         assert [d["PathOnHost"] for d in host["Devices"]] == ["/dev/fuse"]
-        assert host["NetworkMode"] == "host"  # the default: pods reach 127.0.0.1 (see the bridge test)
         caps = ok(base, token, gpu, "grep CapEff /proc/self/status")
         assert int(caps.split()[1], 16) & (1 << 21)  # CAP_SYS_ADMIN, and only what docker grants besides
     finally:

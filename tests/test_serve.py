@@ -32,9 +32,10 @@ def alive(pid: int) -> bool:
 
 
 class Served:
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, settings: dict[str, str] | None = None):
+        """``settings``: KGPU_* variables besides the admin token (none: the zero-configuration server)."""
         self.port = free_port()
-        env = {**os.environ, "KGPU_ADMIN_TOKEN": "serve-test-admin"}
+        env = {**os.environ, "KGPU_ADMIN_TOKEN": "serve-test-admin", **(settings or {})}
         env.pop("KGPU_DATABASE_URL", None)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "serve", "--data-dir", str(data_dir), "--port", str(self.port)],

@@ -21,10 +21,16 @@ def _rentals(request: Request) -> Rentals:
 
 
 def api_base(request: Request) -> str:
-    """KGPU_API_BASE as pods must see it."""
+    """KGPU_API_BASE as pods must see it: configured, else this server on the address pods reach
+    it at (the docker bridge's, where `kgpu serve` also listens), else as the request came."""
     settings = request.app.state.settings
     configured = settings.pod_api_base or settings.public_base_url
-    return configured.rstrip("/") if configured else str(request.base_url).rstrip("/")
+    if configured:
+        return configured.rstrip("/")
+    pod_address = getattr(request.app.state, "pod_address", None)
+    if pod_address:
+        return f"{request.url.scheme}://{pod_address}:{request.url.port or settings.port}"
+    return str(request.base_url).rstrip("/")
 
 
 @router.get("/v1/gpus", summary="Cluster summary (public); with a token also your balance and rentals")
