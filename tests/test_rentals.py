@@ -357,7 +357,7 @@ def test_the_sandbox_keeps_the_nvidia_device_nodes(monkeypatch, tmp_path):
     from gateway.pods import local
 
     nodes = ["/dev/nvidia0", "/dev/nvidia1", "/dev/nvidiactl", "/dev/nvidia-uvm"]
-    monkeypatch.setattr(local.glob, "glob", lambda pattern: nodes if pattern == "/dev/nvidia*" else [])
+    monkeypatch.setattr(local, "nvidia_device_nodes", lambda: nodes)  # this module's name only, not glob's
     command = local.sandbox_command(tmp_path / "ws", tmp_path / "tmp", [])
     bound = [command[i + 1] for i, arg in enumerate(command) if arg == "--dev-bind"]
     assert sorted(bound) == sorted(nodes)

@@ -63,6 +63,10 @@ def read_tail(path: Path, limit: int) -> tuple[bytes, bool]:
         return b"", False
 
 
+def nvidia_device_nodes() -> list[str]:
+    return sorted(glob.glob("/dev/nvidia*"))
+
+
 def sandbox_command(workspace: Path, pod_tmp: Path, hidden: list[Path], mounts: Path | None = None) -> list[str]:
     """bubblewrap around a run: the host read-only, the pod's own /tmp and /workspace
     writable, the pod's rclone mounts (under ``mounts``) at /shared and /files, and the
@@ -81,7 +85,7 @@ def sandbox_command(workspace: Path, pod_tmp: Path, hidden: list[Path], mounts: 
     command += ["--dev", "/dev", "--proc", "/proc", "--bind", str(pod_tmp), "/tmp", "--bind", str(workspace), "/workspace"]
     # --dev makes a minimal /dev: the NVIDIA device nodes must be bound in for CUDA and
     # nvidia-smi. All of them (NVML wants every GPU's node); CUDA_VISIBLE_DEVICES pins the rental's.
-    for node in sorted(glob.glob("/dev/nvidia*")):
+    for node in nvidia_device_nodes():
         command += ["--dev-bind", node, node]
     for path in hidden:
         if not path.is_relative_to("/tmp"):
