@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import secrets
 import shutil
 import statistics
@@ -137,6 +138,7 @@ def main() -> int:
         )
         upload = time.monotonic() - started
         source.unlink()
+        os.sync()  # the upload's dirty pages would otherwise be written back during the reads
         gpu, _ = api.rent_ready()
         presigned = (
             'url=$(curl -fsS -H "Authorization: Bearer $KGPU_API_TOKEN" -H "Accept: application/json" '
