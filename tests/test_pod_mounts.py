@@ -287,7 +287,7 @@ def test_what_cannot_be_flushed_is_named_on_return(tmp_path_factory, rclone_targ
         ok(server.base, token, gpu, "head -c 50000 /dev/urandom > /files/too-big.bin")
         started = time.monotonic()
         ended = requests.delete(f"{server.base}/v1/gpus/{gpu}", headers=bearer(token)).json()
-        assert time.monotonic() - started < 3 + 5 + 10  # flush timeout, the runs' grace, removal
+        assert time.monotonic() - started < 3 + 5 + 30  # bounded: flush timeout, the runs' grace, removal (generous: CI load)
         assert ended["end_reason"] == "returned" and "too-big.bin" in ended["flush_error"], ended
         assert any("too-big.bin" in r.getMessage() and "returned" in r.getMessage() for r in caplog.records)
         assert drive_bytes(server.base, token, "too-big.bin") is None
