@@ -484,3 +484,24 @@ def test_the_rental_list_shows_a_pod_ready_once_mounted(local_pod_server):
         assert mine[gpu]["mounts"]["files"]["status"] == "mounted"
     finally:
         requests.delete(f"{base}/v1/gpus/{gpu}", headers=bearer(token))
+
+
+def test_a_write_the_drive_refuses_is_reported_at_once(pod_server, pytorch_image):
+    """/files/shared/ is read-only on the server: the write seems to work in the pod, its upload is
+    refused (403), and the return names it without waiting out the flush timeout."""
+    base = pod_server.base
+    person = new_user(base)
+    token = person["token"]
+    slug = "lab-" + uuid.uuid4().hex[:6]
+    requests.post(f"{base}/v1/admin/orgs", json={"slug": slug, "name": "L", "owner_user_id": person["id"]}, headers=ADMIN)
+    requests.put(f"{base}/v1/shared/{slug}/a.txt", data=b"x", headers=bearer(token))
+    gpu = rent_ready(base, token, pytorch_image)["gpu_id"]
+    ok(base, token, gpu, f"echo oops > /files/shared/{slug}/mine.txt && echo fine > /files/fine.txt")
+    started = time.monotonic()
+    ended = requests.delete(f"{base}/v1/gpus/{gpu}", headers=bearer(token)).json()
+    took = time.monotonic() - started
+    assert "refused by the drive" in ended["flush_error"] and f"shared/{slug}/mine.txt" in ended["flush_error"], ended
+    assert took < pod_server.settings.pod_flush_timeout_seconds, took  # not waited out
+    assert drive_bytes(base, token, "fine.txt") == b"fine\n"
+    listed = requests.get(f"{base}/v1/shared/{slug}/?json=1", headers=bearer(token)).json()
+    assert "mine.txt" not in str(listed)
