@@ -38,7 +38,7 @@ from gateway.pods.mounts import (
     MAX_FLUSH_REPORT,
     READ_STATUS_SCRIPT,
     STATUS_PATH,
-    parse_status,
+    bootstrap_status,
     runs_bootstrap,
 )
 
@@ -325,15 +325,7 @@ class DockerPodBackend:
             text = self._exec(ref, READ_STATUS_SCRIPT, STATUS_PATH).decode(errors="replace")
         except PodError as exc:
             return PodStatus("Running", False, f"cannot read the mount status: {exc}")
-        ready, mounts = parse_status(text)
-        if ready:
-            return PodStatus("Running", True, mounts=mounts)
-        if _age_seconds(started_at) > self.bootstrap_timeout_s:
-            # A bootstrap that never reports must not hold the rental (and its billing) hostage.
-            silent = {"path": None, "status": "failed", "seconds": None,
-                      "error": f"kgpu-bootstrap reported nothing within {self.bootstrap_timeout_s} s"}
-            return PodStatus("Running", True, mounts={**(mounts or {}), "bootstrap": silent})
-        return PodStatus("Running", False, "kgpu-bootstrap is mounting /shared and /files", mounts=mounts)
+        return bootstrap_status(text, _age_seconds(started_at), self.bootstrap_timeout_s)
 
     def storage_bytes(self, ref: str) -> int | None:
         """The writable layer's size: docker cannot cap it on overlay2 (``--storage-opt size``

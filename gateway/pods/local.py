@@ -28,7 +28,7 @@ from pathlib import Path
 from bootstrap import script_path
 from drive.store.embedded import rclone_binary
 from gateway.pods import RUNNER, RUNS_DIR, PodError, PodSpec, PodStatus, RunState
-from gateway.pods.mounts import MAX_FLUSH_REPORT, parse_status
+from gateway.pods.mounts import MAX_FLUSH_REPORT, bootstrap_status
 
 MOUNT_DIR = "mnt"  # {pod}/mnt/shared and {pod}/mnt/files: the pod's rclone mounts, bound at /shared and /files
 POD_MOUNTS = {"shared": True, "files": False}  # name: read-only
@@ -144,7 +144,9 @@ class LocalPodBackend:
         record = {"rental_id": spec.rental_id, "image": spec.image, "env": env, "created_at": time.time()}
         if self.mounts and "KGPU_API_TOKEN" in spec.env:
             record["bootstrap_pid"] = self._start_bootstrap(pod, spec.env)
-        (pod / "pod.json").write_text(json.dumps(record))
+        staged = pod / "pod.json.tmp"
+        staged.write_text(json.dumps(record))
+        staged.replace(pod / "pod.json")  # whole or absent: status() and adopt() read it any time
         return spec.rental_id
 
     def _mount_env(self, pod: Path) -> dict[str, str]:
@@ -174,18 +176,14 @@ class LocalPodBackend:
             record = json.loads((pod / "pod.json").read_text())
         except FileNotFoundError:
             return PodStatus("Gone", False, "pod directory is gone")
+        except ValueError:
+            return PodStatus("Pending", False, "the pod is being created")
         if not record.get("bootstrap_pid"):
             return PodStatus("Running", True)
         text = _read(pod / "state" / "mounts" / "status") or ""
         live = [f"/{p.name}" for p in (pod / MOUNT_DIR).glob("*") if os.path.ismount(p)]
-        ready, mounts = parse_status(f"{text}\nlive={','.join(live)}\n")
-        if ready:
-            return PodStatus("Running", True, mounts=mounts)
-        if time.time() - record["created_at"] > self.bootstrap_timeout_s:
-            silent = {"path": None, "status": "failed", "seconds": None,
-                      "error": f"kgpu-bootstrap reported nothing within {self.bootstrap_timeout_s} s"}
-            return PodStatus("Running", True, mounts={**(mounts or {}), "bootstrap": silent})
-        return PodStatus("Running", False, "kgpu-bootstrap is mounting /shared and /files", mounts=mounts)
+        report = f"{text}\nlive={','.join(live)}\n"
+        return bootstrap_status(report, time.time() - record["created_at"], self.bootstrap_timeout_s)
 
     def adopt(self) -> dict[str, str]:
         return {p.name: p.name for p in self.root.iterdir() if (p / "pod.json").exists()}

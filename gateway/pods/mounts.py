@@ -20,6 +20,7 @@ so it works in any image, also where the user ran the helpers by hand.
 from __future__ import annotations
 
 from bootstrap import script_path
+from gateway.pods import PodStatus
 
 STATUS_PATH = "/tmp/kgpu/mounts/status"
 # The status file, then the rclone mounts alive now (a mount can die after it was reported).
@@ -80,3 +81,17 @@ def runs_bootstrap(entrypoint: list[str] | str | None) -> bool:
         return False
     parts = entrypoint.split() if isinstance(entrypoint, str) else entrypoint
     return any(part.rsplit("/", 1)[-1] == BOOTSTRAP_NAME for part in parts)
+
+
+def bootstrap_status(text: str, age_seconds: float, timeout_s: int) -> PodStatus:
+    """A running pod's status from its bootstrap's report (``text``, with its ``live=`` line).
+    Ready once the mounts are reported; a bootstrap silent for ``timeout_s`` must not hold the
+    rental (and its billing) hostage: the pod is then ready, with the failure in ``mounts``."""
+    ready, mounts = parse_status(text)
+    if ready:
+        return PodStatus("Running", True, mounts=mounts)
+    if age_seconds > timeout_s:
+        silent = {"path": None, "status": "failed", "seconds": None,
+                  "error": f"kgpu-bootstrap reported nothing within {timeout_s} s"}
+        return PodStatus("Running", True, mounts={**(mounts or {}), "bootstrap": silent})
+    return PodStatus("Running", False, "kgpu-bootstrap is mounting /shared and /files", mounts=mounts)
