@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -35,17 +34,9 @@ def _serve(args: argparse.Namespace) -> int:
     if pod_address and settings.host in ("127.0.0.1", "localhost"):
         # Docker pods on a bridge cannot reach 127.0.0.1: serve them on the bridge's host address too.
         logging.getLogger("kgpu").info("also listening on %s:%s for pods", pod_address, settings.port)
-        sockets.append(_listen(pod_address, settings.port))
+        sockets.append(uvicorn.Config(config.app, host=pod_address, port=settings.port).bind_socket())
     uvicorn.Server(config).run(sockets=sockets)
     return 0
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.set_inheritable(True)
-    return sock
 
 
 def _sessions(args: argparse.Namespace):

@@ -279,11 +279,16 @@ class Rentals:
             "credits_charged": billing.charged_total(session, rental.id),
         }
 
+    @staticmethod
+    def starting(rental: Rental) -> bool:
+        """Live but not ready yet: its pod's state is worth asking for now (``refresh``)."""
+        return rental.phase in ("Pending", "Running") and not rental.ready
+
     def refresh(self, rental_id: str) -> None:
         """Ask the backend how a starting pod is doing now, rather than at the reaper's next tick."""
         with self.sessions.begin() as session:
             rental = session.get(Rental, rental_id)
-            if rental.phase in ("Pending", "Running") and rental.pod_ref and not rental.ready:
+            if self.starting(rental) and rental.pod_ref:
                 status = self._status(rental.pod_ref)
                 if status.phase not in ("Gone", "Failed"):  # the reaper ends lost pods
                     _apply(rental, status)

@@ -71,15 +71,19 @@ def new_user(base: str) -> dict:
     return {"id": reply.json()["user"]["id"], "token": reply.json()["token"]}
 
 
-def run(base: str, token: str, gpu_id: str, script: str, wait: int = 60) -> dict:
+def run(base: str, token: str, gpu_id: str, script: str, *, strict: bool = False, timeout: float = 300) -> dict:
+    """``script`` under bash (``strict``: with -euo pipefail) in the pod, followed to its end."""
+    shell = ["bash", "-euo", "pipefail", "-c"] if strict else ["bash", "-c"]
     reply = requests.post(
-        f"{base}/v1/runs",
-        json={"gpu_id": gpu_id, "command": ["bash", "-c", script], "wait_seconds": wait},
-        headers=bearer(token),
+        f"{base}/v1/runs", json={"gpu_id": gpu_id, "command": [*shell, script], "wait_seconds": 60}, headers=bearer(token)
     )
     assert reply.status_code == 200, reply.text
     done = reply.json()
-    assert done["phase"] in ("Succeeded", "Failed"), done
+    deadline = time.monotonic() + timeout
+    while done["phase"] not in ("Succeeded", "Failed"):
+        assert time.monotonic() < deadline, done
+        time.sleep(1)
+        done = requests.get(f"{base}/v1/runs/{done['run_id']}", headers=bearer(token)).json()
     return done
 
 
@@ -321,20 +325,6 @@ def test_mount_status_parsing():
 BASH_BLOCK = re.compile(r"^```bash[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 
 
-def run_to_end(base: str, token: str, gpu_id: str, script: str, timeout: float = 300) -> dict:
-    reply = requests.post(
-        f"{base}/v1/runs",
-        json={"gpu_id": gpu_id, "command": ["bash", "-euo", "pipefail", "-c", script], "wait_seconds": 60},
-        headers=bearer(token),
-    ).json()
-    deadline = time.monotonic() + timeout
-    while reply["phase"] not in ("Succeeded", "Failed"):
-        assert time.monotonic() < deadline, reply
-        reply = requests.get(f"{base}/v1/runs/{reply['run_id']}", headers=bearer(token)).json()
-        time.sleep(1)
-    return reply
-
-
 def test_inside_a_gpu_doc_examples(pod_server, pytorch_image):
     """docs/inside-a-gpu.md's bash blocks, joined, run inside a kgpu-pytorch pod and do what they say."""
     base = pod_server.base
@@ -348,7 +338,7 @@ def test_inside_a_gpu_doc_examples(pod_server, pytorch_image):
     blocks = BASH_BLOCK.findall((ROOT / "docs/inside-a-gpu.md").read_text())
     assert len(blocks) >= 5
     gpu = rent_ready(base, token, pytorch_image)["gpu_id"]
-    done = run_to_end(base, token, gpu, "\n".join(blocks))
+    done = run(base, token, gpu, "\n".join(blocks), strict=True)
     assert done["exit_code"] == 0, f"stdout: {done['stdout']}\nstderr: {done['stderr']}"
     out = done["stdout"]
     assert "state=ready" in out and "duckdb: (1000, " in out and "pyarrow: 1000 rows" in out

@@ -44,7 +44,7 @@ def cluster(request: Request, principal: MaybeUser) -> dict:
             "price_per_hour_credits": nodes[0]["price_per_hour_credits"] if nodes else None,
         }
         mine = principal is not None and principal.user_id is not None and principal.status == "approved"
-        starting = [r.id for r in rentals.active_of(session, principal) if not r.ready] if mine else []
+        starting = [r.id for r in rentals.active_of(session, principal) if rentals.starting(r)] if mine else []
     for rental_id in starting:  # as GET /v1/gpus/{id} does: a starting pod's state now, not at the next tick
         rentals.refresh(rental_id)
     if mine:
@@ -70,7 +70,7 @@ def rental_state(gpu_id: str, request: Request, principal: ApprovedUser) -> dict
     rentals = _rentals(request)
     with request.app.state.sessions() as session:
         rental = rentals.get(session, principal, gpu_id)
-        starting = rental.phase in ("Pending", "Running") and not rental.ready
+        starting = rentals.starting(rental)
     if starting:
         rentals.refresh(gpu_id)
     with request.app.state.sessions() as session:
