@@ -49,15 +49,25 @@ def pytorch_image(docker_pod_client) -> str:
     return PYTORCH_TEST_IMAGE
 
 
+def docker_bridge_server(tmp: Path, rclone_target, **extra) -> LiveServer:
+    """The gateway with the docker backend, its pods on docker's default bridge (a user-namespaced
+    pod cannot share the host's network): it and its own embedded store listen on the bridge's
+    host address, where pods reach them."""
+    from gateway.pods.network import pod_host_address
+
+    settings = make_settings(tmp, rclone_target, pod_backend="docker", docker_pull=False, **extra)
+    settings = settings.model_copy(update={"s3_endpoint_url": "", "s3_access_key_id": "", "s3_secret_access_key": ""})
+    address = pod_host_address(settings)
+    assert address, "no address on docker's default bridge"
+    return LiveServer(settings, host=address).start()
+
+
 @pytest.fixture(scope="module")
 def pod_server(tmp_path_factory, rclone_target, pytorch_image):
-    """The gateway with the docker backend, pods on the host network."""
-    settings = make_settings(
-        tmp_path_factory.mktemp("pod-mounts"), rclone_target,
-        pod_backend="docker", docker_pull=False, default_image=pytorch_image, pod_flush_timeout_seconds=20,
-        docker_network="host",  # LiveServer listens on 127.0.0.1 only (the bridge set-up has its own test)
+    """The gateway with the docker backend, pods on the default bridge."""
+    server = docker_bridge_server(
+        tmp_path_factory.mktemp("pod-mounts"), rclone_target, default_image=pytorch_image, pod_flush_timeout_seconds=20
     )
-    server = LiveServer(settings).start()
     yield server
     backend = server.app.state.rentals.backend
     for ref in backend.adopt().values():
@@ -279,12 +289,10 @@ def test_a_mount_that_fails_is_reported_not_fatal(tmp_path_factory, rclone_targe
 
 def test_what_cannot_be_flushed_is_named_on_return(tmp_path_factory, rclone_target, pytorch_image, caplog):
     """A write the drive refuses (over quota) cannot be uploaded: the return names it, bounded in time."""
-    settings = make_settings(
+    server = docker_bridge_server(
         tmp_path_factory.mktemp("pod-mounts-quota"), rclone_target,
-        pod_backend="docker", docker_pull=False, default_image=pytorch_image,
-        user_quota_bytes=10_000, pod_flush_timeout_seconds=3, docker_network="host",
+        default_image=pytorch_image, user_quota_bytes=10_000, pod_flush_timeout_seconds=3,
     )
-    server = LiveServer(settings).start()
     try:
         token = new_user(server.base)["token"]
         gpu = rent_ready(server.base, token, pytorch_image)["gpu_id"]
@@ -437,8 +445,8 @@ def test_mounting_pods_get_fuse_and_sys_admin_only(pod_server, pytorch_image, do
     gpu = rent_ready(base, token, pytorch_image)["gpu_id"]
     try:
         host = docker_pod_client.api.inspect_container(f"kgpu-{gpu}")["HostConfig"]
-        assert host["Privileged"] is False
-        assert host["CapAdd"] == ["SYS_ADMIN"] and not host.get("CapDrop")
+        assert host["Privileged"] is False and host["SecurityOpt"] == ["no-new-privileges"]
+        assert host["CapAdd"] == ["SYS_ADMIN"] and sorted(host["CapDrop"]) == ["AUDIT_WRITE", "MKNOD", "NET_RAW"]
         assert [d["PathOnHost"] for d in host["Devices"]] == ["/dev/fuse"]
         caps = ok(base, token, gpu, "grep CapEff /proc/self/status")
         assert int(caps.split()[1], 16) & (1 << 21)  # CAP_SYS_ADMIN, and only what docker grants besides

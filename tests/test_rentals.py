@@ -283,12 +283,10 @@ def test_capacity_pinning_and_per_user_cap(gpu_server):
 
 @pytest.fixture(scope="module")
 def docker_server(tmp_path_factory, rclone_target, docker_pod_client):
-    """The gateway with the docker pod backend; pods join the host network to reach it on 127.0.0.1."""
-    settings = make_settings(
-        tmp_path_factory.mktemp("docker-gw"), rclone_target,
-        pod_backend="docker", docker_network="host", docker_pull=False, default_image="kgpu-test:latest",
-    )
-    server = LiveServer(settings).start()
+    """The gateway with the docker pod backend; pods on docker's default bridge reach it at the bridge's host address."""
+    from tests.test_pod_mounts import docker_bridge_server
+
+    server = docker_bridge_server(tmp_path_factory.mktemp("docker-gw"), rclone_target, default_image="kgpu-test:latest")
     yield server
     server.stop()
 

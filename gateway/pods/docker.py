@@ -17,8 +17,18 @@ their state in the container under ``/tmp/kgpu/runs/{run_id}/``. Every read
 script: 50–90 ms here (2 cores). Needs docker-init on the host (Debian's docker.io has it).
 
 Limits: CPU (``nano_cpus``), memory (``mem_limit``, swap off), ``pids_limit``, GPUs
-by ``device_requests`` (only when the rental has GPUs). ``/dev/fuse`` and
-``CAP_SYS_ADMIN`` are given for the in-pod rclone mounts; never ``--privileged``.
+by ``device_requests`` (only when the rental has GPUs).
+
+Isolation (docs/pod-isolation.md, tests/test_pod_hostile_docker.py): never ``--privileged``;
+``no-new-privileges``; ``NET_RAW``, ``MKNOD`` and ``AUDIT_WRITE`` dropped. The in-pod rclone
+mounts need ``/dev/fuse`` and ``CAP_SYS_ADMIN``, which on the host's own user namespace is
+root on the host (cgroup-v1 ``release_agent``, remounting ``/proc/sys``). So a pod gets them
+only when the daemon remaps user namespaces (``userns-remap``: ``name=userns`` in ``docker
+info``'s security options, asked at every start): its root is then an unprivileged host uid
+(``dockremap``'s subuid range) and its capabilities count only in its own namespaces. On a
+daemon without it pods get neither, their mounts fail, and the rental's ``mounts`` say why.
+``apparmor=unconfined`` is added only where AppArmor runs (its docker-default profile refuses
+every ``mount``) and only for user-namespaced pods.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from gateway.pods import RUNNER, RUNS_DIR, PodError, PodSpec, PodStartError, Pod
 from gateway.pods.mounts import (
     FLUSH_SCRIPT,
     MAX_FLUSH_REPORT,
+    MAX_VALUE,
     READ_STATUS_SCRIPT,
     STATUS_PATH,
     bootstrap_status,
@@ -48,6 +59,17 @@ log = logging.getLogger(__name__)
 _DOCKER_ERRORS = (DockerException, requests.RequestException)
 
 WORKDIR = "/workspace"
+# Capabilities a pod does not need, dropped from docker's default set: raw sockets (spoofing
+# on the bridge other pods share), device nodes, the audit log.
+CAP_DROP = ["NET_RAW", "MKNOD", "AUDIT_WRITE"]
+# Why a pod got no /dev/fuse (the value of its ``{prefix}.fuse`` label), said in its failed mounts.
+NO_FUSE = {
+    "no-userns": "this docker daemon does not remap user namespaces (userns-remap), so pods get no "
+    "/dev/fuse and cannot mount: the operator sets it up (docs/pod-isolation.md)",
+    "host-network": "pods on the host's network (KGPU_DOCKER_NETWORK=host) cannot be user-namespaced "
+    "(docker refuses), so they get no /dev/fuse and cannot mount: use a bridge network (docs/pod-isolation.md)",
+}
+FUSE_MODE = "/dev/fuse on the docker host must be mode 0666 for user-namespaced pods (docs/pod-isolation.md)"
 READ_CHUNK = 1 << 20  # read_output returns at most this many bytes a call
 
 # Prints the run's small files as key=value lines, whether the runner is alive, then
@@ -196,6 +218,10 @@ class DockerPodBackend:
     def _label_bootstrap(self) -> str:
         return f"{self.prefix}.bootstrap"
 
+    @property
+    def _label_fuse(self) -> str:
+        return f"{self.prefix}.fuse"
+
     def container_name(self, rental_id: str) -> str:
         return f"{self.prefix}-{rental_id}"
 
@@ -216,9 +242,25 @@ class DockerPodBackend:
             detail = getattr(exc, "explanation", None) or str(exc)
             raise PodStartError(f"could not pull image {image!r}: {detail}") from exc
 
+    def daemon_security(self) -> tuple[bool, bool]:
+        """(the daemon remaps user namespaces, AppArmor runs), from ``docker info``."""
+        try:
+            options = self.client.info().get("SecurityOptions") or []
+        except _DOCKER_ERRORS as exc:
+            raise PodStartError(f"docker did not answer: {exc}") from exc
+        names = {part.partition("=")[2] for option in options for part in option.split(",") if part.startswith("name=")}
+        return "userns" in names, "apparmor" in names
+
     def start(self, spec: PodSpec) -> str:
         name = self.container_name(spec.rental_id)
         image = self._ensure_image(spec.image)
+        # Asked at every start (one call, ~10 ms): a daemon restarted without userns-remap
+        # must not get a single pod with CAP_SYS_ADMIN on the host's user namespace.
+        userns, apparmor = self.daemon_security()
+        host_network = self.network == "host"
+        fuse = "true" if userns and not host_network else "host-network" if userns else "no-userns"
+        if fuse != "true":
+            log.warning("rental %s: %s", spec.rental_id, NO_FUSE[fuse])
         bootstrap = runs_bootstrap(((image.attrs or {}).get("Config") or {}).get("Entrypoint"))
         # Inside the container the granted GPUs are numbered from 0; NVIDIA_VISIBLE_DEVICES
         # names the host's devices (what the NVIDIA runtime reads), "void" for none, so an
@@ -239,6 +281,7 @@ class DockerPodBackend:
                 self._label_rental: spec.rental_id,
                 self._label_managed: "true",
                 self._label_bootstrap: "true" if bootstrap else "false",
+                self._label_fuse: fuse,
             },
             environment=env,
             working_dir=WORKDIR,
@@ -247,10 +290,15 @@ class DockerPodBackend:
             memswap_limit=spec.memory_bytes,  # no swap beyond the memory limit
             shm_size=max(64 << 20, spec.memory_bytes // 2),  # DataLoader workers need /dev/shm; counts as memory
             pids_limit=self.pids_limit,
-            devices=["/dev/fuse:/dev/fuse:rwm"],
-            cap_add=["SYS_ADMIN"],
-            security_opt=["apparmor:unconfined"],  # AppArmor's docker-default profile refuses mount(2) (FUSE)
+            cap_drop=list(CAP_DROP),
+            security_opt=["no-new-privileges"],
         )
+        if fuse == "true":  # root in the pod is an unprivileged host uid: SYS_ADMIN counts in its namespaces only
+            kwargs.update(devices=["/dev/fuse:/dev/fuse:rwm"], cap_add=["SYS_ADMIN"])
+            if apparmor:  # docker-default refuses every mount(2), FUSE's too
+                kwargs["security_opt"].append("apparmor=unconfined")
+        elif host_network and userns:
+            kwargs["userns_mode"] = "host"  # docker refuses the host's network in a remapped namespace
         # TODO(ephemeral storage): spec.ephemeral_storage_gib is not enforced. docker refuses
         # `--storage-opt size=` on overlay2 over ext4 (it needs xfs with pquota); enforce it by
         # watching the container's writable-layer size (`docker ps --size` / SizeRw) and ending
@@ -308,7 +356,7 @@ class DockerPodBackend:
             labels = (info.get("Config") or {}).get("Labels") or {}
             if labels.get(self._label_bootstrap) != "true":
                 return PodStatus("Running", True)
-            return self._bootstrap_status(ref, state.get("StartedAt"))
+            return self._bootstrap_status(ref, state.get("StartedAt"), labels.get(self._label_fuse))
         if status in ("created", "restarting", "paused") or state.get("Paused"):
             return PodStatus("Pending", False, f"container is {status}")
         if status == "removing":
@@ -320,12 +368,21 @@ class DockerPodBackend:
             reason += f": {state['Error']}"
         return PodStatus("Failed", False, reason)
 
-    def _bootstrap_status(self, ref: str, started_at: str | None) -> PodStatus:
+    def _bootstrap_status(self, ref: str, started_at: str | None, fuse: str | None = None) -> PodStatus:
         try:
             text = self._exec(ref, READ_STATUS_SCRIPT, STATUS_PATH).decode(errors="replace")
         except PodError as exc:
             return PodStatus("Running", False, f"cannot read the mount status: {exc}")
-        return bootstrap_status(text, _age_seconds(started_at), self.bootstrap_timeout_s)
+        status = bootstrap_status(text, _age_seconds(started_at), self.bootstrap_timeout_s)
+        for mount in (status.mounts or {}).values():  # the pod's words, then the operator's reason
+            error = mount.get("error") or ""
+            if mount.get("status") != "failed":
+                continue
+            if fuse in NO_FUSE:
+                mount["error"] = f"{NO_FUSE[fuse]}; {error}"[:MAX_VALUE]
+            elif "/dev/fuse" in error and "ermission denied" in error:
+                mount["error"] = f"{error[: MAX_VALUE - len(FUSE_MODE) - 2]}; {FUSE_MODE}"
+        return status
 
     def storage_bytes(self, ref: str) -> int | None:
         """The writable layer's size: docker cannot cap it on overlay2 (``--storage-opt size``

@@ -3,7 +3,9 @@
 # image) and kgpu-pytorch-test:latest (images/kgpu-pytorch/Dockerfile built FROM kgpu-test,
 # rebuilt whenever its sources change: the image carries their hash as a label).
 # Idempotent and unattended (CI=true, no stdin): installs docker.io if dockerd is missing,
-# starts dockerd in the background if `docker info` fails (log: /tmp/dockerd.log), and builds
+# starts dockerd with --userns-remap=default in the background if `docker info` fails (log:
+# /tmp/dockerd.log; a dockerd this script started earlier without it is restarted with it, its
+# images carried over; any other dockerd without it is an error), makes /dev/fuse 0666, and builds
 # the image from a debootstrap --variant=minbase rootfs piped to `docker import` (no registry
 # is reachable). Does nothing that is already done; prints what it did.
 set -euo pipefail
@@ -33,19 +35,27 @@ else
   say "dockerd present: $(command -v dockerd)"
 fi
 
-# 2. dockerd running.
-if docker info >/dev/null 2>&1; then
-  say "dockerd already running"
-else
+# 2. dockerd running, with user namespaces remapped (docs/pod-isolation.md): a pod's root is then
+#    an unprivileged host uid (the `dockremap` subuid range, which dockerd creates itself), so the
+#    CAP_SYS_ADMIN its FUSE mounts need counts only in its own namespaces. Without it the docker
+#    backend gives pods no FUSE at all and the mount tests cannot pass.
+userns_on() { docker info --format '{{json .SecurityOptions}}' 2>/dev/null | grep -q 'name=userns'; }
+# A dockerd this script started: its output goes to $DOCKERD_LOG.
+started_here() { [ "$(readlink "/proc/$1/fd/1" 2>/dev/null)" = "$(readlink -f "$DOCKERD_LOG")" ]; }
+
+start_dockerd() {
   # A pid file left by a dockerd that died (a restored machine) keeps a new one from starting.
   if [ -f /var/run/docker.pid ] && ! kill -0 "$(cat /var/run/docker.pid)" 2>/dev/null; then
     say "removing stale /var/run/docker.pid"
     sudo_ rm -f /var/run/docker.pid
   fi
-  say "starting dockerd in the background (log: $DOCKERD_LOG)"
+  local flags=()
+  # The flag and the same key in daemon.json together stop dockerd from starting.
+  grep -qs '"userns-remap"' /etc/docker/daemon.json || flags+=(--userns-remap=default)
+  say "starting dockerd ${flags[*]} in the background (log: $DOCKERD_LOG)"
   # Its own session, so it outlives this script and whatever started it (pytest, CI).
   if [ "$(id -u)" -eq 0 ]; then start=(setsid nohup dockerd); else start=(sudo -n setsid nohup dockerd); fi
-  "${start[@]}" >>"$DOCKERD_LOG" 2>&1 </dev/null &
+  "${start[@]}" "${flags[@]}" >>"$DOCKERD_LOG" 2>&1 </dev/null &
   dockerd_pid=$!
   for _ in $(seq 1 150); do
     docker info >/dev/null 2>&1 && break
@@ -58,6 +68,47 @@ else
     exit 1
   fi
   say "dockerd ready"
+}
+
+if ! docker info >/dev/null 2>&1; then
+  start_dockerd
+elif userns_on; then
+  say "dockerd already running, with userns-remap"
+else
+  pid=$(cat /var/run/docker.pid 2>/dev/null || true)
+  if [ -n "${DOCKER_HOST:-}" ] || [ -z "$pid" ] || ! started_here "$pid"; then
+    say "the running dockerd${DOCKER_HOST:+ at $DOCKER_HOST} does not remap user namespaces, and this" \
+      "script did not start it: docker pods would get no FUSE mounts. Add {\"userns-remap\": \"default\"}" \
+      "to /etc/docker/daemon.json and restart it (docs/pod-isolation.md)." >&2
+    exit 1
+  fi
+  # One this script started before it asked for userns-remap: restart it with it. Its images
+  # live under the old data root; the remapped daemon has its own, so carry them over.
+  carry=$(mktemp /tmp/kgpu-test-images.XXXXXX.tar)
+  images=()
+  for image in "$IMAGE" "$PYTORCH_IMAGE"; do docker image inspect "$image" >/dev/null 2>&1 && images+=("$image"); done
+  if [ ${#images[@]} -gt 0 ] && docker save -o "$carry" "${images[@]}"; then
+    say "saved ${images[*]} to carry them over"
+  fi
+  say "restarting the dockerd this script started (pid $pid) with userns-remap"
+  sudo_ kill -TERM "$pid"
+  for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+  if kill -0 "$pid" 2>/dev/null; then say "dockerd (pid $pid) did not stop within 60 s" >&2; exit 1; fi
+  start_dockerd
+  if [ -s "$carry" ] && ! userns_on; then say "dockerd started without userns-remap (see $DOCKERD_LOG)" >&2; exit 1; fi
+  if [ -s "$carry" ] && docker load -q -i "$carry" >/dev/null; then say "loaded ${images[*]}"; fi
+  rm -f "$carry"
+fi
+if ! userns_on; then
+  say "dockerd does not remap user namespaces (see $DOCKERD_LOG)" >&2
+  exit 1
+fi
+
+# A pod's root is not host root: it opens /dev/fuse only if everyone may (most distributions'
+# default; 0600 on some fresh machines).
+if [ -c /dev/fuse ] && [ "$(stat -c %a /dev/fuse)" != 666 ]; then
+  say "chmod 0666 /dev/fuse (was $(stat -c %a /dev/fuse))"
+  sudo_ chmod 0666 /dev/fuse
 fi
 
 # 3. The plain test image.
