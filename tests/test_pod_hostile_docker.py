@@ -24,7 +24,6 @@ from gateway.pods.docker import DockerPodBackend
 from tests.conftest import ADMIN_TOKEN, DOCKER_TEST_PREFIX
 from tests.test_pod_mounts import (  # noqa: F401 - pod_server and pytorch_image are fixtures used here
     bearer,
-    drive_bytes,
     new_user,
     ok,
     pod_server,

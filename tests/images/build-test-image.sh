@@ -39,7 +39,7 @@ fi
 #    an unprivileged host uid (the `dockremap` subuid range, which dockerd creates itself), so the
 #    CAP_SYS_ADMIN its FUSE mounts need counts only in its own namespaces. Without it the docker
 #    backend gives pods no FUSE at all and the mount tests cannot pass.
-userns_on() { docker info --format '{{json .SecurityOptions}}' 2>/dev/null | grep -q 'name=userns'; }
+userns_on() { [[ "$(docker info --format '{{json .SecurityOptions}}' 2>/dev/null)" == *name=userns* ]]; }
 # A dockerd this script started: its output goes to $DOCKERD_LOG.
 started_here() { [ "$(readlink "/proc/$1/fd/1" 2>/dev/null)" = "$(readlink -f "$DOCKERD_LOG")" ]; }
 
