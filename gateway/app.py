@@ -56,7 +56,8 @@ def open_store(settings: Settings, pod_address: str | None = None) -> tuple[Obje
     return store, server
 
 
-def open_pod_backend(settings: Settings) -> PodBackend:
+def open_pod_backend(settings: Settings, store_url: str | None = None) -> PodBackend:
+    """``store_url``: where pods reach the object store (presigned URLs), besides the API base."""
     if settings.pod_backend == "docker":
         from gateway.pods.docker import DockerPodBackend
 
@@ -70,6 +71,10 @@ def open_pod_backend(settings: Settings) -> PodBackend:
     return LocalPodBackend(
         settings.data_dir / "pods",
         mounts=settings.local_pod_mounts,
+        reachable=[store_url] if store_url else [],
+        trusted_single_user=settings.local_trusted_single_user,
+        uid_base=settings.local_pod_uid_base,
+        uid_count=settings.local_pod_uid_count,
         flush_timeout_s=settings.pod_flush_timeout_seconds,
     )
 
@@ -110,7 +115,7 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
         app.state.rentals = Rentals(
             settings,
             sessions,
-            open_pod_backend(settings),
+            open_pod_backend(settings, getattr(active_store, "presign_endpoint_url", None)),
             load_inventory(settings),
             tokens_revoked=app.state.authenticator.invalidate,
         )

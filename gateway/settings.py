@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     # local backend: mount /shared and /files for each pod (kgpu-bootstrap on the host, the mounts
     # bound into the bubblewrap sandbox); needs bubblewrap, /dev/fuse and fusermount3.
     local_pod_mounts: bool = True
+    # local backend: each pod runs under a host uid of its own from this range (the server runs as
+    # root). Without root or bubblewrap the backend refuses to rent, unless this declares that one
+    # trusted person uses the server (then pods share the server's uid and network: no isolation).
+    local_pod_uid_base: int = Field(default=900_000, ge=1000, le=4_000_000_000)
+    local_pod_uid_count: int = Field(default=65_536, ge=1, le=1_000_000)
+    local_trusted_single_user: bool = False
     # KGPU_API_BASE as pods see it; empty: public_base_url, else the address the rent request came to.
     pod_api_base: str = ""
     # On return, how long the pod may take to upload what /files still holds before it is removed.

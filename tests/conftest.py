@@ -29,6 +29,24 @@ ADMIN_TOKEN = "test-admin-" + secrets.token_hex(8)
 PG_ADMIN_URL = os.environ.get("KGPU_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def pods_can_pass_through_the_temp_folders(tmp_path_factory):
+    """Local pods run under uids of their own (when the suite runs as root), and must pass
+    through the folders above their pod folders, as under a real data directory: pytest makes
+    its temp folders 0700."""
+    base = tmp_path_factory.getbasetemp()
+    for folder in (base, *base.parents):
+        if folder == Path("/tmp") or folder == Path("/"):
+            break
+        folder.chmod(folder.stat().st_mode | 0o711)
+
+
+def passable(folder: Path) -> Path:
+    """``folder`` (a pytest temp folder, 0700) made passable by other uids, as a data directory is."""
+    folder.chmod(folder.stat().st_mode | 0o711)
+    return folder
+
+
 @dataclass
 class S3Target:
     name: str
@@ -176,7 +194,7 @@ def make_settings(tmp: Path, target: S3Target, database_url: str = "", **extra) 
     # could end a rental first, or while a run's answer is on its way.
     extra.setdefault("reaper_interval_seconds", 3600)
     return Settings(
-        data_dir=tmp,
+        data_dir=passable(tmp),
         database_url=database_url,
         admin_token=ADMIN_TOKEN,
         s3_endpoint_url=target.endpoint,
@@ -256,7 +274,7 @@ def pod_backend(request, tmp_path):
     if request.param == "local":
         from gateway.pods.local import LocalPodBackend
 
-        return LocalPodBackend(tmp_path / "pods")
+        return LocalPodBackend(passable(tmp_path) / "pods")
     if request.param == "docker":
         from gateway.pods.docker import DockerPodBackend
 

@@ -196,7 +196,7 @@ def test_a_researchers_day(request, pytorch_image, kind):
         assert first["mounts"] is None
         ok(base, token, gpu, MOUNT_BY_HAND)
     else:
-        assert {name: m["status"] for name, m in first["mounts"].items()} == {"shared": "mounted", "files": "mounted"}, first
+        assert {name: m["status"] for name, m in first["mounts"].items()} == {"shared": "mounted", "files": "mounted"}, first["mounts"]
         assert first["mounts"]["files"]["path"] == "/files" and first["mounts"]["shared"]["path"] == "/shared"
     pod_token = ok(base, token, gpu, 'printf %s "$KGPU_API_TOKEN"')
 

@@ -326,8 +326,8 @@ def test_missing_image_fails_the_start_on_docker(docker_server):
 
 
 def test_runs_cannot_see_the_gateway_or_other_pods(stack, user):
-    if not stack.server.app.state.rentals.backend.sandbox:
-        pytest.fail("bubblewrap is needed for the local backend's sandbox: .ci/run installs it")
+    if stack.server.app.state.rentals.backend.mode != "isolated":
+        pytest.fail("the local backend's isolated sandbox needs root and bubblewrap: .ci/run installs it")
     mine = rent(stack.base, user.token).json()["gpu_id"]
     other = rent(stack.base, stack.new_user().token).json()["gpu_id"]
     data_dir = stack.settings.data_dir.resolve()
@@ -360,11 +360,14 @@ def test_going_over_ephemeral_storage_returns_the_rental(stack, user):
 
 def test_the_sandbox_keeps_the_nvidia_device_nodes(monkeypatch, tmp_path):
     """bubblewrap's --dev builds a bare /dev: the GPUs' nodes are bound back in, or CUDA sees none."""
-    from gateway.pods import local
+    from gateway.pods import local, sandbox
 
     nodes = ["/dev/nvidia0", "/dev/nvidia1", "/dev/nvidiactl", "/dev/nvidia-uvm"]
     monkeypatch.setattr(local, "nvidia_device_nodes", lambda: nodes)  # this module's name only, not glob's
-    command = local.sandbox_command(tmp_path / "ws", tmp_path / "tmp", [])
+    command = sandbox.holder_command(
+        workspace=tmp_path / "ws", pod_tmp=tmp_path / "tmp", token_dir=tmp_path / "secret", hosts_file=None,
+        hidden=[], mounts={}, devices=local.nvidia_device_nodes(), isolate_network=True, info_fd=3,
+    )
     bound = [command[i + 1] for i, arg in enumerate(command) if arg == "--dev-bind"]
     assert sorted(bound) == sorted(nodes)
     assert command.index("--dev") < command.index("--dev-bind")  # bound after /dev is built

@@ -13,6 +13,7 @@ import requests
 
 from drive.store.embedded import free_port
 from tests.clients import curl
+from tests.conftest import passable
 
 
 def children(pid: int) -> list[int]:
@@ -69,7 +70,7 @@ def wait_gone(pid: int, seconds: float = 10) -> bool:
 
 
 def test_serve_embedded_defaults_and_restart(tmp_path):
-    data = tmp_path / "data"
+    data = passable(tmp_path) / "data"
     first = Served(data)
     admin = {"Authorization": "Bearer serve-test-admin"}
     token = requests.post(f"{first.base}/v1/admin/users", json={"email": "r@lab.example"}, headers=admin).json()["token"]
@@ -96,7 +97,7 @@ def test_serve_embedded_defaults_and_restart(tmp_path):
 
 
 def test_a_run_survives_a_killed_gateway(tmp_path):
-    data = tmp_path / "data"
+    data = passable(tmp_path) / "data"
     admin = {"Authorization": "Bearer serve-test-admin"}
     first = Served(data)
     token = requests.post(f"{first.base}/v1/admin/users", json={"email": "k@lab.example"}, headers=admin).json()["token"]

@@ -60,6 +60,7 @@ class S3ObjectStore:
     ):
         self.bucket = bucket
         self.endpoint_url = endpoint_url
+        self.presign_endpoint_url = public_endpoint_url or endpoint_url  # where presigned URLs lead
         config = Config(
             signature_version="s3v4",
             s3={"addressing_style": "path"},

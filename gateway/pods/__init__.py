@@ -20,9 +20,46 @@ from typing import Protocol, runtime_checkable
 RUNNER = (Path(__file__).parent / "runner.sh").read_text()
 RUNS_DIR = "/tmp/kgpu/runs"
 
+# Run inside a pod (``sh -c SCRIPT kgpu ARGS...``), so a signal reaches only the pod's own
+# processes whatever a run wrote into its run directory. dash's kill takes no "--":
+# `kill -SIG -PGID` is the form dash, bash and busybox all take.
+# SIGNAL_SCRIPT RUN_DIR SIG: SIG to the run's process group.
+SIGNAL_SCRIPT = r"""
+d="$1"; sig="$2"
+r=$(cat "$d/runner_pid" 2>/dev/null) || exit 0
+[ -n "$r" ] && kill -0 "$r" 2>/dev/null && kill "-$sig" "-$r" 2>/dev/null
+exit 0
+"""
+# TERM_ALL_SCRIPT GRACE RUNS_DIR: TERM every run's process group, then wait up to GRACE
+# seconds for the runners to go.
+TERM_ALL_SCRIPT = r"""
+grace="$1"; pids=
+for f in "$2"/*/runner_pid; do
+  [ -f "$f" ] || continue
+  r=$(cat "$f" 2>/dev/null)
+  [ -n "$r" ] && kill -0 "$r" 2>/dev/null && kill -TERM "-$r" 2>/dev/null && pids="$pids $r"
+done
+i=0
+while [ -n "$pids" ] && [ "$i" -lt $((grace * 10)) ]; do
+  left=
+  for r in $pids; do kill -0 "$r" 2>/dev/null && left="$left $r"; done
+  pids=$left
+  [ -n "$pids" ] && sleep 0.1
+  i=$((i + 1))
+done
+exit 0
+"""
+
 
 class PodError(Exception):
     """A backend could not do what was asked (the message says why)."""
+
+
+def safe_run_id(run_id: str) -> str:
+    """A run id that names one folder under RUNS_DIR (the gateway makes them; this is the guard)."""
+    if not run_id or "/" in run_id or run_id in (".", "..") or "\0" in run_id:
+        raise PodError(f"bad run id {run_id!r}")
+    return run_id
 
 
 class PodStartError(PodError):

@@ -1,39 +1,87 @@
-"""The ``local`` pod backend: a rental is a directory on this host and its runs are processes.
+"""The ``local`` pod backend: a rental is a sandbox on this host (gateway/pods/sandbox.py).
 
-A pod is ``{data_dir}/pods/{rental_id}/`` holding ``workspace/`` (the working
-directory of every run) and ``tmp/`` (the pod's /tmp, where the runner keeps run
-state under kgpu/runs/); with mounts on, also ``mnt/shared`` and ``mnt/files`` (the
-rclone mounts kgpu-bootstrap makes, bound at /shared and /files in the sandbox) and
-``state/`` (the bootstrap's status, logs and caches, out of the runs' sight).
-Where bubblewrap is installed every run is sandboxed:
-it sees ``/workspace`` and ``/tmp`` of its own pod, the host read-only, and not
-the gateway's data directory. GPUs are pinned with ``CUDA_VISIBLE_DEVICES``/
-``NVIDIA_VISIBLE_DEVICES``. Runs start in their own session, so they outlive a
-gateway killed with SIGKILL.
+A pod is ``{data_dir}/pods/{rental_id}/`` (root-owned, mode 0711) holding:
+
+- ``pod.json`` (0600, the gateway's record: uid, image, environment without the token,
+  the holder's and relay's pids), never seen by the pod;
+- ``workspace/`` and ``tmp/`` (the pod's ``/workspace`` and ``/tmp``, owned by the pod's uid;
+  the runner keeps run state under ``/tmp/kgpu/runs/``);
+- ``secret/token`` (the in-pod token, readable by the pod's uid only, bound read-only at
+  ``/run/kgpu/token``; the gateway keeps only its hash in the database);
+- with mounts on, ``mnt/shared`` and ``mnt/files`` (the rclone mounts kgpu-bootstrap makes as the
+  pod's uid on the host, bound at /shared and /files) and ``state/`` (the bootstrap's status,
+  logs, caches and remote-control sockets, out of the pod's sight).
+
+Modes, chosen once at start-up (``mode``):
+
+- ``isolated`` (the server runs as root): each pod has a uid of its own and its own network
+  namespace, reaching only the API base and the object store through ``relay.py``;
+- ``same-user`` (``trusted_single_user`` and the server is not root): the same sandbox under the
+  server's own uid, sharing the host's network; for one trusted user on a workstation;
+- ``none`` (``trusted_single_user`` and no bubblewrap): runs are plain processes of the server's
+  user.
+
+Without root or bubblewrap, and without ``trusted_single_user``, the backend refuses to rent
+and says why. GPUs are pinned with ``CUDA_VISIBLE_DEVICES``/``NVIDIA_VISIBLE_DEVICES``. Pods and
+their runs are sessions of their own, so they outlive a gateway killed with SIGKILL.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import json
 import os
+import select
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from bootstrap import script_path
 from drive.store.embedded import rclone_binary
-from gateway.pods import RUNNER, RUNS_DIR, PodError, PodSpec, PodStatus, RunState
+from gateway.pods import (
+    RUNNER,
+    RUNS_DIR,
+    SIGNAL_SCRIPT,
+    TERM_ALL_SCRIPT,
+    PodError,
+    PodSpec,
+    PodStartError,
+    PodStatus,
+    RunState,
+    safe_run_id,
+)
 from gateway.pods.mounts import MAX_FLUSH_REPORT, bootstrap_status
+from gateway.pods.relay import process_start
+from gateway.pods.sandbox import (
+    HOLDER_ENV,
+    TOKEN_PATH,
+    SandboxUnavailable,
+    UidPool,
+    check_available,
+    enter_command,
+    holder_command,
+    kill_uid,
+    open_in_pod,
+    run_as,
+)
 
 MOUNT_DIR = "mnt"  # {pod}/mnt/shared and {pod}/mnt/files: the pod's rclone mounts, bound at /shared and /files
 POD_MOUNTS = {"shared": True, "files": False}  # name: read-only
+READ_CHUNK = 1 << 20
+# Every run starts here: the pod's token from its file, unless the run's own env names one.
+TOKEN_LAUNCH = 'KGPU_API_TOKEN=${KGPU_API_TOKEN-$(cat "$1" 2>/dev/null)}; export KGPU_API_TOKEN; shift; exec "$@"'
 
-_SIGNALS = {"TERM": signal.SIGTERM, "KILL": signal.SIGKILL}
+
+def nvidia_device_nodes() -> list[str]:
+    return sorted(glob.glob("/dev/nvidia*"))
 
 
 def _read(path: Path) -> str | None:
@@ -43,57 +91,17 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
+def _endpoint(url: str) -> tuple[str, int] | None:
+    """(IP address, port) of an http(s) URL, its name resolved here; None when it has no host."""
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return None
+    port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):  # gone, or exiting while we read (ProcessLookupError)
-        return False
-    return state not in ("Z", "X")
-
-
-def read_tail(path: Path, limit: int) -> tuple[bytes, bool]:
-    try:
-        with open(path, "rb") as handle:
-            size = handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, size - limit))
-            return handle.read(), size > limit
-    except FileNotFoundError:
-        return b"", False
-
-
-def nvidia_device_nodes() -> list[str]:
-    return sorted(glob.glob("/dev/nvidia*"))
-
-
-def sandbox_command(workspace: Path, pod_tmp: Path, hidden: list[Path], mounts: Path | None = None) -> list[str]:
-    """bubblewrap around a run: the host read-only, the pod's own /tmp and /workspace
-    writable, the pod's rclone mounts (under ``mounts``) at /shared and /files, and the
-    gateway's data directory (database, store, other pods) out of sight.
-    The network stays shared: runs reach KGPU_API_BASE. No pid namespace: the gateway
-    signals runs by their host pids."""
-    command = ["bwrap"]
-    for entry in sorted(os.listdir("/")):
-        path = Path("/") / entry
-        if entry in ("tmp", "proc", "dev", "workspace"):
-            continue
-        if path.is_symlink():
-            command += ["--symlink", os.readlink(path), str(path)]
-        elif path.is_dir():
-            command += ["--ro-bind", str(path), str(path)]
-    command += ["--dev", "/dev", "--proc", "/proc", "--bind", str(pod_tmp), "/tmp", "--bind", str(workspace), "/workspace"]
-    # --dev makes a minimal /dev: the NVIDIA device nodes must be bound in for CUDA and
-    # nvidia-smi. All of them (NVML wants every GPU's node); CUDA_VISIBLE_DEVICES pins the rental's.
-    for node in nvidia_device_nodes():
-        command += ["--dev-bind", node, node]
-    for path in hidden:
-        if not path.is_relative_to("/tmp"):
-            command += ["--tmpfs", str(path)]
-    for name, readonly in POD_MOUNTS.items():
-        if mounts is not None and os.path.ismount(mounts / name):
-            command += ["--ro-bind" if readonly else "--bind", str(mounts / name), f"/{name}"]
-    return command + ["--chdir", "/workspace", "--"]
+        address = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)[0][4][0]
+    except OSError:
+        return None
+    return address, port
 
 
 class LocalPodBackend:
@@ -102,73 +110,257 @@ class LocalPodBackend:
     def __init__(
         self,
         root: Path,
-        sandbox: bool | None = None,
         hidden: list[Path] | None = None,
         *,
         mounts: bool = False,
+        reachable: list[str] = (),
+        trusted_single_user: bool = False,
+        uid_base: int = 900_000,
+        uid_count: int = 65_536,
         flush_timeout_s: int = 60,
         bootstrap_timeout_s: int = 180,
     ):
-        """``sandbox``: run inside bubblewrap (None: when ``bwrap`` is installed). ``hidden``:
-        paths a sandboxed run must not see (the data directory by default). ``mounts``: run
-        kgpu-bootstrap for each pod, its mounts bound at /shared and /files in the sandbox
-        (only with the sandbox, FUSE and fusermount3 here)."""
+        """``hidden``: paths a pod must not see (the data directory by default). ``mounts``: run
+        kgpu-bootstrap for each pod, its mounts bound at /shared and /files (needs FUSE and
+        fusermount3 here). ``reachable``: URLs pods may reach besides their KGPU_API_BASE (the
+        object store's). ``uid_base``/``uid_count``: the host uids pods get (isolated mode)."""
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
-        self.sandbox = shutil.which("bwrap") is not None if sandbox is None else sandbox
         self.hidden = [p.resolve() for p in (hidden if hidden is not None else [self.root.parent])]
-        self.mounts = bool(mounts and self.sandbox and os.path.exists("/dev/fuse") and shutil.which("fusermount3"))
+        self.reachable = list(reachable)
+        self.uids = UidPool(self.root, uid_base, uid_count)
         self.flush_timeout_s = flush_timeout_s
         self.bootstrap_timeout_s = bootstrap_timeout_s
+        self.refusal: str | None = None
+        self.mode = self._choose_mode(trusted_single_user)
+        if self.mode == "isolated":
+            self.root.chmod(0o711)  # pods' uids pass through to their own folders, and list nothing
+            closed = [str(p) for p in self.root.parents if not os.stat(p).st_mode & 0o001]
+            if closed:
+                self.refusal = (
+                    f"the pods folder {self.root} must be reachable by the pods' uids, and {closed[0]} is not "
+                    f"(chmod o+x {closed[0]}: others can pass through it, not list it)"
+                )
+        self.mounts = bool(
+            mounts and self.mode != "none" and os.path.exists("/dev/fuse") and shutil.which("fusermount3")
+        )
+        self._locks: dict[str, threading.Lock] = {}
+
+    def _choose_mode(self, trusted: bool) -> str:
+        root = os.geteuid() == 0
+        try:
+            check_available(uid_switching=root or not trusted)
+            return "isolated" if root else "same-user"
+        except SandboxUnavailable as exc:
+            if trusted and shutil.which("bwrap") is None:
+                return "none"
+            if trusted:  # bubblewrap is there but cannot build a sandbox
+                return "none"
+            self.refusal = (
+                f"the local pod backend cannot isolate pods here: {exc}. Set "
+                "KGPU_LOCAL_TRUSTED_SINGLE_USER=true only where one trusted person uses this server"
+            )
+            return "refused"
+
+    # --- paths and records -----------------------------------------------------------
 
     def _pod(self, ref: str) -> Path:
         pod = self.root / ref
-        if not (pod / "pod.json").exists():
+        if "/" in ref or ref in ("", ".", "..") or not (pod / "pod.json").exists():
             raise PodError(f"no pod {ref}")
         return pod
 
-    def _runs(self, ref: str) -> Path:
-        return self._pod(ref) / RUNS_DIR.lstrip("/")
+    def _record(self, pod: Path) -> dict:
+        try:
+            return json.loads((pod / "pod.json").read_text())
+        except FileNotFoundError:
+            raise PodError(f"no pod {pod.name}") from None
+
+    def _write_record(self, pod: Path, record: dict) -> None:
+        staged = pod / "pod.json.tmp"
+        staged.write_text(json.dumps(record))
+        staged.chmod(0o600)
+        staged.replace(pod / "pod.json")  # whole or absent: status() and adopt() read it any time
+
+    def _inner(self, pod: Path, path: str) -> str:
+        """A path inside the pod as the pod's processes name it."""
+        if self.mode != "none":
+            return path
+        if path.startswith("/tmp/"):
+            return str(pod / "tmp" / path[len("/tmp/"):])
+        if path == TOKEN_PATH:
+            return str(pod / "secret" / "token")
+        return path
+
+    def _owned_dir(self, path: Path, uid: int | None, mode: int = 0o700) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        if uid is not None:
+            os.chown(path, uid, uid)
+        path.chmod(mode)
+
+    # --- pods ---------------------------------------------------------------------------
 
     def start(self, spec: PodSpec) -> str:
+        if self.refusal:
+            raise PodStartError(self.refusal)
         pod = self.root / spec.rental_id
-        (pod / "workspace").mkdir(parents=True, exist_ok=True)
-        (pod / RUNS_DIR.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        if (pod / "pod.json").exists():
+            return spec.rental_id  # a start retried after a crash
+        pod.mkdir(mode=0o711, parents=True, exist_ok=True)
+        pod.chmod(0o711)
+        uid = self.uids.take(pod) if self.mode == "isolated" else None
+        for name in ("workspace", "tmp"):
+            self._owned_dir(pod / name, uid)
+        self._owned_dir(pod / "state", None)
+        for name in ("secret", MOUNT_DIR, *(f"{MOUNT_DIR}/{m}" for m in POD_MOUNTS)):
+            self._owned_dir(pod / name, None, 0o711)
+        token = spec.env.get("KGPU_API_TOKEN", "")
+        token_file = pod / "secret" / "token"
+        token_file.write_text(token)
+        if uid is not None:
+            os.chown(token_file, uid, uid)
+        token_file.chmod(0o400)
         visible = ",".join(str(i) for i in spec.gpu_indices)
         env = {
-            **spec.env,
+            **{k: v for k, v in spec.env.items() if k != "KGPU_API_TOKEN"},
             "CUDA_VISIBLE_DEVICES": visible,
             "NVIDIA_VISIBLE_DEVICES": visible or "void",
             "NVIDIA_DRIVER_CAPABILITIES": "compute,utility",
         }
-        record = {"rental_id": spec.rental_id, "image": spec.image, "env": env, "created_at": time.time()}
-        if self.mounts and "KGPU_API_TOKEN" in spec.env:
-            record["bootstrap_pid"] = self._start_bootstrap(pod, spec.env)
-        staged = pod / "pod.json.tmp"
-        staged.write_text(json.dumps(record))
-        staged.replace(pod / "pod.json")  # whole or absent: status() and adopt() read it any time
+        record = {"rental_id": spec.rental_id, "image": spec.image, "env": env, "uid": uid, "created_at": time.time()}
+        if self.mode == "isolated":
+            record["endpoints"] = self._write_hosts(pod, [spec.env.get("KGPU_API_BASE", ""), *self.reachable])
+        if self.mounts and token:
+            record["bootstrap_pid"] = self._start_bootstrap(pod, uid, spec.env)
+        self._write_record(pod, record)
+        with contextlib.suppress(FileNotFoundError):
+            (pod / "uid").unlink()  # pod.json holds it now
         return spec.rental_id
+
+    def _write_hosts(self, pod: Path, urls: list[str]) -> list[str]:
+        """The pod's /etc/hosts (the host's, plus the names of the endpoints it may reach, which
+        it cannot resolve itself) and the ``address:port`` list its relay serves."""
+        lines = [_read(Path("/etc/hosts")) or "127.0.0.1 localhost"]
+        endpoints = []
+        for url in urls:
+            found = _endpoint(url) if url else None
+            if found is None:
+                continue
+            address, port = found
+            endpoints.append(f"[{address}]:{port}" if ":" in address else f"{address}:{port}")
+            name = urlsplit(url).hostname
+            if name and name != address:
+                lines.append(f"{address} {name}")
+        (pod / "hosts").write_text("\n".join(lines) + "\n")
+        (pod / "hosts").chmod(0o644)
+        return sorted(set(endpoints))
 
     def _mount_env(self, pod: Path) -> dict[str, str]:
         return {
-            "PATH": f"{Path(rclone_binary()).parent}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}",
-            "HOME": str(pod / "tmp"),
-            # Not under the pod's /tmp: the mounts' remote-control socket would let a run drive a
-            # host rclone (outside the sandbox). The state stays where runs cannot see it.
+            "PATH": f"{Path(rclone_binary()).parent}{os.pathsep}{HOLDER_ENV['PATH']}",
+            "HOME": str(pod / "state"),
+            # Out of the pod's sight: the mounts' remote-control socket drives a host rclone.
             "KGPU_STATE_DIR": str(pod / "state"),
             "KGPU_MOUNT_ROOT": str(pod / MOUNT_DIR),
         }
 
-    def _start_bootstrap(self, pod: Path, pod_env: dict[str, str]) -> int:
-        """kgpu-bootstrap in its own session (it outlives a restarted gateway, as runs do)."""
+    def _as_pod_user(self, uid: int | None, command: list[str]) -> list[str]:
+        return run_as(uid, command) if uid is not None else command
+
+    def _start_bootstrap(self, pod: Path, uid: int | None, pod_env: dict[str, str]) -> int:
+        """kgpu-bootstrap on the host, in its own session (it outlives a restarted gateway, as the
+        pod does). It runs as the server's user: fusermount3 needs a user name, which the pods'
+        uids lack. Its mounts show the pod's uid as their owner, are open to that uid alone
+        (``allow_other`` with the kernel's permission checks, mode 0700/0600), and are out of
+        reach of every other uid. Its token is in its environment only."""
         env = {**self._mount_env(pod), "KGPU_API_BASE": pod_env["KGPU_API_BASE"], "KGPU_API_TOKEN": pod_env["KGPU_API_TOKEN"]}
+        if uid is not None:
+            env.update(RCLONE_ALLOW_OTHER="true", RCLONE_DEFAULT_PERMISSIONS="true", RCLONE_UMASK="077",
+                       RCLONE_UID=str(uid), RCLONE_GID=str(uid))
         with open(pod / "bootstrap.out", "wb") as out:
             process = subprocess.Popen(
                 ["bash", str(script_path("kgpu-bootstrap"))],
-                cwd=pod, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=pod / "state", env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         threading.Thread(target=process.wait, daemon=True).start()
         return process.pid
+
+    def _holder(self, pod: Path) -> dict:
+        """The pod's record with a live holder (started at the first run: the mounts are made by then)."""
+        lock = self._locks.setdefault(pod.name, threading.Lock())
+        with lock, open(pod / "holder.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            record = self._record(pod)
+            if self.mode == "none" or self._holder_alive(record):
+                return record
+            if record.get("holder_pid"):
+                raise PodError("the pod's sandbox has exited")
+            uid = record.get("uid")
+            info_read, info_write = os.pipe()
+            command = holder_command(
+                workspace=pod / "workspace",
+                pod_tmp=pod / "tmp",
+                token_dir=pod / "secret",
+                hosts_file=pod / "hosts" if self.mode == "isolated" else None,
+                hidden=self.hidden,
+                mounts={name: (pod / MOUNT_DIR / name, ro) for name, ro in POD_MOUNTS.items()},
+                devices=nvidia_device_nodes(),
+                isolate_network=self.mode == "isolated",
+                info_fd=info_write,
+            )
+            with open(pod / "holder.log", "ab") as log:
+                process = subprocess.Popen(
+                    self._as_pod_user(uid, command), env=HOLDER_ENV, stdin=subprocess.DEVNULL, stdout=log,
+                    stderr=log, pass_fds=(info_write,), start_new_session=True,
+                )
+            os.close(info_write)
+            threading.Thread(target=process.wait, daemon=True).start()
+            holder = _read_holder_pid(info_read)
+            if holder is None:
+                raise PodError(f"the pod's sandbox did not start: {(_read(pod / 'holder.log') or '')[-500:]}")
+            record.update(holder_pid=holder, holder_start=process_start(holder), bwrap_pid=process.pid)
+            if self.mode == "isolated":
+                record["relay_pid"] = self._start_relay(pod, record)
+            self._write_record(pod, record)
+            return record
+
+    def _holder_alive(self, record: dict) -> bool:
+        holder = record.get("holder_pid")
+        return bool(holder) and process_start(holder) == record.get("holder_start")
+
+    def _start_relay(self, pod: Path, record: dict) -> int:
+        """The pod's way to the API base and the store (gateway/pods/relay.py); waits until it listens."""
+        command = [sys.executable, "-m", "gateway.pods.relay", str(record["holder_pid"]), str(record["holder_start"]),
+                   str(record["uid"]), *record.get("endpoints", [])]
+        with open(pod / "relay.log", "ab") as log:
+            process = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+                env={"PATH": HOLDER_ENV["PATH"], "PYTHONPATH": os.pathsep.join(sys.path)},
+            )
+        line = process.stdout.readline()
+        process.stdout.close()
+        threading.Thread(target=process.wait, daemon=True).start()
+        if line.strip() != b"listening":
+            raise PodError(f"the pod's network relay did not start: {(_read(pod / 'relay.log') or '')[-500:]}")
+        return process.pid
+
+    def _enter(self, pod: Path, record: dict) -> list[str]:
+        if self.mode == "none":
+            return ["setsid"]
+        return enter_command(record["holder_pid"], record.get("uid"))
+
+    def _exec(self, pod: Path, record: dict, script: str, *args: str, timeout: float = 60) -> bytes:
+        """``sh -c script`` inside the pod as the pod's user; its stdout."""
+        try:
+            done = subprocess.run(
+                [*self._enter(pod, record), "sh", "-c", script, "kgpu", *args],
+                env=HOLDER_ENV, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
+                cwd=pod / "workspace",
+            )
+        except subprocess.TimeoutExpired:
+            raise PodError("the pod did not answer in time") from None
+        return done.stdout
 
     def status(self, ref: str) -> PodStatus:
         pod = self.root / ref
@@ -178,6 +370,8 @@ class LocalPodBackend:
             return PodStatus("Gone", False, "pod directory is gone")
         except ValueError:
             return PodStatus("Pending", False, "the pod is being created")
+        if record.get("holder_pid") and not self._holder_alive(record):
+            return PodStatus("Failed", False, "the pod's sandbox has exited")
         if not record.get("bootstrap_pid"):
             return PodStatus("Running", True)
         text = _read(pod / "state" / "mounts" / "status") or ""
@@ -192,16 +386,15 @@ class LocalPodBackend:
         pod = self.root / ref
         if not pod.exists():
             return None
-        runs = pod / RUNS_DIR.lstrip("/")
-        ids = [d.name for d in runs.iterdir()] if runs.exists() else []
-        for run_id in ids:
-            self.signal_run(ref, run_id, "TERM")
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and any(self._running(ref, r) for r in ids):
-            time.sleep(0.05)
-        for run_id in ids:
-            self.signal_run(ref, run_id, "KILL")
-        lost = self._flush(pod) if (pod / MOUNT_DIR).exists() else None
+        try:
+            record = self._record(pod)
+        except (PodError, ValueError):
+            record = {}
+        if self.mode == "none" or self._holder_alive(record):
+            with contextlib.suppress(PodError):
+                self._exec(pod, record, TERM_ALL_SCRIPT, "5", self._inner(pod, RUNS_DIR), timeout=30)
+        lost = self._flush(pod, record) if (pod / MOUNT_DIR).exists() and record.get("bootstrap_pid") else None
+        self._stop_processes(record)
         mounted = [p for p in (pod / MOUNT_DIR).glob("*") if os.path.ismount(p)]
         for path in mounted:  # kgpu-flush could not unmount it: detach it lazily
             subprocess.run(["fusermount3", "-uz", str(path)], capture_output=True)
@@ -211,108 +404,155 @@ class LocalPodBackend:
         shutil.rmtree(pod, ignore_errors=True)
         return lost
 
-    def _flush(self, pod: Path) -> str | None:
-        """kgpu-flush for the pod's mounts (as in a container), then its bootstrap is stopped."""
+    def _stop_processes(self, record: dict) -> None:
+        """Every process of the pod: its sandbox (pid 1 takes the pod's processes with it), its
+        bootstrap (its rclone mounts end with kgpu-flush), its relay, and in isolated mode
+        anything else of its uid."""
+        if self._holder_alive(record):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(record["holder_pid"], signal.SIGKILL)
+        for key in ("bootstrap_pid", "relay_pid", "bwrap_pid"):
+            pid = record.get(key)
+            if pid and process_start(pid) is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
+        if record.get("uid") is not None:
+            kill_uid(record["uid"])
+        if self.mode == "none":
+            runs = Path(self._inner(self.root / record.get("rental_id", "-"), RUNS_DIR))
+            for runner in runs.glob("*/runner_pid"):  # trusted mode: host pids, written by the runs
+                with contextlib.suppress(ValueError, ProcessLookupError, PermissionError, OSError):
+                    os.killpg(int(runner.read_text()), signal.SIGKILL)
+
+    def _flush(self, pod: Path, record: dict) -> str | None:
+        """kgpu-flush for the pod's mounts (as in a container), as the bootstrap that made them."""
         try:
             done = subprocess.run(
                 ["sh", str(script_path("kgpu-flush")), str(self.flush_timeout_s)],
                 env=self._mount_env(pod), capture_output=True, text=True, timeout=self.flush_timeout_s + 30,
+                cwd=pod / "state",
             )
             report, code = (done.stdout + done.stderr).strip()[-MAX_FLUSH_REPORT:], done.returncode
         except subprocess.TimeoutExpired:
             report, code = "kgpu-flush did not finish", 1
-        try:
-            pid = json.loads((pod / "pod.json").read_text()).get("bootstrap_pid")
-        except (FileNotFoundError, ValueError):
-            pid = None
-        if pid and _alive(pid):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)  # its own session: bash and its sleep
         return None if code == 0 else report
 
-    def _running(self, ref: str, run_id: str) -> bool:
-        pid = _read(self._runs(ref) / run_id / "runner_pid")
-        return _alive(int(pid)) if pid else False
+    # --- runs ---------------------------------------------------------------------------------
+
+    def _run_file(self, pod: Path, run_id: str, name: str) -> int | None:
+        return open_in_pod(pod / "tmp", "kgpu", "runs", safe_run_id(run_id), name)
+
+    def _read_run_file(self, pod: Path, run_id: str, name: str, limit: int = 64) -> str | None:
+        fd = self._run_file(pod, run_id, name)
+        if fd is None:
+            return None
+        with os.fdopen(fd, "rb") as handle:
+            return handle.read(limit).decode(errors="replace").strip()
+
+    def _alive(self, pod: Path, record: dict, pid_text: str | None) -> bool:
+        """Whether a pid the pod wrote names a live process *of the pod* (read in the pod's /proc)."""
+        if not pid_text or not pid_text.isdigit():
+            return False
+        if self.mode == "none":
+            stat_path = f"/proc/{int(pid_text)}/stat"
+        elif self._holder_alive(record):
+            stat_path = f"/proc/{record['holder_pid']}/root/proc/{int(pid_text)}/stat"
+        else:
+            return False
+        try:
+            state = Path(stat_path).read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        return state not in ("Z", "X")
 
     def start_run(self, ref: str, run_id: str, argv: list[str], env: dict[str, str]) -> None:
         pod = self._pod(ref)
-        record = json.loads((pod / "pod.json").read_text())
-        run_dir = self._runs(ref) / run_id
-        workspace = pod / "workspace"
-        if self.sandbox:
-            prefix = sandbox_command(workspace, pod / "tmp", self.hidden, pod / MOUNT_DIR)
-            inner_run_dir, home = f"{RUNS_DIR}/{run_id}", "/workspace"
-        else:
-            prefix, inner_run_dir, home = [], str(run_dir), str(workspace)
+        record = self._holder(pod)
+        run_dir = self._inner(pod, f"{RUNS_DIR}/{safe_run_id(run_id)}")
+        inside = self.mode != "none"
         process_env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": home,
+            "PATH": HOLDER_ENV["PATH"] if inside else os.environ.get("PATH", HOLDER_ENV["PATH"]),
+            "HOME": "/workspace" if inside else str(pod / "workspace"),
             "LANG": "C.UTF-8",
             **record["env"],
             **env,
         }
+        command = [
+            *self._enter(pod, record), "sh", "-c", TOKEN_LAUNCH, "kgpu-token", self._inner(pod, TOKEN_PATH),
+            "sh", "-c", RUNNER, "kgpu-run", run_dir, *argv,
+        ]
         process = subprocess.Popen(
-            [*prefix, "sh", "-c", RUNNER, "kgpu-run", inner_run_dir, *argv],
-            cwd=workspace,
-            env=process_env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
+            command, cwd=pod / "workspace", env=process_env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
         threading.Thread(target=process.wait, daemon=True).start()  # reap it; the run itself needs no parent
         deadline = time.monotonic() + 30
-        while not (run_dir / "pid").exists():
-            if process.poll() is not None and not (run_dir / "pid").exists():
+        while (fd := self._run_file(pod, run_id, "pid")) is None:
+            if process.poll() is not None and self._run_file(pod, run_id, "pid") is None:
                 raise PodError(f"the runner exited with {process.returncode} before starting the command")
             if time.monotonic() > deadline:
                 raise PodError("the runner did not start within 30 s")
             time.sleep(0.005)
+        os.close(fd)
 
     def run_state(self, ref: str, run_id: str, tail_bytes: int) -> RunState | None:
-        run_dir = self._runs(ref) / run_id
-        if not run_dir.is_dir():
+        pod = self._pod(ref)
+        if open_in_pod(pod / "tmp", "kgpu", "runs", safe_run_id(run_id), directory=True) is None:
             return None
-        pid = _read(run_dir / "pid")
-        exit_code = _read(run_dir / "exit_code")
-        started = _read(run_dir / "started_at")
-        completed = _read(run_dir / "completed_at")
-        stdout, stdout_cut = read_tail(run_dir / "stdout", tail_bytes)
-        stderr, stderr_cut = read_tail(run_dir / "stderr", tail_bytes)
-        runner = _read(run_dir / "runner_pid")
+        record = self._record(pod)
+        fields = {name: self._read_run_file(pod, run_id, name) for name in
+                  ("pid", "runner_pid", "started_at", "completed_at", "exit_code")}
+        streams = {}
+        for stream in ("stdout", "stderr"):
+            fd = self._run_file(pod, run_id, stream)
+            if fd is None:
+                streams[stream] = (b"", False)
+                continue
+            with os.fdopen(fd, "rb") as handle:
+                size = handle.seek(0, os.SEEK_END)
+                handle.seek(max(0, size - tail_bytes))
+                streams[stream] = (handle.read(tail_bytes), size > tail_bytes)
         return RunState(
             run_id=run_id,
-            pid=int(pid) if pid else None,
-            started_at=float(started) if started else None,
-            completed_at=float(completed) if completed else None,
-            exit_code=int(exit_code) if exit_code else None,
-            alive=_alive(int(runner)) if runner else False,
-            stdout=stdout,
-            stderr=stderr,
-            stdout_truncated=stdout_cut,
-            stderr_truncated=stderr_cut,
+            pid=_int(fields["pid"]),
+            started_at=_float(fields["started_at"]),
+            completed_at=_float(fields["completed_at"]),
+            exit_code=_int(fields["exit_code"]),
+            alive=self._alive(pod, record, fields["runner_pid"]),
+            stdout=streams["stdout"][0],
+            stderr=streams["stderr"][0],
+            stdout_truncated=streams["stdout"][1],
+            stderr_truncated=streams["stderr"][1],
         )
 
     def run_ids(self, ref: str) -> list[str]:
-        runs = self._runs(ref)
-        return sorted(d.name for d in runs.iterdir() if d.is_dir())
+        fd = open_in_pod(self._pod(ref) / "tmp", "kgpu", "runs", directory=True)
+        if fd is None:
+            return []
+        try:
+            with os.scandir(fd) as entries:
+                return sorted(entry.name for entry in entries if entry.is_dir(follow_symlinks=False))
+        finally:
+            os.close(fd)
 
     def read_output(self, ref: str, run_id: str, stream: str, offset: int) -> bytes:
-        try:
-            with open(self._runs(ref) / run_id / stream, "rb") as handle:
-                handle.seek(offset)
-                return handle.read(1 << 20)
-        except FileNotFoundError:
+        if stream not in ("stdout", "stderr"):
+            raise PodError(f"no stream {stream!r}")
+        fd = self._run_file(self._pod(ref), run_id, stream)
+        if fd is None:
             return b""
+        with os.fdopen(fd, "rb") as handle:
+            handle.seek(max(0, offset))
+            return handle.read(READ_CHUNK)
 
     def signal_run(self, ref: str, run_id: str, signal_name: str) -> None:
-        runner = _read(self._runs(ref) / run_id / "runner_pid")
-        if not runner or not _alive(int(runner)):
+        if signal_name not in ("TERM", "KILL"):
+            raise PodError(f"unsupported signal {signal_name!r}")
+        pod = self._pod(ref)
+        record = self._record(pod)
+        if self.mode != "none" and not self._holder_alive(record):
             return
-        try:
-            os.killpg(os.getpgid(int(runner)), _SIGNALS[signal_name])
-        except ProcessLookupError:
-            pass
+        self._exec(pod, record, SIGNAL_SCRIPT, self._inner(pod, f"{RUNS_DIR}/{safe_run_id(run_id)}"), signal_name)
 
     def storage_bytes(self, ref: str) -> int | None:
         pod = self.root / ref
@@ -323,8 +563,36 @@ class LocalPodBackend:
             if Path(folder) == pod and MOUNT_DIR in dirs:
                 dirs.remove(MOUNT_DIR)  # the drives, not the pod's disk
             for name in names:
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     total += os.lstat(os.path.join(folder, name)).st_blocks * 512
-                except FileNotFoundError:
-                    pass
         return total
+
+
+def _read_holder_pid(fd: int, timeout: float = 30) -> int | None:
+    """The host pid of the sandbox's pid 1, from bubblewrap's --info-fd JSON (None if it failed)."""
+    text = b""
+    deadline = time.monotonic() + timeout
+    with os.fdopen(fd, "rb", buffering=0) as info:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([info], [], [], max(0.0, deadline - time.monotonic()))
+            chunk = info.read(4096) if ready else b""
+            if not chunk:
+                break
+            text += chunk
+            with contextlib.suppress(ValueError, KeyError):
+                return int(json.loads(text)["child-pid"])
+    return None
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value else None
+    except ValueError:
+        return None
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None

@@ -1,0 +1,139 @@
+"""A local pod's only way out: TCP relays from the pod's network namespace to the endpoints it
+is told about (the API base and the object store), and nothing else.
+
+A local pod has its own network namespace (bubblewrap ``--unshare-net``: a loopback device and
+no route), so it cannot reach the host's loopback services (a database with trust auth, the
+store's admin side, anything else listening on 127.0.0.1). For each allowed ``host:port`` this
+process listens on that same address *inside* the pod's namespace (adding the address to the
+pod's loopback when it is not 127.0.0.1) and connects to it *on the host*, so the URLs a pod is
+given (``KGPU_API_BASE``, presigned URLs) work unchanged.
+
+It is started by the local backend as root, one per pod, in its own session (it outlives a
+restarted gateway, as the pod does)::
+
+    python -m gateway.pods.relay HOLDER_PID HOLDER_START UID HOST:PORT [HOST:PORT...]
+
+and, once its listening sockets exist, drops to ``UID`` (the pod's) with no capabilities. It
+exits when the pod's sandbox (``HOLDER_PID``, started at ``HOLDER_START``) is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ipaddress
+import os
+import socket
+import subprocess
+import sys
+
+CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), "setns(CLONE_NEWNET) failed")
+
+
+def process_start(pid: int) -> str | None:
+    """A process's start time (field 22 of /proc/PID/stat): with the pid, it names one process."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def listen_in_namespace(netns_path: str, endpoints: list[tuple[str, int]]) -> list[socket.socket]:
+    """Listening sockets for ``endpoints`` inside the network namespace at ``netns_path``.
+    Only this thread enters it (setns affects the calling thread), and it comes back."""
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(netns_path, os.O_RDONLY)
+    listeners = []
+    try:
+        _setns(target)
+        try:
+            for host, port in endpoints:
+                if not ipaddress.ip_address(host).is_loopback:
+                    # The pod's loopback takes the address, so the URL it was given works as is.
+                    subprocess.run(["ip", "addr", "add", f"{host}/32", "dev", "lo"], capture_output=True)
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                listener = socket.socket(family, socket.SOCK_STREAM)
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind((host, port))
+                listener.listen(128)
+                listener.setblocking(False)
+                listeners.append(listener)
+        finally:
+            _setns(own)
+    finally:
+        os.close(own)
+        os.close(target)
+    return listeners
+
+
+def drop_privileges(uid: int) -> None:
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        try:
+            writer.write_eof() if writer.can_write_eof() else writer.close()
+        except (ConnectionError, OSError, RuntimeError):
+            pass
+
+
+async def _relay(listener: socket.socket, host: str, port: int) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(host, port)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
+        writer.close()
+        upstream_writer.close()
+
+    server = await asyncio.start_server(handle, sock=listener)
+    async with server:
+        await server.serve_forever()
+
+
+async def _watch(holder: int, started: str) -> None:
+    while process_start(holder) == started:
+        await asyncio.sleep(1)
+
+
+async def serve(listeners: list[socket.socket], endpoints: list[tuple[str, int]], holder: int, started: str) -> None:
+    relays = [asyncio.create_task(_relay(s, h, p)) for s, (h, p) in zip(listeners, endpoints)]
+    await _watch(holder, started)
+    for task in relays:
+        task.cancel()
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def main(argv: list[str]) -> int:
+    holder, started, uid, *targets = argv
+    endpoints = [parse_endpoint(t) for t in targets]
+    listeners = listen_in_namespace(f"/proc/{int(holder)}/ns/net", endpoints)
+    drop_privileges(int(uid))
+    print("listening", flush=True)  # the backend waits for this line before the pod is used
+    asyncio.run(serve(listeners, endpoints, int(holder), started))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,208 @@
+"""The local backend's sandbox: how a pod is walled off from the host, the server and other pods.
+
+A pod is one long-lived bubblewrap process (the *holder*) that owns the pod's namespaces:
+user, pid (its own ``/proc``), mount, ipc, uts and network. It runs under a host uid of its
+own (``uid_base`` + a free slot; never the server's), with no capabilities, ``no_new_privs``
+and every bound file system ``nosuid``. Runs and the gateway's reads or signals inside the pod
+*enter* the holder's namespaces (``nsenter``) as that uid, as ``docker exec`` enters a
+container, so the gateway never signals a pid a run wrote: the kill happens inside the pod.
+
+What the pod sees: the host's system directories read-only (``SYSTEM_DIRS``), its own
+``/workspace`` and ``/tmp``, empty ``/run`` and ``/var``, ``/shared`` and ``/files`` (the rclone
+mounts kgpu-bootstrap made for it on the host), its token at ``/run/kgpu/token`` and the NVIDIA
+device nodes. The server's data directory is hidden under an empty tmpfs wherever it lies. Its
+network namespace has only a loopback device, on which ``gateway/pods/relay.py`` listens for
+the API base and the object store.
+
+Every file the gateway reads back from a pod's disk is opened one path component at a time
+with ``O_NOFOLLOW`` (``open_in_pod``): the pod owns those folders and could plant a symlink to
+a host file there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+# Host directories a pod sees read-only; everything else of the host is out of sight.
+SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "opt", "sys")
+TOKEN_PATH = "/run/kgpu/token"
+# The environment bubblewrap itself starts with (it is the pod's pid 1: runs can read it).
+HOLDER_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+
+
+class SandboxUnavailable(Exception):
+    """The sandbox cannot be built here (the message says what is missing)."""
+
+
+def check_available(uid_switching: bool) -> None:
+    """Raise SandboxUnavailable unless bubblewrap, nsenter and user namespaces work here (and,
+    with ``uid_switching``, the server can give a pod a uid of its own: it runs as root)."""
+    for tool in ("bwrap", "nsenter", "setpriv"):
+        if shutil.which(tool) is None:
+            raise SandboxUnavailable(f"{tool} is not installed (Debian: apt-get install bubblewrap util-linux)")
+    if uid_switching and os.geteuid() != 0:
+        raise SandboxUnavailable(
+            "the local backend runs each pod under a uid of its own, which needs the server to run as root"
+        )
+    probe = subprocess.run(
+        ["bwrap", "--unshare-user", "--unshare-pid", "--unshare-net", "--ro-bind", "/", "/", "true"],
+        capture_output=True, text=True, timeout=30,
+    )
+    if probe.returncode != 0:
+        raise SandboxUnavailable(f"bubblewrap cannot create user namespaces here: {probe.stderr.strip()[:300]}")
+
+
+class UidPool:
+    """One host uid per live pod, recorded in the pod's ``pod.json``; a file lock makes the
+    choice safe across threads and processes sharing the pods folder."""
+
+    def __init__(self, root: Path, base: int, size: int):
+        self.root, self.base, self.size = root, base, size
+
+    @contextlib.contextmanager
+    def locked(self):
+        with open(self.root / ".uids.lock", "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
+    def in_use(self) -> set[int]:
+        used = set()
+        for record in self.root.glob("*/pod.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                used.add(int(json.loads(record.read_text())["uid"]))
+        for staged in self.root.glob("*/uid"):  # a pod between its uid and its pod.json
+            with contextlib.suppress(OSError, ValueError):
+                used.add(int(staged.read_text()))
+        return used
+
+    def take(self, pod: Path) -> int:
+        """A free uid for ``pod`` (written to ``pod/uid`` until pod.json records it)."""
+        with self.locked():
+            used = self.in_use()
+            for uid in range(self.base, self.base + self.size):
+                if uid not in used and not processes_of(uid):
+                    (pod / "uid").write_text(str(uid))
+                    return uid
+        raise SandboxUnavailable(f"all {self.size} pod uids from {self.base} are in use")
+
+
+def holder_command(
+    *,
+    workspace: Path,
+    pod_tmp: Path,
+    token_dir: Path,
+    hosts_file: Path | None,
+    hidden: list[Path],
+    mounts: dict[str, tuple[Path, bool]],
+    devices: list[str],
+    isolate_network: bool,
+    info_fd: int,
+) -> list[str]:
+    """bubblewrap for a pod's holder: its namespaces, its view of the file system, and
+    ``sleep infinity`` (bubblewrap is pid 1 and reaps). ``mounts``: {name: (host path, read-only)}."""
+    command = [
+        "bwrap", "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+        "--cap-drop", "ALL", "--hostname", "pod",
+    ]
+    if isolate_network:
+        command.append("--unshare-net")
+    for entry in SYSTEM_DIRS:
+        path = Path("/") / entry
+        if path.is_symlink():
+            command += ["--symlink", os.readlink(path), str(path)]
+        elif path.is_dir():
+            command += ["--ro-bind", str(path), str(path)]
+    command += [
+        "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/run", "--tmpfs", "/var", "--dir", "/var/tmp",
+        "--bind", str(pod_tmp), "/tmp", "--bind", str(workspace), "/workspace",
+        "--ro-bind", str(token_dir), str(Path(TOKEN_PATH).parent),
+    ]
+    if hosts_file is not None:
+        command += ["--ro-bind", str(hosts_file), "/etc/hosts"]
+    # --dev makes a minimal /dev: the NVIDIA device nodes must be bound in for CUDA and
+    # nvidia-smi. All of them (NVML wants every GPU's node); CUDA_VISIBLE_DEVICES pins the rental's.
+    for node in devices:
+        command += ["--dev-bind", node, node]
+    for path in hidden:
+        if any(path.is_relative_to(f"/{entry}") for entry in SYSTEM_DIRS):
+            command += ["--tmpfs", str(path)]
+    for name, (source, readonly) in mounts.items():
+        if os.path.ismount(source):
+            command += ["--ro-bind" if readonly else "--bind", str(source), f"/{name}"]
+    return command + ["--chdir", "/workspace", "--info-fd", str(info_fd), "--", "sleep", "infinity"]
+
+
+def enter_command(holder: int, uid: int | None) -> list[str]:
+    """nsenter into a holder's namespaces, as ``uid`` there (None: the caller's own uid, for a
+    server that runs as that single trusted user), with no_new_privs, in a new session (so a
+    run's process group is its own, numbered inside the pod)."""
+    command = ["nsenter", "-t", str(holder), "-U", "-m", "-p", "-i", "-u", "-n", "-r", "-w"]
+    command += ["-S", str(uid), "-G", str(uid)] if uid is not None else ["--preserve-credentials"]
+    return command + ["--", "setpriv", "--no-new-privs", "setsid"]
+
+
+def run_as(uid: int, command: list[str]) -> list[str]:
+    """A host command as the pod's uid, with no supplementary groups and no capabilities."""
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all", *command]
+
+
+def open_in_pod(base: Path, *parts: str, directory: bool = False) -> int | None:
+    """An fd for ``base/parts...`` opened without following any symlink below ``base``
+    (None when missing, a symlink, or not a regular file / directory)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(base, flags | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        for index, part in enumerate(parts):
+            if not part or part in (".", "..") or "/" in part:
+                raise OSError("bad path part")
+            last = index == len(parts) - 1
+            child = os.open(part, flags | (os.O_DIRECTORY if directory or not last else 0), dir_fd=fd)
+            os.close(fd)
+            fd = child
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISDIR(mode) if directory else stat.S_ISREG(mode)):
+            raise OSError("not the expected kind of file")
+        return fd
+    except OSError:
+        os.close(fd)
+        return None
+
+
+def processes_of(uid: int) -> list[int]:
+    """Host pids of every live (not zombie) process whose real uid is ``uid``."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/status") as handle:
+                fields = dict(line.split(":", 1) for line in handle if ":" in line)
+            if int(fields["Uid"].split()[0]) == uid and fields["State"].split()[0] not in ("Z", "X"):
+                found.append(int(entry.name))
+        except (OSError, ValueError, KeyError, IndexError):
+            continue
+    return found
+
+
+def kill_uid(uid: int) -> None:
+    """SIGKILL every host process of a pod's uid (its runs, bootstrap, rclone and relay), until none is left."""
+    for _ in range(50):
+        pids = processes_of(uid)
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.02)
