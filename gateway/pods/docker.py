@@ -75,18 +75,20 @@ READ_CHUNK = 1 << 20  # read_output returns at most this many bytes a call
 # Prints the run's small files as key=value lines, whether the runner is alive, then
 # for stdout and stderr "name size start length" and exactly `length` raw bytes from
 # offset `start` (the files only grow, so bytes below the size read first are stable).
+# A run may replace its files with symlinks (to a file its own user may not read, the
+# gateway's exec being the pod's root): a symlink reads as empty, a symlinked run as missing.
 _STATE_SCRIPT = r"""
 d="$1"; n="$2"
-[ -d "$d" ] || { echo missing; exit 0; }
+[ -d "$d" ] && [ ! -L "$d" ] || { echo missing; exit 0; }
 echo found
 for f in pid runner_pid started_at completed_at exit_code; do
-  v=$(cat "$d/$f" 2>/dev/null | head -n 1)
+  v=; [ -L "$d/$f" ] || v=$(cat "$d/$f" 2>/dev/null | head -n 1)
   echo "$f=$v"
 done
-r=$(cat "$d/runner_pid" 2>/dev/null)
+r=; [ -L "$d/runner_pid" ] || r=$(cat "$d/runner_pid" 2>/dev/null)
 if [ -n "$r" ] && kill -0 "$r" 2>/dev/null; then echo alive=1; else echo alive=0; fi
 for s in stdout stderr; do
-  size=$(( $(wc -c 2>/dev/null < "$d/$s" || echo 0) + 0 ))
+  size=0; [ -L "$d/$s" ] || size=$(( $(wc -c 2>/dev/null < "$d/$s" || echo 0) + 0 ))
   start=$((size > n ? size - n : 0))
   len=$((size - start))
   echo "$s $size $start $len"
@@ -97,7 +99,7 @@ exit 0
 
 _READ_SCRIPT = r"""
 f="$1"; off="$2"; max="$3"
-[ -f "$f" ] || exit 0
+[ -f "$f" ] && [ ! -L "$f" ] && [ ! -L "${f%/*}" ] || exit 0
 tail -c +$((off + 1)) "$f" | head -c "$max"
 """
 
@@ -111,7 +113,7 @@ echo ok
 """
 
 _LIST_SCRIPT = r"""
-for d in "$1"/*/; do [ -d "$d" ] && basename "$d"; done
+for d in "$1"/*/; do [ -d "$d" ] && [ ! -L "${d%/}" ] && basename "$d"; done
 exit 0
 """
 
