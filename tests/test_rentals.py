@@ -388,3 +388,23 @@ def test_a_return_ends_the_rental_even_when_the_backend_breaks(stack, user, monk
     assert requests.get(f"{stack.base}/v1/me", headers={"Authorization": f"Bearer {pod_token}"}).status_code == 401
     with stack.server.app.state.sessions() as session:
         real_destroy(session.get(Rental, gpu).pod_ref)  # the pod the broken backend left behind
+
+
+def test_the_local_backend_refuses_to_rent_where_it_cannot_isolate_pods(tmp_path, stack, user, monkeypatch):
+    """A pods folder others cannot pass through: no sandbox, so no pod, and the reason says so."""
+    from gateway.pods import PodSpec, PodStartError
+    from gateway.pods.local import LocalPodBackend
+
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    backend = LocalPodBackend(closed / "pods")
+    assert backend.refusal and "chmod o+x" in backend.refusal
+    with pytest.raises(PodStartError, match="cannot be reached|must be reachable"):
+        backend.start(PodSpec("gpu-refused", "local", [], 1, 256 << 20, 1))
+    # Over HTTP: a clear 503 before anything is booked or charged.
+    monkeypatch.setattr(stack.server.app.state.rentals.backend, "refusal", backend.refusal, raising=False)
+    reply = rent(stack.base, user.token)
+    assert reply.status_code == 503 and reply.json()["error_code"] == "pods_unavailable", reply.text
+    assert "chmod o+x" in reply.json()["message"]
+    mine = requests.get(f"{stack.base}/v1/gpus", headers=user.auth).json()["my_gpus"]
+    assert mine == []

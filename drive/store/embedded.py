@@ -86,8 +86,6 @@ class EmbeddedS3Server:
             "s3",
             "--config",
             os.devnull,
-            "--auth-key",
-            f"{creds.access_key},{creds.secret_key}",
             "--addr",
             f"{self.host}:{self.port}",
             "--log-level",
@@ -95,8 +93,12 @@ class EmbeddedS3Server:
             str(self.root),
         ]
         log = open(self.log_path, "ab")
+        # The keys travel in rclone's environment (RCLONE_AUTH_KEY is its --auth-key), never on its
+        # command line, which every process on the host can read. rclone reads a list flag from the
+        # environment as CSV: the pair is quoted to stay one entry.
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "RCLONE_AUTH_KEY": f'"{creds.access_key},{creds.secret_key}"'}
         self._process = subprocess.Popen(
-            command, stdout=log, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
+            command, stdout=log, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, env=env
         )
         log.close()
         deadline = time.monotonic() + timeout

@@ -32,6 +32,7 @@ import contextlib
 import fcntl
 import glob
 import json
+import logging
 import os
 import select
 import shutil
@@ -72,6 +73,8 @@ from gateway.pods.sandbox import (
     open_in_pod,
     run_as,
 )
+
+log = logging.getLogger(__name__)
 
 MOUNT_DIR = "mnt"  # {pod}/mnt/shared and {pod}/mnt/files: the pod's rclone mounts, bound at /shared and /files
 POD_MOUNTS = {"shared": True, "files": False}  # name: read-only
@@ -145,6 +148,10 @@ class LocalPodBackend:
             mounts and self.mode != "none" and os.path.exists("/dev/fuse") and shutil.which("fusermount3")
         )
         self._locks: dict[str, threading.Lock] = {}
+        if self.refusal:
+            log.error("local pods cannot be rented: %s", self.refusal)
+        elif self.mode != "isolated":
+            log.warning("local pods run in %r mode: NO isolation between tenants (KGPU_LOCAL_TRUSTED_SINGLE_USER)", self.mode)
 
     def _choose_mode(self, trusted: bool) -> str:
         root = os.geteuid() == 0

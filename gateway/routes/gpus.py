@@ -60,6 +60,9 @@ def rent(body: RentRequest, request: Request, principal: AccountUser) -> dict:
     if principal.user_id is None:
         raise ApiError(403, "no_account", "the environment admin token cannot rent; use a user's token")
     rentals = _rentals(request)
+    refusal = getattr(rentals.backend, "refusal", None)  # the backend cannot isolate pods here
+    if refusal:
+        raise ApiError(503, "pods_unavailable", refusal)
     rental = rentals.rent(principal, body, api_base(request))
     with request.app.state.sessions() as session:
         return rentals.describe(session, session.get(Rental, rental.id))

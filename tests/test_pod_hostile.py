@@ -1,0 +1,288 @@
+"""A hostile tenant, on every pod backend: each attack is a run that tries to leave its pod.
+
+Each test did succeed as an attack on the backends before tenant isolation (runs shared the
+server's uid, pid namespace and network), so each can fail. The docker-only attacks (cgroup
+release_agent, /proc/sys, devices) are in test_pod_hostile_docker.py.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from gateway.pods import PodSpec
+from tests.test_pod_conformance import wait_finished
+
+
+def start_pod(backend, env=None):
+    spec = PodSpec(
+        rental_id="gpu-" + uuid.uuid4().hex[:10],
+        image=getattr(backend, "test_image", "local"),
+        gpu_indices=[],
+        cpu=1,
+        memory_bytes=512 << 20,
+        ephemeral_storage_gib=1,
+        env={"KGPU_GPU_ID": "hostile", **(env or {})},
+    )
+    return backend.start(spec)
+
+
+@pytest.fixture
+def pods(pod_backend):
+    started = []
+
+    def make(env=None):
+        ref = start_pod(pod_backend, env)
+        started.append(ref)
+        return ref
+
+    yield pod_backend, make
+    for ref in started:
+        pod_backend.destroy(ref)
+
+
+def sh(backend, ref, script, seconds=30.0):
+    """Run ``script`` in the pod; (exit code, stdout, stderr)."""
+    run_id = "run-" + uuid.uuid4().hex[:8]
+    backend.start_run(ref, run_id, ["sh", "-c", script], {})
+    state = wait_finished(backend, ref, run_id, seconds)
+    return state.exit_code, state.stdout.decode(errors="replace"), state.stderr.decode(errors="replace")
+
+
+@pytest.fixture
+def host_secret_process():
+    """A host process with a secret in its environment and on its command line (as the server
+    and the embedded store had): no pod may find either."""
+    secret = "canary-" + secrets.token_hex(12)
+    process = subprocess.Popen(
+        ["sh", "-c", "sleep 300", secret], env={"PATH": "/usr/bin:/bin", "KGPU_ADMIN_TOKEN": secret},
+    )
+    yield process, secret
+    process.kill()
+    process.wait()
+
+
+def test_a_pod_cannot_read_host_processes_environment_or_command_line(pods, host_secret_process):
+    backend, make = pods
+    ref = make()
+    process, secret = host_secret_process
+    code, out, err = sh(backend, ref, f"""
+        cat /proc/{process.pid}/environ /proc/{process.pid}/cmdline 2>/dev/null
+        for p in /proc/[0-9]*; do cat "$p/environ" "$p/cmdline" 2>/dev/null; echo; done
+        echo scanned""")
+    assert "scanned" in out, (code, out, err)
+    assert secret not in out
+
+
+def test_a_pod_sees_only_its_own_processes(pods):
+    backend, make = pods
+    mine, other = make(), make()
+    marker = "other-pod-" + secrets.token_hex(6)
+    backend.start_run(other, "run-other", ["sh", "-c", "sleep 300", marker], {})
+    time.sleep(0.3)
+    code, out, _ = sh(backend, mine, "for p in /proc/[0-9]*; do cat $p/cmdline 2>/dev/null; echo; done; ls -d /proc/[0-9]* | wc -l")
+    assert code == 0
+    assert marker not in out
+    assert int(out.split()[-1]) < 15  # a handful of the pod's own, not the host's hundreds
+
+
+def test_a_pod_cannot_reach_the_data_directory(pods, tmp_path):
+    """The server's data folder (its database and the store's files) is out of sight: not by its
+    path, not through /proc/*/root, and nothing can be planted in it."""
+    backend, make = pods
+    data = getattr(backend, "root", tmp_path / "pods").parent
+    canary = "db-" + secrets.token_hex(8)
+    (data / "kgpu.db").write_text(canary)
+    (data / "kgpu.db").chmod(0o644)  # even a world-readable file
+    ref = make()
+    code, out, _ = sh(backend, ref, f"""
+        cat {data}/kgpu.db 2>/dev/null
+        for p in /proc/[0-9]*; do cat "$p/root{data}/kgpu.db" 2>/dev/null; done
+        echo planted > {data}/planted 2>/dev/null
+        for p in /proc/[0-9]*; do echo planted > "$p/root{data}/planted" 2>/dev/null; done
+        echo done""")
+    assert "done" in out
+    assert canary not in out
+    assert not (data / "planted").exists()
+
+
+def test_a_pod_cannot_read_another_pods_workspace_or_tmp(pods):
+    backend, make = pods
+    mine, other = make(), make()
+    secret = "theirs-" + secrets.token_hex(8)
+    assert sh(backend, other, f"echo {secret} > /workspace/private.txt; echo {secret} > /tmp/private.txt")[0] == 0
+    backend.start_run(other, "run-busy", ["sleep", "300"], {})  # a live process of the other pod
+    code, out, _ = sh(backend, mine, f"""
+        cat /workspace/private.txt /tmp/private.txt 2>/dev/null
+        grep -rs {secret[:12]} / --exclude-dir=proc --exclude-dir=sys --exclude-dir=dev 2>/dev/null | head -3
+        for p in /proc/[0-9]*; do cat $p/root/workspace/private.txt $p/root/tmp/private.txt 2>/dev/null; done
+        echo done""", seconds=120)
+    assert "done" in out
+    assert secret not in out
+
+
+def test_a_signal_reaches_only_the_pods_own_processes(pods):
+    """A run writes a host pid into its run folder; stopping the run must not kill that process."""
+    backend, make = pods
+    ref = make()
+    victim = subprocess.Popen(["sleep", "300"], start_new_session=True)  # its own group: a wrong kill takes only it
+    try:
+        backend.start_run(ref, "run-liar", ["sh", "-c", f"""
+            sleep 0.2
+            echo {victim.pid} > /tmp/kgpu/runs/run-liar/runner_pid
+            echo {victim.pid} > /tmp/kgpu/runs/run-liar/pid
+            sleep 300"""], {})
+        time.sleep(1.0)
+        backend.signal_run(ref, "run-liar", "KILL")
+        backend.signal_run(ref, "run-liar", "TERM")
+        time.sleep(0.5)
+        assert victim.poll() is None, "the gateway killed a host process a run named"
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def test_the_gateway_does_not_follow_a_runs_symlinks(pods, tmp_path):
+    """A run swaps its output for a symlink to a host file: the gateway must not read it for the run."""
+    backend, make = pods
+    ref = make()
+    secret_file = tmp_path / "host-secret"
+    secret_file.write_text("host-secret-" + secrets.token_hex(8))
+    secret_file.chmod(0o600)
+    sh(backend, ref, f"""
+        d=/tmp/kgpu/runs
+        mkdir -p $d/run-fake
+        ln -sf {secret_file} $d/run-fake/stdout
+        ln -sf /etc/shadow $d/run-fake/stderr
+        echo 1 > $d/run-fake/exit_code
+        ln -s {tmp_path} $d/run-link""")
+    state = backend.run_state(ref, "run-fake", 65536)
+    assert state is None or (secret_file.read_text() not in state.stdout.decode() and b"root:" not in state.stderr)
+    assert secret_file.read_text().encode() not in backend.read_output(ref, "run-fake", "stdout", 0)
+    assert backend.run_state(ref, "run-link", 100) is None or backend.run_state(ref, "run-link", 100).stdout == b""
+
+
+def test_a_pod_holds_no_privilege(pods):
+    """No cgroup, file system or device mount, no new privileges through setuid binaries."""
+    backend, make = pods
+    ref = make()
+    code, out, _ = sh(backend, ref, """
+        mkdir -p /tmp/cg /tmp/t
+        mount -t cgroup -o memory cgroup /tmp/cg 2>/dev/null && echo MOUNTED-CGROUP
+        mount -t tmpfs none /tmp/t 2>/dev/null && echo MOUNTED-TMPFS
+        mknod /tmp/sda b 8 0 2>/dev/null && echo MADE-NODE
+        ls /dev | grep -E '^(sd|vd|nvme|loop|xvd)' && echo BLOCK-DEVICES
+        echo 1 > /proc/sys/kernel/core_pattern 2>/dev/null && echo WROTE-PROC-SYS
+        grep NoNewPrivs /proc/self/status
+        echo done""")
+    assert "done" in out, out
+    for forbidden in ("MOUNTED-CGROUP", "MADE-NODE", "BLOCK-DEVICES", "WROTE-PROC-SYS"):
+        assert forbidden not in out, out
+    if getattr(pods[0], "name", "") == "local":
+        assert "MOUNTED-TMPFS" not in out and "NoNewPrivs:\t1" in out, out
+
+
+@pytest.fixture
+def host_service():
+    """A service on the host's loopback (as the database with trust auth is)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    stop = threading.Event()
+
+    def serve():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            conn.sendall(b"HOST-SERVICE\n")
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    thread.join()
+    listener.close()
+
+
+def test_a_pod_cannot_reach_the_hosts_loopback_services(pods, host_service):
+    backend, make = pods
+    ref = make()
+    code, out, _ = sh(backend, ref, f"curl -s --max-time 3 telnet://127.0.0.1:{host_service} </dev/null; echo done")
+    assert "done" in out
+    assert "HOST-SERVICE" not in out
+
+
+class _Api(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"api-reached")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_local_pod_reaches_its_api_base_and_nothing_else(pod_backend, host_service):
+    """The local backend's pods have their own network: the API base (and the store) through the
+    relay, no other port of the host's loopback."""
+    if pod_backend.name != "local":
+        pytest.skip("docker pods reach the API at the bridge's address: test_pod_mounts covers it")
+    api = ThreadingHTTPServer(("127.0.0.1", 0), _Api)
+    threading.Thread(target=api.serve_forever, daemon=True).start()
+    ref = start_pod(pod_backend, {"KGPU_API_BASE": f"http://127.0.0.1:{api.server_address[1]}"})
+    try:
+        code, out, _ = sh(pod_backend, ref, f"""
+            curl -s --max-time 5 "$KGPU_API_BASE/v1/me"; echo
+            curl -s --max-time 3 telnet://127.0.0.1:{host_service} </dev/null; echo done""")
+        assert out.startswith("api-reached"), out
+        assert "HOST-SERVICE" not in out
+    finally:
+        pod_backend.destroy(ref)
+        api.shutdown()
+
+
+def test_a_local_pod_runs_under_its_own_uid_and_its_token_stays_in_it(pod_backend):
+    if pod_backend.name != "local":
+        pytest.skip("local backend")
+    token = "kgpu_" + secrets.token_hex(24)
+    first = start_pod(pod_backend, {"KGPU_API_TOKEN": token})
+    second = start_pod(pod_backend)
+    try:
+        one = sh(pod_backend, first, "id -u; printf %s \"$KGPU_API_TOKEN\"")[1].split("\n", 1)
+        two = sh(pod_backend, second, "id -u")[1].strip()
+        assert one[1] == token  # the run has its pod's token
+        uids = {int(one[0]), int(two)}
+        assert len(uids) == 2 and os.geteuid() not in uids and 0 not in uids
+        # The gateway's own files hold no copy of it (the database keeps a hash).
+        for path in pod_backend.root.rglob("*"):
+            inside_pod = {"workspace", "tmp"} & set(path.relative_to(pod_backend.root).parts)
+            if path.is_file() and not path.is_symlink() and path.name != "token" and not inside_pod:
+                assert token not in path.read_text(errors="replace"), path
+    finally:
+        pod_backend.destroy(first)
+        pod_backend.destroy(second)
+
+
+def test_the_embedded_store_keys_are_on_no_command_line(tmp_path):
+    from drive.store.embedded import EmbeddedS3Server
+
+    server = EmbeddedS3Server(tmp_path)
+    server.start()
+    try:
+        cmdline = Path(f"/proc/{server._process.pid}/cmdline").read_bytes().decode()
+        assert server.credentials.secret_key not in cmdline and server.credentials.access_key not in cmdline
+    finally:
+        server.stop()
