@@ -42,7 +42,18 @@ import requests
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import DeviceRequest
 
-from gateway.pods import RUNNER, RUNS_DIR, PodError, PodSpec, PodStartError, PodStatus, RunState
+from gateway.pods import (
+    RUNNER,
+    RUNS_DIR,
+    SIGNAL_SCRIPT,
+    TERM_ALL_SCRIPT,
+    PodError,
+    PodSpec,
+    PodStartError,
+    PodStatus,
+    RunState,
+    safe_run_id,
+)
 from gateway.pods.mounts import (
     FLUSH_SCRIPT,
     MAX_FLUSH_REPORT,
@@ -117,34 +128,6 @@ for d in "$1"/*/; do [ -d "$d" ] && [ ! -L "${d%/}" ] && basename "$d"; done
 exit 0
 """
 
-_SIGNAL_SCRIPT = r"""
-d="$1"; sig="$2"
-r=$(cat "$d/runner_pid" 2>/dev/null) || exit 0
-[ -n "$r" ] && kill -0 "$r" 2>/dev/null && kill "-$sig" "-$r" 2>/dev/null
-exit 0
-"""
-
-# (dash's kill takes no "--": `kill -SIG -PGID` is the form dash, bash and busybox all take.)
-# TERM every run's process group under $2, then wait up to $1 seconds for the runners to go.
-_TERM_ALL_SCRIPT = r"""
-grace="$1"; pids=
-for f in "$2"/*/runner_pid; do
-  [ -f "$f" ] || continue
-  r=$(cat "$f" 2>/dev/null)
-  [ -n "$r" ] && kill -0 "$r" 2>/dev/null && kill -TERM "-$r" 2>/dev/null && pids="$pids $r"
-done
-i=0
-while [ -n "$pids" ] && [ "$i" -lt $((grace * 10)) ]; do
-  left=
-  for r in $pids; do kill -0 "$r" 2>/dev/null && left="$left $r"; done
-  pids=$left
-  [ -n "$pids" ] && sleep 0.1
-  i=$((i + 1))
-done
-exit 0
-"""
-
-
 def _float(value: str | None) -> float | None:
     if not value:
         return None
@@ -169,12 +152,6 @@ def _age_seconds(docker_time: str | None) -> float:
     except (TypeError, ValueError):
         return 0.0
     return (datetime.now(timezone.utc) - moment).total_seconds()
-
-
-def _safe_id(run_id: str) -> str:
-    if not run_id or "/" in run_id or run_id in (".", "..") or "\0" in run_id:
-        raise PodError(f"bad run id {run_id!r}")
-    return run_id
 
 
 class DockerPodBackend:
@@ -412,7 +389,7 @@ class DockerPodBackend:
     def destroy(self, ref: str) -> str | None:
         lost = None
         try:
-            self._exec(ref, _TERM_ALL_SCRIPT, str(self.destroy_grace_s), RUNS_DIR)
+            self._exec(ref, TERM_ALL_SCRIPT, str(self.destroy_grace_s), RUNS_DIR)
             lost = self._flush(ref)
         except PodError:
             pass  # not running or gone: removing it is all that is left
@@ -466,7 +443,7 @@ class DockerPodBackend:
     # --- runs ---------------------------------------------------------------------------
 
     def start_run(self, ref: str, run_id: str, argv: list[str], env: dict[str, str]) -> None:
-        run_dir = f"{RUNS_DIR}/{_safe_id(run_id)}"
+        run_dir = f"{RUNS_DIR}/{safe_run_id(run_id)}"
         exec_id = self._exec_create(
             ref,
             ["sh", "-c", RUNNER, "kgpu-run", run_dir, *argv],
@@ -498,7 +475,7 @@ class DockerPodBackend:
                 raise PodError("the runner did not start within 30 s")
 
     def run_state(self, ref: str, run_id: str, tail_bytes: int) -> RunState | None:
-        run_dir = f"{RUNS_DIR}/{_safe_id(run_id)}"
+        run_dir = f"{RUNS_DIR}/{safe_run_id(run_id)}"
         out = self._exec(ref, _STATE_SCRIPT, run_dir, str(max(0, int(tail_bytes))))
         head, _, rest = out.partition(b"\n")
         if head != b"found":
@@ -539,13 +516,13 @@ class DockerPodBackend:
     def read_output(self, ref: str, run_id: str, stream: str, offset: int) -> bytes:
         if stream not in ("stdout", "stderr"):
             raise PodError(f"no stream {stream!r}")
-        path = f"{RUNS_DIR}/{_safe_id(run_id)}/{stream}"
+        path = f"{RUNS_DIR}/{safe_run_id(run_id)}/{stream}"
         return self._exec(ref, _READ_SCRIPT, path, str(max(0, int(offset))), str(READ_CHUNK))
 
     def signal_run(self, ref: str, run_id: str, signal_name: str) -> None:
         if signal_name not in ("TERM", "KILL"):
             raise PodError(f"unsupported signal {signal_name!r}")
-        self._exec(ref, _SIGNAL_SCRIPT, f"{RUNS_DIR}/{_safe_id(run_id)}", signal_name)
+        self._exec(ref, SIGNAL_SCRIPT, f"{RUNS_DIR}/{safe_run_id(run_id)}", signal_name)
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return f"DockerPodBackend(prefix={self.prefix!r}, network={self.network!r}, pull={self.pull})"
