@@ -135,6 +135,12 @@ class LiveServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+        # Pods outlive their gateway by design; the suite's local pods (a sandbox and a relay
+        # each) must not outlive the suite.
+        rentals = getattr(self.app.state, "rentals", None)
+        if rentals is not None and rentals.backend.name == "local":
+            for ref in rentals.backend.adopt().values():
+                rentals.backend.destroy(ref)
 
 
 @dataclass

@@ -409,6 +409,7 @@ class LocalPodBackend:
             # Deleting through a live mount would delete the user's drive: leave the pod's folder.
             return (lost or "") + f" (the mounts under {pod / MOUNT_DIR} are stuck; the pod folder was kept)"
         shutil.rmtree(pod, ignore_errors=True)
+        self._locks.pop(ref, None)
         return lost
 
     def _stop_processes(self, record: dict) -> None:

@@ -87,9 +87,9 @@ class UidPool:
     def take(self, pod: Path) -> int:
         """A free uid for ``pod`` (written to ``pod/uid`` until pod.json records it)."""
         with self.locked():
-            used = self.in_use()
+            used = self.in_use() | process_uids()  # a process left of a pod gone wrong keeps its uid
             for uid in range(self.base, self.base + self.size):
-                if uid not in used and not processes_of(uid):
+                if uid not in used:
                     (pod / "uid").write_text(str(uid))
                     return uid
         raise SandboxUnavailable(f"all {self.size} pod uids from {self.base} are in use")
@@ -180,20 +180,27 @@ def open_in_pod(base: Path, *parts: str, directory: bool = False) -> int | None:
         return None
 
 
-def processes_of(uid: int) -> list[int]:
-    """Host pids of every live (not zombie) process whose real uid is ``uid``."""
-    found = []
+def _live_processes():
+    """(host pid, real uid) of every live (not zombie) process."""
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             with open(f"/proc/{entry.name}/status") as handle:
                 fields = dict(line.split(":", 1) for line in handle if ":" in line)
-            if int(fields["Uid"].split()[0]) == uid and fields["State"].split()[0] not in ("Z", "X"):
-                found.append(int(entry.name))
+            if fields["State"].split()[0] not in ("Z", "X"):
+                yield int(entry.name), int(fields["Uid"].split()[0])
         except (OSError, ValueError, KeyError, IndexError):
             continue
-    return found
+
+
+def process_uids() -> set[int]:
+    return {uid for _, uid in _live_processes()}
+
+
+def processes_of(uid: int) -> list[int]:
+    """Host pids of every live process whose real uid is ``uid``."""
+    return [pid for pid, owner in _live_processes() if owner == uid]
 
 
 def kill_uid(uid: int) -> None:
