@@ -38,6 +38,8 @@ def main() -> int:
     host_gpus = [line for line in smi.stdout.splitlines() if line.startswith("GPU ")]
 
     tmp = Path(tempfile.mkdtemp(prefix="kgpu-gpu-check-"))
+
+    tmp.chmod(0o711)  # local pods run under uids of their own, which pass through it to their folders
     server = fb.start_kgpu(tmp / "data", fb.free_port(), ADMIN, tmp, 0, settings={"KGPU_POD_BACKEND": "local"})
     base = f"http://{fb.HOST}:{server.port}"
     failures = []

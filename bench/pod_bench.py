@@ -104,6 +104,8 @@ def main() -> int:
     fb.arm_time_limit(args.time_limit)
 
     tmp = Path(tempfile.mkdtemp(prefix="kgpu-pod-bench-"))
+
+    tmp.chmod(0o711)  # local pods run under uids of their own, which pass through it to their folders
     admin_token = secrets.token_hex(16)
     server = fb.start_kgpu(
         tmp / "data", fb.free_port(), admin_token, tmp, 0,

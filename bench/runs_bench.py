@@ -49,6 +49,8 @@ def main() -> int:
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="kgpu-runs-bench-"))
+
+    tmp.chmod(0o711)  # local pods run under uids of their own, which pass through it to their folders
     port = free_port()
     env = {**os.environ, "KGPU_ADMIN_TOKEN": ADMIN}
     server = subprocess.Popen(
@@ -92,6 +94,16 @@ def main() -> int:
         p95 = latencies[int(0.95 * (len(latencies) - 1))]
         print(f"    {args.samples} runs: p50 {p50:.1f} ms, p95 {p95:.1f} ms, max {latencies[-1]:.1f} ms "
               f"(target p50 <= 100 ms: {'ok' if p50 <= 100 else 'MISSED'})")
+
+        print("(1b) a quick run's round trip: POST /v1/runs of `true` -> its answer")
+        rounds = []
+        for _ in range(args.samples):
+            started = time.perf_counter()
+            reply = session.post(f"{base}/v1/runs", json={"gpu_id": gpu, "command": ["true"], "wait_seconds": 10}, headers=auth)
+            rounds.append((time.perf_counter() - started) * 1000)
+            assert reply.json()["phase"] == "Succeeded", reply.text
+        rounds.sort()
+        print(f"    {args.samples} runs: p50 {statistics.median(rounds):.1f} ms, p95 {rounds[int(0.95 * (len(rounds) - 1))]:.1f} ms")
 
         print(f"(2) {args.concurrent} long-polls held at once (each run sleeps {args.hold_seconds} s)")
         before = rss_mib(server.pid)

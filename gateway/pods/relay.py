@@ -19,15 +19,20 @@ exits when the pod's sandbox (``HOLDER_PID``, started at ``HOLDER_START``) is go
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import ctypes
+import encodings.idna  # noqa: F401 - imported while it can be: the pod's uid may not read the stdlib's folder
+import fcntl
 import ipaddress
 import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 CLONE_NEWNET = 0x40000000
+F_SETPIPE_SZ = 1031
 
 
 def _setns(fd: int) -> None:
@@ -62,7 +67,6 @@ def listen_in_namespace(netns_path: str, endpoints: list[tuple[str, int]]) -> li
                 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 listener.bind((host, port))
                 listener.listen(128)
-                listener.setblocking(False)
                 listeners.append(listener)
         finally:
             _setns(own)
@@ -78,46 +82,55 @@ def drop_privileges(uid: int) -> None:
     os.setresuid(uid, uid, uid)
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+def _pump(source: socket.socket, target: socket.socket) -> None:
+    """Bytes from ``source`` to ``target`` until the end, through a pipe with splice(2): the
+    kernel moves them, this process never copies them."""
+    read_end, write_end = os.pipe()
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(write_end, F_SETPIPE_SZ, 1 << 20)
     try:
-        while data := await reader.read(1 << 16):
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, OSError):
+        while chunk := os.splice(source.fileno(), write_end, 1 << 20):
+            while chunk:
+                chunk -= os.splice(read_end, target.fileno(), chunk)
+    except OSError:
         pass
     finally:
-        try:
-            writer.write_eof() if writer.can_write_eof() else writer.close()
-        except (ConnectionError, OSError, RuntimeError):
-            pass
+        os.close(read_end)
+        os.close(write_end)
+        with contextlib.suppress(OSError):
+            target.shutdown(socket.SHUT_WR)
 
 
-async def _relay(listener: socket.socket, host: str, port: int) -> None:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+def _connect(inside: socket.socket, host: str, port: int) -> None:
+    with inside:
         try:
-            upstream_reader, upstream_writer = await asyncio.open_connection(host, port)
+            outside = socket.create_connection((host, port), timeout=10)
         except OSError:
-            writer.close()
             return
-        await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
-        writer.close()
-        upstream_writer.close()
+        with outside:
+            outside.settimeout(None)
+            back = threading.Thread(target=_pump, args=(outside, inside), daemon=True)
+            back.start()
+            _pump(inside, outside)
+            back.join()
 
-    server = await asyncio.start_server(handle, sock=listener)
-    async with server:
-        await server.serve_forever()
+
+def _accept(listener: socket.socket, host: str, port: int) -> None:
+    while True:
+        try:
+            inside, _ = listener.accept()
+        except OSError:
+            continue
+        threading.Thread(target=_connect, args=(inside, host, port), daemon=True).start()
 
 
-async def _watch(holder: int, started: str) -> None:
+def serve(listeners: list[socket.socket], endpoints: list[tuple[str, int]], holder: int, started: str) -> None:
+    """A thread per listener and two per connection; returns when the pod's sandbox is gone."""
+    for listener, (host, port) in zip(listeners, endpoints):
+        listener.setblocking(True)
+        threading.Thread(target=_accept, args=(listener, host, port), daemon=True).start()
     while process_start(holder) == started:
-        await asyncio.sleep(1)
-
-
-async def serve(listeners: list[socket.socket], endpoints: list[tuple[str, int]], holder: int, started: str) -> None:
-    relays = [asyncio.create_task(_relay(s, h, p)) for s, (h, p) in zip(listeners, endpoints)]
-    await _watch(holder, started)
-    for task in relays:
-        task.cancel()
+        time.sleep(1)
 
 
 def parse_endpoint(text: str) -> tuple[str, int]:
@@ -131,7 +144,7 @@ def main(argv: list[str]) -> int:
     listeners = listen_in_namespace(f"/proc/{int(holder)}/ns/net", endpoints)
     drop_privileges(int(uid))
     print("listening", flush=True)  # the backend waits for this line before the pod is used
-    asyncio.run(serve(listeners, endpoints, int(holder), started))
+    serve(listeners, endpoints, int(holder), started)
     return 0
 
 
