@@ -20,17 +20,22 @@ def wait_finished(backend, ref, run_id, seconds=20.0):
     raise AssertionError(f"run {run_id} did not finish in {seconds}s")
 
 
-@pytest.fixture
-def pod(pod_backend):
-    spec = PodSpec(
+def pod_spec(backend, env: dict[str, str]) -> PodSpec:
+    """A small CPU-only pod of the backend's test image."""
+    return PodSpec(
         rental_id="gpu-" + uuid.uuid4().hex[:10],
-        image=getattr(pod_backend, "test_image", "local"),
+        image=getattr(backend, "test_image", "local"),
         gpu_indices=[],
         cpu=1,
         memory_bytes=512 << 20,
         ephemeral_storage_gib=1,
-        env={"KGPU_GPU_ID": "conformance", "GREETING": "hello"},
+        env=env,
     )
+
+
+@pytest.fixture
+def pod(pod_backend):
+    spec = pod_spec(pod_backend, {"KGPU_GPU_ID": "conformance", "GREETING": "hello"})
     ref = pod_backend.start(spec)
     yield pod_backend, ref, spec
     pod_backend.destroy(ref)

@@ -19,21 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.pods import PodSpec
-from tests.test_pod_conformance import wait_finished
+from tests.test_pod_conformance import pod_spec, wait_finished
 
 
 def start_pod(backend, env=None):
-    spec = PodSpec(
-        rental_id="gpu-" + uuid.uuid4().hex[:10],
-        image=getattr(backend, "test_image", "local"),
-        gpu_indices=[],
-        cpu=1,
-        memory_bytes=512 << 20,
-        ephemeral_storage_gib=1,
-        env={"KGPU_GPU_ID": "hostile", **(env or {})},
-    )
-    return backend.start(spec)
+    return backend.start(pod_spec(backend, {"KGPU_GPU_ID": "hostile", **(env or {})}))
 
 
 @pytest.fixture

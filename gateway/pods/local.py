@@ -450,6 +450,12 @@ class LocalPodBackend:
     def _run_file(self, pod: Path, run_id: str, name: str) -> int | None:
         return open_in_pod(pod / "tmp", "kgpu", "runs", safe_run_id(run_id), name)
 
+    def _has_run_file(self, pod: Path, run_id: str, name: str) -> bool:
+        fd = self._run_file(pod, run_id, name)
+        if fd is not None:
+            os.close(fd)
+        return fd is not None
+
     def _read_run_file(self, pod: Path, run_id: str, name: str, limit: int = 64) -> str | None:
         fd = self._run_file(pod, run_id, name)
         if fd is None:
@@ -495,18 +501,19 @@ class LocalPodBackend:
         )
         threading.Thread(target=process.wait, daemon=True).start()  # reap it; the run itself needs no parent
         deadline = time.monotonic() + 30
-        while (fd := self._run_file(pod, run_id, "pid")) is None:
-            if process.poll() is not None and self._run_file(pod, run_id, "pid") is None:
+        while not self._has_run_file(pod, run_id, "pid"):
+            if process.poll() is not None and not self._has_run_file(pod, run_id, "pid"):
                 raise PodError(f"the runner exited with {process.returncode} before starting the command")
             if time.monotonic() > deadline:
                 raise PodError("the runner did not start within 30 s")
             time.sleep(0.005)
-        os.close(fd)
 
     def run_state(self, ref: str, run_id: str, tail_bytes: int) -> RunState | None:
         pod = self._pod(ref)
-        if open_in_pod(pod / "tmp", "kgpu", "runs", safe_run_id(run_id), directory=True) is None:
+        folder = open_in_pod(pod / "tmp", "kgpu", "runs", safe_run_id(run_id), directory=True)
+        if folder is None:
             return None
+        os.close(folder)
         record = self._record(pod)
         fields = {name: self._read_run_file(pod, run_id, name) for name in
                   ("pid", "runner_pid", "started_at", "completed_at", "exit_code")}
@@ -580,9 +587,11 @@ def _read_holder_pid(fd: int, timeout: float = 30) -> int | None:
     """The host pid of the sandbox's pid 1, from bubblewrap's --info-fd JSON (None if it failed)."""
     text = b""
     deadline = time.monotonic() + timeout
+    poller = select.poll()  # not select(): a busy gateway has fds above 1024
+    poller.register(fd, select.POLLIN)
     with os.fdopen(fd, "rb", buffering=0) as info:
         while time.monotonic() < deadline:
-            ready, _, _ = select.select([info], [], [], max(0.0, deadline - time.monotonic()))
+            ready = poller.poll(max(0.0, deadline - time.monotonic()) * 1000)
             chunk = info.read(4096) if ready else b""
             if not chunk:
                 break
