@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from drive.store import ObjectStore
-from drive.store.embedded import EmbeddedS3Server
+from drive.store.embedded import EmbeddedS3Server, EmbeddedStore
 from drive.store.s3 import S3ObjectStore
 from gateway import db
 from gateway.auth import Authenticator
@@ -30,7 +30,8 @@ log = logging.getLogger("kgpu")
 
 def open_store(settings: Settings, pod_address: str | None = None) -> tuple[ObjectStore, EmbeddedS3Server | None]:
     """The configured store, or the embedded ``rclone serve s3`` started over the data directory
-    (on ``pod_address`` when pods reach this host there, so presigned URLs work for them too)."""
+    (on ``pod_address`` when pods reach this host there, so presigned URLs work for them too), on
+    the port kept in the data directory and supervised: restarted within seconds if it dies."""
     if not settings.uses_embedded_store:
         store = S3ObjectStore(
             settings.s3_endpoint_url,
@@ -44,7 +45,9 @@ def open_store(settings: Settings, pod_address: str | None = None) -> tuple[Obje
     host = settings.embedded_s3_host or pod_address or "127.0.0.1"
     server = EmbeddedS3Server(settings.data_dir, host, settings.embedded_s3_port)
     endpoint = server.start()
-    store = S3ObjectStore(
+    server.supervise()  # restarted on the same port if it dies; the store answers 503 meanwhile
+    store = EmbeddedStore(
+        server,
         endpoint,
         server.credentials.access_key,
         server.credentials.secret_key,

@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from drive import keys
 from drive.keys import InvalidPath
+from drive.store import StoreUnavailable
 
 MOUNT = b"/v1/files/"
 
@@ -60,4 +61,7 @@ class FastDownload:
             path = keys.from_raw_path(principal.drive_prefix, raw[len(MOUNT) :])
         except InvalidPath:
             return None
-        return self.state.store.presign_get(path.key, self.state.settings.presign_expires_seconds)
+        try:
+            return self.state.store.presign_get(path.key, self.state.settings.presign_expires_seconds)
+        except StoreUnavailable:
+            return None  # the embedded store is restarting: the full application answers the 503

@@ -28,7 +28,7 @@ class Settings(BaseSettings):
 
     # Object store. An empty endpoint starts the embedded `rclone serve s3` over data_dir/objects.
     s3_endpoint_url: str = ""
-    # Where the embedded store listens (port 0: a free one at each start). Empty: 127.0.0.1, or
+    # Where the embedded store listens (port 0: the one kept in data_dir/embedded-s3.json). Empty: 127.0.0.1, or
     # the docker bridge's host address when docker pods run on a bridge (so pods reach it too).
     embedded_s3_host: str = ""
     embedded_s3_port: int = Field(default=0, ge=0, le=65535)

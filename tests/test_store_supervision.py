@@ -1,0 +1,244 @@
+"""The embedded store is supervised: restarted within seconds when it dies, on a port kept in the
+data directory, so presigned URLs outlive both a store crash and a server restart (issue 12)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from drive.store.embedded import free_port
+from tests.conftest import passable
+from tests.test_serve import alive, children, wait_gone
+
+ADMIN = {"Authorization": "Bearer supervision-test-admin"}
+BACK_WITHIN = 20.0  # seconds a killed store may take to serve again
+
+
+class Server:
+    """``kgpu serve`` on a data directory, its log kept in ``data_dir.parent/serve-N.log``."""
+
+    def __init__(self, data_dir: Path, settings: dict[str, str] | None = None):
+        self.port = free_port()
+        env = {**os.environ, "KGPU_ADMIN_TOKEN": "supervision-test-admin", **(settings or {})}
+        env.pop("KGPU_DATABASE_URL", None)
+        self.log_path = data_dir.parent / f"serve-{self.port}.log"
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "serve", "--data-dir", str(data_dir), "--port", str(self.port)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.base = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if requests.get(f"{self.base}/healthz", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline and self.process.poll() is None, f"kgpu serve did not start:\n{self.log()}"
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def rclone_pid(self) -> int:
+        [pid] = [p for p in children(self.process.pid) if alive(p) and "rclone" in Path(f"/proc/{p}/cmdline").read_text()]
+        return pid
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            store = self.rclone_pid() if self._has_store() else None
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=15)
+            if store is not None:
+                assert wait_gone(store), "rclone serve s3 outlived kgpu serve"
+
+    def _has_store(self) -> bool:
+        try:
+            self.rclone_pid()
+            return True
+        except ValueError:
+            return False
+
+
+def new_user(server: Server) -> dict[str, str]:
+    reply = requests.post(f"{server.base}/v1/admin/users", json={"email": "s@lab.example"}, headers=ADMIN)
+    return {"Authorization": f"Bearer {reply.json()['token']}"}
+
+
+def upload(server: Server, auth: dict[str, str], name: str, payload: bytes) -> None:
+    reply = requests.put(f"{server.base}/v1/files/{name}", data=payload, headers=auth, timeout=30)
+    assert reply.status_code in (200, 201), (reply.status_code, reply.text)
+
+
+def presigned(server: Server, auth: dict[str, str], name: str) -> str:
+    reply = requests.get(f"{server.base}/v1/files/{name}", headers=auth, allow_redirects=False, timeout=10)
+    assert reply.status_code == 302, (reply.status_code, reply.text)
+    return reply.headers["Location"]
+
+
+def fetch(url: str) -> bytes | None:
+    try:
+        reply = requests.get(url, timeout=5)
+    except requests.ConnectionError:
+        return None
+    return reply.content if reply.status_code == 200 else None
+
+
+def wait_for(url: str, payload: bytes, seconds: float) -> float:
+    """Seconds until ``url`` serves ``payload`` again; fails after ``seconds``."""
+    start = time.monotonic()
+    while fetch(url) != payload:
+        assert time.monotonic() - start < seconds, f"the presigned URL did not work again within {seconds}s"
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+def kill_store(server: Server) -> int:
+    pid = server.rclone_pid()
+    os.kill(pid, signal.SIGKILL)
+    assert wait_gone(pid)
+    return pid
+
+
+def hold_port(port: int, seconds: float = 5) -> socket.socket:
+    """Listen on ``port`` (as another program would), retrying while its last owner lets it go."""
+    deadline = time.monotonic() + seconds
+    while True:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+            return sock
+        except OSError:
+            sock.close()
+            assert time.monotonic() < deadline, f"port {port} stayed busy"
+            time.sleep(0.005)
+
+
+def test_killed_store_is_restarted_on_its_port(tmp_path):
+    data = passable(tmp_path) / "data"
+    server = Server(data)
+    try:
+        auth = new_user(server)
+        payload = os.urandom(200_000)
+        upload(server, auth, "kept/a.bin", payload)
+        url = presigned(server, auth, "kept/a.bin")
+        assert fetch(url) == payload
+        old = kill_store(server)
+        took = wait_for(url, payload, BACK_WITHIN)
+        print(f"store back after a SIGKILL in {took:.2f}s")
+        assert server.rclone_pid() != old
+        # New uploads and downloads work through the restarted store.
+        fresh = os.urandom(50_000)
+        upload(server, auth, "kept/b.bin", fresh)
+        assert fetch(presigned(server, auth, "kept/b.bin")) == fresh
+        assert "restart" in server.log()
+    finally:
+        server.stop()
+
+
+def test_store_down_answers_503_then_comes_back(tmp_path):
+    """While the store cannot come back (its port taken), downloads answer 503 store_unavailable
+    with Retry-After, not a redirect to a dead port; once the port is free it serves again."""
+    data = passable(tmp_path) / "data"
+    server = Server(data)
+    try:
+        auth = new_user(server)
+        payload = os.urandom(10_000)
+        upload(server, auth, "a.bin", payload)
+        url = presigned(server, auth, "a.bin")
+        port = int(url.split("/")[2].rsplit(":", 1)[1])
+        kill_store(server)
+        squatter = hold_port(port)
+        try:
+            time.sleep(1.5)  # the supervisor has noticed, and failed to restart on the taken port
+            for reply in (
+                requests.get(f"{server.base}/v1/files/a.bin", headers=auth, allow_redirects=False, timeout=10),
+                requests.get(f"{server.base}/v1/files/", headers=auth, timeout=10),
+                requests.put(f"{server.base}/v1/files/c.bin", data=b"x", headers=auth, timeout=10),
+            ):
+                assert reply.status_code == 503, (reply.request.method, reply.request.url, reply.status_code, reply.text)
+                assert reply.json()["error_code"] == "store_unavailable"
+                assert reply.headers.get("Retry-After")
+            assert str(port) in server.log()  # the log says which port is taken
+        finally:
+            squatter.close()
+        wait_for(url, payload, BACK_WITHIN + 30)  # the back-off is capped well below this
+        assert fetch(presigned(server, auth, "a.bin")) == payload
+    finally:
+        server.stop()
+
+
+def test_presigned_url_survives_server_restart(tmp_path):
+    data = passable(tmp_path) / "data"
+    first = Server(data)
+    try:
+        auth = new_user(first)
+        payload = os.urandom(100_000)
+        upload(first, auth, "kept/a.bin", payload)
+        url = presigned(first, auth, "kept/a.bin")
+    finally:
+        first.stop()
+    second = Server(data)
+    try:
+        assert fetch(url) == payload
+        # Killed without a chance to clean up, the server's next start still gets the same port.
+        os.kill(second.process.pid, signal.SIGKILL)
+        second.process.wait(timeout=15)
+    finally:
+        second.stop()
+    third = Server(data)
+    try:
+        assert fetch(url) == payload
+    finally:
+        third.stop()
+
+
+def test_port_taken_at_start_falls_back_and_says_so(tmp_path):
+    data = passable(tmp_path) / "data"
+    first = Server(data)
+    first.stop()
+    port = json.loads((data / "embedded-s3.json").read_text())["port"]
+    squatter = hold_port(port)
+    try:
+        second = Server(data)
+        try:
+            auth = new_user(second)
+            upload(second, auth, "a.bin", b"still works")
+            url = presigned(second, auth, "a.bin")
+            assert f":{port}/" not in url
+            assert fetch(url) == b"still works"
+            log = second.log()
+            assert f"port {port}" in log and "taken" in log, log
+        finally:
+            second.stop()
+    finally:
+        squatter.close()
+
+
+def test_explicit_port_wins(tmp_path):
+    data = passable(tmp_path) / "data"
+    first = Server(data)
+    first.stop()
+    stored = json.loads((data / "embedded-s3.json").read_text())["port"]
+    explicit = free_port()
+    server = Server(data, {"KGPU_EMBEDDED_S3_PORT": str(explicit)})
+    try:
+        auth = new_user(server)
+        upload(server, auth, "a.bin", b"x")
+        assert f"127.0.0.1:{explicit}/" in presigned(server, auth, "a.bin")
+    finally:
+        server.stop()
+    assert json.loads((data / "embedded-s3.json").read_text())["port"] == stored
