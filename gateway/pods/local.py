@@ -8,9 +8,10 @@ A pod is ``{data_dir}/pods/{rental_id}/`` (root-owned, mode 0711) holding:
   the runner keeps run state under ``/tmp/kgpu/runs/``);
 - ``secret/token`` (the in-pod token, readable by the pod's uid only, bound read-only at
   ``/run/kgpu/token``; the gateway keeps only its hash in the database);
-- with mounts on, ``mnt/shared`` and ``mnt/files`` (the rclone mounts kgpu-bootstrap makes as the
-  pod's uid on the host, bound at /shared and /files) and ``state/`` (the bootstrap's status,
-  logs, caches and remote-control sockets, out of the pod's sight).
+- with mounts on, ``mnt/shared`` and ``mnt/files`` (the rclone mounts kgpu-bootstrap makes on the
+  host as the server's user, owned by and open to the pod's uid alone, bound at /shared and
+  /files) and ``state/`` (the bootstrap's status, logs, caches and remote-control sockets, out of
+  the pod's sight).
 
 Modes, chosen once at start-up (``mode``):
 
@@ -324,7 +325,7 @@ class LocalPodBackend:
             os.close(info_write)
             threading.Thread(target=process.wait, daemon=True).start()
             holder = _read_holder_pid(info_read)
-            if holder is None:
+            if holder is None or not _wait_set_up(holder):
                 raise PodError(f"the pod's sandbox did not start: {(_read(pod / 'holder.log') or '')[-500:]}")
             record.update(holder_pid=holder, holder_start=process_start(holder), bwrap_pid=process.pid)
             if self.mode == "isolated":
@@ -599,6 +600,21 @@ def _read_holder_pid(fd: int, timeout: float = 30) -> int | None:
             with contextlib.suppress(ValueError, KeyError):
                 return int(json.loads(text)["child-pid"])
     return None
+
+
+def _wait_set_up(holder: int, timeout: float = 30) -> bool:
+    """Whether the sandbox finished building itself: bubblewrap writes its info before it has
+    mounted the pod's file system, and starts the pod's ``sleep`` (its first child) after."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            children = Path(f"/proc/{holder}/task/{holder}/children").read_text().split()
+            if children and Path(f"/proc/{children[0]}/comm").read_text().strip() == "sleep":
+                return True
+        except OSError:
+            return False  # the sandbox died
+        time.sleep(0.002)
+    return False
 
 
 def _int(value: str | None) -> int | None:

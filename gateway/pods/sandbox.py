@@ -35,6 +35,7 @@ from pathlib import Path
 # Host directories a pod sees read-only; everything else of the host is out of sight.
 SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "opt", "sys")
 TOKEN_PATH = "/run/kgpu/token"
+SMALL_TMPFS = 64 << 20  # /run and /var in a pod
 # The environment bubblewrap itself starts with (it is the pod's pid 1: runs can read it).
 HOLDER_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
@@ -122,7 +123,9 @@ def holder_command(
         elif path.is_dir():
             command += ["--ro-bind", str(path), str(path)]
     command += [
-        "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/run", "--tmpfs", "/var", "--dir", "/var/tmp",
+        # Small tmpfs (they take the host's memory): the pod's disk is /tmp and /workspace.
+        "--dev", "/dev", "--proc", "/proc", "--size", str(SMALL_TMPFS), "--tmpfs", "/run",
+        "--size", str(SMALL_TMPFS), "--tmpfs", "/var", "--dir", "/var/tmp",
         "--bind", str(pod_tmp), "/tmp", "--bind", str(workspace), "/workspace",
         "--ro-bind", str(token_dir), str(Path(TOKEN_PATH).parent),
     ]
@@ -138,7 +141,8 @@ def holder_command(
     for name, (source, readonly) in mounts.items():
         if os.path.ismount(source):
             command += ["--ro-bind" if readonly else "--bind", str(source), f"/{name}"]
-    return command + ["--chdir", "/workspace", "--info-fd", str(info_fd), "--", "sleep", "infinity"]
+    # The root bubblewrap builds is a tmpfs too: read-only once everything is mounted on it.
+    return command + ["--remount-ro", "/", "--chdir", "/workspace", "--info-fd", str(info_fd), "--", "sleep", "infinity"]
 
 
 def enter_command(holder: int, uid: int | None) -> list[str]:
