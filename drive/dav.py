@@ -37,6 +37,7 @@ How a drive looks as WebDAV:
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import io
 import mimetypes
@@ -65,6 +66,7 @@ from wsgidav.dav_error import (
     HTTP_FORBIDDEN,
     HTTP_INSUFFICIENT_STORAGE,
     HTTP_NOT_FOUND,
+    HTTP_REQUEST_TIMEOUT,
     HTTP_SERVICE_UNAVAILABLE,
     DAVError,
 )
@@ -86,7 +88,14 @@ from drive.store import (
     iter_entries,
     iter_objects,
 )
-from drive.uploads import MAX_PARTS, choose_part_size
+from drive.uploads import (
+    BodyTimeout,
+    IncompleteBody,
+    UploadTooLarge,
+    choose_part_size,
+    receive_body,
+    stream_to_store,
+)
 
 ENVIRON_KEY = "kgpu.dav"
 _CACHE_KEY = "kgpu.dav.cache"
@@ -96,6 +105,7 @@ _LOCK_URL_PREFIX = "URL2TOKEN:"  # wsgidav's LockStorageDict key for a URL's loc
 SHARED = "shared"  # the virtual read-only subtree at the root of my drive
 _IGNORED_CONTENT_TYPES = {"", "application/x-www-form-urlencoded"}
 COPY_THREADS = 8
+_CLOSE = ("Connection", "close")  # after a body that did not arrive whole: its rest may still be coming
 
 
 @dataclass
@@ -405,7 +415,7 @@ class FileResource(_Located, DAVNonCollection):
         self.location = location
         self.info = info  # None: created by this PUT, not yet written
         self.readonly = readonly
-        self._writer: StoreWriter | None = None
+        self._writer: BodyWriter | None = None
 
     def get_content_length(self) -> int:
         return self.info.size if self.info else 0
@@ -467,10 +477,12 @@ class FileResource(_Located, DAVNonCollection):
                 raise DAVError(HTTP_INSUFFICIENT_STORAGE, "this upload would not fit in the drive's quota")
         sent = (content_type or "").split(";")[0].strip().lower()
         kind = content_type if sent not in _IGNORED_CONTENT_TYPES else _guess_type(self.name)
-        self._writer = StoreWriter(
+        self._writer = BodyWriter(
+            self.environ,
             ctx.store,
             self.location.key,
             kind,
+            content_length=length,
             part_size=choose_part_size(length, ctx.part_size, ctx.unknown_length_part_size),
             max_bytes=room,
         )
@@ -482,8 +494,7 @@ class FileResource(_Located, DAVNonCollection):
         if writer is None:
             return
         if with_errors:
-            writer.abort()
-            return
+            return  # nothing was committed: stream_to_store aborted what it had started
         ctx = _ctx(self.environ)
         self.info = ObjectInfo(self.location.key, writer.size, writer.etag or "", _utcnow(), writer.content_type)
         ctx.add_usage(self.location.prefix, writer.size - self._previous_size)
@@ -1032,67 +1043,65 @@ def _remove_property_tree(provider: DAVProvider, ref_url: str) -> None:
 # ---------------------------------------------------------------- bytes in and out
 
 
-class StoreWriter:
-    """A PUT body written to the store: one PUT when small, else a multipart upload of
-    equal parts (R2's rule) with at most one part in memory."""
+class BodyWriter:
+    """wsgidav's file object for a PUT. The body is not read through ``wsgi.input`` (whose
+    end a2wsgi cannot tell from a client that went away): :meth:`writelines` reads it from
+    the ASGI ``receive`` behind it and streams it with :func:`drive.uploads.stream_to_store`,
+    the one rule /v1/files/ uses too, so the object is created or replaced only when the
+    body arrived whole, a stalled client is cut off after the idle timeout, and a started
+    multipart upload is aborted otherwise."""
 
-    def __init__(self, store: ObjectStore, key: str, content_type: str, *, part_size: int, max_bytes: int | None):
+    def __init__(
+        self,
+        environ: dict,
+        store: ObjectStore,
+        key: str,
+        content_type: str,
+        *,
+        content_length: int | None,
+        part_size: int,
+        max_bytes: int | None,
+    ):
+        self.environ = environ
         self.store = store
         self.key = key
         self.content_type = content_type
+        self.content_length = content_length
         self.part_size = part_size
         self.max_bytes = max_bytes
         self.size = 0
         self.etag: str | None = None
-        self._buffer = bytearray()
-        self._upload_id: str | None = None
-        self._parts: list = []
 
-    def write(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.max_bytes is not None and self.size > self.max_bytes:
-            raise DAVError(HTTP_INSUFFICIENT_STORAGE, "upload exceeds the drive quota")
-        self._buffer += data
-        while len(self._buffer) >= self.part_size:
-            part = bytes(self._buffer[: self.part_size])
-            del self._buffer[: self.part_size]
-            self._send(part)
-
-    def writelines(self, chunks) -> None:
-        for chunk in chunks:
-            self.write(chunk)
-
-    def _send(self, data: bytes) -> None:
-        with store_errors():
-            if self._upload_id is None:
-                self._upload_id = self.store.create_multipart(self.key, self.content_type)
-            number = len(self._parts) + 1
-            if number > MAX_PARTS:
-                raise DAVError(HTTP_INSUFFICIENT_STORAGE, f"body needs more than {MAX_PARTS} parts")
-            self._parts.append(self.store.upload_part(self.key, self._upload_id, number, data))
-
-    def close(self) -> None:
+    def writelines(self, _wsgi_chunks) -> None:
+        # _wsgi_chunks is wsgidav's lazy reader of wsgi.input: never started, so nothing is read twice.
+        body = self.environ["wsgi.input"]  # a2wsgi's Body: the ASGI receive and the event loop it runs on
+        self.environ["wsgidav.some_input_read"] = 1  # wsgidav must not read the rest after an error
+        upload = stream_to_store(
+            self.store,
+            self.key,
+            receive_body(body.receive),
+            content_length=self.content_length,
+            content_type=self.content_type,
+            part_size=self.part_size,
+            max_bytes=self.max_bytes,
+        )
         try:
             with store_errors():
-                if self._upload_id is None:
-                    self.etag = self.store.put_object(self.key, bytes(self._buffer), self.content_type)
-                else:
-                    if self._buffer:
-                        self._send(bytes(self._buffer))
-                    self.etag = self.store.complete_multipart(self.key, self._upload_id, self._parts)
-                    self._upload_id = None
-            self._buffer.clear()
-        except BaseException:
-            self.abort()
-            raise
+                result = asyncio.run_coroutine_threadsafe(upload, body.loop).result()
+        except UploadTooLarge as exc:
+            raise DAVError(HTTP_INSUFFICIENT_STORAGE, str(exc), add_headers=[_CLOSE]) from None
+        except BodyTimeout as exc:
+            raise DAVError(HTTP_REQUEST_TIMEOUT, str(exc), add_headers=[_CLOSE]) from None
+        except IncompleteBody as exc:
+            raise DAVError(HTTP_BAD_REQUEST, str(exc), add_headers=[_CLOSE]) from None
+        self.environ["wsgidav.all_input_read"] = 1
+        self.size, self.etag = result.size, result.etag
 
-    def abort(self) -> None:
-        if self._upload_id is not None:
-            try:
-                self.store.abort_multipart(self.key, self._upload_id)
-            except Exception:
-                pass  # the store expires abandoned uploads
-            self._upload_id = None
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError("BodyWriter reads the body itself: wsgidav calls writelines")
+
+    def close(self) -> None:
+        pass  # committed (or not) by writelines
 
 
 class PresignedReader:

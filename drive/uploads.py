@@ -5,6 +5,14 @@ the previous part is being sent, so a 1 GiB upload costs about three parts of
 memory. Anything larger than one part goes up as a multipart upload whose
 parts all have the same size except the last (R2 refuses anything else), at
 most 10,000 of them.
+
+A body is complete only when the HTTP layer has seen its end (the last chunk of a
+chunked body, or as many bytes as Content-Length said) and exactly that many bytes
+arrived: a client that goes away, or a body that stops short, leaves no object behind
+and replaces none (a started multipart upload is aborted). :func:`receive_body` is that
+rule for an ASGI ``receive`` (Starlette's ``request.stream()`` follows it too), and
+:func:`stream_to_store` checks the length and commits only then. A client that sends
+nothing for :data:`BODY_IDLE_TIMEOUT` seconds is cut off (:class:`BodyTimeout`).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from drive.store import ObjectStore, UploadedPart
 
 MiB = 1 << 20
 MAX_PARTS = 10_000
+BODY_IDLE_TIMEOUT = 60.0  # seconds a client may send nothing in the middle of a body
 
 
 class UploadTooLarge(Exception):
@@ -26,7 +35,57 @@ class UploadTooLarge(Exception):
 
 
 class IncompleteBody(Exception):
-    """The client sent fewer or more bytes than its Content-Length promised."""
+    """The body did not arrive whole: fewer or more bytes than its Content-Length promised,
+    a client that went away, or one that stopped sending (the subclasses)."""
+
+
+class ClientGone(IncompleteBody):
+    """The connection ended before the body did (a chunked body without its final chunk too)."""
+
+
+class BodyTimeout(IncompleteBody):
+    """The client sent nothing for the idle timeout in the middle of its body."""
+
+
+async def receive_body(receive) -> AsyncIterator[bytes]:
+    """The chunks of a request body from an ASGI ``receive``, ending only where the body
+    ends; :class:`ClientGone` if the connection ends first (the server answers a malformed
+    chunked body by closing it, so that ends here too)."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientGone("the client went away before the body was complete")
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
+
+
+class _IdleWatch:
+    """Cancels the task that made it when it has waited ``seconds`` for the client's next
+    chunk. One timer per upload, re-armed at most once per ``seconds`` (a timeout around
+    every chunk would cost a timer, or a task, per 64 KiB)."""
+
+    def __init__(self, seconds: float):
+        self.loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task()
+        self.seconds = seconds
+        self.waiting_since: float | None = None  # set while waiting for the client
+        self.fired = False
+        self._handle = self.loop.call_later(seconds, self._check)
+
+    def _check(self) -> None:
+        delay = self.seconds
+        if self.waiting_since is not None:
+            idle = self.loop.time() - self.waiting_since
+            if idle >= self.seconds:
+                self.fired = True
+                self.task.cancel()
+                return
+            delay -= idle
+        self._handle = self.loop.call_later(delay, self._check)
+
+    def close(self) -> None:
+        self._handle.cancel()
 
 
 @dataclass(frozen=True)
@@ -54,7 +113,10 @@ async def stream_to_store(
     content_type: str | None,
     part_size: int,
     max_bytes: int | None = None,
+    idle_timeout: float | None = None,
 ) -> UploadResult:
+    """Stream ``chunks`` to ``key``; the object is created or replaced only if the body
+    is complete. ``idle_timeout`` defaults to :data:`BODY_IDLE_TIMEOUT`."""
     pending: list[bytes] = []  # chunks of the part being collected, joined once when it is full
     pending_size = 0
     received = 0
@@ -73,8 +135,17 @@ async def stream_to_store(
             raise UploadTooLarge(f"body needs more than {MAX_PARTS} parts of {part_size} bytes")
         in_flight = asyncio.ensure_future(run_in_threadpool(store.upload_part, key, upload_id, number, data))
 
+    watch = _IdleWatch(BODY_IDLE_TIMEOUT if idle_timeout is None else idle_timeout)
+    iterator = chunks.__aiter__()
     try:
-        async for chunk in chunks:
+        while True:
+            watch.waiting_since = watch.loop.time()
+            try:
+                chunk = await iterator.__anext__()
+            except StopAsyncIteration:
+                break
+            finally:
+                watch.waiting_since = None
             if not chunk:
                 continue
             received += len(chunk)
@@ -108,7 +179,10 @@ async def stream_to_store(
             in_flight = None
         etag = await run_in_threadpool(store.complete_multipart, key, upload_id, parts)
         return UploadResult(size=received, etag=etag, parts=len(parts))
-    except BaseException:
+    except BaseException as exc:
+        timed_out = watch.fired and isinstance(exc, asyncio.CancelledError)
+        if timed_out:
+            watch.task.uncancel()
         if in_flight is not None:
             in_flight.cancel()
             try:
@@ -120,4 +194,8 @@ async def stream_to_store(
                 await run_in_threadpool(store.abort_multipart, key, upload_id)
             except Exception:
                 pass  # the store expires abandoned uploads; the original error matters more
+        if timed_out:
+            raise BodyTimeout(f"the client sent nothing for {watch.seconds:g} s in the middle of its body") from None
         raise
+    finally:
+        watch.close()
