@@ -36,7 +36,7 @@ from drive.store.s3 import S3ObjectStore
 log = logging.getLogger("kgpu")
 
 RESTART_BACKOFF_S = (0.5, 10.0)  # first and longest wait between restarts of a store that keeps dying
-STABLE_AFTER_S = 60.0  # a store up this long that dies is restarted at once, the back-off reset
+STABLE_AFTER_S = 10.0  # a store up this long that dies is restarted at once, the back-off reset
 
 
 def rclone_binary() -> str:
