@@ -19,6 +19,15 @@ from typing import Protocol, runtime_checkable
 
 RUNNER = (Path(__file__).parent / "runner.sh").read_text()
 RUNS_DIR = "/tmp/kgpu/runs"
+# The in-pod token lives in the pod only, in this file (written once at the pod's start); the
+# gateway keeps its hash. Every run reads it into KGPU_API_TOKEN, unless its own env names one.
+TOKEN_PATH = "/run/kgpu/token"
+TOKEN_LAUNCH = 'KGPU_API_TOKEN=${KGPU_API_TOKEN-$(cat "$1" 2>/dev/null)}; export KGPU_API_TOKEN; shift; exec "$@"'
+
+
+def run_command(run_dir: str, argv: list[str], token_path: str = TOKEN_PATH) -> list[str]:
+    """What a backend executes in a pod for a run: the token read in, then the runner."""
+    return ["sh", "-c", TOKEN_LAUNCH, "kgpu-token", token_path, "sh", "-c", RUNNER, "kgpu-run", run_dir, *argv]
 
 # Run inside a pod (``sh -c SCRIPT kgpu ARGS...``), so a signal reaches only the pod's own
 # processes whatever a run wrote into its run directory. dash's kill takes no "--":

@@ -33,7 +33,9 @@ every ``mount``) and only for user-namespaced pods.
 
 from __future__ import annotations
 
+import io
 import logging
+import tarfile
 import time
 from datetime import datetime, timezone
 
@@ -43,15 +45,16 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import DeviceRequest
 
 from gateway.pods import (
-    RUNNER,
     RUNS_DIR,
     SIGNAL_SCRIPT,
     TERM_ALL_SCRIPT,
+    TOKEN_PATH,
     PodError,
     PodSpec,
     PodStartError,
     PodStatus,
     RunState,
+    run_command,
     safe_run_id,
 )
 from gateway.pods.mounts import (
@@ -127,6 +130,20 @@ _LIST_SCRIPT = r"""
 for d in "$1"/*/; do [ -d "$d" ] && [ ! -L "${d%/}" ] && basename "$d"; done
 exit 0
 """
+
+def _token_archive(token: str) -> bytes:
+    """A tar of ``run/kgpu/token`` (mode 0400, root's: the pod's root, not the host's)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        folder = tarfile.TarInfo(TOKEN_PATH.rsplit("/", 1)[0].lstrip("/"))
+        folder.type, folder.mode = tarfile.DIRTYPE, 0o755
+        archive.addfile(folder)
+        data = token.encode()
+        entry = tarfile.TarInfo(TOKEN_PATH.lstrip("/"))
+        entry.size, entry.mode = len(data), 0o400
+        archive.addfile(entry, io.BytesIO(data))
+    return buffer.getvalue()
+
 
 def _float(value: str | None) -> float | None:
     if not value:
@@ -245,8 +262,11 @@ class DockerPodBackend:
         # names the host's devices (what the NVIDIA runtime reads), "void" for none, so an
         # image with NVIDIA_VISIBLE_DEVICES=all in its ENV gets no GPU on a CPU-only rental.
         host_ids = [str(i) for i in spec.gpu_indices]
+        # The token is not in the container's configuration (docker inspect shows that): the pod
+        # gets it once, as a file (TOKEN_PATH), which runs and kgpu-bootstrap read.
+        token = spec.env.get("KGPU_API_TOKEN")
         env = {
-            **spec.env,
+            **{key: value for key, value in spec.env.items() if key != "KGPU_API_TOKEN"},
             "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(len(host_ids))),
             "NVIDIA_VISIBLE_DEVICES": ",".join(host_ids) or "void",
             "NVIDIA_DRIVER_CAPABILITIES": "compute,utility",
@@ -254,7 +274,6 @@ class DockerPodBackend:
         kwargs = dict(
             name=name,
             hostname=spec.rental_id[:63],
-            detach=True,
             init=self.init,
             labels={
                 self._label_rental: spec.rental_id,
@@ -290,13 +309,16 @@ class DockerPodBackend:
         if self.network:
             kwargs["network"] = self.network
         try:
-            container = self.client.containers.run(spec.image, **kwargs)
+            container = self.client.containers.create(spec.image, **kwargs)
+            if token and not container.put_archive("/", _token_archive(token)):
+                raise PodStartError("docker would not take the pod's token file")
+            container.start()
         except APIError as exc:
             if exc.status_code == 409:  # the name is taken: a start retried after a crash?
                 return self._reuse(name, spec.rental_id)
             self._remove_quietly(name)
             raise PodStartError(f"docker could not start {spec.image!r}: {exc.explanation or exc}") from exc
-        except _DOCKER_ERRORS as exc:
+        except (*_DOCKER_ERRORS, PodStartError) as exc:
             self._remove_quietly(name)
             raise PodStartError(f"docker could not start {spec.image!r}: {exc}") from exc
         log.info("started container %s (%s) for rental %s", name, container.short_id, spec.rental_id)
@@ -446,7 +468,7 @@ class DockerPodBackend:
         run_dir = f"{RUNS_DIR}/{safe_run_id(run_id)}"
         exec_id = self._exec_create(
             ref,
-            ["sh", "-c", RUNNER, "kgpu-run", run_dir, *argv],
+            run_command(run_dir, argv),
             stdout=False,
             stderr=False,
             environment=dict(env),

@@ -49,22 +49,22 @@ from urllib.parse import urlsplit
 from bootstrap import script_path
 from drive.store.embedded import rclone_binary
 from gateway.pods import (
-    RUNNER,
     RUNS_DIR,
     SIGNAL_SCRIPT,
     TERM_ALL_SCRIPT,
+    TOKEN_PATH,
     PodError,
     PodSpec,
     PodStartError,
     PodStatus,
     RunState,
+    run_command,
     safe_run_id,
 )
 from gateway.pods.mounts import MAX_FLUSH_REPORT, bootstrap_status
 from gateway.pods.relay import process_start
 from gateway.pods.sandbox import (
     HOLDER_ENV,
-    TOKEN_PATH,
     SandboxUnavailable,
     UidPool,
     check_available,
@@ -80,8 +80,6 @@ log = logging.getLogger(__name__)
 MOUNT_DIR = "mnt"  # {pod}/mnt/shared and {pod}/mnt/files: the pod's rclone mounts, bound at /shared and /files
 POD_MOUNTS = {"shared": True, "files": False}  # name: read-only
 READ_CHUNK = 1 << 20
-# Every run starts here: the pod's token from its file, unless the run's own env names one.
-TOKEN_LAUNCH = 'KGPU_API_TOKEN=${KGPU_API_TOKEN-$(cat "$1" 2>/dev/null)}; export KGPU_API_TOKEN; shift; exec "$@"'
 
 
 def nvidia_device_nodes() -> list[str]:
@@ -492,10 +490,7 @@ class LocalPodBackend:
             **record["env"],
             **env,
         }
-        command = [
-            *self._enter(pod, record), "sh", "-c", TOKEN_LAUNCH, "kgpu-token", self._inner(pod, TOKEN_PATH),
-            "sh", "-c", RUNNER, "kgpu-run", run_dir, *argv,
-        ]
+        command = [*self._enter(pod, record), *run_command(run_dir, argv, self._inner(pod, TOKEN_PATH))]
         process = subprocess.Popen(
             command, cwd=pod / "workspace", env=process_env, stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,

@@ -32,9 +32,10 @@ import subprocess
 import time
 from pathlib import Path
 
+from gateway.pods import TOKEN_PATH
+
 # Host directories a pod sees read-only; everything else of the host is out of sight.
 SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "opt", "sys")
-TOKEN_PATH = "/run/kgpu/token"
 SMALL_TMPFS = 64 << 20  # /run and /var in a pod
 # The environment bubblewrap itself starts with (it is the pod's pid 1: runs can read it).
 HOLDER_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
