@@ -250,3 +250,19 @@ def test_explicit_port_wins(tmp_path):
     finally:
         server.stop()
     assert json.loads((data / "embedded-s3.json").read_text())["port"] == stored
+
+
+def test_data_dir_of_an_older_server_gets_a_kept_port(tmp_path):
+    """A data directory whose embedded-s3.json holds only the keys keeps them and gains a port."""
+    from drive.store.embedded import EmbeddedS3Server
+
+    state = tmp_path / "embedded-s3.json"
+    state.write_text(json.dumps({"access_key": "kgpuolder", "secret_key": "s" * 40}))
+    state.chmod(0o600)
+    first = EmbeddedS3Server(tmp_path)
+    kept = json.loads(state.read_text())
+    assert kept["access_key"] == "kgpuolder" and kept["secret_key"] == "s" * 40
+    assert kept["port"] == first.port and 0 < first.port < 65536
+    assert state.stat().st_mode & 0o777 == 0o600
+    assert EmbeddedS3Server(tmp_path).port == first.port
+    assert EmbeddedS3Server(tmp_path, port=free_port()).port != first.port
