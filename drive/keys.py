@@ -14,6 +14,9 @@ import unicodedata
 from dataclasses import dataclass
 
 MAX_KEY_BYTES = 1024  # the S3 / R2 limit for a whole key
+# One name (a path segment): the embedded store keeps objects as files, and a file name is at
+# most 255 bytes there (NAME_MAX); R2 has no such limit, but a drive must move between stores.
+MAX_NAME_BYTES = 255
 _PERCENT = re.compile(rb"%([0-9A-Fa-f]{2})")
 _BAD_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 
@@ -44,11 +47,30 @@ def user_prefix(user_id: int) -> str:
     return f"users/{int(user_id)}/"
 
 
-def _check_segment(segment: str) -> None:
+def _xml_invalid(ch: str) -> bool:
+    """Not a character of XML 1.0 (beyond the control characters refused on their own): a name
+    holding one would make every WebDAV listing of its folder malformed XML."""
+    point = ord(ch)
+    return 0xD800 <= point <= 0xDFFF or point in (0xFFFE, 0xFFFF)
+
+
+def check_name(segment: str) -> None:
+    """The one rule for a file or folder name (one path segment), on every path that reads or
+    writes the drive: HTTP routes, WebDAV paths and Destinations, the presigned-URL mint."""
     if segment in ("", ".", ".."):
         raise InvalidPath("empty, '.' or '..' path segments are not allowed")
     if any(unicodedata.category(ch) == "Cc" for ch in segment):
         raise InvalidPath("control characters (NUL included) are not allowed in paths")
+    bad = next((ch for ch in segment if _xml_invalid(ch)), None)
+    if bad is not None:
+        raise InvalidPath(
+            f"the character U+{ord(bad):04X} is not allowed in names: WebDAV listings are XML, which cannot carry it"
+        )
+    if segment.strip() == "":
+        raise InvalidPath("a name may not be only whitespace")
+    size = len(segment.encode("utf-8"))
+    if size > MAX_NAME_BYTES:
+        raise InvalidPath(f"a file or folder name is at most {MAX_NAME_BYTES} bytes (UTF-8); this one is {size}")
     if "\\" in segment or "/" in segment:
         raise InvalidPath("encoded slashes and backslashes are not allowed in path segments")
     folded = unicodedata.normalize("NFKC", segment)
@@ -58,7 +80,7 @@ def _check_segment(segment: str) -> None:
 
 def _join(prefix: str, segments: list[str], is_dir: bool) -> DrivePath:
     for segment in segments:
-        _check_segment(segment)
+        check_name(segment)
     rel = "/".join(segments) + ("/" if is_dir and segments else "")
     if len((prefix + rel).encode("utf-8")) > MAX_KEY_BYTES:
         raise InvalidPath(f"path too long: a key is at most {MAX_KEY_BYTES} bytes")
@@ -112,5 +134,5 @@ def listing_prefix(prefix: str, partial: str) -> str:
     head, _, tail = partial.rpartition("/")
     base = from_text(prefix, head + "/").key if head else prefix
     if tail:
-        _check_segment(tail)
+        check_name(tail)
     return base + tail

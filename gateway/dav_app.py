@@ -28,6 +28,11 @@ token as the password (any user name). Without valid credentials the answer is
 and a Bearer challenge; pending accounts get 403, the environment admin token
 (which has no drive) 403 too. Paths, and the ``Destination`` of COPY and MOVE,
 are checked on their raw bytes by :mod:`drive.keys` before wsgidav sees them.
+The ``Destination`` is parsed once, per RFC 4918 and RFC 3986 (``;`` is part of a
+name; ``%3B`` and ``%3F`` are a name's ``;`` and ``?``), here and for wsgidav alike.
+Every error wsgidav would answer as an HTML page is answered in the project's
+envelope instead (``{"error_code", "message", "trace_id"}``); DAV XML errors
+(``propfind-finite-depth``, lock conditions) stay XML.
 
 Dead properties and locks are kept in ``{data_dir}/webdav.sqlite3``; see
 :mod:`drive.dav` for how a drive looks as WebDAV.
@@ -35,16 +40,18 @@ Dead properties and locks are kept in ``{data_dir}/webdav.sqlite3``; see
 
 from __future__ import annotations
 
+import html
+import re
 import threading
 from pathlib import Path
 from typing import Callable
-from urllib.parse import quote, urlsplit
+from urllib.parse import ParseResult, quote, unquote, urlsplit
 
 from a2wsgi import WSGIMiddleware
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from wsgidav import util
+from wsgidav import request_server, util
 from wsgidav.dav_error import DAVError
 from wsgidav.dir_browser import WsgiDavDirBrowser
 from wsgidav.error_printer import ErrorPrinter
@@ -55,7 +62,7 @@ from drive import dav, keys
 from drive.keys import InvalidPath
 from gateway import orgs
 from gateway.auth import Principal
-from gateway.errors import ApiError, envelope
+from gateway.errors import ApiError, default_code, envelope
 
 FILES_MOUNT = b"/v1/files"
 DAV_MOUNT = b"/v1/dav"
@@ -64,6 +71,36 @@ WRITE_METHODS = frozenset({"PUT", "POST", "DELETE", "MKCOL", "PROPPATCH", "MOVE"
 CHALLENGES = [(b"www-authenticate", b'Basic realm="kgpu"'), (b"www-authenticate", b'Bearer realm="kgpu"')]
 WSGI_THREADS = 16
 _CHECK_PREFIX = "users/0/"  # only the shape of a path is checked here; the provider maps it for real
+_PARAGRAPH = re.compile(rb"<p>(.*?)</p>", re.S)
+_STATUS_PREFIX = re.compile(r"^\d{3} [^:]*: ")
+MAX_HTML_ERROR_BYTES = 64 << 10
+
+
+def _parse_destination(value: str) -> tuple[str, str, bytes]:
+    """(scheme, host, raw path) of a ``Destination`` header, per RFC 3986: the path is still
+    percent-encoded, and ``;`` is part of it (it starts no parameters). InvalidPath if it is
+    not a URL at all (``http://[::1``)."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+        return parts.scheme, parts.netloc, parts.path.encode("latin-1")
+    except (ValueError, UnicodeEncodeError):
+        raise InvalidPath("not a URL") from None
+
+
+def _wsgidav_destination_parse(url: str, scheme: str = "", allow_fragments: bool = True) -> ParseResult:
+    """What wsgidav's COPY and MOVE take for ``urlparse(unquote(Destination))``.
+
+    wsgidav decodes the whole header before it parses it, so a name's ``%3F`` became the start
+    of a query and its ``;`` or ``%3B`` the start of parameters: ``report.txt;v2`` overwrote
+    ``report.txt``. The dispatcher has already checked the Destination with the same parser."""
+    dest_scheme, netloc, raw = _parse_destination(url)
+    return ParseResult(dest_scheme, netloc, unquote(raw.decode("latin-1"), errors="strict"), "", "", "")
+
+
+# request_server uses these two names only to read the Destination header (wsgidav 4.3).
+request_server.unquote = lambda value: value
+request_server.urlparse = _wsgidav_destination_parse
 
 
 def build_wsgidav(data_dir: Path) -> tuple[Callable, WsgiDAVApp]:
@@ -210,6 +247,9 @@ class DavDispatcher:
             except InvalidPath as exc:
                 await envelope(400, "invalid_path", f"Destination: {exc}")(scope, receive, send)
                 return
+            except ApiError as exc:
+                await envelope(exc.status, exc.error_code, exc.message)(scope, receive, send)
+                return
         await self._dav_request(scope, receive, send, method, rel, destination, mount)
 
     async def _http_write(self, scope: Scope, receive: Receive, send: Send, method: str, rel: str) -> None:
@@ -253,15 +293,24 @@ class DavDispatcher:
 
     @staticmethod
     def _destination(scope: Scope, mount: bytes) -> str | None:
-        """The decoded path of a Destination inside the same mount, checked like a request path."""
+        """The decoded path of a Destination inside the same mount, checked like a request path;
+        None when there is none (wsgidav answers 400). InvalidPath for one that cannot be a file
+        or folder of this drive; ApiError 502 for one in another mount."""
         value = _header(scope, b"destination")
         if not value:
             return None
-        raw = urlsplit(value).path.encode("latin-1")
+        _, _, raw = _parse_destination(value)
+        if not raw.startswith(b"/"):
+            raise InvalidPath("not an absolute URL or path")
         dest_mount, raw_rel = _split_mount(raw)
         if dest_mount != mount:
-            return None  # another mount or host: wsgidav answers 502
-        return _rel_text(raw_rel)
+            raise ApiError(
+                502, "destination_elsewhere", f"the Destination must be inside {mount.decode()}/, as the request is"
+            )
+        rel = _rel_text(raw_rel)
+        if rel == "":
+            raise InvalidPath("the drive's root cannot be replaced; name a file or folder inside it")
+        return rel
 
     async def _dav_request(
         self,
@@ -303,13 +352,14 @@ class DavDispatcher:
             presign_expires=settings.presign_expires_seconds,
         )
 
-        async def send_without_date(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                # uvicorn adds its own Date header; wsgidav's would be a second one.
-                message = {**message, "headers": [h for h in message["headers"] if h[0] != b"date"]}
-            await send(message)
+        if method == "PROPFIND" and _header(scope, b"depth") is None and rel and not rel.endswith("/"):
+            # No Depth means infinity, which is refused for folders (RFC 4918 9.1); on a file it
+            # is the same as Depth 0, which webdav4 and fsspec rely on to read a file's properties.
+            # Nothing there at all: Depth 0 too, so the answer is a 404 rather than a refused depth.
+            if await run_in_threadpool(_file_or_nothing, state.store, principal.drive_prefix + rel):
+                scope = {**scope, "headers": [*scope["headers"], (b"depth", b"0")]}
 
-        await self._dav_app(state)({**scope, dav.ENVIRON_KEY: context}, receive, send_without_date)
+        await self._dav_app(state)({**scope, dav.ENVIRON_KEY: context}, receive, _wsgidav_sender(send, method, rel))
 
     @staticmethod
     async def _authenticate(scope: Scope) -> Principal | Response:
@@ -327,3 +377,60 @@ class DavDispatcher:
         if principal.user_id is None:
             return envelope(403, "no_drive", "the environment admin token has no drive; use a user's token")
         return principal
+
+
+def _file_or_nothing(store, key: str) -> bool:
+    """Whether ``key`` is a file, or neither a file nor a folder."""
+    return store.head(key) is not None or not store.list_page(key + "/", max_keys=1).entries
+
+
+def _wsgidav_sender(send: Send, method: str, rel: str) -> Send:
+    """``send`` for wsgidav's answers: without its Date header (uvicorn adds its own), and with
+    each HTML error page (wsgidav's ErrorPrinter) turned into the project's envelope."""
+    held: dict | None = None
+    page = bytearray()
+
+    async def sender(message: Message) -> None:
+        nonlocal held
+        if message["type"] == "http.response.start":
+            headers = [h for h in message["headers"] if h[0] != b"date"]
+            content_type = next((v for k, v in headers if k == b"content-type"), b"")
+            if message["status"] >= 400 and content_type.startswith(b"text/html"):
+                held = {**message, "headers": headers}  # answered once the page is complete
+                return
+            await send({**message, "headers": headers})
+            return
+        if held is None or message["type"] != "http.response.body":
+            await send(message)
+            return
+        if len(page) < MAX_HTML_ERROR_BYTES:
+            page.extend(message.get("body", b""))
+        if not message.get("more_body"):
+            response = _envelope_for(held, bytes(page), method, rel)
+            await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
+            await send({"type": "http.response.body", "body": response.body})
+
+    return sender
+
+
+def _envelope_for(start: Message, page: bytes, method: str, rel: str) -> Response:
+    """The envelope for one of wsgidav's HTML error pages, keeping its status and extra headers."""
+    status = start["status"]
+    code = default_code(status)
+    found = _PARAGRAPH.search(page)
+    said = html.unescape(found.group(1).decode("utf-8", "replace")).split("\n")[0].strip() if found else ""
+    said = _STATUS_PREFIX.sub("", said)  # "403 Forbidden: Cannot copy..." -> "Cannot copy..."
+    if status == 404 and method in ("COPY", "MOVE", "LOCK", "UNLOCK", "PROPPATCH", "PROPFIND", "DELETE"):
+        message = f"no file or folder {rel or '/'}"
+    elif status >= 500 and status != 503:
+        message, code = "internal server error", "internal_error" if status == 500 else code
+    else:
+        message = said or code.replace("_", " ")
+    headers = {}
+    for name, value in start["headers"]:
+        if name.lower() in (b"retry-after", b"connection", b"www-authenticate", b"allow", b"dav"):
+            headers[name.decode("latin-1")] = value.decode("latin-1")
+    if status == 503:
+        code = "store_unavailable"
+        headers.setdefault("Retry-After", "5")
+    return envelope(status, code, message, headers)

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from drive.keys import InvalidPath
 from drive.store import ObjectNotFound, StoreUnavailable
+from gateway.bounds import header_problem
 from gateway.pods import PodError
 
 log = logging.getLogger("kgpu")
@@ -38,9 +39,21 @@ _DEFAULT_CODES = {
     411: "length_required",
     413: "payload_too_large",
     416: "range_not_satisfiable",
+    412: "precondition_failed",
+    415: "unsupported_media_type",
     422: "validation_error",
+    423: "locked",
+    424: "failed_dependency",
+    500: "internal_error",
+    502: "bad_gateway",
     503: "service_unavailable",
+    507: "insufficient_storage",
 }
+
+
+def default_code(status: int) -> str:
+    """The error_code of a status when nothing more specific is known."""
+    return _DEFAULT_CODES.get(status, "error")
 
 
 class ApiError(Exception):
@@ -86,6 +99,10 @@ class RequestIdMiddleware:
             await send(message)
 
         try:
+            problem = header_problem(scope["headers"])
+            if problem is not None:
+                await envelope(400, "bad_header", problem)(scope, receive, send_with_id)
+                return
             await self.app(scope, receive, send_with_id)
         except Exception:
             log.exception("unhandled error in request %s", request_id)
@@ -119,7 +136,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException):
-        code = _DEFAULT_CODES.get(exc.status_code, "error")
+        code = default_code(exc.status_code)
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         return envelope(exc.status_code, code, message, getattr(exc, "headers", None))
 

@@ -17,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gateway.auth import Principal
+from gateway.bounds import PlainText, RowId
 from gateway.errors import ApiError
 from gateway.models import Org, OrgMember, User
 from gateway.tokens import as_utc
@@ -28,8 +29,8 @@ _WRITERS = {"admin", "uploader"}
 
 class NewOrg(BaseModel):
     slug: str
-    name: str = Field(default="", max_length=200)
-    owner_user_id: int | None = None
+    name: PlainText = Field(default="", max_length=200)
+    owner_user_id: RowId | None = None
 
     @field_validator("slug")
     @classmethod
@@ -40,7 +41,7 @@ class NewOrg(BaseModel):
 
 
 class Membership(BaseModel):
-    user_id: int
+    user_id: RowId
     role: OrgRole = "member"
 
 

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
-from typing import Callable
+from typing import Annotated, Callable
 
 from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway import billing, tokens
+from gateway.bounds import PlainText
 from gateway.auth import Principal
 from gateway.errors import ApiError
 from gateway.inventory import GpuClass, free_indices
@@ -33,6 +35,14 @@ log = logging.getLogger("kgpu.rentals")
 ACTIVE = ("Pending", "Running", "Terminating")
 _NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,28}[a-z0-9])?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_RENTAL_ID = re.compile(r"^gpu-[0-9a-f]{1,40}$")
+_IMAGE = re.compile(r"^[\x21-\x7e]+$")  # a docker reference: printable ASCII, no spaces
+# What exec(2) can carry: Linux refuses one argument or NAME=value over 128 KiB, and all of
+# argv and the environment together over about 2 MiB (E2BIG). A pod's env, and a run's
+# command and env, each stay well inside that, with room for the image's own environment.
+MAX_EXEC_STRING_BYTES = 64 << 10
+MAX_EXEC_TOTAL_BYTES = 256 << 10
+MAX_MEMORY_BYTES = 128 << 30
 _QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|K|M|G|T)?$")
 _UNITS = {None: 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
 
@@ -41,7 +51,10 @@ def parse_memory(value: str) -> int:
     match = _QUANTITY.match(value.strip())
     if not match:
         raise ValueError("memory must be a quantity such as 16Gi or 512Mi")
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
+    amount = float(match.group(1)) * _UNITS[match.group(2)]
+    if not math.isfinite(amount) or amount > MAX_MEMORY_BYTES:
+        raise ValueError("memory must be more than 0 and at most 128Gi")
+    return int(amount)
 
 
 def parse_cpu(value: str | float) -> float:
@@ -50,23 +63,51 @@ def parse_cpu(value: str | float) -> float:
     return cores
 
 
+def _exec_bytes(what: str, text: str) -> int:
+    """Bytes one string takes in exec(2)'s argv or environment; what exec cannot carry is refused."""
+    if "\x00" in text:
+        raise ValueError(f"{what} holds a NUL character, which no process can be given")
+    try:
+        size = len(text.encode("utf-8")) + 1
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid Unicode (a lone surrogate)") from None
+    if size > MAX_EXEC_STRING_BYTES:
+        raise ValueError(f"{what} is {size} bytes; one argument or variable is at most {MAX_EXEC_STRING_BYTES}")
+    return size
+
+
+def _check_total(what: str, total: int) -> None:
+    if total > MAX_EXEC_TOTAL_BYTES:
+        raise ValueError(f"{what} is {total} bytes in all; at most {MAX_EXEC_TOTAL_BYTES}")
+
+
 def check_env(value: dict[str, str] | None) -> dict[str, str] | None:
-    """Extra environment of a pod or a run: valid names, and none of the variables kgpu sets."""
-    for name in value or {}:
+    """Extra environment of a pod or a run: valid names, none of the variables kgpu sets, and
+    values exec can carry (no NUL, bounded sizes)."""
+    total = 0
+    for name, text in (value or {}).items():
         if not _ENV_NAME.match(name):
-            raise ValueError(f"env name {name!r} is not a valid variable name")
+            raise ValueError(f"env name {name[:100]!r} is not a valid variable name")
         if name.startswith("KGPU_") or name in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"):
             raise ValueError(f"env {name} is set by kgpu and cannot be overridden")
+        total += _exec_bytes(f"env {name}", f"{name}={text}")
+    _check_total("env", total)
+    return value
+
+
+def check_command(value: list[str]) -> list[str]:
+    """A run's argv: strings exec can carry (no NUL, bounded sizes)."""
+    _check_total("command", sum(_exec_bytes(f"command[{n}]", arg) for n, arg in enumerate(value)))
     return value
 
 
 class RentRequest(BaseModel):
-    name: str = "rent"
-    image: str | None = Field(default=None, max_length=300)
-    gpu_model: str | None = None
+    name: str = Field(default="rent", max_length=30)
+    image: str | None = Field(default=None, max_length=300, pattern=_IMAGE.pattern)
+    gpu_model: PlainText | None = Field(default=None, max_length=100)
     gpu_count: int | None = Field(default=None, ge=0, le=4)
-    cpu: str | float = "2"
-    memory: str = "16Gi"
+    cpu: Annotated[str, Field(max_length=20)] | float = "2"
+    memory: str = Field(default="16Gi", max_length=20)
     ephemeral_storage_gib: int = Field(default=100, ge=1, le=100)
     duration_hours: int = Field(default=12, ge=1, le=168)
     env: dict[str, str] | None = None
@@ -237,7 +278,7 @@ class Rentals:
     # ------------------------------------------------------------------ reading
 
     def get(self, session: Session, principal: Principal, rental_id: str) -> Rental:
-        rental = session.get(Rental, rental_id)
+        rental = session.get(Rental, rental_id) if _RENTAL_ID.match(rental_id) else None
         if rental is None or rental.user_id != principal.user_id or (
             principal.rental_id is not None and principal.rental_id != rental_id
         ):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from datetime import datetime, timezone
 
@@ -13,9 +14,17 @@ def new_run_id(gpu_id: str) -> str:
     return f"run-{gpu_id.removeprefix('gpu-')}-{secrets.token_hex(4)}"
 
 
+_RUN_ID = re.compile(r"^run-([0-9a-f]{1,40})-[0-9a-f]{1,40}$")
+
+
+def is_run_id(run_id: str) -> bool:
+    """The shape :func:`new_run_id` makes; anything else names no run (and never reaches a pod)."""
+    return bool(_RUN_ID.match(run_id))
+
+
 def rental_of(run_id: str) -> str | None:
-    parts = run_id.split("-")
-    return f"gpu-{parts[1]}" if len(parts) == 3 and parts[0] == "run" else None
+    match = _RUN_ID.match(run_id)
+    return f"gpu-{match.group(1)}" if match else None
 
 
 def phase(state: RunState) -> str:

@@ -9,6 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from gateway.bounds import MAX_CREDITS, MAX_ROW_ID, PlainText
 from gateway.errors import ApiError
 from gateway.models import User
 from gateway.tokens import as_utc
@@ -18,11 +19,11 @@ Status = Literal["approved", "pending"]
 
 
 class NewUser(BaseModel):
-    email: str = Field(min_length=3, max_length=320)
-    name: str = Field(default="", max_length=200)
+    email: PlainText = Field(min_length=3, max_length=320)
+    name: PlainText = Field(default="", max_length=200)
     role: Role = "user"
     status: Status = "approved"
-    credits: int | None = Field(default=None, ge=0)
+    credits: int | None = Field(default=None, ge=0, le=MAX_CREDITS)
 
     @field_validator("email")
     @classmethod
@@ -37,7 +38,7 @@ class NewUser(BaseModel):
 class UserPatch(BaseModel):
     status: Status | None = None
     role: Role | None = None
-    name: str | None = Field(default=None, max_length=200)
+    name: PlainText | None = Field(default=None, max_length=200)
 
 
 def describe(user: User) -> dict:
@@ -77,7 +78,9 @@ def get(session: Session, user_id: int) -> User:
 
 
 def find(session: Session, id_or_email: str) -> User:
-    if id_or_email.isdigit():
+    if id_or_email.isascii() and id_or_email.isdigit():
+        if int(id_or_email) > MAX_ROW_ID:
+            raise ApiError(404, "user_not_found", f"no user with id {id_or_email}")
         return get(session, int(id_or_email))
     user = session.scalar(select(User).where(User.email == id_or_email.strip().lower()))
     if user is None:

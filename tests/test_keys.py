@@ -31,7 +31,7 @@ import requests
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from drive.keys import MAX_KEY_BYTES, DrivePath, InvalidPath, from_raw_path, from_text, listing_prefix, user_prefix
+from drive.keys import MAX_KEY_BYTES, MAX_NAME_BYTES, DrivePath, InvalidPath, from_raw_path, from_text, listing_prefix, user_prefix
 
 PREFIX = "users/1/"
 
@@ -127,18 +127,37 @@ def test_root_and_names():
 
 def test_key_length_limit_is_exact():
     room = MAX_KEY_BYTES - len(PREFIX.encode())
-    assert from_raw_path(PREFIX, b"a" * room).key == PREFIX + "a" * room
+    assert room == 1016
+    fits = "/".join(["a" * 200] * 5) + "/" + "a" * 11  # names of at most 255 bytes, 1016 in all
+    assert from_raw_path(PREFIX, fits.encode()).key == PREFIX + fits
     with pytest.raises(InvalidPath):
-        from_raw_path(PREFIX, b"a" * (room + 1))
+        from_raw_path(PREFIX, fits.encode() + b"a")
     # bytes, not characters: U+00E9 is two bytes of UTF-8
-    assert len(from_raw_path(PREFIX, b"%C3%A9" * (room // 2)).key.encode()) <= MAX_KEY_BYTES
+    acute = "/".join(["%C3%A9" * 100] * 5) + "/"
+    assert len(from_raw_path(PREFIX, (acute + "%C3%A9" * 5).encode()).key.encode()) == MAX_KEY_BYTES - 1  # 1015 + 8
     with pytest.raises(InvalidPath):
-        from_raw_path(PREFIX, b"%C3%A9" * (room // 2 + 1))
+        from_raw_path(PREFIX, (acute + "%C3%A9" * 6).encode())
     # a trailing slash counts too
     with pytest.raises(InvalidPath):
-        from_raw_path(PREFIX, b"a" * room + b"/")
+        from_raw_path(PREFIX, fits.encode() + b"/")
     with pytest.raises(InvalidPath):
-        from_text(PREFIX, "a" * (room + 1))
+        from_text(PREFIX, fits + "a")
+
+
+def test_name_length_limit_is_exact():
+    assert from_text(PREFIX, "a" * MAX_NAME_BYTES).name == "a" * 255
+    assert from_raw_path(PREFIX, b"%C3%A9" * 127 + b"/").name == "\u00e9" * 127  # 254 bytes
+    for too_long in ("a" * 256, "\u00e9" * 128, "d/" + "a" * 256 + "/f.txt"):
+        with pytest.raises(InvalidPath, match="255 bytes"):
+            from_text(PREFIX, too_long)
+
+
+@pytest.mark.parametrize("name", ["\ufffe", "a\uffffb", "\ud800", " ", "  ", "\u00a0", "\u3000"])
+def test_names_a_listing_cannot_carry_are_refused(name):
+    with pytest.raises(InvalidPath):
+        from_text(PREFIX, f"d/{name}/f.txt")
+    with pytest.raises(InvalidPath):
+        listing_prefix(PREFIX, f"d/{name}")
 
 
 # ============================================================== unit: from_raw_path, rejected
@@ -491,6 +510,7 @@ safe_segment = st.one_of(
     st.text(st.characters(categories=["L", "N"]), min_size=1, max_size=6),
 ).filter(
     lambda s: s not in (".", "..")
+    and s.strip() != ""  # a whitespace-only name is refused (check_name)
     and unicodedata.normalize("NFKC", s) not in (".", "..")
     and not {"/", "\\"} & set(unicodedata.normalize("NFKC", s))
 )

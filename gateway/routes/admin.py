@@ -8,6 +8,7 @@ from sqlalchemy import select
 
 from gateway import tokens, users
 from gateway.auth import AdminUser
+from gateway.bounds import MAX_CREDITS, RowIdPath
 from gateway.errors import ApiError
 from gateway.models import User
 
@@ -15,7 +16,9 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
 
 class CreditGrant(BaseModel):
-    credits: int = Field(description="credits to add (negative to take back)")
+    credits: int = Field(
+        ge=-MAX_CREDITS, le=MAX_CREDITS, description="credits to add (negative to take back)"
+    )
 
 
 @router.post("/users", status_code=201)
@@ -37,7 +40,7 @@ def list_users(request: Request, _: AdminUser, status: users.Status | None = Non
 
 
 @router.patch("/users/{user_id}")
-def patch_user(user_id: int, body: users.UserPatch, request: Request, _: AdminUser) -> dict:
+def patch_user(user_id: RowIdPath, body: users.UserPatch, request: Request, _: AdminUser) -> dict:
     with request.app.state.sessions.begin() as session:
         user = users.get(session, user_id)
         users.apply_patch(user, body)
@@ -47,7 +50,7 @@ def patch_user(user_id: int, body: users.UserPatch, request: Request, _: AdminUs
 
 
 @router.post("/users/{user_id}/token", status_code=201)
-def reissue_token(user_id: int, request: Request, _: AdminUser) -> dict:
+def reissue_token(user_id: RowIdPath, request: Request, _: AdminUser) -> dict:
     """Revoke every token of the user and issue a new one (shown once)."""
     with request.app.state.sessions.begin() as session:
         users.get(session, user_id)
@@ -59,11 +62,13 @@ def reissue_token(user_id: int, request: Request, _: AdminUser) -> dict:
 
 
 @router.post("/users/{user_id}/credits")
-def grant_credits(user_id: int, body: CreditGrant, request: Request, _: AdminUser) -> dict:
+def grant_credits(user_id: RowIdPath, body: CreditGrant, request: Request, _: AdminUser) -> dict:
     with request.app.state.sessions.begin() as session:
         user = users.get(session, user_id)
         if user.credits + body.credits < 0:
             raise ApiError(422, "validation_error", f"the balance is {user.credits}; it cannot go below zero")
+        if user.credits + body.credits > MAX_CREDITS:
+            raise ApiError(422, "validation_error", f"the balance is {user.credits}; it cannot go above {MAX_CREDITS}")
         user.credits = User.credits + body.credits
         session.flush()
         session.refresh(user)

@@ -12,6 +12,21 @@ from gateway.drive_http import Drive
 
 router = APIRouter(tags=["files"])
 
+FOLLOW_HINT = (
+    b"307 Temporary Redirect: nothing is stored yet. Send the same PUT to the URL in the Location header;\n"
+    b"with curl, add -L (curl -L -T FILE URL).\n"
+)
+
+
+def with_follow_hint(response: Response) -> Response:
+    """A 307 to a presigned PUT, with a body saying what to do: curl without -L prints it (and
+    exits 0 having stored nothing), where an empty body would leave the person none the wiser."""
+    if response.status_code == 307:
+        response.body = FOLLOW_HINT
+        response.headers["content-length"] = str(len(FOLLOW_HINT))
+        response.headers["content-type"] = "text/plain; charset=utf-8"
+    return response
+
 
 def my_drive(request: Request, principal: Principal) -> Drive:
     return Drive(
@@ -26,8 +41,8 @@ def my_drive(request: Request, principal: Principal) -> Drive:
 async def list_files(
     request: Request,
     principal: ApprovedUser,
-    prefix: str = Query("", description="narrows the listing to keys starting with this path"),
-    glob: str | None = Query(None, description="fnmatch pattern applied to the relative paths"),
+    prefix: str = Query("", max_length=1024, description="narrows the listing to keys starting with this path"),
+    glob: str | None = Query(None, max_length=1024, description="fnmatch pattern applied to the relative paths"),
 ):
     drive = my_drive(request, principal)
     store = request.app.state.store
@@ -50,7 +65,7 @@ async def get_file(request: Request, principal: ApprovedUser, path: str) -> Resp
 
 @router.put("/v1/files/{path:anypath}", summary="Upload: 307 to a presigned PUT with Expect, else streamed")
 async def put_file(request: Request, principal: ApprovedUser, path: str) -> Response:
-    return await drive_http.put(request, my_drive(request, principal))
+    return with_follow_hint(await drive_http.put(request, my_drive(request, principal)))
 
 
 @router.post("/v1/files/{path:anypath}", summary="Upload a body (streamed), or mint a presigned PUT if empty")

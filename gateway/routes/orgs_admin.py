@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request, Response
 
 from gateway import orgs
 from gateway.auth import AccountUser, AdminUser
+from gateway.bounds import RowIdPath
 from gateway.errors import ApiError
 
 router = APIRouter(prefix="/v1/admin/orgs", tags=["admin: organizations"])
@@ -62,7 +63,7 @@ def set_member(slug: str, body: orgs.Membership, request: Request, principal: Ac
 
 
 @router.delete("/{slug}/members/{user_id}", status_code=204)
-def remove_member(slug: str, user_id: int, request: Request, principal: AccountUser) -> Response:
+def remove_member(slug: str, user_id: RowIdPath, request: Request, principal: AccountUser) -> Response:
     with request.app.state.sessions.begin() as session:
         found = _managed(session, principal, slug)
         orgs.remove_member(session, found.org, user_id)

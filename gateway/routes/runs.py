@@ -16,14 +16,14 @@ from gateway import runs
 from gateway.auth import ApprovedUser, Principal
 from gateway.errors import ApiError
 from gateway.pods import RunState
-from gateway.rentals import Rentals, check_env
+from gateway.rentals import Rentals, check_command, check_env
 
 router = APIRouter(tags=["runs"])
 POLL_SECONDS = 0.05
 
 
 class RunRequest(BaseModel):
-    gpu_id: str
+    gpu_id: str = Field(max_length=100)
     name: str = Field(default="run", max_length=100)
     command: list[str] = Field(min_length=1, description="argv; wrap shell syntax in ['bash', '-c', '...']")
     env: dict[str, str] | None = None
@@ -33,6 +33,11 @@ class RunRequest(BaseModel):
     @classmethod
     def _env(cls, value):
         return check_env(value)
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, value):
+        return check_command(value)
 
 
 def _rentals(request: Request) -> Rentals:
@@ -53,7 +58,7 @@ def _pod(request: Request, principal: Principal, gpu_id: str, *, must_be_ready: 
 def _locate(request: Request, principal: Principal, run_id: str, gpu_id: str | None) -> tuple[str, str]:
     """(gpu_id, pod ref) of a run: the hint, else the rental written in the run id."""
     gpu_id = gpu_id or runs.rental_of(run_id)
-    if gpu_id is None:
+    if gpu_id is None or not runs.is_run_id(run_id):
         raise ApiError(404, "run_not_found", f"no run {run_id}")
     return gpu_id, _pod(request, principal, gpu_id)
 

@@ -19,6 +19,7 @@ from gateway.auth import ApprovedUser, Principal
 from gateway.drive_http import Drive
 from gateway.errors import ApiError
 from gateway.models import SharedFile, utcnow
+from gateway.routes.files import with_follow_hint
 
 router = APIRouter(tags=["shared drives"])
 
@@ -78,7 +79,7 @@ async def get_shared(org: str, path: str, request: Request, principal: ApprovedU
 
 @router.put("/v1/shared/{org}/{path:anypath}", summary="Upload (uploader/admin): 307 with Expect, else streamed")
 async def put_shared(org: str, path: str, request: Request, principal: ApprovedUser) -> Response:
-    return await drive_http.put(request, await shared_drive(request, principal, org))
+    return with_follow_hint(await drive_http.put(request, await shared_drive(request, principal, org)))
 
 
 @router.delete("/v1/shared/{org}/{path:anypath}", status_code=204, summary="Delete a shared file or folder")

@@ -1,0 +1,443 @@
+"""Bad input is a clear 4xx in the envelope, never a 5xx, and never loses a file (issue 12).
+
+Each test here failed on the code before the fix: a 500 (or wsgidav's HTML page), a 503 that
+made clients retry forever, a name that broke every later listing, or a COPY that clobbered
+a file.
+"""
+
+from __future__ import annotations
+
+import http.client
+import subprocess
+import xml.etree.ElementTree as ET
+from urllib.parse import quote, urlsplit
+
+import pytest
+import requests
+
+from tests.clients import curl
+
+D = "{DAV:}"
+BIG = 2**63  # one past the largest 64-bit integer a database column holds
+
+
+def assert_envelope(reply: requests.Response, status: int, error_code: str | None = None) -> dict:
+    assert reply.status_code == status, (reply.status_code, reply.headers.get("content-type"), reply.text[:500])
+    assert reply.headers["content-type"].startswith("application/json"), reply.text[:300]
+    body = reply.json()
+    assert set(body) == {"error_code", "message", "trace_id"}, body
+    assert body["trace_id"] == reply.headers["x-request-id"]
+    assert body["message"]
+    if error_code is not None:
+        assert body["error_code"] == error_code, body
+    return body
+
+
+def raw(stack, method: str, path: str, headers: dict[str, str], body: bytes = b"") -> tuple[int, dict, bytes]:
+    """A request with headers exactly as given (requests would refuse or rewrite some)."""
+    parts = urlsplit(stack.base)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        connection.putrequest(method, path, skip_accept_encoding=True)
+        for name, value in headers.items():
+            connection.putheader(name, value)
+        connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders(body)
+        answer = connection.getresponse()
+        return answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer.read()
+    finally:
+        connection.close()
+
+
+def put(stack, account, rel: str, data: bytes) -> None:
+    reply = requests.put(f"{stack.base}/v1/files/{quote(rel)}", data=data, headers=account.auth)
+    assert reply.status_code in (200, 201), reply.text
+
+
+def content(stack, account, rel: str) -> bytes | None:
+    reply = requests.get(f"{stack.base}/v1/files/{quote(rel)}", headers=account.auth)
+    if reply.status_code == 404:
+        return None
+    assert reply.status_code == 200, (rel, reply.status_code, reply.text[:200])
+    return reply.content
+
+
+def dav(stack, account, method: str, rel: str, mount: str = "files", **headers) -> requests.Response:
+    url = f"{stack.base}/v1/{mount}/{rel}"
+    return requests.request(method, url, headers={**account.auth, **headers}, allow_redirects=False)
+
+
+def propfind_ok(stack, account, rel: str) -> list[str]:
+    """The names a Depth 1 PROPFIND lists, checking the answer is well-formed XML."""
+    reply = dav(stack, account, "PROPFIND", rel, Depth="1")
+    assert reply.status_code == 207, reply.text[:300]
+    return [href.text for href in ET.fromstring(reply.content).iter(f"{D}href")]
+
+
+# ------------------------------------------------------------------ integers and strings
+
+
+@pytest.mark.parametrize(
+    "method,path,body",
+    [
+        ("PATCH", "/v1/admin/users/{BIG}", {"name": "x"}),
+        ("POST", "/v1/admin/users/{BIG}/token", None),
+        ("POST", "/v1/admin/users/{BIG}/credits", {"credits": 1}),
+        ("POST", "/v1/admin/users/{uid}/credits", {"credits": BIG}),
+        ("POST", "/v1/admin/users/{uid}/credits", {"credits": -BIG}),
+        ("POST", "/v1/admin/users", {"email": "big@lab.example", "credits": BIG}),
+        ("POST", "/v1/admin/orgs", {"slug": "bigowner", "owner_user_id": BIG}),
+        ("POST", "/v1/admin/orgs/{org}/members", {"user_id": BIG, "role": "member"}),
+        ("DELETE", "/v1/admin/orgs/{org}/members/{BIG}", None),
+    ],
+)
+def test_huge_integers_are_a_4xx(stack, user, method, path, body):
+    org = "big-" + str(user.id)
+    made = requests.post(f"{stack.base}/v1/admin/orgs", json={"slug": org}, headers=stack.admin)
+    assert made.status_code in (201, 409)
+    url = stack.base + path.format(BIG=BIG, uid=user.id, org=org)
+    reply = requests.request(method, url, json=body, headers=stack.admin)
+    assert 400 <= reply.status_code < 500, (reply.status_code, reply.text)
+    assert_envelope(reply, reply.status_code)
+    me = requests.get(f"{stack.base}/v1/me", headers=user.auth).json()["user"]
+    assert me["credits"] == stack.settings.starting_credits  # nothing moved
+
+
+def test_credits_cannot_overflow_the_balance(stack, user):
+    url = f"{stack.base}/v1/admin/users/{user.id}/credits"
+    first = requests.post(url, json={"credits": 2**62}, headers=stack.admin)
+    if first.status_code == 200:  # a grant this large may be refused outright; if not, the sum must be
+        reply = requests.post(url, json={"credits": 2**62}, headers=stack.admin)
+        assert_envelope(reply, 422, "validation_error")
+    else:
+        assert_envelope(first, 422, "validation_error")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/gpus/gpu-%00",
+        "/v1/runs/run-ab%00cd-1234",
+        "/v1/runs?gpu_id=gpu-%00",
+        "/v1/runs/run-abcd-1234?gpu_id=gpu-%00",
+    ],
+)
+def test_nul_in_ids_is_a_404(stack, user, path):
+    assert_envelope(requests.get(stack.base + path, headers=user.auth), 404)
+
+
+@pytest.mark.parametrize(
+    "method,path,body",
+    [
+        ("POST", "/v1/admin/users", {"email": "nul\x00@lab.example"}),
+        ("POST", "/v1/admin/users", {"email": "nulname@lab.example", "name": "a\x00b"}),
+        ("PATCH", "/v1/admin/users/{uid}", {"name": "a\x00b"}),
+        ("POST", "/v1/admin/orgs", {"slug": "nulorg", "name": "a\x00b"}),
+        ("POST", "/v1/admin/users", {"email": "surrogate@lab.example", "name": "\ud800"}),
+    ],
+)
+def test_nul_in_stored_text_is_a_422(stack, user, method, path, body):
+    """A NUL cannot be stored in a PostgreSQL text column (a 500 there before)."""
+    reply = requests.request(method, stack.base + path.format(uid=user.id), json=body, headers=stack.admin)
+    assert_envelope(reply, 422, "validation_error")
+    assert requests.get(f"{stack.base}/v1/me", headers=user.auth).json()["user"]["name"] == "Test Researcher"
+
+
+@pytest.fixture(scope="module")
+def rented(stack):
+    """One rental per stack, shared by the run tests below."""
+    account = stack.new_user(name="runner")
+    reply = requests.post(f"{stack.base}/v1/gpus", json={"name": "bad-input"}, headers=account.auth)
+    assert reply.status_code == 201, reply.text
+    gpu = reply.json()["gpu_id"]
+    yield account, gpu
+    requests.delete(f"{stack.base}/v1/gpus/{gpu}", headers=account.auth)
+
+
+def start_run(stack, account, gpu: str, **body) -> requests.Response:
+    return requests.post(
+        f"{stack.base}/v1/runs", json={"gpu_id": gpu, "wait_seconds": 10, **body}, headers=account.auth
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"command": ["echo", "a\x00b"]},
+        {"command": ["echo\x00", "x"]},
+        {"command": ["true"], "env": {"X": "a\x00b"}},
+        {"command": ["true"], "env": {"X": "x" * (3 << 20)}},
+        {"command": ["true"], "env": {f"V{n}": "x" * 1000 for n in range(3000)}},
+        {"command": ["echo", "x" * (3 << 20)]},
+        {"command": ["echo"] + ["x" * 1000] * 3000},
+        {"command": ["true"], "gpu_id": "gpu-\x00"},
+    ],
+    ids=["nul-argv", "nul-argv0", "nul-env", "env-3MB", "env-3000-vars", "argv-3MB", "argv-3000", "nul-gpu-id"],
+)
+def test_bad_runs_are_refused_and_the_pod_still_runs(stack, rented, body):
+    account, gpu = rented
+    body = dict(body)  # the parameter is shared by every stack
+    reply = start_run(stack, account, body.pop("gpu_id", gpu), **body)
+    assert 400 <= reply.status_code < 500, (reply.status_code, reply.text[:300])
+    assert_envelope(reply, reply.status_code)
+    fine = start_run(stack, account, gpu, command=["sh", "-c", "echo ok"])
+    assert fine.status_code == 200 and fine.json()["stdout"] == "ok\n", fine.text[:300]
+
+
+def test_a_run_id_that_cannot_exist_is_a_404(stack, rented):
+    account, gpu = rented
+    hexpart = gpu.removeprefix("gpu-")
+    for run_id in (f"run-{hexpart}-ab%00", f"run-{hexpart}-ABC", f"run-{hexpart}-" + "a" * 5000):
+        for method in ("GET", "DELETE"):
+            reply = requests.request(method, f"{stack.base}/v1/runs/{run_id}", headers=account.auth)
+            assert_envelope(reply, 404, "run_not_found")
+        stream = requests.get(f"{stack.base}/v1/runs/{run_id}/stream", headers=account.auth)
+        assert_envelope(stream, 404, "run_not_found")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"env": {"X": "a\x00b"}},
+        {"env": {"X": "x" * (3 << 20)}},
+        {"memory": "9" * 400 + "Ti"},
+        {"cpu": "9" * 400},
+        {"gpu_model": "x" * 100_000},
+        {"duration_hours": BIG},
+    ],
+    ids=["nul-env", "env-3MB", "huge-memory", "huge-cpu", "long-model", "huge-duration"],
+)
+def test_bad_rentals_are_refused(stack, user, body):
+    reply = requests.post(f"{stack.base}/v1/gpus", json={"name": "bad", **body}, headers=user.auth)
+    assert_envelope(reply, 422, "validation_error")
+    mine = requests.get(f"{stack.base}/v1/gpus", headers=user.auth).json()
+    assert mine["my_gpus"] == []  # nothing was rented
+
+
+# ------------------------------------------------------------------ names
+
+
+XML_INVALID = ["\ufffe", "\uffff", "a\ufffeb.txt", "x\uffff"]
+
+
+@pytest.mark.parametrize("name", XML_INVALID, ids=["fffe", "ffff", "inner-fffe", "trailing-ffff"])
+def test_xml_invalid_names_are_refused_on_every_write(stack, user, name):
+    put(stack, user, "names/keep.txt", b"keep")
+    encoded = quote(name)
+    writes = {
+        "PUT": requests.put(f"{stack.base}/v1/files/names/{encoded}", data=b"x", headers=user.auth),
+        "PUT expect": requests.put(
+            f"{stack.base}/v1/files/names/{encoded}", data=b"x", headers={**user.auth, "Expect": "100-continue"},
+            allow_redirects=False,
+        ),
+        "POST": requests.post(f"{stack.base}/v1/files/names/{encoded}", data=b"x", headers=user.auth),
+        "POST mint": requests.post(f"{stack.base}/v1/files/names/{encoded}", headers=user.auth),
+        "PUT dav": dav(stack, user, "PUT", f"names/{encoded}", mount="dav"),
+        "MKCOL": dav(stack, user, "MKCOL", f"names/{encoded}/"),
+        "MKCOL dav": dav(stack, user, "MKCOL", f"names/{encoded}/", mount="dav"),
+        "COPY": dav(stack, user, "COPY", "names/keep.txt", Destination=f"{stack.base}/v1/files/names/{encoded}"),
+        "MOVE": dav(stack, user, "MOVE", "names/keep.txt", Destination=f"{stack.base}/v1/files/names/{encoded}"),
+        "folder": requests.put(f"{stack.base}/v1/files/names/{encoded}/in.txt", data=b"x", headers=user.auth),
+    }
+    for how, reply in writes.items():
+        body = assert_envelope(reply, 400, "invalid_path")
+        assert "XML" in body["message"] or "character" in body["message"], (how, body)
+    hrefs = propfind_ok(stack, user, "names/")  # the folder still lists as well-formed XML
+    assert hrefs == ["/v1/files/names/", "/v1/files/names/keep.txt"]
+    assert content(stack, user, "names/keep.txt") == b"keep"
+
+
+def test_a_256_byte_name_is_a_400_without_a_trace(stack, user):
+    put(stack, user, "long/keep.txt", b"keep")
+    for name in ("a" * 256, "é" * 128, "a" * 200 + "😀" * 14):
+        assert len(name.encode()) >= 256
+        for reply in (
+            requests.put(f"{stack.base}/v1/files/long/{quote(name)}", data=b"x", headers=user.auth),
+            requests.put(f"{stack.base}/v1/files/long/{quote(name)}/inner.txt", data=b"x", headers=user.auth),
+            dav(stack, user, "MKCOL", f"long/{quote(name)}/"),
+            dav(stack, user, "COPY", "long/keep.txt", Destination=f"{stack.base}/v1/files/long/{quote(name)}"),
+        ):
+            body = assert_envelope(reply, 400, "invalid_path")
+            assert "255" in body["message"] and "retry-after" not in reply.headers
+    assert propfind_ok(stack, user, "long/") == ["/v1/files/long/", "/v1/files/long/keep.txt"]
+    listed = requests.get(f"{stack.base}/v1/files/long/?json=1", headers=user.auth).json()["entries"]
+    assert [entry["name"] for entry in listed] == ["keep.txt"]  # no phantom entry
+    put(stack, user, "long/" + "a" * 255, b"fits")  # 255 bytes is the limit, and fits
+    assert content(stack, user, "long/" + "a" * 255) == b"fits"
+
+
+# ------------------------------------------------------------------ WebDAV
+
+
+@pytest.mark.parametrize("name", [" ", "%20%20", "%09", "%C2%A0"], ids=["space", "spaces", "tab", "nbsp"])
+def test_whitespace_only_names_are_a_400(stack, user, name):
+    put(stack, user, "ws/keep.txt", b"keep")
+    for reply in (
+        dav(stack, user, "MKCOL", f"ws/{name}/"),
+        dav(stack, user, "MKCOL", f"ws/{name}"),
+        dav(stack, user, "PROPFIND", f"ws/{name}", Depth="0"),
+        dav(stack, user, "PUT", f"ws/{name}", mount="dav"),
+        requests.put(f"{stack.base}/v1/files/ws/{name}", data=b"x", headers=user.auth),
+        dav(stack, user, "COPY", "ws/keep.txt", Destination=f"{stack.base}/v1/files/ws/{name}"),
+        dav(stack, user, "MOVE", "ws/keep.txt", Destination=f"{stack.base}/v1/files/ws/{name}"),
+    ):
+        assert_envelope(reply, 400, "invalid_path")
+    assert content(stack, user, "ws/keep.txt") == b"keep"
+
+
+@pytest.mark.parametrize("method", ["COPY", "MOVE"])
+@pytest.mark.parametrize("mount", ["files", "dav"])
+def test_copy_or_move_onto_the_root_is_a_4xx(stack, user, method, mount):
+    put(stack, user, "root/keep.txt", b"keep")
+    for destination in (f"{stack.base}/v1/{mount}/", f"{stack.base}/v1/{mount}", f"/v1/{mount}/"):
+        for source in ("root/keep.txt", "root/"):
+            reply = dav(stack, user, method, source, mount=mount, Destination=destination)
+            assert 400 <= reply.status_code < 500, (destination, source, reply.status_code, reply.text[:300])
+            assert_envelope(reply, reply.status_code)
+    assert content(stack, user, "root/keep.txt") == b"keep"
+
+
+@pytest.mark.parametrize("method", ["COPY", "MOVE"])
+@pytest.mark.parametrize("mount", ["files", "dav"])
+@pytest.mark.parametrize("suffix,name", [(";v2", ";v2"), ("%3Bv2", ";v2"), ("%3F", "?"), (";", ";"), ("%3Fx=1", "?x=1")])
+def test_destination_semicolons_and_question_marks_are_part_of_the_name(stack, user, method, mount, suffix, name):
+    """RFC 4918: the Destination is a URI whose path is the name; ';' does not start parameters."""
+    put(stack, user, f"sc-{method}/report.txt", b"report")
+    put(stack, user, f"sc-{method}/src.txt", b"source")
+    destination = f"{stack.base}/v1/{mount}/sc-{method}/report.txt{suffix}"
+    reply = dav(stack, user, method, f"sc-{method}/src.txt", mount=mount, Destination=destination)
+    assert reply.status_code in (201, 204), (reply.status_code, reply.text[:300])
+    assert content(stack, user, f"sc-{method}/report.txt") == b"report"  # not overwritten
+    assert content(stack, user, f"sc-{method}/report.txt{name}") == b"source"
+    assert (content(stack, user, f"sc-{method}/src.txt") is None) == (method == "MOVE")
+    listed = propfind_ok(stack, user, f"sc-{method}/")
+    assert f"/v1/files/sc-{method}/{quote('report.txt' + name)}" in listed
+    requests.delete(f"{stack.base}/v1/files/sc-{method}/", headers=user.auth)
+
+
+@pytest.mark.parametrize(
+    "destination",
+    ["http://[::1", "http://[::1]:x/v1/files/a.txt", "http://h:99999/v1/files/a.txt", "%", "/v1/files/%zz", "\u00ff"],
+)
+def test_odd_destinations_are_a_400(stack, user, destination):
+    put(stack, user, "odd/keep.txt", b"keep")
+    auth = user.auth["Authorization"]
+    for method in ("COPY", "MOVE"):
+        status, headers, body = raw(
+            stack, method, "/v1/files/odd/keep.txt", {"Authorization": auth, "Destination": destination}
+        )
+        assert 400 <= status < 500, (destination, status, body[:300])
+        assert headers["content-type"].startswith("application/json"), body[:300]
+        assert b"error_code" in body and "x-request-id" in headers
+    assert content(stack, user, "odd/keep.txt") == b"keep"
+
+
+def test_propfind_without_depth_on_a_file_answers_like_depth_0(stack, user):
+    """What webdav4 / fsspec send to read a file's properties."""
+    put(stack, user, "nodepth/file.txt", b"12345")
+    for mount in ("files", "dav"):
+        reply = dav(stack, user, "PROPFIND", "nodepth/file.txt", mount=mount)
+        assert reply.status_code == 207, reply.text[:300]
+        hrefs = [href.text for href in ET.fromstring(reply.content).iter(f"{D}href")]
+        assert hrefs == [f"/v1/{mount}/nodepth/file.txt"]
+    # A folder still refuses infinity: walk it one level at a time.
+    reply = dav(stack, user, "PROPFIND", "nodepth/")
+    assert reply.status_code == 403 and b"propfind-finite-depth" in reply.content
+    reply = dav(stack, user, "PROPFIND", "nodepth/missing.txt")
+    assert reply.status_code == 404
+
+
+@pytest.mark.parametrize("mount", ["files", "dav"])
+def test_dav_errors_are_the_envelope(stack, user, mount):
+    put(stack, user, "errs/keep.txt", b"keep")
+    put(stack, user, "errs/other.txt", b"other")
+    base = f"{stack.base}/v1/{mount}/errs"
+    cases = [
+        (dav(stack, user, "MOVE", "errs/missing.txt", mount=mount, Destination=f"{base}/x.txt"), 404),
+        (dav(stack, user, "COPY", "errs/missing.txt", mount=mount, Destination=f"{base}/x.txt"), 404),
+        (dav(stack, user, "COPY", "errs/keep.txt", mount=mount, Destination=f"{base}/nowhere/x.txt"), 409),
+        (dav(stack, user, "COPY", "errs/keep.txt", mount=mount, Destination=f"{base}/other.txt", Overwrite="F"), 412),
+        (dav(stack, user, "COPY", "errs/keep.txt", mount=mount, Destination=f"{base}/keep.txt"), 403),  # onto itself
+        (dav(stack, user, "MOVE", "errs/keep.txt", mount=mount), 400),  # no Destination
+    ]
+    for reply, status in cases:
+        assert_envelope(reply, status)
+    assert content(stack, user, "errs/keep.txt") == b"keep" and content(stack, user, "errs/other.txt") == b"other"
+
+
+# ------------------------------------------------------------------ the 307
+
+
+def test_curl_without_follow_is_told_to_follow_the_307(stack, user, tmp_path):
+    source = tmp_path / "up.txt"
+    source.write_bytes(b"hello\n")
+    result = curl(
+        "-fsS", "-H", "Expect: 100-continue", "-T", str(source), f"{stack.base}/v1/files/nofollow/up.txt",
+        token=user.token,
+    )
+    said = result.stdout.decode()
+    assert "-L" in said and "307" in said, said  # curl prints the body: the person learns what to do
+    assert content(stack, user, "nofollow/up.txt") is None  # nothing was stored, and the reply said why
+    followed = curl(
+        "-fsS", "-L", "-H", "Expect: 100-continue", "-T", str(source), f"{stack.base}/v1/files/nofollow/up.txt",
+        token=user.token,
+    )
+    assert followed.returncode == 0
+    assert content(stack, user, "nofollow/up.txt") == b"hello\n"
+
+
+ODD_HEADERS = [
+    ("PUT", "files", {"If": "(<garbage"}),
+    ("PUT", "files", {"If": "<http://x/[::1> (<opaquelocktoken:x>)"}),
+    ("DELETE", "files", {"If": "(Not"}),
+    ("LOCK", "dav", {"Timeout": "Second-" + "9" * 40}),
+    ("LOCK", "dav", {"Timeout": "Second-x"}),
+    ("LOCK", "files", {"Timeout": "Infinite, Second-" + "9" * 400}),
+    ("PROPFIND", "files", {"Depth": "2"}),
+    ("PROPFIND", "files", {"Depth": "9" * 40}),
+    ("COPY", "files", {"Overwrite": "maybe", "Destination": "/v1/files/hdr/b.txt"}),
+    ("COPY", "files", {"Depth": "9" * 40, "Destination": "/v1/files/hdr/b.txt"}),
+    ("GET", "dav", {"Range": "bytes=" + "9" * 40 + "-"}),
+    ("GET", "dav", {"Range": "bytes=5-1"}),
+    ("GET", "dav", {"If-Modified-Since": "x" * 100}),
+    ("GET", "files", {"Accept": "application/json", "X-Request-ID": "x" * 10_000}),
+]
+
+
+@pytest.mark.parametrize("method,mount,headers", ODD_HEADERS)
+def test_odd_headers_are_never_a_5xx(stack, user, method, mount, headers):
+    put(stack, user, "hdr/a.txt", b"0123456789")
+    body = b"new" if method == "PUT" else b""
+    if method == "LOCK":
+        body = (
+            b'<?xml version="1.0"?><D:lockinfo xmlns:D="DAV:"><D:lockscope><D:exclusive/></D:lockscope>'
+            b"<D:locktype><D:write/></D:locktype></D:lockinfo>"
+        )
+    status, answer, text = raw(stack, method, f"/v1/{mount}/hdr/a.txt", {**user.auth, **headers}, body)
+    assert status < 500, (status, text[:300])
+    assert "x-request-id" in answer
+    if status >= 400 and not answer.get("content-type", "").startswith("application/xml"):
+        assert answer["content-type"].startswith("application/json"), text[:300]
+    if method == "LOCK" and status < 300:
+        token = answer["lock-token"]
+        raw(stack, "UNLOCK", f"/v1/{mount}/hdr/a.txt", {**user.auth, "Lock-Token": token})
+    if method in ("PUT", "DELETE") and status >= 400:
+        assert content(stack, user, "hdr/a.txt") == b"0123456789"
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain; x=" + "a" * 9000, "text/plain; x=" + "a" * 2100, "text/plain; name=\u00e9\u00ff"],
+    ids=["9000", "2100", "latin1"],
+)
+@pytest.mark.parametrize("mount", ["files", "dav"])
+def test_odd_content_types_are_never_a_5xx(stack, user, mount, content_type):
+    put(stack, user, "ctype/a.txt", b"keep")
+    status, answer, text = raw(stack, "PUT", f"/v1/{mount}/ctype/a.txt", {**user.auth, "Content-Type": content_type}, b"new")
+    assert status < 500, (status, text[:300])
+    if status >= 400:
+        assert answer["content-type"].startswith("application/json"), text[:300]
+        assert content(stack, user, "ctype/a.txt") == b"keep"
+    if len(content_type) > 256:
+        assert status == 400 and b"bad_header" in text
+    else:
+        assert status in (200, 201, 204) and content(stack, user, "ctype/a.txt") == b"new"
