@@ -238,6 +238,7 @@ class LocalPodBackend:
             record["endpoints"] = self._write_hosts(pod, [spec.env.get("KGPU_API_BASE", ""), *self.reachable])
         if self.mounts and token:
             record["bootstrap_pid"] = self._start_bootstrap(pod, uid, spec.env)
+            record["bootstrap_start"] = process_start(record["bootstrap_pid"])
         self._write_record(pod, record)
         with contextlib.suppress(FileNotFoundError):
             (pod / "uid").unlink()  # pod.json holds it now
@@ -325,9 +326,11 @@ class LocalPodBackend:
             holder = _read_holder_pid(info_read)
             if holder is None or not _wait_set_up(holder):
                 raise PodError(f"the pod's sandbox did not start: {(_read(pod / 'holder.log') or '')[-500:]}")
-            record.update(holder_pid=holder, holder_start=process_start(holder), bwrap_pid=process.pid)
+            record.update(holder_pid=holder, holder_start=process_start(holder),
+                          bwrap_pid=process.pid, bwrap_start=process_start(process.pid))
             if self.mode == "isolated":
                 record["relay_pid"] = self._start_relay(pod, record)
+                record["relay_start"] = process_start(record["relay_pid"])
             self._write_record(pod, record)
             return record
 
@@ -418,9 +421,10 @@ class LocalPodBackend:
         if self._holder_alive(record):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(record["holder_pid"], signal.SIGKILL)
-        for key in ("bootstrap_pid", "relay_pid", "bwrap_pid"):
-            pid = record.get(key)
-            if pid and process_start(pid) is not None:
+        for name in ("bootstrap", "relay", "bwrap"):
+            pid = record.get(f"{name}_pid")
+            # The same pid *and* start time: a pid the kernel has since given to another process is not ours.
+            if pid and process_start(pid) is not None and process_start(pid) == record.get(f"{name}_start"):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, signal.SIGKILL)
         if record.get("uid") is not None:
