@@ -117,6 +117,7 @@ def test_disconnect_mid_body_keeps_the_old_file(stack, user, mount, sent):
 
 @pytest.mark.parametrize("mount", MOUNTS)
 def test_disconnect_mid_body_creates_nothing(stack, user, mount):
+    put_old(stack, user, "atomic/other.bin")  # the folder exists, so WebDAV takes the PUT
     rel = f"atomic/new-{mount}.bin"
     with connect(stack) as sock:
         sock.sendall(head(stack, user, mount, rel, {"Content-Length": str(26 * MiB)}))
