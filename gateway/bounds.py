@@ -20,6 +20,9 @@ MAX_CREDITS = 10**15  # a balance, and one grant: far from the 2^63 of a BIGINT 
 # A file's Content-Type is stored with it: the embedded store refuses a request whose
 # metadata passes 2 KiB (MetadataTooLarge), and no real media type comes near this.
 MAX_CONTENT_TYPE_BYTES = 256
+# A declared length is counted in the database (BIGINT) and echoed in JSON: past 2^53 no JSON
+# client reads it exactly, and nothing stores that much (S3 and R2 objects stop at 5 TiB).
+MAX_CONTENT_LENGTH = 2**53 - 1
 _BOUNDED_HEADERS = {b"content-type": "Content-Type", b"x-content-type": "X-Content-Type"}
 
 RowId = Annotated[int, Field(ge=1, le=MAX_ROW_ID)]
@@ -41,10 +44,12 @@ def plain_text(value: str) -> str:
 PlainText = Annotated[str, AfterValidator(plain_text)]
 
 
-def header_problem(headers: list[tuple[bytes, bytes]]) -> str | None:
-    """Why a request's headers cannot be taken (a 400 ``bad_header``), or None."""
+def header_problem(headers: list[tuple[bytes, bytes]]) -> tuple[int, str, str] | None:
+    """(status, error_code, message) when a request's headers cannot be taken, else None."""
     for name, value in headers:
         label = _BOUNDED_HEADERS.get(name)
         if label is not None and len(value) > MAX_CONTENT_TYPE_BYTES:
-            return f"{label} is {len(value)} bytes; at most {MAX_CONTENT_TYPE_BYTES}"
+            return 400, "bad_header", f"{label} is {len(value)} bytes; at most {MAX_CONTENT_TYPE_BYTES}"
+        if name == b"content-length" and value.isdigit() and (len(value) > 20 or int(value) > MAX_CONTENT_LENGTH):
+            return 413, "payload_too_large", f"Content-Length is {value.decode()}; at most {MAX_CONTENT_LENGTH}"
     return None

@@ -101,7 +101,8 @@ class RequestIdMiddleware:
         try:
             problem = header_problem(scope["headers"])
             if problem is not None:
-                await envelope(400, "bad_header", problem)(scope, receive, send_with_id)
+                status, code, message = problem
+                await envelope(status, code, message, {"Connection": "close"})(scope, receive, send_with_id)
                 return
             await self.app(scope, receive, send_with_id)
         except Exception:
