@@ -352,7 +352,8 @@ class DavDispatcher:
             presign_expires=settings.presign_expires_seconds,
         )
 
-        if method == "PROPFIND" and _header(scope, b"depth") is None and rel and not rel.endswith("/"):
+        no_depth = method == "PROPFIND" and _header(scope, b"depth") is None
+        if no_depth and rel and not rel.endswith("/") and not _in_shared(rel):
             # No Depth means infinity, which is refused for folders (RFC 4918 9.1); on a file it
             # is the same as Depth 0, which webdav4 and fsspec rely on to read a file's properties.
             # Nothing there at all: Depth 0 too, so the answer is a 404 rather than a refused depth.
@@ -433,4 +434,6 @@ def _envelope_for(start: Message, page: bytes, method: str, rel: str) -> Respons
     if status == 503:
         code = "store_unavailable"
         headers.setdefault("Retry-After", "5")
+    if status == 413:
+        code = "quota_exceeded"  # the only 413 drive/dav.py raises: a PUT over the quota
     return envelope(status, code, message, headers)

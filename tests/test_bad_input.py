@@ -486,3 +486,26 @@ def test_huge_content_lengths_are_a_4xx(stack, user, length, expect):
         assert 400 <= status < 500, (where, answer[:400])
     listed = requests.get(f"{stack.base}/v1/files?json=1", headers=user.auth).json()
     assert listed["quota"]["used_bytes"] < 1 << 40  # nothing was counted
+
+
+def test_rclone_moveto_a_name_with_a_semicolon_keeps_the_other_file(stack, user, tmp_path):
+    """`rclone moveto tmp.txt "a.txt;1"` on the webdav backend clobbered a.txt (issue 12)."""
+    import os
+
+    from drive.store.embedded import rclone_binary
+
+    put(stack, user, "rc/a.txt", b"original")
+    put(stack, user, "rc/tmp.txt", b"moved")
+    flags = [
+        "--webdav-url", f"{stack.base}/v1/files/", "--webdav-vendor", "other",
+        "--webdav-headers", f"Authorization,Bearer {user.token}",
+    ]
+    for source, target in (("rc/tmp.txt", "rc/a.txt;1"), ("rc/a.txt;1", "rc/b.txt?x")):
+        done = subprocess.run(
+            [rclone_binary(), "--config", os.devnull, "moveto", f":webdav:{source}", f":webdav:{target}", *flags],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+    assert content(stack, user, "rc/a.txt") == b"original"
+    assert content(stack, user, "rc/a.txt;1") is None and content(stack, user, "rc/tmp.txt") is None
+    assert content(stack, user, "rc/b.txt?x") == b"moved"
