@@ -296,3 +296,27 @@ def test_the_embedded_store_keys_are_on_no_command_line(tmp_path):
         assert server.credentials.secret_key not in cmdline and server.credentials.access_key not in cmdline
     finally:
         server.stop()
+
+
+def test_two_gateways_on_one_host_never_share_a_pod_uid(tmp_path):
+    """Replicas (or test stacks) with data directories of their own still give each pod a uid of
+    its own, and returning one gateway's pod leaves the other's running."""
+    from gateway.pods.local import LocalPodBackend
+    from tests.conftest import passable
+
+    passable(tmp_path)
+    first, second = LocalPodBackend(tmp_path / "a" / "pods"), LocalPodBackend(tmp_path / "b" / "pods")
+    if first.name != "local" or first.mode != "isolated":
+        pytest.skip("needs the isolated local backend")
+    mine, theirs = start_pod(first), start_pod(second)  # neither has run anything yet
+    try:
+        first.start_run(mine, "run-long", ["sleep", "300"], {})
+        uid_mine = sh(first, mine, "id -u")[1].strip()
+        uid_theirs = sh(second, theirs, "id -u")[1].strip()
+        assert uid_mine != uid_theirs
+        second.destroy(theirs)
+        state = first.run_state(mine, "run-long", 10)
+        assert state is not None and not state.finished, "returning another gateway's pod killed this one's run"
+    finally:
+        first.destroy(mine)
+        second.destroy(theirs)

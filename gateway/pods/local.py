@@ -130,7 +130,7 @@ class LocalPodBackend:
         self.root.mkdir(parents=True, exist_ok=True)
         self.hidden = [p.resolve() for p in (hidden if hidden is not None else [self.root.parent])]
         self.reachable = list(reachable)
-        self.uids = UidPool(self.root, uid_base, uid_count)
+        self.uids = UidPool(uid_base, uid_count)
         self.flush_timeout_s = flush_timeout_s
         self.bootstrap_timeout_s = bootstrap_timeout_s
         self.refusal: str | None = None
@@ -240,8 +240,6 @@ class LocalPodBackend:
             record["bootstrap_pid"] = self._start_bootstrap(pod, uid, spec.env)
             record["bootstrap_start"] = process_start(record["bootstrap_pid"])
         self._write_record(pod, record)
-        with contextlib.suppress(FileNotFoundError):
-            (pod / "uid").unlink()  # pod.json holds it now
         return spec.rental_id
 
     def _write_hosts(self, pod: Path, urls: list[str]) -> list[str]:
@@ -412,6 +410,8 @@ class LocalPodBackend:
             return (lost or "") + f" (the mounts under {pod / MOUNT_DIR} are stuck; the pod folder was kept)"
         shutil.rmtree(pod, ignore_errors=True)
         self._locks.pop(ref, None)
+        if record.get("uid") is not None and not pod.exists():
+            self.uids.release(record["uid"], pod)
         return lost
 
     def _stop_processes(self, record: dict) -> None:

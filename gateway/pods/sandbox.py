@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import shutil
 import signal
@@ -63,38 +62,50 @@ def check_available(uid_switching: bool) -> None:
         raise SandboxUnavailable(f"bubblewrap cannot create user namespaces here: {probe.stderr.strip()[:300]}")
 
 
-class UidPool:
-    """One host uid per live pod, recorded in the pod's ``pod.json``; a file lock makes the
-    choice safe across threads and processes sharing the pods folder."""
+# Host-wide: every backend on this host (gateway replicas, test stacks) draws from one registry.
+UID_REGISTRY = Path("/run/kgpu/pod-uids")
 
-    def __init__(self, root: Path, base: int, size: int):
-        self.root, self.base, self.size = root, base, size
+
+class UidPool:
+    """One host uid per live pod, across every gateway on this host: a pod claims its uid by
+    creating ``{registry}/{uid}`` (exclusively) with its folder's path in it, and gives it back
+    when its folder is gone. A claim whose folder is gone and whose uid runs nothing is stale."""
+
+    def __init__(self, base: int, size: int, registry: Path = UID_REGISTRY):
+        self.base, self.size, self.registry = base, size, registry
 
     @contextlib.contextmanager
     def locked(self):
-        with open(self.root / ".uids.lock", "a+") as handle:
+        self.registry.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with open(self.registry / ".lock", "a+") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             yield
 
-    def in_use(self) -> set[int]:
-        used = set()
-        for record in self.root.glob("*/pod.json"):
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                used.add(int(json.loads(record.read_text())["uid"]))
-        for staged in self.root.glob("*/uid"):  # a pod between its uid and its pod.json
-            with contextlib.suppress(OSError, ValueError):
-                used.add(int(staged.read_text()))
-        return used
-
     def take(self, pod: Path) -> int:
-        """A free uid for ``pod`` (written to ``pod/uid`` until pod.json records it)."""
         with self.locked():
-            used = self.in_use() | process_uids()  # a process left of a pod gone wrong keeps its uid
+            busy = process_uids()  # a process left of a pod gone wrong keeps its uid
             for uid in range(self.base, self.base + self.size):
-                if uid not in used:
-                    (pod / "uid").write_text(str(uid))
-                    return uid
+                claim = self.registry / str(uid)
+                if uid in busy or (claim.exists() and not self._stale(claim)):
+                    continue
+                claim.write_text(str(pod))
+                claim.chmod(0o600)
+                return uid
         raise SandboxUnavailable(f"all {self.size} pod uids from {self.base} are in use")
+
+    @staticmethod
+    def _stale(claim: Path) -> bool:
+        try:
+            return not Path(claim.read_text()).exists()
+        except OSError:
+            return True
+
+    def release(self, uid: int, pod: Path) -> None:
+        with self.locked():
+            claim = self.registry / str(uid)
+            with contextlib.suppress(OSError):
+                if claim.read_text() == str(pod):
+                    claim.unlink()
 
 
 def holder_command(
