@@ -359,6 +359,7 @@ def test_dav_errors_are_the_envelope(stack, user, mount):
         (dav(stack, user, "COPY", "errs/keep.txt", mount=mount, Destination=f"{base}/other.txt", Overwrite="F"), 412),
         (dav(stack, user, "COPY", "errs/keep.txt", mount=mount, Destination=f"{base}/keep.txt"), 403),  # onto itself
         (dav(stack, user, "MOVE", "errs/keep.txt", mount=mount), 400),  # no Destination
+        (dav(stack, user, "COPY", "errs/keep.txt", mount=mount, Destination=f"http://elsewhere.example/v1/{mount}/errs/x.txt"), 502),
     ]
     for reply, status in cases:
         assert_envelope(reply, status)
