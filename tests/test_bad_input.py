@@ -510,3 +510,32 @@ def test_rclone_moveto_a_name_with_a_semicolon_keeps_the_other_file(stack, user,
     assert content(stack, user, "rc/a.txt") == b"original"
     assert content(stack, user, "rc/a.txt;1") is None and content(stack, user, "rc/tmp.txt") is None
     assert content(stack, user, "rc/b.txt?x") == b"moved"
+
+
+ODD_NAMES = [
+    " a", "a ", "a.", "..a", "a..", "-", "~", "'", '"', "<b>", "&amp;", "a\u2028b", "\u200b", "\ufeff", "\ufffd",
+    "\U0001ffff", "\ufdd0", "e\u0301", "\u00e9", "CON", "nul", "a:b", "a*b", "a|b", "%", "%25", "+", "a;b", "a?b", "a#b",
+    "\u3000x", "x" * 255, "\u00e9" * 127,
+]
+
+
+def test_odd_but_valid_names_work_on_every_path(stack, user):
+    """Names the rule lets through: every write path takes them and every listing stays XML."""
+    base = f"{stack.base}/v1/files/oddn"
+    put(stack, user, "oddn/src.txt", b"src")
+    for n, name in enumerate(ODD_NAMES):
+        enc = quote(name, safe="")
+        for reply in (
+            requests.put(f"{base}/{enc}", data=b"x", headers=user.auth),
+            dav(stack, user, "MKCOL", f"oddn/d{n}/"),
+            dav(stack, user, "MKCOL", f"oddn/d{n}/{enc}/"),
+            dav(stack, user, "COPY", "oddn/src.txt", Destination=f"{base}/d{n}/{enc}/{enc}"),
+            dav(stack, user, "MOVE", f"oddn/d{n}/{enc}/{enc}", Destination=f"{base}/d{n}/{enc}/m"),
+            dav(stack, user, "PROPFIND", f"oddn/d{n}/{enc}/m"),
+            dav(stack, user, "PROPFIND", f"oddn/d{n}/", Depth="1"),
+        ):
+            assert reply.status_code < 400, (name, reply.request.method, reply.status_code, reply.text[:300])
+        assert content(stack, user, f"oddn/{name}") == b"x", name
+        assert content(stack, user, f"oddn/d{n}/{name}/m") == b"src", name
+    listed = propfind_ok(stack, user, "oddn/")
+    assert len(listed) == 1 + 1 + 2 * len(ODD_NAMES)
