@@ -98,7 +98,8 @@ class Authenticator:
 
     def lookup(self, token: str) -> Principal:
         """Resolve a token against the database (blocking)."""
-        if self._admin_token and hmac.compare_digest(token, self._admin_token):
+        # Bytes, not str: compare_digest refuses non-ASCII str (a 500 for a token like "kgpu_é").
+        if self._admin_token and hmac.compare_digest(token.encode(), self._admin_token.encode()):
             return ENV_ADMIN
         if not is_well_formed(token):
             raise unauthorized("malformed token: expected kgpu_ and 48 hex digits")
