@@ -158,8 +158,8 @@ def test_killed_store_is_restarted_on_its_port(tmp_path):
 
 
 def test_store_down_answers_503_then_comes_back(tmp_path):
-    """While the store cannot come back (its port taken), downloads answer 503 store_unavailable
-    with Retry-After, not a redirect to a dead port; once the port is free it serves again."""
+    """While the store cannot come back (its port taken), downloads (and /healthz) answer 503 with
+    Retry-After, not a redirect to a dead port; once the port is free it serves again."""
     data = passable(tmp_path) / "data"
     server = Server(data)
     try:
@@ -181,6 +181,9 @@ def test_store_down_answers_503_then_comes_back(tmp_path):
                 assert reply.json()["error_code"] == "store_unavailable"
                 assert reply.headers.get("Retry-After")
             assert str(port) in server.log()  # the log says which port is taken
+            health = requests.get(f"{server.base}/healthz", timeout=10)
+            assert health.status_code == 503 and health.json()["checks"]["object_store"] == "unavailable"
+            assert health.headers.get("Retry-After")
         finally:
             squatter.close()
         wait_for(url, payload, BACK_WITHIN + 30)  # the back-off is capped well below this

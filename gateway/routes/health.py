@@ -30,4 +30,7 @@ async def healthz(request: Request):
     except StoreError:
         checks["object_store"] = "unavailable"
     healthy = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ok" if healthy else "degraded", "checks": checks}, status_code=200 if healthy else 503)
+    body = {"status": "ok" if healthy else "degraded", "checks": checks}
+    if healthy:
+        return JSONResponse(body)
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})  # the store restarts itself in seconds
