@@ -66,6 +66,7 @@ from wsgidav.dav_error import (
     HTTP_FORBIDDEN,
     HTTP_INSUFFICIENT_STORAGE,
     HTTP_NOT_FOUND,
+    HTTP_REQUEST_ENTITY_TOO_LARGE,
     HTTP_REQUEST_TIMEOUT,
     HTTP_SERVICE_UNAVAILABLE,
     DAVError,
@@ -469,12 +470,15 @@ class FileResource(_Located, DAVNonCollection):
         length_header = self.environ.get("CONTENT_LENGTH", "")
         length = int(length_header) if length_header.isdigit() else None
         previous = self.info.size if self.info else 0
-        room = None
-        if ctx.quota_bytes is not None and self.location.prefix == ctx.prefix:
-            with store_errors():
-                room = ctx.quota_bytes - ctx.used_bytes() + previous
-            if length is not None and length > room:
-                raise DAVError(HTTP_INSUFFICIENT_STORAGE, "this upload would not fit in the drive's quota")
+        reservation = None  # gateway.quota.Upload: the quota reserved before any byte moves
+        if ctx.usage is not None and self.location.prefix == ctx.prefix:
+            try:
+                with store_errors():
+                    reservation = ctx.usage.open_upload(
+                        ctx.prefix, ctx.quota_bytes, previous, length, ctx.unknown_length_part_size
+                    )
+            except UploadTooLarge as exc:
+                raise DAVError(HTTP_REQUEST_ENTITY_TOO_LARGE, str(exc), add_headers=[_CLOSE]) from None
         sent = (content_type or "").split(";")[0].strip().lower()
         kind = content_type if sent not in _IGNORED_CONTENT_TYPES else _guess_type(self.name)
         self._writer = BodyWriter(
@@ -484,7 +488,8 @@ class FileResource(_Located, DAVNonCollection):
             kind,
             content_length=length,
             part_size=choose_part_size(length, ctx.part_size, ctx.unknown_length_part_size),
-            max_bytes=room,
+            max_bytes=None,
+            reservation=reservation,
         )
         self._previous_size = previous
         return self._writer
@@ -494,10 +499,15 @@ class FileResource(_Located, DAVNonCollection):
         if writer is None:
             return
         if with_errors:
+            if writer.reservation is not None:
+                writer.reservation.abort()
             return  # nothing was committed: stream_to_store aborted what it had started
         ctx = _ctx(self.environ)
         self.info = ObjectInfo(self.location.key, writer.size, writer.etag or "", _utcnow(), writer.content_type)
-        ctx.add_usage(self.location.prefix, writer.size - self._previous_size)
+        if writer.reservation is not None:
+            writer.reservation.commit(writer.size)  # settled as new minus old
+        else:
+            ctx.add_usage(self.location.prefix, writer.size - self._previous_size)
         _invalidate(self.environ, self.location.key)
         self.environ[_CACHE_KEY][_cache_key(self.path)] = self
 
@@ -1061,7 +1071,9 @@ class BodyWriter:
         content_length: int | None,
         part_size: int,
         max_bytes: int | None,
+        reservation=None,
     ):
+        self.reservation = reservation
         self.environ = environ
         self.store = store
         self.key = key
@@ -1076,10 +1088,11 @@ class BodyWriter:
         # _wsgi_chunks is wsgidav's lazy reader of wsgi.input: never started, so nothing is read twice.
         body = self.environ["wsgi.input"]  # a2wsgi's Body: the ASGI receive and the event loop it runs on
         self.environ["wsgidav.some_input_read"] = 1  # wsgidav must not read the rest after an error
+        chunks = receive_body(body.receive)
         upload = stream_to_store(
             self.store,
             self.key,
-            receive_body(body.receive),
+            chunks if self.reservation is None else self.reservation.guard(chunks),
             content_length=self.content_length,
             content_type=self.content_type,
             part_size=self.part_size,
@@ -1089,7 +1102,7 @@ class BodyWriter:
             with store_errors():
                 result = asyncio.run_coroutine_threadsafe(upload, body.loop).result()
         except UploadTooLarge as exc:
-            raise DAVError(HTTP_INSUFFICIENT_STORAGE, str(exc), add_headers=[_CLOSE]) from None
+            raise DAVError(HTTP_REQUEST_ENTITY_TOO_LARGE, str(exc), add_headers=[_CLOSE]) from None
         except BodyTimeout as exc:
             raise DAVError(HTTP_REQUEST_TIMEOUT, str(exc), add_headers=[_CLOSE]) from None
         except IncompleteBody as exc:

@@ -31,6 +31,7 @@ from drive.keys import DrivePath
 from drive.store import ObjectInfo, ObjectStore, StoreUnavailable, delete_prefix
 from drive.uploads import IncompleteBody, UploadTooLarge, choose_part_size, stream_to_store
 from gateway.errors import ApiError
+from gateway.quota import QuotaExceeded, Upload
 
 _IGNORED_CONTENT_TYPES = {"", "application/x-www-form-urlencoded"}
 
@@ -100,19 +101,35 @@ def _expires(request: Request) -> int:
     return request.app.state.settings.presign_expires_seconds
 
 
-def check_quota(request: Request, drive: Drive, incoming: int) -> int | None:
-    """Room left after ``incoming`` more bytes (None: no quota); 413 if they would not fit."""
-    if drive.quota_bytes is None:
-        return None
-    used = request.app.state.usage.used_bytes(drive.prefix)
-    if used + incoming > drive.quota_bytes:
-        raise ApiError(
-            413,
-            "quota_exceeded",
-            f"this upload ({incoming} bytes) would take the drive to {used + incoming} of {drive.quota_bytes} bytes",
-            {"Connection": "close"},
+def quota_refusal(message: str) -> ApiError:
+    return ApiError(413, "quota_exceeded", message, {"Connection": "close"})
+
+
+def open_upload(request: Request, drive: Drive, previous: ObjectInfo | None, declared: int | None) -> Upload:
+    """The quota reservation of one upload streamed through the gateway (gateway/quota.py),
+    begun: a declared length is reserved now (413 if it does not fit), an unknown one as it
+    arrives."""
+    try:
+        return request.app.state.usage.open_upload(
+            drive.prefix,
+            drive.quota_bytes,
+            previous.size if previous else 0,
+            declared,
+            request.app.state.settings.upload_unknown_length_part_bytes,
         )
-    return drive.quota_bytes - used
+    except QuotaExceeded as exc:
+        raise quota_refusal(str(exc)) from None
+
+
+def hold_for_presigned_put(
+    request: Request, drive: Drive, path: DrivePath, size: int | None, previous: ObjectInfo | None
+) -> None:
+    """Reserve room for bytes that go straight to the store (a 307 or a mint) until the
+    object appears or the URL expires; 413 if they would not fit."""
+    try:
+        request.app.state.usage.hold(drive.prefix, path.key, size, drive.quota_bytes, previous, _expires(request))
+    except QuotaExceeded as exc:
+        raise quota_refusal(str(exc)) from None
 
 
 # ---------------------------------------------------------------- listings
@@ -123,7 +140,6 @@ def flat_listing(
 ) -> StreamingResponse:
     """Every file under ``list_prefix`` as one JSON document, streamed page by page after ``header``."""
     store = _store(request)
-    whole_drive = list_prefix == drive.prefix and glob is None
 
     def body() -> Iterator[bytes]:
         yield json.dumps(header)[:-1].encode() + b', "files": ['
@@ -143,8 +159,6 @@ def flat_listing(
             if not page.next_token:
                 break
             page = store.list_page(list_prefix, token=page.next_token)
-        if whole_drive:
-            request.app.state.usage.set_counted(drive.prefix, total)
         yield f'], "count": {count}, "total_bytes": {total}}}'.encode()
 
     return StreamingResponse(body(), media_type="application/json")
@@ -269,39 +283,42 @@ async def stream_upload(request: Request, drive: Drive, path: DrivePath) -> JSON
     state = request.app.state
     store = _store(request)
     length = _content_length(request)
+    previous = await run_in_threadpool(store.head, path.key)
     try:
-        room = await run_in_threadpool(check_quota, request, drive, length or 0)
+        upload = await run_in_threadpool(open_upload, request, drive, previous, length)
     except ApiError:
         if length is not None and length <= DRAIN_LIMIT:
             await _drain(request)
         raise
-    previous = await run_in_threadpool(store.head, path.key)
-    if previous is None:
-        await run_in_threadpool(_refuse_if_folder, store, path)
-    settings = state.settings
-    part_size = choose_part_size(length, settings.upload_part_bytes, settings.upload_unknown_length_part_bytes)
     try:
-        result = await stream_to_store(
-            store,
-            path.key,
-            request.stream(),
-            content_length=length,
-            content_type=_content_type(request, path),
-            part_size=part_size,
-            max_bytes=None if room is None else room + (previous.size if previous else 0),
-        )
-    except UploadTooLarge as exc:
-        await _drain(request)
-        raise ApiError(413, "quota_exceeded", str(exc), {"Connection": "close"}) from None
-    except IncompleteBody as exc:
-        raise ApiError(400, "incomplete_body", str(exc), {"Connection": "close"}) from None
-    except ClientDisconnect:
-        raise ApiError(400, "client_disconnected", "the client went away before the body was complete") from None
-    except StoreUnavailable:
-        await run_in_threadpool(_raise_if_name_conflict, store, path)
+        if previous is None:
+            await run_in_threadpool(_refuse_if_folder, store, path)
+        settings = state.settings
+        part_size = choose_part_size(length, settings.upload_part_bytes, settings.upload_unknown_length_part_bytes)
+        try:
+            result = await stream_to_store(
+                store,
+                path.key,
+                upload.guard(request.stream()),
+                content_length=length,
+                content_type=_content_type(request, path),
+                part_size=part_size,
+            )
+        except UploadTooLarge as exc:
+            await _drain(request)
+            raise quota_refusal(str(exc)) from None
+        except IncompleteBody as exc:
+            raise ApiError(400, "incomplete_body", str(exc), {"Connection": "close"}) from None
+        except ClientDisconnect:
+            raise ApiError(400, "client_disconnected", "the client went away before the body was complete") from None
+        except StoreUnavailable:
+            await run_in_threadpool(_raise_if_name_conflict, store, path)
+            raise
+    except BaseException:
+        await run_in_threadpool(upload.abort)
         raise
     invalidate_listing(store, path.key)  # WebDAV's cached listing of the folder (drive/dav.py)
-    await run_in_threadpool(state.usage.add, drive.prefix, result.size - (previous.size if previous else 0))
+    await run_in_threadpool(upload.commit, result.size)
     return JSONResponse(
         {"path": path.rel, "size": result.size, "etag": result.etag.strip('"'), "parts": result.parts},
         status_code=200 if previous else 201,
@@ -323,9 +340,12 @@ async def put(request: Request, drive: Drive) -> Response:
     length = _content_length(request)
     if request.headers.get("expect", "").lower() == "100-continue" and length is not None:
         # Answered before the body is read: uvicorn sends 100 Continue only when the app reads.
-        await run_in_threadpool(check_quota, request, drive, length)
-        await run_in_threadpool(_refuse_if_folder, _store(request), path)
-        await run_in_threadpool(request.app.state.usage.add, drive.prefix, length)
+        store = _store(request)
+        previous = await run_in_threadpool(store.head, path.key)
+        if previous is None:
+            await run_in_threadpool(_refuse_if_folder, store, path)
+        # The body goes straight to the store: its declared length is held until it appears.
+        await run_in_threadpool(hold_for_presigned_put, request, drive, path, length, previous)
         # The client writes straight to the store: WebDAV's cached listing of the folder may miss
         # the file for up to drive.dav.LISTING_TTL seconds.
         url = _store(request).presign_put(path.key, _expires(request))
@@ -338,10 +358,17 @@ async def post(request: Request, drive: Drive) -> Response:
     path = _file_path(request, drive, "POST")
     if has_body(request):
         return await stream_upload(request, drive, path)
-    # The size of a two-step upload is unknown here: refuse a full drive (not even one more
-    # byte fits) and count the upload at the next recount.
-    await run_in_threadpool(check_quota, request, drive, 1)
-    await run_in_threadpool(_refuse_if_folder, _store(request), path)
+    # The bytes go straight to the store: hold the size the client declares (X-Content-Length),
+    # or all the room left if it declares none, until the object appears or the URL expires.
+    declared = request.headers.get("x-content-length")
+    if declared is not None and not (declared.isdigit() and len(declared) <= 18):
+        raise ApiError(400, "bad_content_length", "X-Content-Length must be a non-negative integer")
+    store = _store(request)
+    previous = await run_in_threadpool(store.head, path.key)
+    if previous is None:
+        await run_in_threadpool(_refuse_if_folder, store, path)
+    size = int(declared) if declared is not None else None
+    await run_in_threadpool(hold_for_presigned_put, request, drive, path, size, previous)
     content_type = request.headers.get("x-content-type") or mimetypes.guess_type(path.name)[0]
     return JSONResponse(
         {

@@ -53,7 +53,28 @@ class DriveUsage(Base):
 
     prefix: Mapped[str] = mapped_column(String(300), primary_key=True)
     used_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Bytes promised to uploads in flight and to presigned PUTs not yet settled (gateway/quota.py):
+    # a reservation succeeds only while used + reserved + n <= quota, in one UPDATE.
+    reserved_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    inflight: Mapped[int] = mapped_column(Integer, default=0)  # uploads and holds open
+    changes: Mapped[int] = mapped_column(BigInteger, default=0)  # bumped by every change; a recount checks it
     reconciled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class QuotaHold(Base):
+    """Bytes reserved for a presigned PUT (a 307 or a mint): the client writes straight to the
+    store, so the hold stays until the object appears (then it becomes usage) or the URL expires."""
+
+    __tablename__ = "quota_holds"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prefix: Mapped[str] = mapped_column(String(300), index=True)
+    key: Mapped[str] = mapped_column(String(1024))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    # The object the upload replaces (None: there was none), so its appearance can be told apart.
+    previous_etag: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    previous_size: Mapped[int] = mapped_column(BigInteger, default=0)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class Org(Base):

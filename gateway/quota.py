@@ -1,8 +1,21 @@
-"""Drive usage, kept in the database so a quota check is one row read.
+"""Drive usage and the quota, kept in the database so a check never lists the drive.
 
-Uploads that pass through the gateway adjust the count exactly; uploads
-redirected to a presigned PUT add their Content-Length (an overwrite is
-counted twice until the next reconcile, which errs on the safe side).
+The quota is a **reservation** taken before any byte moves: one conditional
+``UPDATE drive_usage SET reserved = reserved + n WHERE used + reserved + n <= quota``
+(atomic on SQLite and PostgreSQL alike), so uploads running at once can never
+promise more than the quota between them. Afterwards the reservation is settled
+with the real size, or released if nothing was stored:
+
+* a body streamed through the gateway (HTTP or WebDAV, :class:`Upload`) reserves its
+  declared length up front, or, of unknown length, reserves as its bytes arrive
+  (a part at a time); a reservation that fails is a 413 and nothing is stored;
+* a presigned PUT (a 307 or a two-step mint, :meth:`UsageBook.hold`) reserves its
+  declared size in a :class:`~gateway.models.QuotaHold`, held until the object appears in
+  the store (it then becomes usage) or the URL expires (it is released):
+  :meth:`UsageBook.settle_holds`, run when the drive's usage is read and whenever a
+  reservation would fail.
+
+An overwrite counts as new minus old everywhere (:func:`needed`, the one formula).
 Whenever a row is older than ``quota_reconcile_seconds`` a background thread
 re-counts the prefix from the store, so drift never lasts.
 """
@@ -13,16 +26,29 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from typing import AsyncIterator
 
-from sqlalchemy import update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
+from starlette.concurrency import run_in_threadpool
 
-from drive.store import ObjectStore, iter_objects
-from gateway.models import DriveUsage, utcnow
+from drive.store import ObjectInfo, ObjectStore, iter_objects
+from drive.uploads import UploadTooLarge
+from gateway.models import DriveUsage, QuotaHold, utcnow
 from gateway.tokens import as_utc
 
 log = logging.getLogger("kgpu.quota")
+
+
+class QuotaExceeded(UploadTooLarge):
+    """A reservation that would take the drive past its quota (a 413 ``quota_exceeded``)."""
+
+
+def needed(new_size: int, previous_size: int) -> int:
+    """What a write of ``new_size`` bytes over a file of ``previous_size`` (0: none) adds to
+    the drive: new minus old. The one formula for HTTP, WebDAV, redirects and mints."""
+    return new_size - previous_size
 
 
 class UsageBook:
@@ -35,7 +61,9 @@ class UsageBook:
         self._lock = threading.Lock()
 
     def used_bytes(self, prefix: str) -> int:
-        """Current usage; counts from the store the first time a prefix is seen."""
+        """Current usage; counts from the store the first time a prefix is seen. Presigned
+        PUTs whose objects have appeared (or whose URLs expired) are settled first."""
+        self.settle_holds(prefix)
         with self._sessions() as session:
             row = session.get(DriveUsage, prefix)
             if row is None:
@@ -46,39 +74,185 @@ class UsageBook:
             self.reconcile_soon(prefix)
         return max(used, 0)
 
+    def _change(self, prefix: str, *, used: int = 0, reserved: int = 0, inflight: int = 0, where=None) -> bool:
+        """One UPDATE of a drive's row (every change bumps ``changes``, which a recount checks)."""
+        conditions = [DriveUsage.prefix == prefix] + ([where] if where is not None else [])
+        with self._sessions.begin() as session:
+            return bool(
+                session.execute(
+                    update(DriveUsage)
+                    .where(*conditions)
+                    .values(
+                        used_bytes=DriveUsage.used_bytes + used,
+                        reserved_bytes=DriveUsage.reserved_bytes + reserved,
+                        inflight=DriveUsage.inflight + inflight,
+                        changes=DriveUsage.changes + 1,
+                    )
+                ).rowcount
+            )
+
     def add(self, prefix: str, delta: int) -> None:
         if delta == 0:
             return
-        with self._sessions.begin() as session:
-            changed = session.execute(
-                update(DriveUsage)
-                .where(DriveUsage.prefix == prefix)
-                .values(used_bytes=DriveUsage.used_bytes + delta)
-            ).rowcount
-        if not changed:
+        if not self._change(prefix, used=delta):
             self.reconcile(prefix)
 
-    def set_counted(self, prefix: str, used: int) -> None:
-        """Record a total just counted from the store."""
+    # ------------------------------------------------------------ reservations
+
+    def _ensure_row(self, prefix: str) -> None:
+        with self._sessions() as session:
+            exists = session.get(DriveUsage, prefix) is not None
+        if not exists:
+            self.reconcile(prefix)
+
+    def _fits(self, n: int, quota: int):
+        return DriveUsage.used_bytes + DriveUsage.reserved_bytes + n <= quota
+
+    def _refusal(self, prefix: str, n: int, quota: int) -> QuotaExceeded:
+        with self._sessions() as session:
+            row = session.get(DriveUsage, prefix)
+            used, reserved = (row.used_bytes, row.reserved_bytes) if row is not None else (0, 0)
+        return QuotaExceeded(
+            f"this upload ({n} bytes) would take the drive to {max(used + reserved, 0) + n} of {quota} bytes"
+            + (f" ({reserved} of them promised to uploads in progress)" if reserved > 0 else "")
+        )
+
+    def _reserve(self, prefix: str, n: int, quota: int, *, opening: bool) -> int:
+        """``n`` more bytes (0 or less: none) for an upload, atomically: ``used + reserved + n``
+        must stay within ``quota``; ``opening`` counts a new upload in flight. Presigned PUTs
+        that are done are settled once before giving up."""
+        n = max(n, 0)
+        self._ensure_row(prefix)
+        for attempt in range(2):
+            if self._change(prefix, reserved=n, inflight=int(opening), where=self._fits(n, quota) if n else None):
+                return n
+            if attempt or not self.settle_holds(prefix):
+                break
+        raise self._refusal(prefix, n, quota)
+
+    def reserve(self, prefix: str, n: int, quota: int) -> int:
+        """Reserve ``n`` more bytes for an upload already open (QuotaExceeded if they do not fit)."""
+        return self._reserve(prefix, n, quota, opening=False) if n > 0 else 0
+
+    def settle(self, prefix: str, reserved: int, delta: int, *, closing: bool = True) -> None:
+        """Close an upload: its ``reserved`` bytes are given back and ``delta`` (what the drive
+        really grew by, :func:`needed`; 0 if nothing was stored) is added, in one UPDATE."""
+        if not self._change(prefix, used=delta, reserved=-reserved, inflight=-int(closing)):
+            self.reconcile(prefix)
+
+    def hold(
+        self,
+        prefix: str,
+        key: str,
+        size: int | None,
+        quota: int | None,
+        previous: ObjectInfo | None,
+        expires_in: int,
+    ) -> None:
+        """Reserve room for a presigned PUT of ``key`` (a 307 or a mint), held until the object
+        appears or the URL expires. ``size`` None (a mint that did not say): all the room left."""
+        if quota is None:
+            return
+        previous_size = previous.size if previous else 0
+        if size is None:
+            self._ensure_row(prefix)
+            for _attempt in range(4):
+                with self._sessions() as session:  # read apart: the conditional UPDATE re-checks it
+                    row = session.get(DriveUsage, prefix)
+                    n = quota - row.used_bytes - row.reserved_bytes
+                try:
+                    n = self._reserve(prefix, max(n, 1), quota, opening=True)
+                    break
+                except QuotaExceeded:
+                    if n <= 0:
+                        raise
+            else:
+                raise self._refusal(prefix, 1, quota)
+        else:
+            n = self._reserve(prefix, needed(size, previous_size), quota, opening=True)
         try:
             with self._sessions.begin() as session:
-                row = session.get(DriveUsage, prefix)
-                if row is None:
-                    session.add(DriveUsage(prefix=prefix, used_bytes=used, reconciled_at=utcnow()))
-                else:
-                    row.used_bytes = used
-                    row.reconciled_at = utcnow()
-        except IntegrityError:  # another request inserted the row first: update it
-            with self._sessions.begin() as session:
-                session.execute(
-                    update(DriveUsage)
-                    .where(DriveUsage.prefix == prefix)
-                    .values(used_bytes=used, reconciled_at=utcnow())
+                session.add(
+                    QuotaHold(
+                        prefix=prefix,
+                        key=key,
+                        bytes=n,
+                        previous_etag=previous.etag if previous else None,
+                        previous_size=previous_size,
+                        expires_at=utcnow() + timedelta(seconds=expires_in),
+                    )
                 )
+        except BaseException:
+            self.settle(prefix, n, 0)
+            raise
+
+    def open_upload(
+        self, prefix: str, quota: int | None, previous_size: int, declared: int | None, step: int
+    ) -> "Upload":
+        """An :class:`Upload` for a body streamed through the gateway, begun (QuotaExceeded if
+        its declared length does not fit). WebDAV's PUT (drive/dav.py) takes it from here."""
+        upload = Upload(self, prefix, quota, previous_size, declared, step)
+        upload.begin()
+        return upload
+
+    def settle_holds(self, prefix: str) -> int:
+        """Settle the presigned PUTs of ``prefix`` that are done: an object that appeared
+        (another ETag or size than the one it replaces) becomes usage, an expired URL's hold is
+        released. Returns how many holds were settled."""
+        with self._sessions() as session:
+            holds = session.scalars(select(QuotaHold).where(QuotaHold.prefix == prefix)).all()
+        settled = 0
+        now = utcnow()
+        for hold in holds:
+            info = self._store.head(hold.key)
+            appeared = info is not None and (
+                hold.previous_etag is None or info.etag != hold.previous_etag or info.size != hold.previous_size
+            )
+            if not appeared and as_utc(hold.expires_at) > now:
+                continue
+            delta = needed(info.size, hold.previous_size) if appeared else 0
+            with self._sessions.begin() as session:
+                claimed = session.execute(delete(QuotaHold).where(QuotaHold.id == hold.id)).rowcount
+                if claimed:  # another request may have settled it first
+                    session.execute(
+                        update(DriveUsage)
+                        .where(DriveUsage.prefix == prefix)
+                        .values(
+                            used_bytes=DriveUsage.used_bytes + delta,
+                            reserved_bytes=DriveUsage.reserved_bytes - hold.bytes,
+                            inflight=DriveUsage.inflight - 1,
+                            changes=DriveUsage.changes + 1,
+                        )
+                    )
+            settled += claimed
+        return settled
+
+    # ------------------------------------------------------------ recounts
 
     def reconcile(self, prefix: str) -> int:
+        """Count the prefix in the store and record it, unless an upload was in flight or the
+        row changed while counting (the count could then miss, or count twice, what that
+        upload settles): the incremental count stays, and the next recount tries again."""
+        with self._sessions() as session:
+            row = session.get(DriveUsage, prefix)
+            before = row.changes if row is not None else None
         used = sum(obj.size for obj in iter_objects(self._store, prefix))
-        self.set_counted(prefix, used)
+        if before is None:
+            try:  # the first count of a drive: no upload can have reserved before the row exists
+                with self._sessions.begin() as session:
+                    session.add(DriveUsage(prefix=prefix, used_bytes=used, reconciled_at=utcnow()))
+                return used
+            except IntegrityError:  # another request counted it first: its row stands
+                with self._sessions() as session:
+                    return session.get(DriveUsage, prefix).used_bytes
+        with self._sessions.begin() as session:
+            recorded = session.execute(
+                update(DriveUsage)
+                .where(DriveUsage.prefix == prefix, DriveUsage.changes == before, DriveUsage.inflight == 0)
+                .values(used_bytes=used, reconciled_at=utcnow(), changes=DriveUsage.changes + 1)
+            ).rowcount
+            if not recorded:
+                session.execute(update(DriveUsage).where(DriveUsage.prefix == prefix).values(reconciled_at=utcnow()))
         return used
 
     def reconcile_soon(self, prefix: str) -> None:
@@ -99,3 +273,81 @@ class UsageBook:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Upload:
+    """The quota side of one upload streamed through the gateway (HTTP or WebDAV).
+
+    ``begin`` reserves a declared length (new minus old) before any byte moves; ``guard`` wraps
+    the body and, for one of unknown length, reserves ``step`` bytes more whenever what arrived
+    passes what is reserved (exactly what is missing if a whole step does not fit), raising
+    :class:`~drive.uploads.UploadTooLarge` when even that does not fit, so the upload stores
+    nothing. Then ``commit`` (the real size) or ``abort``."""
+
+    def __init__(
+        self,
+        book: UsageBook,
+        prefix: str,
+        quota: int | None,
+        previous_size: int,
+        declared: int | None,
+        step: int,
+    ):
+        self.book = book
+        self.prefix = prefix
+        self.quota = quota
+        self.previous_size = previous_size
+        self.declared = declared
+        self.step = max(step, 1)
+        self.reserved = 0
+        self._open = False  # counted in flight (a quota applies)
+        self._done = False
+
+    def begin(self) -> None:
+        """Open the upload, reserving its declared length (QuotaExceeded if it does not fit)."""
+        if self.quota is None:
+            return
+        n = needed(self.declared, self.previous_size) if self.declared is not None else 0
+        self.reserved = self.book._reserve(self.prefix, n, self.quota, opening=True)
+        self._open = True
+
+    async def guard(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        if self.quota is None or self.declared is not None:
+            async for chunk in chunks:
+                yield chunk
+            return
+        received = 0
+        async for chunk in chunks:
+            received += len(chunk)
+            missing = received - self.previous_size - self.reserved
+            if missing > 0:
+                await run_in_threadpool(self._reserve_more, missing)
+            yield chunk
+
+    def _reserve_more(self, missing: int) -> None:
+        try:
+            self.reserved += self.book.reserve(self.prefix, max(missing, self.step), self.quota)
+            return
+        except QuotaExceeded:
+            if missing >= self.step:
+                raise UploadTooLarge("upload exceeds the drive quota") from None
+        try:
+            self.reserved += self.book.reserve(self.prefix, missing, self.quota)
+        except QuotaExceeded:
+            raise UploadTooLarge("upload exceeds the drive quota") from None
+
+    def commit(self, size: int) -> None:
+        """The object is stored: the drive grew by new minus old."""
+        if not self._done:
+            self._done = True
+            if self._open:
+                self.book.settle(self.prefix, self.reserved, needed(size, self.previous_size))
+            else:
+                self.book.add(self.prefix, needed(size, self.previous_size))
+
+    def abort(self) -> None:
+        """Nothing was stored: give the reservation back."""
+        if not self._done:
+            self._done = True
+            if self._open:
+                self.book.settle(self.prefix, self.reserved, 0)

@@ -1,0 +1,191 @@
+"""The quota holds under concurrency (issue 12): on every upload path, parallel uploads that ask
+for more than the quota leave the drive at or under it, every accepted object is byte-exact and
+every refused upload is a 413 quota_exceeded envelope. An overwrite counts as new minus old on
+every path. Real clients (requests in threads, curl with chunked stdin and following a 307,
+WebDAV PUTs on /v1/dav/, the two-step mint) against the real stacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from drive.store import iter_objects
+
+MiB = 1 << 20
+QUOTA = 4 * MiB
+PARALLEL = 12  # 12 x 1 MiB asks for three times the quota
+SIZE = 1 * MiB
+
+
+@pytest.fixture
+def small_quota(stack, monkeypatch):
+    monkeypatch.setattr(stack.settings, "user_quota_bytes", QUOTA)
+    return QUOTA
+
+
+def stored(stack, user) -> dict[str, int]:
+    prefix = f"users/{user.id}/"
+    return {info.key[len(prefix) :]: info.size for info in iter_objects(stack.store, prefix)}
+
+
+def read_back(stack, user, rel: str) -> bytes:
+    reply = requests.get(stack.store.presign_get(f"users/{user.id}/{rel}", 60), timeout=30)
+    assert reply.status_code == 200, reply.text
+    return reply.content
+
+
+def run_parallel(upload, count: int = PARALLEL, size: int = SIZE) -> dict[str, tuple[bytes, int, bytes]]:
+    """``upload(name, data)`` -> (status, body) for ``count`` names at once; name -> (data, status, body)."""
+    payloads = {f"par/{n:02d}.bin": os.urandom(size) for n in range(count)}
+    start = threading.Barrier(count)
+
+    def one(item):
+        name, data = item
+        start.wait()
+        status, body = upload(name, data)
+        return name, (data, status, body)
+
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        return dict(pool.map(one, payloads.items()))
+
+
+def check_outcome(stack, user, results, accepted_statuses=(200, 201, 204)) -> None:
+    objects = stored(stack, user)
+    assert sum(objects.values()) <= QUOTA, f"{sum(objects.values())} bytes stored for a quota of {QUOTA}: {objects}"
+    accepted = [name for name, (_, status, _) in results.items() if status in accepted_statuses]
+    refused = [name for name, (_, status, _) in results.items() if status not in accepted_statuses]
+    assert accepted, "some uploads fit and must be accepted"
+    assert refused, "the uploads ask for more than the quota: some must be refused"
+    for name in accepted:
+        assert read_back(stack, user, name) == results[name][0], f"{name} is not byte-exact"
+    for name in refused:
+        _, status, body = results[name]
+        assert status == 413, (name, status, body[:300])
+        assert json.loads(body)["error_code"] == "quota_exceeded", body[:300]
+        assert name not in objects, f"refused {name} was stored"
+    # Nothing stays reserved once every upload is settled: the room left can be filled exactly.
+    left = QUOTA - sum(objects.values())
+    fill = requests.put(f"{stack.base}/v1/files/fill.bin", data=os.urandom(left), headers=user.auth)
+    assert fill.status_code == 201, fill.text
+    over = requests.put(f"{stack.base}/v1/files/over.bin", data=b"x", headers=user.auth)
+    assert over.status_code == 413 and over.json()["error_code"] == "quota_exceeded"
+
+
+def curl_status(args: list[str], user, data: bytes) -> tuple[int, bytes]:
+    command = ["curl", "-sS", "-H", f"Authorization: Bearer {user.token}", "-w", "\n%{http_code}", *args]
+    result = subprocess.run(command, input=data, capture_output=True, timeout=120)
+    body, _, status = result.stdout.rpartition(b"\n")
+    return int(status or 0), body
+
+
+# ------------------------------------------------------------------ streamed through the gateway
+
+
+def test_parallel_streamed_puts_stay_within_the_quota(stack, user, small_quota):
+    def upload(name, data):
+        reply = requests.put(f"{stack.base}/v1/files/{name}", data=data, headers=user.auth, timeout=60)
+        return reply.status_code, reply.content
+
+    check_outcome(stack, user, run_parallel(upload))
+
+
+def test_parallel_chunked_uploads_stay_within_the_quota(stack, user, small_quota):
+    def upload(name, data):  # curl -T - sends a chunked body of unknown length
+        return curl_status(["-H", "Expect:", "-T", "-", f"{stack.base}/v1/files/{name}"], user, data)
+
+    check_outcome(stack, user, run_parallel(upload))
+
+
+def test_parallel_webdav_puts_stay_within_the_quota(stack, user, small_quota):
+    def upload(name, data):
+        reply = requests.put(f"{stack.base}/v1/dav/{name}", data=data, headers=user.auth, timeout=60)
+        return reply.status_code, reply.content
+
+    requests.request("MKCOL", f"{stack.base}/v1/dav/par/", headers=user.auth)
+    check_outcome(stack, user, run_parallel(upload))
+
+
+def test_parallel_chunked_webdav_puts_stay_within_the_quota(stack, user, small_quota):
+    def upload(name, data):
+        return curl_status(["-H", "Expect:", "-T", "-", f"{stack.base}/v1/dav/{name}"], user, data)
+
+    requests.request("MKCOL", f"{stack.base}/v1/dav/par/", headers=user.auth)
+    check_outcome(stack, user, run_parallel(upload))
+
+
+# ------------------------------------------------------------------ straight to the store
+
+
+def test_parallel_redirected_puts_stay_within_the_quota(stack, user, small_quota, tmp_path):
+    def upload(name, data):  # Content-Length + Expect: a 307 to a presigned PUT, followed by curl -L
+        source = tmp_path / name.replace("/", "_")
+        source.write_bytes(data)
+        return curl_status(
+            ["-L", "-H", "Expect: 100-continue", "-T", str(source), f"{stack.base}/v1/files/{name}"], user, b""
+        )
+
+    check_outcome(stack, user, run_parallel(upload))
+
+
+def test_parallel_mints_stay_within_the_quota(stack, user, small_quota):
+    def upload(name, data):
+        minted = requests.post(
+            f"{stack.base}/v1/files/{name}", headers={**user.auth, "X-Content-Length": str(len(data))}, timeout=60
+        )
+        if minted.status_code != 200:
+            return minted.status_code, minted.content
+        put = requests.put(minted.json()["url"], data=data, timeout=60)
+        return put.status_code, put.content
+
+    check_outcome(stack, user, run_parallel(upload))
+
+
+def test_a_mint_without_a_size_holds_the_room_until_its_object_appears(stack, user, small_quota):
+    minted = requests.post(f"{stack.base}/v1/files/m/whole.bin", headers=user.auth)
+    assert minted.status_code == 200, minted.text
+    # The URL could receive anything up to the room left: nothing else fits meanwhile.
+    refused = requests.put(f"{stack.base}/v1/files/m/other.bin", data=b"x", headers=user.auth)
+    assert refused.status_code == 413 and refused.json()["error_code"] == "quota_exceeded"
+    second = requests.post(f"{stack.base}/v1/files/m/second.bin", headers=user.auth)
+    assert second.status_code == 413 and second.json()["error_code"] == "quota_exceeded"
+    assert requests.put(minted.json()["url"], data=os.urandom(MiB)).status_code == 200
+    # Once the object is there, it counts for its real size and the rest is free again.
+    assert requests.put(f"{stack.base}/v1/files/m/other.bin", data=os.urandom(2 * MiB), headers=user.auth).status_code == 201
+    listing = requests.get(f"{stack.base}/v1/files", headers=user.auth).json()
+    assert listing["quota"]["used_bytes"] == 3 * MiB
+
+
+def test_an_unused_presigned_put_gives_its_room_back_when_it_expires(stack, user, small_quota, monkeypatch):
+    monkeypatch.setattr(stack.settings, "presign_expires_seconds", 1)
+    minted = requests.post(f"{stack.base}/v1/files/m/never.bin", headers={**user.auth, "X-Content-Length": str(QUOTA)})
+    assert minted.status_code == 200, minted.text
+    assert requests.put(f"{stack.base}/v1/files/m/x.bin", data=b"x", headers=user.auth).status_code == 413
+    time.sleep(1.5)
+    assert requests.put(f"{stack.base}/v1/files/m/x.bin", data=os.urandom(QUOTA), headers=user.auth).status_code == 201
+
+
+# ------------------------------------------------------------------ one formula for an overwrite
+
+
+@pytest.mark.parametrize("mount", ["files", "dav"])
+def test_an_overwrite_counts_new_minus_old_on_every_path(stack, user, small_quota, mount):
+    url = f"{stack.base}/v1/{mount}/ow.bin"
+    assert requests.put(url, data=os.urandom(3 * MiB), headers=user.auth).status_code == 201
+    # 3.5 MiB over 3 MiB adds 0.5 MiB: it fits in 4 MiB.
+    grown = os.urandom(3 * MiB + MiB // 2)
+    reply = requests.put(url, data=grown, headers=user.auth)
+    assert reply.status_code in (200, 204), reply.text
+    assert read_back(stack, user, "ow.bin") == grown
+    # 5 MiB over 3.5 MiB adds 1.5 MiB: it does not, the same refusal on both mounts.
+    refused = requests.put(url, data=os.urandom(5 * MiB), headers=user.auth)
+    assert refused.status_code == 413 and refused.json()["error_code"] == "quota_exceeded", refused.text
+    assert read_back(stack, user, "ow.bin") == grown
+    listing = requests.get(f"{stack.base}/v1/files", headers=user.auth).json()
+    assert listing["quota"]["used_bytes"] == len(grown)
