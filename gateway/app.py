@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -59,6 +60,21 @@ def open_store(settings: Settings, pod_address: str | None = None) -> tuple[Obje
     return store, server
 
 
+# Multipart uploads unfinished for this long were left by a server that died mid-upload (a body
+# that stalls is cut off after a minute): their parts only take room in the store.
+STALE_UPLOAD_SECONDS = 24 * 3600
+
+
+def abort_stale_uploads(store: ObjectStore) -> None:
+    try:
+        aborted = store.abort_stale_multiparts(STALE_UPLOAD_SECONDS)
+    except Exception:  # noqa: BLE001 - best effort: the next start tries again
+        log.warning("could not sweep unfinished multipart uploads", exc_info=True)
+        return
+    if aborted:
+        log.info("aborted %d multipart uploads unfinished for over %d s", aborted, STALE_UPLOAD_SECONDS)
+
+
 def open_pod_backend(settings: Settings, store_url: str | None = None) -> PodBackend:
     """``store_url``: where pods reach the object store (presigned URLs), besides the API base."""
     if settings.pod_backend == "docker":
@@ -110,6 +126,8 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
             active_store.ensure_bucket()
         except Exception:
             log.warning("object store not reachable at start-up; drive routes will answer 503", exc_info=True)
+        else:
+            threading.Thread(target=abort_stale_uploads, args=(active_store,), daemon=True).start()
         app.state.settings = settings
         app.state.sessions = sessions
         app.state.store = active_store

@@ -175,3 +175,17 @@ def test_chunked_presigned_put_is_refused(store, s3_target):
         pytest.skip(f"{s3_target.name} accepts chunked presigned PUTs")
     reply = requests.put(store.presign_put("p/chunked", 60), data=iter([b"a" * 100, b"b" * 100]))
     assert reply.status_code in (411, 501)
+
+
+def test_stale_multipart_uploads_are_aborted(store, s3_target):
+    """What a server killed mid-upload leaves behind goes at the next start; fresh ones stay."""
+    key = "mp/left-behind.bin"
+    upload = store.create_multipart(key)
+    store.upload_part(key, upload, 1, os.urandom(5 * MiB))
+    if s3_target.name != "moto":  # moto reports every upload as started in 2010
+        assert store.abort_stale_multiparts(3600) == 0  # an upload in progress is left alone
+    assert store.abort_stale_multiparts(0) >= 1
+    with pytest.raises(Exception):  # the upload is gone
+        store.complete_multipart(key, upload, [])
+    assert store.head(key) is None
+    assert store.abort_stale_multiparts(0) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 
 import pytest
 import requests
@@ -95,3 +96,34 @@ def test_budget_stops_the_upload(store):
     with pytest.raises(UploadTooLarge):
         upload(recorder, "u/over", os.urandom(11 * MiB), length=None, max_bytes=7 * MiB)
     assert recorder.aborted == 1 and store.head("u/over") is None
+
+
+def test_a_starting_server_aborts_the_uploads_a_dead_one_left(rclone_target, tmp_path, monkeypatch):
+    """A server killed mid-upload leaves an unfinished multipart upload: the next start aborts it."""
+    import gateway.app
+    from tests.conftest import LiveServer, make_settings
+
+    monkeypatch.setattr(gateway.app, "STALE_UPLOAD_SECONDS", 0)
+    settings = make_settings(tmp_path, rclone_target)
+    store = rclone_target.store(settings.s3_bucket)
+    upload = store.create_multipart("users/1/left-behind.bin")
+    store.upload_part("users/1/left-behind.bin", upload, 1, b"x" * (5 << 20))
+    server = LiveServer(settings).start()
+    try:
+        deadline = time.monotonic() + 10
+        while _uploads(store):
+            assert time.monotonic() < deadline, "the left-behind upload is still there"
+            time.sleep(0.1)
+    finally:
+        server.stop()
+
+
+def _uploads(store) -> list:
+    from botocore.exceptions import ClientError
+
+    try:
+        return store._client.list_multipart_uploads(Bucket=store.bucket).get("Uploads") or []
+    except ClientError as exc:  # rclone serve s3 answers NoSuchUpload when there is none
+        if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
+            return []
+        raise

@@ -86,6 +86,10 @@ class ObjectStore(Protocol):
 
     def abort_multipart(self, key: str, upload_id: str) -> None: ...
 
+    def abort_stale_multiparts(self, older_than_seconds: float) -> int:
+        """Abort every unfinished multipart upload started longer ago than that (one a server
+        killed mid-upload left behind); how many."""
+
 
 def iter_entries(
     store: ObjectStore, prefix: str, delimiter: str | None = None, page_size: int = 1000

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Callable, TypeVar
 
 import boto3
@@ -187,3 +187,27 @@ class S3ObjectStore:
     @_translate_errors
     def abort_multipart(self, key: str, upload_id: str) -> None:
         self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+
+    @_translate_errors
+    def abort_stale_multiparts(self, older_than_seconds: float) -> int:
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=older_than_seconds)
+        aborted = 0
+        try:
+            pages = list(self._client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":  # rclone serve s3, with none
+                return 0
+            raise
+        for page in pages:
+            for upload in page.get("Uploads") or []:
+                started = upload.get("Initiated")
+                if started is not None and started.tzinfo is None:
+                    started = started.replace(tzinfo=timezone.utc)
+                if started is None or started <= cutoff:
+                    try:
+                        self._client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                        aborted += 1
+                    except ClientError as exc:
+                        if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":  # finished meanwhile
+                            raise
+        return aborted
