@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import AsyncIterator
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 from starlette.concurrency import run_in_threadpool
@@ -39,6 +39,9 @@ from gateway.models import DriveUsage, QuotaHold, utcnow
 from gateway.tokens import as_utc
 
 log = logging.getLogger("kgpu.quota")
+
+HOLD_CHECK_THREADS = 8  # HEADs at once when settling a drive's presigned PUTs
+HOLDS_BEFORE_BACKGROUND_SETTLE = 32  # outstanding holds on a drive before a background settle
 
 
 class QuotaExceeded(UploadTooLarge):
@@ -57,7 +60,7 @@ class UsageBook:
         self._store = store
         self._max_age = timedelta(seconds=reconcile_seconds)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kgpu-reconcile")
-        self._pending: set[str] = set()
+        self._pending: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
     def used_bytes(self, prefix: str) -> int:
@@ -172,6 +175,7 @@ class UsageBook:
             n = self._reserve(prefix, needed(size, previous_size), quota, opening=True)
         try:
             with self._sessions.begin() as session:
+                outstanding = session.scalar(select(func.count()).where(QuotaHold.prefix == prefix))
                 session.add(
                     QuotaHold(
                         prefix=prefix,
@@ -185,6 +189,8 @@ class UsageBook:
         except BaseException:
             self.settle(prefix, n, 0)
             raise
+        if outstanding >= HOLDS_BEFORE_BACKGROUND_SETTLE:
+            self._soon(self.settle_holds, prefix)  # many redirected PUTs in a row: settle them in the background
 
     def open_upload(
         self, prefix: str, quota: int | None, previous_size: int, declared: int | None, step: int
@@ -201,10 +207,16 @@ class UsageBook:
         released. Returns how many holds were settled."""
         with self._sessions() as session:
             holds = session.scalars(select(QuotaHold).where(QuotaHold.prefix == prefix)).all()
+        if not holds:
+            return 0
         settled = 0
         now = utcnow()
-        for hold in holds:
-            info = self._store.head(hold.key)
+        if len(holds) > 1:
+            with ThreadPoolExecutor(max_workers=min(len(holds), HOLD_CHECK_THREADS)) as pool:
+                found = list(pool.map(lambda hold: self._store.head(hold.key), holds))
+        else:
+            found = [self._store.head(holds[0].key)]
+        for hold, info in zip(holds, found):
             appeared = info is not None and (
                 hold.previous_etag is None or info.etag != hold.previous_etag or info.size != hold.previous_size
             )
@@ -256,20 +268,24 @@ class UsageBook:
         return used
 
     def reconcile_soon(self, prefix: str) -> None:
-        with self._lock:
-            if prefix in self._pending:
-                return
-            self._pending.add(prefix)
-        self._pool.submit(self._background_reconcile, prefix)
+        self._soon(self.reconcile, prefix)
 
-    def _background_reconcile(self, prefix: str) -> None:
+    def _soon(self, job, prefix: str) -> None:
+        """Run ``job(prefix)`` in the background thread, once at a time per job and prefix."""
+        with self._lock:
+            if (job.__name__, prefix) in self._pending:
+                return
+            self._pending.add((job.__name__, prefix))
+        self._pool.submit(self._background, job, prefix)
+
+    def _background(self, job, prefix: str) -> None:
         try:
-            self.reconcile(prefix)
+            job(prefix)
         except Exception:
-            log.warning("could not reconcile usage of %s", prefix, exc_info=True)
+            log.warning("could not %s %s", job.__name__, prefix, exc_info=True)
         finally:
             with self._lock:
-                self._pending.discard(prefix)
+                self._pending.discard((job.__name__, prefix))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
