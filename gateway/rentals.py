@@ -18,9 +18,10 @@ from typing import Annotated, Callable
 
 from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import select
+from sqlalchemy import text as sql
 from sqlalchemy.orm import Session, sessionmaker
 
-from gateway import billing, tokens
+from gateway import billing, tokens, users
 from gateway.bounds import PlainText
 from gateway.auth import Principal
 from gateway.errors import ApiError
@@ -143,6 +144,18 @@ class RentRequest(BaseModel):
         return check_env(value)
 
 
+# Any constant: the PostgreSQL advisory lock that placements take, on every gateway of the database.
+PLACEMENT_LOCK = 0x6B677075  # "kgpu"
+
+
+def lock_placement(session: Session) -> None:
+    """One placement at a time across every gateway on this database, until the transaction
+    ends: what the free GPUs are is read under it, so no GPU is booked twice. On SQLite the
+    user's row lock that follows takes the database's write lock, which does the same."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(sql("SELECT pg_advisory_xact_lock(:key)"), {"key": PLACEMENT_LOCK})
+
+
 class Rentals:
     def __init__(
         self,
@@ -197,7 +210,8 @@ class Rentals:
 
     def rent(self, principal: Principal, request: RentRequest, api_base: str) -> Rental:
         with self._placement_lock, self.sessions.begin() as session:
-            user = session.get(User, principal.user_id)
+            lock_placement(session)
+            user = users.get_locked(session, principal.user_id)
             classes = self._classes(request.gpu_model)
             count = request.gpu_count if request.gpu_count is not None else (1 if classes[0].count else 0)
             mine = session.scalars(

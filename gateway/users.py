@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -72,6 +72,19 @@ def create(session: Session, new: NewUser, starting_credits: int) -> User:
 
 def get(session: Session, user_id: int) -> User:
     user = session.get(User, user_id)
+    if user is None:
+        raise ApiError(404, "user_not_found", f"no user with id {user_id}")
+    return user
+
+
+def get_locked(session: Session, user_id: int) -> User:
+    """The user, its row locked until the transaction ends: what is read next is current and
+    stays so, whatever other gateways on the same database do meanwhile. A no-op UPDATE rather
+    than SELECT … FOR UPDATE: it locks the row on PostgreSQL and, as the transaction's first
+    write, takes SQLite's database lock before anything is read (a deferred SQLite transaction
+    that reads first fails on its first write when another committed in between)."""
+    session.execute(update(User).where(User.id == user_id).values(id=User.id))
+    user = session.get(User, user_id, populate_existing=True)
     if user is None:
         raise ApiError(404, "user_not_found", f"no user with id {user_id}")
     return user

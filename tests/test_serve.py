@@ -36,8 +36,8 @@ class Served:
     def __init__(self, data_dir: Path, settings: dict[str, str] | None = None):
         """``settings``: KGPU_* variables besides the admin token (none: the zero-configuration server)."""
         self.port = free_port()
-        env = {**os.environ, "KGPU_ADMIN_TOKEN": "serve-test-admin", **(settings or {})}
-        env.pop("KGPU_DATABASE_URL", None)
+        env = {key: value for key, value in os.environ.items() if key != "KGPU_DATABASE_URL"}
+        env.update({"KGPU_ADMIN_TOKEN": "serve-test-admin", **(settings or {})})
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "serve", "--data-dir", str(data_dir), "--port", str(self.port)],
             env=env,

@@ -53,7 +53,7 @@ def patch_user(user_id: RowIdPath, body: users.UserPatch, request: Request, _: A
 def reissue_token(user_id: RowIdPath, request: Request, _: AdminUser) -> dict:
     """Revoke every token of the user and issue a new one (shown once)."""
     with request.app.state.sessions.begin() as session:
-        users.get(session, user_id)
+        users.get_locked(session, user_id)  # concurrent reissues, on any gateway, one after another
         revoked = tokens.revoke_all(session, user_id)
         row, plaintext = tokens.issue(session, user_id, label="reissued by admin")
         described = tokens.describe(row)
@@ -64,7 +64,7 @@ def reissue_token(user_id: RowIdPath, request: Request, _: AdminUser) -> dict:
 @router.post("/users/{user_id}/credits")
 def grant_credits(user_id: RowIdPath, body: CreditGrant, request: Request, _: AdminUser) -> dict:
     with request.app.state.sessions.begin() as session:
-        user = users.get(session, user_id)
+        user = users.get_locked(session, user_id)  # the balance read is the one written to
         if user.credits + body.credits < 0:
             raise ApiError(422, "validation_error", f"the balance is {user.credits}; it cannot go below zero")
         if user.credits + body.credits > MAX_CREDITS:

@@ -1,0 +1,87 @@
+"""Gateway replicas: two `kgpu serve` processes, each with a data directory of its own (as two
+machines would have), on one PostgreSQL. What one books, reissues or grants, the other sees."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import psycopg
+import pytest
+import requests
+
+from tests.conftest import passable
+from tests.test_serve import Served
+
+ADMIN = {"Authorization": "Bearer serve-test-admin"}
+INVENTORY = json.dumps([{"node": "n1", "gpu_model": "TestGPU", "count": 2, "price_per_hour_credits": 10}])
+
+
+@pytest.fixture
+def replicas(tmp_path, postgres_url):
+    settings = {"KGPU_DATABASE_URL": postgres_url, "KGPU_GPU_INVENTORY": INVENTORY, "KGPU_LOCAL_POD_MOUNTS": "false"}
+    base = passable(tmp_path)
+    first = Served(base / "one", settings)
+    second = Served(base / "two", settings)
+    yield first, second
+    for server in (first, second):
+        server.process.terminate()
+        server.process.wait(timeout=15)
+
+
+def test_no_gpu_is_booked_twice_across_replicas(replicas):
+    first, second = replicas
+    tokens = []
+    for i in range(10):
+        reply = requests.post(f"{first.base}/v1/admin/users", json={"email": f"renter{i}@lab.example"}, headers=ADMIN)
+        tokens.append(reply.json()["token"])
+
+    def rent(i):
+        server = (first, second)[i % 2]
+        return requests.post(f"{server.base}/v1/gpus", json={"name": f"r{i}", "gpu_count": 1},
+                             headers={"Authorization": f"Bearer {tokens[i]}"}, timeout=60)
+
+    with ThreadPoolExecutor(10) as pool:
+        replies = list(pool.map(rent, range(10)))
+    booked = [r.json() for r in replies if r.status_code == 201]
+    refused = [r.json()["error_code"] for r in replies if r.status_code != 201]
+    assert len(booked) == 2, [r.text for r in replies]
+    assert refused == ["no_capacity"] * 8
+    assert len({b["gpu_id"] for b in booked}) == 2
+
+
+def test_exactly_one_live_token_after_concurrent_reissues(replicas, postgres_url):
+    first, second = replicas
+    user_id = requests.post(f"{first.base}/v1/admin/users", json={"email": "reissued@lab.example"}, headers=ADMIN).json()["user"]["id"]
+
+    def reissue(i):
+        server = (first, second)[i % 2]
+        return requests.post(f"{server.base}/v1/admin/users/{user_id}/token", headers=ADMIN, timeout=60)
+
+    with ThreadPoolExecutor(20) as pool:
+        replies = list(pool.map(reissue, range(40)))
+    assert all(r.status_code == 201 for r in replies), [r.text for r in replies if r.status_code != 201]
+    url = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(url) as conn:
+        live = conn.execute(
+            "SELECT count(*) FROM api_tokens WHERE user_id = %s AND revoked_at IS NULL AND rental_id IS NULL", (user_id,)
+        ).fetchone()[0]
+    assert live == 1
+
+
+def test_a_balance_never_goes_below_zero_under_concurrent_grants(replicas):
+    first, second = replicas
+    user_id = requests.post(f"{first.base}/v1/admin/users", json={"email": "granted@lab.example", "credits": 1000}, headers=ADMIN).json()["user"]["id"]
+
+    def grant(i):
+        server = (first, second)[i % 2]
+        return requests.post(f"{server.base}/v1/admin/users/{user_id}/credits", json={"credits": -30}, headers=ADMIN, timeout=60)
+
+    with ThreadPoolExecutor(25) as pool:
+        replies = list(pool.map(grant, range(50)))
+    accepted = sum(r.status_code == 200 for r in replies)
+    assert all(r.status_code in (200, 422) for r in replies), [r.text for r in replies]
+    listed = requests.get(f"{second.base}/v1/admin/users", headers=ADMIN).json()["users"]
+    balance = next(u["credits"] for u in listed if u["id"] == user_id)
+    assert balance == 1000 - 30 * accepted and balance >= 0
+    assert accepted == 1000 // 30
