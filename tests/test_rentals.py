@@ -408,3 +408,27 @@ def test_the_local_backend_refuses_to_rent_where_it_cannot_isolate_pods(tmp_path
     assert "chmod o+x" in reply.json()["message"]
     mine = requests.get(f"{stack.base}/v1/gpus", headers=user.auth).json()["my_gpus"]
     assert mine == []
+
+
+def test_a_trusted_single_user_server_without_bubblewrap_runs_plain_processes(tmp_path, monkeypatch):
+    """KGPU_LOCAL_TRUSTED_SINGLE_USER: no sandbox to be had, pods are plain processes instead of a refusal."""
+    from gateway.pods import PodSpec, sandbox
+    from gateway.pods.local import LocalPodBackend
+    from tests.test_pod_conformance import wait_finished
+
+    real_which = sandbox.shutil.which
+    monkeypatch.setattr(sandbox.shutil, "which", lambda tool: None if tool == "bwrap" else real_which(tool))
+    backend = LocalPodBackend(tmp_path / "pods", trusted_single_user=True)
+    assert backend.mode == "none" and backend.refusal is None
+    ref = backend.start(PodSpec("gpu-trusted", "local", [], 1, 256 << 20, 1, env={"KGPU_API_TOKEN": "tok", "A": "b"}))
+    try:
+        backend.start_run(ref, "run-1", ["sh", "-c", 'echo "$A $KGPU_API_TOKEN" > out.txt; cat out.txt; exit 3'], {})
+        state = wait_finished(backend, ref, "run-1")
+        assert (state.exit_code, state.stdout) == (3, b"b tok\n")
+        assert (tmp_path / "pods" / ref / "workspace" / "out.txt").exists()
+        backend.start_run(ref, "run-2", ["sleep", "300"], {})
+        backend.signal_run(ref, "run-2", "TERM")
+        assert wait_finished(backend, ref, "run-2", 10).exit_code == 143
+    finally:
+        backend.destroy(ref)
+    assert not (tmp_path / "pods" / ref).exists()

@@ -354,7 +354,7 @@ class LocalPodBackend:
 
     def _enter(self, pod: Path, record: dict) -> list[str]:
         if self.mode == "none":
-            return ["setsid"]
+            return []  # the callers start it in a session of its own
         return enter_command(record["holder_pid"], record.get("uid"))
 
     def _exec(self, pod: Path, record: dict, script: str, *args: str, timeout: float = 60) -> bytes:
