@@ -33,17 +33,21 @@ def alive(pid: int) -> bool:
 
 
 class Served:
-    def __init__(self, data_dir: Path, settings: dict[str, str] | None = None):
-        """``settings``: KGPU_* variables besides the admin token (none: the zero-configuration server)."""
+    admin_token = "serve-test-admin"
+
+    def __init__(self, data_dir: Path, settings: dict[str, str] | None = None, log_path: Path | None = None):
+        """``settings``: KGPU_* variables besides the admin token (none: the zero-configuration server);
+        ``log_path``: where its output goes (none: nowhere)."""
         self.port = free_port()
         env = {key: value for key, value in os.environ.items() if key != "KGPU_DATABASE_URL"}
-        env.update({"KGPU_ADMIN_TOKEN": "serve-test-admin", **(settings or {})})
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--data-dir", str(data_dir), "--port", str(self.port)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        env.update({"KGPU_ADMIN_TOKEN": self.admin_token, **(settings or {})})
+        with open(log_path or os.devnull, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "serve", "--data-dir", str(data_dir), "--port", str(self.port)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.base = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 30
         while True:

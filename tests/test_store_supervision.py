@@ -7,46 +7,28 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
+import uuid
 from pathlib import Path
 
 import requests
 
 from drive.store.embedded import free_port
 from tests.conftest import passable
-from tests.test_serve import alive, children, wait_gone
+from tests.test_serve import Served, alive, children, wait_gone
 
 ADMIN = {"Authorization": "Bearer supervision-test-admin"}
 BACK_WITHIN = 20.0  # seconds a killed store may take to serve again
 
 
-class Server:
-    """``kgpu serve`` on a data directory, its log kept in ``data_dir.parent/serve-N.log``."""
+class Server(Served):
+    """``kgpu serve`` on a data directory, its log kept beside it."""
+
+    admin_token = "supervision-test-admin"
 
     def __init__(self, data_dir: Path, settings: dict[str, str] | None = None):
-        self.port = free_port()
-        env = {**os.environ, "KGPU_ADMIN_TOKEN": "supervision-test-admin", **(settings or {})}
-        env.pop("KGPU_DATABASE_URL", None)
-        self.log_path = data_dir.parent / f"serve-{self.port}.log"
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "gateway.cli", "serve", "--data-dir", str(data_dir), "--port", str(self.port)],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        self.base = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if requests.get(f"{self.base}/healthz", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline and self.process.poll() is None, f"kgpu serve did not start:\n{self.log()}"
-            time.sleep(0.1)
+        self.log_path = data_dir.parent / f"serve-{uuid.uuid4().hex[:8]}.log"
+        super().__init__(data_dir, settings, self.log_path)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
