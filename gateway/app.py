@@ -20,6 +20,7 @@ from gateway.errors import RequestIdMiddleware, install_error_handlers
 from gateway.fast_download import FastDownload
 from gateway.quota import UsageBook
 from gateway.inventory import load_inventory
+from gateway.openapi import install as install_openapi
 from gateway.pods import PodBackend
 from gateway.pods.network import pod_host_address
 from gateway.rentals import Rentals
@@ -157,6 +158,7 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    install_openapi(app)  # every status each route answers, the error envelope, bearer and Basic
     app.add_middleware(FastDownload, fastapi_app=app)
     app.add_middleware(DavDispatcher)  # WebDAV on /v1/files/ and /v1/dav/: outside FastDownload, inside request ids
     app.add_middleware(RequestIdMiddleware)

@@ -11,6 +11,7 @@ from gateway.auth import AdminUser
 from gateway.bounds import MAX_CREDITS, RowIdPath
 from gateway.errors import ApiError
 from gateway.models import User
+from gateway.openapi import errors
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
@@ -21,7 +22,9 @@ class CreditGrant(BaseModel):
     )
 
 
-@router.post("/users", status_code=201)
+@router.post(
+    "/users", status_code=201, responses=errors((409, "user_exists: a user with this email exists"))
+)
 def create_user(body: users.NewUser, request: Request, _: AdminUser) -> dict:
     state = request.app.state
     with state.sessions.begin() as session:
@@ -39,7 +42,7 @@ def list_users(request: Request, _: AdminUser, status: users.Status | None = Non
         return {"users": [users.describe(u) for u in session.scalars(query)]}
 
 
-@router.patch("/users/{user_id}")
+@router.patch("/users/{user_id}", responses=errors((404, "user_not_found")))
 def patch_user(user_id: RowIdPath, body: users.UserPatch, request: Request, _: AdminUser) -> dict:
     with request.app.state.sessions.begin() as session:
         user = users.get(session, user_id)
@@ -49,7 +52,7 @@ def patch_user(user_id: RowIdPath, body: users.UserPatch, request: Request, _: A
     return {"user": described}
 
 
-@router.post("/users/{user_id}/token", status_code=201)
+@router.post("/users/{user_id}/token", status_code=201, responses=errors((404, "user_not_found")))
 def reissue_token(user_id: RowIdPath, request: Request, _: AdminUser) -> dict:
     """Revoke every token of the user and issue a new one (shown once)."""
     with request.app.state.sessions.begin() as session:
@@ -61,7 +64,12 @@ def reissue_token(user_id: RowIdPath, request: Request, _: AdminUser) -> dict:
     return {"token": plaintext, "token_info": described, "revoked": revoked}
 
 
-@router.post("/users/{user_id}/credits")
+@router.post(
+    "/users/{user_id}/credits",
+    responses=errors(
+        (404, "user_not_found"), (422, "validation_error: the field named, or a balance below 0 or past 10^15")
+    ),
+)
 def grant_credits(user_id: RowIdPath, body: CreditGrant, request: Request, _: AdminUser) -> dict:
     with request.app.state.sessions.begin() as session:
         user = users.get_locked(session, user_id)  # the balance read is the one written to

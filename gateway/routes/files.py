@@ -9,6 +9,17 @@ from drive import keys
 from gateway import drive_http
 from gateway.auth import ApprovedUser, Principal
 from gateway.drive_http import Drive
+from gateway.openapi import (
+    BINARY_BODY,
+    HTML_PAGE,
+    JSON_OBJECT,
+    JSON_QUERY,
+    content,
+    errors,
+    merge,
+    no_body,
+    redirect,
+)
 
 router = APIRouter(tags=["files"])
 
@@ -28,6 +39,97 @@ def with_follow_hint(response: Response) -> Response:
     return response
 
 
+# What the drive routes answer (gateway/drive_http.py), shared with gateway/routes/shared.py.
+INVALID_PATH = (400, "invalid_path: a name the drive cannot hold (docs/my-drive.md, names)")
+NO_DRIVE = (403, "no_drive: the environment admin token has no drive")
+STORE_DOWN = (503, "store_unavailable: the object store is restarting; retry after Retry-After")
+FOLLOW_307 = {
+    307: {
+        "description": "Expect: 100-continue with a Content-Length: send the same PUT to Location "
+        "(a presigned PUT); nothing is stored yet",
+        "headers": {"Location": {"description": "the presigned PUT", "schema": {"type": "string"}}},
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+}
+UPLOADED = merge(
+    content(200, "Stored, replacing a file (path, size, etag, parts)", JSON_OBJECT),
+    content(201, "Stored as a new file (path, size, etag, parts)", JSON_OBJECT),
+)
+UPLOAD_ERRORS = errors(
+    (
+        400,
+        "invalid_path, is_a_folder (a path ending in '/'), reserved_name, bad_content_length, "
+        "incomplete_body or client_disconnected (nothing is stored)",
+    ),
+    (403, "read_only: you may read this drive but not write to it; no_drive: the environment admin token has none"),
+    (409, "name_conflict: a folder has this name, or a file is where a folder would be"),
+    (413, "quota_exceeded: the upload would pass the drive's quota (nothing is stored)"),
+    (423, "locked: a WebDAV lock holds the file; send its token in an If header"),
+    STORE_DOWN,
+)
+MINTED = content(
+    200,
+    "Stored, replacing a file (path, size, etag, parts); with no body, a presigned PUT to send the "
+    "bytes to (url, method, expires_in, headers)",
+    JSON_OBJECT,
+)
+MINT_HEADERS = {
+    "parameters": [
+        {
+            "name": "X-Content-Length",
+            "in": "header",
+            "required": False,
+            "description": "with no body: the size the presigned PUT will send (held against the quota)",
+            "schema": {"type": "integer", "minimum": 0},
+        },
+        {
+            "name": "X-Content-Type",
+            "in": "header",
+            "required": False,
+            "description": "with no body: the Content-Type the presigned PUT must send",
+            "schema": {"type": "string", "maxLength": 256},
+        },
+    ],
+    **BINARY_BODY,
+}
+DOWNLOAD = merge(
+    redirect(302, "A file: to a short-lived presigned GET"),
+    content(
+        200,
+        "A file with ?json=1 or Accept: application/json (url, size, expires_in, etag, content_type); "
+        "a folder (a path ending in '/'): its listing, an HTML page or JSON (path, entries)",
+        {**JSON_OBJECT, **HTML_PAGE},
+    ),
+    errors(INVALID_PATH, NO_DRIVE, (404, "not_found: no such folder (or file, with ?json=1)"), STORE_DOWN),
+)
+HEADERS = merge(
+    no_body(
+        200,
+        "The file's (or folder's) headers: Content-Length, Content-Type, ETag, Last-Modified",
+        {
+            "ETag": {"schema": {"type": "string"}},
+            "Last-Modified": {"schema": {"type": "string"}},
+        },
+    ),
+    no_body(404, "No such file or folder (no body)"),
+    errors(INVALID_PATH, NO_DRIVE, STORE_DOWN),
+)
+DELETED = merge(
+    no_body(
+        204,
+        "Deleted (a folder: X-Deleted-Count says how many files)",
+        {"X-Deleted-Count": {"schema": {"type": "integer"}}},
+    ),
+    errors(
+        (400, "invalid_path, or refused: the drive's root cannot be deleted"),
+        (403, "read_only: you may read this drive but not write to it; no_drive: the environment admin token has none"),
+        (404, "not_found: no such file or folder"),
+        (423, "locked: a WebDAV lock holds it; send its token in an If header"),
+        STORE_DOWN,
+    ),
+)
+
+
 def my_drive(request: Request, principal: Principal) -> Drive:
     return Drive(
         prefix=principal.drive_prefix,
@@ -37,7 +139,14 @@ def my_drive(request: Request, principal: Principal) -> Drive:
     )
 
 
-@router.get("/v1/files", summary="List my drive (flat, streamed JSON) with quota")
+@router.get(
+    "/v1/files",
+    summary="List my drive (flat, streamed JSON) with quota",
+    responses=merge(
+        content(200, "prefix, glob, quota, files (path, size, etag, last_modified), count, total_bytes", JSON_OBJECT),
+        errors(INVALID_PATH, NO_DRIVE, STORE_DOWN),
+    ),
+)
 async def list_files(
     request: Request,
     principal: ApprovedUser,
@@ -53,26 +162,48 @@ async def list_files(
     return drive_http.flat_listing(request, drive, list_prefix, glob, first, header)
 
 
-@router.head("/v1/files/{path:anypath}", summary="Size, type, ETag and Last-Modified of a file")
+@router.head(
+    "/v1/files/{path:anypath}", summary="Size, type, ETag and Last-Modified of a file", responses=HEADERS
+)
 async def head_file(request: Request, principal: ApprovedUser, path: str) -> Response:
     return await drive_http.head(request, my_drive(request, principal))
 
 
-@router.get("/v1/files/{path:anypath}", summary="Download (302 to a presigned GET) or list a folder")
+@router.get(
+    "/v1/files/{path:anypath}",
+    summary="Download (302 to a presigned GET) or list a folder",
+    responses=DOWNLOAD,
+    openapi_extra={"parameters": [JSON_QUERY]},
+)
 async def get_file(request: Request, principal: ApprovedUser, path: str) -> Response:
     return await drive_http.get(request, my_drive(request, principal))
 
 
-@router.put("/v1/files/{path:anypath}", summary="Upload: 307 to a presigned PUT with Expect, else streamed")
+@router.put(
+    "/v1/files/{path:anypath}",
+    summary="Upload: 307 to a presigned PUT with Expect, else streamed",
+    responses=merge(UPLOADED, FOLLOW_307, UPLOAD_ERRORS),
+    openapi_extra=BINARY_BODY,
+)
 async def put_file(request: Request, principal: ApprovedUser, path: str) -> Response:
     return with_follow_hint(await drive_http.put(request, my_drive(request, principal)))
 
 
-@router.post("/v1/files/{path:anypath}", summary="Upload a body (streamed), or mint a presigned PUT if empty")
+@router.post(
+    "/v1/files/{path:anypath}",
+    summary="Upload a body (streamed), or mint a presigned PUT if empty",
+    responses=merge(UPLOADED, MINTED, UPLOAD_ERRORS),
+    openapi_extra=MINT_HEADERS,
+)
 async def post_file(request: Request, principal: ApprovedUser, path: str) -> Response:
     return await drive_http.post(request, my_drive(request, principal))
 
 
-@router.delete("/v1/files/{path:anypath}", status_code=204, summary="Delete a file, or every file under a folder")
+@router.delete(
+    "/v1/files/{path:anypath}",
+    status_code=204,
+    summary="Delete a file, or every file under a folder",
+    responses=DELETED,
+)
 async def delete_file(request: Request, principal: ApprovedUser, path: str) -> Response:
     return await drive_http.delete(request, my_drive(request, principal))

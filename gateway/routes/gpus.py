@@ -10,6 +10,7 @@ from gateway.auth import AccountUser, ApprovedUser, MaybeUser
 from gateway.errors import ApiError
 from gateway.inventory import CREDITS_PER_DOLLAR
 from gateway.models import Rental, User
+from gateway.openapi import errors
 from gateway.rentals import ACTIVE, RentRequest, Rentals
 from gateway.runs import run_summary
 
@@ -33,7 +34,11 @@ def api_base(request: Request) -> str:
     return str(request.base_url).rstrip("/")
 
 
-@router.get("/v1/gpus", summary="Cluster summary (public); with a token also your balance and rentals")
+@router.get(
+    "/v1/gpus",
+    summary="Cluster summary (public); with a token also your balance and rentals",
+    responses=errors((503, "pod_unavailable: the pod backend did not answer; retry after Retry-After")),
+)
 def cluster(request: Request, principal: MaybeUser) -> dict:
     rentals = _rentals(request)
     with request.app.state.sessions() as session:
@@ -55,7 +60,18 @@ def cluster(request: Request, principal: MaybeUser) -> dict:
     return reply
 
 
-@router.post("/v1/gpus", status_code=201, summary="Rent a GPU (the image is fixed for the rental's lifetime)")
+@router.post(
+    "/v1/gpus",
+    status_code=201,
+    summary="Rent a GPU (the image is fixed for the rental's lifetime)",
+    responses=errors(
+        (402, "insufficient_credits: one hour costs more than your balance"),
+        (403, "no_account: the environment admin token cannot rent"),
+        (409, "gpu_cap_reached: you hold the most GPUs one user may; or no_capacity: none free right now"),
+        (422, "validation_error: the field named, or a gpu_model not offered here"),
+        (503, "pods_unavailable: this server cannot isolate pods; or pod_unavailable"),
+    ),
+)
 def rent(body: RentRequest, request: Request, principal: AccountUser) -> dict:
     if principal.user_id is None:
         raise ApiError(403, "no_account", "the environment admin token cannot rent; use a user's token")
@@ -68,7 +84,11 @@ def rent(body: RentRequest, request: Request, principal: AccountUser) -> dict:
         return rentals.describe(session, session.get(Rental, rental.id))
 
 
-@router.get("/v1/gpus/{gpu_id}", summary="A rental's state and its runs (also after it ended)")
+@router.get(
+    "/v1/gpus/{gpu_id}",
+    summary="A rental's state and its runs (also after it ended)",
+    responses=errors((404, "gpu_not_found: no rental of yours with this id"), (503, "pod_unavailable: the pod backend did not answer; retry after Retry-After")),
+)
 def rental_state(gpu_id: str, request: Request, principal: ApprovedUser) -> dict:
     rentals = _rentals(request)
     with request.app.state.sessions() as session:
@@ -91,7 +111,11 @@ def rental_state(gpu_id: str, request: Request, principal: ApprovedUser) -> dict
     return described
 
 
-@router.delete("/v1/gpus/{gpu_id}", summary="Return the GPU: the pod is destroyed")
+@router.delete(
+    "/v1/gpus/{gpu_id}",
+    summary="Return the GPU: the pod is destroyed",
+    responses=errors((404, "gpu_not_found: no rental of yours with this id")),
+)
 async def return_gpu(gpu_id: str, request: Request, principal: ApprovedUser) -> dict:
     rentals = _rentals(request)
     rental = await run_in_threadpool(rentals.end, principal, gpu_id, "returned")
@@ -103,7 +127,11 @@ async def return_gpu(gpu_id: str, request: Request, principal: ApprovedUser) -> 
     return await run_in_threadpool(describe)
 
 
-@router.get("/v1/balance", summary="Your credits")
+@router.get(
+    "/v1/balance",
+    summary="Your credits",
+    responses=errors((403, "no_account: the environment admin token has no balance")),
+)
 def balance(request: Request, principal: ApprovedUser) -> dict:
     if principal.user_id is None:
         raise ApiError(403, "no_account", "the environment admin token has no balance")

@@ -8,11 +8,37 @@ from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from drive.store import StoreError
+from gateway.openapi import content, merge
+
+_CHECK = {"type": "string", "enum": ["ok", "unavailable"]}
+_HEALTH = {
+    "application/json": {
+        "schema": {
+            "type": "object",
+            "required": ["status", "checks"],
+            "properties": {
+                "status": {"type": "string", "enum": ["ok", "degraded"]},
+                "checks": {
+                    "type": "object",
+                    "required": ["database", "object_store"],
+                    "properties": {"database": _CHECK, "object_store": _CHECK},
+                },
+            },
+        }
+    }
+}
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get(
+    "/healthz",
+    summary="Health (public): the database and the object store",
+    responses=merge(
+        content(200, "Everything answers: status ok", _HEALTH),
+        content(503, "status degraded: a check failed (the store restarts itself in seconds); Retry-After", _HEALTH),
+    ),
+)
 async def healthz(request: Request):
     state = request.app.state
     checks = {"database": "ok", "object_store": "ok"}

@@ -12,8 +12,13 @@ from gateway import orgs
 from gateway.auth import AccountUser, AdminUser
 from gateway.bounds import RowIdPath
 from gateway.errors import ApiError
+from gateway.openapi import errors
 
 router = APIRouter(prefix="/v1/admin/orgs", tags=["admin: organizations"])
+MANAGED = errors(
+    (403, "org_admin_only: managing an org's members needs its admin role"),
+    (404, "org_not_found: no organisation of that name that you belong to"),
+)
 
 
 def _managed(session, principal, slug: str) -> orgs.Access:
@@ -23,7 +28,9 @@ def _managed(session, principal, slug: str) -> orgs.Access:
     return found
 
 
-@router.get("")
+@router.get(
+    "", responses=errors((403, "admin_only: needs an admin token or an org's admin role"))
+)
 def list_orgs(request: Request, principal: AccountUser) -> dict:
     """Every org for global admins; the orgs a caller administers otherwise."""
     with request.app.state.sessions() as session:
@@ -37,20 +44,29 @@ def list_orgs(request: Request, principal: AccountUser) -> dict:
     return {"orgs": found}
 
 
-@router.post("", status_code=201)
+@router.post(
+    "",
+    status_code=201,
+    responses=errors(
+        (404, "user_not_found: no user owner_user_id"), (409, "org_exists: an organisation with this slug exists")
+    ),
+)
 def create_org(body: orgs.NewOrg, request: Request, _: AdminUser) -> dict:
     with request.app.state.sessions.begin() as session:
         return {"org": orgs.describe(orgs.create(session, body))}
 
 
-@router.get("/{slug}/members")
+@router.get("/{slug}/members", responses=MANAGED)
 def list_members(slug: str, request: Request, principal: AccountUser) -> dict:
     with request.app.state.sessions() as session:
         found = _managed(session, principal, slug)
         return {"org": orgs.describe(found.org), "members": orgs.members(session, found.org)}
 
 
-@router.post("/{slug}/members")
+@router.post(
+    "/{slug}/members",
+    responses={**MANAGED, **errors((404, "org_not_found, or user_not_found: no user user_id"))},
+)
 def set_member(slug: str, body: orgs.Membership, request: Request, principal: AccountUser) -> dict:
     with request.app.state.sessions.begin() as session:
         found = _managed(session, principal, slug)
@@ -62,7 +78,15 @@ def set_member(slug: str, body: orgs.Membership, request: Request, principal: Ac
         return {"org": slug, "member": described}
 
 
-@router.delete("/{slug}/members/{user_id}", status_code=204)
+@router.delete(
+    "/{slug}/members/{user_id}",
+    status_code=204,
+    responses={
+        204: {"description": "Removed"},
+        **MANAGED,
+        **errors((404, "org_not_found, or member_not_found: the user is not a member")),
+    },
+)
 def remove_member(slug: str, user_id: RowIdPath, request: Request, principal: AccountUser) -> Response:
     with request.app.state.sessions.begin() as session:
         found = _managed(session, principal, slug)

@@ -15,11 +15,18 @@ from starlette.concurrency import run_in_threadpool
 from gateway import runs
 from gateway.auth import ApprovedUser, Principal
 from gateway.errors import ApiError
+from gateway.openapi import content, errors, merge
 from gateway.pods import RunState
 from gateway.rentals import Rentals, check_command, check_env
 
 router = APIRouter(tags=["runs"])
 POLL_SECONDS = 0.05
+RUN_ERRORS = errors(
+    (404, "gpu_not_found, or run_not_found: no such run on a rental of yours"),
+    (409, "gpu_not_running: the rental is not running"),
+    (410, "gpu_not_running: the rental has ended"),
+    (503, "pod_unavailable: the pod backend did not answer; retry after Retry-After"),
+)
 
 
 class RunRequest(BaseModel):
@@ -81,7 +88,17 @@ async def _wait(request: Request, ref: str, run_id: str, seconds: float) -> RunS
         await asyncio.sleep(POLL_SECONDS)
 
 
-@router.post("/v1/runs", summary="Start a run; answers when it ends or after wait_seconds (phase Running)")
+@router.post(
+    "/v1/runs",
+    summary="Start a run; answers when it ends or after wait_seconds (phase Running)",
+    responses=merge(
+        RUN_ERRORS,
+        errors(
+            (404, "gpu_not_found: no rental of yours with this id"),
+            (409, "gpu_not_running, or gpu_not_ready: the pod is still starting"),
+        ),
+    ),
+)
 async def start_run(body: RunRequest, request: Request, principal: ApprovedUser) -> dict:
     ref = await run_in_threadpool(_pod, request, principal, body.gpu_id, must_be_ready=True)
     run_id = runs.new_run_id(body.gpu_id)
@@ -92,7 +109,11 @@ async def start_run(body: RunRequest, request: Request, principal: ApprovedUser)
     return {**runs.run_reply(body.gpu_id, state), "name": body.name}
 
 
-@router.get("/v1/runs", summary="Runs on your rented GPUs (all of them, or ?gpu_id=)")
+@router.get(
+    "/v1/runs",
+    summary="Runs on your rented GPUs (all of them, or ?gpu_id=)",
+    responses=errors((404, "gpu_not_found: no rental of yours with this id"), (503, "pod_unavailable: the pod backend did not answer; retry after Retry-After")),
+)
 def list_runs(request: Request, principal: ApprovedUser, gpu_id: str | None = None) -> dict:
     rentals = _rentals(request)
     with request.app.state.sessions() as session:
@@ -111,13 +132,18 @@ def list_runs(request: Request, principal: ApprovedUser, gpu_id: str | None = No
     return {"runs": found}
 
 
-@router.get("/v1/runs/{run_id}", summary="A run's state with stdout/stderr tails")
+@router.get("/v1/runs/{run_id}", summary="A run's state with stdout/stderr tails", responses=RUN_ERRORS)
 def get_run(run_id: str, request: Request, principal: ApprovedUser, gpu_id: str | None = None) -> dict:
     gpu_id, ref = _locate(request, principal, run_id, gpu_id)
     return runs.run_reply(gpu_id, _state(request, ref, run_id))
 
 
-@router.delete("/v1/runs/{run_id}", status_code=202, summary="SIGTERM the run's process group, SIGKILL after a grace")
+@router.delete(
+    "/v1/runs/{run_id}",
+    status_code=202,
+    summary="SIGTERM the run's process group, SIGKILL after a grace",
+    responses=RUN_ERRORS,
+)
 async def stop_run(run_id: str, request: Request, principal: ApprovedUser, gpu_id: str | None = None) -> dict:
     gpu_id, ref = await run_in_threadpool(_locate, request, principal, run_id, gpu_id)
     backend = _rentals(request).backend
@@ -136,7 +162,19 @@ async def stop_run(run_id: str, request: Request, principal: ApprovedUser, gpu_i
     return runs.run_reply(gpu_id, state)
 
 
-@router.get("/v1/runs/{run_id}/stream", summary="NDJSON: stdout/stderr chunks live, then done with the exit code")
+@router.get(
+    "/v1/runs/{run_id}/stream",
+    summary="NDJSON: stdout/stderr chunks live, then done with the exit code",
+    response_class=StreamingResponse,
+    responses=merge(
+        content(
+            200,
+            "One JSON object a line: {type: stdout|stderr, chunk}, then {type: done, exit_code}",
+            {"application/x-ndjson": {"schema": {"type": "string"}}},
+        ),
+        RUN_ERRORS,
+    ),
+)
 async def stream_run(run_id: str, request: Request, principal: ApprovedUser, gpu_id: str | None = Query(None)):
     gpu_id, ref = await run_in_threadpool(_locate, request, principal, run_id, gpu_id)
     await run_in_threadpool(_state, request, ref, run_id)

@@ -19,9 +19,28 @@ from gateway.auth import ApprovedUser, Principal
 from gateway.drive_http import Drive
 from gateway.errors import ApiError
 from gateway.models import SharedFile, utcnow
-from gateway.routes.files import with_follow_hint
+from gateway.openapi import BINARY_BODY, HTML_PAGE, JSON_OBJECT, JSON_QUERY, content, errors, merge, redirect
+from gateway.routes.files import (
+    DELETED,
+    DOWNLOAD,
+    FOLLOW_307,
+    HEADERS,
+    MINT_HEADERS,
+    MINTED,
+    UPLOAD_ERRORS,
+    UPLOADED,
+    with_follow_hint,
+)
 
 router = APIRouter(tags=["shared drives"])
+
+NO_ORG = errors((404, "org_not_found: no organisation of that name that you belong to; or not_found"))
+REGISTERED = content(
+    201,
+    "Stored as a new file (path, size, etag, parts); for …/registered with no body, the upload "
+    "recorded (id, org, key, size, etag, content_type, uploader_user_id, registered_at)",
+    JSON_OBJECT,
+)
 
 
 def _shared_drive(request: Request, principal: Principal, slug: str) -> tuple[Drive, orgs.Access]:
@@ -41,7 +60,15 @@ async def shared_drive(request: Request, principal: Principal, slug: str) -> Dri
     return drive
 
 
-@router.get("/v1/shared", summary="The organisations you belong to (HTML for rclone, JSON with ?json=1)")
+@router.get(
+    "/v1/shared",
+    summary="The organisations you belong to (HTML for rclone, JSON with ?json=1)",
+    responses=merge(
+        content(200, "With ?json=1 or Accept: application/json: {orgs: [...]}", {**JSON_OBJECT, **HTML_PAGE}),
+        redirect(301, "Without JSON asked for: to /v1/shared/, the HTML folder page rclone reads"),
+    ),
+    openapi_extra={"parameters": [JSON_QUERY]},
+)
 @router.get("/v1/shared/", include_in_schema=False)
 async def list_orgs(request: Request, principal: ApprovedUser) -> Response:
     def load() -> list[dict]:
@@ -67,22 +94,39 @@ async def org_root_without_slash(org: str, request: Request, principal: Approved
     return RedirectResponse(str(request.url.replace(path=f"/v1/shared/{org}/")), status_code=301)
 
 
-@router.head("/v1/shared/{org}/{path:anypath}", summary="Size, type and ETag of a shared file")
+@router.head(
+    "/v1/shared/{org}/{path:anypath}", summary="Size, type and ETag of a shared file", responses=HEADERS
+)
 async def head_shared(org: str, path: str, request: Request, principal: ApprovedUser) -> Response:
     return await drive_http.head(request, await shared_drive(request, principal, org))
 
 
-@router.get("/v1/shared/{org}/{path:anypath}", summary="Download (302 to a presigned GET) or list a folder")
+@router.get(
+    "/v1/shared/{org}/{path:anypath}",
+    summary="Download (302 to a presigned GET) or list a folder",
+    responses=merge(DOWNLOAD, NO_ORG),
+    openapi_extra={"parameters": [JSON_QUERY]},
+)
 async def get_shared(org: str, path: str, request: Request, principal: ApprovedUser) -> Response:
     return await drive_http.get(request, await shared_drive(request, principal, org))
 
 
-@router.put("/v1/shared/{org}/{path:anypath}", summary="Upload (uploader/admin): 307 with Expect, else streamed")
+@router.put(
+    "/v1/shared/{org}/{path:anypath}",
+    summary="Upload (uploader/admin): 307 with Expect, else streamed",
+    responses=merge(UPLOADED, FOLLOW_307, UPLOAD_ERRORS, NO_ORG),
+    openapi_extra=BINARY_BODY,
+)
 async def put_shared(org: str, path: str, request: Request, principal: ApprovedUser) -> Response:
     return with_follow_hint(await drive_http.put(request, await shared_drive(request, principal, org)))
 
 
-@router.delete("/v1/shared/{org}/{path:anypath}", status_code=204, summary="Delete a shared file or folder")
+@router.delete(
+    "/v1/shared/{org}/{path:anypath}",
+    status_code=204,
+    summary="Delete a shared file or folder",
+    responses=merge(DELETED, NO_ORG),
+)
 async def delete_shared(org: str, path: str, request: Request, principal: ApprovedUser) -> Response:
     return await drive_http.delete(request, await shared_drive(request, principal, org))
 
@@ -90,6 +134,8 @@ async def delete_shared(org: str, path: str, request: Request, principal: Approv
 @router.post(
     "/v1/shared/{org}/{path:anypath}",
     summary="Mint a presigned PUT (no body), stream a body, or record an upload (…/registered)",
+    responses=merge(UPLOADED, MINTED, REGISTERED, UPLOAD_ERRORS, NO_ORG),
+    openapi_extra=MINT_HEADERS,
 )
 async def post_shared(org: str, path: str, request: Request, principal: ApprovedUser) -> Response:
     drive, access = await run_in_threadpool(_shared_drive, request, principal, org)
