@@ -45,7 +45,10 @@ class Presigner:
         self._key_cache = (datestamp, key)
         return key
 
-    def presign(self, method: str, key: str, expires_in: int, now: datetime | None = None) -> str:
+    def presign(
+        self, method: str, key: str, expires_in: int, now: datetime | None = None, content_length: int | None = None
+    ) -> str:
+        """``content_length`` (a PUT): signed too, so the store refuses a body of another size."""
         now = now or datetime.now(timezone.utc)
         amz_date = now.strftime("%Y%m%dT%H%M%SZ")
         datestamp = amz_date[:8]
@@ -55,11 +58,14 @@ class Presigner:
         canonical_query = (
             f"X-Amz-Algorithm={_ALGORITHM}&X-Amz-Credential={self._encoded_key_id}%2F{datestamp}%2F"
             f"{self._encoded_region}%2Fs3%2Faws4_request&X-Amz-Date={amz_date}"
-            f"&X-Amz-Expires={int(expires_in)}&X-Amz-SignedHeaders=host"
+            f"&X-Amz-Expires={int(expires_in)}&X-Amz-SignedHeaders="
+            + ("host" if content_length is None else "content-length%3Bhost")
         )
-        canonical_request = "\n".join(
-            [method, path, canonical_query, f"host:{self._host}", "", "host", "UNSIGNED-PAYLOAD"]
-        )
+        if content_length is None:
+            headers, signed = f"host:{self._host}", "host"
+        else:
+            headers, signed = f"content-length:{int(content_length)}\nhost:{self._host}", "content-length;host"
+        canonical_request = "\n".join([method, path, canonical_query, headers, "", signed, "UNSIGNED-PAYLOAD"])
         string_to_sign = "\n".join(
             [_ALGORITHM, amz_date, scope, hashlib.sha256(canonical_request.encode()).hexdigest()]
         )

@@ -346,9 +346,11 @@ async def put(request: Request, drive: Drive) -> Response:
             await run_in_threadpool(_refuse_if_folder, store, path)
         # The body goes straight to the store: its declared length is held until it appears.
         await run_in_threadpool(hold_for_presigned_put, request, drive, path, length, previous)
+        # The length is signed into the URL: a store that checks signatures (R2, the embedded
+        # rclone) refuses a body of another size, so the hold covers whatever arrives.
         # The client writes straight to the store: WebDAV's cached listing of the folder may miss
         # the file for up to drive.dav.LISTING_TTL seconds.
-        url = _store(request).presign_put(path.key, _expires(request))
+        url = store.presign_put(path.key, _expires(request), content_length=length)
         return Response(status_code=307, headers={"Location": url, "Connection": "close"})
     return await stream_upload(request, drive, path)
 
@@ -372,7 +374,7 @@ async def post(request: Request, drive: Drive) -> Response:
     content_type = request.headers.get("x-content-type") or mimetypes.guess_type(path.name)[0]
     return JSONResponse(
         {
-            "url": _store(request).presign_put(path.key, _expires(request)),
+            "url": store.presign_put(path.key, _expires(request), content_length=size),
             "method": "PUT",
             "expires_in": _expires(request),
             "headers": {"Content-Type": content_type} if content_type else {},

@@ -124,6 +124,10 @@ def test_parallel_chunked_webdav_puts_stay_within_the_quota(stack, user, small_q
 
 
 def test_parallel_redirected_puts_stay_within_the_quota(stack, user, small_quota, tmp_path):
+    # The folder exists first: rclone serve s3 sometimes answers 500 to PUTs racing to create
+    # the same new folder ("Dir.Rename error: file does not exist"), a store bug, not the quota's.
+    requests.request("MKCOL", f"{stack.base}/v1/dav/par/", headers=user.auth)
+
     def upload(name, data):  # Content-Length + Expect: a 307 to a presigned PUT, followed by curl -L
         source = tmp_path / name.replace("/", "_")
         source.write_bytes(data)
@@ -135,6 +139,8 @@ def test_parallel_redirected_puts_stay_within_the_quota(stack, user, small_quota
 
 
 def test_parallel_mints_stay_within_the_quota(stack, user, small_quota):
+    requests.request("MKCOL", f"{stack.base}/v1/dav/par/", headers=user.auth)  # see above
+
     def upload(name, data):
         minted = requests.post(
             f"{stack.base}/v1/files/{name}", headers={**user.auth, "X-Content-Length": str(len(data))}, timeout=60
@@ -189,3 +195,28 @@ def test_an_overwrite_counts_new_minus_old_on_every_path(stack, user, small_quot
     assert read_back(stack, user, "ow.bin") == grown
     listing = requests.get(f"{stack.base}/v1/files", headers=user.auth).json()
     assert listing["quota"]["used_bytes"] == len(grown)
+
+
+# ------------------------------------------------------------------ the declared size is bound into the URL
+
+
+def test_a_presigned_put_takes_only_its_declared_size(stack, user, small_quota):
+    """The 307's Content-Length and the mint's X-Content-Length are signed into the URL, so a store
+    that checks signatures (the embedded rclone, R2) refuses any other size: the hold covers what
+    can arrive. moto does not check signatures at all."""
+    if not stack.target.checks_signatures:
+        pytest.skip("this store (moto) does not check presigned signatures")
+    minted = requests.post(f"{stack.base}/v1/files/b/minted.bin", headers={**user.auth, "X-Content-Length": "1000"})
+    assert minted.status_code == 200, minted.text
+    assert requests.put(minted.json()["url"], data=os.urandom(QUOTA)).status_code == 403
+    redirect = requests.put(
+        f"{stack.base}/v1/files/b/redirected.bin",
+        headers={**user.auth, "Expect": "100-continue", "Content-Length": "1000"},
+        allow_redirects=False,
+    )
+    assert redirect.status_code == 307, redirect.text
+    assert requests.put(redirect.headers["Location"], data=os.urandom(QUOTA)).status_code == 403
+    assert stored(stack, user) == {}
+    assert requests.put(minted.json()["url"], data=b"m" * 1000).status_code == 200
+    assert requests.put(redirect.headers["Location"], data=b"r" * 1000).status_code == 200
+    assert stored(stack, user) == {"b/minted.bin": 1000, "b/redirected.bin": 1000}

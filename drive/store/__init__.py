@@ -76,7 +76,8 @@ class ObjectStore(Protocol):
 
     def presign_get(self, key: str, expires_in: int) -> str: ...
 
-    def presign_put(self, key: str, expires_in: int) -> str: ...
+    def presign_put(self, key: str, expires_in: int, content_length: int | None = None) -> str:
+        """A presigned PUT; with ``content_length``, a body of any other size is refused."""
 
     def create_multipart(self, key: str, content_type: str | None = None) -> str: ...
 

@@ -305,7 +305,7 @@ class EmbeddedStore(S3ObjectStore):
             raise self._down()
         return super().presign_get(key, expires_in)
 
-    def presign_put(self, key: str, expires_in: int) -> str:
+    def presign_put(self, key: str, expires_in: int, content_length: int | None = None) -> str:
         if not self.server.serving:
             raise self._down()
-        return super().presign_put(key, expires_in)
+        return super().presign_put(key, expires_in, content_length)

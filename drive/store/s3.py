@@ -159,8 +159,8 @@ class S3ObjectStore:
     def presign_get(self, key: str, expires_in: int) -> str:
         return self._presigner.presign("GET", key, expires_in)
 
-    def presign_put(self, key: str, expires_in: int) -> str:
-        return self._presigner.presign("PUT", key, expires_in)
+    def presign_put(self, key: str, expires_in: int, content_length: int | None = None) -> str:
+        return self._presigner.presign("PUT", key, expires_in, content_length=content_length)
 
     @_translate_errors
     def create_multipart(self, key: str, content_type: str | None = None) -> str:
