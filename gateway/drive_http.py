@@ -250,6 +250,21 @@ def _refuse_if_folder(store: ObjectStore, path: DrivePath) -> None:
         raise ApiError(409, "name_conflict", f"a folder named {path.rel} exists")
 
 
+async def _previous_unless_folder(store: ObjectStore, path: DrivePath) -> ObjectInfo | None:
+    """The object a presigned PUT would replace (its size and ETag settle the quota hold),
+    and 409 if a folder has the name: the two store requests at once."""
+    previous, folder_check = await asyncio.gather(
+        run_in_threadpool(store.head, path.key),
+        run_in_threadpool(_refuse_if_folder, store, path),
+        return_exceptions=True,
+    )
+    if isinstance(previous, BaseException):
+        raise previous
+    if isinstance(folder_check, BaseException) and previous is None:
+        raise folder_check
+    return previous
+
+
 def _raise_if_name_conflict(store: ObjectStore, path: DrivePath) -> None:
     """Explain a refused write (a bare 500 from the store) when a parent is a file."""
     parts = path.rel.split("/")
@@ -341,9 +356,7 @@ async def put(request: Request, drive: Drive) -> Response:
     if request.headers.get("expect", "").lower() == "100-continue" and length is not None:
         # Answered before the body is read: uvicorn sends 100 Continue only when the app reads.
         store = _store(request)
-        previous = await run_in_threadpool(store.head, path.key)
-        if previous is None:
-            await run_in_threadpool(_refuse_if_folder, store, path)
+        previous = await _previous_unless_folder(store, path)
         # The body goes straight to the store: its declared length is held until it appears.
         await run_in_threadpool(hold_for_presigned_put, request, drive, path, length, previous)
         # The length is signed into the URL: a store that checks signatures (R2, the embedded
@@ -366,9 +379,7 @@ async def post(request: Request, drive: Drive) -> Response:
     if declared is not None and not (declared.isdigit() and len(declared) <= 18):
         raise ApiError(400, "bad_content_length", "X-Content-Length must be a non-negative integer")
     store = _store(request)
-    previous = await run_in_threadpool(store.head, path.key)
-    if previous is None:
-        await run_in_threadpool(_refuse_if_folder, store, path)
+    previous = await _previous_unless_folder(store, path)
     size = int(declared) if declared is not None else None
     await run_in_threadpool(hold_for_presigned_put, request, drive, path, size, previous)
     content_type = request.headers.get("x-content-type") or mimetypes.guess_type(path.name)[0]

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import AsyncIterator
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 from starlette.concurrency import run_in_threadpool
@@ -41,7 +42,7 @@ from gateway.tokens import as_utc
 log = logging.getLogger("kgpu.quota")
 
 HOLD_CHECK_THREADS = 8  # HEADs at once when settling a drive's presigned PUTs
-HOLDS_BEFORE_BACKGROUND_SETTLE = 32  # outstanding holds on a drive before a background settle
+HOLD_SETTLE_INTERVAL = 5.0  # seconds between background settles of a drive's presigned PUTs
 
 
 class QuotaExceeded(UploadTooLarge):
@@ -61,6 +62,7 @@ class UsageBook:
         self._max_age = timedelta(seconds=reconcile_seconds)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kgpu-reconcile")
         self._pending: set[tuple[str, str]] = set()
+        self._last_hold_settle: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def used_bytes(self, prefix: str) -> int:
@@ -77,11 +79,14 @@ class UsageBook:
             self.reconcile_soon(prefix)
         return max(used, 0)
 
-    def _change(self, prefix: str, *, used: int = 0, reserved: int = 0, inflight: int = 0, where=None) -> bool:
-        """One UPDATE of a drive's row (every change bumps ``changes``, which a recount checks)."""
+    def _change(
+        self, prefix: str, *, used: int = 0, reserved: int = 0, inflight: int = 0, where=None, also=None
+    ) -> bool:
+        """One UPDATE of a drive's row (every change bumps ``changes``, which a recount checks);
+        ``also(session)`` runs in the same transaction when the row changed."""
         conditions = [DriveUsage.prefix == prefix] + ([where] if where is not None else [])
         with self._sessions.begin() as session:
-            return bool(
+            changed = bool(
                 session.execute(
                     update(DriveUsage)
                     .where(*conditions)
@@ -93,6 +98,9 @@ class UsageBook:
                     )
                 ).rowcount
             )
+            if changed and also is not None:
+                also(session, max(reserved, 0))
+            return changed
 
     def add(self, prefix: str, delta: int) -> None:
         if delta == 0:
@@ -120,18 +128,26 @@ class UsageBook:
             + (f" ({reserved} of them promised to uploads in progress)" if reserved > 0 else "")
         )
 
-    def _reserve(self, prefix: str, n: int, quota: int, *, opening: bool) -> int:
+    def _reserve(self, prefix: str, n: int, quota: int, *, opening: bool, also=None) -> int:
         """``n`` more bytes (0 or less: none) for an upload, atomically: ``used + reserved + n``
         must stay within ``quota``; ``opening`` counts a new upload in flight. Presigned PUTs
         that are done are settled once before giving up."""
         n = max(n, 0)
-        self._ensure_row(prefix)
-        for attempt in range(2):
-            if self._change(prefix, reserved=n, inflight=int(opening), where=self._fits(n, quota) if n else None):
+        settled = counted = False
+        while True:
+            if self._change(
+                prefix, reserved=n, inflight=int(opening), where=self._fits(n, quota) if n else None, also=also
+            ):
                 return n
-            if attempt or not self.settle_holds(prefix):
-                break
-        raise self._refusal(prefix, n, quota)
+            if not counted:
+                counted = True
+                with self._sessions() as session:
+                    if session.get(DriveUsage, prefix) is None:  # the drive's first upload: count it
+                        self.reconcile(prefix)
+                        continue
+            if settled or not self.settle_holds(prefix):
+                raise self._refusal(prefix, n, quota)
+            settled = True
 
     def reserve(self, prefix: str, n: int, quota: int) -> int:
         """Reserve ``n`` more bytes for an upload already open (QuotaExceeded if they do not fit)."""
@@ -157,6 +173,19 @@ class UsageBook:
         if quota is None:
             return
         previous_size = previous.size if previous else 0
+
+        def record(session, n: int) -> None:  # in the reservation's own transaction
+            session.execute(
+                insert(QuotaHold).values(
+                    prefix=prefix,
+                    key=key,
+                    bytes=n,
+                    previous_etag=previous.etag if previous else None,
+                    previous_size=previous_size,
+                    expires_at=utcnow() + timedelta(seconds=expires_in),
+                )
+            )
+
         if size is None:
             self._ensure_row(prefix)
             for _attempt in range(4):
@@ -164,7 +193,7 @@ class UsageBook:
                     row = session.get(DriveUsage, prefix)
                     n = quota - row.used_bytes - row.reserved_bytes
                 try:
-                    n = self._reserve(prefix, max(n, 1), quota, opening=True)
+                    self._reserve(prefix, max(n, 1), quota, opening=True, also=record)
                     break
                 except QuotaExceeded:
                     if n <= 0:
@@ -172,25 +201,14 @@ class UsageBook:
             else:
                 raise self._refusal(prefix, 1, quota)
         else:
-            n = self._reserve(prefix, needed(size, previous_size), quota, opening=True)
-        try:
-            with self._sessions.begin() as session:
-                outstanding = session.scalar(select(func.count()).where(QuotaHold.prefix == prefix))
-                session.add(
-                    QuotaHold(
-                        prefix=prefix,
-                        key=key,
-                        bytes=n,
-                        previous_etag=previous.etag if previous else None,
-                        previous_size=previous_size,
-                        expires_at=utcnow() + timedelta(seconds=expires_in),
-                    )
-                )
-        except BaseException:
-            self.settle(prefix, n, 0)
-            raise
-        if outstanding >= HOLDS_BEFORE_BACKGROUND_SETTLE:
-            self._soon(self.settle_holds, prefix)  # many redirected PUTs in a row: settle them in the background
+            self._reserve(prefix, needed(size, previous_size), quota, opening=True, also=record)
+        now = time.monotonic()
+        with self._lock:
+            due = now - self._last_hold_settle.get(prefix, 0.0) >= HOLD_SETTLE_INTERVAL
+            if due:
+                self._last_hold_settle[prefix] = now
+        if due:  # redirected PUTs in a row: settle the done ones in the background now and then
+            self._soon(self.settle_holds, prefix)
 
     def open_upload(
         self, prefix: str, quota: int | None, previous_size: int, declared: int | None, step: int
