@@ -3,15 +3,20 @@ answers, with the error envelope as the body of its errors and the bearer and Ba
 schemes; and a bounded schemathesis run against a live server (the ``rclone-sqlite`` stack, a
 user's token) finds no 5xx and no answer the schema does not describe.
 
-The run is bounded by ``KGPU_SCHEMATHESIS_EXAMPLES`` examples per operation and generation mode
-(default 8, derandomized so CI is repeatable; raise it, and set ``KGPU_SCHEMATHESIS_SEED`` to
-explore by hand). WebDAV (PROPFIND, MKCOL, … on /v1/files/, all of /v1/dav/) is outside the
+Two runs, both bounded and repeatable (CI runs them in under a minute): the fuzzing phase in
+process, ``KGPU_SCHEMATHESIS_EXAMPLES`` examples per operation and generation mode (default 20,
+derandomized; raise it and set ``KGPU_SCHEMATHESIS_SEED`` to explore by hand), and schemathesis's
+own coverage phase through its CLI (boundary values: huge integers, empty and over-long strings,
+missing and extra fields, each parameter made invalid in turn). WebDAV (PROPFIND, MKCOL, … on /v1/files/, all of /v1/dav/) is outside the
 schema; tests/test_webdav*.py cover it.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -33,7 +38,7 @@ from schemathesis.specs.openapi.checks import (
 ONLY_STACK = "rclone-sqlite"
 pytestmark = pytest.mark.parametrize("stack", [ONLY_STACK], indirect=True)
 
-EXAMPLES = int(os.environ.get("KGPU_SCHEMATHESIS_EXAMPLES", "8"))
+EXAMPLES = int(os.environ.get("KGPU_SCHEMATHESIS_EXAMPLES", "20"))
 SEED = os.environ.get("KGPU_SCHEMATHESIS_SEED")
 CHECKS = [
     not_a_server_error,
@@ -212,3 +217,28 @@ def test_schemathesis_finds_no_5xx_and_no_undocumented_answer(stack, fuzz_accoun
         print(line)
     assert ran > 0
     assert not failures, "\n\n".join(failures)
+
+
+def test_schemathesis_coverage_phase_finds_nothing(stack, fuzz_account, tmp_path):
+    """Schemathesis's coverage phase (deterministic boundary and invalid values per parameter),
+    through its CLI as a person would run it: no 5xx, every answer as the schema says."""
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(f'[parameters]\n"path.org" = "{FUZZ_ORG}"\n')
+    command = [
+        sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "--no-color",
+        "run", f"{stack.base}/openapi.json",
+        "--header", f"Authorization:{fuzz_account['Authorization']}",
+        "--checks", ",".join(check.__name__ for check in CHECKS),
+        "--phases", "examples,coverage",
+        "--mode", "all",
+        "--generation-deterministic", "--seed", "0",
+        "--max-redirects", "0",
+        "--workers", "1",
+        "--request-timeout", "60",
+    ]  # fmt: skip
+    started = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    summary = [line.strip() for line in done.stdout.splitlines() if re.search(r"\d+ generated", line)]
+    print(f"schemathesis coverage phase: {summary} in {time.monotonic() - started:.0f} s")
+    assert done.returncode == 0, done.stdout[-20000:] + done.stderr[-5000:]
+    assert summary and "passed" in summary[-1]

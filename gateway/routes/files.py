@@ -12,7 +12,6 @@ from gateway.drive_http import Drive
 from gateway.openapi import (
     BINARY_BODY,
     HTML_PAGE,
-    JSON_OBJECT,
     JSON_QUERY,
     content,
     errors,
@@ -40,6 +39,38 @@ def with_follow_hint(response: Response) -> Response:
 
 
 # What the drive routes answer (gateway/drive_http.py), shared with gateway/routes/shared.py.
+def _object(required: dict[str, dict], **optional: dict) -> dict:
+    return {"type": "object", "required": list(required), "properties": {**required, **optional}}
+
+
+_STR, _INT = {"type": "string"}, {"type": "integer", "minimum": 0}
+_NULLABLE_STR = {"type": ["string", "null"]}
+ENTRY = _object(
+    {"name": _STR, "path": _STR, "type": {"type": "string", "enum": ["file", "dir"]}},
+    size=_INT,
+    etag=_STR,
+    last_modified=_STR,
+)
+UPLOAD_RESULT = _object({"path": _STR, "size": _INT, "etag": _STR, "parts": _INT})
+MINT = _object({"url": _STR, "method": {"type": "string", "enum": ["PUT"]}, "expires_in": _INT, "headers": {"type": "object"}})
+FILE_LINK = _object({"url": _STR, "size": _INT, "expires_in": _INT, "etag": _STR, "content_type": _NULLABLE_STR})
+FOLDER = _object({"path": _STR, "entries": {"type": "array", "items": ENTRY}})
+LISTING = _object(
+    {
+        "prefix": _STR,
+        "glob": _NULLABLE_STR,
+        "quota": _object({"used_bytes": {"type": "integer"}, "quota_bytes": {"type": ["integer", "null"]}}),
+        "files": {"type": "array", "items": _object({"path": _STR, "size": _INT, "etag": _STR, "last_modified": _STR})},
+        "count": _INT,
+        "total_bytes": _INT,
+    }
+)
+
+
+def json_of(schema: dict) -> dict:
+    return {"application/json": {"schema": schema}}
+
+
 INVALID_PATH = (400, "invalid_path: a name the drive cannot hold (docs/my-drive.md, names)")
 NO_DRIVE = (403, "no_drive: the environment admin token has no drive")
 STORE_DOWN = (503, "store_unavailable: the object store is restarting; retry after Retry-After")
@@ -52,8 +83,8 @@ FOLLOW_307 = {
     }
 }
 UPLOADED = merge(
-    content(200, "Stored, replacing a file (path, size, etag, parts)", JSON_OBJECT),
-    content(201, "Stored as a new file (path, size, etag, parts)", JSON_OBJECT),
+    content(200, "Stored, replacing a file (path, size, etag, parts)", json_of(UPLOAD_RESULT)),
+    content(201, "Stored as a new file (path, size, etag, parts)", json_of(UPLOAD_RESULT)),
 )
 UPLOAD_ERRORS = errors(
     (
@@ -71,7 +102,7 @@ MINTED = content(
     200,
     "Stored, replacing a file (path, size, etag, parts); with no body, a presigned PUT to send the "
     "bytes to (url, method, expires_in, headers)",
-    JSON_OBJECT,
+    json_of({"anyOf": [UPLOAD_RESULT, MINT]}),
 )
 MINT_HEADERS = {
     "parameters": [
@@ -98,7 +129,7 @@ DOWNLOAD = merge(
         200,
         "A file with ?json=1 or Accept: application/json (url, size, expires_in, etag, content_type); "
         "a folder (a path ending in '/'): its listing, an HTML page or JSON (path, entries)",
-        {**JSON_OBJECT, **HTML_PAGE},
+        {**json_of({"anyOf": [FILE_LINK, FOLDER]}), **HTML_PAGE},
     ),
     errors(INVALID_PATH, NO_DRIVE, (404, "not_found: no such folder (or file, with ?json=1)"), STORE_DOWN),
 )
@@ -143,7 +174,7 @@ def my_drive(request: Request, principal: Principal) -> Drive:
     "/v1/files",
     summary="List my drive (flat, streamed JSON) with quota",
     responses=merge(
-        content(200, "prefix, glob, quota, files (path, size, etag, last_modified), count, total_bytes", JSON_OBJECT),
+        content(200, "prefix, glob, quota, files (path, size, etag, last_modified), count, total_bytes", json_of(LISTING)),
         errors(INVALID_PATH, NO_DRIVE, STORE_DOWN),
     ),
 )

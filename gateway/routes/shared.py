@@ -19,7 +19,7 @@ from gateway.auth import ApprovedUser, Principal
 from gateway.drive_http import Drive
 from gateway.errors import ApiError
 from gateway.models import SharedFile, utcnow
-from gateway.openapi import BINARY_BODY, HTML_PAGE, JSON_OBJECT, JSON_QUERY, content, errors, merge, redirect
+from gateway.openapi import BINARY_BODY, HTML_PAGE, JSON_QUERY, content, errors, merge, redirect
 from gateway.routes.files import (
     DELETED,
     DOWNLOAD,
@@ -28,18 +28,30 @@ from gateway.routes.files import (
     MINT_HEADERS,
     MINTED,
     UPLOAD_ERRORS,
+    UPLOAD_RESULT,
     UPLOADED,
+    json_of,
     with_follow_hint,
 )
 
 router = APIRouter(tags=["shared drives"])
 
+ORGS = {
+    "type": "object",
+    "required": ["orgs"],
+    "properties": {
+        "orgs": {
+            "type": "array",
+            "items": {"type": "object", "required": ["name", "path", "type", "title", "role"]},
+        }
+    },
+}
 NO_ORG = errors((404, "org_not_found: no organisation of that name that you belong to; or not_found"))
 REGISTERED = content(
     201,
     "Stored as a new file (path, size, etag, parts); for …/registered with no body, the upload "
     "recorded (id, org, key, size, etag, content_type, uploader_user_id, registered_at)",
-    JSON_OBJECT,
+    json_of({"anyOf": [UPLOAD_RESULT, {"type": "object", "required": ["id", "org", "key", "registered_at"]}]}),
 )
 
 
@@ -64,7 +76,7 @@ async def shared_drive(request: Request, principal: Principal, slug: str) -> Dri
     "/v1/shared",
     summary="The organisations you belong to (HTML for rclone, JSON with ?json=1)",
     responses=merge(
-        content(200, "With ?json=1 or Accept: application/json: {orgs: [...]}", {**JSON_OBJECT, **HTML_PAGE}),
+        content(200, "With ?json=1 or Accept: application/json: {orgs: [...]}", {**json_of(ORGS), **HTML_PAGE}),
         redirect(301, "Without JSON asked for: to /v1/shared/, the HTML folder page rclone reads"),
     ),
     openapi_extra={"parameters": [JSON_QUERY]},
