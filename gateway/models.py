@@ -70,6 +70,9 @@ class QuotaHold(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     prefix: Mapped[str] = mapped_column(String(300), index=True)
     key: Mapped[str] = mapped_column(String(1024))
+    # "put": a presigned PUT (a 307 or a mint); "stream": the lease of an upload streamed through
+    # a gateway, renewed while its bytes flow and given back if it runs out (that gateway died).
+    kind: Mapped[str] = mapped_column(String(8), default="put")
     bytes: Mapped[int] = mapped_column(BigInteger)
     # The object the upload replaces (None: there was none), so its appearance can be told apart.
     previous_etag: Mapped[str | None] = mapped_column(String(100), nullable=True)

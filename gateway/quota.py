@@ -43,6 +43,14 @@ log = logging.getLogger("kgpu.quota")
 
 HOLD_CHECK_THREADS = 8  # HEADs at once when settling a drive's presigned PUTs
 HOLD_SETTLE_INTERVAL = 5.0  # seconds between background settles of a drive's presigned PUTs
+# A streamed upload's reservation is a lease, renewed while its bytes flow: if the gateway holding
+# it dies (a replica, a crash), the lease runs out and the reservation is given back.
+STREAM_LEASE_SECONDS = 600
+STREAM_RENEW_SECONDS = 60
+
+
+class _LeaseLost(Exception):
+    """A streamed upload's lease was given back while it still ran (rolls its transaction back)."""
 
 
 class QuotaExceeded(UploadTooLarge):
@@ -210,6 +218,64 @@ class UsageBook:
         if due:  # redirected PUTs in a row: settle the done ones in the background now and then
             self._soon(self.settle_holds, prefix)
 
+    # A streamed upload's reservation: a QuotaHold of kind "stream", its lease renewed while
+    # bytes flow, given back by settle_holds if the lease runs out (the gateway died).
+
+    def _open_stream(self, prefix: str, n: int, quota: int) -> tuple[int, int]:
+        """Reserve ``n`` bytes (may be 0) for a new streamed upload: (reserved, lease id)."""
+        lease: list[int] = []
+
+        def record(session, reserved: int) -> None:
+            lease.append(
+                session.execute(
+                    insert(QuotaHold).values(
+                        prefix=prefix, key="", kind="stream", bytes=reserved, previous_size=0,
+                        expires_at=utcnow() + timedelta(seconds=STREAM_LEASE_SECONDS),
+                    )
+                ).inserted_primary_key[0]
+            )
+
+        reserved = self._reserve(prefix, n, quota, opening=True, also=record)
+        return reserved, lease[0]
+
+    def _extend_stream(self, prefix: str, lease: int, n: int, quota: int) -> int:
+        """``n`` more bytes for the streamed upload holding ``lease`` (QuotaExceeded if they do
+        not fit, or if its lease ran out meanwhile)."""
+
+        def grow(session, reserved: int) -> None:
+            changed = session.execute(
+                update(QuotaHold)
+                .where(QuotaHold.id == lease)
+                .values(bytes=QuotaHold.bytes + reserved, expires_at=utcnow() + timedelta(seconds=STREAM_LEASE_SECONDS))
+            ).rowcount
+            if not changed:
+                raise _LeaseLost()
+
+        try:
+            return self._reserve(prefix, n, quota, opening=False, also=grow)
+        except _LeaseLost:
+            raise QuotaExceeded("this upload's reservation ran out (it stalled too long)") from None
+
+    def _renew_stream(self, lease: int) -> None:
+        with self._sessions.begin() as session:
+            session.execute(
+                update(QuotaHold)
+                .where(QuotaHold.id == lease)
+                .values(expires_at=utcnow() + timedelta(seconds=STREAM_LEASE_SECONDS))
+            )
+
+    def _close_stream(self, prefix: str, lease: int, reserved: int, delta: int) -> None:
+        """Settle a streamed upload: its lease and reservation go, ``delta`` is added. A lease
+        already given back (it ran out) leaves only the delta to add."""
+        with self._sessions.begin() as session:
+            claimed = session.execute(delete(QuotaHold).where(QuotaHold.id == lease)).rowcount
+            values = {"used_bytes": DriveUsage.used_bytes + delta, "changes": DriveUsage.changes + 1}
+            if claimed:
+                values |= {"reserved_bytes": DriveUsage.reserved_bytes - reserved, "inflight": DriveUsage.inflight - 1}
+            changed = session.execute(update(DriveUsage).where(DriveUsage.prefix == prefix).values(**values)).rowcount
+        if not changed:
+            self.reconcile(prefix)
+
     def open_upload(
         self, prefix: str, quota: int | None, previous_size: int, declared: int | None, step: int
     ) -> "Upload":
@@ -229,12 +295,16 @@ class UsageBook:
             return 0
         settled = 0
         now = utcnow()
-        if len(holds) > 1:
-            with ThreadPoolExecutor(max_workers=min(len(holds), HOLD_CHECK_THREADS)) as pool:
-                found = list(pool.map(lambda hold: self._store.head(hold.key), holds))
+        # A streamed upload's lease only runs out; a presigned PUT's object may have appeared.
+        holds = [hold for hold in holds if hold.kind != "stream" or as_utc(hold.expires_at) <= now]
+        puts = [hold for hold in holds if hold.kind != "stream"]
+        if len(puts) > 1:
+            with ThreadPoolExecutor(max_workers=min(len(puts), HOLD_CHECK_THREADS)) as pool:
+                heads = dict(zip((hold.id for hold in puts), pool.map(lambda hold: self._store.head(hold.key), puts)))
         else:
-            found = [self._store.head(holds[0].key)]
-        for hold, info in zip(holds, found):
+            heads = {hold.id: self._store.head(hold.key) for hold in puts}
+        for hold in holds:
+            info = heads.get(hold.id)
             appeared = info is not None and (
                 hold.previous_etag is None or info.etag != hold.previous_etag or info.size != hold.previous_size
             )
@@ -334,6 +404,7 @@ class Upload:
         self.declared = declared
         self.step = max(step, 1)
         self.reserved = 0
+        self.lease: int | None = None  # its QuotaHold of kind "stream"
         self._open = False  # counted in flight (a quota applies)
         self._done = False
 
@@ -342,31 +413,36 @@ class Upload:
         if self.quota is None:
             return
         n = needed(self.declared, self.previous_size) if self.declared is not None else 0
-        self.reserved = self.book._reserve(self.prefix, n, self.quota, opening=True)
+        self.reserved, self.lease = self.book._open_stream(self.prefix, n, self.quota)
         self._open = True
 
     async def guard(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        if self.quota is None or self.declared is not None:
+        if not self._open:
             async for chunk in chunks:
                 yield chunk
             return
         received = 0
+        renewed = time.monotonic()
         async for chunk in chunks:
             received += len(chunk)
             missing = received - self.previous_size - self.reserved
-            if missing > 0:
+            if missing > 0 and self.declared is None:
                 await run_in_threadpool(self._reserve_more, missing)
+                renewed = time.monotonic()
+            elif time.monotonic() - renewed > STREAM_RENEW_SECONDS:
+                await run_in_threadpool(self.book._renew_stream, self.lease)
+                renewed = time.monotonic()
             yield chunk
 
     def _reserve_more(self, missing: int) -> None:
         try:
-            self.reserved += self.book.reserve(self.prefix, max(missing, self.step), self.quota)
+            self.reserved += self.book._extend_stream(self.prefix, self.lease, max(missing, self.step), self.quota)
             return
         except QuotaExceeded:
             if missing >= self.step:
                 raise UploadTooLarge("upload exceeds the drive quota") from None
         try:
-            self.reserved += self.book.reserve(self.prefix, missing, self.quota)
+            self.reserved += self.book._extend_stream(self.prefix, self.lease, missing, self.quota)
         except QuotaExceeded:
             raise UploadTooLarge("upload exceeds the drive quota") from None
 
@@ -375,7 +451,7 @@ class Upload:
         if not self._done:
             self._done = True
             if self._open:
-                self.book.settle(self.prefix, self.reserved, needed(size, self.previous_size))
+                self.book._close_stream(self.prefix, self.lease, self.reserved, needed(size, self.previous_size))
             else:
                 self.book.add(self.prefix, needed(size, self.previous_size))
 
@@ -384,4 +460,4 @@ class Upload:
         if not self._done:
             self._done = True
             if self._open:
-                self.book.settle(self.prefix, self.reserved, 0)
+                self.book._close_stream(self.prefix, self.lease, self.reserved, 0)

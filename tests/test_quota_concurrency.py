@@ -220,3 +220,28 @@ def test_a_presigned_put_takes_only_its_declared_size(stack, user, small_quota):
     assert requests.put(minted.json()["url"], data=b"m" * 1000).status_code == 200
     assert requests.put(redirect.headers["Location"], data=b"r" * 1000).status_code == 200
     assert stored(stack, user) == {"b/minted.bin": 1000, "b/redirected.bin": 1000}
+
+
+# ------------------------------------------------------------------ a gateway that dies gives its reservations back
+
+
+def test_a_dead_gateways_reservation_is_given_back_when_its_lease_runs_out(stack, user, small_quota, monkeypatch):
+    """A streamed upload's reservation is a lease renewed while its bytes flow: a replica that
+    died mid-upload (simulated: a reservation opened and never settled) holds the room only until
+    the lease runs out, and a recount is not blocked for ever."""
+    import gateway.quota
+
+    book = stack.server.app.state.usage
+    prefix = f"users/{user.id}/"
+    assert requests.put(f"{stack.base}/v1/files/first.bin", data=b"1", headers=user.auth).status_code == 201
+    monkeypatch.setattr(gateway.quota, "STREAM_LEASE_SECONDS", 0)
+    book._open_stream(prefix, 3 * MiB, QUOTA)  # the gateway that took this dies now
+    time.sleep(0.1)
+    monkeypatch.setattr(gateway.quota, "STREAM_LEASE_SECONDS", 600)
+    reply = requests.put(f"{stack.base}/v1/files/after.bin", data=os.urandom(3 * MiB), headers=user.auth)
+    assert reply.status_code == 201, reply.text
+    from gateway.models import DriveUsage
+
+    with stack.server.app.state.sessions() as session:
+        row = session.get(DriveUsage, prefix)
+        assert (row.used_bytes, row.reserved_bytes, row.inflight) == (3 * MiB + 1, 0, 0)
