@@ -104,6 +104,18 @@ MINTED = content(
     "bytes to (url, method, expires_in, headers)",
     json_of({"anyOf": [UPLOAD_RESULT, MINT]}),
 )
+PUT_EXTRA = {
+    "parameters": [
+        {
+            "name": "Expect",
+            "in": "header",
+            "required": False,
+            "description": "100-continue with a Content-Length: answered 307 to a presigned PUT before any byte is read",
+            "schema": {"type": "string", "enum": ["100-continue"]},
+        }
+    ],
+    **BINARY_BODY,
+}
 MINT_HEADERS = {
     "parameters": [
         {
@@ -214,7 +226,7 @@ async def get_file(request: Request, principal: ApprovedUser, path: str) -> Resp
     "/v1/files/{path:anypath}",
     summary="Upload: 307 to a presigned PUT with Expect, else streamed",
     responses=merge(UPLOADED, FOLLOW_307, UPLOAD_ERRORS),
-    openapi_extra=BINARY_BODY,
+    openapi_extra=PUT_EXTRA,
 )
 async def put_file(request: Request, principal: ApprovedUser, path: str) -> Response:
     return with_follow_hint(await drive_http.put(request, my_drive(request, principal)))

@@ -19,7 +19,7 @@ from gateway.auth import ApprovedUser, Principal
 from gateway.drive_http import Drive
 from gateway.errors import ApiError
 from gateway.models import SharedFile, utcnow
-from gateway.openapi import BINARY_BODY, HTML_PAGE, JSON_QUERY, content, errors, merge, redirect
+from gateway.openapi import HTML_PAGE, JSON_QUERY, content, errors, merge, redirect
 from gateway.routes.files import (
     DELETED,
     DOWNLOAD,
@@ -27,6 +27,7 @@ from gateway.routes.files import (
     HEADERS,
     MINT_HEADERS,
     MINTED,
+    PUT_EXTRA,
     UPLOAD_ERRORS,
     UPLOAD_RESULT,
     UPLOADED,
@@ -127,7 +128,7 @@ async def get_shared(org: str, path: str, request: Request, principal: ApprovedU
     "/v1/shared/{org}/{path:anypath}",
     summary="Upload (uploader/admin): 307 with Expect, else streamed",
     responses=merge(UPLOADED, FOLLOW_307, UPLOAD_ERRORS, NO_ORG),
-    openapi_extra=BINARY_BODY,
+    openapi_extra=PUT_EXTRA,
 )
 async def put_shared(org: str, path: str, request: Request, principal: ApprovedUser) -> Response:
     return with_follow_hint(await drive_http.put(request, await shared_drive(request, principal, org)))
