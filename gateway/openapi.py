@@ -135,8 +135,9 @@ JSON_QUERY = {
     "name": "json",
     "in": "query",
     "required": False,
-    "description": "1, true or yes: answer JSON instead of a redirect or an HTML page (so does Accept: application/json)",
-    "schema": {"type": "string", "enum": ["1", "true", "yes"]},
+    "description": "1, true or yes: answer JSON instead of a redirect or an HTML page (so does Accept: "
+    "application/json); any other value is ignored",
+    "schema": {"type": "string", "examples": ["1"]},
 }
 
 

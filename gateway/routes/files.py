@@ -110,8 +110,9 @@ PUT_EXTRA = {
             "name": "Expect",
             "in": "header",
             "required": False,
-            "description": "100-continue with a Content-Length: answered 307 to a presigned PUT before any byte is read",
-            "schema": {"type": "string", "enum": ["100-continue"]},
+            "description": "100-continue with a Content-Length: answered 307 to a presigned PUT before any "
+            "byte is read; any other value is ignored (the body is streamed)",
+            "schema": {"type": "string", "examples": ["100-continue"]},
         }
     ],
     **BINARY_BODY,
