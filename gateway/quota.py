@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import AsyncIterator
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 from starlette.concurrency import run_in_threadpool
@@ -46,6 +46,7 @@ HOLD_SETTLE_INTERVAL = 5.0  # seconds between background settles of a drive's pr
 # A streamed upload's reservation is a lease, renewed while its bytes flow: if the gateway holding
 # it dies (a replica, a crash), the lease runs out and the reservation is given back.
 STREAM_LEASE_SECONDS = 600
+BACKGROUND_SETTLE_MAX_HOLDS = 64  # more outstanding holds: settled only when a reservation needs room
 STREAM_RENEW_SECONDS = 60
 
 
@@ -216,7 +217,7 @@ class UsageBook:
             if due:
                 self._last_hold_settle[prefix] = now
         if due:  # redirected PUTs in a row: settle the done ones in the background now and then
-            self._soon(self.settle_holds, prefix)
+            self._soon(self._settle_few_holds, prefix)
 
     # A streamed upload's reservation: a QuotaHold of kind "stream", its lease renewed while
     # bytes flow, given back by settle_holds if the lease runs out (the gateway died).
@@ -284,6 +285,14 @@ class UsageBook:
         upload = Upload(self, prefix, quota, previous_size, declared, step)
         upload.begin()
         return upload
+
+    def _settle_few_holds(self, prefix: str) -> None:
+        """The background settle: skipped when a drive has many URLs out (each would cost a HEAD
+        every few seconds); a reservation that does not fit settles them all anyway."""
+        with self._sessions() as session:
+            outstanding = session.scalar(select(func.count()).where(QuotaHold.prefix == prefix))
+        if outstanding <= BACKGROUND_SETTLE_MAX_HOLDS:
+            self.settle_holds(prefix)
 
     def settle_holds(self, prefix: str) -> int:
         """Settle the presigned PUTs of ``prefix`` that are done: an object that appeared
