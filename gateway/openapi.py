@@ -123,6 +123,19 @@ def merge(*parts: dict) -> dict:
 
 
 JSON_OBJECT = {"application/json": {"schema": {"type": "object"}}}
+USER = {
+    "type": "object",
+    "required": ["id", "email", "name", "role", "status", "credits", "created_at"],
+    "properties": {
+        "id": {"type": "integer"},
+        "email": {"type": "string"},
+        "name": {"type": "string"},
+        "role": {"type": "string", "enum": ["user", "admin"]},
+        "status": {"type": "string", "enum": ["approved", "pending"]},
+        "credits": {"type": "integer"},
+        "created_at": {"type": "string"},
+    },
+}
 HTML_PAGE = {"text/html": {"schema": {"type": "string"}}}
 BINARY_BODY = {
     "requestBody": {
@@ -237,7 +250,8 @@ def build_schema(app: FastAPI) -> dict[str, Any]:
         "basic": {
             "type": "http",
             "scheme": "basic",
-            "description": "HTTP Basic with the token as the password (any user name): the drive routes only, for WebDAV clients",
+            "description": "HTTP Basic with the token as the password (any user name): the drive routes only, "
+            "for WebDAV clients",
         },
     }
     routes = {

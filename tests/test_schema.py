@@ -7,8 +7,8 @@ Two runs, both bounded and repeatable (CI runs them in under a minute): the fuzz
 process, ``KGPU_SCHEMATHESIS_EXAMPLES`` examples per operation and generation mode (default 20,
 derandomized; raise it and set ``KGPU_SCHEMATHESIS_SEED`` to explore by hand), and schemathesis's
 own coverage phase through its CLI (boundary values: huge integers, empty and over-long strings,
-missing and extra fields, each parameter made invalid in turn). WebDAV (PROPFIND, MKCOL, … on /v1/files/, all of /v1/dav/) is outside the
-schema; tests/test_webdav*.py cover it.
+missing and extra fields, each parameter made invalid in turn). WebDAV (PROPFIND, MKCOL, … on
+/v1/files/, all of /v1/dav/) is outside the schema; tests/test_webdav*.py cover it.
 """
 
 from __future__ import annotations

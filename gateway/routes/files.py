@@ -52,7 +52,9 @@ ENTRY = _object(
     last_modified=_STR,
 )
 UPLOAD_RESULT = _object({"path": _STR, "size": _INT, "etag": _STR, "parts": _INT})
-MINT = _object({"url": _STR, "method": {"type": "string", "enum": ["PUT"]}, "expires_in": _INT, "headers": {"type": "object"}})
+MINT = _object(
+    {"url": _STR, "method": {"type": "string", "enum": ["PUT"]}, "expires_in": _INT, "headers": {"type": "object"}}
+)
 FILE_LINK = _object({"url": _STR, "size": _INT, "expires_in": _INT, "etag": _STR, "content_type": _NULLABLE_STR})
 FOLDER = _object({"path": _STR, "entries": {"type": "array", "items": ENTRY}})
 LISTING = _object(
@@ -187,7 +189,9 @@ def my_drive(request: Request, principal: Principal) -> Drive:
     "/v1/files",
     summary="List my drive (flat, streamed JSON) with quota",
     responses=merge(
-        content(200, "prefix, glob, quota, files (path, size, etag, last_modified), count, total_bytes", json_of(LISTING)),
+        content(
+            200, "prefix, glob, quota, files (path, size, etag, last_modified), count, total_bytes", json_of(LISTING)
+        ),
         errors(INVALID_PATH, NO_DRIVE, STORE_DOWN),
     ),
 )

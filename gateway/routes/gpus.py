@@ -10,11 +10,25 @@ from gateway.auth import AccountUser, ApprovedUser, MaybeUser
 from gateway.errors import ApiError
 from gateway.inventory import CREDITS_PER_DOLLAR
 from gateway.models import Rental, User
-from gateway.openapi import errors
+from gateway.openapi import content, errors, merge
+
+_CREDITS = {"type": "integer"}
+BALANCE = {
+    "type": "object",
+    "required": ["balance", "price_per_hour_credits", "starting_credits", "credits_per_dollar", "charged_active"],
+    "properties": {
+        "balance": _CREDITS,
+        "price_per_hour_credits": {"type": ["integer", "null"]},
+        "starting_credits": _CREDITS,
+        "credits_per_dollar": _CREDITS,
+        "charged_active": _CREDITS,
+    },
+}
 from gateway.rentals import ACTIVE, RentRequest, Rentals
 from gateway.runs import run_summary
 
 router = APIRouter(tags=["gpus"])
+POD_DOWN = (503, "pod_unavailable: the pod backend did not answer; retry after Retry-After")
 
 
 def _rentals(request: Request) -> Rentals:
@@ -37,7 +51,7 @@ def api_base(request: Request) -> str:
 @router.get(
     "/v1/gpus",
     summary="Cluster summary (public); with a token also your balance and rentals",
-    responses=errors((503, "pod_unavailable: the pod backend did not answer; retry after Retry-After")),
+    responses=errors(POD_DOWN),
 )
 def cluster(request: Request, principal: MaybeUser) -> dict:
     rentals = _rentals(request)
@@ -87,7 +101,7 @@ def rent(body: RentRequest, request: Request, principal: AccountUser) -> dict:
 @router.get(
     "/v1/gpus/{gpu_id}",
     summary="A rental's state and its runs (also after it ended)",
-    responses=errors((404, "gpu_not_found: no rental of yours with this id"), (503, "pod_unavailable: the pod backend did not answer; retry after Retry-After")),
+    responses=errors((404, "gpu_not_found: no rental of yours with this id"), POD_DOWN),
 )
 def rental_state(gpu_id: str, request: Request, principal: ApprovedUser) -> dict:
     rentals = _rentals(request)
@@ -130,7 +144,10 @@ async def return_gpu(gpu_id: str, request: Request, principal: ApprovedUser) -> 
 @router.get(
     "/v1/balance",
     summary="Your credits",
-    responses=errors((403, "no_account: the environment admin token has no balance")),
+    responses=merge(
+        content(200, "Your balance and what credits buy", {"application/json": {"schema": BALANCE}}),
+        errors((403, "no_account: the environment admin token has no balance")),
+    ),
 )
 def balance(request: Request, principal: ApprovedUser) -> dict:
     if principal.user_id is None:

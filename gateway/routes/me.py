@@ -6,11 +6,29 @@ from fastapi import APIRouter, Request
 
 from gateway import users
 from gateway.auth import AnyUser
+from gateway.openapi import USER, content
+
+WHO = {
+    "type": "object",
+    "required": ["user", "role", "status", "kind"],
+    "properties": {
+        "user": {"anyOf": [USER, {"type": "null"}]},
+        "role": {"type": "string", "enum": ["user", "admin"]},
+        "status": {"type": "string", "enum": ["approved", "pending"]},
+        "kind": {"type": "string", "enum": ["user", "environment_admin"]},
+    },
+}
 
 router = APIRouter(prefix="/v1", tags=["me"])
 
 
-@router.get("/me")
+@router.get(
+    "/me",
+    summary="Who am I (pending accounts too)",
+    responses=content(
+        200, "user (null for the environment admin token), role, status, kind", {"application/json": {"schema": WHO}}
+    ),
+)
 def me(principal: AnyUser, request: Request) -> dict:
     if principal.user_id is None:
         return {"user": None, "role": "admin", "status": "approved", "kind": "environment_admin"}

@@ -21,11 +21,12 @@ from gateway.rentals import Rentals, check_command, check_env
 
 router = APIRouter(tags=["runs"])
 POLL_SECONDS = 0.05
+POD_DOWN = (503, "pod_unavailable: the pod backend did not answer; retry after Retry-After")
 RUN_ERRORS = errors(
     (404, "gpu_not_found, or run_not_found: no such run on a rental of yours"),
     (409, "gpu_not_running: the rental is not running"),
     (410, "gpu_not_running: the rental has ended"),
-    (503, "pod_unavailable: the pod backend did not answer; retry after Retry-After"),
+    POD_DOWN,
 )
 
 
@@ -112,7 +113,7 @@ async def start_run(body: RunRequest, request: Request, principal: ApprovedUser)
 @router.get(
     "/v1/runs",
     summary="Runs on your rented GPUs (all of them, or ?gpu_id=)",
-    responses=errors((404, "gpu_not_found: no rental of yours with this id"), (503, "pod_unavailable: the pod backend did not answer; retry after Retry-After")),
+    responses=errors((404, "gpu_not_found: no rental of yours with this id"), POD_DOWN),
 )
 def list_runs(request: Request, principal: ApprovedUser, gpu_id: str | None = None) -> dict:
     rentals = _rentals(request)
