@@ -128,6 +128,12 @@ class UsageBook:
     def _fits(self, n: int, quota: int):
         return DriveUsage.used_bytes + DriveUsage.reserved_bytes + n <= quota
 
+    def room(self, prefix: str, quota: int) -> int:
+        """What is neither used nor promised (a hint: a reservation checks again)."""
+        with self._sessions() as session:
+            row = session.get(DriveUsage, prefix)
+            return quota - row.used_bytes - row.reserved_bytes if row is not None else 0
+
     def _refusal(self, prefix: str, n: int, quota: int) -> QuotaExceeded:
         with self._sessions() as session:
             row = session.get(DriveUsage, prefix)
@@ -444,16 +450,21 @@ class Upload:
             yield chunk
 
     def _reserve_more(self, missing: int) -> None:
-        try:
-            self.reserved += self.book._extend_stream(self.prefix, self.lease, max(missing, self.step), self.quota)
-            return
-        except QuotaExceeded:
-            if missing >= self.step:
-                raise UploadTooLarge("upload exceeds the drive quota") from None
-        try:
-            self.reserved += self.book._extend_stream(self.prefix, self.lease, missing, self.quota)
-        except QuotaExceeded:
-            raise UploadTooLarge("upload exceeds the drive quota") from None
+        """A step more; near the quota, all the room left (so of uploads racing for the last
+        room one gets it and finishes, rather than all starving on small reservations); else
+        exactly what is missing; else this upload is over the quota."""
+        tries = [max(missing, self.step)]
+        room = self.book.room(self.prefix, self.quota)
+        if missing <= room < tries[0]:
+            tries.append(room)
+        tries.append(missing)
+        for n in dict.fromkeys(tries):
+            try:
+                self.reserved += self.book._extend_stream(self.prefix, self.lease, n, self.quota)
+                return
+            except QuotaExceeded:
+                continue
+        raise UploadTooLarge("upload exceeds the drive quota")
 
     def commit(self, size: int) -> None:
         """The object is stored: the drive grew by new minus old."""
