@@ -136,16 +136,22 @@ class DavContext:
         if self.usage is not None and delta and prefix == self.prefix:
             self.usage.add(prefix, delta)
 
-    def check_room(self, prefix: str, incoming: int) -> None:
-        """507 when ``incoming`` more bytes would not fit in the caller's quota."""
-        if self.quota_bytes is None or prefix != self.prefix or incoming <= 0:
-            return
-        used = self.used_bytes()
-        if used + incoming > self.quota_bytes:
-            raise DAVError(
-                HTTP_INSUFFICIENT_STORAGE,
-                f"{incoming} more bytes would take the drive to {used + incoming} of {self.quota_bytes} bytes",
-            )
+    def reserve_room(self, prefix: str, incoming: int) -> int:
+        """Reserve ``incoming`` bytes in the caller's drive before a copy moves any (507 when they
+        do not fit; 0 when nothing needs reserving); close it with :meth:`settle_room`."""
+        if self.usage is None or self.quota_bytes is None or prefix != self.prefix or incoming <= 0:
+            return 0
+        try:
+            return self.usage.open(prefix, incoming, self.quota_bytes)
+        except UploadTooLarge as exc:
+            raise DAVError(HTTP_INSUFFICIENT_STORAGE, str(exc)) from None
+
+    def settle_room(self, prefix: str, reserved: int, added: int) -> None:
+        """What a write really added (0: it failed) counts; the rest of its reservation goes back."""
+        if reserved:
+            self.usage.settle(prefix, reserved, added)
+        else:
+            self.add_usage(prefix, added)
 
 
 @contextmanager
@@ -996,11 +1002,15 @@ def _transfer(src, dest_path: str, *, move: bool, depth_infinity: bool) -> bool:
         src_ref, dest_ref = src.get_ref_url(), quote("/" + dest.key)
         store = ctx.store
         if not src.is_collection:
-            same_drive = src.location.prefix == dest.prefix
-            if not (move and same_drive):
-                ctx.check_room(dest.prefix, src.get_content_length())
-            store.copy(src.location.key, dest.key)
-            ctx.add_usage(dest.prefix, src.get_content_length())
+            size = src.get_content_length()
+            moved_within = move and src.location.prefix == dest.prefix  # the drive does not grow
+            reserved = 0 if moved_within else ctx.reserve_room(dest.prefix, size)
+            try:
+                store.copy(src.location.key, dest.key)
+            except BaseException:
+                ctx.settle_room(dest.prefix, reserved, 0)
+                raise
+            ctx.settle_room(dest.prefix, reserved, size)
             if move:
                 store.delete(src.location.key)
                 ctx.add_usage(src.location.prefix, -src.get_content_length())
@@ -1009,8 +1019,8 @@ def _transfer(src, dest_path: str, *, move: bool, depth_infinity: bool) -> bool:
         else:
             objects = list(iter_objects(store, src.location.key))
             total = sum(info.size for info in objects)
-            if not (move and src.location.prefix == dest.prefix):
-                ctx.check_room(dest.prefix, total)
+            moved_within = move and src.location.prefix == dest.prefix
+            reserved = 0 if moved_within else ctx.reserve_room(dest.prefix, total)
             pairs = [(info.key, dest.key + info.key[len(src.location.key) :]) for info in objects]
             if src.location.key + FOLDER_MARKER not in {info.key for info in objects}:
                 pairs.append((None, dest.key + FOLDER_MARKER))  # the destination folder exists even if empty
@@ -1022,9 +1032,13 @@ def _transfer(src, dest_path: str, *, move: bool, depth_infinity: bool) -> bool:
                 else:
                     store.copy(source, target)
 
-            with ThreadPoolExecutor(max_workers=COPY_THREADS) as pool:
-                list(pool.map(copy_one, pairs))
-            ctx.add_usage(dest.prefix, total)
+            try:
+                with ThreadPoolExecutor(max_workers=COPY_THREADS) as pool:
+                    list(pool.map(copy_one, pairs))
+            except BaseException:
+                ctx.settle_room(dest.prefix, reserved, 0)  # what was copied is counted at the next recount
+                raise
+            ctx.settle_room(dest.prefix, reserved, total)
             if move:
                 store.delete_many([info.key for info in objects])
                 ctx.add_usage(src.location.prefix, -total)

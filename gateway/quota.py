@@ -164,6 +164,11 @@ class UsageBook:
                 raise self._refusal(prefix, n, quota)
             settled = True
 
+    def open(self, prefix: str, n: int, quota: int) -> int:
+        """Reserve ``n`` bytes for a write that starts now (a WebDAV COPY): QuotaExceeded if they
+        do not fit; close it with :meth:`settle`."""
+        return self._reserve(prefix, n, quota, opening=True)
+
     def reserve(self, prefix: str, n: int, quota: int) -> int:
         """Reserve ``n`` more bytes for an upload already open (QuotaExceeded if they do not fit)."""
         return self._reserve(prefix, n, quota, opening=False) if n > 0 else 0

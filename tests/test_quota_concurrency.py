@@ -245,3 +245,35 @@ def test_a_dead_gateways_reservation_is_given_back_when_its_lease_runs_out(stack
     with stack.server.app.state.sessions() as session:
         row = session.get(DriveUsage, prefix)
         assert (row.used_bytes, row.reserved_bytes, row.inflight) == (3 * MiB + 1, 0, 0)
+
+
+@pytest.mark.parametrize("mount", ["dav", "files"])
+def test_parallel_webdav_copies_stay_within_the_quota(stack, user, small_quota, mount):
+    """COPY reserves the bytes it adds before the store copies them (it checked, then added)."""
+    source = os.urandom(SIZE)
+    assert requests.put(f"{stack.base}/v1/files/src.bin", data=source, headers=user.auth).status_code == 201
+    requests.request("MKCOL", f"{stack.base}/v1/dav/par/", headers=user.auth)
+    names = [f"par/{n:02d}.bin" for n in range(PARALLEL)]
+    start = threading.Barrier(PARALLEL)
+
+    def copy(name):
+        start.wait()
+        reply = requests.request(
+            "COPY", f"{stack.base}/v1/{mount}/src.bin",
+            headers={**user.auth, "Destination": f"{stack.base}/v1/{mount}/{name}"}, timeout=60,
+        )
+        return name, reply.status_code
+
+    with ThreadPoolExecutor(max_workers=PARALLEL) as pool:
+        statuses = dict(pool.map(copy, names))
+    objects = stored(stack, user)
+    assert sum(objects.values()) <= QUOTA, f"{sum(objects.values())} bytes stored for a quota of {QUOTA}"
+    copied = [name for name, status in statuses.items() if status in (201, 204)]
+    assert copied and len(copied) < PARALLEL, statuses
+    assert all(status in (201, 204, 507) for status in statuses.values()), statuses
+    for name in copied:
+        assert read_back(stack, user, name) == source
+    # Nothing stays reserved: the room left can be filled exactly.
+    left = QUOTA - sum(objects.values())
+    assert requests.put(f"{stack.base}/v1/files/fill.bin", data=os.urandom(left), headers=user.auth).status_code == 201
+    assert requests.put(f"{stack.base}/v1/files/over.bin", data=b"x", headers=user.auth).status_code == 413
