@@ -144,6 +144,9 @@ class RentRequest(BaseModel):
         return check_env(value)
 
 
+# A return asked of a gateway whose backend does not run the pod: the one that does finishes it.
+HANDED_OVER = "returning through the gateway that runs its pod"
+
 # Any constant: the PostgreSQL advisory lock that placements take, on every gateway of the database.
 PLACEMENT_LOCK = 0x6B677075  # "kgpu"
 
@@ -278,12 +281,14 @@ class Rentals:
             },
         )
         try:
+            instance = self.backend.instance
             ref = self.backend.start(spec)
         except PodError as exc:
             return self._finish(rental.id, "Failed", f"start_failed: {exc}")
         with self.sessions.begin() as session:
             rental = session.get(Rental, rental.id)
             rental.pod_ref = ref
+            rental.pod_instance = instance
             _apply(rental, self.backend.status(ref))
             rental.started_at = self.now()
             billing.charge(session, rental, self.now())
@@ -339,11 +344,21 @@ class Rentals:
         """Live but not ready yet: its pod's state is worth asking for now (``refresh``)."""
         return rental.phase in ("Pending", "Running") and not rental.ready
 
+    def mine(self, rental: Rental) -> bool:
+        """Whether this gateway's backend runs the rental's pod (replicas share the database, not
+        their pods: one never ends, or reads as lost, a pod it cannot see)."""
+        if rental.pod_instance is None:
+            return True  # started before pods were told apart
+        try:
+            return rental.pod_instance == self.backend.instance
+        except PodError:
+            return False  # the backend cannot say who it is: act on nothing
+
     def refresh(self, rental_id: str) -> None:
         """Ask the backend how a starting pod is doing now, rather than at the reaper's next tick."""
         with self.sessions.begin() as session:
             rental = session.get(Rental, rental_id)
-            if self.starting(rental) and rental.pod_ref:
+            if self.starting(rental) and rental.pod_ref and self.mine(rental):
                 status = self._status(rental.pod_ref)
                 if status.phase not in ("Gone", "Failed"):  # the reaper ends lost pods
                     _apply(rental, status)
@@ -370,6 +385,13 @@ class Rentals:
                 return rental
             rental.phase = "Terminating"
             rental.ready = False
+            if rental.pod_ref and not self.mine(rental):
+                # Another gateway runs the pod: it flushes and removes it at its next reaper tick,
+                # then ends the rental (its token must live until the flush is done).
+                rental.pending_reason = HANDED_OVER
+                rental.end_reason = reason
+                return rental
+            rental.pending_reason = None
             ref = rental.pod_ref
         lost = None
         if ref:
@@ -401,7 +423,13 @@ class Rentals:
         now = self.now()
         ending: list[tuple[str, str]] = []
         with self.sessions.begin() as session:
+            for rental in session.scalars(select(Rental).where(Rental.phase == "Terminating")):
+                if rental.pending_reason == HANDED_OVER and self.mine(rental):
+                    ending.append((rental.id, rental.end_reason or "returned"))
             for rental in session.scalars(select(Rental).where(Rental.phase.in_(("Pending", "Running")))):
+                if not self.mine(rental):
+                    billing.charge(session, rental, now)  # once per minute, whoever bills first
+                    continue
                 if rental.pod_ref:
                     status = self._status(rental.pod_ref)
                     if status.phase in ("Gone", "Failed"):
@@ -432,12 +460,32 @@ class Rentals:
                 )
             }
         ending += [(rental_id, "out_of_credits") for rental_id in broke if rental_id not in dict(ending)]
+        self._remove_orphans()
         # Each return may wait for its pod's /files flush (up to KGPU_POD_FLUSH_TIMEOUT_SECONDS):
         # side by side, so one slow pod does not hold back the others.
         if ending:
             with ThreadPoolExecutor(max_workers=min(8, len(ending)), thread_name_prefix="kgpu-return") as pool:
                 list(pool.map(lambda item: self._finish(item[0], "Ended", item[1]), ending))
         return ending
+
+    def _remove_orphans(self) -> None:
+        """Remove the pods this backend still runs for rentals that have ended (a start cut short,
+        a return whose removal failed)."""
+        try:
+            pods = self.backend.adopt()
+        except PodError:
+            return
+        if not pods:
+            return
+        with self.sessions() as session:
+            ended = session.scalars(
+                select(Rental.id).where(Rental.id.in_(list(pods)), Rental.phase.in_(("Ended", "Failed")))
+            ).all()
+        for rental_id in ended:
+            try:
+                self.backend.destroy(pods[rental_id])
+            except Exception:  # noqa: BLE001 - the next tick tries again
+                log.warning("could not remove the pod of ended rental %s", rental_id, exc_info=True)
 
     def _status(self, ref: str) -> PodStatus:
         try:

@@ -4,6 +4,7 @@ machines would have), on one PostgreSQL. What one books, reissues or grants, the
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
@@ -85,3 +86,39 @@ def test_a_balance_never_goes_below_zero_under_concurrent_grants(replicas):
     balance = next(u["credits"] for u in listed if u["id"] == user_id)
     assert balance == 1000 - 30 * accepted and balance >= 0
     assert accepted == 1000 // 30
+
+
+def test_neither_replica_ends_the_others_rentals(tmp_path, postgres_url):
+    """Each gateway sees only its own pods: the other's reaper leaves them alone, and a return
+    asked of the other is handed to the one that runs the pod (which flushes and removes it)."""
+    own_node = json.dumps([{"node": "n2", "gpu_model": "OtherGPU", "count": 1, "price_per_hour_credits": 10}])
+    settings = {  # a node of its own: the session's database keeps the other tests' rentals
+        "KGPU_DATABASE_URL": postgres_url, "KGPU_GPU_INVENTORY": own_node, "KGPU_LOCAL_POD_MOUNTS": "false",
+        "KGPU_REAPER_INTERVAL_SECONDS": "0.3",
+    }
+    base = passable(tmp_path)
+    first, second = Served(base / "one", settings), Served(base / "two", settings)
+    try:
+        token = requests.post(f"{first.base}/v1/admin/users", json={"email": "owner@lab.example"}, headers=ADMIN).json()["token"]
+        auth = {"Authorization": f"Bearer {token}"}
+        rented = requests.post(f"{first.base}/v1/gpus", json={"name": "mine"}, headers=auth)
+        assert rented.status_code == 201, rented.text
+        gpu = rented.json()["gpu_id"]
+        pod = base / "one" / "pods" / gpu
+        time.sleep(3)  # ten ticks of each reaper
+        state = requests.get(f"{second.base}/v1/gpus/{gpu}", headers=auth).json()
+        assert state.get("phase") == "Running" and state.get("ended_at") is None, state
+        assert pod.is_dir()
+        handed = requests.delete(f"{second.base}/v1/gpus/{gpu}", headers=auth)
+        assert handed.status_code == 200 and handed.json()["phase"] in ("Terminating", "Ended"), handed.text
+        deadline = time.monotonic() + 30
+        while requests.get(f"{second.base}/v1/gpus/{gpu}", headers=auth).json()["phase"] != "Ended":
+            assert time.monotonic() < deadline, "the gateway that runs the pod never finished the return"
+            time.sleep(0.2)
+        assert not pod.exists()
+        ended = requests.get(f"{first.base}/v1/gpus/{gpu}", headers=auth).json()
+        assert ended["end_reason"] == "returned", ended
+    finally:
+        for server in (first, second):
+            server.process.terminate()
+            server.process.wait(timeout=15)

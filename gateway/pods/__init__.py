@@ -116,6 +116,9 @@ class RunState:
 @runtime_checkable
 class PodBackend(Protocol):
     name: str
+    # Which pods this backend can see: a local pods folder, a docker daemon. Gateway replicas
+    # that share a database act only on the rentals whose pods their own backend runs.
+    instance: str
 
     def start(self, spec: PodSpec) -> str:
         """Create the pod and return the backend's reference to it."""

@@ -199,6 +199,17 @@ class DockerPodBackend:
         self.destroy_grace_s = destroy_grace_s
         self.flush_timeout_s = flush_timeout_s
         self.bootstrap_timeout_s = bootstrap_timeout_s
+        self._instance: str | None = None
+
+    @property
+    def instance(self) -> str:
+        """``docker:{daemon id}``: the pods this daemon runs (another host's daemon has another id)."""
+        if self._instance is None:
+            try:
+                self._instance = f"docker:{self.client.info()['ID']}"
+            except (*_DOCKER_ERRORS, KeyError) as exc:
+                raise PodError(f"docker did not say who it is: {exc}") from exc
+        return self._instance
 
     # --- labels and names -------------------------------------------------------
 

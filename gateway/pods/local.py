@@ -43,6 +43,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -147,10 +148,25 @@ class LocalPodBackend:
             mounts and self.mode != "none" and os.path.exists("/dev/fuse") and shutil.which("fusermount3")
         )
         self._locks: dict[str, threading.Lock] = {}
+        self.instance = self._instance()
         if self.refusal:
             log.error("local pods cannot be rented: %s", self.refusal)
         elif self.mode != "isolated":
             log.warning("local pods run in %r mode: NO isolation between tenants (KGPU_LOCAL_TRUSTED_SINGLE_USER)", self.mode)
+
+    def _instance(self) -> str:
+        """``local:{id}``, the id made once and kept in the pods folder (another gateway's folder,
+        on this host or another, has another)."""
+        path = self.root / ".instance"
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            staged = self.root / f".instance.{os.getpid()}"
+            staged.write_text(f"local:{uuid.uuid4().hex[:16]}")
+            with contextlib.suppress(FileExistsError):  # another process made it first: theirs holds
+                os.link(staged, path)
+            staged.unlink()
+            return path.read_text().strip()
 
     def _choose_mode(self, trusted: bool) -> str:
         root = os.geteuid() == 0

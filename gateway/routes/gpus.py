@@ -113,9 +113,9 @@ def rental_state(gpu_id: str, request: Request, principal: ApprovedUser) -> dict
     with request.app.state.sessions() as session:
         rental = session.get(Rental, gpu_id)
         described = rentals.describe(session, rental)
-        ref, active = rental.pod_ref, rental.phase in ACTIVE
-    described["runs"] = []
-    if ref and active:
+        ref, active, mine = rental.pod_ref, rental.phase in ACTIVE, rentals.mine(rental)
+    described["runs"] = []  # a pod another gateway runs: its runs are asked of that gateway
+    if ref and active and mine:
         backend = rentals.backend
         described["runs"] = [
             run_summary(gpu_id, state)
