@@ -211,6 +211,20 @@ class Rentals:
             for c in self.inventory
         ]
 
+    def models(self, session: Session) -> list[dict]:
+        """The menu per GPU model, over every node that has it: total, free, nodes, price."""
+        menu: dict[str, dict] = {}
+        for node in self.cluster(session):
+            entry = menu.setdefault(node["gpu_model"], {
+                "gpu_model": node["gpu_model"], "gpu_total": 0, "gpu_free": 0, "nodes": 0,
+                "price_per_hour_credits": node["price_per_hour_credits"],
+            })
+            entry["gpu_total"] += node["gpu_total"]
+            entry["gpu_free"] += node["gpu_total"] - node["gpu_busy"] if node["ready"] else 0
+            entry["nodes"] += 1
+            entry["price_per_hour_credits"] = min(entry["price_per_hour_credits"], node["price_per_hour_credits"])
+        return list(menu.values())
+
     def rent(self, principal: Principal, request: RentRequest, api_base: str) -> Rental:
         with self._placement_lock, self.sessions.begin() as session:
             lock_placement(session)

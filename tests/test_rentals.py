@@ -279,6 +279,10 @@ def test_capacity_pinning_and_per_user_cap(gpu_server):
     assert rent(base, second, gpu_model="a5000", gpu_count=1).status_code == 201
     price = requests.get(f"{base}/v1/gpus/{big['gpu_id']}", headers={"Authorization": f"Bearer {first}"}).json()
     assert price["price_per_hour_credits"] == 1500  # 3 GPUs x 500
+    # The public menu per model: h100 on two nodes (6 in all, 3 taken), a5000 on one (taken again).
+    models = {m["gpu_model"]: m for m in requests.get(f"{base}/v1/gpu-models").json()["models"]}
+    assert models["h100"] == {"gpu_model": "h100", "gpu_total": 6, "gpu_free": 3, "nodes": 2, "price_per_hour_credits": 500}
+    assert models["a5000"] == {"gpu_model": "a5000", "gpu_total": 1, "gpu_free": 0, "nodes": 1, "price_per_hour_credits": 300}
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,30 @@ def api_base(request: Request) -> str:
     return str(request.base_url).rstrip("/")
 
 
+MODELS = {
+    "type": "object",
+    "required": ["models"],
+    "properties": {"models": {"type": "array", "items": {
+        "type": "object",
+        "required": ["gpu_model", "gpu_total", "gpu_free", "nodes", "price_per_hour_credits"],
+        "properties": {
+            "gpu_model": {"type": "string"}, "gpu_total": _CREDITS, "gpu_free": _CREDITS, "nodes": _CREDITS,
+            "price_per_hour_credits": _CREDITS,
+        },
+    }}},
+}
+
+
+@router.get(
+    "/v1/gpu-models",
+    summary="The GPU models on offer (public): per model, GPUs in all, free now, nodes, the lowest price per hour",
+    responses=content(200, "the menu", {"application/json": {"schema": MODELS}}),
+)
+def gpu_models(request: Request) -> dict:
+    with request.app.state.sessions() as session:
+        return {"models": _rentals(request).models(session)}
+
+
 @router.get(
     "/v1/gpus",
     summary="Cluster summary (public); with a token also your balance and rentals",
