@@ -63,7 +63,6 @@ from gateway.pods import (
     safe_run_id,
 )
 from gateway.pods.mounts import MAX_FLUSH_REPORT, bootstrap_status
-from gateway.pods.relay import process_start
 from gateway.pods.sandbox import (
     HOLDER_ENV,
     SandboxUnavailable,
@@ -73,6 +72,7 @@ from gateway.pods.sandbox import (
     holder_command,
     kill_uid,
     open_in_pod,
+    process_start,
     run_as,
 )
 
@@ -174,9 +174,7 @@ class LocalPodBackend:
             check_available(uid_switching=root or not trusted)
             return "isolated" if root else "same-user"
         except SandboxUnavailable as exc:
-            if trusted and shutil.which("bwrap") is None:
-                return "none"
-            if trusted:  # bubblewrap is there but cannot build a sandbox
+            if trusted:  # no bubblewrap, or one that cannot build a sandbox here
                 return "none"
             self.refusal = (
                 f"the local pod backend cannot isolate pods here: {exc}. Set "
@@ -439,8 +437,9 @@ class LocalPodBackend:
                 os.kill(record["holder_pid"], signal.SIGKILL)
         for name in ("bootstrap", "relay", "bwrap"):
             pid = record.get(f"{name}_pid")
+            started = process_start(pid) if pid else None
             # The same pid *and* start time: a pid the kernel has since given to another process is not ours.
-            if pid and process_start(pid) is not None and process_start(pid) == record.get(f"{name}_start"):
+            if started is not None and started == record.get(f"{name}_start"):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, signal.SIGKILL)
         if record.get("uid") is not None:

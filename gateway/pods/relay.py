@@ -31,6 +31,8 @@ import sys
 import threading
 import time
 
+from gateway.pods.sandbox import process_start
+
 CLONE_NEWNET = 0x40000000
 F_SETPIPE_SZ = 1031
 
@@ -39,14 +41,6 @@ def _setns(fd: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.setns(fd, CLONE_NEWNET) != 0:
         raise OSError(ctypes.get_errno(), "setns(CLONE_NEWNET) failed")
-
-
-def process_start(pid: int) -> str | None:
-    """A process's start time (field 22 of /proc/PID/stat): with the pid, it names one process."""
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
 
 
 def listen_in_namespace(netns_path: str, endpoints: list[tuple[str, int]]) -> list[socket.socket]:
@@ -127,7 +121,6 @@ def _accept(listener: socket.socket, host: str, port: int) -> None:
 def serve(listeners: list[socket.socket], endpoints: list[tuple[str, int]], holder: int, started: str) -> None:
     """A thread per listener and two per connection; returns when the pod's sandbox is gone."""
     for listener, (host, port) in zip(listeners, endpoints):
-        listener.setblocking(True)
         threading.Thread(target=_accept, args=(listener, host, port), daemon=True).start()
     while process_start(holder) == started:
         time.sleep(1)

@@ -196,6 +196,14 @@ def open_in_pod(base: Path, *parts: str, directory: bool = False) -> int | None:
         return None
 
 
+def process_start(pid: int) -> str | None:
+    """A process's start time (field 22 of /proc/PID/stat): with the pid, it names one process."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 def _live_processes():
     """(host pid, real uid) of every live (not zombie) process."""
     for entry in os.scandir("/proc"):
