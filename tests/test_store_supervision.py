@@ -69,6 +69,20 @@ def presigned(server: Server, auth: dict[str, str], name: str) -> str:
     return reply.headers["Location"]
 
 
+def presigned_once_back(server: Server, auth: dict[str, str], name: str, seconds: float = 5) -> str:
+    """A fresh presigned URL, once the gateway calls the restarted store serving: it notices a
+    moment after the store first answers, and answers 503 with Retry-After until then."""
+    deadline = time.monotonic() + seconds
+    while True:
+        reply = requests.get(f"{server.base}/v1/files/{name}", headers=auth, allow_redirects=False, timeout=10)
+        if reply.status_code != 503 or time.monotonic() > deadline:
+            break
+        assert reply.headers.get("Retry-After")
+        time.sleep(0.05)
+    assert reply.status_code == 302, (reply.status_code, reply.text)
+    return reply.headers["Location"]
+
+
 def fetch(url: str) -> bytes | None:
     try:
         reply = requests.get(url, timeout=5)
@@ -169,7 +183,7 @@ def test_store_down_answers_503_then_comes_back(tmp_path):
         finally:
             squatter.close()
         wait_for(url, payload, BACK_WITHIN + 30)  # the back-off is capped well below this
-        assert fetch(presigned(server, auth, "a.bin")) == payload
+        assert fetch(presigned_once_back(server, auth, "a.bin")) == payload
     finally:
         server.stop()
 
