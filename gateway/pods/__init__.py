@@ -6,8 +6,9 @@ Every backend keeps a run's state *in the pod*, under ``/tmp/kgpu/runs/{run_id}/
 (``runner.sh``) on every backend. The gateway keeps nothing about runs, so a
 restarted gateway finds them where they were.
 
-Backends: ``local`` (processes on this host, gateway/pods/local.py) and
-``docker`` (gateway/pods/docker.py). ``tests/test_pod_conformance.py`` runs the
+Backends: ``local`` (processes on this host, gateway/pods/local.py),
+``docker`` (gateway/pods/docker.py) and ``slurm`` (a Slurm job per pod,
+gateway/pods/slurm.py). ``tests/test_pod_conformance.py`` runs the
 same tests on each.
 """
 
@@ -84,6 +85,10 @@ class PodSpec:
     memory_bytes: int
     ephemeral_storage_gib: int
     env: dict[str, str] = field(default_factory=dict)
+    # Where the gateway placed it (a Slurm node name; "" where the backend has one host) and for
+    # how long (a workload engine's time limit; 0: none).
+    node: str = ""
+    duration_hours: float = 0
 
 
 @dataclass(frozen=True)
@@ -148,3 +153,7 @@ class PodBackend(Protocol):
     def storage_bytes(self, ref: str) -> int | None:
         """Bytes the pod has written to its ephemeral disk (None: unknown). The reaper
         returns a rental that goes over its ``ephemeral_storage_gib``."""
+
+    # Optional (gateway/inventory.py ``engine_inventory``): a backend over a workload engine may
+    # define ``inventory() -> list[GpuClass] | None``, the engine's nodes, GPUs and readiness,
+    # which then replace the configured inventory.
