@@ -146,6 +146,7 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
             yield
         finally:
             reaper.cancel()
+            app.state.rentals.close()
             app.state.usage.close()
             if embedded is not None:
                 embedded.stop()

@@ -139,7 +139,7 @@ class Rental(Base):
     pod_ref: Mapped[str | None] = mapped_column(String(200), nullable=True)
     # Which backend instance runs the pod (PodBackend.instance): gateway replicas act only on their own.
     pod_instance: Mapped[str | None] = mapped_column(String(100), nullable=True)
-    phase: Mapped[str] = mapped_column(String(20), index=True)  # Pending Running Terminating Ended Failed
+    phase: Mapped[str] = mapped_column(String(20), index=True)  # Queued Pending Running Terminating Ended Failed
     ready: Mapped[bool] = mapped_column(Boolean, default=False)
     pending_reason: Mapped[str | None] = mapped_column(String(300), nullable=True)
     end_reason: Mapped[str | None] = mapped_column(String(300), nullable=True)

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import Annotated, Callable
 
 from pydantic import BaseModel, Field, field_validator
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy import text as sql
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,7 +25,7 @@ from gateway import billing, tokens, users
 from gateway.bounds import PlainText
 from gateway.auth import Principal
 from gateway.errors import ApiError
-from gateway.inventory import GpuClass, engine_inventory, free_indices
+from gateway.inventory import GpuClass, free_indices
 from gateway.models import ApiToken, Rental, User, utcnow
 from gateway.pods import PodBackend, PodError, PodSpec, PodStatus
 from gateway.settings import Settings
@@ -33,7 +33,8 @@ from gateway.tokens import as_utc
 
 log = logging.getLogger("kgpu.rentals")
 
-ACTIVE = ("Pending", "Running", "Terminating")
+# Queued: waiting for GPUs (no pod yet, not billed); it still counts against the user's GPU cap.
+ACTIVE = ("Queued", "Pending", "Running", "Terminating")
 _NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,28}[a-z0-9])?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RENTAL_ID = re.compile(r"^gpu-[0-9a-f]{1,40}$")
@@ -112,6 +113,7 @@ class RentRequest(BaseModel):
     ephemeral_storage_gib: int = Field(default=100, ge=1, le=100)
     duration_hours: int = Field(default=12, ge=1, le=168)
     env: dict[str, str] | None = None
+    queue: bool = Field(default=False, description="when no GPU is free, wait in the queue (phase Queued) rather than 409")
 
     @field_validator("name")
     @classmethod
@@ -174,17 +176,28 @@ class Rentals:
         self.tokens_revoked = tokens_revoked
         self.sessions = sessions
         self.backend = backend
-        self._inventory = inventory
+        self.inventory = inventory
         self.now = now
         self._placement_lock = threading.Lock()
+        # Starts queued rentals after a return, off the returning request's thread.
+        self._queue_starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kgpu-queue")
+
+    def close(self) -> None:
+        self._queue_starter.shutdown(wait=False, cancel_futures=True)
+
+    def _start_queued_soon(self) -> None:
+        try:
+            self._queue_starter.submit(self._start_queued_logged)
+        except RuntimeError:
+            pass  # shutting down
+
+    def _start_queued_logged(self) -> None:
+        try:
+            self.start_queued()
+        except Exception:  # noqa: BLE001 - the reaper's next tick tries again
+            log.exception("could not start queued rentals")
 
     # ------------------------------------------------------------------ placing
-
-    @property
-    def inventory(self) -> list[GpuClass]:
-        """The engine's nodes where the backend reads them (Slurm), else the configured ones."""
-        found = engine_inventory(self.backend)
-        return self._inventory if found is None else found
 
     def _busy(self, session: Session) -> dict[tuple[str, str], set[int]]:
         busy: dict[tuple[str, str], set[int]] = {}
@@ -195,10 +208,9 @@ class Rentals:
         return busy
 
     def _classes(self, gpu_model: str | None) -> list[GpuClass]:
-        inventory = self.inventory
-        if gpu_model is None:  # the first model offered, on every node that has it
-            gpu_model = inventory[0].gpu_model if inventory else ""
-        found = [c for c in inventory if c.gpu_model == gpu_model]
+        if gpu_model is None:
+            return self.inventory[:1]
+        found = [c for c in self.inventory if c.gpu_model == gpu_model]
         if not found:
             menu = ", ".join(sorted({c.gpu_model for c in self.inventory}))
             raise ApiError(422, "validation_error", f"gpu_model {gpu_model!r} is not offered here (menu: {menu})")
@@ -212,7 +224,7 @@ class Rentals:
                 "gpu_model": c.gpu_model,
                 "gpu_busy": len(busy.get((c.node, c.gpu_model), set())),
                 "gpu_total": c.count,
-                "ready": c.ready,
+                "ready": True,
                 "price_per_hour_credits": c.price_per_hour_credits,
             }
             for c in self.inventory
@@ -233,6 +245,7 @@ class Rentals:
         return list(menu.values())
 
     def rent(self, principal: Principal, request: RentRequest, api_base: str) -> Rental:
+        """Place and start a rental; with ``request.queue``, queue it when nothing fits now."""
         with self._placement_lock, self.sessions.begin() as session:
             lock_placement(session)
             user = users.get_locked(session, principal.user_id)
@@ -245,16 +258,15 @@ class Rentals:
                 raise ApiError(
                     409, "gpu_cap_reached", f"you hold {sum(mine)} GPUs; the cap is {self.settings.max_gpus_per_user}"
                 )
-            busy = self._busy(session)
-            placement = None
-            for gpu_class in classes:
-                free = free_indices(gpu_class, busy.get((gpu_class.node, gpu_class.gpu_model), set()))
-                if len(free) >= count:
-                    placement = (gpu_class, free[:count])
-                    break
-            if placement is None:
-                raise ApiError(409, "no_capacity", f"no node has {count} free {classes[0].gpu_model} GPUs right now")
-            gpu_class, indices = placement
+            if not any(c.count >= count for c in classes):
+                raise ApiError(409, "no_capacity", f"no node here has {count} {classes[0].gpu_model} GPUs")
+            # Nobody jumps the queue: while rentals wait for this model, a new one waits behind them.
+            queued = self._queued_ahead(session, classes[0].gpu_model)
+            placement = None if queued else self._placement(session, classes, count)
+            if placement is None and not request.queue:
+                raise ApiError(409, "no_capacity", f"no node has {count} free {classes[0].gpu_model} GPUs right now"
+                               + (f" ({queued} rentals are queued for them)" if queued else ""))
+            gpu_class = placement[0] if placement else min(classes, key=lambda c: c.price_per_hour_credits)
             hourly = max(count, 1) * gpu_class.price_per_hour_credits
             if user.credits < hourly:
                 raise ApiError(
@@ -266,40 +278,97 @@ class Rentals:
                 user_id=user.id,
                 name=request.name,
                 image=request.image or self.settings.default_image,
-                node=gpu_class.node,
+                node="",
                 gpu_model=gpu_class.gpu_model,
                 gpu_count=count,
-                gpu_indices=",".join(map(str, indices)),
+                gpu_indices="",
                 cpu=parse_cpu(request.cpu),
                 memory_bytes=parse_memory(request.memory),
                 ephemeral_storage_gib=request.ephemeral_storage_gib,
                 duration_hours=request.duration_hours,
-                env_json=json.dumps(request.env or {}),
+                # Everything the pod's environment holds but its token (issued when it starts).
+                env_json=json.dumps({**(request.env or {}), "KGPU_API_BASE": api_base}),
                 backend=self.backend.name,
-                phase="Pending",
+                phase="Queued",
                 ready=False,
-                pending_reason="starting the pod",
+                pending_reason=f"waiting for {count} free {gpu_class.gpu_model} GPUs",
                 price_per_hour_credits=gpu_class.price_per_hour_credits,
                 created_at=now,
                 last_activity_at=now,
             )
             session.add(rental)
             session.flush()
-            _, pod_token = tokens.issue(session, user.id, label=f"in-pod token of {rental.id}", rental_id=rental.id)
+            if placement is None:
+                return rental
+            pod_token = self._place(session, rental, *placement)
+        return self._launch(rental.id, pod_token)
+
+    def start_queued(self) -> list[str]:
+        """Start the queued rentals that fit now, first come first served per GPU model (one
+        that does not fit holds back the later ones of its model). Returns those started."""
+        started: list[tuple[str, str]] = []
+        with self._placement_lock, self.sessions.begin() as session:
+            lock_placement(session)
+            blocked: set[str] = set()
+            for rental in session.scalars(select(Rental).where(Rental.phase == "Queued").order_by(Rental.created_at)):
+                if rental.gpu_model in blocked:
+                    continue
+                user = users.get_locked(session, rental.user_id)
+                placement = self._placement(session, self._classes(rental.gpu_model), rental.gpu_count)
+                if placement is None:
+                    blocked.add(rental.gpu_model)
+                    continue
+                if user.credits < max(rental.gpu_count, 1) * placement[0].price_per_hour_credits:
+                    rental.phase, rental.ended_at = "Ended", self.now()
+                    rental.end_reason, rental.pending_reason = "insufficient_credits", None
+                    continue
+                started.append((rental.id, self._place(session, rental, *placement)))
+        for rental_id, pod_token in started:
+            self._launch(rental_id, pod_token)
+        return [rental_id for rental_id, _ in started]
+
+    def _placement(self, session: Session, classes: list[GpuClass], count: int) -> tuple[GpuClass, list[int]] | None:
+        busy = self._busy(session)
+        for gpu_class in classes:
+            free = free_indices(gpu_class, busy.get((gpu_class.node, gpu_class.gpu_model), set()))
+            if len(free) >= count:
+                return gpu_class, free[:count]
+        return None
+
+    @staticmethod
+    def _queued_ahead(session: Session, gpu_model: str, before: datetime | None = None) -> int:
+        query = select(func.count()).where(Rental.phase == "Queued", Rental.gpu_model == gpu_model)
+        if before is not None:
+            query = query.where(Rental.created_at < before)
+        return session.scalar(query) or 0
+
+    def _place(self, session: Session, rental: Rental, gpu_class: GpuClass, indices: list[int]) -> str:
+        """Book the GPUs for the rental (under the placement lock) and issue its in-pod token."""
+        rental.node = gpu_class.node
+        rental.gpu_model = gpu_class.gpu_model
+        rental.gpu_indices = ",".join(map(str, indices))
+        rental.price_per_hour_credits = gpu_class.price_per_hour_credits
+        rental.phase, rental.pending_reason = "Pending", "starting the pod"
+        session.flush()
+        _, pod_token = tokens.issue(session, rental.user_id, label=f"in-pod token of {rental.id}", rental_id=rental.id)
+        return pod_token
+
+    def _launch(self, rental_id: str, pod_token: str) -> Rental:
+        """Start the pod of a placed rental; billing starts with it."""
+        with self.sessions() as session:
+            rental = session.get(Rental, rental_id)
+            session.expunge(rental)
         spec = PodSpec(
             rental_id=rental.id,
             image=rental.image,
-            gpu_indices=indices,
+            gpu_indices=[int(i) for i in rental.gpu_indices.split(",") if i],
             cpu=rental.cpu,
             memory_bytes=rental.memory_bytes,
             ephemeral_storage_gib=rental.ephemeral_storage_gib,
-            node=rental.node,
-            duration_hours=rental.duration_hours,
             env={
-                **(request.env or {}),
+                **json.loads(rental.env_json),
                 "KGPU_GPU_ID": rental.id,
                 "KGPU_RENT_ID": rental.id,
-                "KGPU_API_BASE": api_base,
                 "KGPU_API_TOKEN": pod_token,
             },
         )
@@ -348,6 +417,10 @@ class Rentals:
             "phase": rental.phase,
             "ready": rental.ready,
             "pending_reason": rental.pending_reason,
+            "queue_position": (
+                self._queued_ahead(session, rental.gpu_model, rental.created_at) + 1
+                if rental.phase == "Queued" else None
+            ),
             "end_reason": rental.end_reason,
             "mounts": json.loads(rental.mounts_json) if rental.mounts_json else None,
             "flush_error": rental.flush_error,
@@ -437,7 +510,8 @@ class Rentals:
             rental.phase = phase
             rental.end_reason = reason
             rental.pending_reason = None
-            return rental
+        self._start_queued_soon()  # its GPUs are free: the queue moves
+        return rental
 
     # ------------------------------------------------------------------ reaper
 
@@ -484,6 +558,7 @@ class Rentals:
             }
         ending += [(rental_id, "out_of_credits") for rental_id in broke if rental_id not in dict(ending)]
         self._remove_orphans()
+        self.start_queued()
         # Each return may wait for its pod's /files flush (up to KGPU_POD_FLUSH_TIMEOUT_SECONDS):
         # side by side, so one slow pod does not hold back the others.
         if ending:
