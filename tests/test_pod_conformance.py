@@ -137,3 +137,31 @@ def test_storage_is_measured(pod):
     assert wait_finished(backend, ref, "run-disk").exit_code == 0
     after = backend.storage_bytes(ref)
     assert before is not None and after - before >= 2_900_000
+
+
+def test_a_long_poll_is_one_wait_and_answers_when_the_run_ends(pod):
+    from gateway.pods import wait_run
+
+    backend, ref, _ = pod
+    backend.start_run(ref, "run-wait", ["sh", "-c", "sleep 0.5; echo done; exit 3"], {})
+    calls = []
+    api = getattr(backend, "api", None)
+    if api is not None:  # docker: count the calls into the pod
+        original = api.exec_create
+        api.exec_create = lambda *a, **k: calls.append(a) or original(*a, **k)
+    try:
+        started = time.monotonic()
+        state = wait_run(backend, ref, "run-wait", 20, 4096)
+        waited = time.monotonic() - started
+    finally:
+        if api is not None:
+            api.exec_create = original
+    assert state is not None and state.finished and state.exit_code == 3 and state.stdout == b"done\n"
+    assert waited < 15, f"the wait did not end with the run ({waited:.1f}s)"
+    if api is not None:
+        assert len(calls) == 1, f"{len(calls)} execs for one long-poll"
+    backend.start_run(ref, "run-long", ["sleep", "30"], {})
+    still = wait_run(backend, ref, "run-long", 0.3, 4096)
+    assert still is not None and not still.finished and still.exit_code is None
+    backend.signal_run(ref, "run-long", "KILL")
+    assert wait_run(backend, ref, "run-missing", 1, 4096) is None

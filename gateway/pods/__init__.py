@@ -14,6 +14,8 @@ same tests on each.
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -59,6 +61,39 @@ while [ -n "$pids" ] && [ "$i" -lt $((grace * 10)) ]; do
 done
 exit 0
 """
+
+# The first lines of a script run inside a pod as ``sh -c SCRIPT kgpu RUN_DIR TAIL TICKS``: they
+# return once the run has ended (its exit code written, or its runner gone) or after TICKS
+# twentieths of a second, so a long-poll is one call into the pod, not a call every 50 ms.
+# ``read`` and ``kill -0`` are shell builtins: each tick forks only ``sleep``.
+WAIT_TICKS_PER_SECOND = 20
+WAIT_SCRIPT = r"""
+left="$3"
+while [ "$left" -gt 0 ] && [ -d "$1" ] && [ ! -e "$1/exit_code" ]; do
+  runner=; read -r runner < "$1/runner_pid" 2>/dev/null
+  [ -n "$runner" ] && ! kill -0 "$runner" 2>/dev/null && break
+  sleep 0.05; left=$((left - 1))
+done
+"""
+
+
+def wait_ticks(seconds: float) -> int:
+    return max(0, math.ceil(seconds * WAIT_TICKS_PER_SECOND))
+
+
+def wait_run(backend: "PodBackend", ref: str, run_id: str, seconds: float, tail_bytes: int) -> "RunState | None":
+    """The run's state once it has ended, or after ``seconds``: the backend's own ``wait_run``
+    (one wait inside the pod), else its ``run_state`` asked every 50 ms (cheap where reading a
+    run's files costs no call into the pod, as on the local backend)."""
+    native = getattr(backend, "wait_run", None)
+    if native is not None:
+        return native(ref, run_id, seconds, tail_bytes)
+    deadline = time.monotonic() + seconds
+    while True:
+        state = backend.run_state(ref, run_id, 0)
+        if state is None or state.finished or time.monotonic() >= deadline:
+            return backend.run_state(ref, run_id, tail_bytes)
+        time.sleep(1 / WAIT_TICKS_PER_SECOND)
 
 
 class PodError(Exception):
@@ -154,6 +189,8 @@ class PodBackend(Protocol):
         """Bytes the pod has written to its ephemeral disk (None: unknown). The reaper
         returns a rental that goes over its ``ephemeral_storage_gib``."""
 
+    # Optional (``wait_run`` above): ``wait_run(ref, run_id, seconds, tail_bytes)``, the run's state
+    # once it ends or after ``seconds``, with one wait inside the pod.
     # Optional (gateway/inventory.py ``engine_inventory``): a backend over a workload engine may
     # define ``inventory() -> list[GpuClass] | None``, the engine's nodes, GPUs and readiness,
     # which then replace the configured inventory.

@@ -49,6 +49,7 @@ from gateway.pods import (
     SIGNAL_SCRIPT,
     TERM_ALL_SCRIPT,
     TOKEN_PATH,
+    WAIT_SCRIPT,
     PodError,
     PodSpec,
     PodStartError,
@@ -56,6 +57,7 @@ from gateway.pods import (
     RunState,
     run_command,
     safe_run_id,
+    wait_ticks,
 )
 from gateway.pods.mounts import (
     FLUSH_SCRIPT,
@@ -85,6 +87,8 @@ NO_FUSE = {
 }
 FUSE_MODE = "/dev/fuse on the docker host must be mode 0666 for user-namespaced pods (docs/pod-isolation.md)"
 READ_CHUNK = 1 << 20  # read_output returns at most this many bytes a call
+# Connections to the daemon kept open: each long-poll holds one for its wait (gateway/routes/runs.py).
+DOCKER_CONNECTIONS = 256
 
 # Prints the run's small files as key=value lines, whether the runner is alive, then
 # for stdout and stderr "name size start length" and exactly `length` raw bytes from
@@ -189,7 +193,9 @@ class DockerPodBackend:
     ):
         """``pull=False``: a missing image fails at once instead of trying a registry."""
         # The flush before removal is one blocking exec: the API timeout must outlast it.
-        self.client = client if client is not None else docker.from_env(timeout=flush_timeout_s + 60)
+        self.client = client if client is not None else docker.from_env(
+            timeout=flush_timeout_s + 60, max_pool_size=DOCKER_CONNECTIONS
+        )
         self.api = self.client.api
         self.network = network
         self.prefix = labels_prefix
@@ -508,8 +514,19 @@ class DockerPodBackend:
                 raise PodError("the runner did not start within 30 s")
 
     def run_state(self, ref: str, run_id: str, tail_bytes: int) -> RunState | None:
+        tail = max(0, int(tail_bytes))
+        out = self._exec(ref, _STATE_SCRIPT, f"{RUNS_DIR}/{safe_run_id(run_id)}", str(tail))
+        return self._parse_state(ref, run_id, out, tail)
+
+    def wait_run(self, ref: str, run_id: str, seconds: float, tail_bytes: int) -> RunState | None:
+        """One exec: waits in the pod for the run to end (or ``seconds``), then reads its state."""
+        tail = max(0, int(tail_bytes))
         run_dir = f"{RUNS_DIR}/{safe_run_id(run_id)}"
-        out = self._exec(ref, _STATE_SCRIPT, run_dir, str(max(0, int(tail_bytes))))
+        out = self._exec(ref, WAIT_SCRIPT + _STATE_SCRIPT, run_dir, str(tail), str(wait_ticks(seconds)))
+        return self._parse_state(ref, run_id, out, tail)
+
+    @staticmethod
+    def _parse_state(ref: str, run_id: str, out: bytes, tail_bytes: int) -> RunState | None:
         head, _, rest = out.partition(b"\n")
         if head != b"found":
             return None

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import codecs
 import json
-import time
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
-from gateway import runs
+from gateway import pods, runs
 from gateway.auth import ApprovedUser, Principal
 from gateway.errors import ApiError
 from gateway.openapi import content, errors, merge
@@ -20,7 +20,6 @@ from gateway.pods import RunState
 from gateway.rentals import Rentals, check_command, check_env
 
 router = APIRouter(tags=["runs"])
-POLL_SECONDS = 0.05
 POD_DOWN = (503, "pod_unavailable: the pod backend did not answer; retry after Retry-After")
 RUN_ERRORS = errors(
     (404, "gpu_not_found, or run_not_found: no such run on a rental of yours"),
@@ -79,14 +78,21 @@ def _state(request: Request, ref: str, run_id: str) -> RunState:
     return state
 
 
+# Long-polls wait in threads of their own: hundreds of them must not take every thread of the
+# pool that serves the other routes (threads start as needed, up to this many).
+LONG_POLLS = ThreadPoolExecutor(max_workers=1024, thread_name_prefix="kgpu-long-poll")
+
+
 async def _wait(request: Request, ref: str, run_id: str, seconds: float) -> RunState:
+    """The run's state once it ends, or after ``seconds``: one wait inside the pod."""
     backend = _rentals(request).backend
-    deadline = time.monotonic() + seconds
-    while True:
-        state = await run_in_threadpool(backend.run_state, ref, run_id, 0)
-        if state is None or state.finished or time.monotonic() >= deadline:
-            return await run_in_threadpool(_state, request, ref, run_id)
-        await asyncio.sleep(POLL_SECONDS)
+    tail = request.app.state.settings.run_output_tail_bytes
+    state = await asyncio.get_running_loop().run_in_executor(
+        LONG_POLLS, pods.wait_run, backend, ref, run_id, seconds, tail
+    )
+    if state is None:
+        raise ApiError(404, "run_not_found", f"no run {run_id}")
+    return state
 
 
 @router.post(
