@@ -435,5 +435,5 @@ def _envelope_for(start: Message, page: bytes, method: str, rel: str) -> Respons
         code = "store_unavailable"
         headers.setdefault("Retry-After", "5")
     if status == 413:
-        code = "quota_exceeded"  # the only 413 drive/dav.py raises: a PUT over the quota
+        code = "quota_exceeded"  # the only 413 drive/dav/ raises: a PUT over the quota
     return envelope(status, code, message, headers)

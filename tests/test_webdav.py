@@ -1,4 +1,4 @@
-"""WebDAV on /v1/files/ and /v1/dav/ (gateway/dav_app.py, drive/dav.py), with requests on every stack."""
+"""WebDAV on /v1/files/ and /v1/dav/ (gateway/dav_app.py, drive/dav/), with requests on every stack."""
 
 from __future__ import annotations
 
@@ -443,7 +443,7 @@ def test_listing_cache_is_bounded_and_skips_listings_that_raced_a_write():
     cache = ListingCache(ttl=60.0, max_folders=2, max_entries=5)
     entries = {f"f{n}/": [ObjectInfo(f"f{n}/x{i}", 1, "e", None, None) for i in range(n)] for n in range(7)}
 
-    import drive.dav as drive_dav
+    import drive.dav.listings as listings_module
 
     fake = FakeStore()
 
@@ -453,8 +453,8 @@ def test_listing_cache_is_bounded_and_skips_listings_that_raced_a_write():
             store.during_list()
         return iter(entries[folder])
 
-    original = drive_dav.iter_entries
-    drive_dav.iter_entries = fake_iter_entries
+    original = listings_module.iter_entries
+    listings_module.iter_entries = fake_iter_entries
     try:
         assert len(cache.entries(fake, "f1/")) == 1 and fake.lists == 1
         assert len(cache.entries(fake, "f1/")) == 1 and fake.lists == 1  # cached
@@ -474,7 +474,7 @@ def test_listing_cache_is_bounded_and_skips_listings_that_raced_a_write():
         cache.entries(fake, "f2/")
         assert fake.lists == 9  # the raced listing was not kept
     finally:
-        drive_dav.iter_entries = original
+        listings_module.iter_entries = original
 
 
 def test_propfind_reads_properties_and_locks_once_per_folder(stack, user):
@@ -520,7 +520,7 @@ def test_propfind_reads_properties_and_locks_once_per_folder(stack, user):
 
 
 def test_propfind_depth_1_fast_path_matches_wsgidav(stack, user, monkeypatch):
-    import drive.dav as dav_module
+    import drive.dav.propfind as dav_module
 
     base = f"{stack.base}/v1/files"
     odd = [*NAMES, "amp&<lt>.txt", "quote\"'.txt", "sp  two.txt", "semi;colon=@.txt"]
@@ -530,7 +530,7 @@ def test_propfind_depth_1_fast_path_matches_wsgidav(stack, user, monkeypatch):
         put(stack, user, f"odd/{sub}/inner.txt", b"z")
     assert dav("MKCOL", f"{base}/odd/empty%20one", user).status_code == 201
     put(stack, user, "top.txt", b"t")
-    real = dav_module._fast_propfind
+    real = dav_module.fast_propfind
     used = []
 
     def counting(*args):
@@ -557,9 +557,9 @@ def test_propfind_depth_1_fast_path_matches_wsgidav(stack, user, monkeypatch):
     for url in (f"{base}/odd/", f"{base}/odd", f"{base}/", f"{base}/odd/sub%20dir/"):
         for body in bodies:
             used.clear()
-            monkeypatch.setattr(dav_module, "_fast_propfind", counting)
+            monkeypatch.setattr(dav_module, "fast_propfind", counting)
             fast = dav("PROPFIND", url, user, headers={"Depth": "1"}, data=body)
-            monkeypatch.setattr(dav_module, "_fast_propfind", lambda *args: None)
+            monkeypatch.setattr(dav_module, "fast_propfind", lambda *args: None)
             slow = dav("PROPFIND", url, user, headers={"Depth": "1"}, data=body)
             assert used == [True], (url, body)
             assert fast.status_code == slow.status_code == 207, (fast.text, slow.text)
@@ -571,7 +571,7 @@ def test_propfind_depth_1_fast_path_matches_wsgidav(stack, user, monkeypatch):
                 assert {unquote(h[len("/v1/files/odd/") :]).rstrip("/") for h in hrefs[1:]} == {
                     *odd, "sub dir", "ü#%41 😀", "plain", "empty one"
                 }
-    monkeypatch.setattr(dav_module, "_fast_propfind", real)
+    monkeypatch.setattr(dav_module, "fast_propfind", real)
     for bad in (b"<D:propfind xmlns:D='DAV:'><D:prop>", b"<D:other xmlns:D='DAV:'/>"):
         assert dav("PROPFIND", f"{base}/odd/", user, headers={"Depth": "1"}, data=bad).status_code == 400
     # A member with a dead property, or a lock, or a body asking for quota: wsgidav's way, same answer.
@@ -580,7 +580,7 @@ def test_propfind_depth_1_fast_path_matches_wsgidav(stack, user, monkeypatch):
         b"<D:set><D:prop><K:color>red</K:color></D:prop></D:set></D:propertyupdate>"
     )
     assert dav("PROPPATCH", f"{base}/odd/plain", user, data=patch).status_code == 207
-    monkeypatch.setattr(dav_module, "_fast_propfind", counting)
+    monkeypatch.setattr(dav_module, "fast_propfind", counting)
     used.clear()
     listing = propfind(f"{base}/odd/", user)
     assert used == [False] and listing["/v1/files/odd/plain/"]["{urn:kgpu:test}color"].text == "red"

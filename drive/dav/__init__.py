@@ -1,0 +1,54 @@
+"""WebDAV over the object store: a wsgidav provider for one drive prefix per request.
+
+One :class:`ObjectStoreProvider` serves every caller: the drive it shows is read from
+``environ[ENVIRON_KEY]`` (a :class:`DavContext` the ASGI wrapper in gateway/dav_app.py puts
+there after authenticating the request), never from the URL alone. Every path goes through
+:mod:`drive.keys`, so nothing escapes the caller's prefix.
+
+How a drive looks as WebDAV, and where each part lives:
+
+* :mod:`~drive.dav.context`: the request's :class:`DavContext` and what it remembers; store
+  failures as WebDAV statuses.
+* :mod:`~drive.dav.provider`: path → resource; ``shared/`` at the root of my drive is virtual
+  and read-only, one folder per organisation the caller may read (``orgs/{slug}/``).
+* :mod:`~drive.dav.resources`: a file is an object, a folder a key prefix (an empty one holds a
+  hidden ``.kgpu-folder`` marker); a folder's members come from one delimited list call per
+  1,000 keys, never a HEAD per member.
+* :mod:`~drive.dav.listings`: a folder's listing is kept for :data:`LISTING_TTL` seconds,
+  dropped on every write the gateway makes or sees under it (:func:`invalidate_listing`).
+* :mod:`~drive.dav.propfind`: PROPFIND Depth 1 of a folder whose members have no dead
+  properties or locks, written from the listing with string templates, byte for byte wsgidav's.
+* :mod:`~drive.dav.transfer`: COPY and MOVE as server-side copies in the store, 8 at a time.
+* :mod:`~drive.dav.bodies`: a PUT's body streamed to the store (committed only when whole), a
+  GET read through a presigned URL.
+* :mod:`~drive.dav.storage`: dead properties and locks, keyed by the object key
+  (``/users/7/a/b``) so both mount points see the same ones; a PROPFIND reads those of a whole
+  folder with one range query each.
+"""
+
+from drive.dav.bodies import BodyWriter, PresignedReader
+from drive.dav.context import ENVIRON_KEY, SHARED, DavContext, store_errors
+from drive.dav.listings import LISTING_TTL, ListingCache, invalidate_listing, listing_cache
+from drive.dav.provider import ObjectStoreProvider
+from drive.dav.resources import FileResource, FolderResource, SharedRoot
+from drive.dav.storage import SqliteLockStorage, SqliteMap, SqlitePropertyManager
+
+__all__ = [
+    "ENVIRON_KEY",
+    "LISTING_TTL",
+    "SHARED",
+    "BodyWriter",
+    "DavContext",
+    "FileResource",
+    "FolderResource",
+    "ListingCache",
+    "ObjectStoreProvider",
+    "PresignedReader",
+    "SharedRoot",
+    "SqliteLockStorage",
+    "SqliteMap",
+    "SqlitePropertyManager",
+    "invalidate_listing",
+    "listing_cache",
+    "store_errors",
+]

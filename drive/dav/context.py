@@ -1,0 +1,145 @@
+"""One WebDAV request's context: who calls and which drive they see (:class:`DavContext`, put in
+``environ[ENVIRON_KEY]`` by gateway/dav_app.py after authenticating the request, never read
+from the URL alone), store failures as WebDAV statuses, and what the request remembers
+(resources it resolved, which listed URLs have dead properties or locks) until it writes.
+"""
+
+from __future__ import annotations
+
+import functools
+import mimetypes
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, Iterator
+from urllib.parse import unquote
+
+from wsgidav.dav_error import (
+    HTTP_BAD_REQUEST,
+    HTTP_INSUFFICIENT_STORAGE,
+    HTTP_NOT_FOUND,
+    HTTP_SERVICE_UNAVAILABLE,
+    DAVError,
+)
+
+from drive.dav.listings import invalidate_listing
+from drive.keys import InvalidPath
+from drive.store import ObjectNotFound, ObjectStore, StoreUnavailable
+from drive.uploads import UploadTooLarge
+
+ENVIRON_KEY = "kgpu.dav"
+CACHE_KEY = "kgpu.dav.cache"  # path -> resource, this request
+DEST_EXISTED_KEY = "kgpu.dav.dest_existed"
+EXTRAS_KEY = "kgpu.dav.extras"  # folder ref URL -> (ref URLs with dead properties, lock roots), this request
+SHARED = "shared"  # the virtual read-only subtree at the root of my drive
+CLOSE_CONNECTION = ("Connection", "close")  # after a body that did not arrive whole: its rest may still be coming
+
+
+@dataclass
+class DavContext:
+    """Who is calling and which drive they see; one per request."""
+
+    store: ObjectStore
+    prefix: str  # the caller's own drive, "users/7/"
+    principal: str  # lock owner, "user:7"
+    load_orgs: Callable[[], list[str]] = list  # slugs of the orgs the caller may read
+    usage: object | None = None  # gateway.quota.UsageBook: used_bytes(prefix), add(prefix, delta)
+    quota_bytes: int | None = None
+    part_size: int = 8 << 20
+    unknown_length_part_size: int = 16 << 20
+    presign_expires: int = 3600
+    _orgs: list[str] | None = field(default=None, repr=False)
+
+    def org_slugs(self) -> list[str]:
+        if self._orgs is None:
+            self._orgs = list(self.load_orgs())
+        return self._orgs
+
+    def used_bytes(self) -> int:
+        return self.usage.used_bytes(self.prefix) if self.usage is not None else 0
+
+    def add_usage(self, prefix: str, delta: int) -> None:
+        if self.usage is not None and delta and prefix == self.prefix:
+            self.usage.add(prefix, delta)
+
+    def reserve_room(self, prefix: str, incoming: int) -> int:
+        """Reserve ``incoming`` bytes in the caller's drive before a copy moves any (507 when they
+        do not fit; 0 when nothing needs reserving); close it with :meth:`settle_room`."""
+        if self.usage is None or self.quota_bytes is None or prefix != self.prefix or incoming <= 0:
+            return 0
+        try:
+            return self.usage.open(prefix, incoming, self.quota_bytes)
+        except UploadTooLarge as exc:
+            raise DAVError(HTTP_INSUFFICIENT_STORAGE, str(exc)) from None
+
+    def settle_room(self, prefix: str, reserved: int, added: int) -> None:
+        """What a write really added (0: it failed) counts; the rest of its reservation goes back."""
+        if reserved:
+            self.usage.settle(prefix, reserved, added)
+        else:
+            self.add_usage(prefix, added)
+
+
+@contextmanager
+def store_errors() -> Iterator[None]:
+    """Store and path failures as WebDAV statuses (wsgidav turns anything else into a 500)."""
+    try:
+        yield
+    except StoreUnavailable as exc:
+        raise DAVError(HTTP_SERVICE_UNAVAILABLE, str(exc)) from None
+    except ObjectNotFound:
+        raise DAVError(HTTP_NOT_FOUND) from None
+    except InvalidPath as exc:
+        raise DAVError(HTTP_BAD_REQUEST, str(exc)) from None
+
+
+def context_of(environ: dict) -> DavContext:
+    return environ[ENVIRON_KEY]
+
+
+def invalidate_after_write(environ: dict, *changed_keys: str) -> None:
+    """After a write: forget this request's resources and hints, and the cached listings
+    of the folders that hold (or are under) ``changed_keys``."""
+    environ.get(CACHE_KEY, {}).clear()
+    environ.pop(EXTRAS_KEY, None)
+    store = context_of(environ).store
+    for key in changed_keys:
+        invalidate_listing(store, key)
+
+
+def cache_key(path: str) -> str:
+    return "/" + path.strip("/")
+
+
+def guess_type(name: str) -> str:
+    return _type_of_suffix(os.path.splitext(name)[1].lower())
+
+
+@functools.lru_cache(maxsize=1024)
+def _type_of_suffix(suffix: str) -> str:
+    return mimetypes.guess_type("x" + suffix)[0] or "application/octet-stream"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+
+def listed_without(environ: dict, ref_url: str, *, locks: bool) -> bool:
+    """True when a listing of the folder that holds ``ref_url`` (or of itself), made in this
+    request (:func:`drive.dav.storage.note_folder_extras`), found no dead properties
+    (``locks=False``) or no lock (``locks=True``) for it: nothing more need be asked."""
+    known = environ.get(EXTRAS_KEY)
+    if not known:
+        return False
+    url = unquote(ref_url).rstrip("/") or "/"
+    found = known.get(url)
+    if found is None:
+        found = known.get(url.rsplit("/", 1)[0])
+        if found is None:
+            return False
+    with_properties, with_locks = found
+    if locks:
+        return url not in with_locks
+    return url not in with_properties

@@ -1,0 +1,371 @@
+"""The resources of a drive as wsgidav sees them.
+
+* a **file** (:class:`FileResource`) is an object; its live properties come from the store
+  (size, ETag, Last-Modified, Content-Type).
+* a **folder** (:class:`FolderResource`) is a key prefix: it exists while any key starts with
+  ``rel/``. MKCOL makes an empty folder exist by writing an empty marker object
+  ``rel/.kgpu-folder`` (a key ending in ``/`` would do on S3, but ``rclone serve s3`` cannot
+  store one). Markers are hidden from every listing, WebDAV and HTTP
+  (:func:`drive.listing.is_hidden`), and the name is refused for writes.
+* a folder's members come from one delimited list call per 1,000 keys (cached briefly,
+  :mod:`drive.dav.listings`): the list already carries size, ETag and Last-Modified, so no
+  member is ever HEADed.
+* ``shared/`` (:class:`SharedRoot`) at the root of my drive: one read-only folder per
+  organisation the caller may read.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+from wsgidav import util
+from wsgidav.dav_error import HTTP_FORBIDDEN, HTTP_NOT_FOUND, HTTP_REQUEST_ENTITY_TOO_LARGE, DAVError
+from wsgidav.dav_provider import DAVCollection, DAVNonCollection
+from wsgidav.xml_tools import etree
+
+from drive import keys
+from drive.dav.bodies import BodyWriter, PresignedReader
+from drive.dav.context import (
+    CACHE_KEY,
+    CLOSE_CONNECTION,
+    SHARED,
+    cache_key,
+    context_of,
+    guess_type,
+    invalidate_after_write,
+    listed_without,
+    store_errors,
+    utcnow,
+)
+from drive.dav.listings import listing_cache
+from drive.dav.storage import note_folder_extras, remove_property_tree
+from drive.dav.transfer import transfer
+from drive.keys import DrivePath
+from drive.listing import FOLDER_MARKER, is_hidden
+from drive.store import CommonPrefix, ObjectInfo, delete_prefix
+from drive.uploads import UploadTooLarge, choose_part_size
+
+if TYPE_CHECKING:
+    from drive.dav.provider import ObjectStoreProvider
+
+_IGNORED_CONTENT_TYPES = {"", "application/x-www-form-urlencoded"}  # what a client sends when it means none
+
+
+class _Located:
+    """Shared by files and folders: where the resource lives in the store."""
+
+    location: DrivePath
+    readonly: bool
+    environ: dict
+    provider: ObjectStoreProvider
+
+    def get_ref_url(self) -> str:
+        # Locks and dead properties are keyed by the object key: the same for both mounts.
+        # (Asked once per property of every member of a listing: computed once.)
+        ref = self.__dict__.get("_ref")
+        if ref is None:
+            ref = self.__dict__["_ref"] = quote("/" + self.location.key)
+        return ref
+
+    def _require_writable(self) -> None:
+        if self.readonly:
+            raise DAVError(HTTP_FORBIDDEN, "the shared/ folders are read-only here")
+
+    def _check_new_name(self, name: str) -> None:
+        if name == FOLDER_MARKER:
+            raise DAVError(HTTP_FORBIDDEN, f"{FOLDER_MARKER} is reserved for folder markers")
+        if name == SHARED and self.location.rel == "" and self.location.prefix == context_of(self.environ).prefix:
+            raise DAVError(HTTP_FORBIDDEN, "shared/ is reserved for your organisations' drives")
+
+    def get_property_value(self, name):
+        if name == "{DAV:}lockdiscovery" and listed_without(self.environ, self.get_ref_url(), locks=True):
+            return etree.Element(name)  # what wsgidav builds for a URL without locks, without asking
+        return super().get_property_value(name)
+
+    def set_property_value(self, name, value, *, dry_run=False):
+        self._require_writable()
+        return super().set_property_value(name, value, dry_run=dry_run)
+
+    def handle_copy(self, dest_path, *, depth_infinity):
+        return transfer(self, dest_path, self._destination_folder(dest_path), move=False, depth_infinity=depth_infinity)
+
+    def handle_move(self, dest_path):
+        self._require_writable()
+        return transfer(self, dest_path, self._destination_folder(dest_path), move=True, depth_infinity=True)
+
+    def _destination_folder(self, dest_path: str) -> "FolderResource":
+        """The writable folder a COPY or MOVE to ``dest_path`` writes into, the new name checked."""
+        if util.is_child_uri(dest_path, self.path):
+            raise DAVError(HTTP_FORBIDDEN, "cannot copy or move a resource over a folder that holds it")
+        with store_errors():
+            parent = self.provider.get_resource_inst(util.get_uri_parent(dest_path), self.environ)
+            if parent is None or not isinstance(parent, FolderResource):
+                raise DAVError(HTTP_FORBIDDEN if parent is not None else HTTP_NOT_FOUND, "no such destination folder")
+            parent._require_writable()
+            parent._check_new_name(util.get_uri_name(dest_path))
+        return parent
+
+
+class FileResource(_Located, DAVNonCollection):
+    def __init__(self, path: str, environ: dict, location: DrivePath, info: ObjectInfo | None, readonly: bool):
+        DAVNonCollection.__init__(self, path, environ)
+        self.location = location
+        self.info = info  # None: created by this PUT, not yet written
+        self.readonly = readonly
+        self._writer: BodyWriter | None = None
+
+    def get_content_length(self) -> int:
+        return self.info.size if self.info else 0
+
+    def get_content_type(self) -> str:
+        if self.info and self.info.content_type:
+            return self.info.content_type
+        return guess_type(self.name)
+
+    def get_display_name(self) -> str:
+        return self.name
+
+    def get_etag(self) -> str | None:
+        # Unquoted here (wsgidav quotes it in headers and compares it unquoted in If headers);
+        # the getetag property is quoted in get_property_value.
+        if not self.info or not self.info.etag:
+            return None
+        return self.info.etag.strip('"')
+
+    def support_etag(self) -> bool:
+        return True
+
+    def support_ranges(self) -> bool:
+        return True
+
+    def get_last_modified(self) -> float | None:
+        if self.info is None:
+            return None
+        cached = self.__dict__.get("_modified")
+        if cached is None or cached[0] is not self.info:
+            cached = self.__dict__["_modified"] = (self.info, self.info.last_modified.timestamp())
+        return cached[1]
+
+    def get_property_value(self, name):
+        if name == "{DAV:}getetag":
+            etag = self.get_etag()
+            if etag is None:
+                raise DAVError(HTTP_NOT_FOUND)
+            return f'"{etag}"'
+        return super().get_property_value(name)
+
+    def get_content(self):
+        if not self.provider.proxy_reads or self.info is None:
+            raise DAVError(HTTP_FORBIDDEN, "downloads are redirects here: GET follows a 302")
+        ctx = context_of(self.environ)
+        return PresignedReader(ctx.store.presign_get(self.location.key, ctx.presign_expires), self.info.size)
+
+    def begin_write(self, *, content_type=None):
+        self._require_writable()
+        ctx = context_of(self.environ)
+        length_header = self.environ.get("CONTENT_LENGTH", "")
+        length = int(length_header) if length_header.isdigit() else None
+        previous = self.info.size if self.info else 0
+        reservation = None  # gateway.quota.Upload: the quota reserved before any byte moves
+        if ctx.usage is not None and self.location.prefix == ctx.prefix:
+            try:
+                with store_errors():
+                    reservation = ctx.usage.open_upload(
+                        ctx.prefix, ctx.quota_bytes, previous, length, ctx.unknown_length_part_size
+                    )
+            except UploadTooLarge as exc:
+                raise DAVError(HTTP_REQUEST_ENTITY_TOO_LARGE, str(exc), add_headers=[CLOSE_CONNECTION]) from None
+        sent = (content_type or "").split(";")[0].strip().lower()
+        kind = content_type if sent not in _IGNORED_CONTENT_TYPES else guess_type(self.name)
+        self._writer = BodyWriter(
+            self.environ,
+            ctx.store,
+            self.location.key,
+            kind,
+            content_length=length,
+            part_size=choose_part_size(length, ctx.part_size, ctx.unknown_length_part_size),
+            max_bytes=None,
+            reservation=reservation,
+        )
+        self._previous_size = previous
+        return self._writer
+
+    def end_write(self, *, with_errors):
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        if with_errors:
+            if writer.reservation is not None:
+                writer.reservation.abort()
+            return  # nothing was committed: stream_to_store aborted what it had started
+        ctx = context_of(self.environ)
+        self.info = ObjectInfo(self.location.key, writer.size, writer.etag or "", utcnow(), writer.content_type)
+        if writer.reservation is not None:
+            writer.reservation.commit(writer.size)  # settled as new minus old
+        else:
+            ctx.add_usage(self.location.prefix, writer.size - self._previous_size)
+        invalidate_after_write(self.environ, self.location.key)
+        self.environ[CACHE_KEY][cache_key(self.path)] = self
+
+    def delete(self):
+        self._require_writable()
+        ctx = context_of(self.environ)
+        with store_errors():
+            ctx.store.delete(self.location.key)
+        ctx.add_usage(self.location.prefix, -(self.info.size if self.info else 0))
+        self.remove_all_properties(recursive=False)
+        self.remove_all_locks(recursive=False)
+        invalidate_after_write(self.environ, self.location.key)
+
+
+class FolderResource(_Located, DAVCollection):
+    def __init__(self, path: str, environ: dict, location: DrivePath, readonly: bool):
+        DAVCollection.__init__(self, path, environ)
+        self.location = location  # rel is "" (a drive's root) or ends in "/"
+        self.readonly = readonly
+
+    @property
+    def _is_my_root(self) -> bool:
+        return self.location.rel == "" and self.location.prefix == context_of(self.environ).prefix
+
+    def get_display_name(self) -> str:
+        return self.name
+
+    def get_used_bytes(self):
+        return context_of(self.environ).used_bytes() if self._is_my_root else None
+
+    def get_available_bytes(self):
+        ctx = context_of(self.environ)
+        if not self._is_my_root or ctx.quota_bytes is None:
+            return None
+        return max(0, ctx.quota_bytes - ctx.used_bytes())
+
+    def get_member_list(self):
+        ctx = context_of(self.environ)
+        cache = self.environ.setdefault(CACHE_KEY, {})
+        base = self.location.key
+        members = []
+        with store_errors():
+            entries = listing_cache(ctx.store).entries(ctx.store, base)
+            if self.environ.get("REQUEST_METHOD") == "PROPFIND":
+                note_folder_extras(self)
+            for entry in entries:
+                if isinstance(entry, CommonPrefix):
+                    name = entry.prefix[len(base) : -1]
+                    if not name or "/" in name or (name == SHARED and self._is_my_root):
+                        continue
+                    member = FolderResource(
+                        util.join_uri(self.path, name),
+                        self.environ,
+                        DrivePath(self.location.prefix, self.location.rel + name + "/"),
+                        self.readonly,
+                    )
+                else:
+                    name = entry.key[len(base) :]
+                    if not name or "/" in name or is_hidden(entry.key):
+                        continue
+                    member = FileResource(
+                        util.join_uri(self.path, name),
+                        self.environ,
+                        DrivePath(self.location.prefix, self.location.rel + name),
+                        entry,
+                        self.readonly,
+                    )
+                cache.setdefault(cache_key(member.path), member)
+                members.append(member)
+            if self._is_my_root and ctx.org_slugs():
+                members.append(SharedRoot("/" + SHARED, self.environ))
+        return members
+
+    def get_member_names(self):
+        return [member.name for member in self.get_member_list()]
+
+    def get_member(self, name):
+        return self.provider.get_resource_inst(util.join_uri(self.path, name), self.environ)
+
+    def create_empty_resource(self, name):
+        self._require_writable()
+        self._check_new_name(name)
+        ctx = context_of(self.environ)
+        with store_errors():
+            location = keys.from_text(self.location.prefix, self.location.rel + name)
+            resource = FileResource(util.join_uri(self.path, name), self.environ, location, None, False)
+            if self.environ["REQUEST_METHOD"] != "PUT":
+                # LOCK on an unmapped URL creates an empty resource (RFC 4918 7.3).
+                kind = guess_type(name)
+                etag = ctx.store.put_object(location.key, b"", kind)
+                resource.info = ObjectInfo(location.key, 0, etag, utcnow(), kind)
+        invalidate_after_write(self.environ, location.key)
+        self.environ[CACHE_KEY][cache_key(resource.path)] = resource
+        return resource
+
+    def create_collection(self, name):
+        self._require_writable()
+        self._check_new_name(name)
+        with store_errors():
+            location = keys.from_text(self.location.prefix, self.location.rel + name + "/")
+            context_of(self.environ).store.put_object(location.key + FOLDER_MARKER, b"")
+        invalidate_after_write(self.environ, location.key)
+
+    def support_recursive_delete(self) -> bool:
+        return True
+
+    def handle_delete(self):
+        locks = self.provider.lock_manager
+        if locks is not None and locks.get_url_lock_list(self.get_ref_url(), recursive=True):
+            return False  # wsgidav walks the tree and checks every lock first, then calls delete()
+        self.delete()
+        return True
+
+    def delete(self):
+        self._require_writable()
+        if self.location.rel == "":
+            raise DAVError(HTTP_FORBIDDEN, "refusing to delete a whole drive")
+        ctx = context_of(self.environ)
+        with store_errors():
+            _, freed = delete_prefix(ctx.store, self.location.key)
+        ctx.add_usage(self.location.prefix, -freed)
+        remove_property_tree(self.provider, self.get_ref_url())
+        self.remove_all_locks(recursive=True)
+        invalidate_after_write(self.environ, self.location.key)
+        return []
+
+
+class SharedRoot(DAVCollection):
+    """``shared/``: one read-only folder per organisation the caller may read."""
+
+    readonly = True
+
+    def __init__(self, path: str, environ: dict):
+        super().__init__(path, environ)
+
+    def get_ref_url(self) -> str:
+        return "/orgs/"
+
+    def get_display_name(self) -> str:
+        return SHARED
+
+    def get_member_names(self):
+        return list(context_of(self.environ).org_slugs())
+
+    def get_member(self, name):
+        return self.provider.get_resource_inst(util.join_uri(self.path, name), self.environ)
+
+    def prevent_locking(self) -> bool:
+        return True
+
+    def create_empty_resource(self, name):
+        raise DAVError(HTTP_FORBIDDEN, "the shared/ folders are read-only here")
+
+    def create_collection(self, name):
+        raise DAVError(HTTP_FORBIDDEN, "the shared/ folders are read-only here")
+
+    def delete(self):
+        raise DAVError(HTTP_FORBIDDEN, "the shared/ folders are read-only here")
+
+    def handle_copy(self, dest_path, *, depth_infinity):
+        raise DAVError(HTTP_FORBIDDEN, "copy one organisation's folder at a time")
+
+    def handle_move(self, dest_path):
+        raise DAVError(HTTP_FORBIDDEN, "the shared/ folders are read-only here")
