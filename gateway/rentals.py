@@ -13,6 +13,7 @@ import re
 import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, Callable
 
@@ -519,6 +520,15 @@ class Rentals:
         """Bill every active rental and return those that must end; returns (rental, reason) ended."""
         now = self.now()
         ending: list[tuple[str, str]] = []
+        # What this gateway's pods say, asked outside any transaction: each answer may take a
+        # docker exec or an srun, and a transaction held meanwhile would hold up the others.
+        with self.sessions() as session:
+            watched = [
+                (rental.id, rental.pod_ref)
+                for rental in session.scalars(select(Rental).where(Rental.phase.in_(("Pending", "Running"))))
+                if rental.pod_ref and self.mine(rental)
+            ]
+        seen = {rental_id: self._observe(ref) for rental_id, ref in watched}
         with self.sessions.begin() as session:
             for rental in session.scalars(select(Rental).where(Rental.phase == "Terminating")):
                 if rental.pending_reason == HANDED_OVER and self.mine(rental):
@@ -527,16 +537,15 @@ class Rentals:
                 if not self.mine(rental):
                     billing.charge(session, rental, now)  # once per minute, whoever bills first
                     continue
-                if rental.pod_ref:
-                    status = self._status(rental.pod_ref)
-                    if status.phase in ("Gone", "Failed"):
-                        ending.append((rental.id, f"pod_lost: {status.reason or status.phase}"))
+                observed = seen.get(rental.id)  # None: its pod started since (seen next tick)
+                if observed is not None:
+                    if observed.status.phase in ("Gone", "Failed"):
+                        ending.append((rental.id, f"pod_lost: {observed.status.reason or observed.status.phase}"))
                         continue
-                    _apply(rental, status)
-                    if self._has_live_run(rental.pod_ref):
+                    _apply(rental, observed.status)
+                    if observed.busy:
                         rental.last_activity_at = now
-                    used = self._storage(rental.pod_ref)
-                    if used is not None and used > rental.ephemeral_storage_gib << 30:
+                    if observed.storage is not None and observed.storage > rental.ephemeral_storage_gib << 30:
                         ending.append((rental.id, "ephemeral_storage_exceeded"))
                         continue
                 billing.charge(session, rental, now)
@@ -585,6 +594,12 @@ class Rentals:
             except Exception:  # noqa: BLE001 - the next tick tries again
                 log.warning("could not remove the pod of ended rental %s", rental_id, exc_info=True)
 
+    def _observe(self, ref: str) -> "_Observed":
+        status = self._status(ref)
+        if status.phase in ("Gone", "Failed"):
+            return _Observed(status, False, None)
+        return _Observed(status, self._has_live_run(ref), self._storage(ref))
+
     def _status(self, ref: str) -> PodStatus:
         try:
             return self.backend.status(ref)
@@ -605,6 +620,15 @@ class Rentals:
             )
         except PodError:
             return False
+
+
+@dataclass(frozen=True)
+class _Observed:
+    """What the reaper learnt of a pod: its status, whether a run is alive, its disk use."""
+
+    status: PodStatus
+    busy: bool
+    storage: int | None
 
 
 def _apply(rental: Rental, status: PodStatus) -> None:

@@ -436,3 +436,32 @@ def test_a_trusted_single_user_server_without_bubblewrap_runs_plain_processes(tm
     finally:
         backend.destroy(ref)
     assert not (tmp_path / "pods" / ref).exists()
+
+
+def test_the_reaper_asks_pods_with_no_transaction_open(stack, user, clock, monkeypatch):
+    """Each backend call (a docker exec, an srun) may be slow: the reaper makes them with no
+    transaction of its own open, which on PostgreSQL would hold row locks all that while."""
+    if not stack.settings.resolved_database_url.startswith("postgresql"):
+        pytest.skip("pg_stat_activity tells open transactions apart on PostgreSQL")
+    import psycopg
+
+    rentals = stack.server.app.state.rentals
+    gpus = [rent(stack.base, user.token).json()["gpu_id"] for _ in range(2)]
+    clock.advance(minutes=5)  # minutes are due: the tick charges, updating the user's row
+    url = stack.settings.resolved_database_url.replace("postgresql+psycopg://", "postgresql://")
+    open_transactions = []
+    original = rentals.backend.status
+
+    def status(ref):
+        with psycopg.connect(url, autocommit=True) as probe:
+            open_transactions.append(probe.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND state LIKE 'idle in transaction%' AND pid <> pg_backend_pid()"
+            ).fetchone()[0])
+        return original(ref)
+
+    monkeypatch.setattr(rentals.backend, "status", status)
+    rentals.tick()
+    assert len(open_transactions) >= 2 and set(open_transactions) == {0}, open_transactions
+    for gpu in gpus:
+        requests.delete(f"{stack.base}/v1/gpus/{gpu}", headers=user.auth)
