@@ -33,6 +33,19 @@ def test_unknown_route_and_method(stack, user):
     assert_envelope(requests.patch(f"{stack.base}/v1/files/a.txt", headers=user.auth), 405, "method_not_allowed")
 
 
+def test_405_names_every_method_of_the_path(stack, user):
+    """Allow lists what every route on the path answers, not only the first route's methods."""
+    for method, path, allowed in (
+        ("PATCH", "/v1/gpus", "GET, POST"),
+        ("PUT", "/v1/gpus/gpu-0123", "GET, DELETE"),
+        ("POST", "/v1/runs/run-x", "GET, DELETE"),
+    ):
+        reply = requests.request(method, f"{stack.base}{path}", headers=user.auth)
+        assert_envelope(reply, 405, "method_not_allowed")
+        assert reply.headers["Allow"] == allowed, (method, path, reply.headers["Allow"])
+        assert reply.json()["message"] == f"{method} is not allowed here; allowed: {allowed}"
+
+
 def test_bad_content_length_is_400(stack, user):
     from tests.clients import raw_request
 

@@ -154,6 +154,12 @@ def fuzz_account(stack) -> dict:
     return {"Authorization": f"Bearer {account.token}"}
 
 
+# Headers that frame the HTTP message itself: a random value in one is refused by uvicorn's parser
+# with its own plain-text 400 before any of our code runs (tests/test_bad_input.py covers how we
+# answer the ones that reach us).
+FRAMING_HEADERS = {"transfer-encoding", "content-length", "connection", "host", "expect", "upgrade", "te", "trailer"}
+
+
 def _known(label: str, failure: str) -> str | None:
     for (operation, needle), why in KNOWN.items():
         if operation == label and needle in failure:
@@ -189,6 +195,9 @@ def test_schemathesis_finds_no_5xx_and_no_undocumented_answer(stack, fuzz_accoun
             def check(case):
                 nonlocal ran
                 ran += 1
+                for name in list(case.headers or {}):
+                    if name.lower() in FRAMING_HEADERS:
+                        del case.headers[name]
                 response = case.call_and_validate(
                     session=session,
                     headers=dict(fuzz_account),  # schemathesis adds its own headers to the dict
