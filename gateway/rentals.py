@@ -26,7 +26,7 @@ from gateway import billing, tokens, users
 from gateway.bounds import PlainText
 from gateway.auth import Principal
 from gateway.errors import ApiError
-from gateway.inventory import GpuClass, free_indices
+from gateway.inventory import GpuClass, engine_inventory, free_indices
 from gateway.models import ApiToken, Rental, User, utcnow
 from gateway.pods import PodBackend, PodError, PodSpec, PodStatus
 from gateway.settings import Settings
@@ -177,7 +177,7 @@ class Rentals:
         self.tokens_revoked = tokens_revoked
         self.sessions = sessions
         self.backend = backend
-        self.inventory = inventory
+        self._inventory = inventory
         self.now = now
         self._placement_lock = threading.Lock()
         # Starts queued rentals after a return, off the returning request's thread.
@@ -200,6 +200,12 @@ class Rentals:
 
     # ------------------------------------------------------------------ placing
 
+    @property
+    def inventory(self) -> list[GpuClass]:
+        """The engine's nodes where the backend reads them (Slurm), else the configured ones."""
+        found = engine_inventory(self.backend)
+        return self._inventory if found is None else found
+
     def _busy(self, session: Session) -> dict[tuple[str, str], set[int]]:
         busy: dict[tuple[str, str], set[int]] = {}
         for node, model, indices in session.execute(
@@ -209,9 +215,10 @@ class Rentals:
         return busy
 
     def _classes(self, gpu_model: str | None) -> list[GpuClass]:
-        if gpu_model is None:
-            return self.inventory[:1]
-        found = [c for c in self.inventory if c.gpu_model == gpu_model]
+        inventory = self.inventory
+        if gpu_model is None:  # the first model offered, on every node that has it
+            gpu_model = inventory[0].gpu_model if inventory else ""
+        found = [c for c in inventory if c.gpu_model == gpu_model]
         if not found:
             menu = ", ".join(sorted({c.gpu_model for c in self.inventory}))
             raise ApiError(422, "validation_error", f"gpu_model {gpu_model!r} is not offered here (menu: {menu})")
@@ -225,7 +232,7 @@ class Rentals:
                 "gpu_model": c.gpu_model,
                 "gpu_busy": len(busy.get((c.node, c.gpu_model), set())),
                 "gpu_total": c.count,
-                "ready": True,
+                "ready": c.ready,
                 "price_per_hour_credits": c.price_per_hour_credits,
             }
             for c in self.inventory
@@ -366,6 +373,8 @@ class Rentals:
             cpu=rental.cpu,
             memory_bytes=rental.memory_bytes,
             ephemeral_storage_gib=rental.ephemeral_storage_gib,
+            node=rental.node,
+            duration_hours=rental.duration_hours,
             env={
                 **json.loads(rental.env_json),
                 "KGPU_GPU_ID": rental.id,
