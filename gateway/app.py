@@ -86,6 +86,21 @@ def open_pod_backend(settings: Settings, store_url: str | None = None) -> PodBac
             pull=settings.docker_pull,
             flush_timeout_s=settings.pod_flush_timeout_seconds,
         )
+    if settings.pod_backend == "slurm":
+        from gateway.pods.slurm import SlurmPodBackend
+
+        return SlurmPodBackend(
+            conf=settings.slurm_conf,
+            partition=settings.slurm_partition,
+            prefix=settings.slurm_job_prefix,
+            gpu_device_dir=settings.slurm_gpu_device_dir,
+            nvidia_runtime=settings.slurm_nvidia_runtime,
+            gpu_model=settings.slurm_gpu_model,
+            gpu_price_per_hour_credits=settings.gpu_price_per_hour_credits,
+            network=settings.slurm_docker_network,
+            pull=settings.slurm_pull,
+            flush_timeout_s=settings.pod_flush_timeout_seconds,
+        )
     from gateway.pods.local import LocalPodBackend
 
     return LocalPodBackend(

@@ -55,13 +55,27 @@ class Settings(BaseSettings):
     gpu_inventory: str = ""
     gpu_price_per_hour_credits: int = Field(default=500, ge=0)
     cpu_price_per_hour_credits: int = Field(default=100, ge=0)
-    pod_backend: str = Field(default="local", pattern="^(local|docker)$")
+    pod_backend: str = Field(default="local", pattern="^(local|docker|slurm)$")
     default_image: str = "ghcr.io/vitaldb/kgpu-pytorch:latest"
     # docker backend: the network pods join (empty: docker's default bridge, where pods reach the
     # host at its bridge address, which `kgpu serve` and the embedded store then also listen on;
     # "host": pods share the host's network and reach 127.0.0.1), and whether to pull images.
     docker_network: str = ""
     docker_pull: bool = True
+    # slurm backend (docs/slurm.md): each pod is a batch job whose script runs its container with docker
+    # on the allocated node. slurm.conf (empty: $SLURM_CONF or Slurm's default), the partition (empty:
+    # the cluster's default), job and container names ({prefix}-{rental id}), where a node's GPU device
+    # files are ("{node}" is replaced by its name; dummy files on the test cluster), whether docker on
+    # the nodes gives GPUs through the NVIDIA runtime (--gpus) instead, the GPU model of a GRES with no
+    # type, and the docker network and pulling on the nodes.
+    slurm_conf: str = ""
+    slurm_partition: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]*$")
+    slurm_job_prefix: str = Field(default="kgpu", pattern=r"^[a-z0-9][a-z0-9-]{0,30}$")
+    slurm_gpu_device_dir: str = "/dev"
+    slurm_nvidia_runtime: bool = False
+    slurm_gpu_model: str = Field(default="gpu", pattern=r"^[A-Za-z0-9_.-]{1,100}$")
+    slurm_docker_network: str = ""
+    slurm_pull: bool = True
     # local backend: mount /shared and /files for each pod (kgpu-bootstrap on the host, the mounts
     # bound into the bubblewrap sandbox); needs bubblewrap, /dev/fuse and fusermount3.
     local_pod_mounts: bool = True

@@ -274,7 +274,55 @@ def docker_pod_client():
     client.close()
 
 
-@pytest.fixture(params=["local", "docker"])
+SLURM_CLUSTER = Path(__file__).parent / "slurm" / "cluster.sh"
+
+
+@dataclass
+class SlurmCluster:
+    """The local two-node test cluster (tests/slurm/cluster.sh): what `up` exported."""
+
+    env: dict[str, str]
+
+    def backend(self, **extra):
+        from gateway.pods.slurm import SlurmPodBackend
+
+        return SlurmPodBackend(
+            conf=self.env["KGPU_SLURM_CONF"], gpu_device_dir=self.env["KGPU_SLURM_GPU_DEVICE_DIR"],
+            prefix=DOCKER_TEST_PREFIX, pull=False, **extra,
+        )
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(docker_pod_client) -> SlurmCluster:
+    """tests/slurm/cluster.sh up once a session (down at the end, unless it was up before); the
+    nodes' containers run on this host's dockerd (docker_pod_client). Without Slurm here the
+    slurm tests skip, except in CI, where they fail."""
+    import shlex
+    import subprocess
+
+    from gateway.pods.slurm import slurm_available
+
+    def unavailable(why: str):
+        if os.environ.get("CI"):
+            pytest.fail(f"slurm test cluster unavailable in CI: {why}", pytrace=False)
+        pytest.skip(f"slurm test cluster unavailable: {why}")
+
+    if not slurm_available():
+        unavailable("no Slurm commands here (apt-get install slurm-wlm munge)")
+    was_up = subprocess.run(["bash", str(SLURM_CLUSTER), "status"], capture_output=True).returncode == 0
+    done = subprocess.run(["bash", str(SLURM_CLUSTER), "up"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        unavailable(f"cluster.sh up exited {done.returncode}: {done.stderr}")
+    env = {}
+    for line in done.stdout.splitlines():
+        name, _, value = line.removeprefix("export ").partition("=")
+        env[name] = shlex.split(value)[0] if value else ""
+    yield SlurmCluster(env)
+    if not was_up:
+        subprocess.run(["bash", str(SLURM_CLUSTER), "down"], stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+
+
+@pytest.fixture(params=["local", "docker", "slurm"])
 def pod_backend(request, tmp_path):
     """Every pod backend, one after the other."""
     if request.param == "local":
@@ -286,6 +334,10 @@ def pod_backend(request, tmp_path):
 
         client = request.getfixturevalue("docker_pod_client")
         backend = DockerPodBackend(client, labels_prefix=DOCKER_TEST_PREFIX, pull=False)
+        backend.test_image = DOCKER_TEST_IMAGE
+        return backend
+    if request.param == "slurm":
+        backend = request.getfixturevalue("slurm_cluster").backend()
         backend.test_image = DOCKER_TEST_IMAGE
         return backend
     raise AssertionError(request.param)

@@ -279,6 +279,14 @@ def test_the_in_pod_token_is_in_the_pod_only(pod_backend):
         if pod_backend.name == "docker":
             config = pod_backend.api.inspect_container(ref)["Config"]
             assert token not in " ".join(config.get("Env") or []), "docker inspect shows the token"
+        elif pod_backend.name == "slurm":  # the job's container, on this host's dockerd
+            import docker
+
+            config = docker.from_env().api.inspect_container(ref.split("/", 1)[1])["Config"]
+            assert token not in " ".join(config.get("Env") or []), "docker inspect shows the token"
+            job = subprocess.run(["scontrol", "show", "job", ref.split("/")[0]], env=pod_backend._env(),
+                                 capture_output=True, text=True).stdout
+            assert "JobState=RUNNING" in job and token not in job
         else:
             record = (pod_backend.root / ref / "pod.json").read_text()
             assert token not in record

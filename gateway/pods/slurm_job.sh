@@ -1,0 +1,103 @@
+#!/bin/bash
+# kgpu pod as a Slurm batch job (gateway/pods/slurm.py submits it with sbatch): one container,
+# named after the job, for the job's lifetime, with only the job's GPUs inside. Cancelling the job
+# (scancel: TERM) removes the container; a container that exits ends the job.
+#
+# Everything comes in the job's environment, by name (sbatch --export=KGPU_POD_...), never on a
+# command line: the image, the pod's env as a base64 env-file (KGPU_POD_ENV), the in-pod token
+# (KGPU_POD_TOKEN, copied into the container as /run/kgpu/token, mode 0400), the limits.
+# A failure to start is put into the job's comment ("... error=WHY") for the gateway to read.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin  # --export=LIST passes none
+set -u
+name=$SLURM_JOB_NAME
+docker=${KGPU_POD_CLI:-docker}
+work=
+
+remove() {
+  "$docker" rm -f "$name" >/dev/null 2>&1
+  # A create the daemon was still finishing when TERM came lands after the first remove.
+  sleep 1
+  "$docker" rm -f "$name" >/dev/null 2>&1
+  [ -n "$work" ] && rm -rf "$work"
+}
+trap 'remove; exit 0' TERM INT HUP
+
+fail() {
+  echo "kgpu pod: $*" >&2
+  scontrol update JobId="$SLURM_JOB_ID" Comment="$KGPU_POD_COMMENT error=$(echo "$*" | tr -c '[:print:]' ' ' | cut -c1-400)" 2>/dev/null
+  remove
+  exit 1
+}
+
+umask 077
+work=$(mktemp -d) || fail "no temporary folder on $SLURMD_NODENAME"
+image=$KGPU_POD_IMAGE
+prefix=$KGPU_POD_PREFIX
+
+if ! "$docker" image inspect "$image" >/dev/null 2>&1; then
+  [ "$KGPU_POD_PULL" = 1 ] || fail "image $image is not on node $SLURMD_NODENAME (pulling is off)"
+  "$docker" pull -q "$image" >/dev/null 2>"$work/pull" || fail "could not pull $image: $(tail -c 300 "$work/pull")"
+fi
+
+# Only the job's GPUs (Slurm's indices on this node), numbered from 0 inside the container.
+gpus=${SLURM_JOB_GPUS:-}
+gpu_args=()
+visible=
+n=0
+for g in ${gpus//,/ }; do
+  if [ "$KGPU_POD_NVIDIA" = 1 ]; then :; else
+    dev=${KGPU_POD_GPU_DEVICE_DIR//\{node\}/$SLURMD_NODENAME}/nvidia$g
+    gpu_args+=(--device "$dev:/dev/nvidia$g")
+  fi
+  visible=$visible${visible:+,}$n
+  n=$((n + 1))
+done
+[ "$KGPU_POD_NVIDIA" = 1 ] && [ -n "$gpus" ] && gpu_args+=(--gpus "\"device=$gpus\"")
+
+security=$("$docker" info --format '{{json .SecurityOptions}}' 2>/dev/null)
+args=(--name "$name" --hostname "${KGPU_POD_RENTAL:0:63}" --init
+  --label "$prefix.rental_id=$KGPU_POD_RENTAL" --label "$prefix.managed=true" --label "$prefix.slurm_job=$SLURM_JOB_ID"
+  --env-file "$work/env" -e "CUDA_VISIBLE_DEVICES=$visible" -e "NVIDIA_VISIBLE_DEVICES=${gpus:-void}"
+  -e NVIDIA_DRIVER_CAPABILITIES=compute,utility -w /workspace
+  --cpus "$KGPU_POD_CPUS" --memory "$KGPU_POD_MEMORY" --memory-swap "$KGPU_POD_MEMORY" --shm-size "$KGPU_POD_SHM"
+  --pids-limit "$KGPU_POD_PIDS_LIMIT" --cap-drop NET_RAW --cap-drop MKNOD --cap-drop AUDIT_WRITE
+  --security-opt no-new-privileges "${gpu_args[@]}")
+[ -n "$KGPU_POD_NETWORK" ] && args+=(--network "$KGPU_POD_NETWORK")
+# FUSE mounts need CAP_SYS_ADMIN, root on the host unless the daemon remaps user namespaces
+# (docs/pod-isolation.md): only then does the pod get /dev/fuse and the capability.
+if [[ $security == *name=userns* && $KGPU_POD_NETWORK != host ]]; then
+  args+=(--device /dev/fuse:/dev/fuse:rwm --cap-add SYS_ADMIN --label "$prefix.fuse=true")
+  [[ $security == *name=apparmor* ]] && args+=(--security-opt apparmor=unconfined)
+elif [[ $security == *name=userns* ]]; then
+  args+=(--userns host --label "$prefix.fuse=host-network")
+else
+  args+=(--label "$prefix.fuse=no-userns")
+fi
+entrypoint=$("$docker" image inspect --format '{{json .Config.Entrypoint}}' "$image" 2>/dev/null)
+if [[ $entrypoint =~ (^|[\"/])$KGPU_POD_BOOTSTRAP_NAME\" ]]; then
+  args+=(--label "$prefix.bootstrap=true")
+  cmd=("$image")
+else
+  args+=(--label "$prefix.bootstrap=false" --entrypoint sleep)
+  cmd=("$image" infinity)
+fi
+
+printf '%s' "$KGPU_POD_ENV" | base64 -d > "$work/env" || fail "unreadable pod environment"
+"$docker" create "${args[@]}" "${cmd[@]}" >/dev/null 2>"$work/err" || fail "could not create the container: $(tail -c 300 "$work/err")"
+rm -f "$work/env"
+if [ -n "$KGPU_POD_TOKEN" ]; then
+  mkdir -p "$work/root/run/kgpu" && chmod 755 "$work/root/run" "$work/root/run/kgpu"
+  printf '%s' "$KGPU_POD_TOKEN" > "$work/root/run/kgpu/token" && chmod 400 "$work/root/run/kgpu/token"
+  tar -C "$work/root" --owner=0 --group=0 -cf - run/kgpu | "$docker" cp - "$name:/" 2>"$work/err" \
+    || fail "could not give the pod its token: $(tail -c 300 "$work/err")"
+  rm -rf "$work/root"
+fi
+unset KGPU_POD_TOKEN KGPU_POD_ENV
+"$docker" start "$name" >/dev/null 2>"$work/err" || fail "could not start the container: $(tail -c 300 "$work/err")"
+
+# Live as long as the container; TERM (scancel) interrupts the wait and runs the trap.
+"$docker" wait "$name" > "$work/code" 2>/dev/null &
+wait $!
+code=$(cat "$work/code" 2>/dev/null)
+trap - TERM INT HUP
+fail "the container exited (code ${code:-unknown})"
