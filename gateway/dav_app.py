@@ -34,13 +34,15 @@ Every error wsgidav would answer as an HTML page is answered in the project's
 envelope instead (``{"error_code", "message", "trace_id"}``); DAV XML errors
 (``propfind-finite-depth``, lock conditions) stay XML.
 
-Dead properties and locks are kept in ``{data_dir}/webdav.sqlite3``; see
-:mod:`drive.dav` for how a drive looks as WebDAV.
+Dead properties and locks are kept in the main database (tables ``dav_properties`` and
+``dav_locks``), so gateway replicas on one database share them; see :mod:`drive.dav` for how
+a drive looks as WebDAV.
 """
 
 from __future__ import annotations
 
 import html
+import logging
 import re
 import threading
 from pathlib import Path
@@ -48,6 +50,7 @@ from typing import Callable
 from urllib.parse import ParseResult, quote, unquote, urlsplit
 
 from a2wsgi import WSGIMiddleware
+from sqlalchemy.orm import sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -59,10 +62,14 @@ from wsgidav.request_resolver import RequestResolver
 from wsgidav.wsgidav_app import WsgiDAVApp
 
 from drive import dav, keys
+from drive.dav.storage import DbLockStorage, DbPropertyManager, import_sqlite_properties
 from drive.keys import InvalidPath
 from gateway import orgs
 from gateway.auth import Principal
 from gateway.errors import ApiError, default_code, envelope
+from gateway.models import DavLock, DavProperty
+
+log = logging.getLogger("kgpu")
 
 FILES_MOUNT = b"/v1/files"
 DAV_MOUNT = b"/v1/dav"
@@ -103,11 +110,15 @@ request_server.unquote = lambda value: value
 request_server.urlparse = _wsgidav_destination_parse
 
 
-def build_wsgidav(data_dir: Path) -> tuple[Callable, WsgiDAVApp]:
+OLD_PROPERTIES_FILE = "webdav.sqlite3"  # where servers before migration 0008 kept dead properties and locks
+
+
+def build_wsgidav(sessions: sessionmaker, data_dir: Path) -> tuple[Callable, WsgiDAVApp]:
     """The wsgidav WSGI application for both mount points, wrapped to hand it the request's drive."""
-    data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    database = data_dir / "webdav.sqlite3"
+    properties = DbPropertyManager(sessions, DavProperty.__table__)
+    imported = import_sqlite_properties(Path(data_dir) / OLD_PROPERTIES_FILE, properties)
+    if imported:
+        log.info("imported %d WebDAV dead properties from %s", imported, OLD_PROPERTIES_FILE)
     config = {
         "provider_mapping": {
             FILES_MOUNT.decode(): dav.ObjectStoreProvider(proxy_reads=False),
@@ -117,8 +128,8 @@ def build_wsgidav(data_dir: Path) -> tuple[Callable, WsgiDAVApp]:
         "middleware_stack": [ErrorPrinter, WsgiDavDirBrowser, RequestResolver],
         # Not in the stack; set so wsgidav does not warn about Basic without TLS (TLS ends before us).
         "http_authenticator": {"accept_basic": False, "accept_digest": False, "default_to_digest": False},
-        "property_manager": dav.SqlitePropertyManager(database),
-        "lock_storage": dav.SqliteLockStorage(database),
+        "property_manager": properties,
+        "lock_storage": DbLockStorage(sessions, DavLock.__table__),
         "verbose": 1,
         "logging": {"enable": False},
         "suppress_version_info": True,
@@ -189,7 +200,7 @@ class DavDispatcher:
         if self._dav is None:
             with self._lock:
                 if self._dav is None:
-                    wsgi, self._wsgidav = build_wsgidav(state.settings.data_dir)
+                    wsgi, self._wsgidav = build_wsgidav(state.sessions, state.settings.data_dir)
                     self._dav = WSGIMiddleware(wsgi, workers=WSGI_THREADS)
         return self._dav
 

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from gateway.db import Base
@@ -167,3 +178,34 @@ class CreditCharge(Base):
     minute: Mapped[int] = mapped_column(Integer)
     credits: Mapped[int] = mapped_column(Integer)
     charged_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+# A WebDAV URL (the quoted object key): compared byte by byte, so that "every URL under a
+# folder" is one range query (drive/dav/storage.py); SQLite compares so already.
+DAV_URL = Text().with_variant(Text(collation="C"), "postgresql")
+
+
+class DavProperty(Base):
+    """A WebDAV dead property (PROPPATCH) of a file or folder, shared by every gateway replica."""
+
+    __tablename__ = "dav_properties"
+
+    url: Mapped[str] = mapped_column(DAV_URL, primary_key=True)  # "/users/7/a%20b", "/users/7/folder/"
+    name: Mapped[str] = mapped_column(DAV_URL, primary_key=True)  # "{namespace}local"
+    value: Mapped[bytes] = mapped_column(LargeBinary)  # the property's XML element
+
+
+class DavLock(Base):
+    """A WebDAV lock, shared by every gateway replica; the fields are wsgidav's lock dictionary."""
+
+    __tablename__ = "dav_locks"
+
+    token: Mapped[str] = mapped_column(String(100), primary_key=True)  # "opaquelocktoken:0x…"
+    root: Mapped[str] = mapped_column(DAV_URL, index=True)  # the locked URL, no trailing "/"
+    principal: Mapped[str] = mapped_column(String(100))  # "user:7"
+    scope: Mapped[str] = mapped_column(String(16))  # exclusive | shared
+    type: Mapped[str] = mapped_column(String(16))  # write
+    depth: Mapped[str] = mapped_column(String(16))  # 0 | infinity
+    owner: Mapped[bytes] = mapped_column(LargeBinary)  # the client's <owner> XML
+    timeout: Mapped[float] = mapped_column(Float)  # seconds, as granted
+    expire: Mapped[float] = mapped_column(Float, index=True)  # when it runs out, seconds since the epoch

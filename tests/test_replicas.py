@@ -122,3 +122,50 @@ def test_neither_replica_ends_the_others_rentals(tmp_path, postgres_url):
         for server in (first, second):
             server.process.terminate()
             server.process.wait(timeout=15)
+
+
+LOCK_BODY = (
+    b'<?xml version="1.0"?><D:lockinfo xmlns:D="DAV:"><D:lockscope><D:exclusive/></D:lockscope>'
+    b"<D:locktype><D:write/></D:locktype><D:owner>replica test</D:owner></D:lockinfo>"
+)
+PATCH_BODY = (
+    b'<?xml version="1.0"?><D:propertyupdate xmlns:D="DAV:" xmlns:K="urn:kgpu:replica">'
+    b"<D:set><D:prop><K:colour>teal</K:colour></D:prop></D:set></D:propertyupdate>"
+)
+
+
+def test_webdav_locks_and_properties_are_shared_by_replicas(tmp_path, postgres_url, rclone_target):
+    """Both gateways on one database and one bucket: a lock or a dead property written through one
+    holds through the other."""
+    settings = {
+        "KGPU_DATABASE_URL": postgres_url, "KGPU_GPU_INVENTORY": INVENTORY, "KGPU_LOCAL_POD_MOUNTS": "false",
+        "KGPU_S3_ENDPOINT_URL": rclone_target.endpoint, "KGPU_S3_ACCESS_KEY_ID": rclone_target.access_key,
+        "KGPU_S3_SECRET_ACCESS_KEY": rclone_target.secret_key, "KGPU_S3_BUCKET": "replicas-dav",
+    }
+    base = passable(tmp_path)
+    first, second = Served(base / "one", settings), Served(base / "two", settings)
+    try:
+        token = requests.post(f"{first.base}/v1/admin/users", json={"email": "davlock@lab.example"}, headers=ADMIN).json()["token"]
+        auth = {"Authorization": f"Bearer {token}"}
+        a, b = f"{first.base}/v1/files/shared.txt", f"{second.base}/v1/files/shared.txt"
+        assert requests.put(a, data=b"v1", headers=auth).status_code == 201
+
+        locked = requests.request("LOCK", a, data=LOCK_BODY, headers={**auth, "Timeout": "Second-600"})
+        assert locked.status_code == 200, locked.text
+        lock_token = locked.headers["Lock-Token"]
+        refused = requests.put(b, data=b"v2", headers=auth)
+        assert refused.status_code == 423 and refused.json()["error_code"] == "locked", refused.text
+        assert requests.request("PUT", f"{second.base}/v1/dav/shared.txt", data=b"v2", headers=auth).status_code == 423
+        assert requests.put(b, data=b"v2", headers={**auth, "If": f"({lock_token})"}).status_code == 200
+
+        assert requests.request("PROPPATCH", a, data=PATCH_BODY, headers={**auth, "If": f"({lock_token})"}).status_code == 207
+        seen = requests.request("PROPFIND", b, headers={**auth, "Depth": "0"})
+        assert seen.status_code == 207 and b"teal" in seen.content and lock_token.strip("<>").encode() in seen.content
+
+        assert requests.request("UNLOCK", b, headers={**auth, "Lock-Token": lock_token}).status_code == 204
+        assert requests.put(a, data=b"v3", headers=auth).status_code == 200
+        assert requests.get(b, headers=auth).content == b"v3"
+    finally:
+        for server in (first, second):
+            server.process.terminate()
+            server.process.wait(timeout=15)

@@ -17,6 +17,10 @@ from drive.listing import FOLDER_MARKER
 from tests.conftest import Account, LiveServer
 
 D = "{DAV:}"
+EXCLUSIVE_LOCK = (
+    b'<?xml version="1.0"?><D:lockinfo xmlns:D="DAV:"><D:lockscope><D:exclusive/></D:lockscope>'
+    b"<D:locktype><D:write/></D:locktype><D:owner>me</D:owner></D:lockinfo>"
+)
 NAMES = ["a b.txt", "hash#.txt", "pct%41.txt", "plus+.txt", "ünï.txt", "🚀 emoji.bin"]
 
 
@@ -210,16 +214,18 @@ def test_proppatch_keeps_dead_properties(stack, user):
     assert reply.status_code == 207 and "403" in reply.text
 
 
+def put_and_lock(stack, account, rel: str) -> str:
+    """The Lock-Token ("<opaquelocktoken:…>") of a 600 s exclusive lock on a new file ``rel``."""
+    put(stack, account, rel, b"v1")
+    reply = dav("LOCK", f"{stack.base}/v1/files/{rel}", account, data=EXCLUSIVE_LOCK, headers={"Timeout": "Second-600"})
+    assert reply.status_code == 200, reply.text
+    return reply.headers["Lock-Token"]
+
+
 def test_lock_and_unlock(stack, user):
     base = f"{stack.base}/v1/files"
-    put(stack, user, "locked.txt", b"v1")
-    body = (
-        b'<?xml version="1.0"?><D:lockinfo xmlns:D="DAV:"><D:lockscope><D:exclusive/></D:lockscope>'
-        b"<D:locktype><D:write/></D:locktype><D:owner>me</D:owner></D:lockinfo>"
-    )
-    reply = dav("LOCK", f"{base}/locked.txt", user, data=body, headers={"Timeout": "Second-600"})
-    assert reply.status_code == 200, reply.text
-    token = reply.headers["Lock-Token"]
+    body = EXCLUSIVE_LOCK
+    token = put_and_lock(stack, user, "locked.txt")
     other = {"Destination": f"{base}/elsewhere.txt"}
     assert dav("MOVE", f"{base}/locked.txt", user, headers=other).status_code == 423
     # The HTTP routes respect the lock too: 423 without the token, as they were with it.
@@ -233,6 +239,23 @@ def test_lock_and_unlock(stack, user):
     assert reply.status_code == 201
     assert requests.head(f"{base}/new-locked.txt", headers=user.auth).headers["Content-Length"] == "0"
     assert dav("UNLOCK", f"{base}/new-locked.txt", user, headers={"Lock-Token": reply.headers["Lock-Token"]}).status_code == 204
+
+
+def test_a_lock_whose_time_ran_out_is_ignored_and_swept(stack, user):
+    from sqlalchemy import text
+
+    base = f"{stack.base}/v1/files"
+    token = put_and_lock(stack, user, "expiring.txt").strip("<>")
+    assert requests.put(f"{base}/expiring.txt", data=b"v2", headers=user.auth).status_code == 423
+    sessions = stack.server.app.state.sessions
+    with sessions.begin() as session:  # as if its 600 s had passed
+        session.execute(text("UPDATE dav_locks SET expire = expire - 601 WHERE token = :t"), {"t": token})
+    listing = propfind(f"{base}/expiring.txt", user, "0")["/v1/files/expiring.txt"]
+    assert listing[f"{D}lockdiscovery"].find(f"{D}activelock") is None
+    assert requests.put(f"{base}/expiring.txt", data=b"v2", headers=user.auth).status_code == 200
+    assert dav("LOCK", f"{base}/expiring.txt", user, data=EXCLUSIVE_LOCK).status_code == 200  # a new lock sweeps the old
+    with sessions() as session:
+        assert session.execute(text("SELECT count(*) FROM dav_locks WHERE token = :t"), {"t": token}).scalar() == 0
 
 
 def test_auth_basic_bearer_and_challenges(stack, user):
@@ -361,6 +384,34 @@ def test_locks_and_properties_survive_a_restart(stack, tmp_path):
         server.stop()
 
 
+@pytest.mark.parametrize("stack", ["rclone-sqlite"], indirect=True)
+def test_dead_properties_of_an_older_servers_sqlite_file_are_imported_once(stack, tmp_path):
+    """Servers before migration 0008 kept dead properties in {data_dir}/webdav.sqlite3 (ref URL ->
+    pickled {name: XML}); the first WebDAV request imports them and renames the file."""
+    import pickle
+    import sqlite3
+
+    settings = stack.settings.model_copy(update={"data_dir": tmp_path})
+    server = LiveServer(settings).start()
+    try:
+        reply = requests.post(f"{server.base}/v1/admin/users", json={"email": "old@lab.example"}, headers=stack.admin)
+        account = Account(reply.json()["user"]["id"], "old@lab.example", reply.json()["token"], server.base)
+        old = tmp_path / "webdav.sqlite3"
+        with sqlite3.connect(old) as conn:
+            conn.execute("CREATE TABLE dav_properties (k TEXT PRIMARY KEY, v BLOB NOT NULL)")
+            conn.execute("CREATE TABLE dav_locks (k TEXT PRIMARY KEY, v BLOB NOT NULL)")
+            value = pickle.dumps({"{urn:k}x": b'<ns0:x xmlns:ns0="urn:k">old</ns0:x>'})
+            conn.execute("INSERT INTO dav_properties VALUES (?, ?)", (f"/users/{account.id}/kept%20file.txt", value))
+        conn.close()
+        base = f"{server.base}/v1/files"
+        assert requests.put(f"{base}/kept%20file.txt", data=b"k", headers=account.auth).status_code == 201
+        props = propfind(f"{base}/kept%20file.txt", account, "0")["/v1/files/kept%20file.txt"]
+        assert props["{urn:k}x"].text == "old"
+        assert not old.exists() and (tmp_path / "webdav.sqlite3.imported").exists()
+    finally:
+        server.stop()
+
+
 def test_folder_listings_are_cached_briefly_and_dropped_by_every_write(stack, user):
     from drive import dav as drive_dav
 
@@ -478,7 +529,7 @@ def test_listing_cache_is_bounded_and_skips_listings_that_raced_a_write():
 
 
 def test_propfind_reads_properties_and_locks_once_per_folder(stack, user):
-    from drive.dav import SqliteMap
+    from sqlalchemy import event
 
     base = f"{stack.base}/v1/files"
     for n in range(20):
@@ -488,26 +539,23 @@ def test_propfind_reads_properties_and_locks_once_per_folder(stack, user):
         b"<D:set><D:prop><K:color>red</K:color></D:prop></D:set></D:propertyupdate>"
     )
     assert dav("PROPPATCH", f"{base}/props/f03.txt", user, data=body).status_code == 207
-    lock = (
-        b'<?xml version="1.0"?><D:lockinfo xmlns:D="DAV:"><D:lockscope><D:exclusive/></D:lockscope>'
-        b"<D:locktype><D:write/></D:locktype><D:owner>me</D:owner></D:lockinfo>"
-    )
+    lock = EXCLUSIVE_LOCK
     reply = dav("LOCK", f"{base}/props/f07.txt", user, data=lock, headers={"Timeout": "Second-600"})
     assert reply.status_code == 200
     queries = []
-    original = SqliteMap._query
+    engine = stack.server.app.state.sessions.kw["bind"]
 
-    def counting(self, sql, args=()):
-        queries.append(sql)
-        return original(self, sql, args)
+    def counting(conn, cursor, statement, parameters, context, executemany):
+        if "dav_properties" in statement or "dav_locks" in statement:
+            queries.append(statement)
 
-    SqliteMap._query = counting
+    event.listen(engine, "before_cursor_execute", counting)
     try:
         listing = propfind(f"{base}/props/", user)
     finally:
-        SqliteMap._query = original
+        event.remove(engine, "before_cursor_execute", counting)
     assert len(listing) == 21
-    assert len(queries) < 20, queries  # not two per member
+    assert 2 <= len(queries) < 20, queries  # the folder's two range queries, not two per member
     assert listing["/v1/files/props/f03.txt"]["{urn:kgpu:test}color"].text == "red"
     for href, props in listing.items():
         assert (props[f"{D}lockdiscovery"].find(f"{D}activelock") is not None) == href.endswith("f07.txt"), href

@@ -21,9 +21,9 @@ How a drive looks as WebDAV, and where each part lives:
 * :mod:`~drive.dav.transfer`: COPY and MOVE as server-side copies in the store, 8 at a time.
 * :mod:`~drive.dav.bodies`: a PUT's body streamed to the store (committed only when whole), a
   GET read through a presigned URL.
-* :mod:`~drive.dav.storage`: dead properties and locks, keyed by the object key
-  (``/users/7/a/b``) so both mount points see the same ones; a PROPFIND reads those of a whole
-  folder with one range query each.
+* :mod:`~drive.dav.storage`: dead properties and locks in the main database (gateway replicas
+  share them), keyed by the object key (``/users/7/a/b``) so both mount points see the same
+  ones; a PROPFIND reads those of a whole folder with one range query each.
 """
 
 from drive.dav.bodies import BodyWriter, PresignedReader
@@ -31,7 +31,7 @@ from drive.dav.context import ENVIRON_KEY, SHARED, DavContext, store_errors
 from drive.dav.listings import LISTING_TTL, ListingCache, invalidate_listing, listing_cache
 from drive.dav.provider import ObjectStoreProvider
 from drive.dav.resources import FileResource, FolderResource, SharedRoot
-from drive.dav.storage import SqliteLockStorage, SqliteMap, SqlitePropertyManager
+from drive.dav.storage import DbLockStorage, DbPropertyManager
 
 __all__ = [
     "ENVIRON_KEY",
@@ -39,15 +39,14 @@ __all__ = [
     "SHARED",
     "BodyWriter",
     "DavContext",
+    "DbLockStorage",
+    "DbPropertyManager",
     "FileResource",
     "FolderResource",
     "ListingCache",
     "ObjectStoreProvider",
     "PresignedReader",
     "SharedRoot",
-    "SqliteLockStorage",
-    "SqliteMap",
-    "SqlitePropertyManager",
     "invalidate_listing",
     "listing_cache",
     "store_errors",

@@ -1,102 +1,63 @@
-"""Dead properties (PROPPATCH) and locks, kept in SQLite under the data directory
-(:class:`SqlitePropertyManager`, :class:`SqliteLockStorage`), keyed by the object key
-(``/users/7/a/b``), so both mount points see the same ones and both survive a restart.
-A PROPFIND reads those of a whole folder with one range query each
-(:func:`note_folder_extras`), not two queries per member."""
+"""Dead properties (PROPPATCH) and locks, in the main database (the tables ``dav_properties``
+and ``dav_locks``, gateway/models.py), so every gateway replica on one database sees the same
+ones and they survive restarts. Both are keyed by the quoted object key (``/users/7/a%20b``,
+the resources' ref URL), so both mount points see the same ones. A PROPFIND reads those of a
+whole folder with one range query each (:func:`note_folder_extras`), not two per member.
+
+The URL columns compare byte by byte (collation "C" on PostgreSQL, SQLite's own), so "at or
+under ``/a/b``" is ``url = '/a/b' OR url >= '/a/b/' AND url < '/a/b0'`` ("0" follows "/").
+A lock whose time ran out is never returned; it is deleted when met, or by the next LOCK.
+"""
 
 from __future__ import annotations
 
 import pickle
 import sqlite3
-import threading
-from collections.abc import MutableMapping
+import time
 from pathlib import Path
 from urllib.parse import unquote
 
-from wsgidav import util
+from sqlalchemy import Table, delete, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, sessionmaker
 from wsgidav.dav_provider import DAVProvider
+from wsgidav.lock_man.lock_manager import generate_lock_token, normalize_lock_root, validate_lock
 from wsgidav.lock_man.lock_storage import LockStorageDict
 from wsgidav.prop_man.property_manager import PropertyManager
 
 from drive.dav.context import EXTRAS_KEY, listed_without
 
-_LOCK_URL_PREFIX = "URL2TOKEN:"  # wsgidav's LockStorageDict key for a URL's lock tokens
+
+def _at_or_under(column, url: str):
+    base = url.rstrip("/")
+    return or_(column == base, (column >= base + "/") & (column < base + "0"))
 
 
-class SqliteMap(MutableMapping):
-    """A persistent ``str`` → picklable mapping in one SQLite table, safe across threads
-    (and processes: WAL). It stands in for the ``shelve`` wsgidav's managers use."""
-
-    def __init__(self, path: Path, table: str):
-        if not table.isidentifier():
-            raise ValueError(table)
-        self._table = table
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
-        with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (k TEXT PRIMARY KEY, v BLOB NOT NULL)")
-
-    def _query(self, sql: str, args: tuple = ()) -> list:
-        with self._lock:
-            return self._conn.execute(sql.format(t=self._table), args).fetchall()
-
-    def __getitem__(self, key: str):
-        rows = self._query("SELECT v FROM {t} WHERE k = ?", (key,))
-        if not rows:
-            raise KeyError(key)
-        return pickle.loads(rows[0][0])
-
-    def __setitem__(self, key: str, value) -> None:
-        self._query("INSERT OR REPLACE INTO {t} (k, v) VALUES (?, ?)", (key, pickle.dumps(value)))
-
-    def __delitem__(self, key: str) -> None:
-        with self._lock:
-            deleted = self._conn.execute(f"DELETE FROM {self._table} WHERE k = ?", (key,)).rowcount
-        if not deleted:
-            raise KeyError(key)
-
-    def __contains__(self, key) -> bool:
-        return bool(self._query("SELECT 1 FROM {t} WHERE k = ?", (key,)))
-
-    def __iter__(self):
-        return iter([row[0] for row in self._query("SELECT k FROM {t}")])
-
-    def __len__(self) -> int:
-        return self._query("SELECT COUNT(*) FROM {t}")[0][0]
-
-    def items(self):
-        return [(k, pickle.loads(v)) for k, v in self._query("SELECT k, v FROM {t}")]
-
-    def keys_under(self, prefix: str) -> list[str]:
-        """Keys equal to ``prefix`` or below it as a URL path."""
-        base = prefix.rstrip("/")
-        rows = self._query("SELECT k FROM {t} WHERE k >= ? AND k < ?", (base, base + "\U0010ffff"))
-        return [row[0] for row in rows if util.is_equal_or_child_uri(base or "/", row[0])]
-
-    def clear(self) -> None:
-        self._query("DELETE FROM {t}")
-
-    def sync(self) -> None:
-        pass
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+def _retarget(src_url: str, dest_url: str, url: str) -> str:
+    return dest_url.rstrip("/") + url[len(src_url.rstrip("/")) :]
 
 
-class SqlitePropertyManager(PropertyManager):
-    """wsgidav's property manager with its dictionary in SQLite (dead properties survive restarts)."""
+def _upsert(session: Session, table: Table, row: dict, keys: list[str]):
+    module = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    statement = module.insert(table).values(**row)
+    return session.execute(
+        statement.on_conflict_do_update(
+            index_elements=keys, set_={name: statement.excluded[name] for name in row if name not in keys}
+        )
+    )
 
-    def __init__(self, path: Path):
+
+class DbPropertyManager(PropertyManager):
+    """wsgidav's property manager over the table ``dav_properties`` (url, name, value: the XML)."""
+
+    def __init__(self, sessions: sessionmaker, table: Table):
         super().__init__()
-        self._path = Path(path)
-        self._dict = SqliteMap(self._path, "dav_properties")
+        self._sessions = sessions
+        self._table = table
         self._loaded = True
 
     def __repr__(self) -> str:
-        return f"SqlitePropertyManager({self._path})"
+        return f"DbPropertyManager({self._table.name})"
 
     def _lazy_open(self):
         pass
@@ -105,92 +66,234 @@ class SqlitePropertyManager(PropertyManager):
         pass
 
     def _close(self):
-        pass  # the connection lives as long as the process
+        pass
 
     def urls_under(self, url: str) -> list[str]:
         """Unquoted, without a trailing slash: the URLs at or under ``url`` with dead properties."""
-        return [unquote(key).rstrip("/") or "/" for key in self._dict.keys_under(url)]
+        t = self._table
+        with self._sessions() as session:
+            urls = session.scalars(select(t.c.url).where(_at_or_under(t.c.url, url)).distinct()).all()
+        return [unquote(found).rstrip("/") or "/" for found in urls]
 
     def get_properties(self, norm_url, environ=None):
         if environ is not None and listed_without(environ, norm_url, locks=False):
             return []
-        return super().get_properties(norm_url, environ)
+        t = self._table
+        with self._sessions() as session:
+            return list(session.scalars(select(t.c.name).where(t.c.url == norm_url)))
 
     def get_property(self, norm_url, name, environ=None):
         if environ is not None and listed_without(environ, norm_url, locks=False):
             return None
-        return super().get_property(norm_url, name, environ)
+        t = self._table
+        with self._sessions() as session:
+            return session.scalar(select(t.c.value).where(t.c.url == norm_url, t.c.name == name))
 
-    def _retarget(self, src_url: str, dest_url: str, url: str) -> str:
-        return dest_url.rstrip("/") + url[len(src_url.rstrip("/")) :]
+    def write_property(self, norm_url, name, property_value, dry_run=False, environ=None):
+        if dry_run:
+            return
+        with self._sessions.begin() as session:
+            _upsert(session, self._table, {"url": norm_url, "name": name, "value": property_value}, ["url", "name"])
 
-    def move_properties(self, src_url, dest_url, with_children, environ=None):
-        urls = self._dict.keys_under(src_url) if with_children else [src_url]
-        for url in urls:
-            if url in self._dict:
-                self._dict[self._retarget(src_url, dest_url, url)] = self._dict[url]
-                del self._dict[url]
+    def remove_property(self, norm_url, name, dry_run=False, environ=None):
+        if dry_run:
+            return
+        t = self._table
+        with self._sessions.begin() as session:
+            session.execute(delete(t).where(t.c.url == norm_url, t.c.name == name))
 
-    def copy_tree(self, src_url: str, dest_url: str, *, with_children: bool) -> None:
-        urls = self._dict.keys_under(src_url) if with_children else [src_url]
-        for url in urls:
-            if url in self._dict:
-                self._dict[self._retarget(src_url, dest_url, url)] = self._dict[url]
+    def remove_properties(self, norm_url, environ=None):
+        t = self._table
+        with self._sessions.begin() as session:
+            session.execute(delete(t).where(t.c.url == norm_url))
 
     def remove_tree(self, url: str) -> None:
-        for key in self._dict.keys_under(url):
-            del self._dict[key]
+        t = self._table
+        with self._sessions.begin() as session:
+            session.execute(delete(t).where(_at_or_under(t.c.url, url)))
+
+    def copy_properties(self, src_url, dest_url, environ=None):
+        self.copy_tree(src_url, dest_url, with_children=False)
+
+    def copy_tree(self, src_url: str, dest_url: str, *, with_children: bool) -> None:
+        self._transfer(src_url, dest_url, with_children=with_children, move=False)
+
+    def move_properties(self, src_url, dest_url, with_children, environ=None):
+        self._transfer(src_url, dest_url, with_children=with_children, move=True)
+
+    def _transfer(self, src_url: str, dest_url: str, *, with_children: bool, move: bool) -> None:
+        """The properties of ``src_url`` (and of the URLs under it) replace those of their
+        counterparts under ``dest_url``; a move then drops them at the source."""
+        t = self._table
+        where = _at_or_under(t.c.url, src_url) if with_children else t.c.url == src_url
+        with self._sessions.begin() as session:
+            rows = session.execute(select(t.c.url, t.c.name, t.c.value).where(where)).all()
+            if move:
+                session.execute(delete(t).where(where))
+            targets = sorted({_retarget(src_url, dest_url, url) for url, _, _ in rows})
+            if targets:
+                session.execute(delete(t).where(t.c.url.in_(targets)))
+                session.execute(
+                    t.insert(),
+                    [{"url": _retarget(src_url, dest_url, url), "name": name, "value": value} for url, name, value in rows],
+                )
 
 
-class SqliteLockStorage(LockStorageDict):
-    """wsgidav's lock storage with its dictionary in SQLite (locks survive restarts)."""
+class DbLockStorage(LockStorageDict):
+    """wsgidav's lock storage over the table ``dav_locks`` (one row a lock; ``root`` is the
+    locked URL, ``expire`` the time it runs out in seconds since the epoch, as wsgidav has it)."""
 
-    def __init__(self, path: Path):
+    _FIELDS = ("token", "root", "principal", "scope", "type", "depth", "owner", "timeout", "expire")
+
+    def __init__(self, sessions: sessionmaker, table: Table):
         super().__init__()
-        self._path = Path(path)
+        self._sessions = sessions
+        self._table = table
 
     def __repr__(self) -> str:
-        return f"SqliteLockStorage({self._path})"
+        return f"DbLockStorage({self._table.name})"
 
     def open(self):
-        self._dict = SqliteMap(self._path, "dav_locks")
+        pass
 
     def close(self):
-        self._dict = None
-
-    def urls_under(self, key: str) -> list[str]:
-        """The ``URL2TOKEN:`` keys at or under ``key`` (the URLs with locks, expired ones too)."""
-        return self._dict.keys_under(key) if self._dict is not None else []
+        pass
 
     def _flush(self):
         pass
 
+    def _live(self):
+        expire = self._table.c.expire
+        return or_(expire < 0, expire >= time.time())
+
+    def _as_lock(self, row) -> dict:
+        return dict(zip(self._FIELDS, row))
+
+    def _select(self):
+        return select(*(self._table.c[name] for name in self._FIELDS))
+
+    def cleanup(self):
+        """Delete the locks whose time ran out."""
+        with self._sessions.begin() as session:
+            self._sweep(session)
+
+    def _sweep(self, session: Session) -> None:
+        t = self._table
+        session.execute(delete(t).where(t.c.expire >= 0, t.c.expire < time.time()))
+
+    def clear(self):
+        with self._sessions.begin() as session:
+            session.execute(delete(self._table))
+
+    def get(self, token):
+        t = self._table
+        with self._sessions() as session:
+            row = session.execute(self._select().where(t.c.token == token)).first()
+        if row is None:
+            return None
+        lock = self._as_lock(row)
+        if 0 <= lock["expire"] < time.time():
+            self.delete(token)
+            return None
+        return lock
+
+    def create(self, path, lock):
+        lock["root"] = normalize_lock_root(path)
+        timeout = float(lock.get("timeout") if lock.get("timeout") is not None else self.LOCK_TIME_OUT_DEFAULT)
+        if timeout < 0 or timeout > self.LOCK_TIME_OUT_MAX:
+            timeout = self.LOCK_TIME_OUT_MAX
+        lock["timeout"] = timeout
+        lock["expire"] = time.time() + timeout
+        validate_lock(lock)
+        lock["token"] = generate_lock_token()
+        with self._sessions.begin() as session:
+            self._sweep(session)  # LOCKs are rare: the expired ones go here
+            session.execute(self._table.insert().values(**{name: lock[name] for name in self._FIELDS}))
+        return lock
+
+    def refresh(self, token, *, timeout):
+        if timeout < 0 or timeout > self.LOCK_TIME_OUT_MAX:
+            timeout = self.LOCK_TIME_OUT_MAX
+        t = self._table
+        with self._sessions.begin() as session:
+            session.execute(update(t).where(t.c.token == token).values(timeout=timeout, expire=time.time() + timeout))
+        lock = self.get(token)
+        if lock is None:
+            raise ValueError(f"no lock {token}")
+        return lock
+
+    def delete(self, token):
+        t = self._table
+        with self._sessions.begin() as session:
+            return session.execute(delete(t).where(t.c.token == token)).rowcount > 0
+
+    def get_lock_list(self, path, *, include_root, include_children, token_only):
+        t = self._table
+        root = normalize_lock_root(path)
+        base = root.rstrip("/")
+        wanted = []
+        if include_root:
+            wanted.append(t.c.root == root)
+        if include_children:
+            wanted.append((t.c.root >= base + "/") & (t.c.root < base + "0"))
+        with self._sessions() as session:
+            rows = session.execute(self._select().where(or_(*wanted), self._live())).all()
+        locks = [self._as_lock(row) for row in rows]
+        return [lock["token"] for lock in locks] if token_only else locks
+
+    def roots_under(self, url: str) -> list[str]:
+        """Unquoted, without a trailing slash: the locked URLs at or under ``url``."""
+        t = self._table
+        with self._sessions() as session:
+            roots = session.scalars(select(t.c.root).where(_at_or_under(t.c.root, url), self._live()).distinct()).all()
+        return [unquote(root).rstrip("/") or "/" for root in roots]
+
+
+def import_sqlite_properties(path: Path, properties: DbPropertyManager) -> int:
+    """Copy the dead properties of an older server's ``webdav.sqlite3`` (a table ``dav_properties``
+    of ref URL → pickled {name: XML}, written by this server itself) into the database, once:
+    the file is then renamed ``*.imported``. Its locks are not kept (they expire anyway)."""
+    if not path.exists():
+        return 0
+    connection = sqlite3.connect(str(path))
+    try:
+        rows = connection.execute("SELECT k, v FROM dav_properties").fetchall()
+    except sqlite3.OperationalError:
+        rows = []  # a file that never held a property
+    finally:
+        connection.close()
+    count = 0
+    for url, blob in rows:
+        for name, value in pickle.loads(blob).items():
+            properties.write_property(url, name, value)
+            count += 1
+    path.rename(path.with_name(path.name + ".imported"))
+    return count
+
 
 def note_folder_extras(folder) -> None:
-    """Read which URLs at or under ``folder`` (a folder resource) have dead properties or locks: one range query
-    each, so a PROPFIND asks nothing more for the members that have none (most of them).
+    """Read which URLs at or under ``folder`` (a folder resource) have dead properties or locks:
+    one range query each, so a PROPFIND asks nothing more for the members that have none (most).
 
     Kept in the request's environ for this PROPFIND only (dropped by any write,
-    :func:`_invalidate`), so it is never older than the request.
+    :func:`~drive.dav.context.invalidate_after_write`), so it is never older than the request.
     """
     provider, environ = folder.provider, folder.environ
     ref = folder.get_ref_url()
     base = unquote(ref).rstrip("/")
     properties = provider.prop_manager
     storage = getattr(provider.lock_manager, "storage", None)
-    if not isinstance(properties, SqlitePropertyManager) or not isinstance(storage, SqliteLockStorage):
+    if not isinstance(properties, DbPropertyManager) or not isinstance(storage, DbLockStorage):
         return
     with_properties = frozenset(properties.urls_under(ref))
-    # Lock storage keys are "URL2TOKEN:" + the (quoted) ref URL without a trailing slash.
-    lock_keys = storage.urls_under(_LOCK_URL_PREFIX + (ref.rstrip("/") or "/"))
-    with_locks = frozenset(unquote(key[len(_LOCK_URL_PREFIX) :]).rstrip("/") or "/" for key in lock_keys)
+    with_locks = frozenset(storage.roots_under(ref))
     environ.setdefault(EXTRAS_KEY, {})[base or "/"] = (with_properties, with_locks)
 
 
 def remove_property_tree(provider: DAVProvider, ref_url: str) -> None:
     """Drop the dead properties of ``ref_url`` and of everything under it."""
     properties = provider.prop_manager
-    if isinstance(properties, SqlitePropertyManager):
+    if isinstance(properties, DbPropertyManager):
         properties.remove_tree(ref_url)
     elif properties is not None:
         properties.remove_properties(ref_url)

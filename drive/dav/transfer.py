@@ -12,7 +12,7 @@ from wsgidav import util
 
 from drive import keys
 from drive.dav.context import DEST_EXISTED_KEY, context_of, invalidate_after_write, store_errors
-from drive.dav.storage import SqlitePropertyManager
+from drive.dav.storage import DbPropertyManager
 from drive.listing import FOLDER_MARKER
 from drive.store import iter_objects
 
@@ -84,7 +84,7 @@ def transfer(src, dest_path: str, parent, *, move: bool, depth_infinity: bool) -
     if properties is not None:
         if move:
             properties.move_properties(src_ref, dest_ref, with_children=src.is_collection)
-        elif isinstance(properties, SqlitePropertyManager):
+        elif isinstance(properties, DbPropertyManager):
             properties.copy_tree(src_ref, dest_ref, with_children=src.is_collection and depth_infinity)
         else:
             properties.copy_properties(src_ref, dest_ref)
