@@ -165,3 +165,51 @@ def test_a_long_poll_is_one_wait_and_answers_when_the_run_ends(pod):
     assert still is not None and not still.finished and still.exit_code is None
     backend.signal_run(ref, "run-long", "KILL")
     assert wait_run(backend, ref, "run-missing", 1, 4096) is None
+
+
+def test_following_a_run_gives_its_output_as_it_comes_in_one_wait_each(pod):
+    from gateway.pods import follow_run
+
+    backend, ref, _ = pod
+    backend.start_run(ref, "run-follow", ["sh", "-c", "echo one; sleep 1; echo two >&2; sleep 0.2; echo three; exit 2"], {})
+    offsets, got, calls = {"stdout": 0, "stderr": 0}, {"stdout": b"", "stderr": b""}, 0
+    deadline = time.monotonic() + 30
+    while True:
+        assert time.monotonic() < deadline, got
+        state = follow_run(backend, ref, "run-follow", dict(offsets), 10)
+        calls += 1
+        assert state is not None
+        for name in offsets:
+            new = getattr(state, name)
+            offsets[name] += len(new)
+            got[name] += new
+        if state.finished and not state.stdout and not state.stderr:
+            break
+    assert got == {"stdout": b"one\nthree\n", "stderr": b"two\n"} and state.exit_code == 2
+    assert 2 <= calls <= 6, f"{calls} waits for three lines: each answers on new output, not on a timer"
+    assert follow_run(backend, ref, "run-missing", {}, 1) is None
+
+
+def test_fifos_planted_in_a_run_folder_do_not_hold_the_gateway(pod):
+    """A run swaps its own files for FIFOs (a read of one waits for a writer forever): every
+    call the gateway makes into the pod still answers."""
+    import threading
+
+    from gateway.pods import follow_run, wait_run
+
+    backend, ref, _ = pod
+    plant = 'd=/tmp/kgpu/runs/run-fifo; for f in stdout stderr exit_code started_at completed_at; do rm -f "$d/$f"; mkfifo "$d/$f"; done; sleep 30'
+    backend.start_run(ref, "run-fifo", ["sh", "-c", plant], {})
+    time.sleep(1)
+    calls = {
+        "run_state": lambda: backend.run_state(ref, "run-fifo", 4096),
+        "wait_run": lambda: wait_run(backend, ref, "run-fifo", 1, 4096),
+        "follow_run": lambda: follow_run(backend, ref, "run-fifo", {"stdout": 0, "stderr": 0}, 1),
+        "read_output": lambda: backend.read_output(ref, "run-fifo", "stdout", 0),
+        "signal_run": lambda: backend.signal_run(ref, "run-fifo", "KILL"),
+    }
+    for name, call in calls.items():
+        worker = threading.Thread(target=call, daemon=True)
+        worker.start()
+        worker.join(30)
+        assert not worker.is_alive(), f"{name} hangs on a FIFO the run planted"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -38,6 +38,7 @@ def run_command(run_dir: str, argv: list[str], token_path: str = TOKEN_PATH) -> 
 # SIGNAL_SCRIPT RUN_DIR SIG: SIG to the run's process group.
 SIGNAL_SCRIPT = r"""
 d="$1"; sig="$2"
+[ -f "$d/runner_pid" ] || exit 0  # a FIFO planted there would hold the read forever
 r=$(cat "$d/runner_pid" 2>/dev/null) || exit 0
 [ -n "$r" ] && kill -0 "$r" 2>/dev/null && kill "-$sig" "-$r" 2>/dev/null
 exit 0
@@ -70,7 +71,7 @@ WAIT_TICKS_PER_SECOND = 20
 WAIT_SCRIPT = r"""
 left="$3"
 while [ "$left" -gt 0 ] && [ -d "$1" ] && [ ! -e "$1/exit_code" ]; do
-  runner=; read -r runner < "$1/runner_pid" 2>/dev/null
+  runner=; [ -f "$1/runner_pid" ] && read -r runner < "$1/runner_pid" 2>/dev/null
   [ -n "$runner" ] && ! kill -0 "$runner" 2>/dev/null && break
   sleep 0.05; left=$((left - 1))
 done
@@ -93,6 +94,25 @@ def wait_run(backend: "PodBackend", ref: str, run_id: str, seconds: float, tail_
         state = backend.run_state(ref, run_id, 0)
         if state is None or state.finished or time.monotonic() >= deadline:
             return backend.run_state(ref, run_id, tail_bytes)
+        time.sleep(1 / WAIT_TICKS_PER_SECOND)
+
+
+def follow_run(backend: "PodBackend", ref: str, run_id: str, offsets: dict[str, int], seconds: float) -> "RunState | None":
+    """The run's state as soon as it has output past ``offsets`` (``{"stdout": n, "stderr": m}``)
+    or has ended, or after ``seconds``; its ``stdout`` and ``stderr`` hold the new bytes (at most
+    1 MiB each: ask again from the new offsets). The backend's own ``follow_run`` (one wait in the
+    pod), else run_state and read_output every 50 ms."""
+    native = getattr(backend, "follow_run", None)
+    if native is not None:
+        return native(ref, run_id, offsets, seconds)
+    deadline = time.monotonic() + seconds
+    while True:
+        state = backend.run_state(ref, run_id, 0)  # first: once it has ended, its output is whole
+        if state is None:
+            return None
+        new = {name: backend.read_output(ref, run_id, name, offsets.get(name, 0)) for name in ("stdout", "stderr")}
+        if state.finished or any(new.values()) or time.monotonic() >= deadline:
+            return replace(state, stdout=new["stdout"], stderr=new["stderr"])
         time.sleep(1 / WAIT_TICKS_PER_SECOND)
 
 
@@ -189,8 +209,8 @@ class PodBackend(Protocol):
         """Bytes the pod has written to its ephemeral disk (None: unknown). The reaper
         returns a rental that goes over its ``ephemeral_storage_gib``."""
 
-    # Optional (``wait_run`` above): ``wait_run(ref, run_id, seconds, tail_bytes)``, the run's state
-    # once it ends or after ``seconds``, with one wait inside the pod.
+    # Optional (``wait_run`` and ``follow_run`` above): ``wait_run(ref, run_id, seconds, tail_bytes)``
+    # and ``follow_run(ref, run_id, offsets, seconds)``, each one wait inside the pod.
     # Optional (gateway/inventory.py ``engine_inventory``): a backend over a workload engine may
     # define ``inventory() -> list[GpuClass] | None``, the engine's nodes, GPUs and readiness,
     # which then replace the configured inventory.

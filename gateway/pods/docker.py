@@ -94,25 +94,43 @@ DOCKER_CONNECTIONS = 256
 # for stdout and stderr "name size start length" and exactly `length` raw bytes from
 # offset `start` (the files only grow, so bytes below the size read first are stable).
 # A run may replace its files with symlinks (to a file its own user may not read, the
-# gateway's exec being the pod's root): a symlink reads as empty, a symlinked run as missing.
+# gateway's exec being the pod's root) or FIFOs (a read would wait forever): anything but a
+# regular file reads as empty, a symlinked run as missing.
 _STATE_SCRIPT = r"""
 d="$1"; n="$2"
 [ -d "$d" ] && [ ! -L "$d" ] || { echo missing; exit 0; }
 echo found
 for f in pid runner_pid started_at completed_at exit_code; do
-  v=; [ -L "$d/$f" ] || v=$(cat "$d/$f" 2>/dev/null | head -n 1)
+  v=; [ -f "$d/$f" ] && [ ! -L "$d/$f" ] && v=$(head -n 1 "$d/$f" 2>/dev/null)
   echo "$f=$v"
 done
-r=; [ -L "$d/runner_pid" ] || r=$(cat "$d/runner_pid" 2>/dev/null)
+r=; [ -f "$d/runner_pid" ] && [ ! -L "$d/runner_pid" ] && r=$(cat "$d/runner_pid" 2>/dev/null)
 if [ -n "$r" ] && kill -0 "$r" 2>/dev/null; then echo alive=1; else echo alive=0; fi
 for s in stdout stderr; do
-  size=0; [ -L "$d/$s" ] || size=$(( $(wc -c 2>/dev/null < "$d/$s" || echo 0) + 0 ))
-  start=$((size > n ? size - n : 0))
-  len=$((size - start))
+  size=0; [ -f "$d/$s" ] && [ ! -L "$d/$s" ] && size=$(( $(wc -c 2>/dev/null < "$d/$s" || echo 0) + 0 ))
+  if [ "$n" = follow ]; then  # args 3-5: the offsets asked and the most bytes a stream
+    if [ "$s" = stdout ]; then start="$3"; else start="$4"; fi
+    start=$((start < size ? start : size)); len=$((size - start)); len=$((len < $5 ? len : $5))
+  else  # the last n bytes
+    start=$((size > n ? size - n : 0)); len=$((size - start))
+  fi
   echo "$s $size $start $len"
   [ "$len" -gt 0 ] && tail -c +$((start + 1)) "$d/$s" | head -c "$len"
 done
 exit 0
+"""
+
+# Put before _STATE_SCRIPT with args RUN_DIR follow OUT_OFFSET ERR_OFFSET MAX TICKS: waits in the
+# pod until the run has output past the offsets, or has ended, or TICKS twentieths of a second.
+_FOLLOW_WAIT_SCRIPT = r"""
+left="$6"
+while [ "$left" -gt 0 ] && [ -d "$1" ] && [ ! -e "$1/exit_code" ]; do
+  runner=; [ -f "$1/runner_pid" ] && read -r runner < "$1/runner_pid" 2>/dev/null
+  [ -n "$runner" ] && ! kill -0 "$runner" 2>/dev/null && break
+  [ -f "$1/stdout" ] && [ "$(wc -c < "$1/stdout" 2>/dev/null || echo 0)" -gt "$3" ] && break
+  [ -f "$1/stderr" ] && [ "$(wc -c < "$1/stderr" 2>/dev/null || echo 0)" -gt "$4" ] && break
+  sleep 0.05; left=$((left - 1))
+done
 """
 
 _READ_SCRIPT = r"""
@@ -524,6 +542,16 @@ class DockerPodBackend:
         run_dir = f"{RUNS_DIR}/{safe_run_id(run_id)}"
         out = self._exec(ref, WAIT_SCRIPT + _STATE_SCRIPT, run_dir, str(tail), str(wait_ticks(seconds)))
         return self._parse_state(ref, run_id, out, tail)
+
+    def follow_run(self, ref: str, run_id: str, offsets: dict[str, int], seconds: float) -> RunState | None:
+        """One exec: waits in the pod for output past ``offsets`` or the run's end (or
+        ``seconds``), then answers its state with the new bytes as stdout and stderr."""
+        run_dir = f"{RUNS_DIR}/{safe_run_id(run_id)}"
+        args = [str(max(0, int(offsets.get(name, 0)))) for name in ("stdout", "stderr")]
+        out = self._exec(
+            ref, _FOLLOW_WAIT_SCRIPT + _STATE_SCRIPT, run_dir, "follow", *args, str(READ_CHUNK), str(wait_ticks(seconds))
+        )
+        return self._parse_state(ref, run_id, out, READ_CHUNK)
 
     @staticmethod
     def _parse_state(ref: str, run_id: str, out: bytes, tail_bytes: int) -> RunState | None:

@@ -81,6 +81,7 @@ def _state(request: Request, ref: str, run_id: str) -> RunState:
 # Long-polls wait in threads of their own: hundreds of them must not take every thread of the
 # pool that serves the other routes (threads start as needed, up to this many).
 LONG_POLLS = ThreadPoolExecutor(max_workers=1024, thread_name_prefix="kgpu-long-poll")
+FOLLOW_SECONDS = 5.0
 
 
 async def _wait(request: Request, ref: str, run_id: str, seconds: float) -> RunState:
@@ -190,19 +191,25 @@ async def stream_run(run_id: str, request: Request, principal: ApprovedUser, gpu
     async def lines():
         offsets = {"stdout": 0, "stderr": 0}
         decoders = {name: codecs.getincrementaldecoder("utf-8")(errors="replace") for name in offsets}
+        loop = asyncio.get_running_loop()
         while True:
-            state = await run_in_threadpool(backend.run_state, ref, run_id, 0)
-            for name in offsets:
-                data = await run_in_threadpool(backend.read_output, ref, run_id, name, offsets[name])
+            # One wait in the pod for new output or the end (a few seconds at most, so a client
+            # that went away frees its thread soon).
+            state = await loop.run_in_executor(
+                LONG_POLLS, pods.follow_run, backend, ref, run_id, dict(offsets), FOLLOW_SECONDS
+            )
+            if state is None:
+                yield json.dumps({"type": "done", "exit_code": None}) + "\n"
+                return
+            for name, data in (("stdout", state.stdout), ("stderr", state.stderr)):
                 if data:
                     offsets[name] += len(data)
                     text = decoders[name].decode(data)
                     if text:
                         yield json.dumps({"type": name, "chunk": text}) + "\n"
-            if state is None or state.finished:
-                summary = runs.run_summary(gpu_id, state) if state else {"exit_code": None}
+            if state.finished and not state.stdout and not state.stderr:  # all of it read
+                summary = runs.run_summary(gpu_id, state)
                 yield json.dumps({"type": "done", "exit_code": summary["exit_code"]}) + "\n"
                 return
-            await asyncio.sleep(0.1)
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
