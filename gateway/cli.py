@@ -1,4 +1,5 @@
-"""The ``kgpu`` command: ``kgpu serve`` and ``kgpu admin ...``."""
+"""The ``kgpu`` command: ``kgpu serve`` and ``kgpu admin ...`` here; the researcher's commands
+(``kgpu login``, ``ls``, ``cp``, ``rent``, ``run``…) come from ``client.cli``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from client import cli as client_cli
 from gateway import db, tokens, users
 from gateway.errors import ApiError
 from gateway.models import ApiToken, User, utcnow
@@ -111,7 +113,7 @@ def _token_list(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kgpu", description="kgpu GPU-rental gateway")
+    parser = argparse.ArgumentParser(prog="kgpu", description="kgpu GPU-rental gateway and its client")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the service (embedded SQLite and object store by default)")
@@ -153,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     listing = token.add_parser("list")
     listing.add_argument("--user", help="id or email")
     listing.set_defaults(func=_token_list)
+
+    client_cli.add_commands(commands)
     return parser
 
 

@@ -1,0 +1,216 @@
+"""``kgpu ls / cp / sync / rm / mv``: the drive, through the bundled rclone and the HTTP API."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from client import rclone, shared_upload
+from client.api import ApiError
+from client.locations import Remote, UsageError, is_remote, parse_remote
+from client.output import ProgressBar, emit_json, human_bytes, table
+from client.session import Session
+
+
+class TransferFailed(Exception):
+    """rclone could not do it all (exit code 1); its error lines are the message."""
+
+
+def http_path(remote: Remote, folder: bool = False) -> str:
+    """The HTTP route of a drive path: ``/v1/files/…``, or ``/v1/shared/ORG/…`` for a shared drive."""
+    if remote.in_shared:
+        if not remote.org:
+            raise UsageError("name a shared drive: kgpu:shared/ORG/PATH")
+        path = f"/v1/shared/{remote.org}/{remote.shared_path}"
+    else:
+        path = f"/v1/files/{remote.path}"
+    return path if not folder or path.endswith("/") else path + "/"
+
+
+def is_file(session: Session, remote: Remote) -> bool:
+    if not remote.path or remote.folder_hint or remote.path == "shared" or (remote.in_shared and not remote.shared_path):
+        return False
+    return session.api.head(http_path(remote)) is not None
+
+
+def is_folder(session: Session, remote: Remote) -> bool:
+    if not remote.path or remote.path == "shared" or (remote.in_shared and not remote.shared_path):
+        return True
+    try:
+        session.api.call("GET", http_path(remote, folder=True), params={"json": 1})
+        return True
+    except ApiError as exc:
+        if exc.status == 404:
+            return False
+        raise
+
+
+# ---------------------------------------------------------------- ls
+
+
+def ls(session: Session, target: str, recursive: bool) -> int:
+    remote = parse_remote(target or "kgpu:")
+    depth = ["-R"] if recursive else ["--max-depth", "1"]
+    outcome = rclone.run(session.login, ["lsjson", f"{rclone.REMOTE}:{remote.path}", *depth])
+    if outcome.returncode != 0:
+        if outcome.returncode == 3:  # rclone: directory not found
+            raise ApiError(404, "not_found", f"no file or folder {remote}")
+        raise TransferFailed(_rclone_failure("ls", outcome))
+    entries = [
+        {"path": e["Path"] + ("/" if e["IsDir"] else ""), "name": e["Name"], "type": "dir" if e["IsDir"] else "file",
+         "size": None if e["IsDir"] else e["Size"], "modified": None if e["IsDir"] else e["ModTime"]}
+        for e in json.loads(outcome.output or "[]")
+    ]
+    entries.sort(key=lambda e: e["path"])
+    if session.as_json:
+        emit_json({"location": str(remote), "entries": entries})
+    elif entries:
+        print(table([[human_bytes(e["size"]) if e["type"] == "file" else "-", e["modified"] or "-", e["path"]]
+                     for e in entries]))
+    return 0
+
+
+# ---------------------------------------------------------------- cp, sync, mv
+
+
+def cp(session: Session, source: str, destination: str, recursive: bool, transfers: int) -> int:
+    if is_remote(destination) and parse_remote(destination).in_shared:
+        return _upload_to_shared(session, source, parse_remote(destination), recursive, transfers)
+    src, dst, folder = _endpoints(session, source, destination, recursive, "cp")
+    verb = "copy" if folder else "copyto"
+    return _transfer(session, [verb, src, dst, *_parallel(transfers)], "cp", source, destination)
+
+
+def sync(session: Session, source: str, destination: str, transfers: int) -> int:
+    if not is_remote(source) and not is_remote(destination):
+        raise UsageError("one side of kgpu sync must be in your drive (kgpu:PATH)")
+    if is_remote(destination):
+        dst = parse_remote(destination)
+        if dst.in_shared:
+            raise UsageError("shared drives are read-only here: kgpu cp uploads into them, if your role allows")
+        if not dst.path:
+            raise UsageError("sync into a folder of your drive (kgpu:FOLDER), not its root")
+    src, dst_text = _rclone_path(source), _rclone_path(destination)
+    if not is_remote(source) and not Path(source).is_dir():
+        raise UsageError(f"{source} is not a folder: kgpu sync makes a folder like another one")
+    return _transfer(session, ["sync", src, dst_text, *_parallel(transfers)], "sync", source, destination)
+
+
+def mv(session: Session, source: str, destination: str, transfers: int) -> int:
+    for side in (source, destination):
+        if is_remote(side) and parse_remote(side).in_shared:
+            raise UsageError("kgpu mv does not move into or out of shared drives: kgpu cp, then kgpu rm")
+    src, dst, _ = _endpoints(session, source, destination, True, "mv")
+    return _transfer(session, ["moveto", src, dst, *_parallel(transfers)], "mv", source, destination)
+
+
+def _parallel(transfers: int) -> list[str]:
+    return ["--transfers", str(transfers), "--checkers", str(max(8, transfers))]
+
+
+def _rclone_path(text: str) -> str:
+    if is_remote(text):
+        return f"{rclone.REMOTE}:{parse_remote(text).path}"
+    return os.path.abspath(text)  # a local path with ":" in it must not read as a remote
+
+
+def _endpoints(session: Session, source: str, destination: str, recursive: bool, verb: str) -> tuple[str, str, bool]:
+    """rclone's source and destination, and whether the source is a folder.
+
+    Like cp(1): a file copied onto an existing folder (or a path ending in "/") lands inside it.
+    """
+    if not is_remote(source) and not is_remote(destination):
+        raise UsageError(f"one side of kgpu {verb} must be in your drive (kgpu:PATH); use {verb} for local files")
+    if is_remote(source):
+        src = parse_remote(source)
+        folder = not is_file(session, src)
+        if folder and not is_folder(session, src):
+            raise ApiError(404, "not_found", f"no file or folder {src}")
+        name = src.name
+    else:
+        if not os.path.exists(source):
+            raise UsageError(f"{source}: no such file or folder")
+        folder = os.path.isdir(source)
+        name = Path(os.path.abspath(source)).name
+    if folder and not recursive:
+        raise UsageError(f"{source} is a folder: use kgpu {verb} -r")
+    if is_remote(destination):
+        dst = parse_remote(destination)
+        if not folder and (dst.folder_hint or is_folder(session, dst)):
+            dst = dst.child(name)
+        dst_text = f"{rclone.REMOTE}:{dst.path}"
+    else:
+        dst_text = os.path.abspath(destination)
+        if not folder and (destination.endswith("/") or os.path.isdir(destination)):
+            dst_text = os.path.join(dst_text, name)
+    return _rclone_path(source), dst_text, folder
+
+
+def _transfer(session: Session, args: list[str], verb: str, source: str, destination: str) -> int:
+    bar = ProgressBar(f"{verb} {source} → {destination}", enabled=None if not session.as_json else False)
+    outcome = rclone.run(session.login, args, on_stats=bar.update)
+    bar.close()
+    if outcome.returncode != 0:
+        raise TransferFailed(_rclone_failure(verb, outcome))
+    stats = outcome.stats
+    summary = {
+        "source": source, "destination": destination,
+        "bytes": stats.get("bytes", 0), "files": stats.get("transfers", 0),
+        "deleted": stats.get("deletes", 0), "server_side": stats.get("serverSideCopies", 0) + stats.get("serverSideMoves", 0),
+        "errors": stats.get("errors", 0), "seconds": round(stats.get("elapsedTime", 0.0), 3),
+    }
+    if session.as_json:
+        emit_json(summary)
+    else:
+        print(f"{verb}: {summary['files']} files, {human_bytes(summary['bytes'])} in {summary['seconds']} s"
+              + (f", {summary['deleted']} deleted" if summary["deleted"] else ""))
+    return 0
+
+
+def _rclone_failure(verb: str, outcome: rclone.Outcome) -> str:
+    lines = outcome.errors[-5:] or [f"rclone exited with code {outcome.returncode}"]
+    return f"{verb} failed: " + "; ".join(lines)
+
+
+# ---------------------------------------------------------------- rm
+
+
+def rm(session: Session, target: str, recursive: bool) -> int:
+    remote = parse_remote(target)
+    if remote.path in ("", "shared") or (remote.in_shared and not remote.shared_path):
+        raise UsageError(f"refusing to delete {remote}: name a file or folder inside it")
+    if is_file(session, remote):
+        deleted = session.api.delete(http_path(remote))
+    elif is_folder(session, remote):
+        if not recursive:
+            raise UsageError(f"{remote} is a folder: use kgpu rm -r")
+        deleted = session.api.delete(http_path(remote, folder=True))
+    else:
+        raise ApiError(404, "not_found", f"no file or folder {remote}")
+    if session.as_json:
+        emit_json({"deleted": str(remote), "files": deleted})
+    else:
+        print(f"deleted {remote} ({deleted} file{'s' if deleted != 1 else ''})")
+    return 0
+
+
+def _upload_to_shared(session: Session, source: str, destination: Remote, recursive: bool, transfers: int) -> int:
+    if is_remote(source):
+        raise UsageError("copy into a shared drive from local files (kgpu cp LOCAL kgpu:shared/ORG/PATH)")
+    if not destination.org:
+        raise UsageError("name a shared drive: kgpu:shared/ORG/PATH")
+    if os.path.isdir(source) and not recursive:
+        raise UsageError(f"{source} is a folder: use kgpu cp -r")
+    if not os.path.exists(source):
+        raise UsageError(f"{source}: no such file or folder")
+    into_folder = destination.folder_hint or not destination.shared_path or is_folder(session, destination)
+    plan = shared_upload.plan(Path(source), destination, into_folder)
+    bar = ProgressBar(f"cp {source} → {destination}", enabled=None if not session.as_json else False)
+    done = shared_upload.upload(session.api, plan, transfers, bar.update)
+    bar.close()
+    if session.as_json:
+        emit_json({"source": source, "destination": str(destination), **done})
+    else:
+        print(f"cp: {done['files']} files, {human_bytes(done['bytes'])} in {done['seconds']} s")
+    return 0

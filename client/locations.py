@@ -1,0 +1,57 @@
+"""``kgpu:path`` (my drive), ``kgpu:shared/ORG/path`` (a shared drive) and local paths."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PREFIX = "kgpu:"
+
+
+class UsageError(Exception):
+    """A command line that cannot mean anything (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A path in the drive as the WebDAV tree shows it: ``shared/ORG/…`` is a shared drive."""
+
+    path: str  # no leading or trailing "/"; "" is the root
+    folder_hint: bool = False  # written with a trailing "/"
+
+    @property
+    def org(self) -> str | None:
+        parts = self.path.split("/")
+        return parts[1] if parts[0] == "shared" and len(parts) > 1 and parts[1] else None
+
+    @property
+    def in_shared(self) -> bool:
+        return self.path == "shared" or self.path.startswith("shared/")
+
+    @property
+    def shared_path(self) -> str:
+        """The path inside the org's shared drive (``shared/ORG/a/b`` → ``a/b``)."""
+        return "/".join(self.path.split("/")[2:])
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    def child(self, name: str) -> "Remote":
+        return Remote(f"{self.path}/{name}" if self.path else name)
+
+    def __str__(self) -> str:
+        return PREFIX + self.path
+
+
+def is_remote(text: str) -> bool:
+    return text.startswith(PREFIX)
+
+
+def parse_remote(text: str) -> Remote:
+    if not is_remote(text):
+        raise UsageError(f"{text!r} is not in your drive: write kgpu:PATH (or kgpu:shared/ORG/PATH)")
+    path = text[len(PREFIX):]
+    segments = [s for s in path.split("/") if s]
+    if any(s in (".", "..") for s in segments):
+        raise UsageError(f"{text!r}: '.' and '..' are not allowed in drive paths")
+    return Remote("/".join(segments), folder_hint=path.endswith("/"))

@@ -1,0 +1,90 @@
+"""The bundled rclone, driven against the drive's WebDAV endpoint.
+
+The remote ``kgpu:`` is made on the fly from environment variables, so neither the token nor
+a config file ever appears on rclone's command line (``ps`` shows that to every user).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from client.config import Login
+
+REMOTE = "kgpu"
+# The one place that says how rclone speaks WebDAV to kgpu. The token goes as a plain header:
+# rclone's bearer_token option also sends it after the 302 to a presigned URL, which the
+# object store refuses (400). The vendor is "other" until the server keeps mtimes and hashes.
+WEBDAV_OPTIONS = {"VENDOR": "other", "PACER_MIN_SLEEP": "1ms"}
+
+
+def binary() -> str:
+    from drive.store.embedded import rclone_binary
+
+    return rclone_binary()
+
+
+def environment(login: Login) -> dict[str, str]:
+    """This process's environment, with the ``kgpu:`` remote defined and no other rclone setting."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RCLONE_")}
+    prefix = f"RCLONE_CONFIG_{REMOTE.upper()}_"
+    env[prefix + "TYPE"] = "webdav"
+    env[prefix + "URL"] = f"{login.base_url}/v1/files/"
+    env[prefix + "HEADERS"] = f"Authorization,Bearer {login.token}"
+    for key, value in WEBDAV_OPTIONS.items():
+        env[prefix + key] = value
+    return env
+
+
+def argv(*args: str) -> list[str]:
+    """An rclone command line that reads no config file."""
+    return [binary(), "--config", os.devnull, *args]
+
+
+@dataclass
+class Outcome:
+    returncode: int
+    stats: dict = field(default_factory=dict)  # rclone's last stats block (bytes, transfers, errors…)
+    errors: list[str] = field(default_factory=list)  # its error lines, as it logged them
+    output: str = ""  # its standard output
+
+
+def run(login: Login, args: list[str], on_stats: Callable[[dict], None] | None = None) -> Outcome:
+    """Run rclone with its log as JSON on stderr, reporting each stats block as it comes."""
+    command = argv(*args, "--use-json-log", "--log-level", "NOTICE", "--stats", "500ms",
+                   "--stats-log-level", "NOTICE")
+    process = subprocess.Popen(
+        command, env=environment(login), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )
+    outcome = Outcome(0)
+    chunks: list[str] = []
+    reader = threading.Thread(target=lambda: chunks.append(process.stdout.read()), daemon=True)
+    reader.start()
+    for line in process.stderr:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            if line.strip():
+                outcome.errors.append(line.strip())
+            continue
+        if "stats" in entry:
+            outcome.stats = entry["stats"]
+            if on_stats:
+                on_stats(entry["stats"])
+        elif entry.get("level") in ("error", "critical", "fatal"):
+            outcome.errors.append(_message(entry))
+    outcome.returncode = process.wait()
+    reader.join()
+    outcome.output = "".join(chunks)
+    return outcome
+
+
+def _message(entry: dict) -> str:
+    message = str(entry.get("msg", "")).strip()
+    obj = entry.get("object")
+    return f"{obj}: {message}" if obj and not message.startswith(str(obj)) else message
