@@ -225,22 +225,33 @@ class SlurmPodBackend:
                            f"{done.stderr.decode(errors='replace').strip()[-300:]}")
         return done.stdout
 
-    def _wait_up(self, ref: str) -> None:
-        """Wait (bounded) until the pod's container runs: a start returns once sbatch has taken the
-        job, and what comes next (a run, a read) needs the container."""
+    def _is_up(self, ref: str) -> bool:
+        """Whether the pod's container runs (False while Slurm queues the job or the node starts
+        it); PodError once the job has ended."""
         if ref in self._up:
-            return
+            return True
+        status = self.status(ref)
+        if status.phase in ("Gone", "Failed"):
+            raise PodError(f"the pod is not running: {status.reason}")
+        if status.phase == "Running":
+            self._up.add(ref)
+        return status.phase == "Running"
+
+    def _wait_up(self, ref: str) -> None:
+        """Wait (bounded) until the pod's container runs: a start returns once sbatch has taken
+        the job, and a run needs the container."""
         deadline = time.monotonic() + self.start_wait_s
-        while (status := self.status(ref)).phase != "Running":
-            if status.phase in ("Gone", "Failed") or time.monotonic() > deadline:
-                raise PodError(f"the pod is not running: {status.reason}")
+        while not self._is_up(ref):
+            if time.monotonic() > deadline:
+                raise PodError(f"the pod's container did not start within {self.start_wait_s:g} s")
             time.sleep(0.1)
-        self._up.add(ref)
 
     def _exec(self, ref: str, script: str, *args: str) -> bytes:
-        """Run ``sh -c script kgpu args...`` in the pod's container; its stdout."""
+        """Run ``sh -c script kgpu args...`` in the pod's container; its stdout. Nothing while the
+        container has not started: a pod Slurm still queues has no runs, files or output."""
         _, name = self._split(ref)
-        self._wait_up(ref)
+        if not self._is_up(ref):
+            return b""
         return self._node(ref, 'n="$1"; shift; exec docker exec "$n" "$@"', name, "sh", "-c", script, "kgpu", *args)
 
     # --- pods -----------------------------------------------------------------------------
@@ -341,7 +352,8 @@ class SlurmPodBackend:
     def storage_bytes(self, ref: str) -> int | None:
         _, name = self._split(ref)
         try:
-            self._wait_up(ref)
+            if not self._is_up(ref):
+                return 0  # nothing written before the container starts
             out = self._node(ref, 'docker inspect --size --format "{{.SizeRw}}" "$1"', name)
         except PodError:
             return None
@@ -365,8 +377,9 @@ class SlurmPodBackend:
         job = self._job(job_id)
         if job is not None and job["state"] == "RUNNING":
             try:
-                self._exec(ref, TERM_ALL_SCRIPT, str(self.destroy_grace_s), RUNS_DIR)
-                lost = self._flush(ref)
+                if self._is_up(ref):
+                    self._exec(ref, TERM_ALL_SCRIPT, str(self.destroy_grace_s), RUNS_DIR)
+                    lost = self._flush(ref)
             except PodError:
                 pass  # no container (yet, or any more): cancelling is all that is left
         if job is not None:

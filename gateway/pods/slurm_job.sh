@@ -13,11 +13,14 @@ name=$SLURM_JOB_NAME
 docker=${KGPU_POD_CLI:-docker}
 work=
 
+started=
 remove() {
   "$docker" rm -f "$name" >/dev/null 2>&1
-  # A create the daemon was still finishing when TERM came lands after the first remove.
-  sleep 1
-  "$docker" rm -f "$name" >/dev/null 2>&1
+  if [ -z "$started" ]; then
+    # TERM reaches the docker CLI too: a create the daemon was still finishing lands after the first remove.
+    sleep 1
+    "$docker" rm -f "$name" >/dev/null 2>&1
+  fi
   [ -n "$work" ] && rm -rf "$work"
 }
 trap 'remove; exit 0' TERM INT HUP
@@ -47,7 +50,15 @@ n=0
 for g in ${gpus//,/ }; do
   if [ "$KGPU_POD_NVIDIA" = 1 ]; then :; else
     dev=${KGPU_POD_GPU_DEVICE_DIR//\{node\}/$SLURMD_NODENAME}/nvidia$g
-    gpu_args+=(--device "$dev:/dev/nvidia$g")
+    [ -c "$dev" ] || fail "no GPU device $dev on node $SLURMD_NODENAME"
+    if [ "$dev" = "/dev/nvidia$g" ]; then
+      gpu_args+=(--device "$dev")
+    else
+      # Elsewhere than its path in the container (the test cluster's dummy devices): a user-namespaced
+      # runc binds a --device from the host's file of the container's path, so bind it and allow it.
+      read -r major minor < <(stat -c '%t %T' "$dev")
+      gpu_args+=(--mount "type=bind,source=$dev,target=/dev/nvidia$g" --device-cgroup-rule "c $((16#$major)):$((16#$minor)) rwm")
+    fi
   fi
   visible=$visible${visible:+,}$n
   n=$((n + 1))
@@ -96,6 +107,7 @@ unset KGPU_POD_TOKEN KGPU_POD_ENV
 "$docker" start "$name" >/dev/null 2>"$work/err" || fail "could not start the container: $(tail -c 300 "$work/err")"
 
 # Live as long as the container; TERM (scancel) interrupts the wait and runs the trap.
+started=1
 "$docker" wait "$name" > "$work/code" 2>/dev/null &
 wait $!
 code=$(cat "$work/code" 2>/dev/null)

@@ -80,7 +80,11 @@ netns_down() {
 
 configure() {
   mkdir -p "$DIR"/{etc,state,log,spool/node1,spool/node2,dev/node1,dev/node2}
-  chmod 700 "$DIR"
+  # The job state (scripts, environments: pod tokens) is the controller's alone; the dummy GPU devices
+  # must be reachable by user-namespaced containers' root (an unprivileged host uid).
+  chmod 711 "$DIR"
+  chmod 700 "$DIR/state" "$DIR/spool"
+  chmod 755 "$DIR/dev" "$DIR"/dev/node*
   for f in slurm.conf gres.conf; do
     sed -e "s#@DIR@#$DIR#g" -e "s#@HOST@#$(hostname -s)#g" -e "s#@BRIDGE_IP@#$PREFIX.1#g" \
         -e "s#@PREFIX@#$PREFIX#g" -e "s#@CTLD_PORT@#$CTLD_PORT#g" -e "s#@SLURMD_PORT@#$SLURMD_PORT#g" \
@@ -88,7 +92,7 @@ configure() {
   done
   cp "$here/cgroup.conf" "$DIR/etc/"
   for node in "${NODES[@]}"; do
-    for g in 0 1; do [ -e "$DIR/dev/$node/nvidia$g" ] || mknod "$DIR/dev/$node/nvidia$g" c 1 3; done
+    for g in 0 1; do [ -e "$DIR/dev/$node/nvidia$g" ] || mknod -m 666 "$DIR/dev/$node/nvidia$g" c 1 3; done
   done
 }
 

@@ -1,0 +1,158 @@
+"""The slurm pod backend through the HTTP API, on the local two-node test cluster
+(tests/slurm/cluster.sh: node1 and node2, 2 dummy GPUs each; pods are containers on this host's
+dockerd). The conformance and hostile suites also run on slurm (the pod_backend fixture)."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+
+import docker
+import pytest
+import requests
+
+from tests.conftest import ADMIN_TOKEN, DOCKER_TEST_IMAGE, DOCKER_TEST_PREFIX, LiveServer, make_settings
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, rclone_target, slurm_cluster):
+    env = slurm_cluster.env
+    settings = make_settings(
+        tmp_path_factory.mktemp("slurm"), rclone_target,
+        pod_backend="slurm", slurm_conf=env["KGPU_SLURM_CONF"], slurm_gpu_device_dir=env["KGPU_SLURM_GPU_DEVICE_DIR"],
+        slurm_job_prefix=DOCKER_TEST_PREFIX, slurm_pull=False, default_image=DOCKER_TEST_IMAGE,
+        max_gpus_per_user=8, pod_flush_timeout_seconds=5,
+    )
+    live = LiveServer(settings).start()
+    yield live
+    backend = live.app.state.rentals.backend
+    for ref in backend.adopt().values():
+        backend.destroy(ref)
+    live.stop()
+
+
+@pytest.fixture
+def user(server) -> dict:
+    reply = requests.post(f"{server.base}/v1/admin/users", json={"email": f"u{uuid.uuid4().hex[:10]}@lab.example"},
+                          headers=ADMIN)
+    assert reply.status_code == 201, reply.text
+    return bearer(reply.json()["token"])
+
+
+def slurm(cluster, *argv: str) -> str:
+    return subprocess.run(argv, env={"PATH": "/usr/bin:/bin", "SLURM_CONF": cluster.env["KGPU_SLURM_CONF"]},
+                          capture_output=True, text=True, check=True).stdout
+
+
+def job_of(server, gpu_id: str) -> str:
+    with server.app.state.sessions() as session:
+        from gateway.models import Rental
+
+        return session.get(Rental, gpu_id).pod_ref.split("/")[0]
+
+
+def rent(server, user, **body) -> dict:
+    reply = requests.post(f"{server.base}/v1/gpus", json={"gpu_count": 1, "cpu": "1", "memory": "1Gi", **body},
+                          headers=user)
+    assert reply.status_code == 201, reply.text
+    return reply.json()
+
+
+def ready(server, user, gpu_id: str) -> dict:
+    deadline = time.monotonic() + 60
+    while True:
+        reply = requests.get(f"{server.base}/v1/gpus/{gpu_id}", headers=user)
+        assert reply.status_code == 200, reply.text
+        state = reply.json()
+        if state["ready"] or state["phase"] in ("Ended", "Failed"):
+            return state
+        assert time.monotonic() < deadline, f"never ready: {state}"
+        time.sleep(0.2)
+
+
+def give_back(server, user, gpu_id: str) -> dict:
+    reply = requests.delete(f"{server.base}/v1/gpus/{gpu_id}", headers=user)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def containers(rental_id: str) -> list:
+    client = docker.from_env()
+    try:
+        return client.containers.list(all=True, filters={"label": f"{DOCKER_TEST_PREFIX}.rental_id={rental_id}"})
+    finally:
+        client.close()
+
+
+def gone(cluster, job_id: str, rental_id: str) -> bool:
+    """No container of the rental and no live job of it (Slurm may still list it as ended)."""
+    state = slurm(cluster, "squeue", "-h", "-t", "all", f"--jobs={job_id}", "-o", "%T").strip()
+    return not containers(rental_id) and state in ("", "CANCELLED", "COMPLETED", "FAILED")
+
+
+def test_the_cluster_is_the_inventory(server):
+    nodes = requests.get(f"{server.base}/v1/gpus").json()["cluster"]
+    assert sorted((n["node"], n["gpu_total"], n["ready"]) for n in nodes) == [("node1", 2, True), ("node2", 2, True)]
+
+
+def test_four_rentals_two_per_node_and_a_fifth_finds_no_capacity(server, user, slurm_cluster):
+    rentals = [rent(server, user) for _ in range(4)]
+    try:
+        states = [ready(server, user, r["gpu_id"]) for r in rentals]
+        assert all(s["ready"] and s["phase"] == "Running" for s in states), states
+        assert sorted(s["node"] for s in states) == ["node1", "node1", "node2", "node2"]
+        # Slurm ran each job where the gateway placed it, with one of that node's GPUs.
+        for state in states:
+            job = job_of(server, state["gpu_id"])
+            assert slurm(slurm_cluster, "squeue", "-h", f"--jobs={job}", "-o", "%N %T").split() == [state["node"], "RUNNING"]
+        fifth = requests.post(f"{server.base}/v1/gpus", json={"gpu_count": 1, "cpu": "1", "memory": "1Gi"}, headers=user)
+        assert fifth.status_code == 409 and fifth.json()["error_code"] == "no_capacity", fifth.text
+        # Each pod sees only its own GPU device, numbered 0 for CUDA.
+        reply = requests.post(f"{server.base}/v1/runs", headers=user, json={
+            "gpu_id": states[0]["gpu_id"], "command": ["sh", "-c", 'ls /dev | grep -c "^nvidia"; echo "$CUDA_VISIBLE_DEVICES"'],
+            "wait_seconds": 30})
+        assert reply.status_code == 200 and reply.json()["stdout"] == "1\n0\n", reply.text
+    finally:
+        for r in rentals:
+            give_back(server, user, r["gpu_id"])
+
+
+def test_a_run_and_its_return(server, user, slurm_cluster):
+    rental = ready(server, user, rent(server, user, env={"GREETING": "hello"})["gpu_id"])
+    gpu_id, job = rental["gpu_id"], job_of(server, rental["gpu_id"])
+    reply = requests.post(f"{server.base}/v1/runs", headers=user, json={
+        "gpu_id": gpu_id, "command": ["sh", "-c", 'echo "$GREETING $WHO"; echo oops >&2; exit 3'],
+        "env": {"WHO": "line one\nline two"}, "wait_seconds": 30})
+    assert reply.status_code == 200, reply.text
+    done = reply.json()
+    assert (done["exit_code"], done["stdout"], done["stderr"]) == (3, "hello line one\nline two\n", "oops\n"), done
+    again = requests.get(f"{server.base}/v1/runs/{done['run_id']}", headers=user).json()
+    assert again["exit_code"] == 3 and again["stdout"] == done["stdout"]
+    assert containers(gpu_id)
+    ended = give_back(server, user, gpu_id)
+    assert ended["phase"] == "Ended"
+    assert gone(slurm_cluster, job, gpu_id)
+
+
+def test_a_return_right_after_the_rent_leaves_nothing(server, user, slurm_cluster):
+    for _ in range(2):
+        rental = rent(server, user)
+        job = job_of(server, rental["gpu_id"])
+        assert give_back(server, user, rental["gpu_id"])["phase"] == "Ended"
+        assert gone(slurm_cluster, job, rental["gpu_id"])
+    # ... and while its container is starting (job running, script creating it).
+    rental = rent(server, user)
+    job = job_of(server, rental["gpu_id"])
+    deadline = time.monotonic() + 30
+    while slurm(slurm_cluster, "squeue", "-h", f"--jobs={job}", "-o", "%T").strip() != "RUNNING":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    give_back(server, user, rental["gpu_id"])
+    assert gone(slurm_cluster, job, rental["gpu_id"])
