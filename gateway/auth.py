@@ -5,6 +5,11 @@ download is one redirect and the token check would otherwise be most of its
 cost. Changes made through this server's own API (revocation, status, role)
 clear the cache at once; changes made by ``kgpu admin`` in another process
 reach a running server within that many seconds.
+
+A request is authenticated once (:func:`authenticate`): the outcome, a principal or the
+refusal, stays in ``scope["state"]``, so the layer that authenticated first (the WebDAV
+dispatcher, which checks locks before a PUT reaches its route; the download fast path)
+and the route's dependency below it never look the token up twice.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from fastapi import Depends, Request
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Scope
 
 from drive.keys import user_prefix
 from gateway.errors import ApiError
@@ -128,13 +134,40 @@ class Authenticator:
         return principal
 
 
+_OUTCOME = "kgpu.authentication"  # in scope["state"]: (allow_basic, Principal or ApiError)
+
+
+def remember(scope: Scope, principal: Principal, *, allow_basic: bool) -> None:
+    """Record that this request's credentials name ``principal`` (found by a layer that read the
+    cache itself), so :func:`authenticate` does not look them up again."""
+    scope.setdefault("state", {})[_OUTCOME] = (allow_basic, principal)
+
+
+async def authenticate(scope: Scope, authorization: str | None, *, allow_basic: bool) -> Principal:
+    """The caller of this request (ApiError 401 if the credentials are not valid), looked up once
+    per request: a second call, from a layer further in, gets the first one's outcome."""
+    state = scope.setdefault("state", {})
+    known = state.get(_OUTCOME)
+    if known is not None and known[0] == allow_basic:
+        outcome = known[1]
+    else:
+        authenticator: Authenticator = scope["app"].state.authenticator
+        try:
+            token = authenticator.bearer(authorization, allow_basic=allow_basic)
+            outcome = authenticator.cached(token) or await run_in_threadpool(authenticator.lookup, token)
+        except ApiError as exc:
+            outcome = exc
+        state[_OUTCOME] = (allow_basic, outcome)
+    if isinstance(outcome, ApiError):
+        raise outcome
+    return outcome
+
+
 async def current_principal(request: Request) -> Principal:
     """Any valid token, pending users included (they may only read /v1/me)."""
-    authenticator: Authenticator = request.app.state.authenticator
     # HTTP Basic (token as password) is accepted on the drive routes, for WebDAV clients.
     drive_route = request.url.path.startswith(("/v1/files", "/v1/shared", "/v1/dav"))
-    token = authenticator.bearer(request.headers.get("authorization"), allow_basic=drive_route)
-    return authenticator.cached(token) or await run_in_threadpool(authenticator.lookup, token)
+    return await authenticate(request.scope, request.headers.get("authorization"), allow_basic=drive_route)
 
 
 async def approved_principal(request: Request) -> Principal:

@@ -65,7 +65,7 @@ from drive import dav, keys
 from drive.dav.storage import DbLockStorage, DbPropertyManager, import_sqlite_properties
 from drive.keys import InvalidPath
 from gateway import orgs
-from gateway.auth import Principal
+from gateway.auth import Principal, authenticate
 from gateway.errors import ApiError, default_code, envelope
 from gateway.models import DavLock, DavProperty
 
@@ -375,10 +375,10 @@ class DavDispatcher:
 
     @staticmethod
     async def _authenticate(scope: Scope) -> Principal | Response:
-        authenticator = scope["app"].state.authenticator
+        """The caller, or the answer that refuses them; the outcome stays with the request, so
+        the route a PUT, POST or DELETE goes on to does not authenticate it again."""
         try:
-            token = authenticator.bearer(_header(scope, b"authorization"), allow_basic=True)
-            principal = authenticator.cached(token) or await run_in_threadpool(authenticator.lookup, token)
+            principal = await authenticate(scope, _header(scope, b"authorization"), allow_basic=True)
         except ApiError as exc:
             response = envelope(exc.status, exc.error_code, exc.message)
             if exc.status == 401:

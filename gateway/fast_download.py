@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from drive import keys
 from drive.keys import InvalidPath
 from drive.store import StoreUnavailable
+from gateway.auth import remember
 
 MOUNT = b"/v1/files/"
 
@@ -55,7 +56,10 @@ class FastDownload:
         if scheme.lower() != "bearer":
             return None
         principal = self.state.authenticator.cached(token.strip())
-        if principal is None or principal.status != "approved" or principal.user_id is None:
+        if principal is None:
+            return None
+        remember(scope, principal, allow_basic=True)  # should the route answer after all: no second lookup
+        if principal.status != "approved" or principal.user_id is None:
             return None
         try:
             path = keys.from_raw_path(principal.drive_prefix, raw[len(MOUNT) :])
