@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     slurm_gpu_model: str = Field(default="gpu", pattern=r"^[A-Za-z0-9_.-]{1,100}$")
     slurm_docker_network: str = ""
     slurm_pull: bool = True
+    # This host's address on the cluster's network, where pods on the nodes reach the gateway and the
+    # embedded store (`kgpu serve` then also listens there, as for docker pods on a bridge); empty: pods
+    # are told KGPU_POD_API_BASE / the public URL, or the address the rent request came to.
+    slurm_gateway_address: str = ""
     # local backend: mount /shared and /files for each pod (kgpu-bootstrap on the host, the mounts
     # bound into the bubblewrap sandbox); needs bubblewrap, /dev/fuse and fusermount3.
     local_pod_mounts: bool = True

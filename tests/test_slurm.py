@@ -13,6 +13,11 @@ import pytest
 import requests
 
 from tests.conftest import ADMIN_TOKEN, DOCKER_TEST_IMAGE, DOCKER_TEST_PREFIX, LiveServer, make_settings
+from tests import test_pod_mounts
+from tests.test_pod_mounts import drive_bytes, ok, rent_ready
+from tests.test_serve import Served
+
+pytorch_image = test_pod_mounts.pytorch_image  # the fixture: kgpu-pytorch-test, checked fresh
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -156,3 +161,29 @@ def test_a_return_right_after_the_rent_leaves_nothing(server, user, slurm_cluste
         time.sleep(0.02)
     give_back(server, user, rental["gpu_id"])
     assert gone(slurm_cluster, job, rental["gpu_id"])
+
+
+def test_kgpu_serve_with_the_clusters_exports_mounts_and_flushes(tmp_path, slurm_cluster, pytorch_image):
+    """`kgpu serve` with what `cluster.sh up` printed: a kgpu-pytorch pod on a node mounts /files
+    from the gateway and its store at their cluster address, and its writes reach the drive on return."""
+    exports = {name: value for name, value in slurm_cluster.env.items() if name.startswith("KGPU_")}
+    served = Served(tmp_path / "data", {
+        **exports, "KGPU_DEFAULT_IMAGE": pytorch_image, "KGPU_SLURM_PULL": "false",
+        "KGPU_SLURM_JOB_PREFIX": DOCKER_TEST_PREFIX, "KGPU_POD_FLUSH_TIMEOUT_SECONDS": "20",
+    })
+    try:
+        base = served.base
+        person = requests.post(f"{base}/v1/admin/users", json={"email": "s@lab.example"},
+                               headers={"Authorization": f"Bearer {Served.admin_token}"}).json()
+        token = person["token"]
+        state = rent_ready(base, token, pytorch_image)
+        gpu = state["gpu_id"]
+        assert state["mounts"]["files"]["status"] == "mounted", state
+        api_base = ok(base, token, gpu, 'echo "$KGPU_API_BASE"; echo kept > /files/from-slurm.txt').strip()
+        assert api_base == f"http://{exports['KGPU_SLURM_GATEWAY_ADDRESS']}:{served.port}"
+        ended = requests.delete(f"{base}/v1/gpus/{gpu}", headers=bearer(token)).json()
+        assert ended["flush_error"] is None and drive_bytes(base, token, "from-slurm.txt") == b"kept\n", ended
+        assert not containers(gpu)
+    finally:
+        served.process.terminate()
+        served.process.wait(timeout=30)

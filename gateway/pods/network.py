@@ -4,7 +4,8 @@ Docker pods on a bridge network (the default) reach the host at the bridge's gat
 address (172.17.0.1 on docker's default bridge), not at 127.0.0.1. With no address
 configured, ``kgpu serve`` then also listens there, the embedded store listens there, and
 pods are told ``http://{bridge address}:{port}``. Pods on the host network, and the local
-backend, reach 127.0.0.1: nothing to do.
+backend, reach 127.0.0.1: nothing to do. Slurm pods run on other machines: they reach this
+host at its address on the cluster's network (KGPU_SLURM_GATEWAY_ADDRESS), used the same way.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def docker_bridge_address(network: str) -> str | None:
 
 def pod_host_address(settings: Settings) -> str | None:
     """The address pods must use to reach this host, where it is not 127.0.0.1."""
+    if settings.pod_backend == "slurm":  # this host's address on the cluster's network, as configured
+        return settings.slurm_gateway_address or None
     if settings.pod_backend != "docker" or settings.docker_network == "host":
         return None
     return docker_bridge_address(settings.docker_network or "bridge")
