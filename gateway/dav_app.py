@@ -62,7 +62,7 @@ from wsgidav.request_resolver import RequestResolver
 from wsgidav.wsgidav_app import WsgiDAVApp
 
 from drive import dav, keys
-from drive.dav.storage import DbLockStorage, DbPropertyManager, import_sqlite_properties
+from drive.dav.storage import DbLockManager, DbLockStorage, DbPropertyManager, import_sqlite_properties
 from drive.keys import InvalidPath
 from gateway import orgs
 from gateway.auth import Principal, authenticate
@@ -116,6 +116,7 @@ OLD_PROPERTIES_FILE = "webdav.sqlite3"  # where servers before migration 0008 ke
 def build_wsgidav(sessions: sessionmaker, data_dir: Path) -> tuple[Callable, WsgiDAVApp]:
     """The wsgidav WSGI application for both mount points, wrapped to hand it the request's drive."""
     properties = DbPropertyManager(sessions, DavProperty.__table__)
+    locks = DbLockStorage(sessions, DavLock.__table__)
     imported = import_sqlite_properties(Path(data_dir) / OLD_PROPERTIES_FILE, properties)
     if imported:
         log.info("imported %d WebDAV dead properties from %s", imported, OLD_PROPERTIES_FILE)
@@ -129,7 +130,7 @@ def build_wsgidav(sessions: sessionmaker, data_dir: Path) -> tuple[Callable, Wsg
         # Not in the stack; set so wsgidav does not warn about Basic without TLS (TLS ends before us).
         "http_authenticator": {"accept_basic": False, "accept_digest": False, "default_to_digest": False},
         "property_manager": properties,
-        "lock_storage": DbLockStorage(sessions, DavLock.__table__),
+        "lock_storage": locks,
         "verbose": 1,
         "logging": {"enable": False},
         "suppress_version_info": True,
@@ -145,6 +146,9 @@ def build_wsgidav(sessions: sessionmaker, data_dir: Path) -> tuple[Callable, Wsg
         },
     }
     application = WsgiDAVApp(config)
+    application.lock_manager = DbLockManager(locks)  # wsgidav has no option for its lock manager's class
+    for provider in application.provider_map.values():
+        provider.set_lock_manager(application.lock_manager)
 
     def wsgi(environ: dict, start_response):
         context: dav.DavContext = environ["asgi.scope"][dav.ENVIRON_KEY]

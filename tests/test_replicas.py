@@ -165,6 +165,14 @@ def test_webdav_locks_and_properties_are_shared_by_replicas(tmp_path, postgres_u
         assert requests.request("UNLOCK", b, headers={**auth, "Lock-Token": lock_token}).status_code == 204
         assert requests.put(a, data=b"v3", headers=auth).status_code == 200
         assert requests.get(b, headers=auth).content == b"v3"
+
+        def lock(i):  # the same file, at once, through both
+            url = (a, b)[i % 2]
+            return requests.request("LOCK", url, data=LOCK_BODY, headers={**auth, "Timeout": "Second-600"}, timeout=60)
+
+        with ThreadPoolExecutor(12) as pool:
+            statuses = sorted(reply.status_code for reply in pool.map(lock, range(12)))
+        assert statuses == [200] + [423] * 11, statuses
     finally:
         for server in (first, second):
             server.process.terminate()

@@ -31,7 +31,7 @@ from drive.dav.context import ENVIRON_KEY, SHARED, DavContext, store_errors
 from drive.dav.listings import LISTING_TTL, ListingCache, invalidate_listing, listing_cache
 from drive.dav.provider import ObjectStoreProvider
 from drive.dav.resources import FileResource, FolderResource, SharedRoot
-from drive.dav.storage import DbLockStorage, DbPropertyManager
+from drive.dav.storage import DbLockManager, DbLockStorage, DbPropertyManager
 
 __all__ = [
     "ENVIRON_KEY",
@@ -39,6 +39,7 @@ __all__ = [
     "SHARED",
     "BodyWriter",
     "DavContext",
+    "DbLockManager",
     "DbLockStorage",
     "DbPropertyManager",
     "FileResource",

@@ -14,18 +14,22 @@ from __future__ import annotations
 import pickle
 import sqlite3
 import time
+from contextlib import contextmanager
+from typing import Iterator
 from pathlib import Path
 from urllib.parse import unquote
 
-from sqlalchemy import Table, delete, or_, select, update
+from sqlalchemy import Table, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 from wsgidav.dav_provider import DAVProvider
-from wsgidav.lock_man.lock_manager import generate_lock_token, normalize_lock_root, validate_lock
+from wsgidav.lock_man.lock_manager import LockManager, generate_lock_token, normalize_lock_root, validate_lock
 from wsgidav.lock_man.lock_storage import LockStorageDict
 from wsgidav.prop_man.property_manager import PropertyManager
 
 from drive.dav.context import EXTRAS_KEY, listed_without
+
+_GRANTING_KEY = 0x6B677075_64617601  # the PostgreSQL advisory lock held while a LOCK is granted
 
 
 def _at_or_under(column, url: str):
@@ -139,6 +143,16 @@ class DbPropertyManager(PropertyManager):
                 )
 
 
+class DbLockManager(LockManager):
+    """wsgidav's lock manager, whose conflict check and grant of a LOCK are one step across every
+    gateway on the database (wsgidav holds a lock of its process only): on PostgreSQL they run
+    under a transaction-scoped advisory lock; on SQLite, which one host serves, wsgidav's own."""
+
+    def acquire(self, **request):
+        with self.storage.granting():
+            return super().acquire(**request)
+
+
 class DbLockStorage(LockStorageDict):
     """wsgidav's lock storage over the table ``dav_locks`` (one row a lock; ``root`` is the
     locked URL, ``expire`` the time it runs out in seconds since the epoch, as wsgidav has it)."""
@@ -161,6 +175,14 @@ class DbLockStorage(LockStorageDict):
 
     def _flush(self):
         pass
+
+    @contextmanager
+    def granting(self) -> Iterator[None]:
+        """Held while a LOCK is checked and granted: one at a time across PostgreSQL clients."""
+        with self._sessions.begin() as session:
+            if session.get_bind().dialect.name == "postgresql":
+                session.execute(select(func.pg_advisory_xact_lock(_GRANTING_KEY)))
+            yield
 
     def _live(self):
         expire = self._table.c.expire
