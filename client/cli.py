@@ -124,7 +124,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     p = add("run", "run a command on a rental, streaming its output; exits with its exit code")
     p.add_argument("gpu_id")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS…] (run as an argv, not a shell)")
+    p.add_argument("command", nargs="*", help="-- COMMAND [ARGS…] (an argv, not a shell line)")
     p.add_argument("--name")
     p.add_argument("--env", action="append", metavar="NAME=VALUE")
     p.set_defaults(func=_with_session(_run))
@@ -140,6 +140,17 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_with_session(lambda s, a: gpus.give_back(s, a.gpu_id)))
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args``, except that ``kgpu run GPU [OPTIONS] -- COMMAND…`` keeps COMMAND whole:
+    argparse's subcommands mishandle ``--`` followed by options of their own (``bash -c``)."""
+    if argv[:1] == ["run"] and "--" in argv:
+        cut = argv.index("--")
+        args = parser.parse_args(argv[:cut])
+        args.command = argv[cut + 1:]
+        return args
+    return parser.parse_args(argv)
+
+
 def _rent(session: Session, args: argparse.Namespace) -> int:
     fields = {name: getattr(args, name) for name in
               ("name", "gpu_count", "gpu_model", "image", "duration_hours", "cpu", "memory", "ephemeral_storage_gib")}
@@ -150,5 +161,4 @@ def _rent(session: Session, args: argparse.Namespace) -> int:
 
 
 def _run(session: Session, args: argparse.Namespace) -> int:
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    return gpus.run(session, args.gpu_id, command, args.name, gpus.parse_env(args.env))
+    return gpus.run(session, args.gpu_id, args.command, args.name, gpus.parse_env(args.env))

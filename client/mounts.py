@@ -51,21 +51,23 @@ def mount(session: Session, localdir: str, target: str) -> int:
     socket, log = state / f"{key}.sock", state / f"{key}.log"
     socket.unlink(missing_ok=True)
     # rclone mounts even when the server refuses the token: ask first, for a clear error.
-    probe = rclone.run(session.login, ["lsf", f"{rclone.REMOTE}:{remote.path}", "--max-depth", "1",
+    probe = rclone.run(session.login, ["mkdir" if remote.path else "lsf", f"{rclone.REMOTE}:{remote.path}",
                                        "--retries", "1", "--low-level-retries", "1"])
     if probe.returncode != 0:
-        raise ApiError(0, "mount_failed", f"cannot list {remote}: " + "; ".join(probe.errors[-2:]))
-    done = subprocess.run(
-        rclone.argv("mount", f"{rclone.REMOTE}:{remote.path}", str(mountpoint), "--vfs-cache-mode", "writes",
-                    "--vfs-write-back", WRITE_BACK, "--rc", "--rc-addr", f"unix://{socket}", "--rc-no-auth",
-                    "--log-file", str(log), "--log-level", "NOTICE", "--daemon", "--daemon-wait", "30s"),
-        env=rclone.environment(session.login), stdin=subprocess.DEVNULL, capture_output=True, text=True,
-    )
+        raise ApiError(0, "mount_failed", f"cannot reach {remote}: " + "; ".join(probe.errors[-2:]))
+    # The daemon must not hold a pipe of ours: its output goes to the log file.
+    with open(log, "ab") as log_file:
+        done = subprocess.run(
+            rclone.argv("mount", f"{rclone.REMOTE}:{remote.path}", str(mountpoint), "--vfs-cache-mode", "writes",
+                        "--vfs-write-back", WRITE_BACK, "--rc", "--rc-addr", f"unix://{socket}", "--rc-no-auth",
+                        "--log-file", str(log), "--log-level", "NOTICE", "--daemon", "--daemon-wait", "30s"),
+            env=rclone.environment(session.login), stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+        )
     deadline = time.monotonic() + 10
     while done.returncode == 0 and not os.path.ismount(mountpoint) and time.monotonic() < deadline:
         time.sleep(0.1)
     if done.returncode != 0 or not os.path.ismount(mountpoint):
-        why = (done.stderr.strip() or _tail(log)).splitlines()[-3:]
+        why = _tail(log).splitlines()[-3:]
         raise ApiError(0, "mount_failed", f"rclone mount failed: {' '.join(why)}")
     record = {"mountpoint": str(mountpoint), "remote": str(remote), "socket": str(socket), "log": str(log)}
     _record_path(mountpoint).write_text(json.dumps(record))
@@ -100,11 +102,13 @@ def unmount(session: Session | None, localdir: str, timeout: float, as_json: boo
     return 0
 
 
-def _rc(socket: str, command: str, params: dict | None = None) -> dict:
+def _rc(socket: str, command: str, params: dict | None = None, check: bool = True) -> dict:
     args = ["rc", "--unix-socket", socket, command]
     if params is not None:
         args += ["--json", json.dumps(params)]
     done = subprocess.run(rclone.argv(*args), capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+    if done.returncode != 0 and not check:
+        return {}
     if done.returncode != 0:
         raise UnmountFailed(f"rclone's remote control ({socket}) did not answer: {done.stderr.strip()[-300:]}")
     return json.loads(done.stdout or "{}")
@@ -124,7 +128,8 @@ def _drain(socket: str, timeout: float) -> list[str]:
             empty = 0
             for item in queue:
                 if item["id"] not in hurried:
-                    _rc(socket, "vfs/queue-set-expiry", {"id": item["id"], "expiry": 0})
+                    # Upload it now; it may have left the queue since we read it.
+                    _rc(socket, "vfs/queue-set-expiry", {"id": item["id"], "expiry": 0}, check=False)
                     hurried.add(item["id"])
         if time.monotonic() > deadline:
             return [item["name"] for item in queue]

@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = client_cli.parse_args(build_parser(), sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except ApiError as exc:

@@ -1,0 +1,353 @@
+"""The researcher's ``kgpu`` client, end to end against a live server.
+
+Every command runs as its own process (``python -m gateway.cli``, what the ``kgpu`` entry
+point runs), with a config directory of its own and no ``KGPU_*`` or ``RCLONE_*`` variable
+from this environment, against the ``rclone-sqlite`` stack (embedded ``rclone serve s3``,
+which checks presigned signatures; SQLite; the ``local`` pod backend). Transfers go through
+the bundled rclone against the WebDAV endpoint, as they do for a researcher.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.test_docs_examples import bash_blocks, run_doc
+
+pytestmark = pytest.mark.parametrize("stack", ["rclone-sqlite"], indirect=True)
+
+
+class Kgpu:
+    """``kgpu`` as a researcher runs it: its own config and state folders, the server in its login."""
+
+    def __init__(self, home: Path, env: dict[str, str] | None = None):
+        self.home = home
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("KGPU_", "RCLONE_"))}
+        self.env.update(XDG_CONFIG_HOME=str(home / "config"), XDG_STATE_HOME=str(home / "state"), **(env or {}))
+
+    def __call__(self, *args: str, stdin: str | None = None, cwd: Path | None = None, env=None, timeout=300):
+        return subprocess.run(
+            [sys.executable, "-m", "gateway.cli", *args], input=stdin, capture_output=True, text=True,
+            cwd=cwd or self.home, env={**self.env, **(env or {})}, timeout=timeout,
+            **({} if stdin is not None else {"stdin": subprocess.DEVNULL}),
+        )
+
+    def json(self, *args: str, **kwargs):
+        done = self(*args, "--json", **kwargs)
+        assert done.returncode == 0, (args, done.returncode, done.stdout, done.stderr)
+        return json.loads(done.stdout)
+
+    def popen(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, cwd=self.home, env=self.env,
+        )
+
+
+@pytest.fixture
+def kgpu(stack, user, tmp_path) -> Kgpu:
+    """A client logged in as ``user``."""
+    client = Kgpu(tmp_path)
+    done = client("login", "--base-url", stack.base, stdin=user.token + "\n")
+    assert done.returncode == 0, done.stderr
+    return client
+
+
+def make_tree(root: Path) -> dict[str, bytes]:
+    files = {
+        "a.txt": b"epoch,loss\n1,0.9\n",
+        "sub/b.bin": os.urandom(3_000_000),
+        "sub/deeper/c d.txt": b"a name with a space\n",
+        "sub/empty.txt": b"",
+    }
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return files
+
+
+def tree_of(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def drive_files(stack, user, prefix: str) -> dict[str, int]:
+    listing = requests.get(f"{stack.base}/v1/files", params={"prefix": prefix}, headers=user.auth).json()
+    return {f["path"][len(prefix):]: f["size"] for f in listing["files"]}
+
+
+# ---------------------------------------------------------------- login
+
+
+def test_login_keeps_the_token_in_a_file_only_its_owner_reads(stack, user, tmp_path):
+    client = Kgpu(tmp_path)
+    not_yet = client("ls")
+    assert not_yet.returncode == 3 and "kgpu login" in not_yet.stderr
+
+    refused = client("login", "--base-url", stack.base, stdin="kgpu_" + "0" * 48 + "\n")
+    assert refused.returncode == 1 and refused.stderr.strip(), refused.stderr
+    config = tmp_path / "config" / "kgpu" / "config.json"
+    assert not config.exists()
+
+    done = client("login", "--base-url", stack.base + "/v1/", "--json", stdin=user.token + "\n")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["me"]["user"]["email"] == user.email
+    assert config.stat().st_mode & 0o777 == 0o600
+    assert json.loads(config.read_text()) == {"base_url": stack.base, "token": user.token}
+    assert user.token not in done.stdout + done.stderr
+
+    # The environment overrides the file: a revoked token there is refused with the server's message.
+    other = stack.new_user()
+    assert client.json("ls", env={"KGPU_API_TOKEN": other.token})["entries"] == []
+    bad = client("gpus", env={"KGPU_API_TOKEN": "kgpu_" + "1" * 48})
+    assert bad.returncode == 1 and "token" in bad.stderr.lower()
+
+    assert client("logout").returncode == 0 and not config.exists()
+    assert client("gpus").returncode == 3
+
+
+def test_login_takes_the_token_from_the_environment(stack, user, tmp_path):
+    client = Kgpu(tmp_path, {"KGPU_API_TOKEN": user.token, "KGPU_API_BASE": stack.base})
+    done = client("login")
+    assert done.returncode == 0, done.stderr
+    saved = json.loads((tmp_path / "config" / "kgpu" / "config.json").read_text())
+    assert saved == {"base_url": stack.base, "token": user.token}
+
+
+# ---------------------------------------------------------------- the drive
+
+
+def test_cp_ls_sync_mv_rm_round_trips(stack, user, kgpu, tmp_path):
+    local = tmp_path / "exp42"
+    files = make_tree(local)
+
+    up = kgpu.json("cp", "-r", str(local), "kgpu:exp42", "-j", "4")
+    assert up["files"] == len(files) and up["bytes"] == sum(map(len, files.values()))
+    assert drive_files(stack, user, "exp42/") == {name: len(data) for name, data in files.items()}
+
+    listing = kgpu.json("ls", "kgpu:exp42")
+    assert {(e["path"], e["type"]) for e in listing["entries"]} == {("a.txt", "file"), ("sub/", "dir")}
+    everything = kgpu.json("ls", "-R", "kgpu:exp42")["entries"]
+    assert {e["path"]: e["size"] for e in everything if e["type"] == "file"} == {n: len(d) for n, d in files.items()}
+    human = kgpu("ls", "kgpu:exp42/sub")
+    assert human.returncode == 0 and "b.bin" in human.stdout and "deeper/" in human.stdout
+
+    down = tmp_path / "back"
+    kgpu.json("cp", "-r", "kgpu:exp42", str(down))
+    assert tree_of(down) == files
+
+    # One file: into a folder (like cp), to a new name, and back.
+    kgpu.json("cp", str(local / "a.txt"), "kgpu:exp42/sub/")
+    kgpu.json("cp", str(local / "sub" / "b.bin"), "kgpu:single/weights.bin")
+    kgpu.json("cp", "kgpu:single/weights.bin", str(tmp_path / "weights.copy"))
+    assert (tmp_path / "weights.copy").read_bytes() == files["sub/b.bin"]
+    assert drive_files(stack, user, "exp42/sub/")["a.txt"] == len(files["a.txt"])
+
+    # sync: a second run moves nothing; a change is sent, a removal deleted.
+    first = kgpu.json("sync", str(local), "kgpu:synced")
+    assert first["files"] == len(files)
+    again = kgpu.json("sync", str(local), "kgpu:synced")
+    assert (again["files"], again["bytes"], again["deleted"]) == (0, 0, 0)
+    (local / "a.txt").write_bytes(b"epoch,loss\n1,0.9\n2,0.4\n")
+    (local / "sub" / "empty.txt").unlink()
+    changed = kgpu.json("sync", str(local), "kgpu:synced")
+    assert (changed["files"], changed["deleted"]) == (1, 1)
+    got = requests.get(f"{stack.base}/v1/files/synced/a.txt", headers=user.auth)
+    assert got.content == b"epoch,loss\n1,0.9\n2,0.4\n"
+    assert "sub/empty.txt" not in drive_files(stack, user, "synced/")
+
+    # mv: a folder, server-side, then a file back out to this machine.
+    kgpu.json("mv", "kgpu:synced", "kgpu:moved")
+    assert drive_files(stack, user, "synced/") == {}
+    assert drive_files(stack, user, "moved/")["sub/b.bin"] == len(files["sub/b.bin"])
+    kgpu.json("mv", "kgpu:moved/sub/b.bin", str(tmp_path / "moved.bin"))
+    assert (tmp_path / "moved.bin").read_bytes() == files["sub/b.bin"]
+    assert "sub/b.bin" not in drive_files(stack, user, "moved/")
+
+    # rm: a file, then a folder (which needs -r).
+    assert kgpu.json("rm", "kgpu:moved/a.txt")["files"] == 1
+    folder = kgpu("rm", "kgpu:moved")
+    assert folder.returncode == 2 and "-r" in folder.stderr
+    assert kgpu.json("rm", "-r", "kgpu:moved")["files"] >= 1
+    assert drive_files(stack, user, "moved/") == {}
+
+
+def test_errors_have_exit_codes_and_messages(stack, user, kgpu, tmp_path):
+    missing = kgpu("cp", "kgpu:no/such/file.bin", str(tmp_path / "x"))
+    assert missing.returncode == 1 and "no file or folder kgpu:no/such/file.bin" in missing.stderr
+    gone = kgpu("rm", "kgpu:no/such/file.bin", "--json")
+    assert gone.returncode == 1 and json.loads(gone.stderr)["error_code"] == "not_found"
+    assert kgpu("cp", "a", "b").returncode == 2  # neither side in the drive
+    assert kgpu("cp", str(tmp_path), "kgpu:x").returncode == 2  # a folder without -r
+    assert kgpu("sync", str(tmp_path), "kgpu:").returncode == 2  # never the drive's root
+    assert kgpu("frobnicate").returncode == 2
+    refused = kgpu("rm", "-r", "kgpu:")
+    assert refused.returncode == 2
+    # An API refusal: its envelope's message on stderr, exit code 1.
+    nope = kgpu("return", "gpu-000000000000", "--json")
+    assert nope.returncode == 1
+    envelope = json.loads(nope.stderr)
+    assert envelope["error_code"] == "gpu_not_found" and "gpu-000000000000" in envelope["message"]
+    bad = kgpu("rent", "--name", "Not_DNS_Safe")
+    assert bad.returncode == 1 and "DNS-safe" in bad.stderr
+    unreachable = kgpu("gpus", env={"KGPU_API_BASE": "http://127.0.0.1:9"})
+    assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr
+
+
+def test_shared_drives_read_write_by_role(stack, user, kgpu, tmp_path):
+    slug = "lab-" + uuid.uuid4().hex[:8]
+    made = requests.post(f"{stack.base}/v1/admin/orgs", json={"slug": slug, "owner_user_id": user.id},
+                         headers=stack.admin)
+    assert made.status_code == 201, made.text
+    local = tmp_path / "dataset"
+    files = make_tree(local)
+
+    up = kgpu.json("cp", "-r", str(local), f"kgpu:shared/{slug}/datasets/v1")
+    assert up["files"] == len(files)
+    orgs = kgpu.json("ls", "kgpu:shared")["entries"]
+    assert f"{slug}/" in {e["path"] for e in orgs}
+    listed = kgpu.json("ls", "-R", f"kgpu:shared/{slug}/datasets")["entries"]
+    assert {e["path"] for e in listed if e["type"] == "file"} == {f"v1/{n}" for n in files}
+    down = tmp_path / "down"
+    kgpu.json("cp", "-r", f"kgpu:shared/{slug}/datasets/v1", str(down))
+    assert tree_of(down) == files
+    # The WebDAV view of a shared drive is read-only: sync and mv into it are refused here.
+    assert kgpu("sync", str(local), f"kgpu:shared/{slug}/x").returncode == 2
+
+    member = stack.new_user()
+    added = requests.post(f"{stack.base}/v1/admin/orgs/{slug}/members", json={"user_id": member.id, "role": "member"},
+                          headers=stack.admin)
+    assert added.status_code == 200, added.text
+    reader = Kgpu(tmp_path / "member", {"KGPU_API_BASE": stack.base, "KGPU_API_TOKEN": member.token})
+    (tmp_path / "member").mkdir()
+    assert reader.json("ls", f"kgpu:shared/{slug}/datasets/v1")["entries"]
+    refused = reader("cp", str(local / "a.txt"), f"kgpu:shared/{slug}/mine.txt", "--json")
+    assert refused.returncode == 1 and json.loads(refused.stderr)["error_code"] == "read_only"
+
+    assert kgpu.json("rm", "-r", f"kgpu:shared/{slug}/datasets")["files"] == len(files)
+    assert kgpu.json("ls", "-R", f"kgpu:shared/{slug}")["entries"] == []
+
+
+def _rclone_argvs_of(home: Path) -> list[list[str]]:
+    """The command lines of the rclone processes running now with ``home`` in them."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = [a.decode(errors="replace") for a in argv if a]
+        if text and Path(text[0]).name == "rclone" and any(str(home) in a for a in text):
+            found.append(text)
+    return found
+
+
+@pytest.mark.skipif(not (Path("/dev/fuse").exists() and shutil.which("fusermount3")), reason="needs FUSE (fuse3)")
+def test_mount_unmount_waits_for_uploads_and_keeps_the_token_off_command_lines(stack, user, kgpu, tmp_path):
+    mountpoint = tmp_path / "drive"
+    mounted = kgpu.json("mount", str(mountpoint), "kgpu:laptop")
+    assert mounted["mountpoint"] == str(mountpoint)
+    try:
+        argvs = _rclone_argvs_of(tmp_path)
+        assert argvs and any("mount" in a for a in argvs), argvs
+        assert not any(user.token in arg for argv in argvs for arg in argv)
+        written = {f"f{i}.bin": os.urandom(200_000 + i) for i in range(12)}
+        for name, data in written.items():
+            (mountpoint / name).write_bytes(data)
+        done = kgpu.json("unmount", str(mountpoint))
+        assert done["uploads_drained"] is True
+    finally:
+        if os.path.ismount(mountpoint):
+            subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=False)
+    assert not os.path.ismount(mountpoint)
+    # Unmounted at once after the last write, and still every file is in the drive, byte for byte.
+    assert drive_files(stack, user, "laptop/") == {n: len(d) for n, d in written.items()}
+    for name, data in written.items():
+        assert requests.get(f"{stack.base}/v1/files/laptop/{name}", headers=user.auth).content == data
+
+
+def test_transfers_never_put_the_token_on_a_command_line(stack, user, kgpu, tmp_path):
+    """While a transfer runs, no rclone it started has the token in its argv (every user's ps shows it)."""
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(24):
+        (big / f"{i}.bin").write_bytes(os.urandom(4 << 20))
+    copying = kgpu.popen("cp", "-r", str(big), "kgpu:big", "-j", "1", "--json")
+    seen: list[list[str]] = []
+    while copying.poll() is None:
+        seen += _rclone_argvs_of(tmp_path)
+        time.sleep(0.01)
+    out, err = copying.communicate()
+    assert copying.returncode == 0, err
+    assert seen, "never saw the rclone of the copy running"
+    assert not any(user.token in arg for argv in seen for arg in argv)
+    assert json.loads(out)["files"] == 24
+
+
+# ---------------------------------------------------------------- rentals and runs
+
+
+def test_rent_run_stream_exit_code_and_return(stack, user, kgpu):
+    rental = kgpu.json("rent", "--name", "cli-test")
+    gpu = rental["gpu_id"]
+    assert rental["ready"] is True and rental["phase"] == "Running"
+    try:
+        mine = kgpu.json("gpus")
+        assert [g["gpu_id"] for g in mine["my_gpus"]] == [gpu]
+
+        done = kgpu("run", gpu, "--", "bash", "-c", "echo one; echo two >&2; echo three; exit 4")
+        assert done.returncode == 4, done.stderr
+        assert done.stdout == "one\nthree\n"
+        assert "two\n" in done.stderr
+
+        streamed = kgpu("run", gpu, "--json", "--", "sh", "-c", "echo hi; echo there >&2")
+        assert streamed.returncode == 0, streamed.stderr
+        events = [json.loads(line) for line in streamed.stdout.splitlines()]
+        assert events[:-1] == [{"type": "stdout", "chunk": "hi\n"}, {"type": "stderr", "chunk": "there\n"}]
+        run_id = events[-1]["run_id"]
+        assert events[-1]["exit_code"] == 0
+
+        logs = kgpu("logs", gpu, run_id)
+        assert logs.returncode == 0 and logs.stdout == "hi\n" and "there" in logs.stderr
+
+        # Live: the first line arrives while the run is still going.
+        live = kgpu.popen("run", gpu, "--", "bash", "-c", "echo started; sleep 600")
+        assert live.stdout.readline() == "started\n"
+        state = requests.get(f"{stack.base}/v1/runs", params={"gpu_id": gpu}, headers=user.auth).json()
+        assert any(r["phase"] == "Running" for r in state["runs"])
+        # Ctrl-C without a terminal stops the run; the run's exit code (143, SIGTERM) is ours.
+        live.send_signal(signal.SIGINT)
+        out, err = live.communicate(timeout=60)
+        assert live.returncode == 143, err
+        state = requests.get(f"{stack.base}/v1/runs", params={"gpu_id": gpu}, headers=user.auth).json()
+        assert not any(r["phase"] == "Running" for r in state["runs"])
+    finally:
+        returned = kgpu.json("return", gpu)
+    assert returned["phase"] == "Ended" and returned["end_reason"] == "returned"
+    after = kgpu("run", gpu, "--json", "--", "true")
+    assert after.returncode == 1
+
+
+# ---------------------------------------------------------------- docs/client.md
+
+
+def test_client_guide_examples(stack, user, tmp_path):
+    result, workdir = run_doc("client.md", tmp_path, {"KGPU_API_BASE": stack.base, "KGPU_API_TOKEN": user.token})
+    out = result.stdout
+    assert bash_blocks("client.md")
+    assert "second sync: 0 files" in out
+    assert "run exit code: 3" in out
+    assert (workdir / "config" / "kgpu" / "config.json").stat().st_mode & 0o777 == 0o600
+    assert drive_files(stack, user, "exp42/")["results.csv"] == (workdir / "exp42" / "results.csv").stat().st_size
+    assert requests.get(f"{stack.base}/v1/gpus", headers=user.auth).json()["my_gpus"] == []
