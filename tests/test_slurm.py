@@ -102,9 +102,57 @@ def gone(cluster, job_id: str, rental_id: str) -> bool:
     return not containers(rental_id) and state in ("", "CANCELLED", "COMPLETED", "FAILED")
 
 
-def test_the_cluster_is_the_inventory(server):
+def nodes_seen(server) -> list[tuple]:
     nodes = requests.get(f"{server.base}/v1/gpus").json()["cluster"]
-    assert sorted((n["node"], n["gpu_total"], n["ready"]) for n in nodes) == [("node1", 2, True), ("node2", 2, True)]
+    return sorted((n["node"], n["gpu_total"], n["ready"]) for n in nodes)
+
+
+def test_the_cluster_is_the_inventory(server, user, slurm_cluster):
+    assert nodes_seen(server) == [("node1", 2, True), ("node2", 2, True)]
+    slurm(slurm_cluster, "scontrol", "update", "NodeName=node2", "State=DRAIN", "Reason=kgpu-test")
+    try:
+        deadline = time.monotonic() + 10
+        while nodes_seen(server) != [("node1", 2, True), ("node2", 2, False)]:
+            assert time.monotonic() < deadline, nodes_seen(server)
+            time.sleep(0.2)
+        rentals = [rent(server, user) for _ in range(2)]
+        try:  # a drained node takes nothing: the third finds no capacity
+            assert [r["node"] for r in rentals] == ["node1", "node1"]
+            third = requests.post(f"{server.base}/v1/gpus", json={"gpu_count": 1, "cpu": "1", "memory": "1Gi"}, headers=user)
+            assert third.status_code == 409 and third.json()["error_code"] == "no_capacity", third.text
+        finally:
+            for r in rentals:
+                give_back(server, user, r["gpu_id"])
+    finally:
+        slurm(slurm_cluster, "scontrol", "update", "NodeName=node2", "State=RESUME")
+    deadline = time.monotonic() + 10
+    while nodes_seen(server) != [("node1", 2, True), ("node2", 2, True)]:
+        assert time.monotonic() < deadline, nodes_seen(server)
+        time.sleep(0.2)
+
+
+def test_a_job_slurm_keeps_pending_is_a_pending_rental(server, user, slurm_cluster):
+    """Another workload holds node1's GPUs (the gateway does not know): a rental placed there
+    waits in Slurm's queue as Pending, and starts when they free."""
+    other = slurm(slurm_cluster, "sbatch", "--parsable", "--gres=gpu:2", "--nodelist=node1", "--output=/dev/null",
+                  "--wrap", "sleep 300").strip()
+    try:
+        deadline = time.monotonic() + 30
+        while slurm(slurm_cluster, "squeue", "-h", f"--jobs={other}", "-o", "%T").strip() != "RUNNING":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        rental = rent(server, user)
+        assert rental["node"] == "node1"
+        time.sleep(1)  # a scheduler pass
+        state = requests.get(f"{server.base}/v1/gpus/{rental['gpu_id']}", headers=user).json()
+        assert state["phase"] == "Pending" and not state["ready"] and "pending in Slurm" in state["pending_reason"], state
+        assert requests.get(f"{server.base}/v1/gpus/{rental['gpu_id']}", headers=user).json()["runs"] == []
+    finally:
+        slurm(slurm_cluster, "scancel", other)
+    try:
+        assert ready(server, user, rental["gpu_id"])["phase"] == "Running"
+    finally:
+        give_back(server, user, rental["gpu_id"])
 
 
 def test_four_rentals_two_per_node_and_a_fifth_finds_no_capacity(server, user, slurm_cluster):

@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 
 JOB_SCRIPT = Path(__file__).parent / "slurm_job.sh"
 MiB = 1 << 20
+# A job's time limit is the rental's duration and this: the gateway returns an expired rental
+# (runs TERMed, /files flushed) before Slurm kills the job.
+TIME_LIMIT_SLACK_MINUTES = 10
 # Job states in which the job (and so its container) may still exist.
 LIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "SUSPENDED", "COMPLETING", "RESIZING", "REQUEUED"}
 # Node states (sinfo %T, without its suffix flags) in which a node takes work.
@@ -302,8 +305,8 @@ class SlurmPodBackend:
         ]
         if spec.gpu_indices:
             argv.append(f"--gres=gpu:{len(spec.gpu_indices)}")
-        if spec.duration_hours:
-            argv.append(f"--time={math.ceil(spec.duration_hours * 60)}")
+        if spec.duration_hours:  # with room for the gateway's own expiry, which flushes /files first
+            argv.append(f"--time={math.ceil(spec.duration_hours * 60) + TIME_LIMIT_SLACK_MINUTES}")
         if spec.node:
             argv.append(f"--nodelist={spec.node}")
         if self.partition:
