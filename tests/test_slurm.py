@@ -4,6 +4,8 @@ dockerd). The conformance and hostile suites also run on slurm (the pod_backend 
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 import uuid
@@ -12,6 +14,7 @@ import docker
 import pytest
 import requests
 
+from gateway.pods import PodSpec
 from tests.conftest import ADMIN_TOKEN, DOCKER_TEST_IMAGE, DOCKER_TEST_PREFIX, LiveServer, make_settings
 from tests import test_pod_mounts
 from tests.test_pod_mounts import drive_bytes, ok, rent_ready
@@ -235,3 +238,22 @@ def test_kgpu_serve_with_the_clusters_exports_mounts_and_flushes(tmp_path, slurm
     finally:
         served.process.terminate()
         served.process.wait(timeout=30)
+
+
+def test_a_restarted_gateway_finds_its_pods_and_their_runs(slurm_cluster):
+    """The srun that started a run dies with its gateway; the run lives on in the container, and
+    a new backend (a restarted gateway) finds the pod in squeue and reads the run through srun."""
+    first = slurm_cluster.backend()
+    spec = PodSpec("gpu-" + uuid.uuid4().hex[:10], DOCKER_TEST_IMAGE, [0], 1, 256 << 20, 1, node="node2")
+    ref = first.start(spec)
+    try:
+        first.start_run(ref, "run-long", ["sh", "-c", "echo before; sleep 2; echo after; exit 4"], {})
+        os.killpg(first._runs[(ref, "run-long")].pid, signal.SIGKILL)  # the gateway's srun is gone
+        restarted = slurm_cluster.backend()
+        assert restarted.adopt()[spec.rental_id] == ref
+        state = restarted.wait_run(ref, "run-long", 20, 1000)
+        assert (state.exit_code, state.stdout) == (4, b"before\nafter\n"), state
+        assert restarted.run_ids(ref) == ["run-long"]
+    finally:
+        first.destroy(ref)
+    assert spec.rental_id not in first.adopt() and not containers(spec.rental_id)
