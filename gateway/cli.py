@@ -9,14 +9,10 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import select
-
 from client import cli as client_cli
-from gateway import db, tokens, users
-from gateway.errors import ApiError
-from gateway.models import ApiToken, User, utcnow
-from gateway.pods.network import pod_host_address
-from gateway.settings import Settings
+
+# The server's modules take about a second to import: only `serve` and `admin` load them, so that
+# the researcher's commands (client.cli) start at once.
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -25,6 +21,8 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.pods.network import pod_host_address
+    from gateway.settings import Settings
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "data_dir": args.data_dir}.items() if v}
     settings = Settings(**overrides)
@@ -42,6 +40,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _sessions(args: argparse.Namespace):
+    from gateway import db
+    from gateway.settings import Settings
+
     settings = Settings(**({"data_dir": args.data_dir} if args.data_dir else {}))
     url = settings.resolved_database_url
     db.migrate(url)
@@ -53,6 +54,8 @@ def _print(obj) -> None:
 
 
 def _user_create(args) -> int:
+    from gateway import tokens, users
+
     settings, sessions = _sessions(args)
     new = users.NewUser(email=args.email, name=args.name, role=args.role, status=args.status, credits=args.credits)
     with sessions.begin() as session:
@@ -66,6 +69,11 @@ def _user_create(args) -> int:
 
 
 def _user_list(args) -> int:
+    from sqlalchemy import select
+
+    from gateway import users
+    from gateway.models import User
+
     _, sessions = _sessions(args)
     with sessions() as session:
         _print({"users": [users.describe(u) for u in session.scalars(select(User).order_by(User.id))]})
@@ -73,6 +81,8 @@ def _user_list(args) -> int:
 
 
 def _user_set(args) -> int:
+    from gateway import users
+
     _, sessions = _sessions(args)
     with sessions.begin() as session:
         user = users.find(session, args.user)
@@ -82,6 +92,9 @@ def _user_set(args) -> int:
 
 
 def _token_issue(args) -> int:
+    from gateway import tokens, users
+    from gateway.models import utcnow
+
     _, sessions = _sessions(args)
     expires = utcnow() + timedelta(days=args.expires_days) if args.expires_days else None
     with sessions.begin() as session:
@@ -94,6 +107,9 @@ def _token_issue(args) -> int:
 
 
 def _token_revoke(args) -> int:
+    from gateway import tokens
+    from gateway.errors import ApiError
+
     _, sessions = _sessions(args)
     with sessions.begin() as session:
         if not tokens.revoke(session, args.token_id):
@@ -103,6 +119,11 @@ def _token_revoke(args) -> int:
 
 
 def _token_list(args) -> int:
+    from sqlalchemy import select
+
+    from gateway import tokens, users
+    from gateway.models import ApiToken
+
     _, sessions = _sessions(args)
     with sessions() as session:
         query = select(ApiToken).order_by(ApiToken.id)
@@ -162,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = client_cli.parse_args(build_parser(), sys.argv[1:] if argv is None else argv)
+    if args.command not in ("serve", "admin"):
+        return args.func(args)  # client.cli reports its own errors
+    from gateway.errors import ApiError
+
     try:
         return args.func(args)
     except ApiError as exc:
