@@ -8,6 +8,8 @@ import hashlib
 import os
 import uuid
 import xml.etree.ElementTree as ET
+from contextlib import contextmanager
+from typing import Iterator
 from urllib.parse import quote, unquote
 
 import pytest
@@ -239,6 +241,34 @@ def test_lock_and_unlock(stack, user):
     assert reply.status_code == 201
     assert requests.head(f"{base}/new-locked.txt", headers=user.auth).headers["Content-Length"] == "0"
     assert dav("UNLOCK", f"{base}/new-locked.txt", user, headers={"Lock-Token": reply.headers["Lock-Token"]}).status_code == 204
+
+
+@contextmanager
+def statements_on(stack, *tables: str) -> Iterator[list[str]]:
+    """The SQL statements the server under test sends about ``tables`` while the block runs."""
+    from sqlalchemy import event
+
+    statements: list[str] = []
+    engine = stack.server.app.state.sessions.kw["bind"]
+
+    def noting(conn, cursor, statement, parameters, context, executemany):
+        if any(table in statement for table in tables):
+            statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", noting)
+    try:
+        yield statements
+    finally:
+        event.remove(engine, "before_cursor_execute", noting)
+
+
+def test_a_write_where_nothing_is_locked_asks_the_lock_table_once(stack, user):
+    with statements_on(stack, "dav_locks") as queries:
+        put(stack, user, "deep/er/still/f.txt", b"x")  # HTTP PUT: the dispatcher checks locks first
+        assert len(queries) == 1, queries  # not one per folder above it
+        queries.clear()
+        assert dav("PUT", f"{stack.base}/v1/dav/deep/er/still/g.txt", user, data=b"y").status_code == 201
+        assert len(queries) == 2, queries  # wsgidav checks the folder that gets the file, then the file
 
 
 def test_a_lock_whose_time_ran_out_is_ignored_and_swept(stack, user):
@@ -529,8 +559,6 @@ def test_listing_cache_is_bounded_and_skips_listings_that_raced_a_write():
 
 
 def test_propfind_reads_properties_and_locks_once_per_folder(stack, user):
-    from sqlalchemy import event
-
     base = f"{stack.base}/v1/files"
     for n in range(20):
         put(stack, user, f"props/f{n:02d}.txt", b"x")
@@ -542,18 +570,8 @@ def test_propfind_reads_properties_and_locks_once_per_folder(stack, user):
     lock = EXCLUSIVE_LOCK
     reply = dav("LOCK", f"{base}/props/f07.txt", user, data=lock, headers={"Timeout": "Second-600"})
     assert reply.status_code == 200
-    queries = []
-    engine = stack.server.app.state.sessions.kw["bind"]
-
-    def counting(conn, cursor, statement, parameters, context, executemany):
-        if "dav_properties" in statement or "dav_locks" in statement:
-            queries.append(statement)
-
-    event.listen(engine, "before_cursor_execute", counting)
-    try:
+    with statements_on(stack, "dav_properties", "dav_locks") as queries:
         listing = propfind(f"{base}/props/", user)
-    finally:
-        event.remove(engine, "before_cursor_execute", counting)
     assert len(listing) == 21
     assert 2 <= len(queries) < 20, queries  # the folder's two range queries, not two per member
     assert listing["/v1/files/props/f03.txt"]["{urn:kgpu:test}color"].text == "red"

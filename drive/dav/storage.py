@@ -22,6 +22,7 @@ from urllib.parse import unquote
 from sqlalchemy import Table, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
+from wsgidav.dav_error import PRECONDITION_CODE_LockConflict, DAVErrorCondition
 from wsgidav.dav_provider import DAVProvider
 from wsgidav.lock_man.lock_manager import LockManager, generate_lock_token, normalize_lock_root, validate_lock
 from wsgidav.lock_man.lock_storage import LockStorageDict
@@ -152,6 +153,13 @@ class DbLockManager(LockManager):
         with self.storage.granting():
             return super().acquire(**request)
 
+    def _get_write_conflicts(self, url, depth, token_list, principal):
+        # wsgidav asks for the locks of the URL and of each folder above it, one query each, on
+        # every write (the HTTP PUT, POST and DELETE of /v1/files/ too); most paths have none.
+        if not self.storage.any_on_path(url, under=depth == "infinity"):
+            return DAVErrorCondition(PRECONDITION_CODE_LockConflict)
+        return super()._get_write_conflicts(url, depth, token_list, principal)
+
 
 class DbLockStorage(LockStorageDict):
     """wsgidav's lock storage over the table ``dav_locks`` (one row a lock; ``root`` is the
@@ -262,6 +270,18 @@ class DbLockStorage(LockStorageDict):
             rows = session.execute(self._select().where(or_(*wanted), self._live())).all()
         locks = [self._as_lock(row) for row in rows]
         return [lock["token"] for lock in locks] if token_only else locks
+
+    def any_on_path(self, url: str, *, under: bool) -> bool:
+        """Whether a live lock is on ``url``, on a folder above it, or (``under``) below it: one query."""
+        t = self._table
+        root = normalize_lock_root(url)
+        segments = root.strip("/").split("/")
+        above = ["/"] + ["/" + "/".join(segments[:n]) for n in range(1, len(segments) + 1)]
+        where = t.c.root.in_(above)
+        if under:
+            where = or_(where, _at_or_under(t.c.root, root))
+        with self._sessions() as session:
+            return session.execute(select(t.c.token).where(where, self._live()).limit(1)).first() is not None
 
     def roots_under(self, url: str) -> list[str]:
         """Unquoted, without a trailing slash: the locked URLs at or under ``url``."""
