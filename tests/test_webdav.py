@@ -271,6 +271,33 @@ def test_a_write_where_nothing_is_locked_asks_the_lock_table_once(stack, user):
         assert len(queries) == 2, queries  # wsgidav checks the folder that gets the file, then the file
 
 
+def test_properties_and_locks_on_the_longest_path_a_drive_takes(stack, user):
+    """Keys are at most 1,024 bytes; quoted, as properties and locks are keyed, about three times that."""
+    import random
+
+    prefix = f"users/{user.id}/"
+    rng = random.Random(7)
+    segments, room = [], 1024 - len(prefix.encode())
+    while room > 4:
+        name = "".join(chr(rng.randrange(0x4E00, 0x9FFF)) for _ in range(min(84, (room - 1) // 3)))
+        segments.append(name)
+        room -= len(name.encode()) + 1
+    rel = "/".join(segments)
+    assert 1000 < len((prefix + rel).encode()) <= 1024
+    put(stack, user, rel, b"deep")
+    url = f"{stack.base}/v1/files/" + quote(rel)
+    patch = (
+        b'<?xml version="1.0"?><D:propertyupdate xmlns:D="DAV:" xmlns:K="urn:kgpu:test">'
+        b"<D:set><D:prop><K:note>long</K:note></D:prop></D:set></D:propertyupdate>"
+    )
+    assert dav("PROPPATCH", url, user, data=patch).status_code == 207
+    reply = dav("LOCK", url, user, data=EXCLUSIVE_LOCK)
+    assert reply.status_code == 200, reply.text
+    props = next(iter(propfind(url, user, "0").values()))
+    assert props["{urn:kgpu:test}note"].text == "long" and props[f"{D}lockdiscovery"].find(f"{D}activelock") is not None
+    assert dav("UNLOCK", url, user, headers={"Lock-Token": reply.headers["Lock-Token"]}).status_code == 204
+
+
 def test_a_lock_whose_time_ran_out_is_ignored_and_swept(stack, user):
     from sqlalchemy import text
 
