@@ -29,13 +29,13 @@ def http_path(remote: Remote, folder: bool = False) -> str:
 
 
 def is_file(session: Session, remote: Remote) -> bool:
-    if not remote.path or remote.folder_hint or remote.path == "shared" or (remote.in_shared and not remote.shared_path):
+    if remote.is_root or remote.folder_hint:
         return False
     return session.api.head(http_path(remote)) is not None
 
 
 def is_folder(session: Session, remote: Remote) -> bool:
-    if not remote.path or remote.path == "shared" or (remote.in_shared and not remote.shared_path):
+    if remote.is_root:
         return True
     try:
         session.api.call("GET", http_path(remote, folder=True), params={"json": 1})
@@ -178,7 +178,7 @@ def _rclone_failure(verb: str, outcome: rclone.Outcome) -> str:
 
 def rm(session: Session, target: str, recursive: bool) -> int:
     remote = parse_remote(target)
-    if remote.path in ("", "shared") or (remote.in_shared and not remote.shared_path):
+    if remote.is_root:
         raise UsageError(f"refusing to delete {remote}: name a file or folder inside it")
     if is_file(session, remote):
         deleted = session.api.delete(http_path(remote))

@@ -28,6 +28,11 @@ class Remote:
         return self.path == "shared" or self.path.startswith("shared/")
 
     @property
+    def is_root(self) -> bool:
+        """My drive's root, ``shared`` (the orgs) or an org's root: folders that always exist."""
+        return not self.path or self.path == "shared" or (self.in_shared and not self.shared_path)
+
+    @property
     def shared_path(self) -> str:
         """The path inside the org's shared drive (``shared/ORG/a/b`` → ``a/b``)."""
         return "/".join(self.path.split("/")[2:])

@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""Benchmark of ``kgpu cp -r`` against ``rclone copy``, on 127.0.0.1 only.
+
+Starts its own ``kgpu serve`` (embedded ``rclone serve s3``, SQLite, a temporary data
+directory), makes a user through the admin API and logs a client in (a config directory of its
+own), writes a tree of ``--files`` (64) random files of ``--file-mib`` (16) MiB, then, for
+``--rounds`` (3) rounds, the two alternated:
+
+  up    ``kgpu cp -r TREE kgpu:up-N -j J``  vs  ``rclone copy TREE :webdav:up-N --transfers J``
+  down  ``kgpu cp -r kgpu:src LOCAL -j J``  vs  ``rclone copy :webdav:src LOCAL --transfers J``
+
+rclone runs the way the WebDAV guide says (``--webdav-vendor other``, the Bearer header in its
+environment) with the same parallelism (``--transfers J --checkers max(8, J)``), against the same
+server. Each upload goes to a fresh folder (deleted after the round), each download into an empty
+folder; wall time includes process start-up (what a user waits for). Prints MiB/s per round, the
+medians and the ratio kgpu/rclone (goal >= 0.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import files_bench as fb  # noqa: E402  (same folder: its server and helper code)
+
+MiB = fb.MiB
+
+
+def make_tree(root: Path, files: int, file_mib: int) -> int:
+    root.mkdir(parents=True)
+    block = os.urandom(MiB)
+    for i in range(files):
+        sub = root / f"shard-{i % 4}"
+        sub.mkdir(exist_ok=True)
+        with open(sub / f"part-{i:03d}.bin", "wb") as f:
+            for j in range(file_mib):
+                f.write(block[j:] + block[:j] + i.to_bytes(4, "big"))  # every file different
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def timed(command: list[str], env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{command[:3]} exited {done.returncode}: {done.stderr[-2000:]}")
+    return elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--files", type=int, default=64)
+    parser.add_argument("--file-mib", type=int, default=16)
+    parser.add_argument("--transfers", "-j", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="kgpu-client-bench-"))
+    admin_token = "bench-" + secrets.token_hex(8)
+    server = None
+    try:
+        port = fb.free_port()
+        server = fb.start_kgpu(work / "data", port, admin_token, work, 0)
+        base = f"http://{fb.HOST}:{port}"
+        token = fb.http_json("POST", f"{base}/v1/admin/users", admin_token, {"email": "bench-client@example.org"})["token"]
+        tree = work / "tree"
+        total = make_tree(tree, args.files, args.file_mib)
+        fb.log(f"tree: {args.files} files x {args.file_mib} MiB = {total / MiB:.0f} MiB; -j {args.transfers}")
+
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("KGPU_", "RCLONE_"))}
+        kgpu_env = {**clean, "XDG_CONFIG_HOME": str(work / "config"), "XDG_STATE_HOME": str(work / "state")}
+        kgpu = str(fb.VENV_BIN / "kgpu")
+        login = subprocess.run([kgpu, "login", "--base-url", base], input=token + "\n", env=kgpu_env,
+                               capture_output=True, text=True)
+        if login.returncode != 0:
+            raise RuntimeError(f"kgpu login: {login.stderr}")
+        rclone_env = {**clean, "RCLONE_WEBDAV_HEADERS": f"Authorization,Bearer {token}"}
+        rclone = [fb.rclone_binary(), "--config", os.devnull]
+        dav = ["--webdav-url", f"{base}/v1/files/", "--webdav-vendor", "other"]
+        parallel = ["--transfers", str(args.transfers), "--checkers", str(max(8, args.transfers))]
+        j = ["-j", str(args.transfers)]
+
+        # The source of the downloads, uploaded once.
+        timed([kgpu, "cp", "-r", str(tree), "kgpu:src", *j], kgpu_env)
+
+        results: dict[str, list[float]] = {k: [] for k in ("up kgpu", "up rclone", "down kgpu", "down rclone")}
+        for n in range(args.rounds):
+            order = ("kgpu", "rclone") if n % 2 == 0 else ("rclone", "kgpu")
+            for who in order:
+                folder = f"up-{who}-{n}"
+                if who == "kgpu":
+                    seconds = timed([kgpu, "cp", "-r", str(tree), f"kgpu:{folder}", *j], kgpu_env)
+                else:
+                    seconds = timed([*rclone, "copy", str(tree), f":webdav:{folder}", *dav, *parallel], rclone_env)
+                results[f"up {who}"].append(total / MiB / seconds)
+                timed([kgpu, "rm", "-r", f"kgpu:{folder}"], kgpu_env)
+            for who in order:
+                target = work / f"down-{who}-{n}"
+                if who == "kgpu":
+                    seconds = timed([kgpu, "cp", "-r", "kgpu:src", str(target), *j], kgpu_env)
+                else:
+                    seconds = timed([*rclone, "copy", ":webdav:src", str(target), *dav, *parallel], rclone_env)
+                results[f"down {who}"].append(total / MiB / seconds)
+                shutil.rmtree(target)
+            fb.log("round %d: " % n + ", ".join(f"{k} {v[-1]:.0f} MiB/s" for k, v in results.items()))
+
+        print(f"\nkgpu cp -r vs rclone copy: {args.files} x {args.file_mib} MiB ({total / MiB:.0f} MiB), "
+              f"-j {args.transfers}, {args.rounds} rounds, medians")
+        for direction in ("up", "down"):
+            mine, theirs = statistics.median(results[f"{direction} kgpu"]), statistics.median(results[f"{direction} rclone"])
+            verdict = "ok" if mine / theirs >= 0.9 else "BELOW GOAL"
+            print(f"  {direction:4}  kgpu {mine:7.1f} MiB/s   rclone {theirs:7.1f} MiB/s   ratio {mine / theirs:.2f} "
+                  f"(goal >= 0.9: {verdict})")
+        return 0
+    finally:
+        if server is not None:
+            server.stop()
+        if args.keep:
+            fb.log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
