@@ -65,6 +65,8 @@ MiB = 1 << 20
 TIME_LIMIT_SLACK_MINUTES = 10
 # Job states in which the job (and so its container) may still exist.
 LIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "SUSPENDED", "COMPLETING", "RESIZING", "REQUEUED"}
+# How status() begins its reason when it could not find out (Slurm or the node did not answer).
+UNREACHABLE = ("Slurm did not answer", "cannot reach the pod's node")
 # Node states (sinfo %T, without its suffix flags) in which a node takes work.
 READY_NODE_STATES = {"idle", "mixed", "allocated", "completing", "planned"}
 # A run's env inside the pod: "NAME:BASE64 ..." in KGPU_RUN_ENV, exported one by one (any value,
@@ -228,14 +230,17 @@ class SlurmPodBackend:
                            f"{done.stderr.decode(errors='replace').strip()[-300:]}")
         return done.stdout
 
-    def _is_up(self, ref: str) -> bool:
+    def _is_up(self, ref: str, *, patient: bool = False) -> bool:
         """Whether the pod's container runs (False while Slurm queues the job or the node starts
-        it); PodError once the job has ended."""
+        it); PodError once the job has ended, or when Slurm or the node does not answer (unless
+        ``patient``: then that is "not yet")."""
         if ref in self._up:
             return True
         status = self.status(ref)
         if status.phase in ("Gone", "Failed"):
             raise PodError(f"the pod is not running: {status.reason}")
+        if not patient and (status.reason or "").startswith(UNREACHABLE):  # not known to be starting
+            raise PodError(status.reason)
         if status.phase == "Running":
             self._up.add(ref)
         return status.phase == "Running"
@@ -244,7 +249,7 @@ class SlurmPodBackend:
         """Wait (bounded) until the pod's container runs: a start returns once sbatch has taken
         the job, and a run needs the container."""
         deadline = time.monotonic() + self.start_wait_s
-        while not self._is_up(ref):
+        while not self._is_up(ref, patient=True):
             if time.monotonic() > deadline:
                 raise PodError(f"the pod's container did not start within {self.start_wait_s:g} s")
             time.sleep(0.1)
@@ -326,7 +331,7 @@ class SlurmPodBackend:
         try:
             job = self._job(job_id)
         except PodError as exc:
-            return PodStatus("Pending", False, f"Slurm did not answer: {exc}")
+            return PodStatus("Pending", False, f"{UNREACHABLE[0]}: {exc}")
         if job is None:
             return PodStatus("Gone", False, f"job {job_id} is gone")
         state = job["state"]
@@ -341,7 +346,7 @@ class SlurmPodBackend:
         try:
             out = self._node(ref, _NODE_STATUS_SCRIPT, name, self.prefix, READ_STATUS_SCRIPT, STATUS_PATH)
         except PodError as exc:
-            return PodStatus("Pending", False, f"cannot reach the pod's node: {exc}")
+            return PodStatus("Pending", False, f"{UNREACHABLE[1]}: {exc}")
         head, _, report = out.decode(errors="replace").partition("\n")
         parts = head.split()
         if not parts or parts[0] == "missing":

@@ -10,7 +10,7 @@
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin  # --export=LIST passes none
 set -u
 name=$SLURM_JOB_NAME
-docker=${KGPU_POD_CLI:-docker}
+docker=docker
 work=
 
 started=
