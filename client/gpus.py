@@ -143,9 +143,12 @@ def _interrupted(session: Session, gpu_id: str, run_id: str, ask: bool) -> int:
     """Ctrl-C: with a terminal, ask; without one (a script, an agent), stop the run."""
     stop = True
     if ask and sys.stdin.isatty() and not session.as_json:
+        # The question goes to stderr: stdout carries the run's own output.
+        sys.stderr.write(f"\nkgpu: stop {run_id}? [S]top / [d]etach (it keeps running): ")
+        sys.stderr.flush()
         try:
-            answer = input(f"\nkgpu: stop {run_id}? [S]top / [d]etach (it keeps running): ").strip().lower()
-        except (EOFError, KeyboardInterrupt):
+            answer = sys.stdin.readline().strip().lower()
+        except KeyboardInterrupt:
             answer = "s"
         stop = not answer.startswith("d")
     if not stop:

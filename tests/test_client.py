@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import shutil
 import signal
 import subprocess
@@ -237,9 +239,9 @@ def test_shared_drives_read_write_by_role(stack, user, kgpu, tmp_path):
     assert kgpu.json("ls", "-R", f"kgpu:shared/{slug}")["entries"] == []
 
 
-def _rclone_argvs_of(home: Path) -> list[list[str]]:
-    """The command lines of the rclone processes running now with ``home`` in them."""
-    found = []
+def _rclone_processes_of(home: Path) -> dict[int, list[str]]:
+    """pid → command line of the rclone processes running now with ``home`` in their arguments."""
+    found = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -249,8 +251,21 @@ def _rclone_argvs_of(home: Path) -> list[list[str]]:
             continue
         text = [a.decode(errors="replace") for a in argv if a]
         if text and Path(text[0]).name == "rclone" and any(str(home) in a for a in text):
-            found.append(text)
+            found[int(proc.name)] = text
     return found
+
+
+def _rclone_argvs_of(home: Path) -> list[list[str]]:
+    return list(_rclone_processes_of(home).values())
+
+
+def _rclone_pids_of(home: Path) -> list[int]:
+    return list(_rclone_processes_of(home))
+
+
+def _environ_of(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode(errors="replace").partition("=")[::2] for item in raw if b"=" in item)
 
 
 @pytest.mark.skipif(not (Path("/dev/fuse").exists() and shutil.which("fusermount3")), reason="needs FUSE (fuse3)")
@@ -262,6 +277,9 @@ def test_mount_unmount_waits_for_uploads_and_keeps_the_token_off_command_lines(s
         argvs = _rclone_argvs_of(tmp_path)
         assert argvs and any("mount" in a for a in argvs), argvs
         assert not any(user.token in arg for argv in argvs for arg in argv)
+        # It has the token in its environment instead, which only its owner can read.
+        environs = [_environ_of(pid) for pid in _rclone_pids_of(tmp_path)]
+        assert any(f"Authorization,Bearer {user.token}" in e.get("RCLONE_CONFIG_KGPU_HEADERS", "") for e in environs)
         written = {f"f{i}.bin": os.urandom(200_000 + i) for i in range(12)}
         for name, data in written.items():
             (mountpoint / name).write_bytes(data)
@@ -293,6 +311,44 @@ def test_transfers_never_put_the_token_on_a_command_line(stack, user, kgpu, tmp_
     assert seen, "never saw the rclone of the copy running"
     assert not any(user.token in arg for argv in seen for arg in argv)
     assert json.loads(out)["files"] == 24
+
+
+def _read_until(fd: int, wanted: bytes, timeout: float = 60) -> bytes:
+    """What a pseudo-terminal's master side reads until ``wanted`` shows up (or the child is gone)."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while wanted not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # the child closed its side
+                break
+            if not chunk:
+                break
+            seen += chunk
+    return seen
+
+
+def test_progress_bar_on_a_terminal(stack, user, kgpu, tmp_path):
+    """With stderr on a terminal, cp draws a progress bar from rclone's stats; piped, it does not."""
+    (tmp_path / "up").mkdir()
+    for i in range(4):
+        (tmp_path / "up" / f"{i}.bin").write_bytes(os.urandom(1 << 20))
+    master, slave = pty.openpty()
+    try:
+        copying = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "cp", "-r", str(tmp_path / "up"), "kgpu:bar"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, cwd=tmp_path, env=kgpu.env,
+        )
+        os.close(slave)
+        drawn = _read_until(master, b"100.0%")
+        assert copying.wait(timeout=120) == 0
+    finally:
+        os.close(master)
+    assert b"[" + b"#" * 30 + b"] 100.0%" in drawn and b"4/4 files" in drawn, drawn
+    piped = kgpu("cp", "-r", str(tmp_path / "up"), "kgpu:bar2")
+    assert piped.returncode == 0 and "#" not in piped.stderr
 
 
 # ---------------------------------------------------------------- rentals and runs
@@ -332,6 +388,34 @@ def test_rent_run_stream_exit_code_and_return(stack, user, kgpu):
         assert live.returncode == 143, err
         state = requests.get(f"{stack.base}/v1/runs", params={"gpu_id": gpu}, headers=user.auth).json()
         assert not any(r["phase"] == "Running" for r in state["runs"])
+
+        # On a terminal, Ctrl-C asks; "d" detaches and the run goes on; kgpu logs -f follows it to its end.
+        master, slave = pty.openpty()
+        try:
+            asked = subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "run", gpu, "--",
+                 "bash", "-c", "echo started; until [ -e go.flag ]; do sleep 0.2; done; echo finished; exit 7"],
+                stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=kgpu.home, env=kgpu.env,
+            )
+            os.close(slave)
+            assert asked.stdout.readline() == "started\n"
+            asked.send_signal(signal.SIGINT)
+            os.write(master, b"d\n")
+            out, err = asked.communicate(timeout=60)
+        finally:
+            os.close(master)
+        assert asked.returncode == 0, err
+        assert "[S]top / [d]etach" in err and "detached" in err
+        run_id = err.split("kgpu logs ")[-1].split()[1]
+        state = requests.get(f"{stack.base}/v1/runs/{run_id}", headers=user.auth).json()
+        assert state["phase"] == "Running"
+        follower = kgpu.popen("logs", gpu, run_id, "--follow")
+        assert follower.stdout.readline() == "started\n"
+        go = kgpu("run", gpu, "--", "touch", "go.flag")
+        assert go.returncode == 0, go.stderr
+        out, err = follower.communicate(timeout=60)
+        assert follower.returncode == 0 and out == "finished\n", (out, err)
+        assert requests.get(f"{stack.base}/v1/runs/{run_id}", headers=user.auth).json()["exit_code"] == 7
     finally:
         returned = kgpu.json("return", gpu)
     assert returned["phase"] == "Ended" and returned["end_reason"] == "returned"
