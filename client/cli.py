@@ -103,7 +103,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p = add("unmount", "wait until every write is uploaded, then unmount LOCALDIR")
     p.add_argument("localdir")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for uploads (default 600)")
-    p.set_defaults(func=_guarded(lambda a: mounts.unmount(None, a.localdir, a.timeout, a.json)))
+    p.add_argument("--force", action="store_true",
+                   help="unmount without waiting for uploads (when rclone is gone); queued writes are lost")
+    p.set_defaults(func=_guarded(lambda a: mounts.unmount(a.localdir, a.timeout, a.force, a.json)))
 
     p = add("gpus", "the cluster's GPUs, prices, your balance and rentals")
     p.set_defaults(func=_with_session(lambda s, a: gpus.gpus(s)))

@@ -79,26 +79,29 @@ def mount(session: Session, localdir: str, target: str) -> int:
     return 0
 
 
-def unmount(session: Session | None, localdir: str, timeout: float, as_json: bool) -> int:
+def unmount(localdir: str, timeout: float, force: bool, as_json: bool) -> int:
+    """Drain rclone's upload queue, then unmount; ``force``: unmount without waiting (a dead rclone)."""
     mountpoint = Path(localdir).resolve()
     record_path = _record_path(mountpoint)
     if not record_path.is_file():
         raise UsageError(f"{mountpoint} was not mounted by kgpu mount")
     record = json.loads(record_path.read_text())
     started = time.monotonic()
-    if os.path.ismount(mountpoint):
+    drained = not force
+    if os.path.ismount(mountpoint) and not force:
         waiting = _drain(record["socket"], timeout)
         if waiting:
             raise UnmountFailed(f"not uploaded within {timeout:.0f} s: {', '.join(waiting)}; "
                                 f"{mountpoint} is still mounted (see {record['log']})")
-        _unmount(mountpoint)
+    if os.path.ismount(mountpoint):
+        _unmount(mountpoint, lazy=force)
     record_path.unlink(missing_ok=True)
     Path(record["socket"]).unlink(missing_ok=True)
-    result = {"mountpoint": str(mountpoint), "uploads_drained": True, "seconds": round(time.monotonic() - started, 3)}
+    result = {"mountpoint": str(mountpoint), "uploads_drained": drained, "seconds": round(time.monotonic() - started, 3)}
     if as_json:
         emit_json(result)
     else:
-        print(f"every write uploaded; unmounted {mountpoint}")
+        print(f"{'every write uploaded; ' if drained else ''}unmounted {mountpoint}")
     return 0
 
 
@@ -136,8 +139,11 @@ def _drain(socket: str, timeout: float) -> list[str]:
         time.sleep(0.25)
 
 
-def _unmount(mountpoint: Path) -> None:
-    tools = [["fusermount3", "-u"], ["fusermount", "-u"]] if sys.platform.startswith("linux") else [["umount"]]
+def _unmount(mountpoint: Path, lazy: bool = False) -> None:
+    if sys.platform.startswith("linux"):
+        tools = [["fusermount3", "-uz" if lazy else "-u"], ["fusermount", "-uz" if lazy else "-u"]]
+    else:
+        tools = [["umount", "-f"] if lazy else ["umount"]]
     for tool in tools:
         if shutil.which(tool[0]) and subprocess.run([*tool, str(mountpoint)], capture_output=True).returncode == 0:
             break

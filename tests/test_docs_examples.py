@@ -34,6 +34,7 @@ ALLOWED_VARIABLES = {
     "my-drive.md": {"KGPU_API_BASE", "KGPU_API_TOKEN"},
     "admin.md": {"KGPU_API_BASE", "KGPU_ADMIN_TOKEN"},
     "configuration.md": set(),
+    "client.md": {"KGPU_API_BASE", "KGPU_API_TOKEN"},  # its examples run in tests/test_client.py
 }
 TOKEN = re.compile(r"^kgpu_[0-9a-f]{48}$")
 
