@@ -14,7 +14,7 @@ import docker
 import pytest
 import requests
 
-from gateway.pods import PodSpec
+from gateway.pods import PodSpec, PodStartError
 from tests.conftest import ADMIN_TOKEN, DOCKER_TEST_IMAGE, DOCKER_TEST_PREFIX, LiveServer, make_settings
 from tests import test_pod_mounts
 from tests.test_pod_mounts import drive_bytes, ok, rent_ready
@@ -257,3 +257,18 @@ def test_a_restarted_gateway_finds_its_pods_and_their_runs(slurm_cluster):
     finally:
         first.destroy(ref)
     assert spec.rental_id not in first.adopt() and not containers(spec.rental_id)
+
+
+def test_a_pod_that_cannot_start_says_why(slurm_cluster):
+    backend = slurm_cluster.backend()
+    ref = backend.start(PodSpec("gpu-" + uuid.uuid4().hex[:10], "kgpu-missing:latest", [], 1, 256 << 20, 1))
+    try:
+        deadline = time.monotonic() + 30
+        while (status := backend.status(ref)).phase not in ("Gone", "Failed"):
+            assert time.monotonic() < deadline, status
+            time.sleep(0.1)
+        assert status.phase == "Failed" and "kgpu-missing:latest is not on node" in status.reason, status
+    finally:
+        backend.destroy(ref)
+    with pytest.raises(PodStartError, match="line breaks"):
+        backend.start(PodSpec("gpu-" + uuid.uuid4().hex[:10], DOCKER_TEST_IMAGE, [], 1, 256 << 20, 1, {"A": "x\ny"}))

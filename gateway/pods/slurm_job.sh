@@ -37,9 +37,11 @@ work=$(mktemp -d) || fail "no temporary folder on $SLURMD_NODENAME"
 image=$KGPU_POD_IMAGE
 prefix=$KGPU_POD_PREFIX
 
-if ! "$docker" image inspect "$image" >/dev/null 2>&1; then
+entrypoint() { "$docker" image inspect --format '{{json .Config.Entrypoint}}' "$image" 2>/dev/null; }
+if ! entrypoint=$(entrypoint); then
   [ "$KGPU_POD_PULL" = 1 ] || fail "image $image is not on node $SLURMD_NODENAME (pulling is off)"
   "$docker" pull -q "$image" >/dev/null 2>"$work/pull" || fail "could not pull $image: $(tail -c 300 "$work/pull")"
+  entrypoint=$(entrypoint)
 fi
 
 # Only the job's GPUs (Slurm's indices on this node), numbered from 0 inside the container.
@@ -84,7 +86,6 @@ elif [[ $security == *name=userns* ]]; then
 else
   args+=(--label "$prefix.fuse=no-userns")
 fi
-entrypoint=$("$docker" image inspect --format '{{json .Config.Entrypoint}}' "$image" 2>/dev/null)
 if [[ $entrypoint =~ (^|[\"/])$KGPU_POD_BOOTSTRAP_NAME\" ]]; then
   args+=(--label "$prefix.bootstrap=true")
   cmd=("$image")
