@@ -446,7 +446,8 @@ def test_dead_properties_of_an_older_servers_sqlite_file_are_imported_once(stack
     """Servers before migration 0008 kept dead properties in {data_dir}/webdav.sqlite3 (ref URL ->
     pickled {name: XML}); the first WebDAV request imports them and renames the file."""
     import pickle
-    import sqlite3
+    import subprocess
+    import sys
 
     settings = stack.settings.model_copy(update={"data_dir": tmp_path})
     server = LiveServer(settings).start()
@@ -454,17 +455,27 @@ def test_dead_properties_of_an_older_servers_sqlite_file_are_imported_once(stack
         reply = requests.post(f"{server.base}/v1/admin/users", json={"email": "old@lab.example"}, headers=stack.admin)
         account = Account(reply.json()["user"]["id"], "old@lab.example", reply.json()["token"], server.base)
         old = tmp_path / "webdav.sqlite3"
-        with sqlite3.connect(old) as conn:
-            conn.execute("CREATE TABLE dav_properties (k TEXT PRIMARY KEY, v BLOB NOT NULL)")
-            conn.execute("CREATE TABLE dav_locks (k TEXT PRIMARY KEY, v BLOB NOT NULL)")
-            value = pickle.dumps({"{urn:k}x": b'<ns0:x xmlns:ns0="urn:k">old</ns0:x>'})
-            conn.execute("INSERT INTO dav_properties VALUES (?, ?)", (f"/users/{account.id}/kept%20file.txt", value))
-        conn.close()
+        value = pickle.dumps({"{urn:k}x": b'<ns0:x xmlns:ns0="urn:k">old</ns0:x>'})
+        script = (  # as the old server left it: in WAL mode, its log not yet checkpointed (it never closed it)
+            "import os, sqlite3, sys\n"
+            "conn = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "conn.execute('PRAGMA journal_mode=WAL')\n"
+            "conn.execute('CREATE TABLE dav_properties (k TEXT PRIMARY KEY, v BLOB NOT NULL)')\n"
+            "conn.execute('CREATE TABLE dav_locks (k TEXT PRIMARY KEY, v BLOB NOT NULL)')\n"
+            "conn.execute('INSERT INTO dav_properties VALUES (?, ?)', (sys.argv[2], bytes.fromhex(sys.argv[3])))\n"
+            "os._exit(0)\n"
+        )
+        subprocess.run(
+            [sys.executable, "-c", script, str(old), f"/users/{account.id}/kept%20file.txt", value.hex()], check=True
+        )
+        assert (tmp_path / "webdav.sqlite3-wal").exists()
         base = f"{server.base}/v1/files"
         assert requests.put(f"{base}/kept%20file.txt", data=b"k", headers=account.auth).status_code == 201
         props = propfind(f"{base}/kept%20file.txt", account, "0")["/v1/files/kept%20file.txt"]
         assert props["{urn:k}x"].text == "old"
-        assert not old.exists() and (tmp_path / "webdav.sqlite3.imported").exists()
+        assert sorted(p.name for p in tmp_path.glob("webdav.sqlite3*")) == [
+            "webdav.sqlite3.imported", "webdav.sqlite3.imported-shm", "webdav.sqlite3.imported-wal"
+        ]
     finally:
         server.stop()
 

@@ -297,7 +297,10 @@ def import_sqlite_properties(path: Path, properties: DbPropertyManager) -> int:
     the file is then renamed ``*.imported``. Its locks are not kept (they expire anyway)."""
     if not path.exists():
         return 0
-    connection = sqlite3.connect(str(path))
+    try:
+        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)  # never creates it
+    except sqlite3.OperationalError:
+        return 0  # another process of this data directory imported it a moment ago
     try:
         rows = connection.execute("SELECT k, v FROM dav_properties").fetchall()
     except sqlite3.OperationalError:
@@ -309,7 +312,11 @@ def import_sqlite_properties(path: Path, properties: DbPropertyManager) -> int:
         for name, value in pickle.loads(blob).items():
             properties.write_property(url, name, value)
             count += 1
-    path.rename(path.with_name(path.name + ".imported"))
+    for suffix in ("", "-wal", "-shm"):  # with its write-ahead log, which an old server left behind
+        try:
+            path.with_name(path.name + suffix).rename(path.with_name(path.name + ".imported" + suffix))
+        except FileNotFoundError:
+            pass  # none, or renamed by that other process
     return count
 
 
