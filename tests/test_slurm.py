@@ -272,3 +272,31 @@ def test_a_pod_that_cannot_start_says_why(slurm_cluster):
         backend.destroy(ref)
     with pytest.raises(PodStartError, match="line breaks"):
         backend.start(PodSpec("gpu-" + uuid.uuid4().hex[:10], DOCKER_TEST_IMAGE, [], 1, 256 << 20, 1, {"A": "x\ny"}))
+
+
+def test_a_pods_container_has_the_docker_backends_limits_and_isolation(slurm_cluster):
+    """The job script starts the container with the docker backend's rules (docs/pod-isolation.md)."""
+    from gateway.pods.docker import CAP_DROP
+
+    backend = slurm_cluster.backend()
+    spec = PodSpec("gpu-" + uuid.uuid4().hex[:10], DOCKER_TEST_IMAGE, [0, 1], 1.5, 300 << 20, 1, node="node1")
+    ref = backend.start(spec)
+    try:
+        backend._wait_up(ref)
+        client = docker.from_env()
+        try:
+            info = client.api.inspect_container(ref.split("/", 1)[1])
+            userns = "name=userns" in " ".join(client.info().get("SecurityOptions") or [])
+        finally:
+            client.close()
+        host = info["HostConfig"]
+        assert not host["Privileged"] and host["Init"] and "no-new-privileges" in host["SecurityOpt"]
+        assert sorted(cap.removeprefix("CAP_") for cap in host["CapDrop"]) == sorted(CAP_DROP)
+        assert (host["NanoCpus"], host["Memory"], host["MemorySwap"], host["PidsLimit"]) == (1_500_000_000, 300 << 20, 300 << 20, 32768)
+        gpus = sorted(m["Destination"] for m in info["Mounts"] if m["Destination"].startswith("/dev/nvidia"))
+        assert gpus == ["/dev/nvidia0", "/dev/nvidia1"]
+        assert ("CAP_SYS_ADMIN" in (host["CapAdd"] or [])) == userns
+        env = dict(item.split("=", 1) for item in info["Config"]["Env"])
+        assert (env["CUDA_VISIBLE_DEVICES"], env["NVIDIA_VISIBLE_DEVICES"]) == ("0,1", "0,1")
+    finally:
+        backend.destroy(ref)

@@ -46,7 +46,7 @@ from gateway.pods import (
     run_command,
     safe_run_id,
 )
-from gateway.pods.docker import _WAIT_PID_SCRIPT, WORKDIR, DockerPodBackend, _age_seconds
+from gateway.pods.docker import _WAIT_PID_SCRIPT, CAP_DROP, WORKDIR, DockerPodBackend, _age_seconds
 from gateway.pods.mounts import (
     BOOTSTRAP_NAME,
     FLUSH_SCRIPT,
@@ -301,6 +301,7 @@ class SlurmPodBackend:
             "KGPU_POD_NETWORK": self.network,
             "KGPU_POD_PULL": "1" if self.pull else "0",
             "KGPU_POD_BOOTSTRAP_NAME": BOOTSTRAP_NAME,
+            "KGPU_POD_CAP_DROP": ",".join(CAP_DROP),
         }
         argv = [
             "sbatch", "--parsable", f"--job-name={name}", f"--comment={comment}",

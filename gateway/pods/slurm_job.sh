@@ -73,8 +73,8 @@ args=(--name "$name" --hostname "${KGPU_POD_RENTAL:0:63}" --init
   --env-file "$work/env" -e "CUDA_VISIBLE_DEVICES=$visible" -e "NVIDIA_VISIBLE_DEVICES=${gpus:-void}"
   -e NVIDIA_DRIVER_CAPABILITIES=compute,utility -w /workspace
   --cpus "$KGPU_POD_CPUS" --memory "$KGPU_POD_MEMORY" --memory-swap "$KGPU_POD_MEMORY" --shm-size "$KGPU_POD_SHM"
-  --pids-limit "$KGPU_POD_PIDS_LIMIT" --cap-drop NET_RAW --cap-drop MKNOD --cap-drop AUDIT_WRITE
-  --security-opt no-new-privileges "${gpu_args[@]}")
+  --pids-limit "$KGPU_POD_PIDS_LIMIT" --security-opt no-new-privileges "${gpu_args[@]}")
+for cap in ${KGPU_POD_CAP_DROP//,/ }; do args+=(--cap-drop "$cap"); done
 [ -n "$KGPU_POD_NETWORK" ] && args+=(--network "$KGPU_POD_NETWORK")
 # FUSE mounts need CAP_SYS_ADMIN, root on the host unless the daemon remaps user namespaces
 # (docs/pod-isolation.md): only then does the pod get /dev/fuse and the capability.
