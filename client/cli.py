@@ -12,7 +12,7 @@ from collections.abc import Callable
 from client import drive, gpus, login, mounts
 from client.api import Api, ApiError
 from client.config import NotLoggedIn, load
-from client.locations import UsageError
+from client.errors import TransferFailed, UsageError
 from client.output import error
 from client.session import Session
 
@@ -36,7 +36,7 @@ def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse
         except ApiError as exc:
             error(exc.message, as_json=as_json, error_code=exc.error_code)
             return EXIT_API
-        except (drive.TransferFailed, mounts.UnmountFailed) as exc:
+        except TransferFailed as exc:
             error(str(exc), as_json=as_json, error_code="failed")
             return EXIT_API
         except KeyboardInterrupt:

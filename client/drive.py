@@ -8,13 +8,10 @@ from pathlib import Path
 
 from client import rclone, shared_upload
 from client.api import ApiError
-from client.locations import Remote, UsageError, is_remote, parse_remote
+from client.errors import TransferFailed, UsageError
+from client.locations import Remote, is_remote, parse_remote
 from client.output import ProgressBar, emit_json, human_bytes, table
 from client.session import Session
-
-
-class TransferFailed(Exception):
-    """rclone could not do it all (exit code 1); its error lines are the message."""
 
 
 def http_path(remote: Remote, folder: bool = False) -> str:

@@ -7,7 +7,7 @@ import sys
 import time
 
 from client.api import Api, ApiError
-from client.locations import UsageError
+from client.errors import UsageError
 from client.output import emit_json, table
 from client.session import Session
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from client.errors import UsageError
+
 PREFIX = "kgpu:"
-
-
-class UsageError(Exception):
-    """A command line that cannot mean anything (exit code 2)."""
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import sys
 
 from client import config
 from client.api import Api
-from client.locations import UsageError
+from client.errors import UsageError
 from client.output import emit_json
 
 

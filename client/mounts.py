@@ -19,15 +19,12 @@ from pathlib import Path
 
 from client import rclone
 from client.api import ApiError
-from client.locations import UsageError, parse_remote
+from client.errors import TransferFailed, UsageError
+from client.locations import parse_remote
 from client.output import emit_json
 from client.session import Session
 
 WRITE_BACK = "2s"  # how long rclone holds a closed file before uploading it
-
-
-class UnmountFailed(Exception):
-    """The upload queue did not drain (exit code 1); the mount stays."""
 
 
 def state_dir() -> Path:
@@ -91,7 +88,7 @@ def unmount(localdir: str, timeout: float, force: bool, as_json: bool) -> int:
     if os.path.ismount(mountpoint) and not force:
         waiting = _drain(record["socket"], timeout)
         if waiting:
-            raise UnmountFailed(f"not uploaded within {timeout:.0f} s: {', '.join(waiting)}; "
+            raise TransferFailed(f"not uploaded within {timeout:.0f} s: {', '.join(waiting)}; "
                                 f"{mountpoint} is still mounted (see {record['log']})")
     if os.path.ismount(mountpoint):
         _unmount(mountpoint, lazy=force)
@@ -113,7 +110,7 @@ def _rc(socket: str, command: str, params: dict | None = None, check: bool = Tru
     if done.returncode != 0 and not check:
         return {}
     if done.returncode != 0:
-        raise UnmountFailed(f"rclone's remote control ({socket}) did not answer: {done.stderr.strip()[-300:]}")
+        raise TransferFailed(f"rclone's remote control ({socket}) did not answer: {done.stderr.strip()[-300:]}")
     return json.loads(done.stdout or "{}")
 
 
@@ -151,7 +148,7 @@ def _unmount(mountpoint: Path, lazy: bool = False) -> None:
     while os.path.ismount(mountpoint) and time.monotonic() < deadline:
         time.sleep(0.1)
     if os.path.ismount(mountpoint):
-        raise UnmountFailed(f"{mountpoint} is busy: close what uses it, then run kgpu unmount again")
+        raise TransferFailed(f"{mountpoint} is busy: close what uses it, then run kgpu unmount again")
 
 
 def _tail(path: Path) -> str:
