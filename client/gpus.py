@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import signal
 import sys
 import time
@@ -13,6 +14,8 @@ from client.session import Session
 
 READY_POLL_S = 1.0
 STOP_WAIT_S = 30.0
+RECONNECT_FOR_S = 60.0  # how long a broken output stream is tried again before giving up
+RECONNECT_PAUSE_S = 1.0
 
 
 def gpus(session: Session) -> int:
@@ -107,28 +110,49 @@ def run(session: Session, gpu_id: str, command: list[str], name: str | None, env
 
 
 def _follow(session: Session, gpu_id: str, run_id: str) -> int:
-    """Print the run's output as it comes (to our stdout and stderr, or as NDJSON); its exit code."""
-    for event in session.api.lines(f"/v1/runs/{run_id}/stream", params={"gpu_id": gpu_id}):
-        kind = event.get("type")
-        if session.as_json:
-            if kind in ("stdout", "stderr"):
-                emit_json({"type": kind, "chunk": event["chunk"]})
-                sys.stdout.flush()
-            continue
-        if kind == "stdout":
-            sys.stdout.write(event["chunk"])
-            sys.stdout.flush()
-        elif kind == "stderr":
-            sys.stderr.write(event["chunk"])
-            sys.stderr.flush()
-        if kind == "done":
-            return int(event["exit_code"])
-    # The stream ended without its last line (the gateway went away): ask for the state.
-    state = session.api.call("GET", f"/v1/runs/{run_id}", params={"gpu_id": gpu_id})
-    if state.get("exit_code") is None:
-        raise ApiError(0, "stream_lost", f"the output stream of {run_id} ended early; "
-                       f"follow it with kgpu logs {gpu_id} {run_id} --follow")
-    return int(state["exit_code"])
+    """Print the run's output as it comes (to our stdout and stderr, or as NDJSON); its exit code.
+
+    The stream replays the output from the start: when it breaks off (a gateway restarting; the
+    run goes on in its pod), it is opened again and what was already shown is skipped.
+    """
+    shown = {"stdout": 0, "stderr": 0}  # characters already printed, per stream
+    give_up_at = None
+    while True:
+        replayed = {"stdout": 0, "stderr": 0}
+        try:
+            for event in session.api.lines(f"/v1/runs/{run_id}/stream", params={"gpu_id": gpu_id}):
+                kind = event.get("type")
+                if kind == "done":
+                    return int(event["exit_code"])
+                if kind not in replayed:
+                    continue
+                chunk, offset = event["chunk"], replayed[kind]
+                replayed[kind] += len(chunk)
+                new = chunk[max(0, shown[kind] - offset):]
+                if new:
+                    _show(session.as_json, kind, new)
+                    shown[kind] += len(new)
+                    give_up_at = None
+        except ApiError as exc:
+            if exc.status not in (0, 502, 503, 504):
+                raise
+        except (OSError, http.client.HTTPException, ValueError):
+            pass
+        give_up_at = give_up_at or time.monotonic() + RECONNECT_FOR_S
+        if time.monotonic() > give_up_at:
+            raise ApiError(0, "stream_lost", f"lost the output stream of {run_id} for {RECONNECT_FOR_S:.0f} s; "
+                           f"follow it with kgpu logs {gpu_id} {run_id} --follow")
+        time.sleep(RECONNECT_PAUSE_S)
+
+
+def _show(as_json: bool, kind: str, text: str) -> None:
+    if as_json:
+        emit_json({"type": kind, "chunk": text})
+        sys.stdout.flush()
+        return
+    out = sys.stdout if kind == "stdout" else sys.stderr
+    out.write(text)
+    out.flush()
 
 
 class Terminated(KeyboardInterrupt):

@@ -15,8 +15,10 @@ import pty
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -421,6 +423,80 @@ def test_rent_run_stream_exit_code_and_return(stack, user, kgpu):
     assert returned["phase"] == "Ended" and returned["end_reason"] == "returned"
     after = kgpu("run", gpu, "--json", "--", "true")
     assert after.returncode == 1
+
+
+class CuttableProxy:
+    """A TCP forwarder to the server whose open connections can be cut (a gateway going away)."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.open: list[socket.socket] = []
+        self.cuts = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self.open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        for s in self.open:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.open = []
+        self.cuts += 1
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+def test_run_output_survives_a_broken_stream(stack, user, kgpu):
+    """The stream breaks off mid-run (as when the gateway restarts): kgpu opens it again and shows
+    every line once, in order, and still exits with the run's code."""
+    rental = kgpu.json("rent", "--name", "cut-stream")
+    proxy = CuttableProxy(stack.server.port)
+    try:
+        env = {"KGPU_API_BASE": f"http://127.0.0.1:{proxy.port}"}
+        running = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "run", rental["gpu_id"], "--",
+             "bash", "-c", "for i in $(seq 1 8); do echo line $i; sleep 0.3; done; exit 6"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=kgpu.home, env={**kgpu.env, **env},
+        )
+        first = running.stdout.readline()
+        proxy.cut()
+        out, err = running.communicate(timeout=120)
+        assert running.returncode == 6, err
+        assert first + out == "".join(f"line {i}\n" for i in range(1, 9))
+        assert proxy.cuts == 1
+    finally:
+        proxy.close()
+        kgpu.json("return", rental["gpu_id"])
 
 
 # ---------------------------------------------------------------- docs/client.md
