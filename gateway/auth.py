@@ -174,6 +174,8 @@ async def approved_principal(request: Request) -> Principal:
     # Not a sub-dependency of current_principal: every level of FastAPI's dependency
     # resolution costs time on the download redirect, the hottest path of the service.
     principal = await current_principal(request)
+    if principal.status == "suspended":
+        raise ApiError(403, "account_suspended", "your account is suspended; ask an admin")
     if principal.status != "approved":
         raise ApiError(403, "account_pending", "your account is waiting for an admin's approval")
     return principal
