@@ -8,6 +8,7 @@ import json
 import os
 import re
 import subprocess
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin
@@ -71,6 +72,30 @@ class OidcProvider:
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()
+
+
+@contextmanager
+def signin_server(tmp: Path, target, keys: dict, **settings):
+    """The app (tests.conftest.LiveServer) with sign-in through a provider of its own; yields
+    (server, provider). The provider also knows a second client, ``other-app``."""
+    from tests.conftest import LiveServer, make_settings
+
+    kgpu_client, other_client = Client("kgpu", []), Client("other-app", [])
+    provider = OidcProvider([kgpu_client, other_client], keys)
+    server = LiveServer(make_settings(
+        tmp, target, oidc_issuer=provider.issuer, oidc_client_id="kgpu", oidc_client_secret=CLIENT_SECRET, **settings
+    ))
+    kgpu_client.redirect_uris.append(f"{server.base}/view/callback")
+    other_client.redirect_uris.append(f"{server.base}/other/callback")
+    provider.start()
+    try:
+        server.start()
+        try:
+            yield server, provider
+        finally:
+            server.stop()
+    finally:
+        provider.stop()
 
 
 LOGIN_FORM = re.compile(r'action="([^"]+)" method="post">\s*<input type="hidden" name="prompt" value="login"')

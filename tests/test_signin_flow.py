@@ -12,6 +12,7 @@ import requests
 from gateway.signin import OidcClient, SignInError
 from tests.conftest import LiveServer, make_settings
 from tests.oidc_support import CLIENT_SECRET, Client, OidcProvider, login_at_provider, signing_keys
+from tests.oidc_support import signin_server as running_signin_server
 
 ALLOWED = "ada@lab.example"
 ADMIN = "boss@lab.example"
@@ -26,22 +27,11 @@ def keys():
 @pytest.fixture(scope="module")
 def signin_server(tmp_path_factory, rclone_target, keys):
     """The app with sign-in configured, and the provider it trusts (clients: kgpu and another)."""
-    kgpu_client = Client("kgpu", [])
-    other_client = Client("other-app", [])
-    provider = OidcProvider([kgpu_client, other_client], keys)
-    settings = make_settings(
-        tmp_path_factory.mktemp("signin"), rclone_target,
-        oidc_issuer=provider.issuer, oidc_client_id="kgpu", oidc_client_secret=CLIENT_SECRET,
+    with running_signin_server(
+        tmp_path_factory.mktemp("signin"), rclone_target, keys,
         allowed_emails=ALLOWED, allowed_domains="allowed.example", admin_emails=ADMIN,
-    )
-    server = LiveServer(settings)
-    kgpu_client.redirect_uris.append(f"{server.base}/view/callback")
-    other_client.redirect_uris.append(f"{server.base}/other/callback")
-    provider.start()
-    server.start()
-    yield server, provider
-    server.stop()
-    provider.stop()
+    ) as running:
+        yield running
 
 
 def start(server: LiveServer) -> tuple[requests.Session, str]:

@@ -7,7 +7,8 @@
     const reply = await fetch("/v1/gpus", { headers: { Accept: "application/json" } });
     const data = await reply.json();
     const rows = (data.cluster || []).map((n) =>
-      `<tr><td>${esc(n.node)}</td><td>${esc(n.gpu_model)}</td><td class="num">${n.gpu_busy} / ${n.gpu_total}</td>` +
+      `<tr><td>${esc(n.node)}</td><td>${esc(n.gpu_model)}</td>` +
+      `<td class="num">${n.gpu_total ? `${n.gpu_busy} / ${n.gpu_total}` : "CPU only"}</td>` +
       `<td class="num">${n.price_per_hour_credits}</td></tr>`).join("");
     box.classList.remove("muted");
     box.innerHTML = `<table class="list"><thead><tr><th>Node</th><th>Model</th><th class="num">Busy</th>` +

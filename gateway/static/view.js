@@ -125,7 +125,7 @@ const outputs = new Map();  // run_id -> text seen so far (kept across re-render
 async function loadModels() {
   const data = await api("GET", "/v1/gpu-models");
   document.getElementById("gpu-model").innerHTML = data.models.map((m) =>
-    `<option value="${esc(m.gpu_model)}">${esc(m.gpu_model)} (${m.gpu_free} free, ${m.price_per_hour_credits} credits/h)</option>`).join("");
+    `<option value="${esc(m.gpu_model)}">${esc(m.gpu_model)} (${m.gpu_total ? m.gpu_free + " free, " : "CPU only, "}${m.price_per_hour_credits} credits/h)</option>`).join("");
 }
 
 async function loadRentals() {
@@ -139,7 +139,7 @@ async function loadRentals() {
     if (gpu.phase === "Running") runs = (await api("GET", "/v1/runs?gpu_id=" + encodeURIComponent(gpu.gpu_id))).runs;
     parts.push(`<div class="rental" data-gpu="${esc(gpu.gpu_id)}">
       <div class="head"><strong>${esc(gpu.name)}</strong><span class="badge ${esc(gpu.phase)} phase">${esc(gpu.phase)}</span>
-        <span class="muted">node ${esc(gpu.node)} · ${esc(gpu.gpu_model)} ×${gpu.gpu_count} · ${gpu.price_per_hour_credits} credits/h · charged ${gpu.credits_charged}</span>
+        <span class="muted">node ${esc(gpu.node)} · ${esc(gpu.gpu_model)}${gpu.gpu_count ? " ×" + gpu.gpu_count : ""} · ${gpu.price_per_hour_credits} credits/h · charged ${gpu.credits_charged}</span>
         <span class="grow"></span><button class="danger" data-return="${esc(gpu.gpu_id)}">Return</button></div>
       ${gpu.phase === "Running" && gpu.ready ? `<form class="row run-form" data-gpu="${esc(gpu.gpu_id)}">
         <label>Command (bash) <input name="command" size="50" required placeholder="nvidia-smi; ls /files"></label>
