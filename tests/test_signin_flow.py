@@ -11,6 +11,7 @@ import requests
 
 from gateway.signin import OidcClient, SignInError
 from tests.conftest import LiveServer, make_settings
+from tests.test_docs_examples import run_doc
 from tests.oidc_support import CLIENT_SECRET, Client, OidcProvider, login_at_provider, signing_keys
 from tests.oidc_support import signin_server as running_signin_server
 
@@ -255,3 +256,33 @@ def test_without_sign_in_configured_view_says_so(tmp_path, rclone_target):
         assert reply.status_code == 404 and reply.json()["error_code"] == "signin_not_configured"
     finally:
         server.stop()
+
+
+def test_the_sign_in_guide_examples_run(signin_server, tmp_path):
+    """docs/sign-in.md's bash blocks, with the export lines of a dashboard."""
+    server, _ = signin_server
+    token = token_of(signed_in(server, "reader@allowed.example").get(f"{server.base}/view").text)
+    result, _ = run_doc("sign-in.md", tmp_path, {"KGPU_API_BASE": server.base, "KGPU_API_TOKEN": token})
+    assert result.stdout.splitlines() == [
+        "reader@allowed.example approved", "API docs at /docs", f"303 {server.base}/view",
+    ]
+
+
+def test_a_suspended_account_is_refused_everywhere(signin_server):
+    server, _ = signin_server
+    browser = signed_in(server, "gone@allowed.example")
+    token = token_of(browser.get(f"{server.base}/view").text)
+    admin = signed_in(server, ADMIN)
+    page = admin.get(f"{server.base}/view/admin").text
+    user_id = re.search(r'data-email="gone@allowed.example">.*?/view/admin/users/(\d+)/status', page, re.S).group(1)
+    done = admin.post(f"{server.base}/view/admin/users/{user_id}/status",
+                      data={"csrf_token": csrf_of(page), "status": "suspended"})
+    assert done.status_code == 200 and "suspended" in done.text
+    reply = requests.get(f"{server.base}/v1/files", headers={"Authorization": f"Bearer {token}"})
+    assert reply.status_code == 403 and reply.json()["error_code"] == "account_suspended"
+    assert 'id="signin"' in browser.get(f"{server.base}/view").text  # the session ended with it
+    again, callback = callback_of(server, "gone@allowed.example")
+    refused = again.get(callback)
+    assert refused.status_code == 403 and refused.json()["error_code"] == "account_suspended"
+    bad = admin.post(f"{server.base}/view/admin/users/{user_id}/status", data={"csrf_token": csrf_of(page), "status": "gone"})
+    assert bad.status_code == 422 and bad.json()["error_code"] == "validation_error"
