@@ -9,7 +9,6 @@ from sqlalchemy import select
 from gateway import tokens, users
 from gateway.auth import AdminUser
 from gateway.bounds import MAX_CREDITS, RowIdPath
-from gateway.errors import ApiError
 from gateway.models import User
 from gateway.openapi import errors
 

@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
 from gateway import orgs, signin, users
-from gateway.auth import Principal
+from gateway.auth import Principal, status_refusal
 from gateway.errors import ApiError
 from gateway.models import CreditCharge, Rental, User
 from gateway.web_session import CSRF_FIELD, CSRF_HEADER, CookieSigner, WebSession, new_session
@@ -254,8 +254,9 @@ async def sign_out(request: Request) -> Response:
 async def reissue(request: Request) -> Response:
     try:
         web, user, _ = await _signed_in_form(request)
-        if user.status != "approved":
-            raise PageError(403, "account_pending", "your account is waiting for an admin's approval")
+        refusal = status_refusal(user.status)
+        if refusal is not None:
+            raise PageError(refusal.status, refusal.error_code, refusal.message)
     except PageError as error:
         return _refusal(request, error)
 
