@@ -102,6 +102,9 @@ def test_a_new_researcher_signs_in_uploads_runs_and_signs_out(server, browser, t
     assert [(f["path"], f["size"]) for f in listed["files"]] == [("weights.bin", 3 << 20)]
     assert "3.0 MiB" in page.text_content("#quota-text")
     screenshot(page, "02-dashboard-uploaded")
+    with page.expect_download() as download:  # through a presigned URL the API hands the page
+        page.click("#files a[data-download='weights.bin']")
+    assert Path(download.value.path()).read_bytes() == data.read_bytes()
 
     # A rental on the local backend (a CPU class), a run in it and its live output.
     page.fill("#rent-form input[name=name]", "first")
@@ -118,6 +121,11 @@ def test_a_new_researcher_signs_in_uploads_runs_and_signs_out(server, browser, t
     page.once("dialog", lambda dialog: dialog.accept())
     page.click(".rental button[data-return]")
     page.wait_for_selector("#rentals:has-text('No rentals')")
+
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#files button[data-delete='weights.bin']")
+    page.wait_for_selector("#files:has-text('This folder is empty')")
+    assert requests.get(f"{api_base}/v1/files", headers=auth).json()["files"] == []
 
     # Signing out revokes the token at once.
     page.click("#signout")
@@ -166,5 +174,11 @@ def test_an_unlisted_email_waits_for_an_admin_then_gets_a_token(server, browser)
     _, token = EXPORT.search(stranger.text_content("#export-line")).groups()
     me = requests.get(f"{base}/v1/me", headers={"Authorization": f"Bearer {token}"}).json()
     assert me["status"] == "approved" and me["user"]["credits"] == server.settings.starting_credits + 2500
-    assert "vision-lab" in stranger.text_content("#shared")
+    put = requests.put(f"{base}/v1/shared/vision-lab/papers/notes.txt", data=b"shared notes",
+                       headers={"Authorization": f"Bearer {token}"})
+    assert put.status_code in (200, 201), put.text
+    stranger.click("#shared a[data-org='vision-lab']")
+    stranger.click("#shared-files a[data-folder='papers/']")
+    stranger.wait_for_selector("#shared-files a[data-file='papers/notes.txt']")
+    assert "12 B" in stranger.text_content("#shared-files")
     screenshot(stranger, "08-approved-dashboard")

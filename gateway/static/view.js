@@ -119,6 +119,29 @@ document.getElementById("upload-input").addEventListener("change", async (event)
   loadDrive();
 });
 
+// --- my shared drives (read here; uploads to them go through the API or /shared in a pod) ------
+async function loadShared(org, folder) {
+  const data = await api("GET", `/v1/shared/${encodeURIComponent(org)}/${encodePath(folder)}?json=1`);
+  const rows = data.entries.map((e) => e.type === "dir"
+    ? `<tr><td>📁 <a data-org="${esc(org)}" data-folder="${esc(e.path)}">${esc(e.name)}/</a></td><td></td><td></td></tr>`
+    : `<tr><td><a data-org="${esc(org)}" data-file="${esc(e.path)}">${esc(e.name)}</a></td><td class="num">${size(e.size)}</td>` +
+      `<td class="muted">${esc((e.last_modified || "").replace("T", " ").slice(0, 19))}</td></tr>`);
+  document.getElementById("shared-files").innerHTML = rows.join("") || `<tr><td colspan="3" class="muted">Empty.</td></tr>`;
+  let crumbs = `<a data-org="${esc(org)}" data-folder="">${esc(org)}</a>`, path = "";
+  for (const part of folder.split("/").filter(Boolean)) {
+    path += part + "/";
+    crumbs += ` / <a data-org="${esc(org)}" data-folder="${esc(path)}">${esc(part)}</a>`;
+  }
+  document.getElementById("shared-crumbs").innerHTML = crumbs;
+  document.getElementById("shared-browser").hidden = false;
+}
+document.getElementById("shared-card").addEventListener("click", async (event) => {
+  const { org, folder, file } = event.target.closest("a")?.dataset || {};
+  if (!org) return;
+  if (file) location.assign((await api("GET", `/v1/shared/${encodeURIComponent(org)}/${encodePath(file)}?json=1`)).url);
+  else loadShared(org, folder || "");
+});
+
 // --- rentals and runs -------------------------------------------------------------------------
 const outputs = new Map();  // run_id -> text seen so far (kept across re-renders)
 
