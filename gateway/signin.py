@@ -106,11 +106,14 @@ class OidcClient:
             raise SignInError("the sign-in provider sent no ID token")
         try:
             claims = self._app.parse_id_token(
-                token, nonce, claims_options={"iss": {"essential": True, "value": self.issuer}}
+                token, nonce, claims_options={
+                    "iss": {"essential": True, "value": self.issuer},
+                    "aud": {"essential": True, "value": self.client_id},
+                },
             )
         except Exception as exc:  # noqa: BLE001 - signature, issuer, audience, expiry, nonce: all refusals
             log.info("an ID token was refused: %s", exc)
-            raise SignInError(f"the ID token was refused ({type(exc).__name__})") from None
+            raise SignInError(f"the ID token was refused ({exc})") from None
         if not claims.get("email") and token.get("access_token"):
             claims = self._with_userinfo(dict(claims), token)
         email = str(claims.get("email") or "").strip().lower()
