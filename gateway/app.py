@@ -26,7 +26,7 @@ from gateway.openapi import install as install_openapi
 from gateway.pods import PodBackend
 from gateway.pods.network import pod_host_address
 from gateway.rentals import Rentals
-from gateway.routes import admin, files, gpus, health, me, orgs_admin, runs, shared, web
+from gateway.routes import admin, files, gpus, health, me, orgs_admin, runs, shared, web, web_admin
 from gateway.settings import Settings
 from gateway.signin import AdmissionPolicy, OidcClient
 from gateway.web_session import CookieSigner, load_or_create_secret
@@ -200,7 +200,7 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
     app.add_middleware(FastDownload, fastapi_app=app)
     app.add_middleware(DavDispatcher)  # WebDAV on /v1/files/ and /v1/dav/: outside FastDownload, inside request ids
     app.add_middleware(RequestIdMiddleware)
-    for module in (files, shared, gpus, runs, me, admin, orgs_admin, health, web):  # hottest first
+    for module in (files, shared, gpus, runs, me, admin, orgs_admin, health, web, web_admin):  # hottest first
         app.include_router(module.router)
     app.mount("/view/static", StaticFiles(directory=Path(__file__).resolve().parent / "static"), name="view-static")
     return app
