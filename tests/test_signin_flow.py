@@ -185,6 +185,14 @@ def test_an_unlisted_email_is_pending_and_gets_no_token(signin_server):
     for method, path in (("GET", "/v1/files"), ("POST", "/v1/gpus"), ("GET", "/v1/runs"), ("PUT", "/v1/files/x")):
         reply = requests.request(method, f"{server.base}{path}", headers=auth, json={})
         assert reply.status_code == 403 and reply.json()["error_code"] == "account_pending", (method, path)
+    # Approved now, the session that began pending still gets no token: only a new sign-in does.
+    assert requests.patch(f"{server.base}/v1/admin/users/{user['id']}", json={"status": "approved"},
+                          headers=admin).status_code == 200
+    refused = browser.post(f"{server.base}/view/token", data={"csrf_token": csrf_of(page)})
+    assert refused.status_code == 403 and refused.json()["error_code"] == "sign_in_again"
+    assert token_of(browser.get(f"{server.base}/view").text) is None
+    # A new sign-in finds the token the admin made live: it is kept, and not shown (reissue shows one).
+    assert 'id="token-hidden"' in signed_in(server, "stranger@elsewhere.example").get(f"{server.base}/view").text
 
 
 def test_state_changes_without_the_csrf_token_are_refused(signin_server):

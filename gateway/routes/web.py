@@ -144,6 +144,8 @@ async def reissue(request: Request) -> Response:
         forbidden = status_refusal(user.status)
         if forbidden is not None:
             raise PageError(forbidden.status, forbidden.error_code, forbidden.message)
+        if web.token_id is None:  # a session that began pending: tokens come only right after a sign-in
+            raise PageError(403, "sign_in_again", "you were approved after this sign-in; sign in again to get a token")
     except PageError as error:
         return refusal(request, error)
 
