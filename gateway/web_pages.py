@@ -114,9 +114,14 @@ def principal_of(user: User) -> Principal:
 
 async def checked_form(request: Request, web: WebSession) -> dict[str, str]:
     """The POSTed form, after its CSRF token was checked against the session's."""
-    body = await request.body()
-    if len(body) > MAX_FORM_BYTES:
+    declared = request.headers.get("content-length", "0")
+    if not declared.isdigit() or int(declared) > MAX_FORM_BYTES:
         raise PageError(413, "payload_too_large", "the form is too large")
+    body = b""
+    async for chunk in request.stream():  # a body longer than it declared is cut off here too
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            raise PageError(413, "payload_too_large", "the form is too large")
     try:
         fields = {k: v[0] for k, v in parse_qs(body.decode("utf-8"), keep_blank_values=True).items()}
     except UnicodeDecodeError:
@@ -133,6 +138,6 @@ async def signed_in_form(request: Request, admin: bool = False) -> tuple[WebSess
         raise PageError(401, "unauthorized", "you are not signed in (or your session ended); sign in again")
     web, user = found
     fields = await checked_form(request, web)
-    if admin and user.role != "admin":
+    if admin and (user.role != "admin" or user.status != "approved"):
         raise PageError(403, "admin_only", "this needs an admin")
     return web, user, fields

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import requests
+from playwright import sync_api  # in the test extras; the browser is Debian's chromium
 
 from tests.oidc_support import signin_server, signing_keys
-
-sync_api = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = "/usr/bin/chromium"
 RESEARCHER = "ada@lab.example"

@@ -298,3 +298,17 @@ def test_a_suspended_account_is_refused_everywhere(signin_server):
     assert refused.status_code == 403 and refused.json()["error_code"] == "account_suspended"
     bad = admin.post(f"{server.base}/view/admin/users/{user_id}/status", data={"csrf_token": csrf_of(page), "status": "gone"})
     assert bad.status_code == 422 and bad.json()["error_code"] == "validation_error"
+
+
+def test_admin_pages_need_an_admin_and_forms_stay_small(signin_server):
+    server, _ = signin_server
+    browser = signed_in(server, "plain@allowed.example")
+    page = browser.get(f"{server.base}/view").text
+    assert 'href="/view/admin"' not in page
+    assert browser.get(f"{server.base}/view/admin").status_code == 403
+    refused = browser.post(f"{server.base}/view/admin/orgs", data={"csrf_token": csrf_of(page), "slug": "mine"})
+    assert refused.status_code == 403 and refused.json()["error_code"] == "admin_only"
+    huge = browser.post(f"{server.base}/view/token", data={"csrf_token": csrf_of(page), "pad": "x" * 20_000})
+    assert huge.status_code == 413 and huge.json()["error_code"] == "payload_too_large"
+    nobody = requests.post(f"{server.base}/view/token", data={"csrf_token": csrf_of(page)})
+    assert nobody.status_code == 401 and nobody.json()["error_code"] == "unauthorized"
