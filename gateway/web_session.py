@@ -61,7 +61,10 @@ def load_or_create_secret(configured: str, data_dir: Path) -> str:
         pass
     data_dir.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_urlsafe(48)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process of this data directory made it first
+        return path.read_text().strip()
     with os.fdopen(fd, "w") as handle:
         handle.write(secret)
     return secret

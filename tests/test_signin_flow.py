@@ -3,6 +3,7 @@ accounts, CSRF, cookies and / — with requests against a real provider (tests/o
 
 from __future__ import annotations
 
+import json
 import re
 from urllib.parse import parse_qs, urlencode, urlparse, urlunparse
 
@@ -274,10 +275,13 @@ def test_the_sign_in_guide_examples_run(signin_server, tmp_path):
     """docs/sign-in.md's bash blocks, with the export lines of a dashboard."""
     server, _ = signin_server
     token = token_of(signed_in(server, "reader@allowed.example").get(f"{server.base}/view").text)
-    result, _ = run_doc("sign-in.md", tmp_path, {"KGPU_API_BASE": server.base, "KGPU_API_TOKEN": token})
+    result, workdir = run_doc("sign-in.md", tmp_path, {"KGPU_API_BASE": server.base, "KGPU_API_TOKEN": token})
     assert result.stdout.splitlines() == [
-        "reader@allowed.example approved", "API docs at /docs", f"303 {server.base}/view",
+        "reader@allowed.example approved",
+        f"logged in to {server.base} as reader@allowed.example (approved); saved in {workdir}/config/kgpu/config.json",
+        "API docs at /docs", f"303 {server.base}/view",
     ]
+    assert json.loads((workdir / "config/kgpu/config.json").read_text())["token"] == token
 
 
 def test_a_suspended_account_is_refused_everywhere(signin_server):
