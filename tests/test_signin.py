@@ -120,6 +120,11 @@ def test_a_new_researcher_signs_in_uploads_runs_and_signs_out(server, browser, t
     page.once("dialog", lambda dialog: dialog.accept())
     page.click(".rental button[data-return]")
     page.wait_for_selector("#rentals:has-text('No rentals')")
+    page.reload()  # what the rental was charged
+    charged = requests.get(f"{api_base}/v1/gpus/{gpus[0]['gpu_id']}", headers=auth).json()["credits_charged"]
+    assert charged > 0
+    assert "first" in page.text_content("#charges tbody tr td:first-child")
+    assert page.text_content("#charges tbody tr td:last-child") == str(charged)
 
     page.once("dialog", lambda dialog: dialog.accept())
     page.click("#files button[data-delete='weights.bin']")

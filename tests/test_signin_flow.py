@@ -316,3 +316,15 @@ def test_admin_pages_need_an_admin_and_forms_stay_small(signin_server):
     assert huge.status_code == 413 and huge.json()["error_code"] == "payload_too_large"
     nobody = requests.post(f"{server.base}/view/token", data={"csrf_token": csrf_of(page)})
     assert nobody.status_code == 401 and nobody.json()["error_code"] == "unauthorized"
+
+
+def test_reissue_shows_a_new_token_and_kills_the_old_one(signin_server):
+    server, _ = signin_server
+    browser = signed_in(server, "renew@allowed.example")
+    page = browser.get(f"{server.base}/view").text
+    old = token_of(page)
+    renewed = browser.post(f"{server.base}/view/token", data={"csrf_token": csrf_of(page)})
+    new = token_of(renewed.text)
+    assert renewed.status_code == 200 and new and new != old
+    assert requests.get(f"{server.base}/v1/me", headers={"Authorization": f"Bearer {old}"}).status_code == 401
+    assert requests.get(f"{server.base}/v1/me", headers={"Authorization": f"Bearer {new}"}).status_code == 200
