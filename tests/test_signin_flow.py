@@ -10,6 +10,7 @@ from urllib.parse import parse_qs, urlencode, urlparse, urlunparse
 import pytest
 import requests
 
+from drive.store.embedded import free_port
 from gateway.signin import OidcClient, SignInError
 from tests.conftest import LiveServer, make_settings
 from tests.test_docs_examples import run_doc
@@ -328,3 +329,17 @@ def test_reissue_shows_a_new_token_and_kills_the_old_one(signin_server):
     assert renewed.status_code == 200 and new and new != old
     assert requests.get(f"{server.base}/v1/me", headers={"Authorization": f"Bearer {old}"}).status_code == 401
     assert requests.get(f"{server.base}/v1/me", headers={"Authorization": f"Bearer {new}"}).status_code == 200
+
+
+def test_an_unreachable_provider_is_a_clear_503(tmp_path, rclone_target):
+    closed = f"http://127.0.0.1:{free_port('127.0.0.1')}"  # nothing listens there
+    server = LiveServer(make_settings(
+        tmp_path, rclone_target, oidc_issuer=closed, oidc_client_id="kgpu", oidc_client_secret=CLIENT_SECRET,
+    )).start()
+    try:
+        reply = requests.get(f"{server.base}/view/signin", allow_redirects=False)
+        assert reply.status_code == 503 and reply.json()["error_code"] == "signin_unavailable"
+        page = requests.get(f"{server.base}/view/signin", headers={"Accept": "text/html"})
+        assert page.status_code == 503 and "cannot be reached" in page.text
+    finally:
+        server.stop()
