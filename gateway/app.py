@@ -6,8 +6,10 @@ import asyncio
 import logging
 import threading
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from drive.store import ObjectStore
@@ -24,8 +26,10 @@ from gateway.openapi import install as install_openapi
 from gateway.pods import PodBackend
 from gateway.pods.network import pod_host_address
 from gateway.rentals import Rentals
-from gateway.routes import admin, files, gpus, health, me, orgs_admin, runs, shared
+from gateway.routes import admin, files, gpus, health, me, orgs_admin, runs, shared, web, web_admin
 from gateway.settings import Settings
+from gateway.signin import AdmissionPolicy, OidcClient
+from gateway.web_session import CookieSigner, load_or_create_secret
 
 log = logging.getLogger("kgpu")
 
@@ -124,6 +128,23 @@ async def reaper_loop(rentals: Rentals, interval: float) -> None:
             log.exception("reaper tick failed")
 
 
+def install_signin(app: FastAPI, settings: Settings) -> None:
+    """The OIDC client (None: sign-in not configured), who is admitted, and the cookie signer of /view."""
+    app.state.oidc = (
+        OidcClient(
+            settings.oidc_issuer, settings.oidc_client_id, settings.oidc_client_secret.get_secret_value(),
+            settings.oidc_scopes,
+        )
+        if settings.signin_enabled
+        else None
+    )
+    app.state.admission = AdmissionPolicy.from_lists(
+        settings.admin_emails, settings.allowed_emails, settings.allowed_domains
+    )
+    secret = load_or_create_secret(settings.session_secret.get_secret_value(), settings.data_dir)
+    app.state.cookie_signer = CookieSigner(secret, settings.session_max_age_seconds)
+
+
 def create_app(settings: Settings | None = None, store: ObjectStore | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -147,6 +168,7 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
         app.state.settings = settings
         app.state.sessions = sessions
         app.state.store = active_store
+        install_signin(app, settings)
         app.state.authenticator = Authenticator(sessions, settings.admin_token, settings.auth_cache_seconds)
         app.state.usage = UsageBook(sessions, active_store, settings.quota_reconcile_seconds)
         app.state.rentals = Rentals(
@@ -178,6 +200,7 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
     app.add_middleware(FastDownload, fastapi_app=app)
     app.add_middleware(DavDispatcher)  # WebDAV on /v1/files/ and /v1/dav/: outside FastDownload, inside request ids
     app.add_middleware(RequestIdMiddleware)
-    for module in (files, shared, gpus, runs, me, admin, orgs_admin, health):  # hottest first
+    for module in (files, shared, gpus, runs, me, admin, orgs_admin, health, web, web_admin):  # hottest first
         app.include_router(module.router)
+    app.mount("/view/static", StaticFiles(directory=Path(__file__).resolve().parent / "static"), name="view-static")
     return app

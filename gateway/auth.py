@@ -174,9 +174,19 @@ async def approved_principal(request: Request) -> Principal:
     # Not a sub-dependency of current_principal: every level of FastAPI's dependency
     # resolution costs time on the download redirect, the hottest path of the service.
     principal = await current_principal(request)
-    if principal.status != "approved":
-        raise ApiError(403, "account_pending", "your account is waiting for an admin's approval")
+    refusal = status_refusal(principal.status)
+    if refusal is not None:
+        raise refusal
     return principal
+
+
+def status_refusal(status: str) -> ApiError | None:
+    """Why an account of this status may not act (None: it may): the one home of that rule."""
+    if status == "approved":
+        return None
+    if status == "suspended":
+        return ApiError(403, "account_suspended", "your account is suspended; ask an admin")
+    return ApiError(403, "account_pending", "your account is waiting for an admin's approval")
 
 
 async def account_principal(principal: Annotated[Principal, Depends(approved_principal)]) -> Principal:

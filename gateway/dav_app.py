@@ -65,7 +65,7 @@ from drive import dav, keys
 from drive.dav.storage import DbLockManager, DbLockStorage, DbPropertyManager, import_sqlite_properties
 from drive.keys import InvalidPath
 from gateway import orgs
-from gateway.auth import Principal, authenticate
+from gateway.auth import Principal, authenticate, status_refusal
 from gateway.errors import ApiError, default_code, envelope
 from gateway.models import DavLock, DavProperty
 
@@ -388,8 +388,9 @@ class DavDispatcher:
             if exc.status == 401:
                 response.raw_headers = [h for h in response.raw_headers if h[0] != b"www-authenticate"] + CHALLENGES
             return response
-        if principal.status != "approved":
-            return envelope(403, "account_pending", "your account is waiting for an admin's approval")
+        refusal = status_refusal(principal.status)
+        if refusal is not None:
+            return envelope(refusal.status, refusal.error_code, refusal.message)
         if principal.user_id is None:
             return envelope(403, "no_drive", "the environment admin token has no drive; use a user's token")
         return principal

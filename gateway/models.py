@@ -32,7 +32,7 @@ class User(Base):
     email: Mapped[str] = mapped_column(String(320), unique=True)
     name: Mapped[str] = mapped_column(String(200), default="")
     role: Mapped[str] = mapped_column(String(16), default="user")  # user | admin
-    status: Mapped[str] = mapped_column(String(16), default="approved")  # approved | pending
+    status: Mapped[str] = mapped_column(String(16), default="approved")  # approved | pending | suspended
     credits: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

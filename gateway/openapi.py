@@ -78,7 +78,7 @@ _ANY_REQUEST = {
 
 # What each auth dependency answers, besides its 401.
 _AUTH_403 = {
-    auth.approved_principal: "account_pending: the account awaits an admin's approval",
+    auth.approved_principal: "account_pending: the account awaits an admin's approval; or account_suspended",
     auth.account_principal: "account_pending, or pod_token: an in-pod token cannot do this",
     auth.admin_principal: "account_pending, pod_token, or admin_only: this needs an admin token",
 }
@@ -131,7 +131,7 @@ USER = {
         "email": {"type": "string"},
         "name": {"type": "string"},
         "role": {"type": "string", "enum": ["user", "admin"]},
-        "status": {"type": "string", "enum": ["approved", "pending"]},
+        "status": {"type": "string", "enum": ["approved", "pending", "suspended"]},
         "credits": {"type": "integer"},
         "created_at": {"type": "string"},
     },

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GiB = 1 << 30
@@ -99,6 +99,24 @@ class Settings(BaseSettings):
     reaper_interval_seconds: float = Field(default=15, gt=0)
     run_output_tail_bytes: int = Field(default=64 * 1024, ge=1024)
     run_kill_grace_seconds: float = Field(default=5, ge=0)
+
+    # Sign-in to /view (docs/sign-in.md): any OpenID Connect provider by issuer URL; empty: no sign-in.
+    oidc_issuer: str = ""
+    oidc_client_id: str = ""
+    oidc_client_secret: SecretStr = SecretStr("")
+    oidc_scopes: str = "openid email profile"
+    # Comma-separated. Admin emails are approved admins at sign-in; allowed emails and domains are
+    # approved; everyone else who signs in is pending until an admin approves them.
+    admin_emails: str = ""
+    allowed_emails: str = ""
+    allowed_domains: str = ""
+    # Signs /view's session cookies; empty: a secret kept in data_dir/session-secret (replicas: set one).
+    session_secret: SecretStr = SecretStr("")
+    session_max_age_seconds: int = Field(default=12 * 3600, ge=60, le=30 * 24 * 3600)
+
+    @property
+    def signin_enabled(self) -> bool:
+        return bool(self.oidc_issuer and self.oidc_client_id)
 
     @property
     def resolved_database_url(self) -> str:

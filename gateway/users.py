@@ -15,7 +15,7 @@ from gateway.models import User
 from gateway.tokens import as_utc
 
 Role = Literal["user", "admin"]
-Status = Literal["approved", "pending"]
+Status = Literal["approved", "pending", "suspended"]
 
 
 class NewUser(BaseModel):
@@ -104,3 +104,12 @@ def find(session: Session, id_or_email: str) -> User:
 def apply_patch(user: User, patch: UserPatch) -> None:
     for field, value in patch.model_dump(exclude_none=True).items():
         setattr(user, field, value)
+
+
+def grant_credits(user: User, credits: int) -> None:
+    """Add (or take back) credits on a row locked with ``get_locked``; the balance stays in 0..MAX_CREDITS."""
+    if user.credits + credits < 0:
+        raise ApiError(422, "validation_error", f"the balance is {user.credits}; it cannot go below zero")
+    if user.credits + credits > MAX_CREDITS:
+        raise ApiError(422, "validation_error", f"the balance is {user.credits}; it cannot go above {MAX_CREDITS}")
+    user.credits = user.credits + credits

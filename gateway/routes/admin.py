@@ -9,7 +9,6 @@ from sqlalchemy import select
 from gateway import tokens, users
 from gateway.auth import AdminUser
 from gateway.bounds import MAX_CREDITS, RowIdPath
-from gateway.errors import ApiError
 from gateway.models import User
 from gateway.openapi import errors
 
@@ -73,11 +72,7 @@ def reissue_token(user_id: RowIdPath, request: Request, _: AdminUser) -> dict:
 def grant_credits(user_id: RowIdPath, body: CreditGrant, request: Request, _: AdminUser) -> dict:
     with request.app.state.sessions.begin() as session:
         user = users.get_locked(session, user_id)  # the balance read is the one written to
-        if user.credits + body.credits < 0:
-            raise ApiError(422, "validation_error", f"the balance is {user.credits}; it cannot go below zero")
-        if user.credits + body.credits > MAX_CREDITS:
-            raise ApiError(422, "validation_error", f"the balance is {user.credits}; it cannot go above {MAX_CREDITS}")
-        user.credits = User.credits + body.credits
+        users.grant_credits(user, body.credits)
         session.flush()
         session.refresh(user)
         return {"user": users.describe(user)}

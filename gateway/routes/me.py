@@ -14,7 +14,7 @@ WHO = {
     "properties": {
         "user": {"anyOf": [USER, {"type": "null"}]},
         "role": {"type": "string", "enum": ["user", "admin"]},
-        "status": {"type": "string", "enum": ["approved", "pending"]},
+        "status": {"type": "string", "enum": ["approved", "pending", "suspended"]},
         "kind": {"type": "string", "enum": ["user", "environment_admin"]},
     },
 }

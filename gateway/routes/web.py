@@ -1,0 +1,207 @@
+"""/view: sign-in with OIDC, sign-out, the token, the dashboard; and / itself.
+
+Pages are rendered on the server (gateway/web_pages.py); what moves on the dashboard (the drive,
+rentals, runs and their output) is fetched by gateway/static/view.js from the same /v1 API a
+shell uses, with the person's own token.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from starlette.concurrency import run_in_threadpool
+
+from gateway import orgs, signin, users
+from gateway.auth import status_refusal
+from gateway.models import CreditCharge, Rental, User
+from gateway.web_pages import (
+    PageError, clear_cookies, current, is_secure, page, principal_of, public_base, refusal, see_other,
+    set_session, signed_in_form, cookie_signer, wants_html,
+)
+from gateway.web_session import SIGNIN_MAX_AGE_S, WebSession, new_session
+
+router = APIRouter(include_in_schema=False)
+
+
+def _oidc(request: Request) -> signin.OidcClient:
+    client = getattr(request.app.state, "oidc", None)
+    if client is None:
+        raise PageError(404, "signin_not_configured", "sign-in is not configured on this server (KGPU_OIDC_ISSUER)")
+    return client
+
+
+def _callback_url(request: Request) -> str:
+    return f"{public_base(request)}/view/callback"
+
+
+# --- / and sign-in ------------------------------------------------------------------------------
+
+
+@router.get("/")
+def root(request: Request) -> Response:
+    """A browser goes to the dashboard; an API client learns where the API and its docs are."""
+    if wants_html(request):
+        return see_other("/view")
+    return JSONResponse(
+        {"service": "kgpu", "api": "/v1", "docs": "/docs", "openapi": "/openapi.json", "dashboard": "/view"}
+    )
+
+
+@router.get("/view/signin")
+async def start_sign_in(request: Request) -> Response:
+    try:
+        client = _oidc(request)
+        pending = await run_in_threadpool(client.begin, _callback_url(request))
+    except PageError as error:
+        return refusal(request, error)
+    except signin.SignInError as error:
+        return refusal(request, PageError(503, "signin_unavailable", str(error)))
+    response = see_other(pending.url)
+    signer = cookie_signer(request)
+    secure = is_secure(request)
+    kept = {"state": pending.state, "nonce": pending.nonce, "code_verifier": pending.code_verifier}
+    response.set_cookie(signer.signin_cookie(secure), signer.dump_signin(kept), max_age=SIGNIN_MAX_AGE_S,
+                        **signer.cookie_options(secure))
+    return response
+
+
+@router.get("/view/callback")
+async def finish_sign_in(request: Request) -> Response:
+    signer = cookie_signer(request)
+    secure = is_secure(request)
+    params = request.query_params
+    try:
+        client = _oidc(request)
+        if params.get("error"):
+            raise PageError(400, "signin_refused", f"the sign-in provider said: {params.get('error')[:200]}")
+        kept = signer.load_signin(request.cookies.get(signer.signin_cookie(secure)))
+        if kept is None:
+            raise PageError(400, "signin_expired", "this sign-in was not started in this browser, or took too long")
+        pending = signin.PendingSignIn("", kept.get("state", ""), kept.get("nonce", ""), kept.get("code_verifier", ""))
+        identity = await run_in_threadpool(
+            client.finish, pending, _callback_url(request), state=params.get("state", ""), code=params.get("code", "")
+        )
+    except PageError as error:
+        return refusal(request, error)
+    except signin.SignInError as error:
+        return refusal(request, PageError(400, "signin_failed", str(error)))
+    web = await run_in_threadpool(_admit, request, identity)
+    if web is None:
+        return refusal(request, PageError(403, "account_suspended", "your account is suspended; ask an admin"))
+    response = see_other("/view")
+    response.delete_cookie(signer.signin_cookie(secure), **signer.cookie_options(secure))
+    set_session(request, response, web)
+    return response
+
+
+def _admit(request: Request, identity: signin.Identity) -> WebSession | None:
+    try:
+        return _admit_once(request, identity)
+    except IntegrityError:  # a first sign-in of the same email at the same moment made the row
+        return _admit_once(request, identity)
+
+
+def _admit_once(request: Request, identity: signin.Identity) -> WebSession | None:
+    state = request.app.state
+    with state.sessions.begin() as session:
+        user = signin.sign_in(session, identity, state.admission, state.settings.starting_credits)
+        if user.status == "suspended":
+            return None
+        if user.status != "approved":
+            return new_session(user.id)
+        users.get_locked(session, user.id)  # two sign-ins at once: one token
+        live = signin.live_personal_token(session, user.id)
+        if live is not None:  # issued before (the CLI, another browser): kept; shown only when reissued
+            return new_session(user.id, live.id)
+        row, plaintext = signin.reissue_personal_token(session, user.id)
+        return new_session(user.id, row.id, plaintext)
+
+
+@router.post("/view/signout")
+async def sign_out(request: Request) -> Response:
+    try:
+        web, user, _ = await signed_in_form(request)
+    except PageError as error:
+        return refusal(request, error)
+
+    def revoke() -> None:
+        with request.app.state.sessions.begin() as session:
+            signin.revoke_personal_tokens(session, user.id)
+
+    await run_in_threadpool(revoke)
+    request.app.state.authenticator.invalidate()  # the token is dead at once, not after the cache
+    response = see_other("/view")
+    clear_cookies(request, response)
+    return response
+
+
+@router.post("/view/token")
+async def reissue(request: Request) -> Response:
+    try:
+        web, user, _ = await signed_in_form(request)
+        forbidden = status_refusal(user.status)
+        if forbidden is not None:
+            raise PageError(forbidden.status, forbidden.error_code, forbidden.message)
+        if web.token_id is None:  # a session that began pending: tokens come only right after a sign-in
+            raise PageError(403, "sign_in_again", "you were approved after this sign-in; sign in again to get a token")
+    except PageError as error:
+        return refusal(request, error)
+
+    def issue() -> tuple[int, str]:
+        with request.app.state.sessions.begin() as session:
+            users.get_locked(session, user.id)
+            row, plaintext = signin.reissue_personal_token(session, user.id)
+            return row.id, plaintext
+
+    token_id, plaintext = await run_in_threadpool(issue)
+    request.app.state.authenticator.invalidate()
+    response = see_other("/view")
+    set_session(request, response, web.with_token(token_id, plaintext))
+    return response
+
+
+# --- the dashboard ------------------------------------------------------------------------------
+
+
+def _dashboard_context(request: Request, user: User) -> dict:
+    principal = principal_of(user)
+    with request.app.state.sessions() as session:
+        shared = [{"slug": org.slug, "name": org.name, "role": role} for org, role in orgs.visible_orgs(session, principal)]
+        charges = session.execute(
+            select(CreditCharge.rental_id, Rental.name, Rental.gpu_model, func.sum(CreditCharge.credits),
+                   func.count(CreditCharge.id))
+            .join(Rental, Rental.id == CreditCharge.rental_id)
+            .where(CreditCharge.user_id == user.id)
+            .group_by(CreditCharge.rental_id, Rental.name, Rental.gpu_model)
+            .order_by(func.max(CreditCharge.charged_at).desc())
+            .limit(50)
+        ).all()
+        balance = session.get(User, user.id).credits
+    return {
+        "shared": shared,
+        "charges": [{"rental_id": r, "name": n, "gpu_model": m, "credits": c, "minutes": k} for r, n, m, c, k in charges],
+        "balance": balance,
+        "quota_bytes": request.app.state.settings.user_quota_bytes,
+    }
+
+
+@router.get("/view")
+async def dashboard(request: Request) -> Response:
+    found = await run_in_threadpool(current, request)
+    signin_ready = getattr(request.app.state, "oidc", None) is not None
+    if found is None:
+        response = page(request, "signin.html", signin_ready=signin_ready)
+        signer = cookie_signer(request)
+        if request.cookies.get(signer.session_cookie(is_secure(request))):
+            clear_cookies(request, response)  # a dead session's cookie goes
+        return response
+    web, user = found
+    if user.status != "approved":
+        return page(request, "pending.html", user=user, web=web)
+    if web.token_id is None:
+        # Approved after this session began: a token is handed out only right after a sign-in.
+        return page(request, "pending.html", user=user, web=web, approved_since=True)
+    context = await run_in_threadpool(_dashboard_context, request, user)
+    return page(request, "dashboard.html", user=user, web=web, api_base=public_base(request), **context)

@@ -1,0 +1,188 @@
+"""The dashboard in a real browser: headless Debian chromium driven by Playwright, signing in at a
+real OIDC provider (tests/oidc). A new researcher goes from never signed in to an uploaded file
+and a finished run with only the browser and the export line; an unlisted email waits until an
+admin approves it in the admin page. Screenshots of each page go to $KGPU_SCREENSHOTS if set."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import requests
+from playwright import sync_api  # in the test extras; the browser is Debian's chromium
+
+from tests.oidc_support import signin_server, signing_keys
+
+CHROMIUM = "/usr/bin/chromium"
+RESEARCHER = "ada@lab.example"
+ADMIN = "boss@lab.example"
+STRANGER = "stranger@elsewhere.example"
+EXPORT = re.compile(r"export KGPU_API_BASE=(\S+)\s+export KGPU_API_TOKEN=(kgpu_[0-9a-f]{48})")
+TIMEOUT_MS = 60_000  # a pod's start on a busy machine; every wait below ends as soon as the page shows it
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, rclone_target):
+    with signin_server(
+        tmp_path_factory.mktemp("browser"), rclone_target, signing_keys(),
+        allowed_emails=RESEARCHER, admin_emails=ADMIN,
+    ) as (running, _):
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not shutil.which(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: run tests/browser/setup.sh (apt-get install chromium)")
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"],
+        )
+        yield launched
+        launched.close()
+
+
+def screenshot(page, name: str) -> None:
+    folder = os.environ.get("KGPU_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(folder) / f"{name}.png"), full_page=True)
+
+
+def new_page(browser):
+    context = browser.new_context()
+    context.set_default_timeout(TIMEOUT_MS)
+    return context.new_page()
+
+
+def sign_in(page, base: str, email: str, shot: str | None = None) -> None:
+    page.goto(f"{base}/view")
+    if shot:
+        screenshot(page, shot)
+    page.click("#signin")
+    page.fill("input[name=login]", email)
+    page.fill("input[name=password]", "any")
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{base}/view")
+
+
+def test_a_new_researcher_signs_in_uploads_runs_and_signs_out(server, browser, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)  # every record of the server and the OIDC client, to look for the token
+    base = server.base
+    page = new_page(browser)
+    sign_in(page, base, RESEARCHER, shot="01-sign-in")
+
+    # The export line, pasted into a shell: here its token used with requests.
+    export = page.text_content("#export-line")
+    api_base, token = EXPORT.search(export).groups()
+    assert api_base == base
+    auth = {"Authorization": f"Bearer {token}"}
+    assert requests.get(f"{api_base}/v1/me", headers=auth).json()["user"]["email"] == RESEARCHER
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page.click("#copy-export")
+    page.wait_for_selector("#copy-export:text-is('Copied')")
+    assert page.evaluate("navigator.clipboard.readText()") == export
+
+    # An upload through the page, with its progress bar.
+    data = tmp_path / "weights.bin"
+    data.write_bytes(os.urandom(3 << 20))
+    page.set_input_files("#upload-input", str(data))
+    page.wait_for_selector(".upload[data-done]")
+    assert page.get_attribute(".upload", "data-done") == "1"
+    assert page.eval_on_selector(".upload progress", "bar => bar.value") == 100
+    page.wait_for_selector("#files a[data-download='weights.bin']")
+    listed = requests.get(f"{api_base}/v1/files", headers=auth).json()
+    assert [(f["path"], f["size"]) for f in listed["files"]] == [("weights.bin", 3 << 20)]
+    assert "3.0 MiB" in page.text_content("#quota-text")
+    screenshot(page, "02-dashboard-uploaded")
+    with page.expect_download() as download:  # through a presigned URL the API hands the page
+        page.click("#files a[data-download='weights.bin']")
+    assert Path(download.value.path()).read_bytes() == data.read_bytes()
+
+    # A rental on the local backend (a CPU class), a run in it and its live output.
+    page.fill("#rent-form input[name=name]", "first")
+    page.click("#rent")
+    page.wait_for_selector(".rental .run-form input[name=command]")
+    page.fill(".rental .run-form input[name=command]", "echo hello-from-$((6 * 7)); ls -l /files 2>/dev/null | head -1")
+    page.click(".rental .run-form button[type=submit]")
+    page.wait_for_selector(".run pre.output:has-text('[exit 0]')")
+    assert "hello-from-42" in page.text_content(".run pre.output")
+    gpus = requests.get(f"{api_base}/v1/gpus", headers=auth).json()["my_gpus"]
+    assert [(g["name"], g["phase"]) for g in gpus] == [("first", "Running")]
+    assert page.text_content(".rental .phase") == "Running" and gpus[0]["node"] in page.text_content(".rental .head")
+    screenshot(page, "03-dashboard-run")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click(".rental button[data-return]")
+    page.wait_for_selector("#rentals:has-text('No rentals')")
+    page.reload()  # what the rental was charged
+    charged = requests.get(f"{api_base}/v1/gpus/{gpus[0]['gpu_id']}", headers=auth).json()["credits_charged"]
+    assert charged > 0
+    assert "first" in page.text_content("#charges tbody tr td:first-child")
+    assert page.text_content("#charges tbody tr td:last-child") == str(charged)
+
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#files button[data-delete='weights.bin']")
+    page.wait_for_selector("#files:has-text('This folder is empty')")
+    assert requests.get(f"{api_base}/v1/files", headers=auth).json()["files"] == []
+
+    # Signing out revokes the token at once.
+    page.click("#signout")
+    page.wait_for_selector("#signin")
+    screenshot(page, "04-signed-out")
+    assert requests.get(f"{api_base}/v1/me", headers=auth).status_code == 401
+    assert "kgpu_" not in page.content()
+    assert token not in caplog.text and server.settings.oidc_client_secret.get_secret_value() not in caplog.text
+
+
+def test_an_unlisted_email_waits_for_an_admin_then_gets_a_token(server, browser):
+    base = server.base
+    stranger = new_page(browser)
+    sign_in(stranger, base, STRANGER)
+    stranger.wait_for_selector("#pending")
+    stranger.wait_for_selector("#cluster table")  # a pending account sees the cluster's state
+    assert "kgpu_" not in stranger.content() and stranger.query_selector("#export-line") is None
+    screenshot(stranger, "05-pending")
+
+    admin = new_page(browser)
+    sign_in(admin, base, ADMIN)
+    admin.click("nav a[href='/view/admin']")
+    row = f"#users tr[data-email='{STRANGER}']"
+    assert admin.text_content(f"{row} .badge") == "pending"
+    screenshot(admin, "06-admin-before")
+    admin.click(f"{row} button.approve")
+    admin.wait_for_selector(f"{row} .badge.approved")
+    admin.fill(f"{row} input[name=credits]", "2500")
+    admin.click(f"{row} button.grant")
+    admin.fill("input[name=slug]", "vision-lab")
+    admin.fill("form.row input[name=name]", "Vision lab")
+    admin.click("#create-org")
+    admin.fill(".org[data-slug='vision-lab'] input[name=user]", STRANGER)
+    admin.select_option(".org[data-slug='vision-lab'] select[name=role]", "uploader")
+    admin.click(".org[data-slug='vision-lab'] button.add-member")
+    admin.wait_for_selector(f".org[data-slug='vision-lab'] td:has-text('{STRANGER}')")
+    screenshot(admin, "07-admin-after")
+
+    # Approved after signing in: a token comes with the next sign-in, not to the old session.
+    stranger.reload()
+    assert "kgpu_" not in stranger.content()
+    stranger.click("#signin-again")
+    stranger.wait_for_selector("#signin")
+    stranger.click("#signin")  # the provider still knows this browser: straight back
+    stranger.wait_for_selector("#export-line")
+    _, token = EXPORT.search(stranger.text_content("#export-line")).groups()
+    me = requests.get(f"{base}/v1/me", headers={"Authorization": f"Bearer {token}"}).json()
+    assert me["status"] == "approved" and me["user"]["credits"] == server.settings.starting_credits + 2500
+    put = requests.put(f"{base}/v1/shared/vision-lab/papers/notes.txt", data=b"shared notes",
+                       headers={"Authorization": f"Bearer {token}"})
+    assert put.status_code in (200, 201), put.text
+    stranger.click("#shared a[data-org='vision-lab']")
+    stranger.click("#shared-files a[data-folder='papers/']")
+    stranger.wait_for_selector("#shared-files a[data-file='papers/notes.txt']")
+    assert "12 B" in stranger.text_content("#shared-files")
+    screenshot(stranger, "08-approved-dashboard")
