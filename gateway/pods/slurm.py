@@ -391,8 +391,12 @@ class SlurmPodBackend:
                     lost = self._flush(ref)
             except PodError:
                 pass  # no container (yet, or any more): cancelling is all that is left
-        if job is not None:
-            self._slurm(["scancel", job_id])
+        if job is not None and job["state"] in LIVE_STATES:
+            try:
+                self._slurm(["scancel", job_id])
+            except PodError:  # it may have ended by itself meanwhile
+                if (job := self._job(job_id)) is not None and job["state"] in LIVE_STATES:
+                    raise
             # The job ends once its script has removed the container (its TERM trap).
             deadline = time.monotonic() + 120
             while (job := self._job(job_id)) is not None and job["state"] in LIVE_STATES:
