@@ -300,3 +300,11 @@ def test_a_pods_container_has_the_docker_backends_limits_and_isolation(slurm_clu
         assert (env["CUDA_VISIBLE_DEVICES"], env["NVIDIA_VISIBLE_DEVICES"]) == ("0,1", "0,1")
     finally:
         backend.destroy(ref)
+
+
+def test_gres_strings():
+    from gateway.pods.slurm import parse_gres
+
+    assert parse_gres("gpu:h100:4(S:0-1),gpu:2", "gpu") == {"h100": 4, "gpu": 2}
+    assert parse_gres("gpu:a100:1,gpu:a100:1", "gpu") == {"a100": 2}
+    assert parse_gres("(null)", "gpu") == {} and parse_gres("", "gpu") == {}
