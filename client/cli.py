@@ -64,9 +64,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     def add(name: str, help_text: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
         return commands.add_parser(name, help=help_text, description=help_text, parents=[common, *parents])
 
-    p = add("login", "keep the server's base URL and your token (read from KGPU_API_TOKEN or stdin)")
+    p = add("login", "keep the server's base URL and your token (from KGPU_API_TOKEN, stdin, or --browser)")
     p.add_argument("--base-url", help="the server's origin, e.g. https://api.kgpu.net")
-    p.set_defaults(func=_guarded(lambda a: login.login(a.base_url, a.json)))
+    p.add_argument("--browser", action="store_true", help="sign in on the dashboard; it hands the token back here")
+    p.add_argument("--no-open", action="store_true", help="with --browser: print the page's address, do not open it")
+    p.set_defaults(func=_guarded(lambda a: login.login(a.base_url, a.json, a.browser, not a.no_open)))
     p = add("logout", "forget the stored token")
     p.set_defaults(func=_guarded(lambda a: login.logout(a.json)))
 

@@ -8,18 +8,28 @@ import sys
 
 from client import config
 from client.api import Api
+from client.browser_login import token_from_browser
 from client.errors import UsageError
 from client.output import emit_json
 
 
-def login(base_url: str | None, as_json: bool) -> int:
-    """The token comes from ``KGPU_API_TOKEN`` or standard input, never from the command line."""
+BROWSER_WAIT_S = 300.0
+
+
+def login(base_url: str | None, as_json: bool, browser: bool = False, open_browser: bool = True) -> int:
+    """The token comes from ``KGPU_API_TOKEN``, standard input or (``browser``) the dashboard,
+    never from the command line."""
     base = base_url or os.environ.get("KGPU_API_BASE") or _ask("kgpu server (base URL, e.g. https://api.kgpu.net): ")
     try:
         base = config.normalise_base(base)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    token = os.environ.get("KGPU_API_TOKEN") or _read_token()
+    if browser:
+        token = token_from_browser(base, open_browser, BROWSER_WAIT_S)
+        if not token:
+            raise UsageError(f"no token came from the browser within {BROWSER_WAIT_S:.0f} s")
+    else:
+        token = os.environ.get("KGPU_API_TOKEN") or _read_token()
     if not token:
         raise UsageError("no token: set KGPU_API_TOKEN or give it on standard input")
     candidate = config.Login(base, token)

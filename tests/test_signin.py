@@ -5,10 +5,13 @@ admin approves it in the admin page. Screenshots of each page go to $KGPU_SCREEN
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -186,3 +189,76 @@ def test_an_unlisted_email_waits_for_an_admin_then_gets_a_token(server, browser)
     stranger.wait_for_selector("#shared-files a[data-file='papers/notes.txt']")
     assert "12 B" in stranger.text_content("#shared-files")
     screenshot(stranger, "08-approved-dashboard")
+
+
+def _browser_login(base: str, home: Path) -> tuple[subprocess.Popen, str]:
+    """`kgpu login --browser --no-open` started; the address of the page it asks to open."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("KGPU_")}, "XDG_CONFIG_HOME": str(home)}
+    command = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "login", "--browser", "--no-open", "--base-url", base],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    line = command.stderr.readline()
+    found = re.search(r"(http://\S+/view/cli\?port=(\d+)&state=\S+)", line)
+    assert found, line
+    return command, found.group(1)
+
+
+def test_kgpu_login_through_the_browser(server, browser, tmp_path):
+    """`kgpu login --browser`: the person signs in on the page it opens and confirms; the token
+    reaches the command in a form post to its loopback listener, never in a URL."""
+    base = server.base
+    command, url = _browser_login(base, tmp_path)
+    port = int(re.search(r"port=(\d+)", url).group(1))
+    try:
+        # A post without this login's state is refused, and the command keeps waiting.
+        forged = requests.post(f"http://127.0.0.1:{port}/callback", data={"state": "x" * 32, "token": "kgpu_forged"})
+        assert forged.status_code == 400 and command.poll() is None
+        page = new_page(browser)
+        seen = []
+        page.on("request", lambda request: seen.append(request.url))
+        page.goto(url)  # not signed in: the provider first, then back to this page
+        page.fill("input[name=login]", RESEARCHER)
+        page.fill("input[name=password]", "any")
+        page.click("button[type=submit]")
+        page.wait_for_selector("#allow")
+        screenshot(page, "09-kgpu-login")
+        page.click("#allow")
+        page.wait_for_selector("text=The kgpu command has your token")
+        out, err = command.communicate(timeout=60)
+    finally:
+        if command.poll() is None:
+            command.kill()
+    assert command.returncode == 0, err
+    assert RESEARCHER in out
+    saved = json.loads((tmp_path / "kgpu" / "config.json").read_text())
+    assert (tmp_path / "kgpu" / "config.json").stat().st_mode & 0o777 == 0o600
+    me = requests.get(f"{base}/v1/me", headers={"Authorization": f"Bearer {saved['token']}"})
+    assert me.status_code == 200 and me.json()["user"]["email"] == RESEARCHER
+    assert not any(saved["token"] in address for address in seen)  # in a form body only
+
+
+def test_the_handoff_page_refuses_odd_addresses_and_reissues_when_it_cannot_show_the_token(server, browser, tmp_path):
+    base = server.base
+    for query in ("port=80&state=" + "a" * 20, "port=5000&state=short", "port=5000&state=" + "a" * 20 + "&x=1",
+                  "state=" + "a" * 20 + "&port=5000", "port=99999&state=" + "a" * 20):
+        reply = requests.get(f"{base}/view/cli?{query}", headers={"Accept": "application/json"})
+        assert reply.status_code == 400, (query, reply.status_code)
+    # A second browser of a person whose token was issued elsewhere cannot show it: it offers a new one.
+    first = new_page(browser)
+    sign_in(first, base, RESEARCHER)
+    command, url = _browser_login(base, tmp_path)
+    try:
+        second = new_page(browser)
+        sign_in(second, base, RESEARCHER)
+        second.goto(url)
+        second.click("#reissue-for-cli")
+        second.click("#allow")
+        second.wait_for_selector("text=The kgpu command has your token")
+        _, err = command.communicate(timeout=60)
+    finally:
+        if command.poll() is None:
+            command.kill()
+    assert command.returncode == 0, err
+    token = json.loads((tmp_path / "kgpu" / "config.json").read_text())["token"]
+    assert requests.get(f"{base}/v1/me", headers={"Authorization": f"Bearer {token}"}).status_code == 200

@@ -7,6 +7,9 @@ shell uses, with the person's own token.
 
 from __future__ import annotations
 
+import re
+from urllib.parse import urlencode
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import func, select
@@ -23,6 +26,8 @@ from gateway.web_pages import (
 from gateway.web_session import SIGNIN_MAX_AGE_S, WebSession, new_session
 
 router = APIRouter(include_in_schema=False)
+# `kgpu login --browser` waits on this computer's loopback for the token: the page it opens.
+CLI_HANDOFF = re.compile(r"^/view/cli\?port=(?P<port>[0-9]{4,5})&state=(?P<state>[A-Za-z0-9_-]{16,128})$")
 
 
 def _oidc(request: Request) -> signin.OidcClient:
@@ -49,6 +54,13 @@ def root(request: Request) -> Response:
     )
 
 
+def _after_sign_in(target: str | None) -> str:
+    """Where a sign-in ends: /view, or the command-line hand-off page it was started from."""
+    if target and CLI_HANDOFF.match(target):
+        return target
+    return "/view"
+
+
 @router.get("/view/signin")
 async def start_sign_in(request: Request) -> Response:
     try:
@@ -61,7 +73,8 @@ async def start_sign_in(request: Request) -> Response:
     response = see_other(pending.url)
     signer = cookie_signer(request)
     secure = is_secure(request)
-    kept = {"state": pending.state, "nonce": pending.nonce, "code_verifier": pending.code_verifier}
+    kept = {"state": pending.state, "nonce": pending.nonce, "code_verifier": pending.code_verifier,
+            "next": _after_sign_in(request.query_params.get("next"))}
     response.set_cookie(signer.signin_cookie(secure), signer.dump_signin(kept), max_age=SIGNIN_MAX_AGE_S,
                         **signer.cookie_options(secure))
     return response
@@ -90,7 +103,7 @@ async def finish_sign_in(request: Request) -> Response:
     web = await run_in_threadpool(_admit, request, identity)
     if web is None:
         return refusal(request, PageError(403, "account_suspended", "your account is suspended; ask an admin"))
-    response = see_other("/view")
+    response = see_other(_after_sign_in(kept.get("next")))
     response.delete_cookie(signer.signin_cookie(secure), **signer.cookie_options(secure))
     set_session(request, response, web)
     return response
@@ -205,3 +218,52 @@ async def dashboard(request: Request) -> Response:
         return page(request, "pending.html", user=user, web=web, approved_since=True)
     context = await run_in_threadpool(_dashboard_context, request, user)
     return page(request, "dashboard.html", user=user, web=web, api_base=public_base(request), **context)
+
+
+# --- kgpu login --browser -----------------------------------------------------------------------
+
+
+def _cli_handoff(request: Request) -> tuple[int, str]:
+    """The loopback port and state in the query of the hand-off page (and of its reissue form);
+    PageError 400 when they are not sane."""
+    found = CLI_HANDOFF.match(f"/view/cli?{request.url.query}")
+    if found is None or not 1024 <= int(found["port"]) <= 65535:
+        raise PageError(400, "bad_request", "this page is opened by `kgpu login --browser`, with its port and state")
+    return int(found["port"]), found["state"]
+
+
+@router.get("/view/cli")
+async def cli_login(request: Request) -> Response:
+    """Hand the person's token to `kgpu login --browser` on this computer: a form they submit
+    themselves to the command's loopback listener (the token never travels in a URL)."""
+    try:
+        port, state = _cli_handoff(request)
+    except PageError as error:
+        return refusal(request, error)
+    here = f"/view/cli?{urlencode({'port': port, 'state': state})}"
+    found = await run_in_threadpool(current, request)
+    if found is None:
+        return see_other(f"/view/signin?{urlencode({'next': here})}")
+    web, user = found
+    if user.status != "approved":
+        return page(request, "pending.html", user=user, web=web)
+    response = page(request, "cli_login.html", user=user, web=web, port=port, state=state, here=here)
+    # This page's one form goes to the command's listener on the loopback, and only there.
+    response.headers["Content-Security-Policy"] = response.headers["Content-Security-Policy"].replace(
+        "form-action 'self'", f"form-action 'self' http://127.0.0.1:{port}/callback"
+    )
+    return response
+
+
+@router.post("/view/cli/token")
+async def cli_login_token(request: Request) -> Response:
+    """A session that cannot show the token (issued before it began) reissues it for the command."""
+    try:
+        port, state = _cli_handoff(request)
+    except PageError as error:
+        return refusal(request, error)
+    response = await reissue(request)
+    if response.status_code == 303:
+        response.headers["location"] = f"/view/cli?{urlencode({'port': port, 'state': state})}"
+    return response
+
