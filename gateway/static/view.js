@@ -162,7 +162,7 @@ async function loadRentals() {
     if (gpu.phase === "Running") runs = (await api("GET", "/v1/runs?gpu_id=" + encodeURIComponent(gpu.gpu_id))).runs;
     parts.push(`<div class="rental" data-gpu="${esc(gpu.gpu_id)}">
       <div class="head"><strong>${esc(gpu.name)}</strong><span class="badge ${esc(gpu.phase)} phase">${esc(gpu.phase)}</span>
-        <span class="muted">node ${esc(gpu.node)} · ${esc(gpu.gpu_model)}${gpu.gpu_count ? " ×" + gpu.gpu_count : ""} · ${gpu.price_per_hour_credits} credits/h · charged ${gpu.credits_charged}</span>
+        <span class="muted">${gpu.phase === "Queued" ? `queue position ${gpu.queue_position}` : `node ${esc(gpu.node)}`} · ${esc(gpu.gpu_model)}${gpu.gpu_count ? " ×" + gpu.gpu_count : ""} · ${gpu.price_per_hour_credits} credits/h · charged ${gpu.credits_charged}</span>
         <span class="grow"></span><button class="danger" data-return="${esc(gpu.gpu_id)}">Return</button></div>
       ${gpu.phase === "Running" && gpu.ready ? `<form class="row run-form" data-gpu="${esc(gpu.gpu_id)}">
         <label>Command (bash) <input name="command" size="50" required placeholder="nvidia-smi; ls /files"></label>
@@ -213,9 +213,9 @@ document.getElementById("rent-form").addEventListener("submit", async (event) =>
   try {
     const gpu = await api("POST", "/v1/gpus", {
       name: form.get("name"), gpu_model: form.get("gpu_model") || null, duration_hours: Number(form.get("duration_hours")),
-      cpu: "1", memory: "1Gi", ephemeral_storage_gib: 1,
+      cpu: "1", memory: "1Gi", ephemeral_storage_gib: 1, queue: form.get("queue") === "on",
     });
-    status.textContent = `rented ${gpu.gpu_id}`;
+    status.textContent = gpu.phase === "Queued" ? `queued ${gpu.gpu_id} (position ${gpu.queue_position})` : `rented ${gpu.gpu_id}`;
   } catch (error) { status.textContent = "could not rent: " + error.message; }
   loadRentals();
 });
