@@ -373,18 +373,18 @@ def test_a_bootstrap_that_never_reports_does_not_hold_the_rental(docker_pod_clie
         'ENTRYPOINT ["kgpu-bootstrap"]\n'
     )
     image, _ = docker_pod_client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag="kgpu-test-silent-bootstrap:latest", rm=True)
-    backend = DockerPodBackend(docker_pod_client, labels_prefix=DOCKER_TEST_PREFIX, pull=False, bootstrap_timeout_s=3)
+    backend = DockerPodBackend(docker_pod_client, labels_prefix=DOCKER_TEST_PREFIX, pull=False, bootstrap_timeout_s=8)
     spec = PodSpec(rental_id="silent-" + uuid.uuid4().hex[:8], image="kgpu-test-silent-bootstrap:latest",
                    gpu_indices=[], cpu=1, memory_bytes=256 << 20, ephemeral_storage_gib=1)
     ref = backend.start(spec)
     try:
         first = backend.status(ref)
         assert not first.ready and "mounting" in first.reason
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 40
         while not (status := backend.status(ref)).ready:
             assert time.monotonic() < deadline, status
             time.sleep(0.5)
-        assert status.mounts["bootstrap"]["status"] == "failed" and "within 3 s" in status.mounts["bootstrap"]["error"]
+        assert status.mounts["bootstrap"]["status"] == "failed" and "within 8 s" in status.mounts["bootstrap"]["error"]
     finally:
         assert backend.destroy(ref) is None
 
