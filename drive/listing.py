@@ -9,7 +9,7 @@ from urllib.parse import quote
 from drive.store import CommonPrefix, ObjectInfo
 
 # WebDAV's MKCOL leaves this empty object in a new folder so that the folder exists on every
-# store (rclone serve s3 refuses keys ending in '/'). No listing ever shows it (drive/dav.py).
+# store (rclone serve s3 refuses keys ending in '/'). No listing ever shows it (drive/dav/).
 FOLDER_MARKER = ".kgpu-folder"
 
 

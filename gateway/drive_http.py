@@ -332,7 +332,7 @@ async def stream_upload(request: Request, drive: Drive, path: DrivePath) -> JSON
     except BaseException:
         await run_in_threadpool(upload.abort)
         raise
-    invalidate_listing(store, path.key)  # WebDAV's cached listing of the folder (drive/dav.py)
+    invalidate_listing(store, path.key)  # WebDAV's cached listing of the folder (drive/dav/listings.py)
     await run_in_threadpool(upload.commit, result.size)
     return JSONResponse(
         {"path": path.rel, "size": result.size, "etag": result.etag.strip('"'), "parts": result.parts},

@@ -292,7 +292,7 @@ class UsageBook:
         self, prefix: str, quota: int | None, previous_size: int, declared: int | None, step: int
     ) -> "Upload":
         """An :class:`Upload` for a body streamed through the gateway, begun (QuotaExceeded if
-        its declared length does not fit). WebDAV's PUT (drive/dav.py) takes it from here."""
+        its declared length does not fit). WebDAV's PUT (drive/dav/resources.py) takes it from here."""
         upload = Upload(self, prefix, quota, previous_size, declared, step)
         upload.begin()
         return upload

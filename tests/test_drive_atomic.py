@@ -1,5 +1,5 @@
 """Atomic writes (issue 12, item 2): a PUT whose body did not arrive whole never creates or
-replaces an object, on /v1/dav/ (wsgidav, drive/dav.py) and on /v1/files/ (gateway/drive_http.py).
+replaces an object, on /v1/dav/ (wsgidav, drive/dav/) and on /v1/files/ (gateway/drive_http.py).
 
 The server is driven with raw sockets (a client that goes away mid-body, a malformed chunked
 body, a body that stops short of its Content-Length and then stalls) and with curl (a chunked
