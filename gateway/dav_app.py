@@ -75,6 +75,9 @@ FILES_MOUNT = b"/v1/files"
 DAV_MOUNT = b"/v1/dav"
 DAV_METHODS = frozenset({"OPTIONS", "PROPFIND", "PROPPATCH", "MKCOL", "MOVE", "COPY", "LOCK", "UNLOCK"})
 WRITE_METHODS = frozenset({"PUT", "POST", "DELETE", "MKCOL", "PROPPATCH", "MOVE", "LOCK", "UNLOCK"})
+# Every method a drive mount answers (the HTTP routes' and WebDAV's), in the order Allow lists them.
+DRIVE_METHODS = ("GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS",
+                 "PROPFIND", "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK")
 CHALLENGES = [(b"www-authenticate", b'Basic realm="kgpu"'), (b"www-authenticate", b'Bearer realm="kgpu"')]
 WSGI_THREADS = 16
 _CHECK_PREFIX = "users/0/"  # only the shape of a path is checked here; the provider maps it for real
@@ -218,6 +221,11 @@ class DavDispatcher:
             await self.app(scope, receive, send)
             return
         method = scope["method"].upper()
+        if method not in DRIVE_METHODS:
+            allowed = ", ".join(DRIVE_METHODS)
+            await envelope(405, "method_not_allowed", f"{method} is not allowed here; allowed: {allowed}",
+                           {"Allow": allowed})(scope, receive, send)
+            return
         if mount == FILES_MOUNT and method in ("GET", "HEAD") and not _maybe_shared(raw_rel):
             await self.app(scope, receive, send)  # the download redirect: the hot path, left alone
             return

@@ -44,6 +44,11 @@ def test_405_names_every_method_of_the_path(stack, user):
         assert_envelope(reply, 405, "method_not_allowed")
         assert reply.headers["Allow"] == allowed, (method, path, reply.headers["Allow"])
         assert reply.json()["message"] == f"{method} is not allowed here; allowed: {allowed}"
+    drive = "GET, HEAD, PUT, POST, DELETE, OPTIONS, PROPFIND, PROPPATCH, MKCOL, COPY, MOVE, LOCK, UNLOCK"
+    for path in ("/v1/files/a.txt", "/v1/files/", "/v1/dav/a.txt", "/v1/files/shared/x/a.txt"):
+        reply = requests.request("PATCH", f"{stack.base}{path}", headers=user.auth)
+        assert_envelope(reply, 405, "method_not_allowed")
+        assert reply.headers["Allow"] == drive, (path, reply.headers["Allow"])
 
 
 def test_bad_content_length_is_400(stack, user):
