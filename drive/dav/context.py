@@ -36,6 +36,7 @@ DEST_EXISTED_KEY = "kgpu.dav.dest_existed"
 EXTRAS_KEY = "kgpu.dav.extras"  # folder ref URL -> (ref URLs with dead properties, lock roots), this request
 MTIME_KEY = "kgpu.dav.mtime"  # the request's X-OC-Mtime, checked (seconds since the epoch)
 CHECKSUMS_KEY = "kgpu.dav.checksums"  # the request's OC-Checksum, checked
+MTIME_APPLIED_KEY = "kgpu.dav.mtime_applied"  # the write gave a file that time: answer X-OC-Mtime: accepted
 SHARED = "shared"  # the virtual read-only subtree at the root of my drive
 CLOSE_CONNECTION = ("Connection", "close")  # after a body that did not arrive whole: its rest may still be coming
 
@@ -127,7 +128,11 @@ def read_client_facts(environ: dict) -> None:
 
 
 def client_mtime(environ: dict) -> float | None:
-    return environ.get(MTIME_KEY)
+    """The request's X-OC-Mtime; the caller gives it to a file (noted for the answer's header)."""
+    mtime = environ.get(MTIME_KEY)
+    if mtime is not None:
+        environ[MTIME_APPLIED_KEY] = True
+    return mtime
 
 
 def client_checksums(environ: dict) -> tuple[Checksum, ...]:

@@ -15,9 +15,10 @@ from drive.dav import propfind
 from drive.dav.context import (
     CACHE_KEY,
     DEST_EXISTED_KEY,
+    MTIME_APPLIED_KEY,
+    MTIME_KEY,
     SHARED,
     cache_key,
-    client_mtime,
     context_of,
     read_client_facts,
     store_errors,
@@ -89,12 +90,12 @@ class ObjectStoreProvider(DAVProvider):
             default_handler.__self__.allow_propfind_infinite = False
         if method in ("PUT", "COPY", "MOVE"):
             read_client_facts(environ)  # X-OC-Mtime, OC-Checksum: 400 before anything is written
-        if client_mtime(environ) is not None:
+        if environ.get(MTIME_KEY) is not None:
             mtime_start_response = start_response
 
             def start_response(status, headers, exc_info=None):
                 # What ownCloud clients look for; rclone sends a PROPPATCH of the time without it.
-                if status.startswith("2"):
+                if status.startswith("2") and environ.get(MTIME_APPLIED_KEY):
                     headers = [*headers, ("X-OC-Mtime", "accepted")]
                 return mtime_start_response(status, headers, exc_info)
 
