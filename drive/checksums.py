@@ -58,8 +58,9 @@ def parse_oc_checksum(value: str) -> tuple[Checksum, ...]:
 
 
 class Hashes:
-    """SHA1 and MD5 of a body fed in order, part by part (hashlib releases the GIL on large
-    parts, so a part is hashed in a worker thread while the event loop goes on)."""
+    """SHA1 and MD5 of a body fed in order, part by part. hashlib releases the GIL on large
+    parts, so each can run in a worker thread of its own (:meth:`update_sha1`,
+    :meth:`update_md5`) while the part uploads and the event loop goes on."""
 
     def __init__(self) -> None:
         self._sha1 = hashlib.sha1()
@@ -67,6 +68,12 @@ class Hashes:
 
     def update(self, data: bytes) -> None:
         self._sha1.update(data)
+        self._md5.update(data)
+
+    def update_sha1(self, data: bytes) -> None:
+        self._sha1.update(data)
+
+    def update_md5(self, data: bytes) -> None:
         self._md5.update(data)
 
     @property

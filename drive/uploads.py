@@ -121,8 +121,9 @@ async def stream_to_store(
 ) -> UploadResult:
     """Stream ``chunks`` to ``key``; the object is created or replaced only if the body
     is complete, and its SHA1 and MD5 are the ``expected`` ones (:class:`ChecksumMismatch`
-    otherwise). Each part is hashed in a worker thread while another one uploads it, in order
-    (one part is in flight at a time). ``idle_timeout`` defaults to :data:`BODY_IDLE_TIMEOUT`."""
+    otherwise). Each part's SHA1 and MD5 are computed in worker threads of their own while a
+    third uploads it (one part is in flight at a time, so they see the parts in order).
+    ``idle_timeout`` defaults to :data:`BODY_IDLE_TIMEOUT`."""
     pending: list[bytes] = []  # chunks of the part being collected, joined once when it is full
     pending_size = 0
     received = 0
@@ -132,9 +133,11 @@ async def stream_to_store(
     hashes = Hashes()
 
     async def upload_and_hash(number: int, data: bytes) -> UploadedPart:
-        part, _ = await asyncio.gather(
+        # Three threads: the part's upload, its SHA1 and its MD5 (the next part waits for all three).
+        part, _, _ = await asyncio.gather(
             run_in_threadpool(store.upload_part, key, upload_id, number, data),
-            run_in_threadpool(hashes.update, data),
+            run_in_threadpool(hashes.update_sha1, data),
+            run_in_threadpool(hashes.update_md5, data),
         )
         return part
 
