@@ -6,6 +6,7 @@ import html
 from typing import Iterable
 from urllib.parse import quote
 
+from drive.facts import Facts
 from drive.store import CommonPrefix, ObjectInfo
 
 # WebDAV's MKCOL leaves this empty object in a new folder so that the folder exists on every
@@ -18,19 +19,27 @@ def is_hidden(key: str) -> bool:
     return key == FOLDER_MARKER or key.endswith("/" + FOLDER_MARKER)
 
 
-def entry_json(entry: ObjectInfo | CommonPrefix, drive_prefix: str) -> dict:
+def iso_time(moment) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def entry_json(entry: ObjectInfo | CommonPrefix, drive_prefix: str, facts: Facts | None = None) -> dict:
+    """One listed entry; ``facts`` (drive/facts.py): the file's modification time and hashes."""
     if isinstance(entry, CommonPrefix):
         rel = entry.prefix[len(drive_prefix) :]
         return {"name": rel.rstrip("/").rsplit("/", 1)[-1], "path": rel, "type": "dir"}
     rel = entry.key[len(drive_prefix) :]
-    return {
+    item = {
         "name": rel.rsplit("/", 1)[-1],
         "path": rel,
         "type": "file",
         "size": entry.size,
         "etag": entry.etag.strip('"'),
-        "last_modified": entry.last_modified.isoformat().replace("+00:00", "Z"),
+        "last_modified": iso_time(facts.mtime if facts is not None else entry.last_modified),
     }
+    if facts is not None and facts.has_hashes:
+        item["sha1"], item["md5"] = facts.sha1, facts.md5
+    return item
 
 
 def html_head(title: str) -> str:

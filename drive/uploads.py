@@ -23,7 +23,8 @@ from typing import AsyncIterator
 
 from starlette.concurrency import run_in_threadpool
 
-from drive.store import ObjectStore, UploadedPart
+from drive.checksums import Checksum, Hashes
+from drive.store import ObjectStore, StoreError, UploadedPart
 
 MiB = 1 << 20
 MAX_PARTS = 10_000
@@ -91,8 +92,10 @@ class _IdleWatch:
 @dataclass(frozen=True)
 class UploadResult:
     size: int
-    etag: str
+    etag: str  # as the store lists the object (after a multipart upload, read back: stores differ)
     parts: int  # 0 for a single PUT
+    sha1: str = ""
+    md5: str = ""
 
 
 def choose_part_size(content_length: int | None, part_size: int, unknown_length_part_size: int) -> int:
@@ -114,15 +117,34 @@ async def stream_to_store(
     part_size: int,
     max_bytes: int | None = None,
     idle_timeout: float | None = None,
+    expected: tuple[Checksum, ...] = (),
 ) -> UploadResult:
     """Stream ``chunks`` to ``key``; the object is created or replaced only if the body
-    is complete. ``idle_timeout`` defaults to :data:`BODY_IDLE_TIMEOUT`."""
+    is complete, and its SHA1 and MD5 are the ``expected`` ones (:class:`ChecksumMismatch`
+    otherwise). Each part's SHA1 and MD5 are computed in worker threads of their own while a
+    third uploads it (one part is in flight at a time, so they see the parts in order).
+    ``idle_timeout`` defaults to :data:`BODY_IDLE_TIMEOUT`."""
     pending: list[bytes] = []  # chunks of the part being collected, joined once when it is full
     pending_size = 0
     received = 0
     upload_id: str | None = None
     parts: list[UploadedPart] = []
     in_flight: asyncio.Future | None = None
+    hashes = Hashes()
+
+    async def upload_and_hash(number: int, data: bytes) -> UploadedPart:
+        # Three threads: the part's upload, its SHA1 and its MD5 (the next part waits for all three).
+        part, _, _ = await asyncio.gather(
+            run_in_threadpool(store.upload_part, key, upload_id, number, data),
+            run_in_threadpool(hashes.update_sha1, data),
+            run_in_threadpool(hashes.update_md5, data),
+        )
+        return part
+
+    def check_then_put(data: bytes) -> str:
+        hashes.update(data)
+        hashes.check(expected)  # before the store sees a byte: a mismatch stores nothing
+        return store.put_object(key, data, content_type)
 
     async def send_part(data: bytes) -> None:
         nonlocal upload_id, in_flight
@@ -133,7 +155,7 @@ async def stream_to_store(
         number = len(parts) + 1
         if number > MAX_PARTS:
             raise UploadTooLarge(f"body needs more than {MAX_PARTS} parts of {part_size} bytes")
-        in_flight = asyncio.ensure_future(run_in_threadpool(store.upload_part, key, upload_id, number, data))
+        in_flight = asyncio.ensure_future(upload_and_hash(number, data))
 
     watch = _IdleWatch(BODY_IDLE_TIMEOUT if idle_timeout is None else idle_timeout)
     iterator = chunks.__aiter__()
@@ -169,16 +191,24 @@ async def stream_to_store(
         rest = b"".join(pending)
         pending = []
         if upload_id is None:
-            etag = await run_in_threadpool(store.put_object, key, rest, content_type)
-            return UploadResult(size=received, etag=etag, parts=0)
+            etag = await run_in_threadpool(check_then_put, rest)
+            return UploadResult(size=received, etag=etag, parts=0, sha1=hashes.sha1, md5=hashes.md5)
         if rest:
             await send_part(rest)
         del rest
         if in_flight is not None:
             parts.append(await in_flight)
             in_flight = None
+        hashes.check(expected)  # the parts are aborted below: a mismatch stores nothing
         etag = await run_in_threadpool(store.complete_multipart, key, upload_id, parts)
-        return UploadResult(size=received, etag=etag, parts=len(parts))
+        upload_id = None  # committed: nothing to abort any more
+        try:
+            listed = await run_in_threadpool(store.head, key)
+        except StoreError:
+            listed = None  # committed all the same; its facts will simply not match
+        if listed is not None and listed.size == received:
+            etag = listed.etag
+        return UploadResult(size=received, etag=etag, parts=len(parts), sha1=hashes.sha1, md5=hashes.md5)
     except BaseException as exc:
         timed_out = watch.fired and isinstance(exc, asyncio.CancelledError)
         if timed_out:

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
+from drive.facts import FactsBook
 from drive.store import ObjectStore
 from drive.store.embedded import EmbeddedS3Server, EmbeddedStore
 from drive.store.s3 import S3ObjectStore
@@ -22,6 +23,7 @@ from gateway.errors import RequestIdMiddleware, install_error_handlers
 from gateway.fast_download import FastDownload
 from gateway.quota import UsageBook
 from gateway.inventory import load_inventory
+from gateway.models import ObjectFact
 from gateway.openapi import install as install_openapi
 from gateway.pods import PodBackend
 from gateway.pods.network import pod_host_address
@@ -171,6 +173,7 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
         install_signin(app, settings)
         app.state.authenticator = Authenticator(sessions, settings.admin_token, settings.auth_cache_seconds)
         app.state.usage = UsageBook(sessions, active_store, settings.quota_reconcile_seconds)
+        app.state.facts = FactsBook(sessions, ObjectFact.__table__)
         app.state.rentals = Rentals(
             settings,
             sessions,

@@ -83,6 +83,7 @@ WSGI_THREADS = 16
 _CHECK_PREFIX = "users/0/"  # only the shape of a path is checked here; the provider maps it for real
 _PARAGRAPH = re.compile(rb"<p>(.*?)</p>", re.S)
 _STATUS_PREFIX = re.compile(r"^\d{3} [^:]*: ")
+_CODED = re.compile(r"^\[([a-z_]+)\] ")  # drive.dav.context.coded_error: the error_code the HTTP routes use
 MAX_HTML_ERROR_BYTES = 64 << 10
 
 
@@ -373,6 +374,7 @@ class DavDispatcher:
             part_size=settings.upload_part_bytes,
             unknown_length_part_size=settings.upload_unknown_length_part_bytes,
             presign_expires=settings.presign_expires_seconds,
+            facts=state.facts,
         )
 
         no_depth = method == "PROPFIND" and _header(scope, b"depth") is None
@@ -451,6 +453,9 @@ def _envelope_for(start: Message, page: bytes, method: str, rel: str) -> Respons
         message, code = "internal server error", "internal_error" if status == 500 else code
     else:
         message = said or code.replace("_", " ")
+    coded = _CODED.match(message)
+    if coded:
+        code, message = coded.group(1), message[coded.end() :]
     headers = {}
     for name, value in start["headers"]:
         if name.lower() in (b"retry-after", b"connection", b"www-authenticate", b"allow", b"dav"):

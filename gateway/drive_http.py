@@ -26,7 +26,9 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import ClientDisconnect
 
 from drive import keys, listing
+from drive.checksums import Checksum, ChecksumMismatch, InvalidChecksum, digest_header, parse_oc_checksum
 from drive.dav import invalidate_listing
+from drive.facts import FactsBook, InvalidMtime, parse_mtime, resolve
 from drive.keys import DrivePath
 from drive.store import ObjectInfo, ObjectStore, StoreUnavailable, delete_prefix
 from drive.uploads import IncompleteBody, UploadTooLarge, choose_part_size, stream_to_store
@@ -101,6 +103,32 @@ def _expires(request: Request) -> int:
     return request.app.state.settings.presign_expires_seconds
 
 
+def _facts(request: Request) -> FactsBook:
+    return request.app.state.facts
+
+
+def client_mtime(request: Request) -> float | None:
+    """The modification time a client gives its upload (``X-OC-Mtime``, seconds since the epoch)."""
+    value = request.headers.get("x-oc-mtime")
+    if value is None:
+        return None
+    try:
+        return parse_mtime(value)
+    except InvalidMtime as exc:
+        raise ApiError(400, "bad_mtime", str(exc)) from None
+
+
+def client_checksums(request: Request) -> tuple[Checksum, ...]:
+    """The hashes a client announces for its body (``OC-Checksum: SHA1:…``), checked before commit."""
+    value = request.headers.get("oc-checksum")
+    if value is None:
+        return ()
+    try:
+        return parse_oc_checksum(value)
+    except InvalidChecksum as exc:
+        raise ApiError(400, "bad_checksum", str(exc)) from None
+
+
 def quota_refusal(message: str) -> ApiError:
     return ApiError(413, "quota_exceeded", message, {"Connection": "close"})
 
@@ -138,18 +166,22 @@ def hold_for_presigned_put(
 def flat_listing(
     request: Request, drive: Drive, list_prefix: str, glob: str | None, first_page, header: dict
 ) -> StreamingResponse:
-    """Every file under ``list_prefix`` as one JSON document, streamed page by page after ``header``."""
+    """Every file under ``list_prefix`` as one JSON document, streamed page by page after ``header``
+    (each page's facts read with one range query)."""
     store = _store(request)
+    facts = _facts(request)
 
     def body() -> Iterator[bytes]:
         yield json.dumps(header)[:-1].encode() + b', "files": ['
         count = total = 0
         page = first_page
         while True:
-            for entry in page.entries:
-                if not isinstance(entry, ObjectInfo) or listing.is_hidden(entry.key):
+            objects = [entry for entry in page.entries if isinstance(entry, ObjectInfo)]
+            rows = facts.between(objects[0].key, objects[-1].key) if objects else {}
+            for entry in objects:
+                if listing.is_hidden(entry.key):
                     continue
-                item = listing.entry_json(entry, drive.prefix)
+                item = listing.entry_json(entry, drive.prefix, resolve(entry, rows.get(entry.key)))
                 if glob is not None and not fnmatch.fnmatchcase(item["path"], glob):
                     continue
                 del item["name"], item["type"]
@@ -171,12 +203,14 @@ async def folder(request: Request, drive: Drive, path: DrivePath, title: str) ->
         raise ApiError(404, "not_found", f"no folder {path.rel}")
 
     def items() -> Iterator[dict]:
+        rows = _facts(request).in_folder(path.key)
         page = first
         while True:
             for entry in page.entries:
                 if isinstance(entry, ObjectInfo) and (entry.key == path.key or listing.is_hidden(entry.key)):
                     continue  # a folder marker object is not a child of itself
-                yield listing.entry_json(entry, drive.prefix)
+                facts = resolve(entry, rows.get(entry.key)) if isinstance(entry, ObjectInfo) else None
+                yield listing.entry_json(entry, drive.prefix, facts)
             if not page.next_token:
                 return
             page = store.list_page(path.key, "/", page.next_token)
@@ -205,16 +239,18 @@ async def head(request: Request, drive: Drive) -> Response:
     info = await run_in_threadpool(_store(request).head, path.key)
     if info is None:
         return Response(status_code=404)
-    return Response(
-        status_code=200,
-        headers={
-            "Content-Length": str(info.size),
-            "Content-Type": info.content_type or "application/octet-stream",
-            "ETag": info.etag,
-            "Last-Modified": info.last_modified.strftime("%a, %d %b %Y %H:%M:%S GMT"),
-            "Accept-Ranges": "bytes",
-        },
-    )
+    facts = await run_in_threadpool(_facts(request).facts_of, info)
+    headers = {
+        "Content-Length": str(info.size),
+        "Content-Type": info.content_type or "application/octet-stream",
+        "ETag": info.etag,
+        "Last-Modified": facts.mtime.strftime("%a, %d %b %Y %H:%M:%S GMT"),
+        "Accept-Ranges": "bytes",
+    }
+    if facts.has_hashes:
+        headers["OC-Checksum"] = f"SHA1:{facts.sha1}"
+        headers["Digest"] = digest_header(facts.sha1, facts.md5)
+    return Response(status_code=200, headers=headers)
 
 
 async def get(request: Request, drive: Drive) -> Response:
@@ -295,9 +331,14 @@ async def _drain(request: Request) -> None:
 
 
 async def stream_upload(request: Request, drive: Drive, path: DrivePath) -> JSONResponse:
+    """The body streamed through to the store and hashed on the way (SHA1, MD5): committed only
+    whole and, with ``OC-Checksum``, only if it is what the client announced; ``X-OC-Mtime``
+    becomes its modification time."""
     state = request.app.state
     store = _store(request)
     length = _content_length(request)
+    mtime = client_mtime(request)
+    expected = client_checksums(request)
     previous = await run_in_threadpool(store.head, path.key)
     try:
         upload = await run_in_threadpool(open_upload, request, drive, previous, length)
@@ -318,7 +359,10 @@ async def stream_upload(request: Request, drive: Drive, path: DrivePath) -> JSON
                 content_length=length,
                 content_type=_content_type(request, path),
                 part_size=part_size,
+                expected=expected,
             )
+        except ChecksumMismatch as exc:
+            raise ApiError(400, "checksum_mismatch", str(exc)) from None
         except UploadTooLarge as exc:
             await _drain(request)
             raise quota_refusal(str(exc)) from None
@@ -334,9 +378,25 @@ async def stream_upload(request: Request, drive: Drive, path: DrivePath) -> JSON
         raise
     invalidate_listing(store, path.key)  # WebDAV's cached listing of the folder (drive/dav/listings.py)
     await run_in_threadpool(upload.commit, result.size)
+    await run_in_threadpool(
+        _facts(request).record,
+        path.key,
+        etag=result.etag,
+        size=result.size,
+        mtime=mtime,
+        sha1=result.sha1,
+        md5=result.md5,
+    )
+    body = {
+        "path": path.rel,
+        "size": result.size,
+        "etag": result.etag.strip('"'),
+        "parts": result.parts,
+        "sha1": result.sha1,
+        "md5": result.md5,
+    }
     return JSONResponse(
-        {"path": path.rel, "size": result.size, "etag": result.etag.strip('"'), "parts": result.parts},
-        status_code=200 if previous else 201,
+        body, status_code=200 if previous else 201, headers={"X-OC-Mtime": "accepted"} if mtime is not None else None
     )
 
 
@@ -353,12 +413,19 @@ def _file_path(request: Request, drive: Drive, method: str) -> DrivePath:
 async def put(request: Request, drive: Drive) -> Response:
     path = _file_path(request, drive, "PUT")
     length = _content_length(request)
-    if request.headers.get("expect", "").lower() == "100-continue" and length is not None:
+    mtime = client_mtime(request)
+    # A body the client wants verified (OC-Checksum) must pass through the gateway: streamed.
+    redirect = not client_checksums(request)
+    if redirect and request.headers.get("expect", "").lower() == "100-continue" and length is not None:
         # Answered before the body is read: uvicorn sends 100 Continue only when the app reads.
         store = _store(request)
         previous = await _previous_unless_folder(store, path)
         # The body goes straight to the store: its declared length is held until it appears.
         await run_in_threadpool(hold_for_presigned_put, request, drive, path, length, previous)
+        if mtime is not None:  # the object's time once it appears with that length (no hash)
+            await run_in_threadpool(
+                _facts(request).hand_out, path.key, size=length, mtime=mtime, expires_in=_expires(request)
+            )
         # The length is signed into the URL: a store that checks signatures (R2, the embedded
         # rclone) refuses a body of another size, so the hold covers whatever arrives.
         # The client writes straight to the store: WebDAV's cached listing of the folder may miss
@@ -378,10 +445,22 @@ async def post(request: Request, drive: Drive) -> Response:
     declared = request.headers.get("x-content-length")
     if declared is not None and not (declared.isdigit() and len(declared) <= 18):
         raise ApiError(400, "bad_content_length", "X-Content-Length must be a non-negative integer")
+    mtime = client_mtime(request)
+    if mtime is not None and declared is None:
+        raise ApiError(400, "mtime_needs_length", "X-OC-Mtime on a mint needs the size too (X-Content-Length)")
+    if client_checksums(request):
+        raise ApiError(
+            400,
+            "checksum_unverifiable",
+            "a minted URL sends the bytes straight to the store, where no hash is checked; send the body "
+            "through the gateway (POST or PUT with it) to have OC-Checksum verified",
+        )
     store = _store(request)
     previous = await _previous_unless_folder(store, path)
     size = int(declared) if declared is not None else None
     await run_in_threadpool(hold_for_presigned_put, request, drive, path, size, previous)
+    if mtime is not None:
+        await run_in_threadpool(_facts(request).hand_out, path.key, size=size, mtime=mtime, expires_in=_expires(request))
     content_type = request.headers.get("x-content-type") or mimetypes.guess_type(path.name)[0]
     return JSONResponse(
         {
@@ -406,12 +485,14 @@ async def delete(request: Request, drive: Drive) -> Response:
         if info is not None:
             await run_in_threadpool(store.delete, path.key)
             invalidate_listing(store, path.key)
+            await run_in_threadpool(_facts(request).forget, path.key)
             await run_in_threadpool(usage.add, drive.prefix, -info.size)
             return Response(status_code=204)
     folder_key = path.key if path.is_dir else path.key + "/"
 
     count, freed = await run_in_threadpool(delete_prefix, store, folder_key)
     invalidate_listing(store, folder_key)
+    await run_in_threadpool(_facts(request).forget_under, folder_key)
     if count == 0:
         raise ApiError(404, "not_found", f"no file or folder {path.rel}")
     await run_in_threadpool(usage.add, drive.prefix, -freed)

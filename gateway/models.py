@@ -209,3 +209,24 @@ class DavLock(Base):
     owner: Mapped[bytes] = mapped_column(LargeBinary)  # the client's <owner> XML
     timeout: Mapped[float] = mapped_column(Float)  # seconds, as granted
     expire: Mapped[float] = mapped_column(Float, index=True)  # when it runs out, seconds since the epoch
+
+
+class ObjectFact(Base):
+    """What the gateway knows of an object beyond what the store lists (drive/facts.py): the
+    modification time a client gave and the SHA1 and MD5 of bytes that passed through it. Valid
+    only while the object's ETag and size are still these; ``pending_*``: a presigned PUT handed
+    out with a modification time, taken once an object of that size appears."""
+
+    __tablename__ = "object_facts"
+
+    key: Mapped[str] = mapped_column(DAV_URL, primary_key=True)  # the object key, "users/7/a/b.txt"
+    folder: Mapped[str] = mapped_column(DAV_URL, index=True)  # the key's folder, "users/7/a/"
+    etag: Mapped[str | None] = mapped_column(String(200), nullable=True)  # unquoted, as the store lists it
+    size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    mtime: Mapped[float | None] = mapped_column(Float, nullable=True)  # seconds since the epoch; None: the store's
+    sha1: Mapped[str | None] = mapped_column(String(40), nullable=True)  # lowercase hex
+    md5: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    pending_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    pending_mtime: Mapped[float | None] = mapped_column(Float, nullable=True)
+    pending_since: Mapped[float | None] = mapped_column(Float, nullable=True)  # when the URL was handed out
+    pending_until: Mapped[float | None] = mapped_column(Float, nullable=True)  # when it expires

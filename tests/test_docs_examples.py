@@ -100,6 +100,8 @@ def test_my_drive_examples(stack, user, tmp_path):
     assert_sha256_checks_passed("my-drive.md", out)
     assert "python round trip: sha256 OK" in out
     assert "HTTP 413" in out and "quota_exceeded" in out
+    assert "stamped upload: HTTP 201" in out and "Mon, 06 May 2024 07:08:09 GMT" in out
+    assert re.search(r"^oc-checksum: SHA1:[0-9a-f]{40}\s*$", out, re.M | re.I) and "checksum_mismatch" in out
     assert re.search(r"^x-request-id: my-trace-42\s*$", out, re.M | re.I)
     assert "curl exit code 22" in out and "HEAD: HTTP 404" in out
     assert re.search(r"^x-deleted-count: 2\s*$", out, re.M | re.I)

@@ -634,6 +634,9 @@ def test_propfind_depth_1_fast_path_matches_wsgidav(stack, user, monkeypatch):
         put(stack, user, f"odd/{sub}/inner.txt", b"z")
     assert dav("MKCOL", f"{base}/odd/empty%20one", user).status_code == 201
     put(stack, user, "top.txt", b"t")
+    stamped = requests.put(f"{base}/odd/stamped.txt", data=b"s", headers={**user.auth, "X-OC-Mtime": "1600000000"})
+    assert stamped.status_code == 201  # a kept modification time, and hashes (oc:checksums), in the fast path
+    stack.store.put_object(f"users/{user.id}/odd/behind.txt", b"b")  # no facts: the store's time, no hash
     real = dav_module.fast_propfind
     used = []
 
@@ -673,8 +676,9 @@ def test_propfind_depth_1_fast_path_matches_wsgidav(stack, user, monkeypatch):
             if url.endswith("/odd/") and body is None:
                 hrefs = [r.find(f"{D}href").text for r in parsed.iter(f"{D}response")]
                 assert {unquote(h[len("/v1/files/odd/") :]).rstrip("/") for h in hrefs[1:]} == {
-                    *odd, "sub dir", "ü#%41 😀", "plain", "empty one"
+                    *odd, "sub dir", "ü#%41 😀", "plain", "empty one", "stamped.txt", "behind.txt"
                 }
+                assert b"Sun, 13 Sep 2020 12:26:40 GMT" in fast.content
     monkeypatch.setattr(dav_module, "fast_propfind", real)
     for bad in (b"<D:propfind xmlns:D='DAV:'><D:prop>", b"<D:other xmlns:D='DAV:'/>"):
         assert dav("PROPFIND", f"{base}/odd/", user, headers={"Depth": "1"}, data=bad).status_code == 400

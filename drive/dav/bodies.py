@@ -17,7 +17,8 @@ from wsgidav.dav_error import (
     DAVError,
 )
 
-from drive.dav.context import CLOSE_CONNECTION, store_errors
+from drive.checksums import ChecksumMismatch
+from drive.dav.context import CLOSE_CONNECTION, client_checksums, coded_error, store_errors
 from drive.store import ObjectStore
 from drive.uploads import BodyTimeout, IncompleteBody, UploadTooLarge, receive_body, stream_to_store
 
@@ -52,6 +53,8 @@ class BodyWriter:
         self.max_bytes = max_bytes
         self.size = 0
         self.etag: str | None = None
+        self.sha1: str | None = None
+        self.md5: str | None = None
 
     def writelines(self, _wsgi_chunks) -> None:
         # _wsgi_chunks is wsgidav's lazy reader of wsgi.input: never started, so nothing is read twice.
@@ -66,18 +69,22 @@ class BodyWriter:
             content_type=self.content_type,
             part_size=self.part_size,
             max_bytes=self.max_bytes,
+            expected=client_checksums(self.environ),
         )
         try:
             with store_errors():
                 result = asyncio.run_coroutine_threadsafe(upload, body.loop).result()
         except UploadTooLarge as exc:
             raise DAVError(HTTP_REQUEST_ENTITY_TOO_LARGE, str(exc), add_headers=[CLOSE_CONNECTION]) from None
+        except ChecksumMismatch as exc:
+            raise coded_error(HTTP_BAD_REQUEST, "checksum_mismatch", str(exc)) from None
         except BodyTimeout as exc:
             raise DAVError(HTTP_REQUEST_TIMEOUT, str(exc), add_headers=[CLOSE_CONNECTION]) from None
         except IncompleteBody as exc:
             raise DAVError(HTTP_BAD_REQUEST, str(exc), add_headers=[CLOSE_CONNECTION]) from None
         self.environ["wsgidav.all_input_read"] = 1
         self.size, self.etag = result.size, result.etag
+        self.sha1, self.md5 = result.sha1, result.md5
 
     def write(self, data: bytes) -> None:
         raise NotImplementedError("BodyWriter reads the body itself: wsgidav calls writelines")

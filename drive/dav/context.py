@@ -23,7 +23,9 @@ from wsgidav.dav_error import (
     DAVError,
 )
 
+from drive.checksums import Checksum, InvalidChecksum, parse_oc_checksum
 from drive.dav.listings import invalidate_listing
+from drive.facts import FactsBook, InvalidMtime, parse_mtime
 from drive.keys import InvalidPath
 from drive.store import ObjectNotFound, ObjectStore, StoreUnavailable
 from drive.uploads import UploadTooLarge
@@ -32,6 +34,9 @@ ENVIRON_KEY = "kgpu.dav"
 CACHE_KEY = "kgpu.dav.cache"  # path -> resource, this request
 DEST_EXISTED_KEY = "kgpu.dav.dest_existed"
 EXTRAS_KEY = "kgpu.dav.extras"  # folder ref URL -> (ref URLs with dead properties, lock roots), this request
+MTIME_KEY = "kgpu.dav.mtime"  # the request's X-OC-Mtime, checked (seconds since the epoch)
+CHECKSUMS_KEY = "kgpu.dav.checksums"  # the request's OC-Checksum, checked
+MTIME_APPLIED_KEY = "kgpu.dav.mtime_applied"  # the write gave a file that time: answer X-OC-Mtime: accepted
 SHARED = "shared"  # the virtual read-only subtree at the root of my drive
 CLOSE_CONNECTION = ("Connection", "close")  # after a body that did not arrive whole: its rest may still be coming
 
@@ -49,6 +54,7 @@ class DavContext:
     part_size: int = 8 << 20
     unknown_length_part_size: int = 16 << 20
     presign_expires: int = 3600
+    facts: FactsBook | None = None  # modification times and checksums (drive/facts.py)
     _orgs: list[str] | None = field(default=None, repr=False)
 
     def org_slugs(self) -> list[str]:
@@ -96,6 +102,41 @@ def store_errors() -> Iterator[None]:
 
 def context_of(environ: dict) -> DavContext:
     return environ[ENVIRON_KEY]
+
+
+def coded_error(status: int, code: str, message: str, **extra) -> DAVError:
+    """A DAVError whose envelope carries ``code`` as its error_code (gateway/dav_app.py), the same
+    one the HTTP routes answer for the same mistake."""
+    return DAVError(status, f"[{code}] {message}", **extra)
+
+
+def read_client_facts(environ: dict) -> None:
+    """Check the ``X-OC-Mtime`` and ``OC-Checksum`` a client sent (400 with bad_mtime or
+    bad_checksum) and keep them in the environ for the write that follows."""
+    mtime = environ.get("HTTP_X_OC_MTIME")
+    if mtime is not None:
+        try:
+            environ[MTIME_KEY] = parse_mtime(mtime)
+        except InvalidMtime as exc:
+            raise coded_error(HTTP_BAD_REQUEST, "bad_mtime", str(exc)) from None
+    checksum = environ.get("HTTP_OC_CHECKSUM")
+    if checksum is not None:
+        try:
+            environ[CHECKSUMS_KEY] = parse_oc_checksum(checksum)
+        except InvalidChecksum as exc:
+            raise coded_error(HTTP_BAD_REQUEST, "bad_checksum", str(exc)) from None
+
+
+def client_mtime(environ: dict) -> float | None:
+    """The request's X-OC-Mtime; the caller gives it to a file (noted for the answer's header)."""
+    mtime = environ.get(MTIME_KEY)
+    if mtime is not None:
+        environ[MTIME_APPLIED_KEY] = True
+    return mtime
+
+
+def client_checksums(environ: dict) -> tuple[Checksum, ...]:
+    return environ.get(CHECKSUMS_KEY, ())
 
 
 def invalidate_after_write(environ: dict, *changed_keys: str) -> None:

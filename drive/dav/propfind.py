@@ -16,8 +16,10 @@ from wsgidav.dav_error import DAVError
 
 from drive.dav.context import EXTRAS_KEY, SHARED, context_of, guess_type
 from drive.dav.listings import listing_cache
-from drive.dav.resources import FolderResource, SharedRoot
+from drive.checksums import oc_checksums_text
+from drive.dav.resources import OC_CHECKSUMS, FolderResource, SharedRoot, folder_fact_rows
 from drive.dav.storage import note_folder_extras
+from drive.facts import resolve
 from drive.listing import is_hidden
 from drive.store import CommonPrefix, ObjectInfo
 
@@ -120,6 +122,7 @@ def fast_propfind(provider: ObjectStoreProvider, environ: dict, start_response):
     base = folder.location.key
     entries = listing_cache(ctx.store).entries(ctx.store, base)
     note_folder_extras(folder)
+    fact_rows = folder_fact_rows(folder)
     folder_url = unquote(folder.get_ref_url()).rstrip("/") or "/"
     found = environ.get(EXTRAS_KEY, {}).get(folder_url)
     if found is None:
@@ -204,9 +207,16 @@ def fast_propfind(provider: ObjectStoreProvider, environ: dict, start_response):
 
     collection_xml, supported_xml = _Xml(collection), _Xml(supported)
 
+    checksums_tag = tags.get(OC_CHECKSUMS)
+    if checksums_tag is not None:
+        checksum_tag = checksums_tag.partition(":")[0] + ":checksum"
+        checksums_open = f"<{checksums_tag}><{checksum_tag}>"
+        checksums_close = f"</{checksum_tag}></{checksums_tag}>"
+
     def file_values(name: str, info: ObjectInfo) -> list:
         etag = info.etag.strip('"') if info.etag else None
-        modified = info.last_modified
+        facts = resolve(info, fact_rows.get(info.key))
+        modified = facts.mtime
         known = {
             "{DAV:}resourcetype": "",
             "{DAV:}getcontentlength": str(info.size),
@@ -217,6 +227,12 @@ def fast_propfind(provider: ObjectStoreProvider, environ: dict, start_response):
             "{DAV:}lockdiscovery": None,
             "{DAV:}supportedlock": supported_xml,
         }
+        if checksums_tag is not None:
+            known[OC_CHECKSUMS] = (
+                _Xml(checksums_open + oc_checksums_text(facts.sha1, facts.md5) + checksums_close)
+                if facts.has_hashes
+                else _NOT_FOUND
+            )
         if names is None:
             return [(n, v) for n, v in ((n, known[n]) for n in _FILE_ALLPROP) if v is not _NOT_FOUND]
         return [(n, known.get(n, _NOT_FOUND)) for n in names]

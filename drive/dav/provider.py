@@ -12,7 +12,17 @@ from wsgidav.dav_provider import DAVProvider
 
 from drive import keys
 from drive.dav import propfind
-from drive.dav.context import CACHE_KEY, DEST_EXISTED_KEY, SHARED, cache_key, context_of, store_errors
+from drive.dav.context import (
+    CACHE_KEY,
+    DEST_EXISTED_KEY,
+    MTIME_APPLIED_KEY,
+    MTIME_KEY,
+    SHARED,
+    cache_key,
+    context_of,
+    read_client_facts,
+    store_errors,
+)
 from drive.dav.resources import FileResource, FolderResource, SharedRoot
 from drive.keys import DrivePath
 from drive.listing import FOLDER_MARKER
@@ -78,6 +88,17 @@ class ObjectStoreProvider(DAVProvider):
         if method == "PROPFIND":
             # RFC 4918 9.1: a server may refuse Depth: infinity (403 propfind-finite-depth).
             default_handler.__self__.allow_propfind_infinite = False
+        if method in ("PUT", "COPY", "MOVE"):
+            read_client_facts(environ)  # X-OC-Mtime, OC-Checksum: 400 before anything is written
+        if environ.get(MTIME_KEY) is not None:
+            mtime_start_response = start_response
+
+            def start_response(status, headers, exc_info=None):
+                # What ownCloud clients look for; rclone sends a PROPPATCH of the time without it.
+                if status.startswith("2") and environ.get(MTIME_APPLIED_KEY):
+                    headers = [*headers, ("X-OC-Mtime", "accepted")]
+                return mtime_start_response(status, headers, exc_info)
+
         if method in ("COPY", "MOVE"):
             plain_start_response = start_response
 

@@ -20,19 +20,29 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from wsgidav import util
-from wsgidav.dav_error import HTTP_FORBIDDEN, HTTP_NOT_FOUND, HTTP_REQUEST_ENTITY_TOO_LARGE, DAVError
+from wsgidav.dav_error import (
+    HTTP_BAD_REQUEST,
+    HTTP_CONFLICT,
+    HTTP_FORBIDDEN,
+    HTTP_NOT_FOUND,
+    HTTP_REQUEST_ENTITY_TOO_LARGE,
+    DAVError,
+)
 from wsgidav.dav_provider import DAVCollection, DAVNonCollection
 from wsgidav.xml_tools import etree
 
 from drive import keys
+from drive.checksums import InvalidChecksum, oc_checksums_text, parse_oc_checksum
 from drive.dav.bodies import BodyWriter, PresignedReader
 from drive.dav.context import (
     CACHE_KEY,
     CLOSE_CONNECTION,
     SHARED,
     cache_key,
+    client_mtime,
     context_of,
     guess_type,
+    coded_error,
     invalidate_after_write,
     listed_without,
     store_errors,
@@ -41,6 +51,7 @@ from drive.dav.context import (
 from drive.dav.listings import listing_cache
 from drive.dav.storage import note_folder_extras, remove_property_tree
 from drive.dav.transfer import transfer
+from drive.facts import Facts, FactRow, InvalidMtime, parse_mtime, resolve
 from drive.keys import DrivePath
 from drive.listing import FOLDER_MARKER, is_hidden
 from drive.store import CommonPrefix, ObjectInfo, delete_prefix
@@ -50,6 +61,30 @@ if TYPE_CHECKING:
     from drive.dav.provider import ObjectStoreProvider
 
 _IGNORED_CONTENT_TYPES = {"", "application/x-www-form-urlencoded"}  # what a client sends when it means none
+OC_NS = "{http://owncloud.org/ns}"
+OC_CHECKSUMS = OC_NS + "checksums"  # <oc:checksums><oc:checksum>SHA1:… MD5:…</oc:checksum></oc:checksums>
+LASTMODIFIED = "{DAV:}lastmodified"  # what ownCloud clients (rclone's owncloud vendor) PROPPATCH
+_UNREAD = object()  # a file's fact row not read yet
+
+
+def folder_fact_rows(folder: "FolderResource") -> dict[str, FactRow]:
+    """The fact rows of a folder's files, one query (none outside a PROPFIND: nothing reads them)."""
+    ctx = context_of(folder.environ)
+    if ctx.facts is None:
+        return {}
+    return ctx.facts.in_folder(folder.location.key)
+
+
+def _mtime_of(value) -> float:
+    """A ``{DAV:}lastmodified`` value: seconds since the epoch (what rclone sends) or an HTTP date."""
+    text = (value.text or "").strip() if value is not None else ""
+    try:
+        return parse_mtime(text)
+    except InvalidMtime:
+        seconds = util.parse_time_string(text) if text else None
+        if seconds is None:
+            raise coded_error(HTTP_BAD_REQUEST, "bad_mtime", "lastmodified must be seconds since the epoch") from None
+        return parse_mtime(str(int(seconds)))
 
 
 class _Located:
@@ -108,12 +143,30 @@ class _Located:
 
 
 class FileResource(_Located, DAVNonCollection):
-    def __init__(self, path: str, environ: dict, location: DrivePath, info: ObjectInfo | None, readonly: bool):
+    def __init__(
+        self,
+        path: str,
+        environ: dict,
+        location: DrivePath,
+        info: ObjectInfo | None,
+        readonly: bool,
+        fact_row=_UNREAD,
+    ):
         DAVNonCollection.__init__(self, path, environ)
         self.location = location
         self.info = info  # None: created by this PUT, not yet written
         self.readonly = readonly
         self._writer: BodyWriter | None = None
+        self._fact_row = fact_row  # its row of object_facts (None: none), read when first needed
+
+    def get_facts(self) -> Facts | None:
+        """Its modification time and hashes (drive/facts.py); None while it does not exist."""
+        if self.info is None:
+            return None
+        if self._fact_row is _UNREAD:
+            ctx = context_of(self.environ)
+            self._fact_row = ctx.facts.get(self.location.key) if ctx.facts is not None else None
+        return resolve(self.info, self._fact_row)
 
     def get_content_length(self) -> int:
         return self.info.size if self.info else 0
@@ -144,7 +197,7 @@ class FileResource(_Located, DAVNonCollection):
             return None
         cached = self.__dict__.get("_modified")
         if cached is None or cached[0] is not self.info:
-            cached = self.__dict__["_modified"] = (self.info, self.info.last_modified.timestamp())
+            cached = self.__dict__["_modified"] = (self.info, self.get_facts().mtime.timestamp())
         return cached[1]
 
     def get_property_value(self, name):
@@ -153,7 +206,40 @@ class FileResource(_Located, DAVNonCollection):
             if etag is None:
                 raise DAVError(HTTP_NOT_FOUND)
             return f'"{etag}"'
+        if name == OC_CHECKSUMS:
+            facts = self.get_facts()
+            if facts is None or not facts.has_hashes:
+                raise DAVError(HTTP_NOT_FOUND)  # its bytes never passed through the gateway
+            element = etree.Element(OC_CHECKSUMS)
+            etree.SubElement(element, OC_NS + "checksum").text = oc_checksums_text(facts.sha1, facts.md5)
+            return element
         return super().get_property_value(name)
+
+    def set_property_value(self, name, value, *, dry_run=False):
+        if name == LASTMODIFIED and self.info is not None:
+            self._require_writable()
+            mtime = _mtime_of(value)
+            ctx = context_of(self.environ)
+            if not dry_run and ctx.facts is not None:
+                ctx.facts.set_mtime(self.info, mtime)
+                self._fact_row = _UNREAD
+                self.__dict__.pop("_modified", None)
+            return
+        if name == OC_CHECKSUMS and self.info is not None:
+            # Computed here, never set: a client may only send back what it was told (rclone
+            # does, with the modification time); anything else is refused.
+            self._require_writable()
+            facts = self.get_facts()
+            text = " ".join((child.text or "") for child in (value if value is not None else []))
+            try:
+                claimed = parse_oc_checksum(text)
+            except InvalidChecksum as exc:
+                raise coded_error(HTTP_BAD_REQUEST, "bad_checksum", str(exc)) from None
+            ours = {"SHA1": facts.sha1, "MD5": facts.md5}
+            if not facts.has_hashes or any(ours[c.algorithm] != c.hex for c in claimed):
+                raise DAVError(HTTP_CONFLICT, "checksums are computed by the server from the bytes it received")
+            return
+        return super().set_property_value(name, value, dry_run=dry_run)
 
     def get_content(self):
         if not self.provider.proxy_reads or self.info is None:
@@ -201,6 +287,16 @@ class FileResource(_Located, DAVNonCollection):
             return  # nothing was committed: stream_to_store aborted what it had started
         ctx = context_of(self.environ)
         self.info = ObjectInfo(self.location.key, writer.size, writer.etag or "", utcnow(), writer.content_type)
+        if ctx.facts is not None:
+            ctx.facts.record(
+                self.location.key,
+                etag=writer.etag or "",
+                size=writer.size,
+                mtime=client_mtime(self.environ),
+                sha1=writer.sha1,
+                md5=writer.md5,
+            )
+            self._fact_row = _UNREAD
         if writer.reservation is not None:
             writer.reservation.commit(writer.size)  # settled as new minus old
         else:
@@ -213,6 +309,8 @@ class FileResource(_Located, DAVNonCollection):
         ctx = context_of(self.environ)
         with store_errors():
             ctx.store.delete(self.location.key)
+        if ctx.facts is not None:
+            ctx.facts.forget(self.location.key)
         ctx.add_usage(self.location.prefix, -(self.info.size if self.info else 0))
         self.remove_all_properties(recursive=False)
         self.remove_all_locks(recursive=False)
@@ -246,10 +344,12 @@ class FolderResource(_Located, DAVCollection):
         cache = self.environ.setdefault(CACHE_KEY, {})
         base = self.location.key
         members = []
+        rows = None
         with store_errors():
             entries = listing_cache(ctx.store).entries(ctx.store, base)
             if self.environ.get("REQUEST_METHOD") == "PROPFIND":
                 note_folder_extras(self)
+                rows = folder_fact_rows(self)
             for entry in entries:
                 if isinstance(entry, CommonPrefix):
                     name = entry.prefix[len(base) : -1]
@@ -271,6 +371,7 @@ class FolderResource(_Located, DAVCollection):
                         DrivePath(self.location.prefix, self.location.rel + name),
                         entry,
                         self.readonly,
+                        _UNREAD if rows is None else rows.get(entry.key),
                     )
                 cache.setdefault(cache_key(member.path), member)
                 members.append(member)
@@ -325,6 +426,8 @@ class FolderResource(_Located, DAVCollection):
         ctx = context_of(self.environ)
         with store_errors():
             _, freed = delete_prefix(ctx.store, self.location.key)
+        if ctx.facts is not None:
+            ctx.facts.forget_under(self.location.key)
         ctx.add_usage(self.location.prefix, -freed)
         remove_property_tree(self.provider, self.get_ref_url())
         self.remove_all_locks(recursive=True)

@@ -1,7 +1,8 @@
 """COPY and MOVE: server-side copies in the store (then deletes, for MOVE), for files and whole
 folders, run :data:`COPY_THREADS` at a time; the bytes a copy adds are reserved in the quota
 before the store copies them and settled after. Dead properties follow (copied or moved),
-locks do not (RFC 4918 7.5)."""
+and so do modification times and checksums (drive/facts.py; a file's ``X-OC-Mtime`` sets the
+destination's time); locks do not (RFC 4918 7.5)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from urllib.parse import quote
 from wsgidav import util
 
 from drive import keys
-from drive.dav.context import DEST_EXISTED_KEY, context_of, invalidate_after_write, store_errors
+from drive.dav.context import DEST_EXISTED_KEY, client_mtime, context_of, invalidate_after_write, store_errors
 from drive.dav.storage import DbPropertyManager
-from drive.listing import FOLDER_MARKER
+from drive.facts import Carried
+from drive.listing import FOLDER_MARKER, is_hidden
 from drive.store import iter_objects
 
 COPY_THREADS = 8
@@ -44,13 +46,17 @@ def transfer(src, dest_path: str, parent, *, move: bool, depth_infinity: bool) -
             moved_within = move and src.location.prefix == dest.prefix  # the drive does not grow
             reserved = 0 if moved_within else ctx.reserve_room(dest.prefix, size)
             try:
-                store.copy(src.location.key, dest.key)
+                etag = store.copy(src.location.key, dest.key)
             except BaseException:
                 ctx.settle_room(dest.prefix, reserved, 0)
                 raise
             ctx.settle_room(dest.prefix, reserved, size)
+            if ctx.facts is not None:
+                ctx.facts.carry([Carried(src.info, dest.key, etag)], mtime=client_mtime(environ))
             if move:
                 store.delete(src.location.key)
+                if ctx.facts is not None:
+                    ctx.facts.forget(src.location.key)
                 ctx.add_usage(src.location.prefix, -src.get_content_length())
         elif not depth_infinity:
             store.put_object(dest.key + FOLDER_MARKER, b"")
@@ -59,26 +65,31 @@ def transfer(src, dest_path: str, parent, *, move: bool, depth_infinity: bool) -
             total = sum(info.size for info in objects)
             moved_within = move and src.location.prefix == dest.prefix
             reserved = 0 if moved_within else ctx.reserve_room(dest.prefix, total)
-            pairs = [(info.key, dest.key + info.key[len(src.location.key) :]) for info in objects]
+            pairs = [(info, dest.key + info.key[len(src.location.key) :]) for info in objects]
             if src.location.key + FOLDER_MARKER not in {info.key for info in objects}:
                 pairs.append((None, dest.key + FOLDER_MARKER))  # the destination folder exists even if empty
 
-            def copy_one(pair: tuple[str | None, str]) -> None:
+            def copy_one(pair) -> Carried | None:
                 source, target = pair
                 if source is None:
                     store.put_object(target, b"")
-                else:
-                    store.copy(source, target)
+                    return None
+                etag = store.copy(source.key, target)
+                return None if is_hidden(source.key) else Carried(source, target, etag)
 
             try:
                 with ThreadPoolExecutor(max_workers=COPY_THREADS) as pool:
-                    list(pool.map(copy_one, pairs))
+                    carried = [item for item in pool.map(copy_one, pairs) if item is not None]
             except BaseException:
                 ctx.settle_room(dest.prefix, reserved, 0)  # what was copied is counted at the next recount
                 raise
             ctx.settle_room(dest.prefix, reserved, total)
+            if ctx.facts is not None:
+                ctx.facts.carry(carried)
             if move:
                 store.delete_many([info.key for info in objects])
+                if ctx.facts is not None:
+                    ctx.facts.forget_under(src.location.key)
                 ctx.add_usage(src.location.prefix, -total)
     properties = provider.prop_manager
     if properties is not None:

@@ -72,7 +72,8 @@ class ObjectStore(Protocol):
 
     def delete_many(self, keys: list[str]) -> None: ...
 
-    def copy(self, src_key: str, dst_key: str) -> None: ...
+    def copy(self, src_key: str, dst_key: str) -> str:
+        """A server-side copy; returns the new object's ETag."""
 
     def presign_get(self, key: str, expires_in: int) -> str: ...
 

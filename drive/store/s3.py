@@ -151,10 +151,11 @@ class S3ObjectStore:
             )
 
     @_translate_errors
-    def copy(self, src_key: str, dst_key: str) -> None:
-        self._client.copy_object(
+    def copy(self, src_key: str, dst_key: str) -> str:
+        reply = self._client.copy_object(
             Bucket=self.bucket, Key=dst_key, CopySource={"Bucket": self.bucket, "Key": src_key}
         )
+        return reply.get("CopyObjectResult", {}).get("ETag", "")
 
     def presign_get(self, key: str, expires_in: int) -> str:
         return self._presigner.presign("GET", key, expires_in)

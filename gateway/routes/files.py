@@ -45,13 +45,18 @@ def _object(required: dict[str, dict], **optional: dict) -> dict:
 
 _STR, _INT = {"type": "string"}, {"type": "integer", "minimum": 0}
 _NULLABLE_STR = {"type": ["string", "null"]}
+_SHA1 = {"type": "string", "description": "SHA1 (hex) of bytes that passed through the gateway"}
+_MD5 = {"type": "string", "description": "MD5 (hex) of bytes that passed through the gateway"}
+_MODIFIED = {"type": "string", "description": "the modification time a client gave (X-OC-Mtime), else the store's"}
 ENTRY = _object(
     {"name": _STR, "path": _STR, "type": {"type": "string", "enum": ["file", "dir"]}},
     size=_INT,
     etag=_STR,
-    last_modified=_STR,
+    last_modified=_MODIFIED,
+    sha1=_SHA1,
+    md5=_MD5,
 )
-UPLOAD_RESULT = _object({"path": _STR, "size": _INT, "etag": _STR, "parts": _INT})
+UPLOAD_RESULT = _object({"path": _STR, "size": _INT, "etag": _STR, "parts": _INT}, sha1=_SHA1, md5=_MD5)
 MINT = _object(
     {"url": _STR, "method": {"type": "string", "enum": ["PUT"]}, "expires_in": _INT, "headers": {"type": "object"}}
 )
@@ -62,7 +67,12 @@ LISTING = _object(
         "prefix": _STR,
         "glob": _NULLABLE_STR,
         "quota": _object({"used_bytes": {"type": "integer"}, "quota_bytes": {"type": ["integer", "null"]}}),
-        "files": {"type": "array", "items": _object({"path": _STR, "size": _INT, "etag": _STR, "last_modified": _STR})},
+        "files": {
+            "type": "array",
+            "items": _object(
+                {"path": _STR, "size": _INT, "etag": _STR, "last_modified": _MODIFIED}, sha1=_SHA1, md5=_MD5
+            ),
+        },
         "count": _INT,
         "total_bytes": _INT,
     }
@@ -92,7 +102,10 @@ UPLOAD_ERRORS = errors(
     (
         400,
         "invalid_path, is_a_folder (a path ending in '/'), reserved_name, bad_content_length, "
-        "incomplete_body or client_disconnected (nothing is stored)",
+        "incomplete_body or client_disconnected (nothing is stored), bad_mtime (X-OC-Mtime is not seconds "
+        "since the epoch), bad_checksum (OC-Checksum is not SHA1:hex or MD5:hex), checksum_mismatch (the body "
+        "is not what OC-Checksum said: nothing is stored); a mint (POST without a body): mtime_needs_length "
+        "(X-OC-Mtime without X-Content-Length), checksum_unverifiable (OC-Checksum: those bytes never pass here)",
     ),
     (403, "read_only: you may read this drive but not write to it; no_drive: the environment admin token has none"),
     (409, "name_conflict: a folder has this name, or a file is where a folder would be"),
@@ -106,8 +119,26 @@ MINTED = content(
     "bytes to (url, method, expires_in, headers)",
     json_of({"anyOf": [UPLOAD_RESULT, MINT]}),
 )
+OC_MTIME = {
+    "name": "X-OC-Mtime",
+    "in": "header",
+    "required": False,
+    "description": "the file's modification time, seconds since the epoch (0 to 253402300799); answered "
+    "X-OC-Mtime: accepted. Reported as Last-Modified, last_modified and getlastmodified",
+    "schema": {"type": "string", "pattern": "^[0-9]{1,12}([.][0-9]{1,9})?$"},
+}
+OC_CHECKSUM = {
+    "name": "OC-Checksum",
+    "in": "header",
+    "required": False,
+    "description": "SHA1:<hex> or MD5:<hex> (several separated by spaces): the body is stored only if it "
+    "has these hashes (with Expect: 100-continue too: such a body is streamed, never redirected)",
+    "schema": {"type": "string", "maxLength": 512},
+}
 PUT_EXTRA = {
     "parameters": [
+        OC_MTIME,
+        OC_CHECKSUM,
         {
             "name": "Expect",
             "in": "header",
@@ -121,6 +152,8 @@ PUT_EXTRA = {
 }
 MINT_HEADERS = {
     "parameters": [
+        OC_MTIME,
+        OC_CHECKSUM,
         {
             "name": "X-Content-Length",
             "in": "header",
@@ -151,10 +184,14 @@ DOWNLOAD = merge(
 HEADERS = merge(
     no_body(
         200,
-        "The file's (or folder's) headers: Content-Length, Content-Type, ETag, Last-Modified",
+        "The file's (or folder's) headers: Content-Length, Content-Type, ETag, Last-Modified (the time "
+        "a client gave with X-OC-Mtime, else the store's); OC-Checksum and Digest when its bytes passed "
+        "through the gateway",
         {
             "ETag": {"schema": {"type": "string"}},
             "Last-Modified": {"schema": {"type": "string"}},
+            "OC-Checksum": {"schema": {"type": "string"}, "description": "SHA1:<hex>"},
+            "Digest": {"schema": {"type": "string"}, "description": "SHA=<base64>,MD5=<base64> (RFC 3230)"},
         },
     ),
     no_body(404, "No such file or folder (no body)"),

@@ -1,0 +1,107 @@
+"""SHA1 and MD5 of an object's bytes, computed while they stream through the gateway, and the
+headers that carry them: ``OC-Checksum`` (ownCloud's, what rclone's ``owncloud`` vendor sends
+and reads), ``Digest`` (RFC 3230) and the ``oc:checksum`` text of a PROPFIND.
+
+Only bytes that pass through the gateway get a hash: those a client sends straight to the store
+(a presigned PUT: the 307 of a PUT with ``Expect: 100-continue``, the URL a body-less POST mints)
+never do.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from dataclasses import dataclass
+
+# The length of each algorithm's hex digest; ownCloud writes the names upper case.
+ALGORITHMS = {"SHA1": 40, "MD5": 32}
+MAX_HEADER = 512
+_TOKEN = re.compile(r"([A-Za-z0-9]+):([0-9A-Fa-f]*)")
+
+
+class InvalidChecksum(ValueError):
+    """An ``OC-Checksum`` header that is not ``SHA1:<40 hex>`` or ``MD5:<32 hex>`` (several may be
+    given, separated by spaces)."""
+
+
+class ChecksumMismatch(Exception):
+    """The body's hash is not the one the client announced: nothing was stored."""
+
+
+@dataclass(frozen=True)
+class Checksum:
+    algorithm: str  # "SHA1" | "MD5"
+    hex: str  # lowercase
+
+
+def parse_oc_checksum(value: str) -> tuple[Checksum, ...]:
+    """The checksums of an ``OC-Checksum`` header; :class:`InvalidChecksum` for anything else."""
+    if len(value) > MAX_HEADER:
+        raise InvalidChecksum(f"OC-Checksum is at most {MAX_HEADER} characters")
+    found: dict[str, Checksum] = {}
+    for token in value.split():
+        match = _TOKEN.fullmatch(token)
+        if match is None:
+            raise InvalidChecksum("OC-Checksum must be ALGORITHM:HEX, e.g. SHA1:<40 hex digits>")
+        algorithm, digest = match.group(1).upper(), match.group(2).lower()
+        if algorithm not in ALGORITHMS:
+            raise InvalidChecksum(f"OC-Checksum: {algorithm} is not supported here; send SHA1 or MD5")
+        if len(digest) != ALGORITHMS[algorithm]:
+            raise InvalidChecksum(f"OC-Checksum: a {algorithm} is {ALGORITHMS[algorithm]} hex digits")
+        if algorithm in found and found[algorithm].hex != digest:
+            raise InvalidChecksum(f"OC-Checksum names two different {algorithm} values")
+        found[algorithm] = Checksum(algorithm, digest)
+    if not found:
+        raise InvalidChecksum("OC-Checksum is empty")
+    return tuple(found.values())
+
+
+class Hashes:
+    """SHA1 and MD5 of a body fed in order, part by part. hashlib releases the GIL on large
+    parts, so each can run in a worker thread of its own (:meth:`update_sha1`,
+    :meth:`update_md5`) while the part uploads and the event loop goes on."""
+
+    def __init__(self) -> None:
+        self._sha1 = hashlib.sha1()
+        self._md5 = hashlib.md5()
+
+    def update(self, data: bytes) -> None:
+        self._sha1.update(data)
+        self._md5.update(data)
+
+    def update_sha1(self, data: bytes) -> None:
+        self._sha1.update(data)
+
+    def update_md5(self, data: bytes) -> None:
+        self._md5.update(data)
+
+    @property
+    def sha1(self) -> str:
+        return self._sha1.hexdigest()
+
+    @property
+    def md5(self) -> str:
+        return self._md5.hexdigest()
+
+    def check(self, expected: tuple[Checksum, ...]) -> None:
+        """:class:`ChecksumMismatch` unless every announced checksum is the body's."""
+        ours = {"SHA1": self.sha1, "MD5": self.md5}
+        for checksum in expected:
+            if ours[checksum.algorithm] != checksum.hex:
+                raise ChecksumMismatch(
+                    f"the body's {checksum.algorithm} is {ours[checksum.algorithm]}, not {checksum.hex} "
+                    "as OC-Checksum said; nothing was stored"
+                )
+
+
+def oc_checksums_text(sha1: str, md5: str) -> str:
+    """The text of ``<oc:checksum>`` in a PROPFIND, as ownCloud writes it."""
+    return f"SHA1:{sha1} MD5:{md5}"
+
+
+def digest_header(sha1: str, md5: str) -> str:
+    """RFC 3230's ``Digest``: base64 of the raw digests."""
+    sha = base64.b64encode(bytes.fromhex(sha1)).decode()
+    md = base64.b64encode(bytes.fromhex(md5)).decode()
+    return f"SHA={sha},MD5={md}"
