@@ -21,8 +21,9 @@ from client.config import Login
 REMOTE = "kgpu"
 # The one place that says how rclone speaks WebDAV to kgpu. The token goes as a plain header:
 # rclone's bearer_token option also sends it after the 302 to a presigned URL, which the
-# object store refuses (400). The vendor is "other" until the server keeps mtimes and hashes.
-WEBDAV_OPTIONS = {"VENDOR": "other", "PACER_MIN_SLEEP": "1ms"}
+# object store refuses (400). The owncloud vendor keeps modification times (X-OC-Mtime) and
+# checks SHA1/MD5 (OC-Checksum, oc:checksums): docs/webdav.md says why not the others.
+WEBDAV_OPTIONS = {"VENDOR": "owncloud", "PACER_MIN_SLEEP": "1ms"}
 
 
 def binary() -> str:

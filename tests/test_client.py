@@ -511,3 +511,24 @@ def test_client_guide_examples(stack, user, tmp_path):
     assert (workdir / "config" / "kgpu" / "config.json").stat().st_mode & 0o777 == 0o600
     assert drive_files(stack, user, "exp42/")["results.csv"] == (workdir / "exp42" / "results.csv").stat().st_size
     assert requests.get(f"{stack.base}/v1/gpus", headers=user.auth).json()["my_gpus"] == []
+
+
+def test_cp_keeps_modification_times_and_the_drive_knows_the_hashes(stack, user, kgpu, tmp_path):
+    """The client speaks rclone's owncloud dialect: the drive keeps each file's time and checks
+    and keeps its SHA1 (so `sync --checksum` and `rclone check` work on it)."""
+    import hashlib
+    from email.utils import parsedate_to_datetime
+
+    source = tmp_path / "kept"
+    source.mkdir()
+    payload = os.urandom(200_000)
+    (source / "old.bin").write_bytes(payload)
+    os.utime(source / "old.bin", (1_600_000_000, 1_600_000_000))  # 2020-09-13
+    done = kgpu("cp", "-r", str(source), "kgpu:kept")
+    assert done.returncode == 0, done.stderr
+    head = requests.head(f"{stack.base}/v1/files/kept/old.bin", headers=user.auth)
+    assert head.status_code == 200, head.text
+    assert parsedate_to_datetime(head.headers["Last-Modified"]).timestamp() == 1_600_000_000
+    assert f"SHA1:{hashlib.sha1(payload).hexdigest()}" in head.headers["OC-Checksum"]
+    listed = kgpu.json("ls", "kgpu:kept")
+    assert "2020-09-13" in json.dumps(listed)
