@@ -9,7 +9,7 @@ own), writes a tree of ``--files`` (64) random files of ``--file-mib`` (16) MiB,
   up    ``kgpu cp -r TREE kgpu:up-N -j J``  vs  ``rclone copy TREE :webdav:up-N --transfers J``
   down  ``kgpu cp -r kgpu:src LOCAL -j J``  vs  ``rclone copy :webdav:src LOCAL --transfers J``
 
-rclone runs the way the WebDAV guide says (``--webdav-vendor other``, the Bearer header in its
+rclone runs the way the WebDAV guide says (``--webdav-vendor owncloud``, the Bearer header in its
 environment) with the same parallelism (``--transfers J --checkers max(8, J)``), against the same
 server. Each upload goes to a fresh folder (deleted after the round), each download into an empty
 folder; wall time includes process start-up (what a user waits for). Prints MiB/s per round, the
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(f"kgpu login: {login.stderr}")
         rclone_env = {**clean, "RCLONE_WEBDAV_HEADERS": f"Authorization,Bearer {token}"}
         rclone = [fb.rclone_binary(), "--config", os.devnull]
-        dav = ["--webdav-url", f"{base}/v1/files/", "--webdav-vendor", "other"]
+        dav = ["--webdav-url", f"{base}/v1/files/", "--webdav-vendor", "owncloud"]
         parallel = ["--transfers", str(args.transfers), "--checkers", str(max(8, args.transfers))]
         j = ["-j", str(args.transfers)]
 
