@@ -308,3 +308,29 @@ def test_gres_strings():
     assert parse_gres("gpu:h100:4(S:0-1),gpu:2", "gpu") == {"h100": 4, "gpu": 2}
     assert parse_gres("gpu:a100:1,gpu:a100:1", "gpu") == {"a100": 2}
     assert parse_gres("(null)", "gpu") == {} and parse_gres("", "gpu") == {}
+
+
+def test_a_fifth_rental_queues_and_starts_when_a_gpu_is_returned(server, user, slurm_cluster):
+    """Issue 13's queue on two nodes of two GPUs: the fifth with queue: true waits as Queued at
+    position 1, unbilled and with no job, and runs on the node of the GPU given back."""
+    rentals = [rent(server, user) for _ in range(4)]
+    try:
+        for r in rentals:
+            assert ready(server, user, r["gpu_id"])["phase"] == "Running"
+        fifth = rent(server, user, queue=True)
+        assert fifth["phase"] == "Queued" and fifth["queue_position"] == 1 and fifth["credits_charged"] == 0
+        with server.app.state.sessions() as session:
+            from gateway.models import Rental
+
+            assert session.get(Rental, fifth["gpu_id"]).pod_ref is None  # no job submitted for it yet
+        freed = give_back(server, user, rentals[1]["gpu_id"])
+        started = ready(server, user, fifth["gpu_id"])  # ready() gives it 60 s; the queue moves at once
+        assert started["phase"] == "Running" and started["node"] == freed["node"], started
+        reply = requests.post(f"{server.base}/v1/runs", headers=user,
+                              json={"gpu_id": fifth["gpu_id"], "command": ["sh", "-c", "echo $CUDA_VISIBLE_DEVICES"],
+                                    "wait_seconds": 30})
+        assert reply.status_code == 200 and reply.json()["stdout"] == "0\n", reply.text
+        rentals.append(fifth)
+    finally:
+        for r in rentals:
+            requests.delete(f"{server.base}/v1/gpus/{r['gpu_id']}", headers=user)
