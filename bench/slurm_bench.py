@@ -4,6 +4,8 @@
   (2) run exit -> long-poll answer: a run that prints the time it ends, posted with a long
       wait_seconds; from that time to the answer's arrival (p50 of --samples; target <= 100 ms)
   (3) srun calls per long-poll: slurmctld's step count before and after one long-poll
+  (4) the queue: the cluster's four GPUs rented, a fifth with "queue": true; from the return of
+      one of the four to the fifth's ready (median of --queue-rounds; issue 13's goal: <= 30 s)
 
 Brings the cluster up with tests/slurm/cluster.sh (left up if it was; stopped after if this
 started it), starts its own `kgpu serve` on a temporary data directory with the cluster's
@@ -64,12 +66,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rents", type=int, default=5)
     parser.add_argument("--samples", type=int, default=20)
+    parser.add_argument("--queue-rounds", type=int, default=3)
     args = parser.parse_args()
     env, was_up = cluster_up()
     data = Path(tempfile.mkdtemp(prefix="kgpu-slurm-bench-"))
     port = free_port()
     server_env = {**os.environ, **env, "KGPU_ADMIN_TOKEN": ADMIN, "KGPU_DEFAULT_IMAGE": "kgpu-test:latest",
-                  "KGPU_SLURM_PULL": "false", "KGPU_SLURM_JOB_PREFIX": "kgpu-bench", "KGPU_REAPER_INTERVAL_SECONDS": "3600"}
+                  "KGPU_SLURM_PULL": "false", "KGPU_SLURM_JOB_PREFIX": "kgpu-bench", "KGPU_REAPER_INTERVAL_SECONDS": "3600",
+                  "KGPU_MAX_GPUS_PER_USER": "8"}
     server = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "serve", "--data-dir", str(data), "--port", str(port)],
         env=server_env, stdout=open(data / "serve.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
@@ -121,6 +125,32 @@ def main() -> int:
         after_get = steps_started(env)
         print(f"(3) sruns: a run's start and its first answer {after_start - before}, a GET of its state {after_get - after_start}")
         requests.delete(f"{base}/v1/gpus/{gpu}", headers=me)
+
+        def rent_ready(**extra) -> str:
+            body = {"gpu_count": 1, "cpu": "1", "memory": "1Gi", **extra}
+            gpu_id = requests.post(f"{base}/v1/gpus", json=body, headers=me).json()["gpu_id"]
+            while not (state := requests.get(f"{base}/v1/gpus/{gpu_id}", headers=me).json())["ready"]:
+                assert state["phase"] in ("Queued", "Pending", "Running"), state
+                time.sleep(0.02)
+            return gpu_id
+
+        held = [rent_ready() for _ in range(4)]
+        waits = []
+        for _ in range(args.queue_rounds):
+            queued = requests.post(f"{base}/v1/gpus", json={"gpu_count": 1, "cpu": "1", "memory": "1Gi", "queue": True},
+                                   headers=me).json()
+            assert queued["phase"] == "Queued", queued
+            returned = time.monotonic()
+            requests.delete(f"{base}/v1/gpus/{held.pop(0)}", headers=me)
+            while not (state := requests.get(f"{base}/v1/gpus/{queued['gpu_id']}", headers=me).json())["ready"]:
+                assert state["phase"] in ("Queued", "Pending", "Running"), state
+                time.sleep(0.02)
+            waits.append(time.monotonic() - returned)
+            held.append(queued["gpu_id"])
+        print(f"(4) queue: a return -> the queued rental ready: median {statistics.median(waits):.2f} s "
+              f"(max {max(waits):.2f}, n={len(waits)}; the return itself included; goal <= 30 s)")
+        for gpu_id in held:
+            requests.delete(f"{base}/v1/gpus/{gpu_id}", headers=me)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
