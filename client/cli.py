@@ -122,6 +122,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--memory", help="e.g. 16Gi")
     p.add_argument("--disk", type=int, dest="ephemeral_storage_gib", help="scratch disk, GiB")
     p.add_argument("--env", action="append", metavar="NAME=VALUE", help="pod environment (repeatable)")
+    p.add_argument("--queue", action="store_true", help="when no GPU is free, wait in the queue rather than fail")
     p.add_argument("--no-wait", action="store_true", help="answer at once, ready or not")
     p.add_argument("--timeout", type=float, default=900, help="seconds to wait for ready (default 900)")
     p.set_defaults(func=_with_session(_rent))
@@ -159,6 +160,7 @@ def _rent(session: Session, args: argparse.Namespace) -> int:
     fields = {name: getattr(args, name) for name in
               ("name", "gpu_count", "gpu_model", "image", "duration_hours", "cpu", "memory", "ephemeral_storage_gib")}
     fields["env"] = gpus.parse_env(args.env)
+    fields["queue"] = True if args.queue else None
     if fields["duration_hours"] is not None and float(fields["duration_hours"]).is_integer():
         fields["duration_hours"] = int(fields["duration_hours"])
     return gpus.rent(session, fields, wait=not args.no_wait, timeout=args.timeout)

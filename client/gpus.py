@@ -66,7 +66,11 @@ def rent(session: Session, fields: dict, wait: bool, timeout: float) -> int:
 
 def _wait_ready(api: Api, rental: dict, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
-    while not rental.get("ready") and rental["phase"] in ("Pending", "Running"):
+    position = None
+    while not rental.get("ready") and rental["phase"] in ("Queued", "Pending", "Running"):
+        if rental["phase"] == "Queued" and rental.get("queue_position") != position:
+            position = rental.get("queue_position")
+            print(f"{rental['gpu_id']} queued, position {position}", file=sys.stderr, flush=True)
         if time.monotonic() > deadline:
             raise ApiError(0, "not_ready", f"{rental['gpu_id']} not ready after {timeout:.0f} s "
                            f"({rental.get('pending_reason') or rental['phase']}); it is still rented")

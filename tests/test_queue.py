@@ -149,3 +149,27 @@ def test_a_stranger_cannot_see_or_cancel_a_queued_rental(server):
     assert [(g["gpu_id"], g["queue_position"]) for g in mine] == [(queued["gpu_id"], 1)]
     give_back(server, owner, queued["gpu_id"])
     give_back(server, blocker_auth, blocker["gpu_id"])
+
+
+def test_kgpu_rent_queue_waits_its_turn(server, tmp_path):
+    """`kgpu rent --queue`: says its place in the queue, and answers once the rental is ready."""
+    from tests.test_client import Kgpu
+
+    holder, waiter = account(server), account(server)
+    held = rent(server, holder, gpu_model="a5000", gpu_count=1).json()
+    kgpu = Kgpu(tmp_path)
+    login = kgpu("login", "--base-url", server.base, stdin=waiter["Authorization"].split()[1] + "\n")
+    assert login.returncode == 0, login.stderr
+    waiting = kgpu.popen("rent", "--model", "a5000", "--gpus", "1", "--cpu", "1", "--memory", "1Gi", "--queue", "--json")
+    try:
+        assert "queued, position 1" in waiting.stderr.readline()
+        assert waiting.poll() is None  # still waiting its turn
+        give_back(server, holder, held["gpu_id"])
+        out, err = waiting.communicate(timeout=120)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+    assert waiting.returncode == 0, err
+    rental = json.loads(out)
+    assert rental["phase"] == "Running" and rental["ready"] and rental["node"] == "node-c"
+    give_back(server, waiter, rental["gpu_id"])
