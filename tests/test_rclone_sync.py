@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from drive.store.embedded import rclone_binary
+from drive.rclone import rclone_binary
 
 pytestmark = pytest.mark.parametrize("stack", ["rclone-sqlite"], indirect=True)
 

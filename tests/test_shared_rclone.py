@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from drive.store.embedded import rclone_binary
+from drive.rclone import rclone_binary
 from tests.clients import curl, sha256_file
 
 FILES = {"a.txt": 1000, "d/b c.bin": 200_000, "d/e/f#.csv": 5000, "한글 🚀.txt": 300}

@@ -18,7 +18,8 @@ from urllib.parse import quote
 import pytest
 import requests
 
-from drive.store.embedded import free_port, rclone_binary
+from drive.rclone import rclone_binary
+from drive.store.embedded import free_port
 from tests.clients import sha256_file
 
 FILES = {

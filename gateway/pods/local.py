@@ -48,7 +48,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from bootstrap import script_path
-from drive.store.embedded import rclone_binary
+from drive.rclone import rclone_binary
 from gateway.pods import (
     RUNS_DIR,
     SIGNAL_SCRIPT,
