@@ -262,3 +262,24 @@ def test_the_handoff_page_refuses_odd_addresses_and_reissues_when_it_cannot_show
     assert command.returncode == 0, err
     token = json.loads((tmp_path / "kgpu" / "config.json").read_text())["token"]
     assert requests.get(f"{base}/v1/me", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+
+
+def test_hostile_file_names_show_as_text_on_the_dashboard(server, browser):
+    """A name that is markup stays text: no element of it is made, no script of it runs."""
+    page = new_page(browser)
+    sign_in(page, server.base, RESEARCHER)
+    if page.query_selector("#export-line") is None:  # this person's token was shown elsewhere first
+        page.click("#reissue")
+    page.wait_for_selector("#export-line")
+    _, token = EXPORT.search(page.text_content("#export-line")).groups()
+    hostile = '<img src=x onerror="window.pwned=1">"\'&.txt'
+    folder = "<i title=x>italic"
+    for name in (hostile, f"{folder}/inner.txt"):
+        reply = requests.put(f"{server.base}/v1/files/{requests.utils.quote(name)}", data=b"x",
+                             headers={"Authorization": f"Bearer {token}"})
+        assert reply.status_code in (200, 201), reply.text
+    page.reload()
+    page.locator("#files").get_by_text("onerror", exact=False).first.wait_for()
+    assert page.query_selector("#files img") is None and page.query_selector("#files i") is None
+    assert hostile in page.text_content("#files") and f"{folder}/" in page.text_content("#files")
+    assert page.evaluate("window.pwned === undefined")
