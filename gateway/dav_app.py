@@ -61,7 +61,7 @@ from wsgidav.error_printer import ErrorPrinter
 from wsgidav.request_resolver import RequestResolver
 from wsgidav.wsgidav_app import WsgiDAVApp
 
-from drive import dav, keys
+from drive import dav, keys, names
 from drive.dav.storage import DbLockManager, DbLockStorage, DbPropertyManager, import_sqlite_properties
 from drive.keys import InvalidPath
 from gateway import orgs
@@ -385,7 +385,15 @@ class DavDispatcher:
             if await run_in_threadpool(_file_or_nothing, state.store, principal.drive_prefix + rel):
                 scope = {**scope, "headers": [*scope["headers"], (b"depth", b"0")]}
 
-        await self._dav_app(state)({**scope, dav.ENVIRON_KEY: context}, receive, _wsgidav_sender(send, method, rel))
+        async def explain_conflict() -> str | None:
+            """What stands in the way of a write wsgidav refused with 409 (its parent a file)."""
+            target = destination if method in ("COPY", "MOVE") else rel
+            if method not in ("PUT", "MKCOL", "COPY", "MOVE") or not target:
+                return None
+            return await run_in_threadpool(names.file_above, state.store, principal.drive_prefix, target)
+
+        sender = _wsgidav_sender(send, method, rel, explain_conflict)
+        await self._dav_app(state)({**scope, dav.ENVIRON_KEY: context}, receive, sender)
 
     @staticmethod
     async def _authenticate(scope: Scope) -> Principal | Response:
@@ -411,9 +419,10 @@ def _file_or_nothing(store, key: str) -> bool:
     return store.head(key) is not None or not store.list_page(key + "/", max_keys=1).entries
 
 
-def _wsgidav_sender(send: Send, method: str, rel: str) -> Send:
+def _wsgidav_sender(send: Send, method: str, rel: str, explain_conflict=None) -> Send:
     """``send`` for wsgidav's answers: without its Date header (uvicorn adds its own), and with
-    each HTML error page (wsgidav's ErrorPrinter) turned into the project's envelope."""
+    each HTML error page (wsgidav's ErrorPrinter) turned into the project's envelope; a 409
+    that a file in the way explains says so as the HTTP routes do (drive/names.py)."""
     held: dict | None = None
     page = bytearray()
 
@@ -434,6 +443,10 @@ def _wsgidav_sender(send: Send, method: str, rel: str) -> Send:
             page.extend(message.get("body", b""))
         if not message.get("more_body"):
             response = _envelope_for(held, bytes(page), method, rel)
+            if held["status"] == 409 and explain_conflict is not None:
+                why = await explain_conflict()
+                if why:
+                    response = envelope(409, names.NAME_CONFLICT, why)
             await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
             await send({"type": "http.response.body", "body": response.body})
 

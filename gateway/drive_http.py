@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import ClientDisconnect
 
-from drive import keys, listing
+from drive import keys, listing, names
 from drive.checksums import Checksum, ChecksumMismatch, InvalidChecksum, digest_header, parse_oc_checksum
 from drive.dav import invalidate_listing
 from drive.facts import FactsBook, InvalidMtime, parse_mtime, resolve
@@ -278,36 +278,33 @@ async def get(request: Request, drive: Drive) -> Response:
     )
 
 
-def _refuse_if_folder(store: ObjectStore, path: DrivePath) -> None:
-    """A file may not take the name of a folder. Stores over a filesystem (the embedded
-    rclone) cannot hold both, and a refused PUT there leaves their folder view wrong for
-    minutes, so this is checked before the write rather than explained after it."""
-    if store.list_page(path.key + "/", max_keys=1).entries:
-        raise ApiError(409, "name_conflict", f"a folder named {path.rel} exists")
-
-
-async def _previous_unless_folder(store: ObjectStore, path: DrivePath) -> ObjectInfo | None:
-    """The object a presigned PUT would replace (its size and ETag settle the quota hold),
-    and 409 if a folder has the name: the two store requests at once."""
-    previous, folder_check = await asyncio.gather(
+async def _previous_and_names(store: ObjectStore, path: DrivePath) -> ObjectInfo | None:
+    """The object a write would replace (its size and ETag settle the quota), and 409
+    name_conflict when a file stands above the path or a folder has its name (drive/names.py,
+    the rule WebDAV answers too): the store requests all at once, before any byte moves.
+    Stores over a filesystem (the embedded rclone) cannot hold both a file and a folder of one
+    name, and a refused PUT there leaves their folder view wrong for minutes; on S3 and R2 the
+    same rule keeps the drive a tree."""
+    checks = [
         run_in_threadpool(store.head, path.key),
-        run_in_threadpool(_refuse_if_folder, store, path),
-        return_exceptions=True,
-    )
-    if isinstance(previous, BaseException):
-        raise previous
-    if isinstance(folder_check, BaseException) and previous is None:
-        raise folder_check
+        run_in_threadpool(names.folder_named, store, path.prefix, path.rel),
+    ]
+    if names.unknown_ancestors(store, path.prefix, path.rel):  # else known folders, all of them
+        checks.append(run_in_threadpool(names.file_above, store, path.prefix, path.rel))
+    previous, folder, *above = await asyncio.gather(*checks)
+    above = above[0] if above else None
+    why = above or (folder if previous is None else None)
+    if why:
+        raise ApiError(409, names.NAME_CONFLICT, why)
+    names.file_coming(store, path.key)
     return previous
 
 
 def _raise_if_name_conflict(store: ObjectStore, path: DrivePath) -> None:
     """Explain a refused write (a bare 500 from the store) when a parent is a file."""
-    parts = path.rel.split("/")
-    for depth in range(1, len(parts)):
-        ancestor = "/".join(parts[:depth])
-        if store.head(path.prefix + ancestor) is not None:
-            raise ApiError(409, "name_conflict", f"{ancestor} is a file, so it cannot hold {path.rel}")
+    why = names.file_above(store, path.prefix, path.rel)
+    if why:
+        raise ApiError(409, names.NAME_CONFLICT, why)
 
 
 DRAIN_LIMIT = 16 << 20
@@ -339,7 +336,7 @@ async def stream_upload(request: Request, drive: Drive, path: DrivePath) -> JSON
     length = _content_length(request)
     mtime = client_mtime(request)
     expected = client_checksums(request)
-    previous = await run_in_threadpool(store.head, path.key)
+    previous = await _previous_and_names(store, path)
     try:
         upload = await run_in_threadpool(open_upload, request, drive, previous, length)
     except ApiError:
@@ -347,8 +344,6 @@ async def stream_upload(request: Request, drive: Drive, path: DrivePath) -> JSON
             await _drain(request)
         raise
     try:
-        if previous is None:
-            await run_in_threadpool(_refuse_if_folder, store, path)
         settings = state.settings
         part_size = choose_part_size(length, settings.upload_part_bytes, settings.upload_unknown_length_part_bytes)
         try:
@@ -419,7 +414,7 @@ async def put(request: Request, drive: Drive) -> Response:
     if redirect and request.headers.get("expect", "").lower() == "100-continue" and length is not None:
         # Answered before the body is read: uvicorn sends 100 Continue only when the app reads.
         store = _store(request)
-        previous = await _previous_unless_folder(store, path)
+        previous = await _previous_and_names(store, path)
         # The body goes straight to the store: its declared length is held until it appears.
         await run_in_threadpool(hold_for_presigned_put, request, drive, path, length, previous)
         if mtime is not None:  # the object's time once it appears with that length (no hash)
@@ -456,7 +451,7 @@ async def post(request: Request, drive: Drive) -> Response:
             "through the gateway (POST or PUT with it) to have OC-Checksum verified",
         )
     store = _store(request)
-    previous = await _previous_unless_folder(store, path)
+    previous = await _previous_and_names(store, path)
     size = int(declared) if declared is not None else None
     await run_in_threadpool(hold_for_presigned_put, request, drive, path, size, previous)
     if mtime is not None:

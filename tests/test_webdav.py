@@ -696,3 +696,33 @@ def test_propfind_depth_1_fast_path_matches_wsgidav(stack, user, monkeypatch):
     quota = b'<D:propfind xmlns:D="DAV:"><D:prop><D:quota-used-bytes/></D:prop></D:propfind>'
     propfind(f"{base}/", user, body=quota)
     assert used == [False]
+
+
+def test_a_file_in_the_way_is_the_same_name_conflict_over_http_and_webdav(stack, user):
+    """One rule, one wording (drive/names.py): a file cannot hold anything, whichever way the
+    write comes; a missing parent folder stays WebDAV's own 409 (RFC 4918), not a name conflict."""
+    put(stack, user, "blocker.txt", b"x")
+    want = "blocker.txt is a file, so it cannot hold blocker.txt/inner"
+    answers = [
+        requests.put(f"{stack.base}/v1/files/blocker.txt/inner", data=b"y", headers={**user.auth, "Expect": ""}),
+        dav("PUT", f"{stack.base}/v1/dav/blocker.txt/inner", user, data=b"y"),
+        dav("MKCOL", f"{stack.base}/v1/files/blocker.txt/inner/", user),
+        dav("COPY", f"{stack.base}/v1/files/blocker.txt", user,
+            headers={"Destination": f"{stack.base}/v1/files/blocker.txt/inner"}),
+        dav("MOVE", f"{stack.base}/v1/dav/blocker.txt", user,
+            headers={"Destination": f"{stack.base}/v1/dav/blocker.txt/inner"}),
+    ]
+    for reply in answers:
+        assert reply.status_code == 409, (reply.request.method, reply.text)
+        assert (reply.json()["error_code"], reply.json()["message"]) == ("name_conflict", want), reply.text
+    missing = dav("MKCOL", f"{stack.base}/v1/files/no-such-folder/inner/", user)
+    assert missing.status_code == 409 and missing.json()["error_code"] == "conflict"
+    assert fetch(stack, user, "blocker.txt") == b"x"  # still there, unchanged
+    # A folder just written into, emptied, then made a file: at once no folder any more.
+    put(stack, user, "was-a-folder/x.txt", b"x")
+    assert requests.delete(f"{stack.base}/v1/files/was-a-folder/x.txt", headers=user.auth).status_code == 204
+    minted = requests.post(f"{stack.base}/v1/files/was-a-folder", headers={**user.auth, "X-Content-Length": "10"})
+    assert minted.status_code == 200, minted.text  # the two-step upload: the bytes go straight to the store
+    assert requests.put(minted.json()["url"], data=b"now a file", headers=minted.json()["headers"]).status_code == 200
+    under = requests.put(f"{stack.base}/v1/files/was-a-folder/y.txt", data=b"y", headers={**user.auth, "Expect": ""})
+    assert under.status_code == 409 and under.json()["error_code"] == "name_conflict", under.text

@@ -38,6 +38,9 @@ class ListingCache:
         self._folders: OrderedDict[str, tuple[float, list]] = OrderedDict()
         self._entries = 0
         self._generation = 0  # bumped by every invalidation: a listing that raced one is not kept
+        # Folders a write was recently checked into (none of their names is a file), by folder
+        # key: for the TTL, drive/names.py asks the store no more about them.
+        self._known_folders: dict[str, float] = {}
 
     def entries(self, store: ObjectStore, folder: str) -> list:
         """The members of ``folder`` (ObjectInfo and CommonPrefix, as iter_entries yields them)."""
@@ -58,17 +61,38 @@ class ListingCache:
                     self._drop(next(iter(self._folders)))
         return listed
 
+    def is_known_folder(self, folder: str) -> bool:
+        with self._lock:
+            seen = self._known_folders.get(folder)
+            return seen is not None and time.monotonic() - seen < self.ttl
+
+    def note_folders(self, folders: list[str]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._known_folders) > self.max_entries:
+                self._known_folders.clear()
+            for folder in folders:
+                self._known_folders[folder] = now
+
+    def forget_folder(self, key: str) -> None:
+        """``key`` is about to be a file: it is no known folder (its listings stay)."""
+        with self._lock:
+            self._known_folders.pop(key.rstrip("/") + "/", None)
+
     def invalidate(self, key: str) -> None:
         """Forget the folders that hold ``key`` (at any depth) and those under it."""
         with self._lock:
             self._generation += 1
             for folder in [f for f in self._folders if key.startswith(f) or f.startswith(key)]:
                 self._drop(folder)
+            for folder in [f for f in self._known_folders if f.startswith(key)]:
+                del self._known_folders[folder]  # a file written as "a" ends "a/" being known
 
     def clear(self) -> None:
         with self._lock:
             self._generation += 1
             self._folders.clear()
+            self._known_folders.clear()
             self._entries = 0
 
     def _drop(self, folder: str) -> None:

@@ -1,0 +1,52 @@
+"""Name conflicts in a drive: one rule, and one wording, for the HTTP routes and WebDAV.
+
+A drive is a tree: a file cannot hold anything, and a file cannot take a folder's name (stores
+over a filesystem, like the embedded ``rclone serve s3``, cannot hold both). WebDAV refuses such
+writes through its own checks on the resources (RFC 4918: the parent must be a collection);
+this module says what stands in the way, in the words the HTTP routes answer with, under the
+error_code ``name_conflict``.
+"""
+
+from __future__ import annotations
+
+from drive.dav.listings import listing_cache
+from drive.store import ObjectStore
+
+NAME_CONFLICT = "name_conflict"
+
+
+def folder_named(store: ObjectStore, prefix: str, rel: str) -> str | None:
+    """Why a file may not be written at ``rel`` because a folder has its name (None: none has)."""
+    if store.list_page(prefix + rel.rstrip("/") + "/", max_keys=1).entries:
+        return f"a folder named {rel.rstrip('/')} exists"
+    return None
+
+
+def unknown_ancestors(store: ObjectStore, prefix: str, rel: str) -> list[str]:
+    """The folders above ``rel`` (as paths in the drive) that :func:`file_above` must ask the
+    store about: all of them, but those a write was checked into within the listing cache's
+    TTL. No store request: cheap enough for the event loop."""
+    parts = rel.rstrip("/").split("/")
+    known = listing_cache(store)
+    ancestors = ["/".join(parts[:depth]) for depth in range(1, len(parts))]
+    return [a for a in ancestors if not known.is_known_folder(f"{prefix}{a}/")]
+
+
+def file_above(store: ObjectStore, prefix: str, rel: str) -> str | None:
+    """Why nothing may be made at ``rel`` because one of the folders above it is a file
+    (None: none is). One HEAD per level, nearest the root first, but none for a folder a write
+    was checked into within the listing cache's TTL (writes in a row into one folder, the
+    common case, then cost no store request here; every write the gateway makes forgets
+    what it changes, as for listings)."""
+    unknown = unknown_ancestors(store, prefix, rel)
+    for ancestor in unknown:
+        if store.head(prefix + ancestor) is not None:
+            return f"{ancestor} is a file, so it cannot hold {rel.rstrip('/')}"
+    listing_cache(store).note_folders([f"{prefix}{a}/" for a in unknown])
+    return None
+
+
+def file_coming(store: ObjectStore, key: str) -> None:
+    """A file is about to be written at ``key`` (streamed, or through a presigned URL the
+    gateway hands out): from now on it is not taken for a folder above anything."""
+    listing_cache(store).forget_folder(key)
