@@ -214,13 +214,18 @@ class Rentals:
             busy.setdefault((node, model), set()).update(int(i) for i in indices.split(",") if i)
         return busy
 
-    def _classes(self, gpu_model: str | None) -> list[GpuClass]:
-        inventory = self.inventory
-        if gpu_model is None:  # the first model offered, on every node that has it
+    @staticmethod
+    def _offered(inventory: list[GpuClass], gpu_model: str | None) -> list[GpuClass]:
+        """The classes of ``gpu_model`` ([] when none is offered); None: the first model offered,
+        on every node that has it."""
+        if gpu_model is None:
             gpu_model = inventory[0].gpu_model if inventory else ""
-        found = [c for c in inventory if c.gpu_model == gpu_model]
+        return [c for c in inventory if c.gpu_model == gpu_model]
+
+    def _classes(self, inventory: list[GpuClass], gpu_model: str | None) -> list[GpuClass]:
+        found = self._offered(inventory, gpu_model)
         if not found:
-            menu = ", ".join(sorted({c.gpu_model for c in self.inventory}))
+            menu = ", ".join(sorted({c.gpu_model for c in inventory}))
             raise ApiError(422, "validation_error", f"gpu_model {gpu_model!r} is not offered here (menu: {menu})")
         return found
 
@@ -254,10 +259,11 @@ class Rentals:
 
     def rent(self, principal: Principal, request: RentRequest, api_base: str) -> Rental:
         """Place and start a rental; with ``request.queue``, queue it when nothing fits now."""
+        # Read before the placement lock: on Slurm it is an sinfo, too slow to hold the lock for.
+        classes = self._classes(self.inventory, request.gpu_model)
         with self._placement_lock, self.sessions.begin() as session:
             lock_placement(session)
             user = users.get_locked(session, principal.user_id)
-            classes = self._classes(request.gpu_model)
             count = request.gpu_count if request.gpu_count is not None else (1 if classes[0].count else 0)
             mine = session.scalars(
                 select(Rental.gpu_count).where(Rental.user_id == user.id, Rental.phase.in_(ACTIVE))
@@ -315,6 +321,7 @@ class Rentals:
         """Start the queued rentals that fit now, first come first served per GPU model (one
         that does not fit holds back the later ones of its model). Returns those started."""
         started: list[tuple[str, str]] = []
+        inventory = self.inventory  # once, before the lock (an sinfo on Slurm)
         with self._placement_lock, self.sessions.begin() as session:
             lock_placement(session)
             blocked: set[str] = set()
@@ -322,7 +329,8 @@ class Rentals:
                 if rental.gpu_model in blocked:
                     continue
                 user = users.get_locked(session, rental.user_id)
-                placement = self._placement(session, self._classes(rental.gpu_model), rental.gpu_count)
+                classes = self._offered(inventory, rental.gpu_model)  # []: its nodes have gone
+                placement = self._placement(session, classes, rental.gpu_count) if classes else None
                 if placement is None:
                     blocked.add(rental.gpu_model)
                     continue
