@@ -32,13 +32,15 @@ def unknown_ancestors(store: ObjectStore, prefix: str, rel: str) -> list[str]:
     return [a for a in ancestors if not known.is_known_folder(f"{prefix}{a}/")]
 
 
-def file_above(store: ObjectStore, prefix: str, rel: str) -> str | None:
+def file_above(store: ObjectStore, prefix: str, rel: str, unknown: list[str] | None = None) -> str | None:
     """Why nothing may be made at ``rel`` because one of the folders above it is a file
     (None: none is). One HEAD per level, nearest the root first, but none for a folder a write
     was checked into within the listing cache's TTL (writes in a row into one folder, the
     common case, then cost no store request here; every write the gateway makes forgets
-    what it changes, as for listings)."""
-    unknown = unknown_ancestors(store, prefix, rel)
+    what it changes, as for listings). ``unknown``: :func:`unknown_ancestors`, if the caller
+    has them already."""
+    if unknown is None:
+        unknown = unknown_ancestors(store, prefix, rel)
     for ancestor in unknown:
         if store.head(prefix + ancestor) is not None:
             return f"{ancestor} is a file, so it cannot hold {rel.rstrip('/')}"

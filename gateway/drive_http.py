@@ -289,8 +289,9 @@ async def _previous_and_names(store: ObjectStore, path: DrivePath) -> ObjectInfo
         run_in_threadpool(store.head, path.key),
         run_in_threadpool(names.folder_named, store, path.prefix, path.rel),
     ]
-    if names.unknown_ancestors(store, path.prefix, path.rel):  # else known folders, all of them
-        checks.append(run_in_threadpool(names.file_above, store, path.prefix, path.rel))
+    unknown = names.unknown_ancestors(store, path.prefix, path.rel)
+    if unknown:  # else known folders, all of them
+        checks.append(run_in_threadpool(names.file_above, store, path.prefix, path.rel, unknown))
     previous, folder, *above = await asyncio.gather(*checks)
     above = above[0] if above else None
     why = above or (folder if previous is None else None)
