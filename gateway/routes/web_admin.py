@@ -70,22 +70,23 @@ async def _admin_change(request: Request, change) -> Response:
     return see_other("/view/admin")
 
 
-@router.post("/view/admin/users/{user_id}/status")
-async def set_status(user_id: str, request: Request) -> Response:
+def _patch_user(user_id: str, field: str):
+    """The change that sets one field of a user from the form's field of that name."""
     def change(session, fields, _):
         target = users.get_locked(session, _row_id(user_id, "user id"))
-        users.apply_patch(target, users.UserPatch(status=fields.get("status", "")))
+        users.apply_patch(target, users.UserPatch(**{field: fields.get(field, "")}))
 
-    return await _admin_change(request, change)
+    return change
+
+
+@router.post("/view/admin/users/{user_id}/status")
+async def set_status(user_id: str, request: Request) -> Response:
+    return await _admin_change(request, _patch_user(user_id, "status"))
 
 
 @router.post("/view/admin/users/{user_id}/role")
 async def set_role(user_id: str, request: Request) -> Response:
-    def change(session, fields, _):
-        target = users.get_locked(session, _row_id(user_id, "user id"))
-        users.apply_patch(target, users.UserPatch(role=fields.get("role", "")))
-
-    return await _admin_change(request, change)
+    return await _admin_change(request, _patch_user(user_id, "role"))
 
 
 @router.post("/view/admin/users/{user_id}/credits")
