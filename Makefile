@@ -1,15 +1,20 @@
 # Two commands on a fresh machine: `make serve` runs the service, `make test` runs the tests.
+# The Python environment comes from requirements.lock alone (docs/development.md): every package
+# pinned and hash-checked, the project itself installed without resolving anything.
 VENV ?= .venv
-STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+LOCK := requirements.lock
+STAMP := $(VENV)/.installed-$(shell cat $(LOCK) pyproject.toml | sha1sum | cut -c1-12)
 
-$(STAMP): pyproject.toml
-	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check --upgrade pip
-	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
-	rm -f $(VENV)/.installed-*
-	touch $(STAMP)
+# A changed lock rebuilds the environment from nothing, so no package the lock dropped lingers.
+$(STAMP): $(LOCK) pyproject.toml
+	rm -rf $(VENV)
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check --require-hashes --no-deps -r $(LOCK)
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(VENV)/bin/pip check
+	touch $@
 
-.PHONY: install serve test
+.PHONY: install serve test lock
 install: $(STAMP)
 
 serve: $(STAMP)
@@ -17,3 +22,7 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+# Refresh requirements.lock from pyproject.toml's ranges (then run the suite before committing it).
+lock:
+	bash .ci/lock

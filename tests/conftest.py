@@ -249,6 +249,12 @@ def docker_pod_client():
             pytest.fail(f"docker pod backend unavailable in CI: {why}", pytrace=False)
         pytest.skip(f"docker pod backend unavailable: {why}")
 
+    import shutil
+
+    # The script installs docker.io only for .ci/run: a plain `make test` installs nothing.
+    reachable = shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode == 0
+    if shutil.which("dockerd") is None and not reachable:
+        unavailable("Docker is not installed here (.ci/run installs docker.io and builds the test images)")
     script = Path(__file__).parent / "images" / "build-test-image.sh"
     started = time.monotonic()
     try:

@@ -7,14 +7,16 @@
 # /tmp/dockerd.log; a dockerd this script started earlier without it is restarted with it, its
 # images carried over; any other dockerd without it is an error), makes /dev/fuse 0666, and builds
 # the image from a debootstrap --variant=minbase rootfs piped to `docker import` (no registry
-# is reachable). Does nothing that is already done; prints what it did.
+# is reachable; the Debian archive is the one this machine's apt uses). Does nothing that is
+# already done; prints what it did. Run it after `make install`: the pod image carries the
+# project environment's rclone.
 set -euo pipefail
 
 IMAGE="${KGPU_TEST_IMAGE:-kgpu-test:latest}"
 PYTORCH_IMAGE="${KGPU_TEST_PYTORCH_IMAGE:-kgpu-pytorch-test:latest}"
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 SUITE="${KGPU_TEST_SUITE:-bookworm}"
-MIRROR="${KGPU_TEST_MIRROR:-http://deb.debian.org/debian}"
+MIRROR="${KGPU_TEST_MIRROR:-}"  # default: the archive this machine's apt uses for $SUITE
 DOCKERD_LOG="${DOCKERD_LOG:-/tmp/dockerd.log}"
 export DEBIAN_FRONTEND=noninteractive
 
@@ -136,6 +138,16 @@ fi
 if ! command -v debootstrap >/dev/null 2>&1; then
   say "installing debootstrap"
   apt_install debootstrap
+fi
+
+# Debian's archive as this machine's own apt reaches it (its sources list), for $SUITE.
+if [ -z "$MIRROR" ]; then
+  MIRROR=$(apt-get indextargets --no-release-info --format '$(RELEASE) $(REPO_URI)' 2>/dev/null |
+    awk -v suite="$SUITE" '$1 == suite { print $2; exit }')
+fi
+if [ -z "$MIRROR" ]; then
+  say "this machine's apt has no source for Debian $SUITE: set KGPU_TEST_MIRROR to a Debian archive" >&2
+  exit 1
 fi
 
 started=$(date +%s)
