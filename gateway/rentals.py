@@ -12,7 +12,7 @@ import math
 import re
 import secrets
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, Callable
@@ -182,9 +182,14 @@ class Rentals:
         self._placement_lock = threading.Lock()
         # Starts queued rentals after a return, off the returning request's thread.
         self._queue_starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kgpu-queue")
+        # The reaper's observations of pods (status, live runs, disk use), and the pods being observed.
+        self._observers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kgpu-observe")
+        self._observing: set[str] = set()
+        self._observing_lock = threading.Lock()
 
     def close(self) -> None:
         self._queue_starter.shutdown(wait=False, cancel_futures=True)
+        self._observers.shutdown(wait=False, cancel_futures=True)
 
     def _start_queued_soon(self) -> None:
         try:
@@ -545,7 +550,7 @@ class Rentals:
                 for rental in session.scalars(select(Rental).where(Rental.phase.in_(("Pending", "Running"))))
                 if rental.pod_ref and self.mine(rental)
             ]
-        seen = {rental_id: self._observe(ref) for rental_id, ref in watched}
+        seen = self._observe_all(watched)
         with self.sessions.begin() as session:
             for rental in session.scalars(select(Rental).where(Rental.phase == "Terminating")):
                 if rental.pending_reason == HANDED_OVER and self.mine(rental):
@@ -589,8 +594,14 @@ class Rentals:
         # side by side, so one slow pod does not hold back the others.
         if ending:
             with ThreadPoolExecutor(max_workers=min(8, len(ending)), thread_name_prefix="kgpu-return") as pool:
-                list(pool.map(lambda item: self._finish(item[0], "Ended", item[1]), ending))
+                list(pool.map(lambda item: self._finish_logged(item[0], item[1]), ending))
         return ending
+
+    def _finish_logged(self, rental_id: str, reason: str) -> None:
+        try:
+            self._finish(rental_id, "Ended", reason)
+        except Exception:  # noqa: BLE001 - the next tick ends it; the others end now
+            log.exception("could not end rental %s (%s); the next tick tries again", rental_id, reason)
 
     def _remove_orphans(self) -> None:
         """Remove the pods this backend still runs for rentals that have ended (a start cut short,
@@ -610,6 +621,34 @@ class Rentals:
                 self.backend.destroy(pods[rental_id])
             except Exception:  # noqa: BLE001 - the next tick tries again
                 log.warning("could not remove the pod of ended rental %s", rental_id, exc_info=True)
+
+    def _observe_all(self, watched: list[tuple[str, str]]) -> dict[str, "_Observed"]:
+        """Each pod observed on its own, side by side, within the tick's deadline: a pod whose
+        answer fails, or has not come by then, is simply not seen this tick (billed as usual, its
+        state kept), and is not asked again while its last observation still runs."""
+        futures = {}
+        for rental_id, ref in watched:
+            with self._observing_lock:
+                if ref in self._observing:
+                    continue  # still stuck in last tick's observation
+                self._observing.add(ref)
+            futures[rental_id] = self._observers.submit(self._observe_once, rental_id, ref)
+        done, _ = wait(futures.values(), timeout=self.settings.reaper_observe_timeout_seconds)
+        return {
+            rental_id: future.result()
+            for rental_id, future in futures.items()
+            if future in done and future.result() is not None
+        }
+
+    def _observe_once(self, rental_id: str, ref: str) -> "_Observed | None":
+        try:
+            return self._observe(ref)
+        except Exception:  # noqa: BLE001 - one pod's trouble never ends the tick for the others
+            log.exception("could not observe the pod of rental %s", rental_id)
+            return None
+        finally:
+            with self._observing_lock:
+                self._observing.discard(ref)
 
     def _observe(self, ref: str) -> "_Observed":
         status = self._status(ref)

@@ -97,6 +97,7 @@ class Settings(BaseSettings):
     idle_warning_seconds: int = Field(default=3600, ge=1)
     idle_return_seconds: int = Field(default=7200, ge=1)
     reaper_interval_seconds: float = Field(default=15, gt=0)
+    reaper_observe_timeout_seconds: float = Field(default=10, gt=0)
     run_output_tail_bytes: int = Field(default=64 * 1024, ge=1024)
     run_kill_grace_seconds: float = Field(default=5, ge=0)
 

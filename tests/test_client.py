@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.conftest import fuse_present, require_system_part
 from tests.test_docs_examples import bash_blocks, run_doc
 
 pytestmark = pytest.mark.parametrize("stack", ["rclone-sqlite"], indirect=True)
@@ -503,6 +504,7 @@ def test_run_output_survives_a_broken_stream(stack, user, kgpu):
 
 
 def test_client_guide_examples(stack, user, tmp_path):
+    require_system_part(fuse_present(), "FUSE (fuse3), for `kgpu mount`,")
     result, workdir = run_doc("client.md", tmp_path, {"KGPU_API_BASE": stack.base, "KGPU_API_TOKEN": user.token})
     out = result.stdout
     assert bash_blocks("client.md")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import requests
 from sqlalchemy import select
 
 from gateway.models import Org, SharedFile
+from tests.conftest import fuse_present, require_system_part
 from tests.test_docs_examples import DOCS, assert_sha256_checks_passed, bash_blocks, run_doc, variables_for
 
 DOC = "shared-drives.md"
@@ -73,8 +73,7 @@ def tree(stack, org: str, auth: dict, folder: str = "") -> dict[str, dict]:
 
 
 def test_shared_drive_examples(stack, user, tmp_path):
-    if not Path("/dev/fuse").exists() or not shutil.which("fusermount3"):
-        pytest.fail("FUSE is needed for the mount example: .ci/run installs fuse3")
+    require_system_part(fuse_present(), "FUSE (fuse3), for the mount example,")
     workdir = tmp_path / "work"
     try:
         result, workdir = run_doc(DOC, tmp_path, variables_for(stack, user))

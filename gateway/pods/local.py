@@ -63,6 +63,7 @@ from gateway.pods import (
     safe_run_id,
 )
 from gateway.pods.mounts import MAX_FLUSH_REPORT, bootstrap_status
+from gateway.pods.tree import TreeTooLarge, disk_usage, remove_tree
 from gateway.pods.sandbox import (
     HOLDER_ENV,
     SandboxUnavailable,
@@ -222,6 +223,7 @@ class LocalPodBackend:
 
     def start(self, spec: PodSpec) -> str:
         if self.refusal:
+            log.warning("a rental was refused: %s", self.refusal)
             raise PodStartError(self.refusal)
         pod = self.root / spec.rental_id
         if (pod / "pod.json").exists():
@@ -422,7 +424,7 @@ class LocalPodBackend:
         if any(os.path.ismount(p) for p in mounted):
             # Deleting through a live mount would delete the user's drive: leave the pod's folder.
             return (lost or "") + f" (the mounts under {pod / MOUNT_DIR} are stuck; the pod folder was kept)"
-        shutil.rmtree(pod, ignore_errors=True)
+        remove_tree(pod)
         self._locks.pop(ref, None)
         if record.get("uid") is not None and not pod.exists():
             self.uids.release(record["uid"], pod)
@@ -585,17 +587,10 @@ class LocalPodBackend:
         self._exec(pod, record, SIGNAL_SCRIPT, self._inner(pod, f"{RUNS_DIR}/{safe_run_id(run_id)}"), signal_name)
 
     def storage_bytes(self, ref: str) -> int | None:
-        pod = self.root / ref
-        if not pod.exists():
-            return None
-        total = 0
-        for folder, dirs, names in os.walk(pod):
-            if Path(folder) == pod and MOUNT_DIR in dirs:
-                dirs.remove(MOUNT_DIR)  # the drives, not the pod's disk
-            for name in names:
-                with contextlib.suppress(FileNotFoundError):
-                    total += os.lstat(os.path.join(folder, name)).st_blocks * 512
-        return total
+        try:
+            return disk_usage(self.root / ref, skip_top=frozenset({MOUNT_DIR}))  # the drives are not its disk
+        except TreeTooLarge as exc:
+            raise PodError(str(exc)) from exc
 
 
 def _read_holder_pid(fd: int, timeout: float = 30) -> int | None:
