@@ -465,3 +465,52 @@ def test_the_reaper_asks_pods_with_no_transaction_open(stack, user, clock, monke
     assert len(open_transactions) >= 2 and set(open_transactions) == {0}, open_transactions
     for gpu in gpus:
         requests.delete(f"{stack.base}/v1/gpus/{gpu}", headers=user.auth)
+
+
+def test_one_pods_worst_never_stops_the_reaper_for_the_others(stack, user, clock, monkeypatch):
+    """Issue 19 (5): a pod nests folders deeper than Python's stack (os.walk raised RecursionError
+    in every tick: billing, returns and the queue stopped for everyone), and another pod's
+    observation hangs; the reaper still bills every rental, ends the deep pod's rental and
+    removes its folder."""
+    rentals = stack.server.app.state.rentals
+    other = stack.new_user()
+    deep = rent(stack.base, user.token).json()["gpu_id"]
+    stuck = rent(stack.base, other.token).json()["gpu_id"]
+    billed = rent(stack.base, other.token).json()["gpu_id"]
+    made = run(stack.base, user.token, deep, ["sh", "-c", "mkdir -p /workspace/deep && cd /workspace/deep && "
+                                              "for i in $(seq 1200); do mkdir a && cd a; done && echo made"])
+    assert made["exit_code"] == 0 and "made" in made["stdout"], made
+    with stack.server.app.state.sessions() as session:
+        stuck_ref = session.get(Rental, stuck).pod_ref
+    release = threading.Event()
+    real_status = rentals.backend.status
+
+    def status(ref):
+        if ref == stuck_ref:
+            release.wait(30)  # a pod that never answers (a trickling docker exec)
+        return real_status(ref)
+
+    monkeypatch.setattr(rentals.backend, "status", status)
+    monkeypatch.setattr(rentals.settings, "reaper_observe_timeout_seconds", 2)
+    try:
+        clock.advance(minutes=5, seconds=1)
+        rentals.tick()
+        clock.advance(minutes=1)
+        rentals.tick()  # the stuck pod is not asked a second time while its first answer is out
+        with stack.server.app.state.sessions() as session:
+            minutes = {
+                gpu: len(session.query(CreditCharge.minute).filter(CreditCharge.rental_id == gpu).all())
+                for gpu in (deep, stuck, billed)
+            }
+        assert minutes == {deep: 7, stuck: 7, billed: 7}, minutes
+        reply = requests.delete(f"{stack.base}/v1/gpus/{deep}", headers=user.auth)
+        assert reply.status_code in (200, 202), reply.text
+        state = requests.get(f"{stack.base}/v1/gpus/{deep}", headers=user.auth).json()
+        assert state["phase"] in ("Ended", "Terminating"), state
+        rentals.tick()
+        with stack.server.app.state.sessions() as session:
+            deep_ref = session.get(Rental, deep).pod_ref
+        assert deep_ref not in rentals.backend.adopt()
+        assert not (stack.settings.data_dir / "pods" / deep_ref).exists()
+    finally:
+        release.set()
