@@ -91,6 +91,7 @@ def open_pod_backend(settings: Settings, store_url: str | None = None) -> PodBac
             network=settings.docker_network or None,
             pull=settings.docker_pull,
             flush_timeout_s=settings.pod_flush_timeout_seconds,
+            pids_limit=settings.pod_pids_limit,
         )
     if settings.pod_backend == "slurm":
         from gateway.pods.slurm import SlurmPodBackend
@@ -106,6 +107,7 @@ def open_pod_backend(settings: Settings, store_url: str | None = None) -> PodBac
             network=settings.slurm_docker_network,
             pull=settings.slurm_pull,
             flush_timeout_s=settings.pod_flush_timeout_seconds,
+            pids_limit=settings.pod_pids_limit,
         )
     from gateway.pods.local import LocalPodBackend
 
@@ -117,6 +119,7 @@ def open_pod_backend(settings: Settings, store_url: str | None = None) -> PodBac
         uid_base=settings.local_pod_uid_base,
         uid_count=settings.local_pod_uid_count,
         flush_timeout_s=settings.pod_flush_timeout_seconds,
+        pids_limit=settings.pod_pids_limit,
     )
 
 

@@ -93,6 +93,7 @@ class Settings(BaseSettings):
     pod_api_base: str = ""
     # On return, how long the pod may take to upload what /files still holds before it is removed.
     pod_flush_timeout_seconds: int = Field(default=60, ge=1, le=600)
+    pod_pids_limit: int = Field(default=4096, ge=32, le=4_194_304)
     max_gpus_per_user: int = Field(default=4, ge=0)
     idle_warning_seconds: int = Field(default=3600, ge=1)
     idle_return_seconds: int = Field(default=7200, ge=1)

@@ -328,3 +328,26 @@ def test_two_gateways_on_one_host_never_share_a_pod_uid(tmp_path):
     finally:
         first.destroy(mine)
         second.destroy(theirs)
+
+
+def test_a_pod_cannot_take_every_pid(pod_backend):
+    """Issue 19 (9): a fork bomb stops at the pod's process limit (KGPU_POD_PIDS_LIMIT; 3000
+    sleeps per pod hit nothing before), and only the pod feels it."""
+    pod_backend.pids_limit = 64  # set before the pod starts: every backend applies it at start
+    ref = start_pod(pod_backend)
+    try:
+        # perl (in every Debian, minbase included) counts its forks; a shell gives up at the first failure.
+        code, out, err = sh(
+            pod_backend, ref,
+            """perl -e 'for (1..200) { my $p = fork; last unless defined $p; if (!$p) { sleep 30; exit } $n++ }
+                        print "forked=$n\\n"'; kill 0""",
+            seconds=60,
+        )
+        assert "forked=" in out, (code, out, err[-500:])
+        forked = int(out.split("forked=")[1].split()[0])
+        assert 8 <= forked < 64, (forked, err[-300:])
+        # The limit is the pod's: the host, and a run started after, fork as before.
+        assert subprocess.run(["sh", "-c", "for i in 1 2 3; do true & done; wait"], timeout=10).returncode == 0
+        assert sh(pod_backend, ref, "sleep 0.1 & wait; echo again")[1].strip() == "again"
+    finally:
+        pod_backend.destroy(ref)

@@ -12,6 +12,7 @@ import requests
 
 from gateway.db import make_engine, make_sessionmaker
 from gateway.models import CreditCharge, Rental
+from gateway.pods.tree import remove_tree
 from gateway.rentals import Rentals
 from tests.conftest import ADMIN_TOKEN, LiveServer, make_settings
 
@@ -514,3 +515,6 @@ def test_one_pods_worst_never_stops_the_reaper_for_the_others(stack, user, clock
         assert not (stack.settings.data_dir / "pods" / deep_ref).exists()
     finally:
         release.set()
+        # A deep tree left behind would break pytest's own clean-up of old temp folders (it recurses).
+        with stack.server.app.state.sessions() as session:
+            remove_tree(stack.settings.data_dir / "pods" / session.get(Rental, deep).pod_ref)

@@ -203,7 +203,7 @@ class DockerPodBackend:
         labels_prefix: str = "kgpu",
         *,
         pull: bool = True,
-        pids_limit: int = 32768,
+        pids_limit: int = 4096,
         init: bool = True,
         destroy_grace_s: int = 5,
         flush_timeout_s: int = 60,

@@ -71,6 +71,7 @@ from gateway.pods.sandbox import (
     check_available,
     enter_command,
     holder_command,
+    limit_processes,
     kill_uid,
     open_in_pod,
     process_start,
@@ -123,11 +124,14 @@ class LocalPodBackend:
         uid_count: int = 65_536,
         flush_timeout_s: int = 60,
         bootstrap_timeout_s: int = 180,
+        pids_limit: int = 4096,
     ):
         """``hidden``: paths a pod must not see (the data directory by default). ``mounts``: run
         kgpu-bootstrap for each pod, its mounts bound at /shared and /files (needs FUSE and
         fusermount3 here). ``reachable``: URLs pods may reach besides their KGPU_API_BASE (the
-        object store's). ``uid_base``/``uid_count``: the host uids pods get (isolated mode)."""
+        object store's). ``uid_base``/``uid_count``: the host uids pods get (isolated mode).
+        ``pids_limit``: the most processes one pod may have."""
+        self.pids_limit = pids_limit
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.hidden = [p.resolve() for p in (hidden if hidden is not None else [self.root.parent])]
@@ -332,7 +336,7 @@ class LocalPodBackend:
             )
             with open(pod / "holder.log", "ab") as log:
                 process = subprocess.Popen(
-                    self._as_pod_user(uid, command), env=HOLDER_ENV, stdin=subprocess.DEVNULL, stdout=log,
+                    limit_processes(self.pids_limit, self._as_pod_user(uid, command)), env=HOLDER_ENV, stdin=subprocess.DEVNULL, stdout=log,
                     stderr=log, pass_fds=(info_write,), start_new_session=True,
                 )
             os.close(info_write)
@@ -371,7 +375,7 @@ class LocalPodBackend:
     def _enter(self, pod: Path, record: dict) -> list[str]:
         if self.mode == "none":
             return []  # the callers start it in a session of its own
-        return enter_command(record["holder_pid"], record.get("uid"))
+        return enter_command(record["holder_pid"], record.get("uid"), self.pids_limit)
 
     def _exec(self, pod: Path, record: dict, script: str, *args: str, timeout: float = 60) -> bytes:
         """``sh -c script`` inside the pod as the pod's user; its stdout."""

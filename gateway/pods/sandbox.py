@@ -47,7 +47,7 @@ class SandboxUnavailable(Exception):
 def check_available(uid_switching: bool) -> None:
     """Raise SandboxUnavailable unless bubblewrap, nsenter and user namespaces work here (and,
     with ``uid_switching``, the server can give a pod a uid of its own: it runs as root)."""
-    for tool in ("bwrap", "nsenter", "setpriv"):
+    for tool in ("bwrap", "nsenter", "setpriv", "prlimit"):
         if shutil.which(tool) is None:
             raise SandboxUnavailable(f"{tool} is not installed (Debian: apt-get install bubblewrap util-linux)")
     if uid_switching and os.geteuid() != 0:
@@ -157,11 +157,18 @@ def holder_command(
     return command + ["--remount-ro", "/", "--chdir", "/workspace", "--info-fd", str(info_fd), "--", "sleep", "infinity"]
 
 
-def enter_command(holder: int, uid: int | None) -> list[str]:
+def limit_processes(pids_limit: int, command: list[str]) -> list[str]:
+    """``command`` with RLIMIT_NPROC at ``pids_limit``. A pod's processes all run under its own
+    uid, and the kernel counts a user namespace's processes against the limit its creator had
+    (ucounts): started so, the holder caps the whole pod, whatever a process inside asks."""
+    return ["prlimit", f"--nproc={pids_limit}:{pids_limit}", "--", *command]
+
+
+def enter_command(holder: int, uid: int | None, pids_limit: int) -> list[str]:
     """nsenter into a holder's namespaces, as ``uid`` there (None: the caller's own uid, for a
     server that runs as that single trusted user), with no_new_privs, in a new session (so a
-    run's process group is its own, numbered inside the pod)."""
-    command = ["nsenter", "-t", str(holder), "-U", "-m", "-p", "-i", "-u", "-n", "-r", "-w"]
+    run's process group is its own, numbered inside the pod), under the pod's process limit."""
+    command = limit_processes(pids_limit, ["nsenter", "-t", str(holder), "-U", "-m", "-p", "-i", "-u", "-n", "-r", "-w"])
     command += ["-S", str(uid), "-G", str(uid)] if uid is not None else ["--preserve-credentials"]
     return command + ["--", "setpriv", "--no-new-privs", "setsid"]
 

@@ -123,7 +123,7 @@ class SlurmPodBackend:
         gpu_price_per_hour_credits: int = 500,
         network: str = "",
         pull: bool = True,
-        pids_limit: int = 32768,
+        pids_limit: int = 4096,
         destroy_grace_s: int = 5,
         flush_timeout_s: int = 60,
         bootstrap_timeout_s: int = 180,
