@@ -351,3 +351,53 @@ def test_a_pod_cannot_take_every_pid(pod_backend):
         assert sh(pod_backend, ref, "sleep 0.1 & wait; echo again")[1].strip() == "again"
     finally:
         pod_backend.destroy(ref)
+
+
+# Issue 19 (6, 8): the gateway's calls into a pod run a shell inside it. A docker or Slurm pod's
+# root can replace that shell (here: one that trickles a byte a second, forever); a local pod
+# cannot (the system folders are the host's, read-only), but the helper runs as its uid, so it
+# can stop it (SIGSTOP to every process of its uid, every millisecond).
+TRICKLING_SH = (
+    "sleep 1 && cp /bin/dash /bin/dash.real && printf '#!/bin/dash.real\\nwhile :; do printf x; sleep 1; done\\n' > /tmp/trickle"
+    " && chmod 0755 /tmp/trickle && ln -sf /tmp/trickle /bin/sh && echo replaced"
+)
+STOP_EVERYTHING = "exec perl -e 'while (1) { kill \"STOP\", -1; select(undef, undef, undef, 0.001) }'"
+
+
+def test_a_pod_cannot_hold_the_gateways_calls(pod_backend):
+    """Every call into a pod has a deadline (and is killed past it), and one pod holds at most a
+    few of the gateway's threads: 45 such calls used to hold the gateway for minutes."""
+    from gateway.pods import PodError
+
+    bound = 2 + (15 if pod_backend.name == "slurm" else 0) + 10  # srun's start; generous for a busy machine
+    ref = start_pod(pod_backend)
+    try:
+        if pod_backend.name == "local":
+            pod_backend.start_run(ref, "run-stopper", ["sh", "-c", STOP_EVERYTHING], {})
+            call = lambda: pod_backend.signal_run(ref, "run-stopper", "TERM")  # noqa: E731
+        else:  # (its state cannot be read once sh is replaced: the calls below tell whether it was)
+            pod_backend.start_run(ref, "run-replace", ["dash", "-c", TRICKLING_SH], {})
+            call = lambda: pod_backend.run_ids(ref)  # noqa: E731
+        time.sleep(2)
+        pod_backend.call_timeout_s = 2
+        outcomes: list[tuple[str, float]] = []
+
+        def one_call():
+            started = time.monotonic()
+            try:
+                call()
+                outcomes.append(("answered", time.monotonic() - started))
+            except PodError as exc:
+                outcomes.append((type(exc).__name__, time.monotonic() - started))
+
+        threads = [threading.Thread(target=one_call) for _ in range(30)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(bound + 30)
+        assert len(outcomes) == 30 and all(seconds < bound for _, seconds in outcomes), outcomes
+        kinds = {kind for kind, _ in outcomes}
+        assert "PodBusy" in kinds, outcomes  # the rest were turned away at once, not queued
+        assert kinds & {"PodError", "PodBusy"} and ("PodError" in kinds), outcomes  # held calls were cut at the deadline
+    finally:
+        pod_backend.destroy(ref)

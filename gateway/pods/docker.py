@@ -33,8 +33,11 @@ every ``mount``) and only for user-namespaced pods.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import os
+import signal
 import tarfile
 import time
 from datetime import datetime, timezone
@@ -59,6 +62,7 @@ from gateway.pods import (
     safe_run_id,
     wait_ticks,
 )
+from gateway.pods.bounded import CALL_TIMEOUT_S, MAX_ANSWER, CallSlots, read_docker_stream
 from gateway.pods.mounts import (
     FLUSH_SCRIPT,
     MAX_FLUSH_REPORT,
@@ -167,6 +171,11 @@ def _token_archive(token: str) -> bytes:
     return buffer.getvalue()
 
 
+def _state_limit(tail_bytes: int) -> int:
+    """The most a run-state answer holds: its two streams' bytes asked, and its small files."""
+    return 2 * tail_bytes + (64 << 10)
+
+
 def _float(value: str | None) -> float | None:
     if not value:
         return None
@@ -223,6 +232,8 @@ class DockerPodBackend:
         self.destroy_grace_s = destroy_grace_s
         self.flush_timeout_s = flush_timeout_s
         self.bootstrap_timeout_s = bootstrap_timeout_s
+        self.calls = CallSlots()
+        self.call_timeout_s = CALL_TIMEOUT_S  # a call that does not wait on purpose
         self._instance: str | None = None
 
     @property
@@ -446,7 +457,7 @@ class DockerPodBackend:
     def destroy(self, ref: str) -> str | None:
         lost = None
         try:
-            self._exec(ref, TERM_ALL_SCRIPT, str(self.destroy_grace_s), RUNS_DIR)
+            self._exec(ref, TERM_ALL_SCRIPT, str(self.destroy_grace_s), RUNS_DIR, timeout=self.destroy_grace_s + CALL_TIMEOUT_S)
             lost = self._flush(ref)
         except PodError:
             pass  # not running or gone: removing it is all that is left
@@ -464,14 +475,16 @@ class DockerPodBackend:
 
     def _flush(self, ref: str) -> str | None:
         """Run kgpu-flush in the pod: None when every write reached the drive, else its report."""
-        exec_id = self._exec_create(
-            ref, ["sh", "-c", FLUSH_SCRIPT, "kgpu-flush", str(self.flush_timeout_s)], stdout=True, stderr=True
-        )
         try:
-            output = (self.api.exec_start(exec_id) or b"").decode(errors="replace").strip()
-            code = self.api.exec_inspect(exec_id).get("ExitCode")
-        except _DOCKER_ERRORS as exc:
+            output = self._exec(
+                ref, 'sh -c "$1" kgpu-flush "$2"; echo "kgpu-flush-exit=$?"', FLUSH_SCRIPT, str(self.flush_timeout_s),
+                timeout=self.flush_timeout_s + 30, stderr=True,
+            ).decode(errors="replace").strip()
+        except PodError as exc:
             return f"kgpu-flush did not finish: {exc}"
+        output, _, code_text = output.rpartition("kgpu-flush-exit=")
+        code = int(code_text) if code_text.strip().isdigit() else None
+        output = output.strip()
         output = output[-MAX_FLUSH_REPORT:]  # the pod's own words: bounded
         if output:
             log.info("flush of %s: %s", ref, output.replace("\n", "; "))
@@ -489,13 +502,39 @@ class DockerPodBackend:
         except _DOCKER_ERRORS as exc:
             raise PodError(f"cannot exec in {ref}: {exc}") from exc
 
-    def _exec(self, ref: str, script: str, *args: str) -> bytes:
-        """Run ``sh -c script kgpu args...`` in the pod; its stdout (stderr is dropped)."""
-        exec_id = self._exec_create(ref, ["sh", "-c", script, "kgpu", *args], stdout=True, stderr=False)
-        try:
-            return self.api.exec_start(exec_id) or b""
-        except _DOCKER_ERRORS as exc:
-            raise PodError(f"exec in {ref} failed: {exc}") from exc
+    def _exec(
+        self, ref: str, script: str, *args: str, timeout: float | None = None, limit: int = MAX_ANSWER,
+        stderr: bool = False,
+    ) -> bytes:
+        """Run ``sh -c script kgpu args...`` in the pod; its stdout (and stderr, when asked),
+        within ``timeout`` seconds and ``limit`` bytes, and among the pod's few calls at once
+        (gateway/pods/bounded.py). An exec past its bounds is killed."""
+        with self.calls.hold(ref):
+            exec_id = self._exec_create(ref, ["sh", "-c", script, "kgpu", *args], stdout=True, stderr=stderr)
+            try:
+                attached = self.api.exec_start(exec_id, socket=True)
+            except _DOCKER_ERRORS as exc:
+                raise PodError(f"exec in {ref} failed: {exc}") from exc
+            sock = getattr(attached, "_sock", attached)  # the unix socket under docker-py's SocketIO
+            try:
+                return read_docker_stream(sock, timeout=timeout or self.call_timeout_s, limit=limit, streams=(1, 2) if stderr else (1,))
+            except PodError:
+                self._kill_exec(exec_id)
+                raise
+            finally:
+                with contextlib.suppress(OSError):
+                    attached.close()
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def _kill_exec(self, exec_id: str) -> None:
+        """Kill an exec that overran its bounds (its process is on this host when the daemon is)."""
+        if not self.api.base_url.startswith("http+docker://localhost"):
+            return  # a remote daemon's process: it ends with its pod
+        with contextlib.suppress(*_DOCKER_ERRORS, ProcessLookupError, PermissionError):
+            pid = int(self.api.exec_inspect(exec_id).get("Pid") or 0)
+            if pid > 1:
+                os.kill(pid, signal.SIGKILL)
 
     # --- runs ---------------------------------------------------------------------------
 
@@ -533,14 +572,17 @@ class DockerPodBackend:
 
     def run_state(self, ref: str, run_id: str, tail_bytes: int) -> RunState | None:
         tail = max(0, int(tail_bytes))
-        out = self._exec(ref, _STATE_SCRIPT, f"{RUNS_DIR}/{safe_run_id(run_id)}", str(tail))
+        out = self._exec(ref, _STATE_SCRIPT, f"{RUNS_DIR}/{safe_run_id(run_id)}", str(tail), limit=_state_limit(tail))
         return self._parse_state(ref, run_id, out, tail)
 
     def wait_run(self, ref: str, run_id: str, seconds: float, tail_bytes: int) -> RunState | None:
         """One exec: waits in the pod for the run to end (or ``seconds``), then reads its state."""
         tail = max(0, int(tail_bytes))
         run_dir = f"{RUNS_DIR}/{safe_run_id(run_id)}"
-        out = self._exec(ref, WAIT_SCRIPT + _STATE_SCRIPT, run_dir, str(tail), str(wait_ticks(seconds)))
+        out = self._exec(
+            ref, WAIT_SCRIPT + _STATE_SCRIPT, run_dir, str(tail), str(wait_ticks(seconds)),
+            timeout=seconds + CALL_TIMEOUT_S, limit=_state_limit(tail),
+        )
         return self._parse_state(ref, run_id, out, tail)
 
     def follow_run(self, ref: str, run_id: str, offsets: dict[str, int], seconds: float) -> RunState | None:
@@ -549,7 +591,8 @@ class DockerPodBackend:
         run_dir = f"{RUNS_DIR}/{safe_run_id(run_id)}"
         args = [str(max(0, int(offsets.get(name, 0)))) for name in ("stdout", "stderr")]
         out = self._exec(
-            ref, _FOLLOW_WAIT_SCRIPT + _STATE_SCRIPT, run_dir, "follow", *args, str(READ_CHUNK), str(wait_ticks(seconds))
+            ref, _FOLLOW_WAIT_SCRIPT + _STATE_SCRIPT, run_dir, "follow", *args, str(READ_CHUNK), str(wait_ticks(seconds)),
+            timeout=seconds + CALL_TIMEOUT_S, limit=_state_limit(READ_CHUNK),
         )
         return self._parse_state(ref, run_id, out, READ_CHUNK)
 
@@ -595,7 +638,7 @@ class DockerPodBackend:
         if stream not in ("stdout", "stderr"):
             raise PodError(f"no stream {stream!r}")
         path = f"{RUNS_DIR}/{safe_run_id(run_id)}/{stream}"
-        return self._exec(ref, _READ_SCRIPT, path, str(max(0, int(offset))), str(READ_CHUNK))
+        return self._exec(ref, _READ_SCRIPT, path, str(max(0, int(offset))), str(READ_CHUNK), limit=READ_CHUNK)
 
     def signal_run(self, ref: str, run_id: str, signal_name: str) -> None:
         if signal_name not in ("TERM", "KILL"):

@@ -62,6 +62,7 @@ from gateway.pods import (
     run_command,
     safe_run_id,
 )
+from gateway.pods.bounded import CALL_TIMEOUT_S, CallSlots, run_bounded
 from gateway.pods.mounts import MAX_FLUSH_REPORT, bootstrap_status
 from gateway.pods.tree import TreeTooLarge, disk_usage, remove_tree
 from gateway.pods.sandbox import (
@@ -132,6 +133,8 @@ class LocalPodBackend:
         object store's). ``uid_base``/``uid_count``: the host uids pods get (isolated mode).
         ``pids_limit``: the most processes one pod may have."""
         self.pids_limit = pids_limit
+        self.calls = CallSlots()
+        self.call_timeout_s = CALL_TIMEOUT_S  # a call into the pod that does not wait on purpose
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.hidden = [p.resolve() for p in (hidden if hidden is not None else [self.root.parent])]
@@ -377,17 +380,16 @@ class LocalPodBackend:
             return []  # the callers start it in a session of its own
         return enter_command(record["holder_pid"], record.get("uid"), self.pids_limit)
 
-    def _exec(self, pod: Path, record: dict, script: str, *args: str, timeout: float = 60) -> bytes:
-        """``sh -c script`` inside the pod as the pod's user; its stdout."""
-        try:
-            done = subprocess.run(
+    def _exec(self, pod: Path, record: dict, script: str, *args: str, timeout: float | None = None) -> bytes:
+        """``sh -c script`` inside the pod as the pod's user (the host's sh: the pod's system
+        folders are the host's, read-only); its stdout, within ``timeout`` seconds and
+        MAX_ANSWER bytes, among the pod's few calls at once. The pod can stop or slow it (it
+        runs as the pod's uid): past its deadline it is killed (gateway/pods/bounded.py)."""
+        with self.calls.hold(pod.name):
+            return run_bounded(
                 [*self._enter(pod, record), "sh", "-c", script, "kgpu", *args],
-                env=HOLDER_ENV, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
-                cwd=pod / "workspace",
-            )
-        except subprocess.TimeoutExpired:
-            raise PodError("the pod did not answer in time") from None
-        return done.stdout
+                env=HOLDER_ENV, timeout=timeout or self.call_timeout_s, cwd=pod / "workspace",
+            ).stdout
 
     def status(self, ref: str) -> PodStatus:
         pod = self.root / ref
@@ -419,7 +421,7 @@ class LocalPodBackend:
             record = {}
         if self.mode == "none" or self._holder_alive(record):
             with contextlib.suppress(PodError):
-                self._exec(pod, record, TERM_ALL_SCRIPT, "5", self._inner(pod, RUNS_DIR), timeout=30)
+                self._exec(pod, record, TERM_ALL_SCRIPT, "5", self._inner(pod, RUNS_DIR), timeout=5 + self.call_timeout_s)
         lost = self._flush(pod, record) if (pod / MOUNT_DIR).exists() and record.get("bootstrap_pid") else None
         self._stop_processes(record)
         mounted = [p for p in (pod / MOUNT_DIR).glob("*") if os.path.ismount(p)]

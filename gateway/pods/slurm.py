@@ -46,6 +46,7 @@ from gateway.pods import (
     run_command,
     safe_run_id,
 )
+from gateway.pods.bounded import CALL_TIMEOUT_S, MAX_ANSWER, CallSlots, run_bounded
 from gateway.pods.docker import _WAIT_PID_SCRIPT, CAP_DROP, WORKDIR, DockerPodBackend, _age_seconds
 from gateway.pods.mounts import (
     BOOTSTRAP_NAME,
@@ -99,6 +100,9 @@ def parse_gres(gres: str, default_model: str) -> dict[str, int]:
     return counts
 
 
+SRUN_START_S = 15  # what srun may take to reach the node, on top of a call's own deadline
+
+
 class SlurmPodBackend:
     name = "slurm"
 
@@ -144,6 +148,8 @@ class SlurmPodBackend:
         self.flush_timeout_s = flush_timeout_s
         self.bootstrap_timeout_s = bootstrap_timeout_s
         self.command_timeout_s = command_timeout_s
+        self.calls = CallSlots()
+        self.call_timeout_s = CALL_TIMEOUT_S  # a call into the pod that does not wait on purpose
         self.start_wait_s = start_wait_s
         self._up: set[str] = set()  # pods whose container was seen running
         self._instance: str | None = None
@@ -215,16 +221,19 @@ class SlurmPodBackend:
     def _srun(job_id: str, argv: list[str]) -> list[str]:
         return ["srun", f"--jobid={job_id}", "--overlap", "--quiet", "--ntasks=1", "--nodes=1", *argv]
 
-    def _node(self, ref: str, script: str, *args: str, timeout: float | None = None) -> bytes:
-        """Run ``sh -c script kgpu args...`` on the pod's node, in its job: its stdout."""
+    def _node(self, ref: str, script: str, *args: str, timeout: float | None = None, limit: int = MAX_ANSWER) -> bytes:
+        """Run ``sh -c script kgpu args...`` on the pod's node, in its job: its stdout, within
+        ``timeout`` seconds and ``limit`` bytes, among the pod's few calls at once
+        (gateway/pods/bounded.py)."""
         job_id, _ = self._split(ref)
-        try:
-            done = subprocess.run(
-                self._srun(job_id, ["sh", "-c", script, "kgpu", *args]), env=self._env(),
-                stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout or self.command_timeout_s,
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise PodError(f"srun in job {job_id} failed: {exc}") from exc
+        with self.calls.hold(ref):
+            try:
+                done = run_bounded(
+                    self._srun(job_id, ["sh", "-c", script, "kgpu", *args]), env=self._env(),
+                    timeout=timeout or self.command_timeout_s, limit=limit,
+                )
+            except PodError as exc:
+                raise PodError(f"srun in job {job_id} failed: {exc}") from exc
         if done.returncode != 0:
             raise PodError(f"srun in job {job_id} exited with {done.returncode}: "
                            f"{done.stderr.decode(errors='replace').strip()[-300:]}")
@@ -254,13 +263,19 @@ class SlurmPodBackend:
                 raise PodError(f"the pod's container did not start within {self.start_wait_s:g} s")
             time.sleep(0.1)
 
-    def _exec(self, ref: str, script: str, *args: str) -> bytes:
-        """Run ``sh -c script kgpu args...`` in the pod's container; its stdout. Nothing while the
-        container has not started: a pod Slurm still queues has no runs, files or output."""
+    def _exec(
+        self, ref: str, script: str, *args: str, timeout: float | None = None, limit: int = MAX_ANSWER,
+    ) -> bytes:
+        """Run ``sh -c script kgpu args...`` in the pod's container; its stdout, within ``timeout``
+        seconds (and srun's start) and ``limit`` bytes. Nothing while the container has not
+        started: a pod Slurm still queues has no runs, files or output."""
         _, name = self._split(ref)
         if not self._is_up(ref):
             return b""
-        return self._node(ref, 'n="$1"; shift; exec docker exec "$n" "$@"', name, "sh", "-c", script, "kgpu", *args)
+        return self._node(
+            ref, 'n="$1"; shift; exec docker exec "$n" "$@"', name, "sh", "-c", script, "kgpu", *args,
+            timeout=(timeout or self.call_timeout_s) + SRUN_START_S, limit=limit,
+        )
 
     # --- pods -----------------------------------------------------------------------------
 
