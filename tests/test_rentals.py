@@ -347,20 +347,29 @@ def test_runs_cannot_see_the_gateway_or_other_pods(stack, user):
     assert bad_env.status_code == 422
 
 
-def test_going_over_ephemeral_storage_returns_the_rental(stack, user):
+def test_a_write_past_the_disk_limit_fails_in_the_pod(stack, user):
+    """Issue 19 (10): with ephemeral_storage_gib 1, dd wrote 5.15 GiB before the reaper ended the
+    rental, fallocate -l 8G took 18 ms, and /dev/shm was the host's memory. A local pod's
+    /workspace and /tmp are a file system of its own, of that size: a write past it fails with
+    ENOSPC in the pod, the host loses no more, and the rental goes on."""
     rentals = stack.server.app.state.rentals
-    gpu = rent(stack.base, user.token, ephemeral_storage_gib=1).json()["gpu_id"]
-    written = requests.post(
-        f"{stack.base}/v1/runs",
-        json={"gpu_id": gpu, "command": ["sh", "-c", "fallocate -l 1100M /tmp/big || head -c 1100M /dev/zero > /tmp/big"]},
-        headers=user.auth,
-    )
-    # The server's own reaper (every 15 s) may see the disk use first and end the rental while
-    # the run's answer is on its way (503: the pod is gone); otherwise this tick does it.
-    assert written.status_code == 503 or written.json()["exit_code"] == 0, written.text
-    ended = rentals.tick()
+    gpu = rent(stack.base, user.token, ephemeral_storage_gib=1, memory="1Gi").json()["gpu_id"]
+    done = run(stack.base, user.token, gpu, ["sh", "-c", (
+        # (its own output is on that disk too: it speaks once the disk has room again)
+        "fallocate -l 8G /tmp/big; falloc=$?; rm -f /tmp/big; "
+        "head -c 1100M /dev/zero > /workspace/big; code=$?; echo x > /tmp/more; more=$?; "
+        "rm -f /workspace/big /tmp/more; echo fallocate=$falloc head=$code more=$more; "
+        "df -k /dev/shm | tail -1"
+    )])
+    out = done["stdout"]
+    assert "fallocate=1 head=1 more=1" in out, done  # all three refused: the disk is full
+    assert int(out.split()[-5]) <= 1 << 20, out  # /dev/shm: the rental's memory (1 GiB), not the host's
+    with stack.server.app.state.sessions() as session:
+        ref = session.get(Rental, gpu).pod_ref
+    assert rentals.backend.storage_bytes(ref) < 1 << 30
+    rentals.tick()
     state = requests.get(f"{stack.base}/v1/gpus/{gpu}", headers=user.auth).json()
-    assert state["end_reason"] == "ephemeral_storage_exceeded", (state, ended)
+    assert state["phase"] == "Running" and state["end_reason"] is None, state
 
 
 def test_the_sandbox_keeps_the_nvidia_device_nodes(monkeypatch, tmp_path):

@@ -67,6 +67,7 @@ from gateway.pods.mounts import MAX_FLUSH_REPORT, bootstrap_status
 from gateway.pods.tree import TreeTooLarge, disk_usage, remove_tree
 from gateway.pods.sandbox import (
     HOLDER_ENV,
+    SMALL_TMPFS,
     SandboxUnavailable,
     UidPool,
     check_available,
@@ -240,6 +241,7 @@ class LocalPodBackend:
         uid = self.uids.take(pod) if self.mode == "isolated" else None
         for name in ("workspace", "tmp"):
             self._owned_dir(pod / name, uid)
+        disk = self.mode == "isolated" and self._make_disk(pod, uid, spec.ephemeral_storage_gib)
         self._owned_dir(pod / "state", None)
         for name in ("secret", MOUNT_DIR, *(f"{MOUNT_DIR}/{m}" for m in POD_MOUNTS)):
             self._owned_dir(pod / name, None, 0o711)
@@ -256,7 +258,10 @@ class LocalPodBackend:
             "NVIDIA_VISIBLE_DEVICES": visible or "void",
             "NVIDIA_DRIVER_CAPABILITIES": "compute,utility",
         }
-        record = {"rental_id": spec.rental_id, "image": spec.image, "env": env, "uid": uid, "created_at": time.time()}
+        record = {
+            "rental_id": spec.rental_id, "image": spec.image, "env": env, "uid": uid, "created_at": time.time(),
+            "disk": disk, "memory_bytes": spec.memory_bytes,
+        }
         if self.mode == "isolated":
             record["endpoints"] = self._write_hosts(pod, [spec.env.get("KGPU_API_BASE", ""), *self.reachable])
         if self.mounts and token:
@@ -264,6 +269,39 @@ class LocalPodBackend:
             record["bootstrap_start"] = process_start(record["bootstrap_pid"])
         self._write_record(pod, record)
         return spec.rental_id
+
+    def _make_disk(self, pod: Path, uid: int, gib: int) -> bool:
+        """A file system of the pod's own, ``gib`` GiB, for its /workspace and /tmp: a write past
+        it fails with ENOSPC in the pod, and the host loses no more (a sparse ext4 image, loop
+        mounted nosuid,nodev, both folders bound from it). False, with a warning, where this
+        host cannot loop-mount: the reaper then watches the pod's disk use instead."""
+        image, disk = pod / "disk.img", pod / "disk"
+        try:
+            with open(image, "wb") as handle:
+                handle.truncate(gib << 30)
+            image.chmod(0o600)
+            _host(["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal", "-E", f"root_owner={uid}:{uid}", str(image)])
+            disk.mkdir(mode=0o700, exist_ok=True)
+            _host(["mount", "-o", "loop,nosuid,nodev", str(image), str(disk)])
+            for name in ("workspace", "tmp"):
+                self._owned_dir(disk / name, uid)
+                _host(["mount", "--bind", str(disk / name), str(pod / name)])
+            return True
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.warning("pod %s gets no disk of its own (%s); the reaper watches its disk use instead", pod.name, exc)
+            self._release_disk(pod)
+            return False
+
+    @staticmethod
+    def _release_disk(pod: Path) -> None:
+        """Unmount the pod's own file system (lazily: a process still in it lets go later) and
+        remove its image."""
+        for path in (pod / "workspace", pod / "tmp", pod / "disk"):
+            if os.path.ismount(path):
+                with contextlib.suppress(OSError, subprocess.SubprocessError):
+                    _host(["umount", "--lazy", str(path)])
+        with contextlib.suppress(FileNotFoundError):
+            (pod / "disk.img").unlink()
 
     def _write_hosts(self, pod: Path, urls: list[str]) -> list[str]:
         """The pod's /etc/hosts (the host's, plus the names of the endpoints it may reach, which
@@ -334,6 +372,7 @@ class LocalPodBackend:
                 hidden=self.hidden,
                 mounts={name: (pod / MOUNT_DIR / name, ro) for name, ro in POD_MOUNTS.items()},
                 devices=nvidia_device_nodes(),
+                shm_bytes=record.get("memory_bytes") or SMALL_TMPFS,
                 isolate_network=self.mode == "isolated",
                 info_fd=info_write,
             )
@@ -430,6 +469,7 @@ class LocalPodBackend:
         if any(os.path.ismount(p) for p in mounted):
             # Deleting through a live mount would delete the user's drive: leave the pod's folder.
             return (lost or "") + f" (the mounts under {pod / MOUNT_DIR} are stuck; the pod folder was kept)"
+        self._release_disk(pod)
         remove_tree(pod)
         self._locks.pop(ref, None)
         if record.get("uid") is not None and not pod.exists():
@@ -593,10 +633,21 @@ class LocalPodBackend:
         self._exec(pod, record, SIGNAL_SCRIPT, self._inner(pod, f"{RUNS_DIR}/{safe_run_id(run_id)}"), signal_name)
 
     def storage_bytes(self, ref: str) -> int | None:
+        pod = self.root / ref
+        if os.path.ismount(pod / "disk"):  # a file system of its own: full is full, never more
+            usage = os.statvfs(pod / "disk")
+            return (usage.f_blocks - usage.f_bfree) * usage.f_frsize
         try:
-            return disk_usage(self.root / ref, skip_top=frozenset({MOUNT_DIR}))  # the drives are not its disk
+            return disk_usage(pod, skip_top=frozenset({MOUNT_DIR}))  # the drives are not its disk
         except TreeTooLarge as exc:
             raise PodError(str(exc)) from exc
+
+
+def _host(argv: list[str]) -> None:
+    """A host command of the gateway's own (mkfs, mount): raises CalledProcessError with its words."""
+    done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise subprocess.CalledProcessError(done.returncode, argv[0], stderr=done.stderr)
 
 
 def _read_holder_pid(fd: int, timeout: float = 30) -> int | None:

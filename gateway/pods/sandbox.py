@@ -119,6 +119,7 @@ def holder_command(
     devices: list[str],
     isolate_network: bool,
     info_fd: int,
+    shm_bytes: int = SMALL_TMPFS,
 ) -> list[str]:
     """bubblewrap for a pod's holder: its namespaces, its view of the file system, and
     ``sleep infinity`` (bubblewrap is pid 1 and reaps). ``mounts``: {name: (host path, read-only)}."""
@@ -136,7 +137,9 @@ def holder_command(
             command += ["--ro-bind", str(path), str(path)]
     command += [
         # Small tmpfs (they take the host's memory): the pod's disk is /tmp and /workspace.
-        "--dev", "/dev", "--proc", "/proc", "--size", str(SMALL_TMPFS), "--tmpfs", "/run",
+        # /dev/shm holds at most the rental's memory (bubblewrap's own would take half the host's).
+        "--dev", "/dev", "--perms", "1777", "--size", str(shm_bytes), "--tmpfs", "/dev/shm",
+        "--proc", "/proc", "--size", str(SMALL_TMPFS), "--tmpfs", "/run",
         "--size", str(SMALL_TMPFS), "--tmpfs", "/var", "--dir", "/var/tmp",
         "--bind", str(pod_tmp), "/tmp", "--bind", str(workspace), "/workspace",
         "--ro-bind", str(token_dir), str(Path(TOKEN_PATH).parent),
@@ -147,6 +150,7 @@ def holder_command(
     # nvidia-smi. All of them (NVML wants every GPU's node); CUDA_VISIBLE_DEVICES pins the rental's.
     for node in devices:
         command += ["--dev-bind", node, node]
+    command += ["--remount-ro", "/dev"]  # a tmpfs of half the host's memory, and not the pod's to fill
     for path in hidden:
         if any(path.is_relative_to(f"/{entry}") for entry in SYSTEM_DIRS):
             command += ["--tmpfs", str(path)]
