@@ -401,3 +401,28 @@ def test_a_pod_cannot_hold_the_gateways_calls(pod_backend):
         assert kinds & {"PodError", "PodBusy"} and ("PodError" in kinds), outcomes  # held calls were cut at the deadline
     finally:
         pod_backend.destroy(ref)
+
+
+LISTEN_9999 = (
+    "perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(Listen => 5, LocalAddr => \"0.0.0.0\", "
+    "LocalPort => 9999, ReuseAddr => 1) or die \"listen: $!\"; $SIG{ALRM} = sub { exit }; alarm 60; "
+    "while ($c = $s->accept) { print $c \"hello\\n\"; close $c }'"
+)
+CONNECT = (
+    "perl -MIO::Socket::INET -e '$c = IO::Socket::INET->new(PeerAddr => $ARGV[0], PeerPort => 9999, "
+    "Timeout => 3); print $c ? \"connected:\" . <$c> : \"refused\\n\"' "
+)
+
+
+def test_a_pod_cannot_reach_another_pods_ports(pods):
+    """Issue 19 (13): docker pods reached each other on the bridge (A connected to B's
+    172.17.0.3:9999). B listens on every address; B reaches itself, A cannot reach B."""
+    backend, make = pods
+    a, b = make(), make()
+    backend.start_run(b, "run-listen", ["sh", "-c", LISTEN_9999], {})
+    address = sh(backend, b, "hostname -i 2>/dev/null | cut -d' ' -f1")[1].strip() or "127.0.0.1"
+    deadline = time.monotonic() + 20
+    while "connected:hello" not in sh(backend, b, CONNECT + address)[1]:  # the listener is up
+        assert time.monotonic() < deadline, "pod B's own listener never answered it"
+        time.sleep(0.3)
+    assert sh(backend, a, CONNECT + address)[1].strip() == "refused"

@@ -243,3 +243,22 @@ def test_a_pod_on_the_host_network_gets_no_fuse_and_says_why(docker_pod_client, 
         assert backend.run_ids(ref) == []  # usable: runs still work
     finally:
         backend.destroy(ref)
+
+
+def test_a_network_that_lets_pods_reach_each_other_is_refused(docker_pod_client):
+    """Issue 19 (13): a bridge network with inter-container communication on (docker's default
+    unless dockerd runs with --icc=false) would let pods reach each other: no pod starts on it."""
+    from gateway.pods import PodStartError
+    from tests.test_pod_conformance import pod_spec
+
+    name = f"{DOCKER_TEST_PREFIX}-icc-{uuid.uuid4().hex[:8]}"
+    docker_pod_client.networks.create(name, driver="bridge")  # icc on, docker's default
+    try:
+        backend = DockerPodBackend(docker_pod_client, network=name, labels_prefix=DOCKER_TEST_PREFIX, pull=False)
+        backend.test_image = "kgpu-test:latest"
+        assert not backend.network_isolates_pods()
+        with pytest.raises(PodStartError, match="lets pods reach each other"):
+            backend.start(pod_spec(backend, {"KGPU_GPU_ID": "icc"}))
+        assert not [c for c in docker_pod_client.containers.list(all=True) if c.name.endswith("icc")]
+    finally:
+        docker_pod_client.networks.get(name).remove()

@@ -89,6 +89,12 @@ NO_FUSE = {
     "host-network": "pods on the host's network (KGPU_DOCKER_NETWORK=host) cannot be user-namespaced "
     "(docker refuses), so they get no /dev/fuse and cannot mount: use a bridge network (docs/pod-isolation.md)",
 }
+ICC_OPTION = "com.docker.network.bridge.enable_icc"
+POD_TO_POD = (
+    "the docker network {network!r} lets pods reach each other (inter-container communication is on): "
+    "start dockerd with --icc=false, or set the pods' network to one made with "
+    "-o com.docker.network.bridge.enable_icc=false (docs/pod-isolation.md)"
+)
 FUSE_MODE = "/dev/fuse on the docker host must be mode 0666 for user-namespaced pods (docs/pod-isolation.md)"
 READ_CHUNK = 1 << 20  # read_output returns at most this many bytes a call
 # Connections to the daemon kept open: each long-poll holds one for its wait (gateway/routes/runs.py).
@@ -293,8 +299,25 @@ class DockerPodBackend:
         names = {part.partition("=")[2] for option in options for part in option.split(",") if part.startswith("name=")}
         return "userns" in names, "apparmor" in names
 
+    def network_isolates_pods(self) -> bool:
+        """Whether pods on this backend's network cannot reach each other: a bridge network with
+        inter-container communication off (``dockerd --icc=false`` for the default bridge, or a
+        network made with ``-o com.docker.network.bridge.enable_icc=false``). The host network is
+        the operator's explicit choice (docs/pod-isolation.md)."""
+        if self.network == "host":
+            return True
+        try:
+            found = self.api.inspect_network(self.network or "bridge")
+        except _DOCKER_ERRORS as exc:
+            raise PodStartError(f"docker did not describe the network {self.network or 'bridge'!r}: {exc}") from exc
+        if found.get("Driver") != "bridge":
+            return True  # overlay, macvlan…: the operator's own design
+        return (found.get("Options") or {}).get(ICC_OPTION) == "false"
+
     def start(self, spec: PodSpec) -> str:
         name = self.container_name(spec.rental_id)
+        if not self.network_isolates_pods():
+            raise PodStartError(POD_TO_POD.format(network=self.network or "bridge"))
         image = self._ensure_image(spec.image)
         # Asked at every start (one call, ~10 ms): a daemon restarted without userns-remap
         # must not get a single pod with CAP_SYS_ADMIN on the host's user namespace.

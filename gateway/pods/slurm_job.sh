@@ -67,6 +67,13 @@ for g in ${gpus//,/ }; do
 done
 [ "$KGPU_POD_NVIDIA" = 1 ] && [ -n "$gpus" ] && gpu_args+=(--gpus "\"device=$gpus\"")
 
+# Pods never reach each other: a bridge network must have inter-container communication off.
+network=${KGPU_POD_NETWORK:-bridge}
+if [ "$network" != host ] && [ "$("$docker" network inspect --format '{{.Driver}}' "$network" 2>/dev/null)" = bridge ] &&
+  [ "$("$docker" network inspect --format '{{index .Options "com.docker.network.bridge.enable_icc"}}' "$network" 2>/dev/null)" != false ]; then
+  fail "the docker network $network on node $SLURMD_NODENAME lets pods reach each other: start dockerd with --icc=false, or use a network made with -o com.docker.network.bridge.enable_icc=false (docs/pod-isolation.md)"
+fi
+
 security=$("$docker" info --format '{{json .SecurityOptions}}' 2>/dev/null)
 args=(--name "$name" --hostname "${KGPU_POD_RENTAL:0:63}" --init
   --label "$prefix.rental_id=$KGPU_POD_RENTAL" --label "$prefix.managed=true" --label "$prefix.slurm_job=$SLURM_JOB_ID"

@@ -3,9 +3,9 @@
 # image) and kgpu-pytorch-test:latest (images/kgpu-pytorch/Dockerfile built FROM kgpu-test,
 # rebuilt whenever its sources change: the image carries their hash as a label).
 # Idempotent and unattended (CI=true, no stdin): installs docker.io if dockerd is missing,
-# starts dockerd with --userns-remap=default in the background if `docker info` fails (log:
-# /tmp/dockerd.log; a dockerd this script started earlier without it is restarted with it, its
-# images carried over; any other dockerd without it is an error), makes /dev/fuse 0666, and builds
+# starts dockerd with --userns-remap=default and --icc=false in the background if `docker info`
+# fails (log: /tmp/dockerd.log; a dockerd this script started earlier without them is restarted
+# with them, its images carried over; any other dockerd without them is an error), makes /dev/fuse 0666, and builds
 # the image from a debootstrap --variant=minbase rootfs piped to `docker import` (no registry
 # is reachable; the Debian archive is the one this machine's apt uses). Does nothing that is
 # already done; prints what it did. Run it after `make install`: the pod image carries the
@@ -42,6 +42,9 @@ fi
 #    CAP_SYS_ADMIN its FUSE mounts need counts only in its own namespaces. Without it the docker
 #    backend gives pods no FUSE at all and the mount tests cannot pass.
 userns_on() { [[ "$(docker info --format '{{json .SecurityOptions}}' 2>/dev/null)" == *name=userns* ]]; }
+# ...and with inter-container communication off on its default bridge: pods never reach each other.
+icc_off() { [ "$(docker network inspect --format '{{index .Options "com.docker.network.bridge.enable_icc"}}' bridge 2>/dev/null)" = false ]; }
+set_up() { userns_on && icc_off; }
 # A dockerd this script started: its output goes to $DOCKERD_LOG.
 started_here() { [ "$(readlink "/proc/$1/fd/1" 2>/dev/null)" = "$(readlink -f "$DOCKERD_LOG")" ]; }
 
@@ -54,6 +57,7 @@ start_dockerd() {
   local flags=()
   # The flag and the same key in daemon.json together stop dockerd from starting.
   grep -qs '"userns-remap"' /etc/docker/daemon.json || flags+=(--userns-remap=default)
+  grep -qs '"icc"' /etc/docker/daemon.json || flags+=(--icc=false)
   say "starting dockerd ${flags[*]} in the background (log: $DOCKERD_LOG)"
   # Its own session, so it outlives this script and whatever started it (pytest, CI).
   if [ "$(id -u)" -eq 0 ]; then start=(setsid nohup dockerd); else start=(sudo -n setsid nohup dockerd); fi
@@ -74,35 +78,35 @@ start_dockerd() {
 
 if ! docker info >/dev/null 2>&1; then
   start_dockerd
-elif userns_on; then
-  say "dockerd already running, with userns-remap"
+elif set_up; then
+  say "dockerd already running, with userns-remap and --icc=false"
 else
   pid=$(cat /var/run/docker.pid 2>/dev/null || true)
   if [ -n "${DOCKER_HOST:-}" ] || [ -z "$pid" ] || ! started_here "$pid"; then
-    say "the running dockerd${DOCKER_HOST:+ at $DOCKER_HOST} does not remap user namespaces, and this" \
-      "script did not start it: docker pods would get no FUSE mounts. Add {\"userns-remap\": \"default\"}" \
-      "to /etc/docker/daemon.json and restart it (docs/pod-isolation.md)." >&2
+    say "the running dockerd${DOCKER_HOST:+ at $DOCKER_HOST} does not remap user namespaces or lets containers" \
+      "on its bridge reach each other, and this script did not start it. Add {\"userns-remap\": \"default\"," \
+      "\"icc\": false} to /etc/docker/daemon.json and restart it (docs/pod-isolation.md)." >&2
     exit 1
   fi
-  # One this script started before it asked for userns-remap: restart it with it. Its images
-  # live under the old data root; the remapped daemon has its own, so carry them over.
+  # One this script started before it asked for these flags: restart it with them. Without
+  # userns-remap its images live under another data root than the remapped daemon's: carry them.
   carry=$(mktemp /tmp/kgpu-test-images.XXXXXX.tar)
   images=()
   for image in "$IMAGE" "$PYTORCH_IMAGE"; do docker image inspect "$image" >/dev/null 2>&1 && images+=("$image"); done
-  if [ ${#images[@]} -gt 0 ] && docker save -o "$carry" "${images[@]}"; then
+  if ! userns_on && [ ${#images[@]} -gt 0 ] && docker save -o "$carry" "${images[@]}"; then
     say "saved ${images[*]} to carry them over"
   fi
-  say "restarting the dockerd this script started (pid $pid) with userns-remap"
+  say "restarting the dockerd this script started (pid $pid) with userns-remap and --icc=false"
   sudo_ kill -TERM "$pid"
   for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
   if kill -0 "$pid" 2>/dev/null; then say "dockerd (pid $pid) did not stop within 60 s" >&2; exit 1; fi
   start_dockerd
-  if [ -s "$carry" ] && ! userns_on; then say "dockerd started without userns-remap (see $DOCKERD_LOG)" >&2; exit 1; fi
+  if [ -s "$carry" ] && ! set_up; then say "dockerd started without userns-remap or --icc=false (see $DOCKERD_LOG)" >&2; exit 1; fi
   if [ -s "$carry" ] && docker load -q -i "$carry" >/dev/null; then say "loaded ${images[*]}"; fi
   rm -f "$carry"
 fi
-if ! userns_on; then
-  say "dockerd does not remap user namespaces (see $DOCKERD_LOG)" >&2
+if ! set_up; then
+  say "dockerd does not remap user namespaces, or its bridge lets containers reach each other (see $DOCKERD_LOG)" >&2
   exit 1
 fi
 
