@@ -175,12 +175,15 @@ def test_a_pod_holds_no_privilege(pods):
         grep NoNewPrivs /proc/self/status
         mkdir /planted 2>/dev/null && echo WROTE-ROOT
         head -c 100M /dev/zero > /run/filler 2>/dev/null || echo RUN-IS-SMALL
+        unshare -Urm sh -c 'mount -t tmpfs none /workspace && echo MOUNTED-IN-NESTED-USERNS' 2>/dev/null
         echo done""")
     assert "done" in out, out
     for forbidden in ("MOUNTED-CGROUP", "MADE-NODE", "BLOCK-DEVICES", "WROTE-PROC-SYS"):
         assert forbidden not in out, out
     if getattr(pods[0], "name", "") == "local":
         assert "MOUNTED-TMPFS" not in out and "NoNewPrivs:\t1" in out, out
+        # Nor in a user namespace of its own inside (issue 19, item 17: it could, there).
+        assert "MOUNTED-IN-NESTED-USERNS" not in out, out
         # Its root is read-only and its memory-backed folders are small: the disk is /tmp and /workspace.
         assert "WROTE-ROOT" not in out and "RUN-IS-SMALL" in out, out
 

@@ -55,11 +55,13 @@ def check_available(uid_switching: bool) -> None:
             "the local backend runs each pod under a uid of its own, which needs the server to run as root"
         )
     probe = subprocess.run(
-        ["bwrap", "--unshare-user", "--unshare-pid", "--unshare-net", "--ro-bind", "/", "/", "true"],
+        ["bwrap", "--unshare-user", "--disable-userns", "--unshare-pid", "--unshare-net", "--ro-bind", "/", "/", "true"],
         capture_output=True, text=True, timeout=30,
     )
     if probe.returncode != 0:
-        raise SandboxUnavailable(f"bubblewrap cannot create user namespaces here: {probe.stderr.strip()[:300]}")
+        raise SandboxUnavailable(
+            f"bubblewrap (0.8 or newer) cannot build a sandbox here: {probe.stderr.strip()[:300]}"
+        )
 
 
 # Host-wide: every backend on this host (gateway replicas, test stacks) draws from one registry.
@@ -124,8 +126,9 @@ def holder_command(
     """bubblewrap for a pod's holder: its namespaces, its view of the file system, and
     ``sleep infinity`` (bubblewrap is pid 1 and reaps). ``mounts``: {name: (host path, read-only)}."""
     command = [
-        "bwrap", "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-        "--cap-drop", "ALL", "--hostname", "pod",
+        # --disable-userns: no user namespace of its own inside, where it could mount (bubblewrap 0.8).
+        "bwrap", "--unshare-user", "--disable-userns", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+        "--unshare-cgroup-try", "--cap-drop", "ALL", "--hostname", "pod",
     ]
     if isolate_network:
         command.append("--unshare-net")
