@@ -429,3 +429,18 @@ def test_a_pod_cannot_reach_another_pods_ports(pods):
         assert time.monotonic() < deadline, "pod B's own listener never answered it"
         time.sleep(0.3)
     assert sh(backend, a, CONNECT + address)[1].strip() == "refused"
+
+
+def test_a_pod_that_loses_its_main_process_is_reported(pods):
+    """Issue 19 (19): a pod whose own `sleep infinity` a run kills stayed Running while every run
+    failed; it is reported Failed (the reaper then ends the rental, `pod_lost: …`)."""
+    backend, make = pods
+    ref = make()
+    backend.start_run(ref, "run-kill-main", ["sh", "-c", (
+        "sleep 1; for p in /proc/[0-9]*; do "
+        "[ \"$(head -c 6 $p/cmdline 2>/dev/null | tr '\\0' ' ')\" = 'sleep ' ] && kill -9 ${p#/proc/}; done"
+    )], {})
+    deadline = time.monotonic() + 60
+    while (status := backend.status(ref)).phase not in ("Failed", "Gone"):
+        assert time.monotonic() < deadline, status
+        time.sleep(0.5)
