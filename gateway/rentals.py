@@ -279,8 +279,9 @@ class Rentals:
                 )
             if not any(c.count >= count for c in classes):
                 raise ApiError(409, "no_capacity", f"no node here has {count} {classes[0].gpu_model} GPUs")
-            # Nobody jumps the queue: while rentals wait for this model, a new one waits behind them.
-            queued = self._queued_ahead(session, classes[0].gpu_model)
+            # Nobody jumps the queue: while rentals wait for this model, a new one waits behind
+            # them. One that takes no GPU waits for none.
+            queued = self._queued_ahead(session, classes[0].gpu_model) if count else 0
             placement = None if queued else self._placement(session, classes, count)
             if placement is None and not request.queue:
                 raise ApiError(409, "no_capacity", f"no node has {count} free {classes[0].gpu_model} GPUs right now"

@@ -194,3 +194,22 @@ def test_a_model_that_leaves_the_inventory_holds_back_only_its_own_queue(server)
         rentals._inventory = original
     for auth, gpu in ((alice, a5000), (alice, held[1]), (bob, waiting_h100), (bob, waiting_a5000)):
         give_back(server, auth, gpu["gpu_id"])
+
+
+def test_a_cpu_only_rental_never_waits_behind_a_gpu_queue(server):
+    """Issue 19 (16): a queued rental (which costs nothing) blocked even gpu_count 0 rentals for
+    everyone: "409 no node has 0 free h100 GPUs … 2 rentals are queued"."""
+    alice, bob, carol = account(server), account(server), account(server)
+    held = [rent(server, alice, gpu_model="h100", gpu_count=1).json() for _ in range(2)]
+    queued = rent(server, bob, gpu_model="h100", gpu_count=1, queue=True).json()
+    try:
+        assert queued["phase"] == "Queued"
+        cpu_only = rent(server, carol, gpu_model="h100", gpu_count=0)
+        assert cpu_only.status_code == 201, cpu_only.text
+        assert cpu_only.json()["phase"] in ("Pending", "Running") and cpu_only.json()["gpu_count"] == 0
+        give_back(server, carol, cpu_only.json()["gpu_id"])
+        assert state(server, bob, queued["gpu_id"])["phase"] == "Queued"  # the GPU queue is as it was
+    finally:
+        give_back(server, bob, queued["gpu_id"])
+        for rental in held:
+            give_back(server, alice, rental["gpu_id"])
