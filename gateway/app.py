@@ -19,6 +19,7 @@ from drive.store.s3 import S3ObjectStore
 from gateway import db
 from gateway.auth import Authenticator
 from gateway.dav_app import DavDispatcher
+from gateway.data_dir import secure_data_dir
 from gateway.errors import RequestIdMiddleware, install_error_handlers
 from gateway.fast_download import FastDownload
 from gateway.quota import UsageBook
@@ -92,6 +93,7 @@ def open_pod_backend(settings: Settings, store_url: str | None = None) -> PodBac
             pull=settings.docker_pull,
             flush_timeout_s=settings.pod_flush_timeout_seconds,
             pids_limit=settings.pod_pids_limit,
+            disk_dir=settings.data_dir / "pod-disks",
         )
     if settings.pod_backend == "slurm":
         from gateway.pods.slurm import SlurmPodBackend
@@ -155,6 +157,7 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        secure_data_dir(settings.data_dir)  # 0711, the database and the store's files private
         url = settings.resolved_database_url
         db.migrate(url)
         engine = db.make_engine(url)

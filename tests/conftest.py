@@ -423,7 +423,7 @@ def pod_backend(request, tmp_path):
         from gateway.pods.docker import DockerPodBackend
 
         client = request.getfixturevalue("docker_pod_client")
-        backend = DockerPodBackend(client, labels_prefix=DOCKER_TEST_PREFIX, pull=False)
+        backend = DockerPodBackend(client, labels_prefix=DOCKER_TEST_PREFIX, pull=False, disk_dir=passable(tmp_path) / "disks")
         backend.test_image = DOCKER_TEST_IMAGE
         return backend
     if request.param == "slurm":

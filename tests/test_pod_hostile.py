@@ -444,3 +444,20 @@ def test_a_pod_that_loses_its_main_process_is_reported(pods):
     while (status := backend.status(ref)).phase not in ("Failed", "Gone"):
         assert time.monotonic() < deadline, status
         time.sleep(0.5)
+
+
+def test_a_write_past_the_pods_disk_fails_in_the_pod(pod_backend):
+    """Issue 19 (10): /workspace and /tmp are a disk of the pod's own, of ephemeral_storage_gib
+    (1 GiB here): fallocate past it, and a write past it, fail with ENOSPC in the pod."""
+    if pod_backend.name == "slurm":
+        pytest.skip("a Slurm pod's disk use is watched by the reaper, not capped (docs/pod-isolation.md)")
+    ref = start_pod(pod_backend)
+    try:
+        code, out, err = sh(pod_backend, ref, (  # (its own output is on that disk: it speaks once there is room)
+            "fallocate -l 8G /tmp/big; f=$?; rm -f /tmp/big; "
+            "head -c 1100M /dev/zero > /workspace/big; h=$?; rm -f /workspace/big; echo f=$f h=$h"
+        ), seconds=120)
+        assert "f=1 h=1" in out, (code, out, err[-300:])
+        assert pod_backend.storage_bytes(ref) < 1 << 30
+    finally:
+        pod_backend.destroy(ref)

@@ -41,11 +41,12 @@ import signal
 import tarfile
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import docker
 import requests
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
-from docker.types import DeviceRequest
+from docker.types import DeviceRequest, Mount
 
 from gateway.pods import (
     RUNS_DIR,
@@ -63,6 +64,8 @@ from gateway.pods import (
     wait_ticks,
 )
 from gateway.pods.bounded import CALL_TIMEOUT_S, MAX_ANSWER, CallSlots, read_docker_stream
+from gateway.pods.disk import disk_used, make_disk, release_disk
+from gateway.pods.tree import remove_tree
 from gateway.pods.mounts import (
     FLUSH_SCRIPT,
     MAX_FLUSH_REPORT,
@@ -223,8 +226,11 @@ class DockerPodBackend:
         destroy_grace_s: int = 5,
         flush_timeout_s: int = 60,
         bootstrap_timeout_s: int = 180,
+        disk_dir: Path | None = None,
     ):
-        """``pull=False``: a missing image fails at once instead of trying a registry."""
+        """``pull=False``: a missing image fails at once instead of trying a registry.
+        ``disk_dir``: where each pod's own disk is made (gateway/pods/disk.py), when the daemon
+        runs on this host and the gateway as root; else a pod's disk use is watched."""
         # The flush before removal is one blocking exec: the API timeout must outlast it.
         self.client = client if client is not None else docker.from_env(
             timeout=flush_timeout_s + 60, max_pool_size=DOCKER_CONNECTIONS
@@ -238,6 +244,7 @@ class DockerPodBackend:
         self.destroy_grace_s = destroy_grace_s
         self.flush_timeout_s = flush_timeout_s
         self.bootstrap_timeout_s = bootstrap_timeout_s
+        self.disk_dir = disk_dir if disk_dir is not None and os.geteuid() == 0 and self._local_daemon() else None
         self.calls = CallSlots()
         self.call_timeout_s = CALL_TIMEOUT_S  # a call that does not wait on purpose
         self._instance: str | None = None
@@ -366,11 +373,12 @@ class DockerPodBackend:
                 kwargs["security_opt"].append("apparmor=unconfined")
         elif host_network and userns:
             kwargs["userns_mode"] = "host"  # docker refuses the host's network in a remapped namespace
-        # TODO(ephemeral storage): spec.ephemeral_storage_gib is not enforced. docker refuses
-        # `--storage-opt size=` on overlay2 over ext4 (it needs xfs with pquota); enforce it by
-        # watching the container's writable-layer size (`docker ps --size` / SizeRw) and ending
-        # the rental when it passes the limit, or run the daemon on xfs+pquota and pass
-        # storage_opt={"size": f"{spec.ephemeral_storage_gib}G"}.
+        # /workspace and /tmp on a disk of the pod's own (ENOSPC past ephemeral_storage_gib);
+        # the rest of the writable layer, which docker cannot cap on overlay2 over ext4, is
+        # watched by the reaper (storage_bytes), as all of it is where no disk can be made.
+        disk = make_disk(self.disk_dir / name, spec.ephemeral_storage_gib, self._pod_root_uid()) if self.disk_dir else None
+        if disk is not None:
+            kwargs["mounts"] = [Mount(f"/{folder}", str(disk / folder), type="bind") for folder in ("workspace", "tmp")]
         if not bootstrap:
             kwargs.update(entrypoint=["sleep", "infinity"], command=[])
         if spec.gpu_indices:
@@ -412,6 +420,27 @@ class DockerPodBackend:
             self.api.remove_container(name, force=True)
         except _DOCKER_ERRORS:
             pass
+        self._release_disk(name)
+
+    def _release_disk(self, name: str) -> None:
+        if self.disk_dir is not None:
+            release_disk(self.disk_dir / name)
+            with contextlib.suppress(OSError):
+                remove_tree(self.disk_dir / name)
+
+    def _local_daemon(self) -> bool:
+        """Whether the daemon runs on this host (its containers' mounts are this host's)."""
+        return self.api.base_url.startswith("http+docker://localhost")
+
+    def _pod_root_uid(self) -> int:
+        """The host uid root in a pod is: the remapped range's first (its data root is named
+        ``{uid}.{gid}`` under userns-remap), else 0."""
+        try:
+            root = Path(self.client.info().get("DockerRootDir") or "").name
+        except _DOCKER_ERRORS:
+            return 0
+        uid, dot, _ = root.partition(".")
+        return int(uid) if dot and uid.isdigit() else 0
 
     def status(self, ref: str) -> PodStatus:
         try:
@@ -462,7 +491,10 @@ class DockerPodBackend:
         except _DOCKER_ERRORS:
             return None
         exact = [c for c in found if f"/{ref}" in c.get("Names", [])]  # the filter matches substrings
-        return exact[0].get("SizeRw") or 0 if exact else None  # docker omits a zero SizeRw
+        if not exact:
+            return None
+        layer = exact[0].get("SizeRw") or 0  # docker omits a zero SizeRw
+        return layer + ((disk_used(self.disk_dir / ref) or 0) if self.disk_dir else 0)
 
     def adopt(self) -> dict[str, str]:
         try:
@@ -494,6 +526,7 @@ class DockerPodBackend:
             raise PodError(f"docker could not remove {ref}: {exc.explanation or exc}") from exc
         except _DOCKER_ERRORS as exc:
             raise PodError(f"docker could not remove {ref}: {exc}") from exc
+        self._release_disk(ref)
         return lost
 
     def _flush(self, ref: str) -> str | None:
@@ -552,7 +585,7 @@ class DockerPodBackend:
 
     def _kill_exec(self, exec_id: str) -> None:
         """Kill an exec that overran its bounds (its process is on this host when the daemon is)."""
-        if not self.api.base_url.startswith("http+docker://localhost"):
+        if not self._local_daemon():
             return  # a remote daemon's process: it ends with its pod
         with contextlib.suppress(*_DOCKER_ERRORS, ProcessLookupError, PermissionError):
             pid = int(self.api.exec_inspect(exec_id).get("Pid") or 0)

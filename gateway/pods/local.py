@@ -63,6 +63,7 @@ from gateway.pods import (
     safe_run_id,
 )
 from gateway.pods.bounded import CALL_TIMEOUT_S, CallSlots, run_bounded
+from gateway.pods.disk import disk_used, make_disk, release_disk
 from gateway.pods.mounts import MAX_FLUSH_REPORT, bootstrap_status
 from gateway.pods.tree import TreeTooLarge, disk_usage, remove_tree
 from gateway.pods.sandbox import (
@@ -271,37 +272,25 @@ class LocalPodBackend:
         return spec.rental_id
 
     def _make_disk(self, pod: Path, uid: int, gib: int) -> bool:
-        """A file system of the pod's own, ``gib`` GiB, for its /workspace and /tmp: a write past
-        it fails with ENOSPC in the pod, and the host loses no more (a sparse ext4 image, loop
-        mounted nosuid,nodev, both folders bound from it). False, with a warning, where this
-        host cannot loop-mount: the reaper then watches the pod's disk use instead."""
-        image, disk = pod / "disk.img", pod / "disk"
+        """The pod's own disk (gateway/pods/disk.py), its folders bound at the pod's /workspace
+        and /tmp folders. False where this host cannot make one: the reaper watches instead."""
+        disk = make_disk(pod, gib, uid)
+        if disk is None:
+            return False
         try:
-            with open(image, "wb") as handle:
-                handle.truncate(gib << 30)
-            image.chmod(0o600)
-            _host(["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal", "-E", f"root_owner={uid}:{uid}", str(image)])
-            disk.mkdir(mode=0o700, exist_ok=True)
-            _host(["mount", "-o", "loop,nosuid,nodev", str(image), str(disk)])
             for name in ("workspace", "tmp"):
-                self._owned_dir(disk / name, uid)
-                _host(["mount", "--bind", str(disk / name), str(pod / name)])
-            return True
+                (disk / name).chmod(0o700)
+                subprocess.run(["mount", "--bind", str(disk / name), str(pod / name)], check=True,
+                               stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
         except (OSError, subprocess.SubprocessError) as exc:
-            log.warning("pod %s gets no disk of its own (%s); the reaper watches its disk use instead", pod.name, exc)
+            log.warning("pod %s: could not bind its disk (%s); its disk use is watched instead", pod.name, exc)
             self._release_disk(pod)
             return False
+        return True
 
     @staticmethod
     def _release_disk(pod: Path) -> None:
-        """Unmount the pod's own file system (lazily: a process still in it lets go later) and
-        remove its image."""
-        for path in (pod / "workspace", pod / "tmp", pod / "disk"):
-            if os.path.ismount(path):
-                with contextlib.suppress(OSError, subprocess.SubprocessError):
-                    _host(["umount", "--lazy", str(path)])
-        with contextlib.suppress(FileNotFoundError):
-            (pod / "disk.img").unlink()
+        release_disk(pod, also_unmount=(pod / "workspace", pod / "tmp"))
 
     def _write_hosts(self, pod: Path, urls: list[str]) -> list[str]:
         """The pod's /etc/hosts (the host's, plus the names of the endpoints it may reach, which
@@ -634,20 +623,13 @@ class LocalPodBackend:
 
     def storage_bytes(self, ref: str) -> int | None:
         pod = self.root / ref
-        if os.path.ismount(pod / "disk"):  # a file system of its own: full is full, never more
-            usage = os.statvfs(pod / "disk")
-            return (usage.f_blocks - usage.f_bfree) * usage.f_frsize
+        used = disk_used(pod)  # a disk of its own: full is full, never more
+        if used is not None:
+            return used
         try:
             return disk_usage(pod, skip_top=frozenset({MOUNT_DIR}))  # the drives are not its disk
         except TreeTooLarge as exc:
             raise PodError(str(exc)) from exc
-
-
-def _host(argv: list[str]) -> None:
-    """A host command of the gateway's own (mkfs, mount): raises CalledProcessError with its words."""
-    done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
-    if done.returncode != 0:
-        raise subprocess.CalledProcessError(done.returncode, argv[0], stderr=done.stderr)
 
 
 def _read_holder_pid(fd: int, timeout: float = 30) -> int | None:
