@@ -66,7 +66,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     p = add("login", "keep the server's base URL and your token (from KGPU_API_TOKEN, stdin, or --browser)")
     p.add_argument("--base-url", help="the server's origin, e.g. https://api.kgpu.net")
-    p.add_argument("--browser", action="store_true", help="sign in on the dashboard; it hands the token back here")
+    p.add_argument("--browser", action="store_true", help="sign in on the dashboard; it hands this command a one-time code for your token")
     p.add_argument("--no-open", action="store_true", help="with --browser: print the page's address, do not open it")
     p.set_defaults(func=_guarded(lambda a: login.login(a.base_url, a.json, a.browser, not a.no_open)))
     p = add("logout", "forget the stored token")

@@ -16,10 +16,11 @@ HTTP routes and WebDAV alike:
 
 from __future__ import annotations
 
+import email.utils
 import re
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Iterable
 
 from sqlalchemy import Table, delete, select
@@ -49,6 +50,52 @@ def parse_mtime(value: str) -> float:
     if seconds > MAX_MTIME:
         raise InvalidMtime("X-OC-Mtime is past the year 9999")
     return seconds
+
+
+_SECONDS = re.compile(r"\d+(\.\d+)?")
+_HTTP_DATE_EXAMPLE = "Sun, 06 Nov 1994 08:49:37 GMT"
+
+
+def parse_lastmodified(value: str) -> float:
+    """A ``{DAV:}lastmodified`` a client PROPPATCHes: seconds since the epoch (what rclone sends)
+    or an HTTP date (RFC 1123, RFC 850, asctime, or RFC 2822 with a zone), from 1970 to the end
+    of the year 9999. A date that cannot be (32 Jan, 30 Feb, 25:00) is refused, never rolled over
+    into the next month; each refusal is an :class:`InvalidMtime` with a message for a person."""
+    text = value.strip()
+    if not text:
+        raise InvalidMtime(
+            f"lastmodified is empty: give seconds since the epoch (e.g. 1700000000) or an HTTP date "
+            f"(e.g. {_HTTP_DATE_EXAMPLE})"
+        )
+    if _SECONDS.fullmatch(text):
+        seconds = float(text)
+        if seconds > MAX_MTIME:
+            raise InvalidMtime("lastmodified is past the year 9999 (the last second an HTTP date can write)")
+        return seconds
+    try:
+        parts = email.utils.parsedate_tz(text)
+    except (ValueError, TypeError, IndexError, OverflowError):
+        parts = None
+    if parts is None:
+        raise InvalidMtime(
+            f"lastmodified must be seconds since the epoch (e.g. 1700000000) or an HTTP date "
+            f"(e.g. {_HTTP_DATE_EXAMPLE})"
+        )
+    year, month, day, hour, minute, second = parts[:6]
+    if year > 9999:
+        raise InvalidMtime("lastmodified is past the year 9999 (the last year an HTTP date can write)")
+    try:
+        zone = timezone(timedelta(seconds=parts[9] or 0))
+        moment = datetime(year, month, day, hour, minute, second, tzinfo=zone)
+    except (ValueError, OverflowError):
+        shown = text if len(text) <= 64 else text[:64] + "…"
+        raise InvalidMtime(f'lastmodified is a date that does not exist ("{shown}")') from None
+    seconds = moment.timestamp()
+    if seconds < 0:
+        raise InvalidMtime("lastmodified is before 1970 (the epoch)")
+    if seconds > MAX_MTIME:
+        raise InvalidMtime("lastmodified is past the year 9999 (the last year an HTTP date can write)")
+    return float(seconds)
 
 
 @dataclass(frozen=True)

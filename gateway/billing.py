@@ -71,3 +71,23 @@ def charge(session: Session, rental: Rental, now: datetime) -> int:
 
 def charged_total(session: Session, rental_id: str) -> int:
     return session.scalar(select(func.coalesce(func.sum(CreditCharge.credits), 0)).where(CreditCharge.rental_id == rental_id))
+
+
+def recent_charges(session: Session, user_id: int, rental_id: str | None = None, limit: int = 50) -> list[dict]:
+    """What the user's latest rentals were charged, newest first (only ``rental_id``'s when given):
+    ``[{rental_id, name, gpu_model, minutes, credits}]``, ``minutes`` being the minutes charged."""
+    query = (
+        select(CreditCharge.rental_id, Rental.name, Rental.gpu_model, func.count(CreditCharge.id),
+               func.sum(CreditCharge.credits))
+        .join(Rental, Rental.id == CreditCharge.rental_id)
+        .where(CreditCharge.user_id == user_id)
+        .group_by(CreditCharge.rental_id, Rental.name, Rental.gpu_model)
+        .order_by(func.max(CreditCharge.charged_at).desc(), CreditCharge.rental_id)
+        .limit(limit)
+    )
+    if rental_id is not None:
+        query = query.where(CreditCharge.rental_id == rental_id)
+    return [
+        {"rental_id": r, "name": n, "gpu_model": m, "minutes": k, "credits": c}
+        for r, n, m, k, c in session.execute(query)
+    ]

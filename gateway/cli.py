@@ -26,7 +26,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "data_dir": args.data_dir}.items() if v}
     settings = Settings(**overrides)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    from gateway.data_dir import secure_data_dir
+
+    secure_data_dir(settings.data_dir)  # 0711: others pass through (the pods' folders), read nothing
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, proxy_headers=True)
     sockets = [config.bind_socket()]

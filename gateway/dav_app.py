@@ -82,7 +82,7 @@ CHALLENGES = [(b"www-authenticate", b'Basic realm="kgpu"'), (b"www-authenticate"
 WSGI_THREADS = 16
 _CHECK_PREFIX = "users/0/"  # only the shape of a path is checked here; the provider maps it for real
 _PARAGRAPH = re.compile(rb"<p>(.*?)</p>", re.S)
-_STATUS_PREFIX = re.compile(r"^\d{3} [^:]*: ")
+_STATUS_PREFIX = re.compile(r"^\d{3}(?: [^:]*)?: ")  # "403 Forbidden: …", "507: …" (a status wsgidav has no name for)
 _CODED = re.compile(r"^\[([a-z_]+)\] ")  # drive.dav.context.coded_error: the error_code the HTTP routes use
 MAX_HTML_ERROR_BYTES = 64 << 10
 
@@ -462,7 +462,7 @@ def _envelope_for(start: Message, page: bytes, method: str, rel: str) -> Respons
     said = _STATUS_PREFIX.sub("", said)  # "403 Forbidden: Cannot copy..." -> "Cannot copy..."
     if status == 404 and method in ("COPY", "MOVE", "LOCK", "UNLOCK", "PROPPATCH", "PROPFIND", "DELETE"):
         message = f"no file or folder {rel or '/'}"
-    elif status >= 500 and status != 503:
+    elif status >= 500 and status not in (503, 507):  # 507: a COPY over the quota, which says so
         message, code = "internal server error", "internal_error" if status == 500 else code
     else:
         message = said or code.replace("_", " ")

@@ -9,6 +9,8 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import DeclarativeBase, sessionmaker
 
+from gateway.data_dir import PRIVATE_FILE_MODE, create_private_file, make_private_dir, set_mode
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
@@ -46,8 +48,28 @@ def alembic_config(url: str) -> Config:
     return config
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The file of an SQLite URL (None: another database, or one in memory)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def prepare_sqlite(path: Path) -> None:
+    """The database file readable by the server alone (gateway/data_dir.py): made ``0600`` before
+    SQLite first opens it (SQLite gives its -wal and -shm the file's mode), an older server's
+    ``0644`` one closed; a folder made for it is ``0700``."""
+    if not path.parent.exists():
+        make_private_dir(path.parent)
+    create_private_file(path)
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        set_mode(path.with_name(path.name + suffix), PRIVATE_FILE_MODE)
+
+
 def migrate(url: str) -> None:
     """Bring the schema to the newest revision (idempotent)."""
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    path = sqlite_path(url)
+    if path is not None:
+        prepare_sqlite(path)
     command.upgrade(alembic_config(url), "head")

@@ -230,3 +230,21 @@ class ObjectFact(Base):
     pending_mtime: Mapped[float | None] = mapped_column(Float, nullable=True)
     pending_since: Mapped[float | None] = mapped_column(Float, nullable=True)  # when the URL was handed out
     pending_until: Mapped[float | None] = mapped_column(Float, nullable=True)  # when it expires
+
+
+class CliLoginCode(Base):
+    """A one-time code of ``kgpu login --browser`` (gateway/cli_login.py): the dashboard hands it
+    to the command's loopback listener, and only the command, holding the PKCE verifier whose S256
+    challenge the code is bound to, exchanges it for the token, once, within a minute. The token
+    is kept sealed under a key only the code gives, so this table alone reveals no token."""
+
+    __tablename__ = "cli_login_codes"
+
+    code_hash: Mapped[str] = mapped_column(String(64), primary_key=True)  # SHA-256 hex of the code
+    code_challenge: Mapped[str] = mapped_column(String(43))  # BASE64URL(SHA-256(verifier)), RFC 7636
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_id: Mapped[int] = mapped_column(ForeignKey("api_tokens.id", ondelete="CASCADE"))
+    sealed_token: Mapped[bytes] = mapped_column(LargeBinary)  # AES-GCM under a key derived from the code
+    created_at: Mapped[float] = mapped_column(Float)  # seconds since the epoch (compared on every database alike)
+    expires_at: Mapped[float] = mapped_column(Float, index=True)
+    used_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # redeemed (or tried): never again

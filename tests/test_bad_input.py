@@ -538,3 +538,84 @@ def test_odd_but_valid_names_work_on_every_path(stack, user):
         assert content(stack, user, f"oddn/d{n}/{name}/m") == b"src", name
     listed = propfind_ok(stack, user, "oddn/")
     assert len(listed) == 1 + 1 + 2 * len(ODD_NAMES)
+
+
+# ------------------------------------------------------------------ issue 19: lastmodified and COPY over the quota
+
+
+def _set_lastmodified(value: str) -> bytes:
+    return (
+        '<?xml version="1.0" encoding="utf-8"?><D:propertyupdate xmlns:D="DAV:"><D:set><D:prop>'
+        f"<D:lastmodified>{value}</D:lastmodified></D:prop></D:set></D:propertyupdate>"
+    ).encode()
+
+
+IMPOSSIBLE_TIMES = [
+    "Sat, 01 Jan 10000 00:00:00 GMT",  # past the year 9999 (was a 500 with the Python error in the 207)
+    "Sun, 32 Jan 2021 10:00:00 GMT",  # no such day (was taken, as 1 Feb)
+    "Tue, 30 Feb 2021 10:00:00 GMT",
+    "Mon, 01 Feb 2021 25:00:00 GMT",
+    "Mon, 01 Feb 2021 10:61:00 GMT",
+    "Wed, 31 Dec 1969 23:59:59 GMT",  # before the epoch (was a 500 too)
+    "Thu Jan 32 10:00:00 2021",
+    "Sunday, 32-Jan-21 10:00:00 GMT",
+    "253402300800",  # one second past 9999-12-31T23:59:59Z
+    "-5",
+    "yesterday",
+    "",
+]
+
+
+@pytest.mark.parametrize("mount", ["files", "dav"])
+def test_an_impossible_lastmodified_is_a_4xx_of_its_property(stack, user, mount):
+    """PROPPATCH {DAV:}lastmodified (ownCloud's, rclone's) with a date that cannot be: a 409 for
+    that property inside the 207, a human message and no Python text; the file keeps its time."""
+    put(stack, user, f"times-{mount}/f.txt", b"f")
+    url = f"{stack.base}/v1/{mount}/times-{mount}/f.txt"
+    before = requests.head(f"{stack.base}/v1/files/times-{mount}/f.txt", headers=user.auth).headers["Last-Modified"]
+    for value in IMPOSSIBLE_TIMES:
+        reply = requests.request("PROPPATCH", url, data=_set_lastmodified(value), headers=user.auth)
+        assert reply.status_code == 207, (value, reply.status_code, reply.text[:500])
+        answer = ET.fromstring(reply.content)
+        statuses = [status.text for status in answer.iter(f"{D}status")]
+        assert statuses == ["HTTP/1.1 409 Conflict"], (value, reply.text)
+        said = " ".join(element.text or "" for element in answer.iter(f"{D}responsedescription"))
+        assert "lastmodified" in said, (value, said)
+        for python in ("Error", "Exception", "Traceback", "exception", "X-OC-Mtime", "[bad_mtime]"):
+            assert python not in reply.text, (value, reply.text)
+    after = requests.head(f"{stack.base}/v1/files/times-{mount}/f.txt", headers=user.auth).headers["Last-Modified"]
+    assert after == before
+    # What can be still sets the time: seconds, and each HTTP date form.
+    for value, expected in (
+        ("784111777", "Sun, 06 Nov 1994 08:49:37 GMT"),
+        ("Sun, 06 Nov 1994 08:49:38 GMT", "Sun, 06 Nov 1994 08:49:38 GMT"),
+        ("Sunday, 06-Nov-94 08:49:39 GMT", "Sun, 06 Nov 1994 08:49:39 GMT"),
+        ("Sun Nov  6 08:49:40 1994", "Sun, 06 Nov 1994 08:49:40 GMT"),
+        ("Thu, 29 Feb 2024 12:00:00 GMT", "Thu, 29 Feb 2024 12:00:00 GMT"),
+        ("Fri, 31 Dec 9999 23:59:59 GMT", "Fri, 31 Dec 9999 23:59:59 GMT"),
+    ):
+        reply = requests.request("PROPPATCH", url, data=_set_lastmodified(value), headers=user.auth)
+        assert reply.status_code == 207 and "200 OK" in reply.text, (value, reply.text)
+        got = requests.head(f"{stack.base}/v1/files/times-{mount}/f.txt", headers=user.auth).headers["Last-Modified"]
+        assert got == expected, value
+
+
+def test_a_copy_over_the_quota_says_so(stack, user):
+    """A COPY that does not fit: 507 with quota_exceeded and the quota's own message (was
+    "internal server error"), for a file and for a folder, on both mounts."""
+    put(stack, user, "qc/one.bin", b"1" * 1000)
+    old = stack.settings.user_quota_bytes
+    stack.settings.user_quota_bytes = 1500
+    try:
+        put_refused = requests.put(f"{stack.base}/v1/files/qc/two.bin", data=b"2" * 1000, headers=user.auth)
+        put_said = assert_envelope(put_refused, 413, "quota_exceeded")["message"]
+        for mount in ("files", "dav"):
+            base = f"{stack.base}/v1/{mount}/qc"
+            for source, target in (("qc/one.bin", f"{base}/copy.bin"), ("qc/", f"{stack.base}/v1/{mount}/qc2/")):
+                reply = dav(stack, user, "COPY", source, mount=mount, Destination=target)
+                said = assert_envelope(reply, 507, "quota_exceeded")["message"]
+                assert "internal" not in said and "would take the drive to" in said and "of 1500 bytes" in said, said
+                assert put_said.split(" would ")[1:] and "would take the drive to" in put_said
+    finally:
+        stack.settings.user_quota_bytes = old
+    assert content(stack, user, "qc/copy.bin") is None

@@ -9,9 +9,11 @@ the bundled rclone against the WebDAV endpoint, as they do for a researcher.
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import pty
+import re
 import select
 import shutil
 import signal
@@ -22,6 +24,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 import requests
@@ -126,6 +129,182 @@ def test_login_takes_the_token_from_the_environment(stack, user, tmp_path):
     assert done.returncode == 0, done.stderr
     saved = json.loads((tmp_path / "config" / "kgpu" / "config.json").read_text())
     assert saved == {"base_url": stack.base, "token": user.token}
+
+
+# ---------------------------------------------------------------- kgpu login --browser (issue 19)
+
+HANDOFF = re.compile(r"(http://\S+/view/cli\?port=(\d+)&state=([\w-]+)(?:&code_challenge=([\w-]{43})&code_challenge_method=S256)?)")
+CSRF_FIELD = re.compile(r'name="csrf_token" value="([^"]+)"')
+CODE_FORM = re.compile(r'<form method="post" action="(/view/cli/code\?[^"]+)"')
+
+
+def _dashboard_cookie(stack, account) -> dict[str, str]:
+    """The cookie of a browser signed in to the dashboard as ``account``, right after its sign-in
+    (made with the server's own signer: tests/test_signin.py signs in through a real provider)."""
+    from gateway import tokens
+    from gateway.web_session import SESSION_COOKIE, new_session
+
+    state = stack.server.app.state
+    with state.sessions() as session:
+        row = tokens.find_by_plaintext(session, account.token)
+    web = new_session(account.id, row.id, account.token)
+    return {"Cookie": f"{SESSION_COOKIE}={state.cookie_signer.dump_session(web)}"}
+
+
+def _confirm(stack, cookie: dict[str, str], page_url: str) -> str:
+    """What a signed-in browser does on the page `kgpu login --browser` opens: confirm; the
+    address the server then sends it to (the command's loopback, with a one-time code)."""
+    page = requests.get(page_url, headers={**cookie, "Accept": "text/html"}, allow_redirects=False)
+    assert page.status_code == 200, (page.status_code, page.text[:300])
+    action = html.unescape(CODE_FORM.search(page.text).group(1))
+    csrf = CSRF_FIELD.search(page.text).group(1)
+    answer = requests.post(f"{stack.base}{action}", data={"csrf_token": csrf}, headers=cookie, allow_redirects=False)
+    assert answer.status_code == 303, (answer.status_code, answer.text[:300])
+    return answer.headers["location"]
+
+
+def _browser_login(client: Kgpu, base: str) -> tuple[subprocess.Popen, re.Match]:
+    command = client.popen("login", "--browser", "--no-open", "--base-url", base)
+    line = command.stderr.readline()
+    found = HANDOFF.search(line)
+    assert found, line
+    return command, found
+
+
+def _as_nobody(*argv: str) -> subprocess.CompletedProcess:
+    """A command of another local user (uid 65534, no groups)."""
+    return subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv], capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_login_through_the_browser_never_takes_a_token_another_user_sends(stack, user, tmp_path):
+    """Issue 19: the login's port and state are on the browser's command line, readable by every
+    user of the machine, and a script of uid 65534 posted its own token to the listener, which the
+    victim's command saved. Now the listener takes only a one-time code that the server redeems for
+    the verifier only this command holds (PKCE), and nothing at all from another uid: everything the
+    attacker tries is refused, the command keeps waiting, and it ends with the victim's own token."""
+    attacker = stack.new_user()
+    client = Kgpu(tmp_path)
+    command, found = _browser_login(client, stack.base)
+    page_url, port, state, challenge = found.group(1), found.group(2), found.group(3), found.group(4)
+    callback = f"http://127.0.0.1:{port}/callback"
+    try:
+        # Another local user posts the token it made itself, with the state it read from `ps`.
+        posted = _as_nobody("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--data-urlencode", f"state={state}",
+                            "--data-urlencode", f"token={attacker.token}", callback)
+        assert posted.stdout == "403", (posted.stdout, posted.stderr)
+        # ... or a code its own dashboard session minted for this login's challenge (read from `ps` too).
+        injected = _confirm(stack, _dashboard_cookie(stack, attacker), page_url)
+        assert injected.startswith(f"{callback}?code=")
+        sent = _as_nobody("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", injected)
+        assert sent.stdout == "403", (sent.stdout, sent.stderr)
+        # Whatever comes from this very user (the one check a listener can make where the kernel does
+        # not tell who connects) must still be a code the server redeems for this command's verifier.
+        for fields in (
+            {"state": state, "token": attacker.token},
+            {"state": state, "code": "A" * 43},
+            {"state": "x" * 32, "code": "A" * 43},
+        ):
+            refused = requests.post(callback, data=fields)
+            assert refused.status_code == 400, (fields, refused.status_code, refused.text)
+        # A code minted for another login (the attacker's own, with its own challenge) is refused by the server.
+        (tmp_path / "other").mkdir()
+        other = Kgpu(tmp_path / "other")
+        other_command, other_found = _browser_login(other, stack.base)
+        try:
+            foreign = _confirm(stack, _dashboard_cookie(stack, attacker), other_found.group(1))
+            foreign_code = re.search(r"code=([\w-]+)", foreign).group(1)
+            refused = requests.get(callback, params={"code": foreign_code, "state": state})
+            assert refused.status_code == 400 and "did not take this code" in refused.text, refused.text
+        finally:
+            other_command.kill()
+            other_command.wait()
+        assert command.poll() is None, command.communicate()  # still waiting for its own sign-in
+
+        # The victim confirms in their own browser: the command gets their token.
+        own = _confirm(stack, _dashboard_cookie(stack, user), page_url)
+        done = requests.get(own)
+        assert done.status_code == 200 and "The kgpu command has your token" in done.text
+        out, err = command.communicate(timeout=60)
+    finally:
+        if command.poll() is None:
+            command.kill()
+    assert command.returncode == 0, err
+    assert user.email in out
+    config = tmp_path / "config" / "kgpu" / "config.json"
+    assert json.loads(config.read_text()) == {"base_url": stack.base, "token": user.token}
+    assert config.stat().st_mode & 0o777 == 0o600
+    assert "another user of this computer (uid 65534)" in err and attacker.token not in out + err
+    # The code was good once: replayed, even with a verifier, it is refused.
+    code = re.search(r"code=([\w-]+)", own).group(1)
+    replay = requests.post(f"{stack.base}/view/cli/exchange", json={"code": code, "code_verifier": "v" * 43})
+    assert replay.status_code == 400 and replay.json()["error_code"] == "invalid_grant"
+
+
+def test_a_login_code_is_one_time_short_lived_and_bound_to_its_challenge(stack, user):
+    """POST /view/cli/exchange: the code a signed-in page mints gives the token once, within its
+    minute, and only with the verifier of the challenge it was minted for; the first try burns it."""
+    from client.browser_login import s256
+    from gateway import cli_login, tokens
+
+    cookie = _dashboard_cookie(stack, user)
+    verifier = "v" * 20 + uuid.uuid4().hex + "~._-"
+    query = {"port": 40000, "state": "s" * 20, "code_challenge": s256(verifier), "code_challenge_method": "S256"}
+    page_url = f"{stack.base}/view/cli?{urlencode(query)}"
+
+    def new_code() -> str:
+        location = _confirm(stack, cookie, page_url)
+        assert location.startswith("http://127.0.0.1:40000/callback?") and "state=" + "s" * 20 in location
+        assert user.token not in location
+        return re.search(r"code=([\w-]+)", location).group(1)
+
+    def exchange(code: str, with_verifier: str) -> requests.Response:
+        return requests.post(f"{stack.base}/view/cli/exchange", json={"code": code, "code_verifier": with_verifier})
+
+    code = new_code()
+    wrong = exchange(code, "w" * 43)
+    assert wrong.status_code == 400 and wrong.json()["error_code"] == "invalid_grant", wrong.text
+    assert set(wrong.json()) == {"error_code", "message", "trace_id"}
+    assert exchange(code, verifier).status_code == 400  # burnt by the wrong try
+
+    code = new_code()
+    right = exchange(code, verifier)
+    assert right.status_code == 200 and right.json()["token"] == user.token
+    assert right.headers["cache-control"] == "no-store"
+    assert exchange(code, verifier).status_code == 400  # once
+
+    # Past its minute: refused.
+    state = stack.server.app.state
+    with state.sessions.begin() as session:
+        row = tokens.find_by_plaintext(session, user.token)
+        old = cli_login.mint(session, user.id, row.id, user.token, s256(verifier), now=time.time() - 120)
+    late = exchange(old, verifier)
+    assert late.status_code == 400 and "expired" in late.json()["message"]
+
+    # Nothing but a code and a verifier; a page without a challenge (an older kgpu) is a 400.
+    for body in ({}, {"code": 1, "code_verifier": verifier}, {"code": "x", "code_verifier": "short"}):
+        assert exchange_status(stack, body) == 400, body
+    for odd in ({**query, "code_challenge_method": "plain"}, {k: v for k, v in query.items() if k != "code_challenge"},
+                {**query, "code_challenge": "short"}):
+        reply = requests.get(f"{stack.base}/view/cli?{urlencode(odd)}", headers={"Accept": "application/json"})
+        assert reply.status_code == 400, odd
+    # Minting needs the session's CSRF token.
+    forged = requests.post(f"{stack.base}/view/cli/code?{urlencode(query)}", data={"csrf_token": "x"}, headers=cookie,
+                           allow_redirects=False)
+    assert forged.status_code == 403
+    # A person signs in a command at a time: past a few codes a minute, a 429 (the table stays small).
+    for _ in range(cli_login.MAX_LIVE_CODES_PER_USER - 2):
+        new_code()
+    page = requests.get(page_url, headers={**cookie, "Accept": "text/html"})
+    csrf = CSRF_FIELD.search(page.text).group(1)
+    more = requests.post(f"{stack.base}/view/cli/code?{urlencode(query)}", data={"csrf_token": csrf},
+                         headers={**cookie, "Accept": "application/json"}, allow_redirects=False)
+    assert more.status_code == 429 and more.json()["error_code"] == "too_many_requests", more.text
+
+
+def exchange_status(stack, body: dict) -> int:
+    return requests.post(f"{stack.base}/view/cli/exchange", json=body).status_code
 
 
 # ---------------------------------------------------------------- the drive

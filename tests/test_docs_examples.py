@@ -177,6 +177,10 @@ def test_configuration_examples(stack, user, tmp_path):
         assert (data / made).is_file(), made
     stored = list((data / "objects").glob("*/users/*/hello.txt"))
     assert [p.read_bytes() for p in stored] == [(workdir / "hello.txt").read_bytes()]
+    # Other local users pass through the data directory, and read nothing in it (issue 19).
+    for line in ("711 kgpu-data", "600 kgpu-data/kgpu.db", "700 kgpu-data/objects"):
+        assert f"{line}\n" in result.stdout, line
+    assert "600 kgpu-data/objects/kgpu/users/" in result.stdout
     assert "Application shutdown complete" in (workdir / "kgpu-serve.log").read_text()
 
 

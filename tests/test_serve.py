@@ -133,3 +133,78 @@ def test_a_run_survives_a_killed_gateway(tmp_path):
     finally:
         second.process.terminate()
         second.process.wait(timeout=15)
+
+
+def _read_as_nobody(path: Path) -> subprocess.CompletedProcess:
+    """``cat path`` as uid/gid 65534 with no groups: another local user of the machine."""
+    return subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", str(path)],
+        capture_output=True, timeout=30,
+    )
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def _closed_to_others(data: Path, payload: bytes, fresh: bool) -> None:
+    """The data directory only lets others pass (o+x, for the pods' folders); the database and the
+    embedded store's files are the server's alone."""
+    assert _mode(data) == 0o711
+    assert _mode(data / "objects") == 0o700
+    db = data / "kgpu.db"
+    assert _mode(db) == 0o600
+    for journal in (data / "kgpu.db-wal", data / "kgpu.db-shm"):
+        assert not journal.exists() or _mode(journal) & 0o077 == 0, journal
+    for kept in ("session-secret", "embedded-s3.json", "embedded-s3.log"):
+        assert _mode(data / kept) & 0o077 == 0, kept
+    [stored] = [p for p in (data / "objects").rglob("*") if p.is_file() and p.read_bytes() == payload]
+    if fresh:  # what rclone wrote is private itself (an older server's files: behind objects/ 0700)
+        for path in (data / "objects").rglob("*"):
+            assert _mode(path) & 0o077 == 0, (path, oct(_mode(path)))
+    # A control: another user does pass through the data directory (pods must), so what stops
+    # them below is the modes of the database and of the store, not the test's folders.
+    control = data / "readable-by-all"
+    control.write_bytes(b"ok")
+    control.chmod(0o644)
+    try:
+        assert _read_as_nobody(control).stdout == b"ok"
+        for secret in (db, stored):
+            read = _read_as_nobody(secret)
+            assert read.returncode != 0 and read.stdout == b"", (secret, read.returncode, read.stdout[:100])
+            assert b"Permission denied" in read.stderr, read.stderr
+    finally:
+        control.unlink()
+
+
+def test_the_data_directory_is_closed_to_other_local_users(tmp_path):
+    """Issue 19: another local user read a drive's file and the database (data/ and objects/ 0755,
+    files and kgpu.db 0644). Now: data/ 0711, objects/ 0700 with 0600 files (rclone runs under
+    umask 077), kgpu.db 0600; and an older server's too-open data directory is closed at start-up."""
+    data = passable(tmp_path) / "data"
+    admin = {"Authorization": "Bearer serve-test-admin"}
+    payload = b"the lab's unpublished results " + os.urandom(16).hex().encode()
+    first = Served(data)
+    try:
+        token = requests.post(f"{first.base}/v1/admin/users", json={"email": "p@lab.example"}, headers=admin).json()["token"]
+        curl("-f", "-L", "-T", "-", f"{first.base}/v1/files/private.txt", token=token, input=payload)
+        _closed_to_others(data, payload, fresh=True)
+    finally:
+        first.process.terminate()
+        first.process.wait(timeout=15)
+
+    # What an older server left: everything readable by all.
+    for path in [data, *data.rglob("*")]:
+        if path.is_dir() and not path.is_relative_to(data / "pods"):
+            path.chmod(0o755)
+        elif path.is_file():
+            path.chmod(0o644)
+    assert _read_as_nobody(data / "kgpu.db").returncode == 0  # the finding, as it was
+    second = Served(data)
+    try:
+        _closed_to_others(data, payload, fresh=False)
+        got = curl("-f", "-L", f"{second.base}/v1/files/private.txt", token=token)
+        assert got.stdout == payload
+    finally:
+        second.process.terminate()
+        second.process.wait(timeout=15)

@@ -77,7 +77,8 @@ class DavContext:
         try:
             return self.usage.open(prefix, incoming, self.quota_bytes)
         except UploadTooLarge as exc:
-            raise DAVError(HTTP_INSUFFICIENT_STORAGE, str(exc)) from None
+            # The PUT path's quota message and code (507 here: RFC 4918 11.5 for a COPY that does not fit).
+            raise coded_error(HTTP_INSUFFICIENT_STORAGE, "quota_exceeded", str(exc)) from None
 
     def settle_room(self, prefix: str, reserved: int, added: int) -> None:
         """What a write really added (0: it failed) counts; the rest of its reservation goes back."""

@@ -51,7 +51,7 @@ from drive.dav.context import (
 from drive.dav.listings import listing_cache
 from drive.dav.storage import note_folder_extras, remove_property_tree
 from drive.dav.transfer import transfer
-from drive.facts import Facts, FactRow, InvalidMtime, parse_mtime, resolve
+from drive.facts import Facts, FactRow, InvalidMtime, parse_lastmodified, resolve
 from drive.keys import DrivePath
 from drive.listing import FOLDER_MARKER, is_hidden
 from drive.store import CommonPrefix, ObjectInfo, delete_prefix
@@ -76,15 +76,15 @@ def folder_fact_rows(folder: "FolderResource") -> dict[str, FactRow]:
 
 
 def _mtime_of(value) -> float:
-    """A ``{DAV:}lastmodified`` value: seconds since the epoch (what rclone sends) or an HTTP date."""
-    text = (value.text or "").strip() if value is not None else ""
+    """A ``{DAV:}lastmodified`` value: seconds since the epoch (what rclone sends) or an HTTP date.
+    One that cannot be is a 409 for this property in the 207 (RFC 4918 9.2.1: a value whose
+    semantics are not appropriate for the property), with what is wrong in words."""
+    if value is None:
+        raise DAVError(HTTP_FORBIDDEN, "lastmodified cannot be removed, only set")
     try:
-        return parse_mtime(text)
-    except InvalidMtime:
-        seconds = util.parse_time_string(text) if text else None
-        if seconds is None:
-            raise coded_error(HTTP_BAD_REQUEST, "bad_mtime", "lastmodified must be seconds since the epoch") from None
-        return parse_mtime(str(int(seconds)))
+        return parse_lastmodified(value.text or "")
+    except InvalidMtime as exc:
+        raise DAVError(HTTP_CONFLICT, str(exc)) from None
 
 
 class _Located:

@@ -50,6 +50,13 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _store_child() -> None:
+    """In ``rclone serve s3`` before it runs: it dies with its parent, and what it writes (the
+    drives' files, its folders) is its owner's alone: umask 077 makes them 0600 and 0700."""
+    os.umask(0o077)
+    _die_with_parent()
+
+
 def port_is_free(host: str, port: int) -> bool:
     """Whether ``rclone serve s3`` could listen on ``host:port`` now (it, too, sets SO_REUSEADDR)."""
     with socket.socket() as sock:
@@ -167,7 +174,11 @@ class EmbeddedS3Server:
 
     def _start_process(self, timeout: float = 15.0) -> str:
         self._serving = False
-        self.root.mkdir(parents=True, exist_ok=True)
+        # Other users of the host read nothing of the store (gateway/data_dir.py): its root is
+        # 0700 (an older server's 0755 closed too), its files 0600 (umask 077, _store_child).
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.root.stat().st_mode & 0o077:
+            self.root.chmod(0o700)
         creds = self.credentials
         command = [
             rclone_binary(),
@@ -181,13 +192,13 @@ class EmbeddedS3Server:
             "NOTICE",
             str(self.root),
         ]
-        log_file = open(self.log_path, "ab")
+        log_file = os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
         # The keys travel in rclone's environment (RCLONE_AUTH_KEY is its --auth-key), never on its
         # command line, which every process on the host can read. rclone reads a list flag from the
         # environment as CSV: the pair is quoted to stay one entry.
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "RCLONE_AUTH_KEY": f'"{creds.access_key},{creds.secret_key}"'}
         self._process = process = subprocess.Popen(
-            command, stdout=log_file, stderr=log_file, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, env=env
+            command, stdout=log_file, stderr=log_file, stdin=subprocess.DEVNULL, preexec_fn=_store_child, env=env
         )
         log_file.close()
         deadline = time.monotonic() + timeout

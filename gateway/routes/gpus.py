@@ -13,15 +13,26 @@ from gateway.models import Rental, User
 from gateway.openapi import content, errors, merge
 
 _CREDITS = {"type": "integer"}
+CHARGE = {
+    "type": "object",
+    "required": ["rental_id", "name", "gpu_model", "minutes", "credits"],
+    "properties": {
+        "rental_id": {"type": "string"}, "name": {"type": "string"}, "gpu_model": {"type": "string"},
+        "minutes": _CREDITS, "credits": _CREDITS,
+    },
+}
 BALANCE = {
     "type": "object",
-    "required": ["balance", "price_per_hour_credits", "starting_credits", "credits_per_dollar", "charged_active"],
+    "required": [
+        "balance", "price_per_hour_credits", "starting_credits", "credits_per_dollar", "charged_active", "charges",
+    ],
     "properties": {
         "balance": _CREDITS,
         "price_per_hour_credits": {"type": ["integer", "null"]},
         "starting_credits": _CREDITS,
         "credits_per_dollar": _CREDITS,
         "charged_active": _CREDITS,
+        "charges": {"type": "array", "items": CHARGE, "description": "your latest 50 rentals' charges, newest first"},
     },
 }
 from gateway.rentals import ACTIVE, RentRequest, Rentals
@@ -187,4 +198,5 @@ def balance(request: Request, principal: ApprovedUser) -> dict:
             "charged_active": sum(
                 billing.charged_total(session, r.id) for r in rentals.active_of(session, principal)
             ),
+            "charges": billing.recent_charges(session, principal.user_id, principal.rental_id),
         }

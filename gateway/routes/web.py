@@ -7,18 +7,20 @@ shell uses, with the person's own token.
 
 from __future__ import annotations
 
+import json
 import re
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
-from gateway import orgs, signin, users
+from gateway import billing, orgs, signin, users
+from gateway import cli_login as login_codes
 from gateway.auth import status_refusal
-from gateway.models import CreditCharge, Rental, User
+from gateway.errors import ApiError
+from gateway.models import User
 from gateway.web_pages import (
     PageError, clear_cookies, current, is_secure, page, principal_of, public_base, refusal, see_other,
     set_session, signed_in_form, cookie_signer, wants_html,
@@ -26,8 +28,13 @@ from gateway.web_pages import (
 from gateway.web_session import SIGNIN_MAX_AGE_S, WebSession, new_session
 
 router = APIRouter(include_in_schema=False)
-# `kgpu login --browser` waits on this computer's loopback for the token: the page it opens.
-CLI_HANDOFF = re.compile(r"^/view/cli\?port=(?P<port>[0-9]{4,5})&state=(?P<state>[A-Za-z0-9_-]{16,128})$")
+# `kgpu login --browser` waits on this computer's loopback for a one-time code: the page it opens,
+# with the loopback's port, its state and the S256 challenge of the verifier only it holds.
+CLI_HANDOFF = re.compile(
+    r"^/view/cli\?port=(?P<port>[0-9]{4,5})&state=(?P<state>[A-Za-z0-9_-]{16,128})"
+    r"&code_challenge=(?P<challenge>[A-Za-z0-9_-]{43})&code_challenge_method=S256$"
+)
+MAX_EXCHANGE_BYTES = 4096
 
 
 def _oidc(request: Request) -> signin.OidcClient:
@@ -182,21 +189,14 @@ def _dashboard_context(request: Request, user: User) -> dict:
     principal = principal_of(user)
     with request.app.state.sessions() as session:
         shared = [{"slug": org.slug, "name": org.name, "role": role} for org, role in orgs.visible_orgs(session, principal)]
-        charges = session.execute(
-            select(CreditCharge.rental_id, Rental.name, Rental.gpu_model, func.sum(CreditCharge.credits),
-                   func.count(CreditCharge.id))
-            .join(Rental, Rental.id == CreditCharge.rental_id)
-            .where(CreditCharge.user_id == user.id)
-            .group_by(CreditCharge.rental_id, Rental.name, Rental.gpu_model)
-            .order_by(func.max(CreditCharge.charged_at).desc())
-            .limit(50)
-        ).all()
+        charges = billing.recent_charges(session, user.id)
         balance = session.get(User, user.id).credits
     return {
         "shared": shared,
-        "charges": [{"rental_id": r, "name": n, "gpu_model": m, "credits": c, "minutes": k} for r, n, m, c, k in charges],
+        "charges": charges,
         "balance": balance,
         "quota_bytes": request.app.state.settings.user_quota_bytes,
+        "default_image": request.app.state.settings.default_image,
     }
 
 
@@ -221,49 +221,117 @@ async def dashboard(request: Request) -> Response:
 
 
 # --- kgpu login --browser -----------------------------------------------------------------------
+# RFC 8252 with PKCE (gateway/cli_login.py): the page hands the command's loopback listener a
+# one-time code, never the token; only the command, with its verifier, exchanges it for the token.
 
 
-def _cli_handoff(request: Request) -> tuple[int, str]:
-    """The loopback port and state in the query of the hand-off page (and of its reissue form);
-    PageError 400 when they are not sane."""
+def _cli_handoff(request: Request) -> tuple[int, str, str]:
+    """The loopback port, state and code challenge in the query of the hand-off page (and of its
+    forms); PageError 400 when they are not sane."""
     found = CLI_HANDOFF.match(f"/view/cli?{request.url.query}")
     if found is None or not 1024 <= int(found["port"]) <= 65535:
-        raise PageError(400, "bad_request", "this page is opened by `kgpu login --browser`, with its port and state")
-    return int(found["port"]), found["state"]
+        raise PageError(
+            400, "bad_request",
+            "this page is opened by `kgpu login --browser`, with its port, state and code challenge "
+            "(an older kgpu without the challenge: update it)",
+        )
+    return int(found["port"]), found["state"], found["challenge"]
+
+
+def _handoff_query(port: int, state: str, challenge: str) -> str:
+    return urlencode({"port": port, "state": state, "code_challenge": challenge, "code_challenge_method": "S256"})
 
 
 @router.get("/view/cli")
 async def cli_login(request: Request) -> Response:
-    """Hand the person's token to `kgpu login --browser` on this computer: a form they submit
-    themselves to the command's loopback listener (the token never travels in a URL)."""
+    """Ask the person to confirm that the `kgpu login --browser` on this computer is theirs; the
+    form they submit gets a one-time code for it (POST /view/cli/code)."""
     try:
-        port, state = _cli_handoff(request)
+        port, state, challenge = _cli_handoff(request)
     except PageError as error:
         return refusal(request, error)
-    here = f"/view/cli?{urlencode({'port': port, 'state': state})}"
+    query = _handoff_query(port, state, challenge)
+    here = f"/view/cli?{query}"
     found = await run_in_threadpool(current, request)
     if found is None:
         return see_other(f"/view/signin?{urlencode({'next': here})}")
     web, user = found
     if user.status != "approved":
         return page(request, "pending.html", user=user, web=web)
-    response = page(request, "cli_login.html", user=user, web=web, port=port, state=state, here=here)
-    # This page's one form goes to the command's listener on the loopback, and only there.
+    response = page(request, "cli_login.html", user=user, web=web, port=port, query=query)
+    # The form goes to /view/cli/code, which answers with a redirect to the command's listener on
+    # the loopback (with the code): browsers hold that redirect to form-action too.
     response.headers["Content-Security-Policy"] = response.headers["Content-Security-Policy"].replace(
         "form-action 'self'", f"form-action 'self' http://127.0.0.1:{port}/callback"
     )
     return response
 
 
+@router.post("/view/cli/code")
+async def cli_login_code(request: Request) -> Response:
+    """The person confirmed: a one-time code for their token, bound to the command's challenge,
+    handed to the command's loopback listener with its state (a 303: a code in a URL is worth
+    nothing without the verifier, and works once, for a minute)."""
+    try:
+        port, state, challenge = _cli_handoff(request)
+        web, user, _ = await signed_in_form(request)
+        forbidden = status_refusal(user.status)
+        if forbidden is not None:
+            raise PageError(forbidden.status, forbidden.error_code, forbidden.message)
+        if web.token_id is None or web.token is None:
+            raise PageError(
+                409, "token_not_shown",
+                "this browser cannot hand your token on (it was issued before this browser signed in): "
+                "go back to the kgpu login page to issue a new one",
+            )
+    except PageError as error:
+        return refusal(request, error)
+
+    def mint() -> str:
+        with request.app.state.sessions.begin() as session:
+            return login_codes.mint(session, user.id, web.token_id, web.token, challenge)
+
+    try:
+        code = await run_in_threadpool(mint)
+    except login_codes.TooManyCodes as error:
+        return refusal(request, PageError(429, "too_many_requests", str(error)))
+    return see_other(f"http://127.0.0.1:{port}/callback?{urlencode({'code': code, 'state': state})}")
+
+
 @router.post("/view/cli/token")
 async def cli_login_token(request: Request) -> Response:
     """A session that cannot show the token (issued before it began) reissues it for the command."""
     try:
-        port, state = _cli_handoff(request)
+        port, state, challenge = _cli_handoff(request)
     except PageError as error:
         return refusal(request, error)
     response = await reissue(request)
     if response.status_code == 303:
-        response.headers["location"] = f"/view/cli?{urlencode({'port': port, 'state': state})}"
+        response.headers["location"] = f"/view/cli?{_handoff_query(port, state, challenge)}"
     return response
 
+
+@router.post("/view/cli/exchange")
+async def cli_login_exchange(request: Request) -> Response:
+    """The command trades a one-time code and its PKCE verifier for the token (JSON in, JSON out;
+    no cookie is read). 400 ``invalid_grant`` for a code that is unknown, used, expired, made for
+    another challenge, or whose token is no longer live."""
+    declared = request.headers.get("content-length", "")
+    if not declared.isdigit() or int(declared) > MAX_EXCHANGE_BYTES:
+        raise ApiError(400, "bad_request", f"send a JSON body of at most {MAX_EXCHANGE_BYTES} bytes")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_EXCHANGE_BYTES:
+            raise ApiError(400, "bad_request", f"send a JSON body of at most {MAX_EXCHANGE_BYTES} bytes")
+    try:
+        sent = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        sent = None
+    if not isinstance(sent, dict) or not isinstance(sent.get("code"), str) or not isinstance(sent.get("code_verifier"), str):
+        raise ApiError(400, "bad_request", 'send {"code": "…", "code_verifier": "…"}')
+    try:
+        token = await run_in_threadpool(login_codes.redeem, request.app.state.sessions, sent["code"], sent["code_verifier"])
+    except login_codes.CodeRefused as refused:
+        raise ApiError(400, "invalid_grant", str(refused)) from None
+    return JSONResponse({"token": token, "token_type": "bearer"}, headers={"Cache-Control": "no-store"})

@@ -142,51 +142,154 @@ document.getElementById("shared-card").addEventListener("click", async (event) =
   else loadShared(org, folder || "");
 });
 
-// --- rentals and runs -------------------------------------------------------------------------
+// --- rentals, runs and credits ---------------------------------------------------------------
 const outputs = new Map();  // run_id -> text seen so far (kept across re-renders)
+const folded = new Set();   // run ids whose output the person hid
+const STARTING_MS = 2000;   // a rental on its way in or out: look again soon
+const LIVE_MS = 10000;      // a usable rental: its charge and runs move by the minute
+let models = [];
+let looks = 0, nextLook = null;  // the latest look (an older one's answer is dropped); the next one's timer
 
-async function loadModels() {
-  const data = await api("GET", "/v1/gpu-models");
-  document.getElementById("gpu-model").innerHTML = data.models.map((m) =>
-    `<option value="${esc(m.gpu_model)}">${esc(m.gpu_model)} (${m.gpu_total ? m.gpu_free + " free, " : "CPU only, "}${m.price_per_hour_credits} credits/h)</option>`).join("");
+function note(text, isError) {
+  const status = document.getElementById("rent-status");
+  status.textContent = text;
+  status.className = isError ? "error" : "muted";
 }
 
-async function loadRentals() {
-  const data = await api("GET", "/v1/gpus");
-  document.getElementById("balance").textContent = data.credits.balance;
-  const box = document.getElementById("rentals");
-  if (!data.my_gpus.length) { box.innerHTML = `<p class="muted">No rentals. Rent one above.</p>`; return; }
-  const parts = [];
-  for (const gpu of data.my_gpus) {
-    let runs = [];
-    if (gpu.phase === "Running") runs = (await api("GET", "/v1/runs?gpu_id=" + encodeURIComponent(gpu.gpu_id))).runs;
-    parts.push(`<div class="rental" data-gpu="${esc(gpu.gpu_id)}">
-      <div class="head"><strong>${esc(gpu.name)}</strong><span class="badge ${esc(gpu.phase)} phase">${esc(gpu.phase)}</span>
-        <span class="muted">${gpu.phase === "Queued" ? `queue position ${gpu.queue_position}` : `node ${esc(gpu.node)}`} · ${esc(gpu.gpu_model)}${gpu.gpu_count ? " ×" + gpu.gpu_count : ""} · ${gpu.price_per_hour_credits} credits/h · charged ${gpu.credits_charged}</span>
-        <span class="grow"></span><button class="danger" data-return="${esc(gpu.gpu_id)}">Return</button></div>
-      ${gpu.phase === "Running" && gpu.ready ? `<form class="row run-form" data-gpu="${esc(gpu.gpu_id)}">
-        <label>Command (bash) <input name="command" size="50" required placeholder="nvidia-smi; ls /files"></label>
-        <button type="submit" class="primary">Run</button></form>` : `<p class="muted">${esc(gpu.pending_reason || "starting…")}</p>`}
-      <div class="runs">${runs.map((run) => `<div class="run" data-run="${esc(run.run_id)}">
-        <span class="cmd">${esc(run.run_id)}</span> <span class="badge">${esc(run.phase)}</span>
-        ${run.exit_code != null ? `<span class="muted">exit ${run.exit_code}</span>` : ""}
-        <a data-show="${esc(run.run_id)}" data-gpu="${esc(gpu.gpu_id)}">output</a>
-        <pre class="output" ${outputs.has(run.run_id) ? "" : "hidden"}>${esc(outputs.get(run.run_id) || "")}</pre></div>`).join("")}</div>
-    </div>`);
+async function loadModels() {
+  models = (await api("GET", "/v1/gpu-models")).models;
+  const select = document.getElementById("gpu-model"), chosen = select.value;
+  select.innerHTML = models.map((m) =>
+    `<option value="${esc(m.gpu_model)}">${esc(m.gpu_model)} (${m.gpu_total ? m.gpu_free + " free, " : "CPU only, "}${m.price_per_hour_credits} credits/h)</option>`).join("");
+  if (models.some((m) => m.gpu_model === chosen)) select.value = chosen;
+  else suggestGpuCount();
+}
+
+// As the API does when gpu_count is left out: one GPU of a GPU model, none of a CPU-only one.
+function suggestGpuCount() {
+  const model = models.find((m) => m.gpu_model === document.getElementById("gpu-model").value);
+  document.querySelector("#rent-form input[name=gpu_count]").value = model && model.gpu_total ? 1 : 0;
+}
+document.getElementById("gpu-model").addEventListener("change", suggestGpuCount);
+
+function usable(gpu) { return gpu.phase === "Running" && gpu.ready; }
+
+function rentalHead(gpu) {
+  const facts = [
+    gpu.phase === "Queued" ? `queue position ${gpu.queue_position}` : `node ${esc(gpu.node)}`,
+    esc(gpu.gpu_model) + (gpu.gpu_count ? " ×" + gpu.gpu_count : ""),
+    esc(gpu.image),
+    `${gpu.price_per_hour_credits} credits/h`,
+    `charged <span class="charged">${gpu.credits_charged}</span>`,
+  ];
+  return `<strong>${esc(gpu.name)}</strong><span class="badge ${esc(gpu.phase)} phase">${esc(gpu.phase)}</span>
+    <span class="muted">${facts.join(" · ")}</span>
+    <span class="grow"></span><button class="danger" data-return="${esc(gpu.gpu_id)}">Return</button>`;
+}
+
+function rentalBody(gpu) {
+  if (usable(gpu)) {
+    return `<form class="row run-form" data-gpu="${esc(gpu.gpu_id)}">
+      <label>Command (bash) <input name="command" size="50" required placeholder="nvidia-smi; ls /files"></label>
+      <button type="submit" class="primary">Run</button></form>`;
   }
-  box.innerHTML = parts.join("");
+  const waiting = gpu.phase === "Terminating" ? "returning…" : "starting…";
+  return `<p class="muted waiting">${esc(gpu.pending_reason || waiting)}</p>`;
+}
+
+function runsHtml(gpu, runs) {
+  return runs.map((run) => `<div class="run" data-run="${esc(run.run_id)}">
+    <span class="cmd">${esc(run.run_id)}</span> <span class="badge">${esc(run.phase)}</span>
+    ${run.exit_code != null ? `<span class="muted">exit ${run.exit_code}</span>` : ""}
+    <a data-show="${esc(run.run_id)}" data-gpu="${esc(gpu.gpu_id)}">output</a>
+    <pre class="output" ${outputs.has(run.run_id) && !folded.has(run.run_id) ? "" : "hidden"}>${esc(outputs.get(run.run_id) || "")}</pre></div>`).join("");
+}
+
+// Parts are redrawn only when what they show changed: a redraw would drop a command being typed.
+const drawn = new WeakMap();  // element -> the HTML last put in it
+function draw(element, html) {
+  if (drawn.get(element) === html) return;
+  drawn.set(element, html);
+  element.innerHTML = html;
+}
+
+function cardOf(box, gpuId) {
+  const found = [...box.children].find((card) => card.dataset.gpu === gpuId);
+  if (found) return found;
+  const card = document.createElement("div");
+  card.className = "rental";
+  card.dataset.gpu = gpuId;
+  card.innerHTML = `<div class="head"></div><div class="body"></div><div class="runs"></div>`;
+  return card;
+}
+
+function renderRentals(gpus, runsOf) {
+  const box = document.getElementById("rentals");
+  if (!gpus.length) { draw(box, `<p class="muted">No rentals. Rent one above.</p>`); return; }
+  drawn.delete(box);
+  const cards = gpus.map((gpu) => {
+    const card = cardOf(box, gpu.gpu_id);
+    draw(card.querySelector(".head"), rentalHead(gpu));
+    draw(card.querySelector(".body"), rentalBody(gpu));
+    draw(card.querySelector(".runs"), runsHtml(gpu, runsOf.get(gpu.gpu_id) || []));
+    return card;
+  });
+  // Moving a card that is already in place would take the focus from its command field.
+  if (cards.length !== box.children.length || cards.some((card, i) => box.children[i] !== card)) box.replaceChildren(...cards);
+}
+
+function chargeRow(charge) {
+  return `<tr><td>${esc(charge.name)} <span class="muted">${esc(charge.rental_id)}</span></td><td>${esc(charge.gpu_model)}</td>
+    <td class="num">${charge.minutes}</td><td class="num">${charge.credits}</td></tr>`;
+}
+
+function renderCredits(credits) {
+  document.getElementById("balance").textContent = credits.balance;
+  draw(document.getElementById("charges-list"), credits.charges.length
+    ? `<table class="list" id="charges"><thead><tr><th>Rental</th><th>GPU model</th><th class="num">Minutes</th>` +
+      `<th class="num">Credits</th></tr></thead><tbody>${credits.charges.map(chargeRow).join("")}</tbody></table>`
+    : `<p class="muted" id="charges">Nothing charged yet.</p>`);
+}
+
+async function runsOf(gpus) {
+  const found = new Map();
+  for (const gpu of gpus.filter((g) => g.phase === "Running")) {
+    found.set(gpu.gpu_id, (await api("GET", "/v1/runs?gpu_id=" + encodeURIComponent(gpu.gpu_id))).runs);
+  }
+  return found;
+}
+
+// Rentals, their runs and the credits card, looked at again while any rental is live: every
+// STARTING_MS while one is on its way in or out, every LIVE_MS while they are all usable.
+async function refreshRentals() {
+  const look = ++looks;
+  clearTimeout(nextLook);
+  let again = LIVE_MS;  // also after a failed look
+  try {
+    const gpus = (await api("GET", "/v1/gpus")).my_gpus;
+    const [runs, credits] = await Promise.all([runsOf(gpus), api("GET", "/v1/balance")]);
+    if (look !== looks) return;
+    renderRentals(gpus, runs);
+    renderCredits(credits);
+    again = gpus.some((gpu) => !usable(gpu)) ? STARTING_MS : gpus.length ? LIVE_MS : null;
+  } catch (error) {
+    if (look === looks) note("could not read your rentals: " + error.message, true);
+  } finally {
+    if (look === looks && again) nextLook = setTimeout(refreshRentals, again);
+  }
 }
 
 async function streamRun(gpuId, runId) {
   // NDJSON: {type: stdout|stderr, chunk} as the run writes, then {type: done, exit_code}.
   outputs.set(runId, "");
+  folded.delete(runId);
   const reply = await fetch(`/v1/runs/${encodeURIComponent(runId)}/stream?gpu_id=${encodeURIComponent(gpuId)}`,
     { headers: { Authorization: "Bearer " + TOKEN } });
   const reader = reply.body.getReader(), decoder = new TextDecoder();
   let buffered = "";
   const show = () => {
     const pre = document.querySelector(`.run[data-run="${CSS.escape(runId)}"] pre`);
-    if (pre) { pre.hidden = false; pre.textContent = outputs.get(runId); pre.scrollTop = pre.scrollHeight; }
+    if (pre) { pre.hidden = folded.has(runId); pre.textContent = outputs.get(runId); pre.scrollTop = pre.scrollHeight; }
   };
   for (;;) {
     const { value, done } = await reader.read();
@@ -202,22 +305,52 @@ async function streamRun(gpuId, runId) {
       show();
     }
   }
-  await loadRentals();
+  await refreshRentals();
   show();
+}
+
+// NAME=VALUE lines of the environment field; null when there are none.
+function parseEnv(text) {
+  const env = {};
+  for (const line of text.split("\n").map((l) => l.trim()).filter(Boolean)) {
+    const cut = line.indexOf("=");
+    if (cut < 1) throw new Error(`environment lines are NAME=VALUE, not "${line}"`);
+    env[line.slice(0, cut)] = line.slice(cut + 1);
+  }
+  return Object.keys(env).length ? env : null;
+}
+
+// The POST /v1/gpus body of the rent form; a field left empty is left to the API's default.
+function rentRequest(form) {
+  const text = (name) => (form.get(name) || "").trim();
+  const number = (name) => (text(name) === "" ? null : Number(text(name)));
+  const body = {
+    name: text("name"),
+    gpu_model: text("gpu_model") || null,
+    gpu_count: number("gpu_count"),
+    image: text("image") || null,
+    cpu: text("cpu") || null,
+    memory: text("memory") || null,
+    ephemeral_storage_gib: number("ephemeral_storage_gib"),
+    duration_hours: number("duration_hours"),
+    env: parseEnv(text("env")),
+    queue: form.get("queue") === "on",
+  };
+  return Object.fromEntries(Object.entries(body).filter(([, value]) => value !== null));
 }
 
 document.getElementById("rent-form").addEventListener("submit", async (event) => {
   event.preventDefault();
-  const form = new FormData(event.target), status = document.getElementById("rent-status");
-  status.textContent = "renting…";
+  note("renting…", false);
   try {
-    const gpu = await api("POST", "/v1/gpus", {
-      name: form.get("name"), gpu_model: form.get("gpu_model") || null, duration_hours: Number(form.get("duration_hours")),
-      cpu: "1", memory: "1Gi", ephemeral_storage_gib: 1, queue: form.get("queue") === "on",
-    });
-    status.textContent = gpu.phase === "Queued" ? `queued ${gpu.gpu_id} (position ${gpu.queue_position})` : `rented ${gpu.gpu_id}`;
-  } catch (error) { status.textContent = "could not rent: " + error.message; }
-  loadRentals();
+    const gpu = await api("POST", "/v1/gpus", rentRequest(new FormData(event.target)));
+    note(gpu.phase === "Queued" ? `queued ${gpu.gpu_id} (position ${gpu.queue_position})` : `rented ${gpu.gpu_id}`, false);
+  } catch (error) {
+    note("could not rent: " + error.message, true);
+    return;
+  }
+  refreshRentals();
+  loadModels();
 });
 
 document.getElementById("rentals").addEventListener("submit", async (event) => {
@@ -225,29 +358,28 @@ document.getElementById("rentals").addEventListener("submit", async (event) => {
   const form = event.target, gpuId = form.dataset.gpu, command = new FormData(form).get("command");
   try {
     const run = await api("POST", "/v1/runs", { gpu_id: gpuId, command: ["bash", "-c", command], wait_seconds: 0 });
-    await loadRentals();
+    await refreshRentals();
     streamRun(gpuId, run.run_id);
-  } catch (error) { document.getElementById("rent-status").textContent = "could not run: " + error.message; }
+  } catch (error) { note("could not run: " + error.message, true); }
 });
 
 document.getElementById("rentals").addEventListener("click", async (event) => {
   const target = event.target;
   if (target.dataset.return) {
     if (!confirm("Return this GPU? The pod is destroyed.")) return;
-    await api("DELETE", "/v1/gpus/" + encodeURIComponent(target.dataset.return));
-    loadRentals();
+    try {
+      await api("DELETE", "/v1/gpus/" + encodeURIComponent(target.dataset.return));
+    } catch (error) { note("could not return: " + error.message, true); }
+    refreshRentals();
+    loadModels();
   } else if (target.dataset.show) {
-    const pre = target.parentElement.querySelector("pre");
-    if (!outputs.has(target.dataset.show)) streamRun(target.dataset.gpu, target.dataset.show);
-    else pre.hidden = !pre.hidden;
+    const runId = target.dataset.show, pre = target.parentElement.querySelector("pre");
+    if (!outputs.has(runId)) streamRun(target.dataset.gpu, runId);
+    else if (folded.has(runId)) { folded.delete(runId); pre.hidden = false; }
+    else { folded.add(runId); pre.hidden = true; }
   }
 });
 
-// A rental starting: look again until it runs (the page shows no stale phase for long).
-setInterval(() => {
-  if (document.querySelector(".phase.Pending, .phase.Queued, .phase.Terminating")) loadRentals();
-}, 2000);
-
 loadDrive();
 loadModels();
-loadRentals();
+refreshRentals();
