@@ -619,3 +619,36 @@ def test_a_copy_over_the_quota_says_so(stack, user):
     finally:
         stack.settings.user_quota_bytes = old
     assert content(stack, user, "qc/copy.bin") is None
+
+
+def _set_dead(properties: dict[str, str]) -> bytes:
+    props = "".join(f"<x:{name}>{value}</x:{name}>" for name, value in properties.items())
+    return (
+        '<?xml version="1.0" encoding="utf-8"?><D:propertyupdate xmlns:D="DAV:" xmlns:x="urn:x">'
+        f"<D:set><D:prop>{props}</D:prop></D:set></D:propertyupdate>"
+    ).encode()
+
+
+@pytest.mark.parametrize("mount", ["files", "dav"])
+def test_dead_properties_are_capped(stack, user, mount):
+    """Issue 19 (12): PROPPATCH put 100 MiB of dead properties into the database, outside the
+    quota, and one allprop PROPFIND answered 120 MiB. A property holds at most 64 KiB, a resource's
+    properties 256 KiB in all; a refused PROPPATCH changes no property (all or none)."""
+    put(stack, user, f"props-{mount}/f.txt", b"f")
+    url = f"{stack.base}/v1/{mount}/props-{mount}/f.txt"
+    ok = requests.request("PROPPATCH", url, data=_set_dead({"note": "small"}), headers=user.auth)
+    assert ok.status_code == 207 and "200 OK" in ok.text, ok.text
+    huge = requests.request("PROPPATCH", url, data=_set_dead({"huge": "a" * (1 << 20), "other": "b"}), headers=user.auth)
+    assert huge.status_code == 207 and "507" in huge.text and "at most" in huge.text, huge.text[:500]
+    for i in range(4):  # 4 x 60 KiB fit in 256 KiB; a 5th and 6th do not
+        fits = requests.request("PROPPATCH", url, data=_set_dead({f"p{i}": "c" * (60 << 10)}), headers=user.auth)
+        assert "200 OK" in fits.text, fits.text[:500]
+    for i in (4, 5):
+        full = requests.request("PROPPATCH", url, data=_set_dead({f"p{i}": "c" * (60 << 10)}), headers=user.auth)
+        assert "507" in full.text and "in all" in full.text, full.text[:500]
+    replaced = requests.request("PROPPATCH", url, data=_set_dead({"p0": "d" * (60 << 10)}), headers=user.auth)
+    assert "200 OK" in replaced.text, replaced.text[:500]  # a property replaced is not counted twice
+    listed = requests.request("PROPFIND", url, data=b'<?xml version="1.0"?><D:propfind xmlns:D="DAV:"><D:allprop/></D:propfind>',
+                              headers={**user.auth, "Depth": "0"})
+    assert listed.status_code == 207 and len(listed.content) < 300 << 10
+    assert "other" not in listed.text and "huge" not in listed.text and "small" in listed.text

@@ -22,7 +22,7 @@ from urllib.parse import unquote
 from sqlalchemy import Table, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
-from wsgidav.dav_error import PRECONDITION_CODE_LockConflict, DAVErrorCondition
+from wsgidav.dav_error import HTTP_INSUFFICIENT_STORAGE, PRECONDITION_CODE_LockConflict, DAVError, DAVErrorCondition
 from wsgidav.dav_provider import DAVProvider
 from wsgidav.lock_man.lock_manager import LockManager, generate_lock_token, normalize_lock_root, validate_lock
 from wsgidav.lock_man.lock_storage import LockStorageDict
@@ -50,6 +50,13 @@ def _upsert(session: Session, table: Table, row: dict, keys: list[str]):
             index_elements=keys, set_={name: statement.excluded[name] for name in row if name not in keys}
         )
     )
+
+
+# Dead properties are small notes about a file (an ownCloud client's, an editor's): capped, so
+# that PROPPATCH cannot turn the database into storage outside the drive's quota (issue 19, 12:
+# five PROPPATCHes put 100 MiB into it, and one allprop PROPFIND answered 120 MiB).
+MAX_PROPERTY_BYTES = 64 << 10
+MAX_RESOURCE_PROPERTY_BYTES = 256 << 10
 
 
 class DbPropertyManager(PropertyManager):
@@ -95,10 +102,23 @@ class DbPropertyManager(PropertyManager):
             return session.scalar(select(t.c.value).where(t.c.url == norm_url, t.c.name == name))
 
     def write_property(self, norm_url, name, property_value, dry_run=False, environ=None):
-        if dry_run:
-            return
+        """Checked in PROPPATCH's dry run too, so a refused property leaves every other one as it was."""
+        size = len(name) + len(property_value)
+        if size > MAX_PROPERTY_BYTES:
+            raise DAVError(HTTP_INSUFFICIENT_STORAGE, f"a dead property holds at most {MAX_PROPERTY_BYTES} bytes")
+        t = self._table
         with self._sessions.begin() as session:
-            _upsert(session, self._table, {"url": norm_url, "name": name, "value": property_value}, ["url", "name"])
+            others = session.scalar(
+                select(func.coalesce(func.sum(func.length(t.c.name) + func.length(t.c.value)), 0))
+                .where(t.c.url == norm_url, t.c.name != name)
+            ) or 0
+            if others + size > MAX_RESOURCE_PROPERTY_BYTES:
+                raise DAVError(
+                    HTTP_INSUFFICIENT_STORAGE,
+                    f"the dead properties of one resource hold at most {MAX_RESOURCE_PROPERTY_BYTES} bytes in all",
+                )
+            if not dry_run:
+                _upsert(session, t, {"url": norm_url, "name": name, "value": property_value}, ["url", "name"])
 
     def remove_property(self, norm_url, name, dry_run=False, environ=None):
         if dry_run:
