@@ -449,8 +449,6 @@ def test_a_pod_that_loses_its_main_process_is_reported(pods):
 def test_a_write_past_the_pods_disk_fails_in_the_pod(pod_backend):
     """Issue 19 (10): /workspace and /tmp are a disk of the pod's own, of ephemeral_storage_gib
     (1 GiB here): fallocate past it, and a write past it, fail with ENOSPC in the pod."""
-    if pod_backend.name == "slurm":
-        pytest.skip("a Slurm pod's disk use is watched by the reaper, not capped (docs/pod-isolation.md)")
     ref = start_pod(pod_backend)
     try:
         code, out, err = sh(pod_backend, ref, (  # (its own output is on that disk: it speaks once there is room)

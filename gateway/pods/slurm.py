@@ -311,6 +311,7 @@ class SlurmPodBackend:
             "KGPU_POD_MEMORY": str(spec.memory_bytes),
             "KGPU_POD_SHM": str(max(64 << 20, spec.memory_bytes // 2)),
             "KGPU_POD_PIDS_LIMIT": str(self.pids_limit),
+            "KGPU_POD_DISK_GIB": str(spec.ephemeral_storage_gib),
             "KGPU_POD_GPU_DEVICE_DIR": self.gpu_device_dir,
             "KGPU_POD_NVIDIA": "1" if self.nvidia_runtime else "0",
             "KGPU_POD_NETWORK": self.network,

@@ -21,7 +21,7 @@ remove() {
     sleep 1
     "$docker" rm -f "$name" >/dev/null 2>&1
   fi
-  [ -n "$work" ] && rm -rf "$work"
+  [ -n "$work" ] && { umount --lazy "$work/disk" 2>/dev/null; rm -rf --one-file-system "$work"; }
 }
 trap 'remove; exit 0' TERM INT HUP
 
@@ -36,6 +36,26 @@ umask 077
 work=$(mktemp -d) || fail "no temporary folder on $SLURMD_NODENAME"
 image=$KGPU_POD_IMAGE
 prefix=$KGPU_POD_PREFIX
+
+# /workspace and /tmp on a disk of the pod's own, of KGPU_POD_DISK_GIB (as gateway/pods/disk.py
+# makes for local and docker pods): a write past it fails with ENOSPC in the pod. It needs root
+# and loop devices on the node; without them the reaper watches the pod's disk use instead.
+disk_args=()
+make_disk() {
+  local owner root img=$work/disk.img disk=$work/disk
+  root=$("$docker" info --format '{{.DockerRootDir}}' 2>/dev/null); root=${root##*/}
+  owner=0; [[ $root =~ ^([0-9]+)\.[0-9]+$ ]] && owner=${BASH_REMATCH[1]}  # root in the pod, with userns-remap
+  truncate -s "${KGPU_POD_DISK_GIB}G" "$img" &&
+    mkfs.ext4 -q -F -m 0 -O ^has_journal -E "root_owner=$owner:$owner" "$img" >/dev/null 2>&1 &&
+    mkdir -p "$disk" && mount -o loop,nosuid,nodev "$img" "$disk" && chmod 711 "$work" || return 1
+  mkdir -p "$disk/workspace" "$disk/tmp" && chown "$owner:$owner" "$disk/workspace" "$disk/tmp" &&
+    chmod 700 "$disk/workspace" && chmod 1777 "$disk/tmp" || return 1
+  disk_args=(--mount "type=bind,source=$disk/workspace,target=/workspace" --mount "type=bind,source=$disk/tmp,target=/tmp")
+}
+if [ -n "${KGPU_POD_DISK_GIB:-}" ] && [ "$(id -u)" -eq 0 ] && command -v mkfs.ext4 >/dev/null; then
+  make_disk || { echo "kgpu pod: no disk of its own on $SLURMD_NODENAME; its disk use is watched" >&2
+                 umount --lazy "$work/disk" 2>/dev/null; rm -f "$work/disk.img"; disk_args=(); }
+fi
 
 entrypoint() { "$docker" image inspect --format '{{json .Config.Entrypoint}}' "$image" 2>/dev/null; }
 if ! entrypoint=$(entrypoint); then
@@ -80,7 +100,7 @@ args=(--name "$name" --hostname "${KGPU_POD_RENTAL:0:63}" --init
   --env-file "$work/env" -e "CUDA_VISIBLE_DEVICES=$visible" -e "NVIDIA_VISIBLE_DEVICES=${gpus:-void}"
   -e NVIDIA_DRIVER_CAPABILITIES=compute,utility -w /workspace
   --cpus "$KGPU_POD_CPUS" --memory "$KGPU_POD_MEMORY" --memory-swap "$KGPU_POD_MEMORY" --shm-size "$KGPU_POD_SHM"
-  --pids-limit "$KGPU_POD_PIDS_LIMIT" --security-opt no-new-privileges "${gpu_args[@]}")
+  --pids-limit "$KGPU_POD_PIDS_LIMIT" --security-opt no-new-privileges "${gpu_args[@]}" "${disk_args[@]}")
 for cap in ${KGPU_POD_CAP_DROP//,/ }; do args+=(--cap-drop "$cap"); done
 [ -n "$KGPU_POD_NETWORK" ] && args+=(--network "$KGPU_POD_NETWORK")
 # FUSE mounts need CAP_SYS_ADMIN, root on the host unless the daemon remaps user namespaces
