@@ -292,7 +292,7 @@ def test_a_pods_container_has_the_docker_backends_limits_and_isolation(slurm_clu
         host = info["HostConfig"]
         assert not host["Privileged"] and host["Init"] and "no-new-privileges" in host["SecurityOpt"]
         assert sorted(cap.removeprefix("CAP_") for cap in host["CapDrop"]) == sorted(CAP_DROP)
-        assert (host["NanoCpus"], host["Memory"], host["MemorySwap"], host["PidsLimit"]) == (1_500_000_000, 300 << 20, 300 << 20, 32768)
+        assert (host["NanoCpus"], host["Memory"], host["MemorySwap"], host["PidsLimit"]) == (1_500_000_000, 300 << 20, 300 << 20, 4096)  # KGPU_POD_PIDS_LIMIT
         gpus = sorted(m["Destination"] for m in info["Mounts"] if m["Destination"].startswith("/dev/nvidia"))
         assert gpus == ["/dev/nvidia0", "/dev/nvidia1"]
         assert ("CAP_SYS_ADMIN" in (host["CapAdd"] or [])) == userns
