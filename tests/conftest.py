@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import threading
 import time
 import uuid
@@ -108,6 +109,12 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "skipped"
         report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: local pods unavailable here: {LOCAL_SANDBOX_MISSING}")
 
+
+# A suite started in the background by a shell without job control (`cmd &` in a script, or
+# under nohup) ignores SIGINT, and every process it starts inherits that: the tests that press
+# Ctrl-C on a `kgpu` command would press it in vain. Handled here, children get the default.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ADMIN_TOKEN = "test-admin-" + secrets.token_hex(8)
 PG_ADMIN_URL = os.environ.get("KGPU_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
