@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin
 
-import pytest
 import requests
 from joserfc.jwk import RSAKey
 
 from drive.store.embedded import free_port
+from tests.conftest import require_system_part
 
 OIDC_DIR = Path(__file__).resolve().parent / "oidc"
 CLIENT_SECRET = "test-client-secret-not-a-real-one"
@@ -46,8 +46,10 @@ class OidcProvider:
         self._process: subprocess.Popen | None = None
 
     def start(self) -> "OidcProvider":
-        if not (OIDC_DIR / "node_modules" / "oidc-provider").is_dir():
-            pytest.fail("tests/oidc/node_modules is missing: run tests/browser/setup.sh (npm ci in tests/oidc)")
+        require_system_part(
+            (OIDC_DIR / "node_modules" / "oidc-provider").is_dir(),
+            "the test OIDC provider (tests/browser/setup.sh: npm ci in tests/oidc)",
+        )
         env = {
             **os.environ,
             "OIDC_PORT": str(self.port),

@@ -21,6 +21,7 @@ import requests
 from playwright import sync_api  # in the test extras; the browser is Debian's chromium
 from playwright.sync_api import expect
 
+from tests.conftest import require_system_part
 from tests.oidc_support import signin_server, signing_keys
 
 CHROMIUM = "/usr/bin/chromium"
@@ -44,8 +45,7 @@ def server(tmp_path_factory, rclone_target):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not shutil.which(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is missing: run tests/browser/setup.sh (apt-get install chromium)")
+    require_system_part(shutil.which(CHROMIUM) is not None, f"{CHROMIUM} (tests/browser/setup.sh: apt-get install chromium)")
     with sync_api.sync_playwright() as playwright:
         launched = playwright.chromium.launch(
             executable_path=CHROMIUM,
