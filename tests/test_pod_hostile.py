@@ -364,7 +364,7 @@ TRICKLING_SH = (
     "sleep 1 && cp /bin/dash /bin/dash.real && printf '#!/bin/dash.real\\nwhile :; do printf x; sleep 1; done\\n' > /tmp/trickle"
     " && chmod 0755 /tmp/trickle && ln -sf /tmp/trickle /bin/sh && echo replaced"
 )
-STOP_EVERYTHING = "exec perl -e 'while (1) { kill \"STOP\", -1; select(undef, undef, undef, 0.001) }'"
+STOP_EVERYTHING = "sleep 1; exec perl -e 'while (1) { kill \"STOP\", -1; select(undef, undef, undef, 0.001) }'"
 
 
 def test_a_pod_cannot_hold_the_gateways_calls(pod_backend):
@@ -403,7 +403,13 @@ def test_a_pod_cannot_hold_the_gateways_calls(pod_backend):
         assert "PodBusy" in kinds, outcomes  # the rest were turned away at once, not queued
         assert kinds & {"PodError", "PodBusy"} and ("PodError" in kinds), outcomes  # held calls were cut at the deadline
     finally:
+        holder = pod_backend._record(pod_backend.root / ref).get("holder_pid") if pod_backend.name == "local" else None
         pod_backend.destroy(ref)
+    if holder:  # the stopped run's root nsenter no longer pins the pod's namespace (item 8)
+        deadline = time.monotonic() + 15
+        while Path(f"/proc/{holder}").exists():
+            assert time.monotonic() < deadline, f"the pod's sandbox (pid {holder}) is still there after its return"
+            time.sleep(0.2)
 
 
 LISTEN_9999 = (

@@ -28,6 +28,14 @@ def replicas(tmp_path, postgres_url):
     for server in (first, second):
         server.process.terminate()
         server.process.wait(timeout=15)
+    # Pods outlive their gateway by design; the suite's (a sandbox and a disk each) must not.
+    from gateway.pods.local import LocalPodBackend
+
+    for folder in (base / "one" / "pods", base / "two" / "pods"):
+        if folder.is_dir():
+            backend = LocalPodBackend(folder)
+            for ref in backend.adopt().values():
+                backend.destroy(ref)
 
 
 def test_no_gpu_is_booked_twice_across_replicas(replicas):

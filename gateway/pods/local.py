@@ -74,8 +74,9 @@ from gateway.pods.sandbox import (
     check_available,
     enter_command,
     holder_command,
-    limit_processes,
+    kill_entries,
     kill_uid,
+    limit_processes,
     open_in_pod,
     process_start,
     run_as,
@@ -469,6 +470,8 @@ class LocalPodBackend:
         """Every process of the pod: its sandbox (pid 1 takes the pod's processes with it), its
         bootstrap (its rclone mounts end with kgpu-flush), its relay, and in isolated mode
         anything else of its uid."""
+        if record.get("holder_pid"):
+            kill_entries(record["holder_pid"])
         if self._holder_alive(record):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(record["holder_pid"], signal.SIGKILL)

@@ -241,6 +241,22 @@ def processes_of(uid: int) -> list[int]:
     return [pid for pid, owner in _live_processes() if owner == uid]
 
 
+def kill_entries(holder: int) -> None:
+    """SIGKILL the gateway's own ``nsenter`` processes still entering a holder. With a pid
+    namespace nsenter forks, waits for its child and stops itself whenever the child stops: a
+    pod that stops its runner stops that root nsenter too, and a stopped parent never reaps the
+    child, so the pod's namespace (and its disk) could never go (issue 19, item 8)."""
+    target = [b"nsenter", b"-t", str(holder).encode()]
+    for pid, owner in _live_processes():
+        if owner != os.geteuid():
+            continue
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                argv = handle.read(4096).split(b"\0")
+            if [Path(argv[0].decode(errors="replace")).name.encode(), *argv[1:3]] == target:
+                os.kill(pid, signal.SIGKILL)
+
+
 def kill_uid(uid: int) -> None:
     """SIGKILL every host process of a pod's uid (its runs, bootstrap, rclone and relay), until none is left."""
     for _ in range(50):
