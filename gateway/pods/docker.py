@@ -113,12 +113,15 @@ _STATE_SCRIPT = r"""
 d="$1"; n="$2"
 [ -d "$d" ] && [ ! -L "$d" ] || { echo missing; exit 0; }
 echo found
+# Whether the runner lives, first: it writes the exit code and then ends, so one seen gone has
+# left its exit code for the reads below.
+r=; [ -f "$d/runner_pid" ] && [ ! -L "$d/runner_pid" ] && r=$(cat "$d/runner_pid" 2>/dev/null)
+if [ -n "$r" ] && kill -0 "$r" 2>/dev/null; then alive=1; else alive=0; fi
 for f in pid runner_pid started_at completed_at exit_code; do
   v=; [ -f "$d/$f" ] && [ ! -L "$d/$f" ] && v=$(head -n 1 "$d/$f" 2>/dev/null)
   echo "$f=$v"
 done
-r=; [ -f "$d/runner_pid" ] && [ ! -L "$d/runner_pid" ] && r=$(cat "$d/runner_pid" 2>/dev/null)
-if [ -n "$r" ] && kill -0 "$r" 2>/dev/null; then echo alive=1; else echo alive=0; fi
+echo alive=$alive
 for s in stdout stderr; do
   size=0; [ -f "$d/$s" ] && [ ! -L "$d/$s" ] && size=$(( $(wc -c 2>/dev/null < "$d/$s" || echo 0) + 0 ))
   if [ "$n" = follow ]; then  # args 3-5: the offsets asked and the most bytes a stream

@@ -570,8 +570,11 @@ class LocalPodBackend:
             return None
         os.close(folder)
         record = self._record(pod)
-        fields = {name: self._read_run_file(pod, run_id, name) for name in
-                  ("pid", "runner_pid", "started_at", "completed_at", "exit_code")}
+        # Whether the runner lives is asked before its files are read: it writes the exit code
+        # and then ends, so a runner seen gone has left its exit code for the read that follows.
+        runner_pid = self._read_run_file(pod, run_id, "runner_pid")
+        alive = self._alive(pod, record, runner_pid)
+        fields = {name: self._read_run_file(pod, run_id, name) for name in ("pid", "started_at", "completed_at", "exit_code")}
         streams = {}
         for stream in ("stdout", "stderr"):
             fd = self._run_file(pod, run_id, stream)
@@ -588,7 +591,7 @@ class LocalPodBackend:
             started_at=_float(fields["started_at"]),
             completed_at=_float(fields["completed_at"]),
             exit_code=_int(fields["exit_code"]),
-            alive=self._alive(pod, record, fields["runner_pid"]),
+            alive=alive,
             stdout=streams["stdout"][0],
             stderr=streams["stderr"][0],
             stdout_truncated=streams["stdout"][1],

@@ -100,6 +100,13 @@ def parse_gres(gres: str, default_model: str) -> dict[str, int]:
     return counts
 
 
+# The container's writable layer, and what its own disk (slurm_job.sh, bound at /workspace) holds.
+_STORAGE_SCRIPT = r"""
+layer=$(docker inspect --size --format "{{.SizeRw}}" "$1") || exit 1
+disk=$(docker inspect --format '{{range .Mounts}}{{if eq .Destination "/workspace"}}{{.Source}}{{end}}{{end}}' "$1")
+used=0; [ -n "$disk" ] && used=$(df -B1 --output=used "$disk" 2>/dev/null | tail -n 1)
+echo $((layer + ${used:-0}))
+"""
 SRUN_START_S = 15  # what srun may take to reach the node, on top of a call's own deadline
 
 
@@ -379,7 +386,7 @@ class SlurmPodBackend:
         try:
             if not self._is_up(ref):
                 return 0  # nothing written before the container starts
-            out = self._node(ref, 'docker inspect --size --format "{{.SizeRw}}" "$1"', name)
+            out = self._node(ref, _STORAGE_SCRIPT, name)
         except PodError:
             return None
         text = out.decode(errors="replace").strip()
