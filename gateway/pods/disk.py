@@ -58,6 +58,11 @@ def release_disk(folder: Path, also_unmount: tuple[Path, ...] = ()) -> None:
         (folder / IMAGE).unlink()
 
 
+def bind(source: Path, target: Path) -> None:
+    """Bind ``source`` (a folder of the disk) at ``target``; CalledProcessError if it fails."""
+    _host(["mount", "--bind", str(source), str(target)])
+
+
 def disk_used(folder: Path) -> int | None:
     """Bytes used on the pod's disk (None: it has none mounted). It can never pass its size."""
     disk = folder / MOUNT

@@ -576,7 +576,9 @@ class DockerPodBackend:
                 raise PodError(f"exec in {ref} failed: {exc}") from exc
             sock = getattr(attached, "_sock", attached)  # the unix socket under docker-py's SocketIO
             try:
-                return read_docker_stream(sock, timeout=timeout or self.call_timeout_s, limit=limit, streams=(1, 2) if stderr else (1,))
+                return read_docker_stream(
+                    sock, timeout=timeout or self.call_timeout_s, limit=limit, streams=(1, 2) if stderr else (1,)
+                )
             except PodError:
                 self._kill_exec(exec_id)
                 raise

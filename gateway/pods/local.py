@@ -63,7 +63,7 @@ from gateway.pods import (
     safe_run_id,
 )
 from gateway.pods.bounded import CALL_TIMEOUT_S, CallSlots, run_bounded
-from gateway.pods.disk import disk_used, make_disk, release_disk
+from gateway.pods.disk import bind, disk_used, make_disk, release_disk
 from gateway.pods.mounts import MAX_FLUSH_REPORT, bootstrap_status
 from gateway.pods.tree import TreeTooLarge, disk_usage, remove_tree
 from gateway.pods.sandbox import (
@@ -243,7 +243,8 @@ class LocalPodBackend:
         uid = self.uids.take(pod) if self.mode == "isolated" else None
         for name in ("workspace", "tmp"):
             self._owned_dir(pod / name, uid)
-        disk = self.mode == "isolated" and self._make_disk(pod, uid, spec.ephemeral_storage_gib)
+        if self.mode == "isolated":
+            self._make_disk(pod, uid, spec.ephemeral_storage_gib)
         self._owned_dir(pod / "state", None)
         for name in ("secret", MOUNT_DIR, *(f"{MOUNT_DIR}/{m}" for m in POD_MOUNTS)):
             self._owned_dir(pod / name, None, 0o711)
@@ -262,7 +263,7 @@ class LocalPodBackend:
         }
         record = {
             "rental_id": spec.rental_id, "image": spec.image, "env": env, "uid": uid, "created_at": time.time(),
-            "disk": disk, "memory_bytes": spec.memory_bytes,
+            "memory_bytes": spec.memory_bytes,
         }
         if self.mode == "isolated":
             record["endpoints"] = self._write_hosts(pod, [spec.env.get("KGPU_API_BASE", ""), *self.reachable])
@@ -272,22 +273,19 @@ class LocalPodBackend:
         self._write_record(pod, record)
         return spec.rental_id
 
-    def _make_disk(self, pod: Path, uid: int, gib: int) -> bool:
+    def _make_disk(self, pod: Path, uid: int, gib: int) -> None:
         """The pod's own disk (gateway/pods/disk.py), its folders bound at the pod's /workspace
-        and /tmp folders. False where this host cannot make one: the reaper watches instead."""
+        and /tmp folders. Where this host cannot make one, the reaper watches its disk use instead."""
         disk = make_disk(pod, gib, uid)
         if disk is None:
-            return False
+            return
         try:
             for name in ("workspace", "tmp"):
                 (disk / name).chmod(0o700)
-                subprocess.run(["mount", "--bind", str(disk / name), str(pod / name)], check=True,
-                               stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+                bind(disk / name, pod / name)
         except (OSError, subprocess.SubprocessError) as exc:
             log.warning("pod %s: could not bind its disk (%s); its disk use is watched instead", pod.name, exc)
             self._release_disk(pod)
-            return False
-        return True
 
     @staticmethod
     def _release_disk(pod: Path) -> None:
@@ -368,8 +366,8 @@ class LocalPodBackend:
             )
             with open(pod / "holder.log", "ab") as log:
                 process = subprocess.Popen(
-                    limit_processes(self.pids_limit, self._as_pod_user(uid, command)), env=HOLDER_ENV, stdin=subprocess.DEVNULL, stdout=log,
-                    stderr=log, pass_fds=(info_write,), start_new_session=True,
+                    limit_processes(self.pids_limit, self._as_pod_user(uid, command)), env=HOLDER_ENV,
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(info_write,), start_new_session=True,
                 )
             os.close(info_write)
             threading.Thread(target=process.wait, daemon=True).start()
