@@ -135,6 +135,22 @@ async def reaper_loop(rentals: Rentals, interval: float) -> None:
             log.exception("reaper tick failed")
 
 
+def start_bastion(app: FastAPI, settings: Settings):
+    """The SSH bastion (gateway/ssh), unless KGPU_SSH_PORT is 0; a port in use stops start-up."""
+    app.state.ssh_published = app.state.bastion = None
+    if not settings.ssh_port:
+        return None
+    from gateway.ssh.bastion import Bastion  # asyncssh loads only where SSH is served
+
+    bastion = Bastion(settings, app.state.rentals)
+    bastion.start(settings.host, settings.ssh_port)
+    door = bastion.door()
+    app.state.rentals.ssh_door = door
+    app.state.ssh_published = bastion.published(door)
+    app.state.bastion = bastion
+    return bastion
+
+
 def install_signin(app: FastAPI, settings: Settings) -> None:
     """The OIDC client (None: sign-in not configured), who is admitted, and the cookie signer of /view."""
     app.state.oidc = (
@@ -187,11 +203,14 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
             load_inventory(settings),
             tokens_revoked=app.state.authenticator.invalidate,
         )
+        bastion = start_bastion(app, settings)
         reaper = asyncio.get_running_loop().create_task(reaper_loop(app.state.rentals, settings.reaper_interval_seconds))
         try:
             yield
         finally:
             reaper.cancel()
+            if bastion is not None:
+                bastion.stop()
             app.state.rentals.close()
             app.state.usage.close()
             if embedded is not None:

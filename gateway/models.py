@@ -68,6 +68,8 @@ class DriveUsage(Base):
     # a reservation succeeds only while used + reserved + n <= quota, in one UPDATE.
     reserved_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     inflight: Mapped[int] = mapped_column(Integer, default=0)  # uploads and holds open
+    # The drive's WebDAV dead properties (name and XML value of each): they count in the quota too.
+    property_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     changes: Mapped[int] = mapped_column(BigInteger, default=0)  # bumped by every change; a recount checks it
     reconciled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
@@ -159,11 +161,16 @@ class Rental(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     last_activity_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # What that activity was: "rent", "run" (a run started or running), "ssh" (a session or forward).
+    last_activity_kind: Mapped[str | None] = mapped_column(String(20), nullable=True)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # What kgpu-bootstrap reported about /shared and /files (JSON); None: the image has no bootstrap.
     mounts_json: Mapped[str | None] = mapped_column(Text, nullable=True)
     # Set on return when writes to /files could not all be uploaded before the pod went.
     flush_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The SSH key this rental pins (gateway/ssh): logins with it land in its pod while it is live.
+    ssh_pubkey: Mapped[str | None] = mapped_column(Text, nullable=True)
+    ssh_fingerprint: Mapped[str | None] = mapped_column(String(100), nullable=True, index=True)
 
 
 class CreditCharge(Base):

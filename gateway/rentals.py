@@ -30,6 +30,7 @@ from gateway.inventory import GpuClass, engine_inventory, free_indices
 from gateway.models import ApiToken, Rental, User, utcnow
 from gateway.pods import PodBackend, PodError, PodSpec, PodStatus
 from gateway.settings import Settings
+from gateway.ssh.keys import PinnedKey
 from gateway.tokens import as_utc
 
 log = logging.getLogger("kgpu.rentals")
@@ -114,6 +115,11 @@ class RentRequest(BaseModel):
     ephemeral_storage_gib: int = Field(default=100, ge=1, le=100)
     duration_hours: int = Field(default=12, ge=1, le=168)
     env: dict[str, str] | None = None
+    ssh_pubkey: str | None = Field(
+        default=None, max_length=16384,
+        description="your OpenSSH public key (ed25519, ecdsa, RSA >= 2048) for SSH into the pod; omitted: one is minted "
+                    "and its private half returned once (docs/ssh.md)",
+    )
     queue: bool = Field(default=False, description="when no GPU is free, wait in the queue (phase Queued) rather than 409")
 
     @field_validator("name")
@@ -145,6 +151,16 @@ class RentRequest(BaseModel):
     @classmethod
     def _env(cls, value):
         return check_env(value)
+
+
+def _check_key_is_theirs(session: Session, user_id: int, key: PinnedKey) -> None:
+    """A public key is public: one account may not pin a key another account's live rental
+    pins, or the other's ``ssh kgpu@`` logins would land in its pod."""
+    taken = session.scalar(select(Rental.id).where(
+        Rental.ssh_fingerprint == key.fingerprint, Rental.phase.in_(ACTIVE), Rental.user_id != user_id,
+    ).limit(1))
+    if taken is not None:
+        raise ApiError(409, "ssh_key_in_use", "another account's rental pins this SSH key; use a key of your own")
 
 
 # A return asked of a gateway whose backend does not run the pod: the one that does finishes it.
@@ -186,6 +202,8 @@ class Rentals:
         self._observers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kgpu-observe")
         self._observing: set[str] = set()
         self._observing_lock = threading.Lock()
+        # Where the SSH bastion listens ({"ssh_host", "ssh_port", "host_key_fingerprint"}; None: no SSH).
+        self.ssh_door: dict | None = None
 
     def close(self) -> None:
         self._queue_starter.shutdown(wait=False, cancel_futures=True)
@@ -262,13 +280,16 @@ class Rentals:
             entry["price_per_hour_credits"] = min(entry["price_per_hour_credits"], node["price_per_hour_credits"])
         return list(menu.values())
 
-    def rent(self, principal: Principal, request: RentRequest, api_base: str) -> Rental:
-        """Place and start a rental; with ``request.queue``, queue it when nothing fits now."""
+    def rent(self, principal: Principal, request: RentRequest, api_base: str, ssh_key: PinnedKey | None = None) -> Rental:
+        """Place and start a rental; with ``request.queue``, queue it when nothing fits now.
+        ``ssh_key``: the key SSH logins into it use (gateway/ssh)."""
         # Read before the placement lock: on Slurm it is an sinfo, too slow to hold the lock for.
         classes = self._classes(self.inventory, request.gpu_model)
         with self._placement_lock, self.sessions.begin() as session:
             lock_placement(session)
             user = users.get_locked(session, principal.user_id)
+            if ssh_key is not None:
+                _check_key_is_theirs(session, user.id, ssh_key)
             count = request.gpu_count if request.gpu_count is not None else (1 if classes[0].count else 0)
             mine = session.scalars(
                 select(Rental.gpu_count).where(Rental.user_id == user.id, Rental.phase.in_(ACTIVE))
@@ -315,6 +336,9 @@ class Rentals:
                 price_per_hour_credits=gpu_class.price_per_hour_credits,
                 created_at=now,
                 last_activity_at=now,
+                last_activity_kind="rent",
+                ssh_pubkey=ssh_key.line if ssh_key else None,
+                ssh_fingerprint=ssh_key.fingerprint if ssh_key else None,
             )
             session.add(rental)
             session.flush()
@@ -455,9 +479,33 @@ class Rentals:
             "last_activity_at": last.isoformat() if last else None,
             "idle_seconds": int((now - last).total_seconds()) if last and rental.phase in ACTIVE else None,
             "idle_warning": rental.idle_warning,
+            "activity": rental.last_activity_kind,
             "price_per_hour_credits": billing.hourly_price(rental),
             "credits_charged": billing.charged_total(session, rental.id),
+            "ssh_access": self._ssh_access(session, rental),
         }
+
+    def _ssh_access(self, session: Session, rental: Rental) -> dict | None:
+        """How to SSH into a live rental (None: no SSH here, no key, or it has ended). The login
+        name is ``kgpu`` unless the key is pinned to another live rental too."""
+        if self.ssh_door is None or not rental.ssh_fingerprint or rental.phase not in ACTIVE:
+            return None
+        shared = session.scalar(select(func.count()).select_from(Rental).where(
+            Rental.ssh_fingerprint == rental.ssh_fingerprint, Rental.phase.in_(ACTIVE), Rental.id != rental.id,
+        ))
+        return {**self.ssh_door, "fingerprint": rental.ssh_fingerprint, "ssh_user": rental.id if shared else "kgpu"}
+
+    def pin_key(self, principal: Principal, rental_id: str, key: PinnedKey) -> Rental:
+        """Pin a new SSH key on a live rental: the old one stops at once (the bastion ends its
+        sessions within a second). The route takes the account's token only: a pod cannot lock its owner out."""
+        with self.sessions.begin() as session:
+            lock_placement(session)  # keys are pinned one at a time, as GPUs are placed
+            rental = self.get(session, principal, rental_id)
+            if rental.phase not in ACTIVE:
+                raise ApiError(409, "gpu_not_live", f"rental {rental_id} has ended ({rental.phase})")
+            _check_key_is_theirs(session, rental.user_id, key)
+            rental.ssh_pubkey, rental.ssh_fingerprint = key.line, key.fingerprint
+            return rental
 
     @staticmethod
     def starting(rental: Rental) -> bool:
@@ -487,6 +535,7 @@ class Rentals:
         with self.sessions.begin() as session:
             rental = session.get(Rental, rental_id)
             rental.last_activity_at = self.now()
+            rental.last_activity_kind = "run"
             rental.idle_warning = False
 
     # ------------------------------------------------------------------ ending
@@ -567,7 +616,7 @@ class Rentals:
                         continue
                     _apply(rental, observed.status)
                     if observed.busy:
-                        rental.last_activity_at = now
+                        rental.last_activity_at, rental.last_activity_kind = now, "run"
                     if observed.storage is not None and observed.storage > rental.ephemeral_storage_gib << 30:
                         ending.append((rental.id, "ephemeral_storage_exceeded"))
                         continue

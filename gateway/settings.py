@@ -102,6 +102,17 @@ class Settings(BaseSettings):
     run_output_tail_bytes: int = Field(default=64 * 1024, ge=1024)
     run_kill_grace_seconds: float = Field(default=5, ge=0)
 
+    # The SSH bastion into pods (docs/ssh.md). Port 0: no SSH. The host handed to clients; empty:
+    # the host of public_base_url, else the host the request came to. The host key: the key itself
+    # or a path to it (replicas share one); empty: one kept in data_dir.
+    ssh_port: int = Field(default=2222, ge=0, le=65535)
+    ssh_host: str = ""
+    ssh_host_key: SecretStr = SecretStr("")
+    ssh_max_connections_per_user: int = Field(default=20, ge=1)
+    ssh_max_channels_per_connection: int = Field(default=16, ge=1)
+    # Failed logins one address may make in a minute before its next connections are refused.
+    ssh_auth_failures_per_minute: int = Field(default=30, ge=1)
+
     # Sign-in to /view (docs/sign-in.md): any OpenID Connect provider by issuer URL; empty: no sign-in.
     oidc_issuer: str = ""
     oidc_client_id: str = ""

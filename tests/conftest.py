@@ -287,6 +287,7 @@ STACKS = {
 def make_settings(tmp: Path, target: S3Target, database_url: str = "", **extra) -> Settings:
     # Local pods mount /shared and /files only where a test asks (two rclone daemons per pod).
     extra.setdefault("local_pod_mounts", False)
+    extra.setdefault("ssh_port", 0)  # the SSH tests ask for a bastion, on a free port (0 here means none)
     # Tests tick the reaper by hand (often with a fake clock): a background tick racing them
     # could end a rental first, or while a run's answer is on its way.
     extra.setdefault("reaper_interval_seconds", 3600)

@@ -379,7 +379,7 @@ def test_the_sandbox_keeps_the_nvidia_device_nodes(monkeypatch, tmp_path):
     nodes = ["/dev/nvidia0", "/dev/nvidia1", "/dev/nvidiactl", "/dev/nvidia-uvm"]
     monkeypatch.setattr(local, "nvidia_device_nodes", lambda: nodes)  # this module's name only, not glob's
     command = sandbox.holder_command(
-        workspace=tmp_path / "ws", pod_tmp=tmp_path / "tmp", token_dir=tmp_path / "secret", hosts_file=None,
+        workspace=tmp_path / "ws", pod_tmp=tmp_path / "tmp", token_dir=tmp_path / "secret", etc_files={},
         hidden=[], mounts={}, devices=local.nvidia_device_nodes(), isolate_network=True, info_fd=3,
     )
     bound = [command[i + 1] for i, arg in enumerate(command) if arg == "--dev-bind"]

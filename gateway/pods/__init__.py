@@ -15,6 +15,7 @@ same tests on each.
 from __future__ import annotations
 
 import math
+import socket
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,6 +32,42 @@ TOKEN_LAUNCH = 'KGPU_API_TOKEN=${KGPU_API_TOKEN-$(cat "$1" 2>/dev/null)}; export
 def run_command(run_dir: str, argv: list[str], token_path: str = TOKEN_PATH) -> list[str]:
     """What a backend executes in a pod for a run: the token read in, then the runner."""
     return ["sh", "-c", TOKEN_LAUNCH, "kgpu-token", token_path, "sh", "-c", RUNNER, "kgpu-run", run_dir, *argv]
+
+# A login into the pod (an SSH session): the token read in as for a run, then, in /workspace,
+# the image's bash (else sh) as a login shell, or running ``-c CMD`` as sshd runs a user's shell,
+# or the image's own sftp-server for the ``sftp`` subsystem.
+SESSION_SCRIPT = r"""
+cd /workspace 2>/dev/null || cd "${HOME:-/}" 2>/dev/null || cd /
+shell=$(command -v bash 2>/dev/null || echo /bin/sh); SHELL=$shell; export SHELL
+case "$1" in
+  -c) exec "$shell" -c "$2" ;;
+  sftp)
+    for s in /usr/lib/openssh/sftp-server /usr/libexec/openssh/sftp-server /usr/lib/sftp-server /usr/libexec/sftp-server; do
+      [ -x "$s" ] && exec "$s"
+    done
+    echo "kgpu: this pod's image has no sftp-server (Debian, Ubuntu: apt-get install openssh-sftp-server); scp -O and rsync work without it" >&2
+    exit 127 ;;
+  *) exec "$shell" -l ;;
+esac
+"""
+
+
+def login_command(args: list[str], token_path: str = TOKEN_PATH) -> list[str]:
+    """What a backend executes in a pod for an SSH session: ``[]`` (a login shell),
+    ``["-c", CMD]`` or ``["sftp"]`` (SESSION_SCRIPT), with the in-pod token in its environment."""
+    return ["sh", "-c", TOKEN_LAUNCH, "kgpu-token", token_path, "sh", "-c", SESSION_SCRIPT, "kgpu-session", *args]
+
+
+@dataclass(frozen=True)
+class PodCommand:
+    """A command on the gateway's host whose stdin, stdout and stderr are a process's in the pod
+    (``nsenter``, ``docker exec``, ``srun … docker exec``). With a terminal, it makes its stdin
+    (a pty's slave) its controlling terminal itself."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str | None = None
+
 
 # Run inside a pod (``sh -c SCRIPT kgpu ARGS...``), so a signal reaches only the pod's own
 # processes whatever a run wrote into its run directory. dash's kill takes no "--":
@@ -208,6 +245,16 @@ class PodBackend(Protocol):
     def storage_bytes(self, ref: str) -> int | None:
         """Bytes the pod has written to its ephemeral disk (None: unknown). The reaper
         returns a rental that goes over its ``ephemeral_storage_gib``."""
+
+    def enter(self, ref: str, args: list[str], tty: bool, env: dict[str, str]) -> PodCommand:
+        """The host command for ``login_command(args)`` in the pod as the pod's user, with
+        ``env`` added (an SSH session: gateway/ssh/pod_session.py). ``tty``: its stdin is a
+        terminal, which becomes the process's controlling terminal."""
+
+    def connect(self, ref: str, host: str, port: int, timeout: float) -> "socket.socket":
+        """A TCP connection to ``host:port`` opened from inside the pod's network (an SSH
+        forward: ``127.0.0.1`` is the pod's own loopback, never the host's). Raises OSError
+        when the pod refuses it, PodError when this backend cannot reach the pod's network."""
 
     # Optional (``wait_run`` and ``follow_run`` above): ``wait_run(ref, run_id, seconds, tail_bytes)``
     # and ``follow_run(ref, run_id, offsets, seconds)``, each one wait inside the pod.

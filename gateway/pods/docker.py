@@ -37,7 +37,9 @@ import contextlib
 import io
 import logging
 import os
+import shutil
 import signal
+import socket
 import tarfile
 import time
 from datetime import datetime, timezone
@@ -54,17 +56,20 @@ from gateway.pods import (
     TERM_ALL_SCRIPT,
     TOKEN_PATH,
     WAIT_SCRIPT,
+    PodCommand,
     PodError,
     PodSpec,
     PodStartError,
     PodStatus,
     RunState,
+    login_command,
     run_command,
     safe_run_id,
     wait_ticks,
 )
 from gateway.pods.bounded import CALL_TIMEOUT_S, MAX_ANSWER, CallSlots, read_docker_stream
 from gateway.pods.disk import disk_used, make_disk, release_disk
+from gateway.pods.relay import connect_in_namespace
 from gateway.pods.tree import remove_tree
 from gateway.pods.mounts import (
     FLUSH_SCRIPT,
@@ -706,8 +711,53 @@ class DockerPodBackend:
             raise PodError(f"unsupported signal {signal_name!r}")
         self._exec(ref, SIGNAL_SCRIPT, f"{RUNS_DIR}/{safe_run_id(run_id)}", signal_name)
 
+    # --- SSH sessions and forwards (gateway/ssh) ----------------------------------------
+
+    def enter(self, ref: str, args: list[str], tty: bool, env: dict[str, str]) -> PodCommand:
+        """``docker exec`` by the docker CLI, which carries a terminal's size and resizes."""
+        argv = docker_exec_argv(ref, login_command(args), tty, env)
+        return PodCommand(["setsid", "--ctty", *argv] if tty else argv, {**docker_cli_env(), **env})
+
+    def connect(self, ref: str, host: str, port: int, timeout: float) -> socket.socket:
+        """From inside the container's network namespace, entered on this host (as root)."""
+        if not self._local_daemon() or os.geteuid() != 0:
+            raise PodError("forwards into docker pods need the docker daemon on the gateway's host and the gateway as root")
+        pid = self._container_pid(ref)
+        netns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+        try:
+            if self._container_pid(ref) != pid:  # the container went (and its pid was reused) meanwhile
+                raise PodError(f"pod {ref} is not running")
+            return connect_in_namespace(netns, host, port, timeout)
+        finally:
+            os.close(netns)
+
+    def _container_pid(self, ref: str) -> int:
+        try:
+            state = self.api.inspect_container(ref).get("State") or {}
+        except NotFound:
+            raise PodError(f"no pod {ref}") from None
+        except _DOCKER_ERRORS as exc:
+            raise PodError(f"cannot inspect {ref}: {exc}") from exc
+        if not state.get("Running") or not state.get("Pid"):
+            raise PodError(f"pod {ref} is not running")
+        return int(state["Pid"])
+
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return f"DockerPodBackend(prefix={self.prefix!r}, network={self.network!r}, pull={self.pull})"
+
+
+def docker_exec_argv(container: str, argv: list[str], tty: bool, env: dict[str, str]) -> list[str]:
+    """The docker CLI's ``exec`` of ``argv`` with ``env`` named (its values travel in the CLI's
+    own environment, never on its command line)."""
+    if shutil.which("docker") is None:
+        raise PodError("the docker CLI is not installed on the gateway's host (Debian: apt-get install docker.io)")
+    named = [flag for name in sorted(env) for flag in ("-e", name)]
+    return ["docker", "exec", "-i", *(["-t"] if tty else []), "-w", WORKDIR, *named, container, *argv]
+
+
+def docker_cli_env() -> dict[str, str]:
+    """What the docker CLI needs of the gateway's environment: where the daemon is, nothing else."""
+    return {k: v for k, v in os.environ.items() if k == "PATH" or k.startswith("DOCKER_")}
 
 
 __all__ = ["DockerPodBackend"]

@@ -54,17 +54,20 @@ from gateway.pods import (
     SIGNAL_SCRIPT,
     TERM_ALL_SCRIPT,
     TOKEN_PATH,
+    PodCommand,
     PodError,
     PodSpec,
     PodStartError,
     PodStatus,
     RunState,
+    login_command,
     run_command,
     safe_run_id,
 )
 from gateway.pods.bounded import CALL_TIMEOUT_S, CallSlots, run_bounded
 from gateway.pods.disk import bind, disk_used, make_disk, release_disk
 from gateway.pods.mounts import MAX_FLUSH_REPORT, bootstrap_status
+from gateway.pods.relay import connect_in_namespace
 from gateway.pods.tree import TreeTooLarge, disk_usage, remove_tree
 from gateway.pods.sandbox import (
     HOLDER_ENV,
@@ -267,6 +270,7 @@ class LocalPodBackend:
         }
         if self.mode == "isolated":
             record["endpoints"] = self._write_hosts(pod, [spec.env.get("KGPU_API_BASE", ""), *self.reachable])
+            self._write_accounts(pod, uid)
         if self.mounts and token:
             record["bootstrap_pid"] = self._start_bootstrap(pod, uid, spec.env)
             record["bootstrap_start"] = process_start(record["bootstrap_pid"])
@@ -308,6 +312,19 @@ class LocalPodBackend:
         (pod / "hosts").write_text("\n".join(lines) + "\n")
         (pod / "hosts").chmod(0o644)
         return sorted(set(endpoints))
+
+    def _write_accounts(self, pod: Path, uid: int) -> None:
+        """The pod's /etc/passwd and /etc/group: the host's, plus its own uid as user ``kgpu``
+        (scp, sftp-server and ssh-keygen look their user up and stop without one)."""
+        for name, line in (("passwd", f"kgpu:x:{uid}:{uid}:kgpu pod:/workspace:/bin/sh"), ("group", f"kgpu:x:{uid}:")):
+            host = (_read(Path("/etc") / name) or "").splitlines()
+            (pod / name).write_text("\n".join([entry for entry in host if not entry.startswith("kgpu:")] + [line]) + "\n")
+            (pod / name).chmod(0o644)
+
+    def _etc_files(self, pod: Path) -> dict[str, Path]:
+        if self.mode != "isolated":
+            return {}
+        return {f"/etc/{name}": pod / name for name in ("hosts", "passwd", "group") if (pod / name).exists()}
 
     def _mount_env(self, pod: Path) -> dict[str, str]:
         return {
@@ -356,7 +373,7 @@ class LocalPodBackend:
                 workspace=pod / "workspace",
                 pod_tmp=pod / "tmp",
                 token_dir=pod / "secret",
-                hosts_file=pod / "hosts" if self.mode == "isolated" else None,
+                etc_files=self._etc_files(pod),
                 hidden=self.hidden,
                 mounts={name: (pod / MOUNT_DIR / name, ro) for name, ro in POD_MOUNTS.items()},
                 devices=nvidia_device_nodes(),
@@ -402,10 +419,42 @@ class LocalPodBackend:
             raise PodError(f"the pod's network relay did not start: {(_read(pod / 'relay.log') or '')[-500:]}")
         return process.pid
 
-    def _enter(self, pod: Path, record: dict) -> list[str]:
-        if self.mode == "none":
-            return []  # the callers start it in a session of its own
-        return enter_command(record["holder_pid"], record.get("uid"), self.pids_limit)
+    def _enter(self, pod: Path, record: dict, tty: bool = False) -> list[str]:
+        if self.mode == "none":  # the callers start it in a session of its own
+            return ["setsid", "--ctty"] if tty else []
+        return enter_command(record["holder_pid"], record.get("uid"), self.pids_limit, tty)
+
+    def _process_env(self, pod: Path, record: dict, env: dict[str, str]) -> dict[str, str]:
+        """The environment of a process entering the pod: the pod's own, then ``env``."""
+        inside = self.mode != "none"
+        return {
+            "PATH": HOLDER_ENV["PATH"] if inside else os.environ.get("PATH", HOLDER_ENV["PATH"]),
+            "HOME": "/workspace" if inside else str(pod / "workspace"),
+            "LANG": "C.UTF-8",
+            **record["env"],
+            **env,
+        }
+
+    # --- SSH sessions and forwards (gateway/ssh) ----------------------------------------
+
+    def enter(self, ref: str, args: list[str], tty: bool, env: dict[str, str]) -> PodCommand:
+        pod = self._pod(ref)
+        record = self._holder(pod)
+        argv = [*self._enter(pod, record, tty), *login_command(args, self._inner(pod, TOKEN_PATH))]
+        return PodCommand(argv, self._process_env(pod, record, env), str(pod / "workspace"))
+
+    def connect(self, ref: str, host: str, port: int, timeout: float) -> socket.socket:
+        pod = self._pod(ref)
+        record = self._holder(pod)
+        if self.mode != "isolated":  # the pod shares this host's network: what it reaches, we do
+            return socket.create_connection((host, port), timeout=timeout)
+        netns = os.open(f"/proc/{record['holder_pid']}/ns/net", os.O_RDONLY)
+        try:
+            if not self._holder_alive(record):  # its pid since given to another process
+                raise PodError("the pod's sandbox has exited")
+            return connect_in_namespace(netns, host, port, timeout)
+        finally:
+            os.close(netns)
 
     def _exec(self, pod: Path, record: dict, script: str, *args: str, timeout: float | None = None) -> bytes:
         """``sh -c script`` inside the pod as the pod's user (the host's sh: the pod's system
@@ -539,14 +588,7 @@ class LocalPodBackend:
         pod = self._pod(ref)
         record = self._holder(pod)
         run_dir = self._inner(pod, f"{RUNS_DIR}/{safe_run_id(run_id)}")
-        inside = self.mode != "none"
-        process_env = {
-            "PATH": HOLDER_ENV["PATH"] if inside else os.environ.get("PATH", HOLDER_ENV["PATH"]),
-            "HOME": "/workspace" if inside else str(pod / "workspace"),
-            "LANG": "C.UTF-8",
-            **record["env"],
-            **env,
-        }
+        process_env = self._process_env(pod, record, env)
         command = [*self._enter(pod, record), *run_command(run_dir, argv, self._inner(pod, TOKEN_PATH))]
         process = subprocess.Popen(
             command, cwd=pod / "workspace", env=process_env, stdin=subprocess.DEVNULL,

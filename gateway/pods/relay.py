@@ -70,6 +70,30 @@ def listen_in_namespace(netns_path: str, endpoints: list[tuple[str, int]]) -> li
     return listeners
 
 
+def connect_in_namespace(netns_fd: int, host: str, port: int, timeout: float) -> socket.socket:
+    """A TCP connection to ``host:port`` from inside the network namespace ``netns_fd`` (an SSH
+    forward into a pod). The socket is made in there, which ties it to that namespace for good,
+    by this thread alone, which comes back at once; the connect happens after."""
+    address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        _setns(netns_fd)
+        try:
+            sock = socket.socket(address[0], socket.SOCK_STREAM)
+        finally:
+            _setns(own)
+    finally:
+        os.close(own)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(address[4])
+        sock.settimeout(None)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def drop_privileges(uid: int) -> None:
     os.setgroups([])
     os.setresgid(uid, uid, uid)

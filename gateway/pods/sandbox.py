@@ -115,7 +115,7 @@ def holder_command(
     workspace: Path,
     pod_tmp: Path,
     token_dir: Path,
-    hosts_file: Path | None,
+    etc_files: dict[str, Path],
     hidden: list[Path],
     mounts: dict[str, tuple[Path, bool]],
     devices: list[str],
@@ -124,7 +124,8 @@ def holder_command(
     shm_bytes: int = SMALL_TMPFS,
 ) -> list[str]:
     """bubblewrap for a pod's holder: its namespaces, its view of the file system, and
-    ``sleep infinity`` (bubblewrap is pid 1 and reaps). ``mounts``: {name: (host path, read-only)}."""
+    ``sleep infinity`` (bubblewrap is pid 1 and reaps). ``mounts``: {name: (host path, read-only)};
+    ``etc_files``: {path under /etc: the pod's own version} (its hosts, its user's passwd entry)."""
     command = [
         # --disable-userns: no user namespace of its own inside, where it could mount (bubblewrap 0.8).
         "bwrap", "--unshare-user", "--disable-userns", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
@@ -147,8 +148,8 @@ def holder_command(
         "--bind", str(pod_tmp), "/tmp", "--bind", str(workspace), "/workspace",
         "--ro-bind", str(token_dir), str(Path(TOKEN_PATH).parent),
     ]
-    if hosts_file is not None:
-        command += ["--ro-bind", str(hosts_file), "/etc/hosts"]
+    for target, source in etc_files.items():
+        command += ["--ro-bind", str(source), target]
     # --dev makes a minimal /dev: the NVIDIA device nodes must be bound in for CUDA and
     # nvidia-smi. All of them (NVML wants every GPU's node); CUDA_VISIBLE_DEVICES pins the rental's.
     for node in devices:
@@ -171,13 +172,14 @@ def limit_processes(pids_limit: int, command: list[str]) -> list[str]:
     return ["prlimit", f"--nproc={pids_limit}:{pids_limit}", "--", *command]
 
 
-def enter_command(holder: int, uid: int | None, pids_limit: int) -> list[str]:
+def enter_command(holder: int, uid: int | None, pids_limit: int, tty: bool = False) -> list[str]:
     """nsenter into a holder's namespaces, as ``uid`` there (None: the caller's own uid, for a
     server that runs as that single trusted user), with no_new_privs, in a new session (so a
-    run's process group is its own, numbered inside the pod), under the pod's process limit."""
+    run's process group is its own, numbered inside the pod), under the pod's process limit.
+    ``tty``: the session's controlling terminal is its stdin (an SSH session's pty)."""
     command = limit_processes(pids_limit, ["nsenter", "-t", str(holder), "-U", "-m", "-p", "-i", "-u", "-n", "-r", "-w"])
     command += ["-S", str(uid), "-G", str(uid)] if uid is not None else ["--preserve-credentials"]
-    return command + ["--", "setpriv", "--no-new-privs", "setsid"]
+    return command + ["--", "setpriv", "--no-new-privs", "setsid", *(["--ctty"] if tty else [])]
 
 
 def run_as(uid: int, command: list[str]) -> list[str]:

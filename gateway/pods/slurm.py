@@ -30,6 +30,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -39,15 +40,24 @@ from gateway.inventory import GpuClass
 from gateway.pods import (
     RUNS_DIR,
     TERM_ALL_SCRIPT,
+    PodCommand,
     PodError,
     PodSpec,
     PodStartError,
     PodStatus,
+    login_command,
     run_command,
     safe_run_id,
 )
 from gateway.pods.bounded import CALL_TIMEOUT_S, MAX_ANSWER, CallSlots, run_bounded
-from gateway.pods.docker import _WAIT_PID_SCRIPT, CAP_DROP, WORKDIR, DockerPodBackend, _age_seconds
+from gateway.pods.docker import (
+    _WAIT_PID_SCRIPT,
+    CAP_DROP,
+    WORKDIR,
+    DockerPodBackend,
+    _age_seconds,
+    docker_exec_argv,
+)
 from gateway.pods.mounts import (
     BOOTSTRAP_NAME,
     FLUSH_SCRIPT,
@@ -485,6 +495,21 @@ class SlurmPodBackend:
         with self._runs_lock:
             if self._runs.get((ref, run_id)) is step:
                 del self._runs[(ref, run_id)]
+
+    # --- SSH sessions and forwards (gateway/ssh) ----------------------------------------
+
+    def enter(self, ref: str, args: list[str], tty: bool, env: dict[str, str]) -> PodCommand:
+        """An srun step (``--pty`` with a terminal) of ``docker exec`` into the job's container;
+        ``env`` travels in srun's environment to the node, named on docker's command line."""
+        job_id, name = self._split(ref)
+        self._wait_up(ref)
+        step = self._srun(job_id, docker_exec_argv(name, login_command(args), tty, env))
+        if tty:
+            step = ["setsid", "--ctty", step[0], "--pty", *step[1:]]
+        return PodCommand(step, self._env(env))
+
+    def connect(self, ref: str, host: str, port: int, timeout: float) -> socket.socket:
+        raise PodError("port forwards (ssh -L, -D) into Slurm pods are not available yet; sessions, scp, sftp and rsync are")
 
     # --- inventory ---------------------------------------------------------------------------
 

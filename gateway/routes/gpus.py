@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from gateway import billing
@@ -37,6 +38,7 @@ BALANCE = {
 }
 from gateway.rentals import ACTIVE, RentRequest, Rentals
 from gateway.runs import run_summary
+from gateway.ssh.keys import BadPublicKey, PinnedKey, mint_pair, parse_public_key
 
 router = APIRouter(tags=["gpus"])
 POD_DOWN = (503, "pod_unavailable: the pod backend did not answer; retry after Retry-After")
@@ -44,6 +46,26 @@ POD_DOWN = (503, "pod_unavailable: the pod backend did not answer; retry after R
 
 def _rentals(request: Request) -> Rentals:
     return request.app.state.rentals
+
+
+def ssh_key(request: Request, text: str | None, rental_name: str) -> tuple[PinnedKey | None, str | None]:
+    """The key a rental pins: the one given (a 400 unless it is one strong OpenSSH key), else,
+    where the bastion runs, a pair minted now (its private half returned once, never kept)."""
+    if text is not None:
+        try:
+            return parse_public_key(text), None
+        except BadPublicKey as exc:
+            raise ApiError(400, "bad_ssh_key", str(exc)) from None
+    if _rentals(request).ssh_door is None:
+        return None, None
+    private, key = mint_pair(f"kgpu-{rental_name}")
+    return key, private
+
+
+def with_private_key(described: dict, private: str | None) -> dict:
+    if private and described.get("ssh_access"):
+        described["ssh_access"]["private_key"] = private  # shown this once: the gateway keeps only the public half
+    return described
 
 
 def api_base(request: Request) -> str:
@@ -96,6 +118,7 @@ def cluster(request: Request, principal: MaybeUser) -> dict:
             "cluster": nodes,
             "active_total": sum(n["gpu_busy"] for n in nodes),
             "price_per_hour_credits": nodes[0]["price_per_hour_credits"] if nodes else None,
+            "ssh": getattr(request.app.state, "ssh_published", None),
         }
         mine = principal is not None and principal.user_id is not None and principal.status == "approved"
         starting = [r.id for r in rentals.active_of(session, principal) if rentals.starting(r)] if mine else []
@@ -128,9 +151,37 @@ def rent(body: RentRequest, request: Request, principal: AccountUser) -> dict:
     refusal = getattr(rentals.backend, "refusal", None)  # the backend cannot isolate pods here
     if refusal:
         raise ApiError(503, "pods_unavailable", refusal)
-    rental = rentals.rent(principal, body, api_base(request))
+    key, private = ssh_key(request, body.ssh_pubkey, body.name)
+    rental = rentals.rent(principal, body, api_base(request), key)
     with request.app.state.sessions() as session:
-        return rentals.describe(session, session.get(Rental, rental.id))
+        return with_private_key(rentals.describe(session, session.get(Rental, rental.id)), private)
+
+
+class KeyChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ssh_pubkey: str | None = Field(
+        default=None, max_length=16384, description="the new public key to pin; omitted: a new pair is minted",
+    )
+
+
+@router.patch(
+    "/v1/gpus/{gpu_id}",
+    summary="Change a live rental's SSH key: pin the one given, or mint a new pair (its private half returned once)",
+    responses=errors(
+        (400, "bad_ssh_key: not one OpenSSH public key line of an accepted kind"),
+        (403, "pod_token: a pod's own token cannot change its key"),
+        (404, "gpu_not_found: no rental of yours with this id"),
+        (409, "gpu_not_live: the rental has ended; or ssh_key_in_use: another account's rental pins this key"),
+    ),
+)
+def change_key(gpu_id: str, body: KeyChange, request: Request, principal: AccountUser) -> dict:
+    rentals = _rentals(request)
+    if body.ssh_pubkey is None and rentals.ssh_door is None:
+        raise ApiError(409, "ssh_unavailable", "this server runs no SSH bastion (KGPU_SSH_PORT=0): it mints no keys")
+    key, private = ssh_key(request, body.ssh_pubkey, gpu_id)
+    rentals.pin_key(principal, gpu_id, key)
+    with request.app.state.sessions() as session:
+        return with_private_key(rentals.describe(session, session.get(Rental, gpu_id)), private)
 
 
 @router.get(

@@ -133,10 +133,18 @@ build_pytorch_image() {
   say "built $PYTORCH_IMAGE in $(( $(date +%s) - started )) s"
 }
 
-if docker image inspect "$IMAGE" >/dev/null 2>&1; then
+# What the plain image holds (an SSH session needs the image's own sftp-server, and rsync):
+# an image built with another list is rebuilt, and the pytorch image on top of it with it.
+PACKAGES=ca-certificates,curl,fuse3,procps,openssh-sftp-server,rsync
+built_with=$(docker image inspect -f '{{index .Config.Labels "net.kgpu.packages"}}' "$IMAGE" 2>/dev/null || true)
+if [ "$built_with" = "$PACKAGES" ]; then
   say "image $IMAGE already exists"
   build_pytorch_image
   exit 0
+fi
+if docker image inspect "$IMAGE" >/dev/null 2>&1; then
+  say "image $IMAGE was built with other packages (${built_with:-unknown}): rebuilding it and $PYTORCH_IMAGE"
+  docker image rm -f "$PYTORCH_IMAGE" "$IMAGE" >/dev/null 2>&1 || true
 fi
 
 if ! command -v debootstrap >/dev/null 2>&1; then
@@ -158,7 +166,7 @@ started=$(date +%s)
 rootfs=$(mktemp -d /tmp/kgpu-test-rootfs.XXXXXX)
 trap 'sudo_ rm -rf "$rootfs"' EXIT
 say "debootstrap --variant=minbase $SUITE into $rootfs"
-sudo_ debootstrap --variant=minbase --include=ca-certificates,curl,fuse3,procps \
+sudo_ debootstrap --variant=minbase --include="$PACKAGES" \
   "$SUITE" "$rootfs" "$MIRROR" >/tmp/kgpu-test-debootstrap.log 2>&1 || {
   say "debootstrap failed; last lines of /tmp/kgpu-test-debootstrap.log:" >&2
   tail -n 30 /tmp/kgpu-test-debootstrap.log >&2
@@ -173,6 +181,7 @@ sudo_ tar -C "$rootfs" -c . | docker import \
   -c 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
   -c 'ENV LANG=C.UTF-8' \
   -c 'CMD ["sleep", "infinity"]' \
+  -c "LABEL net.kgpu.packages=$PACKAGES" \
   - "$IMAGE" >/dev/null
 size=$(docker image inspect -f '{{.Size}}' "$IMAGE")
 say "built $IMAGE ($((size / 1024 / 1024)) MiB) in $(( $(date +%s) - started )) s"
