@@ -35,6 +35,11 @@ class UploadTooLarge(Exception):
     """The body grew past the byte budget it was given (quota)."""
 
 
+class WriteBusy(Exception):
+    """Another request writes the same key, or a folder around it, and did not finish soon
+    enough (gateway/quota.py holds the keys of every write: a 423 ``busy``, retry)."""
+
+
 class IncompleteBody(Exception):
     """The body did not arrive whole: fewer or more bytes than its Content-Length promised,
     a client that went away, or one that stopped sending (the subclasses)."""

@@ -302,18 +302,15 @@ class DavDispatcher:
         if method != "DELETE":
             await self.app(scope, receive, send)
             return
-        status = 0
 
-        async def send_noting_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
+        async def send_after_cleanup(message: Message) -> None:
+            # Before the 204 goes out: a client that reads it finds the properties' bytes freed.
+            if message["type"] == "http.response.start" and message["status"] == 204:
+                await run_in_threadpool(properties.remove_tree, ref)
+                await run_in_threadpool(locks.remove_all_locks_from_url, ref, recursive=True)
             await send(message)
 
-        await self.app(scope, receive, send_noting_status)
-        if status == 204:
-            properties.remove_tree(ref)
-            locks.remove_all_locks_from_url(ref, recursive=True)
+        await self.app(scope, receive, send_after_cleanup)
 
     @staticmethod
     def _destination(scope: Scope, mount: bytes) -> str | None:

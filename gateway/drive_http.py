@@ -16,8 +16,10 @@ import asyncio
 import fnmatch
 import json
 import mimetypes
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from functools import partial
+from typing import AsyncIterator, Iterator
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -33,7 +35,7 @@ from drive.keys import DrivePath
 from drive.store import ObjectInfo, ObjectStore, StoreUnavailable, delete_prefix
 from drive.uploads import IncompleteBody, UploadTooLarge, choose_part_size, stream_to_store
 from gateway.errors import ApiError
-from gateway.quota import QuotaExceeded, Upload
+from gateway.quota import QuotaExceeded, Upload, WriteBusy, WriteLease
 
 _IGNORED_CONTENT_TYPES = {"", "application/x-www-form-urlencoded"}
 
@@ -131,6 +133,29 @@ def client_checksums(request: Request) -> tuple[Checksum, ...]:
 
 def quota_refusal(message: str) -> ApiError:
     return ApiError(413, "quota_exceeded", message, {"Connection": "close"})
+
+
+@asynccontextmanager
+async def writing(
+    request: Request, drive: Drive, *keys: str, frees: bool = False, urls: bool = True
+) -> AsyncIterator[WriteLease]:
+    """Hold ``keys`` of the drive for this write (gateway/quota.py: one write of a key at a time,
+    on every replica, upload URLs still out for them counted whole; ``frees`` and ``urls`` as
+    UsageBook.writing has them); 423 ``busy`` if another write holds one and does not end soon,
+    413 if the room those URLs need does not fit. What the write replaces is read inside."""
+    usage = request.app.state.usage
+    try:
+        lease = await run_in_threadpool(
+            partial(usage.writing, drive.prefix, list(keys), quota=drive.quota_bytes, frees=frees, urls=urls)
+        )
+    except WriteBusy as exc:
+        raise ApiError(423, "busy", str(exc)) from None
+    except QuotaExceeded as exc:
+        raise quota_refusal(str(exc)) from None
+    try:
+        yield lease
+    finally:
+        await run_in_threadpool(lease.release)
 
 
 def open_upload(request: Request, drive: Drive, previous: ObjectInfo | None, declared: int | None) -> Upload:
@@ -331,12 +356,24 @@ async def _drain(request: Request) -> None:
 async def stream_upload(request: Request, drive: Drive, path: DrivePath) -> JSONResponse:
     """The body streamed through to the store and hashed on the way (SHA1, MD5): committed only
     whole and, with ``OC-Checksum``, only if it is what the client announced; ``X-OC-Mtime``
-    becomes its modification time."""
-    state = request.app.state
-    store = _store(request)
+    becomes its modification time. The key is held from reading what it replaces to counting."""
     length = _content_length(request)
     mtime = client_mtime(request)
     expected = client_checksums(request)
+    try:
+        async with writing(request, drive, path.key):
+            return await _stream_held(request, drive, path, length, mtime, expected)
+    except ApiError as exc:
+        if exc.error_code == "busy" and length is not None and length <= DRAIN_LIMIT:
+            await _drain(request)
+        raise
+
+
+async def _stream_held(
+    request: Request, drive: Drive, path: DrivePath, length: int | None, mtime: float | None, expected
+) -> JSONResponse:
+    state = request.app.state
+    store = _store(request)
     previous = await _previous_and_names(store, path)
     try:
         upload = await run_in_threadpool(open_upload, request, drive, previous, length)
@@ -415,13 +452,14 @@ async def put(request: Request, drive: Drive) -> Response:
     if redirect and request.headers.get("expect", "").lower() == "100-continue" and length is not None:
         # Answered before the body is read: uvicorn sends 100 Continue only when the app reads.
         store = _store(request)
-        previous = await _previous_and_names(store, path)
-        # The body goes straight to the store: its declared length is held until it appears.
-        await run_in_threadpool(hold_for_presigned_put, request, drive, path, length, previous)
-        if mtime is not None:  # the object's time once it appears with that length (no hash)
-            await run_in_threadpool(
-                _facts(request).hand_out, path.key, size=length, mtime=mtime, expires_in=_expires(request)
-            )
+        async with writing(request, drive, path.key, urls=False):
+            previous = await _previous_and_names(store, path)
+            # The body goes straight to the store: its declared length is held until it appears.
+            await run_in_threadpool(hold_for_presigned_put, request, drive, path, length, previous)
+            if mtime is not None:  # the object's time once it appears with that length (no hash)
+                await run_in_threadpool(
+                    _facts(request).hand_out, path.key, size=length, mtime=mtime, expires_in=_expires(request)
+                )
         # The length is signed into the URL: a store that checks signatures (R2, the embedded
         # rclone) refuses a body of another size, so the hold covers whatever arrives.
         # The client writes straight to the store: WebDAV's cached listing of the folder may miss
@@ -452,11 +490,14 @@ async def post(request: Request, drive: Drive) -> Response:
             "through the gateway (POST or PUT with it) to have OC-Checksum verified",
         )
     store = _store(request)
-    previous = await _previous_and_names(store, path)
     size = int(declared) if declared is not None else None
-    await run_in_threadpool(hold_for_presigned_put, request, drive, path, size, previous)
-    if mtime is not None:
-        await run_in_threadpool(_facts(request).hand_out, path.key, size=size, mtime=mtime, expires_in=_expires(request))
+    async with writing(request, drive, path.key, urls=False):
+        previous = await _previous_and_names(store, path)
+        await run_in_threadpool(hold_for_presigned_put, request, drive, path, size, previous)
+        if mtime is not None:
+            await run_in_threadpool(
+                _facts(request).hand_out, path.key, size=size, mtime=mtime, expires_in=_expires(request)
+            )
     content_type = request.headers.get("x-content-type") or mimetypes.guess_type(path.name)[0]
     return JSONResponse(
         {
@@ -476,22 +517,23 @@ async def delete(request: Request, drive: Drive) -> Response:
         raise ApiError(400, "refused", "refusing to delete a whole drive; delete its folders one by one")
     store = _store(request)
     usage = request.app.state.usage
-    if not path.is_dir:
-        info = await run_in_threadpool(store.head, path.key)
-        if info is not None:
-            await run_in_threadpool(store.delete, path.key)
-            invalidate_listing(store, path.key)
-            await run_in_threadpool(_facts(request).forget, path.key)
-            await run_in_threadpool(usage.add, drive.prefix, -info.size)
-            return Response(status_code=204)
     folder_key = path.key if path.is_dir else path.key + "/"
-
-    count, freed = await run_in_threadpool(delete_prefix, store, folder_key)
-    invalidate_listing(store, folder_key)
-    await run_in_threadpool(_facts(request).forget_under, folder_key)
-    if count == 0:
-        raise ApiError(404, "not_found", f"no file or folder {path.rel}")
-    await run_in_threadpool(usage.add, drive.prefix, -freed)
+    # A path without "/" may be a file or a folder: both are held, then looked at.
+    async with writing(request, drive, *([] if path.is_dir else [path.key]), folder_key, frees=True):
+        if not path.is_dir:
+            info = await run_in_threadpool(store.head, path.key)
+            if info is not None:
+                await run_in_threadpool(store.delete, path.key)
+                invalidate_listing(store, path.key)
+                await run_in_threadpool(_facts(request).forget, path.key)
+                await run_in_threadpool(usage.add, drive.prefix, -info.size)
+                return Response(status_code=204)
+        count, freed = await run_in_threadpool(delete_prefix, store, folder_key)
+        invalidate_listing(store, folder_key)
+        await run_in_threadpool(_facts(request).forget_under, folder_key)
+        if count == 0:
+            raise ApiError(404, "not_found", f"no file or folder {path.rel}")
+        await run_in_threadpool(usage.add, drive.prefix, -freed)
     return Response(status_code=204, headers={"X-Deleted-Count": str(count)})
 
 

@@ -190,6 +190,22 @@ class CreditCharge(Base):
 DAV_URL = Text().with_variant(Text(collation="C"), "postgresql")
 
 
+class DriveWrite(Base):
+    """A file or folder of a drive that one request is writing now (gateway/quota.py,
+    :meth:`~gateway.quota.UsageBook.writing`): writes to one key are one at a time, on every
+    replica, so what a write replaces, and so the quota, is counted once. ``path`` is an object
+    key, or a folder's key ending in ``/`` (everything under it); a shared row (a COPY's source)
+    lets other readers in. A lease: renewed while its request runs, it runs out if the gateway dies."""
+
+    __tablename__ = "drive_writes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prefix: Mapped[str] = mapped_column(String(300), index=True)
+    path: Mapped[str] = mapped_column(DAV_URL)
+    exclusive: Mapped[bool] = mapped_column(Boolean, default=True)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class DavProperty(Base):
     """A WebDAV dead property (PROPPATCH) of a file or folder, shared by every gateway replica."""
 

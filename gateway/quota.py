@@ -15,7 +15,14 @@ with the real size, or released if nothing was stored:
   :meth:`UsageBook.settle_holds`, run when the drive's usage is read and whenever a
   reservation would fail.
 
-An overwrite counts as new minus old everywhere (:func:`needed`, the one formula).
+An overwrite counts as new minus old everywhere (:func:`needed`, the one formula), and "old"
+is what the write really replaced: every write to a key holds that key while it reads what
+stands there, writes and counts (:meth:`UsageBook.writing`, a :class:`WriteLease` in the table
+``drive_writes``, on every replica), so two writes of one key, or a write and a MOVE, a COPY or
+a DELETE of it, never both count the same old object (issue 19, item 11: an overwrite racing a
+MOVE kept both copies; two DELETEs at once freed one file twice). A folder's lease holds
+everything under it. A write that finds its key held waits a little, then is refused
+(:class:`WriteBusy`, a 423 ``busy``).
 Whenever a row is older than ``quota_reconcile_seconds`` a background thread
 re-counts the prefix from the store, so drift never lasts.
 """
@@ -25,18 +32,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterable
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from drive.store import ObjectInfo, ObjectStore, iter_objects
-from drive.uploads import UploadTooLarge
-from gateway.models import DriveUsage, QuotaHold, utcnow
+from drive.uploads import UploadTooLarge, WriteBusy
+from gateway.models import DriveUsage, DriveWrite, QuotaHold, utcnow
 from gateway.tokens import as_utc
 
 log = logging.getLogger("kgpu.quota")
@@ -48,6 +56,25 @@ HOLD_SETTLE_INTERVAL = 5.0  # seconds between background settles of a drive's pr
 STREAM_LEASE_SECONDS = 600
 BACKGROUND_SETTLE_MAX_HOLDS = 64  # more outstanding holds: settled only when a reservation needs room
 STREAM_RENEW_SECONDS = 60
+# A write holds its keys (drive_writes) for as long as it runs: the lease is renewed every
+# WRITE_RENEW_SECONDS while held and runs out WRITE_LEASE_SECONDS after a gateway that died.
+WRITE_LEASE_SECONDS = 120
+WRITE_RENEW_SECONDS = 30
+WRITE_WAIT_SECONDS = 5.0  # how long a write waits for another write of the same key, then 423
+_WRITES_LOCK = 0x6B677077 << 32  # PostgreSQL advisory locks "kgpw" + a drive's CRC: one taker at a time
+
+
+class _NoRoom(Exception):
+    """Bytes that do not fit (rolls their transaction back)."""
+
+
+class _Rebased(Exception):
+    """A hold changed since it was looked at: not settled (rolls the claim back)."""
+
+
+def _appeared(info: ObjectInfo | None, previous_etag: str | None, previous_size: int) -> bool:
+    """Whether a presigned PUT's object is in the store: one there, other than the one it replaces."""
+    return info is not None and (previous_etag is None or info.etag != previous_etag or info.size != previous_size)
 
 
 class _LeaseLost(Exception):
@@ -56,6 +83,47 @@ class _LeaseLost(Exception):
 
 class QuotaExceeded(UploadTooLarge):
     """A reservation that would take the drive past its quota (a 413 ``quota_exceeded``)."""
+
+
+def _holds(held: str, path: str) -> bool:
+    """Whether a lease on ``held`` (a key, or a folder's key ending in "/") holds ``path``."""
+    return held == path or (held.endswith("/") and path.startswith(held))
+
+
+def _meeting(path: str, exclusive: bool):
+    """The rows of drive_writes a lease on ``path`` must wait for: the same key, a folder above
+    it, anything under it (a folder); only exclusive ones, for a shared lease."""
+    parts = path.rstrip("/").split("/")
+    above = ["/".join(parts[:n]) + "/" for n in range(1, len(parts))]
+    where = or_(DriveWrite.path == path, DriveWrite.path.in_(above))
+    if path.endswith("/"):  # "0" follows "/": the keys under the folder, compared byte by byte
+        where = or_(where, (DriveWrite.path > path) & (DriveWrite.path < path[:-1] + "0"))
+    return where if exclusive else where & DriveWrite.exclusive
+
+
+class WriteLease:
+    """The keys one request writes (or, shared, reads whole: a COPY's source), held until
+    :meth:`release` (or the end of a ``with``)."""
+
+    def __init__(self, book: "UsageBook | None", prefix: str, paths: dict[str, bool], ids: list[int]):
+        self._book = book
+        self.prefix = prefix
+        self.paths = paths  # path -> exclusive
+        self._ids = ids
+
+    def holds(self, path: str, exclusive: bool) -> bool:
+        return any(_holds(held, path) and (mine or not exclusive) for held, mine in self.paths.items())
+
+    def release(self) -> None:
+        ids, self._ids = self._ids, []
+        if ids and self._book is not None:
+            self._book._release_writes(ids)
+
+    def __enter__(self) -> "WriteLease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def needed(new_size: int, previous_size: int) -> int:
@@ -73,6 +141,9 @@ class UsageBook:
         self._pending: set[tuple[str, str]] = set()
         self._last_hold_settle: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._held_writes: set[int] = set()  # ids of drive_writes rows this gateway holds
+        self._renewer: threading.Thread | None = None
+        self._closed = threading.Event()
 
     def used_bytes(self, prefix: str) -> int:
         """Current usage; counts from the store the first time a prefix is seen. Presigned
@@ -134,12 +205,12 @@ class UsageBook:
             row = session.get(DriveUsage, prefix)
             return quota - row.used_bytes - row.reserved_bytes if row is not None else 0
 
-    def _refusal(self, prefix: str, n: int, quota: int) -> QuotaExceeded:
+    def _refusal(self, prefix: str, n: int, quota: int, what: str = "this upload") -> QuotaExceeded:
         with self._sessions() as session:
             row = session.get(DriveUsage, prefix)
             used, reserved = (row.used_bytes, row.reserved_bytes) if row is not None else (0, 0)
         return QuotaExceeded(
-            f"this upload ({n} bytes) would take the drive to {max(used + reserved, 0) + n} of {quota} bytes"
+            f"{what} ({n} bytes) would take the drive to {max(used + reserved, 0) + n} of {quota} bytes"
             + (f" ({reserved} of them promised to uploads in progress)" if reserved > 0 else "")
         )
 
@@ -209,9 +280,7 @@ class UsageBook:
         if size is None:
             self._ensure_row(prefix)
             for _attempt in range(4):
-                with self._sessions() as session:  # read apart: the conditional UPDATE re-checks it
-                    row = session.get(DriveUsage, prefix)
-                    n = quota - row.used_bytes - row.reserved_bytes
+                n = self.room(prefix, quota)  # read apart: the conditional UPDATE re-checks it
                 try:
                     self._reserve(prefix, max(n, 1), quota, opening=True, also=record)
                     break
@@ -325,27 +394,78 @@ class UsageBook:
             heads = {hold.id: self._store.head(hold.key) for hold in puts}
         for hold in holds:
             info = heads.get(hold.id)
-            appeared = info is not None and (
-                hold.previous_etag is None or info.etag != hold.previous_etag or info.size != hold.previous_size
-            )
-            if not appeared and as_utc(hold.expires_at) > now:
+            expired = as_utc(hold.expires_at) <= now
+            if not expired and not _appeared(info, hold.previous_etag, hold.previous_size):
                 continue
-            delta = needed(info.size, hold.previous_size) if appeared else 0
-            with self._sessions.begin() as session:
-                claimed = session.execute(delete(QuotaHold).where(QuotaHold.id == hold.id)).rowcount
-                if claimed:  # another request may have settled it first
+            try:
+                with self._sessions.begin() as session:
+                    # The row as it is now: another request may have settled it first, a streamed
+                    # upload grown it, or a write rebased it (_count_urls_whole).
+                    row = session.execute(
+                        delete(QuotaHold)
+                        .where(QuotaHold.id == hold.id)
+                        .returning(QuotaHold.bytes, QuotaHold.previous_etag, QuotaHold.previous_size)
+                    ).first()
+                    if row is None:
+                        continue
+                    reserved, previous_etag, previous_size = row
+                    appeared = _appeared(info, previous_etag, previous_size)
+                    if not appeared and not expired:
+                        raise _Rebased()  # rolls the claim back: that URL may still land
                     session.execute(
                         update(DriveUsage)
                         .where(DriveUsage.prefix == prefix)
                         .values(
-                            used_bytes=DriveUsage.used_bytes + delta,
-                            reserved_bytes=DriveUsage.reserved_bytes - hold.bytes,
+                            used_bytes=DriveUsage.used_bytes + (needed(info.size, previous_size) if appeared else 0),
+                            reserved_bytes=DriveUsage.reserved_bytes - reserved,
                             inflight=DriveUsage.inflight - 1,
                             changes=DriveUsage.changes + 1,
                         )
                     )
-            settled += claimed
+            except _Rebased:
+                continue
+            settled += 1
         return settled
+
+    def _count_urls_whole(self, prefix: str, paths: list[str], quota: int | None, frees: bool) -> None:
+        """A write is about to change ``paths`` (keys, or folders' keys ending in "/"): upload URLs
+        handed out for them (a 307, a mint) may still land, on whatever the write leaves there.
+        Those that landed are settled first; each other one is then counted whole when it lands
+        (it replaces nothing now: its previous object's size is reserved as well), so a MOVE or a
+        DELETE of its file cannot leave that size counted nowhere (issue 19, item 11, through a
+        presigned PUT). The room must fit the quota (QuotaExceeded), unless the write ``frees`` at
+        least that much (a DELETE). Overwrites are counted twice until a recount, never less."""
+        where = or_(*(QuotaHold.key.startswith(path, autoescape=True) if path.endswith("/") else QuotaHold.key == path
+                      for path in paths))
+        out = (QuotaHold.prefix == prefix, QuotaHold.kind == "put", where)
+        with self._sessions() as session:
+            if not session.scalar(select(func.count()).where(*out)):
+                return  # no URL out: the usual case, one query
+        self.settle_holds(prefix)
+        with self._sessions.begin() as session:
+            # The holds first, then the drive's row (the order settle_holds takes them in). This
+            # statement leaves previous_size as it was, so it returns what each hold grows by.
+            rows = session.execute(
+                update(QuotaHold)
+                .where(*out, or_(QuotaHold.previous_etag.is_not(None), QuotaHold.previous_size != 0))
+                .values(bytes=QuotaHold.bytes + QuotaHold.previous_size)
+                .returning(QuotaHold.id, QuotaHold.previous_size)
+            ).all()
+            if not rows:
+                return
+            session.execute(
+                update(QuotaHold)
+                .where(QuotaHold.id.in_([row[0] for row in rows]))
+                .values(previous_size=0, previous_etag=None)
+            )
+            more = sum(row[1] for row in rows)
+            grown = session.execute(
+                update(DriveUsage)
+                .where(DriveUsage.prefix == prefix, *([] if frees or quota is None else [self._fits(more, quota)]))
+                .values(reserved_bytes=DriveUsage.reserved_bytes + more, changes=DriveUsage.changes + 1)
+            )
+            if not grown.rowcount:
+                raise _NoRoom(more)
 
     # ------------------------------------------------------------ recounts
 
@@ -395,7 +515,113 @@ class UsageBook:
             with self._lock:
                 self._pending.discard((job.__name__, prefix))
 
+    # ------------------------------------------------------------ one write of a key at a time
+
+    def writing(
+        self,
+        prefix: str,
+        exclusive: list[str] = (),
+        shared: list[str] = (),
+        *,
+        within: Iterable[WriteLease] = (),
+        wait: float | None = None,
+        quota: int | None = None,
+        frees: bool = False,
+        urls: bool = True,
+    ) -> WriteLease:
+        """Hold keys of ``prefix`` (a folder's key, ending in "/", holds all under it) for one
+        write: ``exclusive`` ones are written, ``shared`` ones only read whole (a COPY's source,
+        which other readers may copy at once). Taken all at once or not at all, on every replica
+        (one drive's takers go one at a time: a PostgreSQL advisory lock, or SQLite's write lock);
+        waits up to ``wait`` (WRITE_WAIT_SECONDS) for the writes in the way, then WriteBusy.
+        What ``within`` (the request's own leases) already holds is not taken again.
+        Read what a write replaces only once its key is held.
+
+        Upload URLs still out for the ``exclusive`` keys are then counted whole
+        (:meth:`_count_urls_whole`): QuotaExceeded, and nothing held, when their room does not
+        fit ``quota``, unless the write ``frees`` it (a DELETE). ``urls`` False: left as they are
+        (a write that hands out another URL for the key: either may land, each counted apart)."""
+        wanted = {path: True for path in exclusive}
+        for path in shared:
+            wanted.setdefault(path, False)
+        wanted = {
+            path: mine for path, mine in wanted.items()
+            if not any(lease.prefix == prefix and lease.holds(path, mine) for lease in within)
+        }
+        if not wanted:
+            return WriteLease(None, prefix, {}, [])
+        deadline = time.monotonic() + (WRITE_WAIT_SECONDS if wait is None else wait)
+        pause = 0.01
+        while True:
+            ids = self._take_writes(prefix, wanted)
+            if ids is not None:
+                with self._lock:
+                    self._held_writes.update(ids)
+                    if self._renewer is None:
+                        self._renewer = threading.Thread(target=self._renew_writes, name="kgpu-write-leases", daemon=True)
+                        self._renewer.start()
+                lease = WriteLease(self, prefix, wanted, ids)
+                written = [path for path, mine in wanted.items() if mine]
+                if urls and written:
+                    try:
+                        self._count_urls_whole(prefix, written, quota, frees)
+                    except _NoRoom as exc:
+                        lease.release()
+                        raise self._refusal(prefix, exc.args[0], quota, "the upload URLs still out for it") from None
+                    except BaseException:
+                        lease.release()
+                        raise
+                return lease
+            if time.monotonic() + pause > deadline:
+                names = ", ".join(path[len(prefix):] or "/" for path in wanted)
+                raise WriteBusy(f"another request is writing {names} (or a folder that holds it); retry in a moment")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
+
+    def _take_writes(self, prefix: str, wanted: dict[str, bool]) -> list[int] | None:
+        """One try: the new rows' ids, or None if a lease in the way is held."""
+        now = utcnow()
+        with self._sessions.begin() as session:
+            if session.get_bind().dialect.name == "postgresql":
+                crc = zlib.crc32(prefix.encode())
+                session.execute(select(func.pg_advisory_xact_lock(_WRITES_LOCK | crc)))
+            # On SQLite this first write takes the database's write lock: the check below and the
+            # insert are one step for every process on the file, as the advisory lock makes them.
+            session.execute(delete(DriveWrite).where(DriveWrite.prefix == prefix, DriveWrite.expires_at <= now))
+            meeting = or_(*(_meeting(path, exclusive) for path, exclusive in wanted.items()))
+            if session.execute(select(DriveWrite.id).where(DriveWrite.prefix == prefix, meeting).limit(1)).first():
+                return None
+            expires = now + timedelta(seconds=WRITE_LEASE_SECONDS)
+            rows = [DriveWrite(prefix=prefix, path=path, exclusive=mine, expires_at=expires) for path, mine in wanted.items()]
+            session.add_all(rows)
+            session.flush()
+            return [row.id for row in rows]
+
+    def _release_writes(self, ids: list[int]) -> None:
+        with self._lock:
+            self._held_writes.difference_update(ids)
+        with self._sessions.begin() as session:
+            session.execute(delete(DriveWrite).where(DriveWrite.id.in_(ids)))
+
+    def _renew_writes(self) -> None:
+        """While this gateway runs, the leases it holds do not run out."""
+        while not self._closed.wait(WRITE_RENEW_SECONDS):
+            with self._lock:
+                held = list(self._held_writes)
+            if not held:
+                continue
+            try:
+                with self._sessions.begin() as session:
+                    session.execute(
+                        update(DriveWrite)
+                        .where(DriveWrite.id.in_(held))
+                        .values(expires_at=utcnow() + timedelta(seconds=WRITE_LEASE_SECONDS))
+                    )
+            except Exception:
+                log.warning("could not renew %d write leases", len(held), exc_info=True)
+
     def close(self) -> None:
+        self._closed.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -277,3 +277,170 @@ def test_parallel_webdav_copies_stay_within_the_quota(stack, user, small_quota, 
     left = QUOTA - sum(objects.values())
     assert requests.put(f"{stack.base}/v1/files/fill.bin", data=os.urandom(left), headers=user.auth).status_code == 201
     assert requests.put(f"{stack.base}/v1/files/over.bin", data=b"x", headers=user.auth).status_code == 413
+
+
+# ------------------------------------------------------------------ one file, written by two requests at once
+
+
+def counted(stack, user) -> tuple[int, int]:
+    """(used, reserved) as the quota has them in the database (not clamped at 0 as a listing is)."""
+    from gateway.models import DriveUsage
+
+    with stack.server.app.state.sessions() as session:
+        row = session.get(DriveUsage, f"users/{user.id}/")
+        return (row.used_bytes, row.reserved_bytes) if row is not None else (0, 0)
+
+
+def streams_open(stack, user) -> int:
+    from sqlalchemy import func, select
+
+    from gateway.models import QuotaHold
+
+    with stack.server.app.state.sessions() as session:
+        return session.scalar(
+            select(func.count()).where(QuotaHold.prefix == f"users/{user.id}/", QuotaHold.kind == "stream")
+        )
+
+
+def check_counted_once(stack, user) -> int:
+    """Every byte stored is counted, once; nothing stays reserved; the drive is within its quota."""
+    total = sum(stored(stack, user).values())
+    assert counted(stack, user) == (total, 0), f"{total} bytes stored, the quota counts {counted(stack, user)}"
+    assert total <= QUOTA, f"{total} bytes stored for a quota of {QUOTA}"
+    return total
+
+
+@pytest.mark.parametrize("mount", ["files", "dav"])
+def test_an_overwrite_racing_a_move_of_the_same_file_is_counted_once(stack, user, small_quota, mount, monkeypatch):
+    """Issue 19, item 11: an overwrite PUT whose body is still coming when a MOVE takes the file
+    away kept both copies (the PUT had counted new minus the old size it replaced, the MOVE had
+    taken the old one away): 4 rounds left 200 MiB on a 50 MiB quota. Writes to one file are one
+    at a time: the MOVE waits for the PUT, and is refused (423) when it does not end soon."""
+    import gateway.quota
+
+    monkeypatch.setattr(gateway.quota, "WRITE_WAIT_SECONDS", 1.0)
+    assert requests.put(f"{stack.base}/v1/files/race.bin", data=os.urandom(QUOTA), headers=user.auth).status_code == 201
+    second = os.urandom(QUOTA)
+    moved = threading.Event()
+
+    def body():
+        yield second[:MiB]
+        moved.wait(60)
+        yield second[MiB:]
+
+    with ThreadPoolExecutor(1) as pool:
+        put = pool.submit(requests.put, f"{stack.base}/v1/{mount}/race.bin", data=body(), headers=user.auth, timeout=90)
+        deadline = time.monotonic() + 30
+        while not streams_open(stack, user):  # the PUT has read what it replaces and reserved
+            assert time.monotonic() < deadline and not put.done(), put.result().text if put.done() else "no stream"
+            time.sleep(0.02)
+        move = requests.request(
+            "MOVE", f"{stack.base}/v1/{mount}/race.bin",
+            headers={**user.auth, "Destination": f"{stack.base}/v1/{mount}/moved.bin"}, timeout=60,
+        )
+        moved.set()
+        put = put.result()
+    assert put.status_code in (200, 204), put.text
+    check_counted_once(stack, user)
+    assert move.status_code == 423, move.text
+    assert move.json()["error_code"] == "busy", move.text
+    assert stored(stack, user) == {"race.bin": QUOTA}
+    assert read_back(stack, user, "race.bin") == second
+
+
+def test_overwrites_racing_moves_never_pass_the_quota(stack, user, small_quota):
+    """The hostile tenant's loop, unorchestrated: each round overwrites a full-quota file while
+    moving it away, through both mounts; whatever wins, the drive holds it once and counts it once."""
+    data = os.urandom(QUOTA)
+    assert requests.put(f"{stack.base}/v1/files/r.bin", data=data, headers=user.auth).status_code == 201
+    for round_ in range(4):
+        start = threading.Barrier(2)
+
+        def overwrite():
+            start.wait()
+            return requests.put(f"{stack.base}/v1/files/r.bin", data=data, headers=user.auth, timeout=60).status_code
+
+        def move():
+            start.wait()
+            reply = requests.request(
+                "MOVE", f"{stack.base}/v1/dav/r.bin",
+                headers={**user.auth, "Destination": f"{stack.base}/v1/dav/m{round_}.bin"}, timeout=60,
+            )
+            return reply.status_code
+
+        with ThreadPoolExecutor(2) as pool:
+            statuses = [job.result() for job in [pool.submit(overwrite), pool.submit(move)]]
+        assert all(status in (200, 201, 204, 404, 413, 423) for status in statuses), statuses
+        check_counted_once(stack, user)
+        # The next round starts from one file at r.bin, whatever this one left.
+        for name in stored(stack, user):
+            if name != "r.bin":
+                assert requests.delete(f"{stack.base}/v1/files/{name}", headers=user.auth).status_code == 204
+        if "r.bin" not in stored(stack, user):
+            assert requests.put(f"{stack.base}/v1/files/r.bin", data=data, headers=user.auth).status_code == 201
+        check_counted_once(stack, user)
+
+
+@pytest.mark.parametrize("via", ["redirect", "mint"])
+def test_an_upload_url_used_after_a_move_of_its_file_is_counted_whole(stack, user, small_quota, via):
+    """The same race through a presigned PUT, which no request holds until it lands: a 307 (or a
+    mint) to overwrite a full-quota file reserves nothing (new minus old), the file is moved away,
+    then the URL puts a second full copy where it was. A write to a key that an upload URL may
+    still land on counts that URL whole (it may replace nothing now): the MOVE must leave room for
+    it, so here it is refused (507) and the drive keeps one copy; a DELETE frees the room it needs."""
+    url = f"{stack.base}/v1/files/u.bin"
+    assert requests.put(url, data=os.urandom(QUOTA), headers=user.auth).status_code == 201
+    second = os.urandom(QUOTA)
+
+    def hand_out() -> str:
+        if via == "redirect":
+            reply = requests.put(
+                url, headers={**user.auth, "Expect": "100-continue", "Content-Length": str(QUOTA)}, allow_redirects=False
+            )
+            assert reply.status_code == 307, reply.text
+            return reply.headers["Location"]
+        reply = requests.post(url, headers={**user.auth, "X-Content-Length": str(QUOTA)})
+        assert reply.status_code == 200, reply.text
+        return reply.json()["url"]
+
+    location = hand_out()
+    move = requests.request("MOVE", url, headers={**user.auth, "Destination": f"{stack.base}/v1/files/away.bin"})
+    assert requests.put(location, data=second).status_code == 200
+    requests.get(f"{stack.base}/v1/files", headers=user.auth)  # settles what landed
+    check_counted_once(stack, user)
+    assert_quota_refusal(move)
+    assert read_back(stack, user, "u.bin") == second
+    # Deleting the file while a URL for it is out: allowed (it frees the room the URL needs), and
+    # what the URL then puts there is counted whole.
+    location = hand_out()
+    assert requests.delete(url, headers=user.auth).status_code == 204
+    assert requests.put(location, data=second).status_code == 200
+    requests.get(f"{stack.base}/v1/files", headers=user.auth)
+    assert check_counted_once(stack, user) == QUOTA
+
+
+@pytest.mark.parametrize("mount", ["files", "dav"])
+def test_deletes_of_one_file_at_once_free_it_once(stack, user, small_quota, mount):
+    """Two DELETEs of one file at once each took its size off the drive's usage: the quota then
+    let the drive hold twice its size."""
+    for _ in range(4):
+        assert requests.put(f"{stack.base}/v1/files/d.bin", data=os.urandom(QUOTA), headers=user.auth).status_code == 201
+        start = threading.Barrier(6)
+
+        def delete(_):
+            start.wait()
+            return requests.delete(f"{stack.base}/v1/{mount}/d.bin", headers=user.auth, timeout=60).status_code
+
+        with ThreadPoolExecutor(6) as pool:
+            statuses = list(pool.map(delete, range(6)))
+        assert statuses.count(204) >= 1 and set(statuses) <= {204, 404, 423}, statuses
+        assert check_counted_once(stack, user) == 0
+    over = requests.put(f"{stack.base}/v1/files/over.bin", data=os.urandom(QUOTA + 1), headers=user.auth)
+    assert over.status_code == 413, over.text
+
+
+def assert_quota_refusal(reply: requests.Response, status: int = 507) -> str:
+    assert reply.status_code == status, (reply.status_code, reply.text[:500])
+    body = reply.json()
+    assert set(body) == {"error_code", "message", "trace_id"} and body["error_code"] == "quota_exceeded", body
+    return body["message"]

@@ -4,6 +4,7 @@ machines would have), on one PostgreSQL. What one books, reissues or grants, the
 from __future__ import annotations
 
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -181,6 +182,72 @@ def test_webdav_locks_and_properties_are_shared_by_replicas(tmp_path, postgres_u
         with ThreadPoolExecutor(12) as pool:
             statuses = sorted(reply.status_code for reply in pool.map(lock, range(12)))
         assert statuses == [200] + [423] * 11, statuses
+    finally:
+        for server in (first, second):
+            server.process.terminate()
+            server.process.wait(timeout=15)
+
+
+def test_writes_of_one_file_through_both_replicas_count_it_once(tmp_path, postgres_url, rclone_target):
+    """Issue 19, item 11, across gateways: an overwrite streamed through one replica while the
+    other MOVEs the same file; then DELETEs of one file through both at once. Writes to one key
+    are one at a time across replicas (the drive_writes leases, taken under a PostgreSQL advisory
+    lock): the MOVE is refused (423 busy) while the PUT runs, the file is freed once, and the
+    quota counts what the drive holds."""
+    quota = 4 << 20
+    settings = {
+        "KGPU_DATABASE_URL": postgres_url, "KGPU_GPU_INVENTORY": INVENTORY, "KGPU_LOCAL_POD_MOUNTS": "false",
+        "KGPU_S3_ENDPOINT_URL": rclone_target.endpoint, "KGPU_S3_ACCESS_KEY_ID": rclone_target.access_key,
+        "KGPU_S3_SECRET_ACCESS_KEY": rclone_target.secret_key, "KGPU_S3_BUCKET": "replicas-quota",
+        "KGPU_USER_QUOTA_BYTES": str(quota),
+    }
+    base = passable(tmp_path)
+    first, second = Served(base / "one", settings), Served(base / "two", settings)
+    database = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    try:
+        created = requests.post(f"{first.base}/v1/admin/users", json={"email": "race@lab.example"}, headers=ADMIN).json()
+        auth, prefix = {"Authorization": f"Bearer {created['token']}"}, f"users/{created['user']['id']}/"
+
+        def drive() -> tuple[dict[str, int], int]:
+            listing = requests.get(f"{second.base}/v1/files", headers=auth).json()
+            with psycopg.connect(database) as conn:
+                used = conn.execute("SELECT used_bytes FROM drive_usage WHERE prefix = %s", (prefix,)).fetchone()[0]
+            return {item["path"]: item["size"] for item in listing["files"]}, used
+
+        assert requests.put(f"{first.base}/v1/files/race.bin", data=b"1" * quota, headers=auth).status_code == 201
+        moved = threading.Event()
+
+        def body():
+            yield b"2" * (1 << 20)
+            moved.wait(60)
+            yield b"2" * (quota - (1 << 20))
+
+        with ThreadPoolExecutor(1) as pool:
+            put = pool.submit(requests.put, f"{first.base}/v1/files/race.bin", data=body(), headers=auth, timeout=90)
+            deadline = time.monotonic() + 30
+            while True:  # the PUT holds the file once its streamed reservation is open
+                with psycopg.connect(database) as conn:
+                    if conn.execute("SELECT count(*) FROM quota_holds WHERE prefix = %s AND kind = 'stream'", (prefix,)).fetchone()[0]:
+                        break
+                assert time.monotonic() < deadline and not put.done()
+                time.sleep(0.05)
+            move = requests.request(
+                "MOVE", f"{second.base}/v1/files/race.bin",
+                headers={**auth, "Destination": f"{second.base}/v1/files/moved.bin"}, timeout=60,
+            )
+            moved.set()
+            assert put.result().status_code == 200, put.result().text
+        assert move.status_code == 423 and move.json()["error_code"] == "busy", move.text
+        assert drive() == ({"race.bin": quota}, quota)
+
+        def delete(i):
+            server = (first, second)[i % 2]
+            return requests.delete(f"{server.base}/v1/files/race.bin", headers=auth, timeout=60).status_code
+
+        with ThreadPoolExecutor(6) as pool:
+            statuses = list(pool.map(delete, range(6)))
+        assert statuses.count(204) >= 1 and set(statuses) <= {204, 404, 423}, statuses
+        assert drive() == ({}, 0)
     finally:
         for server in (first, second):
             server.process.terminate()

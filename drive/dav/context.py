@@ -18,6 +18,7 @@ from urllib.parse import unquote
 from wsgidav.dav_error import (
     HTTP_BAD_REQUEST,
     HTTP_INSUFFICIENT_STORAGE,
+    HTTP_LOCKED,
     HTTP_NOT_FOUND,
     HTTP_SERVICE_UNAVAILABLE,
     DAVError,
@@ -28,7 +29,7 @@ from drive.dav.listings import invalidate_listing
 from drive.facts import FactsBook, InvalidMtime, parse_mtime
 from drive.keys import InvalidPath
 from drive.store import ObjectNotFound, ObjectStore, StoreUnavailable
-from drive.uploads import UploadTooLarge
+from drive.uploads import UploadTooLarge, WriteBusy
 
 ENVIRON_KEY = "kgpu.dav"
 CACHE_KEY = "kgpu.dav.cache"  # path -> resource, this request
@@ -56,6 +57,7 @@ class DavContext:
     presign_expires: int = 3600
     facts: FactsBook | None = None  # modification times and checksums (drive/facts.py)
     _orgs: list[str] | None = field(default=None, repr=False)
+    _leases: list = field(default_factory=list, repr=False)  # the keys this request holds now
 
     def org_slugs(self) -> list[str]:
         if self._orgs is None:
@@ -68,6 +70,35 @@ class DavContext:
     def add_usage(self, prefix: str, delta: int) -> None:
         if self.usage is not None and delta and prefix == self.prefix:
             self.usage.add(prefix, delta)
+
+    def hold_keys(
+        self,
+        prefix: str,
+        exclusive: list[str] = (),
+        shared: list[str] = (),
+        *,
+        frees: bool = False,
+        too_large: int = HTTP_INSUFFICIENT_STORAGE,
+    ):
+        """Hold keys of ``prefix`` for a write (gateway.quota.UsageBook.writing: one write of a key
+        at a time, on every replica; a folder's key holds all under it; upload URLs still out for
+        them counted whole), as a context manager or until ``release()``. What this request holds
+        already is not taken again. 423 ``busy`` when another write holds one and does not end
+        soon; ``too_large`` quota_exceeded when the room those URLs need does not fit (a write
+        that ``frees`` it, a DELETE, never is). Read what a write replaces inside."""
+        if self.usage is None:
+            return _NoLease()
+        quota = self.quota_bytes if prefix == self.prefix else None
+        try:
+            lease = self.usage.writing(
+                prefix, list(exclusive), list(shared), within=self._leases, quota=quota, frees=frees
+            )
+        except WriteBusy as exc:
+            raise coded_error(HTTP_LOCKED, "busy", str(exc)) from None
+        except UploadTooLarge as exc:
+            raise coded_error(too_large, "quota_exceeded", str(exc)) from None
+        self._leases.append(lease)
+        return _Held(lease, lambda: self._leases.remove(lease))
 
     def reserve_room(self, prefix: str, incoming: int) -> int:
         """Reserve ``incoming`` bytes in the caller's drive before a copy moves any (507 when they
@@ -86,6 +117,31 @@ class DavContext:
             self.usage.settle(prefix, reserved, added)
         else:
             self.add_usage(prefix, added)
+
+
+class _Held:
+    """A lease a request holds: released by ``release()`` or at the end of a ``with``."""
+
+    def __init__(self, lease, restore: Callable[[], None]):
+        self._lease = lease
+        self._restore = restore
+
+    def release(self) -> None:
+        if self._restore is not None:
+            self._restore, restore = None, self._restore
+            restore()
+            self._lease.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class _NoLease(_Held):
+    def __init__(self):
+        super().__init__(None, None)
 
 
 @contextmanager

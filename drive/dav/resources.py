@@ -157,6 +157,7 @@ class FileResource(_Located, DAVNonCollection):
         self.info = info  # None: created by this PUT, not yet written
         self.readonly = readonly
         self._writer: BodyWriter | None = None
+        self._held = None  # the key, held from begin_write to end_write
         self._fact_row = fact_row  # its row of object_facts (None: none), read when first needed
 
     def get_facts(self) -> Facts | None:
@@ -250,8 +251,19 @@ class FileResource(_Located, DAVNonCollection):
     def begin_write(self, *, content_type=None):
         self._require_writable()
         ctx = context_of(self.environ)
+        # Held until end_write: what this PUT replaces is read again once no other write can change it.
+        self._held = ctx.hold_keys(self.location.prefix, [self.location.key], too_large=HTTP_REQUEST_ENTITY_TOO_LARGE)
+        try:
+            return self._begin_held_write(ctx, content_type)
+        except BaseException:
+            self._held.release()
+            raise
+
+    def _begin_held_write(self, ctx, content_type):
         length_header = self.environ.get("CONTENT_LENGTH", "")
         length = int(length_header) if length_header.isdigit() else None
+        with store_errors():
+            self.info = ctx.store.head(self.location.key)
         previous = self.info.size if self.info else 0
         reservation = None  # gateway.quota.Upload: the quota reserved before any byte moves
         if ctx.usage is not None and self.location.prefix == ctx.prefix:
@@ -281,6 +293,12 @@ class FileResource(_Located, DAVNonCollection):
         writer, self._writer = self._writer, None
         if writer is None:
             return
+        try:
+            self._end_held_write(writer, with_errors)
+        finally:
+            self._held.release()
+
+    def _end_held_write(self, writer: BodyWriter, with_errors: bool) -> None:
         if with_errors:
             if writer.reservation is not None:
                 writer.reservation.abort()
@@ -307,11 +325,14 @@ class FileResource(_Located, DAVNonCollection):
     def delete(self):
         self._require_writable()
         ctx = context_of(self.environ)
-        with store_errors():
+        with ctx.hold_keys(self.location.prefix, [self.location.key], frees=True), store_errors():
+            self.info = ctx.store.head(self.location.key)  # what is there now, with the key held
+            if self.info is None:
+                raise DAVError(HTTP_NOT_FOUND)  # another request deleted or moved it meanwhile
             ctx.store.delete(self.location.key)
-        if ctx.facts is not None:
-            ctx.facts.forget(self.location.key)
-        ctx.add_usage(self.location.prefix, -(self.info.size if self.info else 0))
+            if ctx.facts is not None:
+                ctx.facts.forget(self.location.key)
+            ctx.add_usage(self.location.prefix, -self.info.size)
         self.remove_all_properties(recursive=False)
         self.remove_all_locks(recursive=False)
         invalidate_after_write(self.environ, self.location.key)
@@ -393,10 +414,14 @@ class FolderResource(_Located, DAVCollection):
             location = keys.from_text(self.location.prefix, self.location.rel + name)
             resource = FileResource(util.join_uri(self.path, name), self.environ, location, None, False)
             if self.environ["REQUEST_METHOD"] != "PUT":
-                # LOCK on an unmapped URL creates an empty resource (RFC 4918 7.3).
-                kind = guess_type(name)
-                etag = ctx.store.put_object(location.key, b"", kind)
-                resource.info = ObjectInfo(location.key, 0, etag, utcnow(), kind)
+                # LOCK on an unmapped URL creates an empty resource (RFC 4918 7.3), unless a
+                # write made it meanwhile (it is not replaced: that write counted it).
+                with ctx.hold_keys(location.prefix, [location.key]):
+                    resource.info = ctx.store.head(location.key)
+                    if resource.info is None:
+                        kind = guess_type(name)
+                        etag = ctx.store.put_object(location.key, b"", kind)
+                        resource.info = ObjectInfo(location.key, 0, etag, utcnow(), kind)
         invalidate_after_write(self.environ, location.key)
         self.environ[CACHE_KEY][cache_key(resource.path)] = resource
         return resource
@@ -424,11 +449,12 @@ class FolderResource(_Located, DAVCollection):
         if self.location.rel == "":
             raise DAVError(HTTP_FORBIDDEN, "refusing to delete a whole drive")
         ctx = context_of(self.environ)
-        with store_errors():
-            _, freed = delete_prefix(ctx.store, self.location.key)
-        if ctx.facts is not None:
-            ctx.facts.forget_under(self.location.key)
-        ctx.add_usage(self.location.prefix, -freed)
+        with ctx.hold_keys(self.location.prefix, [self.location.key], frees=True):
+            with store_errors():
+                _, freed = delete_prefix(ctx.store, self.location.key)
+            if ctx.facts is not None:
+                ctx.facts.forget_under(self.location.key)
+            ctx.add_usage(self.location.prefix, -freed)
         remove_property_tree(self.provider, self.get_ref_url())
         self.remove_all_locks(recursive=True)
         invalidate_after_write(self.environ, self.location.key)

@@ -10,9 +10,17 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote
 
 from wsgidav import util
+from wsgidav.dav_error import HTTP_NOT_FOUND, DAVError
 
 from drive import keys
-from drive.dav.context import DEST_EXISTED_KEY, client_mtime, context_of, invalidate_after_write, store_errors
+from drive.dav.context import (
+    CACHE_KEY,
+    DEST_EXISTED_KEY,
+    client_mtime,
+    context_of,
+    invalidate_after_write,
+    store_errors,
+)
 from drive.dav.storage import DbPropertyManager
 from drive.facts import Carried
 from drive.listing import FOLDER_MARKER, is_hidden
@@ -35,71 +43,103 @@ def transfer(src, dest_path: str, parent, *, move: bool, depth_infinity: bool) -
         name = util.get_uri_name(dest_path)
         suffix = "/" if src.is_collection else ""
         dest = keys.from_text(parent.location.prefix, parent.location.rel + name + suffix)
-        existing = provider.get_resource_inst(dest_path, environ)
-        environ[DEST_EXISTED_KEY] = existing is not None
-        if existing is not None:
-            existing.delete()  # RFC 4918 9.8.4 / 9.9.3: Overwrite: T deletes the destination first
-        src_ref, dest_ref = src.get_ref_url(), quote("/" + dest.key)
-        store = ctx.store
-        if not src.is_collection:
-            size = src.get_content_length()
-            moved_within = move and src.location.prefix == dest.prefix  # the drive does not grow
-            reserved = 0 if moved_within else ctx.reserve_room(dest.prefix, size)
-            try:
+    # Both ends are held (the source shared, for a COPY) until the quota has counted the copy,
+    # so no other write changes what is copied, moved or replaced meanwhile (gateway/quota.py).
+    source = src.location
+    if source.prefix == dest.prefix:
+        held = ctx.hold_keys(dest.prefix, [source.key, dest.key] if move else [dest.key], [] if move else [source.key])
+        with held:
+            _transfer_held(src, dest, dest_path, move=move, depth_infinity=depth_infinity)
+    else:  # a COPY out of an organisation's read-only drive: its source is held there
+        with ctx.hold_keys(dest.prefix, [dest.key]), ctx.hold_keys(source.prefix, [], [source.key]):
+            _transfer_held(src, dest, dest_path, move=move, depth_infinity=depth_infinity)
+    return True
+
+
+def _transfer_held(src, dest, dest_path: str, *, move: bool, depth_infinity: bool) -> None:
+    environ, provider = src.environ, src.provider
+    ctx = context_of(environ)
+    environ.get(CACHE_KEY, {}).clear()  # what wsgidav resolved before the keys were held is read again
+    properties = provider.prop_manager
+    src_ref, dest_ref = src.get_ref_url(), quote("/" + dest.key)
+    copied_properties = 0
+    reserved = added = 0  # a COPY's reservation, settled at the end
+    try:
+        with store_errors():
+            if not src.is_collection:
+                src.info = ctx.store.head(src.location.key)
+                if src.info is None:
+                    raise DAVError(HTTP_NOT_FOUND)  # another request moved or deleted it meanwhile
+            existing = provider.get_resource_inst(dest_path, environ)
+            environ[DEST_EXISTED_KEY] = existing is not None
+            if existing is not None:
+                existing.delete()  # RFC 4918 9.8.4 / 9.9.3: Overwrite: T deletes the destination first
+            store = ctx.store
+            if not src.is_collection:
+                size = src.get_content_length()
+                moved_within = move and src.location.prefix == dest.prefix  # the drive does not grow
+                reserved = 0 if moved_within else ctx.reserve_room(dest.prefix, size + copied_properties)
                 etag = store.copy(src.location.key, dest.key)
-            except BaseException:
-                ctx.settle_room(dest.prefix, reserved, 0)
-                raise
-            ctx.settle_room(dest.prefix, reserved, size)
-            if ctx.facts is not None:
-                ctx.facts.carry([Carried(src.info, dest.key, etag)], mtime=client_mtime(environ))
-            if move:
-                store.delete(src.location.key)
+                added = size
+                if etag.strip('"') != src.info.etag.strip('"'):
+                    # An upload URL for the source (which no request holds) landed meanwhile, or
+                    # the store gives a copy its own ETag: count what was copied (a MOVE then
+                    # takes away what was counted at the source: the URL's object replaced it).
+                    copied = store.head(dest.key)
+                    added = copied.size if copied is not None else size
+                if move:
+                    ctx.settle_room(dest.prefix, reserved, added)
+                    reserved = added = 0
                 if ctx.facts is not None:
-                    ctx.facts.forget(src.location.key)
-                ctx.add_usage(src.location.prefix, -src.get_content_length())
-        elif not depth_infinity:
-            store.put_object(dest.key + FOLDER_MARKER, b"")
-        else:
-            objects = list(iter_objects(store, src.location.key))
-            total = sum(info.size for info in objects)
-            moved_within = move and src.location.prefix == dest.prefix
-            reserved = 0 if moved_within else ctx.reserve_room(dest.prefix, total)
-            pairs = [(info, dest.key + info.key[len(src.location.key) :]) for info in objects]
-            if src.location.key + FOLDER_MARKER not in {info.key for info in objects}:
-                pairs.append((None, dest.key + FOLDER_MARKER))  # the destination folder exists even if empty
+                    ctx.facts.carry([Carried(src.info, dest.key, etag)], mtime=client_mtime(environ))
+                if move:
+                    store.delete(src.location.key)
+                    if ctx.facts is not None:
+                        ctx.facts.forget(src.location.key)
+                    ctx.add_usage(src.location.prefix, -size)
+            elif not depth_infinity:
+                reserved = ctx.reserve_room(dest.prefix, copied_properties)
+                store.put_object(dest.key + FOLDER_MARKER, b"")
+            else:
+                objects = list(iter_objects(store, src.location.key))
+                total = sum(info.size for info in objects)
+                moved_within = move and src.location.prefix == dest.prefix
+                reserved = 0 if moved_within else ctx.reserve_room(dest.prefix, total + copied_properties)
+                pairs = [(info, dest.key + info.key[len(src.location.key) :]) for info in objects]
+                if src.location.key + FOLDER_MARKER not in {info.key for info in objects}:
+                    pairs.append((None, dest.key + FOLDER_MARKER))  # the destination folder exists even if empty
 
-            def copy_one(pair) -> Carried | None:
-                source, target = pair
-                if source is None:
-                    store.put_object(target, b"")
-                    return None
-                etag = store.copy(source.key, target)
-                return None if is_hidden(source.key) else Carried(source, target, etag)
+                def copy_one(pair) -> Carried | None:
+                    source, target = pair
+                    if source is None:
+                        store.put_object(target, b"")
+                        return None
+                    etag = store.copy(source.key, target)
+                    return None if is_hidden(source.key) else Carried(source, target, etag)
 
-            try:
+                # What was copied before a failure is counted at the next recount.
                 with ThreadPoolExecutor(max_workers=COPY_THREADS) as pool:
                     carried = [item for item in pool.map(copy_one, pairs) if item is not None]
-            except BaseException:
-                ctx.settle_room(dest.prefix, reserved, 0)  # what was copied is counted at the next recount
-                raise
-            ctx.settle_room(dest.prefix, reserved, total)
-            if ctx.facts is not None:
-                ctx.facts.carry(carried)
-            if move:
-                store.delete_many([info.key for info in objects])
+                added = total
+                if move:
+                    ctx.settle_room(dest.prefix, reserved, added)
+                    reserved = added = 0
                 if ctx.facts is not None:
-                    ctx.facts.forget_under(src.location.key)
-                ctx.add_usage(src.location.prefix, -total)
-    properties = provider.prop_manager
-    if properties is not None:
-        if move:
-            properties.move_properties(src_ref, dest_ref, with_children=src.is_collection)
-        elif isinstance(properties, DbPropertyManager):
-            properties.copy_tree(src_ref, dest_ref, with_children=src.is_collection and depth_infinity)
-        else:
-            properties.copy_properties(src_ref, dest_ref)
+                    ctx.facts.carry(carried)
+                if move:
+                    store.delete_many([info.key for info in objects])
+                    if ctx.facts is not None:
+                        ctx.facts.forget_under(src.location.key)
+                    ctx.add_usage(src.location.prefix, -total)
+        if properties is not None:
+            if move:
+                properties.move_properties(src_ref, dest_ref, with_children=src.is_collection)
+            elif isinstance(properties, DbPropertyManager):
+                properties.copy_tree(src_ref, dest_ref, with_children=src.is_collection and depth_infinity)
+            else:
+                properties.copy_properties(src_ref, dest_ref)
+    finally:
+        ctx.settle_room(dest.prefix, reserved, added)
     if move:
         src.remove_all_locks(recursive=True)
     invalidate_after_write(environ, src.location.key, dest.key)
-    return True

@@ -110,7 +110,11 @@ UPLOAD_ERRORS = errors(
     (403, "read_only: you may read this drive but not write to it; no_drive: the environment admin token has none"),
     (409, "name_conflict: a folder has this name, or a file is where a folder would be"),
     (413, "quota_exceeded: the upload would pass the drive's quota (nothing is stored)"),
-    (423, "locked: a WebDAV lock holds the file; send its token in an If header"),
+    (
+        423,
+        "locked: a WebDAV lock holds the file; send its token in an If header; busy: another request is "
+        "writing the same file (or moving or deleting a folder that holds it): retry in a moment",
+    ),
     STORE_DOWN,
 )
 MINTED = content(
@@ -207,7 +211,11 @@ DELETED = merge(
         (400, "invalid_path, or refused: the drive's root cannot be deleted"),
         (403, "read_only: you may read this drive but not write to it; no_drive: the environment admin token has none"),
         (404, "not_found: no such file or folder"),
-        (423, "locked: a WebDAV lock holds it; send its token in an If header"),
+        (
+            423,
+            "locked: a WebDAV lock holds it; send its token in an If header; busy: another request is "
+            "writing it (or a folder that holds it): retry in a moment",
+        ),
         STORE_DOWN,
     ),
 )
