@@ -47,6 +47,12 @@ def user_prefix(user_id: int) -> str:
     return f"users/{int(user_id)}/"
 
 
+def drive_of(key: str) -> str:
+    """The prefix of the drive that holds ``key`` (or a WebDAV ref URL, "/users/7/a%20b"): its
+    first two segments, "users/7/" or "orgs/vitallab/"."""
+    return "/".join(key.lstrip("/").split("/", 2)[:2]) + "/"
+
+
 def _xml_invalid(ch: str) -> bool:
     """Not a character of XML 1.0 (beyond the control characters refused on their own): a name
     holding one would make every WebDAV listing of its folder malformed XML."""

@@ -117,9 +117,10 @@ request_server.urlparse = _wsgidav_destination_parse
 OLD_PROPERTIES_FILE = "webdav.sqlite3"  # where servers before migration 0008 kept dead properties and locks
 
 
-def build_wsgidav(sessions: sessionmaker, data_dir: Path) -> tuple[Callable, WsgiDAVApp]:
-    """The wsgidav WSGI application for both mount points, wrapped to hand it the request's drive."""
-    properties = DbPropertyManager(sessions, DavProperty.__table__)
+def build_wsgidav(sessions: sessionmaker, data_dir: Path, usage=None) -> tuple[Callable, WsgiDAVApp]:
+    """The wsgidav WSGI application for both mount points, wrapped to hand it the request's drive;
+    dead properties count in ``usage`` (gateway.quota.UsageBook)."""
+    properties = DbPropertyManager(sessions, DavProperty.__table__, usage)
     locks = DbLockStorage(sessions, DavLock.__table__)
     imported = import_sqlite_properties(Path(data_dir) / OLD_PROPERTIES_FILE, properties)
     if imported:
@@ -208,7 +209,7 @@ class DavDispatcher:
         if self._dav is None:
             with self._lock:
                 if self._dav is None:
-                    wsgi, self._wsgidav = build_wsgidav(state.sessions, state.settings.data_dir)
+                    wsgi, self._wsgidav = build_wsgidav(state.sessions, state.settings.data_dir, state.usage)
                     self._dav = WSGIMiddleware(wsgi, workers=WSGI_THREADS)
         return self._dav
 
@@ -389,7 +390,7 @@ class DavDispatcher:
                 return None
             return await run_in_threadpool(names.file_above, state.store, principal.drive_prefix, target)
 
-        sender = _wsgidav_sender(send, method, rel, explain_conflict)
+        sender = _wsgidav_sender(send, method, rel, explain_conflict, lambda: context.answer)
         await self._dav_app(state)({**scope, dav.ENVIRON_KEY: context}, receive, sender)
 
     @staticmethod
@@ -416,15 +417,26 @@ def _file_or_nothing(store, key: str) -> bool:
     return store.head(key) is not None or not store.list_page(key + "/", max_keys=1).entries
 
 
-def _wsgidav_sender(send: Send, method: str, rel: str, explain_conflict=None) -> Send:
+def _wsgidav_sender(send: Send, method: str, rel: str, explain_conflict=None, answer=lambda: None) -> Send:
     """``send`` for wsgidav's answers: without its Date header (uvicorn adds its own), and with
     each HTML error page (wsgidav's ErrorPrinter) turned into the project's envelope; a 409
-    that a file in the way explains says so as the HTTP routes do (drive/names.py)."""
+    that a file in the way explains says so as the HTTP routes do (drive/names.py). When the
+    request set an ``answer()`` of its own (drive.dav.DavContext.answer), that is sent instead."""
     held: dict | None = None
     page = bytearray()
+    replaced = False
 
     async def sender(message: Message) -> None:
-        nonlocal held
+        nonlocal held, replaced
+        if replaced:
+            return  # wsgidav's own answer, dropped
+        if message["type"] == "http.response.start" and answer() is not None:
+            replaced = True
+            status, code, said = answer()
+            response = envelope(status, code, said)
+            await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
+            await send({"type": "http.response.body", "body": response.body})
+            return
         if message["type"] == "http.response.start":
             headers = [h for h in message["headers"] if h[0] != b"date"]
             content_type = next((v for k, v in headers if k == b"content-type"), b"")

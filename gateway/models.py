@@ -68,6 +68,8 @@ class DriveUsage(Base):
     # a reservation succeeds only while used + reserved + n <= quota, in one UPDATE.
     reserved_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     inflight: Mapped[int] = mapped_column(Integer, default=0)  # uploads and holds open
+    # The drive's WebDAV dead properties (name and XML value of each): they count in the quota too.
+    property_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     changes: Mapped[int] = mapped_column(BigInteger, default=0)  # bumped by every change; a recount checks it
     reconciled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 

@@ -23,8 +23,11 @@ a DELETE of it, never both count the same old object (issue 19, item 11: an over
 MOVE kept both copies; two DELETEs at once freed one file twice). A folder's lease holds
 everything under it. A write that finds its key held waits a little, then is refused
 (:class:`WriteBusy`, a 423 ``busy``).
+WebDAV dead properties (PROPPATCH) count too, as ``property_bytes`` (name and XML value of
+each): :meth:`UsageBook.change_properties` changes them in one transaction with the drive's
+count, refusing growth past the quota (issue 19, item 12: they were storage outside it).
 Whenever a row is older than ``quota_reconcile_seconds`` a background thread
-re-counts the prefix from the store, so drift never lasts.
+re-counts the prefix from the store (and its properties from the database), so drift never lasts.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import AsyncIterator, Iterable
+from urllib.parse import quote
 
 from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -44,7 +48,7 @@ from starlette.concurrency import run_in_threadpool
 
 from drive.store import ObjectInfo, ObjectStore, iter_objects
 from drive.uploads import UploadTooLarge, WriteBusy
-from gateway.models import DriveUsage, DriveWrite, QuotaHold, utcnow
+from gateway.models import DavProperty, DriveUsage, DriveWrite, QuotaHold, utcnow
 from gateway.tokens import as_utc
 
 log = logging.getLogger("kgpu.quota")
@@ -79,6 +83,11 @@ def _appeared(info: ObjectInfo | None, previous_etag: str | None, previous_size:
 
 class _LeaseLost(Exception):
     """A streamed upload's lease was given back while it still ran (rolls its transaction back)."""
+
+
+# What a dead property weighs in the quota: its name and its XML value (characters and bytes), as
+# drive/dav/storage.py measures it in Python (len(name) + len(value)).
+PROPERTY_BYTES = func.length(DavProperty.name) + func.length(DavProperty.value)
 
 
 class QuotaExceeded(UploadTooLarge):
@@ -154,7 +163,7 @@ class UsageBook:
             if row is None:
                 return self.reconcile(prefix)
             reconciled = as_utc(row.reconciled_at)
-            used = row.used_bytes
+            used = row.used_bytes + row.property_bytes
         if reconciled is None or utcnow() - reconciled > self._max_age:
             self.reconcile_soon(prefix)
         return max(used, 0)
@@ -197,21 +206,26 @@ class UsageBook:
             self.reconcile(prefix)
 
     def _fits(self, n: int, quota: int):
-        return DriveUsage.used_bytes + DriveUsage.reserved_bytes + n <= quota
+        """The one test of the quota: stored bytes, promised bytes, dead properties and ``n`` more."""
+        return DriveUsage.used_bytes + DriveUsage.reserved_bytes + DriveUsage.property_bytes + n <= quota
 
     def room(self, prefix: str, quota: int) -> int:
         """What is neither used nor promised (a hint: a reservation checks again)."""
         with self._sessions() as session:
             row = session.get(DriveUsage, prefix)
-            return quota - row.used_bytes - row.reserved_bytes if row is not None else 0
+            return quota - row.used_bytes - row.reserved_bytes - row.property_bytes if row is not None else 0
 
     def _refusal(self, prefix: str, n: int, quota: int, what: str = "this upload") -> QuotaExceeded:
         with self._sessions() as session:
             row = session.get(DriveUsage, prefix)
-            used, reserved = (row.used_bytes, row.reserved_bytes) if row is not None else (0, 0)
+            used, reserved, properties = (
+                (row.used_bytes, row.reserved_bytes, row.property_bytes) if row is not None else (0, 0, 0)
+            )
+        notes = [f"{reserved} of them promised to uploads in progress"] if reserved > 0 else []
+        notes += [f"{properties} of them dead properties"] if properties > 0 else []
         return QuotaExceeded(
-            f"{what} ({n} bytes) would take the drive to {max(used + reserved, 0) + n} of {quota} bytes"
-            + (f" ({reserved} of them promised to uploads in progress)" if reserved > 0 else "")
+            f"{what} ({n} bytes) would take the drive to {max(used + reserved + properties, 0) + n} of {quota} bytes"
+            + (f" ({', '.join(notes)})" if notes else "")
         )
 
     def _reserve(self, prefix: str, n: int, quota: int, *, opening: bool, also=None) -> int:
@@ -470,30 +484,89 @@ class UsageBook:
     # ------------------------------------------------------------ recounts
 
     def reconcile(self, prefix: str) -> int:
-        """Count the prefix in the store and record it, unless an upload was in flight or the
-        row changed while counting (the count could then miss, or count twice, what that
-        upload settles): the incremental count stays, and the next recount tries again."""
+        """Count the prefix in the store (and its dead properties) and record it, unless an upload
+        was in flight or the row changed while counting (the count could then miss, or count
+        twice, what that upload settles): the incremental count stays, and the next recount tries
+        again. Returns what the drive holds, its properties included."""
         with self._sessions() as session:
             row = session.get(DriveUsage, prefix)
             before = row.changes if row is not None else None
         used = sum(obj.size for obj in iter_objects(self._store, prefix))
+        properties = self._count_properties(prefix)
         if before is None:
             try:  # the first count of a drive: no upload can have reserved before the row exists
                 with self._sessions.begin() as session:
-                    session.add(DriveUsage(prefix=prefix, used_bytes=used, reconciled_at=utcnow()))
-                return used
+                    session.add(
+                        DriveUsage(prefix=prefix, used_bytes=used, property_bytes=properties, reconciled_at=utcnow())
+                    )
+                return used + properties
             except IntegrityError:  # another request counted it first: its row stands
                 with self._sessions() as session:
-                    return session.get(DriveUsage, prefix).used_bytes
+                    row = session.get(DriveUsage, prefix)
+                    return row.used_bytes + row.property_bytes
         with self._sessions.begin() as session:
             recorded = session.execute(
                 update(DriveUsage)
                 .where(DriveUsage.prefix == prefix, DriveUsage.changes == before, DriveUsage.inflight == 0)
-                .values(used_bytes=used, reconciled_at=utcnow(), changes=DriveUsage.changes + 1)
+                .values(used_bytes=used, property_bytes=properties, reconciled_at=utcnow(), changes=DriveUsage.changes + 1)
             ).rowcount
             if not recorded:
                 session.execute(update(DriveUsage).where(DriveUsage.prefix == prefix).values(reconciled_at=utcnow()))
-        return used
+        return used + properties
+
+    def _count_properties(self, prefix: str) -> int:
+        """The bytes of the dead properties of a drive's files and folders (their ref URLs are
+        the quoted keys, "/users/7/a%20b": all from "/users/7/" to "/users/70")."""
+        low = "/" + quote(prefix)
+        with self._sessions() as session:
+            return session.scalar(
+                select(func.coalesce(func.sum(PROPERTY_BYTES), 0)).where(
+                    DavProperty.url >= low, DavProperty.url < low[:-1] + "0"
+                )
+            ) or 0
+
+    # ------------------------------------------------------------ dead properties
+
+    def change_properties(self, prefix: str, quota: int | None, change) -> int:
+        """Change a drive's dead properties (drive/dav/storage.py) in one transaction with its
+        count: ``change(session)`` makes the change and returns by how many bytes they grew
+        (negative: shrank; :data:`PROPERTY_BYTES` measures a row). Growth past ``quota`` (None:
+        not checked, e.g. bytes reserved already) is QuotaExceeded and changes nothing. The
+        drive's row is locked first, so changes of one drive's properties go one at a time and
+        ``change`` reads them current. Presigned PUTs that are done are settled once before a refusal."""
+        self._ensure_row(prefix)
+        settled = False
+        while True:
+            try:
+                with self._sessions.begin() as session:
+                    session.execute(
+                        update(DriveUsage).where(DriveUsage.prefix == prefix).values(changes=DriveUsage.changes + 1)
+                    )
+                    delta = change(session)
+                    if delta:
+                        where = [DriveUsage.prefix == prefix]
+                        if delta > 0 and quota is not None:
+                            where.append(self._fits(delta, quota))
+                        grown = session.execute(
+                            update(DriveUsage).where(*where).values(property_bytes=DriveUsage.property_bytes + delta)
+                        ).rowcount
+                        if not grown:
+                            raise _NoRoom(delta)  # rolls the change back
+                return delta
+            except _NoRoom as exc:
+                if settled or not self.settle_holds(prefix):
+                    raise self._refusal(prefix, exc.args[0], quota, "these dead properties") from None
+                settled = True
+
+    def check_property_room(self, prefix: str, n: int, quota: int | None) -> None:
+        """QuotaExceeded unless ``n`` more bytes of dead properties fit now (PROPPATCH's dry run;
+        :meth:`change_properties` checks again, atomically)."""
+        if quota is None or n <= 0:
+            return
+        self._ensure_row(prefix)
+        if self.room(prefix, quota) >= n or (self.settle_holds(prefix) and self.room(prefix, quota) >= n):
+            return
+        raise self._refusal(prefix, n, quota, "these dead properties")
 
     def reconcile_soon(self, prefix: str) -> None:
         self._soon(self.reconcile, prefix)

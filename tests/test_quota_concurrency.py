@@ -439,8 +439,162 @@ def test_deletes_of_one_file_at_once_free_it_once(stack, user, small_quota, moun
     assert over.status_code == 413, over.text
 
 
+# ------------------------------------------------------------------ dead properties count in the quota
+
+
+def set_props(**properties: str) -> bytes:
+    props = "".join(f"<x:{name}>{value}</x:{name}>" for name, value in properties.items())
+    return (
+        '<?xml version="1.0" encoding="utf-8"?><D:propertyupdate xmlns:D="DAV:" xmlns:x="urn:x">'
+        f"<D:set><D:prop>{props}</D:prop></D:set></D:propertyupdate>"
+    ).encode()
+
+
+def remove_props(*names: str) -> bytes:
+    props = "".join(f"<x:{name}/>" for name in names)
+    return (
+        '<?xml version="1.0" encoding="utf-8"?><D:propertyupdate xmlns:D="DAV:" xmlns:x="urn:x">'
+        f"<D:remove><D:prop>{props}</D:prop></D:remove></D:propertyupdate>"
+    ).encode()
+
+
+def proppatch(stack, user, rel: str, body: bytes, mount: str = "files") -> requests.Response:
+    return requests.request("PROPPATCH", f"{stack.base}/v1/{mount}/{rel}", data=body, headers=user.auth, timeout=60)
+
+
+def property_bytes(stack, user) -> tuple[int, int]:
+    """(counted in the drive's usage, what the database holds)."""
+    from gateway.models import DriveUsage
+
+    prefix = f"users/{user.id}/"
+    with stack.server.app.state.sessions() as session:
+        row = session.get(DriveUsage, prefix)
+        counted_now = row.property_bytes if row is not None else 0
+    return counted_now, stack.server.app.state.usage._count_properties(prefix)
+
+
+def prop_names(stack, user, rel: str) -> str:
+    reply = requests.request(
+        "PROPFIND", f"{stack.base}/v1/files/{rel}", headers={**user.auth, "Depth": "0"},
+        data=b'<?xml version="1.0"?><D:propfind xmlns:D="DAV:"><D:allprop/></D:propfind>',
+    )
+    assert reply.status_code == 207, reply.text[:300]
+    return reply.text
+
+
 def assert_quota_refusal(reply: requests.Response, status: int = 507) -> str:
     assert reply.status_code == status, (reply.status_code, reply.text[:500])
     body = reply.json()
     assert set(body) == {"error_code", "message", "trace_id"} and body["error_code"] == "quota_exceeded", body
     return body["message"]
+
+
+@pytest.mark.parametrize("mount", ["files", "dav"])
+def test_dead_properties_count_in_the_quota(stack, user, monkeypatch, mount):
+    """Issue 19, item 12: dead properties were storage outside the quota (5 PROPPATCHes put 100 MiB
+    into the database while the quota said 9 bytes). Their bytes (name and XML value) count in
+    the drive's usage; a PROPPATCH past the quota is refused whole, 507 quota_exceeded in the
+    envelope, and changes nothing; removing a property, or its file, frees its bytes."""
+    quota = 200 << 10
+    monkeypatch.setattr(stack.settings, "user_quota_bytes", quota)
+    data = os.urandom(50 << 10)
+    assert requests.put(f"{stack.base}/v1/files/p/a.bin", data=data, headers=user.auth).status_code == 201
+    assert proppatch(stack, user, "p/a.bin", set_props(note="n" * (60 << 10)), mount).status_code == 207
+    weight, held = property_bytes(stack, user)
+    assert weight == held and (60 << 10) < weight < (60 << 10) + 200, (weight, held)
+    listing = requests.get(f"{stack.base}/v1/files", headers=user.auth).json()
+    assert listing["quota"]["used_bytes"] == len(data) + weight  # what the quota counts, shown
+    assert check_counted_once_with_properties(stack, user) == len(data)
+
+    # 50 KiB stored + 60 KiB of properties: 90 KiB left. Another 60 KiB fits; a third does not,
+    # alone or as two properties that each would (the request is one).
+    assert "200 OK" in proppatch(stack, user, "p/a.bin", set_props(second="s" * (60 << 10)), mount).text
+    said = assert_quota_refusal(proppatch(stack, user, "p/a.bin", set_props(third="t" * (60 << 10)), mount))
+    assert "dead properties" in said and f"of {quota} bytes" in said, said
+    split = set_props(fourth="f" * (20 << 10), fifth="g" * (20 << 10))
+    assert_quota_refusal(proppatch(stack, user, "p/a.bin", split, mount))
+    names = prop_names(stack, user, "p/a.bin")
+    assert "second" in names and not any(name in names for name in ("third", "fourth", "fifth"))
+    weight, held = property_bytes(stack, user)
+    assert weight == held < (121 << 10)
+
+    # An upload needs the room the properties take: refused now, fits once one is removed.
+    refused = requests.put(f"{stack.base}/v1/files/p/b.bin", data=os.urandom(40 << 10), headers=user.auth)
+    assert refused.status_code == 413 and refused.json()["error_code"] == "quota_exceeded", refused.text
+    assert "200 OK" in proppatch(stack, user, "p/a.bin", remove_props("second"), mount).text
+    assert property_bytes(stack, user)[0] == property_bytes(stack, user)[1] < (61 << 10)
+    assert requests.put(f"{stack.base}/v1/files/p/b.bin", data=os.urandom(40 << 10), headers=user.auth).status_code == 201
+
+    # A COPY carries the properties: their bytes are reserved with the file's, or the COPY is refused.
+    copied = requests.request(
+        "COPY", f"{stack.base}/v1/{mount}/p/a.bin", headers={**user.auth, "Destination": f"{stack.base}/v1/{mount}/p/c.bin"}
+    )
+    assert_quota_refusal(copied)
+    assert "p/c.bin" not in stored(stack, user)
+    # A MOVE keeps them, counted once; deleting the file frees them.
+    moved = requests.request(
+        "MOVE", f"{stack.base}/v1/{mount}/p/a.bin", headers={**user.auth, "Destination": f"{stack.base}/v1/{mount}/p/m.bin"}
+    )
+    assert moved.status_code == 201, moved.text
+    assert "note" in prop_names(stack, user, "p/m.bin")
+    assert property_bytes(stack, user)[0] == property_bytes(stack, user)[1] > (60 << 10)
+    assert requests.delete(f"{stack.base}/v1/{mount}/p/m.bin", headers=user.auth).status_code == 204
+    assert property_bytes(stack, user) == (0, 0)
+    check_counted_once_with_properties(stack, user)
+
+
+def check_counted_once_with_properties(stack, user) -> int:
+    """As check_counted_once, for a quota of the settings' own; the properties apart."""
+    total = sum(stored(stack, user).values())
+    assert counted(stack, user) == (total, 0), f"{total} bytes stored, the quota counts {counted(stack, user)}"
+    weight, held = property_bytes(stack, user)
+    assert weight == held, (weight, held)
+    assert total + weight <= stack.settings.user_quota_bytes
+    return total
+
+
+def test_many_resources_full_of_properties_stop_at_the_quota(stack, user, monkeypatch):
+    """The hostile tenant: empty files and folders, each given the most a resource may hold
+    (4 x 60 KiB), in parallel, on a quota of four such resources and 40 KiB. The quota stops them: what the database holds
+    is what the quota counts, never more than the quota; every refusal is 507 quota_exceeded in
+    the envelope (or the cap's 507 inside a 207), and nothing refused was kept; deleting the
+    folder gives every byte back."""
+    quota = (1 << 20) - (40 << 10)
+    monkeypatch.setattr(stack.settings, "user_quota_bytes", quota)
+    assert requests.request("MKCOL", f"{stack.base}/v1/dav/h/", headers=user.auth).status_code == 201
+    names = [f"h/{n:02d}" + ("/" if n % 4 == 0 else ".txt") for n in range(16)]
+    for name in names:
+        if name.endswith("/"):
+            assert requests.request("MKCOL", f"{stack.base}/v1/dav/{name}", headers=user.auth).status_code == 201
+        else:
+            assert requests.put(f"{stack.base}/v1/files/{name}", data=b"", headers=user.auth).status_code == 201
+    full = set_props(**{f"p{i}": str(i) * (60 << 10) for i in range(4)})
+    start = threading.Barrier(len(names))
+
+    def fill(name):
+        start.wait()
+        return name, proppatch(stack, user, name, full, "dav" if len(name) % 2 else "files")
+
+    with ThreadPoolExecutor(len(names)) as pool:
+        replies = dict(pool.map(fill, names))
+    kept = [name for name, reply in replies.items() if reply.status_code == 207 and "200 OK" in reply.text]
+    refused = [name for name in names if name not in kept]
+    assert kept and refused, {name: reply.status_code for name, reply in replies.items()}
+    for name in refused:
+        assert_quota_refusal(replies[name])
+        assert "x:p0" not in prop_names(stack, user, name).replace("ns0:p0", "x:p0"), name
+    weight, held = property_bytes(stack, user)
+    assert weight == held <= quota, (weight, held, quota)
+    assert len(kept) == 4 and weight // 4 > 4 * (60 << 10), (len(kept), weight)
+    # Not one more byte, in any form: a property, a file, a copy.
+    assert_quota_refusal(proppatch(stack, user, "h/01.txt", set_props(more="m" * (60 << 10))))
+    over = requests.put(f"{stack.base}/v1/files/h/over.bin", data=os.urandom(quota - weight + 1), headers=user.auth)
+    assert over.status_code == 413, over.text
+    copy = requests.request(
+        "COPY", f"{stack.base}/v1/dav/{kept[0]}", headers={**user.auth, "Destination": f"{stack.base}/v1/dav/h/copy"}
+    )
+    assert_quota_refusal(copy)
+    # Deleting the folder frees every byte of them.
+    assert requests.delete(f"{stack.base}/v1/files/h/", headers=user.auth).status_code == 204
+    assert property_bytes(stack, user) == (0, 0)
+    assert requests.put(f"{stack.base}/v1/files/all.bin", data=os.urandom(quota), headers=user.auth).status_code == 201

@@ -58,6 +58,13 @@ class DavContext:
     facts: FactsBook | None = None  # modification times and checksums (drive/facts.py)
     _orgs: list[str] | None = field(default=None, repr=False)
     _leases: list = field(default_factory=list, repr=False)  # the keys this request holds now
+    # A PROPPATCH's dead properties, (ref URL, name) -> XML value (None: removed), noted by its dry
+    # run and made at once by its real run; then True, or the DAVError that refused them.
+    property_plan: dict = field(default_factory=dict, repr=False)
+    property_outcome: object = field(default=None, repr=False)
+    # (status, error_code, message): the whole request's answer, in the envelope, instead of
+    # wsgidav's (a PROPPATCH past the quota: 507 rather than a 207; gateway/dav_app.py).
+    answer: tuple | None = None
 
     def org_slugs(self) -> list[str]:
         if self._orgs is None:

@@ -28,7 +28,9 @@ from wsgidav.lock_man.lock_manager import LockManager, generate_lock_token, norm
 from wsgidav.lock_man.lock_storage import LockStorageDict
 from wsgidav.prop_man.property_manager import PropertyManager
 
-from drive.dav.context import EXTRAS_KEY, listed_without
+from drive.dav.context import ENVIRON_KEY, EXTRAS_KEY, coded_error, listed_without
+from drive.keys import drive_of
+from drive.uploads import UploadTooLarge
 
 _GRANTING_KEY = 0x6B677075_64617601  # the PostgreSQL advisory lock held while a LOCK is granted
 
@@ -60,12 +62,19 @@ MAX_RESOURCE_PROPERTY_BYTES = 256 << 10
 
 
 class DbPropertyManager(PropertyManager):
-    """wsgidav's property manager over the table ``dav_properties`` (url, name, value: the XML)."""
+    """wsgidav's property manager over the table ``dav_properties`` (url, name, value: the XML).
 
-    def __init__(self, sessions: sessionmaker, table: Table):
+    Dead properties count in their drive's quota (issue 19, item 12): every change goes through
+    ``usage.change_properties`` (gateway/quota.py), in one transaction with the drive's count,
+    and a PROPPATCH that does not fit is refused whole with 507 ``quota_exceeded``. A PROPPATCH's
+    dry run checks all its properties together (the caps and the quota) and its real run makes
+    them in one transaction, so a refused PROPPATCH changes nothing."""
+
+    def __init__(self, sessions: sessionmaker, table: Table, usage=None):
         super().__init__()
         self._sessions = sessions
         self._table = table
+        self._usage = usage  # gateway.quota.UsageBook (None: nothing counted)
         self._loaded = True
 
     def __repr__(self) -> str:
@@ -80,12 +89,24 @@ class DbPropertyManager(PropertyManager):
     def _close(self):
         pass
 
+    @property
+    def _size(self):
+        """What a row weighs (the quota's measure: gateway.quota.PROPERTY_BYTES)."""
+        return func.length(self._table.c.name) + func.length(self._table.c.value)
+
     def urls_under(self, url: str) -> list[str]:
         """Unquoted, without a trailing slash: the URLs at or under ``url`` with dead properties."""
         t = self._table
         with self._sessions() as session:
             urls = session.scalars(select(t.c.url).where(_at_or_under(t.c.url, url)).distinct()).all()
         return [unquote(found).rstrip("/") or "/" for found in urls]
+
+    def bytes_under(self, url: str, *, with_children: bool) -> int:
+        """What the dead properties of ``url`` (and of the URLs under it) weigh in the quota."""
+        t = self._table
+        where = _at_or_under(t.c.url, url) if with_children else t.c.url == url
+        with self._sessions() as session:
+            return session.scalar(select(func.coalesce(func.sum(self._size), 0)).where(where)) or 0
 
     def get_properties(self, norm_url, environ=None):
         if environ is not None and listed_without(environ, norm_url, locks=False):
@@ -102,45 +123,132 @@ class DbPropertyManager(PropertyManager):
             return session.scalar(select(t.c.value).where(t.c.url == norm_url, t.c.name == name))
 
     def write_property(self, norm_url, name, property_value, dry_run=False, environ=None):
-        """Checked in PROPPATCH's dry run too, so a refused property leaves every other one as it was."""
         size = len(name) + len(property_value)
         if size > MAX_PROPERTY_BYTES:
             raise DAVError(HTTP_INSUFFICIENT_STORAGE, f"a dead property holds at most {MAX_PROPERTY_BYTES} bytes")
+        self._update(norm_url, name, property_value, dry_run, environ)
+
+    def remove_property(self, norm_url, name, dry_run=False, environ=None):
+        self._update(norm_url, name, None, dry_run, environ)
+
+    def _update(self, url: str, name: str, value: bytes | None, dry_run: bool, environ) -> None:
+        """One property of a PROPPATCH set (``value``) or removed (None). The dry run notes it in
+        the request's plan and checks the plan so far; the real run's first property makes the
+        whole plan at once (the others find it made, or its refusal)."""
+        ctx = environ.get(ENVIRON_KEY) if environ else None
+        if ctx is None or (not dry_run and (url, name) not in ctx.property_plan):
+            self._apply({(url, name): value}, self._quota(ctx, url))  # not a PROPPATCH's (an import)
+            return
+        if dry_run:
+            ctx.property_plan[(url, name)] = value
+            self._check(ctx.property_plan, ctx)
+            return
+        if ctx.property_outcome is None:
+            try:
+                self._apply(ctx.property_plan, self._quota(ctx, url), ctx)
+                ctx.property_outcome = True
+            except DAVError as exc:
+                ctx.property_outcome = exc
+        if isinstance(ctx.property_outcome, DAVError):
+            raise ctx.property_outcome
+
+    @staticmethod
+    def _quota(ctx, url: str) -> int | None:
+        return ctx.quota_bytes if ctx is not None and drive_of(url) == ctx.prefix else None
+
+    def _weights(self, session: Session, urls) -> dict[tuple[str, str], int]:
         t = self._table
-        with self._sessions.begin() as session:
-            others = session.scalar(
-                select(func.coalesce(func.sum(func.length(t.c.name) + func.length(t.c.value)), 0))
-                .where(t.c.url == norm_url, t.c.name != name)
-            ) or 0
-            if others + size > MAX_RESOURCE_PROPERTY_BYTES:
+        rows = session.execute(select(t.c.url, t.c.name, self._size).where(t.c.url.in_(sorted(urls)))).all()
+        return {(url, name): size for url, name, size in rows}
+
+    @staticmethod
+    def _outcome(plan: dict, weights: dict) -> int:
+        """How many bytes ``plan`` adds (negative: frees); DAVError 507 if it would take a
+        resource past MAX_RESOURCE_PROPERTY_BYTES."""
+        after = dict(weights)
+        for (url, name), value in plan.items():
+            if value is None:
+                after.pop((url, name), None)
+            else:
+                after[(url, name)] = len(name) + len(value)
+        for url in {url for url, _ in plan}:
+            if sum(size for (at, _), size in after.items() if at == url) > MAX_RESOURCE_PROPERTY_BYTES:
                 raise DAVError(
                     HTTP_INSUFFICIENT_STORAGE,
                     f"the dead properties of one resource hold at most {MAX_RESOURCE_PROPERTY_BYTES} bytes in all",
                 )
-            if not dry_run:
-                _upsert(session, t, {"url": norm_url, "name": name, "value": property_value}, ["url", "name"])
+        return sum(after.values()) - sum(weights.values())
 
-    def remove_property(self, norm_url, name, dry_run=False, environ=None):
-        if dry_run:
-            return
+    def _check(self, plan: dict, ctx) -> None:
+        """PROPPATCH's dry run: the caps and the quota for every property of the request so far."""
+        with self._sessions() as session:
+            weights = self._weights(session, {url for url, _ in plan})
+        grows = self._outcome(plan, weights)
+        url = next(iter(plan))[0]
+        if self._usage is not None and grows > 0:
+            try:
+                self._usage.check_property_room(drive_of(url), grows, self._quota(ctx, url))
+            except UploadTooLarge as exc:
+                raise self._refused(ctx, str(exc)) from None
+
+    @staticmethod
+    def _refused(ctx, message: str) -> DAVError:
+        """Past the quota: the whole PROPPATCH is answered 507 quota_exceeded, in the envelope
+        (gateway/dav_app.py answers ``ctx.answer`` instead of wsgidav's 207)."""
+        if ctx is not None:
+            ctx.answer = (HTTP_INSUFFICIENT_STORAGE, "quota_exceeded", message)
+        return coded_error(HTTP_INSUFFICIENT_STORAGE, "quota_exceeded", message)
+
+    def _apply(self, plan: dict, quota: int | None, ctx=None) -> None:
+        """Make ``plan`` ((url, name) -> value, None: removed) in one transaction with the count."""
         t = self._table
+
+        def change(session: Session) -> int:
+            weights = self._weights(session, {url for url, _ in plan})
+            grows = self._outcome(plan, weights)  # the caps again: this drive's changes go one at a time
+            for (url, name), value in plan.items():
+                if value is None:
+                    session.execute(delete(t).where(t.c.url == url, t.c.name == name))
+                else:
+                    _upsert(session, t, {"url": url, "name": name, "value": value}, ["url", "name"])
+            return grows
+
+        try:
+            self._change(next(iter(plan))[0], quota, change)
+        except UploadTooLarge as exc:
+            raise self._refused(ctx, str(exc)) from None
+
+    def _change(self, url: str, quota: int | None, change) -> None:
+        """``change(session)`` (it returns the bytes it adds) counted in the drive of ``url``."""
+        if self._usage is not None:
+            self._usage.change_properties(drive_of(url), quota, change)
+            return
         with self._sessions.begin() as session:
-            session.execute(delete(t).where(t.c.url == norm_url, t.c.name == name))
+            change(session)
+
+    def _remove(self, url: str, where) -> None:
+        t = self._table
+
+        def change(session: Session) -> int:
+            freed = session.scalar(select(func.coalesce(func.sum(self._size), 0)).where(where)) or 0
+            if freed:
+                session.execute(delete(t).where(where))
+            return -freed
+
+        self._change(url, None, change)
 
     def remove_properties(self, norm_url, environ=None):
-        t = self._table
-        with self._sessions.begin() as session:
-            session.execute(delete(t).where(t.c.url == norm_url))
+        self._remove(norm_url, self._table.c.url == norm_url)
 
     def remove_tree(self, url: str) -> None:
-        t = self._table
-        with self._sessions.begin() as session:
-            session.execute(delete(t).where(_at_or_under(t.c.url, url)))
+        self._remove(url, _at_or_under(self._table.c.url, url))
 
     def copy_properties(self, src_url, dest_url, environ=None):
         self.copy_tree(src_url, dest_url, with_children=False)
 
     def copy_tree(self, src_url: str, dest_url: str, *, with_children: bool) -> None:
+        """Counted in the destination's drive, unchecked: a COPY reserves their bytes first
+        (drive/dav/transfer.py)."""
         self._transfer(src_url, dest_url, with_children=with_children, move=False)
 
     def move_properties(self, src_url, dest_url, with_children, environ=None):
@@ -148,20 +256,28 @@ class DbPropertyManager(PropertyManager):
 
     def _transfer(self, src_url: str, dest_url: str, *, with_children: bool, move: bool) -> None:
         """The properties of ``src_url`` (and of the URLs under it) replace those of their
-        counterparts under ``dest_url``; a move then drops them at the source."""
+        counterparts under ``dest_url``; a move then drops them at the source (within one drive:
+        a MOVE never leaves it)."""
         t = self._table
         where = _at_or_under(t.c.url, src_url) if with_children else t.c.url == src_url
-        with self._sessions.begin() as session:
+
+        def change(session: Session) -> int:
             rows = session.execute(select(t.c.url, t.c.name, t.c.value).where(where)).all()
             if move:
                 session.execute(delete(t).where(where))
             targets = sorted({_retarget(src_url, dest_url, url) for url, _, _ in rows})
-            if targets:
-                session.execute(delete(t).where(t.c.url.in_(targets)))
-                session.execute(
-                    t.insert(),
-                    [{"url": _retarget(src_url, dest_url, url), "name": name, "value": value} for url, name, value in rows],
-                )
+            if not targets:
+                return 0
+            replaced = session.scalar(select(func.coalesce(func.sum(self._size), 0)).where(t.c.url.in_(targets))) or 0
+            session.execute(delete(t).where(t.c.url.in_(targets)))
+            session.execute(
+                t.insert(),
+                [{"url": _retarget(src_url, dest_url, url), "name": name, "value": value} for url, name, value in rows],
+            )
+            carried = sum(len(name) + len(value) for _, name, value in rows)
+            return (0 if move else carried) - replaced
+
+        self._change(dest_url, None, change)
 
 
 class DbLockManager(LockManager):

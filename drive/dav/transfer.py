@@ -62,7 +62,10 @@ def _transfer_held(src, dest, dest_path: str, *, move: bool, depth_infinity: boo
     environ.get(CACHE_KEY, {}).clear()  # what wsgidav resolved before the keys were held is read again
     properties = provider.prop_manager
     src_ref, dest_ref = src.get_ref_url(), quote("/" + dest.key)
+    # A COPY's dead properties count in the quota too: reserved with its bytes, settled once copied.
     copied_properties = 0
+    if not move and isinstance(properties, DbPropertyManager):
+        copied_properties = properties.bytes_under(src_ref, with_children=src.is_collection and depth_infinity)
     reserved = added = 0  # a COPY's reservation, settled at the end
     try:
         with store_errors():
