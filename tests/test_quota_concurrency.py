@@ -587,7 +587,7 @@ def test_many_resources_full_of_properties_stop_at_the_quota(stack, user, monkey
     assert weight == held <= quota, (weight, held, quota)
     assert len(kept) == 4 and weight // 4 > 4 * (60 << 10), (len(kept), weight)
     # Not one more byte, in any form: a property, a file, a copy.
-    assert_quota_refusal(proppatch(stack, user, "h/01.txt", set_props(more="m" * (60 << 10))))
+    assert_quota_refusal(proppatch(stack, user, refused[0], set_props(more="m" * (60 << 10))))
     over = requests.put(f"{stack.base}/v1/files/h/over.bin", data=os.urandom(quota - weight + 1), headers=user.auth)
     assert over.status_code == 413, over.text
     copy = requests.request(
