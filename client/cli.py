@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from client import drive, gpus, login, mounts
+from client import drive, gpus, login, mounts, ssh
 from client.api import Api, ApiError
 from client.config import NotLoggedIn, load
 from client.errors import TransferFailed, UsageError
@@ -140,6 +140,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("-f", "--follow", action="store_true")
     p.set_defaults(func=_with_session(lambda s, a: gpus.logs(s, a.gpu_id, a.run_id, a.follow)))
 
+    p = add("ssh", "SSH into a rental (docs/ssh.md): a shell, or -- COMMAND; finds or mints its key")
+    p.add_argument("gpu_id")
+    p.add_argument("command", nargs="*", help="-- COMMAND [ARGS…] (run by the pod's shell)")
+    p.set_defaults(func=_with_session(lambda s, a: ssh.ssh(s, a.gpu_id, a.command)))
+    p = add("ssh-config", "~/.ssh/config blocks for your live rentals (for ssh, scp, rsync, VS Code)")
+    p.set_defaults(func=_with_session(lambda s, a: ssh.ssh_config(s)))
+
     p = add("return", "return a rental (반납): stops its runs and destroys the pod")
     p.add_argument("gpu_id")
     p.set_defaults(func=_with_session(lambda s, a: gpus.give_back(s, a.gpu_id)))
@@ -148,7 +155,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """``parser.parse_args``, except that ``kgpu run GPU [OPTIONS] -- COMMAND…`` keeps COMMAND whole:
     argparse's subcommands mishandle ``--`` followed by options of their own (``bash -c``)."""
-    if argv[:1] == ["run"] and "--" in argv:
+    if argv[:1] in (["run"], ["ssh"]) and "--" in argv:
         cut = argv.index("--")
         args = parser.parse_args(argv[:cut])
         args.command = argv[cut + 1:]

@@ -11,6 +11,7 @@ from client.api import Api, ApiError
 from client.errors import UsageError
 from client.output import emit_json, table
 from client.session import Session
+from client.ssh import own_public_key, remember_minted
 
 READY_POLL_S = 1.0
 STOP_WAIT_S = 30.0
@@ -50,7 +51,10 @@ def parse_env(pairs: list[str]) -> dict[str, str] | None:
 
 def rent(session: Session, fields: dict, wait: bool, timeout: float) -> int:
     body = {k: v for k, v in fields.items() if v is not None}
+    if "ssh_pubkey" not in body and (own := own_public_key()):
+        body["ssh_pubkey"] = own  # your own key: the server mints none
     rental = session.api.call("POST", "/v1/gpus", body=body)
+    remember_minted(rental)
     if wait:
         rental = _wait_ready(session.api, rental, timeout)
     if session.as_json:

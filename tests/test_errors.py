@@ -37,7 +37,7 @@ def test_405_names_every_method_of_the_path(stack, user):
     """Allow lists what every route on the path answers, not only the first route's methods."""
     for method, path, allowed in (
         ("PATCH", "/v1/gpus", "GET, POST"),
-        ("PUT", "/v1/gpus/gpu-0123", "GET, DELETE"),
+        ("PUT", "/v1/gpus/gpu-0123", "GET, PATCH, DELETE"),
         ("POST", "/v1/runs/run-x", "GET, DELETE"),
     ):
         reply = requests.request(method, f"{stack.base}{path}", headers=user.auth)

@@ -25,6 +25,7 @@ from drive.store.embedded import free_port
 from tests.conftest import (
     ADMIN_TOKEN,
     DOCKER_TEST_IMAGE,
+    DOCKER_TEST_PREFIX,
     LOCAL_SANDBOX_MISSING,
     LiveServer,
     fuse_present,
@@ -33,7 +34,7 @@ from tests.conftest import (
     require_system_part,
 )
 
-BACKENDS = ["local", "docker"]
+BACKENDS = ["local", "docker", "slurm"]
 
 
 def tools_present() -> bool:
@@ -61,7 +62,8 @@ class Door:
         return {"Authorization": f"Bearer {reply.json()['token']}"}
 
     def rent(self, auth: dict, **body) -> dict:
-        reply = requests.post(f"{self.base}/v1/gpus", json={"name": "ssh", **body}, headers=auth)
+        reply = requests.post(f"{self.base}/v1/gpus", json={"name": "ssh", "cpu": "1", "memory": "1Gi", **body},
+                              headers=auth)
         assert reply.status_code == 201, reply.text
         rental = reply.json()
         deadline = time.monotonic() + 120
@@ -113,15 +115,21 @@ def door(request, tmp_path_factory, rclone_target):
     if kind == "local":
         if LOCAL_SANDBOX_MISSING:
             require_system_part(False, f"the local pod sandbox ({LOCAL_SANDBOX_MISSING})")
-    else:
+    elif kind == "docker":
         client = request.getfixturevalue("docker_pod_client")
         docker_image_ready(client)
         extra.update(pod_backend="docker", docker_pull=False, default_image=DOCKER_TEST_IMAGE)
+    else:  # the two-node test cluster (tests/slurm): pods are its jobs' containers
+        docker_image_ready(request.getfixturevalue("docker_pod_client"))
+        cluster = request.getfixturevalue("slurm_cluster").env
+        extra.update(pod_backend="slurm", slurm_conf=cluster["KGPU_SLURM_CONF"],
+                     slurm_gpu_device_dir=cluster["KGPU_SLURM_GPU_DEVICE_DIR"], slurm_job_prefix=DOCKER_TEST_PREFIX,
+                     slurm_pull=False, default_image=DOCKER_TEST_IMAGE, max_gpus_per_user=8)
     settings = make_settings(folder, rclone_target, **extra)
     server = LiveServer(settings).start()
     yield Door(server, folder)
     backend = server.app.state.rentals.backend
-    if kind == "docker":
+    if kind != "local":
         for ref in backend.adopt().values():
             backend.destroy(ref)
     server.stop()
@@ -387,8 +395,7 @@ def test_a_local_forward_reaches_the_pods_listener_never_the_hosts(door, pod):
                 answer = conn.recv(100)
             assert answer == b"POD:hello"
         finally:
-            tunnel.terminate()
-            tunnel.wait(timeout=10)
+            _stop(tunnel)
             server.kill()
     finally:
         host_listener.close()
@@ -421,8 +428,7 @@ def test_a_forward_to_the_hosts_services_gets_nothing(door, pod):
                     answer = b""
             assert answer == b"", f"port {port} of the host answered through a pod's forward: {answer!r}"
         finally:
-            tunnel.terminate()
-            tunnel.wait(timeout=10)
+            _stop(tunnel)
     host_listener.close()
 
 
@@ -456,6 +462,15 @@ def test_strangers_and_other_tenants_keys_never_land_in_the_pod(door, pod, tmp_p
 
 def _public(key: Path) -> str:
     return subprocess.run(["ssh-keygen", "-y", "-f", str(key)], capture_output=True, text=True, check=True).stdout
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
 
 
 def _wait_gone(process: subprocess.Popen, seconds: float) -> bool:
@@ -529,3 +544,45 @@ def test_an_ssh_session_counts_as_activity(door, tmp_path):
     finally:
         session.kill()
         requests.delete(f"{door.base}/v1/gpus/{rental['gpu_id']}", headers=auth)
+
+
+# --- the kgpu client ------------------------------------------------------------------------
+
+
+def test_kgpu_rent_keeps_the_minted_key_and_kgpu_ssh_uses_it(door, tmp_path):
+    """A researcher without a key of their own: `kgpu rent` keeps the minted one, `kgpu ssh`
+    and `kgpu ssh-config` use it; a rental whose key is not here gets a new one."""
+    import json
+    import sys
+
+    auth = door.user()
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
+           "KGPU_API_BASE": door.base, "KGPU_API_TOKEN": auth["Authorization"].split()[1]}
+    kgpu = str(Path(sys.executable).parent / "kgpu")
+    rented = subprocess.run([kgpu, "rent", "--name", "client", "--json"], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert rented.returncode == 0, rented.stderr
+    rental = json.loads(rented.stdout)
+    assert "private_key" not in rental["ssh_access"]
+    kept = home / ".config" / "kgpu" / "ssh" / rental["gpu_id"]
+    assert kept.stat().st_mode & 0o777 == 0o600
+    done = subprocess.run([kgpu, "ssh", rental["gpu_id"], "--", "echo", "$KGPU_RENT_ID"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == rental["gpu_id"]
+    config = subprocess.run([kgpu, "ssh-config"], env=env, capture_output=True, text=True, timeout=60)
+    assert config.returncode == 0, config.stderr
+    (tmp_path / "config").write_text(config.stdout)
+    via_config = subprocess.run(["ssh", "-F", str(tmp_path / "config"), "-o", "BatchMode=yes",
+                                 f"kgpu-{rental['gpu_id']}", "echo config-works"], capture_output=True, text=True, timeout=60)
+    assert via_config.stdout.strip() == "config-works", via_config.stderr
+    # a rental rented elsewhere with a key this machine lacks: kgpu ssh mints a new one
+    other = door.rent(auth, ssh_pubkey=own_key(tmp_path)[1], name="elsewhere")
+    done = subprocess.run([kgpu, "ssh", other["gpu_id"], "--", "echo", "minted"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "minted", done.stderr
+    assert "minted" in done.stderr
+    for gpu_id in (rental["gpu_id"], other["gpu_id"]):
+        requests.delete(f"{door.base}/v1/gpus/{gpu_id}", headers=auth)

@@ -15,6 +15,7 @@ same tests on each.
 from __future__ import annotations
 
 import math
+import re
 import socket
 import time
 from dataclasses import dataclass, field, replace
@@ -58,6 +59,32 @@ def login_command(args: list[str], token_path: str = TOKEN_PATH) -> list[str]:
     return ["sh", "-c", TOKEN_LAUNCH, "kgpu-token", token_path, "sh", "-c", SESSION_SCRIPT, "kgpu-session", *args]
 
 
+# A TCP connection from inside the pod over stdio, where the gateway cannot enter the pod's
+# network itself (a Slurm node): ``perl -e CONNECT_SCRIPT HOST PORT`` says "ok" or "fail WHY" on
+# its first line, then carries bytes both ways. Perl: every Debian and Ubuntu image has perl-base.
+CONNECT_SCRIPT = r"""
+use strict; use IO::Socket::INET; use IO::Select;
+my $s = IO::Socket::INET->new(PeerAddr => $ARGV[0], PeerPort => $ARGV[1], Proto => "tcp", Timeout => 10);
+$| = 1;
+if (!$s) { print "fail $!\n"; exit 1; }
+print "ok\n";
+binmode STDIN; binmode STDOUT;
+my $sel = IO::Select->new(\*STDIN, $s);
+sub put { my ($h, $buf) = @_; while (length $buf) { my $w = syswrite($h, $buf); exit 0 unless $w; substr($buf, 0, $w) = ""; } }
+while ($sel->count) {
+  for my $h ($sel->can_read) {
+    my $n = sysread($h, my $buf, 262144);
+    if (!$n) {
+      $sel->remove($h);
+      if ($h == $s) { exit 0 } else { shutdown($s, 1) }
+      next;
+    }
+    put($h == $s ? \*STDOUT : $s, $buf);
+  }
+}
+"""
+
+
 @dataclass(frozen=True)
 class PodCommand:
     """A command on the gateway's host whose stdin, stdout and stderr are a process's in the pod
@@ -67,6 +94,9 @@ class PodCommand:
     argv: list[str]
     env: dict[str, str]
     cwd: str | None = None
+    # A whole line the host command itself adds to stderr (srun's report of the exit code), which
+    # is not the pod process's and is left out of what the client sees.
+    own_stderr: "re.Pattern[bytes] | None" = None
 
 
 # Run inside a pod (``sh -c SCRIPT kgpu ARGS...``), so a signal reaches only the pod's own

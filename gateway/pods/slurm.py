@@ -25,11 +25,13 @@ Running (ready once kgpu-bootstrap reports, for images that run it); a job that 
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import math
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -38,6 +40,7 @@ from pathlib import Path
 
 from gateway.inventory import GpuClass
 from gateway.pods import (
+    CONNECT_SCRIPT,
     RUNS_DIR,
     TERM_ALL_SCRIPT,
     PodCommand,
@@ -117,6 +120,8 @@ disk=$(docker inspect --format '{{range .Mounts}}{{if eq .Destination "/workspac
 used=0; [ -n "$disk" ] && used=$(df -B1 --output=used "$disk" 2>/dev/null | tail -n 1)
 echo $((layer + ${used:-0}))
 """
+# srun's own last words on a step whose task did not exit 0 (its --quiet keeps errors).
+SRUN_EXIT_REPORT = re.compile(rb"srun: error: \S+: task \d+: (Exited with exit code \d+|Killed|Terminated)\r?\n")
 SRUN_START_S = 15  # what srun may take to reach the node, on top of a call's own deadline
 
 
@@ -235,8 +240,9 @@ class SlurmPodBackend:
         return job_id, name
 
     @staticmethod
-    def _srun(job_id: str, argv: list[str]) -> list[str]:
-        return ["srun", f"--jobid={job_id}", "--overlap", "--quiet", "--ntasks=1", "--nodes=1", *argv]
+    def _srun(job_id: str, argv: list[str], unbuffered: bool = False) -> list[str]:
+        return ["srun", f"--jobid={job_id}", "--overlap", "--quiet", "--ntasks=1", "--nodes=1",
+                *(["--unbuffered"] if unbuffered else []), *argv]
 
     def _node(self, ref: str, script: str, *args: str, timeout: float | None = None, limit: int = MAX_ANSWER) -> bytes:
         """Run ``sh -c script kgpu args...`` on the pod's node, in its job: its stdout, within
@@ -503,13 +509,49 @@ class SlurmPodBackend:
         ``env`` travels in srun's environment to the node, named on docker's command line."""
         job_id, name = self._split(ref)
         self._wait_up(ref)
-        step = self._srun(job_id, docker_exec_argv(name, login_command(args), tty, env))
+        # --unbuffered: srun holds a task's output back until a newline otherwise (scp's acks have none)
+        step = self._srun(job_id, docker_exec_argv(name, login_command(args), tty, env), unbuffered=True)
         if tty:
             step = ["setsid", "--ctty", step[0], "--pty", *step[1:]]
-        return PodCommand(step, self._env(env))
+        return PodCommand(step, self._env(env), own_stderr=SRUN_EXIT_REPORT)
 
     def connect(self, ref: str, host: str, port: int, timeout: float) -> socket.socket:
-        raise PodError("port forwards (ssh -L, -D) into Slurm pods are not available yet; sessions, scp, sftp and rsync are")
+        """An srun step of ``docker exec -i`` running CONNECT_SCRIPT in the container: the
+        connection is made from inside the pod's network; its stdio is one end of a socket pair,
+        the other is returned once the pod said it connected."""
+        job_id, name = self._split(ref)
+        self._wait_up(ref)
+        ours, theirs = socket.socketpair()
+        try:
+            step = subprocess.Popen(
+                self._srun(job_id, docker_exec_argv(name, ["perl", "-e", CONNECT_SCRIPT, host, str(port)], False, {}),
+                           unbuffered=True),
+                env=self._env(), stdin=theirs, stdout=theirs, stderr=subprocess.DEVNULL, start_new_session=True,
+            )
+        except OSError as exc:
+            ours.close()
+            raise PodError(f"could not start srun: {exc}") from exc
+        finally:
+            theirs.close()
+        threading.Thread(target=step.wait, daemon=True).start()
+        ours.settimeout(timeout + SRUN_START_S)
+        status = b""
+        try:
+            while not status.endswith(b"\n") and len(status) < 300:
+                chunk = ours.recv(1)  # one byte at a time: what follows the line is the connection's
+                if not chunk:
+                    break
+                status += chunk
+        except OSError:
+            pass
+        if status != b"ok\n":
+            ours.close()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(step.pid, signal.SIGKILL)
+            why = status.decode(errors="replace").strip().removeprefix("fail ") or "no answer (is perl in the image?)"
+            raise ConnectionRefusedError(111, why)
+        ours.settimeout(None)
+        return ours
 
     # --- inventory ---------------------------------------------------------------------------
 

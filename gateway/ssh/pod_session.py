@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import re
 import signal
 import struct
 import termios
@@ -136,8 +137,13 @@ async def run_in_pod(process: PodProcess, command: PodCommand) -> None:
         to_pod = os.fdopen(ours[0], "wb", buffering=0)
         from_pod = os.fdopen(ours[1], "rb", buffering=0)
         errors = os.fdopen(ours[2], "rb", buffering=0)
-        await process.redirect(stdout=from_pod, stderr=errors, bufsize=BUFSIZE)
-        outputs = [None, asyncssh.EXTENDED_DATA_STDERR]
+        if command.own_stderr is None:
+            await process.redirect(stdout=from_pod, stderr=errors, bufsize=BUFSIZE)
+            outputs = [None, asyncssh.EXTENDED_DATA_STDERR]
+        else:
+            await process.redirect(stdout=from_pod, bufsize=BUFSIZE)
+            filtered = asyncio.ensure_future(_pump_stderr(process, errors, command.own_stderr))
+            outputs = [None, filtered]
     pump = asyncio.ensure_future(_pump_stdin(process, to_pod, master if tty else None))
     finished = asyncio.ensure_future(_finished(child, process, outputs))
     closed = asyncio.ensure_future(process.channel.wait_closed())
@@ -193,9 +199,32 @@ def _set_size(fd: int, width: int, height: int, pixwidth: int = 0, pixheight: in
 
 async def _finished(child: asyncio.subprocess.Process, process: PodProcess, outputs: list) -> int:
     code = await child.wait()
-    for datatype in outputs:
-        await process.ended(datatype).wait()  # everything it wrote has been passed on
+    for output in outputs:  # everything it wrote has been passed on
+        await (output if isinstance(output, asyncio.Future) else process.ended(output).wait())
     return code
+
+
+async def _pump_stderr(process: PodProcess, source, own: "re.Pattern[bytes]") -> None:
+    """The command's stderr to the client's, without the whole lines ``own`` matches (the host
+    command's, not the pod's). A line is held back only while it could still become one."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=BUFSIZE)
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), source)
+    held = b""
+    try:
+        while chunk := await reader.read(BUFSIZE):
+            lines = (held + chunk).split(b"\n")
+            held = lines.pop()
+            out = b"".join(line + b"\n" for line in lines if not own.fullmatch(line + b"\n"))
+            if held and not b"srun: error: ".startswith(held[:13]):
+                out, held = out + held, b""  # not one of the host command's lines: pass it on now
+            if out:
+                process.stderr.write(out)
+                await process.stderr.drain()
+        if held:
+            process.stderr.write(held)
+    finally:
+        transport.close()
 
 
 def _hang_up(child: asyncio.subprocess.Process, tty: bool) -> None:

@@ -59,6 +59,7 @@ netns_up() {
     i=$((i + 1)); ns=kgpusl-$node
     [ -e "/run/netns/$ns" ] && continue
     ip netns add "$ns"
+    ip link del "kgpusl-veth$i" 2>/dev/null || true  # a veth left by a namespace someone held past its down
     ip link add "kgpusl-veth$i" type veth peer name eth0 netns "$ns"
     ip link set "kgpusl-veth$i" master "$BRIDGE" up
     ip -n "$ns" addr add "$PREFIX.1$i/24" dev eth0
