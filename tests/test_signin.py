@@ -456,6 +456,7 @@ def test_the_rent_form_offers_the_apis_defaults_and_shows_its_refusals(server, n
     assert shown == {"name": "work", "gpu_count": "0", "image": "", "cpu": "2", "memory": "16Gi",
                      "ephemeral_storage_gib": "100", "duration_hours": "12", "env": ""}
     assert page.get_attribute(f"{form} input[name=image]", "placeholder") == server.settings.default_image
+    assert page.locator(f"#ssh-card, {form} [name=ssh_pubkey]").count() == 0  # no bastion here (KGPU_SSH_PORT=0)
 
     name = page.locator(f"{form} input[name=name]")
     name.fill("-work")  # the browser's own check, with a pattern it can compile

@@ -197,6 +197,7 @@ def _dashboard_context(request: Request, user: User) -> dict:
         "balance": balance,
         "quota_bytes": request.app.state.settings.user_quota_bytes,
         "default_image": request.app.state.settings.default_image,
+        "ssh": getattr(request.app.state, "ssh_published", None),  # the bastion: None where KGPU_SSH_PORT=0
     }
 
 

@@ -29,17 +29,21 @@ async function api(method, path, body) {
   return data;
 }
 
-// --- the token --------------------------------------------------------------------------------
-document.getElementById("copy-export")?.addEventListener("click", async (event) => {
+// --- copy buttons: the export line, the bastion's known_hosts line, each rental's ssh line -----
+// Each sits in a .export box beside the <pre> it copies.
+document.addEventListener("click", async (event) => {
+  const button = event.target.closest("button[data-copy]");
+  const shown = button?.closest(".export")?.querySelector("pre");
+  if (!shown) return;
   try {
-    await navigator.clipboard.writeText(exportLine.textContent);
-    event.target.textContent = "Copied";
+    await navigator.clipboard.writeText(shown.textContent);
+    button.textContent = "Copied";
   } catch (error) {
     const range = document.createRange();
-    range.selectNodeContents(exportLine);
+    range.selectNodeContents(shown);
     getSelection().removeAllRanges();
     getSelection().addRange(range);
-    event.target.textContent = "Selected: press Ctrl+C";
+    button.textContent = "Selected: press Ctrl+C";
   }
 });
 
@@ -148,6 +152,11 @@ const folded = new Set();   // run ids whose output the person hid
 const STARTING_MS = 2000;   // a rental on its way in or out: look again soon
 const LIVE_MS = 10000;      // a usable rental: its charge and runs move by the minute
 let models = [];
+let bastion = null;  // GET /v1/gpus's "ssh": where the SSH bastion listens; null where the server runs none
+// Private keys the API minted and returned once (rent, or "Mint a new key"), by rental: kept in
+// this page's memory only (never localStorage, the URL or a log) until hidden, the rental ends
+// or the page goes; each with the blob: URL its Download link saves it from.
+const minted = new Map();
 let looks = 0, nextLook = null;  // the latest look (an older one's answer is dropped); the next one's timer
 
 function note(text, isError) {
@@ -197,6 +206,48 @@ function rentalBody(gpu) {
   return `<p class="muted waiting">${esc(gpu.pending_reason || waiting)}</p>`;
 }
 
+function sshCommand(access) { return `ssh -p ${access.ssh_port} ${access.ssh_user}@${access.ssh_host}`; }
+
+// A live rental's SSH door: the line to log in with, the pinned key's fingerprint, and a form to
+// pin another public key or mint a new pair (the old key stops at once).
+function rentalSsh(gpu) {
+  if (!bastion || gpu.phase === "Terminating") return "";
+  const id = esc(gpu.gpu_id), access = gpu.ssh_access;
+  const door = access
+    ? `<div class="export ssh-line"><pre>${esc(sshCommand(access))}</pre><button type="button" data-copy>Copy</button></div>
+      <p class="muted">SSH key <code class="fingerprint">${esc(access.fingerprint)}</code></p>`
+    : `<p class="muted">No SSH key pinned yet: pin yours or mint one.</p>`;
+  return `${door}<form class="row key-form" data-gpu="${id}">
+    <label>Public key <textarea name="ssh_pubkey" rows="1" cols="44" required placeholder="ssh-ed25519 AAAA… you@laptop"></textarea></label>
+    <button type="submit">Pin this key</button>
+    <button type="button" data-mint="${id}">Mint a new key</button></form>
+    <p class="key-status"></p>`;
+}
+
+function keepMinted(gpuId, privateKey) {
+  forgetMinted(gpuId);
+  minted.set(gpuId, { key: privateKey, url: URL.createObjectURL(new Blob([privateKey], { type: "application/octet-stream" })) });
+}
+function forgetMinted(gpuId) {
+  const found = minted.get(gpuId);
+  if (found) URL.revokeObjectURL(found.url);
+  minted.delete(gpuId);
+}
+
+function mintedHtml(gpu) {
+  const found = minted.get(gpu.gpu_id);
+  if (!found) return "";
+  const file = "kgpu-" + gpu.gpu_id, access = gpu.ssh_access;
+  const login = access ? `ssh -i ~/.ssh/${file} -p ${access.ssh_port} ${access.ssh_user}@${access.ssh_host}` : "";
+  return `<p><strong>The new private key of ${esc(gpu.name)}, shown this once.</strong> kgpu keeps only its public
+    half: it is not shown again, here or anywhere. Download it now and keep it to yourself.</p>
+    <pre class="output private-key">${esc(found.key)}</pre>
+    <div class="row"><a class="button primary" download="${esc(file)}" href="${esc(found.url)}">Download ${esc(file)}</a>
+      <button type="button" data-forget="${esc(gpu.gpu_id)}">I saved it: hide it</button></div>
+    <p class="muted">Then <code>mv ~/Downloads/${esc(file)} ~/.ssh/ &amp;&amp; chmod 600 ~/.ssh/${esc(file)}</code>
+      (ssh refuses a key others can read)${login ? ` and <code>${esc(login)}</code>` : ""}.</p>`;
+}
+
 function runsHtml(gpu, runs) {
   return runs.map((run) => `<div class="run" data-run="${esc(run.run_id)}">
     <span class="cmd">${esc(run.run_id)}</span> <span class="badge">${esc(run.phase)}</span>
@@ -219,18 +270,23 @@ function cardOf(box, gpuId) {
   const card = document.createElement("div");
   card.className = "rental";
   card.dataset.gpu = gpuId;
-  card.innerHTML = `<div class="head"></div><div class="body"></div><div class="runs"></div>`;
+  card.innerHTML = `<div class="head"></div><div class="body"></div><div class="ssh"></div><div class="minted"></div><div class="runs"></div>`;
   return card;
 }
 
 function renderRentals(gpus, runsOf) {
   const box = document.getElementById("rentals");
+  for (const gpuId of [...minted.keys()]) if (!gpus.some((gpu) => gpu.gpu_id === gpuId)) forgetMinted(gpuId);
   if (!gpus.length) { draw(box, `<p class="muted">No rentals. Rent one above.</p>`); return; }
   drawn.delete(box);
   const cards = gpus.map((gpu) => {
     const card = cardOf(box, gpu.gpu_id);
     draw(card.querySelector(".head"), rentalHead(gpu));
     draw(card.querySelector(".body"), rentalBody(gpu));
+    draw(card.querySelector(".ssh"), rentalSsh(gpu));
+    const key = card.querySelector(".minted");
+    draw(key, mintedHtml(gpu));
+    key.hidden = !minted.has(gpu.gpu_id);
     draw(card.querySelector(".runs"), runsHtml(gpu, runsOf.get(gpu.gpu_id) || []));
     return card;
   });
@@ -266,9 +322,10 @@ async function refreshRentals() {
   clearTimeout(nextLook);
   let again = LIVE_MS;  // also after a failed look
   try {
-    const gpus = (await api("GET", "/v1/gpus")).my_gpus;
+    const listed = await api("GET", "/v1/gpus"), gpus = listed.my_gpus;
     const [runs, credits] = await Promise.all([runsOf(gpus), api("GET", "/v1/balance")]);
     if (look !== looks) return;
+    bastion = listed.ssh;
     renderRentals(gpus, runs);
     renderCredits(credits);
     again = gpus.some((gpu) => !usable(gpu)) ? STARTING_MS : gpus.length ? LIVE_MS : null;
@@ -335,6 +392,7 @@ function rentRequest(form) {
     duration_hours: number("duration_hours"),
     env: parseEnv(text("env")),
     queue: form.get("queue") === "on",
+    ssh_pubkey: text("ssh_pubkey") || null,  // left out: the API mints a pair and returns its private half once
   };
   return Object.fromEntries(Object.entries(body).filter(([, value]) => value !== null));
 }
@@ -344,7 +402,10 @@ document.getElementById("rent-form").addEventListener("submit", async (event) =>
   note("renting…", false);
   try {
     const gpu = await api("POST", "/v1/gpus", rentRequest(new FormData(event.target)));
-    note(gpu.phase === "Queued" ? `queued ${gpu.gpu_id} (position ${gpu.queue_position})` : `rented ${gpu.gpu_id}`, false);
+    const privateKey = gpu.ssh_access?.private_key;
+    if (privateKey) keepMinted(gpu.gpu_id, privateKey);
+    note((gpu.phase === "Queued" ? `queued ${gpu.gpu_id} (position ${gpu.queue_position})` : `rented ${gpu.gpu_id}`) +
+      (privateKey ? ": its new SSH private key is on its card below, shown once" : ""), false);
   } catch (error) {
     note("could not rent: " + error.message, true);
     return;
@@ -353,9 +414,38 @@ document.getElementById("rent-form").addEventListener("submit", async (event) =>
   loadModels();
 });
 
+// A refusal of the API (its envelope's message) on the card of the rental whose key it concerned;
+// "" clears it.
+function keyNote(gpuId, text) {
+  const status = document.querySelector(`.rental[data-gpu="${CSS.escape(gpuId)}"] .key-status`);
+  if (status) { status.textContent = text; status.className = text ? "key-status error" : "key-status"; }
+}
+
+// PATCH /v1/gpus/{id}: {"ssh_pubkey": …} pins that key, {} mints a new pair (its private half
+// in the answer, once). The key pinned before stops working at once.
+async function changeKey(gpuId, body) {
+  let gpu;
+  try {
+    gpu = await api("PATCH", "/v1/gpus/" + encodeURIComponent(gpuId), body);
+  } catch (error) {
+    keyNote(gpuId, (body.ssh_pubkey === undefined ? "could not mint a key: " : "could not pin this key: ") + error.message);
+    return;
+  }
+  keyNote(gpuId, "");
+  const privateKey = gpu.ssh_access?.private_key;
+  if (privateKey) keepMinted(gpuId, privateKey);
+  else forgetMinted(gpuId);  // a key minted before no longer logs in
+  await refreshRentals();
+}
+
 document.getElementById("rentals").addEventListener("submit", async (event) => {
   event.preventDefault();
-  const form = event.target, gpuId = form.dataset.gpu, command = new FormData(form).get("command");
+  const form = event.target, gpuId = form.dataset.gpu;
+  if (form.classList.contains("key-form")) {
+    changeKey(gpuId, { ssh_pubkey: new FormData(form).get("ssh_pubkey").trim() });
+    return;
+  }
+  const command = new FormData(form).get("command");
   try {
     const run = await api("POST", "/v1/runs", { gpu_id: gpuId, command: ["bash", "-c", command], wait_seconds: 0 });
     await refreshRentals();
@@ -372,6 +462,12 @@ document.getElementById("rentals").addEventListener("click", async (event) => {
     } catch (error) { note("could not return: " + error.message, true); }
     refreshRentals();
     loadModels();
+  } else if (target.dataset.mint) {
+    if (!confirm("Mint a new SSH key pair? The key pinned now stops working and its open sessions end.")) return;
+    changeKey(target.dataset.mint, {});
+  } else if (target.dataset.forget) {
+    forgetMinted(target.dataset.forget);
+    refreshRentals();
   } else if (target.dataset.show) {
     const runId = target.dataset.show, pre = target.parentElement.querySelector("pre");
     if (!outputs.has(runId)) streamRun(target.dataset.gpu, runId);
