@@ -12,6 +12,7 @@ import math
 import re
 import secrets
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -35,6 +36,9 @@ from gateway.tokens import as_utc
 
 log = logging.getLogger("kgpu.rentals")
 
+# The load probe (seed 001): a pod whose processes use this share of a CPU is working.
+LOAD_BUSY_CPUS = 0.10
+LOAD_WINDOW_S = 5.0  # the shortest time the probe judges over (the reaper ticks every 15 s)
 # Queued: waiting for GPUs (no pod yet, not billed); it still counts against the user's GPU cap.
 ACTIVE = ("Queued", "Pending", "Running", "Terminating")
 _NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,28}[a-z0-9])?$")
@@ -202,6 +206,7 @@ class Rentals:
         self._observers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kgpu-observe")
         self._observing: set[str] = set()
         self._observing_lock = threading.Lock()
+        self._cpu_seen: dict[str, tuple[float, float]] = {}  # rental: (when, CPU seconds), for the load probe
         # Where the SSH bastion listens ({"ssh_host", "ssh_port", "host_key_fingerprint"}; None: no SSH).
         self.ssh_door: dict | None = None
 
@@ -601,6 +606,8 @@ class Rentals:
                 if rental.pod_ref and self.mine(rental)
             ]
         seen = self._observe_all(watched)
+        with self._observing_lock:  # forget the load of pods no longer watched
+            self._cpu_seen = {r: v for r, v in self._cpu_seen.items() if r in dict(watched)}
         with self.sessions.begin() as session:
             for rental in session.scalars(select(Rental).where(Rental.phase == "Terminating")):
                 if rental.pending_reason == HANDED_OVER and self.mine(rental):
@@ -617,6 +624,8 @@ class Rentals:
                     _apply(rental, observed.status)
                     if observed.busy:
                         rental.last_activity_at, rental.last_activity_kind = now, "run"
+                    elif observed.loaded:
+                        rental.last_activity_at, rental.last_activity_kind = now, "load"
                     if observed.storage is not None and observed.storage > rental.ephemeral_storage_gib << 30:
                         ending.append((rental.id, "ephemeral_storage_exceeded"))
                         continue
@@ -692,7 +701,7 @@ class Rentals:
 
     def _observe_once(self, rental_id: str, ref: str) -> "_Observed | None":
         try:
-            return self._observe(ref)
+            return self._observe(rental_id, ref)
         except Exception:  # noqa: BLE001 - one pod's trouble never ends the tick for the others
             log.exception("could not observe the pod of rental %s", rental_id)
             return None
@@ -700,11 +709,28 @@ class Rentals:
             with self._observing_lock:
                 self._observing.discard(ref)
 
-    def _observe(self, ref: str) -> "_Observed":
+    def _observe(self, rental_id: str, ref: str) -> "_Observed":
         status = self._status(ref)
         if status.phase in ("Gone", "Failed"):
             return _Observed(status, False, None)
-        return _Observed(status, self._has_live_run(ref), self._storage(ref))
+        return _Observed(status, self._has_live_run(ref), self._storage(ref), self._loaded(rental_id, ref))
+
+    def _loaded(self, rental_id: str, ref: str) -> bool:
+        """The load probe: whether the pod's processes used a tenth of a CPU or more since its
+        last observation (a job started over SSH, or detached, is work as a run is)."""
+        try:
+            used = self.backend.cpu_seconds(ref)
+        except PodError:
+            return False
+        if used is None:
+            return False
+        now = time.monotonic()
+        with self._observing_lock:
+            before = self._cpu_seen.get(rental_id)
+            if before is not None and now - before[0] < LOAD_WINDOW_S:
+                return False  # too short to tell a job from a moment's work: measured from the older sample
+            self._cpu_seen[rental_id] = (now, used)
+        return before is not None and (used - before[1]) / (now - before[0]) >= LOAD_BUSY_CPUS
 
     def _status(self, ref: str) -> PodStatus:
         try:
@@ -735,6 +761,7 @@ class _Observed:
     status: PodStatus
     busy: bool
     storage: int | None
+    loaded: bool = False  # its processes used a tenth of a CPU since the last observation
 
 
 def _apply(rental: Rental, status: PodStatus) -> None:

@@ -85,6 +85,25 @@ while ($sel->count) {
 """
 
 
+# The CPU time of every process in the pod, for the reaper's load probe: the lines of
+# /proc/PID/stat, read inside the pod where the gateway cannot read the pod's /proc itself.
+CPU_SCRIPT = "cat /proc/[0-9]*/stat 2>/dev/null; exit 0"
+
+
+def cpu_ticks(stat_lines: bytes | str) -> int:
+    """Clock ticks spent by the processes of ``/proc/PID/stat`` lines, with their reaped
+    children's (utime, stime, cutime, cstime): what a pod has computed so far."""
+    text = stat_lines.decode(errors="replace") if isinstance(stat_lines, bytes) else stat_lines
+    total = 0
+    for line in text.splitlines():
+        fields = line.rsplit(")", 1)[-1].split()
+        try:
+            total += sum(int(fields[i]) for i in (11, 12, 13, 14))
+        except (IndexError, ValueError):
+            continue
+    return total
+
+
 @dataclass(frozen=True)
 class PodCommand:
     """A command on the gateway's host whose stdin, stdout and stderr are a process's in the pod
@@ -285,6 +304,10 @@ class PodBackend(Protocol):
         """A TCP connection to ``host:port`` opened from inside the pod's network (an SSH
         forward: ``127.0.0.1`` is the pod's own loopback, never the host's). Raises OSError
         when the pod refuses it, PodError when this backend cannot reach the pod's network."""
+
+    def cpu_seconds(self, ref: str) -> float | None:
+        """CPU seconds the pod's processes have used so far (None: unknown); the reaper's load
+        probe counts a pod using a tenth of a CPU between two ticks as active."""
 
     # Optional (``wait_run`` and ``follow_run`` above): ``wait_run(ref, run_id, seconds, tail_bytes)``
     # and ``follow_run(ref, run_id, offsets, seconds)``, each one wait inside the pod.

@@ -711,6 +711,17 @@ class DockerPodBackend:
             raise PodError(f"unsupported signal {signal_name!r}")
         self._exec(ref, SIGNAL_SCRIPT, f"{RUNS_DIR}/{safe_run_id(run_id)}", signal_name)
 
+    def cpu_seconds(self, ref: str) -> float | None:
+        """The container's CPU usage as the daemon counts it (its cgroup): no call into the pod."""
+        try:
+            stats = self.api.stats(ref, stream=False, one_shot=True)
+        except NotFound:
+            raise PodError(f"no pod {ref}") from None
+        except _DOCKER_ERRORS as exc:
+            raise PodError(f"cannot read {ref}'s CPU use: {exc}") from exc
+        usage = ((stats or {}).get("cpu_stats") or {}).get("cpu_usage", {}).get("total_usage")
+        return usage / 1e9 if usage is not None else None
+
     # --- SSH sessions and forwards (gateway/ssh) ----------------------------------------
 
     def enter(self, ref: str, args: list[str], tty: bool, env: dict[str, str]) -> PodCommand:

@@ -60,6 +60,7 @@ from gateway.pods import (
     PodStartError,
     PodStatus,
     RunState,
+    cpu_ticks,
     login_command,
     run_command,
     safe_run_id,
@@ -82,6 +83,7 @@ from gateway.pods.sandbox import (
     limit_processes,
     open_in_pod,
     process_start,
+    processes_of,
     run_as,
 )
 
@@ -434,6 +436,17 @@ class LocalPodBackend:
             **record["env"],
             **env,
         }
+
+    def cpu_seconds(self, ref: str) -> float | None:
+        """Every process of the pod's uid, read in the host's /proc (the pod cannot fake it)."""
+        uid = self._record(self._pod(ref)).get("uid")
+        if uid is None:
+            return None  # a trusted pod shares the server's uid: its processes are not told apart
+        lines = []
+        for pid in processes_of(uid):
+            with contextlib.suppress(OSError):
+                lines.append(Path(f"/proc/{pid}/stat").read_text())
+        return cpu_ticks("\n".join(lines)) / os.sysconf("SC_CLK_TCK")
 
     # --- SSH sessions and forwards (gateway/ssh) ----------------------------------------
 

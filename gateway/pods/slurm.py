@@ -41,6 +41,7 @@ from pathlib import Path
 from gateway.inventory import GpuClass
 from gateway.pods import (
     CONNECT_SCRIPT,
+    CPU_SCRIPT,
     RUNS_DIR,
     TERM_ALL_SCRIPT,
     PodCommand,
@@ -48,6 +49,7 @@ from gateway.pods import (
     PodSpec,
     PodStartError,
     PodStatus,
+    cpu_ticks,
     login_command,
     run_command,
     safe_run_id,
@@ -501,6 +503,11 @@ class SlurmPodBackend:
         with self._runs_lock:
             if self._runs.get((ref, run_id)) is step:
                 del self._runs[(ref, run_id)]
+
+    def cpu_seconds(self, ref: str) -> float | None:
+        """The container's processes' CPU time, read in the pod's /proc (one short srun)."""
+        stat = self._exec(ref, CPU_SCRIPT)
+        return cpu_ticks(stat) / os.sysconf("SC_CLK_TCK") if stat else None
 
     # --- SSH sessions and forwards (gateway/ssh) ----------------------------------------
 

@@ -6,5 +6,6 @@ each login into the one pod whose rental pinned the key.
   channel), and the activity a connection reports;
 - ``pod_session.py``: a session channel (command, shell, ``sftp``) as a process in the pod;
 - ``forward.py``: ``-L``/``-D`` connections opened from inside the pod's network;
-- ``bastion.py``: the asyncssh server that ties them together, its limits and its watcher.
+- ``bastion.py``: the asyncssh server that ties them together, its limits and its watcher;
+- ``flow.py``: a fix to asyncssh's receive window (an upload otherwise queued without bound).
 """

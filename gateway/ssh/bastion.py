@@ -25,12 +25,14 @@ with warnings.catch_warnings():
 from gateway.pods import PodError
 from gateway.rentals import Rentals
 from gateway.settings import Settings
+from gateway.ssh import flow
 from gateway.ssh.access import Access, Ambiguous, Target
 from gateway.ssh.forward import PodForward, open_forward
 from gateway.ssh.keys import fingerprint_of, known_hosts_line, load_host_key
 from gateway.ssh.pod_session import PodProcess, run_in_pod, session_args, session_env
 
 log = logging.getLogger("kgpu.ssh")
+flow.install()  # asyncssh's receive window, fixed (gateway/ssh/flow.py)
 # asyncssh logs every channel's command at INFO: a login's commands and data are never logged.
 logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
