@@ -173,6 +173,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="kgpu-ssh-bench-"))
     work.chmod(0o711)
     started: list = []
+    returned = None  # pods outlive their gateway: the rental is returned before it stops
     try:
         admin = secrets.token_hex(16)
         ssh_port = fb.free_port()
@@ -192,6 +193,7 @@ def main() -> int:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
         public = Path(f"{key}.pub").read_text()
         rental = requests.post(f"{base}/v1/gpus", json={"name": "bench", "ssh_pubkey": public}, headers=auth).json()
+        returned = lambda: requests.delete(f"{base}/v1/gpus/{rental['gpu_id']}", headers=auth)  # noqa: E731
         while requests.get(f"{base}/v1/gpus/{rental['gpu_id']}", headers=auth).json()["phase"] != "Running":
             time.sleep(0.2)
         known = work / "known_hosts"
@@ -216,8 +218,9 @@ def main() -> int:
         report["login_ms"] = {"bastion": login_times(bastion, args.logins), "sshd": login_times(direct, args.logins)}
         report["concurrent"] = sessions_at_once(bastion, args.sessions, kgpu.pid)
         print(json.dumps(report, indent=2))
-        requests.delete(f"{base}/v1/gpus/{rental['gpu_id']}", headers=auth)
     finally:
+        if returned is not None:
+            returned()
         for process in reversed(started):
             if isinstance(process, fb.Proc):
                 process.stop()
