@@ -396,6 +396,17 @@ def _serve_once_on_host(port: int, answer: bytes) -> socket.socket:
     return listener
 
 
+def _connect_when_up(port: int, seconds: float = 20) -> socket.socket:
+    """A connection to ``ssh -L``'s local end, once ssh listens there."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=5)
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing listens on 127.0.0.1:{port}"
+            time.sleep(0.2)
+
+
 def test_a_local_forward_reaches_the_pods_listener_never_the_hosts(door, pod):
     port = free_port()
     host_listener = _serve_once_on_host(port, b"HOST\n")  # the same port on the host
@@ -413,14 +424,7 @@ def test_a_local_forward_reaches_the_pods_listener_never_the_hosts(door, pod):
         tunnel = subprocess.Popen(["ssh", *door.options(pod["key"]), "-p", str(door.port), "-N", "-o",
                                    "ExitOnForwardFailure=yes", "-L", f"{local}:127.0.0.1:{port}", door.remote()])
         try:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    conn = socket.create_connection(("127.0.0.1", local), timeout=5)
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.2)
+            conn = _connect_when_up(local)
             with conn:
                 conn.sendall(b"hello")
                 answer = conn.recv(100)
@@ -442,14 +446,7 @@ def test_a_forward_to_the_hosts_services_gets_nothing(door, pod):
         tunnel = subprocess.Popen(["ssh", *door.options(pod["key"]), "-p", str(door.port), "-N",
                                    "-L", f"{local}:127.0.0.1:{port}", door.remote()], stderr=subprocess.PIPE)
         try:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    conn = socket.create_connection(("127.0.0.1", local), timeout=5)
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.2)
+            conn = _connect_when_up(local)
             with conn:
                 conn.settimeout(10)
                 conn.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
