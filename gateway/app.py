@@ -143,7 +143,7 @@ def start_bastion(app: FastAPI, settings: Settings):
     from gateway.ssh.bastion import Bastion  # asyncssh loads only where SSH is served
 
     bastion = Bastion(settings, app.state.rentals)
-    bastion.start(settings.host, settings.ssh_port)
+    bastion.start(settings.host, settings.ssh_port, getattr(app.state, "ssh_socket", None))
     door = bastion.door()
     app.state.rentals.ssh_door = door
     app.state.ssh_published = bastion.published(door)

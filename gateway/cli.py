@@ -30,7 +30,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     secure_data_dir(settings.data_dir)  # 0711: others pass through (the pods' folders), read nothing
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, proxy_headers=True)
+    app = create_app(settings)
+    if settings.ssh_port:  # bound first, as the HTTP port is: a taken port stops here with a message
+        from gateway.ssh.bastion import SshPortInUse, listen_socket
+
+        try:
+            app.state.ssh_socket = listen_socket(settings.host, settings.ssh_port)
+        except SshPortInUse as exc:
+            logging.getLogger("kgpu").error("%s", exc)
+            return 1
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, proxy_headers=True)
     sockets = [config.bind_socket()]
     pod_address = pod_host_address(settings)
     if pod_address and settings.host in ("127.0.0.1", "localhost"):

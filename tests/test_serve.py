@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -209,3 +210,21 @@ def test_the_data_directory_is_closed_to_other_local_users(tmp_path):
     finally:
         second.process.terminate()
         second.process.wait(timeout=15)
+
+
+def test_an_ssh_port_in_use_stops_serve_with_a_message(tmp_path):
+    """As with the HTTP port: a taken KGPU_SSH_PORT stops `kgpu serve` and says what to do."""
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KGPU_")}
+    env.update(KGPU_ADMIN_TOKEN="serve-test-admin", KGPU_SSH_PORT=str(port))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "serve", "--data-dir", str(passable(tmp_path) / "data"),
+             "--port", str(free_port())], env=env, capture_output=True, text=True, timeout=120,
+        )
+    finally:
+        taken.close()
+    assert done.returncode != 0
+    assert f"the SSH port 127.0.0.1:{port} is not free" in done.stderr + done.stdout
+    assert "KGPU_SSH_PORT" in done.stderr + done.stdout

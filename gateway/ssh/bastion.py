@@ -46,6 +46,17 @@ class SshPortInUse(RuntimeError):
     pass
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The bastion's listening socket (port 0: any free one, for tests), or SshPortInUse."""
+    try:
+        return socket.create_server((host, port), backlog=128)
+    except OSError as exc:
+        raise SshPortInUse(
+            f"the SSH port {host}:{port} is not free ({exc.strerror}): set KGPU_SSH_PORT to another port, "
+            "or to 0 to run without SSH"
+        ) from None
+
+
 class Bastion:
     def __init__(self, settings: Settings, rentals: Rentals):
         self.settings = settings
@@ -64,16 +75,11 @@ class Bastion:
 
     # --- life ---------------------------------------------------------------------------
 
-    def start(self, host: str, port: int) -> None:
-        """Listen on ``host:port`` (port 0: any free one, for tests), or raise SshPortInUse."""
-        try:
-            sock = socket.create_server((host, port), backlog=128)
-        except OSError as exc:
-            raise SshPortInUse(
-                f"the SSH port {host}:{port} is not free ({exc.strerror}): set KGPU_SSH_PORT to another port, "
-                "or to 0 to run without SSH"
-            ) from None
-        self.port = sock.getsockname()[1]
+    def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
+        """Serve on ``sock`` (`kgpu serve` binds it before anything starts), else on a socket
+        listening on ``host:port``; SshPortInUse when that port is taken."""
+        sock = sock or listen_socket(host, port)
+        host, self.port = sock.getsockname()[:2]
         ready = threading.Event()
         failure: list[BaseException] = []
         self._thread = threading.Thread(target=self._run, args=(sock, ready, failure), name="kgpu-ssh", daemon=True)
