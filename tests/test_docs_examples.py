@@ -35,6 +35,7 @@ ALLOWED_VARIABLES = {
     "admin.md": {"KGPU_API_BASE", "KGPU_ADMIN_TOKEN"},
     "configuration.md": set(),
     "client.md": {"KGPU_API_BASE", "KGPU_API_TOKEN"},  # its examples run in tests/test_client.py
+    "ssh.md": {"KGPU_API_BASE", "KGPU_API_TOKEN", "KGPU_RENT_ID"},  # run in tests/test_ssh.py; the last in a pod
 }
 TOKEN = re.compile(r"^kgpu_[0-9a-f]{48}$")
 

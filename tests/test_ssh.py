@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import select
 import shutil
 import socket
@@ -628,3 +629,21 @@ def test_a_pod_busy_on_its_own_is_active(door, pod):
     rentals.tick()
     state = requests.get(f"{door.base}/v1/gpus/{pod['id']}", headers=pod["auth"]).json()
     assert state["activity"] == "load", state
+
+
+def test_the_ssh_guide_examples(door, tmp_path):
+    """docs/ssh.md's bash blocks as written, for a researcher with no key yet (on the local backend)."""
+    if door.kind != "local":
+        pytest.skip("the guide runs once, on the local backend")
+    from tests.test_docs_examples import run_doc
+
+    auth = door.user()
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True, mode=0o700)
+    result, workdir = run_doc("ssh.md", tmp_path, {
+        "KGPU_API_BASE": door.base, "KGPU_API_TOKEN": auth["Authorization"].split()[1], "HOME": str(home),
+    })
+    assert re.search(r"^hello from gpu-[0-9a-f]+ in /workspace$", result.stdout, re.M), result.stdout
+    assert "done\nsome results\n" in result.stdout
+    assert (workdir / "out" / "results.txt").read_text() == "some results\n"
+    assert requests.get(f"{door.base}/v1/gpus", headers=auth).json()["my_gpus"] == []
