@@ -647,3 +647,72 @@ def test_the_ssh_guide_examples(door, tmp_path):
     assert "done\nsome results\n" in result.stdout
     assert (workdir / "out" / "results.txt").read_text() == "some results\n"
     assert requests.get(f"{door.base}/v1/gpus", headers=auth).json()["my_gpus"] == []
+
+
+def test_a_dynamic_forward_connects_inside_the_pod(door, pod):
+    """ssh -D (SOCKS, as VS Code uses it): the target is reached from the pod's own network."""
+    port = free_port()
+    host_listener = _serve_once_on_host(port, b"HOST\n")
+    server = subprocess.Popen(
+        ["ssh", *door.options(pod["key"]), "-p", str(door.port), door.remote(),
+         "perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalAddr => \"127.0.0.1\", "
+         f"LocalPort => {port}, Listen => 1, ReuseAddr => 1) or die; $| = 1; print \"up\\n\"; "
+         "$c = $s->accept; $c->send(\"POD\\n\"); close $c'"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    socks = free_port()
+    tunnel = subprocess.Popen(["ssh", *door.options(pod["key"]), "-p", str(door.port), "-N", "-D", str(socks),
+                               door.remote()])
+    try:
+        assert server.stdout.readline() == b"up\n"
+        with _connect_when_up(socks) as conn:
+            conn.sendall(b"\x05\x01\x00")  # SOCKS5, no authentication
+            assert conn.recv(2) == b"\x05\x00"
+            conn.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + port.to_bytes(2, "big"))
+            assert conn.recv(10)[:2] == b"\x05\x00"
+            conn.settimeout(10)
+            assert conn.recv(100) == b"POD\n"
+    finally:
+        _stop(tunnel)
+        server.kill()
+        host_listener.close()
+
+
+def test_tmux_keeps_a_job_after_the_session(door, pod):
+    require_system_part(door.kind != "local" or shutil.which("tmux") is not None, "tmux")
+    if door.ssh(pod["key"], "command -v tmux").returncode != 0:
+        pytest.skip("this backend's test image has no tmux (kgpu-pytorch has it)")
+    started = door.ssh(pod["key"], "tmux new-session -d -s train 'sleep 60'", timeout=30)
+    assert started.returncode == 0, started.stderr
+    listed = door.ssh(pod["key"], "tmux ls", timeout=30)
+    assert listed.stdout.startswith(b"train:"), listed
+    door.ssh(pod["key"], "tmux kill-server", timeout=30)
+
+
+def test_connections_that_never_log_in_are_capped_per_address(door, pod):
+    """A client opening connection after connection without logging in holds at most a few of
+    the bastion's slots (each may wait 30 s for its login), and gets them back as they close."""
+    from gateway.ssh.bastion import UNAUTHENTICATED_PER_ADDRESS
+
+    idle = [socket.create_connection(("127.0.0.1", door.port)) for _ in range(UNAUTHENTICATED_PER_ADDRESS + 8)]
+    try:
+        for conn in idle:
+            conn.settimeout(5)
+        closed = 0
+        for conn in idle:
+            try:
+                data = conn.recv(200)  # the server's banner, or nothing when it was closed
+                closed += data == b""
+            except (ConnectionResetError, TimeoutError):
+                closed += 1
+        assert closed >= 8, closed
+    finally:
+        for conn in idle:
+            conn.close()
+    # the slots come back as they go (this test's address is everyone's here)
+    bastion = door.server.app.state.bastion
+    deadline = time.monotonic() + 10
+    while bastion.waiting:
+        assert time.monotonic() < deadline, bastion.waiting
+        time.sleep(0.1)
+    assert door.ssh(pod["key"], "echo again").stdout == b"again\n"

@@ -40,6 +40,8 @@ WATCH_INTERVAL_S = 1.0
 ACTIVITY_INTERVAL_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
 LOGIN_TIMEOUT_S = 30
+# Connections one address may hold open before they log in (each may wait LOGIN_TIMEOUT_S).
+UNAUTHENTICATED_PER_ADDRESS = 32
 
 
 class SshPortInUse(RuntimeError):
@@ -67,6 +69,7 @@ class Bastion:
         self.workers = ThreadPoolExecutor(max_workers=16, thread_name_prefix="kgpu-ssh")
         self.logins: set[Login] = set()
         self._failures: dict[str, collections.deque] = {}
+        self.waiting: collections.Counter = collections.Counter()  # address: connections not yet logged in
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping: asyncio.Event | None = None
@@ -187,6 +190,7 @@ class Login(asyncssh.SSHServer):
         self.conn = None
         self.address = "?"
         self.choice: Target | Ambiguous | None = None
+        self.waiting = False  # counted in bastion.waiting until it logs in or goes
         self.channels = 0
         self.sessions_open = 0
         self.last_bytes = 0.0
@@ -208,8 +212,22 @@ class Login(asyncssh.SSHServer):
         self.conn = conn
         peer = conn.get_extra_info("peername") or ("?",)
         self.address = str(peer[0])
+        self.waiting = True
+        self.bastion.waiting[self.address] += 1
+        if self.bastion.waiting[self.address] > UNAUTHENTICATED_PER_ADDRESS:
+            log.warning("ssh: %s holds %d connections that have not logged in; closing the newest",
+                        self.address, self.bastion.waiting[self.address] - 1)
+            conn.abort()
+
+    def _logged_in_or_gone(self) -> None:
+        if self.waiting:
+            self.waiting = False
+            self.bastion.waiting[self.address] -= 1
+            if self.bastion.waiting[self.address] <= 0:
+                del self.bastion.waiting[self.address]
 
     def connection_lost(self, exc) -> None:
+        self._logged_in_or_gone()
         self.bastion.logins.discard(self)
 
     def begin_auth(self, username: str) -> bool:
@@ -231,6 +249,7 @@ class Login(asyncssh.SSHServer):
         return True
 
     def auth_completed(self) -> None:
+        self._logged_in_or_gone()
         cap = self.bastion.settings.ssh_max_connections_per_user
         if self.bastion.logins_of(self.user_id) >= cap:
             self.conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS,
