@@ -35,6 +35,33 @@ def detect_gpus() -> list[str]:
     return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
 
 
+GPU_BUSY_PERCENT = 5  # the load probe (seed 001): a GPU this busy is working
+
+
+def gpus_busy(indices: list[int]) -> bool:
+    """Whether one of this host's GPUs ``indices`` is more than 5 % busy, as nvidia-smi says
+    (False where there is none). The host's nvidia-smi: never a pod's own binary."""
+    if not indices or not shutil.which("nvidia-smi"):
+        return False
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i",
+             ",".join(str(i) for i in indices)],
+            capture_output=True, text=True, timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and any(busy_line(line) for line in out.stdout.splitlines())
+
+
+def busy_line(line: str) -> bool:
+    """One line of ``nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits``."""
+    try:
+        return float(line.strip()) > GPU_BUSY_PERCENT
+    except ValueError:
+        return False  # "[N/A]" and the like
+
+
 def model_slug(name: str) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'h100'."""
     words = [w for w in name.lower().replace("nvidia", "").split() if w]

@@ -601,13 +601,13 @@ class Rentals:
         # docker exec or an srun, and a transaction held meanwhile would hold up the others.
         with self.sessions() as session:
             watched = [
-                (rental.id, rental.pod_ref)
+                (rental.id, rental.pod_ref, [int(i) for i in rental.gpu_indices.split(",") if i])
                 for rental in session.scalars(select(Rental).where(Rental.phase.in_(("Pending", "Running"))))
                 if rental.pod_ref and self.mine(rental)
             ]
         seen = self._observe_all(watched)
         with self._observing_lock:  # forget the load of pods no longer watched
-            self._cpu_seen = {r: v for r, v in self._cpu_seen.items() if r in dict(watched)}
+            self._cpu_seen = {r: v for r, v in self._cpu_seen.items() if r in {w[0] for w in watched}}
         with self.sessions.begin() as session:
             for rental in session.scalars(select(Rental).where(Rental.phase == "Terminating")):
                 if rental.pending_reason == HANDED_OVER and self.mine(rental):
@@ -681,17 +681,17 @@ class Rentals:
             except Exception:  # noqa: BLE001 - the next tick tries again
                 log.warning("could not remove the pod of ended rental %s", rental_id, exc_info=True)
 
-    def _observe_all(self, watched: list[tuple[str, str]]) -> dict[str, "_Observed"]:
+    def _observe_all(self, watched: list[tuple[str, str, list[int]]]) -> dict[str, "_Observed"]:
         """Each pod observed on its own, side by side, within the tick's deadline: a pod whose
         answer fails, or has not come by then, is simply not seen this tick (billed as usual, its
         state kept), and is not asked again while its last observation still runs."""
         futures = {}
-        for rental_id, ref in watched:
+        for rental_id, ref, gpus in watched:
             with self._observing_lock:
                 if ref in self._observing:
                     continue  # still stuck in last tick's observation
                 self._observing.add(ref)
-            futures[rental_id] = self._observers.submit(self._observe_once, rental_id, ref)
+            futures[rental_id] = self._observers.submit(self._observe_once, rental_id, ref, gpus)
         done, _ = wait(futures.values(), timeout=self.settings.reaper_observe_timeout_seconds)
         return {
             rental_id: future.result()
@@ -699,9 +699,9 @@ class Rentals:
             if future in done and future.result() is not None
         }
 
-    def _observe_once(self, rental_id: str, ref: str) -> "_Observed | None":
+    def _observe_once(self, rental_id: str, ref: str, gpus: list[int]) -> "_Observed | None":
         try:
-            return self._observe(rental_id, ref)
+            return self._observe(rental_id, ref, gpus)
         except Exception:  # noqa: BLE001 - one pod's trouble never ends the tick for the others
             log.exception("could not observe the pod of rental %s", rental_id)
             return None
@@ -709,11 +709,19 @@ class Rentals:
             with self._observing_lock:
                 self._observing.discard(ref)
 
-    def _observe(self, rental_id: str, ref: str) -> "_Observed":
+    def _observe(self, rental_id: str, ref: str, gpus: list[int]) -> "_Observed":
         status = self._status(ref)
         if status.phase in ("Gone", "Failed"):
             return _Observed(status, False, None)
-        return _Observed(status, self._has_live_run(ref), self._storage(ref), self._loaded(rental_id, ref))
+        loaded = self._loaded(rental_id, ref) or self._gpus_busy(ref, gpus)
+        return _Observed(status, self._has_live_run(ref), self._storage(ref), loaded)
+
+    def _gpus_busy(self, ref: str, gpus: list[int]) -> bool:
+        """The load probe's GPU half: one of the rental's GPUs over 5 % busy (where nvidia-smi is)."""
+        try:
+            return bool(gpus) and self.backend.gpus_busy(ref, gpus)
+        except PodError:
+            return False
 
     def _loaded(self, rental_id: str, ref: str) -> bool:
         """The load probe: whether the pod's processes used a tenth of a CPU or more since its

@@ -117,6 +117,8 @@ def door(request, tmp_path_factory, rclone_target):
     if kind == "local":
         if LOCAL_SANDBOX_MISSING:
             require_system_part(False, f"the local pod sandbox ({LOCAL_SANDBOX_MISSING})")
+        # GPUs on paper (no device here): the load probe's GPU half asks nvidia-smi about them
+        extra["gpu_inventory"] = '[{"node": "local", "gpu_model": "t4", "count": 8, "price_per_hour_credits": 100}]'
     elif kind == "docker":
         client = request.getfixturevalue("docker_pod_client")
         docker_image_ready(client)
@@ -716,3 +718,26 @@ def test_connections_that_never_log_in_are_capped_per_address(door, pod):
         assert time.monotonic() < deadline, bastion.waiting
         time.sleep(0.1)
     assert door.ssh(pod["key"], "echo again").stdout == b"again\n"
+
+
+def test_a_busy_gpu_is_activity(door, tmp_path, monkeypatch):
+    """The load probe's GPU half: a rental's GPU over 5 % busy (the host's nvidia-smi; a stand-in
+    here, which answers for the indices it was asked about) keeps the rental from idling."""
+    if door.kind != "local":
+        pytest.skip("GPUs on paper only on the local backend (docker needs the NVIDIA runtime for them)")
+    auth = door.user()
+    rental = door.rent(auth, gpu_count=1)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text('#!/bin/sh\necho "$@" >> "$(dirname "$0")/asked"\necho 37\n')
+    (fake / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    door.server.app.state.rentals.tick()
+    state = requests.get(f"{door.base}/v1/gpus/{rental['gpu_id']}", headers=auth).json()
+    assert state["activity"] == "load", state
+    with door.server.app.state.sessions() as session:
+        from gateway.models import Rental
+
+        indices = session.get(Rental, rental["gpu_id"]).gpu_indices
+    assert f"-i {indices}" in (fake / "asked").read_text()
+    requests.delete(f"{door.base}/v1/gpus/{rental['gpu_id']}", headers=auth)

@@ -309,6 +309,10 @@ class PodBackend(Protocol):
         """CPU seconds the pod's processes have used so far (None: unknown); the reaper's load
         probe counts a pod using a tenth of a CPU between two ticks as active."""
 
+    def gpus_busy(self, ref: str, gpus: list[int]) -> bool:
+        """Whether one of the pod's GPUs (its rental's ``gpus`` indices on its node) is more
+        than 5 % busy, as the node's own nvidia-smi says; False where there is none."""
+
     # Optional (``wait_run`` and ``follow_run`` above): ``wait_run(ref, run_id, seconds, tail_bytes)``
     # and ``follow_run(ref, run_id, offsets, seconds)``, each one wait inside the pod.
     # Optional (gateway/inventory.py ``engine_inventory``): a backend over a workload engine may

@@ -67,6 +67,7 @@ from gateway.pods import (
     safe_run_id,
     wait_ticks,
 )
+from gateway.inventory import gpus_busy
 from gateway.pods.bounded import CALL_TIMEOUT_S, MAX_ANSWER, CallSlots, read_docker_stream
 from gateway.pods.disk import disk_used, make_disk, release_disk
 from gateway.pods.relay import connect_in_namespace
@@ -721,6 +722,9 @@ class DockerPodBackend:
             raise PodError(f"cannot read {ref}'s CPU use: {exc}") from exc
         usage = ((stats or {}).get("cpu_stats") or {}).get("cpu_usage", {}).get("total_usage")
         return usage / 1e9 if usage is not None else None
+
+    def gpus_busy(self, ref: str, gpus: list[int]) -> bool:
+        return self._local_daemon() and gpus_busy(gpus)  # the GPUs of this host, where the daemon runs
 
     # --- SSH sessions and forwards (gateway/ssh) ----------------------------------------
 

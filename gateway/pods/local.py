@@ -65,6 +65,7 @@ from gateway.pods import (
     run_command,
     safe_run_id,
 )
+from gateway.inventory import gpus_busy
 from gateway.pods.bounded import CALL_TIMEOUT_S, CallSlots, run_bounded
 from gateway.pods.disk import bind, disk_used, make_disk, release_disk
 from gateway.pods.mounts import MAX_FLUSH_REPORT, bootstrap_status
@@ -447,6 +448,9 @@ class LocalPodBackend:
             with contextlib.suppress(OSError):
                 lines.append(Path(f"/proc/{pid}/stat").read_text())
         return cpu_ticks("\n".join(lines)) / os.sysconf("SC_CLK_TCK")
+
+    def gpus_busy(self, ref: str, gpus: list[int]) -> bool:
+        return gpus_busy(gpus)  # this host's GPUs
 
     # --- SSH sessions and forwards (gateway/ssh) ----------------------------------------
 

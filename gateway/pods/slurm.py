@@ -38,7 +38,7 @@ import threading
 import time
 from pathlib import Path
 
-from gateway.inventory import GpuClass
+from gateway.inventory import GpuClass, busy_line
 from gateway.pods import (
     CONNECT_SCRIPT,
     CPU_SCRIPT,
@@ -124,6 +124,11 @@ echo $((layer + ${used:-0}))
 """
 # srun's own last words on a step whose task did not exit 0 (its --quiet keeps errors).
 SRUN_EXIT_REPORT = re.compile(rb"srun: error: \S+: task \d+: (Exited with exit code \d+|Killed|Terminated)\r?\n")
+# On the node, in the job: its GPUs' utilization (nothing where the node has no nvidia-smi).
+GPU_UTILIZATION_SCRIPT = (
+    'command -v nvidia-smi >/dev/null && [ -n "$SLURM_JOB_GPUS" ] || exit 0; '
+    'exec nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -i "$SLURM_JOB_GPUS"'
+)
 SRUN_START_S = 15  # what srun may take to reach the node, on top of a call's own deadline
 
 
@@ -508,6 +513,11 @@ class SlurmPodBackend:
         """The container's processes' CPU time, read in the pod's /proc (one short srun)."""
         stat = self._exec(ref, CPU_SCRIPT)
         return cpu_ticks(stat) / os.sysconf("SC_CLK_TCK") if stat else None
+
+    def gpus_busy(self, ref: str, gpus: list[int]) -> bool:
+        """The node's nvidia-smi for the job's GPUs (SLURM_JOB_GPUS), in one short srun."""
+        out = self._node(ref, GPU_UTILIZATION_SCRIPT)
+        return any(busy_line(line) for line in out.decode(errors="replace").splitlines())
 
     # --- SSH sessions and forwards (gateway/ssh) ----------------------------------------
 
