@@ -40,6 +40,9 @@ WATCH_INTERVAL_S = 1.0
 ACTIVITY_INTERVAL_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
 LOGIN_TIMEOUT_S = 30
+# AES only: OpenSSH clients pick chacha20-poly1305 first where it is offered, which asyncssh
+# carries at 140-160 MiB/s down against 260+ with aes128-ctr (scp of 512 MiB, measured here).
+ENCRYPTION_ALGS = ["aes128-ctr", "aes256-ctr", "aes192-ctr", "aes128-gcm@openssh.com", "aes256-gcm@openssh.com"]
 # Connections one address may hold open before they log in (each may wait LOGIN_TIMEOUT_S).
 UNAUTHENTICATED_PER_ADDRESS = 32
 
@@ -109,6 +112,7 @@ class Bastion:
             sock=sock, server_factory=lambda: Login(self), server_host_keys=[self.host_key],
             encoding=None, line_editor=False, agent_forwarding=False, x11_forwarding=False, allow_scp=False,
             login_timeout=LOGIN_TIMEOUT_S, keepalive_interval=30, keepalive_count_max=4,
+            encryption_algs=ENCRYPTION_ALGS,
         )
         ready.set()
         watcher = asyncio.ensure_future(self._watch())
