@@ -70,9 +70,8 @@ def remember_minted(rental: dict) -> None:
 def _identity(session: Session, rental: dict) -> Path:
     """The private key file for ``rental``'s pinned key; a new pair minted when none here matches."""
     pinned = rental["ssh_access"]["fingerprint"]
-    kept = keys_dir() / rental["gpu_id"]
-    candidates = [kept] + [Path.home() / ".ssh" / name for name in OWN_KEYS]
-    for private in candidates:
+    kept = keys_dir() / rental["gpu_id"]  # a minted key: its fingerprint kept beside it, no .pub
+    for private in (Path.home() / ".ssh" / name for name in OWN_KEYS):
         public = Path(f"{private}.pub")
         if private.is_file() and public.is_file() and fingerprint(public.read_text()) == pinned:
             return private

@@ -410,19 +410,25 @@ def _connect_when_up(port: int, seconds: float = 20) -> socket.socket:
             time.sleep(0.2)
 
 
+def _serve_once_in_pod(door: Door, pod: dict, port: int, answer: str) -> subprocess.Popen:
+    """A listener on the pod's 127.0.0.1:``port`` (perl: perl-base is in every Debian image, the
+    smallest included) that runs the perl ``answer`` on its one connection ``$c``; returns once it listens."""
+    server = subprocess.Popen(
+        ["ssh", *door.options(pod["key"]), "-p", str(door.port), door.remote(),
+         "perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalAddr => \"127.0.0.1\", "
+         f"LocalPort => {port}, Listen => 1, ReuseAddr => 1) or die; $| = 1; print \"up\\n\"; "
+         f"$c = $s->accept; {answer}; close $c'"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert server.stdout.readline() == b"up\n"
+    return server
+
+
 def test_a_local_forward_reaches_the_pods_listener_never_the_hosts(door, pod):
     port = free_port()
     host_listener = _serve_once_on_host(port, b"HOST\n")  # the same port on the host
     try:
-        server = subprocess.Popen(
-            ["ssh", *door.options(pod["key"]), "-p", str(door.port), door.remote(),
-             # perl-base is in every Debian image, the smallest included
-             "perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalAddr => \"127.0.0.1\", "
-             f"LocalPort => {port}, Listen => 1, ReuseAddr => 1) or die; $| = 1; print \"up\\n\"; "
-             "$c = $s->accept; $c->recv($b, 100); $c->send(\"POD:$b\"); close $c'"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )
-        assert server.stdout.readline() == b"up\n"
+        server = _serve_once_in_pod(door, pod, port, '$c->recv($b, 100); $c->send("POD:$b")')
         local = free_port()
         tunnel = subprocess.Popen(["ssh", *door.options(pod["key"]), "-p", str(door.port), "-N", "-o",
                                    "ExitOnForwardFailure=yes", "-L", f"{local}:127.0.0.1:{port}", door.remote()])
@@ -655,18 +661,11 @@ def test_a_dynamic_forward_connects_inside_the_pod(door, pod):
     """ssh -D (SOCKS, as VS Code uses it): the target is reached from the pod's own network."""
     port = free_port()
     host_listener = _serve_once_on_host(port, b"HOST\n")
-    server = subprocess.Popen(
-        ["ssh", *door.options(pod["key"]), "-p", str(door.port), door.remote(),
-         "perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalAddr => \"127.0.0.1\", "
-         f"LocalPort => {port}, Listen => 1, ReuseAddr => 1) or die; $| = 1; print \"up\\n\"; "
-         "$c = $s->accept; $c->send(\"POD\\n\"); close $c'"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
+    server = _serve_once_in_pod(door, pod, port, '$c->send("POD\\n")')
     socks = free_port()
     tunnel = subprocess.Popen(["ssh", *door.options(pod["key"]), "-p", str(door.port), "-N", "-D", str(socks),
                                door.remote()])
     try:
-        assert server.stdout.readline() == b"up\n"
         with _connect_when_up(socks) as conn:
             conn.sendall(b"\x05\x01\x00")  # SOCKS5, no authentication
             assert conn.recv(2) == b"\x05\x00"

@@ -30,9 +30,14 @@ TOKEN_PATH = "/run/kgpu/token"
 TOKEN_LAUNCH = 'KGPU_API_TOKEN=${KGPU_API_TOKEN-$(cat "$1" 2>/dev/null)}; export KGPU_API_TOKEN; shift; exec "$@"'
 
 
+def with_token(token_path: str, argv: list[str]) -> list[str]:
+    """``argv`` in a pod with the in-pod token read into KGPU_API_TOKEN first."""
+    return ["sh", "-c", TOKEN_LAUNCH, "kgpu-token", token_path, *argv]
+
+
 def run_command(run_dir: str, argv: list[str], token_path: str = TOKEN_PATH) -> list[str]:
     """What a backend executes in a pod for a run: the token read in, then the runner."""
-    return ["sh", "-c", TOKEN_LAUNCH, "kgpu-token", token_path, "sh", "-c", RUNNER, "kgpu-run", run_dir, *argv]
+    return with_token(token_path, ["sh", "-c", RUNNER, "kgpu-run", run_dir, *argv])
 
 # A login into the pod (an SSH session): the token read in as for a run, then, in /workspace,
 # the image's bash (else sh) as a login shell, or running ``-c CMD`` as sshd runs a user's shell,
@@ -56,7 +61,7 @@ esac
 def login_command(args: list[str], token_path: str = TOKEN_PATH) -> list[str]:
     """What a backend executes in a pod for an SSH session: ``[]`` (a login shell),
     ``["-c", CMD]`` or ``["sftp"]`` (SESSION_SCRIPT), with the in-pod token in its environment."""
-    return ["sh", "-c", TOKEN_LAUNCH, "kgpu-token", token_path, "sh", "-c", SESSION_SCRIPT, "kgpu-session", *args]
+    return with_token(token_path, ["sh", "-c", SESSION_SCRIPT, "kgpu-session", *args])
 
 
 # A TCP connection from inside the pod over stdio, where the gateway cannot enter the pod's

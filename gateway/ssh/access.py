@@ -65,13 +65,10 @@ class Access:
         else why not."""
         with self.sessions() as session:
             rental = session.get(Rental, target.rental_id)
-            if rental is None or rental.phase not in LIVE:
-                return f"kgpu: rental {target.rental_id} has ended"
-            if rental.ssh_fingerprint != target.fingerprint:
-                return f"kgpu: the key of rental {target.rental_id} was changed"
-            if not self.rentals.mine(rental):
+            closed = _closed(rental, target)
+            if closed is None and not self.rentals.mine(rental):
                 return f"kgpu: rental {target.rental_id}'s pod runs behind another gateway"
-        return None
+        return closed
 
     def closed_of(self, targets: list[Target]) -> set[str]:
         """The rental ids among ``targets`` that may no longer be entered (the watcher's one query)."""
@@ -81,10 +78,7 @@ class Access:
             rows = {
                 r.id: r for r in session.scalars(select(Rental).where(Rental.id.in_({t.rental_id for t in targets})))
             }
-        return {
-            t.rental_id for t in targets
-            if (r := rows.get(t.rental_id)) is None or r.phase not in LIVE or r.ssh_fingerprint != t.fingerprint
-        }
+        return {t.rental_id for t in targets if _closed(rows.get(t.rental_id), t) is not None}
 
     def active(self, rental_ids: set[str]) -> None:
         """Rentals with an SSH session open or a forward that carried bytes: not idle."""
@@ -95,3 +89,12 @@ class Access:
                 rental.last_activity_at = self.rentals.now()
                 rental.last_activity_kind = "ssh"
                 rental.idle_warning = False
+
+
+def _closed(rental: Rental | None, target: Target) -> str | None:
+    """Why ``target``'s login may no longer enter ``rental`` (ended, or its key changed); None: it may."""
+    if rental is None or rental.phase not in LIVE:
+        return f"kgpu: rental {target.rental_id} has ended"
+    if rental.ssh_fingerprint != target.fingerprint:
+        return f"kgpu: the key of rental {target.rental_id} was changed"
+    return None

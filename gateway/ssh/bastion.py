@@ -29,7 +29,7 @@ from gateway.ssh import flow
 from gateway.ssh.access import Access, Ambiguous, Target
 from gateway.ssh.forward import PodForward, open_forward
 from gateway.ssh.keys import fingerprint_of, known_hosts_line, load_host_key
-from gateway.ssh.pod_session import PodProcess, run_in_pod, session_args, session_env
+from gateway.ssh.pod_session import PodProcess, run_in_pod, session_args, session_env, wants_terminal
 
 log = logging.getLogger("kgpu.ssh")
 flow.install()  # asyncssh's receive window, fixed (gateway/ssh/flow.py)
@@ -292,8 +292,8 @@ class Login(asyncssh.SSHServer):
             return _refuse(process, refusal)
         try:
             command = await self.bastion.blocking(
-                self.bastion.backend.enter, target.pod_ref, session_args(process), process.term_type is not None
-                and process.subsystem is None, session_env(process),
+                self.bastion.backend.enter, target.pod_ref, session_args(process), wants_terminal(process),
+                session_env(process),
             )
         except PodError as exc:
             return _refuse(process, f"kgpu: cannot enter the pod of {target.rental_id}: {exc}", 255)

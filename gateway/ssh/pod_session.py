@@ -80,6 +80,11 @@ def session_args(process: asyncssh.SSHServerProcess) -> list[str]:
     return []
 
 
+def wants_terminal(process: asyncssh.SSHServerProcess) -> bool:
+    """A pty was asked for a shell or a command (an ``sftp`` subsystem never gets one)."""
+    return process.term_type is not None and process.subsystem is None
+
+
 def session_env(process: asyncssh.SSHServerProcess) -> dict[str, str]:
     """The terminal's type and the client's locale, as sshd passes them; nothing else it sends."""
     env = {}
@@ -95,7 +100,7 @@ def session_env(process: asyncssh.SSHServerProcess) -> dict[str, str]:
 
 async def run_in_pod(process: PodProcess, command: PodCommand) -> None:
     """Run ``command`` with the channel as its stdio, then report its exit to the client."""
-    tty = process.term_type is not None and process.subsystem is None
+    tty = wants_terminal(process)
     ours: list[int] = []  # our ends of its stdio
     theirs: list[int] = []
     if tty:
