@@ -108,6 +108,9 @@ FUSE_MODE = "/dev/fuse on the docker host must be mode 0666 for user-namespaced 
 READ_CHUNK = 1 << 20  # read_output returns at most this many bytes a call
 # Connections to the daemon kept open: each long-poll holds one for its wait (gateway/routes/runs.py).
 DOCKER_CONNECTIONS = 256
+# Where dockerd keeps its containers' runc state (``{root}/{container id}/state.json``): its
+# default exec root, and containerd's where docker runs through a containerd of its own.
+RUNC_ROOTS = ("/run/docker/runtime-runc/moby", "/run/containerd/runc/moby")
 
 # Prints the run's small files as key=value lines, whether the runner is alive, then
 # for stdout and stderr "name size start length" and exactly `length` raw bytes from
@@ -729,9 +732,32 @@ class DockerPodBackend:
     # --- SSH sessions and forwards (gateway/ssh) ----------------------------------------
 
     def enter(self, ref: str, args: list[str], tty: bool, env: dict[str, str]) -> PodCommand:
-        """``docker exec`` by the docker CLI, which carries a terminal's size and resizes."""
+        """``runc exec`` of the container where the daemon runs here and the gateway is root: the
+        process docker exec would start (the container's user, capabilities, seccomp and AppArmor
+        profiles, cgroups, no-new-privileges), with its stdio our pipes, so no daemon carries the
+        session's bytes. Else the docker CLI's ``exec``. Both carry a terminal's size and resizes."""
+        runc = self._runc_exec(ref, login_command(args), tty, env)
+        if runc is not None:
+            return PodCommand(["setsid", "--ctty", *runc] if tty else runc, {"PATH": os.defpath, **env})
         argv = docker_exec_argv(ref, login_command(args), tty, env)
         return PodCommand(["setsid", "--ctty", *argv] if tty else argv, {**docker_cli_env(), **env})
+
+    def _runc_exec(self, ref: str, argv: list[str], tty: bool, env: dict[str, str]) -> list[str] | None:
+        """The ``runc exec`` argv for ``argv`` in ``ref``, or None where runc cannot reach it."""
+        if not self._local_daemon() or os.geteuid() != 0:
+            return None
+        runc = shutil.which("runc")
+        try:
+            container_id = self.api.inspect_container(ref)["Id"]
+        except NotFound:
+            raise PodError(f"no pod {ref}") from None
+        except (*_DOCKER_ERRORS, KeyError) as exc:
+            raise PodError(f"cannot inspect {ref}: {exc}") from exc
+        root = next((r for r in RUNC_ROOTS if Path(r, container_id, "state.json").is_file()), None)
+        if runc is None or root is None:
+            return None
+        named = [flag for name in sorted(env) for flag in ("--env", f"{name}={env[name]}")]  # TERM, LANG: no secret
+        return [runc, "--root", root, "exec", *(["-t"] if tty else []), "--cwd", WORKDIR, *named, container_id, *argv]
 
     def connect(self, ref: str, host: str, port: int, timeout: float) -> socket.socket:
         """From inside the container's network namespace, entered on this host (as root)."""
