@@ -196,11 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     args = client_cli.parse_args(build_parser(), sys.argv[1:] if argv is None else argv)
     if args.command not in ("serve", "admin"):
         return args.func(args)  # client.cli reports its own errors
+    from gateway.domain_errors import DomainError
     from gateway.errors import ApiError
 
     try:
         return args.func(args)
-    except ApiError as exc:
+    except (ApiError, DomainError) as exc:
         print(f"kgpu: {exc.message}", file=sys.stderr)
         return 1
 

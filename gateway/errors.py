@@ -22,6 +22,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from drive.keys import InvalidPath
 from drive.store import ObjectNotFound, StoreUnavailable
 from gateway.bounds import header_problem
+from gateway.domain_errors import (
+    Conflict, DomainError, Forbidden, Gone, InsufficientCredits, Invalid, NotFound, Unavailable,
+)
 from gateway.pods import PodError
 
 log = logging.getLogger("kgpu")
@@ -64,6 +67,26 @@ class ApiError(Exception):
         self.error_code = error_code
         self.message = message
         self.headers = headers or {}
+
+
+# The one place a domain error becomes an HTTP status (the nearest class in its MRO wins).
+_DOMAIN_STATUS: dict[type[DomainError], int] = {
+    NotFound: 404,
+    Conflict: 409,
+    Gone: 410,
+    Forbidden: 403,
+    Invalid: 422,
+    InsufficientCredits: 402,
+    Unavailable: 503,
+}
+
+
+def status_of(error: DomainError) -> int:
+    """The HTTP status a domain error answers with."""
+    for kind in type(error).__mro__:
+        if kind in _DOMAIN_STATUS:
+            return _DOMAIN_STATUS[kind]
+    return 500
 
 
 def envelope(status: int, error_code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -133,6 +156,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError):
         return envelope(exc.status, exc.error_code, exc.message, exc.headers)
+
+    @app.exception_handler(DomainError)
+    async def _domain_error(_: Request, exc: DomainError):
+        return envelope(status_of(exc), exc.error_code, exc.message)
 
     @app.exception_handler(InvalidPath)
     async def _invalid_path(_: Request, exc: InvalidPath):

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from gateway.auth import Principal
 from gateway.bounds import PlainText, RowId
-from gateway.errors import ApiError
+from gateway.domain_errors import Conflict, NotFound
 from gateway.models import Org, OrgMember, User
 from gateway.tokens import as_utc
 
@@ -83,7 +83,7 @@ def access(session: Session, principal: Principal, slug: str) -> Access:
         )
         if role:
             return Access(org, role)
-    raise ApiError(404, "org_not_found", f"no organisation {slug!r} that you belong to")
+    raise NotFound("org_not_found", f"no organisation {slug!r} that you belong to")
 
 
 def visible_orgs(session: Session, principal: Principal) -> list[tuple[Org, str]]:
@@ -103,14 +103,14 @@ def visible_orgs(session: Session, principal: Principal) -> list[tuple[Org, str]
 
 def create(session: Session, new: NewOrg) -> Org:
     if new.owner_user_id is not None and session.get(User, new.owner_user_id) is None:
-        raise ApiError(404, "user_not_found", f"no user with id {new.owner_user_id}")
+        raise NotFound("user_not_found", f"no user with id {new.owner_user_id}")
     org = Org(slug=new.slug, name=new.name, owner_user_id=new.owner_user_id)
     session.add(org)
     try:
         session.flush()
     except IntegrityError:
         session.rollback()
-        raise ApiError(409, "org_exists", f"an organisation {new.slug!r} already exists") from None
+        raise Conflict("org_exists", f"an organisation {new.slug!r} already exists") from None
     if new.owner_user_id is not None:
         session.add(OrgMember(org_id=org.id, user_id=new.owner_user_id, role="admin"))
         session.flush()
@@ -120,7 +120,7 @@ def create(session: Session, new: NewOrg) -> Org:
 def set_member(session: Session, org: Org, membership: Membership) -> tuple[OrgMember, User]:
     user = session.get(User, membership.user_id)
     if user is None:
-        raise ApiError(404, "user_not_found", f"no user with id {membership.user_id}")
+        raise NotFound("user_not_found", f"no user with id {membership.user_id}")
     member = session.get(OrgMember, (org.id, user.id))
     if member is None:
         member = OrgMember(org_id=org.id, user_id=user.id, role=membership.role)
@@ -134,7 +134,7 @@ def set_member(session: Session, org: Org, membership: Membership) -> tuple[OrgM
 def remove_member(session: Session, org: Org, user_id: int) -> None:
     member = session.get(OrgMember, (org.id, user_id))
     if member is None:
-        raise ApiError(404, "member_not_found", f"user {user_id} is not a member of {org.slug}")
+        raise NotFound("member_not_found", f"user {user_id} is not a member of {org.slug}")
     session.delete(member)
 
 

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from gateway import billing, tokens, users
 from gateway.bounds import PlainText
 from gateway.auth import Principal
-from gateway.errors import ApiError
+from gateway.domain_errors import Conflict, InsufficientCredits, Invalid, NoCapacity, NotFound
 from gateway.inventory import GpuClass, engine_inventory, free_indices
 from gateway.models import ApiToken, Rental, User, utcnow
 from gateway.pods import PodBackend, PodError, PodSpec, PodStatus
@@ -164,7 +164,7 @@ def _check_key_is_theirs(session: Session, user_id: int, key: PinnedKey) -> None
         Rental.ssh_fingerprint == key.fingerprint, Rental.phase.in_(ACTIVE), Rental.user_id != user_id,
     ).limit(1))
     if taken is not None:
-        raise ApiError(409, "ssh_key_in_use", "another account's rental pins this SSH key; use a key of your own")
+        raise Conflict("ssh_key_in_use", "another account's rental pins this SSH key; use a key of your own")
 
 
 # A return asked of a gateway whose backend does not run the pod: the one that does finishes it.
@@ -254,7 +254,7 @@ class Rentals:
         found = self._offered(inventory, gpu_model)
         if not found:
             menu = ", ".join(sorted({c.gpu_model for c in inventory}))
-            raise ApiError(422, "validation_error", f"gpu_model {gpu_model!r} is not offered here (menu: {menu})")
+            raise Invalid(f"gpu_model {gpu_model!r} is not offered here (menu: {menu})")
         return found
 
     def cluster(self, session: Session) -> list[dict]:
@@ -300,24 +300,22 @@ class Rentals:
                 select(Rental.gpu_count).where(Rental.user_id == user.id, Rental.phase.in_(ACTIVE))
             ).all()
             if sum(mine) + count > self.settings.max_gpus_per_user:
-                raise ApiError(
-                    409, "gpu_cap_reached", f"you hold {sum(mine)} GPUs; the cap is {self.settings.max_gpus_per_user}"
+                raise Conflict(
+                    "gpu_cap_reached", f"you hold {sum(mine)} GPUs; the cap is {self.settings.max_gpus_per_user}"
                 )
             if not any(c.count >= count for c in classes):
-                raise ApiError(409, "no_capacity", f"no node here has {count} {classes[0].gpu_model} GPUs")
+                raise NoCapacity(f"no node here has {count} {classes[0].gpu_model} GPUs")
             # Nobody jumps the queue: while rentals wait for this model, a new one waits behind
             # them. One that takes no GPU waits for none.
             queued = self._queued_ahead(session, classes[0].gpu_model) if count else 0
             placement = None if queued else self._placement(session, classes, count)
             if placement is None and not request.queue:
-                raise ApiError(409, "no_capacity", f"no node has {count} free {classes[0].gpu_model} GPUs right now"
+                raise NoCapacity(f"no node has {count} free {classes[0].gpu_model} GPUs right now"
                                + (f" ({queued} rentals are queued for them)" if queued else ""))
             gpu_class = placement[0] if placement else min(classes, key=lambda c: c.price_per_hour_credits)
             hourly = max(count, 1) * gpu_class.price_per_hour_credits
             if user.credits < hourly:
-                raise ApiError(
-                    402, "insufficient_credits", f"one hour costs {hourly} credits; your balance is {user.credits}"
-                )
+                raise InsufficientCredits(f"one hour costs {hourly} credits; your balance is {user.credits}")
             now = self.now()
             rental = Rental(
                 id="gpu-" + secrets.token_hex(6),
@@ -446,7 +444,7 @@ class Rentals:
         if rental is None or rental.user_id != principal.user_id or (
             principal.rental_id is not None and principal.rental_id != rental_id
         ):
-            raise ApiError(404, "gpu_not_found", f"no rental {rental_id} of yours")
+            raise NotFound("gpu_not_found", f"no rental {rental_id} of yours")
         return rental
 
     def active_of(self, session: Session, principal: Principal) -> list[Rental]:
@@ -507,7 +505,7 @@ class Rentals:
             lock_placement(session)  # keys are pinned one at a time, as GPUs are placed
             rental = self.get(session, principal, rental_id)
             if rental.phase not in ACTIVE:
-                raise ApiError(409, "gpu_not_live", f"rental {rental_id} has ended ({rental.phase})")
+                raise Conflict("gpu_not_live", f"rental {rental_id} has ended ({rental.phase})")
             _check_key_is_theirs(session, rental.user_id, key)
             rental.ssh_pubkey, rental.ssh_fingerprint = key.line, key.fingerprint
             return rental

@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gateway.bounds import MAX_CREDITS, MAX_ROW_ID, PlainText
-from gateway.errors import ApiError
+from gateway.domain_errors import Conflict, Invalid, NotFound
 from gateway.models import User
 from gateway.tokens import as_utc
 
@@ -66,14 +66,14 @@ def create(session: Session, new: NewUser, starting_credits: int) -> User:
         session.flush()
     except IntegrityError:
         session.rollback()
-        raise ApiError(409, "user_exists", f"a user with email {new.email} already exists") from None
+        raise Conflict("user_exists", f"a user with email {new.email} already exists") from None
     return user
 
 
 def get(session: Session, user_id: int) -> User:
     user = session.get(User, user_id)
     if user is None:
-        raise ApiError(404, "user_not_found", f"no user with id {user_id}")
+        raise NotFound("user_not_found", f"no user with id {user_id}")
     return user
 
 
@@ -86,18 +86,18 @@ def get_locked(session: Session, user_id: int) -> User:
     session.execute(update(User).where(User.id == user_id).values(id=User.id))
     user = session.get(User, user_id, populate_existing=True)
     if user is None:
-        raise ApiError(404, "user_not_found", f"no user with id {user_id}")
+        raise NotFound("user_not_found", f"no user with id {user_id}")
     return user
 
 
 def find(session: Session, id_or_email: str) -> User:
     if id_or_email.isascii() and id_or_email.isdigit():
         if int(id_or_email) > MAX_ROW_ID:
-            raise ApiError(404, "user_not_found", f"no user with id {id_or_email}")
+            raise NotFound("user_not_found", f"no user with id {id_or_email}")
         return get(session, int(id_or_email))
     user = session.scalar(select(User).where(User.email == id_or_email.strip().lower()))
     if user is None:
-        raise ApiError(404, "user_not_found", f"no user with email {id_or_email}")
+        raise NotFound("user_not_found", f"no user with email {id_or_email}")
     return user
 
 
@@ -109,7 +109,7 @@ def apply_patch(user: User, patch: UserPatch) -> None:
 def grant_credits(user: User, credits: int) -> None:
     """Add (or take back) credits on a row locked with ``get_locked``; the balance stays in 0..MAX_CREDITS."""
     if user.credits + credits < 0:
-        raise ApiError(422, "validation_error", f"the balance is {user.credits}; it cannot go below zero")
+        raise Invalid(f"the balance is {user.credits}; it cannot go below zero")
     if user.credits + credits > MAX_CREDITS:
-        raise ApiError(422, "validation_error", f"the balance is {user.credits}; it cannot go above {MAX_CREDITS}")
+        raise Invalid(f"the balance is {user.credits}; it cannot go above {MAX_CREDITS}")
     user.credits = user.credits + credits

@@ -13,7 +13,8 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from gateway import orgs, users
-from gateway.errors import ApiError
+from gateway.domain_errors import DomainError
+from gateway.errors import status_of
 from gateway.models import User
 from gateway.web_pages import PageError, current, page, principal_of, refusal, see_other, signed_in_form
 
@@ -61,8 +62,8 @@ async def _admin_change(request: Request, change) -> Response:
         await run_in_threadpool(apply)
     except PageError as error:
         return refusal(request, error)
-    except ApiError as error:
-        return refusal(request, PageError(error.status, error.error_code, error.message))
+    except DomainError as error:
+        return refusal(request, PageError(status_of(error), error.error_code, error.message))
     except ValidationError as error:
         problem = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         return refusal(request, PageError(422, "validation_error", problem))

@@ -1,0 +1,54 @@
+"""What the domain refuses, in its own words.
+
+Each error carries the envelope's ``error_code`` and ``message`` (SPEC decision 9); which HTTP
+status it answers with is decided in one place, the exception handler in ``gateway/errors.py``.
+The domain (rentals, orgs, users, runs, the principal) raises these and never an HTTP status.
+"""
+
+from __future__ import annotations
+
+
+class DomainError(Exception):
+    def __init__(self, error_code: str, message: str):
+        super().__init__(message)
+        self.error_code = error_code
+        self.message = message
+
+
+class NotFound(DomainError):
+    """No such thing, or none the caller may see."""
+
+
+class Conflict(DomainError):
+    """The thing's present state forbids it (a name taken, a rental ended, a cap reached)."""
+
+
+class NoCapacity(Conflict):
+    """No node has the GPUs asked for (now, or at all)."""
+
+    def __init__(self, message: str):
+        super().__init__("no_capacity", message)
+
+
+class Gone(DomainError):
+    """It existed and has ended."""
+
+
+class Forbidden(DomainError):
+    """The caller may not do this."""
+
+
+class Invalid(DomainError):
+    """A value the request's shape allowed but the domain refuses (a model not offered, a balance out of bounds)."""
+
+    def __init__(self, message: str):
+        super().__init__("validation_error", message)
+
+
+class InsufficientCredits(DomainError):
+    def __init__(self, message: str):
+        super().__init__("insufficient_credits", message)
+
+
+class Unavailable(DomainError):
+    """A part the operation needs cannot serve it here (pods that cannot be isolated)."""
