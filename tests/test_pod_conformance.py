@@ -1,4 +1,4 @@
-"""The pod-backend conformance suite: every PodBackend passes all of it (local, docker)."""
+"""The pod-backend conformance suite: every PodBackend passes all of it (local, docker, slurm)."""
 
 from __future__ import annotations
 
@@ -213,3 +213,69 @@ def test_fifos_planted_in_a_run_folder_do_not_hold_the_gateway(pod):
         worker.start()
         worker.join(30)
         assert not worker.is_alive(), f"{name} hangs on a FIFO the run planted"
+
+
+# --- logins and connections into the pod (the SSH bastion's half of the interface) --------------
+
+# A listener in the pod on port 9999 for 60 s, answering "hello" to each connection.
+LISTEN_9999 = (
+    "perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(Listen => 5, LocalAddr => \"0.0.0.0\", "
+    "LocalPort => 9999, ReuseAddr => 1) or die \"listen: $!\"; $SIG{ALRM} = sub { exit }; alarm 60; "
+    "while ($c = $s->accept) { print $c \"hello\\n\"; close $c }'"
+)
+
+
+def enter(backend, ref, args, data=b"", tty=False, env=None):
+    """``backend.enter`` run as the bastion runs it: (exit code, stdout, stderr without the host
+    command's own lines)."""
+    import re
+    import subprocess
+
+    command = backend.enter(ref, args, tty, env or {})
+    done = subprocess.run(command.argv, input=data, capture_output=True, env=command.env, cwd=command.cwd, timeout=60)
+    stderr = done.stderr
+    if command.own_stderr is not None:
+        stderr = b"".join(line for line in re.split(rb"(?<=\n)", stderr) if not command.own_stderr.fullmatch(line))
+    return done.returncode, done.stdout, stderr
+
+
+def test_a_login_runs_in_the_pod_with_its_stdio_and_exit_code(pod):
+    import os
+
+    backend, ref, _ = pod
+    data = os.urandom(1 << 20) + bytes(range(256))
+    code, out, err = enter(backend, ref, ["-c", "cat; echo oops >&2; exit 7"], data, env={"LANG": "C.UTF-8"})
+    assert (code, out, err) == (7, data, b"oops\n")
+    code, out, _ = enter(backend, ref, ["-c", 'pwd; echo "$LANG $KGPU_GPU_ID"'], env={"LANG": "C.UTF-8"})
+    assert (code, out.decode().split("\n")) == (0, ["/workspace", "C.UTF-8 conformance", ""])
+    code, out, _ = enter(backend, ref, ["-c", "wc -c"], b"abc")  # stdin's end reaches the pod
+    assert (code, out.split()) == (0, [b"3"])
+
+
+def test_a_connection_opens_from_inside_the_pod(pod):
+    backend, ref, _ = pod
+    backend.start_run(ref, "run-listen", ["sh", "-c", LISTEN_9999], {})
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with backend.connect(ref, "127.0.0.1", 9999, 5) as conn:
+                conn.settimeout(5)
+                assert conn.recv(16) == b"hello\n"
+                break
+        except (OSError, Exception) as exc:  # PodError until the listener is up
+            assert time.monotonic() < deadline, f"the pod's listener never answered: {exc}"
+            time.sleep(0.3)
+    backend.signal_run(ref, "run-listen", "KILL")
+
+
+def test_cpu_seconds_grow_while_the_pod_computes(pod):
+    """What the reaper's load probe reads: the CPU time of the pod's processes, growing while one spins."""
+    backend, ref, _ = pod
+    backend.start_run(ref, "run-busy", ["sh", "-c", "i=0; while :; do i=$((i+1)); done"], {})
+    time.sleep(0.5)
+    before = backend.cpu_seconds(ref)
+    deadline = time.monotonic() + 20
+    while (after := backend.cpu_seconds(ref)) - before < 0.3:
+        assert time.monotonic() < deadline, (before, after)
+        time.sleep(0.3)
+    backend.signal_run(ref, "run-busy", "KILL")

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_pod_conformance import pod_spec, wait_finished
+from gateway.pods.docker import DockerPodBackend
+from tests.test_pod_conformance import LISTEN_9999, enter, pod_spec, wait_finished
 
 
 def start_pod(backend, env=None):
@@ -412,11 +413,6 @@ def test_a_pod_cannot_hold_the_gateways_calls(pod_backend):
             time.sleep(0.2)
 
 
-LISTEN_9999 = (
-    "perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(Listen => 5, LocalAddr => \"0.0.0.0\", "
-    "LocalPort => 9999, ReuseAddr => 1) or die \"listen: $!\"; $SIG{ALRM} = sub { exit }; alarm 60; "
-    "while ($c = $s->accept) { print $c \"hello\\n\"; close $c }'"
-)
 CONNECT = (
     "perl -MIO::Socket::INET -e '$c = IO::Socket::INET->new(PeerAddr => $ARGV[0], PeerPort => 9999, "
     "Timeout => 3); print $c ? \"connected:\" . <$c> : \"refused\\n\"' "
@@ -465,3 +461,40 @@ def test_a_write_past_the_pods_disk_fails_in_the_pod(pod_backend):
         assert pod_backend.storage_bytes(ref) < 1 << 30
     finally:
         pod_backend.destroy(ref)
+
+
+# --- logins and connections (the SSH bastion's way in) ------------------------------------------
+
+STATUS = "grep -E '^(Uid|Gid|Groups|Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs|Seccomp):' /proc/self/status; grep -v '^0::' /proc/self/cgroup"
+
+
+def test_a_login_holds_no_more_than_a_run(pods):
+    """A login is held as the pod's runs are: the same user, capabilities, seccomp filter,
+    no-new-privileges and cgroups (the pod's PID and memory limits hold for what it starts)."""
+    backend, make = pods
+    ref = make()
+    code, run, _ = sh(backend, ref, STATUS)
+    assert code == 0 and "NoNewPrivs:\t1" in run
+    code, login, err = enter(backend, ref, ["-c", STATUS])
+    assert code == 0, err
+    assert login.decode() == run
+    if type(backend) is DockerPodBackend and backend._local_daemon() and os.geteuid() == 0:
+        # the daemon is this host's: runc, no daemon in the session's data path
+        assert Path(backend.enter(ref, [], False, {}).argv[0]).name == "runc"
+
+
+def test_a_connection_cannot_reach_the_hosts_loopback_services(pods, host_service):
+    """A forward opens where the pod would: the host's 127.0.0.1 listener is not the pod's."""
+    backend, make = pods
+    ref = make()
+    try:
+        conn = backend.connect(ref, "127.0.0.1", host_service, 3)
+    except Exception:
+        return  # refused: nothing reached
+    with conn:
+        conn.settimeout(3)
+        try:
+            got = conn.recv(64)
+        except OSError:
+            got = b""
+    assert b"HOST-SERVICE" not in got
