@@ -14,7 +14,7 @@ sftp-server), rents one pod with a key of its own, then:
   (c) ``--sessions`` concurrent ``ssh host 'sleep 2; echo ok'``: how many answered, and the gateway's
       RSS before and at its highest.
 
-Usage: .venv/bin/python bench/ssh_bench.py [--size-mib 1024] [--logins 10] [--sessions 50] [--backend local]
+Usage: .venv/bin/python bench/ssh_bench.py [--size-mib 1024] [--logins 10] [--sessions 50] [--backend local|docker|slurm]
 Needs openssh-server (sshd), rsync and, for the local backend, root. Everything it starts is
 stopped and its temporary directory deleted at the end.
 """
@@ -165,7 +165,7 @@ def main() -> int:
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--logins", type=int, default=10)
     parser.add_argument("--sessions", type=int, default=50)
-    parser.add_argument("--backend", choices=("local", "docker"), default="local")
+    parser.add_argument("--backend", choices=("local", "docker", "slurm"), default="local")
     args = parser.parse_args()
     for tool in ("ssh", "scp", "rsync", SSHD):
         if not shutil.which(tool):
@@ -182,6 +182,13 @@ def main() -> int:
                     "KGPU_SSH_MAX_CONNECTIONS_PER_USER": str(args.sessions + 10)}
         if args.backend == "docker":
             settings.update(KGPU_DOCKER_PULL="false", KGPU_DEFAULT_IMAGE="kgpu-test:latest")
+        elif args.backend == "slurm":  # the test cluster's exports (tests/slurm/cluster.sh up)
+            cluster = subprocess.run(["bash", str(Path(__file__).parents[1] / "tests/slurm/cluster.sh"), "up"],
+                                     capture_output=True, text=True, check=True).stdout
+            for line in cluster.splitlines():
+                name, _, value = line.removeprefix("export ").partition("=")
+                settings[name] = value.strip("'")
+            settings.update(KGPU_SLURM_PULL="false", KGPU_DEFAULT_IMAGE="kgpu-test:latest")
         (work / "data").mkdir()
         kgpu = fb.start_kgpu(work / "data", fb.free_port(), admin, work, 0, settings=settings)
         started.append(kgpu)
