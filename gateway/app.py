@@ -7,6 +7,7 @@ import logging
 import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Callable
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
@@ -29,9 +30,10 @@ from gateway.openapi import install as install_openapi
 from gateway.pods import PodBackend
 from gateway.pods.network import pod_host_address
 from gateway.rentals import Rentals
-from gateway.routes import admin, files, gpus, health, me, orgs_admin, runs, shared, web, web_admin
+from gateway.routes import admin, files, gpus, health, me, objects, orgs_admin, runs, shared, web, web_admin
 from gateway.settings import Settings
 from gateway.signin import AdmissionPolicy, OidcClient
+from gateway.transit import TransitObjects
 from gateway.web_session import CookieSigner, load_or_create_secret
 
 log = logging.getLogger("kgpu")
@@ -125,14 +127,16 @@ def open_pod_backend(settings: Settings, store_url: str | None = None) -> PodBac
     )
 
 
-async def reaper_loop(rentals: Rentals, interval: float) -> None:
-    """Bill and reap on a timer; each tick is idempotent, so several gateways may run one."""
+async def reaper_loop(interval: float, *ticks: Callable[[], object]) -> None:
+    """Bill and reap rentals, sweep expired transit objects, on a timer; each tick is idempotent,
+    so several gateways may run one (and a restarted one picks up where the others are)."""
     while True:
         await asyncio.sleep(interval)
-        try:
-            await run_in_threadpool(rentals.tick)
-        except Exception:
-            log.exception("reaper tick failed")
+        for tick in ticks:
+            try:
+                await run_in_threadpool(tick)
+            except Exception:
+                log.exception("reaper tick %s failed", getattr(tick, "__qualname__", tick))
 
 
 def start_bastion(app: FastAPI, settings: Settings):
@@ -203,8 +207,11 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
             load_inventory(settings),
             tokens_revoked=app.state.authenticator.invalidate,
         )
+        app.state.transit = TransitObjects(settings, sessions, active_store, app.state.usage)
         bastion = start_bastion(app, settings)
-        reaper = asyncio.get_running_loop().create_task(reaper_loop(app.state.rentals, settings.reaper_interval_seconds))
+        reaper = asyncio.get_running_loop().create_task(
+            reaper_loop(settings.reaper_interval_seconds, app.state.rentals.tick, app.state.transit.sweep)
+        )
         try:
             yield
         finally:
@@ -228,7 +235,7 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
     app.add_middleware(FastDownload, fastapi_app=app)
     app.add_middleware(DavDispatcher)  # WebDAV on /v1/files/ and /v1/dav/: outside FastDownload, inside request ids
     app.add_middleware(RequestIdMiddleware)
-    for module in (files, shared, gpus, runs, me, admin, orgs_admin, health, web, web_admin):  # hottest first
+    for module in (files, shared, gpus, runs, objects, me, admin, orgs_admin, health, web, web_admin):  # hottest first
         app.include_router(module.router)
     app.mount("/view/static", StaticFiles(directory=Path(__file__).resolve().parent / "static"), name="view-static")
     return app

@@ -38,6 +38,10 @@ class Forbidden(DomainError):
     """The caller may not do this."""
 
 
+class TooLarge(DomainError):
+    """More bytes than a cap or a quota allows."""
+
+
 class Invalid(DomainError):
     """A value the request's shape allowed but the domain refuses (a model not offered, a balance out of bounds)."""
 

@@ -23,7 +23,7 @@ from drive.keys import InvalidPath
 from drive.store import ObjectNotFound, StoreUnavailable
 from gateway.bounds import header_problem
 from gateway.domain_errors import (
-    Conflict, DomainError, Forbidden, Gone, InsufficientCredits, Invalid, NotFound, Unavailable,
+    Conflict, DomainError, Forbidden, Gone, InsufficientCredits, Invalid, NotFound, TooLarge, Unavailable,
 )
 from gateway.pods import PodError
 
@@ -76,6 +76,7 @@ _DOMAIN_STATUS: dict[type[DomainError], int] = {
     Gone: 410,
     Forbidden: 403,
     Invalid: 422,
+    TooLarge: 413,
     InsufficientCredits: 402,
     Unavailable: 503,
 }

@@ -271,3 +271,21 @@ class CliLoginCode(Base):
     created_at: Mapped[float] = mapped_column(Float)  # seconds since the epoch (compared on every database alike)
     expires_at: Mapped[float] = mapped_column(Float, index=True)
     used_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # redeemed (or tried): never again
+
+
+class TransitObject(Base):
+    """A scratch object (gateway/transit.py): uploaded once with a presigned PUT, fetched by any
+    number of pods with presigned GETs, gone 24 h after it was minted. Its declared size stays
+    reserved in its owner's transit usage (gateway/quota.py) from the mint until the row goes."""
+
+    __tablename__ = "transit_objects"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # obj-<24 hex>
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    label: Mapped[str] = mapped_column(String(200), default="")
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    # When its presigned PUT stops working: until then the upload may still land, even after a DELETE.
+    upload_expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

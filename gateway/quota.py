@@ -13,7 +13,10 @@ with the real size, or released if nothing was stored:
   declared size in a :class:`~gateway.models.QuotaHold`, held until the object appears in
   the store (it then becomes usage) or the URL expires (it is released):
   :meth:`UsageBook.settle_holds`, run when the drive's usage is read and whenever a
-  reservation would fail.
+  reservation would fail;
+* a transit object (gateway/transit.py, the prefix ``transit/{user}/``) reserves its declared
+  size at its mint, in one transaction with its row (:meth:`UsageBook.open` with ``also``), and
+  keeps it until the row goes (:meth:`UsageBook.give_back`): its size is signed into its URL.
 
 An overwrite counts as new minus old everywhere (:func:`needed`, the one formula), and "old"
 is what the write really replaced: every write to a key holds that key while it reads what
@@ -244,15 +247,17 @@ class UsageBook:
                 with self._sessions() as session:
                     if session.get(DriveUsage, prefix) is None:  # the drive's first upload: count it
                         self.reconcile(prefix)
-                        continue
+                # Once more, now that the row exists (another request may have just counted it).
+                continue
             if settled or not self.settle_holds(prefix):
                 raise self._refusal(prefix, n, quota)
             settled = True
 
-    def open(self, prefix: str, n: int, quota: int) -> int:
+    def open(self, prefix: str, n: int, quota: int, also=None) -> int:
         """Reserve ``n`` bytes for a write that starts now (a WebDAV COPY): QuotaExceeded if they
-        do not fit; close it with :meth:`settle`."""
-        return self._reserve(prefix, n, quota, opening=True)
+        do not fit; close it with :meth:`settle`. ``also(session, n)`` runs in the reservation's
+        own transaction (a transit object's row: it carries the reservation, :meth:`give_back`)."""
+        return self._reserve(prefix, n, quota, opening=True, also=also)
 
     def reserve(self, prefix: str, n: int, quota: int) -> int:
         """Reserve ``n`` more bytes for an upload already open (QuotaExceeded if they do not fit)."""
@@ -263,6 +268,26 @@ class UsageBook:
         really grew by, :func:`needed`; 0 if nothing was stored) is added, in one UPDATE."""
         if not self._change(prefix, used=delta, reserved=-reserved, inflight=-int(closing)):
             self.reconcile(prefix)
+
+    def give_back(self, prefix: str, claim) -> int | None:
+        """Close a reservation that a row of its own carries (:meth:`open` with ``also``), once
+        whoever asks: ``claim(session)`` removes that row and returns its bytes, or None when
+        another request or replica removed it first (then nothing changes). Nothing was stored
+        against the drive's count: the bytes stop being promised, in the claim's transaction."""
+        with self._sessions.begin() as session:
+            n = claim(session)
+            if n is None:
+                return None
+            session.execute(
+                update(DriveUsage)
+                .where(DriveUsage.prefix == prefix)
+                .values(
+                    reserved_bytes=DriveUsage.reserved_bytes - n,
+                    inflight=DriveUsage.inflight - 1,
+                    changes=DriveUsage.changes + 1,
+                )
+            )
+            return n
 
     def hold(
         self,

@@ -41,6 +41,8 @@ class Settings(BaseSettings):
 
     presign_expires_seconds: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
     user_quota_bytes: int = Field(default=100 * GiB, ge=0)
+    # Transit objects (/v1/objects, docs/transit-objects.md): what one user's live objects may hold in all.
+    transit_quota_bytes: int = Field(default=100 * GiB, ge=0)
     # How old the stored drive usage may get before a background re-count from the store.
     quota_reconcile_seconds: int = Field(default=600, ge=0)
     # Streamed uploads: the part size of multipart uploads (known length) and for chunked bodies.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -36,13 +37,21 @@ class Clock:
         self.moment += timedelta(**delta)
 
 
+@contextmanager
+def faked_clock(target):
+    """``target.now`` is a :class:`Clock` the test moves, until the end of the ``with``."""
+    fake = Clock()
+    original, target.now = target.now, fake
+    try:
+        yield fake
+    finally:
+        target.now = original
+
+
 @pytest.fixture
 def clock(stack):
-    rentals = stack.server.app.state.rentals
-    fake = Clock()
-    original, rentals.now = rentals.now, fake
-    yield fake
-    rentals.now = original
+    with faked_clock(stack.server.app.state.rentals) as fake:
+        yield fake
 
 
 def rent(base: str, token: str, **body) -> requests.Response:
