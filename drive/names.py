@@ -9,8 +9,8 @@ error_code ``name_conflict``.
 
 from __future__ import annotations
 
-from drive.dav.listings import listing_cache
 from drive.store import ObjectStore
+from drive.store.caching import CachingStore
 
 NAME_CONFLICT = "name_conflict"
 
@@ -22,20 +22,19 @@ def folder_named(store: ObjectStore, prefix: str, rel: str) -> str | None:
     return None
 
 
-def unknown_ancestors(store: ObjectStore, prefix: str, rel: str) -> list[str]:
+def unknown_ancestors(store: CachingStore, prefix: str, rel: str) -> list[str]:
     """The folders above ``rel`` (as paths in the drive) that :func:`file_above` must ask the
-    store about: all of them, but those a write was checked into within the listing cache's
-    TTL. No store request: cheap enough for the event loop."""
+    store about: all of them, but those a write was checked into within
+    :data:`~drive.store.caching.KNOWN_FOLDER_TTL`. No store request: cheap enough for the event loop."""
     parts = rel.rstrip("/").split("/")
-    known = listing_cache(store)
     ancestors = ["/".join(parts[:depth]) for depth in range(1, len(parts))]
-    return [a for a in ancestors if not known.is_known_folder(f"{prefix}{a}/")]
+    return [a for a in ancestors if not store.is_known_folder(f"{prefix}{a}/")]
 
 
-def file_above(store: ObjectStore, prefix: str, rel: str, unknown: list[str] | None = None) -> str | None:
+def file_above(store: CachingStore, prefix: str, rel: str, unknown: list[str] | None = None) -> str | None:
     """Why nothing may be made at ``rel`` because one of the folders above it is a file
     (None: none is). One HEAD per level, nearest the root first, but none for a folder a write
-    was checked into within the listing cache's TTL (writes in a row into one folder, the
+    was checked into within KNOWN_FOLDER_TTL (writes in a row into one folder, the
     common case, then cost no store request here; every write the gateway makes forgets
     what it changes, as for listings). ``unknown``: :func:`unknown_ancestors`, if the caller
     has them already."""
@@ -44,11 +43,11 @@ def file_above(store: ObjectStore, prefix: str, rel: str, unknown: list[str] | N
     for ancestor in unknown:
         if store.head(prefix + ancestor) is not None:
             return f"{ancestor} is a file, so it cannot hold {rel.rstrip('/')}"
-    listing_cache(store).note_folders([f"{prefix}{a}/" for a in unknown])
+    store.note_folders([f"{prefix}{a}/" for a in unknown])
     return None
 
 
-def file_coming(store: ObjectStore, key: str) -> None:
+def file_coming(store: CachingStore, key: str) -> None:
     """A file is about to be written at ``key`` (streamed, or through a presigned URL the
     gateway hands out): from now on it is not taken for a folder above anything."""
-    listing_cache(store).forget_folder(key)
+    store.forget_folder(key)

@@ -13,8 +13,10 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
+from drive.changes import DbChangeMarks
 from drive.facts import FactsBook
 from drive.store import ObjectStore
+from drive.store.caching import CachingStore
 from drive.store.embedded import EmbeddedS3Server, EmbeddedStore
 from drive.store.s3 import S3ObjectStore
 from gateway import db
@@ -25,7 +27,7 @@ from gateway.errors import RequestIdMiddleware, install_error_handlers
 from gateway.fast_download import FastDownload
 from gateway.quota import UsageBook
 from gateway.inventory import load_inventory
-from gateway.models import ObjectFact
+from gateway.models import DriveChange, ObjectFact, UploadUrl
 from gateway.openapi import install as install_openapi
 from gateway.pods import PodBackend
 from gateway.pods.network import pod_host_address
@@ -187,6 +189,8 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
         app.state.pod_address = pod_host_address(settings)
         if active_store is None:
             active_store, embedded = open_store(settings, app.state.pod_address)
+        # Every write goes through the cache's wrapper, which drops the listings it changes.
+        active_store = CachingStore(active_store, DbChangeMarks(sessions, DriveChange.__table__, UploadUrl.__table__))
         try:
             active_store.ensure_bucket()
         except Exception:

@@ -29,7 +29,6 @@ from starlette.requests import ClientDisconnect
 
 from drive import keys, listing, names
 from drive.checksums import Checksum, ChecksumMismatch, InvalidChecksum, digest_header, parse_oc_checksum
-from drive.dav import invalidate_listing
 from drive.facts import FactsBook, InvalidMtime, parse_mtime, resolve
 from drive.keys import DrivePath
 from drive.store import ObjectInfo, ObjectStore, StoreUnavailable, delete_prefix
@@ -409,7 +408,6 @@ async def _stream_held(
     except BaseException:
         await run_in_threadpool(upload.abort)
         raise
-    invalidate_listing(store, path.key)  # WebDAV's cached listing of the folder (drive/dav/listings.py)
     await run_in_threadpool(upload.commit, result.size)
     await run_in_threadpool(
         _facts(request).record,
@@ -462,8 +460,8 @@ async def put(request: Request, drive: Drive) -> Response:
                 )
         # The length is signed into the URL: a store that checks signatures (R2, the embedded
         # rclone) refuses a body of another size, so the hold covers whatever arrives.
-        # The client writes straight to the store: WebDAV's cached listing of the folder may miss
-        # the file for up to drive.dav.LISTING_TTL seconds.
+        # The client writes straight to the store: the URL is recorded, and cached listings of
+        # its folders check it until it expires (drive/store/caching.py).
         url = store.presign_put(path.key, _expires(request), content_length=length)
         return Response(status_code=307, headers={"Location": url, "Connection": "close"})
     return await stream_upload(request, drive, path)
@@ -524,12 +522,10 @@ async def delete(request: Request, drive: Drive) -> Response:
             info = await run_in_threadpool(store.head, path.key)
             if info is not None:
                 await run_in_threadpool(store.delete, path.key)
-                invalidate_listing(store, path.key)
                 await run_in_threadpool(_facts(request).forget, path.key)
                 await run_in_threadpool(usage.add, drive.prefix, -info.size)
                 return Response(status_code=204)
         count, freed = await run_in_threadpool(delete_prefix, store, folder_key)
-        invalidate_listing(store, folder_key)
         await run_in_threadpool(_facts(request).forget_under, folder_key)
         if count == 0:
             raise ApiError(404, "not_found", f"no file or folder {path.rel}")

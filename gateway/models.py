@@ -10,6 +10,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -253,6 +254,29 @@ class ObjectFact(Base):
     pending_mtime: Mapped[float | None] = mapped_column(Float, nullable=True)
     pending_since: Mapped[float | None] = mapped_column(Float, nullable=True)  # when the URL was handed out
     pending_until: Mapped[float | None] = mapped_column(Float, nullable=True)  # when it expires
+
+
+class DriveChange(Base):
+    """A drive's generation, bumped after every change the gateways make to its objects, so a
+    replica's cached folder listings (drive/store/caching.py) know when to list again."""
+
+    __tablename__ = "drive_changes"
+
+    prefix: Mapped[str] = mapped_column(String(300), primary_key=True)
+    generation: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class UploadUrl(Base):
+    """A presigned PUT handed out (a 307, a mint) and still valid: the client writes straight to
+    the store, so cached listings of the folders above ``key`` check it (drive/store/caching.py)."""
+
+    __tablename__ = "upload_urls"
+    __table_args__ = (Index("ix_upload_urls_prefix_key", "prefix", "key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prefix: Mapped[str] = mapped_column(String(300))
+    key: Mapped[str] = mapped_column(DAV_URL)
+    expires_at: Mapped[float] = mapped_column(Float)  # seconds since the epoch
 
 
 class CliLoginCode(Base):

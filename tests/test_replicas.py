@@ -4,9 +4,12 @@ machines would have), on one PostgreSQL. What one books, reissues or grants, the
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Iterator
 
 import psycopg
 import pytest
@@ -37,6 +40,15 @@ def replicas(tmp_path, postgres_url):
             backend = LocalPodBackend(folder)
             for ref in backend.adopt().values():
                 backend.destroy(ref)
+
+
+def on_one_bucket(postgres_url: str, rclone_target, bucket: str, **extra: str) -> dict[str, str]:
+    """The settings of replicas that share a bucket of the test store as well as the database."""
+    return {
+        "KGPU_DATABASE_URL": postgres_url, "KGPU_GPU_INVENTORY": INVENTORY, "KGPU_LOCAL_POD_MOUNTS": "false",
+        "KGPU_S3_ENDPOINT_URL": rclone_target.endpoint, "KGPU_S3_ACCESS_KEY_ID": rclone_target.access_key,
+        "KGPU_S3_SECRET_ACCESS_KEY": rclone_target.secret_key, "KGPU_S3_BUCKET": bucket, **extra,
+    }
 
 
 def test_no_gpu_is_booked_twice_across_replicas(replicas):
@@ -146,11 +158,7 @@ PATCH_BODY = (
 def test_webdav_locks_and_properties_are_shared_by_replicas(tmp_path, postgres_url, rclone_target):
     """Both gateways on one database and one bucket: a lock or a dead property written through one
     holds through the other."""
-    settings = {
-        "KGPU_DATABASE_URL": postgres_url, "KGPU_GPU_INVENTORY": INVENTORY, "KGPU_LOCAL_POD_MOUNTS": "false",
-        "KGPU_S3_ENDPOINT_URL": rclone_target.endpoint, "KGPU_S3_ACCESS_KEY_ID": rclone_target.access_key,
-        "KGPU_S3_SECRET_ACCESS_KEY": rclone_target.secret_key, "KGPU_S3_BUCKET": "replicas-dav",
-    }
+    settings = on_one_bucket(postgres_url, rclone_target, "replicas-dav")
     base = passable(tmp_path)
     first, second = Served(base / "one", settings), Served(base / "two", settings)
     try:
@@ -195,12 +203,7 @@ def test_writes_of_one_file_through_both_replicas_count_it_once(tmp_path, postgr
     lock): the MOVE is refused (423 busy) while the PUT runs, the file is freed once, and the
     quota counts what the drive holds."""
     quota = 4 << 20
-    settings = {
-        "KGPU_DATABASE_URL": postgres_url, "KGPU_GPU_INVENTORY": INVENTORY, "KGPU_LOCAL_POD_MOUNTS": "false",
-        "KGPU_S3_ENDPOINT_URL": rclone_target.endpoint, "KGPU_S3_ACCESS_KEY_ID": rclone_target.access_key,
-        "KGPU_S3_SECRET_ACCESS_KEY": rclone_target.secret_key, "KGPU_S3_BUCKET": "replicas-quota",
-        "KGPU_USER_QUOTA_BYTES": str(quota),
-    }
+    settings = on_one_bucket(postgres_url, rclone_target, "replicas-quota", KGPU_USER_QUOTA_BYTES=str(quota))
     base = passable(tmp_path)
     first, second = Served(base / "one", settings), Served(base / "two", settings)
     database = postgres_url.replace("postgresql+psycopg://", "postgresql://")
@@ -252,3 +255,42 @@ def test_writes_of_one_file_through_both_replicas_count_it_once(tmp_path, postgr
         for server in (first, second):
             server.process.terminate()
             server.process.wait(timeout=15)
+
+
+@contextmanager
+def two_gateways(tmp_path, settings: dict[str, str]) -> Iterator[tuple[Served, Served]]:
+    base = passable(tmp_path)
+    first, second = Served(base / "one", settings), Served(base / "two", settings)
+    try:
+        yield first, second
+    finally:
+        for server in (first, second):
+            server.process.terminate()
+            server.process.wait(timeout=15)
+
+
+def test_a_cached_listing_shows_writes_made_through_the_other_replica(tmp_path, postgres_url, rclone_target):
+    """Each gateway keeps its folder listings (drive/store/caching.py); a write through the other,
+    streamed or through a URL it handed out, shows in the very next listing (the drive's
+    generation and the URLs out, in the database)."""
+    with two_gateways(tmp_path, on_one_bucket(postgres_url, rclone_target, "replicas-listings")) as (first, second):
+        created = requests.post(f"{first.base}/v1/admin/users", json={"email": "lister@lab.example"}, headers=ADMIN)
+        auth = {"Authorization": f"Bearer {created.json()['token']}"}
+
+        def listed() -> list[str]:  # PROPFIND Depth 1 through the first gateway
+            reply = requests.request("PROPFIND", f"{first.base}/v1/files/f/", headers={**auth, "Depth": "1"})
+            assert reply.status_code == 207, reply.text
+            return sorted(set(re.findall(r"/v1/files/f/([^<]+)</", reply.text)))
+
+        assert requests.put(f"{first.base}/v1/files/f/a.txt", data=b"a", headers=auth).status_code == 201
+        assert listed() == ["a.txt"]
+        assert listed() == ["a.txt"]  # cached now
+        assert requests.put(f"{second.base}/v1/files/f/b.txt", data=b"b", headers=auth).status_code == 201
+        assert listed() == ["a.txt", "b.txt"]
+        gone = requests.request("DELETE", f"{second.base}/v1/dav/f/a.txt", headers=auth)
+        assert gone.status_code == 204
+        assert listed() == ["b.txt"]
+        minted = requests.post(f"{second.base}/v1/files/f/c.txt", headers={**auth, "X-Content-Length": "1"}).json()
+        assert listed() == ["b.txt"]
+        assert requests.put(minted["url"], data=b"c", headers=minted["headers"]).status_code == 200
+        assert listed() == ["b.txt", "c.txt"]

@@ -480,120 +480,187 @@ def test_dead_properties_of_an_older_servers_sqlite_file_are_imported_once(stack
         server.stop()
 
 
-def test_folder_listings_are_cached_briefly_and_dropped_by_every_write(stack, user):
-    from drive import dav as drive_dav
-
+def test_folder_listings_are_cached_and_never_stale_after_a_write(stack, user):
     base = f"{stack.base}/v1/files"
     folder = "/v1/files/cached/"
     put(stack, user, "cached/a.txt", b"a")
-    store = stack.store
-    cache = drive_dav.listing_cache(store)
-    assert cache.ttl <= 5.0  # bounds how long a write straight to the store (presigned URL) may go unseen
-    ttl, cache.ttl = cache.ttl, 600.0  # here only invalidation may make a write visible, never expiry
+    store = stack.store  # the gateway's CachingStore (drive/store/caching.py)
+    calls = {"list_page": 0}
+    original = store.list_page
+
+    def counting(*args, **kwargs):
+        calls["list_page"] += 1
+        return original(*args, **kwargs)
+
+    store.list_page = counting
     try:
-        calls = {"list_page": 0}
-        original = store.list_page
-
-        def counting(*args, **kwargs):
-            calls["list_page"] += 1
-            return original(*args, **kwargs)
-
-        store.list_page = counting
-        try:
-            assert names_in(propfind(f"{base}/cached/", user), folder) == {"a.txt"}
-            listed = calls["list_page"]
-            assert names_in(propfind(f"{base}/cached/", user), folder) == {"a.txt"}
-            assert calls["list_page"] - listed <= 1  # the folder's existence check; its listing came from the cache
-        finally:
-            del store.list_page
-
-        def names() -> set[str]:
-            return names_in(propfind(f"{base}/cached/", user), folder)
-
-        def sub_names() -> set[str]:
-            return names_in(propfind(f"{base}/cached/sub/", user), folder + "sub/")
-
-        # Every write the gateway sees shows at once, on both mounts.
-        put(stack, user, "cached/b.txt", b"b")  # HTTP PUT, streamed
-        assert names() == {"a.txt", "b.txt"}
-        assert requests.post(f"{base}/cached/c.txt", data=b"c", headers=user.auth).status_code in (200, 201)
-        assert names() == {"a.txt", "b.txt", "c.txt"}
-        assert requests.delete(f"{base}/cached/c.txt", headers=user.auth).status_code == 204
-        assert names() == {"a.txt", "b.txt"}
-        assert dav("PUT", f"{stack.base}/v1/dav/cached/d.txt", user, data=b"d").status_code == 201
-        assert names() == {"a.txt", "b.txt", "d.txt"}
-        assert dav("MKCOL", f"{base}/cached/sub", user).status_code == 201
-        assert names() == {"a.txt", "b.txt", "d.txt", "sub"}
-        assert sub_names() == set()
-        copy = {"Destination": f"{base}/cached/sub/a2.txt"}
-        assert dav("COPY", f"{base}/cached/a.txt", user, headers=copy).status_code == 201
-        assert sub_names() == {"a2.txt"}
-        move = {"Destination": f"{base}/cached/sub/b.txt"}
-        assert dav("MOVE", f"{base}/cached/b.txt", user, headers=move).status_code == 201
-        assert names() == {"a.txt", "d.txt", "sub"}
-        assert sub_names() == {"a2.txt", "b.txt"}
-        assert dav("DELETE", f"{stack.base}/v1/dav/cached/d.txt", user).status_code == 204
-        assert names() == {"a.txt", "sub"}
-        assert requests.delete(f"{base}/cached/sub/", headers=user.auth).status_code == 204  # a folder, HTTP route
-        assert names() == {"a.txt"}
-        put(stack, user, "cached/deep/er/e.txt", b"e")  # new folders appear in the listings above them
-        assert names() == {"a.txt", "deep"}
-        assert dav("DELETE", f"{base}/cached/deep", user).status_code == 204
-        assert names() == {"a.txt"}
-
-        # A write straight to the store (as through a presigned URL) is seen once the listing expires.
-        store.put_object(f"users/{user.id}/cached/direct.txt", b"z")
-        assert names() == {"a.txt"}
-        cache.ttl = 0.0
-        assert names() == {"a.txt", "direct.txt"}
+        assert names_in(propfind(f"{base}/cached/", user), folder) == {"a.txt"}
+        listed = calls["list_page"]
+        assert names_in(propfind(f"{base}/cached/", user), folder) == {"a.txt"}
+        assert calls["list_page"] - listed <= 1  # the folder's existence check; its listing came from the cache
     finally:
-        cache.ttl = ttl
+        del store.list_page
 
+    def names() -> set[str]:
+        return names_in(propfind(f"{base}/cached/", user), folder)
 
-def test_listing_cache_is_bounded_and_skips_listings_that_raced_a_write():
-    from drive.dav import ListingCache
-    from drive.store import ObjectInfo
+    def sub_names() -> set[str]:
+        return names_in(propfind(f"{base}/cached/sub/", user), folder + "sub/")
 
-    class FakeStore:
-        def __init__(self):
-            self.lists = 0
-            self.during_list = None
+    def size_of(name: str) -> str:
+        return propfind(f"{base}/cached/", user)[folder + name][f"{D}getcontentlength"].text
 
-    cache = ListingCache(ttl=60.0, max_folders=2, max_entries=5)
-    entries = {f"f{n}/": [ObjectInfo(f"f{n}/x{i}", 1, "e", None, None) for i in range(n)] for n in range(7)}
+    # Every write shows at once, on both mounts, whichever way it came.
+    put(stack, user, "cached/b.txt", b"b")  # HTTP PUT, streamed
+    assert names() == {"a.txt", "b.txt"}
+    assert requests.post(f"{base}/cached/c.txt", data=b"c", headers=user.auth).status_code in (200, 201)
+    assert names() == {"a.txt", "b.txt", "c.txt"}
+    assert requests.delete(f"{base}/cached/c.txt", headers=user.auth).status_code == 204
+    assert names() == {"a.txt", "b.txt"}
+    assert dav("PUT", f"{stack.base}/v1/dav/cached/d.txt", user, data=b"d").status_code == 201
+    assert names() == {"a.txt", "b.txt", "d.txt"}
+    assert dav("MKCOL", f"{base}/cached/sub", user).status_code == 201
+    assert names() == {"a.txt", "b.txt", "d.txt", "sub"}
+    assert sub_names() == set()
+    copy = {"Destination": f"{base}/cached/sub/a2.txt"}
+    assert dav("COPY", f"{base}/cached/a.txt", user, headers=copy).status_code == 201
+    assert sub_names() == {"a2.txt"}
+    move = {"Destination": f"{base}/cached/sub/b.txt"}
+    assert dav("MOVE", f"{base}/cached/b.txt", user, headers=move).status_code == 201
+    assert names() == {"a.txt", "d.txt", "sub"}
+    assert sub_names() == {"a2.txt", "b.txt"}
+    assert dav("DELETE", f"{stack.base}/v1/dav/cached/d.txt", user).status_code == 204
+    assert names() == {"a.txt", "sub"}
+    assert requests.delete(f"{base}/cached/sub/", headers=user.auth).status_code == 204  # a folder, HTTP route
+    assert names() == {"a.txt"}
+    put(stack, user, "cached/deep/er/e.txt", b"e")  # new folders appear in the listings above them
+    assert names() == {"a.txt", "deep"}
+    assert dav("DELETE", f"{base}/cached/deep", user).status_code == 204
+    assert names() == {"a.txt"}
 
-    import drive.dav.listings as listings_module
+    # Presigned PUTs: the client writes straight to the store, after the listing was cached.
+    redirect = requests.put(
+        f"{base}/cached/r.txt", data=b"r", headers={**user.auth, "Expect": "100-continue"}, allow_redirects=False
+    )
+    assert redirect.status_code == 307
+    assert names() == {"a.txt"}  # nothing landed yet
+    assert requests.put(redirect.headers["Location"], data=b"r").status_code == 200
+    assert names() == {"a.txt", "r.txt"}
+    minted = requests.post(f"{base}/cached/new/m.txt", headers={**user.auth, "X-Content-Length": "3"}).json()
+    assert names() == {"a.txt", "r.txt"}
+    assert requests.put(minted["url"], data=b"mmm", headers=minted["headers"]).status_code == 200
+    assert names() == {"a.txt", "r.txt", "new"}  # a new folder, through a URL for a key below it
+    again = requests.post(f"{base}/cached/r.txt", headers={**user.auth, "X-Content-Length": "5"}).json()
+    assert size_of("r.txt") == "1"
+    assert requests.put(again["url"], data=b"rrrrr", headers=again["headers"]).status_code == 200
+    assert size_of("r.txt") == "5"  # replaced through a URL: the listing shows the new object
 
-    fake = FakeStore()
-
-    def fake_iter_entries(store, folder, delimiter="/"):
-        store.lists += 1
-        if store.during_list:
-            store.during_list()
-        return iter(entries[folder])
-
-    original = listings_module.iter_entries
-    listings_module.iter_entries = fake_iter_entries
+    # Only a write no gateway made or handed a URL for goes unseen, until the listing's max age.
+    store.inner.put_object(f"users/{user.id}/cached/direct.txt", b"z")
+    assert names() == {"a.txt", "r.txt", "new"}
+    max_age, store.max_age = store.max_age, 0.0
     try:
-        assert len(cache.entries(fake, "f1/")) == 1 and fake.lists == 1
-        assert len(cache.entries(fake, "f1/")) == 1 and fake.lists == 1  # cached
-        cache.entries(fake, "f2/")
-        cache.entries(fake, "f3/")  # 1 + 2 + 3 entries > 5: the oldest folder goes
-        assert cache.entries(fake, "f1/") and fake.lists == 4
-        cache.entries(fake, "f6/")  # more than max_entries: never kept
-        cache.entries(fake, "f6/")
-        assert fake.lists == 6
-        cache.invalidate("f1/x0")
-        cache.entries(fake, "f1/")
-        assert fake.lists == 7
-        fake.during_list = lambda: cache.invalidate("f2/new")  # a write while listing
-        cache.invalidate("f2/")
-        cache.entries(fake, "f2/")
-        fake.during_list = None
-        cache.entries(fake, "f2/")
-        assert fake.lists == 9  # the raced listing was not kept
+        assert names() == {"a.txt", "r.txt", "new", "direct.txt"}
     finally:
-        listings_module.iter_entries = original
+        store.max_age = max_age
+
+
+class _Marks:
+    """ChangeMarks in memory, as two replicas on one database would share them."""
+
+    def __init__(self):
+        self.generations: dict[str, int] = {}
+        self.urls: list[tuple[str, str]] = []
+
+    def generation(self, drive):
+        return self.generations.get(drive, 0)
+
+    def bump(self, drive):
+        self.generations[drive] = self.generations.get(drive, 0) + 1
+
+    def url_out(self, drive, key, expires_in):
+        self.urls.append((drive, key))
+
+    def look(self, drive, folder, limit):
+        return self.generation(drive), [k for d, k in self.urls if d == drive and k.startswith(folder)][:limit]
+
+
+class _ListedStore:
+    """A store whose delimited listings are counted (only what CachingStore asks of it)."""
+
+    def __init__(self, folders: dict[str, int]):
+        from drive.store import ListPage, ObjectInfo
+
+        self._page = lambda folder: ListPage(
+            [ObjectInfo(f"{folder}x{i}", 1, '"e"', None, None) for i in range(folders.get(folder, 1))], None
+        )
+        self.lists: dict[str, int] = {}
+        self.during_list = None
+
+    def list_page(self, prefix, delimiter=None, token=None, max_keys=1000):
+        self.lists[prefix] = self.lists.get(prefix, 0) + 1
+        if self.during_list:
+            self.during_list()
+        return self._page(prefix)
+
+    def put_object(self, key, data, content_type=None):
+        return '"e"'
+
+    def head(self, key):
+        return None
+
+
+def test_listing_cache_is_bounded_per_drive_and_in_all():
+    from drive.store.caching import CachingStore
+
+    inner = _ListedStore({"users/1/big/": 6, "users/3/huge/": 9})
+    store = CachingStore(inner, _Marks(), max_folders=6, max_entries=8, drive_max_folders=3)
+    mine = [f"users/1/f{n}/" for n in range(3)]
+    for folder in mine:
+        store.folder_entries(folder)
+    # A hostile tenant lists many folders: it keeps at most its share, and pushes out only its own.
+    for n in range(50):
+        store.folder_entries(f"users/2/f{n}/")
+    cached = store.cached_folders()
+    assert [f for f in cached if f.startswith("users/2/")] == [f"users/2/f{n}/" for n in range(47, 50)]
+    assert all(folder in cached for folder in mine)
+    for folder in mine:
+        store.folder_entries(folder)
+        assert inner.lists[folder] == 1  # still cached
+    store.folder_entries("users/1/big/")  # 6 entries: the oldest folders go to stay within 8 in all
+    assert sum(len(store.folder_entries(f)) for f in store.cached_folders()) <= 8
+    assert len(store.cached_folders()) <= 6
+    store.folder_entries("users/3/huge/")  # more than max_entries: never kept
+    store.folder_entries("users/3/huge/")
+    assert inner.lists["users/3/huge/"] == 2
+
+
+def test_listing_cache_one_drive_never_touches_another_and_other_replicas_are_seen():
+    from drive.store.caching import CachingStore
+
+    marks = _Marks()
+    inner = _ListedStore({})
+    here = CachingStore(inner, marks)
+    there = CachingStore(inner, marks)  # another replica on the same database
+    here.folder_entries("users/1/a/")
+    there.folder_entries("users/1/a/")
+    assert inner.lists["users/1/a/"] == 2
+    # Another tenant writes, here and there: tenant 1's listings stay cached on both.
+    here.put_object("users/2/a/x", b"")
+    there.put_object("users/2/a/y", b"")
+    here.folder_entries("users/1/a/")
+    there.folder_entries("users/1/a/")
+    assert inner.lists["users/1/a/"] == 2
+    # Tenant 1 writes on the other replica: this one lists again at once.
+    there.put_object("users/1/a/new", b"")
+    here.folder_entries("users/1/a/")
+    assert inner.lists["users/1/a/"] == 3
+    # A listing that raced a write here is not kept.
+    inner.during_list = lambda: here.put_object("users/1/b/new", b"")
+    here.folder_entries("users/1/b/")
+    inner.during_list = None
+    here.folder_entries("users/1/b/")
+    assert inner.lists["users/1/b/"] == 2
 
 
 def test_propfind_reads_properties_and_locks_once_per_folder(stack, user):

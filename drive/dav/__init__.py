@@ -14,8 +14,8 @@ How a drive looks as WebDAV, and where each part lives:
 * :mod:`~drive.dav.resources`: a file is an object, a folder a key prefix (an empty one holds a
   hidden ``.kgpu-folder`` marker); a folder's members come from one delimited list call per
   1,000 keys, never a HEAD per member.
-* :mod:`~drive.dav.listings`: a folder's listing is kept for :data:`LISTING_TTL` seconds,
-  dropped on every write the gateway makes or sees under it (:func:`invalidate_listing`).
+* a folder's listing comes from the store the gateway holds, a
+  :class:`~drive.store.caching.CachingStore`: kept while current, dropped by every write.
 * :mod:`~drive.dav.propfind`: PROPFIND Depth 1 of a folder whose members have no dead
   properties or locks, written from the listing with string templates, byte for byte wsgidav's.
 * :mod:`~drive.dav.transfer`: COPY and MOVE as server-side copies in the store, 8 at a time.
@@ -28,14 +28,12 @@ How a drive looks as WebDAV, and where each part lives:
 
 from drive.dav.bodies import BodyWriter, PresignedReader
 from drive.dav.context import ENVIRON_KEY, SHARED, DavContext, store_errors
-from drive.dav.listings import LISTING_TTL, ListingCache, invalidate_listing, listing_cache
 from drive.dav.provider import ObjectStoreProvider
 from drive.dav.resources import FileResource, FolderResource, SharedRoot
 from drive.dav.storage import DbLockManager, DbLockStorage, DbPropertyManager
 
 __all__ = [
     "ENVIRON_KEY",
-    "LISTING_TTL",
     "SHARED",
     "BodyWriter",
     "DavContext",
@@ -44,11 +42,8 @@ __all__ = [
     "DbPropertyManager",
     "FileResource",
     "FolderResource",
-    "ListingCache",
     "ObjectStoreProvider",
     "PresignedReader",
     "SharedRoot",
-    "invalidate_listing",
-    "listing_cache",
     "store_errors",
 ]

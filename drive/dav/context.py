@@ -25,10 +25,10 @@ from wsgidav.dav_error import (
 )
 
 from drive.checksums import Checksum, InvalidChecksum, parse_oc_checksum
-from drive.dav.listings import invalidate_listing
 from drive.facts import FactsBook, InvalidMtime, parse_mtime
 from drive.keys import InvalidPath
-from drive.store import ObjectNotFound, ObjectStore, StoreUnavailable
+from drive.store import ObjectNotFound, StoreUnavailable
+from drive.store.caching import CachingStore
 from drive.uploads import UploadTooLarge, WriteBusy
 
 ENVIRON_KEY = "kgpu.dav"
@@ -46,7 +46,7 @@ CLOSE_CONNECTION = ("Connection", "close")  # after a body that did not arrive w
 class DavContext:
     """Who is calling and which drive they see; one per request."""
 
-    store: ObjectStore
+    store: CachingStore  # every write through it drops the listings it changes
     prefix: str  # the caller's own drive, "users/7/"
     principal: str  # lock owner, "user:7"
     load_orgs: Callable[[], list[str]] = list  # slugs of the orgs the caller may read
@@ -203,14 +203,11 @@ def client_checksums(environ: dict) -> tuple[Checksum, ...]:
     return environ.get(CHECKSUMS_KEY, ())
 
 
-def invalidate_after_write(environ: dict, *changed_keys: str) -> None:
-    """After a write: forget this request's resources and hints, and the cached listings
-    of the folders that hold (or are under) ``changed_keys``."""
+def forget_after_write(environ: dict) -> None:
+    """After a write: forget this request's resources and hints (the store's cached listings
+    were dropped by the write itself, drive/store/caching.py)."""
     environ.get(CACHE_KEY, {}).clear()
     environ.pop(EXTRAS_KEY, None)
-    store = context_of(environ).store
-    for key in changed_keys:
-        invalidate_listing(store, key)
 
 
 def cache_key(path: str) -> str:

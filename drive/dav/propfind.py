@@ -15,7 +15,6 @@ from wsgidav import util, xml_tools
 from wsgidav.dav_error import DAVError
 
 from drive.dav.context import EXTRAS_KEY, SHARED, context_of, guess_type
-from drive.dav.listings import listing_cache
 from drive.checksums import oc_checksums_text
 from drive.dav.resources import OC_CHECKSUMS, FolderResource, SharedRoot, folder_fact_rows
 from drive.dav.storage import note_folder_extras
@@ -120,7 +119,7 @@ def fast_propfind(provider: ObjectStoreProvider, environ: dict, start_response):
         return None
     ctx = context_of(environ)
     base = folder.location.key
-    entries = listing_cache(ctx.store).entries(ctx.store, base)
+    entries = ctx.store.folder_entries(base)
     note_folder_extras(folder)
     fact_rows = folder_fact_rows(folder)
     folder_url = unquote(folder.get_ref_url()).rstrip("/") or "/"

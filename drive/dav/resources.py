@@ -7,8 +7,8 @@
   ``rel/.kgpu-folder`` (a key ending in ``/`` would do on S3, but ``rclone serve s3`` cannot
   store one). Markers are hidden from every listing, WebDAV and HTTP
   (:func:`drive.listing.is_hidden`), and the name is refused for writes.
-* a folder's members come from one delimited list call per 1,000 keys (cached briefly,
-  :mod:`drive.dav.listings`): the list already carries size, ETag and Last-Modified, so no
+* a folder's members come from one delimited list call per 1,000 keys (cached while current,
+  :mod:`drive.store.caching`): the list already carries size, ETag and Last-Modified, so no
   member is ever HEADed.
 * ``shared/`` (:class:`SharedRoot`) at the root of my drive: one read-only folder per
   organisation the caller may read.
@@ -43,12 +43,11 @@ from drive.dav.context import (
     context_of,
     guess_type,
     coded_error,
-    invalidate_after_write,
+    forget_after_write,
     listed_without,
     store_errors,
     utcnow,
 )
-from drive.dav.listings import listing_cache
 from drive.dav.storage import note_folder_extras, remove_property_tree
 from drive.dav.transfer import transfer
 from drive.facts import Facts, FactRow, InvalidMtime, parse_lastmodified, resolve
@@ -319,7 +318,7 @@ class FileResource(_Located, DAVNonCollection):
             writer.reservation.commit(writer.size)  # settled as new minus old
         else:
             ctx.add_usage(self.location.prefix, writer.size - self._previous_size)
-        invalidate_after_write(self.environ, self.location.key)
+        forget_after_write(self.environ)
         self.environ[CACHE_KEY][cache_key(self.path)] = self
 
     def delete(self):
@@ -335,7 +334,7 @@ class FileResource(_Located, DAVNonCollection):
             ctx.add_usage(self.location.prefix, -self.info.size)
         self.remove_all_properties(recursive=False)
         self.remove_all_locks(recursive=False)
-        invalidate_after_write(self.environ, self.location.key)
+        forget_after_write(self.environ)
 
 
 class FolderResource(_Located, DAVCollection):
@@ -367,7 +366,7 @@ class FolderResource(_Located, DAVCollection):
         members = []
         rows = None
         with store_errors():
-            entries = listing_cache(ctx.store).entries(ctx.store, base)
+            entries = ctx.store.folder_entries(base)
             if self.environ.get("REQUEST_METHOD") == "PROPFIND":
                 note_folder_extras(self)
                 rows = folder_fact_rows(self)
@@ -422,7 +421,7 @@ class FolderResource(_Located, DAVCollection):
                         kind = guess_type(name)
                         etag = ctx.store.put_object(location.key, b"", kind)
                         resource.info = ObjectInfo(location.key, 0, etag, utcnow(), kind)
-        invalidate_after_write(self.environ, location.key)
+        forget_after_write(self.environ)
         self.environ[CACHE_KEY][cache_key(resource.path)] = resource
         return resource
 
@@ -432,7 +431,7 @@ class FolderResource(_Located, DAVCollection):
         with store_errors():
             location = keys.from_text(self.location.prefix, self.location.rel + name + "/")
             context_of(self.environ).store.put_object(location.key + FOLDER_MARKER, b"")
-        invalidate_after_write(self.environ, location.key)
+        forget_after_write(self.environ)
 
     def support_recursive_delete(self) -> bool:
         return True
@@ -457,7 +456,7 @@ class FolderResource(_Located, DAVCollection):
             ctx.add_usage(self.location.prefix, -freed)
         remove_property_tree(self.provider, self.get_ref_url())
         self.remove_all_locks(recursive=True)
-        invalidate_after_write(self.environ, self.location.key)
+        forget_after_write(self.environ)
         return []
 
 

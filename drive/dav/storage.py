@@ -461,7 +461,7 @@ def note_folder_extras(folder) -> None:
     one range query each, so a PROPFIND asks nothing more for the members that have none (most).
 
     Kept in the request's environ for this PROPFIND only (dropped by any write,
-    :func:`~drive.dav.context.invalidate_after_write`), so it is never older than the request.
+    :func:`~drive.dav.context.forget_after_write`), so it is never older than the request.
     """
     provider, environ = folder.provider, folder.environ
     ref = folder.get_ref_url()

@@ -18,7 +18,7 @@ from drive.dav.context import (
     DEST_EXISTED_KEY,
     client_mtime,
     context_of,
-    invalidate_after_write,
+    forget_after_write,
     store_errors,
 )
 from drive.dav.storage import DbPropertyManager
@@ -145,4 +145,4 @@ def _transfer_held(src, dest, dest_path: str, *, move: bool, depth_infinity: boo
         ctx.settle_room(dest.prefix, reserved, added)
     if move:
         src.remove_all_locks(recursive=True)
-    invalidate_after_write(environ, src.location.key, dest.key)
+    forget_after_write(environ)

@@ -1,0 +1,279 @@
+"""A store that remembers its folder listings, wrapped around the real one (as rclone's cache
+wraps a remote): the gateway holds a :class:`CachingStore`, so every write it makes, HTTP or
+WebDAV, goes through here and drops the listings it changes. No write site invalidates by hand.
+
+A cached listing of a folder is served again only while it is provably current, checked on
+every use with one small database query (:class:`ChangeMarks`, the drive's row):
+
+* **writes through this gateway** drop the listings of the folders that hold the key (and all
+  under a folder's key) at once, before the write returns;
+* **writes through another gateway** (replicas on one database) bump the drive's *generation*
+  after the store has the change; a listing made under an older generation is listed again;
+* **presigned PUTs** (a 307, a mint: the client writes straight to the store) are recorded when
+  the URL is handed out (:meth:`CachingStore.presign_put`). While such a URL is valid, a cached
+  listing of a folder that holds its key is checked with one HEAD per URL (at most
+  :data:`URLS_CHECKED`; more, and the folder is listed again): an object that differs from the
+  listed one means the listing is made again.
+
+So a listing is never stale for any of these writes (bound 0). Only a write no gateway made or
+handed a URL for (another tool writing the bucket with its own keys) goes unseen, for at most
+:data:`LISTING_MAX_AGE` seconds. The cache is bounded: :data:`LISTING_MAX_FOLDERS` folders and
+:data:`LISTING_MAX_ENTRIES` entries in all, and one drive holds at most
+:data:`DRIVE_MAX_FOLDERS` of the folders, so one tenant listing many folders pushes out only its
+own; a drive's writes and marks touch only its own listings.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Protocol
+
+from drive.keys import drive_of
+from drive.store import CommonPrefix, ListPage, ObjectInfo, ObjectStore, UploadedPart, iter_entries
+
+LISTING_MAX_AGE = 300.0  # seconds: a write made behind every gateway's back is seen after this at most
+KNOWN_FOLDER_TTL = 2.0  # seconds drive/names.py trusts that a folder a write went into is no file
+LISTING_MAX_FOLDERS = 64
+LISTING_MAX_ENTRIES = 100_000  # all cached folders together (about 500 bytes an entry: 50 MB at most)
+DRIVE_MAX_FOLDERS = 16  # one drive's share of the folders
+URLS_CHECKED = 8  # presigned PUTs still out under a folder that a cached listing of it HEADs; more: listed again
+
+
+class ChangeMarks(Protocol):
+    """What the gateways sharing a bucket tell each other about a drive (the database,
+    :class:`drive.changes.DbChangeMarks`)."""
+
+    def generation(self, drive: str) -> int:
+        """The drive's generation now (0: never changed)."""
+
+    def bump(self, drive: str) -> None:
+        """The drive changed (after the store has the change)."""
+
+    def url_out(self, drive: str, key: str, expires_in: int) -> None:
+        """A presigned PUT of ``key`` was handed out, valid for ``expires_in`` seconds."""
+
+    def look(self, drive: str, folder: str, limit: int) -> tuple[int, list[str]]:
+        """The drive's generation and the keys under ``folder`` with a presigned PUT still
+        valid (at most ``limit``), in one read."""
+
+
+@dataclass
+class _Listing:
+    entries: list
+    generation: int
+    listed_at: float
+
+
+class CachingStore:
+    """An :class:`~drive.store.ObjectStore` over ``inner`` whose folder listings
+    (:meth:`folder_entries`) are kept while current (see the module's note)."""
+
+    def __init__(
+        self,
+        inner: ObjectStore,
+        marks: ChangeMarks,
+        *,
+        max_age: float = LISTING_MAX_AGE,
+        max_folders: int = LISTING_MAX_FOLDERS,
+        max_entries: int = LISTING_MAX_ENTRIES,
+        drive_max_folders: int = DRIVE_MAX_FOLDERS,
+    ):
+        self.inner = inner
+        self.marks = marks
+        self.max_age = max_age
+        self.max_folders = max_folders
+        self.max_entries = max_entries
+        self.drive_max_folders = drive_max_folders
+        self._lock = threading.Lock()
+        self._folders: OrderedDict[str, _Listing] = OrderedDict()
+        self._entries = 0
+        self._dropped = 0  # bumped by every local write: a listing that raced one is not kept
+        # Folders a write was recently checked into (none of their names is a file), by folder
+        # key: for KNOWN_FOLDER_TTL, drive/names.py asks the store no more about them.
+        self._known_folders: dict[str, float] = {}
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)  # what a store has beyond the protocol (its endpoint)
+
+    # ------------------------------------------------------------ listings
+
+    def folder_entries(self, folder: str) -> list:
+        """The members of ``folder`` (ObjectInfo and CommonPrefix, as a delimited listing yields
+        them), from the cache while current, else from the store."""
+        drive = drive_of(folder)
+        with self._lock:
+            hit = self._folders.get(folder)
+        if hit is not None and time.monotonic() - hit.listed_at < self.max_age:
+            generation, urls = self.marks.look(drive, folder, URLS_CHECKED + 1)
+            if generation == hit.generation and self._urls_listed(hit.entries, folder, urls):
+                with self._lock:
+                    if self._folders.get(folder) is hit:
+                        self._folders.move_to_end(folder)
+                return hit.entries
+        else:
+            generation = self.marks.generation(drive)
+        # The generation is read before the store is listed: a change that lands meanwhile
+        # bumps it after, and the next use lists again.
+        with self._lock:
+            dropped = self._dropped
+        listed_at = time.monotonic()
+        listed = list(iter_entries(self, folder, "/"))
+        with self._lock:
+            if dropped == self._dropped and len(listed) <= self.max_entries:
+                self._drop(folder)
+                self._folders[folder] = _Listing(listed, generation, listed_at)
+                self._entries += len(listed)
+                self._trim(drive)
+        return listed
+
+    def _urls_listed(self, entries: list, folder: str, urls: list[str]) -> bool:
+        """Whether the objects behind the presigned PUTs still out under ``folder`` are as the
+        listing shows them (a HEAD each; more than URLS_CHECKED: not checked, False)."""
+        if not urls:
+            return True
+        if len(urls) > URLS_CHECKED:
+            return False
+        listed = {e.key: e for e in entries if isinstance(e, ObjectInfo)}
+        prefixes = {e.prefix for e in entries if isinstance(e, CommonPrefix)}
+        for key in urls:
+            rest = key[len(folder) :]
+            found = self.inner.head(key)
+            if "/" in rest:  # deeper: its folder must be listed once it exists
+                if found is not None and folder + rest.split("/", 1)[0] + "/" not in prefixes:
+                    return False
+                continue
+            seen = listed.get(key)
+            if (found is None) != (seen is None):
+                return False
+            if found is not None and (found.etag.strip('"') != seen.etag.strip('"') or found.size != seen.size):
+                return False
+        return True
+
+    def _trim(self, drive: str) -> None:
+        mine = [f for f in self._folders if f.startswith(drive)]
+        for folder in mine[: max(0, len(mine) - self.drive_max_folders)]:
+            self._drop(folder)
+        while len(self._folders) > self.max_folders or self._entries > self.max_entries:
+            self._drop(next(iter(self._folders)))
+
+    def _drop(self, folder: str) -> None:
+        hit = self._folders.pop(folder, None)
+        if hit is not None:
+            self._entries -= len(hit.entries)
+
+    def cached_folders(self) -> list[str]:
+        with self._lock:
+            return list(self._folders)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._dropped += 1
+            self._folders.clear()
+            self._known_folders.clear()
+            self._entries = 0
+
+    # ------------------------------------------------------------ writes
+
+    def _changed(self, keys: list[str]) -> None:
+        """After the store changed ``keys`` (objects, or folders' keys ending in "/"): forget the
+        folders that hold them (at any depth) and those under them, here and on every replica."""
+        with self._lock:
+            self._dropped += 1
+            for key in keys:
+                for folder in [f for f in self._folders if key.startswith(f) or f.startswith(key)]:
+                    self._drop(folder)
+                for folder in [f for f in self._known_folders if f.startswith(key)]:
+                    del self._known_folders[folder]  # a file written as "a" ends "a/" being known
+        for drive in dict.fromkeys(drive_of(key) for key in keys):
+            self.marks.bump(drive)
+
+    def put_object(self, key: str, data: bytes, content_type: str | None = None) -> str:
+        try:
+            return self.inner.put_object(key, data, content_type)
+        finally:
+            self._changed([key])
+
+    def delete(self, key: str) -> None:
+        try:
+            self.inner.delete(key)
+        finally:
+            self._changed([key])
+
+    def delete_many(self, keys: list[str]) -> None:
+        try:
+            self.inner.delete_many(keys)
+        finally:
+            if keys:
+                self._changed(keys)
+
+    def copy(self, src_key: str, dst_key: str) -> str:
+        try:
+            return self.inner.copy(src_key, dst_key)
+        finally:
+            self._changed([dst_key])
+
+    def complete_multipart(self, key: str, upload_id: str, parts: list[UploadedPart]) -> str:
+        try:
+            return self.inner.complete_multipart(key, upload_id, parts)
+        finally:
+            self._changed([key])
+
+    def presign_put(self, key: str, expires_in: int, content_length: int | None = None) -> str:
+        """A presigned PUT, recorded first: until it expires, listings of its folders check it."""
+        self.marks.url_out(drive_of(key), key, expires_in)
+        self._forget_known(key)
+        return self.inner.presign_put(key, expires_in, content_length=content_length)
+
+    # ------------------------------------------------------------ reads and the rest, as they are
+
+    def ensure_bucket(self) -> None:
+        self.inner.ensure_bucket()
+
+    def head(self, key: str) -> ObjectInfo | None:
+        return self.inner.head(key)
+
+    def list_page(
+        self, prefix: str, delimiter: str | None = None, token: str | None = None, max_keys: int = 1000
+    ) -> ListPage:
+        return self.inner.list_page(prefix, delimiter=delimiter, token=token, max_keys=max_keys)
+
+    def presign_get(self, key: str, expires_in: int) -> str:
+        return self.inner.presign_get(key, expires_in)
+
+    def create_multipart(self, key: str, content_type: str | None = None) -> str:
+        return self.inner.create_multipart(key, content_type)
+
+    def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> UploadedPart:
+        return self.inner.upload_part(key, upload_id, number, data)
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        self.inner.abort_multipart(key, upload_id)
+
+    def abort_stale_multiparts(self, older_than_seconds: float) -> int:
+        return self.inner.abort_stale_multiparts(older_than_seconds)
+
+    # ------------------------------------------------------------ folders known to be folders (drive/names.py)
+
+    def is_known_folder(self, folder: str) -> bool:
+        with self._lock:
+            seen = self._known_folders.get(folder)
+            return seen is not None and time.monotonic() - seen < KNOWN_FOLDER_TTL
+
+    def note_folders(self, folders: list[str]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._known_folders) > self.max_entries:
+                self._known_folders.clear()
+            for folder in folders:
+                self._known_folders[folder] = now
+
+    def forget_folder(self, key: str) -> None:
+        """``key`` is about to be a file: it is no known folder (its listings stay)."""
+        self._forget_known(key)
+
+    def _forget_known(self, key: str) -> None:
+        with self._lock:
+            self._known_folders.pop(key.rstrip("/") + "/", None)
