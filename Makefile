@@ -3,14 +3,16 @@
 # pinned and hash-checked, the project itself installed without resolving anything.
 VENV ?= .venv
 LOCK := requirements.lock
-STAMP := $(VENV)/.installed-$(shell cat $(LOCK) pyproject.toml | sha1sum | cut -c1-12)
+PROJECTS := pyproject.toml client/pyproject.toml
+STAMP := $(VENV)/.installed-$(shell cat $(LOCK) $(PROJECTS) | sha1sum | cut -c1-12)
 
 # A changed lock rebuilds the environment from nothing, so no package the lock dropped lingers.
-$(STAMP): $(LOCK) pyproject.toml
+# Two projects: the client (kgpu-client, client/pyproject.toml: the `kgpu` command) and the server.
+$(STAMP): $(LOCK) $(PROJECTS)
 	rm -rf $(VENV)
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check --require-hashes --no-deps -r $(LOCK)
-	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e ./client -e .
 	$(VENV)/bin/pip check
 	touch $@
 

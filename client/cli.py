@@ -1,4 +1,6 @@
-"""The researcher's subcommands of ``kgpu``, added to the parser that ``gateway/cli.py`` builds.
+"""The ``kgpu`` command: the researcher's subcommands, and the server's (``kgpu serve``,
+``kgpu admin``) where the server is installed beside the client: it adds them through the
+``kgpu.commands`` entry points (``gateway/cli.py``), so the client never imports it.
 
 Exit codes: 0 ok; 1 the server refused (its message on stderr) or a transfer failed; 2 a
 command line that cannot work; 3 not logged in; ``kgpu run`` exits with the run's own code.
@@ -7,6 +9,7 @@ command line that cannot work; 3 not logged in; ``kgpu run`` exits with the run'
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 
 from client import drive, gpus, login, mounts, ssh
@@ -18,6 +21,34 @@ from client.session import Session
 
 EXIT_API, EXIT_USAGE, EXIT_NOT_LOGGED_IN = 1, 2, 3
 DEFAULT_TRANSFERS = 8
+# Each entry point of this group is a function that adds subcommands to kgpu's parser.
+JOINED_COMMANDS = "kgpu.commands"
+SERVER_COMMANDS = ("serve", "admin")
+SERVER_MISSING = ("`kgpu {command}` is the server's: install the kgpu server beside this client "
+                  "(`pip install .` in a kgpu checkout; docs/client.md#install)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="kgpu", description="your kgpu drive, GPU rentals and runs")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_commands(commands)
+    if not argv[:1] or argv[0] not in commands.choices:  # help, or a command not the client's
+        _join_installed_commands(commands)
+    if argv[:1] and argv[0] in SERVER_COMMANDS and argv[0] not in commands.choices:
+        error(SERVER_MISSING.format(command=argv[0]), as_json=False)
+        return EXIT_USAGE
+    args = parse_args(parser, argv)
+    return args.func(args)
+
+
+def _join_installed_commands(commands: argparse._SubParsersAction) -> None:
+    """Add the subcommands of the installed ``kgpu.commands`` entry points (the server's).
+    Reading them costs the researcher's commands about 30 ms, so only help and other commands do."""
+    from importlib.metadata import entry_points
+
+    for joined in entry_points(group=JOINED_COMMANDS):
+        joined.load()(commands)
 
 
 def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:

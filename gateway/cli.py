@@ -1,20 +1,39 @@
-"""The ``kgpu`` command: ``kgpu serve`` and ``kgpu admin ...`` here; the researcher's commands
-(``kgpu login``, ``ls``, ``cp``, ``rent``, ``run``…) come from ``client.cli``."""
+"""The server's commands, ``kgpu serve`` and ``kgpu admin ...``. They join the client's ``kgpu``
+(``client/cli.py``) through this project's ``kgpu.commands`` entry point, so they are there
+wherever the server is installed; ``python -m gateway.cli`` runs them without the client."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
-from client import cli as client_cli
-
 # The server's modules take about a second to import: only `serve` and `admin` load them, so that
-# the researcher's commands (client.cli) start at once.
+# every `kgpu` command (this module is loaded to add these two) starts at once.
 
 
+def _reporting_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A refusal of the server's rules is a message on stderr and exit code 1, not a traceback."""
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        from gateway.domain_errors import DomainError
+        from gateway.errors import ApiError
+
+        try:
+            return handler(args)
+        except (ApiError, DomainError) as exc:
+            print(f"kgpu: {exc.message}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+@_reporting_errors
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
@@ -64,6 +83,7 @@ def _print(obj) -> None:
     print(json.dumps(obj, indent=2))
 
 
+@_reporting_errors
 def _user_create(args) -> int:
     from gateway import tokens, users
 
@@ -79,6 +99,7 @@ def _user_create(args) -> int:
     return 0
 
 
+@_reporting_errors
 def _user_list(args) -> int:
     from sqlalchemy import select
 
@@ -91,6 +112,7 @@ def _user_list(args) -> int:
     return 0
 
 
+@_reporting_errors
 def _user_set(args) -> int:
     from gateway import users
 
@@ -102,6 +124,7 @@ def _user_set(args) -> int:
     return 0
 
 
+@_reporting_errors
 def _token_issue(args) -> int:
     from gateway import tokens, users
     from gateway.models import utcnow
@@ -117,6 +140,7 @@ def _token_issue(args) -> int:
     return 0
 
 
+@_reporting_errors
 def _token_revoke(args) -> int:
     from gateway import tokens
     from gateway.errors import ApiError
@@ -129,6 +153,7 @@ def _token_revoke(args) -> int:
     return 0
 
 
+@_reporting_errors
 def _token_list(args) -> int:
     from sqlalchemy import select
 
@@ -144,10 +169,9 @@ def _token_list(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kgpu", description="kgpu GPU-rental gateway and its client")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """``kgpu serve`` and ``kgpu admin``, added to the parser of ``kgpu`` (the ``kgpu.commands``
+    entry point) or of ``python -m gateway.cli``."""
     serve = commands.add_parser("serve", help="run the service (embedded SQLite and object store by default)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
@@ -188,22 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--user", help="id or email")
     listing.set_defaults(func=_token_list)
 
-    client_cli.add_commands(commands)
-    return parser
-
 
 def main(argv: list[str] | None = None) -> int:
-    args = client_cli.parse_args(build_parser(), sys.argv[1:] if argv is None else argv)
-    if args.command not in ("serve", "admin"):
-        return args.func(args)  # client.cli reports its own errors
-    from gateway.domain_errors import DomainError
-    from gateway.errors import ApiError
-
-    try:
-        return args.func(args)
-    except (ApiError, DomainError) as exc:
-        print(f"kgpu: {exc.message}", file=sys.stderr)
-        return 1
+    """The server's commands alone (``python -m gateway.cli serve``), for an install without the client."""
+    parser = argparse.ArgumentParser(prog="kgpu", description="the kgpu server's commands")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    return args.func(args)
 
 
 if __name__ == "__main__":

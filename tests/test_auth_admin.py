@@ -118,7 +118,7 @@ def test_environment_admin_has_no_drive(stack):
 def kgpu_admin(stack, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "KGPU_DATABASE_URL": stack.settings.resolved_database_url}
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "admin", *args], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "client", "admin", *args], env=env, capture_output=True, text=True, timeout=60
     )
 
 

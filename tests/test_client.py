@@ -1,6 +1,6 @@
 """The researcher's ``kgpu`` client, end to end against a live server.
 
-Every command runs as its own process (``python -m gateway.cli``, what the ``kgpu`` entry
+Every command runs as its own process (``python -m client``, what the ``kgpu`` entry
 point runs), with a config directory of its own and no ``KGPU_*`` or ``RCLONE_*`` variable
 from this environment, against the ``rclone-sqlite`` stack (embedded ``rclone serve s3``,
 which checks presigned signatures; SQLite; the ``local`` pod backend). Transfers go through
@@ -45,7 +45,7 @@ class Kgpu:
 
     def __call__(self, *args: str, stdin: str | None = None, cwd: Path | None = None, env=None, timeout=300):
         return subprocess.run(
-            [sys.executable, "-m", "gateway.cli", *args], input=stdin, capture_output=True, text=True,
+            [sys.executable, "-m", "client", *args], input=stdin, capture_output=True, text=True,
             cwd=cwd or self.home, env={**self.env, **(env or {})}, timeout=timeout,
             **({} if stdin is not None else {"stdin": subprocess.DEVNULL}),
         )
@@ -57,7 +57,7 @@ class Kgpu:
 
     def popen(self, *args: str) -> subprocess.Popen:
         return subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            [sys.executable, "-m", "client", *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, cwd=self.home, env=self.env,
         )
 
@@ -520,7 +520,7 @@ def test_progress_bar_on_a_terminal(stack, user, kgpu, tmp_path):
     master, slave = pty.openpty()
     try:
         copying = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "cp", "-r", str(tmp_path / "up"), "kgpu:bar"],
+            [sys.executable, "-m", "client", "cp", "-r", str(tmp_path / "up"), "kgpu:bar"],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, cwd=tmp_path, env=kgpu.env,
         )
         os.close(slave)
@@ -576,7 +576,7 @@ def test_rent_run_stream_exit_code_and_return(stack, user, kgpu):
         master, slave = pty.openpty()
         try:
             asked = subprocess.Popen(
-                [sys.executable, "-m", "gateway.cli", "run", gpu, "--",
+                [sys.executable, "-m", "client", "run", gpu, "--",
                  "bash", "-c", "echo started; until [ -e go.flag ]; do sleep 0.2; done; echo finished; exit 7"],
                 stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=kgpu.home, env=kgpu.env,
             )
@@ -664,7 +664,7 @@ def test_run_output_survives_a_broken_stream(stack, user, kgpu):
     try:
         env = {"KGPU_API_BASE": f"http://127.0.0.1:{proxy.port}"}
         running = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "run", rental["gpu_id"], "--",
+            [sys.executable, "-m", "client", "run", rental["gpu_id"], "--",
              "bash", "-c", "for i in $(seq 1 8); do echo line $i; sleep 0.3; done; exit 6"],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             cwd=kgpu.home, env={**kgpu.env, **env},

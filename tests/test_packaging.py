@@ -1,6 +1,8 @@
 """A non-editable install carries every file the code reads at run time (scripts, templates,
 migrations), not only the modules of its packages: each such file matches a package-data
-pattern of pyproject.toml (setuptools' rule: a glob relative to the package's folder)."""
+pattern of its project's pyproject.toml (setuptools' rule: a glob relative to the package's
+folder). Two projects: the server (pyproject.toml) and the client (client/pyproject.toml, whose
+project folder is the package's own)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TOP_PACKAGES = ("gateway", "bootstrap", "drive", "client")
+PROJECTS = {ROOT / "pyproject.toml": ("gateway", "bootstrap", "drive"), ROOT / "client" / "pyproject.toml": ("client",)}
 
 
 def _needs_package_data(path: Path) -> bool:
@@ -20,15 +22,29 @@ def _needs_package_data(path: Path) -> bool:
 
 
 def test_every_data_file_is_package_data():
-    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     missing = []
-    for package in TOP_PACKAGES:
+    for project, packages in PROJECTS.items():
+        declared = tomllib.loads(project.read_text())["tool"]["setuptools"].get("package-data", {})
+        missing += _missing_package_data(project, packages, declared)
+    assert not missing, f"not in [tool.setuptools.package-data]: {missing}"
+
+
+def test_each_package_belongs_to_one_project():
+    server = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    client = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert sorted(server) == sorted(f"{p}*" for p in PROJECTS[ROOT / "pyproject.toml"])
+    assert client == ["client"]
+
+
+def _missing_package_data(project: Path, packages: tuple[str, ...], declared: dict) -> list[str]:
+    missing = []
+    for package in packages:
         folder = ROOT / package
         for path in sorted(folder.rglob("*")):
-            if not path.is_file() or not _needs_package_data(path):
+            if not path.is_file() or path == project or not _needs_package_data(path):
                 continue
             relative = path.relative_to(folder)
             if not any(relative.match(pattern) and len(relative.parts) == len(Path(pattern).parts)
                        for pattern in declared.get(package, [])):
                 missing.append(str(path.relative_to(ROOT)))
-    assert not missing, f"not in [tool.setuptools.package-data]: {missing}"
+    return missing

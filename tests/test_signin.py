@@ -246,7 +246,7 @@ def _browser_login(base: str, home: Path) -> tuple[subprocess.Popen, str]:
     """`kgpu login --browser --no-open` started; the address of the page it asks to open."""
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("KGPU_")}, "XDG_CONFIG_HOME": str(home)}
     command = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "login", "--browser", "--no-open", "--base-url", base],
+        [sys.executable, "-m", "client", "login", "--browser", "--no-open", "--base-url", base],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     line = command.stderr.readline()
