@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import files_bench as fb  # noqa: E402  (same folder: its server and helper code)
+import harness  # noqa: E402  (this folder's shared bench code)
 
-MiB = fb.MiB
+MiB = harness.MiB
 
 
 def make_tree(root: Path, files: int, file_mib: int) -> int:
@@ -69,23 +69,23 @@ def main(argv: list[str] | None = None) -> int:
     admin_token = "bench-" + secrets.token_hex(8)
     server = None
     try:
-        port = fb.free_port()
-        server = fb.start_kgpu(work / "data", port, admin_token, work, 0)
-        base = f"http://{fb.HOST}:{port}"
-        token = fb.http_json("POST", f"{base}/v1/admin/users", admin_token, {"email": "bench-client@example.org"})["token"]
+        port = harness.free_port()
+        server = harness.start_kgpu(work / "data", port, admin_token, work, 0)
+        base = f"http://{harness.HOST}:{port}"
+        token = harness.new_user(base, admin_token, "bench-client@example.org")["token"]
         tree = work / "tree"
         total = make_tree(tree, args.files, args.file_mib)
-        fb.log(f"tree: {args.files} files x {args.file_mib} MiB = {total / MiB:.0f} MiB; -j {args.transfers}")
+        harness.log(f"tree: {args.files} files x {args.file_mib} MiB = {total / MiB:.0f} MiB; -j {args.transfers}")
 
         clean = {k: v for k, v in os.environ.items() if not k.startswith(("KGPU_", "RCLONE_"))}
         kgpu_env = {**clean, "XDG_CONFIG_HOME": str(work / "config"), "XDG_STATE_HOME": str(work / "state")}
-        kgpu = str(fb.VENV_BIN / "kgpu")
+        kgpu = str(harness.VENV_BIN / "kgpu")
         login = subprocess.run([kgpu, "login", "--base-url", base], input=token + "\n", env=kgpu_env,
                                capture_output=True, text=True)
         if login.returncode != 0:
             raise RuntimeError(f"kgpu login: {login.stderr}")
         rclone_env = {**clean, "RCLONE_WEBDAV_HEADERS": f"Authorization,Bearer {token}"}
-        rclone = [fb.rclone_binary(), "--config", os.devnull]
+        rclone = [harness.rclone_binary(), "--config", os.devnull]
         dav = ["--webdav-url", f"{base}/v1/files/", "--webdav-vendor", "owncloud"]
         parallel = ["--transfers", str(args.transfers), "--checkers", str(max(8, args.transfers))]
         j = ["-j", str(args.transfers)]
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                     seconds = timed([*rclone, "copy", ":webdav:src", str(target), *dav, *parallel], rclone_env)
                 results[f"down {who}"].append(total / MiB / seconds)
                 shutil.rmtree(target)
-            fb.log("round %d: " % n + ", ".join(f"{k} {v[-1]:.0f} MiB/s" for k, v in results.items()))
+            harness.log("round %d: " % n + ", ".join(f"{k} {v[-1]:.0f} MiB/s" for k, v in results.items()))
 
         print(f"\nkgpu cp -r vs rclone copy: {args.files} x {args.file_mib} MiB ({total / MiB:.0f} MiB), "
               f"-j {args.transfers}, {args.rounds} rounds, medians")
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.stop()
         if args.keep:
-            fb.log(f"kept {work}")
+            harness.log(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
 

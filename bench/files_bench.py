@@ -18,32 +18,24 @@ sha256 compared with the source file's.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
-import json
 import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from drive.rclone import rclone_binary  # noqa: F401  (the mounting benches use it through this module)
-
-REPO = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
-HOST = "127.0.0.1"
-MiB = 1 << 20
+from harness import (
+    HOST, REPO, MiB, Proc, RssSampler, add_run_options, arm_time_limit, children, cpu_seconds, download_sha256,
+    end_run, free_port, http_json, log, make_dirs, make_file, new_user, pct, print_report, rss_kib, start_kgpu,
+    store_client, store_endpoint, wait_ready, write_json,
+)
 
 # A Location of the same shape and length as a presigned GET the gateway sends.
 BARE_LOCATION = (
@@ -78,290 +70,7 @@ def serve_bare_302(port: int) -> None:
     uvicorn.run(app, host=HOST, port=port, proxy_headers=True)
 
 
-# ------------------------------------------------------------------ helpers
-
-
-def shm_has_room(need: int) -> bool:
-    """Room on /dev/shm for ``need`` bytes, with 1 GiB to spare."""
-    try:
-        stat = os.statvfs("/dev/shm")
-    except OSError:
-        return False
-    return stat.f_bavail * stat.f_frsize > need + (1 << 30)
-
-
-def arm_time_limit(seconds: int) -> None:
-    """End the whole run (with its cleanup) after ``seconds``, or on SIGTERM."""
-
-    def on_alarm(*_):
-        raise TimeoutError(f"benchmark exceeded --time-limit {seconds}s")
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(seconds)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
-
-def make_dirs(prefix: str, parent: str | None, fast_bytes: int, on_disk: bool) -> tuple[Path, Path, Path, Path]:
-    """(tmp, fast, data_dir, log_dir) of one run.
-
-    The data directory (SQLite, logs) goes on disk, as in a deployment: the PUT 307 path commits to the
-    database. The store's objects and big files go on tmpfs when it has room for ``fast_bytes`` (unless
-    ``on_disk``): on this kind of machine creating and deleting 100,000 small files on the ext4 root
-    (mounted with discard) took 42 s and 165 s, against 1.6 s and 1.0 s on /dev/shm."""
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    fast = Path(tempfile.mkdtemp(prefix=prefix, dir="/dev/shm")) if not on_disk and shm_has_room(fast_bytes) else tmp
-    data_dir = tmp / "data"
-    data_dir.mkdir()
-    if fast != tmp:
-        (fast / "objects").mkdir()
-        (data_dir / "objects").symlink_to(fast / "objects")
-    log_dir = tmp / "logs"
-    log_dir.mkdir()
-    return tmp, fast, data_dir, log_dir
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def http_json(method: str, url: str, token: str | None = None, body: dict | None = None, timeout: float = 30,
-              headers: dict[str, str] | None = None):
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, timeout=timeout) as reply:
-        return json.loads(reply.read() or b"null")
-
-
-def rss_kib(pid: int, field_name: str = "VmRSS") -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process so far (all its threads)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def is_mounted(path: Path) -> bool:
-    target = str(path)
-    for line in Path("/proc/mounts").read_text().splitlines():
-        if line.split()[1].replace("\\040", " ") == target:
-            return True
-    return False
-
-
-@dataclass
-class RcloneMount:
-    """An ``rclone mount`` running in the foreground as our child, on a cache directory of its own.
-    The benches that mount subclass it with the ``start`` of their backend."""
-
-    mountpoint: Path
-    cache_dir: Path
-    popen: subprocess.Popen
-    log_path: Path
-
-    def wait_mounted(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not is_mounted(self.mountpoint):
-            if self.popen.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"rclone mount did not come up; see {self.log_path}:\n{self.log_path.read_text()[-2000:]}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if is_mounted(self.mountpoint):
-            done = subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
-            if done.returncode != 0:
-                subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
-        if self.popen.poll() is None:
-            try:
-                self.popen.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.popen.terminate()
-                try:
-                    self.popen.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    self.popen.kill()
-                    self.popen.wait(timeout=5)
-
-    def remove(self) -> None:
-        self.stop()
-        shutil.rmtree(self.cache_dir, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            self.mountpoint.rmdir()
-
-
-class ProcessWatch:
-    """CPU seconds and peak RSS of some processes (by name; a pid of 0 or None is skipped) over a ``with`` block."""
-
-    def __init__(self, pids: dict[str, int]):
-        self.pids = {name: pid for name, pid in pids.items() if pid}
-        self.peak_kib = {name: 0 for name in self.pids}
-        self.base_kib = {name: rss_kib(pid) for name, pid in self.pids.items()}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for name, pid in self.pids.items():
-                self.peak_kib[name] = max(self.peak_kib[name], rss_kib(pid))
-            self._stop.wait(0.05)
-
-    def __enter__(self) -> "ProcessWatch":
-        self.before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.cpu = {name: cpu_seconds(pid) - self.before[name] for name, pid in self.pids.items()}
-
-    def summary(self) -> str:
-        cpu = ", ".join(f"{name} {s:.1f}" for name, s in self.cpu.items())
-        rss = ", ".join(f"{name} {self.peak_kib[name] / 1024:.0f} (+{(self.peak_kib[name] - self.base_kib[name]) / 1024:.0f})"
-                        for name in self.pids)
-        return f"CPU s: {cpu}; peak RSS MiB: {rss}"
-
-
-def totals_line(results: dict) -> str:
-    """The closing line of a bench: its duration and the load average before and after."""
-    load = " -> ".join(" ".join(f"{x:.1f}" for x in results[k]) for k in ("loadavg_start", "loadavg_end") if k in results)
-    return f"total {results.get('total_seconds', 0):.0f} s; load average {load} on {os.cpu_count()} CPUs"
-
-
-class RssSampler:
-    """Peak VmRSS of a process, sampled every ``interval`` seconds in a thread."""
-
-    def __init__(self, pid: int, interval: float = 0.05):
-        self.pid = pid
-        self.interval = interval
-        self.base = rss_kib(pid)
-        self.hwm_before = rss_kib(pid, "VmHWM")
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_kib(self.pid))
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "RssSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_kib(self.pid))
-        self.hwm_after = rss_kib(self.pid, "VmHWM")
-
-    @property
-    def growth_mib(self) -> float:
-        return (self.peak - self.base) / 1024
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[index]
-
-
 # ------------------------------------------------------------------ the servers
-
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen
-    log_path: Path
-    port: int
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def stop(self) -> None:
-        if self.popen.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.popen.pid, signal.SIGTERM)  # its own session: the server and its rclone child
-        try:
-            self.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait(timeout=5)
-
-
-def wait_ready(proc: Proc, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    url = f"http://{HOST}:{proc.port}/healthz"
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            raise RuntimeError(f"{proc.name} exited early; see {proc.log_path}:\n{proc.log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except (OSError, urllib.error.HTTPError):
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{proc.name} not ready within {timeout}s; see {proc.log_path}")
-
-
-def start_kgpu(
-    data_dir: Path, port: int, admin_token: str, log_dir: Path, n: int, src: str | None = None,
-    settings: dict[str, str] | None = None,
-) -> Proc:
-    """``settings``: more KGPU_* variables (by default only the admin token is set)."""
-    log_path = log_dir / f"kgpu-serve-{n}.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KGPU_")}
-    env["KGPU_ADMIN_TOKEN"] = admin_token
-    env.update(settings or {})
-    if src:  # another checkout of the code (e.g. `git archive` of a commit), ahead of the editable install
-        env["PYTHONPATH"] = str(Path(src).resolve())
-    with open(log_path, "wb") as out:
-        popen = subprocess.Popen(
-            [str(VENV_BIN / "kgpu"), "serve", "--data-dir", str(data_dir), "--port", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            cwd=str(REPO),
-            start_new_session=True,
-        )
-    proc = Proc("kgpu serve", popen, log_path, port)
-    wait_ready(proc)
-    return proc
 
 
 def start_bare(port: int, log_dir: Path) -> Proc:
@@ -378,28 +87,6 @@ def start_bare(port: int, log_dir: Path) -> Proc:
     proc = Proc("bare 302", popen, log_path, port)
     wait_ready(proc)
     return proc
-
-
-def store_endpoint(kgpu: Proc) -> str:
-    found = re.findall(r"embedded object store \(rclone serve s3\) at (http://\S+)", kgpu.log_path.read_text())
-    if not found:
-        raise RuntimeError("no embedded store address in the server log")
-    return found[-1]
-
-
-def store_client(data_dir: Path, endpoint: str):
-    import boto3
-    from botocore.config import Config
-
-    creds = json.loads((data_dir / "embedded-s3.json").read_text())
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=creds["access_key"],
-        aws_secret_access_key=creds["secret_key"],
-        region_name="us-east-1",
-        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
-    )
 
 
 # ------------------------------------------------------------------ (a) 302 throughput
@@ -481,19 +168,6 @@ def load_python(port: int, path: str, token: str | None, seconds: float, conns: 
 # ------------------------------------------------------------------ (b) (c) big uploads
 
 
-def make_file(path: Path, size: int) -> str:
-    digest = hashlib.sha256()
-    block = 8 * MiB
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            chunk = os.urandom(min(block, left))
-            f.write(chunk)
-            digest.update(chunk)
-            left -= len(chunk)
-    return digest.hexdigest()
-
-
 @dataclass
 class Upload:
     label: str
@@ -559,31 +233,6 @@ def run_curl(
     upload.server_cpu_s = server_cpu
     upload.store_cpu_s = store_cpu
     return upload
-
-
-def download_sha256(url: str, token: str, timeout: float = 180) -> tuple[str, int]:
-    """sha256 and size of `curl -L` GET through the gateway (302 to the presigned GET)."""
-    curl = subprocess.Popen(
-        ["curl", "-sS", "-f", "-L", "-H", f"Authorization: Bearer {token}", url],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    digest = hashlib.sha256()
-    size = 0
-    deadline = time.monotonic() + timeout
-    while True:
-        chunk = curl.stdout.read(4 * MiB)
-        if not chunk:
-            break
-        digest.update(chunk)
-        size += len(chunk)
-        if time.monotonic() > deadline:
-            curl.kill()
-            raise RuntimeError(f"download of {url} too slow")
-    rc = curl.wait(timeout=30)
-    if rc != 0:
-        raise RuntimeError(f"download of {url} failed ({rc}): {curl.stderr.read().decode().strip()}")
-    return digest.hexdigest(), size
 
 
 # ------------------------------------------------------------------ (d) 307 latency
@@ -688,18 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
     parser.add_argument("--count-objects", action="store_true", help="also time a full listing of the drive in (d)")
     parser.add_argument("--only", default="abcd", help="which parts to run, e.g. 'ad' (default abcd)")
-    parser.add_argument(
-        "--tmp", default=None,
-        help="parent of the temporary data directory (SQLite, logs); default $TMPDIR or /tmp",
-    )
-    parser.add_argument(
-        "--objects-on-disk", action="store_true",
-        help="keep the store's objects and the big file there too, not on /dev/shm (slow cleanup of --objects)",
-    )
-    parser.add_argument("--src", help="run kgpu serve from this source tree (put first on PYTHONPATH) instead of the repo")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
-    parser.add_argument("--time-limit", type=int, default=600, help="hard limit in seconds for the whole run")
-    parser.add_argument("--json", dest="json_out", help="also write the figures to this file as JSON")
+    add_run_options(parser)
     parser.add_argument("--serve-bare-302", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_bare_302:
@@ -715,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
 
     arm_time_limit(args.time_limit)
     # The big file, one object of its size, and the small objects.
-    tmp, fast, data_dir, log_dir = make_dirs("kgpu-bench-", args.tmp, 2 * size + (1 << 30), args.objects_on_disk)
+    tmp, fast, data_dir, log_dir = make_dirs("kgpu-bench-", args.tmp, 2 * size + (1 << 30), args.on_disk)
     procs: list[Proc] = []
     log(f"temporary directory {tmp}, objects and the big file in {fast}")
     results: dict = {"tmp": str(tmp), "fast": str(fast), "config": {k: v for k, v in vars(args).items() if k != "serve_bare_302"}, "loadgen": loadgen}
@@ -728,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         kgpu = start_kgpu(data_dir, port, admin_token, log_dir, 1, args.src)
         procs.append(kgpu)
         base = f"http://{HOST}:{port}"
-        created = http_json("POST", f"{base}/v1/admin/users", admin_token, {"email": "bench@example.org"})
+        created = new_user(base, admin_token, "bench@example.org")
         token, user_id = created["token"], created["user"]["id"]
         log(f"user {user_id} created")
 
@@ -879,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
             results["d_ratio_median"] = results["d_full"]["median_ms"] / results["d_empty"]["median_ms"]
             results["d_ratio_p95"] = results["d_full"]["p95_ms"] / results["d_empty"]["p95_ms"]
             # The same comparison made robust to drift: a second user with an empty drive, requests alternated.
-            other = http_json("POST", f"{base}/v1/admin/users", admin_token, {"email": "bench-empty@example.org"})
+            other = new_user(base, admin_token, "bench-empty@example.org")
             put_redirect_once(port, "/v1/files/lat/first.bin", other["token"], 1024)
             log(f"(d) interleaved: user with {args.objects} objects vs a user with an empty drive")
             results["d_interleaved"] = interleaved_latency(
@@ -888,20 +526,10 @@ def main(argv: list[str] | None = None) -> int:
         results["total_seconds"] = time.monotonic() - run_started
         results["loadavg_end"] = os.getloadavg()
     finally:
-        signal.alarm(0)
-        cleanup_started = time.monotonic()
-        for proc in reversed(procs):
-            proc.stop()
-        if args.keep:
-            log(f"kept {tmp} and {fast}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(fast, ignore_errors=True)
-        log(f"cleaned up in {time.monotonic() - cleanup_started:.1f} s")
+        end_run(args, procs, (tmp, fast))
 
     report(results, args)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(results, indent=2, default=str))
+    write_json(args, results)
     return 0
 
 
@@ -965,8 +593,7 @@ def report(results: dict, args) -> None:
             fl = results["d_full_listing"]
             out.append(f"    a full listing of the drive (what a reconcile costs): {fl['objects']} objects in {fl['seconds']:.1f} s")
         out.append("")
-    out.append(totals_line(results))
-    print("\n".join(out), flush=True)
+    print_report(out, results)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import files_bench as fb  # noqa: E402  (same folder: its server helpers)
+import harness  # noqa: E402  (this folder's shared bench code)
 
 ADMIN = "gpu-check-admin-token"
 TORCH = "import torch; print('torch sees', torch.cuda.device_count(), 'GPU(s):', torch.cuda.get_device_name(0))"
@@ -40,12 +40,11 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="kgpu-gpu-check-"))
 
     tmp.chmod(0o711)  # local pods run under uids of their own, which pass through it to their folders
-    server = fb.start_kgpu(tmp / "data", fb.free_port(), ADMIN, tmp, 0, settings={"KGPU_POD_BACKEND": "local"})
-    base = f"http://{fb.HOST}:{server.port}"
+    server = harness.start_kgpu(tmp / "data", harness.free_port(), ADMIN, tmp, 0, settings={"KGPU_POD_BACKEND": "local"})
+    base = f"http://{harness.HOST}:{server.port}"
     failures = []
     try:
-        admin = {"Authorization": f"Bearer {ADMIN}"}
-        token = requests.post(f"{base}/v1/admin/users", json={"email": "gpu@lab.example"}, headers=admin).json()["token"]
+        token = harness.new_user(base, ADMIN, "gpu@lab.example")["token"]
         auth = {"Authorization": f"Bearer {token}"}
 
         cluster = requests.get(f"{base}/v1/gpus").json()["cluster"]

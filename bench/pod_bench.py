@@ -37,7 +37,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import files_bench as fb  # noqa: E402  (same folder: its server helpers)
+import harness  # noqa: E402  (this folder's shared bench code)
 
 IMAGE = "kgpu-pytorch-test:latest"
 
@@ -101,21 +101,21 @@ def main() -> int:
     parser.add_argument("--backend", choices=["docker", "local"], default="docker",
                         help="local: the pods' mounts run on this host, bound into the bubblewrap sandbox")
     args = parser.parse_args()
-    fb.arm_time_limit(args.time_limit)
+    harness.arm_time_limit(args.time_limit)
 
     tmp = Path(tempfile.mkdtemp(prefix="kgpu-pod-bench-"))
 
     tmp.chmod(0o711)  # local pods run under uids of their own, which pass through it to their folders
     admin_token = secrets.token_hex(16)
-    server = fb.start_kgpu(
-        tmp / "data", fb.free_port(), admin_token, tmp, 0,
+    server = harness.start_kgpu(
+        tmp / "data", harness.free_port(), admin_token, tmp, 0,
         settings={"KGPU_POD_BACKEND": args.backend, "KGPU_DEFAULT_IMAGE": IMAGE, "KGPU_DOCKER_PULL": "false"},
     )
-    base = f"http://{fb.HOST}:{server.port}"
+    base = f"http://{harness.HOST}:{server.port}"
     admin = {"Authorization": f"Bearer {admin_token}"}
     results: dict = {}
     try:
-        user = requests.post(f"{base}/v1/admin/users", json={"email": "bench@lab.example"}, headers=admin).json()
+        user = harness.new_user(base, admin_token, "bench@lab.example")
         api = Api(base, user["token"])
         requests.post(f"{base}/v1/admin/orgs", json={"slug": "benchlab", "name": "Bench", "owner_user_id": user["user"]["id"]}, headers=admin)
 
@@ -126,12 +126,12 @@ def main() -> int:
             times.append(elapsed)
             api.delete(gpu)
         results["ready"] = times
-        fb.log(f"(a) POST -> ready with both mounts, {args.rentals} rentals: median {statistics.median(times):.2f} s, "
+        harness.log(f"(a) POST -> ready with both mounts, {args.rentals} rentals: median {statistics.median(times):.2f} s, "
                f"max {max(times):.2f} s ({', '.join(f'{t:.2f}' for t in times)})")
 
         # (b) sequential read through /shared against curl of the presigned URL, in one pod
         source = tmp / "big.bin"
-        digest = fb.make_file(source, args.size_mib * fb.MiB)
+        digest = harness.make_file(source, args.size_mib * harness.MiB)
         started = time.monotonic()
         subprocess.run(
             ["curl", "-fsS", "-L", "-T", str(source), "-H", "Expect: 100-continue", "-o", "/dev/null",
@@ -155,7 +155,7 @@ def main() -> int:
         size = args.size_mib
         direct = size / statistics.mean([first, second])
         results["read"] = {"mount_mib_s": size / mount, "curl_mib_s": direct, "ratio": size / mount / direct}
-        fb.log(f"(b) {size} MiB sequential read in the pod: /shared {size / mount:.0f} MiB/s, presigned curl "
+        harness.log(f"(b) {size} MiB sequential read in the pod: /shared {size / mount:.0f} MiB/s, presigned curl "
                f"{size / first:.0f} and {size / second:.0f} MiB/s; ratio {size / mount / direct:.2f} (goal >= 0.8); "
                f"sha256 {'ok' if checked == digest else 'MISMATCH'}; upload took {upload:.1f} s")
         api.delete(gpu)
@@ -168,13 +168,13 @@ def main() -> int:
         ended, small = api.delete(gpu)
         listed = requests.get(f"{base}/v1/files?prefix=small/", headers=api.auth).json()
         arrived = len([f for f in listed.get("files", []) if f.get("path", f.get("key", "")).startswith("small/")])
-        fb.log(f"(c) DELETE after {args.small_files} x 4 KiB just written: {small:.2f} s (empty pod: {empty:.2f} s); "
+        harness.log(f"(c) DELETE after {args.small_files} x 4 KiB just written: {small:.2f} s (empty pod: {empty:.2f} s); "
                f"{arrived}/{args.small_files} in the drive; flush_error {ended['flush_error']!r}")
         gpu, _ = api.rent_ready()
         big_digest = api.run(gpu, f"head -c {args.big_mib}M /dev/urandom > /files/big.bin && sha256sum /files/big.bin").split()[0]
         ended, big = api.delete(gpu)
         got = hashlib.sha256(requests.get(f"{base}/v1/files/big.bin", headers=api.auth).content).hexdigest()
-        fb.log(f"(c) DELETE after one {args.big_mib} MiB file just written: {big:.2f} s; "
+        harness.log(f"(c) DELETE after one {args.big_mib} MiB file just written: {big:.2f} s; "
                f"in the drive byte-exact: {got == big_digest}; flush_error {ended['flush_error']!r}")
         results["flush"] = {"empty_s": empty, "small_s": small, "small_arrived": arrived, "big_s": big, "big_ok": got == big_digest}
         print(json.dumps(results))

@@ -13,10 +13,7 @@ Usage: .venv/bin/python bench/runs_bench.py [--backend local|docker] [--samples 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,21 +24,14 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402  (this folder's shared bench code)
+
 ADMIN = "bench-admin-token"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return harness.rss_kib(pid) / 1024
 
 
 def docker_events() -> subprocess.Popen:
@@ -71,28 +61,13 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="kgpu-runs-bench-"))
 
     tmp.chmod(0o711)  # local pods run under uids of their own, which pass through it to their folders
-    port = free_port()
-    env = {**os.environ, "KGPU_ADMIN_TOKEN": ADMIN, "KGPU_POD_BACKEND": args.backend}
+    settings = {"KGPU_POD_BACKEND": args.backend}
     if args.backend == "docker":
-        env["KGPU_DEFAULT_IMAGE"] = args.image
-    server = subprocess.Popen(
-        [str(ROOT / ".venv/bin/kgpu"), "serve", "--data-dir", str(tmp / "data"), "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
+        settings["KGPU_DEFAULT_IMAGE"] = args.image
+    server = harness.start_kgpu(tmp / "data", harness.free_port(), ADMIN, tmp, 0, settings=settings)
+    base = f"http://{harness.HOST}:{server.port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if requests.get(f"{base}/healthz", timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("kgpu serve did not start")
-            time.sleep(0.1)
-        admin = {"Authorization": f"Bearer {ADMIN}"}
-        token = requests.post(f"{base}/v1/admin/users", json={"email": "bench@lab.example"}, headers=admin).json()["token"]
+        token = harness.new_user(base, ADMIN, "bench@lab.example")["token"]
         auth = {"Authorization": f"Bearer {token}"}
         gpu = requests.post(f"{base}/v1/gpus", json={"name": "bench"}, headers=auth).json()["gpu_id"]
         while not requests.get(f"{base}/v1/gpus/{gpu}", headers=auth).json()["ready"]:  # mounts first
@@ -174,11 +149,7 @@ def main() -> int:
         print(f"    gateway RSS {before:.0f} MiB before, peak {peak[0]:.0f} MiB (+{peak[0] - before:.0f} MiB)")
         requests.delete(f"{base}/v1/gpus/{gpu}", headers=auth)
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

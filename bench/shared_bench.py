@@ -26,12 +26,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import os
 import random
 import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,10 +37,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import files_bench as fb  # noqa: E402  (same folder: its server and helper code)
+import harness  # noqa: E402  (this folder's shared bench code)
 
-HOST = fb.HOST
-MiB = fb.MiB
+HOST = harness.HOST
+MiB = harness.MiB
 MOUNT_FLAGS = [
     "--read-only", "--vfs-cache-mode", "full", "--vfs-read-chunk-size", "16M", "--vfs-read-chunk-streams", "4",
 ]
@@ -58,7 +56,7 @@ def tree_bytes(path: Path) -> int:
     return total
 
 
-class Mount(fb.RcloneMount):
+class Mount(harness.RcloneMount):
     """One ``rclone mount :http:`` of /v1/shared/, on a fresh cache directory."""
 
     @classmethod
@@ -70,7 +68,7 @@ class Mount(fb.RcloneMount):
         # The token in the environment, not on the command line (where ps shows it).
         env["RCLONE_HTTP_HEADERS"] = f"Authorization,Bearer {token}"
         popen = subprocess.Popen(
-            [fb.rclone_binary(), "--config", os.devnull, "mount", ":http:", str(mountpoint),
+            [harness.rclone_binary(), "--config", os.devnull, "mount", ":http:", str(mountpoint),
              "--http-url", f"{base}/v1/shared/", *MOUNT_FLAGS, *extra,
              "--cache-dir", str(cache_dir), "--log-file", str(log_path)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
@@ -138,7 +136,7 @@ def random_reads(mounted: Path, source: Path, count: int, length: int, seed: int
         os.close(want_fd)
     return {
         "reads": count, "bytes_each": length, "mismatches": mismatches, "total_s": total,
-        "median_ms": statistics.median(times) * 1000, "p95_ms": fb.pct(times, 0.95) * 1000,
+        "median_ms": statistics.median(times) * 1000, "p95_ms": harness.pct(times, 0.95) * 1000,
         "max_ms": max(times) * 1000, "mib_s": count * length / MiB / sum(times),
     }
 
@@ -152,13 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=7, help="seed of the random offsets")
     parser.add_argument("--mount-flag", action="append", default=[], metavar="FLAG",
                         help="an extra rclone mount flag (repeat; a flag with a value: --mount-flag=--buffer-size=32M)")
-    parser.add_argument("--tmp", default=None, help="parent of the temporary data directory; default $TMPDIR or /tmp")
-    parser.add_argument("--on-disk", action="store_true",
-                        help="keep the store's objects, the source file and the mount caches on disk, not /dev/shm")
-    parser.add_argument("--src", help="run kgpu serve from this source tree (first on PYTHONPATH)")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directories (logs, data)")
-    parser.add_argument("--time-limit", type=int, default=600, help="hard limit in seconds for the whole run")
-    parser.add_argument("--json", dest="json_out", help="also write the figures to this file as JSON")
+    harness.add_run_options(parser)
     args = parser.parse_args(argv)
     if not Path("/dev/fuse").exists() or not shutil.which("fusermount3"):
         parser.error("needs FUSE: /dev/fuse and fusermount3 (apt-get install -y fuse3)")
@@ -167,33 +159,33 @@ def main(argv: list[str] | None = None) -> int:
     if read_len > size:
         parser.error("--random-read-kib is larger than the file")
 
-    fb.arm_time_limit(args.time_limit)
-    tmp, fast, data_dir, log_dir = fb.make_dirs("kgpu-shared-bench-", args.tmp, 3 * size, args.on_disk)
-    procs: list[fb.Proc] = []
+    harness.arm_time_limit(args.time_limit)
+    tmp, fast, data_dir, log_dir = harness.make_dirs("kgpu-shared-bench-", args.tmp, 3 * size, args.on_disk)
+    procs: list[harness.Proc] = []
     mounts: list[Mount] = []
-    fb.log(f"temporary directory {tmp}; store objects, source file and mount caches in {fast}")
+    harness.log(f"temporary directory {tmp}; store objects, source file and mount caches in {fast}")
     results: dict = {"tmp": str(tmp), "fast": str(fast), "config": vars(args), "mount_flags": MOUNT_FLAGS + args.mount_flag}
     results["loadavg_start"] = os.getloadavg()
     run_started = time.monotonic()
     timeout = max(60.0, size / MiB / 10)  # no single transfer slower than 10 MiB/s
     try:
         admin_token = "bench-admin-" + secrets.token_hex(12)
-        port = fb.free_port()
-        fb.log(f"starting kgpu serve on :{port}")
-        kgpu = fb.start_kgpu(data_dir, port, admin_token, log_dir, 1, args.src)
+        port = harness.free_port()
+        harness.log(f"starting kgpu serve on :{port}")
+        kgpu = harness.start_kgpu(data_dir, port, admin_token, log_dir, 1, args.src)
         procs.append(kgpu)
         base = f"http://{HOST}:{port}"
-        store_pid = (fb.children(kgpu.pid) or [0])[0]
-        user = fb.http_json("POST", f"{base}/v1/admin/users", admin_token, {"email": "bench-shared@example.org"})
+        store_pid = (harness.children(kgpu.pid) or [0])[0]
+        user = harness.new_user(base, admin_token, "bench-shared@example.org")
         token = user["token"]
         org = "bench-" + secrets.token_hex(4)
-        fb.http_json("POST", f"{base}/v1/admin/orgs", admin_token,
+        harness.http_json("POST", f"{base}/v1/admin/orgs", admin_token,
                      {"slug": org, "name": "Shared bench", "owner_user_id": user["user"]["id"]})
-        fb.log(f"user {user['user']['id']} is the admin of org {org}")
+        harness.log(f"user {user['user']['id']} is the admin of org {org}")
 
         source = fast / "big.bin"
-        fb.log(f"writing a {args.size_mib} MiB random file")
-        source_sha = fb.make_file(source, size)
+        harness.log(f"writing a {args.size_mib} MiB random file")
+        source_sha = harness.make_file(source, size)
         file_url = f"{base}/v1/shared/{org}/big.bin"
         started = time.perf_counter()
         done = subprocess.run(
@@ -204,11 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         upload_s = time.perf_counter() - started
         if done.returncode != 0 or done.stdout.split() != ["200", "1"]:
             raise RuntimeError(f"upload failed ({done.returncode}, {done.stdout!r}): {done.stderr.strip()}")
-        info = fb.http_json("GET", f"{file_url}?json=1", token)
+        info = harness.http_json("GET", f"{file_url}?json=1", token)
         if info["size"] != size:
             raise RuntimeError(f"the shared file has {info['size']} bytes, not {size}")
         results["upload"] = {"seconds": upload_s, "mib_s": size / MiB / upload_s}
-        fb.log(f"uploaded through the 307 in {upload_s:.2f} s ({size / MiB / upload_s:.0f} MiB/s)")
+        harness.log(f"uploaded through the 307 in {upload_s:.2f} s ({size / MiB / upload_s:.0f} MiB/s)")
 
         # ---------------------------------------------------------------- (a) and (b), alternating
         rounds = []
@@ -218,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             row: dict = {}
             for kind in order:
                 if kind == "direct":
-                    url = fb.http_json("GET", f"{file_url}?json=1", token)["url"]  # a fresh presigned GET
-                    with fb.ProcessWatch({"store": store_pid}) as watch:
+                    url = harness.http_json("GET", f"{file_url}?json=1", token)["url"]  # a fresh presigned GET
+                    with harness.ProcessWatch({"store": store_pid}) as watch:
                         seconds, curl_w = timed_curl(url, size, timeout)
                     row["direct"] = {"seconds": seconds, "mib_s": size / MiB / seconds, "curl": curl_w,
                                      "store_cpu_s": watch.cpu["store"]}
@@ -229,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                     mounted = mount.mountpoint / org / "big.bin"
                     if mounted.stat().st_size != size:
                         raise RuntimeError(f"the mount shows {mounted.stat().st_size} bytes, not {size}")
-                    with fb.ProcessWatch({"rclone_mount": mount.popen.pid, "store": store_pid, "gateway": kgpu.pid}) as watch:
+                    with harness.ProcessWatch({"rclone_mount": mount.popen.pid, "store": store_pid, "gateway": kgpu.pid}) as watch:
                         seconds = timed_dd(mounted, size, timeout)
                     row["mount"] = {
                         "seconds": seconds, "mib_s": size / MiB / seconds,
@@ -244,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                             raise RuntimeError(f"sha256 through the mount is {got}, the source's is {source_sha}")
                     mount.remove()
                     mounts.remove(mount)
-                fb.log(f"round {r + 1}/{args.rounds} {kind:6s}: {row[kind]['seconds']:.2f} s, {row[kind]['mib_s']:.0f} MiB/s")
+                harness.log(f"round {r + 1}/{args.rounds} {kind:6s}: {row[kind]['seconds']:.2f} s, {row[kind]['mib_s']:.0f} MiB/s")
             row["ratio"] = row["mount"]["mib_s"] / row["direct"]["mib_s"]
             rounds.append(row)
         results["rounds"] = rounds
@@ -256,9 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         mount = Mount.start(base, token, fast, "random", args.mount_flag)
         mounts.append(mount)
         mounted = mount.mountpoint / org / "big.bin"
-        fb.log(f"(c) {args.random_reads} random reads of {args.random_read_kib} KiB, cold")
+        harness.log(f"(c) {args.random_reads} random reads of {args.random_read_kib} KiB, cold")
         cold = random_reads(mounted, source, args.random_reads, read_len, args.seed)
-        fb.log("(c) the same reads again, warm")
+        harness.log("(c) the same reads again, warm")
         warm = random_reads(mounted, source, args.random_reads, read_len, args.seed)
         cold["cache_bytes_after"] = tree_bytes(mount.cache_dir)
         results["random"] = {"cold": cold, "warm": warm}
@@ -269,20 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         results["total_seconds"] = time.monotonic() - run_started
         results["loadavg_end"] = os.getloadavg()
     finally:
-        signal.alarm(0)
-        for mount in mounts:
-            mount.stop()
-        for proc in reversed(procs):
-            proc.stop()
-        if args.keep:
-            fb.log(f"kept {tmp} and {fast}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(fast, ignore_errors=True)
+        harness.end_run(args, procs, (tmp, fast), mounts)
 
     report(results, args)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(results, indent=2, default=str))
+    harness.write_json(args, results)
     return 0 if results["ratio"] >= 0.8 else 1
 
 
@@ -316,8 +298,7 @@ def report(results: dict, args) -> None:
                    f"max {x['max_ms']:.1f} ms, {x['mib_s']:.0f} MiB/s; mismatches {x['mismatches']}")
     out.append(f"    cache after the cold pass: {c['cache_bytes_after'] / MiB:.0f} MiB")
     out.append("")
-    out.append(fb.totals_line(results))
-    print("\n".join(out), flush=True)
+    harness.print_report(out, results)
 
 
 if __name__ == "__main__":

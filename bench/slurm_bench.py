@@ -20,8 +20,6 @@ import argparse
 import os
 import shlex
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,15 +29,11 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402  (this folder's shared bench code)
+
+CLUSTER = harness.REPO / "tests" / "slurm" / "cluster.sh"
 ADMIN = "bench-admin-token"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def cluster_up() -> tuple[dict[str, str], bool]:
@@ -70,24 +64,12 @@ def main() -> int:
     args = parser.parse_args()
     env, was_up = cluster_up()
     data = Path(tempfile.mkdtemp(prefix="kgpu-slurm-bench-"))
-    port = free_port()
-    server_env = {**os.environ, **env, "KGPU_ADMIN_TOKEN": ADMIN, "KGPU_DEFAULT_IMAGE": "kgpu-test:latest",
-                  "KGPU_SLURM_PULL": "false", "KGPU_SLURM_JOB_PREFIX": "kgpu-bench", "KGPU_REAPER_INTERVAL_SECONDS": "3600",
-                  "KGPU_MAX_GPUS_PER_USER": "8"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", "--data-dir", str(data), "--port", str(port)],
-        env=server_env, stdout=open(data / "serve.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
+    settings = {**env, "KGPU_DEFAULT_IMAGE": "kgpu-test:latest", "KGPU_SLURM_PULL": "false",
+                "KGPU_SLURM_JOB_PREFIX": "kgpu-bench", "KGPU_REAPER_INTERVAL_SECONDS": "3600", "KGPU_MAX_GPUS_PER_USER": "8"}
+    server = harness.start_kgpu(data / "data", harness.free_port(), ADMIN, data, 0, settings=settings)
+    base = f"http://{harness.HOST}:{server.port}"
     try:
-        for _ in range(300):
-            try:
-                if requests.get(f"{base}/healthz", timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        admin = {"Authorization": f"Bearer {ADMIN}"}
-        token = requests.post(f"{base}/v1/admin/users", json={"email": "bench@lab.example"}, headers=admin).json()["token"]
+        token = harness.new_user(base, ADMIN, "bench@lab.example")["token"]
         me = {"Authorization": f"Bearer {token}"}
 
         ready_s = []
@@ -152,8 +134,7 @@ def main() -> int:
         for gpu_id in held:
             requests.delete(f"{base}/v1/gpus/{gpu_id}", headers=me)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        server.stop()
         shutil.rmtree(data, ignore_errors=True)
         if not was_up:
             subprocess.run(["bash", str(CLUSTER), "down"], capture_output=True)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import secrets
 import shutil
 import statistics
@@ -38,7 +37,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import files_bench as fb  # noqa: E402  (same folder: its server helpers)
+import harness  # noqa: E402  (this folder's shared bench code)
 
 SSHD = "/usr/sbin/sshd"
 
@@ -104,22 +103,22 @@ def transfers(target: Target, source: Path, size_mib: int, scratch: Path, gatewa
     digest = sha256(source)
     for tool in ("scp", "rsync"):
         move = target.scp if tool == "scp" else target.rsync
-        cpu = fb.cpu_seconds(gateway_pid) if gateway_pid else 0.0
+        cpu = harness.cpu_seconds(gateway_pid) if gateway_pid else 0.0
         up = timed(move, str(source), target.remote(f"{tool}.bin"))
         if gateway_pid:
-            fb.log(f"{target.name} {tool}: gateway RSS after up {fb.rss_kib(gateway_pid) / 1024:.0f} MiB")
+            harness.log(f"{target.name} {tool}: gateway RSS after up {harness.rss_kib(gateway_pid) / 1024:.0f} MiB")
         back = scratch / f"{target.name}-{tool}.bin"
         down = timed(move, target.remote(f"{tool}.bin"), str(back))
         if gateway_pid:
-            fb.log(f"{target.name} {tool}: gateway RSS after down {fb.rss_kib(gateway_pid) / 1024:.0f} MiB")
-        spent = (fb.cpu_seconds(gateway_pid) - cpu) if gateway_pid else None
+            harness.log(f"{target.name} {tool}: gateway RSS after down {harness.rss_kib(gateway_pid) / 1024:.0f} MiB")
+        spent = (harness.cpu_seconds(gateway_pid) - cpu) if gateway_pid else None
         remote = target.ssh(f"sha256sum {target.remote_dir}/{tool}.bin").stdout.split()[0].decode()
         assert remote == digest and sha256(back) == digest, f"{target.name} {tool}: checksums differ"
         back.unlink()
         target.ssh(f"rm -f {target.remote_dir}/{tool}.bin")
         results[tool] = {"up_mib_s": size_mib / up, "down_mib_s": size_mib / down,
                          "gateway_cpu_s_per_gib": (spent / (2 * size_mib / 1024)) if spent is not None else None}
-        fb.log(f"{target.name} {tool}: up {size_mib / up:.0f} MiB/s, down {size_mib / down:.0f} MiB/s")
+        harness.log(f"{target.name} {tool}: up {size_mib / up:.0f} MiB/s, down {size_mib / down:.0f} MiB/s")
     return results
 
 
@@ -133,14 +132,14 @@ def login_times(target: Target, count: int) -> float:
 
 
 def sessions_at_once(target: Target, count: int, gateway_pid: int) -> dict:
-    rss_before = fb.rss_kib(gateway_pid)
+    rss_before = harness.rss_kib(gateway_pid)
     peak = [rss_before]
     answers: list[bool] = []
     done = threading.Event()
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], fb.rss_kib(gateway_pid))
+            peak[0] = max(peak[0], harness.rss_kib(gateway_pid))
             time.sleep(0.05)
 
     def one():
@@ -176,7 +175,7 @@ def main() -> int:
     returned = None  # pods outlive their gateway: the rental is returned before it stops
     try:
         admin = secrets.token_hex(16)
-        ssh_port = fb.free_port()
+        ssh_port = harness.free_port()
         settings = {"KGPU_SSH_PORT": str(ssh_port), "KGPU_LOCAL_POD_MOUNTS": "false", "KGPU_POD_BACKEND": args.backend,
                     # (c) measures what the bastion carries, not the per-user cap (20 by default)
                     "KGPU_SSH_MAX_CONNECTIONS_PER_USER": str(args.sessions + 10)}
@@ -190,11 +189,10 @@ def main() -> int:
                 settings[name] = value.strip("'")
             settings.update(KGPU_SLURM_PULL="false", KGPU_DEFAULT_IMAGE="kgpu-test:latest")
         (work / "data").mkdir()
-        kgpu = fb.start_kgpu(work / "data", fb.free_port(), admin, work, 0, settings=settings)
+        kgpu = harness.start_kgpu(work / "data", harness.free_port(), admin, work, 0, settings=settings)
         started.append(kgpu)
-        base = f"http://{fb.HOST}:{kgpu.port}"
-        user = requests.post(f"{base}/v1/admin/users", json={"email": "bench@lab.example"},
-                             headers={"Authorization": f"Bearer {admin}"}).json()
+        base = f"http://{harness.HOST}:{kgpu.port}"
+        user = harness.new_user(base, admin, "bench@lab.example")
         auth = {"Authorization": f"Bearer {user['token']}"}
         key = work / "id_ed25519"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
@@ -206,17 +204,17 @@ def main() -> int:
         known = work / "known_hosts"
         known.write_text(requests.get(f"{base}/v1/gpus").json()["ssh"]["known_hosts"] + "\n")
         bastion = Target("bastion", ssh_port, "kgpu", key, known, "/workspace")
-        sshd_port = fb.free_port()
+        sshd_port = harness.free_port()
         (work / "sshd-files").mkdir()
         sshd = start_sshd(work, sshd_port, public)
         started.append(sshd)
         direct = Target("sshd", sshd_port, "root", key, work / "known_hosts_sshd", str(work / "sshd-files"))
         source = work / "source.bin"
-        fb.make_file(source, args.size_mib << 20)
+        harness.make_file(source, args.size_mib << 20)
         report = {"backend": args.backend, "size_mib": args.size_mib, "gateway_rss_mib": {}}
-        report["gateway_rss_mib"]["after_rent"] = fb.rss_kib(kgpu.pid) / 1024
+        report["gateway_rss_mib"]["after_rent"] = harness.rss_kib(kgpu.pid) / 1024
         report["bastion"] = transfers(bastion, source, args.size_mib, work, kgpu.pid)
-        report["gateway_rss_mib"]["after_transfers"] = fb.rss_kib(kgpu.pid) / 1024
+        report["gateway_rss_mib"]["after_transfers"] = harness.rss_kib(kgpu.pid) / 1024
         report["sshd"] = transfers(direct, source, args.size_mib, work, None)
         report["ratios"] = {
             f"{tool}_{way}": report["bastion"][tool][f"{way}_mib_s"] / report["sshd"][tool][f"{way}_mib_s"]
@@ -229,7 +227,7 @@ def main() -> int:
         if returned is not None:
             returned()
         for process in reversed(started):
-            if isinstance(process, fb.Proc):
+            if isinstance(process, harness.Proc):
                 process.stop()
             else:
                 process.terminate()

@@ -49,10 +49,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import files_bench as fb  # noqa: E402  (same folder: its server and helper code)
+import harness  # noqa: E402  (this folder's shared bench code)
 
-HOST = fb.HOST
-MiB = fb.MiB
+HOST = harness.HOST
+MiB = harness.MiB
 FOLDER = "big"
 
 # What rclone's webdav backend sends to list a folder (backend/webdav/webdav.go, listAll).
@@ -73,10 +73,10 @@ BODIES = {"allprop": b"", "rclone": RCLONE_PROPFIND_BODY}
 MOUNT_FLAGS = ["--webdav-vendor", "other", "--vfs-cache-mode", "writes"]
 
 
-def store_endpoint(kgpu: fb.Proc, data_dir: Path) -> str:
+def store_endpoint(kgpu: harness.Proc, data_dir: Path) -> str:
     """The embedded store's address: from the server's log, else from the store's own log."""
     with contextlib.suppress(RuntimeError):
-        return fb.store_endpoint(kgpu)
+        return harness.store_endpoint(kgpu)
     found = re.findall(r"(http://127\.0\.0\.1:\d+)", (data_dir / "embedded-s3.log").read_text())
     if not found:
         raise RuntimeError("no embedded store address in the logs")
@@ -108,8 +108,8 @@ def propfind(port: int, path: str, headers: dict, body: bytes, server_pid: int, 
     all_headers = {"Depth": "1", **headers}
     if body:
         all_headers["Content-Type"] = "application/xml"
-    cpu_before = fb.cpu_seconds(server_pid), fb.cpu_seconds(store_pid)
-    with fb.RssSampler(server_pid, interval=0.01) as sampler:
+    cpu_before = harness.cpu_seconds(server_pid), harness.cpu_seconds(store_pid)
+    with harness.RssSampler(server_pid, interval=0.01) as sampler:
         started = time.perf_counter()
         conn.request("PROPFIND", path, body=body or None, headers=all_headers)
         reply = conn.getresponse()
@@ -119,8 +119,8 @@ def propfind(port: int, path: str, headers: dict, body: bytes, server_pid: int, 
     conn.close()
     result = Propfind(
         seconds, first_byte, reply.status, len(data), len(RESPONSE_END.findall(data)),
-        server_cpu_s=fb.cpu_seconds(server_pid) - cpu_before[0],
-        store_cpu_s=fb.cpu_seconds(store_pid) - cpu_before[1],
+        server_cpu_s=harness.cpu_seconds(server_pid) - cpu_before[0],
+        store_cpu_s=harness.cpu_seconds(store_pid) - cpu_before[1],
         rss_growth_mib=sampler.growth_mib, rss_peak_mib=sampler.peak / 1024,
     )
     if reply.status != 207:
@@ -148,9 +148,9 @@ def list_all(s3, prefix: str) -> tuple[int, float]:
     return total, time.perf_counter() - started
 
 
-def start_rclone_webdav(endpoint: str, data_dir: Path, user_id: int, log_dir: Path) -> fb.Proc:
+def start_rclone_webdav(endpoint: str, data_dir: Path, user_id: int, log_dir: Path) -> harness.Proc:
     creds = json.loads((data_dir / "embedded-s3.json").read_text())
-    port = fb.free_port()
+    port = harness.free_port()
     remote = (
         f":s3,provider=Other,endpoint='{endpoint}',access_key_id={creds['access_key']},"
         f"secret_access_key={creds['secret_key']}:kgpu/users/{user_id}"
@@ -158,11 +158,11 @@ def start_rclone_webdav(endpoint: str, data_dir: Path, user_id: int, log_dir: Pa
     log_path = log_dir / "rclone-serve-webdav.log"
     with open(log_path, "wb") as out:
         popen = subprocess.Popen(
-            [fb.rclone_binary(), "--config", os.devnull, "serve", "webdav", remote,
+            [harness.rclone_binary(), "--config", os.devnull, "serve", "webdav", remote,
              "--addr", f"{HOST}:{port}", "--log-level", "NOTICE"],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
-    proc = fb.Proc("rclone serve webdav", popen, log_path, port)
+    proc = harness.Proc("rclone serve webdav", popen, log_path, port)
     deadline = time.monotonic() + 30
     while True:
         if popen.poll() is not None:
@@ -181,7 +181,7 @@ def profile_requests(pid: int, out_prefix: Path, rate: int, run) -> dict:
     """py-spy record of the server while ``run()`` makes requests; a summary of where the time went."""
     raw = out_prefix.with_suffix(".txt")
     spy = subprocess.Popen(
-        [str(fb.VENV_BIN / "py-spy"), "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw",
+        [str(harness.VENV_BIN / "py-spy"), "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw",
          "--output", str(raw), "--nonblocking", "--duration", "600"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
@@ -249,7 +249,7 @@ def simplify_frame(frame: str) -> str:
     if not match:
         return frame.strip()
     func, path = match.groups()
-    for marker in ("site-packages/", "/lib/python3.11/", str(fb.REPO) + "/"):
+    for marker in ("site-packages/", "/lib/python3.11/", str(harness.REPO) + "/"):
         if marker in path:
             path = path.split(marker, 1)[1]
             break
@@ -260,7 +260,7 @@ def simplify_frame(frame: str) -> str:
 
 
 @dataclass
-class Mount(fb.RcloneMount):
+class Mount(harness.RcloneMount):
     """One ``rclone mount :webdav:`` of /v1/files/, on a fresh cache, with rclone's remote control."""
 
     rc_port: int
@@ -271,11 +271,11 @@ class Mount(fb.RcloneMount):
         log_path = where / f"rclone-mount-{tag}.log"
         mountpoint.mkdir()
         cache_dir.mkdir()
-        rc_port = fb.free_port()
+        rc_port = harness.free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("RCLONE_")}
         env["RCLONE_WEBDAV_HEADERS"] = f"Authorization,Bearer {token}"  # not on the command line (ps)
         popen = subprocess.Popen(
-            [fb.rclone_binary(), "--config", os.devnull, "mount", ":webdav:", str(mountpoint),
+            [harness.rclone_binary(), "--config", os.devnull, "mount", ":webdav:", str(mountpoint),
              "--webdav-url", f"{base}/v1/files/", *MOUNT_FLAGS, *extra,
              "--rc", "--rc-addr", f"{HOST}:{rc_port}", "--rc-no-auth",
              "--cache-dir", str(cache_dir), "--log-file", str(log_path), "--log-level", "INFO",
@@ -405,67 +405,61 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-rate", type=int, default=250, help="py-spy samples a second (default 250)")
     parser.add_argument("--mount-flag", action="append", default=[], metavar="FLAG",
                         help="an extra rclone mount flag for (2) (repeat; with a value: --mount-flag=--vfs-write-back=1s)")
-    parser.add_argument("--tmp", default=None, help="parent of the temporary data directory; default $TMPDIR or /tmp")
-    parser.add_argument("--on-disk", action="store_true",
-                        help="keep the store's objects, the source file and the mount caches on disk, not /dev/shm")
-    parser.add_argument("--src", help="run kgpu serve from this source tree (first on PYTHONPATH)")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directories (logs, data, profiles)")
-    parser.add_argument("--time-limit", type=int, default=480, help="hard limit in seconds for the whole run (default 480)")
-    parser.add_argument("--json", dest="json_out", help="also write the figures to this file as JSON")
+    harness.add_run_options(parser, time_limit=480)
     args = parser.parse_args(argv)
     if "2" in args.only and (not Path("/dev/fuse").exists() or not shutil.which("fusermount3")):
         parser.error("(2) needs FUSE: /dev/fuse and fusermount3 (apt-get install -y fuse3); or --only 1")
     size = args.size_mib * MiB
 
-    fb.arm_time_limit(args.time_limit)
-    tmp, fast, data_dir, log_dir = fb.make_dirs("kgpu-webdav-bench-", args.tmp, 4 * size, args.on_disk)
-    procs: list[fb.Proc] = []
+    harness.arm_time_limit(args.time_limit)
+    tmp, fast, data_dir, log_dir = harness.make_dirs("kgpu-webdav-bench-", args.tmp, 4 * size, args.on_disk)
+    procs: list[harness.Proc] = []
     mounts: list[Mount] = []
-    fb.log(f"temporary directory {tmp}; store objects, source file and mount caches in {fast}")
+    harness.log(f"temporary directory {tmp}; store objects, source file and mount caches in {fast}")
     results: dict = {"tmp": str(tmp), "fast": str(fast), "config": vars(args)}
     results["loadavg_start"] = os.getloadavg()
     run_started = time.monotonic()
     try:
         admin_token = "bench-admin-" + secrets.token_hex(12)
-        port = fb.free_port()
-        fb.log(f"starting kgpu serve on :{port}")
-        kgpu = fb.start_kgpu(data_dir, port, admin_token, log_dir, 1, args.src)
+        port = harness.free_port()
+        harness.log(f"starting kgpu serve on :{port}")
+        kgpu = harness.start_kgpu(data_dir, port, admin_token, log_dir, 1, args.src)
         procs.append(kgpu)
         base = f"http://{HOST}:{port}"
-        created = fb.http_json("POST", f"{base}/v1/admin/users", admin_token, {"email": "bench-webdav@example.org"})
+        created = harness.new_user(base, admin_token, "bench-webdav@example.org")
         token, user_id = created["token"], created["user"]["id"]
         auth = {"Authorization": f"Bearer {token}"}
-        fb.log(f"user {user_id} created")
+        harness.log(f"user {user_id} created")
 
         # ---------------------------------------------------------------- (1)
         if "1" in args.only:
             folder = data_dir / "objects" / "kgpu" / "users" / str(user_id) / FOLDER
             results["write_objects_s"] = write_objects(folder, args.objects, args.object_kib * 1024)
-            fb.log(f"(1) {args.objects} x {args.object_kib} KiB objects written into {folder} "
+            harness.log(f"(1) {args.objects} x {args.object_kib} KiB objects written into {folder} "
                    f"in {results['write_objects_s']:.1f} s")
             endpoint = store_endpoint(kgpu, data_dir)
-            s3 = fb.store_client(data_dir, endpoint)
+            s3 = harness.store_client(data_dir, endpoint)
             prefix = f"users/{user_id}/{FOLDER}/"
             listed, _ = list_all(s3, prefix)
             results["restarted"] = False
             if listed != args.objects:
                 # The store caches directory listings: restart so it reads the directory afresh.
-                fb.log(f"(1) the store lists {listed}, not {args.objects}: restarting kgpu serve on the same data directory")
+                harness.log(f"(1) the store lists {listed}, not {args.objects}: restarting kgpu serve on the same data directory")
                 kgpu.stop()
                 procs.remove(kgpu)
-                kgpu = fb.start_kgpu(data_dir, port, admin_token, log_dir, 2, args.src)
+                kgpu = harness.start_kgpu(data_dir, port, admin_token, log_dir, 2, args.src)
                 procs.append(kgpu)
                 endpoint = store_endpoint(kgpu, data_dir)
-                s3 = fb.store_client(data_dir, endpoint)
+                s3 = harness.store_client(data_dir, endpoint)
                 listed, _ = list_all(s3, prefix)
                 results["restarted"] = True
                 if listed != args.objects:
                     raise RuntimeError(f"the store lists {listed} objects under {prefix}, not {args.objects}")
             # Warm the store itself, so neither server's cold PROPFIND pays for the store's first listing.
             _, results["store_listing_s"] = list_all(s3, prefix)
-            fb.log(f"(1) the store lists the folder ({listed} keys, {-(-listed // 1000)} list calls) "
+            harness.log(f"(1) the store lists the folder ({listed} keys, {-(-listed // 1000)} list calls) "
                    f"in {results['store_listing_s']:.2f} s")
-            store_pid = (fb.children(kgpu.pid) or [0])[0]
+            store_pid = (harness.children(kgpu.pid) or [0])[0]
             dav = start_rclone_webdav(endpoint, data_dir, user_id, log_dir)
             procs.append(dav)
             servers = {
@@ -483,9 +477,9 @@ def main(argv: list[str] | None = None) -> int:
 
             pf: dict = {"cold": {}, "warm": {}}
             for name in ("kgpu", "rclone"):
-                fb.log(f"(1) cold PROPFIND Depth 1 (allprop) on {name}")
+                harness.log(f"(1) cold PROPFIND Depth 1 (allprop) on {name}")
                 pf["cold"][name] = one(name, "allprop")
-                fb.log(f"    {pf['cold'][name].seconds:.2f} s, {pf['cold'][name].size / 1e6:.1f} MB")
+                harness.log(f"    {pf['cold'][name].seconds:.2f} s, {pf['cold'][name].size / 1e6:.1f} MB")
             for body in BODIES:
                 pf["warm"][body] = {"kgpu": [], "rclone": []}
                 for r in range(args.warm):
@@ -493,15 +487,15 @@ def main(argv: list[str] | None = None) -> int:
                     order = ("kgpu", "rclone") if r % 2 == 0 else ("rclone", "kgpu")
                     for name in order:
                         pf["warm"][body][name].append(one(name, body))
-                fb.log(f"(1) warm ({body}): kgpu median {statistics.median(x.seconds for x in pf['warm'][body]['kgpu']):.2f} s, "
+                harness.log(f"(1) warm ({body}): kgpu median {statistics.median(x.seconds for x in pf['warm'][body]['kgpu']):.2f} s, "
                        f"rclone {statistics.median(x.seconds for x in pf['warm'][body]['rclone']):.2f} s")
             results["propfind"] = {
                 "cold": {k: v.__dict__ for k, v in pf["cold"].items()},
                 "warm": {b: {k: [x.__dict__ for x in v] for k, v in d.items()} for b, d in pf["warm"].items()},
             }
-            results["rclone_webdav_rss_mib"] = fb.rss_kib(dav.pid) / 1024
+            results["rclone_webdav_rss_mib"] = harness.rss_kib(dav.pid) / 1024
             if args.profile:
-                fb.log("(1) py-spy record of kgpu serve during 3 allprop PROPFINDs")
+                harness.log("(1) py-spy record of kgpu serve during 3 allprop PROPFINDs")
                 results["profile"] = profile_requests(
                     kgpu.pid, tmp / "pyspy-propfind", args.profile_rate,
                     lambda: [one("kgpu", "allprop") for _ in range(3)],
@@ -513,18 +507,18 @@ def main(argv: list[str] | None = None) -> int:
         if "2" in args.only:
             timeout = max(120.0, size / MiB / 5)  # nothing slower than 5 MiB/s
             source = fast / "source.bin"
-            fb.log(f"(2) writing a {args.size_mib} MiB random file")
+            harness.log(f"(2) writing a {args.size_mib} MiB random file")
             digest = make_file(source, size)
             source_sha = digest.hexdigest()
-            store_pid = (fb.children(kgpu.pid) or [0])[0]
+            store_pid = (harness.children(kgpu.pid) or [0])[0]
             rel = "mount-bench/big.bin"
             url_path = f"/v1/files/{rel}"
             mount = Mount.start(base, token, fast, "write", args.mount_flag)
             mounts.append(mount)
             out: dict = {"mount_flags": MOUNT_FLAGS + args.mount_flag}
             (mount.mountpoint / "mount-bench").mkdir()
-            fb.log("(2) copying it into the mount, then waiting for rclone's upload queue to drain")
-            with fb.ProcessWatch({"gateway": kgpu.pid, "store": store_pid, "rclone": mount.popen.pid}) as watch:
+            harness.log("(2) copying it into the mount, then waiting for rclone's upload queue to drain")
+            with harness.ProcessWatch({"gateway": kgpu.pid, "store": store_pid, "rclone": mount.popen.pid}) as watch:
                 started, started_wall = time.perf_counter(), time.time()
                 with open(source, "rb") as src, open(mount.mountpoint / rel, "wb") as dst:
                     while chunk := src.read(4 * MiB):
@@ -533,17 +527,17 @@ def main(argv: list[str] | None = None) -> int:
                 out["write"] = wait_stored(mount, base, url_path, token, size, started, timeout)
             out["write"] |= upload_span(mount.log_path, rel, started_wall)
             out["write_watch"] = watch.summary()
-            fb.log(f"    write() and close() returned in {out['write_returned_s']:.2f} s; "
+            harness.log(f"    write() and close() returned in {out['write_returned_s']:.2f} s; "
                    f"stored {out['write']['stored_s']:.2f} s after the write began; {watch.summary()}")
             mount.remove()
             mounts.remove(mount)
 
             mount = Mount.start(base, token, fast, "read", args.mount_flag)
             mounts.append(mount)
-            fb.log("(2) reading it back through a fresh mount and cache")
+            harness.log("(2) reading it back through a fresh mount and cache")
             got = hashlib.sha256()
             got_size = 0
-            with fb.ProcessWatch({"gateway": kgpu.pid, "store": store_pid, "rclone": mount.popen.pid}) as watch:
+            with harness.ProcessWatch({"gateway": kgpu.pid, "store": store_pid, "rclone": mount.popen.pid}) as watch:
                 started = time.perf_counter()
                 with open(mount.mountpoint / rel, "rb") as f:
                     while chunk := f.read(4 * MiB):
@@ -554,11 +548,11 @@ def main(argv: list[str] | None = None) -> int:
             out["read_sha_ok"] = got.hexdigest() == source_sha and got_size == size
             if not out["read_sha_ok"]:
                 raise RuntimeError(f"read back {got_size} bytes, sha256 {got.hexdigest()}, not the source's")
-            fb.log(f"    {out['read_s']:.2f} s, {size / MiB / out['read_s']:.0f} MiB/s, sha256 ok; {watch.summary()}")
+            harness.log(f"    {out['read_s']:.2f} s, {size / MiB / out['read_s']:.0f} MiB/s, sha256 ok; {watch.summary()}")
 
             line = b"one appended line\n"
-            fb.log("(2) appending one line through the mount, then waiting for it to be stored")
-            with fb.ProcessWatch({"gateway": kgpu.pid, "store": store_pid, "rclone": mount.popen.pid}) as watch:
+            harness.log("(2) appending one line through the mount, then waiting for it to be stored")
+            with harness.ProcessWatch({"gateway": kgpu.pid, "store": store_pid, "rclone": mount.popen.pid}) as watch:
                 started, started_wall = time.perf_counter(), time.time()
                 with open(mount.mountpoint / rel, "ab") as f:
                     out["append_open_s"] = time.perf_counter() - started
@@ -568,11 +562,11 @@ def main(argv: list[str] | None = None) -> int:
             out["append"] |= upload_span(mount.log_path, rel, started_wall)
             out["append_watch"] = watch.summary()
             digest.update(line)
-            got_sha, got_size = fb.download_sha256(f"{base}{url_path}", token, timeout=timeout)
+            got_sha, got_size = harness.download_sha256(f"{base}{url_path}", token, timeout=timeout)
             out["append_sha_ok"] = got_sha == digest.hexdigest() and got_size == size + len(line)
             if not out["append_sha_ok"]:
                 raise RuntimeError(f"after the append the server has {got_size} bytes, sha256 {got_sha}: not expected")
-            fb.log(f"    open() {out['append_open_s']:.2f} s, close() returned at {out['append_returned_s']:.2f} s, "
+            harness.log(f"    open() {out['append_open_s']:.2f} s, close() returned at {out['append_returned_s']:.2f} s, "
                    f"stored at {out['append']['stored_s']:.2f} s, sha256 ok (curl -L); {watch.summary()}")
             mount.remove()
             mounts.remove(mount)
@@ -581,23 +575,10 @@ def main(argv: list[str] | None = None) -> int:
         results["total_seconds"] = time.monotonic() - run_started
         results["loadavg_end"] = os.getloadavg()
     finally:
-        signal.alarm(0)
-        cleanup_started = time.monotonic()
-        for mount in reversed(mounts):
-            with contextlib.suppress(Exception):
-                mount.stop()
-        for proc in reversed(procs):
-            proc.stop()
-        if args.keep:
-            fb.log(f"kept {tmp} and {fast}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(fast, ignore_errors=True)
-        fb.log(f"cleaned up in {time.monotonic() - cleanup_started:.1f} s")
+        harness.end_run(args, procs, (tmp, fast), mounts)
 
     report(results, args)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(results, indent=2, default=str))
+    harness.write_json(args, results)
     ratios = [r for r in results.get("ratios", {}).values()]
     return 0 if all(r <= 1.0 for r in ratios) else 1
 
@@ -692,8 +673,7 @@ def report(results: dict, args) -> None:
                        f"then the download of the old content (if not done during the hold) and the upload {a['upload_s']:.2f} s")
         out.append(f"        {m['append_watch']}")
         out.append("")
-    out.append(fb.totals_line(results))
-    print("\n".join(out), flush=True)
+    harness.print_report(out, results)
 
 
 if __name__ == "__main__":

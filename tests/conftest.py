@@ -8,6 +8,7 @@ Stacks the HTTP tests run on (``stack`` fixture):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import signal
@@ -21,7 +22,7 @@ import pytest
 import requests
 import uvicorn
 
-from drive.store.embedded import EmbeddedS3Server, free_port
+from drive.store.embedded import EmbeddedS3Server, EmbeddedStore, free_port
 from drive.store.s3 import S3ObjectStore
 from gateway.app import create_app
 from gateway.settings import Settings
@@ -145,19 +146,34 @@ class S3Target:
     access_key: str
     secret_key: str
     checks_signatures: bool
+    embedded: EmbeddedS3Server | None = None  # set: stores are EmbeddedStore over it, as `kgpu serve` makes them
 
     def store(self, bucket: str) -> S3ObjectStore:
-        store = S3ObjectStore(self.endpoint, self.access_key, self.secret_key, bucket)
+        keys = (self.endpoint, self.access_key, self.secret_key, bucket)
+        store = EmbeddedStore(self.embedded, *keys) if self.embedded else S3ObjectStore(*keys)
         store.ensure_bucket()
         return store
 
 
 @pytest.fixture(scope="session")
-def rclone_target(tmp_path_factory) -> S3Target:
+def rclone_server(tmp_path_factory) -> EmbeddedS3Server:
     server = EmbeddedS3Server(tmp_path_factory.mktemp("rclone-s3"))
-    endpoint = server.start()
-    yield S3Target("rclone", endpoint, server.credentials.access_key, server.credentials.secret_key, True)
+    server.start()
+    yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def rclone_target(rclone_server) -> S3Target:
+    """The embedded ``rclone serve s3``, through the plain S3 store class."""
+    credentials = rclone_server.credentials
+    return S3Target("rclone", rclone_server.endpoint_url, credentials.access_key, credentials.secret_key, True)
+
+
+@pytest.fixture(scope="session")
+def embedded_target(rclone_target, rclone_server) -> S3Target:
+    """The same server through ``EmbeddedStore``, the class `kgpu serve` uses with no S3 configured."""
+    return dataclasses.replace(rclone_target, name="embedded", embedded=rclone_server)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,10 @@
 """The object-store conformance suite: every ObjectStore backend must pass all of it.
 
-Runs on the embedded ``rclone serve s3`` and on moto (``s3_target`` is
-parametrised). Signature checks only mean something on a store that verifies
-them (rclone, like R2); moto accepts anything, so those cases skip there.
+Runs on the embedded ``rclone serve s3`` through the S3 store class and through
+``EmbeddedStore`` (what ``kgpu serve`` uses with no S3 configured), and on moto
+(``s3_target`` is parametrised here). Signature checks only mean something on a
+store that verifies them (rclone, like R2); moto accepts anything, so those
+cases skip there.
 """
 
 from __future__ import annotations
@@ -15,7 +17,17 @@ import pytest
 import requests
 
 from drive.store import CommonPrefix, ObjectInfo, ObjectNotFound, ObjectStore, iter_entries, iter_objects
+from drive.store.embedded import EmbeddedStore
 from drive.uploads import MiB
+
+
+@pytest.fixture(scope="session", params=["rclone", "embedded", "moto"])
+def s3_target(request):
+    return request.getfixturevalue(f"{request.param}_target")
+
+
+def test_the_embedded_target_is_the_embedded_store_class(s3_target, store):
+    assert isinstance(store, EmbeddedStore) == (s3_target.name == "embedded")
 
 
 def test_is_an_object_store(store):
