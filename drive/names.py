@@ -9,7 +9,12 @@ error_code ``name_conflict``.
 
 from __future__ import annotations
 
-from drive.store import ObjectStore
+import asyncio
+
+from starlette.concurrency import run_in_threadpool
+
+from drive.keys import DrivePath
+from drive.store import ObjectInfo, ObjectStore
 from drive.store.caching import CachingStore
 
 NAME_CONFLICT = "name_conflict"
@@ -51,3 +56,29 @@ def file_coming(store: CachingStore, key: str) -> None:
     """A file is about to be written at ``key`` (streamed, or through a presigned URL the
     gateway hands out): from now on it is not taken for a folder above anything."""
     store.forget_folder(key)
+
+
+class NameConflict(Exception):
+    """A write the tree refuses (a file above its path, or a folder of its name): a 409
+    ``name_conflict``, the message saying what stands in the way."""
+
+
+async def replaced_object(store: CachingStore, path: DrivePath) -> ObjectInfo | None:
+    """The object a write at ``path`` would replace (its size and ETag settle the quota), or
+    NameConflict when a file stands above the path or a folder has its name: the store requests
+    all at once, before any byte moves. Stores over a filesystem (the embedded rclone) cannot
+    hold both a file and a folder of one name, and a refused PUT there leaves their folder view
+    wrong for minutes; on S3 and R2 the same rule keeps the drive a tree."""
+    checks = [
+        run_in_threadpool(store.head, path.key),
+        run_in_threadpool(folder_named, store, path.prefix, path.rel),
+    ]
+    unknown = unknown_ancestors(store, path.prefix, path.rel)
+    if unknown:  # else known folders, all of them
+        checks.append(run_in_threadpool(file_above, store, path.prefix, path.rel, unknown))
+    previous, folder, *above = await asyncio.gather(*checks)
+    why = (above[0] if above else None) or (folder if previous is None else None)
+    if why:
+        raise NameConflict(why)
+    file_coming(store, path.key)
+    return previous

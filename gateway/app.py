@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from drive.changes import DbChangeMarks
 from drive.facts import FactsBook
+from drive.service import DriveService
 from drive.store import ObjectStore
 from drive.store.caching import CachingStore
 from drive.store.embedded import EmbeddedS3Server, EmbeddedStore
@@ -25,7 +26,7 @@ from gateway.dav_app import DavDispatcher
 from gateway.data_dir import secure_data_dir
 from gateway.errors import RequestIdMiddleware, install_error_handlers
 from gateway.fast_download import FastDownload
-from gateway.quota import UsageBook
+from gateway.quota import DbUsageBook
 from gateway.inventory import load_inventory
 from gateway.models import DriveChange, ObjectFact, UploadUrl
 from gateway.openapi import install as install_openapi
@@ -202,8 +203,9 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
         app.state.store = active_store
         install_signin(app, settings)
         app.state.authenticator = Authenticator(sessions, settings.admin_token, settings.auth_cache_seconds)
-        app.state.usage = UsageBook(sessions, active_store, settings.quota_reconcile_seconds)
+        app.state.usage = DbUsageBook(sessions, active_store, settings.quota_reconcile_seconds)
         app.state.facts = FactsBook(sessions, ObjectFact.__table__)
+        app.state.drive = DriveService(active_store, app.state.usage, app.state.facts)
         app.state.rentals = Rentals(
             settings,
             sessions,

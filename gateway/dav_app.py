@@ -119,7 +119,7 @@ OLD_PROPERTIES_FILE = "webdav.sqlite3"  # where servers before migration 0008 ke
 
 def build_wsgidav(sessions: sessionmaker, data_dir: Path, usage=None) -> tuple[Callable, WsgiDAVApp]:
     """The wsgidav WSGI application for both mount points, wrapped to hand it the request's drive;
-    dead properties count in ``usage`` (gateway.quota.UsageBook)."""
+    dead properties count in ``usage`` (drive.usage.UsageBook)."""
     properties = DbPropertyManager(sessions, DavProperty.__table__, usage)
     locks = DbLockStorage(sessions, DavLock.__table__)
     imported = import_sqlite_properties(Path(data_dir) / OLD_PROPERTIES_FILE, properties)

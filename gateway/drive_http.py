@@ -31,10 +31,12 @@ from drive import keys, listing, names
 from drive.checksums import Checksum, ChecksumMismatch, InvalidChecksum, digest_header, parse_oc_checksum
 from drive.facts import FactsBook, InvalidMtime, parse_mtime, resolve
 from drive.keys import DrivePath
-from drive.store import ObjectInfo, ObjectStore, StoreUnavailable, delete_prefix
-from drive.uploads import IncompleteBody, UploadTooLarge, choose_part_size, stream_to_store
+from drive.service import DriveService
+from drive.store import ObjectInfo, ObjectStore, StoreUnavailable
+from drive.store.caching import CachingStore
+from drive.uploads import IncompleteBody, UploadTooLarge, WriteBusy, choose_part_size, stream_to_store
+from drive.usage import QuotaExceeded, Upload, WriteLease
 from gateway.errors import ApiError
-from gateway.quota import QuotaExceeded, Upload, WriteBusy, WriteLease
 
 _IGNORED_CONTENT_TYPES = {"", "application/x-www-form-urlencoded"}
 
@@ -108,6 +110,10 @@ def _facts(request: Request) -> FactsBook:
     return request.app.state.facts
 
 
+def _service(request: Request) -> DriveService:
+    return request.app.state.drive
+
+
 def client_mtime(request: Request) -> float | None:
     """The modification time a client gives its upload (``X-OC-Mtime``, seconds since the epoch)."""
     value = request.headers.get("x-oc-mtime")
@@ -138,7 +144,7 @@ def quota_refusal(message: str) -> ApiError:
 async def writing(
     request: Request, drive: Drive, *keys: str, frees: bool = False, urls: bool = True
 ) -> AsyncIterator[WriteLease]:
-    """Hold ``keys`` of the drive for this write (gateway/quota.py: one write of a key at a time,
+    """Hold ``keys`` of the drive for this write (drive/usage.py: one write of a key at a time,
     on every replica, upload URLs still out for them counted whole; ``frees`` and ``urls`` as
     UsageBook.writing has them); 423 ``busy`` if another write holds one and does not end soon,
     413 if the room those URLs need does not fit. What the write replaces is read inside."""
@@ -158,30 +164,29 @@ async def writing(
 
 
 def open_upload(request: Request, drive: Drive, previous: ObjectInfo | None, declared: int | None) -> Upload:
-    """The quota reservation of one upload streamed through the gateway (gateway/quota.py),
+    """The quota reservation of one upload streamed through the gateway (drive/usage.py),
     begun: a declared length is reserved now (413 if it does not fit), an unknown one as it
     arrives."""
     try:
-        return request.app.state.usage.open_upload(
-            drive.prefix,
-            drive.quota_bytes,
-            previous.size if previous else 0,
-            declared,
-            request.app.state.settings.upload_unknown_length_part_bytes,
+        return _service(request).begin_upload(
+            drive.prefix, previous, declared, drive.quota_bytes, request.app.state.settings.upload_unknown_length_part_bytes
         )
     except QuotaExceeded as exc:
         raise quota_refusal(str(exc)) from None
 
 
-def hold_for_presigned_put(
-    request: Request, drive: Drive, path: DrivePath, size: int | None, previous: ObjectInfo | None
-) -> None:
-    """Reserve room for bytes that go straight to the store (a 307 or a mint) until the
-    object appears or the URL expires; 413 if they would not fit."""
-    try:
-        request.app.state.usage.hold(drive.prefix, path.key, size, drive.quota_bytes, previous, _expires(request))
-    except QuotaExceeded as exc:
-        raise quota_refusal(str(exc)) from None
+async def upload_url(request: Request, drive: Drive, path: DrivePath, size: int | None, mtime: float | None) -> str:
+    """A presigned PUT for bytes that go straight to the store (a 307 or a mint), the key held
+    while the names are checked and the room is held (413 if it would not fit)."""
+    service = _service(request)
+    async with writing(request, drive, path.key, urls=False):
+        previous = await _previous_and_names(service.store, path)
+        try:
+            return await run_in_threadpool(
+                service.upload_url, drive.prefix, path.key, size, drive.quota_bytes, previous, mtime, _expires(request)
+            )
+        except QuotaExceeded as exc:
+            raise quota_refusal(str(exc)) from None
 
 
 # ---------------------------------------------------------------- listings
@@ -260,10 +265,10 @@ async def head(request: Request, drive: Drive) -> Response:
     if path.is_dir:
         exists = path.rel == "" or (await run_in_threadpool(_store(request).list_page, path.key, "/", None, 1)).entries
         return Response(status_code=200 if exists else 404, media_type="text/html; charset=utf-8")
-    info = await run_in_threadpool(_store(request).head, path.key)
-    if info is None:
+    found = await run_in_threadpool(_service(request).stat, path.key)
+    if found is None:
         return Response(status_code=404)
-    facts = await run_in_threadpool(_facts(request).facts_of, info)
+    info, facts = found
     headers = {
         "Content-Length": str(info.size),
         "Content-Type": info.content_type or "application/octet-stream",
@@ -281,14 +286,14 @@ async def get(request: Request, drive: Drive) -> Response:
     path = drive.path(request)
     if path.is_dir:
         return await folder(request, drive, path, (drive.mount + path.rel.encode()).decode())
-    store = _store(request)
+    service = _service(request)
     if wants_json(request):
-        info = await run_in_threadpool(store.head, path.key)
+        info = await run_in_threadpool(service.store.head, path.key)
         if info is None:
             raise ApiError(404, "not_found", f"no file {path.rel}")
         return JSONResponse(
             {
-                "url": store.presign_get(path.key, _expires(request)),
+                "url": service.read_url(path.key, _expires(request)),
                 "size": info.size,
                 "expires_in": _expires(request),
                 "etag": info.etag.strip('"'),
@@ -298,38 +303,16 @@ async def get(request: Request, drive: Drive) -> Response:
     # No HEAD here: a redirect is the hot path, and the store itself answers 404 for a missing key.
     return Response(
         status_code=302,
-        headers={"Location": store.presign_get(path.key, _expires(request)), "Cache-Control": "no-store"},
+        headers={"Location": service.read_url(path.key, _expires(request)), "Cache-Control": "no-store"},
     )
 
 
-async def _previous_and_names(store: ObjectStore, path: DrivePath) -> ObjectInfo | None:
-    """The object a write would replace (its size and ETag settle the quota), and 409
-    name_conflict when a file stands above the path or a folder has its name (drive/names.py,
-    the rule WebDAV answers too): the store requests all at once, before any byte moves.
-    Stores over a filesystem (the embedded rclone) cannot hold both a file and a folder of one
-    name, and a refused PUT there leaves their folder view wrong for minutes; on S3 and R2 the
-    same rule keeps the drive a tree."""
-    checks = [
-        run_in_threadpool(store.head, path.key),
-        run_in_threadpool(names.folder_named, store, path.prefix, path.rel),
-    ]
-    unknown = names.unknown_ancestors(store, path.prefix, path.rel)
-    if unknown:  # else known folders, all of them
-        checks.append(run_in_threadpool(names.file_above, store, path.prefix, path.rel, unknown))
-    previous, folder, *above = await asyncio.gather(*checks)
-    above = above[0] if above else None
-    why = above or (folder if previous is None else None)
-    if why:
-        raise ApiError(409, names.NAME_CONFLICT, why)
-    names.file_coming(store, path.key)
-    return previous
-
-
-def _raise_if_name_conflict(store: ObjectStore, path: DrivePath) -> None:
-    """Explain a refused write (a bare 500 from the store) when a parent is a file."""
-    why = names.file_above(store, path.prefix, path.rel)
-    if why:
-        raise ApiError(409, names.NAME_CONFLICT, why)
+async def _previous_and_names(store: CachingStore, path: DrivePath) -> ObjectInfo | None:
+    """What a write would replace, or 409 name_conflict (drive/names.py)."""
+    try:
+        return await names.replaced_object(store, path)
+    except names.NameConflict as exc:
+        raise ApiError(409, names.NAME_CONFLICT, str(exc)) from None
 
 
 DRAIN_LIMIT = 16 << 20
@@ -403,21 +386,15 @@ async def _stream_held(
         except ClientDisconnect:
             raise ApiError(400, "client_disconnected", "the client went away before the body was complete") from None
         except StoreUnavailable:
-            await run_in_threadpool(_raise_if_name_conflict, store, path)
+            # A bare 500 from the store, explained when a folder above is a file.
+            why = await run_in_threadpool(names.file_above, store, path.prefix, path.rel)
+            if why:
+                raise ApiError(409, names.NAME_CONFLICT, why) from None
             raise
     except BaseException:
         await run_in_threadpool(upload.abort)
         raise
-    await run_in_threadpool(upload.commit, result.size)
-    await run_in_threadpool(
-        _facts(request).record,
-        path.key,
-        etag=result.etag,
-        size=result.size,
-        mtime=mtime,
-        sha1=result.sha1,
-        md5=result.md5,
-    )
+    await run_in_threadpool(_service(request).commit_upload, upload, path.key, result, mtime)
     body = {
         "path": path.rel,
         "size": result.size,
@@ -449,20 +426,7 @@ async def put(request: Request, drive: Drive) -> Response:
     redirect = not client_checksums(request)
     if redirect and request.headers.get("expect", "").lower() == "100-continue" and length is not None:
         # Answered before the body is read: uvicorn sends 100 Continue only when the app reads.
-        store = _store(request)
-        async with writing(request, drive, path.key, urls=False):
-            previous = await _previous_and_names(store, path)
-            # The body goes straight to the store: its declared length is held until it appears.
-            await run_in_threadpool(hold_for_presigned_put, request, drive, path, length, previous)
-            if mtime is not None:  # the object's time once it appears with that length (no hash)
-                await run_in_threadpool(
-                    _facts(request).hand_out, path.key, size=length, mtime=mtime, expires_in=_expires(request)
-                )
-        # The length is signed into the URL: a store that checks signatures (R2, the embedded
-        # rclone) refuses a body of another size, so the hold covers whatever arrives.
-        # The client writes straight to the store: the URL is recorded, and cached listings of
-        # its folders check it until it expires (drive/store/caching.py).
-        url = store.presign_put(path.key, _expires(request), content_length=length)
+        url = await upload_url(request, drive, path, length, mtime)
         return Response(status_code=307, headers={"Location": url, "Connection": "close"})
     return await stream_upload(request, drive, path)
 
@@ -487,19 +451,11 @@ async def post(request: Request, drive: Drive) -> Response:
             "a minted URL sends the bytes straight to the store, where no hash is checked; send the body "
             "through the gateway (POST or PUT with it) to have OC-Checksum verified",
         )
-    store = _store(request)
-    size = int(declared) if declared is not None else None
-    async with writing(request, drive, path.key, urls=False):
-        previous = await _previous_and_names(store, path)
-        await run_in_threadpool(hold_for_presigned_put, request, drive, path, size, previous)
-        if mtime is not None:
-            await run_in_threadpool(
-                _facts(request).hand_out, path.key, size=size, mtime=mtime, expires_in=_expires(request)
-            )
+    url = await upload_url(request, drive, path, int(declared) if declared is not None else None, mtime)
     content_type = request.headers.get("x-content-type") or mimetypes.guess_type(path.name)[0]
     return JSONResponse(
         {
-            "url": store.presign_put(path.key, _expires(request), content_length=size),
+            "url": url,
             "method": "PUT",
             "expires_in": _expires(request),
             "headers": {"Content-Type": content_type} if content_type else {},
@@ -513,23 +469,15 @@ async def delete(request: Request, drive: Drive) -> Response:
     drive.require_write()
     if path.rel == "":
         raise ApiError(400, "refused", "refusing to delete a whole drive; delete its folders one by one")
-    store = _store(request)
-    usage = request.app.state.usage
+    service = _service(request)
     folder_key = path.key if path.is_dir else path.key + "/"
     # A path without "/" may be a file or a folder: both are held, then looked at.
     async with writing(request, drive, *([] if path.is_dir else [path.key]), folder_key, frees=True):
-        if not path.is_dir:
-            info = await run_in_threadpool(store.head, path.key)
-            if info is not None:
-                await run_in_threadpool(store.delete, path.key)
-                await run_in_threadpool(_facts(request).forget, path.key)
-                await run_in_threadpool(usage.add, drive.prefix, -info.size)
-                return Response(status_code=204)
-        count, freed = await run_in_threadpool(delete_prefix, store, folder_key)
-        await run_in_threadpool(_facts(request).forget_under, folder_key)
-        if count == 0:
-            raise ApiError(404, "not_found", f"no file or folder {path.rel}")
-        await run_in_threadpool(usage.add, drive.prefix, -freed)
+        if not path.is_dir and await run_in_threadpool(service.delete_file, drive.prefix, path.key) is not None:
+            return Response(status_code=204)
+        count, _ = await run_in_threadpool(service.delete_folder, drive.prefix, folder_key)
+    if count == 0:
+        raise ApiError(404, "not_found", f"no file or folder {path.rel}")
     return Response(status_code=204, headers={"X-Deleted-Count": str(count)})
 
 

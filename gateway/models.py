@@ -195,7 +195,7 @@ DAV_URL = Text().with_variant(Text(collation="C"), "postgresql")
 
 class DriveWrite(Base):
     """A file or folder of a drive that one request is writing now (gateway/quota.py,
-    :meth:`~gateway.quota.UsageBook.writing`): writes to one key are one at a time, on every
+    :meth:`~gateway.quota.DbUsageBook.writing`): writes to one key are one at a time, on every
     replica, so what a write replaces, and so the quota, is counted once. ``path`` is an object
     key, or a folder's key ending in ``/`` (everything under it); a shared row (a COPY's source)
     lets other readers in. A lease: renewed while its request runs, it runs out if the gateway dies."""

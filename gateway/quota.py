@@ -6,28 +6,28 @@ The quota is a **reservation** taken before any byte moves: one conditional
 promise more than the quota between them. Afterwards the reservation is settled
 with the real size, or released if nothing was stored:
 
-* a body streamed through the gateway (HTTP or WebDAV, :class:`Upload`) reserves its
+* a body streamed through the gateway (HTTP or WebDAV, :class:`drive.usage.Upload`) reserves its
   declared length up front, or, of unknown length, reserves as its bytes arrive
   (a part at a time); a reservation that fails is a 413 and nothing is stored;
-* a presigned PUT (a 307 or a two-step mint, :meth:`UsageBook.hold`) reserves its
+* a presigned PUT (a 307 or a two-step mint, :meth:`DbUsageBook.hold`) reserves its
   declared size in a :class:`~gateway.models.QuotaHold`, held until the object appears in
   the store (it then becomes usage) or the URL expires (it is released):
-  :meth:`UsageBook.settle_holds`, run when the drive's usage is read and whenever a
+  :meth:`DbUsageBook.settle_holds`, run when the drive's usage is read and whenever a
   reservation would fail;
 * a transit object (gateway/transit.py, the prefix ``transit/{user}/``) reserves its declared
-  size at its mint, in one transaction with its row (:meth:`UsageBook.open` with ``also``), and
-  keeps it until the row goes (:meth:`UsageBook.give_back`): its size is signed into its URL.
+  size at its mint, in one transaction with its row (:meth:`DbUsageBook.open` with ``also``), and
+  keeps it until the row goes (:meth:`DbUsageBook.give_back`): its size is signed into its URL.
 
-An overwrite counts as new minus old everywhere (:func:`needed`, the one formula), and "old"
+An overwrite counts as new minus old everywhere (:func:`drive.usage.needed`, the one formula), and "old"
 is what the write really replaced: every write to a key holds that key while it reads what
-stands there, writes and counts (:meth:`UsageBook.writing`, a :class:`WriteLease` in the table
+stands there, writes and counts (:meth:`DbUsageBook.writing`, a :class:`WriteLease` in the table
 ``drive_writes``, on every replica), so two writes of one key, or a write and a MOVE, a COPY or
 a DELETE of it, never both count the same old object (issue 19, item 11: an overwrite racing a
 MOVE kept both copies; two DELETEs at once freed one file twice). A folder's lease holds
 everything under it. A write that finds its key held waits a little, then is refused
 (:class:`WriteBusy`, a 423 ``busy``).
 WebDAV dead properties (PROPPATCH) count too, as ``property_bytes`` (name and XML value of
-each): :meth:`UsageBook.change_properties` changes them in one transaction with the drive's
+each): :meth:`DbUsageBook.change_properties` changes them in one transaction with the drive's
 count, refusing growth past the quota (issue 19, item 12: they were storage outside it).
 Whenever a row is older than ``quota_reconcile_seconds`` a background thread
 re-counts the prefix from the store (and its properties from the database), so drift never lasts.
@@ -41,16 +41,16 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from typing import AsyncIterator, Iterable
+from typing import Iterable
 from urllib.parse import quote
 
 from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
-from starlette.concurrency import run_in_threadpool
 
 from drive.store import ObjectInfo, ObjectStore, iter_objects
-from drive.uploads import UploadTooLarge, WriteBusy
+from drive.uploads import WriteBusy
+from drive.usage import QuotaExceeded, needed, room_left
 from gateway.models import DavProperty, DriveUsage, DriveWrite, QuotaHold, utcnow
 from gateway.tokens import as_utc
 
@@ -62,7 +62,6 @@ HOLD_SETTLE_INTERVAL = 5.0  # seconds between background settles of a drive's pr
 # it dies (a replica, a crash), the lease runs out and the reservation is given back.
 STREAM_LEASE_SECONDS = 600
 BACKGROUND_SETTLE_MAX_HOLDS = 64  # more outstanding holds: settled only when a reservation needs room
-STREAM_RENEW_SECONDS = 60
 # A write holds its keys (drive_writes) for as long as it runs: the lease is renewed every
 # WRITE_RENEW_SECONDS while held and runs out WRITE_LEASE_SECONDS after a gateway that died.
 WRITE_LEASE_SECONDS = 120
@@ -93,10 +92,6 @@ class _LeaseLost(Exception):
 PROPERTY_BYTES = func.length(DavProperty.name) + func.length(DavProperty.value)
 
 
-class QuotaExceeded(UploadTooLarge):
-    """A reservation that would take the drive past its quota (a 413 ``quota_exceeded``)."""
-
-
 def _holds(held: str, path: str) -> bool:
     """Whether a lease on ``held`` (a key, or a folder's key ending in "/") holds ``path``."""
     return held == path or (held.endswith("/") and path.startswith(held))
@@ -117,7 +112,7 @@ class WriteLease:
     """The keys one request writes (or, shared, reads whole: a COPY's source), held until
     :meth:`release` (or the end of a ``with``)."""
 
-    def __init__(self, book: "UsageBook | None", prefix: str, paths: dict[str, bool], ids: list[int]):
+    def __init__(self, book: "DbUsageBook | None", prefix: str, paths: dict[str, bool], ids: list[int]):
         self._book = book
         self.prefix = prefix
         self.paths = paths  # path -> exclusive
@@ -138,13 +133,9 @@ class WriteLease:
         self.release()
 
 
-def needed(new_size: int, previous_size: int) -> int:
-    """What a write of ``new_size`` bytes over a file of ``previous_size`` (0: none) adds to
-    the drive: new minus old. The one formula for HTTP, WebDAV, redirects and mints."""
-    return new_size - previous_size
+class DbUsageBook:
+    """The usage book (:class:`drive.usage.UsageBook`) in the database, shared by every replica."""
 
-
-class UsageBook:
     def __init__(self, sessions: sessionmaker, store: ObjectStore, reconcile_seconds: int):
         self._sessions = sessions
         self._store = store
@@ -209,14 +200,14 @@ class UsageBook:
             self.reconcile(prefix)
 
     def _fits(self, n: int, quota: int):
-        """The one test of the quota: stored bytes, promised bytes, dead properties and ``n`` more."""
-        return DriveUsage.used_bytes + DriveUsage.reserved_bytes + DriveUsage.property_bytes + n <= quota
+        """The one test of the quota, in SQL: ``n`` more fit in :func:`~drive.usage.room_left`."""
+        return room_left(quota, DriveUsage.used_bytes, DriveUsage.reserved_bytes, DriveUsage.property_bytes) >= n
 
     def room(self, prefix: str, quota: int) -> int:
         """What is neither used nor promised (a hint: a reservation checks again)."""
         with self._sessions() as session:
             row = session.get(DriveUsage, prefix)
-            return quota - row.used_bytes - row.reserved_bytes - row.property_bytes if row is not None else 0
+            return room_left(quota, row.used_bytes, row.reserved_bytes, row.property_bytes) if row is not None else 0
 
     def _refusal(self, prefix: str, n: int, quota: int, what: str = "this upload") -> QuotaExceeded:
         with self._sessions() as session:
@@ -341,7 +332,7 @@ class UsageBook:
     # A streamed upload's reservation: a QuotaHold of kind "stream", its lease renewed while
     # bytes flow, given back by settle_holds if the lease runs out (the gateway died).
 
-    def _open_stream(self, prefix: str, n: int, quota: int) -> tuple[int, int]:
+    def open_stream(self, prefix: str, n: int, quota: int) -> tuple[int, int]:
         """Reserve ``n`` bytes (may be 0) for a new streamed upload: (reserved, lease id)."""
         lease: list[int] = []
 
@@ -358,7 +349,7 @@ class UsageBook:
         reserved = self._reserve(prefix, n, quota, opening=True, also=record)
         return reserved, lease[0]
 
-    def _extend_stream(self, prefix: str, lease: int, n: int, quota: int) -> int:
+    def extend_stream(self, prefix: str, lease: int, n: int, quota: int) -> int:
         """``n`` more bytes for the streamed upload holding ``lease`` (QuotaExceeded if they do
         not fit, or if its lease ran out meanwhile)."""
 
@@ -376,7 +367,7 @@ class UsageBook:
         except _LeaseLost:
             raise QuotaExceeded("this upload's reservation ran out (it stalled too long)") from None
 
-    def _renew_stream(self, lease: int) -> None:
+    def renew_stream(self, lease: int) -> None:
         with self._sessions.begin() as session:
             session.execute(
                 update(QuotaHold)
@@ -384,7 +375,7 @@ class UsageBook:
                 .values(expires_at=utcnow() + timedelta(seconds=STREAM_LEASE_SECONDS))
             )
 
-    def _close_stream(self, prefix: str, lease: int, reserved: int, delta: int) -> None:
+    def close_stream(self, prefix: str, lease: int, reserved: int, delta: int) -> None:
         """Settle a streamed upload: its lease and reservation go, ``delta`` is added. A lease
         already given back (it ran out) leaves only the delta to add."""
         with self._sessions.begin() as session:
@@ -395,15 +386,6 @@ class UsageBook:
             changed = session.execute(update(DriveUsage).where(DriveUsage.prefix == prefix).values(**values)).rowcount
         if not changed:
             self.reconcile(prefix)
-
-    def open_upload(
-        self, prefix: str, quota: int | None, previous_size: int, declared: int | None, step: int
-    ) -> "Upload":
-        """An :class:`Upload` for a body streamed through the gateway, begun (QuotaExceeded if
-        its declared length does not fit). WebDAV's PUT (drive/dav/resources.py) takes it from here."""
-        upload = Upload(self, prefix, quota, previous_size, declared, step)
-        upload.begin()
-        return upload
 
     def _settle_few_holds(self, prefix: str) -> None:
         """The background settle: skipped when a drive has many URLs out (each would cost a HEAD
@@ -721,92 +703,3 @@ class UsageBook:
     def close(self) -> None:
         self._closed.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-class Upload:
-    """The quota side of one upload streamed through the gateway (HTTP or WebDAV).
-
-    ``begin`` reserves a declared length (new minus old) before any byte moves; ``guard`` wraps
-    the body and, for one of unknown length, reserves ``step`` bytes more whenever what arrived
-    passes what is reserved (exactly what is missing if a whole step does not fit), raising
-    :class:`~drive.uploads.UploadTooLarge` when even that does not fit, so the upload stores
-    nothing. Then ``commit`` (the real size) or ``abort``."""
-
-    def __init__(
-        self,
-        book: UsageBook,
-        prefix: str,
-        quota: int | None,
-        previous_size: int,
-        declared: int | None,
-        step: int,
-    ):
-        self.book = book
-        self.prefix = prefix
-        self.quota = quota
-        self.previous_size = previous_size
-        self.declared = declared
-        self.step = max(step, 1)
-        self.reserved = 0
-        self.lease: int | None = None  # its QuotaHold of kind "stream"
-        self._open = False  # counted in flight (a quota applies)
-        self._done = False
-
-    def begin(self) -> None:
-        """Open the upload, reserving its declared length (QuotaExceeded if it does not fit)."""
-        if self.quota is None:
-            return
-        n = needed(self.declared, self.previous_size) if self.declared is not None else 0
-        self.reserved, self.lease = self.book._open_stream(self.prefix, n, self.quota)
-        self._open = True
-
-    async def guard(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        if not self._open:
-            async for chunk in chunks:
-                yield chunk
-            return
-        received = 0
-        renewed = time.monotonic()
-        async for chunk in chunks:
-            received += len(chunk)
-            missing = received - self.previous_size - self.reserved
-            if missing > 0 and self.declared is None:
-                await run_in_threadpool(self._reserve_more, missing)
-                renewed = time.monotonic()
-            elif time.monotonic() - renewed > STREAM_RENEW_SECONDS:
-                await run_in_threadpool(self.book._renew_stream, self.lease)
-                renewed = time.monotonic()
-            yield chunk
-
-    def _reserve_more(self, missing: int) -> None:
-        """A step more; near the quota, all the room left (so of uploads racing for the last
-        room one gets it and finishes, rather than all starving on small reservations); else
-        exactly what is missing; else this upload is over the quota."""
-        tries = [max(missing, self.step)]
-        room = self.book.room(self.prefix, self.quota)
-        if missing <= room < tries[0]:
-            tries.append(room)
-        tries.append(missing)
-        for n in dict.fromkeys(tries):
-            try:
-                self.reserved += self.book._extend_stream(self.prefix, self.lease, n, self.quota)
-                return
-            except QuotaExceeded:
-                continue
-        raise UploadTooLarge("upload exceeds the drive quota")
-
-    def commit(self, size: int) -> None:
-        """The object is stored: the drive grew by new minus old."""
-        if not self._done:
-            self._done = True
-            if self._open:
-                self.book._close_stream(self.prefix, self.lease, self.reserved, needed(size, self.previous_size))
-            else:
-                self.book.add(self.prefix, needed(size, self.previous_size))
-
-    def abort(self) -> None:
-        """Nothing was stored: give the reservation back."""
-        if not self._done:
-            self._done = True
-            if self._open:
-                self.book._close_stream(self.prefix, self.lease, self.reserved, 0)

@@ -29,10 +29,11 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import sessionmaker
 
 from drive.store import ObjectNotFound, ObjectStore
+from drive.usage import QuotaExceeded
 from gateway.auth import Principal
 from gateway.domain_errors import Conflict, Forbidden, NotFound, TooLarge
 from gateway.models import TransitObject, utcnow
-from gateway.quota import QuotaExceeded, UsageBook
+from gateway.quota import DbUsageBook
 from gateway.settings import Settings
 from gateway.tokens import as_utc
 
@@ -75,7 +76,7 @@ class TransitObjects:
         settings: Settings,
         sessions: sessionmaker,
         store: ObjectStore,
-        usage: UsageBook,
+        usage: DbUsageBook,
         now: Callable[[], datetime] = utcnow,
     ):
         self.settings = settings

@@ -235,7 +235,7 @@ def test_a_dead_gateways_reservation_is_given_back_when_its_lease_runs_out(stack
     prefix = f"users/{user.id}/"
     assert requests.put(f"{stack.base}/v1/files/first.bin", data=b"1", headers=user.auth).status_code == 201
     monkeypatch.setattr(gateway.quota, "STREAM_LEASE_SECONDS", 0)
-    book._open_stream(prefix, 3 * MiB, QUOTA)  # the gateway that took this dies now
+    book.open_stream(prefix, 3 * MiB, QUOTA)  # the gateway that took this dies now
     time.sleep(0.1)
     monkeypatch.setattr(gateway.quota, "STREAM_LEASE_SECONDS", 600)
     reply = requests.put(f"{stack.base}/v1/files/after.bin", data=os.urandom(3 * MiB), headers=user.auth)

@@ -27,9 +27,11 @@ from wsgidav.dav_error import (
 from drive.checksums import Checksum, InvalidChecksum, parse_oc_checksum
 from drive.facts import FactsBook, InvalidMtime, parse_mtime
 from drive.keys import InvalidPath
+from drive.service import DriveService
 from drive.store import ObjectNotFound, StoreUnavailable
 from drive.store.caching import CachingStore
 from drive.uploads import UploadTooLarge, WriteBusy
+from drive.usage import UsageBook
 
 ENVIRON_KEY = "kgpu.dav"
 CACHE_KEY = "kgpu.dav.cache"  # path -> resource, this request
@@ -50,7 +52,7 @@ class DavContext:
     prefix: str  # the caller's own drive, "users/7/"
     principal: str  # lock owner, "user:7"
     load_orgs: Callable[[], list[str]] = list  # slugs of the orgs the caller may read
-    usage: object | None = None  # gateway.quota.UsageBook: used_bytes(prefix), add(prefix, delta)
+    usage: UsageBook | None = None  # what the drive holds and may take (drive/usage.py)
     quota_bytes: int | None = None
     part_size: int = 8 << 20
     unknown_length_part_size: int = 16 << 20
@@ -66,6 +68,11 @@ class DavContext:
     # wsgidav's (a PROPPATCH past the quota: 507 rather than a 207; gateway/dav_app.py).
     answer: tuple | None = None
 
+    @functools.cached_property
+    def drive(self) -> DriveService:
+        """The drive's operations (drive/service.py), over this request's store, book and facts."""
+        return DriveService(self.store, self.usage, self.facts)
+
     def org_slugs(self) -> list[str]:
         if self._orgs is None:
             self._orgs = list(self.load_orgs())
@@ -73,6 +80,14 @@ class DavContext:
 
     def used_bytes(self) -> int:
         return self.usage.used_bytes(self.prefix) if self.usage is not None else 0
+
+    def available_bytes(self) -> int | None:
+        """What the caller's drive may still take (the quota's one formula, drive.usage.room_left:
+        what uploads in flight were promised is not available either); None: no quota."""
+        if self.usage is None or self.quota_bytes is None:
+            return None
+        self.used_bytes()  # settles the presigned PUTs that are done; counts a drive seen first
+        return max(0, self.usage.room(self.prefix, self.quota_bytes))
 
     def add_usage(self, prefix: str, delta: int) -> None:
         if self.usage is not None and delta and prefix == self.prefix:
@@ -87,7 +102,7 @@ class DavContext:
         frees: bool = False,
         too_large: int = HTTP_INSUFFICIENT_STORAGE,
     ):
-        """Hold keys of ``prefix`` for a write (gateway.quota.UsageBook.writing: one write of a key
+        """Hold keys of ``prefix`` for a write (UsageBook.writing: one write of a key
         at a time, on every replica; a folder's key holds all under it; upload URLs still out for
         them counted whole), as a context manager or until ``release()``. What this request holds
         already is not taken again. 423 ``busy`` when another write holds one and does not end

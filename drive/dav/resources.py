@@ -53,7 +53,7 @@ from drive.dav.transfer import transfer
 from drive.facts import Facts, FactRow, InvalidMtime, parse_lastmodified, resolve
 from drive.keys import DrivePath
 from drive.listing import FOLDER_MARKER, is_hidden
-from drive.store import CommonPrefix, ObjectInfo, delete_prefix
+from drive.store import CommonPrefix, ObjectInfo
 from drive.uploads import UploadTooLarge, choose_part_size
 
 if TYPE_CHECKING:
@@ -182,9 +182,9 @@ class FileResource(_Located, DAVNonCollection):
     def get_etag(self) -> str | None:
         # Unquoted here (wsgidav quotes it in headers and compares it unquoted in If headers);
         # the getetag property is quoted in get_property_value.
-        if not self.info or not self.info.etag:
-            return None
-        return self.info.etag.strip('"')
+        # An empty one ('""': the embedded store's HEAD of a file another request is deleting)
+        # is none, not an ETag wsgidav refuses with a 500.
+        return (self.info.etag.strip('"') or None) if self.info else None
 
     def support_etag(self) -> bool:
         return True
@@ -245,7 +245,7 @@ class FileResource(_Located, DAVNonCollection):
         if not self.provider.proxy_reads or self.info is None:
             raise DAVError(HTTP_FORBIDDEN, "downloads are redirects here: GET follows a 302")
         ctx = context_of(self.environ)
-        return PresignedReader(ctx.store.presign_get(self.location.key, ctx.presign_expires), self.info.size)
+        return PresignedReader(ctx.drive.read_url(self.location.key, ctx.presign_expires), self.info.size)
 
     def begin_write(self, *, content_type=None):
         self._require_writable()
@@ -263,13 +263,12 @@ class FileResource(_Located, DAVNonCollection):
         length = int(length_header) if length_header.isdigit() else None
         with store_errors():
             self.info = ctx.store.head(self.location.key)
-        previous = self.info.size if self.info else 0
-        reservation = None  # gateway.quota.Upload: the quota reserved before any byte moves
-        if ctx.usage is not None and self.location.prefix == ctx.prefix:
+        reservation = None  # drive.usage.Upload: the quota reserved before any byte moves
+        if self.location.prefix == ctx.prefix:
             try:
                 with store_errors():
-                    reservation = ctx.usage.open_upload(
-                        ctx.prefix, ctx.quota_bytes, previous, length, ctx.unknown_length_part_size
+                    reservation = ctx.drive.begin_upload(
+                        ctx.prefix, self.info, length, ctx.quota_bytes, ctx.unknown_length_part_size
                     )
             except UploadTooLarge as exc:
                 raise DAVError(HTTP_REQUEST_ENTITY_TOO_LARGE, str(exc), add_headers=[CLOSE_CONNECTION]) from None
@@ -285,7 +284,6 @@ class FileResource(_Located, DAVNonCollection):
             max_bytes=None,
             reservation=reservation,
         )
-        self._previous_size = previous
         return self._writer
 
     def end_write(self, *, with_errors):
@@ -304,20 +302,8 @@ class FileResource(_Located, DAVNonCollection):
             return  # nothing was committed: stream_to_store aborted what it had started
         ctx = context_of(self.environ)
         self.info = ObjectInfo(self.location.key, writer.size, writer.etag or "", utcnow(), writer.content_type)
-        if ctx.facts is not None:
-            ctx.facts.record(
-                self.location.key,
-                etag=writer.etag or "",
-                size=writer.size,
-                mtime=client_mtime(self.environ),
-                sha1=writer.sha1,
-                md5=writer.md5,
-            )
-            self._fact_row = _UNREAD
-        if writer.reservation is not None:
-            writer.reservation.commit(writer.size)  # settled as new minus old
-        else:
-            ctx.add_usage(self.location.prefix, writer.size - self._previous_size)
+        ctx.drive.commit_upload(writer.reservation, self.location.key, writer, client_mtime(self.environ))
+        self._fact_row = _UNREAD
         forget_after_write(self.environ)
         self.environ[CACHE_KEY][cache_key(self.path)] = self
 
@@ -325,13 +311,10 @@ class FileResource(_Located, DAVNonCollection):
         self._require_writable()
         ctx = context_of(self.environ)
         with ctx.hold_keys(self.location.prefix, [self.location.key], frees=True), store_errors():
-            self.info = ctx.store.head(self.location.key)  # what is there now, with the key held
-            if self.info is None:
+            deleted = ctx.drive.delete_file(self.location.prefix, self.location.key)  # what is there now
+            if deleted is None:
                 raise DAVError(HTTP_NOT_FOUND)  # another request deleted or moved it meanwhile
-            ctx.store.delete(self.location.key)
-            if ctx.facts is not None:
-                ctx.facts.forget(self.location.key)
-            ctx.add_usage(self.location.prefix, -self.info.size)
+            self.info = deleted
         self.remove_all_properties(recursive=False)
         self.remove_all_locks(recursive=False)
         forget_after_write(self.environ)
@@ -354,10 +337,7 @@ class FolderResource(_Located, DAVCollection):
         return context_of(self.environ).used_bytes() if self._is_my_root else None
 
     def get_available_bytes(self):
-        ctx = context_of(self.environ)
-        if not self._is_my_root or ctx.quota_bytes is None:
-            return None
-        return max(0, ctx.quota_bytes - ctx.used_bytes())
+        return context_of(self.environ).available_bytes() if self._is_my_root else None
 
     def get_member_list(self):
         ctx = context_of(self.environ)
@@ -430,7 +410,7 @@ class FolderResource(_Located, DAVCollection):
         self._check_new_name(name)
         with store_errors():
             location = keys.from_text(self.location.prefix, self.location.rel + name + "/")
-            context_of(self.environ).store.put_object(location.key + FOLDER_MARKER, b"")
+            context_of(self.environ).drive.mkdir(location.key)
         forget_after_write(self.environ)
 
     def support_recursive_delete(self) -> bool:
@@ -448,12 +428,8 @@ class FolderResource(_Located, DAVCollection):
         if self.location.rel == "":
             raise DAVError(HTTP_FORBIDDEN, "refusing to delete a whole drive")
         ctx = context_of(self.environ)
-        with ctx.hold_keys(self.location.prefix, [self.location.key], frees=True):
-            with store_errors():
-                _, freed = delete_prefix(ctx.store, self.location.key)
-            if ctx.facts is not None:
-                ctx.facts.forget_under(self.location.key)
-            ctx.add_usage(self.location.prefix, -freed)
+        with ctx.hold_keys(self.location.prefix, [self.location.key], frees=True), store_errors():
+            ctx.drive.delete_folder(self.location.prefix, self.location.key)
         remove_property_tree(self.provider, self.get_ref_url())
         self.remove_all_locks(recursive=True)
         forget_after_write(self.environ)

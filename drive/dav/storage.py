@@ -65,7 +65,7 @@ class DbPropertyManager(PropertyManager):
     """wsgidav's property manager over the table ``dav_properties`` (url, name, value: the XML).
 
     Dead properties count in their drive's quota (issue 19, item 12): every change goes through
-    ``usage.change_properties`` (gateway/quota.py), in one transaction with the drive's count,
+    ``usage.change_properties`` (drive/usage.py), in one transaction with the drive's count,
     and a PROPPATCH that does not fit is refused whole with 507 ``quota_exceeded``. A PROPPATCH's
     dry run checks all its properties together (the caps and the quota) and its real run makes
     them in one transaction, so a refused PROPPATCH changes nothing."""
@@ -74,7 +74,7 @@ class DbPropertyManager(PropertyManager):
         super().__init__()
         self._sessions = sessions
         self._table = table
-        self._usage = usage  # gateway.quota.UsageBook (None: nothing counted)
+        self._usage = usage  # drive.usage.UsageBook (None: nothing counted)
         self._loaded = True
 
     def __repr__(self) -> str:

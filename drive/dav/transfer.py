@@ -102,7 +102,7 @@ def _transfer_held(src, dest, dest_path: str, *, move: bool, depth_infinity: boo
                     ctx.add_usage(src.location.prefix, -size)
             elif not depth_infinity:
                 reserved = ctx.reserve_room(dest.prefix, copied_properties)
-                store.put_object(dest.key + FOLDER_MARKER, b"")
+                ctx.drive.mkdir(dest.key)
             else:
                 objects = list(iter_objects(store, src.location.key))
                 total = sum(info.size for info in objects)

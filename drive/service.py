@@ -1,0 +1,120 @@
+"""The drive's operations, the same for every protocol (the HTTP routes of gateway/drive_http.py
+and the WebDAV resources of drive/dav/): each runs the drive's rules in one order — names
+(drive/names.py, checked by the caller before), the quota (the usage book, drive/usage.py),
+the store, the facts (drive/facts.py) — and the listing cache follows from the store itself
+(drive/store/caching.py). The caller holds the keys it writes (``UsageBook.writing``) around
+the call, and turns the outcome into its protocol's answer; nothing here speaks HTTP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from drive.facts import Facts, FactsBook, resolve
+from drive.listing import FOLDER_MARKER
+from drive.store import ObjectInfo, delete_prefix
+from drive.store.caching import CachingStore
+from drive.usage import Upload, UsageBook, open_upload
+
+
+class Written(Protocol):
+    """What a body streamed to the store was (drive/uploads.py's result, WebDAV's writer)."""
+
+    size: int
+    etag: str | None
+    sha1: str | None
+    md5: str | None
+
+
+@dataclass(frozen=True)
+class DriveService:
+    store: CachingStore
+    usage: UsageBook | None = None  # None: nothing counted (a test's bare drive)
+    facts: FactsBook | None = None  # None: no modification times or checksums kept
+
+    # ------------------------------------------------------------ reads
+
+    def stat(self, key: str) -> tuple[ObjectInfo, Facts] | None:
+        """The object at ``key`` and its facts (modification time, hashes); None: none there."""
+        info = self.store.head(key)
+        if info is None:
+            return None
+        return info, self.facts_of(info)
+
+    def facts_of(self, info: ObjectInfo) -> Facts:
+        return self.facts.facts_of(info) if self.facts is not None else resolve(info, None)
+
+    def read_url(self, key: str, expires_in: int) -> str:
+        """Where the client reads the object: a presigned GET (the bytes never pass through here)."""
+        return self.store.presign_get(key, expires_in)
+
+    # ------------------------------------------------------------ writes (the caller holds the keys)
+
+    def begin_upload(
+        self, prefix: str, previous: ObjectInfo | None, declared: int | None, quota: int | None, step: int
+    ) -> Upload | None:
+        """The quota side of a body streamed through the gateway, before any byte moves: its
+        declared length reserved (QuotaExceeded if it does not fit), an unknown one as it
+        arrives (``Upload.guard``). None: nothing is counted."""
+        if self.usage is None:
+            return None
+        return open_upload(self.usage, prefix, quota, previous.size if previous else 0, declared, step)
+
+    def commit_upload(self, upload: Upload | None, key: str, written: Written, mtime: float | None) -> None:
+        """A streamed body is stored whole: the drive's count (new minus old), then its facts."""
+        if upload is not None:
+            upload.commit(written.size)
+        if self.facts is not None:
+            self.facts.record(
+                key, etag=written.etag or "", size=written.size, mtime=mtime, sha1=written.sha1, md5=written.md5
+            )
+
+    def upload_url(
+        self,
+        prefix: str,
+        key: str,
+        size: int | None,
+        quota: int | None,
+        previous: ObjectInfo | None,
+        mtime: float | None,
+        expires_in: int,
+    ) -> str:
+        """A presigned PUT of ``key``: the room its bytes need held until the object appears or
+        the URL expires (QuotaExceeded if it does not fit; ``size`` None: all the room left), the
+        modification time noted for the object of that size, then the URL (the store records it,
+        so cached listings check it). The length is signed into the URL: a store that checks
+        signatures refuses a body of another size, so the hold covers whatever arrives."""
+        if self.usage is not None:
+            self.usage.hold(prefix, key, size, quota, previous, expires_in)
+        if mtime is not None and self.facts is not None:
+            self.facts.hand_out(key, size=size, mtime=mtime, expires_in=expires_in)
+        return self.store.presign_put(key, expires_in, content_length=size)
+
+    def mkdir(self, folder_key: str) -> None:
+        """Make the folder exist, empty: its hidden marker object (drive/listing.py)."""
+        self.store.put_object(folder_key + FOLDER_MARKER, b"")
+
+    def delete_file(self, prefix: str, key: str) -> ObjectInfo | None:
+        """Delete the object at ``key``, its facts, and its size from the drive's count; what was
+        deleted, or None when nothing was there."""
+        info = self.store.head(key)
+        if info is None:
+            return None
+        self.store.delete(key)
+        if self.facts is not None:
+            self.facts.forget(key)
+        self._count(prefix, -info.size)
+        return info
+
+    def delete_folder(self, prefix: str, folder_key: str) -> tuple[int, int]:
+        """Delete everything under ``folder_key`` (ending in "/"): (objects, bytes) freed."""
+        count, freed = delete_prefix(self.store, folder_key)
+        if self.facts is not None:
+            self.facts.forget_under(folder_key)
+        self._count(prefix, -freed)
+        return count, freed
+
+    def _count(self, prefix: str, delta: int) -> None:
+        if self.usage is not None and delta:
+            self.usage.add(prefix, delta)

@@ -1,0 +1,203 @@
+"""The usage book: what a drive holds and may still take (the quota), as every write asks it.
+
+The drive's rules speak to the book through :class:`UsageBook`, a Protocol; the database
+implements it (gateway/quota.py: the counts, reservations, presigned-PUT holds and write
+leases, shared by every replica). The rules that are the drive's own live here:
+
+* :func:`needed`: what a write adds, new minus old (the one formula for every kind of write);
+* :func:`room_left`: what is neither stored, promised nor taken by dead properties (the one
+  formula of the quota, in Python and, on the columns, in SQL);
+* :class:`Upload`: the quota side of one body streamed through the gateway, reserved before
+  its bytes move.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import AsyncIterator, Iterable, Protocol
+
+from starlette.concurrency import run_in_threadpool
+
+from drive.store import ObjectInfo
+from drive.uploads import UploadTooLarge
+
+STREAM_RENEW_SECONDS = 60  # a streamed upload's lease is renewed this often while its bytes flow
+
+
+class QuotaExceeded(UploadTooLarge):
+    """A reservation that would take the drive past its quota (a 413 ``quota_exceeded``)."""
+
+
+def needed(new_size: int, previous_size: int) -> int:
+    """What a write of ``new_size`` bytes over a file of ``previous_size`` (0: none) adds to
+    the drive: new minus old. The one formula for HTTP, WebDAV, redirects and mints."""
+    return new_size - previous_size
+
+
+def room_left(quota, used, reserved, properties):
+    """What a drive may still take: its quota less what it stores, what is promised to uploads
+    and what its dead properties weigh. Works on numbers and on columns (the SQL of a reservation)."""
+    return quota - used - reserved - properties
+
+
+class WriteLease(Protocol):
+    """The keys one request holds for a write, until :meth:`release` (or the end of a ``with``)."""
+
+    prefix: str
+
+    def holds(self, path: str, exclusive: bool) -> bool: ...
+
+    def release(self) -> None: ...
+
+    def __enter__(self) -> "WriteLease": ...
+
+    def __exit__(self, *exc) -> None: ...
+
+
+class UsageBook(Protocol):
+    """A drive's count and its quota's reservations (gateway/quota.py keeps them in the database)."""
+
+    def used_bytes(self, prefix: str) -> int:
+        """What the drive holds, dead properties included."""
+
+    def room(self, prefix: str, quota: int) -> int:
+        """:func:`room_left` of the drive now (a hint: a reservation checks again)."""
+
+    def add(self, prefix: str, delta: int) -> None: ...
+
+    def open(self, prefix: str, n: int, quota: int) -> int:
+        """Reserve ``n`` bytes for a write that starts now; QuotaExceeded if they do not fit."""
+
+    def settle(self, prefix: str, reserved: int, delta: int) -> None:
+        """Close a write: its reservation goes back and ``delta`` (:func:`needed`) counts."""
+
+    def hold(
+        self, prefix: str, key: str, size: int | None, quota: int | None, previous: ObjectInfo | None, expires_in: int
+    ) -> None:
+        """Reserve room for a presigned PUT of ``key`` until its object appears or the URL expires."""
+
+    def writing(
+        self,
+        prefix: str,
+        exclusive: list[str] = (),
+        shared: list[str] = (),
+        *,
+        within: Iterable[WriteLease] = (),
+        quota: int | None = None,
+        frees: bool = False,
+        urls: bool = True,
+    ) -> WriteLease:
+        """Hold keys of the drive for one write (one write of a key at a time, on every replica);
+        WriteBusy when another holds one and does not end soon."""
+
+    def open_stream(self, prefix: str, n: int, quota: int) -> tuple[int, int]:
+        """Reserve ``n`` bytes for a new streamed upload: (reserved, lease id)."""
+
+    def extend_stream(self, prefix: str, lease: int, n: int, quota: int) -> int: ...
+
+    def renew_stream(self, lease: int) -> None: ...
+
+    def close_stream(self, prefix: str, lease: int, reserved: int, delta: int) -> None: ...
+
+    def change_properties(self, prefix: str, quota: int | None, change) -> int: ...
+
+    def check_property_room(self, prefix: str, n: int, quota: int | None) -> None: ...
+
+
+def open_upload(
+    book: UsageBook, prefix: str, quota: int | None, previous_size: int, declared: int | None, step: int
+) -> "Upload":
+    """An :class:`Upload` for a body streamed through the gateway, begun (QuotaExceeded if its
+    declared length does not fit)."""
+    upload = Upload(book, prefix, quota, previous_size, declared, step)
+    upload.begin()
+    return upload
+
+
+class Upload:
+    """The quota side of one upload streamed through the gateway (HTTP or WebDAV).
+
+    ``begin`` reserves a declared length (new minus old) before any byte moves; ``guard`` wraps
+    the body and, for one of unknown length, reserves ``step`` bytes more whenever what arrived
+    passes what is reserved (exactly what is missing if a whole step does not fit), raising
+    :class:`~drive.uploads.UploadTooLarge` when even that does not fit, so the upload stores
+    nothing. Then ``commit`` (the real size) or ``abort``."""
+
+    def __init__(
+        self,
+        book: UsageBook,
+        prefix: str,
+        quota: int | None,
+        previous_size: int,
+        declared: int | None,
+        step: int,
+    ):
+        self.book = book
+        self.prefix = prefix
+        self.quota = quota
+        self.previous_size = previous_size
+        self.declared = declared
+        self.step = max(step, 1)
+        self.reserved = 0
+        self.lease: int | None = None  # its hold of kind "stream" in the book
+        self._open = False  # counted in flight (a quota applies)
+        self._done = False
+
+    def begin(self) -> None:
+        """Open the upload, reserving its declared length (QuotaExceeded if it does not fit)."""
+        if self.quota is None:
+            return
+        n = needed(self.declared, self.previous_size) if self.declared is not None else 0
+        self.reserved, self.lease = self.book.open_stream(self.prefix, n, self.quota)
+        self._open = True
+
+    async def guard(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        if not self._open:
+            async for chunk in chunks:
+                yield chunk
+            return
+        received = 0
+        renewed = time.monotonic()
+        async for chunk in chunks:
+            received += len(chunk)
+            missing = received - self.previous_size - self.reserved
+            if missing > 0 and self.declared is None:
+                await run_in_threadpool(self._reserve_more, missing)
+                renewed = time.monotonic()
+            elif time.monotonic() - renewed > STREAM_RENEW_SECONDS:
+                await run_in_threadpool(self.book.renew_stream, self.lease)
+                renewed = time.monotonic()
+            yield chunk
+
+    def _reserve_more(self, missing: int) -> None:
+        """A step more; near the quota, all the room left (so of uploads racing for the last
+        room one gets it and finishes, rather than all starving on small reservations); else
+        exactly what is missing; else this upload is over the quota."""
+        tries = [max(missing, self.step)]
+        room = self.book.room(self.prefix, self.quota)
+        if missing <= room < tries[0]:
+            tries.append(room)
+        tries.append(missing)
+        for n in dict.fromkeys(tries):
+            try:
+                self.reserved += self.book.extend_stream(self.prefix, self.lease, n, self.quota)
+                return
+            except QuotaExceeded:
+                continue
+        raise UploadTooLarge("upload exceeds the drive quota")
+
+    def commit(self, size: int) -> None:
+        """The object is stored: the drive grew by new minus old."""
+        if not self._done:
+            self._done = True
+            if self._open:
+                self.book.close_stream(self.prefix, self.lease, self.reserved, needed(size, self.previous_size))
+            else:
+                self.book.add(self.prefix, needed(size, self.previous_size))
+
+    def abort(self) -> None:
+        """Nothing was stored: give the reservation back."""
+        if not self._done:
+            self._done = True
+            if self._open:
+                self.book.close_stream(self.prefix, self.lease, self.reserved, 0)
