@@ -8,14 +8,17 @@ the call, and turns the outcome into its protocol's answer; nothing here speaks 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
-from drive.facts import Facts, FactsBook, resolve
-from drive.listing import FOLDER_MARKER
+from drive.facts import Carried, Facts, FactsBook, resolve
+from drive.listing import FOLDER_MARKER, is_hidden
 from drive.store import ObjectInfo, delete_prefix
 from drive.store.caching import CachingStore
 from drive.usage import Upload, UsageBook, open_upload
+
+COPY_THREADS = 8  # server-side copies at once, for a folder
 
 
 class Written(Protocol):
@@ -99,13 +102,60 @@ class DriveService:
         """Delete the object at ``key``, its facts, and its size from the drive's count; what was
         deleted, or None when nothing was there."""
         info = self.store.head(key)
-        if info is None:
-            return None
-        self.store.delete(key)
-        if self.facts is not None:
-            self.facts.forget(key)
-        self._count(prefix, -info.size)
+        if info is not None:
+            self.remove_file(prefix, info)
         return info
+
+    def remove_file(self, prefix: str, info: ObjectInfo) -> None:
+        """The object ``info`` goes (deleted, or moved away): from the store, its facts, the count."""
+        self.store.delete(info.key)
+        if self.facts is not None:
+            self.facts.forget(info.key)
+        self._count(prefix, -info.size)
+
+    def remove_objects(self, prefix: str, folder_key: str, objects: list[ObjectInfo]) -> None:
+        """The objects of a folder moved away go: from the store, their facts, the count."""
+        self.store.delete_many([info.key for info in objects])
+        if self.facts is not None:
+            self.facts.forget_under(folder_key)
+        self._count(prefix, -sum(info.size for info in objects))
+
+    def copy_file(self, source: ObjectInfo, dest_key: str, mtime: float | None) -> int:
+        """A server-side copy of ``source``, its facts following (``mtime``, when the client gave
+        one, instead of the source's time): what the destination grew by (the caller reserved
+        the source's size, and settles it with this)."""
+        etag = self.store.copy(source.key, dest_key)
+        added = source.size
+        if etag.strip('"') != source.etag.strip('"'):
+            # An upload URL for the source (which no request holds) landed meanwhile, or the
+            # store gives a copy its own ETag: count what was copied (a MOVE then takes away
+            # what was counted at the source: the URL's object replaced it).
+            copied = self.store.head(dest_key)
+            added = copied.size if copied is not None else source.size
+        if self.facts is not None:
+            self.facts.carry([Carried(source, dest_key, etag)], mtime=mtime)
+        return added
+
+    def copy_folder(self, src_key: str, dest_key: str, objects: list[ObjectInfo]) -> None:
+        """Server-side copies of a folder's ``objects`` (listed by the caller, who reserved their
+        bytes), :data:`COPY_THREADS` at a time, their facts following; the destination exists
+        even if empty. What was copied before a failure is counted at the next recount."""
+        pairs = [(info, dest_key + info.key[len(src_key) :]) for info in objects]
+        if src_key + FOLDER_MARKER not in {info.key for info in objects}:
+            pairs.append((None, dest_key + FOLDER_MARKER))
+
+        def copy_one(pair) -> Carried | None:
+            source, target = pair
+            if source is None:
+                self.store.put_object(target, b"")
+                return None
+            etag = self.store.copy(source.key, target)
+            return None if is_hidden(source.key) else Carried(source, target, etag)
+
+        with ThreadPoolExecutor(max_workers=COPY_THREADS) as pool:
+            carried = [item for item in pool.map(copy_one, pairs) if item is not None]
+        if self.facts is not None:
+            self.facts.carry(carried)
 
     def delete_folder(self, prefix: str, folder_key: str) -> tuple[int, int]:
         """Delete everything under ``folder_key`` (ending in "/"): (objects, bytes) freed."""

@@ -1,12 +1,11 @@
 """COPY and MOVE: server-side copies in the store (then deletes, for MOVE), for files and whole
-folders, run :data:`COPY_THREADS` at a time; the bytes a copy adds are reserved in the quota
+folders (the drive's operations, drive/service.py); the bytes a copy adds are reserved in the quota
 before the store copies them and settled after. Dead properties follow (copied or moved),
 and so do modification times and checksums (drive/facts.py; a file's ``X-OC-Mtime`` sets the
 destination's time); locks do not (RFC 4918 7.5)."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote
 
 from wsgidav import util
@@ -22,11 +21,7 @@ from drive.dav.context import (
     store_errors,
 )
 from drive.dav.storage import DbPropertyManager
-from drive.facts import Carried
-from drive.listing import FOLDER_MARKER, is_hidden
 from drive.store import iter_objects
-
-COPY_THREADS = 8
 
 
 def transfer(src, dest_path: str, parent, *, move: bool, depth_infinity: bool) -> bool:
@@ -77,63 +72,29 @@ def _transfer_held(src, dest, dest_path: str, *, move: bool, depth_infinity: boo
             environ[DEST_EXISTED_KEY] = existing is not None
             if existing is not None:
                 existing.delete()  # RFC 4918 9.8.4 / 9.9.3: Overwrite: T deletes the destination first
-            store = ctx.store
             if not src.is_collection:
                 size = src.get_content_length()
                 moved_within = move and src.location.prefix == dest.prefix  # the drive does not grow
                 reserved = 0 if moved_within else ctx.reserve_room(dest.prefix, size + copied_properties)
-                etag = store.copy(src.location.key, dest.key)
-                added = size
-                if etag.strip('"') != src.info.etag.strip('"'):
-                    # An upload URL for the source (which no request holds) landed meanwhile, or
-                    # the store gives a copy its own ETag: count what was copied (a MOVE then
-                    # takes away what was counted at the source: the URL's object replaced it).
-                    copied = store.head(dest.key)
-                    added = copied.size if copied is not None else size
+                added = ctx.drive.copy_file(src.info, dest.key, client_mtime(environ))
                 if move:
                     ctx.settle_room(dest.prefix, reserved, added)
                     reserved = added = 0
-                if ctx.facts is not None:
-                    ctx.facts.carry([Carried(src.info, dest.key, etag)], mtime=client_mtime(environ))
-                if move:
-                    store.delete(src.location.key)
-                    if ctx.facts is not None:
-                        ctx.facts.forget(src.location.key)
-                    ctx.add_usage(src.location.prefix, -size)
+                    ctx.drive.remove_file(src.location.prefix, src.info)
             elif not depth_infinity:
                 reserved = ctx.reserve_room(dest.prefix, copied_properties)
                 ctx.drive.mkdir(dest.key)
             else:
-                objects = list(iter_objects(store, src.location.key))
+                objects = list(iter_objects(ctx.store, src.location.key))
                 total = sum(info.size for info in objects)
                 moved_within = move and src.location.prefix == dest.prefix
                 reserved = 0 if moved_within else ctx.reserve_room(dest.prefix, total + copied_properties)
-                pairs = [(info, dest.key + info.key[len(src.location.key) :]) for info in objects]
-                if src.location.key + FOLDER_MARKER not in {info.key for info in objects}:
-                    pairs.append((None, dest.key + FOLDER_MARKER))  # the destination folder exists even if empty
-
-                def copy_one(pair) -> Carried | None:
-                    source, target = pair
-                    if source is None:
-                        store.put_object(target, b"")
-                        return None
-                    etag = store.copy(source.key, target)
-                    return None if is_hidden(source.key) else Carried(source, target, etag)
-
-                # What was copied before a failure is counted at the next recount.
-                with ThreadPoolExecutor(max_workers=COPY_THREADS) as pool:
-                    carried = [item for item in pool.map(copy_one, pairs) if item is not None]
+                ctx.drive.copy_folder(src.location.key, dest.key, objects)
                 added = total
                 if move:
                     ctx.settle_room(dest.prefix, reserved, added)
                     reserved = added = 0
-                if ctx.facts is not None:
-                    ctx.facts.carry(carried)
-                if move:
-                    store.delete_many([info.key for info in objects])
-                    if ctx.facts is not None:
-                        ctx.facts.forget_under(src.location.key)
-                    ctx.add_usage(src.location.prefix, -total)
+                    ctx.drive.remove_objects(src.location.prefix, src.location.key, objects)
         if properties is not None:
             if move:
                 properties.move_properties(src_ref, dest_ref, with_children=src.is_collection)
