@@ -11,7 +11,7 @@ from urllib.parse import unquote
 from wsgidav.dav_provider import DAVProvider
 
 from drive import keys
-from drive.dav.propfind import fast_propfind
+from drive.dav import propfind
 from drive.dav.context import (
     CACHE_KEY,
     DEST_EXISTED_KEY,
@@ -111,7 +111,7 @@ class ObjectStoreProvider(DAVProvider):
 
         if method == "PROPFIND" and environ.get("HTTP_DEPTH") == "1":
             with store_errors():
-                fast = fast_propfind(self, environ, start_response)
+                fast = propfind.fast_propfind(self, environ, start_response)
             if fast is not None:
                 yield from fast
                 return
