@@ -27,6 +27,7 @@ from sqlalchemy import Table, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
+from drive.checksums import Checksum, InvalidChecksum, parse_oc_checksum
 from drive.store import ObjectInfo
 
 MAX_MTIME = 253402300799  # 9999-12-31T23:59:59Z: what an HTTP date can still write
@@ -50,6 +51,35 @@ def parse_mtime(value: str) -> float:
     if seconds > MAX_MTIME:
         raise InvalidMtime("X-OC-Mtime is past the year 9999")
     return seconds
+
+
+class BadClientFact(ValueError):
+    """An ``X-OC-Mtime`` or ``OC-Checksum`` header that cannot be read: a 400 with ``code``
+    (``bad_mtime``, ``bad_checksum``) on every protocol."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def mtime_header(value: str | None) -> float | None:
+    """The modification time a client gives its upload (``X-OC-Mtime``, seconds since the epoch)."""
+    if value is None:
+        return None
+    try:
+        return parse_mtime(value)
+    except InvalidMtime as exc:
+        raise BadClientFact("bad_mtime", str(exc)) from None
+
+
+def checksums_header(value: str | None) -> tuple[Checksum, ...]:
+    """The hashes a client announces for its body (``OC-Checksum: SHA1:…``), checked before commit."""
+    if value is None:
+        return ()
+    try:
+        return parse_oc_checksum(value)
+    except InvalidChecksum as exc:
+        raise BadClientFact("bad_checksum", str(exc)) from None
 
 
 _SECONDS = re.compile(r"\d+(\.\d+)?")

@@ -28,8 +28,8 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import ClientDisconnect
 
 from drive import keys, listing, names
-from drive.checksums import Checksum, ChecksumMismatch, InvalidChecksum, digest_header, parse_oc_checksum
-from drive.facts import FactsBook, InvalidMtime, parse_mtime, resolve
+from drive.checksums import Checksum, ChecksumMismatch, digest_header
+from drive.facts import BadClientFact, FactsBook, checksums_header, mtime_header, resolve
 from drive.keys import DrivePath
 from drive.service import DriveService
 from drive.store import ObjectInfo, ObjectStore, StoreUnavailable
@@ -115,25 +115,19 @@ def _service(request: Request) -> DriveService:
 
 
 def client_mtime(request: Request) -> float | None:
-    """The modification time a client gives its upload (``X-OC-Mtime``, seconds since the epoch)."""
-    value = request.headers.get("x-oc-mtime")
-    if value is None:
-        return None
+    """``X-OC-Mtime`` (drive/facts.py), 400 bad_mtime when it cannot be read."""
     try:
-        return parse_mtime(value)
-    except InvalidMtime as exc:
-        raise ApiError(400, "bad_mtime", str(exc)) from None
+        return mtime_header(request.headers.get("x-oc-mtime"))
+    except BadClientFact as exc:
+        raise ApiError(400, exc.code, str(exc)) from None
 
 
 def client_checksums(request: Request) -> tuple[Checksum, ...]:
-    """The hashes a client announces for its body (``OC-Checksum: SHA1:…``), checked before commit."""
-    value = request.headers.get("oc-checksum")
-    if value is None:
-        return ()
+    """``OC-Checksum`` (drive/facts.py), 400 bad_checksum when it cannot be read."""
     try:
-        return parse_oc_checksum(value)
-    except InvalidChecksum as exc:
-        raise ApiError(400, "bad_checksum", str(exc)) from None
+        return checksums_header(request.headers.get("oc-checksum"))
+    except BadClientFact as exc:
+        raise ApiError(400, exc.code, str(exc)) from None
 
 
 def quota_refusal(message: str) -> ApiError:

@@ -24,8 +24,8 @@ from wsgidav.dav_error import (
     DAVError,
 )
 
-from drive.checksums import Checksum, InvalidChecksum, parse_oc_checksum
-from drive.facts import FactsBook, InvalidMtime, parse_mtime
+from drive.checksums import Checksum
+from drive.facts import BadClientFact, FactsBook, checksums_header, mtime_header
 from drive.keys import InvalidPath
 from drive.service import DriveService
 from drive.store import ObjectNotFound, StoreUnavailable
@@ -190,20 +190,17 @@ def coded_error(status: int, code: str, message: str, **extra) -> DAVError:
 
 
 def read_client_facts(environ: dict) -> None:
-    """Check the ``X-OC-Mtime`` and ``OC-Checksum`` a client sent (400 with bad_mtime or
-    bad_checksum) and keep them in the environ for the write that follows."""
-    mtime = environ.get("HTTP_X_OC_MTIME")
+    """Check the ``X-OC-Mtime`` and ``OC-Checksum`` a client sent (drive/facts.py: 400 with
+    bad_mtime or bad_checksum) and keep them in the environ for the write that follows."""
+    try:
+        mtime = mtime_header(environ.get("HTTP_X_OC_MTIME"))
+        checksums = checksums_header(environ.get("HTTP_OC_CHECKSUM"))
+    except BadClientFact as exc:
+        raise coded_error(HTTP_BAD_REQUEST, exc.code, str(exc)) from None
     if mtime is not None:
-        try:
-            environ[MTIME_KEY] = parse_mtime(mtime)
-        except InvalidMtime as exc:
-            raise coded_error(HTTP_BAD_REQUEST, "bad_mtime", str(exc)) from None
-    checksum = environ.get("HTTP_OC_CHECKSUM")
-    if checksum is not None:
-        try:
-            environ[CHECKSUMS_KEY] = parse_oc_checksum(checksum)
-        except InvalidChecksum as exc:
-            raise coded_error(HTTP_BAD_REQUEST, "bad_checksum", str(exc)) from None
+        environ[MTIME_KEY] = mtime
+    if checksums:
+        environ[CHECKSUMS_KEY] = checksums
 
 
 def client_mtime(environ: dict) -> float | None:
