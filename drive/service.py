@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterator, Protocol
 
 from drive.facts import Carried, Facts, FactsBook, resolve
 from drive.listing import FOLDER_MARKER, is_hidden
-from drive.store import ObjectInfo, delete_prefix
+from drive.store import CommonPrefix, ListPage, ObjectInfo, delete_prefix
 from drive.store.caching import CachingStore
 from drive.usage import Upload, UsageBook, open_upload
 
@@ -47,6 +47,47 @@ class DriveService:
 
     def facts_of(self, info: ObjectInfo) -> Facts:
         return self.facts.facts_of(info) if self.facts is not None else resolve(info, None)
+
+    def used_bytes(self, prefix: str) -> int:
+        return self.usage.used_bytes(prefix) if self.usage is not None else 0
+
+    def first_page(self, prefix: str, delimiter: str | None = None, max_keys: int = 1000) -> ListPage:
+        """A listing's first page, asked before any byte of the answer is sent (so a store that is
+        down is a 503, not a cut answer); :meth:`files` and :meth:`members` go on from it."""
+        return self.store.list_page(prefix, delimiter=delimiter, max_keys=max_keys)
+
+    def folder_exists(self, folder_key: str, is_root: bool) -> bool:
+        """A drive's root always exists; a folder while anything is under it."""
+        return is_root or bool(self.first_page(folder_key, "/", max_keys=1).entries)
+
+    def files(self, prefix: str, first: ListPage) -> Iterator[tuple[ObjectInfo, Facts]]:
+        """Every file under ``prefix`` (folder markers hidden) with its facts, page by page (one
+        range query of facts a page), never all in memory."""
+        page = first
+        while True:
+            objects = [entry for entry in page.entries if isinstance(entry, ObjectInfo)]
+            rows = self.facts.between(objects[0].key, objects[-1].key) if objects and self.facts else {}
+            for entry in objects:
+                if not is_hidden(entry.key):
+                    yield entry, resolve(entry, rows.get(entry.key))
+            if not page.next_token:
+                return
+            page = self.store.list_page(prefix, token=page.next_token)
+
+    def members(self, folder_key: str, first: ListPage) -> Iterator[tuple[ObjectInfo | CommonPrefix, Facts | None]]:
+        """A folder's files (with their facts) and folders, one level, page by page; its marker
+        object is no member."""
+        rows = self.facts.in_folder(folder_key) if self.facts is not None else {}
+        page = first
+        while True:
+            for entry in page.entries:
+                if isinstance(entry, CommonPrefix):
+                    yield entry, None
+                elif entry.key != folder_key and not is_hidden(entry.key):
+                    yield entry, resolve(entry, rows.get(entry.key))
+            if not page.next_token:
+                return
+            page = self.store.list_page(folder_key, "/", page.next_token)
 
     def read_url(self, key: str, expires_in: int) -> str:
         """Where the client reads the object: a presigned GET (the bytes never pass through here)."""

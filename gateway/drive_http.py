@@ -29,10 +29,10 @@ from starlette.requests import ClientDisconnect
 
 from drive import keys, listing, names
 from drive.checksums import Checksum, ChecksumMismatch, digest_header
-from drive.facts import BadClientFact, FactsBook, checksums_header, mtime_header, resolve
+from drive.facts import BadClientFact, checksums_header, mtime_header
 from drive.keys import DrivePath
 from drive.service import DriveService
-from drive.store import ObjectInfo, ObjectStore, StoreUnavailable
+from drive.store import ListPage, ObjectInfo, ObjectStore, StoreUnavailable
 from drive.store.caching import CachingStore
 from drive.uploads import IncompleteBody, UploadTooLarge, WriteBusy, choose_part_size, stream_to_store
 from drive.usage import QuotaExceeded, Upload, WriteLease
@@ -104,10 +104,6 @@ def _store(request: Request) -> ObjectStore:
 
 def _expires(request: Request) -> int:
     return request.app.state.settings.presign_expires_seconds
-
-
-def _facts(request: Request) -> FactsBook:
-    return request.app.state.facts
 
 
 def _service(request: Request) -> DriveService:
@@ -187,56 +183,35 @@ async def upload_url(request: Request, drive: Drive, path: DrivePath, size: int 
 
 
 def flat_listing(
-    request: Request, drive: Drive, list_prefix: str, glob: str | None, first_page, header: dict
+    request: Request, drive: Drive, list_prefix: str, glob: str | None, first_page: ListPage, header: dict
 ) -> StreamingResponse:
-    """Every file under ``list_prefix`` as one JSON document, streamed page by page after ``header``
-    (each page's facts read with one range query)."""
-    store = _store(request)
-    facts = _facts(request)
+    """Every file under ``list_prefix`` as one JSON document, streamed page by page after ``header``."""
 
     def body() -> Iterator[bytes]:
         yield json.dumps(header)[:-1].encode() + b', "files": ['
         count = total = 0
-        page = first_page
-        while True:
-            objects = [entry for entry in page.entries if isinstance(entry, ObjectInfo)]
-            rows = facts.between(objects[0].key, objects[-1].key) if objects else {}
-            for entry in objects:
-                if listing.is_hidden(entry.key):
-                    continue
-                item = listing.entry_json(entry, drive.prefix, resolve(entry, rows.get(entry.key)))
-                if glob is not None and not fnmatch.fnmatchcase(item["path"], glob):
-                    continue
-                del item["name"], item["type"]
-                yield (b"," if count else b"") + json.dumps(item).encode()
-                count += 1
-                total += entry.size
-            if not page.next_token:
-                break
-            page = store.list_page(list_prefix, token=page.next_token)
+        for entry, facts in _service(request).files(list_prefix, first_page):
+            item = listing.entry_json(entry, drive.prefix, facts)
+            if glob is not None and not fnmatch.fnmatchcase(item["path"], glob):
+                continue
+            del item["name"], item["type"]
+            yield (b"," if count else b"") + json.dumps(item).encode()
+            count += 1
+            total += entry.size
         yield f'], "count": {count}, "total_bytes": {total}}}'.encode()
 
     return StreamingResponse(body(), media_type="application/json")
 
 
 async def folder(request: Request, drive: Drive, path: DrivePath, title: str) -> Response:
-    store = _store(request)
-    first = await run_in_threadpool(store.list_page, path.key, "/")
+    service = _service(request)
+    first = await run_in_threadpool(service.first_page, path.key, "/")
     if path.rel and not first.entries:
         raise ApiError(404, "not_found", f"no folder {path.rel}")
 
     def items() -> Iterator[dict]:
-        rows = _facts(request).in_folder(path.key)
-        page = first
-        while True:
-            for entry in page.entries:
-                if isinstance(entry, ObjectInfo) and (entry.key == path.key or listing.is_hidden(entry.key)):
-                    continue  # a folder marker object is not a child of itself
-                facts = resolve(entry, rows.get(entry.key)) if isinstance(entry, ObjectInfo) else None
-                yield listing.entry_json(entry, drive.prefix, facts)
-            if not page.next_token:
-                return
-            page = store.list_page(path.key, "/", page.next_token)
+        for entry, facts in service.members(path.key, first):
+            yield listing.entry_json(entry, drive.prefix, facts)
 
     if wants_json(request):
 
@@ -257,7 +232,7 @@ async def folder(request: Request, drive: Drive, path: DrivePath, title: str) ->
 async def head(request: Request, drive: Drive) -> Response:
     path = drive.path(request)
     if path.is_dir:
-        exists = path.rel == "" or (await run_in_threadpool(_store(request).list_page, path.key, "/", None, 1)).entries
+        exists = await run_in_threadpool(_service(request).folder_exists, path.key, path.rel == "")
         return Response(status_code=200 if exists else 404, media_type="text/html; charset=utf-8")
     found = await run_in_threadpool(_service(request).stat, path.key)
     if found is None:

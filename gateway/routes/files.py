@@ -247,10 +247,10 @@ async def list_files(
     glob: str | None = Query(None, max_length=1024, description="fnmatch pattern applied to the relative paths"),
 ):
     drive = my_drive(request, principal)
-    store = request.app.state.store
+    service = request.app.state.drive
     list_prefix = keys.listing_prefix(drive.prefix, prefix)
-    used = await run_in_threadpool(request.app.state.usage.used_bytes, drive.prefix)
-    first = await run_in_threadpool(store.list_page, list_prefix)  # errors surface before any byte is sent
+    used = await run_in_threadpool(service.used_bytes, drive.prefix)
+    first = await run_in_threadpool(service.first_page, list_prefix)  # errors surface before any byte is sent
     header = {"prefix": prefix, "glob": glob, "quota": {"used_bytes": used, "quota_bytes": drive.quota_bytes}}
     return drive_http.flat_listing(request, drive, list_prefix, glob, first, header)
 
