@@ -185,16 +185,21 @@ class DriveService:
         if src_key + FOLDER_MARKER not in {info.key for info in objects}:
             pairs.append((None, dest_key + FOLDER_MARKER))
 
+        inner = self.store.inner  # one change reported for the whole folder, below
+
         def copy_one(pair) -> Carried | None:
             source, target = pair
             if source is None:
-                self.store.put_object(target, b"")
+                inner.put_object(target, b"")
                 return None
-            etag = self.store.copy(source.key, target)
+            etag = inner.copy(source.key, target)
             return None if is_hidden(source.key) else Carried(source, target, etag)
 
-        with ThreadPoolExecutor(max_workers=COPY_THREADS) as pool:
-            carried = [item for item in pool.map(copy_one, pairs) if item is not None]
+        try:
+            with ThreadPoolExecutor(max_workers=COPY_THREADS) as pool:
+                carried = [item for item in pool.map(copy_one, pairs) if item is not None]
+        finally:
+            self.store.changed([dest_key])
         if self.facts is not None:
             self.facts.carry(carried)
 

@@ -529,6 +529,11 @@ def test_folder_listings_are_cached_and_never_stale_after_a_write(stack, user):
     assert dav("MOVE", f"{base}/cached/b.txt", user, headers=move).status_code == 201
     assert names() == {"a.txt", "d.txt", "sub"}
     assert sub_names() == {"a2.txt", "b.txt"}
+    folder_copy = {"Destination": f"{base}/cached/sub2/"}
+    assert dav("COPY", f"{base}/cached/sub/", user, headers=folder_copy).status_code == 201
+    assert names() == {"a.txt", "d.txt", "sub", "sub2"}
+    assert names_in(propfind(f"{base}/cached/sub2/", user), folder + "sub2/") == {"a2.txt", "b.txt"}
+    assert requests.delete(f"{base}/cached/sub2/", headers=user.auth).status_code == 204
     assert dav("DELETE", f"{stack.base}/v1/dav/cached/d.txt", user).status_code == 204
     assert names() == {"a.txt", "sub"}
     assert requests.delete(f"{base}/cached/sub/", headers=user.auth).status_code == 204  # a folder, HTTP route

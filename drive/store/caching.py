@@ -177,9 +177,11 @@ class CachingStore:
 
     # ------------------------------------------------------------ writes
 
-    def _changed(self, keys: list[str]) -> None:
+    def changed(self, keys: list[str]) -> None:
         """After the store changed ``keys`` (objects, or folders' keys ending in "/"): forget the
-        folders that hold them (at any depth) and those under them, here and on every replica."""
+        folders that hold them (at any depth) and those under them, here and on every replica.
+        The writes below call it; a batch written through ``inner`` (a folder's copies) calls it
+        once, with the folder's key, so other replicas are told once, not once an object."""
         with self._lock:
             self._dropped += 1
             for key in keys:
@@ -194,32 +196,32 @@ class CachingStore:
         try:
             return self.inner.put_object(key, data, content_type)
         finally:
-            self._changed([key])
+            self.changed([key])
 
     def delete(self, key: str) -> None:
         try:
             self.inner.delete(key)
         finally:
-            self._changed([key])
+            self.changed([key])
 
     def delete_many(self, keys: list[str]) -> None:
         try:
             self.inner.delete_many(keys)
         finally:
             if keys:
-                self._changed(keys)
+                self.changed(keys)
 
     def copy(self, src_key: str, dst_key: str) -> str:
         try:
             return self.inner.copy(src_key, dst_key)
         finally:
-            self._changed([dst_key])
+            self.changed([dst_key])
 
     def complete_multipart(self, key: str, upload_id: str, parts: list[UploadedPart]) -> str:
         try:
             return self.inner.complete_multipart(key, upload_id, parts)
         finally:
-            self._changed([key])
+            self.changed([key])
 
     def presign_put(self, key: str, expires_in: int, content_length: int | None = None) -> str:
         """A presigned PUT, recorded first: until it expires, listings of its folders check it."""
