@@ -34,6 +34,7 @@ from gateway.pods import PodBackend
 from gateway.pods.network import pod_host_address
 from gateway.rentals import Rentals
 from gateway.routes import admin, files, gpus, health, me, objects, orgs_admin, runs, shared, web, web_admin
+from gateway.runs import Runs
 from gateway.settings import Settings
 from gateway.signin import AdmissionPolicy, OidcClient
 from gateway.transit import TransitObjects
@@ -213,6 +214,7 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
             load_inventory(settings),
             tokens_revoked=app.state.authenticator.invalidate,
         )
+        app.state.runs = Runs(app.state.rentals)
         app.state.transit = TransitObjects(settings, sessions, active_store, app.state.usage)
         bastion = start_bastion(app, settings)
         reaper = asyncio.get_running_loop().create_task(

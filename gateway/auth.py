@@ -18,7 +18,6 @@ import base64
 import hmac
 import threading
 import time
-from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -27,35 +26,12 @@ from sqlalchemy.orm import sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Scope
 
-from drive.keys import user_prefix
 from gateway.errors import ApiError
 from gateway.models import ApiToken, User, utcnow
+from gateway.principal import ENV_ADMIN, Principal
 from gateway.tokens import as_utc, hash_token, is_well_formed
 
 _BEARER_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="kgpu"'}
-
-
-@dataclass(frozen=True)
-class Principal:
-    user_id: int | None  # None: the environment admin token, which has no user row
-    email: str
-    role: str
-    status: str
-    rental_id: str | None = None  # set for in-pod tokens: scoped to one rental
-
-    @property
-    def is_admin(self) -> bool:
-        """Admin powers never travel into a pod: an in-pod token of an admin is not an admin."""
-        return self.role == "admin" and self.rental_id is None
-
-    @property
-    def drive_prefix(self) -> str:
-        if self.user_id is None:
-            raise ApiError(403, "no_drive", "the environment admin token has no drive; use a user's token")
-        return user_prefix(self.user_id)
-
-
-ENV_ADMIN = Principal(user_id=None, email="", role="admin", status="approved")
 
 
 def unauthorized(message: str) -> ApiError:

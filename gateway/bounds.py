@@ -12,7 +12,6 @@ from __future__ import annotations
 import unicodedata
 from typing import Annotated
 
-from fastapi import Path
 from pydantic import AfterValidator, Field
 
 MAX_ROW_ID = 2**31 - 1  # integer primary keys (PostgreSQL's int4)
@@ -26,7 +25,6 @@ MAX_CONTENT_LENGTH = 2**53 - 1
 _BOUNDED_HEADERS = {b"content-type": "Content-Type", b"x-content-type": "X-Content-Type"}
 
 RowId = Annotated[int, Field(ge=1, le=MAX_ROW_ID)]
-RowIdPath = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
 
 
 def plain_text(value: str) -> str:

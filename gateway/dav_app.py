@@ -65,9 +65,10 @@ from drive import dav, keys, names
 from drive.dav.storage import DbLockManager, DbLockStorage, DbPropertyManager, import_sqlite_properties
 from drive.keys import InvalidPath
 from gateway import orgs
-from gateway.auth import Principal, authenticate, status_refusal
+from gateway.auth import authenticate, status_refusal
 from gateway.errors import ApiError, default_code, envelope
 from gateway.models import DavLock, DavProperty
+from gateway.principal import Principal
 
 log = logging.getLogger("kgpu")
 

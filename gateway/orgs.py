@@ -16,10 +16,10 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from gateway.auth import Principal
 from gateway.bounds import PlainText, RowId
 from gateway.domain_errors import Conflict, NotFound
 from gateway.models import Org, OrgMember, User
+from gateway.principal import Principal
 from gateway.tokens import as_utc
 
 OrgRole = Literal["admin", "uploader", "member"]

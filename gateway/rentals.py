@@ -25,11 +25,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from gateway import billing, tokens, users
 from gateway.bounds import PlainText
-from gateway.auth import Principal
-from gateway.domain_errors import Conflict, InsufficientCredits, Invalid, NoCapacity, NotFound
+from gateway.domain_errors import Conflict, InsufficientCredits, Invalid, NoCapacity, NotFound, Unavailable
 from gateway.inventory import GpuClass, engine_inventory, free_indices
 from gateway.models import ApiToken, Rental, User, utcnow
 from gateway.pods import PodBackend, PodError, PodSpec, PodStatus
+from gateway.principal import Principal
 from gateway.settings import Settings
 from gateway.ssh.keys import PinnedKey
 from gateway.tokens import as_utc
@@ -284,6 +284,12 @@ class Rentals:
             entry["nodes"] += 1
             entry["price_per_hour_credits"] = min(entry["price_per_hour_credits"], node["price_per_hour_credits"])
         return list(menu.values())
+
+    def check_pods_available(self) -> None:
+        """Refuse (Unavailable) when this server's backend cannot isolate pods here."""
+        refusal = getattr(self.backend, "refusal", None)
+        if refusal:
+            raise Unavailable("pods_unavailable", refusal)
 
     def rent(self, principal: Principal, request: RentRequest, api_base: str, ssh_key: PinnedKey | None = None) -> Rental:
         """Place and start a rental; with ``request.queue``, queue it when nothing fits now.

@@ -6,7 +6,11 @@ import re
 import secrets
 from datetime import datetime, timezone
 
+from gateway import pods
+from gateway.domain_errors import Conflict, Gone, NotFound
 from gateway.pods import RunState
+from gateway.principal import Principal
+from gateway.rentals import Rentals
 
 
 def new_run_id(gpu_id: str) -> str:
@@ -64,3 +68,90 @@ def run_reply(gpu_id: str, state: RunState) -> dict:
         "stderr": state.stderr.decode("utf-8", errors="replace"),
         "truncated": {"stdout": state.stdout_truncated, "stderr": state.stderr_truncated},
     }
+
+
+class Runs:
+    """The runs of a caller's rentals: where a run's pod is, and starting, reading, waiting on,
+    following and signalling runs there. Blocking: each answer may be a docker exec or an srun."""
+
+    def __init__(self, rentals: Rentals):
+        self.rentals = rentals
+
+    def pod(self, principal: Principal, gpu_id: str, *, must_be_ready: bool = False) -> str:
+        """The pod of the caller's rental ``gpu_id``, which must be live (and ready, if asked)."""
+        with self.rentals.sessions() as session:
+            rental = self.rentals.get(session, principal, gpu_id)
+            if rental.phase not in ("Pending", "Running") or not rental.pod_ref:
+                not_running = Gone if rental.ended_at else Conflict
+                raise not_running("gpu_not_running", f"{gpu_id} is {rental.phase}")
+            if must_be_ready and not rental.ready:
+                raise Conflict("gpu_not_ready", f"{gpu_id} is not ready yet ({rental.pending_reason})")
+            return rental.pod_ref
+
+    def locate(self, principal: Principal, run_id: str, gpu_id: str | None) -> tuple[str, str]:
+        """(gpu_id, pod ref) of a run: the hint, else the rental written in the run id."""
+        gpu_id = gpu_id or rental_of(run_id)
+        if gpu_id is None or not is_run_id(run_id):
+            raise NotFound("run_not_found", f"no run {run_id}")
+        return gpu_id, self.pod(principal, gpu_id)
+
+    def start(self, principal: Principal, gpu_id: str, command: list[str], env: dict[str, str]) -> tuple[str, str]:
+        """Start a run on the caller's ready rental; returns (pod ref, run id). A run is activity."""
+        ref = self.pod(principal, gpu_id, must_be_ready=True)
+        run_id = new_run_id(gpu_id)
+        self._backend.start_run(ref, run_id, command, env)
+        self.rentals.touch(gpu_id)
+        return ref, run_id
+
+    def state(self, ref: str, run_id: str) -> RunState:
+        """The run's state with the tails of its output."""
+        return _found(run_id, self._backend.run_state(ref, run_id, self._tail_bytes))
+
+    def peek(self, ref: str, run_id: str) -> RunState | None:
+        """The run's state without its output (None: no such run)."""
+        return self._backend.run_state(ref, run_id, 0)
+
+    def wait(self, ref: str, run_id: str, seconds: float) -> RunState:
+        """The run's state once it ends, or after ``seconds``: one wait inside the pod."""
+        return _found(run_id, pods.wait_run(self._backend, ref, run_id, seconds, self._tail_bytes))
+
+    def follow(self, ref: str, run_id: str, offsets: dict[str, int], seconds: float) -> RunState | None:
+        """Its output past ``offsets`` once there is some, or its end, or after ``seconds``."""
+        return pods.follow_run(self._backend, ref, run_id, offsets, seconds)
+
+    def signal(self, ref: str, run_id: str, signal: str) -> None:
+        self._backend.signal_run(ref, run_id, signal)
+
+    def in_pod(self, gpu_id: str, ref: str) -> list[dict]:
+        """Summaries of every run in a rental's pod."""
+        return [
+            run_summary(gpu_id, state)
+            for run_id in self._backend.run_ids(ref)
+            if (state := self._backend.run_state(ref, run_id, 0)) is not None
+        ]
+
+    def of(self, principal: Principal, gpu_id: str | None = None) -> list[dict]:
+        """Summaries of the runs on the caller's live rentals (only ``gpu_id``'s when given), oldest first."""
+        with self.rentals.sessions() as session:
+            if gpu_id:
+                targets = [self.rentals.get(session, principal, gpu_id)]
+            else:
+                targets = self.rentals.active_of(session, principal)
+            live = [(r.id, r.pod_ref) for r in targets if r.pod_ref and r.phase in ("Pending", "Running")]
+        found = [summary for rental_id, ref in live for summary in self.in_pod(rental_id, ref)]
+        found.sort(key=lambda run: (run["started_at"] or "", run["run_id"]))
+        return found
+
+    @property
+    def _backend(self):
+        return self.rentals.backend
+
+    @property
+    def _tail_bytes(self) -> int:
+        return self.rentals.settings.run_output_tail_bytes
+
+
+def _found(run_id: str, state: RunState | None) -> RunState:
+    if state is None:
+        raise NotFound("run_not_found", f"no run {run_id}")
+    return state

@@ -30,9 +30,9 @@ from sqlalchemy.orm import sessionmaker
 
 from drive.store import ObjectNotFound, ObjectStore
 from drive.usage import QuotaExceeded
-from gateway.auth import Principal
 from gateway.domain_errors import Conflict, Forbidden, NotFound, TooLarge
 from gateway.models import TransitObject, utcnow
+from gateway.principal import Principal
 from gateway.quota import DbUsageBook
 from gateway.settings import Settings
 from gateway.tokens import as_utc

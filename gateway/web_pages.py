@@ -16,10 +16,11 @@ from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
 from gateway import signin
-from gateway.auth import Principal
+from gateway.deps import services
 from gateway.errors import ApiError
 from gateway.models import User
-from gateway.web_session import CSRF_FIELD, CSRF_HEADER, CookieSigner, WebSession
+from gateway.principal import Principal
+from gateway.web_session import CSRF_FIELD, CSRF_HEADER, WebSession
 
 templates = Jinja2Templates(directory=str(Path(__file__).resolve().parent / "templates"))
 MAX_FORM_BYTES = 16 * 1024
@@ -33,19 +34,15 @@ class PageError(Exception):
         self.status, self.error_code, self.message = status, error_code, message
 
 
-def cookie_signer(request: Request) -> CookieSigner:
-    return request.app.state.cookie_signer
-
-
 def is_secure(request: Request) -> bool:
     """Secure cookies when the public URL is https (or the request came over https)."""
-    configured = request.app.state.settings.public_base_url
+    configured = services(request).settings.public_base_url
     return configured.startswith("https://") if configured else request.url.scheme == "https"
 
 
 def public_base(request: Request) -> str:
     """KGPU_API_BASE as a person's shell should use it."""
-    return (request.app.state.settings.public_base_url or str(request.base_url)).rstrip("/")
+    return (services(request).settings.public_base_url or str(request.base_url)).rstrip("/")
 
 
 def wants_html(request: Request) -> bool:
@@ -71,7 +68,7 @@ def refusal(request: Request, error: PageError) -> Response:
 
 
 def set_session(request: Request, response: Response, session: WebSession) -> None:
-    signer = cookie_signer(request)
+    signer = services(request).cookie_signer
     secure = is_secure(request)
     response.set_cookie(
         signer.session_cookie(secure), signer.dump_session(session), max_age=signer.max_age_s,
@@ -80,7 +77,7 @@ def set_session(request: Request, response: Response, session: WebSession) -> No
 
 
 def clear_cookies(request: Request, response: Response) -> None:
-    signer = cookie_signer(request)
+    signer = services(request).cookie_signer
     secure = is_secure(request)
     for name in (signer.session_cookie(secure), signer.signin_cookie(secure)):
         response.delete_cookie(name, **signer.cookie_options(secure))
@@ -92,11 +89,11 @@ def see_other(url: str) -> RedirectResponse:
 
 def current(request: Request) -> tuple[WebSession, User] | None:
     """The signed-in person, if the cookie is good and still honoured (blocking)."""
-    signer = cookie_signer(request)
+    signer = services(request).cookie_signer
     web = signer.load_session(request.cookies.get(signer.session_cookie(is_secure(request))))
     if web is None:
         return None
-    with request.app.state.sessions() as session:
+    with services(request).sessions() as session:
         user = session.get(User, web.user_id)
         if user is None or user.status == "suspended":
             return None

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from gateway import tokens, users
 from gateway.auth import AdminUser
-from gateway.bounds import MAX_CREDITS, RowIdPath
+from gateway.bounds import MAX_CREDITS
+from gateway.deps import AuthenticatorDep, RowIdPath, SessionsDep, SettingsDep
 from gateway.models import User
 from gateway.openapi import errors
 
@@ -24,17 +25,16 @@ class CreditGrant(BaseModel):
 @router.post(
     "/users", status_code=201, responses=errors((409, "user_exists: a user with this email exists"))
 )
-def create_user(body: users.NewUser, request: Request, _: AdminUser) -> dict:
-    state = request.app.state
-    with state.sessions.begin() as session:
-        user = users.create(session, body, state.settings.starting_credits)
+def create_user(body: users.NewUser, _: AdminUser, sessions: SessionsDep, settings: SettingsDep) -> dict:
+    with sessions.begin() as session:
+        user = users.create(session, body, settings.starting_credits)
         _, plaintext = tokens.issue(session, user.id, label="created by admin")
         return {"user": users.describe(user), "token": plaintext}
 
 
 @router.get("/users")
-def list_users(request: Request, _: AdminUser, status: users.Status | None = None) -> dict:
-    with request.app.state.sessions() as session:
+def list_users(_: AdminUser, sessions: SessionsDep, status: users.Status | None = None) -> dict:
+    with sessions() as session:
         query = select(User).order_by(User.id)
         if status:
             query = query.where(User.status == status)
@@ -42,24 +42,26 @@ def list_users(request: Request, _: AdminUser, status: users.Status | None = Non
 
 
 @router.patch("/users/{user_id}", responses=errors((404, "user_not_found")))
-def patch_user(user_id: RowIdPath, body: users.UserPatch, request: Request, _: AdminUser) -> dict:
-    with request.app.state.sessions.begin() as session:
+def patch_user(
+    user_id: RowIdPath, body: users.UserPatch, _: AdminUser, sessions: SessionsDep, authenticator: AuthenticatorDep
+) -> dict:
+    with sessions.begin() as session:
         user = users.get(session, user_id)
         users.apply_patch(user, body)
         described = users.describe(user)
-    request.app.state.authenticator.invalidate()
+    authenticator.invalidate()
     return {"user": described}
 
 
 @router.post("/users/{user_id}/token", status_code=201, responses=errors((404, "user_not_found")))
-def reissue_token(user_id: RowIdPath, request: Request, _: AdminUser) -> dict:
+def reissue_token(user_id: RowIdPath, _: AdminUser, sessions: SessionsDep, authenticator: AuthenticatorDep) -> dict:
     """Revoke every token of the user and issue a new one (shown once)."""
-    with request.app.state.sessions.begin() as session:
+    with sessions.begin() as session:
         users.get_locked(session, user_id)  # concurrent reissues, on any gateway, one after another
         revoked = tokens.revoke_all(session, user_id)
         row, plaintext = tokens.issue(session, user_id, label="reissued by admin")
         described = tokens.describe(row)
-    request.app.state.authenticator.invalidate()
+    authenticator.invalidate()
     return {"token": plaintext, "token_info": described, "revoked": revoked}
 
 
@@ -69,8 +71,8 @@ def reissue_token(user_id: RowIdPath, request: Request, _: AdminUser) -> dict:
         (404, "user_not_found"), (422, "validation_error: the field named, or a balance below 0 or past 10^15")
     ),
 )
-def grant_credits(user_id: RowIdPath, body: CreditGrant, request: Request, _: AdminUser) -> dict:
-    with request.app.state.sessions.begin() as session:
+def grant_credits(user_id: RowIdPath, body: CreditGrant, _: AdminUser, sessions: SessionsDep) -> dict:
+    with sessions.begin() as session:
         user = users.get_locked(session, user_id)  # the balance read is the one written to
         users.grant_credits(user, body.credits)
         session.flush()

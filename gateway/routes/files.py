@@ -7,7 +7,8 @@ from starlette.concurrency import run_in_threadpool
 
 from drive import keys
 from gateway import drive_http
-from gateway.auth import ApprovedUser, Principal
+from gateway.auth import ApprovedUser
+from gateway.deps import services
 from gateway.drive_http import Drive
 from gateway.openapi import (
     BINARY_BODY,
@@ -19,6 +20,7 @@ from gateway.openapi import (
     no_body,
     redirect,
 )
+from gateway.principal import Principal
 
 router = APIRouter(tags=["files"])
 
@@ -226,7 +228,7 @@ def my_drive(request: Request, principal: Principal) -> Drive:
         prefix=principal.drive_prefix,
         mount=b"/v1/files/",
         writable=True,
-        quota_bytes=request.app.state.settings.user_quota_bytes,
+        quota_bytes=services(request).settings.user_quota_bytes,
     )
 
 
@@ -247,7 +249,7 @@ async def list_files(
     glob: str | None = Query(None, max_length=1024, description="fnmatch pattern applied to the relative paths"),
 ):
     drive = my_drive(request, principal)
-    service = request.app.state.drive
+    service = services(request).drive
     list_prefix = keys.listing_prefix(drive.prefix, prefix)
     used = await run_in_threadpool(service.used_bytes, drive.prefix)
     first = await run_in_threadpool(service.first_page, list_prefix)  # errors surface before any byte is sent

@@ -8,6 +8,7 @@ from starlette.concurrency import run_in_threadpool
 
 from gateway import billing
 from gateway.auth import AccountUser, ApprovedUser, MaybeUser
+from gateway.deps import RentalsDep, RunsDep, SessionsDep, SettingsDep, services
 from gateway.errors import ApiError
 from gateway.inventory import CREDITS_PER_DOLLAR
 from gateway.models import Rental, User
@@ -37,18 +38,13 @@ BALANCE = {
     },
 }
 from gateway.rentals import ACTIVE, RentRequest, Rentals
-from gateway.runs import run_summary
 from gateway.ssh.keys import BadPublicKey, PinnedKey, mint_pair, parse_public_key
 
 router = APIRouter(tags=["gpus"])
 POD_DOWN = (503, "pod_unavailable: the pod backend did not answer; retry after Retry-After")
 
 
-def _rentals(request: Request) -> Rentals:
-    return request.app.state.rentals
-
-
-def ssh_key(request: Request, text: str | None, rental_name: str) -> tuple[PinnedKey | None, str | None]:
+def ssh_key(rentals: Rentals, text: str | None, rental_name: str) -> tuple[PinnedKey | None, str | None]:
     """The key a rental pins: the one given (a 400 unless it is one strong OpenSSH key), else,
     where the bastion runs, a pair minted now (its private half returned once, never kept)."""
     if text is not None:
@@ -56,7 +52,7 @@ def ssh_key(request: Request, text: str | None, rental_name: str) -> tuple[Pinne
             return parse_public_key(text), None
         except BadPublicKey as exc:
             raise ApiError(400, "bad_ssh_key", str(exc)) from None
-    if _rentals(request).ssh_door is None:
+    if rentals.ssh_door is None:
         return None, None
     private, key = mint_pair(f"kgpu-{rental_name}")
     return key, private
@@ -71,11 +67,11 @@ def with_private_key(described: dict, private: str | None) -> dict:
 def api_base(request: Request) -> str:
     """KGPU_API_BASE as pods must see it: configured, else this server on the address pods reach
     it at (the docker bridge's, where `kgpu serve` also listens), else as the request came."""
-    settings = request.app.state.settings
+    settings = services(request).settings
     configured = settings.pod_api_base or settings.public_base_url
     if configured:
         return configured.rstrip("/")
-    pod_address = getattr(request.app.state, "pod_address", None)
+    pod_address = services(request).pod_address
     if pod_address:
         return f"{request.url.scheme}://{pod_address}:{request.url.port or settings.port}"
     return str(request.base_url).rstrip("/")
@@ -100,9 +96,9 @@ MODELS = {
     summary="The GPU models on offer (public): per model, GPUs in all, free now, nodes, the lowest price per hour",
     responses=content(200, "the menu", {"application/json": {"schema": MODELS}}),
 )
-def gpu_models(request: Request) -> dict:
-    with request.app.state.sessions() as session:
-        return {"models": _rentals(request).models(session)}
+def gpu_models(rentals: RentalsDep, sessions: SessionsDep) -> dict:
+    with sessions() as session:
+        return {"models": rentals.models(session)}
 
 
 @router.get(
@@ -110,22 +106,21 @@ def gpu_models(request: Request) -> dict:
     summary="Cluster summary (public); with a token also your balance and rentals",
     responses=errors(POD_DOWN),
 )
-def cluster(request: Request, principal: MaybeUser) -> dict:
-    rentals = _rentals(request)
-    with request.app.state.sessions() as session:
+def cluster(request: Request, principal: MaybeUser, rentals: RentalsDep, sessions: SessionsDep) -> dict:
+    with sessions() as session:
         nodes = rentals.cluster(session)
         reply = {
             "cluster": nodes,
             "active_total": sum(n["gpu_busy"] for n in nodes),
             "price_per_hour_credits": nodes[0]["price_per_hour_credits"] if nodes else None,
-            "ssh": getattr(request.app.state, "ssh_published", None),
+            "ssh": services(request).ssh_published,
         }
         mine = principal is not None and principal.user_id is not None and principal.status == "approved"
         starting = [r.id for r in rentals.active_of(session, principal) if rentals.starting(r)] if mine else []
     for rental_id in starting:  # as GET /v1/gpus/{id} does: a starting pod's state now, not at the next tick
         rentals.refresh(rental_id)
     if mine:
-        with request.app.state.sessions() as session:
+        with sessions() as session:
             user = session.get(User, principal.user_id)
             reply["credits"] = {"balance": user.credits}
             reply["my_gpus"] = [rentals.describe(session, r) for r in rentals.active_of(session, principal)]
@@ -144,16 +139,15 @@ def cluster(request: Request, principal: MaybeUser) -> dict:
         (503, "pods_unavailable: this server cannot isolate pods; or pod_unavailable"),
     ),
 )
-def rent(body: RentRequest, request: Request, principal: AccountUser) -> dict:
+def rent(
+    body: RentRequest, request: Request, principal: AccountUser, rentals: RentalsDep, sessions: SessionsDep
+) -> dict:
     if principal.user_id is None:
         raise ApiError(403, "no_account", "the environment admin token cannot rent; use a user's token")
-    rentals = _rentals(request)
-    refusal = getattr(rentals.backend, "refusal", None)  # the backend cannot isolate pods here
-    if refusal:
-        raise ApiError(503, "pods_unavailable", refusal)
-    key, private = ssh_key(request, body.ssh_pubkey, body.name)
+    rentals.check_pods_available()
+    key, private = ssh_key(rentals, body.ssh_pubkey, body.name)
     rental = rentals.rent(principal, body, api_base(request), key)
-    with request.app.state.sessions() as session:
+    with sessions() as session:
         return with_private_key(rentals.describe(session, session.get(Rental, rental.id)), private)
 
 
@@ -174,13 +168,14 @@ class KeyChange(BaseModel):
         (409, "gpu_not_live: the rental has ended; or ssh_key_in_use: another account's rental pins this key"),
     ),
 )
-def change_key(gpu_id: str, body: KeyChange, request: Request, principal: AccountUser) -> dict:
-    rentals = _rentals(request)
+def change_key(
+    gpu_id: str, body: KeyChange, principal: AccountUser, rentals: RentalsDep, sessions: SessionsDep
+) -> dict:
     if body.ssh_pubkey is None and rentals.ssh_door is None:
         raise ApiError(409, "ssh_unavailable", "this server runs no SSH bastion (KGPU_SSH_PORT=0): it mints no keys")
-    key, private = ssh_key(request, body.ssh_pubkey, gpu_id)
+    key, private = ssh_key(rentals, body.ssh_pubkey, gpu_id)
     rentals.pin_key(principal, gpu_id, key)
-    with request.app.state.sessions() as session:
+    with sessions() as session:
         return with_private_key(rentals.describe(session, session.get(Rental, gpu_id)), private)
 
 
@@ -189,25 +184,21 @@ def change_key(gpu_id: str, body: KeyChange, request: Request, principal: Accoun
     summary="A rental's state and its runs (also after it ended)",
     responses=errors((404, "gpu_not_found: no rental of yours with this id"), POD_DOWN),
 )
-def rental_state(gpu_id: str, request: Request, principal: ApprovedUser) -> dict:
-    rentals = _rentals(request)
-    with request.app.state.sessions() as session:
+def rental_state(
+    gpu_id: str, principal: ApprovedUser, rentals: RentalsDep, runs: RunsDep, sessions: SessionsDep
+) -> dict:
+    with sessions() as session:
         rental = rentals.get(session, principal, gpu_id)
         starting = rentals.starting(rental)
     if starting:
         rentals.refresh(gpu_id)
-    with request.app.state.sessions() as session:
+    with sessions() as session:
         rental = session.get(Rental, gpu_id)
         described = rentals.describe(session, rental)
         ref, active, mine = rental.pod_ref, rental.phase in ACTIVE, rentals.mine(rental)
     described["runs"] = []  # a pod another gateway runs: its runs are asked of that gateway
     if ref and active and mine:
-        backend = rentals.backend
-        described["runs"] = [
-            run_summary(gpu_id, state)
-            for run_id in backend.run_ids(ref)
-            if (state := backend.run_state(ref, run_id, 0)) is not None
-        ]
+        described["runs"] = runs.in_pod(gpu_id, ref)
     return described
 
 
@@ -216,12 +207,11 @@ def rental_state(gpu_id: str, request: Request, principal: ApprovedUser) -> dict
     summary="Return the GPU: the pod is destroyed",
     responses=errors((404, "gpu_not_found: no rental of yours with this id")),
 )
-async def return_gpu(gpu_id: str, request: Request, principal: ApprovedUser) -> dict:
-    rentals = _rentals(request)
+async def return_gpu(gpu_id: str, principal: ApprovedUser, rentals: RentalsDep, sessions: SessionsDep) -> dict:
     rental = await run_in_threadpool(rentals.end, principal, gpu_id, "returned")
 
     def describe():
-        with request.app.state.sessions() as session:
+        with sessions() as session:
             return rentals.describe(session, session.get(Rental, rental.id))
 
     return await run_in_threadpool(describe)
@@ -235,16 +225,15 @@ async def return_gpu(gpu_id: str, request: Request, principal: ApprovedUser) -> 
         errors((403, "no_account: the environment admin token has no balance")),
     ),
 )
-def balance(request: Request, principal: ApprovedUser) -> dict:
+def balance(principal: ApprovedUser, rentals: RentalsDep, sessions: SessionsDep, settings: SettingsDep) -> dict:
     if principal.user_id is None:
         raise ApiError(403, "no_account", "the environment admin token has no balance")
-    rentals = _rentals(request)
-    with request.app.state.sessions() as session:
+    with sessions() as session:
         user = session.get(User, principal.user_id)
         return {
             "balance": user.credits,
             "price_per_hour_credits": rentals.inventory[0].price_per_hour_credits if rentals.inventory else None,
-            "starting_credits": request.app.state.settings.starting_credits,
+            "starting_credits": settings.starting_credits,
             "credits_per_dollar": CREDITS_PER_DOLLAR,
             "charged_active": sum(
                 billing.charged_total(session, r.id) for r in rentals.active_of(session, principal)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from drive.store import StoreError
+from gateway.deps import SessionsDep, StoreDep
 from gateway.openapi import content, merge
 
 _CHECK = {"type": "string", "enum": ["ok", "unavailable"]}
@@ -39,12 +40,11 @@ router = APIRouter(tags=["health"])
         content(503, "status degraded: a check failed (the store restarts itself in seconds); Retry-After", _HEALTH),
     ),
 )
-async def healthz(request: Request):
-    state = request.app.state
+async def healthz(sessions: SessionsDep, store: StoreDep):
     checks = {"database": "ok", "object_store": "ok"}
 
     def check_db():
-        with state.sessions() as session:
+        with sessions() as session:
             session.execute(text("SELECT 1"))
 
     try:
@@ -52,7 +52,7 @@ async def healthz(request: Request):
     except Exception:
         checks["database"] = "unavailable"
     try:
-        await run_in_threadpool(state.store.head, ".kgpu-healthz")
+        await run_in_threadpool(store.head, ".kgpu-healthz")
     except StoreError:
         checks["object_store"] = "unavailable"
     healthy = all(v == "ok" for v in checks.values())

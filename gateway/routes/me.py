@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 
 from gateway import users
 from gateway.auth import AnyUser
+from gateway.deps import SessionsDep
 from gateway.openapi import USER, content
 
 WHO = {
@@ -29,9 +30,9 @@ router = APIRouter(prefix="/v1", tags=["me"])
         200, "user (null for the environment admin token), role, status, kind", {"application/json": {"schema": WHO}}
     ),
 )
-def me(principal: AnyUser, request: Request) -> dict:
+def me(principal: AnyUser, sessions: SessionsDep) -> dict:
     if principal.user_id is None:
         return {"user": None, "role": "admin", "status": "approved", "kind": "environment_admin"}
-    with request.app.state.sessions() as session:
+    with sessions() as session:
         user = users.get(session, principal.user_id)
         return {"user": users.describe(user), "role": user.role, "status": user.status, "kind": "user"}

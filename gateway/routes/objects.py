@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from gateway.auth import ApprovedUser
 from gateway.bounds import MAX_CONTENT_LENGTH, PlainText
+from gateway.deps import TransitDep
 from gateway.openapi import errors
-from gateway.transit import TransitObjects
 
 router = APIRouter(prefix="/v1/objects", tags=["objects"])
 NOT_FOUND = (404, "object_not_found: no live transit object of yours with this id")
@@ -30,10 +30,6 @@ class MintRequest(BaseModel):
     )
 
 
-def _transit(request: Request) -> TransitObjects:
-    return request.app.state.transit
-
-
 @router.post(
     "",
     status_code=201,
@@ -45,13 +41,12 @@ def _transit(request: Request) -> TransitObjects:
         STORE_DOWN,
     ),
 )
-async def mint(body: MintRequest, request: Request, principal: ApprovedUser) -> dict:
-    return await run_in_threadpool(_transit(request).mint, principal, body.label, body.size_bytes)
+async def mint(body: MintRequest, principal: ApprovedUser, transit: TransitDep) -> dict:
+    return await run_in_threadpool(transit.mint, principal, body.label, body.size_bytes)
 
 
 @router.get("", summary="Your live transit objects, newest first", responses=errors(NO_ACCOUNT, STORE_DOWN))
-def list_objects(request: Request, principal: ApprovedUser) -> dict:
-    transit = _transit(request)
+def list_objects(principal: ApprovedUser, transit: TransitDep) -> dict:
     return {"objects": transit.list(principal), "quota": transit.quota(principal)}
 
 
@@ -60,8 +55,8 @@ def list_objects(request: Request, principal: ApprovedUser) -> dict:
     summary="A fresh presigned GET of a transit object (usable by many pods until it expires)",
     responses=errors(NO_ACCOUNT, NOT_FOUND, (409, "not_uploaded: its bytes have not been PUT yet"), STORE_DOWN),
 )
-def fetch(object_id: str, request: Request, principal: ApprovedUser) -> dict:
-    return _transit(request).fetch(principal, object_id)
+def fetch(object_id: str, principal: ApprovedUser, transit: TransitDep) -> dict:
+    return transit.fetch(principal, object_id)
 
 
 @router.delete(
@@ -70,6 +65,6 @@ def fetch(object_id: str, request: Request, principal: ApprovedUser) -> dict:
     summary="Delete a transit object (idempotent: 204 whether or not it was there)",
     responses=errors(NO_ACCOUNT, STORE_DOWN),
 )
-def delete(object_id: str, request: Request, principal: ApprovedUser) -> Response:
-    _transit(request).delete(principal, object_id)
+def delete(object_id: str, principal: ApprovedUser, transit: TransitDep) -> Response:
+    transit.delete(principal, object_id)
     return Response(status_code=204)

@@ -6,11 +6,11 @@ members manage that org's members.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 
 from gateway import orgs
 from gateway.auth import AccountUser, AdminUser
-from gateway.bounds import RowIdPath
+from gateway.deps import RowIdPath, SessionsDep
 from gateway.errors import ApiError
 from gateway.openapi import errors
 
@@ -31,9 +31,9 @@ def _managed(session, principal, slug: str) -> orgs.Access:
 @router.get(
     "", responses=errors((403, "admin_only: needs an admin token or an org's admin role"))
 )
-def list_orgs(request: Request, principal: AccountUser) -> dict:
+def list_orgs(principal: AccountUser, sessions: SessionsDep) -> dict:
     """Every org for global admins; the orgs a caller administers otherwise."""
-    with request.app.state.sessions() as session:
+    with sessions() as session:
         found = [
             {**orgs.describe(org), "role": role}
             for org, role in orgs.visible_orgs(session, principal)
@@ -51,14 +51,14 @@ def list_orgs(request: Request, principal: AccountUser) -> dict:
         (404, "user_not_found: no user owner_user_id"), (409, "org_exists: an organisation with this slug exists")
     ),
 )
-def create_org(body: orgs.NewOrg, request: Request, _: AdminUser) -> dict:
-    with request.app.state.sessions.begin() as session:
+def create_org(body: orgs.NewOrg, _: AdminUser, sessions: SessionsDep) -> dict:
+    with sessions.begin() as session:
         return {"org": orgs.describe(orgs.create(session, body))}
 
 
 @router.get("/{slug}/members", responses=MANAGED)
-def list_members(slug: str, request: Request, principal: AccountUser) -> dict:
-    with request.app.state.sessions() as session:
+def list_members(slug: str, principal: AccountUser, sessions: SessionsDep) -> dict:
+    with sessions() as session:
         found = _managed(session, principal, slug)
         return {"org": orgs.describe(found.org), "members": orgs.members(session, found.org)}
 
@@ -67,8 +67,8 @@ def list_members(slug: str, request: Request, principal: AccountUser) -> dict:
     "/{slug}/members",
     responses={**MANAGED, **errors((404, "org_not_found, or user_not_found: no user user_id"))},
 )
-def set_member(slug: str, body: orgs.Membership, request: Request, principal: AccountUser) -> dict:
-    with request.app.state.sessions.begin() as session:
+def set_member(slug: str, body: orgs.Membership, principal: AccountUser, sessions: SessionsDep) -> dict:
+    with sessions.begin() as session:
         found = _managed(session, principal, slug)
         member, user = orgs.set_member(session, found.org, body)
         described = orgs.describe_member(member, user)
@@ -87,8 +87,8 @@ def set_member(slug: str, body: orgs.Membership, request: Request, principal: Ac
         **errors((404, "org_not_found, or member_not_found: the user is not a member")),
     },
 )
-def remove_member(slug: str, user_id: RowIdPath, request: Request, principal: AccountUser) -> Response:
-    with request.app.state.sessions.begin() as session:
+def remove_member(slug: str, user_id: RowIdPath, principal: AccountUser, sessions: SessionsDep) -> Response:
+    with sessions.begin() as session:
         found = _managed(session, principal, slug)
         orgs.remove_member(session, found.org, user_id)
     return Response(status_code=204)

@@ -15,11 +15,13 @@ from starlette.concurrency import run_in_threadpool
 
 from drive import listing
 from gateway import drive_http, orgs
-from gateway.auth import ApprovedUser, Principal
+from gateway.auth import ApprovedUser
+from gateway.deps import services
 from gateway.drive_http import Drive
 from gateway.errors import ApiError
 from gateway.models import SharedFile, utcnow
 from gateway.openapi import HTML_PAGE, JSON_QUERY, content, errors, merge, redirect
+from gateway.principal import Principal
 from gateway.routes.files import (
     DELETED,
     DOWNLOAD,
@@ -57,7 +59,7 @@ REGISTERED = content(
 
 
 def _shared_drive(request: Request, principal: Principal, slug: str) -> tuple[Drive, orgs.Access]:
-    with request.app.state.sessions() as session:
+    with services(request).sessions() as session:
         access = orgs.access(session, principal, slug)
     drive = Drive(
         prefix=f"orgs/{access.org.slug}/",
@@ -85,7 +87,7 @@ async def shared_drive(request: Request, principal: Principal, slug: str) -> Dri
 @router.get("/v1/shared/", include_in_schema=False)
 async def list_orgs(request: Request, principal: ApprovedUser) -> Response:
     def load() -> list[dict]:
-        with request.app.state.sessions() as session:
+        with services(request).sessions() as session:
             return [
                 {"name": org.slug, "path": org.slug + "/", "type": "dir", "title": org.name, "role": role}
                 for org, role in orgs.visible_orgs(session, principal)
@@ -163,12 +165,12 @@ async def _register(request: Request, principal: Principal, drive: Drive, access
     path = drive.path_from_raw(drive_http.raw_path(request).removesuffix(b"/registered"))
     if path.is_dir:
         raise ApiError(400, "is_a_folder", "only files can be registered")
-    info = await run_in_threadpool(request.app.state.store.head, path.key)
+    info = await run_in_threadpool(services(request).store.head, path.key)
     if info is None:
         raise ApiError(404, "not_found", f"no object {path.rel} to register; PUT it first")
 
     def record() -> dict:
-        with request.app.state.sessions.begin() as session:
+        with services(request).sessions.begin() as session:
             org_id = access.org.id
             row = session.scalar(select(SharedFile).where(SharedFile.org_id == org_id, SharedFile.key == path.rel))
             if row is None:

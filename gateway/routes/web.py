@@ -19,11 +19,12 @@ from starlette.concurrency import run_in_threadpool
 from gateway import billing, orgs, signin, users
 from gateway import cli_login as login_codes
 from gateway.auth import status_refusal
+from gateway.deps import services
 from gateway.errors import ApiError
 from gateway.models import User
 from gateway.web_pages import (
     PageError, clear_cookies, current, is_secure, page, principal_of, public_base, refusal, see_other,
-    set_session, signed_in_form, cookie_signer, wants_html,
+    set_session, signed_in_form, wants_html,
 )
 from gateway.web_session import SIGNIN_MAX_AGE_S, WebSession, new_session
 
@@ -38,7 +39,7 @@ MAX_EXCHANGE_BYTES = 4096
 
 
 def _oidc(request: Request) -> signin.OidcClient:
-    client = getattr(request.app.state, "oidc", None)
+    client = services(request).oidc
     if client is None:
         raise PageError(404, "signin_not_configured", "sign-in is not configured on this server (KGPU_OIDC_ISSUER)")
     return client
@@ -78,7 +79,7 @@ async def start_sign_in(request: Request) -> Response:
     except signin.SignInError as error:
         return refusal(request, PageError(503, "signin_unavailable", str(error)))
     response = see_other(pending.url)
-    signer = cookie_signer(request)
+    signer = services(request).cookie_signer
     secure = is_secure(request)
     kept = {"state": pending.state, "nonce": pending.nonce, "code_verifier": pending.code_verifier,
             "next": _after_sign_in(request.query_params.get("next"))}
@@ -89,7 +90,7 @@ async def start_sign_in(request: Request) -> Response:
 
 @router.get("/view/callback")
 async def finish_sign_in(request: Request) -> Response:
-    signer = cookie_signer(request)
+    signer = services(request).cookie_signer
     secure = is_secure(request)
     params = request.query_params
     try:
@@ -124,7 +125,7 @@ def _admit(request: Request, identity: signin.Identity) -> WebSession | None:
 
 
 def _admit_once(request: Request, identity: signin.Identity) -> WebSession | None:
-    state = request.app.state
+    state = services(request)
     with state.sessions.begin() as session:
         user = signin.sign_in(session, identity, state.admission, state.settings.starting_credits)
         if user.status == "suspended":
@@ -147,11 +148,11 @@ async def sign_out(request: Request) -> Response:
         return refusal(request, error)
 
     def revoke() -> None:
-        with request.app.state.sessions.begin() as session:
+        with services(request).sessions.begin() as session:
             signin.revoke_personal_tokens(session, user.id)
 
     await run_in_threadpool(revoke)
-    request.app.state.authenticator.invalidate()  # the token is dead at once, not after the cache
+    services(request).authenticator.invalidate()  # the token is dead at once, not after the cache
     response = see_other("/view")
     clear_cookies(request, response)
     return response
@@ -170,13 +171,13 @@ async def reissue(request: Request) -> Response:
         return refusal(request, error)
 
     def issue() -> tuple[int, str]:
-        with request.app.state.sessions.begin() as session:
+        with services(request).sessions.begin() as session:
             users.get_locked(session, user.id)
             row, plaintext = signin.reissue_personal_token(session, user.id)
             return row.id, plaintext
 
     token_id, plaintext = await run_in_threadpool(issue)
-    request.app.state.authenticator.invalidate()
+    services(request).authenticator.invalidate()
     response = see_other("/view")
     set_session(request, response, web.with_token(token_id, plaintext))
     return response
@@ -187,7 +188,7 @@ async def reissue(request: Request) -> Response:
 
 def _dashboard_context(request: Request, user: User) -> dict:
     principal = principal_of(user)
-    with request.app.state.sessions() as session:
+    with services(request).sessions() as session:
         shared = [{"slug": org.slug, "name": org.name, "role": role} for org, role in orgs.visible_orgs(session, principal)]
         charges = billing.recent_charges(session, user.id)
         balance = session.get(User, user.id).credits
@@ -195,19 +196,19 @@ def _dashboard_context(request: Request, user: User) -> dict:
         "shared": shared,
         "charges": charges,
         "balance": balance,
-        "quota_bytes": request.app.state.settings.user_quota_bytes,
-        "default_image": request.app.state.settings.default_image,
-        "ssh": getattr(request.app.state, "ssh_published", None),  # the bastion: None where KGPU_SSH_PORT=0
+        "quota_bytes": services(request).settings.user_quota_bytes,
+        "default_image": services(request).settings.default_image,
+        "ssh": services(request).ssh_published,  # the bastion: None where KGPU_SSH_PORT=0
     }
 
 
 @router.get("/view")
 async def dashboard(request: Request) -> Response:
     found = await run_in_threadpool(current, request)
-    signin_ready = getattr(request.app.state, "oidc", None) is not None
+    signin_ready = services(request).oidc is not None
     if found is None:
         response = page(request, "signin.html", signin_ready=signin_ready)
-        signer = cookie_signer(request)
+        signer = services(request).cookie_signer
         if request.cookies.get(signer.session_cookie(is_secure(request))):
             clear_cookies(request, response)  # a dead session's cookie goes
         return response
@@ -289,7 +290,7 @@ async def cli_login_code(request: Request) -> Response:
         return refusal(request, error)
 
     def mint() -> str:
-        with request.app.state.sessions.begin() as session:
+        with services(request).sessions.begin() as session:
             return login_codes.mint(session, user.id, web.token_id, web.token, challenge)
 
     try:
@@ -332,7 +333,7 @@ async def cli_login_exchange(request: Request) -> Response:
     if not isinstance(sent, dict) or not isinstance(sent.get("code"), str) or not isinstance(sent.get("code_verifier"), str):
         raise ApiError(400, "bad_request", 'send {"code": "…", "code_verifier": "…"}')
     try:
-        token = await run_in_threadpool(login_codes.redeem, request.app.state.sessions, sent["code"], sent["code_verifier"])
+        token = await run_in_threadpool(login_codes.redeem, services(request).sessions, sent["code"], sent["code_verifier"])
     except login_codes.CodeRefused as refused:
         raise ApiError(400, "invalid_grant", str(refused)) from None
     return JSONResponse({"token": token, "token_type": "bearer"}, headers={"Cache-Control": "no-store"})

@@ -13,6 +13,7 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from gateway import orgs, users
+from gateway.deps import services
 from gateway.domain_errors import DomainError
 from gateway.errors import status_of
 from gateway.models import User
@@ -23,7 +24,7 @@ router = APIRouter(include_in_schema=False)
 
 def _admin_context(request: Request, user: User) -> dict:
     principal = principal_of(user)
-    with request.app.state.sessions() as session:
+    with services(request).sessions() as session:
         everyone = [users.describe(u) for u in session.scalars(select(User).order_by(User.status.desc(), User.id))]
         found = []
         for org, role in orgs.visible_orgs(session, principal):
@@ -56,7 +57,7 @@ async def _admin_change(request: Request, change) -> Response:
         _, user, fields = await signed_in_form(request, admin=True)
 
         def apply() -> None:
-            with request.app.state.sessions.begin() as session:
+            with services(request).sessions.begin() as session:
                 change(session, fields, principal_of(user))
 
         await run_in_threadpool(apply)
@@ -67,7 +68,7 @@ async def _admin_change(request: Request, change) -> Response:
     except ValidationError as error:
         problem = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         return refusal(request, PageError(422, "validation_error", problem))
-    request.app.state.authenticator.invalidate()
+    services(request).authenticator.invalidate()
     return see_other("/view/admin")
 
 

@@ -1,0 +1,72 @@
+"""What routes take besides the request's own fields: typed access to the application's
+services, the one module that reads them from ``app.state`` (gateway/app.py puts them there at
+start-up), and the path parameters' bounds.
+
+Routes take services as parameters (``rentals: RentalsDep``); helpers that hold a request ask
+``services(request).sessions``. The dependencies are ``async`` so FastAPI calls them on the
+event loop rather than sending each to a worker thread.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Callable, Protocol
+
+from fastapi import Depends, Path, Request
+from sqlalchemy.orm import sessionmaker
+from starlette.requests import HTTPConnection
+
+from drive.facts import FactsBook
+from drive.service import DriveService
+from drive.store import ObjectStore
+from drive.usage import UsageBook
+from gateway.auth import Authenticator
+from gateway.bounds import MAX_ROW_ID
+from gateway.rentals import Rentals
+from gateway.runs import Runs
+from gateway.settings import Settings
+from gateway.signin import AdmissionPolicy, OidcClient
+from gateway.transit import TransitObjects
+from gateway.web_session import CookieSigner
+
+
+class Services(Protocol):
+    """What ``app.state`` holds once the application has started."""
+
+    settings: Settings
+    sessions: sessionmaker
+    store: ObjectStore
+    usage: UsageBook
+    drive: DriveService
+    facts: FactsBook
+    authenticator: Authenticator
+    rentals: Rentals
+    runs: Runs
+    transit: TransitObjects
+    oidc: OidcClient | None  # None: sign-in is not configured here
+    admission: AdmissionPolicy
+    cookie_signer: CookieSigner
+    ssh_published: dict[str, Any] | None  # where the SSH bastion listens; None where KGPU_SSH_PORT=0
+    pod_address: str | None  # the address pods reach this host at (the docker bridge's), if any
+
+
+def services(conn: HTTPConnection) -> Services:
+    return conn.app.state
+
+
+def _depends(read: Callable[[Services], Any]) -> Any:
+    async def dependency(request: Request) -> Any:
+        return read(services(request))
+
+    return Depends(dependency)
+
+
+SettingsDep = Annotated[Settings, _depends(lambda s: s.settings)]
+SessionsDep = Annotated[sessionmaker, _depends(lambda s: s.sessions)]
+StoreDep = Annotated[ObjectStore, _depends(lambda s: s.store)]
+AuthenticatorDep = Annotated[Authenticator, _depends(lambda s: s.authenticator)]
+RentalsDep = Annotated[Rentals, _depends(lambda s: s.rentals)]
+RunsDep = Annotated[Runs, _depends(lambda s: s.runs)]
+TransitDep = Annotated[TransitObjects, _depends(lambda s: s.transit)]
+
+# A row id in a path: one that cannot exist is refused before it reaches the database.
+RowIdPath = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
