@@ -4,7 +4,7 @@ A request a client can send never reaches the database or a pod with a value the
 (an integer past a column's range, a NUL in a PostgreSQL text column or in exec's argv): it is
 refused here, as a 422 ``validation_error`` naming the field (or a 404 for an id that cannot
 exist). Path names have their own rule in :func:`drive.keys.check_name`; a run's and a pod's
-``env`` and ``command`` in :func:`gateway.rentals.check_env` and :func:`gateway.rentals.check_command`.
+``env`` and ``command`` in :func:`gateway.rentals.requests.check_env` and :func:`gateway.rentals.requests.check_command`.
 """
 
 from __future__ import annotations

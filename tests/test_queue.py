@@ -183,15 +183,15 @@ def test_a_model_that_leaves_the_inventory_holds_back_only_its_own_queue(server)
     waiting_a5000 = rent(server, bob, gpu_model="a5000", gpu_count=1, queue=True).json()
     held = [rent(server, alice, gpu_model="h100", gpu_count=1).json() for _ in range(2)]
     waiting_h100 = rent(server, bob, gpu_model="h100", gpu_count=1, queue=True).json()
-    original = rentals._inventory
-    rentals._inventory = [c for c in original if c.gpu_model != "a5000"]
+    original = rentals.placement.configured
+    rentals.placement.configured = [c for c in original if c.gpu_model != "a5000"]
     try:
         give_back(server, alice, held[0]["gpu_id"])
         rentals.tick()  # must not fail on the queued a5000 rental
         assert wait_phase(server, bob, waiting_h100["gpu_id"], "Running")["node"] == "node-a"
         assert state(server, bob, waiting_a5000["gpu_id"])["phase"] == "Queued"
     finally:
-        rentals._inventory = original
+        rentals.placement.configured = original
     for auth, gpu in ((alice, a5000), (alice, held[1]), (bob, waiting_h100), (bob, waiting_a5000)):
         give_back(server, auth, gpu["gpu_id"])
 
