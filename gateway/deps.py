@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Callable, Protocol
 
-from fastapi import Depends, Path, Request
+from fastapi import Depends, Path, Query, Request
 from sqlalchemy.orm import sessionmaker
 from starlette.requests import HTTPConnection
 
@@ -70,3 +70,6 @@ TransitDep = Annotated[TransitObjects, _depends(lambda s: s.transit)]
 
 # A row id in a path: one that cannot exist is refused before it reaches the database.
 RowIdPath = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
+# A rental's id: ``gpu_id`` in the API, ``rental_id`` in the code.
+RentalIdPath = Annotated[str, Path(alias="gpu_id")]
+RentalIdQuery = Annotated[str | None, Query(alias="gpu_id")]

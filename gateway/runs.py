@@ -5,17 +5,19 @@ from __future__ import annotations
 import re
 import secrets
 from datetime import datetime, timezone
+from enum import StrEnum
 
 from gateway import pods
 from gateway.domain_errors import Conflict, Gone, NotFound
 from gateway.pods import RunState
 from gateway.principal import Principal
 from gateway.rentals import Rentals
+from gateway.rentals.phases import WITH_POD
 
 
-def new_run_id(gpu_id: str) -> str:
+def new_run_id(rental_id: str) -> str:
     """``run-{rental}-{random}``: the rental is readable from the id, so no table is needed."""
-    return f"run-{gpu_id.removeprefix('gpu-')}-{secrets.token_hex(4)}"
+    return f"run-{rental_id.removeprefix('gpu-')}-{secrets.token_hex(4)}"
 
 
 _RUN_ID = re.compile(r"^run-([0-9a-f]{1,40})-[0-9a-f]{1,40}$")
@@ -31,10 +33,16 @@ def rental_of(run_id: str) -> str | None:
     return f"gpu-{match.group(1)}" if match else None
 
 
-def phase(state: RunState) -> str:
+class RunPhase(StrEnum):
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"  # exit code 0
+    FAILED = "Failed"  # any other end, a kill included
+
+
+def phase(state: RunState) -> RunPhase:
     if not state.finished:
-        return "Running"
-    return "Succeeded" if state.exit_code == 0 else "Failed"
+        return RunPhase.RUNNING
+    return RunPhase.SUCCEEDED if state.exit_code == 0 else RunPhase.FAILED
 
 
 def _iso(moment: float | None) -> str | None:
@@ -43,7 +51,7 @@ def _iso(moment: float | None) -> str | None:
     return datetime.fromtimestamp(moment, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def run_summary(gpu_id: str, state: RunState) -> dict:
+def run_summary(rental_id: str, state: RunState) -> dict:
     end = state.completed_at
     elapsed = None
     if state.started_at is not None and (end is not None or not state.finished):
@@ -51,7 +59,7 @@ def run_summary(gpu_id: str, state: RunState) -> dict:
         elapsed = round((end or datetime.now(timezone.utc).timestamp()) - state.started_at, 3)
     return {
         "run_id": state.run_id,
-        "gpu_id": gpu_id,
+        "gpu_id": rental_id,
         "phase": phase(state),
         "exit_code": state.exit_code if state.exit_code is not None else (137 if state.finished else None),
         "started_at": _iso(state.started_at),
@@ -61,9 +69,9 @@ def run_summary(gpu_id: str, state: RunState) -> dict:
     }
 
 
-def run_reply(gpu_id: str, state: RunState) -> dict:
+def run_reply(rental_id: str, state: RunState) -> dict:
     return {
-        **run_summary(gpu_id, state),
+        **run_summary(rental_id, state),
         "stdout": state.stdout.decode("utf-8", errors="replace"),
         "stderr": state.stderr.decode("utf-8", errors="replace"),
         "truncated": {"stdout": state.stdout_truncated, "stderr": state.stderr_truncated},
@@ -77,30 +85,30 @@ class Runs:
     def __init__(self, rentals: Rentals):
         self.rentals = rentals
 
-    def pod(self, principal: Principal, gpu_id: str, *, must_be_ready: bool = False) -> str:
-        """The pod of the caller's rental ``gpu_id``, which must be live (and ready, if asked)."""
+    def pod(self, principal: Principal, rental_id: str, *, must_be_ready: bool = False) -> str:
+        """The pod of the caller's rental ``rental_id``, which must be live (and ready, if asked)."""
         with self.rentals.sessions() as session:
-            rental = self.rentals.get(session, principal, gpu_id)
-            if rental.phase not in ("Pending", "Running") or not rental.pod_ref:
+            rental = self.rentals.get(session, principal, rental_id)
+            if rental.phase not in WITH_POD or not rental.pod_ref:
                 not_running = Gone if rental.ended_at else Conflict
-                raise not_running("gpu_not_running", f"{gpu_id} is {rental.phase}")
+                raise not_running("gpu_not_running", f"{rental_id} is {rental.phase}")
             if must_be_ready and not rental.ready:
-                raise Conflict("gpu_not_ready", f"{gpu_id} is not ready yet ({rental.pending_reason})")
+                raise Conflict("gpu_not_ready", f"{rental_id} is not ready yet ({rental.pending_reason})")
             return rental.pod_ref
 
-    def locate(self, principal: Principal, run_id: str, gpu_id: str | None) -> tuple[str, str]:
-        """(gpu_id, pod ref) of a run: the hint, else the rental written in the run id."""
-        gpu_id = gpu_id or rental_of(run_id)
-        if gpu_id is None or not is_run_id(run_id):
+    def locate(self, principal: Principal, run_id: str, rental_id: str | None) -> tuple[str, str]:
+        """(rental id, pod ref) of a run: the hint, else the rental written in the run id."""
+        rental_id = rental_id or rental_of(run_id)
+        if rental_id is None or not is_run_id(run_id):
             raise NotFound("run_not_found", f"no run {run_id}")
-        return gpu_id, self.pod(principal, gpu_id)
+        return rental_id, self.pod(principal, rental_id)
 
-    def start(self, principal: Principal, gpu_id: str, command: list[str], env: dict[str, str]) -> tuple[str, str]:
+    def start(self, principal: Principal, rental_id: str, command: list[str], env: dict[str, str]) -> tuple[str, str]:
         """Start a run on the caller's ready rental; returns (pod ref, run id). A run is activity."""
-        ref = self.pod(principal, gpu_id, must_be_ready=True)
-        run_id = new_run_id(gpu_id)
+        ref = self.pod(principal, rental_id, must_be_ready=True)
+        run_id = new_run_id(rental_id)
         self._backend.start_run(ref, run_id, command, env)
-        self.rentals.touch(gpu_id)
+        self.rentals.touch(rental_id)
         return ref, run_id
 
     def state(self, ref: str, run_id: str) -> RunState:
@@ -122,22 +130,22 @@ class Runs:
     def signal(self, ref: str, run_id: str, signal: str) -> None:
         self._backend.signal_run(ref, run_id, signal)
 
-    def in_pod(self, gpu_id: str, ref: str) -> list[dict]:
+    def in_pod(self, rental_id: str, ref: str) -> list[dict]:
         """Summaries of every run in a rental's pod."""
         return [
-            run_summary(gpu_id, state)
+            run_summary(rental_id, state)
             for run_id in self._backend.run_ids(ref)
             if (state := self._backend.run_state(ref, run_id, 0)) is not None
         ]
 
-    def of(self, principal: Principal, gpu_id: str | None = None) -> list[dict]:
-        """Summaries of the runs on the caller's live rentals (only ``gpu_id``'s when given), oldest first."""
+    def of(self, principal: Principal, rental_id: str | None = None) -> list[dict]:
+        """Summaries of the runs on the caller's live rentals (only ``rental_id``'s when given), oldest first."""
         with self.rentals.sessions() as session:
-            if gpu_id:
-                targets = [self.rentals.get(session, principal, gpu_id)]
+            if rental_id:
+                targets = [self.rentals.get(session, principal, rental_id)]
             else:
                 targets = self.rentals.active_of(session, principal)
-            live = [(r.id, r.pod_ref) for r in targets if r.pod_ref and r.phase in ("Pending", "Running")]
+            live = [(r.id, r.pod_ref) for r in targets if r.pod_ref and r.phase in WITH_POD]
         found = [summary for rental_id, ref in live for summary in self.in_pod(rental_id, ref)]
         found.sort(key=lambda run: (run["started_at"] or "", run["run_id"]))
         return found

@@ -14,7 +14,7 @@ from gateway import billing
 from gateway.domain_errors import NotFound
 from gateway.models import Rental
 from gateway.principal import Principal
-from gateway.rentals.phases import ACTIVE
+from gateway.rentals.phases import ACTIVE, Phase
 from gateway.rentals.placement import Placement
 from gateway.tokens import as_utc
 
@@ -56,7 +56,7 @@ def describe(session: Session, rental: Rental, now: datetime, ssh_door: dict | N
         "pending_reason": rental.pending_reason,
         "queue_position": (
             Placement.queued_ahead(session, rental.gpu_model, rental.created_at) + 1
-            if rental.phase == "Queued" else None
+            if rental.phase == Phase.QUEUED else None
         ),
         "end_reason": rental.end_reason,
         "mounts": json.loads(rental.mounts_json) if rental.mounts_json else None,

@@ -23,7 +23,7 @@ from gateway.models import ApiToken, Rental, utcnow
 from gateway.pods import PodBackend, PodError, PodSpec, PodStatus
 from gateway.principal import Principal
 from gateway.rentals import describe as describing
-from gateway.rentals.phases import ACTIVE, HANDED_OVER, apply_status
+from gateway.rentals.phases import ACTIVE, HANDED_OVER, OVER, WITH_POD, Phase, apply_status, pod_lost
 from gateway.rentals.placement import Placement, lock_placement
 from gateway.rentals.reaper import Reaper
 from gateway.rentals.requests import RentRequest, parse_cpu, parse_memory
@@ -163,7 +163,7 @@ class Rentals:
                 # Everything the pod's environment holds but its token (issued when it starts).
                 env_json=json.dumps({**(request.env or {}), "KGPU_API_BASE": api_base}),
                 backend=self.backend.name,
-                phase="Queued",
+                phase=Phase.QUEUED,
                 ready=False,
                 pending_reason=f"waiting for {count} free {gpu_class.gpu_model} GPUs",
                 price_per_hour_credits=gpu_class.price_per_hour_credits,
@@ -188,7 +188,7 @@ class Rentals:
         with self.placement.lock, self.sessions.begin() as session:
             lock_placement(session)
             blocked: set[str] = set()
-            for rental in session.scalars(select(Rental).where(Rental.phase == "Queued").order_by(Rental.created_at)):
+            for rental in session.scalars(select(Rental).where(Rental.phase == Phase.QUEUED).order_by(Rental.created_at)):
                 if rental.gpu_model in blocked:
                     continue
                 user = users.get_locked(session, rental.user_id)
@@ -198,7 +198,7 @@ class Rentals:
                     blocked.add(rental.gpu_model)
                     continue
                 if user.credits < max(rental.gpu_count, 1) * placement[0].price_per_hour_credits:
-                    rental.phase, rental.ended_at = "Ended", self.now()
+                    rental.phase, rental.ended_at = Phase.ENDED, self.now()
                     rental.end_reason, rental.pending_reason = "insufficient_credits", None
                     continue
                 started.append((rental.id, self.placement.book(session, rental, *placement)))
@@ -231,7 +231,7 @@ class Rentals:
             instance = self.backend.instance
             ref = self.backend.start(spec)
         except PodError as exc:
-            return self.finish(rental.id, "Failed", f"start_failed: {exc}")
+            return self.finish(rental.id, Phase.FAILED, f"start_failed: {exc}")
         with self.sessions.begin() as session:
             rental = session.get(Rental, rental.id)
             rental.pod_ref = ref
@@ -256,7 +256,7 @@ class Rentals:
     @staticmethod
     def starting(rental: Rental) -> bool:
         """Live but not ready yet: its pod's state is worth asking for now (``refresh``)."""
-        return rental.phase in ("Pending", "Running") and not rental.ready
+        return rental.phase in WITH_POD and not rental.ready
 
     def mine(self, rental: Rental) -> bool:
         """Whether this gateway's backend runs the rental's pod (replicas share the database, not
@@ -274,7 +274,7 @@ class Rentals:
             rental = session.get(Rental, rental_id)
             if self.starting(rental) and rental.pod_ref and self.mine(rental):
                 status = self.pod_status(rental.pod_ref)
-                if status.phase not in ("Gone", "Failed"):  # the reaper ends lost pods
+                if not pod_lost(status):  # the reaper ends lost pods
                     apply_status(rental, status)
 
     def touch(self, rental_id: str) -> None:
@@ -291,16 +291,16 @@ class Rentals:
             rental = self.get(session, principal, rental_id)
         if rental.phase not in ACTIVE:
             return rental
-        return self.finish(rental.id, "Ended", reason)
+        return self.finish(rental.id, Phase.ENDED, reason)
 
-    def finish(self, rental_id: str, phase: str, reason: str) -> Rental:
+    def finish(self, rental_id: str, phase: Phase, reason: str) -> Rental:
         """End a rental: its pod removed (its /files flushed first), its in-pod token revoked, its
         last minutes billed; then the queue moves."""
         with self.sessions.begin() as session:
             rental = session.get(Rental, rental_id)
-            if rental.phase in ("Ended", "Failed"):
+            if rental.phase in OVER:
                 return rental
-            rental.phase = "Terminating"
+            rental.phase = Phase.TERMINATING
             rental.ready = False
             if rental.pod_ref and not self.mine(rental):
                 # Another gateway runs the pod: it flushes and removes it at its next reaper tick,

@@ -16,7 +16,7 @@ from gateway.domain_errors import Invalid
 from gateway.inventory import GpuClass, engine_inventory, free_indices
 from gateway.models import Rental
 from gateway.pods import PodBackend
-from gateway.rentals.phases import ACTIVE
+from gateway.rentals.phases import ACTIVE, Phase
 
 # Any constant: the PostgreSQL advisory lock that placements take, on every gateway of the database.
 PLACEMENT_LOCK = 0x6B677075  # "kgpu"
@@ -108,7 +108,7 @@ class Placement:
     @staticmethod
     def queued_ahead(session: Session, gpu_model: str, before: datetime | None = None) -> int:
         """How many rentals wait for ``gpu_model`` (only those queued before ``before``, if given)."""
-        query = select(func.count()).where(Rental.phase == "Queued", Rental.gpu_model == gpu_model)
+        query = select(func.count()).where(Rental.phase == Phase.QUEUED, Rental.gpu_model == gpu_model)
         if before is not None:
             query = query.where(Rental.created_at < before)
         return session.scalar(query) or 0
@@ -120,7 +120,7 @@ class Placement:
         rental.gpu_model = gpu_class.gpu_model
         rental.gpu_indices = ",".join(map(str, indices))
         rental.price_per_hour_credits = gpu_class.price_per_hour_credits
-        rental.phase, rental.pending_reason = "Pending", "starting the pod"
+        rental.phase, rental.pending_reason = Phase.PENDING, "starting the pod"
         session.flush()
         _, pod_token = tokens.issue(session, rental.user_id, label=f"in-pod token of {rental.id}", rental_id=rental.id)
         return pod_token

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from gateway import billing
 from gateway.models import Rental, User
 from gateway.pods import PodError, PodStatus
-from gateway.rentals.phases import HANDED_OVER, apply_status
+from gateway.rentals.phases import HANDED_OVER, OVER, WITH_POD, Phase, apply_status, pod_lost
 from gateway.tokens import as_utc
 
 if TYPE_CHECKING:
@@ -55,23 +55,23 @@ class Reaper:
         with self.rentals.sessions() as session:
             watched = [
                 (rental.id, rental.pod_ref, [int(i) for i in rental.gpu_indices.split(",") if i])
-                for rental in session.scalars(select(Rental).where(Rental.phase.in_(("Pending", "Running"))))
+                for rental in session.scalars(select(Rental).where(Rental.phase.in_(WITH_POD)))
                 if rental.pod_ref and self.rentals.mine(rental)
             ]
         seen = self._observe_all(watched)
         with self._observing_lock:  # forget the load of pods no longer watched
             self._cpu_seen = {r: v for r, v in self._cpu_seen.items() if r in {w[0] for w in watched}}
         with self.rentals.sessions.begin() as session:
-            for rental in session.scalars(select(Rental).where(Rental.phase == "Terminating")):
+            for rental in session.scalars(select(Rental).where(Rental.phase == Phase.TERMINATING)):
                 if rental.pending_reason == HANDED_OVER and self.rentals.mine(rental):
                     ending.append((rental.id, rental.end_reason or "returned"))
-            for rental in session.scalars(select(Rental).where(Rental.phase.in_(("Pending", "Running")))):
+            for rental in session.scalars(select(Rental).where(Rental.phase.in_(WITH_POD))):
                 if not self.rentals.mine(rental):
                     billing.charge(session, rental, now)  # once per minute, whoever bills first
                     continue
                 observed = seen.get(rental.id)  # None: its pod started since (seen next tick)
                 if observed is not None:
-                    if observed.status.phase in ("Gone", "Failed"):
+                    if pod_lost(observed.status):
                         ending.append((rental.id, f"pod_lost: {observed.status.reason or observed.status.phase}"))
                         continue
                     apply_status(rental, observed.status)
@@ -95,7 +95,7 @@ class Reaper:
                 rental.id
                 for rental in session.scalars(
                     select(Rental).join(User, User.id == Rental.user_id).where(
-                        Rental.phase.in_(("Pending", "Running")), User.credits <= 0
+                        Rental.phase.in_(WITH_POD), User.credits <= 0
                     )
                 )
             }
@@ -111,7 +111,7 @@ class Reaper:
 
     def _finish_logged(self, rental_id: str, reason: str) -> None:
         try:
-            self.rentals.finish(rental_id, "Ended", reason)
+            self.rentals.finish(rental_id, Phase.ENDED, reason)
         except Exception:  # noqa: BLE001 - the next tick ends it; the others end now
             log.exception("could not end rental %s (%s); the next tick tries again", rental_id, reason)
 
@@ -126,7 +126,7 @@ class Reaper:
             return
         with self.rentals.sessions() as session:
             ended = session.scalars(
-                select(Rental.id).where(Rental.id.in_(list(pods)), Rental.phase.in_(("Ended", "Failed")))
+                select(Rental.id).where(Rental.id.in_(list(pods)), Rental.phase.in_(OVER))
             ).all()
         for rental_id in ended:
             try:
@@ -164,7 +164,7 @@ class Reaper:
 
     def _observe(self, rental_id: str, ref: str, gpus: list[int]) -> "_Observed":
         status = self.rentals.pod_status(ref)
-        if status.phase in ("Gone", "Failed"):
+        if pod_lost(status):
             return _Observed(status, False, None)
         loaded = self._loaded(rental_id, ref) or self._gpus_busy(ref, gpus)
         return _Observed(status, self._has_live_run(ref), self._storage(ref), loaded)

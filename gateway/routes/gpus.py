@@ -8,7 +8,7 @@ from starlette.concurrency import run_in_threadpool
 
 from gateway import billing
 from gateway.auth import AccountUser, ApprovedUser, MaybeUser
-from gateway.deps import RentalsDep, RunsDep, SessionsDep, SettingsDep, services
+from gateway.deps import RentalIdPath, RentalsDep, RunsDep, SessionsDep, SettingsDep, services
 from gateway.errors import ApiError
 from gateway.inventory import CREDITS_PER_DOLLAR
 from gateway.models import Rental, User
@@ -169,14 +169,14 @@ class KeyChange(BaseModel):
     ),
 )
 def change_key(
-    gpu_id: str, body: KeyChange, principal: AccountUser, rentals: RentalsDep, sessions: SessionsDep
+    rental_id: RentalIdPath, body: KeyChange, principal: AccountUser, rentals: RentalsDep, sessions: SessionsDep
 ) -> dict:
     if body.ssh_pubkey is None and rentals.ssh_door is None:
         raise ApiError(409, "ssh_unavailable", "this server runs no SSH bastion (KGPU_SSH_PORT=0): it mints no keys")
-    key, private = ssh_key(rentals, body.ssh_pubkey, gpu_id)
-    rentals.pin_key(principal, gpu_id, key)
+    key, private = ssh_key(rentals, body.ssh_pubkey, rental_id)
+    rentals.pin_key(principal, rental_id, key)
     with sessions() as session:
-        return with_private_key(rentals.describe(session, session.get(Rental, gpu_id)), private)
+        return with_private_key(rentals.describe(session, session.get(Rental, rental_id)), private)
 
 
 @router.get(
@@ -185,20 +185,20 @@ def change_key(
     responses=errors((404, "gpu_not_found: no rental of yours with this id"), POD_DOWN),
 )
 def rental_state(
-    gpu_id: str, principal: ApprovedUser, rentals: RentalsDep, runs: RunsDep, sessions: SessionsDep
+    rental_id: RentalIdPath, principal: ApprovedUser, rentals: RentalsDep, runs: RunsDep, sessions: SessionsDep
 ) -> dict:
     with sessions() as session:
-        rental = rentals.get(session, principal, gpu_id)
+        rental = rentals.get(session, principal, rental_id)
         starting = rentals.starting(rental)
     if starting:
-        rentals.refresh(gpu_id)
+        rentals.refresh(rental_id)
     with sessions() as session:
-        rental = session.get(Rental, gpu_id)
+        rental = session.get(Rental, rental_id)
         described = rentals.describe(session, rental)
         ref, active, mine = rental.pod_ref, rental.phase in ACTIVE, rentals.mine(rental)
     described["runs"] = []  # a pod another gateway runs: its runs are asked of that gateway
     if ref and active and mine:
-        described["runs"] = runs.in_pod(gpu_id, ref)
+        described["runs"] = runs.in_pod(rental_id, ref)
     return described
 
 
@@ -207,8 +207,10 @@ def rental_state(
     summary="Return the GPU: the pod is destroyed",
     responses=errors((404, "gpu_not_found: no rental of yours with this id")),
 )
-async def return_gpu(gpu_id: str, principal: ApprovedUser, rentals: RentalsDep, sessions: SessionsDep) -> dict:
-    rental = await run_in_threadpool(rentals.end, principal, gpu_id, "returned")
+async def return_gpu(
+    rental_id: RentalIdPath, principal: ApprovedUser, rentals: RentalsDep, sessions: SessionsDep
+) -> dict:
+    rental = await run_in_threadpool(rentals.end, principal, rental_id, "returned")
 
     def describe():
         with sessions() as session:
