@@ -84,13 +84,6 @@ def load_inventory(settings: Settings) -> list[GpuClass]:
     return [GpuClass(node="local", gpu_model="cpu", count=0, price_per_hour_credits=settings.cpu_price_per_hour_credits)]
 
 
-def engine_inventory(backend: object) -> list[GpuClass] | None:
-    """The nodes a workload engine reports, where the pod backend reads them (its optional
-    ``inventory()``, e.g. Slurm's sinfo); None: use the configured inventory."""
-    read = getattr(backend, "inventory", None)
-    return read() if callable(read) else None
-
-
 def free_indices(gpu_class: GpuClass, busy: set[int]) -> list[int]:
     if not gpu_class.ready:
         return []

@@ -7,7 +7,6 @@ import secrets
 from datetime import datetime, timezone
 from enum import StrEnum
 
-from gateway import pods
 from gateway.domain_errors import Conflict, Gone, NotFound
 from gateway.pods import RunState
 from gateway.principal import Principal
@@ -121,11 +120,11 @@ class Runs:
 
     def wait(self, ref: str, run_id: str, seconds: float) -> RunState:
         """The run's state once it ends, or after ``seconds``: one wait inside the pod."""
-        return _found(run_id, pods.wait_run(self._backend, ref, run_id, seconds, self._tail_bytes))
+        return _found(run_id, self._backend.wait_run(ref, run_id, seconds, self._tail_bytes))
 
     def follow(self, ref: str, run_id: str, offsets: dict[str, int], seconds: float) -> RunState | None:
         """Its output past ``offsets`` once there is some, or its end, or after ``seconds``."""
-        return pods.follow_run(self._backend, ref, run_id, offsets, seconds)
+        return self._backend.follow_run(ref, run_id, offsets, seconds)
 
     def signal(self, ref: str, run_id: str, signal: str) -> None:
         self._backend.signal_run(ref, run_id, signal)

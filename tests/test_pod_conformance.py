@@ -8,6 +8,7 @@ import uuid
 import pytest
 
 from gateway.pods import PodBackend, PodSpec
+from gateway.pods.exec_runs import ExecRuns
 
 
 def wait_finished(backend, ref, run_id, seconds=20.0):
@@ -140,43 +141,39 @@ def test_storage_is_measured(pod):
 
 
 def test_a_long_poll_is_one_wait_and_answers_when_the_run_ends(pod):
-    from gateway.pods import wait_run
-
     backend, ref, _ = pod
     backend.start_run(ref, "run-wait", ["sh", "-c", "sleep 0.5; echo done; exit 3"], {})
     calls = []
-    api = getattr(backend, "api", None)
-    if api is not None:  # docker: count the calls into the pod
-        original = api.exec_create
-        api.exec_create = lambda *a, **k: calls.append(a) or original(*a, **k)
+    exec_calls = isinstance(backend, ExecRuns)  # a backend that reaches the pod by exec: count its calls
+    if exec_calls:
+        original = backend._exec
+        backend._exec = lambda *a, **k: calls.append(a) or original(*a, **k)
     try:
         started = time.monotonic()
-        state = wait_run(backend, ref, "run-wait", 20, 4096)
+        state = backend.wait_run(ref, "run-wait", 20, 4096)
         waited = time.monotonic() - started
     finally:
-        if api is not None:
-            api.exec_create = original
+        if exec_calls:
+            del backend._exec
     assert state is not None and state.finished and state.exit_code == 3 and state.stdout == b"done\n"
     assert waited < 15, f"the wait did not end with the run ({waited:.1f}s)"
-    if api is not None:
+    if exec_calls:
         assert len(calls) == 1, f"{len(calls)} execs for one long-poll"
     backend.start_run(ref, "run-long", ["sleep", "30"], {})
-    still = wait_run(backend, ref, "run-long", 0.3, 4096)
+    still = backend.wait_run(ref, "run-long", 0.3, 4096)
     assert still is not None and not still.finished and still.exit_code is None
     backend.signal_run(ref, "run-long", "KILL")
-    assert wait_run(backend, ref, "run-missing", 1, 4096) is None
+    assert backend.wait_run(ref, "run-missing", 1, 4096) is None
 
 
 def test_following_a_run_gives_its_output_as_it_comes_in_one_wait_each(pod):
-    from gateway.pods import follow_run
-
     backend, ref, _ = pod
     backend.start_run(ref, "run-follow", ["sh", "-c", "echo one; sleep 1; echo two >&2; sleep 0.2; echo three; exit 2"], {})
     offsets, got, calls = {"stdout": 0, "stderr": 0}, {"stdout": b"", "stderr": b""}, 0
     deadline = time.monotonic() + 30
     while True:
         assert time.monotonic() < deadline, got
-        state = follow_run(backend, ref, "run-follow", dict(offsets), 10)
+        state = backend.follow_run(ref, "run-follow", dict(offsets), 10)
         calls += 1
         assert state is not None
         for name in offsets:
@@ -187,7 +184,7 @@ def test_following_a_run_gives_its_output_as_it_comes_in_one_wait_each(pod):
             break
     assert got == {"stdout": b"one\nthree\n", "stderr": b"two\n"} and state.exit_code == 2
     assert 2 <= calls <= 6, f"{calls} waits for three lines: each answers on new output, not on a timer"
-    assert follow_run(backend, ref, "run-missing", {}, 1) is None
+    assert backend.follow_run(ref, "run-missing", {}, 1) is None
 
 
 def test_fifos_planted_in_a_run_folder_do_not_hold_the_gateway(pod):
@@ -195,16 +192,14 @@ def test_fifos_planted_in_a_run_folder_do_not_hold_the_gateway(pod):
     call the gateway makes into the pod still answers."""
     import threading
 
-    from gateway.pods import follow_run, wait_run
-
     backend, ref, _ = pod
     plant = 'd=/tmp/kgpu/runs/run-fifo; for f in stdout stderr exit_code started_at completed_at; do rm -f "$d/$f"; mkfifo "$d/$f"; done; sleep 30'
     backend.start_run(ref, "run-fifo", ["sh", "-c", plant], {})
     time.sleep(1)
     calls = {
         "run_state": lambda: backend.run_state(ref, "run-fifo", 4096),
-        "wait_run": lambda: wait_run(backend, ref, "run-fifo", 1, 4096),
-        "follow_run": lambda: follow_run(backend, ref, "run-fifo", {"stdout": 0, "stderr": 0}, 1),
+        "wait_run": lambda: backend.wait_run(ref, "run-fifo", 1, 4096),
+        "follow_run": lambda: backend.follow_run(ref, "run-fifo", {"stdout": 0, "stderr": 0}, 1),
         "read_output": lambda: backend.read_output(ref, "run-fifo", "stdout", 0),
         "signal_run": lambda: backend.signal_run(ref, "run-fifo", "KILL"),
     }

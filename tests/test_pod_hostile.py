@@ -14,11 +14,11 @@ import subprocess
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from gateway.pods import PodError
 from gateway.pods.docker import DockerPodBackend
 from tests.test_pod_conformance import LISTEN_9999, enter, pod_spec, wait_finished
 
@@ -223,77 +223,14 @@ def test_a_pod_cannot_reach_the_hosts_loopback_services(pods, host_service):
     assert "HOST-SERVICE" not in out
 
 
-class _Api(BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.end_headers()
-        self.wfile.write(b"api-reached")
-
-    def log_message(self, *args):
-        pass
-
-
-def test_a_local_pod_reaches_its_api_base_and_nothing_else(pod_backend, host_service):
-    """The local backend's pods have their own network: the API base (and the store) through the
-    relay, no other port of the host's loopback."""
-    if pod_backend.name != "local":
-        pytest.skip("docker pods reach the API at the bridge's address: test_pod_mounts covers it")
-    api = ThreadingHTTPServer(("127.0.0.1", 0), _Api)
-    threading.Thread(target=api.serve_forever, daemon=True).start()
-    ref = start_pod(pod_backend, {"KGPU_API_BASE": f"http://127.0.0.1:{api.server_address[1]}"})
-    try:
-        code, out, _ = sh(pod_backend, ref, f"""
-            curl -s --max-time 5 "$KGPU_API_BASE/v1/me"; echo
-            curl -s --max-time 3 telnet://127.0.0.1:{host_service} </dev/null; echo done""")
-        assert out.startswith("api-reached"), out
-        assert "HOST-SERVICE" not in out
-    finally:
-        pod_backend.destroy(ref)
-        api.shutdown()
-
-
-def test_a_local_pod_runs_under_its_own_uid_and_its_token_stays_in_it(pod_backend):
-    if pod_backend.name != "local":
-        pytest.skip("local backend")
-    token = "kgpu_" + secrets.token_hex(24)
-    first = start_pod(pod_backend, {"KGPU_API_TOKEN": token})
-    second = start_pod(pod_backend)
-    try:
-        one = sh(pod_backend, first, "id -u; printf %s \"$KGPU_API_TOKEN\"")[1].split("\n", 1)
-        two = sh(pod_backend, second, "id -u")[1].strip()
-        assert one[1] == token  # the run has its pod's token
-        uids = {int(one[0]), int(two)}
-        assert len(uids) == 2 and os.geteuid() not in uids and 0 not in uids
-        # The gateway's own files hold no copy of it (the database keeps a hash).
-        for path in pod_backend.root.rglob("*"):
-            inside_pod = {"workspace", "tmp"} & set(path.relative_to(pod_backend.root).parts)
-            if path.is_file() and not path.is_symlink() and path.name != "token" and not inside_pod:
-                assert token not in path.read_text(errors="replace"), path
-    finally:
-        pod_backend.destroy(first)
-        pod_backend.destroy(second)
-
-
 def test_the_in_pod_token_is_in_the_pod_only(pod_backend):
-    """The pod receives its token once: its runs have it, the backend's records do not."""
+    """The pod receives its token once: its runs and logins have it (the backend's own records
+    of the pod do not: each backend's hostile file checks them)."""
     token = "kgpu_" + secrets.token_hex(24)
     ref = start_pod(pod_backend, {"KGPU_API_TOKEN": token})
     try:
         assert sh(pod_backend, ref, 'printf %s "$KGPU_API_TOKEN"')[1] == token
-        if pod_backend.name == "docker":
-            config = pod_backend.api.inspect_container(ref)["Config"]
-            assert token not in " ".join(config.get("Env") or []), "docker inspect shows the token"
-        elif pod_backend.name == "slurm":  # the job's container, on this host's dockerd
-            import docker
-
-            config = docker.from_env().api.inspect_container(ref.split("/", 1)[1])["Config"]
-            assert token not in " ".join(config.get("Env") or []), "docker inspect shows the token"
-            job = subprocess.run(["scontrol", "show", "job", ref.split("/")[0]], env=pod_backend._env(),
-                                 capture_output=True, text=True).stdout
-            assert "JobState=RUNNING" in job and token not in job
-        else:
-            record = (pod_backend.root / ref / "pod.json").read_text()
-            assert token not in record
+        assert enter(pod_backend, ref, ["-c", 'printf %s "$KGPU_API_TOKEN"'])[1].decode() == token
     finally:
         pod_backend.destroy(ref)
 
@@ -352,7 +289,15 @@ def test_a_pod_cannot_take_every_pid(pod_backend):
         assert 8 <= forked < 64, (forked, err[-300:])
         # The limit is the pod's: the host, and a run started after, fork as before.
         assert subprocess.run(["sh", "-c", "for i in 1 2 3; do true & done; wait"], timeout=10).returncode == 0
-        assert sh(pod_backend, ref, "sleep 0.1 & wait; echo again")[1].strip() == "again"
+        deadline = time.monotonic() + 20  # once the bomb's processes are reaped (their init does it, in its time)
+        while True:
+            try:
+                if sh(pod_backend, ref, "sleep 0.1 & wait; echo again")[1].strip() == "again":
+                    break
+            except PodError:
+                pass
+            assert time.monotonic() < deadline, "the pod could not fork again after its bomb ended"
+            time.sleep(0.5)
     finally:
         pod_backend.destroy(ref)
 
@@ -368,49 +313,62 @@ TRICKLING_SH = (
 STOP_EVERYTHING = "sleep 1; exec perl -e 'while (1) { kill \"STOP\", -1; select(undef, undef, undef, 0.001) }'"
 
 
-def test_a_pod_cannot_hold_the_gateways_calls(pod_backend):
-    """Every call into a pod has a deadline (and is killed past it), and one pod holds at most a
-    few of the gateway's threads: 45 such calls used to hold the gateway for minutes."""
-    from gateway.pods import PodError
+def hold_calls(backend, call) -> None:
+    """30 calls at once into a pod that holds them: each is cut at its deadline or turned away
+    at once (the pod's few call slots), none waits for long."""
+    bound = backend.call_timeout_s + 15 + 10  # a Slurm step's start; generous for a busy machine
+    outcomes: list[tuple[str, float]] = []
 
-    bound = 2 + (15 if pod_backend.name == "slurm" else 0) + 10  # srun's start; generous for a busy machine
+    def one_call():
+        started = time.monotonic()
+        try:
+            call()
+            outcomes.append(("answered", time.monotonic() - started))
+        except PodError as exc:
+            outcomes.append((type(exc).__name__, time.monotonic() - started))
+
+    threads = [threading.Thread(target=one_call) for _ in range(30)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(bound + 30)
+    assert len(outcomes) == 30 and all(seconds < bound for _, seconds in outcomes), outcomes
+    kinds = {kind for kind, _ in outcomes}
+    assert "PodBusy" in kinds, outcomes  # the rest were turned away at once, not queued
+    assert "PodError" in kinds, outcomes  # held calls were cut at the deadline
+
+
+def test_a_pod_that_stops_its_processes_cannot_hold_the_gateways_calls(pod_backend):
+    """Every call into a pod has a deadline (and is killed past it), and one pod holds at most a
+    few of the gateway's threads: 45 such calls used to hold the gateway for minutes. The pod
+    also catches the processes the gateway starts in it, so this holds only where those are
+    the gateway's own children (a daemon's exec it catches wedges the daemon: docs/pod-isolation.md)."""
+    if not pod_backend.enters_directly:
+        pytest.skip("this backend enters pods through a daemon that a pod stopping its processes wedges")
     ref = start_pod(pod_backend)
     try:
-        if pod_backend.name == "local":
-            pod_backend.start_run(ref, "run-stopper", ["sh", "-c", STOP_EVERYTHING], {})
-            call = lambda: pod_backend.signal_run(ref, "run-stopper", "TERM")  # noqa: E731
-        else:  # (its state cannot be read once sh is replaced: the calls below tell whether it was)
-            pod_backend.start_run(ref, "run-replace", ["dash", "-c", TRICKLING_SH], {})
-            call = lambda: pod_backend.run_ids(ref)  # noqa: E731
+        pod_backend.start_run(ref, "run-stopper", ["sh", "-c", STOP_EVERYTHING], {})
         time.sleep(2)
         pod_backend.call_timeout_s = 2
-        outcomes: list[tuple[str, float]] = []
-
-        def one_call():
-            started = time.monotonic()
-            try:
-                call()
-                outcomes.append(("answered", time.monotonic() - started))
-            except PodError as exc:
-                outcomes.append((type(exc).__name__, time.monotonic() - started))
-
-        threads = [threading.Thread(target=one_call) for _ in range(30)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(bound + 30)
-        assert len(outcomes) == 30 and all(seconds < bound for _, seconds in outcomes), outcomes
-        kinds = {kind for kind, _ in outcomes}
-        assert "PodBusy" in kinds, outcomes  # the rest were turned away at once, not queued
-        assert kinds & {"PodError", "PodBusy"} and ("PodError" in kinds), outcomes  # held calls were cut at the deadline
+        hold_calls(pod_backend, lambda: pod_backend.signal_run(ref, "run-stopper", "TERM"))
     finally:
-        holder = pod_backend._record(pod_backend.root / ref).get("holder_pid") if pod_backend.name == "local" else None
         pod_backend.destroy(ref)
-    if holder:  # the stopped run's root nsenter no longer pins the pod's namespace (item 8)
-        deadline = time.monotonic() + 15
-        while Path(f"/proc/{holder}").exists():
-            assert time.monotonic() < deadline, f"the pod's sandbox (pid {holder}) is still there after its return"
-            time.sleep(0.2)
+
+
+def test_a_pod_that_replaces_its_shell_cannot_hold_the_gateways_calls(pod_backend):
+    ref = start_pod(pod_backend)
+    try:
+        pod_backend.start_run(ref, "run-replace", ["dash", "-c", TRICKLING_SH], {})
+        time.sleep(2)
+        pod_backend.call_timeout_s = 2
+        try:  # (the run's state cannot be read once sh is replaced: a call tells whether it was)
+            pod_backend.run_ids(ref)
+            pytest.skip("this backend's calls do not run a shell the pod can replace (its system folders are read-only)")
+        except PodError:
+            pass
+        hold_calls(pod_backend, lambda: pod_backend.run_ids(ref))
+    finally:
+        pod_backend.destroy(ref)
 
 
 CONNECT = (

@@ -262,3 +262,21 @@ def test_a_network_that_lets_pods_reach_each_other_is_refused(docker_pod_client)
         assert not [c for c in docker_pod_client.containers.list(all=True) if c.name.endswith("icc")]
     finally:
         docker_pod_client.networks.get(name).remove()
+
+
+@pytest.mark.parametrize("pod_backend", ["docker"], indirect=True)
+def test_the_in_pod_token_is_not_in_the_containers_configuration(pod_backend):
+    """docker inspect (which any user of the daemon may run) never shows a pod's token."""
+    import secrets
+
+    from tests.test_pod_hostile import sh, start_pod
+
+    token = "kgpu_" + secrets.token_hex(24)
+    ref = start_pod(pod_backend, {"KGPU_API_TOKEN": token})
+    try:
+        assert sh(pod_backend, ref, 'printf %s "$KGPU_API_TOKEN"')[1] == token
+        config = pod_backend.api.inspect_container(ref)["Config"]
+        assert config.get("Env")
+        assert token not in " ".join(config.get("Env") or []) + " ".join(config.get("Cmd") or [])
+    finally:
+        pod_backend.destroy(ref)

@@ -334,3 +334,22 @@ def test_a_fifth_rental_queues_and_starts_when_a_gpu_is_returned(server, user, s
     finally:
         for r in rentals:
             requests.delete(f"{server.base}/v1/gpus/{r['gpu_id']}", headers=user)
+
+
+@pytest.mark.parametrize("pod_backend", ["slurm"], indirect=True)
+def test_the_in_pod_token_is_in_neither_the_job_nor_the_containers_configuration(pod_backend):
+    import secrets
+
+    from tests.test_pod_hostile import sh, start_pod
+
+    token = "kgpu_" + secrets.token_hex(24)
+    ref = start_pod(pod_backend, {"KGPU_API_TOKEN": token})
+    try:
+        assert sh(pod_backend, ref, 'printf %s "$KGPU_API_TOKEN"')[1] == token  # (once its container is up)
+        config = docker.from_env().api.inspect_container(ref.split("/", 1)[1])["Config"]
+        assert config.get("Env") and token not in " ".join(config.get("Env") or [])
+        job = subprocess.run(["scontrol", "show", "job", ref.split("/")[0]], env=pod_backend._env(),
+                             capture_output=True, text=True).stdout
+        assert "JobState=RUNNING" in job and token not in job
+    finally:
+        pod_backend.destroy(ref)

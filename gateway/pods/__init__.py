@@ -14,20 +14,37 @@ same tests on each.
 
 from __future__ import annotations
 
+import base64
 import math
 import re
 import socket
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from gateway.inventory import GpuClass
 
 RUNNER = (Path(__file__).parent / "runner.sh").read_text()
 RUNS_DIR = "/tmp/kgpu/runs"
+READ_CHUNK = 1 << 20  # read_output and follow_run answer at most this many bytes of a stream
 # The in-pod token lives in the pod only, in this file (written once at the pod's start); the
 # gateway keeps its hash. Every run reads it into KGPU_API_TOKEN, unless its own env names one.
 TOKEN_PATH = "/run/kgpu/token"
 TOKEN_LAUNCH = 'KGPU_API_TOKEN=${KGPU_API_TOKEN-$(cat "$1" 2>/dev/null)}; export KGPU_API_TOKEN; shift; exec "$@"'
+
+
+# A run's environment where the host command cannot set it in the pod without naming its values
+# on a command line (srun … docker exec, runc exec): ``encode_env`` of it ("NAME:BASE64 ..."), in
+# ``KGPU_RUN_ENV`` (ENV_LAUNCH) or as stdin's first line (STDIN_ENV_LAUNCH), exported one by one
+# in the pod (any value, newlines included) before ``exec "$@"``. POSIX sh and base64.
+_ENV_EXPORT = 'for kv in $KGPU_RUN_ENV; do v=$(printf %s "${kv#*:}" | base64 -d; echo .); export "${kv%%:*}=${v%.}"; done; unset KGPU_RUN_ENV;'
+ENV_LAUNCH = _ENV_EXPORT + ' exec "$@"'
+STDIN_ENV_LAUNCH = "IFS= read -r KGPU_RUN_ENV; " + _ENV_EXPORT + ' exec "$@" </dev/null'
+
+
+def encode_env(env: dict[str, str]) -> str:
+    return " ".join(f"{name}:{base64.b64encode(value.encode()).decode()}" for name, value in env.items())
 
 
 def with_token(token_path: str, argv: list[str]) -> list[str]:
@@ -173,40 +190,6 @@ def wait_ticks(seconds: float) -> int:
     return max(0, math.ceil(seconds * WAIT_TICKS_PER_SECOND))
 
 
-def wait_run(backend: "PodBackend", ref: str, run_id: str, seconds: float, tail_bytes: int) -> "RunState | None":
-    """The run's state once it has ended, or after ``seconds``: the backend's own ``wait_run``
-    (one wait inside the pod), else its ``run_state`` asked every 50 ms (cheap where reading a
-    run's files costs no call into the pod, as on the local backend)."""
-    native = getattr(backend, "wait_run", None)
-    if native is not None:
-        return native(ref, run_id, seconds, tail_bytes)
-    deadline = time.monotonic() + seconds
-    while True:
-        state = backend.run_state(ref, run_id, 0)
-        if state is None or state.finished or time.monotonic() >= deadline:
-            return backend.run_state(ref, run_id, tail_bytes)
-        time.sleep(1 / WAIT_TICKS_PER_SECOND)
-
-
-def follow_run(backend: "PodBackend", ref: str, run_id: str, offsets: dict[str, int], seconds: float) -> "RunState | None":
-    """The run's state as soon as it has output past ``offsets`` (``{"stdout": n, "stderr": m}``)
-    or has ended, or after ``seconds``; its ``stdout`` and ``stderr`` hold the new bytes (at most
-    1 MiB each: ask again from the new offsets). The backend's own ``follow_run`` (one wait in the
-    pod), else run_state and read_output every 50 ms."""
-    native = getattr(backend, "follow_run", None)
-    if native is not None:
-        return native(ref, run_id, offsets, seconds)
-    deadline = time.monotonic() + seconds
-    while True:
-        state = backend.run_state(ref, run_id, 0)  # first: once it has ended, its output is whole
-        if state is None:
-            return None
-        new = {name: backend.read_output(ref, run_id, name, offsets.get(name, 0)) for name in ("stdout", "stderr")}
-        if state.finished or any(new.values()) or time.monotonic() >= deadline:
-            return replace(state, stdout=new["stdout"], stderr=new["stderr"])
-        time.sleep(1 / WAIT_TICKS_PER_SECOND)
-
-
 class PodError(Exception):
     """A backend could not do what was asked (the message says why)."""
 
@@ -264,6 +247,26 @@ class RunState:
         return self.exit_code is not None or (self.pid is not None and not self.alive)
 
 
+def run_int(value: str | None) -> int | None:
+    """A run file's integer (pid, exit code); None when absent or garbled."""
+    try:
+        return int(value) if value else None
+    except ValueError:
+        return None
+
+
+def run_float(value: str | None) -> float | None:
+    """A run file's time; None when absent or garbled (a ``date`` without %N prints
+    "1700000000.%N" or "1700000000.N": its seconds are kept)."""
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        head = value.split(".", 1)[0]
+        return float(head) if head.isdigit() else None
+
+
 @runtime_checkable
 class PodBackend(Protocol):
     name: str
@@ -318,8 +321,21 @@ class PodBackend(Protocol):
         """Whether one of the pod's GPUs (its rental's ``gpus`` indices on its node) is more
         than 5 % busy, as the node's own nvidia-smi says; False where there is none."""
 
-    # Optional (``wait_run`` and ``follow_run`` above): ``wait_run(ref, run_id, seconds, tail_bytes)``
-    # and ``follow_run(ref, run_id, offsets, seconds)``, each one wait inside the pod.
-    # Optional (gateway/inventory.py ``engine_inventory``): a backend over a workload engine may
-    # define ``inventory() -> list[GpuClass] | None``, the engine's nodes, GPUs and readiness,
-    # which then replace the configured inventory.
+    def wait_run(self, ref: str, run_id: str, seconds: float, tail_bytes: int) -> RunState | None:
+        """The run's state once it has ended, or after ``seconds`` (a long-poll; None: no such run)."""
+
+    def follow_run(self, ref: str, run_id: str, offsets: dict[str, int], seconds: float) -> RunState | None:
+        """The run's state as soon as it has output past ``offsets`` (``{"stdout": n, "stderr":
+        m}``) or has ended, or after ``seconds``; its ``stdout`` and ``stderr`` hold the new bytes
+        (at most 1 MiB each: ask again from the new offsets)."""
+
+    # Why this backend cannot start pods on this host (None: it can); a rental is refused with it.
+    refusal: str | None
+    # Whether the processes the gateway starts in a pod are its own children (nsenter, runc),
+    # killed at their deadline; else a daemon starts them (docker exec, srun), and a pod that
+    # stops every process it sees can wedge that daemon's work on the pod (docs/pod-isolation.md).
+    enters_directly: bool
+
+    def inventory(self) -> "list[GpuClass] | None":
+        """The nodes, GPUs and readiness a workload engine reports (Slurm's sinfo), which replace
+        the configured inventory; None where the backend has none of its own."""

@@ -37,11 +37,13 @@ import contextlib
 import io
 import logging
 import os
+import re
 import shutil
 import signal
+import subprocess
 import socket
 import tarfile
-import time
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -52,23 +54,22 @@ from docker.types import DeviceRequest, Mount
 
 from gateway.pods import (
     RUNS_DIR,
-    SIGNAL_SCRIPT,
     TERM_ALL_SCRIPT,
     TOKEN_PATH,
-    WAIT_SCRIPT,
     PodCommand,
     PodError,
     PodSpec,
     PodStartError,
     PodStatus,
-    RunState,
+    STDIN_ENV_LAUNCH,
+    encode_env,
     login_command,
     run_command,
     safe_run_id,
-    wait_ticks,
 )
 from gateway.inventory import gpus_busy
-from gateway.pods.bounded import CALL_TIMEOUT_S, MAX_ANSWER, CallSlots, read_docker_stream
+from gateway.pods.bounded import CALL_TIMEOUT_S, MAX_ANSWER, CallSlots, read_docker_stream, run_bounded
+from gateway.pods.exec_runs import ExecRuns
 from gateway.pods.disk import disk_used, make_disk, release_disk
 from gateway.pods.relay import connect_in_namespace
 from gateway.pods.tree import remove_tree
@@ -105,78 +106,13 @@ POD_TO_POD = (
     "-o com.docker.network.bridge.enable_icc=false (docs/pod-isolation.md)"
 )
 FUSE_MODE = "/dev/fuse on the docker host must be mode 0666 for user-namespaced pods (docs/pod-isolation.md)"
-READ_CHUNK = 1 << 20  # read_output returns at most this many bytes a call
 # Connections to the daemon kept open: each long-poll holds one for its wait (gateway/routes/runs.py).
 DOCKER_CONNECTIONS = 256
 # Where dockerd keeps its containers' runc state (``{root}/{container id}/state.json``): its
 # default exec root, and containerd's where docker runs through a containerd of its own.
 RUNC_ROOTS = ("/run/docker/runtime-runc/moby", "/run/containerd/runc/moby")
-
-# Prints the run's small files as key=value lines, whether the runner is alive, then
-# for stdout and stderr "name size start length" and exactly `length` raw bytes from
-# offset `start` (the files only grow, so bytes below the size read first are stable).
-# A run may replace its files with symlinks (to a file its own user may not read, the
-# gateway's exec being the pod's root) or FIFOs (a read would wait forever): anything but a
-# regular file reads as empty, a symlinked run as missing.
-_STATE_SCRIPT = r"""
-d="$1"; n="$2"
-[ -d "$d" ] && [ ! -L "$d" ] || { echo missing; exit 0; }
-echo found
-# Whether the runner lives, first: it writes the exit code and then ends, so one seen gone has
-# left its exit code for the reads below.
-r=; [ -f "$d/runner_pid" ] && [ ! -L "$d/runner_pid" ] && r=$(cat "$d/runner_pid" 2>/dev/null)
-if [ -n "$r" ] && kill -0 "$r" 2>/dev/null; then alive=1; else alive=0; fi
-for f in pid runner_pid started_at completed_at exit_code; do
-  v=; [ -f "$d/$f" ] && [ ! -L "$d/$f" ] && v=$(head -n 1 "$d/$f" 2>/dev/null)
-  echo "$f=$v"
-done
-echo alive=$alive
-for s in stdout stderr; do
-  size=0; [ -f "$d/$s" ] && [ ! -L "$d/$s" ] && size=$(( $(wc -c 2>/dev/null < "$d/$s" || echo 0) + 0 ))
-  if [ "$n" = follow ]; then  # args 3-5: the offsets asked and the most bytes a stream
-    if [ "$s" = stdout ]; then start="$3"; else start="$4"; fi
-    start=$((start < size ? start : size)); len=$((size - start)); len=$((len < $5 ? len : $5))
-  else  # the last n bytes
-    start=$((size > n ? size - n : 0)); len=$((size - start))
-  fi
-  echo "$s $size $start $len"
-  [ "$len" -gt 0 ] && tail -c +$((start + 1)) "$d/$s" | head -c "$len"
-done
-exit 0
-"""
-
-# Put before _STATE_SCRIPT with args RUN_DIR follow OUT_OFFSET ERR_OFFSET MAX TICKS: waits in the
-# pod until the run has output past the offsets, or has ended, or TICKS twentieths of a second.
-_FOLLOW_WAIT_SCRIPT = r"""
-left="$6"
-while [ "$left" -gt 0 ] && [ -d "$1" ] && [ ! -e "$1/exit_code" ]; do
-  runner=; [ -f "$1/runner_pid" ] && read -r runner < "$1/runner_pid" 2>/dev/null
-  [ -n "$runner" ] && ! kill -0 "$runner" 2>/dev/null && break
-  [ -f "$1/stdout" ] && [ "$(wc -c < "$1/stdout" 2>/dev/null || echo 0)" -gt "$3" ] && break
-  [ -f "$1/stderr" ] && [ "$(wc -c < "$1/stderr" 2>/dev/null || echo 0)" -gt "$4" ] && break
-  sleep 0.05; left=$((left - 1))
-done
-"""
-
-_READ_SCRIPT = r"""
-f="$1"; off="$2"; max="$3"
-[ -f "$f" ] && [ ! -L "$f" ] && [ ! -L "${f%/*}" ] || exit 0
-tail -c +$((off + 1)) "$f" | head -c "$max"
-"""
-
-_WAIT_PID_SCRIPT = r"""
-d="$1"; i=0
-while [ ! -e "$d/pid" ]; do
-  [ "$i" -ge 100 ] && { echo wait; exit 0; }
-  sleep 0.01; i=$((i + 1))
-done
-echo ok
-"""
-
-_LIST_SCRIPT = r"""
-for d in "$1"/*/; do [ -d "$d" ] && [ ! -L "${d%/}" ] && basename "$d"; done
-exit 0
-"""
+# runc's own words when it could not exec at all (the container stopped or went meanwhile).
+RUNC_FAILED = re.compile(rb"(container does not exist|cannot exec in a stopped container|container not running|exec failed)")
 
 def _token_archive(token: str) -> bytes:
     """A tar of ``run/kgpu/token`` (mode 0400, root's: the pod's root, not the host's)."""
@@ -192,29 +128,7 @@ def _token_archive(token: str) -> bytes:
     return buffer.getvalue()
 
 
-def _state_limit(tail_bytes: int) -> int:
-    """The most a run-state answer holds: its two streams' bytes asked, and its small files."""
-    return 2 * tail_bytes + (64 << 10)
-
-
-def _float(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return float(value)
-    except ValueError:  # a `date` without %N prints "1700000000.%N" or "1700000000.N"
-        head = value.split(".", 1)[0]
-        return float(head) if head.isdigit() else None
-
-
-def _int(value: str | None) -> int | None:
-    try:
-        return int(value) if value else None
-    except ValueError:
-        return None
-
-
-def _age_seconds(docker_time: str | None) -> float:
+def docker_age_seconds(docker_time: str | None) -> float:
     """Seconds since a docker timestamp ("2026-11-26T23:47:03.123456789Z"); 0 if unreadable."""
     try:
         moment = datetime.fromisoformat(docker_time[:19]).replace(tzinfo=timezone.utc)
@@ -223,8 +137,9 @@ def _age_seconds(docker_time: str | None) -> float:
     return (datetime.now(timezone.utc) - moment).total_seconds()
 
 
-class DockerPodBackend:
+class DockerPodBackend(ExecRuns):
     name = "docker"
+    refusal = None  # start() asks the daemon each time whether it can isolate a pod
 
     def __init__(
         self,
@@ -260,6 +175,7 @@ class DockerPodBackend:
         self.calls = CallSlots()
         self.call_timeout_s = CALL_TIMEOUT_S  # a call that does not wait on purpose
         self._instance: str | None = None
+        self._container_ids: dict[str, str] = {}  # ref -> the container's id, for runc
 
     @property
     def instance(self) -> str:
@@ -484,7 +400,7 @@ class DockerPodBackend:
             text = self._exec(ref, READ_STATUS_SCRIPT, STATUS_PATH).decode(errors="replace")
         except PodError as exc:
             return PodStatus("Running", False, f"cannot read the mount status: {exc}")
-        status = bootstrap_status(text, _age_seconds(started_at), self.bootstrap_timeout_s)
+        status = bootstrap_status(text, docker_age_seconds(started_at), self.bootstrap_timeout_s)
         for mount in (status.mounts or {}).values():  # the pod's words, then the operator's reason
             error = mount.get("error") or ""
             if mount.get("status") != "failed":
@@ -576,8 +492,21 @@ class DockerPodBackend:
     ) -> bytes:
         """Run ``sh -c script kgpu args...`` in the pod; its stdout (and stderr, when asked),
         within ``timeout`` seconds and ``limit`` bytes, and among the pod's few calls at once
-        (gateway/pods/bounded.py). An exec past its bounds is killed."""
+        (gateway/pods/bounded.py). An exec past its bounds is killed.
+
+        Where the daemon is this host's, by ``runc exec`` (the process docker exec would start),
+        a child of the gateway: the daemon never execs into a pod, so a pod that stops every
+        process it can see (runc's own init among them) wedges nothing but the call, which is
+        killed at its deadline. Through the daemon, such a pod held docker's every call about its
+        container (inspect, remove) for good."""
+        timeout = timeout or self.call_timeout_s
         with self.calls.hold(ref):
+            runc = self._runc_exec(ref, ["sh", "-c", ("exec 2>&1; " if stderr else "") + script, "kgpu", *args])
+            if runc is not None:
+                answer = run_bounded(runc, timeout=timeout, limit=limit, env={"PATH": os.defpath})
+                if answer.returncode != 0 and not answer.stdout and RUNC_FAILED.search(answer.stderr):
+                    raise PodError(f"cannot exec in {ref}: {answer.stderr.decode(errors='replace').strip()[-300:]}")
+                return answer.stdout
             exec_id = self._exec_create(ref, ["sh", "-c", script, "kgpu", *args], stdout=True, stderr=stderr)
             try:
                 attached = self.api.exec_start(exec_id, socket=True)
@@ -585,9 +514,7 @@ class DockerPodBackend:
                 raise PodError(f"exec in {ref} failed: {exc}") from exc
             sock = getattr(attached, "_sock", attached)  # the unix socket under docker-py's SocketIO
             try:
-                return read_docker_stream(
-                    sock, timeout=timeout or self.call_timeout_s, limit=limit, streams=(1, 2) if stderr else (1,)
-                )
+                return read_docker_stream(sock, timeout=timeout, limit=limit, streams=(1, 2) if stderr else (1,))
             except PodError:
                 self._kill_exec(exec_id)
                 raise
@@ -610,6 +537,10 @@ class DockerPodBackend:
 
     def start_run(self, ref: str, run_id: str, argv: list[str], env: dict[str, str]) -> None:
         run_dir = f"{RUNS_DIR}/{safe_run_id(run_id)}"
+        runc = self._runc_exec(ref, ["sh", "-c", STDIN_ENV_LAUNCH, "kgpu-env", *run_command(run_dir, argv)])
+        if runc is not None:
+            self._start_runner(ref, run_dir, runc, env)
+            return
         exec_id = self._exec_create(
             ref,
             run_command(run_dir, argv),
@@ -622,98 +553,29 @@ class DockerPodBackend:
             self.api.exec_start(exec_id, detach=True)
         except _DOCKER_ERRORS as exc:
             raise PodError(f"could not start the runner in {ref}: {exc}") from exc
-        # Wait for the runner's pid file (up to 30 s, as local.py): one exec that waits in the
-        # pod for about a second, usually answered in milliseconds; between those, ask docker
-        # whether the runner exec has already exited.
-        deadline = time.monotonic() + 30
-        while True:
-            if self._exec(ref, _WAIT_PID_SCRIPT, run_dir).strip() == b"ok":
-                return
-            try:
-                info = self.api.exec_inspect(exec_id)
-            except _DOCKER_ERRORS:
-                info = {}
-            if info.get("Running") is False:
-                if self._exec(ref, _WAIT_PID_SCRIPT, run_dir).strip() == b"ok":
-                    return  # a command that ran and ended in a moment
-                raise PodError(f"the runner exited with {info.get('ExitCode')} before starting the command")
-            if time.monotonic() > deadline:
-                raise PodError("the runner did not start within 30 s")
+        self.await_runner(ref, run_dir, lambda: self._runner_exit(exec_id))
 
-    def run_state(self, ref: str, run_id: str, tail_bytes: int) -> RunState | None:
-        tail = max(0, int(tail_bytes))
-        out = self._exec(ref, _STATE_SCRIPT, f"{RUNS_DIR}/{safe_run_id(run_id)}", str(tail), limit=_state_limit(tail))
-        return self._parse_state(ref, run_id, out, tail)
+    def _start_runner(self, ref: str, run_dir: str, runc: list[str], env: dict[str, str]) -> None:
+        """The runner by ``runc exec``, held by a thread of ours as long as the run lasts: runc
+        waits for it and reaps it (a ``runc -d`` run, orphaned outside the pod, would be left for
+        the host's init to reap). Its env is stdin's first line, never on a command line; its
+        stdout and stderr are /dev/null (never a host file of ours: the run could reopen it)."""
+        try:
+            step = subprocess.Popen(runc, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    env={"PATH": os.defpath}, start_new_session=True)
+        except OSError as exc:
+            raise PodError(f"could not start the runner in {ref}: {exc}") from exc
+        threading.Thread(target=step.communicate, args=((encode_env(env) + "\n").encode(),), daemon=True).start()
+        self.await_runner(ref, run_dir, lambda: None if step.poll() is None else f"runc exited with {step.returncode} before the run started")
 
-    def wait_run(self, ref: str, run_id: str, seconds: float, tail_bytes: int) -> RunState | None:
-        """One exec: waits in the pod for the run to end (or ``seconds``), then reads its state."""
-        tail = max(0, int(tail_bytes))
-        run_dir = f"{RUNS_DIR}/{safe_run_id(run_id)}"
-        out = self._exec(
-            ref, WAIT_SCRIPT + _STATE_SCRIPT, run_dir, str(tail), str(wait_ticks(seconds)),
-            timeout=seconds + CALL_TIMEOUT_S, limit=_state_limit(tail),
-        )
-        return self._parse_state(ref, run_id, out, tail)
-
-    def follow_run(self, ref: str, run_id: str, offsets: dict[str, int], seconds: float) -> RunState | None:
-        """One exec: waits in the pod for output past ``offsets`` or the run's end (or
-        ``seconds``), then answers its state with the new bytes as stdout and stderr."""
-        run_dir = f"{RUNS_DIR}/{safe_run_id(run_id)}"
-        args = [str(max(0, int(offsets.get(name, 0)))) for name in ("stdout", "stderr")]
-        out = self._exec(
-            ref, _FOLLOW_WAIT_SCRIPT + _STATE_SCRIPT, run_dir, "follow", *args, str(READ_CHUNK), str(wait_ticks(seconds)),
-            timeout=seconds + CALL_TIMEOUT_S, limit=_state_limit(READ_CHUNK),
-        )
-        return self._parse_state(ref, run_id, out, READ_CHUNK)
-
-    @staticmethod
-    def _parse_state(ref: str, run_id: str, out: bytes, tail_bytes: int) -> RunState | None:
-        head, _, rest = out.partition(b"\n")
-        if head != b"found":
+    def _runner_exit(self, exec_id: str) -> str | None:
+        try:
+            info = self.api.exec_inspect(exec_id)
+        except _DOCKER_ERRORS:
             return None
-        fields: dict[str, str] = {}
-        for _ in range(6):
-            line, _, rest = rest.partition(b"\n")
-            key, _, value = line.decode(errors="replace").partition("=")
-            fields[key] = value.strip()
-        streams: dict[str, tuple[bytes, bool]] = {}
-        for _ in range(2):
-            line, _, rest = rest.partition(b"\n")
-            parts = line.decode(errors="replace").split()
-            if len(parts) != 4:
-                raise PodError(f"unexpected run-state answer from {ref}: {out[:200]!r}")
-            stream, size, _start, length = parts[0], int(parts[1]), int(parts[2]), int(parts[3])
-            streams[stream] = (rest[:length], size > tail_bytes)
-            rest = rest[length:]
-        stdout, stdout_cut = streams["stdout"]
-        stderr, stderr_cut = streams["stderr"]
-        return RunState(
-            run_id=run_id,
-            pid=_int(fields.get("pid")),
-            started_at=_float(fields.get("started_at")),
-            completed_at=_float(fields.get("completed_at")),
-            exit_code=_int(fields.get("exit_code")),
-            alive=fields.get("alive") == "1",
-            stdout=stdout,
-            stderr=stderr,
-            stdout_truncated=stdout_cut,
-            stderr_truncated=stderr_cut,
-        )
-
-    def run_ids(self, ref: str) -> list[str]:
-        out = self._exec(ref, _LIST_SCRIPT, RUNS_DIR)
-        return sorted(line for line in out.decode(errors="replace").splitlines() if line)
-
-    def read_output(self, ref: str, run_id: str, stream: str, offset: int) -> bytes:
-        if stream not in ("stdout", "stderr"):
-            raise PodError(f"no stream {stream!r}")
-        path = f"{RUNS_DIR}/{safe_run_id(run_id)}/{stream}"
-        return self._exec(ref, _READ_SCRIPT, path, str(max(0, int(offset))), str(READ_CHUNK), limit=READ_CHUNK)
-
-    def signal_run(self, ref: str, run_id: str, signal_name: str) -> None:
-        if signal_name not in ("TERM", "KILL"):
-            raise PodError(f"unsupported signal {signal_name!r}")
-        self._exec(ref, SIGNAL_SCRIPT, f"{RUNS_DIR}/{safe_run_id(run_id)}", signal_name)
+        if info.get("Running") is False:
+            return f"the runner exited with {info.get('ExitCode')} before starting the command"
+        return None
 
     def cpu_seconds(self, ref: str) -> float | None:
         """The container's CPU usage as the daemon counts it (its cgroup): no call into the pod."""
@@ -729,35 +591,52 @@ class DockerPodBackend:
     def gpus_busy(self, ref: str, gpus: list[int]) -> bool:
         return self._local_daemon() and gpus_busy(gpus)  # the GPUs of this host, where the daemon runs
 
+    def inventory(self) -> None:
+        return None  # the configured inventory
+
+    @property
+    def enters_directly(self) -> bool:
+        """runc reaches the containers of a daemon on this host, for a gateway that is root."""
+        return self._local_daemon() and os.geteuid() == 0 and shutil.which("runc") is not None
+
     # --- SSH sessions and forwards (gateway/ssh) ----------------------------------------
 
     def enter(self, ref: str, args: list[str], tty: bool, env: dict[str, str]) -> PodCommand:
-        """``runc exec`` of the container where the daemon runs here and the gateway is root: the
-        process docker exec would start (the container's user, capabilities, seccomp and AppArmor
-        profiles, cgroups, no-new-privileges), with its stdio our pipes, so no daemon carries the
-        session's bytes. Else the docker CLI's ``exec``. Both carry a terminal's size and resizes."""
-        runc = self._runc_exec(ref, login_command(args), tty, env)
+        """``runc exec`` where the daemon is this host's (as ``_exec``), with its stdio the
+        gateway's own pipes, so no daemon carries the session's bytes; else the docker CLI's
+        ``exec``. Both carry a terminal's size and resizes."""
+        runc = self._runc_exec(ref, login_command(args), tty=tty, env=env)
         if runc is not None:
             return PodCommand(["setsid", "--ctty", *runc] if tty else runc, {"PATH": os.defpath, **env})
         argv = docker_exec_argv(ref, login_command(args), tty, env)
         return PodCommand(["setsid", "--ctty", *argv] if tty else argv, {**docker_cli_env(), **env})
 
-    def _runc_exec(self, ref: str, argv: list[str], tty: bool, env: dict[str, str]) -> list[str] | None:
-        """The ``runc exec`` argv for ``argv`` in ``ref``, or None where runc cannot reach it."""
-        if not self._local_daemon() or os.geteuid() != 0:
+    def _runc_exec(
+        self, ref: str, argv: list[str], *, tty: bool = False, detach: bool = False, env: dict[str, str] | None = None,
+    ) -> list[str] | None:
+        """The ``runc exec`` argv for ``argv`` in ``ref``: the process docker exec would start
+        (the container's user, capabilities, seccomp and AppArmor profiles, cgroups and their
+        limits, no-new-privileges), in /workspace. None where runc cannot reach the container:
+        a daemon on another host, or a gateway that is not root."""
+        if not self.enters_directly:
             return None
         runc = shutil.which("runc")
-        try:
-            container_id = self.api.inspect_container(ref)["Id"]
-        except NotFound:
-            raise PodError(f"no pod {ref}") from None
-        except (*_DOCKER_ERRORS, KeyError) as exc:
-            raise PodError(f"cannot inspect {ref}: {exc}") from exc
-        root = next((r for r in RUNC_ROOTS if Path(r, container_id, "state.json").is_file()), None)
-        if runc is None or root is None:
-            return None
-        named = [flag for name in sorted(env) for flag in ("--env", f"{name}={env[name]}")]  # TERM, LANG: no secret
-        return [runc, "--root", root, "exec", *(["-t"] if tty else []), "--cwd", WORKDIR, *named, container_id, *argv]
+        container_id = self._container_ids.get(ref)
+        root = next((r for r in RUNC_ROOTS if container_id and Path(r, container_id, "state.json").is_file()), None)
+        if root is None:
+            try:
+                container_id = self.api.inspect_container(ref)["Id"]
+            except NotFound:
+                raise PodError(f"no pod {ref}") from None
+            except (*_DOCKER_ERRORS, KeyError) as exc:
+                raise PodError(f"cannot inspect {ref}: {exc}") from exc
+            root = next((r for r in RUNC_ROOTS if Path(r, container_id, "state.json").is_file()), None)
+            if root is None:
+                raise PodError(f"pod {ref} is not running")
+            self._container_ids[ref] = container_id
+        named = [flag for name in sorted(env or {}) for flag in ("--env", f"{name}={env[name]}")]  # TERM, LANG: no secret
+        return [runc, "--root", root, "exec", *(["-t"] if tty else []), *(["-d"] if detach else []), "--cwd", WORKDIR,
+                *named, container_id, *argv]
 
     def connect(self, ref: str, host: str, port: int, timeout: float) -> socket.socket:
         """From inside the container's network namespace, entered on this host (as root)."""

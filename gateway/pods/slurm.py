@@ -48,21 +48,17 @@ from gateway.pods import (
     PodError,
     PodSpec,
     PodStartError,
+    ENV_LAUNCH,
     PodStatus,
     cpu_ticks,
+    encode_env,
     login_command,
     run_command,
     safe_run_id,
 )
 from gateway.pods.bounded import CALL_TIMEOUT_S, MAX_ANSWER, CallSlots, run_bounded
-from gateway.pods.docker import (
-    _WAIT_PID_SCRIPT,
-    CAP_DROP,
-    WORKDIR,
-    DockerPodBackend,
-    _age_seconds,
-    docker_exec_argv,
-)
+from gateway.pods.docker import CAP_DROP, WORKDIR, docker_age_seconds, docker_exec_argv
+from gateway.pods.exec_runs import ExecRuns
 from gateway.pods.mounts import (
     BOOTSTRAP_NAME,
     FLUSH_SCRIPT,
@@ -85,12 +81,6 @@ LIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "SUSPENDED", "COMPLETING", "
 UNREACHABLE = ("Slurm did not answer", "cannot reach the pod's node")
 # Node states (sinfo %T, without its suffix flags) in which a node takes work.
 READY_NODE_STATES = {"idle", "mixed", "allocated", "completing", "planned"}
-# A run's env inside the pod: "NAME:BASE64 ..." in KGPU_RUN_ENV, exported one by one (any value,
-# newlines included), then the run's command. POSIX sh and base64 (coreutils, busybox).
-ENV_LAUNCH = (
-    'for kv in $KGPU_RUN_ENV; do v=$(printf %s "${kv#*:}" | base64 -d; echo .); export "${kv%%:*}=${v%.}"; done;'
-    ' unset KGPU_RUN_ENV; exec "$@"'
-)
 # On the node: the container's state, its labels, and (for a bootstrap image) the mount report.
 _NODE_STATUS_SCRIPT = r"""
 name="$1"; prefix="$2"
@@ -100,10 +90,6 @@ case "$s" in "running true "*) docker exec "$name" sh -c "$3" kgpu "$4" 2>/dev/n
 exit 0
 """
 _GRES_GPU = re.compile(r"(?:^|,)gpu(?::([A-Za-z0-9_.-]+))?:(\d+)")
-
-
-def encode_env(env: dict[str, str]) -> str:
-    return " ".join(f"{name}:{base64.b64encode(value.encode()).decode()}" for name, value in env.items())
 
 
 def parse_gres(gres: str, default_model: str) -> dict[str, int]:
@@ -132,17 +118,10 @@ GPU_UTILIZATION_SCRIPT = (
 SRUN_START_S = 15  # what srun may take to reach the node, on top of a call's own deadline
 
 
-class SlurmPodBackend:
+class SlurmPodBackend(ExecRuns):
     name = "slurm"
-
-    # The run protocol's reads, waits and signals are docker's scripts over another exec: each of
-    # these needs nothing but ``self._exec`` (a long-poll is one srun that waits in the pod).
-    run_state = DockerPodBackend.run_state
-    wait_run = DockerPodBackend.wait_run
-    _parse_state = staticmethod(DockerPodBackend._parse_state)
-    run_ids = DockerPodBackend.run_ids
-    read_output = DockerPodBackend.read_output
-    signal_run = DockerPodBackend.signal_run
+    refusal = None
+    enters_directly = False  # srun … docker exec: the node's dockerd starts them
 
     def __init__(
         self,
@@ -402,7 +381,7 @@ class SlurmPodBackend:
             return PodStatus("Pending", False, f"container is {parts[0]}")
         if len(parts) < 2 or parts[1] != "true":
             return PodStatus("Running", True)
-        return bootstrap_status(report, _age_seconds(parts[2] if len(parts) > 2 else None), self.bootstrap_timeout_s)
+        return bootstrap_status(report, docker_age_seconds(parts[2] if len(parts) > 2 else None), self.bootstrap_timeout_s)
 
     def storage_bytes(self, ref: str) -> int | None:
         _, name = self._split(ref)
@@ -489,18 +468,15 @@ class SlurmPodBackend:
         with self._runs_lock:
             self._runs[(ref, run_id)] = step
         threading.Thread(target=self._hold, args=(ref, run_id, step, errors), daemon=True).start()
-        deadline = time.monotonic() + 30
-        while True:
-            if self._exec(ref, _WAIT_PID_SCRIPT, run_dir).strip() == b"ok":
-                return
-            if step.poll() is not None:
-                if self._exec(ref, _WAIT_PID_SCRIPT, run_dir).strip() == b"ok":
-                    return  # a command that ran and ended in a moment
-                time.sleep(0.1)  # the holder thread has read srun's words
-                detail = b"".join(errors).decode(errors="replace").strip()[-300:]
-                raise PodError(f"the run's srun exited with {step.returncode} before starting it: {detail}")
-            if time.monotonic() > deadline:
-                raise PodError("the runner did not start within 30 s")
+
+        def ended() -> str | None:
+            if step.poll() is None:
+                return None
+            time.sleep(0.1)  # the holder thread has read srun's words
+            detail = b"".join(errors).decode(errors="replace").strip()[-300:]
+            return f"the run's srun exited with {step.returncode} before starting it: {detail}"
+
+        self.await_runner(ref, run_dir, ended)
 
     def _hold(self, ref: str, run_id: str, step: subprocess.Popen, errors: list[bytes]) -> None:
         _, stderr = step.communicate()

@@ -111,7 +111,7 @@ class Rentals:
 
     def check_pods_available(self) -> None:
         """Refuse (Unavailable) when this server's backend cannot isolate pods here."""
-        refusal = getattr(self.backend, "refusal", None)
+        refusal = self.backend.refusal
         if refusal:
             raise Unavailable("pods_unavailable", refusal)
 

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from gateway import tokens
 from gateway.domain_errors import Invalid
-from gateway.inventory import GpuClass, engine_inventory, free_indices
+from gateway.inventory import GpuClass, free_indices
 from gateway.models import Rental
 from gateway.pods import PodBackend
 from gateway.rentals.phases import ACTIVE, Phase
@@ -39,7 +39,7 @@ class Placement:
     @property
     def inventory(self) -> list[GpuClass]:
         """The engine's nodes where the backend reads them (Slurm), else the configured ones."""
-        found = engine_inventory(self.backend)
+        found = self.backend.inventory()  # a workload engine's own nodes (Slurm's sinfo), else None
         return self.configured if found is None else found
 
     @staticmethod

@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
-from gateway import pods, runs
+from gateway import runs
 from gateway.auth import ApprovedUser, Principal
 from gateway.errors import ApiError
 from gateway.openapi import content, errors, merge
@@ -89,7 +89,7 @@ async def _wait(request: Request, ref: str, run_id: str, seconds: float) -> RunS
     backend = _rentals(request).backend
     tail = request.app.state.settings.run_output_tail_bytes
     state = await asyncio.get_running_loop().run_in_executor(
-        LONG_POLLS, pods.wait_run, backend, ref, run_id, seconds, tail
+        LONG_POLLS, backend.wait_run, ref, run_id, seconds, tail
     )
     if state is None:
         raise ApiError(404, "run_not_found", f"no run {run_id}")
@@ -196,7 +196,7 @@ async def stream_run(run_id: str, request: Request, principal: ApprovedUser, gpu
             # One wait in the pod for new output or the end (a few seconds at most, so a client
             # that went away frees its thread soon).
             state = await loop.run_in_executor(
-                LONG_POLLS, pods.follow_run, backend, ref, run_id, dict(offsets), FOLLOW_SECONDS
+                LONG_POLLS, backend.follow_run, ref, run_id, dict(offsets), FOLLOW_SECONDS
             )
             if state is None:
                 yield json.dumps({"type": "done", "exit_code": None}) + "\n"
