@@ -88,3 +88,23 @@ def test_every_domain_error_has_a_status():
     for kind in kinds:
         error = kind.__new__(kind)
         assert 400 <= status_of(error) <= 599, kind
+
+
+def _backend_reads(source: str) -> list[int]:
+    """Lines where ``source`` reads an attribute named ``backend`` (the pod backend)."""
+    return [
+        node.lineno for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Attribute) and node.attr == "backend"
+    ]
+
+
+ROUTES = Path(__file__).parents[1] / "gateway" / "routes"
+
+
+@pytest.mark.parametrize("route", sorted(p.name for p in ROUTES.glob("*.py")))
+def test_no_route_reaches_around_the_domain_to_the_pod_backend(route):
+    source = (ROUTES / route).read_text()
+    assert _backend_reads(source) == []
+
+
+def test_the_backend_probe_sees_a_backend_read():
+    assert _backend_reads("state = rentals.backend.run_state(ref, run_id, 0)") == [1]

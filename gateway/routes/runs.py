@@ -7,17 +7,17 @@ import codecs
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
-from gateway import runs
-from gateway.auth import ApprovedUser, Principal
-from gateway.errors import ApiError
+from gateway.auth import ApprovedUser
+from gateway.deps import RentalIdQuery, RunsDep, SettingsDep
 from gateway.openapi import content, errors, merge
 from gateway.pods import RunState
-from gateway.rentals import Rentals, check_command, check_env
+from gateway.rentals import check_command, check_env
+from gateway.runs import Runs, run_reply, run_summary
 
 router = APIRouter(tags=["runs"])
 POD_DOWN = (503, "pod_unavailable: the pod backend did not answer; retry after Retry-After")
@@ -47,53 +47,15 @@ class RunRequest(BaseModel):
         return check_command(value)
 
 
-def _rentals(request: Request) -> Rentals:
-    return request.app.state.rentals
-
-
-def _pod(request: Request, principal: Principal, gpu_id: str, *, must_be_ready: bool = False) -> str:
-    rentals = _rentals(request)
-    with request.app.state.sessions() as session:
-        rental = rentals.get(session, principal, gpu_id)
-        if rental.phase not in ("Pending", "Running") or not rental.pod_ref:
-            raise ApiError(410 if rental.ended_at else 409, "gpu_not_running", f"{gpu_id} is {rental.phase}")
-        if must_be_ready and not rental.ready:
-            raise ApiError(409, "gpu_not_ready", f"{gpu_id} is not ready yet ({rental.pending_reason})")
-        return rental.pod_ref
-
-
-def _locate(request: Request, principal: Principal, run_id: str, gpu_id: str | None) -> tuple[str, str]:
-    """(gpu_id, pod ref) of a run: the hint, else the rental written in the run id."""
-    gpu_id = gpu_id or runs.rental_of(run_id)
-    if gpu_id is None or not runs.is_run_id(run_id):
-        raise ApiError(404, "run_not_found", f"no run {run_id}")
-    return gpu_id, _pod(request, principal, gpu_id)
-
-
-def _state(request: Request, ref: str, run_id: str) -> RunState:
-    tail = request.app.state.settings.run_output_tail_bytes
-    state = _rentals(request).backend.run_state(ref, run_id, tail)
-    if state is None:
-        raise ApiError(404, "run_not_found", f"no run {run_id}")
-    return state
-
-
 # Long-polls wait in threads of their own: hundreds of them must not take every thread of the
 # pool that serves the other routes (threads start as needed, up to this many).
 LONG_POLLS = ThreadPoolExecutor(max_workers=1024, thread_name_prefix="kgpu-long-poll")
 FOLLOW_SECONDS = 5.0
 
 
-async def _wait(request: Request, ref: str, run_id: str, seconds: float) -> RunState:
-    """The run's state once it ends, or after ``seconds``: one wait inside the pod."""
-    backend = _rentals(request).backend
-    tail = request.app.state.settings.run_output_tail_bytes
-    state = await asyncio.get_running_loop().run_in_executor(
-        LONG_POLLS, backend.wait_run, ref, run_id, seconds, tail
-    )
-    if state is None:
-        raise ApiError(404, "run_not_found", f"no run {run_id}")
-    return state
+async def _wait(runs: Runs, ref: str, run_id: str, seconds: float) -> RunState:
+    """The run's state once it ends, or after ``seconds``, waited for on a long-poll thread."""
+    return await asyncio.get_running_loop().run_in_executor(LONG_POLLS, runs.wait, ref, run_id, seconds)
 
 
 @router.post(
@@ -107,14 +69,10 @@ async def _wait(request: Request, ref: str, run_id: str, seconds: float) -> RunS
         ),
     ),
 )
-async def start_run(body: RunRequest, request: Request, principal: ApprovedUser) -> dict:
-    ref = await run_in_threadpool(_pod, request, principal, body.gpu_id, must_be_ready=True)
-    run_id = runs.new_run_id(body.gpu_id)
-    rentals = _rentals(request)
-    await run_in_threadpool(rentals.backend.start_run, ref, run_id, body.command, body.env or {})
-    await run_in_threadpool(rentals.touch, body.gpu_id)
-    state = await _wait(request, ref, run_id, body.wait_seconds)
-    return {**runs.run_reply(body.gpu_id, state), "name": body.name}
+async def start_run(body: RunRequest, principal: ApprovedUser, runs: RunsDep) -> dict:
+    ref, run_id = await run_in_threadpool(runs.start, principal, body.gpu_id, body.command, body.env or {})
+    state = await _wait(runs, ref, run_id, body.wait_seconds)
+    return {**run_reply(body.gpu_id, state), "name": body.name}
 
 
 @router.get(
@@ -122,28 +80,14 @@ async def start_run(body: RunRequest, request: Request, principal: ApprovedUser)
     summary="Runs on your rented GPUs (all of them, or ?gpu_id=)",
     responses=errors((404, "gpu_not_found: no rental of yours with this id"), POD_DOWN),
 )
-def list_runs(request: Request, principal: ApprovedUser, gpu_id: str | None = None) -> dict:
-    rentals = _rentals(request)
-    with request.app.state.sessions() as session:
-        if gpu_id:
-            targets = [rentals.get(session, principal, gpu_id)]
-        else:
-            targets = rentals.active_of(session, principal)
-        pods = [(r.id, r.pod_ref) for r in targets if r.pod_ref and r.phase in ("Pending", "Running")]
-    found = []
-    for rental_id, ref in pods:
-        for run_id in rentals.backend.run_ids(ref):
-            state = rentals.backend.run_state(ref, run_id, 0)
-            if state is not None:
-                found.append(runs.run_summary(rental_id, state))
-    found.sort(key=lambda run: (run["started_at"] or "", run["run_id"]))
-    return {"runs": found}
+def list_runs(principal: ApprovedUser, runs: RunsDep, rental_id: RentalIdQuery = None) -> dict:
+    return {"runs": runs.of(principal, rental_id)}
 
 
 @router.get("/v1/runs/{run_id}", summary="A run's state with stdout/stderr tails", responses=RUN_ERRORS)
-def get_run(run_id: str, request: Request, principal: ApprovedUser, gpu_id: str | None = None) -> dict:
-    gpu_id, ref = _locate(request, principal, run_id, gpu_id)
-    return runs.run_reply(gpu_id, _state(request, ref, run_id))
+def get_run(run_id: str, principal: ApprovedUser, runs: RunsDep, rental_id: RentalIdQuery = None) -> dict:
+    rental_id, ref = runs.locate(principal, run_id, rental_id)
+    return run_reply(rental_id, runs.state(ref, run_id))
 
 
 @router.delete(
@@ -152,22 +96,23 @@ def get_run(run_id: str, request: Request, principal: ApprovedUser, gpu_id: str 
     summary="SIGTERM the run's process group, SIGKILL after a grace",
     responses=RUN_ERRORS,
 )
-async def stop_run(run_id: str, request: Request, principal: ApprovedUser, gpu_id: str | None = None) -> dict:
-    gpu_id, ref = await run_in_threadpool(_locate, request, principal, run_id, gpu_id)
-    backend = _rentals(request).backend
-    await run_in_threadpool(_state, request, ref, run_id)
-    await run_in_threadpool(backend.signal_run, ref, run_id, "TERM")
-    grace = request.app.state.settings.run_kill_grace_seconds
+async def stop_run(
+    run_id: str, principal: ApprovedUser, runs: RunsDep, settings: SettingsDep, rental_id: RentalIdQuery = None
+) -> dict:
+    rental_id, ref = await run_in_threadpool(runs.locate, principal, run_id, rental_id)
+    await run_in_threadpool(runs.state, ref, run_id)
+    await run_in_threadpool(runs.signal, ref, run_id, "TERM")
+    grace = settings.run_kill_grace_seconds
 
     async def kill_if_still_running() -> None:
         await asyncio.sleep(grace)
-        state = await run_in_threadpool(backend.run_state, ref, run_id, 0)
+        state = await run_in_threadpool(runs.peek, ref, run_id)
         if state is not None and not state.finished:
-            await run_in_threadpool(backend.signal_run, ref, run_id, "KILL")
+            await run_in_threadpool(runs.signal, ref, run_id, "KILL")
 
     asyncio.get_running_loop().create_task(kill_if_still_running())
-    state = await _wait(request, ref, run_id, min(grace, 2))
-    return runs.run_reply(gpu_id, state)
+    state = await _wait(runs, ref, run_id, min(grace, 2))
+    return run_reply(rental_id, state)
 
 
 @router.get(
@@ -183,10 +128,9 @@ async def stop_run(run_id: str, request: Request, principal: ApprovedUser, gpu_i
         RUN_ERRORS,
     ),
 )
-async def stream_run(run_id: str, request: Request, principal: ApprovedUser, gpu_id: str | None = Query(None)):
-    gpu_id, ref = await run_in_threadpool(_locate, request, principal, run_id, gpu_id)
-    await run_in_threadpool(_state, request, ref, run_id)
-    backend = _rentals(request).backend
+async def stream_run(run_id: str, principal: ApprovedUser, runs: RunsDep, rental_id: RentalIdQuery = None):
+    rental_id, ref = await run_in_threadpool(runs.locate, principal, run_id, rental_id)
+    await run_in_threadpool(runs.state, ref, run_id)
 
     async def lines():
         offsets = {"stdout": 0, "stderr": 0}
@@ -195,9 +139,7 @@ async def stream_run(run_id: str, request: Request, principal: ApprovedUser, gpu
         while True:
             # One wait in the pod for new output or the end (a few seconds at most, so a client
             # that went away frees its thread soon).
-            state = await loop.run_in_executor(
-                LONG_POLLS, backend.follow_run, ref, run_id, dict(offsets), FOLLOW_SECONDS
-            )
+            state = await loop.run_in_executor(LONG_POLLS, runs.follow, ref, run_id, dict(offsets), FOLLOW_SECONDS)
             if state is None:
                 yield json.dumps({"type": "done", "exit_code": None}) + "\n"
                 return
@@ -208,7 +150,7 @@ async def stream_run(run_id: str, request: Request, principal: ApprovedUser, gpu
                     if text:
                         yield json.dumps({"type": name, "chunk": text}) + "\n"
             if state.finished and not state.stdout and not state.stderr:  # all of it read
-                summary = runs.run_summary(gpu_id, state)
+                summary = run_summary(rental_id, state)
                 yield json.dumps({"type": "done", "exit_code": summary["exit_code"]}) + "\n"
                 return
 
