@@ -5,7 +5,9 @@ Starts its own ``kgpu serve`` (embedded ``rclone serve s3``, SQLite, a temporary
 data directory) and a bare uvicorn app, measures, prints figures, and removes
 everything it made. Nothing but 127.0.0.1 is touched. See bench/README.md.
 
-  (a) GET /v1/files/x 302 req/s vs a bare FastAPI constant 302 served the same way
+  (a) GET /v1/files/x 302 req/s vs two lower bounds: a bare ASGI app answering a constant
+      302 under uvicorn without access log (the goal: >= 0.5 of it), and a bare FastAPI
+      constant 302 served as `kgpu serve` ran uvicorn before (with its access log)
   (b) 1 GiB `curl -L -T` through the 307 vs `curl -T` straight to a presigned PUT
   (c) 1 GiB streamed PUT (`-H 'Expect:'`, from a file and from a pipe) vs the same
       direct PUT, with the server's peak RSS growth
@@ -70,21 +72,50 @@ def serve_bare_302(port: int) -> None:
     uvicorn.run(app, host=HOST, port=port, proxy_headers=True)
 
 
+def serve_bare_asgi_302(port: int) -> None:
+    """The lower bound of (a): a plain ASGI callable answering a constant 302, under uvicorn
+    without access log (what any Python server on uvicorn pays per request)."""
+    import uvicorn
+
+    redirect = {
+        "type": "http.response.start",
+        "status": 302,
+        "headers": [(b"location", BARE_LOCATION.encode()), (b"cache-control", b"no-store"), (b"content-length", b"0")],
+    }
+    healthy = {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/healthz":
+            await send(healthy)
+            await send({"type": "http.response.body", "body": b"ok"})
+            return
+        await send(redirect)
+        await send({"type": "http.response.body", "body": b""})
+
+    uvicorn.run(app, host=HOST, port=port, access_log=False, lifespan="off")
+
+
 # ------------------------------------------------------------------ the servers
 
 
-def start_bare(port: int, log_dir: Path) -> Proc:
-    log_path = log_dir / "bare-302.log"
+NO_SSH = {"KGPU_SSH_PORT": "0"}  # not measured here, and port 2222 may be another server's
+BARE_SERVERS = {"asgi": "--serve-bare-asgi-302", "fastapi": "--serve-bare-302"}
+
+
+def start_bare(port: int, log_dir: Path, kind: str = "fastapi") -> Proc:
+    log_path = log_dir / f"bare-{kind}-302.log"
     with open(log_path, "wb") as out:
         popen = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--serve-bare-302", str(port)],
+            [sys.executable, str(Path(__file__).resolve()), BARE_SERVERS[kind], str(port)],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=str(REPO),
             start_new_session=True,
         )
-    proc = Proc("bare 302", popen, log_path, port)
+    proc = Proc(f"bare {kind} 302", popen, log_path, port)
     wait_ready(proc)
     return proc
 
@@ -339,9 +370,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="abcd", help="which parts to run, e.g. 'ad' (default abcd)")
     add_run_options(parser)
     parser.add_argument("--serve-bare-302", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-bare-asgi-302", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_bare_302:
         serve_bare_302(args.serve_bare_302)
+        return 0
+    if args.serve_bare_asgi_302:
+        serve_bare_asgi_302(args.serve_bare_asgi_302)
         return 0
 
     loadgen = args.loadgen
@@ -356,14 +391,14 @@ def main(argv: list[str] | None = None) -> int:
     tmp, fast, data_dir, log_dir = make_dirs("kgpu-bench-", args.tmp, 2 * size + (1 << 30), args.on_disk)
     procs: list[Proc] = []
     log(f"temporary directory {tmp}, objects and the big file in {fast}")
-    results: dict = {"tmp": str(tmp), "fast": str(fast), "config": {k: v for k, v in vars(args).items() if k != "serve_bare_302"}, "loadgen": loadgen}
+    results: dict = {"tmp": str(tmp), "fast": str(fast), "config": {k: v for k, v in vars(args).items() if not k.startswith("serve_bare")}, "loadgen": loadgen}
     run_started = time.monotonic()
     results["loadavg_start"] = os.getloadavg()
     try:
         admin_token = "bench-admin-" + secrets.token_hex(12)
         port = free_port()
         log(f"starting kgpu serve on :{port}, data in {data_dir}")
-        kgpu = start_kgpu(data_dir, port, admin_token, log_dir, 1, args.src)
+        kgpu = start_kgpu(data_dir, port, admin_token, log_dir, 1, args.src, NO_SSH)
         procs.append(kgpu)
         base = f"http://{HOST}:{port}"
         created = new_user(base, admin_token, "bench@example.org")
@@ -381,34 +416,33 @@ def main(argv: list[str] | None = None) -> int:
 
         # ---------------------------------------------------------------- (a)
         if "a" in args.only:
-            bare_port = free_port()
-            bare = start_bare(bare_port, log_dir)
-            procs.append(bare)
+            bares = {kind: start_bare(free_port(), log_dir, kind) for kind in BARE_SERVERS}
+            procs.extend(bares.values())
             location = check_302(port, "/v1/files/x", token)
-            check_302(bare_port, "/v1/files/x", None)
+            for bare in bares.values():
+                check_302(bare.port, "/v1/files/x", None)
             results["a_location_example"] = location
             load = load_wrk if loadgen == "wrk" else load_python
-            runs: dict[str, list[dict]] = {"bare": [], "kgpu": []}
-            # a short warm-up of each, then alternate rounds so drift hits both alike
-            load(bare_port, "/v1/files/x", None, 1, args.connections, args.threads)
-            load(port, "/v1/files/x", token, 1, args.connections, args.threads)
+            servers = {f"bare_{kind}": (bare, None) for kind, bare in bares.items()} | {"kgpu": (kgpu, token)}
+            runs: dict[str, list[dict]] = {name: [] for name in servers}
+            # a short warm-up of each, then alternate rounds so drift hits all alike
+            for proc, auth in servers.values():
+                load(proc.port, "/v1/files/x", auth, 1, args.connections, args.threads)
             for r in range(args.rounds):
-                log(f"(a) round {r + 1}/{args.rounds}: bare 302, then GET /v1/files/x")
-                runs["bare"].append(
-                    measured_load(load, bare.pid, bare_port, "/v1/files/x", None, args.duration, args.connections, args.threads)
-                )
-                runs["kgpu"].append(
-                    measured_load(load, kgpu.pid, port, "/v1/files/x", token, args.duration, args.connections, args.threads)
-                )
-            bare.stop()
-            procs.remove(bare)
-            bare_rps = statistics.median(r["rps"] for r in runs["bare"])
-            kgpu_rps = statistics.median(r["rps"] for r in runs["kgpu"])
-            bare_cpu = statistics.median(r["server_cpu_us_per_request"] for r in runs["bare"])
-            kgpu_cpu = statistics.median(r["server_cpu_us_per_request"] for r in runs["kgpu"])
+                log(f"(a) round {r + 1}/{args.rounds}: bare ASGI 302, bare FastAPI 302, then GET /v1/files/x")
+                for name, (proc, auth) in servers.items():
+                    runs[name].append(
+                        measured_load(load, proc.pid, proc.port, "/v1/files/x", auth, args.duration, args.connections, args.threads)
+                    )
+            for bare in bares.values():
+                bare.stop()
+                procs.remove(bare)
+            rps = {name: statistics.median(r["rps"] for r in rs) for name, rs in runs.items()}
+            cpu = {name: statistics.median(r["server_cpu_us_per_request"] for r in rs) for name, rs in runs.items()}
             results["a"] = {
-                "runs": runs, "bare_rps": bare_rps, "kgpu_rps": kgpu_rps, "ratio": kgpu_rps / bare_rps,
-                "bare_cpu_us": bare_cpu, "kgpu_cpu_us": kgpu_cpu, "cpu_ratio": bare_cpu / kgpu_cpu,
+                "runs": runs, "rps": rps, "cpu_us": cpu,
+                "ratio": rps["kgpu"] / rps["bare_asgi"], "ratio_fastapi": rps["kgpu"] / rps["bare_fastapi"],
+                "cpu_ratio": cpu["bare_asgi"] / cpu["kgpu"],
             }
 
         # ---------------------------------------------------------------- (b) (c)
@@ -502,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
                 log("(d) the store does not list them yet: restarting kgpu serve on the same data directory")
                 kgpu.stop()
                 procs.remove(kgpu)
-                kgpu = start_kgpu(data_dir, port, admin_token, log_dir, 2, args.src)
+                kgpu = start_kgpu(data_dir, port, admin_token, log_dir, 2, args.src, NO_SSH)
                 procs.append(kgpu)
                 s3 = store_client(data_dir, store_endpoint(kgpu))
                 restarted = True
@@ -546,14 +580,15 @@ def report(results: dict, args) -> None:
         a = results["a"]
         out.append(f"(a) GET /v1/files/x 302, {results['loadgen']}, {args.connections} connections, "
                    f"{args.rounds} x {args.duration:g} s each, median of rounds")
-        out.append(f"    bare FastAPI constant 302 : {a['bare_rps']:9.0f} req/s   "
-                   f"(rounds: {rounds(a, 'bare')})")
-        out.append(f"    kgpu GET /v1/files/x      : {a['kgpu_rps']:9.0f} req/s   "
-                   f"(rounds: {rounds(a, 'kgpu')})")
-        out.append(f"    server CPU per request: bare {a['bare_cpu_us']:.0f} us, kgpu {a['kgpu_cpu_us']:.0f} us "
-                   f"(bare/kgpu {a['cpu_ratio']:.2f}: the throughput ratio on an otherwise idle core)")
+        labels = {"bare_asgi": "bare ASGI constant 302", "bare_fastapi": "bare FastAPI constant 302",
+                  "kgpu": "kgpu GET /v1/files/x"}
+        for name, label in labels.items():
+            out.append(f"    {label:26s}: {a['rps'][name]:9.0f} req/s, server CPU {a['cpu_us'][name]:4.0f} us/request   "
+                       f"(rounds: {rounds(a, name)})")
+        out.append(f"    kgpu / bare FastAPI: {a['ratio_fastapi']:.2f}; server CPU per request bare ASGI / kgpu "
+                   f"{a['cpu_ratio']:.2f} (the throughput ratio on an otherwise idle core)")
         bad = sum(r["non_2xx_3xx"] for rs in a["runs"].values() for r in rs)
-        out.append(f"    ratio {a['ratio']:.2f} (target >= 0.5: {verdict(a['ratio'] >= 0.5)}); non-2xx/3xx answers: {bad}")
+        out.append(f"    ratio kgpu / bare ASGI {a['ratio']:.2f} (target >= 0.5: {verdict(a['ratio'] >= 0.5)}); non-2xx/3xx answers: {bad}")
         out.append("")
     if "uploads" in results:
         out.append(f"(b)(c) {args.size_mib} MiB uploads, each verified by sha256 of a curl -L download")

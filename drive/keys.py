@@ -65,9 +65,11 @@ def check_name(segment: str) -> None:
     writes the drive: HTTP routes, WebDAV paths and Destinations, the presigned-URL mint."""
     if segment in ("", ".", ".."):
         raise InvalidPath("empty, '.' or '..' path segments are not allowed")
-    if any(unicodedata.category(ch) == "Cc" for ch in segment):
+    # Printable ASCII (the common case) holds no control or non-XML character, and NFKC keeps it as is.
+    plain = segment.isascii() and segment.isprintable()
+    if not plain and any(unicodedata.category(ch) == "Cc" for ch in segment):
         raise InvalidPath("control characters (NUL included) are not allowed in paths")
-    bad = next((ch for ch in segment if _xml_invalid(ch)), None)
+    bad = None if plain else next((ch for ch in segment if _xml_invalid(ch)), None)
     if bad is not None:
         raise InvalidPath(
             f"the character U+{ord(bad):04X} is not allowed in names: WebDAV listings are XML, which cannot carry it"
@@ -79,6 +81,8 @@ def check_name(segment: str) -> None:
         raise InvalidPath(f"a file or folder name is at most {MAX_NAME_BYTES} bytes (UTF-8); this one is {size}")
     if "\\" in segment or "/" in segment:
         raise InvalidPath("encoded slashes and backslashes are not allowed in path segments")
+    if plain:
+        return
     folded = unicodedata.normalize("NFKC", segment)
     if folded in (".", "..") or "/" in folded or "\\" in folded:
         raise InvalidPath("path segment folds to a separator or a dot segment")
@@ -117,7 +121,7 @@ def from_raw_path(prefix: str, raw: bytes) -> DrivePath:
         raise InvalidPath("absolute paths are not allowed")
     segments = []
     for raw_segment in raw_segments:
-        decoded = _PERCENT.sub(lambda m: bytes([int(m.group(1), 16)]), raw_segment)
+        decoded = _PERCENT.sub(lambda m: bytes([int(m.group(1), 16)]), raw_segment) if b"%" in raw_segment else raw_segment
         try:
             segments.append(decoded.decode("utf-8", errors="strict"))
         except UnicodeDecodeError:

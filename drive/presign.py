@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from datetime import datetime, timezone
+import time
+from datetime import datetime
 from urllib.parse import quote, urlsplit
 
 _ALGORITHM = "AWS4-HMAC-SHA256"
@@ -22,52 +23,73 @@ def _uri_encode(value: str, safe: str = "") -> str:
     return quote(value, safe="-_.~" + safe)
 
 
+class _Day:
+    """What stays the same for a whole day of signatures: the signing key (pre-keyed HMAC), the
+    credential scope and the canonical query up to its date."""
+
+    def __init__(self, datestamp: str, secret_key: str, region: str, query_credential: str):
+        key = ("AWS4" + secret_key).encode()
+        for part in (datestamp, region, "s3", "aws4_request"):
+            key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+        self.datestamp = datestamp
+        self.hmac = hmac.new(key, digestmod=hashlib.sha256)
+        self.scope = f"{datestamp}/{region}/s3/aws4_request"
+        self.query_head = (
+            f"X-Amz-Algorithm={_ALGORITHM}&X-Amz-Credential={query_credential}%2F{datestamp}%2F"
+            f"{_uri_encode(region)}%2Fs3%2Faws4_request&X-Amz-Date="
+        )
+
+
 class Presigner:
     def __init__(self, endpoint_url: str, bucket: str, access_key: str, secret_key: str, region: str):
         parts = urlsplit(endpoint_url.rstrip("/"))
+        # Everything constant is prepared once: per request only the date, the path and the
+        # signature are computed (a signature is two SHA-256s: the canonical request, the HMAC).
         self._origin = f"{parts.scheme}://{parts.netloc}"
         self._host = parts.netloc
-        self._base_path = parts.path  # an endpoint may sit under a path
-        self._bucket = bucket
+        self._bucket_path = f"{parts.path}/{bucket}/"  # an endpoint may sit under a path
         self._secret_key = secret_key
         self._region = region
-        self._key_cache: tuple[str, bytes] | None = None
-        self._encoded_key_id = _uri_encode(access_key)
-        self._encoded_region = _uri_encode(region)
+        self._query_credential = _uri_encode(access_key)
+        self._day: _Day | None = None
+        self._second: tuple[int, str] = (-1, "")
 
-    def _signing_key(self, datestamp: str) -> bytes:
-        cached = self._key_cache
-        if cached and cached[0] == datestamp:
-            return cached[1]
-        key = ("AWS4" + self._secret_key).encode()
-        for part in (datestamp, self._region, "s3", "aws4_request"):
-            key = hmac.new(key, part.encode(), hashlib.sha256).digest()
-        self._key_cache = (datestamp, key)
-        return key
+    def _day_of(self, datestamp: str) -> _Day:
+        day = self._day
+        if day is None or day.datestamp != datestamp:
+            day = self._day = _Day(datestamp, self._secret_key, self._region, self._query_credential)
+        return day
+
+    def _amz_date(self, now: datetime | None) -> str:
+        if now is not None:
+            return now.strftime("%Y%m%dT%H%M%SZ")
+        second = int(time.time())
+        cached = self._second
+        if cached[0] != second:
+            cached = self._second = (second, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(second)))
+        return cached[1]
 
     def presign(
         self, method: str, key: str, expires_in: int, now: datetime | None = None, content_length: int | None = None
     ) -> str:
         """``content_length`` (a PUT): signed too, so the store refuses a body of another size."""
-        now = now or datetime.now(timezone.utc)
-        amz_date = now.strftime("%Y%m%dT%H%M%SZ")
-        datestamp = amz_date[:8]
-        scope = f"{datestamp}/{self._region}/s3/aws4_request"
-        path = f"{self._base_path}/{self._bucket}/{_uri_encode(key, safe='/')}"
+        amz_date = self._amz_date(now)
+        day = self._day_of(amz_date[:8])
+        path = self._bucket_path + _uri_encode(key, safe="/")
         # The parameters in their sorted order, encoded once: only the date and expiry vary.
-        canonical_query = (
-            f"X-Amz-Algorithm={_ALGORITHM}&X-Amz-Credential={self._encoded_key_id}%2F{datestamp}%2F"
-            f"{self._encoded_region}%2Fs3%2Faws4_request&X-Amz-Date={amz_date}"
-            f"&X-Amz-Expires={int(expires_in)}&X-Amz-SignedHeaders="
-            + ("host" if content_length is None else "content-length%3Bhost")
-        )
         if content_length is None:
-            headers, signed = f"host:{self._host}", "host"
+            canonical_query = f"{day.query_head}{amz_date}&X-Amz-Expires={int(expires_in)}&X-Amz-SignedHeaders=host"
+            tail = f"host:{self._host}\n\nhost\nUNSIGNED-PAYLOAD"
         else:
-            headers, signed = f"content-length:{int(content_length)}\nhost:{self._host}", "content-length;host"
-        canonical_request = "\n".join([method, path, canonical_query, headers, "", signed, "UNSIGNED-PAYLOAD"])
-        string_to_sign = "\n".join(
-            [_ALGORITHM, amz_date, scope, hashlib.sha256(canonical_request.encode()).hexdigest()]
+            canonical_query = (
+                f"{day.query_head}{amz_date}&X-Amz-Expires={int(expires_in)}"
+                "&X-Amz-SignedHeaders=content-length%3Bhost"
+            )
+            tail = f"content-length:{int(content_length)}\nhost:{self._host}\n\ncontent-length;host\nUNSIGNED-PAYLOAD"
+        canonical_request = f"{method}\n{path}\n{canonical_query}\n{tail}"
+        string_to_sign = (
+            f"{_ALGORITHM}\n{amz_date}\n{day.scope}\n{hashlib.sha256(canonical_request.encode()).hexdigest()}"
         )
-        signature = hmac.new(self._signing_key(datestamp), string_to_sign.encode(), hashlib.sha256).hexdigest()
-        return f"{self._origin}{path}?{canonical_query}&X-Amz-Signature={signature}"
+        signer = day.hmac.copy()
+        signer.update(string_to_sign.encode())
+        return f"{self._origin}{path}?{canonical_query}&X-Amz-Signature={signer.hexdigest()}"

@@ -24,8 +24,8 @@ from gateway import db
 from gateway.auth import Authenticator
 from gateway.dav_app import DavDispatcher
 from gateway.data_dir import secure_data_dir
+from gateway.edge import Gateway
 from gateway.errors import RequestIdMiddleware, install_error_handlers
-from gateway.fast_download import FastDownload
 from gateway.quota import DbUsageBook
 from gateway.inventory import load_inventory
 from gateway.models import DriveChange, ObjectFact, UploadUrl
@@ -232,7 +232,7 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
                 embedded.stop()
             engine.dispose()
 
-    app = FastAPI(
+    app = Gateway(  # FastAPI, with the download redirect and the access log in front (gateway/edge.py)
         title="kgpu",
         version="0.1.0",
         description="GPU-rental gateway with a persistent drive. Every route is under /v1.",
@@ -240,8 +240,7 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
     )
     install_error_handlers(app)
     install_openapi(app)  # every status each route answers, the error envelope, bearer and Basic
-    app.add_middleware(FastDownload, fastapi_app=app)
-    app.add_middleware(DavDispatcher)  # WebDAV on /v1/files/ and /v1/dav/: outside FastDownload, inside request ids
+    app.add_middleware(DavDispatcher)  # WebDAV on /v1/files/ and /v1/dav/, inside request ids
     app.add_middleware(RequestIdMiddleware)
     for module in (files, shared, gpus, runs, objects, me, admin, orgs_admin, health, web, web_admin):  # hottest first
         app.include_router(module.router)

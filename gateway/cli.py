@@ -33,12 +33,16 @@ def _reporting_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[
     return run
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
 @_reporting_errors
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
     import uvicorn
 
+    from gateway import access_log
     from gateway.app import create_app
     from gateway.pods.network import pod_host_address
     from gateway.settings import Settings
@@ -48,7 +52,7 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.data_dir import secure_data_dir
 
     secure_data_dir(settings.data_dir)  # 0711: others pass through (the pods' folders), read nothing
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     app = create_app(settings)
     if settings.ssh_port:  # bound first, as the HTTP port is: a taken port stops here with a message
         from gateway.ssh.bastion import SshPortInUse, listen_socket
@@ -58,14 +62,21 @@ def _serve(args: argparse.Namespace) -> int:
         except SshPortInUse as exc:
             logging.getLogger("kgpu").error("%s", exc)
             return 1
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, proxy_headers=True)
+    # One line per request from gateway/access_log.py, written by a thread: not uvicorn's own.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, proxy_headers=True, access_log=False)
     sockets = [config.bind_socket()]
     pod_address = pod_host_address(settings)
     if pod_address and settings.host in ("127.0.0.1", "localhost"):
         # Docker pods on a bridge cannot reach 127.0.0.1: serve them on the bridge's host address too.
         logging.getLogger("kgpu").info("also listening on %s:%s for pods", pod_address, settings.port)
         sockets.append(uvicorn.Config(config.app, host=pod_address, port=settings.port).bind_socket())
-    uvicorn.Server(config).run(sockets=sockets)
+    written = logging.StreamHandler()
+    written.setFormatter(logging.Formatter(LOG_FORMAT))
+    writer = access_log.start(written)
+    try:
+        uvicorn.Server(config).run(sockets=sockets)
+    finally:
+        access_log.stop(writer)
     return 0
 
 

@@ -182,7 +182,7 @@ def _in_shared(rel: str) -> bool:
     return rel.split("/", 1)[0] == dav.SHARED
 
 
-def _maybe_shared(raw_rel: bytes) -> bool:
+def maybe_shared(raw_rel: bytes) -> bool:
     """Whether the first segment could be ``shared`` (cheap: no decoding unless it is encoded)."""
     first = raw_rel.split(b"/", 1)[0]
     return first == dav.SHARED.encode() or b"%" in first
@@ -229,7 +229,7 @@ class DavDispatcher:
             await envelope(405, "method_not_allowed", f"{method} is not allowed here; allowed: {allowed}",
                            {"Allow": allowed})(scope, receive, send)
             return
-        if mount == FILES_MOUNT and method in ("GET", "HEAD") and not _maybe_shared(raw_rel):
+        if mount == FILES_MOUNT and method in ("GET", "HEAD") and not maybe_shared(raw_rel):
             await self.app(scope, receive, send)  # the download redirect: the hot path, left alone
             return
         state = scope["app"].state

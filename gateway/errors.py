@@ -8,8 +8,8 @@ status; nothing else, and never a traceback, reaches a client.
 from __future__ import annotations
 
 import logging
+import random
 import re
-import uuid
 from contextvars import ContextVar
 
 from fastapi import FastAPI, Request
@@ -95,6 +95,20 @@ def envelope(status: int, error_code: str, message: str, headers: dict[str, str]
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def new_request_id() -> str:
+    # 128 random bits as uuid4().hex prints them, without its system call (random reseeds on fork).
+    return f"{random.getrandbits(128):032x}"
+
+
+def request_id_of(headers: list[tuple[bytes, bytes]]) -> str:
+    """The request's id: the client's own ``X-Request-ID`` when it is sane, else a fresh one."""
+    for name, value in headers:
+        if name == b"x-request-id":
+            incoming = value.decode("latin-1")
+            return incoming if _SANE_ID.match(incoming) else new_request_id()
+    return new_request_id()
+
+
 class RequestIdMiddleware:
     """Pure ASGI (not BaseHTTPMiddleware) so streamed bodies and 100-continue stay untouched."""
 
@@ -105,12 +119,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = ""
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                incoming = value.decode("latin-1")
-                break
-        request_id = incoming if _SANE_ID.match(incoming) else uuid.uuid4().hex
+        request_id = request_id_of(scope["headers"])
         token = request_id_var.set(request_id)
         started = False
 

@@ -337,7 +337,7 @@ def test_delete_file_folder_and_missing(stack, user):
 
 
 def test_fast_download_path_agrees_with_the_routes(stack, user):
-    """The second GET finds the token cached and is answered by gateway/fast_download.py."""
+    """The second GET finds the token cached and is answered by gateway/edge.py."""
     requests.put(f"{stack.base}/v1/files/fast/a b.txt", data=b"fast", headers=user.auth)
     app = stack.server.app
     app.state.authenticator.invalidate()

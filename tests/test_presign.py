@@ -12,7 +12,11 @@ from drive.presign import Presigner
 MOMENT = datetime(2026, 5, 17, 1, 2, 3, tzinfo=timezone.utc)
 
 
-def botocore_url(endpoint: str, method: str, key: str, expires: int) -> str:
+def botocore_url(endpoint: str, method: str, key: str, expires: int, params: dict | None = None) -> str:
+    return botocore_url_at(MOMENT, endpoint, method, key, expires, params)
+
+
+def botocore_url_at(moment: datetime, endpoint: str, method: str, key: str, expires: int, params: dict | None = None) -> str:
     client = boto3.client(
         "s3",
         endpoint_url=endpoint,
@@ -22,8 +26,10 @@ def botocore_url(endpoint: str, method: str, key: str, expires: int) -> str:
         config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
     )
     operation = {"GET": "get_object", "PUT": "put_object"}[method]
-    with mock.patch("botocore.auth.get_current_datetime", return_value=MOMENT.replace(tzinfo=None)):
-        return client.generate_presigned_url(operation, Params={"Bucket": "kgpu", "Key": key}, ExpiresIn=expires)
+    with mock.patch("botocore.auth.get_current_datetime", return_value=moment.replace(tzinfo=None)):
+        return client.generate_presigned_url(
+            operation, Params={"Bucket": "kgpu", "Key": key, **(params or {})}, ExpiresIn=expires
+        )
 
 
 @pytest.mark.parametrize("endpoint", ["http://127.0.0.1:9000", "https://abc.r2.cloudflarestorage.com"])
@@ -35,3 +41,23 @@ def botocore_url(endpoint: str, method: str, key: str, expires: int) -> str:
 def test_matches_botocore(endpoint, method, key):
     ours = Presigner(endpoint, "kgpu", "AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", "auto")
     assert ours.presign(method, key, 900, now=MOMENT) == botocore_url(endpoint, method, key, 900)
+
+
+def test_the_clock_and_the_day_are_taken_afresh():
+    """Without ``now``, the clock of the moment is signed (cached per second, the signing key per
+    day): the same URL botocore makes at that instant, on one day and on the next."""
+    ours = Presigner("http://127.0.0.1:9000", "kgpu", "AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", "auto")
+    for moment in (MOMENT, MOMENT.replace(day=18, hour=0, second=0), MOMENT.replace(day=18, hour=0, second=1)):
+        with mock.patch("drive.presign.time.time", return_value=moment.timestamp()):
+            url = ours.presign("GET", "users/1/a.txt", 300)
+        assert url == botocore_url_at(moment, "http://127.0.0.1:9000", "GET", "users/1/a.txt", 300)
+        assert f"X-Amz-Date={moment:%Y%m%dT%H%M%SZ}" in url
+
+
+def test_a_signed_content_length_matches_botocore():
+    ours = Presigner("http://127.0.0.1:9000", "kgpu", "AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", "auto")
+    expected = botocore_url(
+        "http://127.0.0.1:9000", "PUT", "users/1/sized.bin", 900, {"ContentLength": 1234}
+    )
+    assert ours.presign("PUT", "users/1/sized.bin", 900, now=MOMENT, content_length=1234) == expected
+    assert ours.presign("PUT", "users/1/sized.bin", 900, now=MOMENT, content_length=1235) != expected

@@ -1,0 +1,87 @@
+"""One access-log line per request, cheap on the event loop.
+
+The line is ``key=value`` pairs (method, path, status, ms, request_id, client): the path
+without its query string and no header at all, so neither a token nor a presigned URL's
+signature ever reaches the log. While :func:`start`'s writer runs, a request only puts a
+tuple on a queue (no ``LogRecord``, no formatting, no lock, nothing woken): the writer's
+thread makes the records of what came every 0.2 s, formats them and writes them in one
+write. Otherwise (tests) each line is an ordinary record of the ``kgpu.access`` logger.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+from starlette.types import Scope
+
+access = logging.getLogger("kgpu.access")
+
+_FORMAT = "method=%s path=%s status=%d ms=%.2f request_id=%s client=%s"
+_queue: queue.SimpleQueue | None = None
+
+
+class Writer:
+    """The thread that writes the queued lines through ``handler``'s formatter and stream."""
+
+    def __init__(self, lines: queue.SimpleQueue, handler: logging.StreamHandler, interval: float):
+        self._lines = lines
+        self._handler = handler
+        self._interval = interval
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kgpu-access-log", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self._interval):
+            self.flush()
+        self.flush()
+
+    def flush(self) -> None:
+        batch = []
+        while True:
+            try:
+                created, args = self._lines.get_nowait()
+            except queue.Empty:
+                break
+            record = access.makeRecord(access.name, logging.INFO, "", 0, _FORMAT, args, None)
+            record.created, record.msecs = created, created % 1 * 1000
+            try:
+                batch.append(self._handler.format(record) + self._handler.terminator)
+            except Exception:  # noqa: BLE001 - a line that cannot be formatted is reported, not fatal
+                self._handler.handleError(record)
+        if batch:
+            self._handler.stream.write("".join(batch))
+            self._handler.flush()
+
+
+def start(handler: logging.StreamHandler, interval: float = 0.2) -> Writer:
+    """Write the access log to ``handler``'s stream from a thread of its own, until :func:`stop`."""
+    global _queue
+    writer = Writer(queue.SimpleQueue(), handler, interval)
+    writer._thread.start()
+    _queue = writer._lines
+    return writer
+
+
+def stop(writer: Writer) -> None:
+    """Write what is queued; later lines are ordinary records again."""
+    global _queue
+    _queue = None
+    writer._stopping.set()
+    writer._thread.join()
+
+
+def record(scope: Scope, status: int, request_id: str, seconds: float) -> None:
+    lines = _queue
+    if lines is None and not access.isEnabledFor(logging.INFO):
+        return
+    raw = (scope.get("raw_path") or scope["path"].encode()).split(b"?", 1)[0]
+    path = raw.decode("latin-1").encode("unicode_escape").decode("ascii")  # one line, whatever was sent
+    client = scope.get("client")
+    args = (scope["method"], path, status, seconds * 1000, request_id, client[0] if client else "-")
+    if lines is not None:
+        lines.put((time.time(), args))
+    else:
+        access.handle(access.makeRecord(access.name, logging.INFO, "", 0, _FORMAT, args, None))

@@ -1,0 +1,112 @@
+"""The outermost ASGI application: the hottest request answered in front of FastAPI, and the
+access log of every request.
+
+Downloads are redirects (SPEC decision 3), so a client reading many files makes one
+``GET /v1/files/{file}`` → 302 per file. :class:`Gateway` (the FastAPI application itself)
+answers the plain case before FastAPI's middleware stack and routing — a token already in
+the auth cache, an approved account, a file path, no JSON asked for, headers the full
+application would take — with the same key mapping, presigner and request id the routes use.
+Anything else, or anything that goes wrong, goes to the full application, which answers it
+(errors in their envelope included) as usual.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import FastAPI
+from starlette.types import Message, Receive, Scope, Send
+
+from drive import keys
+from drive.keys import InvalidPath
+from drive.store import StoreUnavailable
+from gateway import access_log
+from gateway.auth import remember
+from gateway.bounds import header_problem
+from gateway.dav_app import maybe_shared
+from gateway.errors import request_id_of
+
+MOUNT = b"/v1/files/"
+
+
+class Gateway(FastAPI):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        started = time.perf_counter()
+        location = self._redirect(scope) if scope["method"] == "GET" else None
+        if location is not None:
+            request_id = request_id_of(scope["headers"])
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 302,
+                    "headers": [
+                        (b"location", location.encode()),
+                        (b"cache-control", b"no-store"),
+                        (b"content-length", b"0"),
+                        (b"x-request-id", request_id.encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": b""})
+            access_log.record(scope, 302, request_id, time.perf_counter() - started)
+            return
+        answer = {"status": 500, "request_id": "-"}
+
+        async def noting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                answer["status"] = message["status"]
+                for name, value in message.get("headers", ()):
+                    if name == b"x-request-id":
+                        answer["request_id"] = value.decode("latin-1")
+            await send(message)
+
+        try:
+            await super().__call__(scope, receive, noting_send)
+        finally:
+            access_log.record(scope, answer["status"], answer["request_id"], time.perf_counter() - started)
+
+    def _redirect(self, scope: Scope) -> str | None:
+        """The presigned GET this request is answered with here, or None: the full application answers."""
+        try:
+            return self._presigned_get(scope)
+        except Exception:  # noqa: BLE001 - the full application answers, and reports, whatever this is
+            return None
+
+    def _presigned_get(self, scope: Scope) -> str | None:
+        raw = (scope.get("raw_path") or b"").split(b"?", 1)[0]
+        if not raw.startswith(MOUNT) or raw.endswith(b"/") or b"json" in scope.get("query_string", b""):
+            return None
+        rel = raw[len(MOUNT) :]
+        if maybe_shared(rel):
+            return None  # shared/{org}/...: the org's drive, answered by the /v1/shared routes
+        authorization = accept = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value
+            elif name == b"accept":
+                accept = value
+        if authorization is None or (accept is not None and b"json" in accept):
+            return None
+        if header_problem(scope["headers"]) is not None:
+            return None
+        scheme, _, token = authorization.decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer":
+            return None
+        state = self.state
+        principal = state.authenticator.cached(token.strip())
+        if principal is None:
+            return None
+        remember(scope, principal, allow_basic=True)  # should the route answer after all: no second lookup
+        if principal.status != "approved" or principal.user_id is None:
+            return None
+        try:
+            path = keys.from_raw_path(principal.drive_prefix, rel)
+        except InvalidPath:
+            return None
+        try:
+            return state.store.presign_get(path.key, state.settings.presign_expires_seconds)
+        except StoreUnavailable:
+            return None  # the embedded store is restarting: the full application answers the 503

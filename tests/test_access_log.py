@@ -1,0 +1,62 @@
+"""The access log (gateway/access_log.py): one line per request, through its queue, and never a
+token or a presigned URL's signature in it."""
+
+import io
+import logging
+
+import requests
+
+from gateway import access_log
+
+SIGNATURE = "5ec2e7" * 10 + "abcd"  # 64 hex digits, as in X-Amz-Signature
+
+
+def logged_lines(stack, user) -> tuple[list[str], list[requests.Response]]:
+    written = io.StringIO()
+    handler = logging.StreamHandler(written)
+    handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
+    writer = access_log.start(handler)
+    try:
+        presigned_query = (
+            "?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKID%2F20260101%2Fauto%2Fs3%2Faws4_request"
+            f"&X-Amz-Date=20260101T000000Z&X-Amz-Expires=300&X-Amz-SignedHeaders=host&X-Amz-Signature={SIGNATURE}"
+        )
+        replies = [
+            # the cache is warm after the first: the fast path (gateway/edge.py) answers the second
+            requests.get(f"{stack.base}/v1/files/log/a.txt{presigned_query}", headers=user.auth, allow_redirects=False)
+            for _ in range(2)
+        ]
+        replies.append(requests.get(f"{stack.base}/v1/files/log/a.txt?json=1", headers=user.auth))  # the full app: 404
+        replies.append(
+            requests.get(f"{stack.base}/v1/me", headers={"Authorization": f"Bearer {user.token}x"})  # refused
+        )
+    finally:
+        access_log.stop(writer)
+    return written.getvalue().splitlines(), replies
+
+
+def test_one_line_per_request_without_token_or_signature(stack, user):
+    lines, replies = logged_lines(stack, user)
+    assert [r.status_code for r in replies] == [302, 302, 404, 401]
+    assert len(lines) == len(replies)
+    for line, reply in zip(lines, replies):
+        assert line.startswith("kgpu.access method=GET path=/v1/")
+        assert f" status={reply.status_code} " in line
+        assert f" request_id={reply.headers['X-Request-ID']} " in line
+        assert "?" not in line
+    text = "\n".join(lines)
+    assert user.token not in text and user.token[6:] not in text
+    assert SIGNATURE not in text and "X-Amz" not in text
+    # a presigned GET handed out: its signature is not logged either
+    assert replies[0].headers["Location"].rsplit("X-Amz-Signature=", 1)[1] not in text
+
+
+def test_a_path_is_logged_on_one_line(stack, user):
+    written = io.StringIO()
+    writer = access_log.start(logging.StreamHandler(written))
+    try:
+        requests.get(f"{stack.base}/v1/files/a%0Ab%22c", headers=user.auth, allow_redirects=False)
+    finally:
+        access_log.stop(writer)
+    assert written.getvalue().splitlines() == [written.getvalue().rstrip("\n")]
+    assert "path=/v1/files/a%0Ab%22c " in written.getvalue()
