@@ -20,7 +20,10 @@ class Base(DeclarativeBase):
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        # As many connections as the server's worker threads (40) may want at once: a burst of
+        # writes waiting on SQLite's one writer held the pool's default 15, and the rest of the
+        # burst got a 500 after 30 s without a connection (20 mints at once, on a loaded machine).
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=10, max_overflow=40)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(conn, _record):
