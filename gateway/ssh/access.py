@@ -10,9 +10,10 @@ from sqlalchemy import select
 
 from gateway.models import Rental
 from gateway.rentals import Rentals
+from gateway.rentals.phases import Phase
 
 # A pod one can enter: started, not ending.
-LIVE = ("Running",)
+LIVE = (Phase.RUNNING,)
 LOGIN_NAME = "kgpu"
 
 
