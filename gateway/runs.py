@@ -2,16 +2,47 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import secrets
 from datetime import datetime, timezone
 from enum import StrEnum
 
 from gateway.domain_errors import Conflict, Gone, NotFound
-from gateway.pods import RunState
+from gateway.pods import NO_INPUT, RunInput, RunState
 from gateway.principal import Principal
 from gateway.rentals import Rentals
 from gateway.rentals.phases import WITH_POD
+
+
+MAX_STDIN_BYTES = 1 << 20  # what a run may be given on its stdin (seed 001's exec)
+MAX_TIMEOUT_SECONDS = 300
+ENDING_SLACK_SECONDS = 2  # a run ended at its time limit: how long its runner may take to record it
+
+
+def text_stdin(text: str) -> bytes:
+    """A run's stdin given as text: its UTF-8 bytes, at most MAX_STDIN_BYTES."""
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("stdin is not valid Unicode (a lone surrogate); send bytes as stdin_base64") from None
+    return _bounded(data)
+
+
+def base64_stdin(encoded: str) -> bytes:
+    """A run's stdin given as base64: its bytes, at most MAX_STDIN_BYTES."""
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("stdin_base64 is not valid base64") from None
+    return _bounded(data)
+
+
+def _bounded(data: bytes) -> bytes:
+    if len(data) > MAX_STDIN_BYTES:
+        raise ValueError(f"stdin is {len(data)} bytes; at most {MAX_STDIN_BYTES}")
+    return data
 
 
 def new_run_id(rental_id: str) -> str:
@@ -65,6 +96,7 @@ def run_summary(rental_id: str, state: RunState) -> dict:
         "completed_at": _iso(end),
         "elapsed_seconds": elapsed,
         "pid": state.pid,
+        "timed_out": state.timed_out,
     }
 
 
@@ -102,11 +134,14 @@ class Runs:
             raise NotFound("run_not_found", f"no run {run_id}")
         return rental_id, self.pod(principal, rental_id)
 
-    def start(self, principal: Principal, rental_id: str, command: list[str], env: dict[str, str]) -> tuple[str, str]:
-        """Start a run on the caller's ready rental; returns (pod ref, run id). A run is activity."""
+    def start(
+        self, principal: Principal, rental_id: str, command: list[str], env: dict[str, str], given: RunInput = NO_INPUT
+    ) -> tuple[str, str]:
+        """Start a run on the caller's ready rental (with ``given``: its stdin, its time limit);
+        returns (pod ref, run id). A run is activity."""
         ref = self.pod(principal, rental_id, must_be_ready=True)
         run_id = new_run_id(rental_id)
-        self._backend.start_run(ref, run_id, command, env)
+        self._backend.start_run(ref, run_id, command, env, given)
         self.rentals.touch(rental_id)
         return ref, run_id
 

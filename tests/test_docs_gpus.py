@@ -137,6 +137,9 @@ def test_gpus_and_runs_examples(stack, user, tmp_path):
     long = json.loads((workdir / "long.json").read_text())
     assert long["truncated"] == {"stdout": True, "stderr": False}
     assert len(long["stdout"]) == stack.settings.run_output_tail_bytes and long["stdout"].endswith("\n199999\n200000\n")
+    _lines(out, "a,1", "b,2", "Failed 143 True 'started\\n'")  # stdin, and a run ended at its time limit
+    slow = json.loads((workdir / "slow.json").read_text())
+    assert (slow["timed_out"], slow["stdout"]) == (True, "started\n")
     _lines(out, "completed_at", "exit_code", "pid", "runner_pid", "started_at", "stderr", "stdout", "exit code 0")
 
     # Returned: ended, its runs gone with it, its in-pod token dead.

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 import uuid
 
 import pytest
 
-from gateway.pods import PodBackend, PodSpec
+from gateway.pods import PodBackend, PodSpec, RunInput
 from gateway.pods.exec_runs import ExecRuns
 
 
@@ -115,6 +117,38 @@ def test_kill_a_run_that_ignores_term(pod):
     backend.signal_run(ref, "run-stubborn", "KILL")
     state = wait_finished(backend, ref, "run-stubborn", 10)
     assert state.finished and state.exit_code in (None, 137)
+
+
+def test_a_run_reads_the_stdin_it_is_given(pod):
+    backend, ref, _ = pod
+    data = os.urandom(1 << 20) + b"\x00\nend"  # binary, past a pipe's buffer
+    backend.start_run(ref, "run-in", ["sh", "-c", "sha256sum | cut -c1-64"], {}, RunInput(stdin=data))
+    state = wait_finished(backend, ref, "run-in")
+    assert (state.exit_code, state.stdout) == (0, hashlib.sha256(data).hexdigest().encode() + b"\n")
+    backend.start_run(ref, "run-no-in", ["sh", "-c", "cat; echo read-all"], {})
+    assert wait_finished(backend, ref, "run-no-in").stdout == b"read-all\n"  # no stdin: at its end at once
+
+
+def test_a_run_past_its_time_limit_is_ended_with_its_output_kept(pod):
+    backend, ref, _ = pod
+    backend.start_run(ref, "run-slow", ["sh", "-c", "echo before; sleep 60; echo after"], {}, RunInput(timeout_s=1, grace_s=1))
+    state = wait_finished(backend, ref, "run-slow", 20)
+    assert (state.timed_out, state.exit_code, state.stdout) == (True, 143, b"before\n")
+
+
+def test_a_run_that_ignores_term_at_its_time_limit_is_killed(pod):
+    backend, ref, _ = pod
+    command = ["sh", "-c", "trap '' TERM; echo before; sleep 60 & wait; sleep 60"]
+    backend.start_run(ref, "run-deaf", command, {}, RunInput(timeout_s=1, grace_s=1))
+    state = wait_finished(backend, ref, "run-deaf", 20)
+    assert (state.timed_out, state.exit_code, state.stdout) == (True, 137, b"before\n")
+
+
+def test_a_run_within_its_time_limit_is_not_timed_out(pod):
+    backend, ref, _ = pod
+    backend.start_run(ref, "run-quick", ["sh", "-c", "echo quick"], {}, RunInput(stdin=b"", timeout_s=30))
+    state = wait_finished(backend, ref, "run-quick")
+    assert (state.timed_out, state.exit_code, state.stdout) == (False, 0, b"quick\n")
 
 
 def test_unknown_run_is_none(pod):

@@ -41,6 +41,8 @@ TOKEN_LAUNCH = 'KGPU_API_TOKEN=${KGPU_API_TOKEN-$(cat "$1" 2>/dev/null)}; export
 _ENV_EXPORT = 'for kv in $KGPU_RUN_ENV; do v=$(printf %s "${kv#*:}" | base64 -d; echo .); export "${kv%%:*}=${v%.}"; done; unset KGPU_RUN_ENV;'
 ENV_LAUNCH = _ENV_EXPORT + ' exec "$@"'
 STDIN_ENV_LAUNCH = "IFS= read -r KGPU_RUN_ENV; " + _ENV_EXPORT + ' exec "$@" </dev/null'
+# The same, for a run given stdin (RunInput.stdin): what follows the first line is the run's.
+STDIN_ENV_THEN_INPUT = "IFS= read -r KGPU_RUN_ENV; " + _ENV_EXPORT + ' exec "$@"'
 
 
 def encode_env(env: dict[str, str]) -> str:
@@ -52,9 +54,25 @@ def with_token(token_path: str, argv: list[str]) -> list[str]:
     return ["sh", "-c", TOKEN_LAUNCH, "kgpu-token", token_path, *argv]
 
 
-def run_command(run_dir: str, argv: list[str], token_path: str = TOKEN_PATH) -> list[str]:
+@dataclass(frozen=True)
+class RunInput:
+    """What a run gets besides its argv and env: bytes for its stdin (None: /dev/null), which the
+    backend feeds to the runner's own stdin (it keeps them as RUN_DIR/stdin), and a time limit
+    the runner enforces in the pod (0: none): TERM to the run's process group, KILL after
+    ``grace_s``, and RUN_DIR/timed_out written."""
+
+    stdin: bytes | None = None
+    timeout_s: int = 0
+    grace_s: float = 5
+
+
+NO_INPUT = RunInput()
+
+
+def run_command(run_dir: str, argv: list[str], token_path: str = TOKEN_PATH, given: RunInput = NO_INPUT) -> list[str]:
     """What a backend executes in a pod for a run: the token read in, then the runner."""
-    return with_token(token_path, ["sh", "-c", RUNNER, "kgpu-run", run_dir, *argv])
+    limits = [str(int(given.stdin is not None)), str(int(given.timeout_s)), str(max(1, math.ceil(given.grace_s)))]
+    return with_token(token_path, ["sh", "-c", RUNNER, "kgpu-run", run_dir, *limits, *argv])
 
 # A login into the pod (an SSH session): the token read in as for a run, then, in /workspace,
 # the image's bash (else sh) as a login shell, or running ``-c CMD`` as sshd runs a user's shell,
@@ -241,6 +259,7 @@ class RunState:
     stderr: bytes
     stdout_truncated: bool
     stderr_truncated: bool
+    timed_out: bool = False  # the runner ended it at its time limit (RunInput.timeout_s)
 
     @property
     def finished(self) -> bool:
@@ -287,7 +306,9 @@ class PodBackend(Protocol):
     def adopt(self) -> dict[str, str]:
         """Pods this backend still runs, by rental id (for a restarted gateway)."""
 
-    def start_run(self, ref: str, run_id: str, argv: list[str], env: dict[str, str]) -> None: ...
+    def start_run(
+        self, ref: str, run_id: str, argv: list[str], env: dict[str, str], given: RunInput = NO_INPUT
+    ) -> None: ...
 
     def run_state(self, ref: str, run_id: str, tail_bytes: int) -> RunState | None: ...
 

@@ -53,6 +53,7 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import DeviceRequest, Mount
 
 from gateway.pods import (
+    NO_INPUT,
     RUNS_DIR,
     TERM_ALL_SCRIPT,
     TOKEN_PATH,
@@ -62,7 +63,9 @@ from gateway.pods import (
     PodStartError,
     PodStatus,
     STDIN_ENV_LAUNCH,
+    STDIN_ENV_THEN_INPUT,
     encode_env,
+    RunInput,
     login_command,
     run_command,
     safe_run_id,
@@ -535,27 +538,34 @@ class DockerPodBackend(ExecRuns):
 
     # --- runs ---------------------------------------------------------------------------
 
-    def start_run(self, ref: str, run_id: str, argv: list[str], env: dict[str, str]) -> None:
+    def start_run(
+        self, ref: str, run_id: str, argv: list[str], env: dict[str, str], given: RunInput = NO_INPUT
+    ) -> None:
         run_dir = f"{RUNS_DIR}/{safe_run_id(run_id)}"
-        runc = self._runc_exec(ref, ["sh", "-c", STDIN_ENV_LAUNCH, "kgpu-env", *run_command(run_dir, argv)])
+        launch = STDIN_ENV_LAUNCH if given.stdin is None else STDIN_ENV_THEN_INPUT
+        runc = self._runc_exec(ref, ["sh", "-c", launch, "kgpu-env", *run_command(run_dir, argv, given=given)])
         if runc is not None:
-            self._start_runner(ref, run_dir, runc, env)
+            self._start_runner(ref, run_dir, runc, env, given.stdin or b"")
             return
         exec_id = self._exec_create(
             ref,
-            run_command(run_dir, argv),
+            run_command(run_dir, argv, given=given),
+            stdin=given.stdin is not None,
             stdout=False,
             stderr=False,
             environment=dict(env),
             workdir=WORKDIR,
         )
         try:
-            self.api.exec_start(exec_id, detach=True)
-        except _DOCKER_ERRORS as exc:
+            if given.stdin is None:
+                self.api.exec_start(exec_id, detach=True)
+            else:
+                self._feed(exec_id, given.stdin)
+        except (*_DOCKER_ERRORS, OSError) as exc:
             raise PodError(f"could not start the runner in {ref}: {exc}") from exc
         self.await_runner(ref, run_dir, lambda: self._runner_exit(exec_id))
 
-    def _start_runner(self, ref: str, run_dir: str, runc: list[str], env: dict[str, str]) -> None:
+    def _start_runner(self, ref: str, run_dir: str, runc: list[str], env: dict[str, str], stdin: bytes) -> None:
         """The runner by ``runc exec``, held by a thread of ours as long as the run lasts: runc
         waits for it and reaps it (a ``runc -d`` run, orphaned outside the pod, would be left for
         the host's init to reap). Its env is stdin's first line, never on a command line; its
@@ -565,8 +575,23 @@ class DockerPodBackend(ExecRuns):
                                     env={"PATH": os.defpath}, start_new_session=True)
         except OSError as exc:
             raise PodError(f"could not start the runner in {ref}: {exc}") from exc
-        threading.Thread(target=step.communicate, args=((encode_env(env) + "\n").encode(),), daemon=True).start()
+        # The run's own stdin, if any, follows the env's line (the launcher reads only that line).
+        threading.Thread(target=step.communicate, args=((encode_env(env) + "\n").encode() + stdin,), daemon=True).start()
         self.await_runner(ref, run_dir, lambda: None if step.poll() is None else f"runc exited with {step.returncode} before the run started")
+
+    def _feed(self, exec_id: str, data: bytes) -> None:
+        """Start an exec with ``data`` as its whole stdin: written, then the end of input (the
+        runner keeps it in its run folder before the command starts; the exec runs on alone)."""
+        attached = self.api.exec_start(exec_id, socket=True)
+        sock = getattr(attached, "_sock", attached)
+        try:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+        finally:
+            with contextlib.suppress(OSError):
+                attached.close()
+            with contextlib.suppress(OSError):
+                sock.close()
 
     def _runner_exit(self, exec_id: str) -> str | None:
         try:

@@ -45,6 +45,8 @@ for f in pid runner_pid started_at completed_at exit_code; do
   echo "$f=$v"
 done
 echo alive=$alive
+t=0; [ -f "$d/timed_out" ] && [ ! -L "$d/timed_out" ] && t=1
+echo timed_out=$t
 for s in stdout stderr; do
   size=0; [ -f "$d/$s" ] && [ ! -L "$d/$s" ] && size=$(( $(wc -c 2>/dev/null < "$d/$s" || echo 0) + 0 ))
   if [ "$n" = follow ]; then  # args 3-5: the offsets asked and the most bytes a stream
@@ -104,7 +106,7 @@ def parse_state(ref: str, run_id: str, out: bytes, tail_bytes: int) -> RunState 
     if head != b"found":
         return None
     fields: dict[str, str] = {}
-    for _ in range(6):
+    for _ in range(7):
         line, _, rest = rest.partition(b"\n")
         key, _, value = line.decode(errors="replace").partition("=")
         fields[key] = value.strip()
@@ -130,6 +132,7 @@ def parse_state(ref: str, run_id: str, out: bytes, tail_bytes: int) -> RunState 
         stderr=stderr,
         stdout_truncated=stdout_cut,
         stderr_truncated=stderr_cut,
+        timed_out=fields.get("timed_out") == "1",
     )
 
 

@@ -52,6 +52,7 @@ from bootstrap import script_path
 from drive.rclone import rclone_binary
 from gateway.pods import (
     READ_CHUNK,
+    NO_INPUT,
     RUNS_DIR,
     SIGNAL_SCRIPT,
     TERM_ALL_SCRIPT,
@@ -62,6 +63,7 @@ from gateway.pods import (
     PodSpec,
     PodStartError,
     PodStatus,
+    RunInput,
     RunState,
     cpu_ticks,
     login_command,
@@ -610,16 +612,23 @@ class LocalPodBackend:
             return False
         return state not in ("Z", "X")
 
-    def start_run(self, ref: str, run_id: str, argv: list[str], env: dict[str, str]) -> None:
+    def start_run(
+        self, ref: str, run_id: str, argv: list[str], env: dict[str, str], given: RunInput = NO_INPUT
+    ) -> None:
         pod = self._pod(ref)
         record = self._holder(pod)
         run_dir = self._inner(pod, f"{RUNS_DIR}/{safe_run_id(run_id)}")
         process_env = self._process_env(pod, record, env)
-        command = [*self._enter(pod, record), *run_command(run_dir, argv, self._inner(pod, TOKEN_PATH))]
+        command = [*self._enter(pod, record), *run_command(run_dir, argv, self._inner(pod, TOKEN_PATH), given)]
         process = subprocess.Popen(
-            command, cwd=pod / "workspace", env=process_env, stdin=subprocess.DEVNULL,
+            command, cwd=pod / "workspace", env=process_env,
+            stdin=subprocess.DEVNULL if given.stdin is None else subprocess.PIPE,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
+        if given.stdin is not None:
+            with contextlib.suppress(OSError):  # a runner that died first: said below
+                with process.stdin:
+                    process.stdin.write(given.stdin)
         threading.Thread(target=process.wait, daemon=True).start()  # reap it; the run itself needs no parent
         deadline = time.monotonic() + 30
         while not self._has_run_file(pod, run_id, "pid"):
@@ -662,6 +671,7 @@ class LocalPodBackend:
             stderr=streams["stderr"][0],
             stdout_truncated=streams["stdout"][1],
             stderr_truncated=streams["stderr"][1],
+            timed_out=self._has_run_file(pod, run_id, "timed_out"),
         )
 
     # A run's files are read here without a call into the pod: a long-poll asks every 50 ms.

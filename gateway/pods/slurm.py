@@ -42,6 +42,7 @@ from gateway.inventory import GpuClass, busy_line
 from gateway.pods import (
     CONNECT_SCRIPT,
     CPU_SCRIPT,
+    NO_INPUT,
     RUNS_DIR,
     TERM_ALL_SCRIPT,
     PodCommand,
@@ -50,6 +51,7 @@ from gateway.pods import (
     PodStartError,
     ENV_LAUNCH,
     PodStatus,
+    RunInput,
     cpu_ticks,
     encode_env,
     login_command,
@@ -448,26 +450,30 @@ class SlurmPodBackend(ExecRuns):
 
     # --- runs ---------------------------------------------------------------------------------
 
-    def start_run(self, ref: str, run_id: str, argv: list[str], env: dict[str, str]) -> None:
+    def start_run(
+        self, ref: str, run_id: str, argv: list[str], env: dict[str, str], given: RunInput = NO_INPUT
+    ) -> None:
         job_id, name = self._split(ref)
         run_dir = f"{RUNS_DIR}/{safe_run_id(run_id)}"
         self._wait_up(ref)
         command = self._srun(job_id, [
-            "docker", "exec", "-e", "KGPU_RUN_ENV", "-w", WORKDIR, name,
-            "sh", "-c", ENV_LAUNCH, "kgpu-env", *run_command(run_dir, argv),
+            "docker", "exec", *(["-i"] if given.stdin is not None else []), "-e", "KGPU_RUN_ENV", "-w", WORKDIR, name,
+            "sh", "-c", ENV_LAUNCH, "kgpu-env", *run_command(run_dir, argv, given=given),
         ])
         try:
             step = subprocess.Popen(
-                command, env=self._env({"KGPU_RUN_ENV": encode_env(env)}), stdin=subprocess.DEVNULL,
+                command, env=self._env({"KGPU_RUN_ENV": encode_env(env)}),
+                stdin=subprocess.DEVNULL if given.stdin is None else subprocess.PIPE,
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
             )
         except OSError as exc:
             raise PodError(f"could not start srun: {exc}") from exc
-        # The step lives as long as the run: held here, reaped by a thread of its own.
+        # The step lives as long as the run: held here, reaped by a thread of its own (which
+        # also writes the run's stdin, if any, into srun's).
         errors: list[bytes] = []
         with self._runs_lock:
             self._runs[(ref, run_id)] = step
-        threading.Thread(target=self._hold, args=(ref, run_id, step, errors), daemon=True).start()
+        threading.Thread(target=self._hold, args=(ref, run_id, step, errors, given.stdin), daemon=True).start()
 
         def ended() -> str | None:
             if step.poll() is None:
@@ -478,8 +484,8 @@ class SlurmPodBackend(ExecRuns):
 
         self.await_runner(ref, run_dir, ended)
 
-    def _hold(self, ref: str, run_id: str, step: subprocess.Popen, errors: list[bytes]) -> None:
-        _, stderr = step.communicate()
+    def _hold(self, ref: str, run_id: str, step: subprocess.Popen, errors: list[bytes], stdin: bytes | None) -> None:
+        _, stderr = step.communicate(stdin)
         errors.append(stderr or b"")
         with self._runs_lock:
             if self._runs.get((ref, run_id)) is step:

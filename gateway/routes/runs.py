@@ -6,18 +6,22 @@ import asyncio
 import codecs
 import json
 from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from gateway.auth import ApprovedUser
 from gateway.deps import RentalIdQuery, RunsDep, SettingsDep
 from gateway.openapi import content, errors, merge
-from gateway.pods import RunState
+from gateway.pods import RunInput, RunState
 from gateway.rentals import check_command, check_env
-from gateway.runs import Runs, run_reply, run_summary
+from gateway.runs import (
+    ENDING_SLACK_SECONDS, MAX_STDIN_BYTES, MAX_TIMEOUT_SECONDS, Runs, base64_stdin, run_reply, run_summary,
+    text_stdin,
+)
 
 router = APIRouter(tags=["runs"])
 POD_DOWN = (503, "pod_unavailable: the pod backend did not answer; retry after Retry-After")
@@ -29,12 +33,59 @@ RUN_ERRORS = errors(
 )
 
 
+_STDIN_READERS = {"stdin": text_stdin, "stdin_base64": base64_stdin}
+
+
 class RunRequest(BaseModel):
     gpu_id: str = Field(max_length=100)
     name: str = Field(default="run", max_length=100)
     command: list[str] = Field(min_length=1, description="argv; wrap shell syntax in ['bash', '-c', '...']")
     env: dict[str, str] | None = None
-    wait_seconds: float = Field(default=10, ge=0, le=60)
+    wait_seconds: float = Field(
+        default=10, ge=0, le=60,
+        description="how long to wait for the end before answering (phase Running); with timeout_seconds and "
+        "no wait_seconds: until the run ends or is ended",
+    )
+    stdin: str | None = Field(
+        default=None, max_length=MAX_STDIN_BYTES,
+        description="text piped to the command's stdin (UTF-8, at most 1 MiB); without it, or stdin_base64, stdin is empty",
+    )
+    stdin_base64: str | None = Field(
+        default=None, max_length=4 * ((MAX_STDIN_BYTES + 2) // 3),
+        description="bytes piped to the command's stdin, base64 (at most 1 MiB decoded); instead of stdin",
+    )
+    timeout_seconds: Annotated[int, Field(strict=True, ge=1, le=MAX_TIMEOUT_SECONDS)] | None = Field(
+        default=None,
+        description="end the run after this many seconds (TERM, then KILL after a grace): its output so far is kept "
+        "and timed_out is true; none: the run may go on as long as the rental",
+    )
+
+    @model_validator(mode="after")
+    def _one_stdin(self):
+        if self.stdin is not None and self.stdin_base64 is not None:
+            raise ValueError("give stdin or stdin_base64, not both")
+        return self
+
+    @field_validator("stdin", "stdin_base64")
+    @classmethod
+    def _stdin_fits(cls, value, info: ValidationInfo):
+        if value is not None:
+            _STDIN_READERS[info.field_name](value)
+        return value
+
+    def input(self, grace_s: float) -> RunInput:
+        data = None  # no stdin: an empty one
+        for name, read in _STDIN_READERS.items():  # one at most (_one_stdin)
+            if getattr(self, name) is not None:
+                data = read(getattr(self, name))
+        return RunInput(stdin=data, timeout_s=self.timeout_seconds or 0, grace_s=grace_s)
+
+    def waits(self, grace_s: float) -> float:
+        """How long the request waits for the run's end: wait_seconds, or, with a time limit
+        and no wait_seconds, until the runner has ended it."""
+        if self.timeout_seconds is not None and "wait_seconds" not in self.model_fields_set:
+            return self.timeout_seconds + grace_s + ENDING_SLACK_SECONDS
+        return self.wait_seconds
 
     @field_validator("env")
     @classmethod
@@ -69,9 +120,12 @@ async def _wait(runs: Runs, ref: str, run_id: str, seconds: float) -> RunState:
         ),
     ),
 )
-async def start_run(body: RunRequest, principal: ApprovedUser, runs: RunsDep) -> dict:
-    ref, run_id = await run_in_threadpool(runs.start, principal, body.gpu_id, body.command, body.env or {})
-    state = await _wait(runs, ref, run_id, body.wait_seconds)
+async def start_run(body: RunRequest, principal: ApprovedUser, runs: RunsDep, settings: SettingsDep) -> dict:
+    grace = settings.run_kill_grace_seconds
+    ref, run_id = await run_in_threadpool(
+        runs.start, principal, body.gpu_id, body.command, body.env or {}, body.input(grace)
+    )
+    state = await _wait(runs, ref, run_id, body.waits(grace))
     return {**run_reply(body.gpu_id, state), "name": body.name}
 
 
