@@ -1,6 +1,6 @@
-"""Where the rclone binary is: the one place that says it (the server's embedded store, the
-local pods' mounts and the ``kgpu`` client all run it). Imports nothing heavy, so the client
-finds rclone without loading boto3."""
+"""Where the rclone binary is, for the server (its embedded store, the local pods' mounts). The
+``kgpu`` client, a distribution of its own that imports nothing from the server, finds it with
+client/rclone.py."""
 
 from __future__ import annotations
 

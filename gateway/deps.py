@@ -1,6 +1,7 @@
 """What routes take besides the request's own fields: typed access to the application's
-services, the one module that reads them from ``app.state`` (gateway/app.py puts them there at
-start-up), and the path parameters' bounds.
+services, which gateway/app.py puts on ``app.state`` at start-up (the routes' one way to them;
+the drive's HTTP and WebDAV layers, outside FastAPI's routes, still read ``app.state``
+themselves), and the path parameters' bounds.
 
 Routes take services as parameters (``rentals: RentalsDep``); helpers that hold a request ask
 ``services(request).sessions``. The dependencies are ``async`` so FastAPI calls them on the
