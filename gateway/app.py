@@ -20,7 +20,7 @@ from drive.store import ObjectStore
 from drive.store.caching import CachingStore
 from drive.store.embedded import EmbeddedS3Server, EmbeddedStore
 from drive.store.s3 import S3ObjectStore
-from gateway import db
+from gateway import db, metrics, traffic
 from gateway.auth import Authenticator
 from gateway.dav_app import DavDispatcher
 from gateway.data_dir import secure_data_dir
@@ -34,6 +34,7 @@ from gateway.pods import PodBackend
 from gateway.pods.network import pod_host_address
 from gateway.rentals import Rentals
 from gateway.routes import admin, files, gpus, health, me, objects, orgs_admin, runs, shared, web, web_admin
+from gateway.routes import metrics as metrics_route
 from gateway.runs import Runs
 from gateway.settings import Settings
 from gateway.signin import AdmissionPolicy, OidcClient
@@ -216,6 +217,9 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
         )
         app.state.runs = Runs(app.state.rentals)
         app.state.transit = TransitObjects(settings, sessions, active_store, app.state.usage)
+        snapshots = traffic.Snapshots(settings.metrics_dir)  # this process's counts, for its siblings' scrapes
+        snapshots.start()
+        app.state.metrics = metrics.registry(sessions, snapshots)
         bastion = start_bastion(app, settings)
         reaper = asyncio.get_running_loop().create_task(
             reaper_loop(settings.reaper_interval_seconds, app.state.rentals.tick, app.state.transit.sweep)
@@ -224,6 +228,7 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
             yield
         finally:
             reaper.cancel()
+            snapshots.stop()
             if bastion is not None:
                 bastion.stop()
             app.state.rentals.close()
@@ -242,7 +247,8 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
     install_openapi(app)  # every status each route answers, the error envelope, bearer and Basic
     app.add_middleware(DavDispatcher)  # WebDAV on /v1/files/ and /v1/dav/, inside request ids
     app.add_middleware(RequestIdMiddleware)
-    for module in (files, shared, gpus, runs, objects, me, admin, orgs_admin, health, web, web_admin):  # hottest first
+    hottest_first = (files, shared, gpus, runs, objects, me, admin, orgs_admin, health, metrics_route, web, web_admin)
+    for module in hottest_first:
         app.include_router(module.router)
     app.mount("/view/static", StaticFiles(directory=Path(__file__).resolve().parent / "static"), name="view-static")
     return app

@@ -42,7 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from gateway import access_log
+    from gateway import access_log, db, metrics, traffic
     from gateway.app import create_app
     from gateway.pods.network import pod_host_address
     from gateway.settings import Settings
@@ -53,7 +53,15 @@ def _serve(args: argparse.Namespace) -> int:
 
     secure_data_dir(settings.data_dir)  # 0711: others pass through (the pods' folders), read nothing
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    traffic.clear(settings.metrics_dir)  # counters start again with the server
     app = create_app(settings)
+    if settings.metrics_address:  # bound before the API's port, as SSH's: a taken address stops here
+        sessions = db.make_sessionmaker(db.make_engine(settings.resolved_database_url))
+        try:
+            metrics.serve(settings.metrics_address, metrics.registry(sessions, traffic.Snapshots(settings.metrics_dir)))
+        except OSError as exc:
+            logging.getLogger("kgpu").error("cannot serve metrics on %s: %s", settings.metrics_address, exc)
+            return 1
     if settings.ssh_port:  # bound first, as the HTTP port is: a taken port stops here with a message
         from gateway.ssh.bastion import SshPortInUse, listen_socket
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Callable, Protocol
 
 from fastapi import Depends, Path, Query, Request
+from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import sessionmaker
 from starlette.requests import HTTPConnection
 
@@ -48,6 +49,7 @@ class Services(Protocol):
     cookie_signer: CookieSigner
     ssh_published: dict[str, Any] | None  # where the SSH bastion listens; None where KGPU_SSH_PORT=0
     pod_address: str | None  # the address pods reach this host at (the docker bridge's), if any
+    metrics: CollectorRegistry  # what GET /metrics answers (gateway/metrics.py)
 
 
 def services(conn: HTTPConnection) -> Services:
@@ -68,6 +70,7 @@ AuthenticatorDep = Annotated[Authenticator, _depends(lambda s: s.authenticator)]
 RentalsDep = Annotated[Rentals, _depends(lambda s: s.rentals)]
 RunsDep = Annotated[Runs, _depends(lambda s: s.runs)]
 TransitDep = Annotated[TransitObjects, _depends(lambda s: s.transit)]
+MetricsDep = Annotated[CollectorRegistry, _depends(lambda s: s.metrics)]
 
 # A row id in a path: one that cannot exist is refused before it reaches the database.
 RowIdPath = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]

@@ -7,7 +7,8 @@ answers the plain case before FastAPI's middleware stack and routing — a token
 the auth cache, an approved account, a file path, no JSON asked for, headers the full
 application would take — with the same key mapping, presigner and request id the routes use.
 Anything else, or anything that goes wrong, goes to the full application, which answers it
-(errors in their envelope included) as usual.
+(errors in their envelope included) as usual. Every request is counted for ``/metrics``
+(gateway/traffic.py: its family, status, latency and body bytes) as it is logged.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from drive import keys
 from drive.keys import InvalidPath
 from drive.store import StoreUnavailable
 from gateway import access_log
+from gateway.traffic import TRAFFIC, family_of
 from gateway.auth import remember
 from gateway.bounds import header_problem
 from gateway.dav_app import maybe_shared
@@ -51,12 +53,22 @@ class Gateway(FastAPI):
                 }
             )
             await send({"type": "http.response.body", "body": b""})
-            access_log.record(scope, 302, request_id, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            access_log.record(scope, 302, request_id, seconds)
+            TRAFFIC.request("files", 302, seconds)
             return
-        answer = {"status": 500, "request_id": "-"}
+        answer = {"status": 500, "request_id": "-", "received": 0, "sent": 0}
+
+        async def counting_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                answer["received"] += len(message.get("body", b""))
+            return message
 
         async def noting_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.body":
+                answer["sent"] += len(message.get("body", b""))
+            elif message["type"] == "http.response.start":
                 answer["status"] = message["status"]
                 for name, value in message.get("headers", ()):
                     if name == b"x-request-id":
@@ -64,9 +76,12 @@ class Gateway(FastAPI):
             await send(message)
 
         try:
-            await super().__call__(scope, receive, noting_send)
+            await super().__call__(scope, counting_receive, noting_send)
         finally:
-            access_log.record(scope, answer["status"], answer["request_id"], time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            access_log.record(scope, answer["status"], answer["request_id"], seconds)
+            raw = (scope.get("raw_path") or scope["path"].encode()).split(b"?", 1)[0]
+            TRAFFIC.request(family_of(raw), answer["status"], seconds, answer["received"], answer["sent"])
 
     def _redirect(self, scope: Scope) -> str | None:
         """The presigned GET this request is answered with here, or None: the full application answers."""

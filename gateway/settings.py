@@ -129,6 +129,10 @@ class Settings(BaseSettings):
     session_secret: SecretStr = SecretStr("")
     session_max_age_seconds: int = Field(default=12 * 3600, ge=60, le=30 * 24 * 3600)
 
+    # GET /metrics (docs/metrics.md) is on the API's port for admin tokens; with host:port here, also on a
+    # listener of its own that asks no token (keep it where only the monitoring can reach it).
+    metrics_address: str = Field(default="", pattern=r"^$|^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")
+
     @property
     def signin_enabled(self) -> bool:
         return bool(self.oidc_issuer and self.oidc_client_id)
@@ -138,6 +142,11 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'kgpu.db').resolve()}"
+
+    @property
+    def metrics_dir(self) -> Path:
+        """Where each process of this server keeps its request counts (gateway/traffic.py)."""
+        return self.data_dir / "metrics"
 
     @property
     def uses_embedded_store(self) -> bool:

@@ -1,6 +1,6 @@
 """The docs' examples run as written.
 
-For each of docs/my-drive.md, docs/admin.md and docs/configuration.md, every
+For each of docs/my-drive.md, docs/admin.md, docs/configuration.md and docs/metrics.md, every
 ```bash block is taken in order, the blocks are joined into one script, and the
 script runs with ``bash -euo pipefail`` in an empty directory against a live
 server (the ``rclone-sqlite`` stack: embedded ``rclone serve s3``, which checks
@@ -34,6 +34,7 @@ ALLOWED_VARIABLES = {
     "my-drive.md": {"KGPU_API_BASE", "KGPU_API_TOKEN"},
     "admin.md": {"KGPU_API_BASE", "KGPU_ADMIN_TOKEN"},
     "configuration.md": set(),
+    "metrics.md": {"KGPU_API_BASE", "KGPU_ADMIN_TOKEN"},
     "client.md": {"KGPU_API_BASE", "KGPU_API_TOKEN"},  # its examples run in tests/test_client.py
     "ssh.md": {"KGPU_API_BASE", "KGPU_API_TOKEN", "KGPU_RENT_ID"},  # run in tests/test_ssh.py; the last in a pod
 }
@@ -183,6 +184,20 @@ def test_configuration_examples(stack, user, tmp_path):
         assert f"{line}\n" in result.stdout, line
     assert "600 kgpu-data/objects/kgpu/users/" in result.stdout
     assert "Application shutdown complete" in (workdir / "kgpu-serve.log").read_text()
+
+
+@pytest.mark.parametrize("stack", [ONLY_STACK], indirect=True)
+def test_metrics_examples(stack, user, tmp_path):
+    only_one_stack(stack)
+    result, workdir = run_doc("metrics.md", tmp_path, variables_for(stack, user))
+    out = result.stdout
+    for line in ("download: HTTP 302", "no token: HTTP 401", "user token: HTTP 403", "\n17\n"):
+        assert line in out, line
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = {family.name for family in text_string_to_metric_families((workdir / "metrics.txt").read_text())}
+    documented = set(re.findall(r"^\| `(kgpu_[a-z_]+)` \|", (DOCS / "metrics.md").read_text(), re.M))
+    assert {name.removesuffix("_total") for name in documented} == names  # every series in the table, and only those
 
 
 # ---------------------------------------------------------------- docs in step with the code (no server)

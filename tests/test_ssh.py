@@ -23,6 +23,7 @@ import pytest
 import requests
 
 from drive.store.embedded import free_port
+from gateway.traffic import TRAFFIC
 from tests.conftest import (
     ADMIN_TOKEN,
     DOCKER_TEST_IMAGE,
@@ -495,6 +496,15 @@ def test_strangers_and_other_tenants_keys_never_land_in_the_pod(door, pod, tmp_p
                             headers=other)
     assert pinned.status_code == 409 and pinned.json()["error_code"] == "ssh_key_in_use"
     requests.delete(f"{door.base}/v1/gpus/{theirs['gpu_id']}", headers=other)
+
+
+def test_logins_are_counted_for_metrics(door, pod, tmp_path):
+    before = dict(TRAFFIC.ssh_logins)  # the bastion runs in this process: its counts are these
+    stranger, _ = own_key(tmp_path, "counted")
+    assert door.ssh(stranger, "true", timeout=30).returncode == 255
+    assert door.ssh(pod["key"], "true").returncode == 0
+    assert TRAFFIC.ssh_logins.get("refused", 0) > before.get("refused", 0)
+    assert TRAFFIC.ssh_logins.get("accepted", 0) > before.get("accepted", 0)
 
 
 def _public(key: Path) -> str:

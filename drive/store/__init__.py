@@ -8,6 +8,7 @@ run of ``tests/test_store_conformance.py`` against it.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterator, Protocol, runtime_checkable
@@ -19,6 +20,14 @@ class StoreError(Exception):
 
 class StoreUnavailable(StoreError):
     """The store could not be reached or answered with a server error (503)."""
+
+    raised = 0  # in this process: every store operation that failed so (GET /metrics reports it)
+    _counting = threading.Lock()
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        with StoreUnavailable._counting:
+            StoreUnavailable.raised += 1
 
 
 class ObjectNotFound(StoreError):

@@ -30,6 +30,7 @@ from gateway.ssh.access import Access, Ambiguous, Target
 from gateway.ssh.forward import PodForward, open_forward
 from gateway.ssh.keys import fingerprint_of, known_hosts_line, load_host_key
 from gateway.ssh.pod_session import PodProcess, run_in_pod, session_args, session_env, wants_terminal
+from gateway.traffic import TRAFFIC
 
 log = logging.getLogger("kgpu.ssh")
 flow.install()  # asyncssh's receive window, fixed (gateway/ssh/flow.py)
@@ -248,6 +249,7 @@ class Login(asyncssh.SSHServer):
         choice = await self.bastion.blocking(self.bastion.access.choose, username, fingerprint)
         if choice is None:
             self.bastion.failed(self.address)
+            TRAFFIC.ssh_login(accepted=False)
             return False
         self.choice = choice
         return True
@@ -260,6 +262,7 @@ class Login(asyncssh.SSHServer):
                                  f"kgpu: you have {cap} SSH connections open, the most one user may; close one")
             return
         self.bastion.logins.add(self)
+        TRAFFIC.ssh_login(accepted=True)
         where = self.target.rental_id if self.target else f"(ambiguous: {', '.join(self.choice.rental_ids)})"
         fingerprint = self.target.fingerprint if self.target else "-"
         log.info("ssh login: user %s into %s, key %s, from %s", self.user_id, where, fingerprint, self.address)
