@@ -40,10 +40,8 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import socket
 import tarfile
-import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -175,10 +173,13 @@ class DockerPodBackend(ExecRuns):
         self.flush_timeout_s = flush_timeout_s
         self.bootstrap_timeout_s = bootstrap_timeout_s
         self.disk_dir = disk_dir if disk_dir is not None and os.geteuid() == 0 and self._local_daemon() else None
+        # runc reaches the containers of a daemon on this host, for a gateway that is root: its path, else None.
+        self._runc = shutil.which("runc") if self._local_daemon() and os.geteuid() == 0 else None
         self.calls = CallSlots()
         self.call_timeout_s = CALL_TIMEOUT_S  # a call that does not wait on purpose
         self._instance: str | None = None
         self._container_ids: dict[str, str] = {}  # ref -> the container's id, for runc
+        super().__init__()
 
     @property
     def instance(self) -> str:
@@ -545,7 +546,11 @@ class DockerPodBackend(ExecRuns):
         launch = STDIN_ENV_LAUNCH if given.stdin is None else STDIN_ENV_THEN_INPUT
         runc = self._runc_exec(ref, ["sh", "-c", launch, "kgpu-env", *run_command(run_dir, argv, given=given)])
         if runc is not None:
-            self._start_runner(ref, run_dir, runc, env, given.stdin or b"")
+            # Its env is stdin's first line, never on a command line; the run's own stdin, if any,
+            # follows it (the launcher reads only that line). runc's stdout and stderr are the
+            # run's own: /dev/null (never a host file of ours: the run could reopen it).
+            stdin = (encode_env(env) + "\n").encode() + (given.stdin or b"")
+            self.start_held_runner(ref, run_id, runc, {"PATH": os.defpath}, stdin, name="runc")
             return
         exec_id = self._exec_create(
             ref,
@@ -564,20 +569,6 @@ class DockerPodBackend(ExecRuns):
         except (*_DOCKER_ERRORS, OSError) as exc:
             raise PodError(f"could not start the runner in {ref}: {exc}") from exc
         self.await_runner(ref, run_dir, lambda: self._runner_exit(exec_id))
-
-    def _start_runner(self, ref: str, run_dir: str, runc: list[str], env: dict[str, str], stdin: bytes) -> None:
-        """The runner by ``runc exec``, held by a thread of ours as long as the run lasts: runc
-        waits for it and reaps it (a ``runc -d`` run, orphaned outside the pod, would be left for
-        the host's init to reap). Its env is stdin's first line, never on a command line; its
-        stdout and stderr are /dev/null (never a host file of ours: the run could reopen it)."""
-        try:
-            step = subprocess.Popen(runc, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    env={"PATH": os.defpath}, start_new_session=True)
-        except OSError as exc:
-            raise PodError(f"could not start the runner in {ref}: {exc}") from exc
-        # The run's own stdin, if any, follows the env's line (the launcher reads only that line).
-        threading.Thread(target=step.communicate, args=((encode_env(env) + "\n").encode() + stdin,), daemon=True).start()
-        self.await_runner(ref, run_dir, lambda: None if step.poll() is None else f"runc exited with {step.returncode} before the run started")
 
     def _feed(self, exec_id: str, data: bytes) -> None:
         """Start an exec with ``data`` as its whole stdin: written, then the end of input (the
@@ -622,7 +613,7 @@ class DockerPodBackend(ExecRuns):
     @property
     def enters_directly(self) -> bool:
         """runc reaches the containers of a daemon on this host, for a gateway that is root."""
-        return self._local_daemon() and os.geteuid() == 0 and shutil.which("runc") is not None
+        return self._runc is not None
 
     # --- SSH sessions and forwards (gateway/ssh) ----------------------------------------
 
@@ -643,9 +634,9 @@ class DockerPodBackend(ExecRuns):
         (the container's user, capabilities, seccomp and AppArmor profiles, cgroups and their
         limits, no-new-privileges), in /workspace. None where runc cannot reach the container:
         a daemon on another host, or a gateway that is not root."""
-        if not self.enters_directly:
+        runc = self._runc
+        if runc is None:
             return None
-        runc = shutil.which("runc")
         container_id = self._container_ids.get(ref)
         root = next((r for r in RUNC_ROOTS if container_id and Path(r, container_id, "state.json").is_file()), None)
         if root is None:

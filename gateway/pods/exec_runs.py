@@ -2,11 +2,15 @@
 (``docker exec``, ``srun … docker exec``, tomorrow Kubernetes' exec subresource) starts, waits
 for, reads and signals runs. Every step is one small POSIX-sh script run in the pod against the
 run's folder (``/tmp/kgpu/runs/{run_id}/``, written by runner.sh); a long-poll is one script
-that waits inside the pod. A backend inherits ``ExecRuns`` and gives it ``_exec``.
+that waits inside the pod. A backend inherits ``ExecRuns`` and gives it ``_exec``; one whose
+runner is started by a host command that lasts as long as the run (``runc exec``, ``srun …
+docker exec``) starts it with :meth:`ExecRuns.start_held_runner`.
 """
 
 from __future__ import annotations
 
+import subprocess
+import threading
 import time
 from collections.abc import Callable
 
@@ -138,6 +142,58 @@ def parse_state(ref: str, run_id: str, out: bytes, tail_bytes: int) -> RunState 
 
 class ExecRuns:
     """The run half of PodBackend for a backend that reaches a pod by exec only."""
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[str, str], subprocess.Popen] = {}  # (ref, run id) -> its runner's host command
+        self._held_lock = threading.Lock()
+
+    def start_held_runner(
+        self, ref: str, run_id: str, command: list[str], env: dict[str, str], stdin: bytes | None, *,
+        name: str, keep_stderr: bool = False,
+    ) -> None:
+        """Start the runner of ``run_id`` by ``command``, a host command that lasts as long as the
+        run, held by a thread of ours that writes ``stdin`` into it (None: no stdin) and waits for
+        it, so it is reaped (left alone, it would be left for the host's init to reap); return
+        once the runner has written its pid file. Its stdout is /dev/null, and its stderr too
+        unless ``keep_stderr`` (only for a command whose stderr is its own, never the run's: a
+        host file or pipe of ours the run could write to), when what it said explains an exit
+        before the run started. ``name`` names it in errors. Held until it exits, or
+        :meth:`kill_held`."""
+        try:
+            step = subprocess.Popen(
+                command, env=env, stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE if keep_stderr else subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise PodError(f"could not start {name} in {ref}: {exc}") from exc
+        key, said = (ref, run_id), []
+        with self._held_lock:
+            self._held[key] = step
+
+        def hold() -> None:
+            said.append(step.communicate(stdin)[1] or b"")
+            with self._held_lock:
+                if self._held.get(key) is step:
+                    del self._held[key]
+
+        threading.Thread(target=hold, daemon=True).start()
+
+        def ended() -> str | None:
+            if step.poll() is None:
+                return None
+            if keep_stderr:
+                time.sleep(0.1)  # the holder thread has read what it said
+            detail = b"".join(said).decode(errors="replace").strip()[-300:]
+            return f"{name} exited with {step.returncode} before the run started" + (f": {detail}" if detail else "")
+
+        self.await_runner(ref, f"{RUNS_DIR}/{safe_run_id(run_id)}", ended)
+
+    def kill_held(self, ref: str) -> None:
+        """Kill the host commands that hold the runs of ``ref`` (its pod is gone)."""
+        with self._held_lock:
+            for key in [key for key in self._held if key[0] == ref]:
+                self._held.pop(key).kill()
 
     def _exec(self, ref: str, script: str, *args: str, timeout: float | None = None, limit: int = MAX_ANSWER) -> bytes:
         """``sh -c script kgpu args...`` in the pod: its stdout, within ``timeout`` seconds and

@@ -163,9 +163,8 @@ class SlurmPodBackend(ExecRuns):
         self.start_wait_s = start_wait_s
         self._up: set[str] = set()  # pods whose container was seen running
         self._instance: str | None = None
-        self._runs: dict[tuple[str, str], subprocess.Popen] = {}
-        self._runs_lock = threading.Lock()
         self._inventory: tuple[float, list[GpuClass]] | None = None
+        super().__init__()
 
     # --- Slurm commands -----------------------------------------------------------------
 
@@ -431,9 +430,7 @@ class SlurmPodBackend(ExecRuns):
                     raise PodError(f"job {job_id} did not end within 120 s of scancel")
                 time.sleep(0.1)
         self._up.discard(ref)
-        with self._runs_lock:
-            for key in [key for key in self._runs if key[0] == ref]:
-                self._runs.pop(key).kill()
+        self.kill_held(ref)
         return lost
 
     def _flush(self, ref: str) -> str | None:
@@ -460,36 +457,9 @@ class SlurmPodBackend(ExecRuns):
             "docker", "exec", *(["-i"] if given.stdin is not None else []), "-e", "KGPU_RUN_ENV", "-w", WORKDIR, name,
             "sh", "-c", ENV_LAUNCH, "kgpu-env", *run_command(run_dir, argv, given=given),
         ])
-        try:
-            step = subprocess.Popen(
-                command, env=self._env({"KGPU_RUN_ENV": encode_env(env)}),
-                stdin=subprocess.DEVNULL if given.stdin is None else subprocess.PIPE,
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-            )
-        except OSError as exc:
-            raise PodError(f"could not start srun: {exc}") from exc
-        # The step lives as long as the run: held here, reaped by a thread of its own (which
-        # also writes the run's stdin, if any, into srun's).
-        errors: list[bytes] = []
-        with self._runs_lock:
-            self._runs[(ref, run_id)] = step
-        threading.Thread(target=self._hold, args=(ref, run_id, step, errors, given.stdin), daemon=True).start()
-
-        def ended() -> str | None:
-            if step.poll() is None:
-                return None
-            time.sleep(0.1)  # the holder thread has read srun's words
-            detail = b"".join(errors).decode(errors="replace").strip()[-300:]
-            return f"the run's srun exited with {step.returncode} before starting it: {detail}"
-
-        self.await_runner(ref, run_dir, ended)
-
-    def _hold(self, ref: str, run_id: str, step: subprocess.Popen, errors: list[bytes], stdin: bytes | None) -> None:
-        _, stderr = step.communicate(stdin)
-        errors.append(stderr or b"")
-        with self._runs_lock:
-            if self._runs.get((ref, run_id)) is step:
-                del self._runs[(ref, run_id)]
+        # The step lives as long as the run; its stderr is srun's own (the run writes to files).
+        self.start_held_runner(ref, run_id, command, self._env({"KGPU_RUN_ENV": encode_env(env)}), given.stdin,
+                               name="the run's srun", keep_stderr=True)
 
     def cpu_seconds(self, ref: str) -> float | None:
         """The container's processes' CPU time, read in the pod's /proc (one short srun)."""
