@@ -21,7 +21,7 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Iterable
+from typing import Callable, Iterable
 
 from sqlalchemy import Table, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -60,6 +60,22 @@ class BadClientFact(ValueError):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
+
+
+@dataclass(frozen=True)
+class ClientFacts:
+    """What a client says of the body it sends: its modification time (``X-OC-Mtime``, None:
+    not said) and the hashes to check it against (``OC-Checksum``, () : none)."""
+
+    mtime: float | None = None
+    checksums: tuple[Checksum, ...] = ()
+
+
+def client_facts(header: Callable[[str], str | None]) -> ClientFacts:
+    """The one reading of ``X-OC-Mtime`` and ``OC-Checksum``, for every protocol: ``header``
+    gives a request header's value by its lower-case name (None: absent). BadClientFact
+    (``bad_mtime`` first, then ``bad_checksum``) when one cannot be read."""
+    return ClientFacts(mtime_header(header("x-oc-mtime")), checksums_header(header("oc-checksum")))
 
 
 def mtime_header(value: str | None) -> float | None:

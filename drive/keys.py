@@ -129,6 +129,27 @@ def from_raw_path(prefix: str, raw: bytes) -> DrivePath:
     return _join(prefix, segments, is_dir)
 
 
+def under_mount(mount: bytes, raw: bytes) -> bytes | None:
+    """The raw part of the URL path ``raw`` (query removed) after the mount point ``mount``
+    (b"/v1/files", a trailing "/" or not): b"" for the mount itself, None when ``raw`` is not
+    under it. Compared byte for byte: a mount spelled with percent-encoding is not it."""
+    mount = mount.rstrip(b"/")
+    if raw == mount or raw == mount + b"/":
+        return b""
+    if raw.startswith(mount + b"/"):
+        return raw[len(mount) + 1 :]
+    return None
+
+
+def from_url_path(prefix: str, mount: bytes, raw: bytes) -> DrivePath:
+    """The path inside the drive ``prefix`` that the raw URL path ``raw`` names under ``mount``:
+    the one parser of a request's path, for the HTTP routes and WebDAV alike."""
+    rest = under_mount(mount, raw)
+    if rest is None:
+        raise InvalidPath("the drive's own part of the URL must not be percent-encoded")
+    return from_raw_path(prefix, rest)
+
+
 def from_text(prefix: str, path: str) -> DrivePath:
     """Map an already-decoded path (a query parameter, a JSON field)."""
     segments, is_dir = _split(path)

@@ -173,9 +173,10 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def _rel_text(raw_rel: bytes) -> str:
-    """The decoded path inside the mount ("" for its root); InvalidPath if it would escape."""
-    return keys.from_raw_path(_CHECK_PREFIX, raw_rel).rel
+def _rel_text(mount: bytes, raw: bytes) -> str:
+    """The decoded path of the URL path ``raw`` inside ``mount`` ("" for its root); InvalidPath
+    if it would escape (drive/keys.py, the parser the HTTP routes use too)."""
+    return keys.from_url_path(_CHECK_PREFIX, mount, raw).rel
 
 
 def _in_shared(rel: str) -> bool:
@@ -190,10 +191,9 @@ def maybe_shared(raw_rel: bytes) -> bool:
 
 def _split_mount(raw: bytes) -> tuple[bytes | None, bytes]:
     for mount in (FILES_MOUNT, DAV_MOUNT):
-        if raw == mount:
-            return mount, b""
-        if raw.startswith(mount + b"/"):
-            return mount, raw[len(mount) + 1 :]
+        rest = keys.under_mount(mount, raw)
+        if rest is not None:
+            return mount, rest
     return None, b""
 
 
@@ -234,7 +234,7 @@ class DavDispatcher:
             return
         state = scope["app"].state
         try:
-            rel = _rel_text(raw_rel)
+            rel = _rel_text(mount, raw)
         except InvalidPath as exc:
             if mount == FILES_MOUNT and method not in DAV_METHODS:
                 await self.app(scope, receive, send)  # the HTTP routes answer their own 400
@@ -325,12 +325,12 @@ class DavDispatcher:
         _, _, raw = _parse_destination(value)
         if not raw.startswith(b"/"):
             raise InvalidPath("not an absolute URL or path")
-        dest_mount, raw_rel = _split_mount(raw)
+        dest_mount, _ = _split_mount(raw)
         if dest_mount != mount:
             raise ApiError(
                 502, "destination_elsewhere", f"the Destination must be inside {mount.decode()}/, as the request is"
             )
-        rel = _rel_text(raw_rel)
+        rel = _rel_text(dest_mount, raw)
         if rel == "":
             raise InvalidPath("the drive's root cannot be replaced; name a file or folder inside it")
         return rel

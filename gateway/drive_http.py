@@ -28,8 +28,8 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import ClientDisconnect
 
 from drive import keys, listing, names
-from drive.checksums import Checksum, ChecksumMismatch, digest_header
-from drive.facts import BadClientFact, checksums_header, mtime_header
+from drive.checksums import ChecksumMismatch, digest_header
+from drive.facts import BadClientFact, ClientFacts, client_facts
 from drive.keys import DrivePath
 from drive.service import DriveService
 from drive.store import ListPage, ObjectInfo, ObjectStore, StoreUnavailable
@@ -53,11 +53,7 @@ class Drive:
         return self.path_from_raw(raw_path(request))
 
     def path_from_raw(self, raw: bytes) -> DrivePath:
-        if raw + b"/" == self.mount:
-            return keys.from_raw_path(self.prefix, b"")
-        if not raw.startswith(self.mount):
-            raise keys.InvalidPath("the drive's own part of the URL must not be percent-encoded")
-        return keys.from_raw_path(self.prefix, raw[len(self.mount) :])
+        return keys.from_url_path(self.prefix, self.mount, raw)
 
     def require_write(self) -> None:
         if not self.writable:
@@ -110,18 +106,11 @@ def _service(request: Request) -> DriveService:
     return request.app.state.drive
 
 
-def client_mtime(request: Request) -> float | None:
-    """``X-OC-Mtime`` (drive/facts.py), 400 bad_mtime when it cannot be read."""
+def client_facts_of(request: Request) -> ClientFacts:
+    """``X-OC-Mtime`` and ``OC-Checksum`` (drive/facts.py), 400 bad_mtime or bad_checksum when
+    one cannot be read."""
     try:
-        return mtime_header(request.headers.get("x-oc-mtime"))
-    except BadClientFact as exc:
-        raise ApiError(400, exc.code, str(exc)) from None
-
-
-def client_checksums(request: Request) -> tuple[Checksum, ...]:
-    """``OC-Checksum`` (drive/facts.py), 400 bad_checksum when it cannot be read."""
-    try:
-        return checksums_header(request.headers.get("oc-checksum"))
+        return client_facts(request.headers.get)
     except BadClientFact as exc:
         raise ApiError(400, exc.code, str(exc)) from None
 
@@ -309,11 +298,10 @@ async def stream_upload(request: Request, drive: Drive, path: DrivePath) -> JSON
     whole and, with ``OC-Checksum``, only if it is what the client announced; ``X-OC-Mtime``
     becomes its modification time. The key is held from reading what it replaces to counting."""
     length = _content_length(request)
-    mtime = client_mtime(request)
-    expected = client_checksums(request)
+    told = client_facts_of(request)
     try:
         async with writing(request, drive, path.key):
-            return await _stream_held(request, drive, path, length, mtime, expected)
+            return await _stream_held(request, drive, path, length, told.mtime, told.checksums)
     except ApiError as exc:
         if exc.error_code == "busy" and length is not None and length <= DRAIN_LIMIT:
             await _drain(request)
@@ -390,12 +378,12 @@ def _file_path(request: Request, drive: Drive, method: str) -> DrivePath:
 async def put(request: Request, drive: Drive) -> Response:
     path = _file_path(request, drive, "PUT")
     length = _content_length(request)
-    mtime = client_mtime(request)
+    told = client_facts_of(request)
     # A body the client wants verified (OC-Checksum) must pass through the gateway: streamed.
-    redirect = not client_checksums(request)
+    redirect = not told.checksums
     if redirect and request.headers.get("expect", "").lower() == "100-continue" and length is not None:
         # Answered before the body is read: uvicorn sends 100 Continue only when the app reads.
-        url = await upload_url(request, drive, path, length, mtime)
+        url = await upload_url(request, drive, path, length, told.mtime)
         return Response(status_code=307, headers={"Location": url, "Connection": "close"})
     return await stream_upload(request, drive, path)
 
@@ -410,17 +398,17 @@ async def post(request: Request, drive: Drive) -> Response:
     declared = request.headers.get("x-content-length")
     if declared is not None and not (declared.isdigit() and len(declared) <= 18):
         raise ApiError(400, "bad_content_length", "X-Content-Length must be a non-negative integer")
-    mtime = client_mtime(request)
-    if mtime is not None and declared is None:
+    told = client_facts_of(request)
+    if told.mtime is not None and declared is None:
         raise ApiError(400, "mtime_needs_length", "X-OC-Mtime on a mint needs the size too (X-Content-Length)")
-    if client_checksums(request):
+    if told.checksums:
         raise ApiError(
             400,
             "checksum_unverifiable",
             "a minted URL sends the bytes straight to the store, where no hash is checked; send the body "
             "through the gateway (POST or PUT with it) to have OC-Checksum verified",
         )
-    url = await upload_url(request, drive, path, int(declared) if declared is not None else None, mtime)
+    url = await upload_url(request, drive, path, int(declared) if declared is not None else None, told.mtime)
     content_type = request.headers.get("x-content-type") or mimetypes.guess_type(path.name)[0]
     return JSONResponse(
         {

@@ -92,9 +92,9 @@ class Gateway(FastAPI):
 
     def _presigned_get(self, scope: Scope) -> str | None:
         raw = (scope.get("raw_path") or b"").split(b"?", 1)[0]
-        if not raw.startswith(MOUNT) or raw.endswith(b"/") or b"json" in scope.get("query_string", b""):
+        rel = keys.under_mount(MOUNT, raw)
+        if not rel or rel.endswith(b"/") or b"json" in scope.get("query_string", b""):
             return None
-        rel = raw[len(MOUNT) :]
         if maybe_shared(rel):
             return None  # shared/{org}/...: the org's drive, answered by the /v1/shared routes
         authorization = accept = None

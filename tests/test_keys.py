@@ -31,7 +31,18 @@ import requests
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from drive.keys import MAX_KEY_BYTES, MAX_NAME_BYTES, DrivePath, InvalidPath, from_raw_path, from_text, listing_prefix, user_prefix
+from drive.keys import (
+    MAX_KEY_BYTES,
+    MAX_NAME_BYTES,
+    DrivePath,
+    InvalidPath,
+    from_raw_path,
+    from_text,
+    from_url_path,
+    listing_prefix,
+    under_mount,
+    user_prefix,
+)
 
 PREFIX = "users/1/"
 
@@ -123,6 +134,24 @@ def test_root_and_names():
     assert from_raw_path(PREFIX, b"a/b/c.txt").name == "c.txt"
     assert from_raw_path(PREFIX, b"a/b/").name == "b"
     assert from_raw_path(PREFIX, b"%F0%9F%98%80").name == "\U0001f600"
+
+
+def test_url_path_under_a_mount():
+    """The one parser of a request's path (the HTTP routes, WebDAV's dispatcher, the edge's 302):
+    the mount with or without its slash is the drive's root; a mount spelled otherwise (encoded,
+    or a longer name that starts like it) is not under it, and names no key."""
+    for mount in (b"/v1/files", b"/v1/files/"):
+        assert under_mount(mount, b"/v1/files") == b""
+        assert under_mount(mount, b"/v1/files/") == b""
+        assert under_mount(mount, b"/v1/files/a%20b/c") == b"a%20b/c"
+        assert from_url_path(PREFIX, mount, b"/v1/files") == DrivePath(PREFIX, "")
+        assert from_url_path(PREFIX, mount, b"/v1/files/a%20b/c/") == DrivePath(PREFIX, "a b/c/")
+        for elsewhere in (b"/v1/filesx/a", b"/v1/files%2fa", b"/v1/%66iles/a", b"/v1/file", b"/v1/dav/a"):
+            assert under_mount(mount, elsewhere) is None, elsewhere
+            with pytest.raises(InvalidPath, match="percent-encoded"):
+                from_url_path(PREFIX, mount, elsewhere)
+        with pytest.raises(InvalidPath):
+            from_url_path(PREFIX, mount, b"/v1/files/a/%2e%2e/%2e%2e/b")
 
 
 def test_key_length_limit_is_exact():

@@ -25,7 +25,7 @@ from wsgidav.dav_error import (
 )
 
 from drive.checksums import Checksum
-from drive.facts import BadClientFact, FactsBook, checksums_header, mtime_header
+from drive.facts import BadClientFact, FactsBook, client_facts
 from drive.keys import InvalidPath
 from drive.service import DriveService
 from drive.store import ObjectNotFound, StoreUnavailable
@@ -193,14 +193,13 @@ def read_client_facts(environ: dict) -> None:
     """Check the ``X-OC-Mtime`` and ``OC-Checksum`` a client sent (drive/facts.py: 400 with
     bad_mtime or bad_checksum) and keep them in the environ for the write that follows."""
     try:
-        mtime = mtime_header(environ.get("HTTP_X_OC_MTIME"))
-        checksums = checksums_header(environ.get("HTTP_OC_CHECKSUM"))
+        told = client_facts(lambda name: environ.get("HTTP_" + name.upper().replace("-", "_")))
     except BadClientFact as exc:
         raise coded_error(HTTP_BAD_REQUEST, exc.code, str(exc)) from None
-    if mtime is not None:
-        environ[MTIME_KEY] = mtime
-    if checksums:
-        environ[CHECKSUMS_KEY] = checksums
+    if told.mtime is not None:
+        environ[MTIME_KEY] = told.mtime
+    if told.checksums:
+        environ[CHECKSUMS_KEY] = told.checksums
 
 
 def client_mtime(environ: dict) -> float | None:
