@@ -54,6 +54,7 @@ import harness  # noqa: E402  (this folder's shared bench code)
 HOST = harness.HOST
 MiB = harness.MiB
 FOLDER = "big"
+NO_SSH = {"KGPU_SSH_PORT": "0"}  # not measured here, and port 2222 may be another server's
 
 # What rclone's webdav backend sends to list a folder (backend/webdav/webdav.go, listAll).
 RCLONE_PROPFIND_BODY = b"""<?xml version="1.0"?>
@@ -423,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         admin_token = "bench-admin-" + secrets.token_hex(12)
         port = harness.free_port()
         harness.log(f"starting kgpu serve on :{port}")
-        kgpu = harness.start_kgpu(data_dir, port, admin_token, log_dir, 1, args.src)
+        kgpu = harness.start_kgpu(data_dir, port, admin_token, log_dir, 1, args.src, NO_SSH)
         procs.append(kgpu)
         base = f"http://{HOST}:{port}"
         created = harness.new_user(base, admin_token, "bench-webdav@example.org")
@@ -447,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                 harness.log(f"(1) the store lists {listed}, not {args.objects}: restarting kgpu serve on the same data directory")
                 kgpu.stop()
                 procs.remove(kgpu)
-                kgpu = harness.start_kgpu(data_dir, port, admin_token, log_dir, 2, args.src)
+                kgpu = harness.start_kgpu(data_dir, port, admin_token, log_dir, 2, args.src, NO_SSH)
                 procs.append(kgpu)
                 endpoint = store_endpoint(kgpu, data_dir)
                 s3 = harness.store_client(data_dir, endpoint)

@@ -249,6 +249,13 @@ class FactsBook:
         with self._sessions() as session:
             return self._rows(session, self._table.c.folder == folder)
 
+    def of_keys(self, keys: list[str]) -> dict[str, FactRow]:
+        """The rows of ``keys`` (one page of a folder's listing: an index probe each)."""
+        if not keys:
+            return {}
+        with self._sessions() as session:
+            return self._rows(session, self._table.c.key.in_(keys))
+
     def between(self, first: str, last: str) -> dict[str, FactRow]:
         """The rows of the keys from ``first`` to ``last`` (one page of a flat listing)."""
         t = self._table

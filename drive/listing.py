@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import html
-from typing import Iterable
+from typing import Iterable, Iterator
 from urllib.parse import quote
 
 from drive.facts import Facts
@@ -67,8 +67,11 @@ def html_row(item: dict) -> str:
 HTML_TAIL = "</table>\n</body></html>\n"
 
 
-def render_html(title: str, items: Iterable[dict]) -> Iterable[str]:
-    yield html_head(title)
-    for item in items:
-        yield html_row(item)
-    yield HTML_TAIL
+def render_html(title: str, pages: Iterable[Iterable[dict]]) -> Iterator[str]:
+    """The page, one piece per page of :func:`entry_json` items (the head with the first, the
+    tail after the last): a listing streamed as the store returns its pages."""
+    head = html_head(title)
+    for items in pages:
+        yield head + "".join(html_row(item) for item in items)
+        head = ""
+    yield head + HTML_TAIL

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from itertools import chain
+from typing import Iterable, Iterator, Protocol
 
 from drive.facts import Carried, Facts, FactsBook, resolve
 from drive.listing import FOLDER_MARKER, is_hidden
@@ -19,6 +20,7 @@ from drive.store.caching import CachingStore
 from drive.usage import Upload, UsageBook, open_upload
 
 COPY_THREADS = 8  # server-side copies at once, for a folder
+Member = tuple[ObjectInfo | CommonPrefix, Facts | None]  # a folder's member: a file with its facts, or a folder
 
 
 class Written(Protocol):
@@ -53,7 +55,7 @@ class DriveService:
 
     def first_page(self, prefix: str, delimiter: str | None = None, max_keys: int = 1000) -> ListPage:
         """A listing's first page, asked before any byte of the answer is sent (so a store that is
-        down is a 503, not a cut answer); :meth:`files` and :meth:`members` go on from it."""
+        down is a 503, not a cut answer); :meth:`files` goes on from it."""
         return self.store.list_page(prefix, delimiter=delimiter, max_keys=max_keys)
 
     def folder_exists(self, folder_key: str, is_root: bool) -> bool:
@@ -74,20 +76,29 @@ class DriveService:
                 return
             page = self.store.list_page(prefix, token=page.next_token)
 
-    def members(self, folder_key: str, first: ListPage) -> Iterator[tuple[ObjectInfo | CommonPrefix, Facts | None]]:
-        """A folder's files (with their facts) and folders, one level, page by page; its marker
-        object is no member."""
-        rows = self.facts.in_folder(folder_key) if self.facts is not None else {}
-        page = first
-        while True:
-            for entry in page.entries:
-                if isinstance(entry, CommonPrefix):
-                    yield entry, None
-                elif entry.key != folder_key and not is_hidden(entry.key):
-                    yield entry, resolve(entry, rows.get(entry.key))
-            if not page.next_token:
-                return
-            page = self.store.list_page(folder_key, "/", page.next_token)
+    def folder_listing(self, folder_key: str, is_root: bool) -> Iterator[list[Member]] | None:
+        """A folder's :meth:`members`, a page at a time as the store lists them (or the listing
+        cache holds them, drive/store/caching.py): the first page is read before this returns,
+        so a store that is down raises here, before any byte of an answer. None: no such folder
+        (nothing under it, and not a drive's root)."""
+        pages = self.store.folder_pages(folder_key)
+        first = next(pages, [])
+        if not first and not is_root:
+            return None
+        return self.members(folder_key, chain((first,), pages))
+
+    def members(self, folder_key: str, pages: Iterable[list[ObjectInfo | CommonPrefix]]) -> Iterator[list[Member]]:
+        """A folder's files (with their facts) and folders, one level, a page of ``pages`` (what
+        ``store.folder_pages`` returned) at a time with one query of the page's facts: never the
+        whole folder in memory. Its marker object is no member."""
+        for page in pages:
+            files = [e.key for e in page if isinstance(e, ObjectInfo) and e.key != folder_key and not is_hidden(e.key)]
+            rows = self.facts.of_keys(files) if self.facts is not None and files else {}
+            yield [
+                (entry, None) if isinstance(entry, CommonPrefix) else (entry, resolve(entry, rows.get(entry.key)))
+                for entry in page
+                if isinstance(entry, CommonPrefix) or (entry.key != folder_key and not is_hidden(entry.key))
+            ]
 
     def read_url(self, key: str, expires_in: int) -> str:
         """Where the client reads the object: a presigned GET (the bytes never pass through here)."""

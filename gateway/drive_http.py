@@ -19,6 +19,7 @@ import mimetypes
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
+from itertools import islice
 from typing import AsyncIterator, Iterator
 
 from fastapi import Request, Response
@@ -171,6 +172,15 @@ async def upload_url(request: Request, drive: Drive, path: DrivePath, size: int 
 # ---------------------------------------------------------------- listings
 
 
+LISTING_CHUNK = 500  # entries written per chunk of a streamed listing (one thread-pool hop each)
+
+
+def _in_chunks(parts: Iterator[bytes]) -> Iterator[bytes]:
+    """``parts`` joined :data:`LISTING_CHUNK` at a time."""
+    while chunk := list(islice(parts, LISTING_CHUNK)):
+        yield b"".join(chunk)
+
+
 def flat_listing(
     request: Request, drive: Drive, list_prefix: str, glob: str | None, first_page: ListPage, header: dict
 ) -> StreamingResponse:
@@ -189,29 +199,36 @@ def flat_listing(
             total += entry.size
         yield f'], "count": {count}, "total_bytes": {total}}}'.encode()
 
-    return StreamingResponse(body(), media_type="application/json")
+    return StreamingResponse(_in_chunks(body()), media_type="application/json")
 
 
 async def folder(request: Request, drive: Drive, path: DrivePath, title: str) -> Response:
-    service = _service(request)
-    first = await run_in_threadpool(service.first_page, path.key, "/")
-    if path.rel and not first.entries:
+    """A folder's members as JSON or HTML, streamed a page at a time as the store lists them (the
+    first page is asked before the answer starts: a store that is down is a 503). A store that
+    fails after that cuts the connection: the client sees an unfinished body, never a short
+    listing that looks complete."""
+    pages = await run_in_threadpool(_service(request).folder_listing, path.key, path.rel == "")
+    if pages is None:
         raise ApiError(404, "not_found", f"no folder {path.rel}")
 
-    def items() -> Iterator[dict]:
-        for entry, facts in service.members(path.key, first):
-            yield listing.entry_json(entry, drive.prefix, facts)
+    def items(page: list) -> Iterator[dict]:
+        return (listing.entry_json(entry, drive.prefix, facts) for entry, facts in page)
 
     if wants_json(request):
 
         def body() -> Iterator[bytes]:
-            yield json.dumps({"path": path.rel})[:-1].encode() + b', "entries": ['
-            for n, item in enumerate(items()):
-                yield (b"," if n else b"") + json.dumps(item).encode()
-            yield b"]}"
+            head = json.dumps({"path": path.rel})[:-1] + ', "entries": ['
+            comma = ""
+            for page in pages:
+                chunk = ",".join(json.dumps(item) for item in items(page))
+                if chunk:
+                    yield (head + comma + chunk).encode()
+                    head, comma = "", ","
+            yield (head + "]}").encode()
 
         return StreamingResponse(body(), media_type="application/json")
-    html = (chunk.encode() for chunk in listing.render_html(title, items()))
+
+    html = (chunk.encode() for chunk in listing.render_html(title, (items(page) for page in pages)))
     return StreamingResponse(html, media_type="text/html; charset=utf-8")
 
 

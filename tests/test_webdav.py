@@ -622,21 +622,21 @@ def test_listing_cache_is_bounded_per_drive_and_in_all():
     store = CachingStore(inner, _Marks(), max_folders=6, max_entries=8, drive_max_folders=3)
     mine = [f"users/1/f{n}/" for n in range(3)]
     for folder in mine:
-        store.folder_entries(folder)
+        list(store.folder_entries(folder))
     # A hostile tenant lists many folders: it keeps at most its share, and pushes out only its own.
     for n in range(50):
-        store.folder_entries(f"users/2/f{n}/")
+        list(store.folder_entries(f"users/2/f{n}/"))
     cached = store.cached_folders()
     assert [f for f in cached if f.startswith("users/2/")] == [f"users/2/f{n}/" for n in range(47, 50)]
     assert all(folder in cached for folder in mine)
     for folder in mine:
-        store.folder_entries(folder)
+        list(store.folder_entries(folder))
         assert inner.lists[folder] == 1  # still cached
-    store.folder_entries("users/1/big/")  # 6 entries: the oldest folders go to stay within 8 in all
-    assert sum(len(store.folder_entries(f)) for f in store.cached_folders()) <= 8
+    list(store.folder_entries("users/1/big/"))  # 6 entries: the oldest folders go to stay within 8 in all
+    assert sum(len(list(store.folder_entries(f))) for f in store.cached_folders()) <= 8
     assert len(store.cached_folders()) <= 6
-    store.folder_entries("users/3/huge/")  # more than max_entries: never kept
-    store.folder_entries("users/3/huge/")
+    list(store.folder_entries("users/3/huge/"))  # more than max_entries: never kept
+    list(store.folder_entries("users/3/huge/"))
     assert inner.lists["users/3/huge/"] == 2
 
 
@@ -647,24 +647,24 @@ def test_listing_cache_one_drive_never_touches_another_and_other_replicas_are_se
     inner = _ListedStore({})
     here = CachingStore(inner, marks)
     there = CachingStore(inner, marks)  # another replica on the same database
-    here.folder_entries("users/1/a/")
-    there.folder_entries("users/1/a/")
+    list(here.folder_entries("users/1/a/"))
+    list(there.folder_entries("users/1/a/"))
     assert inner.lists["users/1/a/"] == 2
     # Another tenant writes, here and there: tenant 1's listings stay cached on both.
     here.put_object("users/2/a/x", b"")
     there.put_object("users/2/a/y", b"")
-    here.folder_entries("users/1/a/")
-    there.folder_entries("users/1/a/")
+    list(here.folder_entries("users/1/a/"))
+    list(there.folder_entries("users/1/a/"))
     assert inner.lists["users/1/a/"] == 2
     # Tenant 1 writes on the other replica: this one lists again at once.
     there.put_object("users/1/a/new", b"")
-    here.folder_entries("users/1/a/")
+    list(here.folder_entries("users/1/a/"))
     assert inner.lists["users/1/a/"] == 3
     # A listing that raced a write here is not kept.
     inner.during_list = lambda: here.put_object("users/1/b/new", b"")
-    here.folder_entries("users/1/b/")
+    list(here.folder_entries("users/1/b/"))
     inner.during_list = None
-    here.folder_entries("users/1/b/")
+    list(here.folder_entries("users/1/b/"))
     assert inner.lists["users/1/b/"] == 2
 
 

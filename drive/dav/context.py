@@ -39,6 +39,7 @@ DEST_EXISTED_KEY = "kgpu.dav.dest_existed"
 EXTRAS_KEY = "kgpu.dav.extras"  # folder ref URL -> (ref URLs with dead properties, lock roots), this request
 MTIME_KEY = "kgpu.dav.mtime"  # the request's X-OC-Mtime, checked (seconds since the epoch)
 CHECKSUMS_KEY = "kgpu.dav.checksums"  # the request's OC-Checksum, checked
+LISTINGS_KEY = "kgpu.dav.listings"  # folder key -> its listing begun when a PROPFIND resolved it, this request
 MTIME_APPLIED_KEY = "kgpu.dav.mtime_applied"  # the write gave a file that time: answer X-OC-Mtime: accepted
 SHARED = "shared"  # the virtual read-only subtree at the root of my drive
 CLOSE_CONNECTION = ("Connection", "close")  # after a body that did not arrive whole: its rest may still be coming
@@ -179,6 +180,14 @@ def store_errors() -> Iterator[None]:
         raise DAVError(HTTP_BAD_REQUEST, str(exc)) from None
 
 
+class AnswerCut(BaseException):
+    """An answer already begun (a streamed PROPFIND) that cannot be finished: the store failed
+    after its first page. No status can say so any more, so the connection is cut and the client
+    sees an unfinished body, never a short listing that looks complete. A BaseException, so that
+    no handler on the way (wsgidav's ErrorPrinter, the gateway's own) turns it into an error page
+    written after what was sent; the HTTP server closes the connection (uvicorn logs it)."""
+
+
 def context_of(environ: dict) -> DavContext:
     return environ[ENVIRON_KEY]
 
@@ -219,6 +228,14 @@ def forget_after_write(environ: dict) -> None:
     were dropped by the write itself, drive/store/caching.py)."""
     environ.get(CACHE_KEY, {}).clear()
     environ.pop(EXTRAS_KEY, None)
+    environ.pop(LISTINGS_KEY, None)
+
+
+def folder_pages(environ: dict, folder_key: str) -> Iterator[list]:
+    """A folder's listing, a page at a time (drive/store/caching.py): the one this request began
+    when it resolved the folder (its first page told the folder exists), else a new one."""
+    begun = environ.get(LISTINGS_KEY, {}).pop(folder_key, None)
+    return begun if begun is not None else context_of(environ).store.folder_pages(folder_key)
 
 
 def cache_key(path: str) -> str:

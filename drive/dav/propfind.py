@@ -1,25 +1,30 @@
 """PROPFIND Depth 1 of a folder, fast: when no member of the folder has dead properties or
 locks, and the request asks for allprop or for named properties (not the quota ones), the
 answer is written from the listing with string templates (:func:`fast_propfind`): the same
-bytes wsgidav would write, without one resource object or XML element per member."""
+bytes wsgidav would write, without one resource object or XML element per member.
+
+It is streamed: the 207 starts once the store has returned the folder's first page (a store that
+is down before that is a 503), and each page's members are written as the store returns the
+next (drive/store/caching.py), with their facts read a page at a time (drive/service.py), so
+neither the time to the first byte nor the memory grows with the folder. A failure after the
+answer began cuts the connection (:class:`~drive.dav.context.AnswerCut`)."""
 
 from __future__ import annotations
 
 import functools
 import io
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 from urllib.parse import quote, unquote
 
 from wsgidav import util, xml_tools
 from wsgidav.dav_error import DAVError
 
-from drive.dav.context import EXTRAS_KEY, SHARED, context_of, guess_type
+from drive.dav.context import EXTRAS_KEY, SHARED, AnswerCut, context_of, folder_pages, guess_type
 from drive.checksums import oc_checksums_text
-from drive.dav.resources import OC_CHECKSUMS, FolderResource, SharedRoot, folder_fact_rows
+from drive.dav.resources import OC_CHECKSUMS, FolderResource, SharedRoot
 from drive.dav.storage import note_folder_extras
-from drive.facts import resolve
-from drive.listing import is_hidden
+from drive.facts import Facts
 from drive.store import CommonPrefix, ObjectInfo
 
 if TYPE_CHECKING:
@@ -38,7 +43,6 @@ _FILE_ALLPROP = [
 ]
 _FOLDER_ALLPROP = ["{DAV:}resourcetype", "{DAV:}displayname", "{DAV:}lockdiscovery", "{DAV:}supportedlock"]
 _HREF_SAFE = "/" + "!*'()," + "$-_|."  # DAVResource.get_href
-_FAST_PAGE = 500  # members per chunk written
 _OK = "HTTP/1.1 200 OK"
 _NOT_FOUND = "HTTP/1.1 404 Not Found"
 _ROOT_TAG = re.compile(r"<([A-Za-z_][\w.-]*):multistatus((?:\s+xmlns:[\w.-]+=\"[^\"&<]*\")*)\s*>")
@@ -119,9 +123,7 @@ def fast_propfind(provider: ObjectStoreProvider, environ: dict, start_response):
         return None
     ctx = context_of(environ)
     base = folder.location.key
-    entries = ctx.store.folder_entries(base)
     note_folder_extras(folder)
-    fact_rows = folder_fact_rows(folder)
     folder_url = unquote(folder.get_ref_url()).rstrip("/") or "/"
     found = environ.get(EXTRAS_KEY, {}).get(folder_url)
     if found is None:
@@ -212,9 +214,8 @@ def fast_propfind(provider: ObjectStoreProvider, environ: dict, start_response):
         checksums_open = f"<{checksums_tag}><{checksum_tag}>"
         checksums_close = f"</{checksum_tag}></{checksums_tag}>"
 
-    def file_values(name: str, info: ObjectInfo) -> list:
+    def file_values(name: str, info: ObjectInfo, facts: Facts) -> list:
         etag = info.etag.strip('"') if info.etag else None
-        facts = resolve(info, fact_rows.get(info.key))
         modified = facts.mtime
         known = {
             "{DAV:}resourcetype": "",
@@ -249,8 +250,8 @@ def fast_propfind(provider: ObjectStoreProvider, environ: dict, start_response):
 
     skip_shared = folder._is_my_root
 
-    def members():
-        for entry in entries:
+    def members(page: list) -> Iterator[str]:
+        for entry, facts in page:
             if isinstance(entry, CommonPrefix):
                 name = entry.prefix[len(base) : -1]
                 if not name or "/" in name or (name == SHARED and skip_shared):
@@ -258,21 +259,22 @@ def fast_propfind(provider: ObjectStoreProvider, environ: dict, start_response):
                 yield render(folder_href + quote(name, safe=_HREF_SAFE) + "/", folder_values(name))
             else:
                 name = entry.key[len(base) :]
-                if not name or "/" in name or is_hidden(entry.key):
+                if "/" in name:
                     continue
-                yield render(folder_href + quote(name, safe=_HREF_SAFE), file_values(name, entry))
+                yield render(folder_href + quote(name, safe=_HREF_SAFE), file_values(name, entry, facts))
+
+    # The store's first page before the 207 (read when the folder was resolved, or now: a store
+    # that is down is a 503); the rest as the answer is written, with each page's facts.
+    pages = ctx.drive.members(base, folder_pages(environ, base))
 
     def body():
         yield head.encode("utf-8", "xmlcharrefreplace")
-        page: list[str] = []
-        for response in members():
-            page.append(response)
-            if len(page) >= _FAST_PAGE:
-                yield "".join(page).encode("utf-8", "xmlcharrefreplace")
-                page = []
-        page.append(rest)
-        page.append(close_all)
-        yield "".join(page).encode("utf-8", "xmlcharrefreplace")
+        try:
+            for page in pages:  # one chunk a page, written as the store returns the next
+                yield "".join(members(page)).encode("utf-8", "xmlcharrefreplace")
+        except Exception as exc:
+            raise AnswerCut(f"the listing of {base} failed after its answer began: {exc}") from exc
+        yield (rest + close_all).encode("utf-8", "xmlcharrefreplace")
 
     start_response(
         "207 Multi-Status",

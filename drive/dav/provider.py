@@ -6,6 +6,7 @@ name is reserved there: a real ``users/{id}/shared/`` folder is hidden by it).""
 
 from __future__ import annotations
 
+from itertools import chain
 from urllib.parse import unquote
 
 from wsgidav.dav_provider import DAVProvider
@@ -15,6 +16,7 @@ from drive.dav import propfind
 from drive.dav.context import (
     CACHE_KEY,
     DEST_EXISTED_KEY,
+    LISTINGS_KEY,
     MTIME_APPLIED_KEY,
     MTIME_KEY,
     SHARED,
@@ -79,9 +81,16 @@ class ObjectStoreProvider(DAVProvider):
         info = ctx.store.head(location.key)
         if info is not None:
             return FileResource(path, environ, location, info, readonly)
-        if ctx.store.list_page(location.key + "/", max_keys=1).entries:
-            return FolderResource(path, environ, DrivePath(prefix, location.rel + "/"), readonly)
-        return None
+        folder = DrivePath(prefix, location.rel + "/")
+        if environ["REQUEST_METHOD"] == "PROPFIND":
+            # The listing that tells the folder exists is the one the answer goes on with.
+            pages = ctx.store.folder_pages(folder.key)
+            first = next(pages, None)
+            if first:
+                environ.setdefault(LISTINGS_KEY, {})[folder.key] = chain((first,), pages)
+        else:
+            first = ctx.store.list_page(folder.key, max_keys=1).entries
+        return FolderResource(path, environ, folder, readonly) if first else None
 
     def custom_request_handler(self, environ, start_response, default_handler):
         method = environ["REQUEST_METHOD"]

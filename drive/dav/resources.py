@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
@@ -43,6 +44,7 @@ from drive.dav.context import (
     context_of,
     guess_type,
     coded_error,
+    folder_pages,
     forget_after_write,
     listed_without,
     store_errors,
@@ -346,7 +348,7 @@ class FolderResource(_Located, DAVCollection):
         members = []
         rows = None
         with store_errors():
-            entries = ctx.store.folder_entries(base)
+            entries = chain.from_iterable(folder_pages(self.environ, base))
             if self.environ.get("REQUEST_METHOD") == "PROPFIND":
                 note_folder_extras(self)
                 rows = folder_fact_rows(self)

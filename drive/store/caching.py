@@ -21,6 +21,12 @@ handed a URL for (another tool writing the bucket with its own keys) goes unseen
 :data:`LISTING_MAX_ENTRIES` entries in all, and one drive holds at most
 :data:`DRIVE_MAX_FOLDERS` of the folders, so one tenant listing many folders pushes out only its
 own; a drive's writes and marks touch only its own listings.
+
+A listing the cache cannot answer is streamed: the caller gets the store's first page as soon
+as the store returns it, and the rest page by page as it reads on (a PROPFIND writes its first
+members before the store has listed the second page). It is kept once read to its end, unless
+a write here raced it or the folder holds more than :data:`FOLDER_MAX_ENTRIES` entries (listed
+from the store each time: memory stays flat in a folder's size).
 """
 
 from __future__ import annotations
@@ -28,16 +34,20 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from itertools import chain
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterator, Protocol
 
 from drive.keys import drive_of
-from drive.store import CommonPrefix, ListPage, ObjectInfo, ObjectStore, UploadedPart, iter_entries
+from drive.store import CommonPrefix, ListPage, ObjectInfo, ObjectStore, UploadedPart
 
 LISTING_MAX_AGE = 300.0  # seconds: a write made behind every gateway's back is seen after this at most
 KNOWN_FOLDER_TTL = 2.0  # seconds drive/names.py trusts that a folder a write went into is no file
 LISTING_MAX_FOLDERS = 64
-LISTING_MAX_ENTRIES = 100_000  # all cached folders together (about 500 bytes an entry: 50 MB at most)
+LISTING_MAX_ENTRIES = 100_000  # all cached folders together (about 330 bytes an entry: 33 MB at most)
+LISTING_PAGE = 1000  # keys per list call: the most S3 answers in one
+FIRST_PAGE = 100  # keys in a listing's first call: its first entries sooner (one more call past 100 entries)
+FOLDER_MAX_ENTRIES = 20_000  # one folder's listing kept at most; a bigger one is streamed from the store each time
 DRIVE_MAX_FOLDERS = 16  # one drive's share of the folders
 URLS_CHECKED = 8  # presigned PUTs still out under a folder that a cached listing of it HEADs; more: listed again
 
@@ -80,6 +90,7 @@ class CachingStore:
         max_folders: int = LISTING_MAX_FOLDERS,
         max_entries: int = LISTING_MAX_ENTRIES,
         drive_max_folders: int = DRIVE_MAX_FOLDERS,
+        folder_max_entries: int = FOLDER_MAX_ENTRIES,
     ):
         self.inner = inner
         self.marks = marks
@@ -87,6 +98,8 @@ class CachingStore:
         self.max_folders = max_folders
         self.max_entries = max_entries
         self.drive_max_folders = drive_max_folders
+        self.folder_max_entries = folder_max_entries
+        self.page_size = LISTING_PAGE
         self._lock = threading.Lock()
         self._folders: OrderedDict[str, _Listing] = OrderedDict()
         self._entries = 0
@@ -100,9 +113,19 @@ class CachingStore:
 
     # ------------------------------------------------------------ listings
 
-    def folder_entries(self, folder: str) -> list:
+    def folder_entries(self, folder: str) -> Iterator[ObjectInfo | CommonPrefix]:
+        """The members of ``folder`` one by one (:meth:`folder_pages`, flattened)."""
+        return chain.from_iterable(self.folder_pages(folder))
+
+    def folder_pages(self, folder: str) -> Iterator[list[ObjectInfo | CommonPrefix]]:
         """The members of ``folder`` (ObjectInfo and CommonPrefix, as a delimited listing yields
-        them), from the cache while current, else from the store."""
+        them), a page at a time: from the cache while current, else streamed from the store.
+
+        The store's first page is read before this returns (a store that is down raises here,
+        before a caller has answered anything); the others as the caller reads on. A listing
+        read to its end is kept when it raced no write here and holds at most
+        :data:`FOLDER_MAX_ENTRIES` entries; a bigger folder is listed from the store every
+        time, so no folder's size sets the memory a listing takes."""
         drive = drive_of(folder)
         with self._lock:
             hit = self._folders.get(folder)
@@ -112,7 +135,8 @@ class CachingStore:
                 with self._lock:
                     if self._folders.get(folder) is hit:
                         self._folders.move_to_end(folder)
-                return hit.entries
+                entries, size = hit.entries, self.page_size
+                return (entries[start : start + size] for start in range(0, len(entries), size))
         else:
             generation = self.marks.generation(drive)
         # The generation is read before the store is listed: a change that lands meanwhile
@@ -120,14 +144,31 @@ class CachingStore:
         with self._lock:
             dropped = self._dropped
         listed_at = time.monotonic()
-        listed = list(iter_entries(self, folder, "/"))
+        first = self.inner.list_page(folder, "/", max_keys=min(FIRST_PAGE, self.page_size))
+        return self._streamed(folder, first, _Listing([], generation, listed_at), dropped)
+
+    def _streamed(self, folder: str, page: ListPage, listing: _Listing, dropped: int) -> Iterator[list]:
+        """The pages from ``page`` on, kept in ``listing`` as they pass while the folder is
+        small enough, and cached once the last one has been read."""
+        keep = min(self.folder_max_entries, self.max_entries)
+        kept: list | None = listing.entries
+        while True:
+            if kept is not None and len(kept) + len(page.entries) <= keep:
+                kept.extend(page.entries)
+            else:
+                kept = None  # too big to keep: what passed is let go
+            yield page.entries
+            if not page.next_token:
+                break
+            page = self.inner.list_page(folder, "/", page.next_token, max_keys=self.page_size)
+        if kept is None:
+            return
         with self._lock:
-            if dropped == self._dropped and len(listed) <= self.max_entries:
+            if dropped == self._dropped:
                 self._drop(folder)
-                self._folders[folder] = _Listing(listed, generation, listed_at)
-                self._entries += len(listed)
-                self._trim(drive)
-        return listed
+                self._folders[folder] = _Listing(kept, listing.generation, listing.listed_at)
+                self._entries += len(kept)
+                self._trim(drive_of(folder))
 
     def _urls_listed(self, entries: list, folder: str, urls: list[str]) -> bool:
         """Whether the objects behind the presigned PUTs still out under ``folder`` are as the

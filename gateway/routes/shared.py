@@ -99,7 +99,7 @@ async def list_orgs(request: Request, principal: ApprovedUser) -> Response:
     if not request.url.path.endswith("/"):
         # Relative links in the page resolve against the folder, so the folder URL ends in '/'.
         return RedirectResponse(str(request.url.replace(path="/v1/shared/")), status_code=301)
-    html = (chunk.encode() for chunk in listing.render_html("/v1/shared/", items))
+    html = (chunk.encode() for chunk in listing.render_html("/v1/shared/", [items]))
     return StreamingResponse(html, media_type="text/html; charset=utf-8")
 
 
