@@ -1,19 +1,22 @@
 #!/usr/bin/env python3
-"""Benchmark of ``kgpu cp -r`` against ``rclone copy``, on 127.0.0.1 only.
+"""Benchmark of ``kgpu cp -r`` against its lower bounds, on 127.0.0.1 only.
 
 Starts its own ``kgpu serve`` (embedded ``rclone serve s3``, SQLite, a temporary data
 directory), makes a user through the admin API and logs a client in (a config directory of its
 own), writes a tree of ``--files`` (64) random files of ``--file-mib`` (16) MiB, then, for
-``--rounds`` (3) rounds, the two alternated:
+``--rounds`` (3) rounds, each alternated:
 
-  up    ``kgpu cp -r TREE kgpu:up-N -j J``  vs  ``rclone copy TREE :webdav:up-N --transfers J``
+  up    ``kgpu cp -r TREE kgpu:up-N -j J``
+        vs  the same files by parallel direct presigned PUTs: one ``curl --parallel --parallel-max J``
+            over URLs minted beforehand (untimed), so only the bytes' trip to the store counts
+        vs  ``rclone copy TREE :webdav:up-N --transfers J``
   down  ``kgpu cp -r kgpu:src LOCAL -j J``  vs  ``rclone copy :webdav:src LOCAL --transfers J``
 
 rclone runs the way the WebDAV guide says (``--webdav-vendor owncloud``, the Bearer header in its
 environment) with the same parallelism (``--transfers J --checkers max(8, J)``), against the same
 server. Each upload goes to a fresh folder (deleted after the round), each download into an empty
 folder; wall time includes process start-up (what a user waits for). Prints MiB/s per round, the
-medians and the ratio kgpu/rclone (goal >= 0.9).
+medians and the ratios: up kgpu/direct PUTs (goal >= 0.8), down kgpu/rclone (goal >= 0.9).
 """
 
 from __future__ import annotations
@@ -56,6 +59,19 @@ def timed(command: list[str], env: dict[str, str]) -> float:
     return elapsed
 
 
+def direct_puts(tree: Path, base: str, token: str, folder: str, transfers: int, work: Path) -> float:
+    """Seconds for one curl to PUT every file of ``tree`` to presigned URLs minted beforehand."""
+    lines = []
+    for path in sorted(p for p in tree.rglob("*") if p.is_file()):
+        route = f"{base}/v1/files/{folder}/{path.relative_to(tree).as_posix()}"
+        grant = harness.http_json("POST", route, token, headers={"X-Content-Length": str(path.stat().st_size)})
+        lines += [f'url = "{grant["url"]}"', f'upload-file = "{path}"', 'output = "/dev/null"']
+    config = work / "direct.curl"
+    config.write_text("\n".join(lines) + "\n")
+    command = ["curl", "-fsS", "--parallel", "--parallel-max", str(transfers), "-K", str(config)]
+    return timed(command, dict(os.environ))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=64)
@@ -93,13 +109,17 @@ def main(argv: list[str] | None = None) -> int:
         # The source of the downloads, uploaded once.
         timed([kgpu, "cp", "-r", str(tree), "kgpu:src", *j], kgpu_env)
 
-        results: dict[str, list[float]] = {k: [] for k in ("up kgpu", "up rclone", "down kgpu", "down rclone")}
+        kinds = ("up kgpu", "up direct", "up rclone", "down kgpu", "down rclone")
+        results: dict[str, list[float]] = {k: [] for k in kinds}
         for n in range(args.rounds):
             order = ("kgpu", "rclone") if n % 2 == 0 else ("rclone", "kgpu")
-            for who in order:
+            ups = ("kgpu", "direct", "rclone") if n % 2 == 0 else ("rclone", "direct", "kgpu")
+            for who in ups:
                 folder = f"up-{who}-{n}"
                 if who == "kgpu":
                     seconds = timed([kgpu, "cp", "-r", str(tree), f"kgpu:{folder}", *j], kgpu_env)
+                elif who == "direct":
+                    seconds = direct_puts(tree, base, token, folder, args.transfers, work)
                 else:
                     seconds = timed([*rclone, "copy", str(tree), f":webdav:{folder}", *dav, *parallel], rclone_env)
                 results[f"up {who}"].append(total / MiB / seconds)
@@ -114,13 +134,14 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(target)
             harness.log("round %d: " % n + ", ".join(f"{k} {v[-1]:.0f} MiB/s" for k, v in results.items()))
 
-        print(f"\nkgpu cp -r vs rclone copy: {args.files} x {args.file_mib} MiB ({total / MiB:.0f} MiB), "
-              f"-j {args.transfers}, {args.rounds} rounds, medians")
-        for direction in ("up", "down"):
-            mine, theirs = statistics.median(results[f"{direction} kgpu"]), statistics.median(results[f"{direction} rclone"])
-            verdict = "ok" if mine / theirs >= 0.9 else "BELOW GOAL"
-            print(f"  {direction:4}  kgpu {mine:7.1f} MiB/s   rclone {theirs:7.1f} MiB/s   ratio {mine / theirs:.2f} "
-                  f"(goal >= 0.9: {verdict})")
+        print(f"\nkgpu cp -r vs its lower bounds: {args.files} x {args.file_mib} MiB ({total / MiB:.0f} MiB), "
+              f"-j {args.transfers}, {args.rounds} rounds, medians; load average {open('/proc/loadavg').read().strip()}")
+        median = {k: statistics.median(v) for k, v in results.items()}
+        for direction, bound, goal in (("up", "direct", 0.8), ("up", "rclone", None), ("down", "rclone", 0.9)):
+            mine, theirs = median[f"{direction} kgpu"], median[f"{direction} {bound}"]
+            verdict = "" if goal is None else f" (goal >= {goal}: {'ok' if mine / theirs >= goal else 'BELOW GOAL'})"
+            label = "direct presigned PUTs" if bound == "direct" else "rclone copy"
+            print(f"  {direction:4}  kgpu {mine:7.1f} MiB/s   {label} {theirs:7.1f} MiB/s   ratio {mine / theirs:.2f}{verdict}")
         return 0
     finally:
         if server is not None:

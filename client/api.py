@@ -8,7 +8,6 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from client.config import Login
 
@@ -57,9 +56,9 @@ class Api:
             reason = getattr(exc, "reason", exc)
             raise ApiError(0, "unreachable", f"cannot reach {self.login.base_url}: {reason}") from None
 
-    def call(self, method: str, path: str, *, params=None, body=None, timeout: float = 0) -> dict:
+    def call(self, method: str, path: str, *, params=None, body=None, headers=None, timeout: float = 0) -> dict:
         """One request; the JSON answer (``{}`` for an empty one)."""
-        with self._open(method, path, params=params, body=body, timeout=timeout) as reply:
+        with self._open(method, path, params=params, body=body, headers=headers, timeout=timeout) as reply:
             raw = reply.read()
         return json.loads(raw) if raw.strip() else {}
 
@@ -72,22 +71,6 @@ class Api:
             if exc.status == 404:
                 return None
             raise
-
-    def put_file(self, path: str, local: Path) -> dict:
-        """Upload one file, streamed through the gateway (a PUT without ``Expect``)."""
-        with open(local, "rb") as body:
-            request = urllib.request.Request(
-                self.url(path), data=body, method="PUT",
-                headers={"Authorization": f"Bearer {self.login.token}", "User-Agent": USER_AGENT,
-                         "Content-Length": str(local.stat().st_size), "Content-Type": "application/octet-stream"},
-            )
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as reply:
-                    return json.loads(reply.read() or b"{}")
-            except urllib.error.HTTPError as exc:
-                raise _error_of(exc) from None
-            except (urllib.error.URLError, OSError) as exc:
-                raise ApiError(0, "unreachable", f"cannot reach {self.login.base_url}: {getattr(exc, 'reason', exc)}") from None
 
     def delete(self, path: str) -> int:
         """DELETE; how many files went (``X-Deleted-Count``, 1 for a single file)."""

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import datetime
 from pathlib import Path
 
-from client import rclone, shared_upload
+from client import rclone, uploads
 from client.api import ApiError
 from client.errors import TransferFailed, UsageError
 from client.locations import Remote, is_remote, parse_remote
@@ -72,8 +73,8 @@ def ls(session: Session, target: str, recursive: bool) -> int:
 
 
 def cp(session: Session, source: str, destination: str, recursive: bool, transfers: int) -> int:
-    if is_remote(destination) and parse_remote(destination).in_shared:
-        return _upload_to_shared(session, source, parse_remote(destination), recursive, transfers)
+    if is_remote(destination) and (not is_remote(source) or parse_remote(destination).in_shared):
+        return _upload(session, source, parse_remote(destination), recursive, transfers)
     src, dst, folder = _endpoints(session, source, destination, recursive, "cp")
     verb = "copy" if folder else "copyto"
     return _transfer(session, [verb, src, dst, *_parallel(transfers)], "cp", source, destination)
@@ -192,22 +193,40 @@ def rm(session: Session, target: str, recursive: bool) -> int:
     return 0
 
 
-def _upload_to_shared(session: Session, source: str, destination: Remote, recursive: bool, transfers: int) -> int:
+def _upload(session: Session, source: str, destination: Remote, recursive: bool, transfers: int) -> int:
+    """Local files into a drive, straight to the object store (client/uploads.py)."""
     if is_remote(source):
         raise UsageError("copy into a shared drive from local files (kgpu cp LOCAL kgpu:shared/ORG/PATH)")
-    if not destination.org:
-        raise UsageError("name a shared drive: kgpu:shared/ORG/PATH")
-    if os.path.isdir(source) and not recursive:
-        raise UsageError(f"{source} is a folder: use kgpu cp -r")
     if not os.path.exists(source):
         raise UsageError(f"{source}: no such file or folder")
-    into_folder = destination.folder_hint or not destination.shared_path or is_folder(session, destination)
-    plan = shared_upload.plan(Path(source), destination, into_folder)
+    folder = os.path.isdir(source)
+    if folder and not recursive:
+        raise UsageError(f"{source} is a folder: use kgpu cp -r")
+    base = http_path(destination)
+    into_folder = not folder and (destination.folder_hint or destination.is_root or is_folder(session, destination))
+    files = uploads.plan(Path(source), base, into_folder)
+    files = uploads.unchanged(files, _present(session, destination, base))
     bar = ProgressBar(f"cp {source} → {destination}", enabled=None if not session.as_json else False)
-    done = shared_upload.upload(session.api, plan, transfers, bar.update)
-    bar.close()
+    try:
+        done = uploads.upload(session.api, files, transfers, bar.update)
+    finally:
+        bar.close()
     if session.as_json:
-        emit_json({"source": source, "destination": str(destination), **done})
+        emit_json({"source": source, "destination": str(destination), **done,
+                   "deleted": 0, "server_side": 0, "errors": 0})
     else:
         print(f"cp: {done['files']} files, {human_bytes(done['bytes'])} in {done['seconds']} s")
     return 0
+
+
+def _present(session: Session, destination: Remote, base: str) -> dict[str, tuple[int, float]]:
+    """What my drive holds at or under the destination (route -> size, modification time), one
+    listing; a shared drive's files are always sent."""
+    if destination.in_shared:
+        return {}
+    reply = session.api.call("GET", "/v1/files", params={"prefix": destination.path})
+    return {f"/v1/files/{f['path']}": (f["size"], _seconds(f["last_modified"])) for f in reply.get("files", [])}
+
+
+def _seconds(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()

@@ -95,13 +95,15 @@ class Hashes:
                 )
 
 
-def oc_checksums_text(sha1: str, md5: str) -> str:
-    """The text of ``<oc:checksum>`` in a PROPFIND, as ownCloud writes it."""
-    return f"SHA1:{sha1} MD5:{md5}"
+def oc_checksums_text(sha1: str | None, md5: str | None) -> str:
+    """The text of ``<oc:checksum>`` in a PROPFIND, as ownCloud writes it (the hashes known)."""
+    return " ".join(f"{name}:{value}" for name, value in (("SHA1", sha1), ("MD5", md5)) if value is not None)
 
 
-def digest_header(sha1: str, md5: str) -> str:
-    """RFC 3230's ``Digest``: base64 of the raw digests."""
-    sha = base64.b64encode(bytes.fromhex(sha1)).decode()
-    md = base64.b64encode(bytes.fromhex(md5)).decode()
-    return f"SHA={sha},MD5={md}"
+def digest_header(sha1: str | None, md5: str | None) -> str:
+    """RFC 3230's ``Digest``: base64 of the raw digests known."""
+    return ",".join(
+        f"{name}={base64.b64encode(bytes.fromhex(value)).decode()}"
+        for name, value in (("SHA", sha1), ("MD5", md5))
+        if value is not None
+    )

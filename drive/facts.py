@@ -33,8 +33,12 @@ from drive.store import ObjectInfo
 MAX_MTIME = 253402300799  # 9999-12-31T23:59:59Z: what an HTTP date can still write
 CLOCK_SLACK = 2.0  # seconds: a store's Last-Modified may lag the gateway's clock by this much
 _MTIME = re.compile(r"\d{1,12}(\.\d{1,9})?")
-_COLUMNS = ("etag", "size", "mtime", "sha1", "md5", "pending_size", "pending_mtime", "pending_since", "pending_until")
-_NOT_PENDING = {"pending_size": None, "pending_mtime": None, "pending_since": None, "pending_until": None}
+_COLUMNS = (
+    "etag", "size", "mtime", "sha1", "md5", "pending_size", "pending_mtime", "pending_since", "pending_until", "pending_md5"
+)
+_NOT_PENDING = {
+    "pending_size": None, "pending_mtime": None, "pending_since": None, "pending_until": None, "pending_md5": None
+}
 
 
 class InvalidMtime(ValueError):
@@ -154,7 +158,8 @@ class Facts:
 
     @property
     def has_hashes(self) -> bool:
-        return self.sha1 is not None and self.md5 is not None
+        """Any hash known (an object sent straight to the store has at most its MD5)."""
+        return self.sha1 is not None or self.md5 is not None
 
 
 @dataclass(frozen=True)
@@ -168,6 +173,7 @@ class FactRow:
     pending_mtime: float | None
     pending_since: float | None
     pending_until: float | None
+    pending_md5: str | None = None
 
 
 def bare_etag(etag: str | None) -> str:
@@ -186,13 +192,32 @@ def resolve(info: ObjectInfo, row: FactRow | None) -> Facts:
             return Facts(mtime, row.sha1, row.md5)
         if (
             row.pending_size == info.size
-            and row.pending_mtime is not None
             and row.pending_since is not None
             and row.pending_until is not None
             and row.pending_since - CLOCK_SLACK <= info.last_modified.timestamp() <= row.pending_until + CLOCK_SLACK
         ):
-            return Facts(_as_datetime(row.pending_mtime))
+            mtime = _as_datetime(row.pending_mtime) if row.pending_mtime is not None else info.last_modified
+            return Facts(mtime, md5=proven_md5(info, row.pending_md5))
     return Facts(info.last_modified)
+
+
+# What a direct upload's facts say of its MD5 when the store's ETag of it is its MD5 (the store's
+# ``put_etag_is_md5``): no client declared one, the store computed it.
+STORE_MD5 = "etag"
+_HEX_MD5 = re.compile(r"[0-9a-f]{32}")
+
+
+def proven_md5(info: ObjectInfo, vouched: str | None) -> str | None:
+    """The MD5 of bytes a client sent straight to the store, only as the store vouches for it
+    (the gateway never saw them, so it never reports a SHA1 for them: docs/my-drive.md, "Hashes").
+    ``vouched``: :data:`STORE_MD5` where the store's ETags are the MD5s of its objects, then a
+    plain MD5 ETag is reported (a multipart "…-N" one is none); else the MD5 a client declared,
+    which the URL signed (``Content-MD5``, so the store refused other bytes), reported only where
+    the store's ETag is that very MD5. Nothing the client says alone is ever reported."""
+    etag = bare_etag(info.etag).lower()
+    if vouched == STORE_MD5:
+        return etag if _HEX_MD5.fullmatch(etag) else None
+    return vouched if vouched is not None and vouched == etag else None
 
 
 def folder_of(key: str) -> str:
@@ -276,10 +301,12 @@ class FactsBook:
         with self._sessions.begin() as session:
             self._upsert(session, key, values)
 
-    def hand_out(self, key: str, *, size: int, mtime: float, expires_in: int) -> None:
+    def hand_out(self, key: str, *, size: int, mtime: float | None, expires_in: int, md5: str | None = None) -> None:
         """A presigned PUT of ``size`` bytes, valid ``expires_in`` seconds, handed out with a
-        modification time: the object's once an object of that size appears in that time (its
-        bytes never pass through the gateway: no hash)."""
+        modification time or who vouches for its MD5 (``md5``: a declared hex, or
+        :data:`STORE_MD5`): the object's once an object of that size appears in that time (its
+        bytes never pass through the gateway: no SHA1, and the MD5 only as :func:`proven_md5`
+        allows)."""
         now = time.time()
         with self._sessions.begin() as session:
             self._upsert(
@@ -291,6 +318,7 @@ class FactsBook:
                     "pending_mtime": mtime,
                     "pending_since": now,
                     "pending_until": now + expires_in,
+                    "pending_md5": md5,
                 },
             )
 

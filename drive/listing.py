@@ -37,8 +37,8 @@ def entry_json(entry: ObjectInfo | CommonPrefix, drive_prefix: str, facts: Facts
         "etag": entry.etag.strip('"'),
         "last_modified": iso_time(facts.mtime if facts is not None else entry.last_modified),
     }
-    if facts is not None and facts.has_hashes:
-        item["sha1"], item["md5"] = facts.sha1, facts.md5
+    if facts is not None:
+        item |= {name: value for name, value in (("sha1", facts.sha1), ("md5", facts.md5)) if value is not None}
     return item
 
 

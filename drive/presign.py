@@ -47,6 +47,7 @@ class Presigner:
         # signature are computed (a signature is two SHA-256s: the canonical request, the HMAC).
         self._origin = f"{parts.scheme}://{parts.netloc}"
         self._host = parts.netloc
+        self._host_header = f"host:{parts.netloc}\n"
         self._bucket_path = f"{parts.path}/{bucket}/"  # an endpoint may sit under a path
         self._secret_key = secret_key
         self._region = region
@@ -70,23 +71,39 @@ class Presigner:
         return cached[1]
 
     def presign(
-        self, method: str, key: str, expires_in: int, now: datetime | None = None, content_length: int | None = None
+        self,
+        method: str,
+        key: str,
+        expires_in: int,
+        now: datetime | None = None,
+        content_length: int | None = None,
+        content_md5: str | None = None,
+        query: dict[str, str] | None = None,
     ) -> str:
-        """``content_length`` (a PUT): signed too, so the store refuses a body of another size."""
+        """``content_length`` and ``content_md5`` (base64, a PUT): signed too, so the store refuses a
+        body of another size, and one without that MD5 (the store checks ``Content-MD5``).
+        ``query``: more parameters (``partNumber``, ``uploadId`` of a multipart upload's part)."""
         amz_date = self._amz_date(now)
         day = self._day_of(amz_date[:8])
         path = self._bucket_path + _uri_encode(key, safe="/")
         # The parameters in their sorted order, encoded once: only the date and expiry vary.
-        if content_length is None:
-            canonical_query = f"{day.query_head}{amz_date}&X-Amz-Expires={int(expires_in)}&X-Amz-SignedHeaders=host"
-            tail = f"host:{self._host}\n\nhost\nUNSIGNED-PAYLOAD"
+        if content_length is None and content_md5 is None:  # a GET: the hot path, nothing to sort
+            names, headers = "host", self._host_header
         else:
-            canonical_query = (
-                f"{day.query_head}{amz_date}&X-Amz-Expires={int(expires_in)}"
-                "&X-Amz-SignedHeaders=content-length%3Bhost"
-            )
-            tail = f"content-length:{int(content_length)}\nhost:{self._host}\n\ncontent-length;host\nUNSIGNED-PAYLOAD"
-        canonical_request = f"{method}\n{path}\n{canonical_query}\n{tail}"
+            signed = {"host": self._host}
+            if content_length is not None:
+                signed["content-length"] = str(int(content_length))
+            if content_md5 is not None:
+                signed["content-md5"] = content_md5
+            names = ";".join(sorted(signed))
+            headers = "".join(f"{name}:{signed[name]}\n" for name in sorted(signed))
+        canonical_query = (
+            f"{day.query_head}{amz_date}&X-Amz-Expires={int(expires_in)}&X-Amz-SignedHeaders={_uri_encode(names)}"
+        )
+        for name, value in sorted((query or {}).items()):
+            # Every extra name (lower case) sorts after the X-Amz- ones, as SigV4 orders them.
+            canonical_query += f"&{_uri_encode(name)}={_uri_encode(value)}"
+        canonical_request = f"{method}\n{path}\n{canonical_query}\n{headers}\n{names}\nUNSIGNED-PAYLOAD"
         string_to_sign = (
             f"{_ALGORITHM}\n{amz_date}\n{day.scope}\n{hashlib.sha256(canonical_request.encode()).hexdigest()}"
         )

@@ -13,14 +13,16 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Iterable, Iterator, Protocol
 
-from drive.facts import Carried, Facts, FactsBook, resolve
+from drive.direct import DeclaredMd5, NoSuchUpload, PartPlan, completed_parts
+from drive.facts import STORE_MD5, Carried, Facts, FactsBook, proven_md5, resolve
 from drive.listing import FOLDER_MARKER, is_hidden
-from drive.store import CommonPrefix, ListPage, ObjectInfo, delete_prefix
+from drive.store import CommonPrefix, ListPage, ObjectInfo, PartsRefused, StoreError, UploadedPart, delete_prefix
 from drive.store.caching import CachingStore
 from drive.usage import Upload, UsageBook, open_upload
 
 COPY_THREADS = 8  # server-side copies at once, for a folder
 Member = tuple[ObjectInfo | CommonPrefix, Facts | None]  # a folder's member: a file with its facts, or a folder
+COMPLETING_SECONDS = 600  # a multipart upload being completed is held at least this much longer
 
 
 class Written(Protocol):
@@ -134,17 +136,104 @@ class DriveService:
         previous: ObjectInfo | None,
         mtime: float | None,
         expires_in: int,
+        md5: DeclaredMd5 | None = None,
     ) -> str:
         """A presigned PUT of ``key``: the room its bytes need held until the object appears or
         the URL expires (QuotaExceeded if it does not fit; ``size`` None: all the room left), the
-        modification time noted for the object of that size, then the URL (the store records it,
-        so cached listings check it). The length is signed into the URL: a store that checks
-        signatures refuses a body of another size, so the hold covers whatever arrives."""
+        modification time (and declared MD5) noted for the object of that size, then the URL (the
+        store records it, so cached listings check it). The length is signed into the URL: a
+        store that checks signatures refuses a body of another size, so the hold covers whatever
+        arrives; so is the MD5 (``Content-MD5``), which the store checks."""
         if self.usage is not None:
             self.usage.hold(prefix, key, size, quota, previous, expires_in)
-        if mtime is not None and self.facts is not None:
-            self.facts.hand_out(key, size=size, mtime=mtime, expires_in=expires_in)
-        return self.store.presign_put(key, expires_in, content_length=size)
+        vouched = self._vouched(md5)
+        if (mtime is not None or vouched is not None) and self.facts is not None and size is not None:
+            self.facts.hand_out(key, size=size, mtime=mtime, expires_in=expires_in, md5=vouched)
+        return self.store.presign_put(key, expires_in, content_length=size, content_md5=md5 and md5.base64)
+
+    # ------------------------------------------------------------ multipart uploads sent straight to the store
+
+    def start_parts(
+        self,
+        prefix: str,
+        key: str,
+        plan: PartPlan,
+        quota: int | None,
+        previous: ObjectInfo | None,
+        lifetime: int,
+        content_type: str | None,
+    ) -> str:
+        """A multipart upload of ``plan.size`` bytes the client sends straight to the store
+        (drive/direct.py): started in the store, its size held against the quota for
+        ``lifetime`` seconds (QuotaExceeded, and the upload aborted, if it does not fit). Its id."""
+        upload_id = self.store.create_multipart(key, content_type)
+        try:
+            if self.usage is None:
+                raise NoSuchUpload("a drive without a usage book keeps no multipart uploads")
+            self.usage.hold(prefix, key, plan.size, quota, previous, lifetime,
+                            upload_id=upload_id, part_bytes=plan.part_bytes)
+        except BaseException:
+            self.store.abort_multipart(key, upload_id)
+            raise
+        return upload_id
+
+    def _open_parts(self, prefix: str, key: str, upload_id: str):
+        hold = self.usage.parts_upload(prefix, key, upload_id) if self.usage is not None else None
+        if hold is None:
+            raise NoSuchUpload(f"no multipart upload {upload_id[:80]} is open for this file")
+        return hold, PartPlan(hold.size, hold.part_bytes)
+
+    def part_url(
+        self, prefix: str, key: str, upload_id: str, number: int, expires_in: int, md5: DeclaredMd5 | None
+    ) -> str:
+        """Where the client PUTs part ``number``: its exact length (and declared MD5) signed in."""
+        _, plan = self._open_parts(prefix, key, upload_id)
+        return self.store.presign_part(
+            key, upload_id, number, expires_in, plan.length(number), md5.base64 if md5 else None
+        )
+
+    def complete_parts(
+        self, prefix: str, key: str, upload_id: str, body: object, mtime: float | None, md5: DeclaredMd5 | None
+    ) -> ObjectInfo:
+        """The gateway completes a multipart upload with every part of its plan; the object
+        counts, new minus old, and its facts are the client's modification time and the MD5 the
+        store vouches for (:func:`~drive.facts.proven_md5`), never a SHA1. Parts the store
+        refuses (PartsRefused: a wrong ETag) end the upload, its hold given back: some stores
+        (rclone serve s3) drop it then, so none is kept open."""
+        hold, plan = self._open_parts(prefix, key, upload_id)
+        parts = completed_parts(plan, body)
+        if not self.usage.keep_parts_upload(hold, COMPLETING_SECONDS):
+            raise NoSuchUpload(f"the multipart upload {upload_id[:80]} expired")
+        try:
+            self.store.complete_multipart(key, upload_id, [UploadedPart(number, etag) for number, etag in parts])
+        except PartsRefused:
+            self.usage.close_parts_upload(prefix, hold.id, None)
+            try:
+                self.store.abort_multipart(key, upload_id)
+            except StoreError:
+                pass  # the store dropped it already
+            raise
+        stored = self.store.head(key)
+        if stored is None:  # deleted at once by another client; nothing to count
+            raise NoSuchUpload("the completed object is gone already")
+        self.usage.close_parts_upload(prefix, hold.id, stored)
+        if self.facts is not None:
+            self.facts.record(key, etag=stored.etag, size=stored.size, mtime=mtime, sha1=None,
+                              md5=proven_md5(stored, self._vouched(md5)))
+        return stored
+
+    def _vouched(self, md5: DeclaredMd5 | None) -> str | None:
+        """Who vouches for a direct upload's MD5 (drive/facts.py proven_md5): the MD5 the client
+        declared (the URL signs it), else the store, where its ETags are MD5s."""
+        if md5 is not None:
+            return md5.hex
+        return STORE_MD5 if self.store.put_etag_is_md5 else None
+
+    def abort_parts(self, prefix: str, key: str, upload_id: str) -> None:
+        """The client gives a multipart upload up: its parts and its hold go."""
+        hold, _ = self._open_parts(prefix, key, upload_id)
+        self.usage.close_parts_upload(prefix, hold.id, None)
+        self.store.abort_multipart(key, upload_id)
 
     def mkdir(self, folder_key: str) -> None:
         """Make the folder exist, empty: its hidden marker object (drive/listing.py)."""

@@ -72,9 +72,26 @@ class UsageBook(Protocol):
         """Close a write: its reservation goes back and ``delta`` (:func:`needed`) counts."""
 
     def hold(
-        self, prefix: str, key: str, size: int | None, quota: int | None, previous: ObjectInfo | None, expires_in: int
+        self,
+        prefix: str,
+        key: str,
+        size: int | None,
+        quota: int | None,
+        previous: ObjectInfo | None,
+        expires_in: int,
+        *,
+        upload_id: str | None = None,
+        part_bytes: int | None = None,
     ) -> None:
-        """Reserve room for a presigned PUT of ``key`` until its object appears or the URL expires."""
+        """Reserve room for a presigned PUT of ``key`` until its object appears or the URL expires
+        (with ``upload_id``: a multipart upload sent straight to the store, drive/direct.py)."""
+
+    def parts_upload(self, prefix: str, key: str, upload_id: str):
+        """The open multipart upload's hold (``id``, ``size``, ``part_bytes``), or None."""
+
+    def keep_parts_upload(self, hold, seconds: int) -> bool: ...
+
+    def close_parts_upload(self, prefix: str, hold_id: int, stored: ObjectInfo | None) -> None: ...
 
     def writing(
         self,

@@ -30,10 +30,11 @@ from starlette.requests import ClientDisconnect
 
 from drive import keys, listing, names
 from drive.checksums import ChecksumMismatch, digest_header
+from drive.direct import DeclaredMd5, DirectUploadError, NoSuchUpload, parse_md5, parse_number, plan_parts
 from drive.facts import BadClientFact, ClientFacts, client_facts
 from drive.keys import DrivePath
 from drive.service import DriveService
-from drive.store import ListPage, ObjectInfo, ObjectStore, StoreUnavailable
+from drive.store import ListPage, ObjectInfo, ObjectStore, PartsRefused, StoreUnavailable
 from drive.store.caching import CachingStore
 from drive.uploads import IncompleteBody, UploadTooLarge, WriteBusy, choose_part_size, stream_to_store
 from drive.usage import QuotaExceeded, Upload, WriteLease
@@ -155,7 +156,10 @@ def open_upload(request: Request, drive: Drive, previous: ObjectInfo | None, dec
         raise quota_refusal(str(exc)) from None
 
 
-async def upload_url(request: Request, drive: Drive, path: DrivePath, size: int | None, mtime: float | None) -> str:
+async def upload_url(
+    request: Request, drive: Drive, path: DrivePath, size: int | None, mtime: float | None,
+    md5: DeclaredMd5 | None = None,
+) -> str:
     """A presigned PUT for bytes that go straight to the store (a 307 or a mint), the key held
     while the names are checked and the room is held (413 if it would not fit)."""
     service = _service(request)
@@ -163,7 +167,8 @@ async def upload_url(request: Request, drive: Drive, path: DrivePath, size: int 
         previous = await _previous_and_names(service.store, path)
         try:
             return await run_in_threadpool(
-                service.upload_url, drive.prefix, path.key, size, drive.quota_bytes, previous, mtime, _expires(request)
+                service.upload_url, drive.prefix, path.key, size, drive.quota_bytes, previous, mtime, _expires(request),
+                md5,
             )
         except QuotaExceeded as exc:
             raise quota_refusal(str(exc)) from None
@@ -252,7 +257,7 @@ async def head(request: Request, drive: Drive) -> Response:
         "Accept-Ranges": "bytes",
     }
     if facts.has_hashes:
-        headers["OC-Checksum"] = f"SHA1:{facts.sha1}"
+        headers["OC-Checksum"] = f"SHA1:{facts.sha1}" if facts.sha1 else f"MD5:{facts.md5}"
         headers["Digest"] = digest_header(facts.sha1, facts.md5)
     return Response(status_code=200, headers=headers)
 
@@ -405,16 +410,35 @@ async def put(request: Request, drive: Drive) -> Response:
     return await stream_upload(request, drive, path)
 
 
+def _declared_length(request: Request) -> int | None:
+    declared = request.headers.get("x-content-length")
+    if declared is not None and not (declared.isdigit() and len(declared) <= 18):
+        raise ApiError(400, "bad_content_length", "X-Content-Length must be a non-negative integer")
+    return int(declared) if declared is not None else None
+
+
+def _declared_md5(request: Request) -> DeclaredMd5 | None:
+    try:
+        return parse_md5(request.headers.get("x-content-md5"))
+    except DirectUploadError as exc:
+        raise ApiError(400, exc.code, str(exc)) from None
+
+
 async def post(request: Request, drive: Drive) -> Response:
-    """A body is streamed through (curl --data-binary sends POST); no body mints a presigned PUT."""
+    """A body is streamed through (curl --data-binary sends POST); no body mints a presigned PUT;
+    ``?uploads``, ``?uploadId=`` are a multipart upload sent straight to the store (drive/direct.py)."""
     path = _file_path(request, drive, "POST")
+    query = request.query_params
+    if "uploads" in query or "uploadId" in query:
+        return await direct_parts(request, drive, path)
     if has_body(request):
         return await stream_upload(request, drive, path)
     # The bytes go straight to the store: hold the size the client declares (X-Content-Length),
     # or all the room left if it declares none, until the object appears or the URL expires.
-    declared = request.headers.get("x-content-length")
-    if declared is not None and not (declared.isdigit() and len(declared) <= 18):
-        raise ApiError(400, "bad_content_length", "X-Content-Length must be a non-negative integer")
+    declared = _declared_length(request)
+    md5 = _declared_md5(request)
+    if md5 is not None and declared is None:
+        raise ApiError(400, "md5_needs_length", "X-Content-MD5 on a mint needs the size too (X-Content-Length)")
     told = client_facts_of(request)
     if told.mtime is not None and declared is None:
         raise ApiError(400, "mtime_needs_length", "X-OC-Mtime on a mint needs the size too (X-Content-Length)")
@@ -422,28 +446,106 @@ async def post(request: Request, drive: Drive) -> Response:
         raise ApiError(
             400,
             "checksum_unverifiable",
-            "a minted URL sends the bytes straight to the store, where no hash is checked; send the body "
-            "through the gateway (POST or PUT with it) to have OC-Checksum verified",
+            "a minted URL sends the bytes straight to the store, which checks no OC-Checksum: declare the MD5 "
+            "with X-Content-MD5 (the store checks that), or send the body through the gateway (POST or PUT with "
+            "it) to have OC-Checksum verified",
         )
-    url = await upload_url(request, drive, path, int(declared) if declared is not None else None, told.mtime)
+    url = await upload_url(request, drive, path, declared, told.mtime, md5)
     content_type = request.headers.get("x-content-type") or mimetypes.guess_type(path.name)[0]
+    headers = {"Content-Type": content_type} if content_type else {}
     return JSONResponse(
         {
             "url": url,
             "method": "PUT",
             "expires_in": _expires(request),
-            "headers": {"Content-Type": content_type} if content_type else {},
+            "headers": headers | ({"Content-MD5": md5.base64} if md5 else {}),
         }
     )
+
+
+MAX_PARTS_BODY = 1 << 20  # the JSON that completes a multipart upload (10,000 parts fit)
+
+
+async def direct_parts(request: Request, drive: Drive, path: DrivePath) -> JSONResponse:
+    """A multipart upload sent straight to the store: ``?uploads`` starts it (X-Content-Length),
+    ``?uploadId=ID&partNumber=N`` mints a part's URL, ``?uploadId=ID`` with the parts completes it."""
+    service = _service(request)
+    settings = request.app.state.settings
+    query = request.query_params
+    md5 = _declared_md5(request)
+    try:
+        if "uploads" in query:
+            size = _declared_length(request)
+            if size is None:
+                raise ApiError(400, "bad_content_length", "a multipart upload needs its size: X-Content-Length")
+            plan = plan_parts(size, settings.upload_part_bytes)
+            content_type = request.headers.get("x-content-type") or mimetypes.guess_type(path.name)[0]
+            lifetime = settings.direct_upload_seconds
+            async with writing(request, drive, path.key, urls=False):
+                previous = await _previous_and_names(service.store, path)
+                upload_id = await run_in_threadpool(
+                    service.start_parts, drive.prefix, path.key, plan, drive.quota_bytes, previous, lifetime, content_type
+                )
+            body = {"upload_id": upload_id, "size": size, "part_bytes": plan.part_bytes, "parts": plan.count,
+                    "expires_in": lifetime}
+            return JSONResponse(body, status_code=201)
+        upload_id = query["uploadId"]
+        if "partNumber" in query:
+            number = parse_number(query["partNumber"])
+            url = await run_in_threadpool(
+                service.part_url, drive.prefix, path.key, upload_id, number, _expires(request), md5
+            )
+            headers = {"Content-MD5": md5.base64} if md5 else {}
+            return JSONResponse({"url": url, "method": "PUT", "expires_in": _expires(request), "headers": headers})
+        parts = await _small_json(request)
+        mtime = client_facts_of(request).mtime
+        async with writing(request, drive, path.key, urls=False):
+            await _previous_and_names(service.store, path)
+            stored = await run_in_threadpool(
+                service.complete_parts, drive.prefix, path.key, upload_id, parts, mtime, md5
+            )
+        facts = await run_in_threadpool(service.facts_of, stored)
+        body = {"path": path.rel, "size": stored.size, "etag": stored.etag.strip('"'), "parts": len(parts["parts"])}
+        body |= {"md5": facts.md5} if facts.md5 else {}
+        return JSONResponse(body, status_code=201, headers={"X-OC-Mtime": "accepted"} if mtime is not None else None)
+    except DirectUploadError as exc:
+        raise ApiError(400, exc.code, str(exc)) from None
+    except NoSuchUpload as exc:
+        raise ApiError(404, "no_such_upload", str(exc)) from None
+    except PartsRefused as exc:
+        raise ApiError(400, "bad_parts", f"{exc}: the upload is aborted, start it again") from None
+    except QuotaExceeded as exc:
+        raise quota_refusal(str(exc)) from None
+
+
+async def _small_json(request: Request) -> object:
+    """A JSON body of at most MAX_PARTS_BODY bytes (400 otherwise)."""
+    chunks, taken = [], 0
+    async for chunk in request.stream():
+        taken += len(chunk)
+        if taken > MAX_PARTS_BODY:
+            raise ApiError(400, "bad_parts", f"the parts' JSON is at most {MAX_PARTS_BODY} bytes")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except ValueError:
+        raise ApiError(400, "bad_parts", 'the body must be JSON: {"parts": [{"number": 1, "etag": "…"}, …]}') from None
 
 
 async def delete(request: Request, drive: Drive) -> Response:
     """One file, or every file under a folder (a path ending in '/', or with no exact key)."""
     path = drive.path(request)
     drive.require_write()
+    service = _service(request)
+    if "uploadId" in request.query_params:
+        path = _file_path(request, drive, "DELETE")
+        try:
+            await run_in_threadpool(service.abort_parts, drive.prefix, path.key, request.query_params["uploadId"])
+        except NoSuchUpload as exc:
+            raise ApiError(404, "no_such_upload", str(exc)) from None
+        return Response(status_code=204)
     if path.rel == "":
         raise ApiError(400, "refused", "refusing to delete a whole drive; delete its folders one by one")
-    service = _service(request)
     folder_key = path.key if path.is_dir else path.key + "/"
     # A path without "/" may be a file or a folder: both are held, then looked at.
     async with writing(request, drive, *([] if path.is_dir else [path.key]), folder_key, frees=True):

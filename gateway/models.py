@@ -85,13 +85,18 @@ class QuotaHold(Base):
     prefix: Mapped[str] = mapped_column(String(300), index=True)
     key: Mapped[str] = mapped_column(String(1024))
     # "put": a presigned PUT (a 307 or a mint); "stream": the lease of an upload streamed through
-    # a gateway, renewed while its bytes flow and given back if it runs out (that gateway died).
+    # a gateway, renewed while its bytes flow and given back if it runs out (that gateway died);
+    # "parts": a multipart upload a client sends straight to the store (drive/direct.py).
     kind: Mapped[str] = mapped_column(String(8), default="put")
     bytes: Mapped[int] = mapped_column(BigInteger)
     # The object the upload replaces (None: there was none), so its appearance can be told apart.
     previous_etag: Mapped[str | None] = mapped_column(String(100), nullable=True)
     previous_size: Mapped[int] = mapped_column(BigInteger, default=0)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # A "parts" hold: the store's upload id, the declared size and the size of each part but the last.
+    upload_id: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    part_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class Org(Base):
@@ -254,6 +259,9 @@ class ObjectFact(Base):
     pending_mtime: Mapped[float | None] = mapped_column(Float, nullable=True)
     pending_since: Mapped[float | None] = mapped_column(Float, nullable=True)  # when the URL was handed out
     pending_until: Mapped[float | None] = mapped_column(Float, nullable=True)  # when it expires
+    # Who vouches for its MD5 (drive/facts.py proven_md5): the hex a client declared, which its URL
+    # signs (Content-MD5), or "etag" where the store's ETags are MD5s.
+    pending_md5: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
 class DriveChange(Base):

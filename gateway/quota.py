@@ -288,10 +288,15 @@ class DbUsageBook:
         quota: int | None,
         previous: ObjectInfo | None,
         expires_in: int,
+        *,
+        upload_id: str | None = None,
+        part_bytes: int | None = None,
     ) -> None:
         """Reserve room for a presigned PUT of ``key`` (a 307 or a mint), held until the object
-        appears or the URL expires. ``size`` None (a mint that did not say): all the room left."""
-        if quota is None:
+        appears or the URL expires. ``size`` None (a mint that did not say): all the room left.
+        With ``upload_id``: a multipart upload the client sends straight to the store (kind
+        "parts", drive/direct.py), recorded even without a quota, since its row is the upload's."""
+        if quota is None and upload_id is None:
             return
         previous_size = previous.size if previous else 0
 
@@ -304,10 +309,14 @@ class DbUsageBook:
                     previous_etag=previous.etag if previous else None,
                     previous_size=previous_size,
                     expires_at=utcnow() + timedelta(seconds=expires_in),
+                    **({"kind": "parts", "upload_id": upload_id, "size": size, "part_bytes": part_bytes}
+                       if upload_id is not None else {}),
                 )
             )
 
-        if size is None:
+        if quota is None:
+            self._reserve(prefix, 0, 0, opening=True, also=record)
+        elif size is None:
             self._ensure_row(prefix)
             for _attempt in range(4):
                 n = self.room(prefix, quota)  # read apart: the conditional UPDATE re-checks it
@@ -328,6 +337,56 @@ class DbUsageBook:
                 self._last_hold_settle[prefix] = now
         if due:  # redirected PUTs in a row: settle the done ones in the background now and then
             self._soon(self._settle_few_holds, prefix)
+
+    # A multipart upload sent straight to the store (drive/direct.py): a QuotaHold of kind "parts".
+
+    def parts_upload(self, prefix: str, key: str, upload_id: str) -> QuotaHold | None:
+        """The open multipart upload ``upload_id`` of ``key`` (its size and part size), or None:
+        finished, aborted, expired or never this key's."""
+        with self._sessions() as session:
+            hold = session.scalars(
+                select(QuotaHold).where(
+                    QuotaHold.prefix == prefix, QuotaHold.key == key, QuotaHold.kind == "parts",
+                    QuotaHold.upload_id == upload_id, QuotaHold.expires_at > utcnow(),
+                )
+            ).first()
+            if hold is not None:
+                session.expunge(hold)
+            return hold
+
+    def keep_parts_upload(self, hold: QuotaHold, seconds: int) -> bool:
+        """Keep an open multipart upload's hold (as :meth:`parts_upload` read it) at least
+        ``seconds`` more, while the gateway completes it, so no settle expires it meanwhile;
+        False when it is gone."""
+        now = utcnow()
+        until = max(as_utc(hold.expires_at), now + timedelta(seconds=seconds))
+        with self._sessions.begin() as session:
+            return bool(
+                session.execute(
+                    update(QuotaHold).where(QuotaHold.id == hold.id, QuotaHold.expires_at > now).values(expires_at=until)
+                ).rowcount
+            )
+
+    def close_parts_upload(self, prefix: str, hold_id: int, stored: ObjectInfo | None) -> None:
+        """A multipart upload ends: completed (``stored``: the object it made counts, new minus
+        what it replaced) or aborted (None); its hold goes either way. Once, whoever asks."""
+        with self._sessions.begin() as session:
+            row = session.execute(
+                delete(QuotaHold).where(QuotaHold.id == hold_id).returning(QuotaHold.bytes, QuotaHold.previous_size)
+            ).first()
+            if row is None:
+                return  # settled already (settle_holds saw its object appear)
+            reserved, previous_size = row
+            session.execute(
+                update(DriveUsage)
+                .where(DriveUsage.prefix == prefix)
+                .values(
+                    used_bytes=DriveUsage.used_bytes + (needed(stored.size, previous_size) if stored else 0),
+                    reserved_bytes=DriveUsage.reserved_bytes - reserved,
+                    inflight=DriveUsage.inflight - 1,
+                    changes=DriveUsage.changes + 1,
+                )
+            )
 
     # A streamed upload's reservation: a QuotaHold of kind "stream", its lease renewed while
     # bytes flow, given back by settle_holds if the lease runs out (the gateway died).
@@ -433,6 +492,8 @@ class DbUsageBook:
                     appeared = _appeared(info, previous_etag, previous_size)
                     if not appeared and not expired:
                         raise _Rebased()  # rolls the claim back: that URL may still land
+                    if hold.kind == "parts" and not appeared:
+                        self._abort_quietly(hold.key, hold.upload_id)
                     session.execute(
                         update(DriveUsage)
                         .where(DriveUsage.prefix == prefix)
@@ -448,6 +509,13 @@ class DbUsageBook:
             settled += 1
         return settled
 
+    def _abort_quietly(self, key: str, upload_id: str) -> None:
+        """An expired multipart upload's parts go (else the start-up sweep takes them)."""
+        try:
+            self._store.abort_multipart(key, upload_id)
+        except Exception:  # noqa: BLE001 - finished or aborted already, or the store is down
+            log.info("could not abort the expired multipart upload of %s", key, exc_info=True)
+
     def _count_urls_whole(self, prefix: str, paths: list[str], quota: int | None, frees: bool) -> None:
         """A write is about to change ``paths`` (keys, or folders' keys ending in "/"): upload URLs
         handed out for them (a 307, a mint) may still land, on whatever the write leaves there.
@@ -458,7 +526,7 @@ class DbUsageBook:
         least that much (a DELETE). Overwrites are counted twice until a recount, never less."""
         where = or_(*(QuotaHold.key.startswith(path, autoescape=True) if path.endswith("/") else QuotaHold.key == path
                       for path in paths))
-        out = (QuotaHold.prefix == prefix, QuotaHold.kind == "put", where)
+        out = (QuotaHold.prefix == prefix, QuotaHold.kind.in_(("put", "parts")), where)
         with self._sessions() as session:
             if not session.scalar(select(func.count()).where(*out)):
                 return  # no URL out: the usual case, one query

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     # Streamed uploads: the part size of multipart uploads (known length) and for chunked bodies.
     upload_part_bytes: int = Field(default=8 * MiB, ge=5 * MiB)
     upload_unknown_length_part_bytes: int = Field(default=12 * MiB, ge=5 * MiB)  # x 10,000 parts > 100 GiB
+    # How long a multipart upload a client sends straight to the store (kgpu cp) may stay open, its
+    # size held against the quota; then it is aborted. Under a day: the start-up sweep aborts older ones.
+    direct_upload_seconds: int = Field(default=6 * 3600, ge=600, le=20 * 3600)
     # /v1/dav/: WebDAV that serves file bytes itself (GET proxied, PUT streamed) for clients that do
     # not follow redirects (litmus, cadaver, davfs2, desktop clients). Egress through the gateway.
     dav_proxy_enabled: bool = True

@@ -483,7 +483,8 @@ def test_transfers_never_put_the_token_on_a_command_line(stack, user, kgpu, tmp_
     big.mkdir()
     for i in range(24):
         (big / f"{i}.bin").write_bytes(os.urandom(4 << 20))
-    copying = kgpu.popen("cp", "-r", str(big), "kgpu:big", "-j", "1", "--json")
+    assert kgpu.json("cp", "-r", str(big), "kgpu:big")["files"] == 24  # uploads run no rclone
+    copying = kgpu.popen("cp", "-r", "kgpu:big", str(tmp_path / "back"), "-j", "1", "--json")
     seen: list[list[str]] = []
     while copying.poll() is None:
         seen += _rclone_argvs_of(tmp_path)
@@ -696,8 +697,9 @@ def test_client_guide_examples(stack, user, tmp_path):
 
 
 def test_cp_keeps_modification_times_and_the_drive_knows_the_hashes(stack, user, kgpu, tmp_path):
-    """The client speaks rclone's owncloud dialect: the drive keeps each file's time and checks
-    and keeps its SHA1 (so `sync --checksum` and `rclone check` work on it)."""
+    """Uploads go straight to the store: the drive keeps each file's time and the MD5 the store
+    vouches for (its ETag is the MD5 signed into the URL), never a SHA1 it did not compute; the
+    MD5 is the hash rclone checks (``rclone check``, ``sync --checksum``, every download)."""
     import hashlib
     from email.utils import parsedate_to_datetime
 
@@ -711,6 +713,81 @@ def test_cp_keeps_modification_times_and_the_drive_knows_the_hashes(stack, user,
     head = requests.head(f"{stack.base}/v1/files/kept/old.bin", headers=user.auth)
     assert head.status_code == 200, head.text
     assert parsedate_to_datetime(head.headers["Last-Modified"]).timestamp() == 1_600_000_000
-    assert f"SHA1:{hashlib.sha1(payload).hexdigest()}" in head.headers["OC-Checksum"]
+    assert head.headers["OC-Checksum"] == f"MD5:{hashlib.md5(payload).hexdigest()}"
     listed = kgpu.json("ls", "kgpu:kept")
     assert "2020-09-13" in json.dumps(listed)
+    flat = requests.get(f"{stack.base}/v1/files", params={"prefix": "kept/"}, headers=user.auth).json()["files"]
+    assert flat[0]["md5"] == hashlib.md5(payload).hexdigest() and "sha1" not in flat[0]
+    # rclone checks that hash on the way down.
+    back = tmp_path / "back"
+    assert kgpu.json("cp", "-r", "kgpu:kept", str(back))["files"] == 1
+    assert (back / "old.bin").read_bytes() == payload
+
+
+def test_cp_skips_what_the_drive_has_and_sync_is_unchanged(stack, user, kgpu, tmp_path):
+    """Like ``rclone copy``, cp sends only files whose size or time differ; and ``kgpu sync`` (still
+    rclone) finds nothing to do over files cp sent: the times and sizes it reads are the files'."""
+    local = tmp_path / "exp"
+    files = make_tree(local)
+    first = kgpu.json("cp", "-r", str(local), "kgpu:exp", "-j", "4")
+    assert first["files"] == len(files)
+    again = kgpu.json("cp", "-r", str(local), "kgpu:exp")
+    assert (again["files"], again["bytes"]) == (0, 0)
+    (local / "a.txt").write_bytes(b"epoch,loss\n1,0.9\n2,0.5\n")
+    changed = kgpu.json("cp", "-r", str(local), "kgpu:exp")
+    assert changed["files"] == 1
+    synced = kgpu.json("sync", str(local), "kgpu:exp")
+    assert (synced["files"], synced["bytes"], synced["deleted"]) == (0, 0, 0)
+    (local / "sub" / "empty.txt").unlink()
+    assert kgpu.json("sync", str(local), "kgpu:exp")["deleted"] == 1
+    assert requests.get(f"{stack.base}/v1/files/exp/a.txt", headers=user.auth).content == b"epoch,loss\n1,0.9\n2,0.5\n"
+
+
+def test_cp_sends_a_large_file_as_parts_straight_to_the_store(stack, user, kgpu, tmp_path):
+    """Above KGPU_MULTIPART_THRESHOLD a file goes up as a multipart upload the server starts and
+    completes, its parts in parallel: the file arrives whole, with its time and MD5, and counts once."""
+    import hashlib
+
+    local = tmp_path / "big"
+    local.mkdir()
+    payload = os.urandom((11 << 20) + 12345)  # three parts of the test server's 5 MiB
+    (local / "weights.bin").write_bytes(payload)
+    (local / "small.txt").write_bytes(b"beside it\n")
+    os.utime(local / "weights.bin", (1_650_000_000, 1_650_000_000))
+    before = requests.get(f"{stack.base}/v1/files", params={"prefix": "nothing/"}, headers=user.auth).json()
+    up = kgpu.json("cp", "-r", str(local), "kgpu:big", "-j", "3", env={"KGPU_MULTIPART_THRESHOLD": str(1 << 20)})
+    assert (up["files"], up["multipart"], up["bytes"]) == (2, 1, len(payload) + 10)
+    got = requests.get(f"{stack.base}/v1/files/big/weights.bin", headers=user.auth)
+    assert got.content == payload
+    listing = requests.get(f"{stack.base}/v1/files", params={"prefix": "big/"}, headers=user.auth).json()
+    entry = next(f for f in listing["files"] if f["path"] == "big/weights.bin")
+    assert entry["last_modified"].startswith("2022-04-15")
+    assert entry["md5"] == hashlib.md5(payload).hexdigest()  # rclone serve s3 lists a whole MD5
+    # Counted once, with no reservation left over.
+    assert listing["quota"]["used_bytes"] == before["quota"]["used_bytes"] + len(payload) + 10
+
+
+def test_cp_refused_by_the_quota_midway_loses_nothing(stack, user, kgpu, tmp_path, monkeypatch):
+    """The quota refuses a file midway: cp exits 1 with the reason; every file that went up is
+    whole, no partial object is left, and nothing stays reserved."""
+    local = tmp_path / "many"
+    local.mkdir()
+    for i in range(6):
+        (local / f"{i}.bin").write_bytes(os.urandom(300_000))
+    (local / "9-big.bin").write_bytes(os.urandom(6 << 20))  # a multipart upload, refused whole
+    monkeypatch.setattr(stack.settings, "user_quota_bytes", 1_000_000)
+    done = kgpu("cp", "-r", str(local), "kgpu:many", "-j", "2", "--json",
+                env={"KGPU_MULTIPART_THRESHOLD": str(1 << 20)})
+    assert done.returncode == 1, done.stdout
+    assert json.loads(done.stderr)["error_code"] == "quota_exceeded"
+    listing = requests.get(f"{stack.base}/v1/files", params={"prefix": "many/"}, headers=user.auth).json()
+    stored = {f["path"]: f["size"] for f in listing["files"]}
+    assert stored and all(size == 300_000 for size in stored.values()), stored
+    for path in stored:
+        name = path.rsplit("/", 1)[1]
+        assert requests.get(f"{stack.base}/v1/files/{path}", headers=user.auth).content == (local / name).read_bytes()
+    assert listing["quota"]["used_bytes"] == sum(stored.values())
+    # What was refused goes up once there is room; what is there already is not sent again.
+    monkeypatch.setattr(stack.settings, "user_quota_bytes", 100 << 30)
+    rest = kgpu.json("cp", "-r", str(local), "kgpu:many", env={"KGPU_MULTIPART_THRESHOLD": str(1 << 20)})
+    assert rest["files"] == 7 - len(stored)

@@ -101,6 +101,7 @@ def test_my_drive_examples(stack, user, tmp_path):
     out = result.stdout
     assert_sha256_checks_passed("my-drive.md", out)
     assert "python round trip: sha256 OK" in out
+    assert "6000000 bytes; md5 kept: True" in out
     assert "HTTP 413" in out and "quota_exceeded" in out
     assert "stamped upload: HTTP 201" in out and "Mon, 06 May 2024 07:08:09 GMT" in out
     assert re.search(r"^oc-checksum: SHA1:[0-9a-f]{40}\s*$", out, re.M | re.I) and "checksum_mismatch" in out
@@ -119,6 +120,7 @@ def test_my_drive_examples(stack, user, tmp_path):
     }
     for remote, local in local_copies.items():
         assert paths.get(remote) == (workdir / local).stat().st_size, remote
+    assert paths.get("exp42/big.bin") == (workdir / "big.bin").stat().st_size
     assert "exp42-outputs.tgz" in paths and "envs/exp42.tgz" in paths
     assert "exp42/notes.txt" not in paths
     assert not [p for p in paths if p.startswith("scratch/")]

@@ -252,7 +252,9 @@ def test_copy_move_and_proppatch_keep_times_and_hashes(stack, user):
     assert head(stack, user, "c3/one.bin").headers["Last-Modified"] == http_date(MTIME + 3600)
 
 
-def test_presigned_uploads_carry_the_time_but_no_hash(stack, user):
+def test_presigned_uploads_carry_the_time_and_the_stores_md5_but_no_sha1(stack, user):
+    """Bytes sent straight to the store: the drive keeps the client's time, and reports the MD5
+    the store vouches for (its ETag), never a SHA1 (drive/facts.py proven_md5)."""
     data = os.urandom(4096)
     redirect = requests.put(
         f"{stack.base}/v1/files/p/r.bin",
@@ -263,7 +265,8 @@ def test_presigned_uploads_carry_the_time_but_no_hash(stack, user):
     assert redirect.status_code == 307
     assert requests.put(redirect.headers["Location"], data=data).status_code == 200
     got = head(stack, user, "p/r.bin")
-    assert got.headers["Last-Modified"] == http_date(MTIME) and "OC-Checksum" not in got.headers
+    assert got.headers["Last-Modified"] == http_date(MTIME)
+    assert got.headers["OC-Checksum"] == f"MD5:{hashlib.md5(data).hexdigest()}" and "SHA=" not in got.headers["Digest"]
 
     minted = requests.post(
         f"{stack.base}/v1/files/p/m.bin",
@@ -280,6 +283,7 @@ def test_presigned_uploads_carry_the_time_but_no_hash(stack, user):
     )
     stack.store.put_object(f"users/{user.id}/p/s.bin", b"eleven byte")
     assert head(stack, user, "p/s.bin").headers["Last-Modified"] != http_date(MTIME)
+    assert "OC-Checksum" not in head(stack, user, "p/s.bin").headers
 
     no_length = requests.post(f"{stack.base}/v1/files/p/n.bin", headers={**user.auth, "X-OC-Mtime": str(MTIME)})
     assert no_length.status_code == 400 and error_code(no_length) == "mtime_needs_length"

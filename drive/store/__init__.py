@@ -34,6 +34,11 @@ class ObjectNotFound(StoreError):
     """The key (or multipart upload) does not exist."""
 
 
+class PartsRefused(StoreError):
+    """The store refused to complete a multipart upload with the parts named (one missing, a
+    wrong ETag, a part too small); some stores drop the upload then."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
@@ -65,6 +70,10 @@ class UploadedPart:
 @runtime_checkable
 class ObjectStore(Protocol):
     bucket: str
+    # The ETag of an object stored by one PUT is the MD5 of its bytes (R2, rclone serve s3, moto,
+    # S3 without KMS encryption): the drive reports it for a file a client sent straight to the
+    # store (drive/facts.py proven_md5).
+    put_etag_is_md5: bool
 
     def ensure_bucket(self) -> None: ...
 
@@ -86,8 +95,16 @@ class ObjectStore(Protocol):
 
     def presign_get(self, key: str, expires_in: int) -> str: ...
 
-    def presign_put(self, key: str, expires_in: int, content_length: int | None = None) -> str:
-        """A presigned PUT; with ``content_length``, a body of any other size is refused."""
+    def presign_put(
+        self, key: str, expires_in: int, content_length: int | None = None, content_md5: str | None = None
+    ) -> str:
+        """A presigned PUT; with ``content_length``, a body of any other size is refused; with
+        ``content_md5`` (base64), a body with another MD5."""
+
+    def presign_part(
+        self, key: str, upload_id: str, number: int, expires_in: int, content_length: int, content_md5: str | None = None
+    ) -> str:
+        """A presigned PUT of part ``number`` of a multipart upload, of exactly ``content_length`` bytes."""
 
     def create_multipart(self, key: str, content_type: str | None = None) -> str: ...
 

@@ -264,11 +264,17 @@ class CachingStore:
         finally:
             self.changed([key])
 
-    def presign_put(self, key: str, expires_in: int, content_length: int | None = None) -> str:
+    @property
+    def put_etag_is_md5(self) -> bool:
+        return getattr(self.inner, "put_etag_is_md5", False)
+
+    def presign_put(
+        self, key: str, expires_in: int, content_length: int | None = None, content_md5: str | None = None
+    ) -> str:
         """A presigned PUT, recorded first: until it expires, listings of its folders check it."""
         self.marks.url_out(drive_of(key), key, expires_in)
         self._forget_known(key)
-        return self.inner.presign_put(key, expires_in, content_length=content_length)
+        return self.inner.presign_put(key, expires_in, content_length=content_length, content_md5=content_md5)
 
     # ------------------------------------------------------------ reads and the rest, as they are
 
@@ -291,6 +297,12 @@ class CachingStore:
 
     def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> UploadedPart:
         return self.inner.upload_part(key, upload_id, number, data)
+
+    def presign_part(
+        self, key: str, upload_id: str, number: int, expires_in: int, content_length: int, content_md5: str | None = None
+    ) -> str:
+        """A part's URL changes no object (the gateway completes the upload: :meth:`complete_multipart`)."""
+        return self.inner.presign_part(key, upload_id, number, expires_in, content_length, content_md5)
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
         self.inner.abort_multipart(key, upload_id)

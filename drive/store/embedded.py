@@ -304,7 +304,16 @@ class EmbeddedStore(S3ObjectStore):
             raise self._down()
         return super().presign_get(key, expires_in)
 
-    def presign_put(self, key: str, expires_in: int, content_length: int | None = None) -> str:
+    def presign_put(
+        self, key: str, expires_in: int, content_length: int | None = None, content_md5: str | None = None
+    ) -> str:
         if not self.server.serving:
             raise self._down()
-        return super().presign_put(key, expires_in, content_length)
+        return super().presign_put(key, expires_in, content_length, content_md5)
+
+    def presign_part(
+        self, key: str, upload_id: str, number: int, expires_in: int, content_length: int, content_md5: str | None = None
+    ) -> str:
+        if not self.server.serving:
+            raise self._down()
+        return super().presign_part(key, upload_id, number, expires_in, content_length, content_md5)

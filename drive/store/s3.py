@@ -12,7 +12,7 @@ from botocore.parsers import DEFAULT_TIMESTAMP_PARSER as default_timestamp_parse
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
 
 from drive.presign import Presigner
-from drive.store import CommonPrefix, ListPage, ObjectInfo, ObjectNotFound, StoreUnavailable, UploadedPart
+from drive.store import CommonPrefix, ListPage, ObjectInfo, ObjectNotFound, PartsRefused, StoreUnavailable, UploadedPart
 
 T = TypeVar("T")
 
@@ -49,6 +49,8 @@ def _parse_timestamp(value: str) -> datetime:
 
 
 class S3ObjectStore:
+    put_etag_is_md5 = True  # R2, rclone serve s3, moto, S3 (where a bucket encrypts with KMS, it is not)
+
     def __init__(
         self,
         endpoint_url: str,
@@ -160,8 +162,18 @@ class S3ObjectStore:
     def presign_get(self, key: str, expires_in: int) -> str:
         return self._presigner.presign("GET", key, expires_in)
 
-    def presign_put(self, key: str, expires_in: int, content_length: int | None = None) -> str:
-        return self._presigner.presign("PUT", key, expires_in, content_length=content_length)
+    def presign_put(
+        self, key: str, expires_in: int, content_length: int | None = None, content_md5: str | None = None
+    ) -> str:
+        return self._presigner.presign("PUT", key, expires_in, content_length=content_length, content_md5=content_md5)
+
+    def presign_part(
+        self, key: str, upload_id: str, number: int, expires_in: int, content_length: int, content_md5: str | None = None
+    ) -> str:
+        return self._presigner.presign(
+            "PUT", key, expires_in, content_length=content_length, content_md5=content_md5,
+            query={"partNumber": str(number), "uploadId": upload_id},
+        )
 
     @_translate_errors
     def create_multipart(self, key: str, content_type: str | None = None) -> str:
@@ -177,12 +189,18 @@ class S3ObjectStore:
 
     @_translate_errors
     def complete_multipart(self, key: str, upload_id: str, parts: list[UploadedPart]) -> str:
-        reply = self._client.complete_multipart_upload(
-            Bucket=self.bucket,
-            Key=key,
-            UploadId=upload_id,
-            MultipartUpload={"Parts": [{"PartNumber": p.number, "ETag": p.etag} for p in parts]},
-        )
+        try:
+            reply = self._client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": [{"PartNumber": p.number, "ETag": p.etag} for p in parts]},
+            )
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 400:
+                raise PartsRefused(f"the store refused the parts ({code})") from None
+            raise
         return reply["ETag"]
 
     @_translate_errors

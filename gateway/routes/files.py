@@ -59,6 +59,7 @@ ENTRY = _object(
     md5=_MD5,
 )
 UPLOAD_RESULT = _object({"path": _STR, "size": _INT, "etag": _STR, "parts": _INT}, sha1=_SHA1, md5=_MD5)
+PARTS_STARTED = _object({"upload_id": _STR, "size": _INT, "part_bytes": _INT, "parts": _INT, "expires_in": _INT})
 MINT = _object(
     {"url": _STR, "method": {"type": "string", "enum": ["PUT"]}, "expires_in": _INT, "headers": {"type": "object"}}
 )
@@ -107,7 +108,10 @@ UPLOAD_ERRORS = errors(
         "incomplete_body or client_disconnected (nothing is stored), bad_mtime (X-OC-Mtime is not seconds "
         "since the epoch), bad_checksum (OC-Checksum is not SHA1:hex or MD5:hex), checksum_mismatch (the body "
         "is not what OC-Checksum said: nothing is stored); a mint (POST without a body): mtime_needs_length "
-        "(X-OC-Mtime without X-Content-Length), checksum_unverifiable (OC-Checksum: those bytes never pass here)",
+        "(X-OC-Mtime without X-Content-Length), checksum_unverifiable (OC-Checksum: those bytes never pass here), "
+        "bad_md5 (X-Content-MD5 is not an MD5), md5_needs_length; a multipart upload (?uploads, ?uploadId): "
+        "bad_part (a partNumber outside the upload), bad_parts (the completion does not name every part once, "
+        "in order, or the store refused them: the upload is aborted)",
     ),
     (403, "read_only: you may read this drive but not write to it; no_drive: the environment admin token has none"),
     (409, "name_conflict: a folder has this name, or a file is where a folder would be"),
@@ -156,10 +160,51 @@ PUT_EXTRA = {
     ],
     **BINARY_BODY,
 }
+DIRECT = merge(
+    content(
+        201,
+        "Stored as a new file (path, size, etag, parts); ?uploads: a multipart upload started (upload_id, size, "
+        "part_bytes, parts, expires_in); ?uploadId= with the parts: that upload completed (path, size, etag, parts, md5)",
+        json_of({"anyOf": [UPLOAD_RESULT, PARTS_STARTED]}),
+    ),
+    errors((404, "no_such_upload: no multipart upload of that id is open for this file (finished, aborted, expired)")),
+)
+_QUERY_FLAG = {"type": "string", "maxLength": 0}
 MINT_HEADERS = {
     "parameters": [
         OC_MTIME,
         OC_CHECKSUM,
+        {
+            "name": "X-Content-MD5",
+            "in": "header",
+            "required": False,
+            "description": "with no body: the MD5 (32 hex digits or base64) of the bytes the presigned PUT (or part) "
+            "will send; signed into the URL as Content-MD5, so the store refuses other bytes",
+            "schema": {"type": "string", "maxLength": 64},
+        },
+        {
+            "name": "uploads",
+            "in": "query",
+            "required": False,
+            "description": "start a multipart upload straight to the store (X-Content-Length: its size)",
+            "schema": _QUERY_FLAG,
+            "allowEmptyValue": True,
+        },
+        {
+            "name": "uploadId",
+            "in": "query",
+            "required": False,
+            "description": "a multipart upload: with partNumber, mint that part's URL; without, complete it with "
+            'the body {"parts": [{"number": 1, "etag": "…"}, …]} (X-OC-Mtime, X-Content-MD5 as for a file)',
+            "schema": {"type": "string", "maxLength": 1024},
+        },
+        {
+            "name": "partNumber",
+            "in": "query",
+            "required": False,
+            "description": "with uploadId: the part (1 to the upload's parts) whose presigned PUT to mint",
+            "schema": {"type": "integer", "minimum": 1, "maximum": 10000},
+        },
         {
             "name": "X-Content-Length",
             "in": "header",
@@ -212,7 +257,7 @@ DELETED = merge(
     errors(
         (400, "invalid_path, or refused: the drive's root cannot be deleted"),
         (403, "read_only: you may read this drive but not write to it; no_drive: the environment admin token has none"),
-        (404, "not_found: no such file or folder"),
+        (404, "not_found: no such file or folder; no_such_upload: no multipart upload of that uploadId is open"),
         (
             423,
             "locked: a WebDAV lock holds it; send its token in an If header; busy: another request is "
@@ -221,6 +266,19 @@ DELETED = merge(
         STORE_DOWN,
     ),
 )
+
+
+DELETE_EXTRA = {
+    "parameters": [
+        {
+            "name": "uploadId",
+            "in": "query",
+            "required": False,
+            "description": "abort that multipart upload of the file (its parts and its quota hold go)",
+            "schema": {"type": "string", "maxLength": 1024},
+        }
+    ]
+}
 
 
 def my_drive(request: Request, principal: Principal) -> Drive:
@@ -287,7 +345,7 @@ async def put_file(request: Request, principal: ApprovedUser, path: str) -> Resp
 @router.post(
     "/v1/files/{path:anypath}",
     summary="Upload a body (streamed), or mint a presigned PUT if empty",
-    responses=merge(UPLOADED, MINTED, UPLOAD_ERRORS),
+    responses=merge(UPLOADED, MINTED, UPLOAD_ERRORS, DIRECT),
     openapi_extra=MINT_HEADERS,
 )
 async def post_file(request: Request, principal: ApprovedUser, path: str) -> Response:
@@ -299,6 +357,7 @@ async def post_file(request: Request, principal: ApprovedUser, path: str) -> Res
     status_code=204,
     summary="Delete a file, or every file under a folder",
     responses=DELETED,
+    openapi_extra=DELETE_EXTRA,
 )
 async def delete_file(request: Request, principal: ApprovedUser, path: str) -> Response:
     return await drive_http.delete(request, my_drive(request, principal))

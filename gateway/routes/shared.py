@@ -23,12 +23,14 @@ from gateway.models import SharedFile, utcnow
 from gateway.openapi import HTML_PAGE, JSON_QUERY, content, errors, merge, redirect
 from gateway.principal import Principal
 from gateway.routes.files import (
+    DELETE_EXTRA,
     DELETED,
     DOWNLOAD,
     FOLLOW_307,
     HEADERS,
     MINT_HEADERS,
     MINTED,
+    PARTS_STARTED,
     PUT_EXTRA,
     UPLOAD_ERRORS,
     UPLOAD_RESULT,
@@ -49,12 +51,15 @@ ORGS = {
         }
     },
 }
-NO_ORG = errors((404, "org_not_found: no organisation of that name that you belong to; or not_found"))
+NO_ORG = errors((404, "org_not_found: no organisation of that name that you belong to; or not_found; "
+                        "no_such_upload: no multipart upload of that uploadId is open"))
 REGISTERED = content(
     201,
     "Stored as a new file (path, size, etag, parts); for …/registered with no body, the upload "
-    "recorded (id, org, key, size, etag, content_type, uploader_user_id, registered_at)",
-    json_of({"anyOf": [UPLOAD_RESULT, {"type": "object", "required": ["id", "org", "key", "registered_at"]}]}),
+    "recorded (id, org, key, size, etag, content_type, uploader_user_id, registered_at); ?uploads: a "
+    "multipart upload started (upload_id, size, part_bytes, parts, expires_in); ?uploadId= with the parts: completed",
+    json_of({"anyOf": [UPLOAD_RESULT, PARTS_STARTED,
+                       {"type": "object", "required": ["id", "org", "key", "registered_at"]}]}),
 )
 
 
@@ -141,6 +146,7 @@ async def put_shared(org: str, path: str, request: Request, principal: ApprovedU
     status_code=204,
     summary="Delete a shared file or folder",
     responses=merge(DELETED, NO_ORG),
+    openapi_extra=DELETE_EXTRA,
 )
 async def delete_shared(org: str, path: str, request: Request, principal: ApprovedUser) -> Response:
     return await drive_http.delete(request, await shared_drive(request, principal, org))
