@@ -33,7 +33,8 @@ from gateway.openapi import install as install_openapi
 from gateway.pods import PodBackend
 from gateway.pods.network import pod_host_address
 from gateway.rentals import Rentals
-from gateway.routes import admin, files, gpus, health, me, objects, orgs_admin, runs, shared, web, web_admin
+from gateway.pod_files import PodFiles
+from gateway.routes import admin, files, gpus, health, me, objects, orgs_admin, pod_files, runs, shared, web, web_admin
 from gateway.routes import metrics as metrics_route
 from gateway.runs import Runs
 from gateway.settings import Settings
@@ -216,6 +217,7 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
             tokens_revoked=app.state.authenticator.invalidate,
         )
         app.state.runs = Runs(app.state.rentals)
+        app.state.pod_files = PodFiles(app.state.runs, settings.pod_files_idle_seconds)
         app.state.transit = TransitObjects(settings, sessions, active_store, app.state.usage)
         snapshots = traffic.Snapshots(settings.metrics_dir)  # this process's counts, for its siblings' scrapes
         snapshots.start()
@@ -247,7 +249,9 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
     install_openapi(app)  # every status each route answers, the error envelope, bearer and Basic
     app.add_middleware(DavDispatcher)  # WebDAV on /v1/files/ and /v1/dav/, inside request ids
     app.add_middleware(RequestIdMiddleware)
-    hottest_first = (files, shared, gpus, runs, objects, me, admin, orgs_admin, health, metrics_route, web, web_admin)
+    hottest_first = (
+        files, shared, gpus, runs, pod_files, objects, me, admin, orgs_admin, health, metrics_route, web, web_admin,
+    )
     for module in hottest_first:
         app.include_router(module.router)
     app.mount("/view/static", StaticFiles(directory=Path(__file__).resolve().parent / "static"), name="view-static")

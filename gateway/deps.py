@@ -23,6 +23,7 @@ from drive.store import ObjectStore
 from drive.usage import UsageBook
 from gateway.auth import Authenticator
 from gateway.bounds import MAX_ROW_ID
+from gateway.pod_files import PodFiles
 from gateway.rentals import Rentals
 from gateway.runs import Runs
 from gateway.settings import Settings
@@ -43,6 +44,7 @@ class Services(Protocol):
     authenticator: Authenticator
     rentals: Rentals
     runs: Runs
+    pod_files: PodFiles
     transit: TransitObjects
     oidc: OidcClient | None  # None: sign-in is not configured here
     admission: AdmissionPolicy
@@ -69,6 +71,7 @@ StoreDep = Annotated[ObjectStore, _depends(lambda s: s.store)]
 AuthenticatorDep = Annotated[Authenticator, _depends(lambda s: s.authenticator)]
 RentalsDep = Annotated[Rentals, _depends(lambda s: s.rentals)]
 RunsDep = Annotated[Runs, _depends(lambda s: s.runs)]
+PodFilesDep = Annotated[PodFiles, _depends(lambda s: s.pod_files)]
 TransitDep = Annotated[TransitObjects, _depends(lambda s: s.transit)]
 MetricsDep = Annotated[CollectorRegistry, _depends(lambda s: s.metrics)]
 

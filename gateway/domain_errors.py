@@ -56,3 +56,20 @@ class InsufficientCredits(DomainError):
 
 class Unavailable(DomainError):
     """A part the operation needs cannot serve it here (pods that cannot be isolated)."""
+
+
+class BadInput(DomainError):
+    """A value the domain refuses as unsafe or malformed where it stands (a pod file's path that
+    leaves the allowed folders, or runs through a symlink)."""
+
+
+class RangeNotSatisfiable(DomainError):
+    """A span that starts past what there is; ``size``: what there is now (a resume starts there)."""
+
+    def __init__(self, message: str, size: int):
+        super().__init__("range_not_satisfiable", message)
+        self.size = size
+
+
+class NoSpace(DomainError):
+    """The place being written has no room left (a pod's disk)."""

@@ -23,7 +23,8 @@ from drive.keys import InvalidPath
 from drive.store import ObjectNotFound, StoreUnavailable
 from gateway.bounds import header_problem
 from gateway.domain_errors import (
-    Conflict, DomainError, Forbidden, Gone, InsufficientCredits, Invalid, NotFound, TooLarge, Unavailable,
+    BadInput, Conflict, DomainError, Forbidden, Gone, InsufficientCredits, Invalid, NoSpace, NotFound,
+    RangeNotSatisfiable, TooLarge, Unavailable,
 )
 from gateway.pods import PodError
 
@@ -79,6 +80,9 @@ _DOMAIN_STATUS: dict[type[DomainError], int] = {
     TooLarge: 413,
     InsufficientCredits: 402,
     Unavailable: 503,
+    BadInput: 400,
+    RangeNotSatisfiable: 416,
+    NoSpace: 507,
 }
 
 
@@ -169,7 +173,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(DomainError)
     async def _domain_error(_: Request, exc: DomainError):
-        return envelope(status_of(exc), exc.error_code, exc.message)
+        headers = {"Content-Range": f"bytes */{exc.size}"} if isinstance(exc, RangeNotSatisfiable) else None
+        return envelope(status_of(exc), exc.error_code, exc.message, headers)
 
     @app.exception_handler(InvalidPath)
     async def _invalid_path(_: Request, exc: InvalidPath):

@@ -106,6 +106,8 @@ class Settings(BaseSettings):
     reaper_observe_timeout_seconds: float = Field(default=10, gt=0)
     run_output_tail_bytes: int = Field(default=64 * 1024, ge=1024)
     run_kill_grace_seconds: float = Field(default=5, ge=0)
+    # Pod files (docs/pod-files.md): how long a transfer may go without a byte either way before it is ended.
+    pod_files_idle_seconds: float = Field(default=60, ge=1, le=3600)
 
     # The SSH bastion into pods (docs/ssh.md). Port 0: no SSH. The host handed to clients; empty:
     # the host of public_base_url, else the host the request came to. The host key: the key itself

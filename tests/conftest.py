@@ -339,6 +339,16 @@ def user(stack) -> Account:
     return stack.new_user(name="Test Researcher")
 
 
+@pytest.fixture
+def gpu(stack, user) -> str:
+    """A rental of ``user``'s on ``stack`` (local pods), returned after the test."""
+    reply = requests.post(f"{stack.base}/v1/gpus", json={"name": "t"}, headers=user.auth)
+    assert reply.status_code == 201, reply.text
+    gpu_id = reply.json()["gpu_id"]
+    yield gpu_id
+    requests.delete(f"{stack.base}/v1/gpus/{gpu_id}", headers=user.auth)
+
+
 DOCKER_TEST_IMAGE = "kgpu-test:latest"
 DOCKER_TEST_PREFIX = "kgpu-test"  # its own names and labels: a real gateway on this host never adopts them
 

@@ -23,6 +23,7 @@ DOMAIN = [
     "gateway.orgs",
     "gateway.users",
     "gateway.runs",
+    "gateway.pod_files",
     "gateway.billing",
     "gateway.tokens",
     "gateway.bounds",

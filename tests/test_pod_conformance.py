@@ -308,3 +308,80 @@ def test_cpu_seconds_grow_while_the_pod_computes(pod):
         assert time.monotonic() < deadline, (before, after)
         time.sleep(0.3)
     backend.signal_run(ref, "run-busy", "KILL")
+
+
+# --- pod files (gateway/pods/files.py; over HTTP in tests/test_pod_files.py) -----------------------
+
+def files_call(coroutine):
+    import asyncio
+
+    return asyncio.run(coroutine)
+
+
+async def _pieces(data: bytes, cut_after: int | None = None, step: int = 1 << 18):
+    """``data`` as a request body would come, ending in ConnectionError (a client gone) after ``cut_after`` bytes."""
+    end = len(data) if cut_after is None else cut_after
+    for at in range(0, end, step):
+        yield data[at:min(at + step, end)]
+    if cut_after is not None:
+        raise ConnectionError("the client went away")
+
+
+async def _read_file(backend, ref, path, start=0, length=None, stop_after=None) -> bytes:
+    from gateway.pods import files
+
+    got = bytearray()
+    async with files.reading(backend, ref, files.pod_path(path), 30) as download:
+        async for chunk in download.chunks(start, download.size - start if length is None else length):
+            got += chunk
+            if stop_after is not None and len(got) >= stop_after:
+                break
+    return bytes(got)
+
+
+def test_pod_files_upload_download_range_and_listing(pod):
+    from gateway.pods import files
+
+    backend, ref, _ = pod
+    data = os.urandom(5 << 20)
+    written = files_call(files.write_file(backend, ref, files.pod_path("in/model.bin"), _pieces(data), len(data), 30))
+    assert (written.size, written.created) == (len(data), True)
+    assert files_call(_read_file(backend, ref, "/workspace/in/model.bin")) == data
+    assert files_call(_read_file(backend, ref, "in/model.bin", 4096, 10000)) == data[4096:14096]
+    code, out, _ = enter(backend, ref, ["-c", "sha256sum in/model.bin; ls -A in"])
+    assert out.split() == [hashlib.sha256(data).hexdigest().encode(), b"in/model.bin", b"model.bin"]
+    entries, more = files_call(files.list_folder(backend, ref, files.pod_path("in/"), 30))
+    assert ([(e.name, e.type, e.size) for e in entries], more) == ([("model.bin", "file", len(data))], False)
+    again = files_call(files.write_file(backend, ref, files.pod_path("in/model.bin"), _pieces(b"new"), 3, 30))
+    assert (again.size, again.created) == (3, False)
+
+
+def test_pod_files_resume_after_a_cut_at_40_percent_both_ways(pod):
+    from gateway.pods import files
+
+    backend, ref, _ = pod
+    data = os.urandom(32 << 20)
+    path = files.pod_path("/tmp/big.bin")
+    cut = len(data) * 2 // 5
+    with pytest.raises(ConnectionError):
+        files_call(files.write_file(backend, ref, path, _pieces(data, cut), len(data), 30, start=0))
+    have = len(files_call(_read_file(backend, ref, "/tmp/big.bin")))
+    assert have == cut  # every byte that arrived, and no more
+    rest = files_call(files.write_file(backend, ref, path, _pieces(data[have:]), len(data) - have, 30, start=have))
+    assert rest.size == len(data)
+    # Down: cut at 40 %, then the rest from where it stopped.
+    first = files_call(_read_file(backend, ref, "/tmp/big.bin", stop_after=cut))
+    second = files_call(_read_file(backend, ref, "/tmp/big.bin", start=len(first)))
+    assert hashlib.sha256(first + second).digest() == hashlib.sha256(data).digest()
+    # A whole-file write that is cut leaves the file as it was and no temporary name behind.
+    with pytest.raises(ConnectionError):
+        files_call(files.write_file(backend, ref, path, _pieces(b"x" * (4 << 20), 1 << 20), 4 << 20, 30))
+    assert files_call(_read_file(backend, ref, "/tmp/big.bin", 0, 4096)) == data[:4096]
+    deadline = time.monotonic() + 20
+    while enter(backend, ref, ["-c", "ls -A /tmp | grep -c kgpu-upload"])[1].strip() != b"0":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    # A start past the end answers the present size (where a resume begins).
+    with pytest.raises(files.PodFileError) as refused:
+        files_call(files.write_file(backend, ref, path, _pieces(b"abc"), 3, 30, start=len(data) + 1))
+    assert (refused.value.kind, refused.value.size) == ("range", len(data))

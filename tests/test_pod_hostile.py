@@ -7,6 +7,7 @@ release_agent, /proc/sys, devices) are in test_pod_hostile_docker.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -20,7 +21,7 @@ import pytest
 
 from gateway.pods import PodError
 from gateway.pods.docker import DockerPodBackend
-from tests.test_pod_conformance import LISTEN_9999, enter, pod_spec, wait_finished
+from tests.test_pod_conformance import LISTEN_9999, _read_file, enter, files_call, pod_spec, wait_finished
 
 
 def start_pod(backend, env=None):
@@ -456,3 +457,121 @@ def test_a_connection_cannot_reach_the_hosts_loopback_services(pods, host_servic
         except OSError:
             got = b""
     assert b"HOST-SERVICE" not in got
+
+
+# --- pod files (issue 22): every way out of /workspace, /tmp and /files is a 4xx, nothing touched ---
+
+# Paths refused for their letters alone, before anything enters the pod.
+LEXICAL_ESCAPES = [
+    "../etc/passwd", "a/../../etc/passwd", "/workspace/../etc/passwd", "/tmp/../root/.bashrc",
+    "/files/../../etc/shadow", "..", "/..", "a/b/../../..", "./../x", "/etc/passwd", "/root/.ssh/authorized_keys",
+    "/proc/self/environ", "/proc/1/root/etc/passwd", "/sys/kernel/notes", "/dev/null", "/dev/zero",
+    "/run/kgpu/token", "/", "", "/workspacex/a", "/tmpfoo", "/filesx/a", "//etc/passwd", "/./etc/passwd",
+    "/usr/bin/perl", "a\0b", "/tmp/\0", "x" * 256, "a/" + "y" * 300, "/tmp/" + "a/" * 2100,
+]
+# Names a run plants in /workspace (DECOY is a real folder, outside what the paths name): each is
+# read, written whole, written at a range and listed through; none may reach a file it points at.
+PLANT = r"""
+set -e
+mkdir -p decoy real d && echo decoy-secret > decoy/secret && mkfifo fifo && mkfifo real/fifo
+ln -s /etc etc_link; ln -s /etc/passwd file_link; ln -s /tmp/nowhere-yet dangling; ln -s decoy dir_link
+ln -s ../../etc d/rel_link; ln -s /workspace ws_link; ln -s /proc/self/root proc_link; ln -s /dev/zero zero
+ln -s decoy/secret secret_link; ln -s fifo fifo_link; ln -s /tmp tmp_link; ln -s / root_link; mkdir -p d/e
+ln -s ../../decoy d/e/up_link
+perl -MIO::Socket::UNIX -e 'IO::Socket::UNIX->new(Type => 1, Local => "sock", Listen => 1) or die $!'
+"""
+PLANTED = [
+    "etc_link/passwd", "etc_link/", "file_link", "dangling", "dir_link/secret", "dir_link/", "dir_link/new",
+    "d/rel_link/passwd", "ws_link/decoy/secret", "proc_link/etc/passwd", "zero", "secret_link", "fifo",
+    "real/fifo", "fifo_link", "tmp_link/x", "root_link/etc/passwd", "sock", "d/e/up_link/secret", "fifo/",
+]
+
+
+def _status_of_refusal(path: str, attempt) -> int:
+    from gateway.errors import status_of
+    from gateway.pod_files import _refusal
+    from gateway.pods import files
+
+    try:
+        files_call(attempt(path))
+    except files.PodFileError as exc:
+        return status_of(_refusal(exc))
+    return 200
+
+
+def _attempts(backend, ref):
+    from gateway.pods import files
+
+    async def body():
+        yield b"pwned\n"
+
+    def checked(path, folder_ok=True):
+        return files.pod_path(path, folder_ok=folder_ok)
+
+    async def read(path):
+        return await _read_file(backend, ref, path)
+
+    async def write(path):
+        return await files.write_file(backend, ref, checked(path, False), body(), 6, 10)
+
+    async def write_at(path):
+        return await files.write_file(backend, ref, checked(path, False), body(), 6, 10, start=0)
+
+    async def listing(path):
+        return await files.list_folder(backend, ref, checked(path.rstrip("/") + "/"), 10)
+
+    return {"read": read, "write": write, "write_at": write_at, "list": listing}
+
+
+@pytest.mark.parametrize("path", LEXICAL_ESCAPES, ids=range(len(LEXICAL_ESCAPES)))
+def test_pod_file_paths_outside_the_allowed_folders_are_400_before_the_pod(path):
+    from gateway.pods import files
+
+    with pytest.raises(files.PodFileError) as refused:
+        files.pod_path(path, folder_ok=False)
+    assert refused.value.kind == files.BAD_PATH
+
+
+def test_pod_files_never_follow_a_planted_symlink_nor_open_a_fifo_socket_or_device(pods):
+    backend, make = pods
+    ref = make()
+    code, _, err = sh(backend, ref, PLANT)
+    assert code == 0, err
+    attempts = _attempts(backend, ref)
+    look = "ls -lA --time-style=+%s.%N decoy; ls -A /tmp | grep -vx kgpu; cat decoy/secret"  # runs keep state in /tmp/kgpu
+    before = sh(backend, ref, look)[1]
+    for path in PLANTED:
+        for name, attempt in attempts.items():
+            if path.endswith("/") and name != "list":
+                continue
+            status = _status_of_refusal(path, attempt)
+            assert 400 <= status < 500, (path, name, status)
+    # Nothing was written through a link: the decoy, /tmp and the link targets are as they were.
+    assert sh(backend, ref, look)[1] == before
+    assert sh(backend, ref, "ls -A /tmp/nowhere-yet 2>&1; grep -c pwned /etc/passwd")[1].split()[-1] == "0"
+
+
+def test_pod_files_refuse_a_folder_a_running_run_swaps_for_a_symlink(pods):
+    """A run swaps ``swap`` between a real folder and a symlink to ``decoy`` as fast as it can; a
+    walk that checked, then followed, would read decoy/secret or write into decoy."""
+    backend, make = pods
+    ref = make()
+    sh(backend, ref, "mkdir -p decoy swap && echo decoy-secret > decoy/secret && echo real > swap/secret")
+    backend.start_run(ref, "run-swap", ["sh", "-c", (
+        "while :; do mv -T swap real 2>/dev/null; ln -s decoy swap 2>/dev/null; "
+        "rm -f swap; mv -T real swap 2>/dev/null; done"
+    )], {})
+    try:
+        attempts = _attempts(backend, ref)
+        seen = set()
+        for _ in range(20):
+            try:
+                seen.add(files_call(attempts["read"]("swap/secret")))
+            except Exception as exc:  # a refusal (or not found while swapped): never decoy's bytes
+                seen.add(type(exc).__name__)
+            with contextlib.suppress(Exception):
+                files_call(attempts["write"]("swap/new"))
+        assert b"decoy-secret\n" not in seen, seen
+    finally:
+        backend.signal_run(ref, "run-swap", "KILL")
+    assert sh(backend, ref, "ls -A decoy")[1].split() == ["secret"]

@@ -11,19 +11,10 @@ import os
 import pytest
 import requests
 
-from tests.test_rentals import rent, run
+from tests.test_rentals import run
 
 pytestmark = pytest.mark.parametrize("stack", ["rclone-sqlite"], indirect=True)
 MiB = 1 << 20
-
-
-@pytest.fixture
-def gpu(stack, user):
-    reply = rent(stack.base, user.token)
-    assert reply.status_code == 201, reply.text
-    gpu_id = reply.json()["gpu_id"]
-    yield gpu_id
-    requests.delete(f"{stack.base}/v1/gpus/{gpu_id}", headers=user.auth)
 
 
 def test_stdin_as_text_and_as_base64(stack, user, gpu):
