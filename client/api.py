@@ -8,6 +8,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from client.config import Login
 
@@ -71,6 +72,38 @@ class Api:
             if exc.status == 404:
                 return None
             raise
+
+    def put_file(self, path: str, local: Path) -> dict:
+        """Upload one file, streamed through the gateway (a PUT without ``Expect``)."""
+        with open(local, "rb") as body:
+            request = urllib.request.Request(
+                self.url(path), data=body, method="PUT",
+                headers={"Authorization": f"Bearer {self.login.token}", "User-Agent": USER_AGENT,
+                         "Content-Length": str(local.stat().st_size), "Content-Type": "application/octet-stream"},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as reply:
+                    return json.loads(reply.read() or b"{}")
+            except urllib.error.HTTPError as exc:
+                raise _error_of(exc) from None
+            except (urllib.error.URLError, OSError) as exc:
+                raise ApiError(0, "unreachable", f"cannot reach {self.login.base_url}: {getattr(exc, 'reason', exc)}") from None
+
+    def download(self, path: str, local: Path) -> int:
+        """A GET's body streamed into ``local`` (through a temporary name beside it, so a cut
+        download leaves no half file under the name); its size."""
+        partial = local.with_name(f".{local.name}.kgpu-partial")
+        size = 0
+        with self._open("GET", path, timeout=self.timeout) as reply, open(partial, "wb") as out:
+            try:
+                while chunk := reply.read(1 << 20):
+                    out.write(chunk)
+                    size += len(chunk)
+            except OSError as exc:
+                partial.unlink(missing_ok=True)
+                raise ApiError(0, "unreachable", f"the download was cut after {size} bytes: {exc}") from None
+        partial.replace(local)
+        return size
 
     def delete(self, path: str) -> int:
         """DELETE; how many files went (``X-Deleted-Count``, 1 for a single file)."""

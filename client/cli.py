@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from client import drive, gpus, login, mounts, ssh
+from client import drive, gpus, login, mounts, pod_files, ssh
 from client.api import Api, ApiError
 from client.config import NotLoggedIn, load
 from client.errors import TransferFailed, UsageError
@@ -40,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     args = parse_args(parser, argv)
     return args.func(args)
+
+
+def _cp(session: Session, args: argparse.Namespace) -> int:
+    if pod_files.pod_side(args.source) or pod_files.pod_side(args.destination):
+        return pod_files.cp(session, args.source, args.destination, args.recursive)
+    return drive.cp(session, args.source, args.destination, args.recursive, args.transfers)
 
 
 def _join_installed_commands(commands: argparse._SubParsersAction) -> None:
@@ -108,11 +114,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("-R", "--recursive", action="store_true", help="the whole tree below")
     p.set_defaults(func=_with_session(lambda s, a: drive.ls(s, a.path, a.recursive)))
 
-    p = add("cp", "copy files between here and your drive; -r for a folder (its contents go into DEST)", parallel)
+    p = add("cp", "copy files between here and your drive (kgpu:PATH) or a rented GPU (gpu-…:PATH); "
+                  "-r for a drive folder (its contents go into DEST)", parallel)
     p.add_argument("source")
     p.add_argument("destination")
     p.add_argument("-r", "--recursive", action="store_true")
-    p.set_defaults(func=_with_session(lambda s, a: drive.cp(s, a.source, a.destination, a.recursive, a.transfers)))
+    p.set_defaults(func=_with_session(_cp))
 
     p = add("sync", "make DEST a copy of the folder SOURCE (deletes what SOURCE lacks)", parallel)
     p.add_argument("source")

@@ -791,3 +791,24 @@ def test_cp_refused_by_the_quota_midway_loses_nothing(stack, user, kgpu, tmp_pat
     monkeypatch.setattr(stack.settings, "user_quota_bytes", 100 << 30)
     rest = kgpu.json("cp", "-r", str(local), "kgpu:many", env={"KGPU_MULTIPART_THRESHOLD": str(1 << 20)})
     assert rest["files"] == 7 - len(stored)
+
+
+def test_cp_to_and_from_a_rented_gpu(stack, user, kgpu, gpu, tmp_path):
+    """``kgpu cp FILE gpu-…:PATH`` and back (docs/pod-files.md): into a folder as cp(1) does."""
+    local = tmp_path / "model.pt"
+    local.write_bytes(os.urandom(3 << 20))
+    up = kgpu.json("cp", str(local), f"{gpu}:/workspace/")
+    assert (up["destination"], up["bytes"], up["files"]) == (f"{gpu}:/workspace/model.pt", 3 << 20, 1)
+    kgpu.json("cp", str(local), f"{gpu}:ckpt/v1.pt")  # folders made as needed
+    down = tmp_path / "down"
+    down.mkdir()
+    back = kgpu.json("cp", f"{gpu}:ckpt/v1.pt", str(down))
+    assert back["destination"] == str(down / "v1.pt")
+    assert (down / "v1.pt").read_bytes() == local.read_bytes()
+    kgpu.json("cp", f"{gpu}:/workspace/model.pt", str(down / "renamed.pt"))
+    assert (down / "renamed.pt").read_bytes() == local.read_bytes()
+    missing = kgpu("cp", f"{gpu}:no/such.bin", str(down))
+    assert missing.returncode == 1 and "/workspace/no/such.bin" in missing.stderr
+    assert sorted(os.listdir(down)) == ["renamed.pt", "v1.pt"]  # no partial file left behind
+    assert kgpu("cp", "-r", str(tmp_path), f"{gpu}:x").returncode == 2
+    assert kgpu("cp", f"{gpu}:a", f"{gpu}:b").returncode == 2

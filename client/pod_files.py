@@ -1,0 +1,79 @@
+"""``kgpu cp`` with a rented GPU on one side (``gpu-…:PATH``): one file up or down through
+/v1/gpus/{id}/files (docs/pod-files.md), streamed; a folder is scp's or rsync's job."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from client.api import ApiError
+from client.errors import UsageError
+from client.output import emit_json, human_bytes
+from client.session import Session
+
+_POD_SIDE = re.compile(r"^(gpu-[0-9a-f]{1,40}):(.*)$", re.S)
+
+
+@dataclass(frozen=True)
+class PodSide:
+    gpu_id: str
+    path: str  # relative to /workspace, or absolute; "" is /workspace
+
+    @property
+    def route(self) -> str:
+        return f"/v1/gpus/{self.gpu_id}/files/{self.path}"
+
+    def __str__(self) -> str:
+        return f"{self.gpu_id}:{self.path}"
+
+
+def pod_side(text: str) -> PodSide | None:
+    """``gpu-…:PATH`` as a PodSide; None for anything else (a local path, ``kgpu:…``)."""
+    match = _POD_SIDE.match(text)
+    return PodSide(match.group(1), match.group(2)) if match else None
+
+
+def cp(session: Session, source: str, destination: str, recursive: bool) -> int:
+    src, dst = pod_side(source), pod_side(destination)
+    if src and dst:
+        raise UsageError("kgpu cp copies between here and one GPU: download, then upload")
+    if recursive:
+        raise UsageError("kgpu cp -r with a GPU side: copy a folder with scp -r or rsync (docs/ssh.md)")
+    started = time.monotonic()
+    if dst:
+        local = Path(source)
+        if not local.is_file():
+            raise UsageError(f"{source}: no such file (a folder needs scp -r or rsync)")
+        target = _into_folder(session, dst, local.name)
+        answer = session.api.put_file(target.route, local)
+        size, where = answer.get("size", local.stat().st_size), f"{target.gpu_id}:{answer.get('path', target.path)}"
+    else:
+        name = src.path.rstrip("/").rsplit("/", 1)[-1]
+        if not name or src.path.endswith("/"):
+            raise UsageError(f"{source} is a folder: kgpu cp copies one file from a GPU")
+        local = Path(destination)
+        if destination.endswith(os.sep) or local.is_dir():
+            local = local / name
+        size, where = session.api.download(src.route, local), str(local)
+    seconds = round(time.monotonic() - started, 3)
+    if session.as_json:
+        emit_json({"source": source, "destination": where, "bytes": size, "files": 1, "seconds": seconds})
+    else:
+        print(f"cp: 1 file, {human_bytes(size)} in {seconds} s → {where}")
+    return 0
+
+
+def _into_folder(session: Session, side: PodSide, name: str) -> PodSide:
+    """Like cp(1): a file copied onto a folder (an existing one, or a path ending in /) lands inside it."""
+    if side.path == "" or side.path.endswith("/"):
+        return PodSide(side.gpu_id, side.path + name)
+    try:
+        session.api.call("GET", side.route + "/")
+    except ApiError as exc:
+        if exc.status in (404, 409):  # no such folder, or a file there: the path names the file
+            return side
+        raise
+    return PodSide(side.gpu_id, f"{side.path}/{name}")
