@@ -18,7 +18,7 @@ from drive.facts import FactsBook
 from drive.service import DriveService
 from drive.store import ObjectStore
 from drive.store.caching import CachingStore
-from drive.store.embedded import EmbeddedS3Server, EmbeddedStore
+from drive.store.embedded import AttachedS3Server, EmbeddedS3Server, EmbeddedStore
 from drive.store.s3 import S3ObjectStore
 from gateway import db, metrics, traffic
 from gateway.auth import Authenticator
@@ -28,6 +28,7 @@ from gateway.edge import Gateway
 from gateway.errors import RequestIdMiddleware, install_error_handlers
 from gateway.quota import DbUsageBook
 from gateway.inventory import load_inventory
+from gateway.leases import Lease
 from gateway.models import DriveChange, ObjectFact, UploadUrl
 from gateway.openapi import install as install_openapi
 from gateway.pods import PodBackend
@@ -45,10 +46,14 @@ from gateway.web_session import CookieSigner, load_or_create_secret
 log = logging.getLogger("kgpu")
 
 
-def open_store(settings: Settings, pod_address: str | None = None) -> tuple[ObjectStore, EmbeddedS3Server | None]:
+def open_store(
+    settings: Settings, pod_address: str | None = None, attach: bool = False
+) -> tuple[ObjectStore, EmbeddedS3Server | AttachedS3Server | None]:
     """The configured store, or the embedded ``rclone serve s3`` started over the data directory
     (on ``pod_address`` when pods reach this host there, so presigned URLs work for them too), on
-    the port kept in the data directory and supervised: restarted within seconds if it dies."""
+    the port kept in the data directory and supervised: restarted within seconds if it dies.
+    ``attach``: a worker process of ``kgpu serve --workers N``, whose parent started the embedded
+    store (gateway/serving.py): the worker follows it instead."""
     if not settings.uses_embedded_store:
         store = S3ObjectStore(
             settings.s3_endpoint_url,
@@ -59,21 +64,38 @@ def open_store(settings: Settings, pod_address: str | None = None) -> tuple[Obje
             settings.s3_public_endpoint_url or None,
         )
         return store, None
-    host = settings.embedded_s3_host or pod_address or "127.0.0.1"
-    server = EmbeddedS3Server(settings.data_dir, host, settings.embedded_s3_port)
-    endpoint = server.start()
-    server.supervise()  # restarted on the same port if it dies; the store answers 503 meanwhile
+    server = follow_embedded(settings, pod_address) if attach else start_embedded(settings, pod_address)
     store = EmbeddedStore(
         server,
-        endpoint,
+        server.endpoint_url,
         server.credentials.access_key,
         server.credentials.secret_key,
         settings.s3_bucket,
         settings.s3_region,
         settings.s3_public_endpoint_url or None,
     )
-    log.info("embedded object store (rclone serve s3) at %s over %s", endpoint, server.root)
     return store, server
+
+
+def _embedded_host(settings: Settings, pod_address: str | None) -> str:
+    return settings.embedded_s3_host or pod_address or "127.0.0.1"
+
+
+def start_embedded(settings: Settings, pod_address: str | None) -> EmbeddedS3Server:
+    """The embedded store started and supervised by this process: restarted on the same port if
+    it dies (the store answers 503 meanwhile)."""
+    server = EmbeddedS3Server(settings.data_dir, _embedded_host(settings, pod_address), settings.embedded_s3_port)
+    endpoint = server.start()
+    server.supervise()
+    log.info("embedded object store (rclone serve s3) at %s over %s", endpoint, server.root)
+    return server
+
+
+def follow_embedded(settings: Settings, pod_address: str | None) -> AttachedS3Server:
+    """The embedded store that the parent of this worker process started (gateway/serving.py)."""
+    server = AttachedS3Server(settings.data_dir, _embedded_host(settings, pod_address), settings.embedded_s3_port)
+    server.follow()
+    return server
 
 
 # Multipart uploads unfinished for this long were left by a server that died mid-upload (a body
@@ -133,11 +155,14 @@ def open_pod_backend(settings: Settings, store_url: str | None = None) -> PodBac
     )
 
 
-async def reaper_loop(interval: float, *ticks: Callable[[], object]) -> None:
-    """Bill and reap rentals, sweep expired transit objects, on a timer; each tick is idempotent,
-    so several gateways may run one (and a restarted one picks up where the others are)."""
+async def reaper_loop(interval: float, lease: Lease, *ticks: Callable[[], object]) -> None:
+    """Bill and reap rentals, sweep expired transit objects, on a timer, while this process holds
+    the reaper's lease (gateway/leases.py: one process at a time among the workers and replicas
+    that share a pod backend). Each tick is idempotent, so a lease taken over mid-tick loses nothing."""
     while True:
         await asyncio.sleep(interval)
+        if not lease.held:
+            continue
         for tick in ticks:
             try:
                 await run_in_threadpool(tick)
@@ -145,18 +170,31 @@ async def reaper_loop(interval: float, *ticks: Callable[[], object]) -> None:
                 log.exception("reaper tick %s failed", getattr(tick, "__qualname__", tick))
 
 
-def start_bastion(app: FastAPI, settings: Settings):
-    """The SSH bastion (gateway/ssh), unless KGPU_SSH_PORT is 0; a port in use stops start-up."""
+def reaper_lease(settings: Settings, sessions, rentals: Rentals) -> Lease:
+    """The reaper's duty is per pod backend (its ``instance``: replicas with pods of their own each
+    reap theirs, and never the others' pods); the worker processes of one server share it."""
+    return Lease(sessions, lambda: f"reaper:{rentals.backend.instance}", settings.reaper_lease_seconds)
+
+
+def start_bastion(app: FastAPI, settings: Settings, run: bool = True):
+    """The SSH bastion (gateway/ssh), unless KGPU_SSH_PORT is 0; a port in use stops start-up.
+    ``run`` False: a worker process of ``kgpu serve --workers N``, whose parent runs the one bastion
+    (gateway/serving.py); the worker only tells clients where it is."""
     app.state.ssh_published = app.state.bastion = None
     if not settings.ssh_port:
         return None
-    from gateway.ssh.bastion import Bastion  # asyncssh loads only where SSH is served
+    from gateway.ssh import bastion as ssh  # asyncssh loads only where SSH is served
 
-    bastion = Bastion(settings, app.state.rentals)
-    bastion.start(settings.host, settings.ssh_port, getattr(app.state, "ssh_socket", None))
-    door = bastion.door()
+    bastion = None
+    if run:
+        bastion = ssh.Bastion(settings, app.state.rentals)
+        bastion.start(settings.host, settings.ssh_port, getattr(app.state, "ssh_socket", None))
+        host_key, door = bastion.host_key, bastion.door()
+    else:
+        host_key = ssh.load_host_key(settings.ssh_host_key.get_secret_value(), settings.data_dir)
+        door = ssh.door(settings, settings.ssh_port, host_key)
     app.state.rentals.ssh_door = door
-    app.state.ssh_published = bastion.published(door)
+    app.state.ssh_published = ssh.published(door, host_key)
     app.state.bastion = bastion
     return bastion
 
@@ -178,7 +216,9 @@ def install_signin(app: FastAPI, settings: Settings) -> None:
     app.state.cookie_signer = CookieSigner(secret, settings.session_max_age_seconds)
 
 
-def create_app(settings: Settings | None = None, store: ObjectStore | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, store: ObjectStore | None = None, worker: bool = False) -> FastAPI:
+    """``worker``: one of the processes of ``kgpu serve --workers N`` (gateway/serving.py), whose
+    parent runs the embedded store and the SSH bastion for them all."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -192,7 +232,7 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
         active_store = store
         app.state.pod_address = pod_host_address(settings)
         if active_store is None:
-            active_store, embedded = open_store(settings, app.state.pod_address)
+            active_store, embedded = open_store(settings, app.state.pod_address, attach=worker)
         # Every write goes through the cache's wrapper, which drops the listings it changes.
         active_store = CachingStore(active_store, DbChangeMarks(sessions, DriveChange.__table__, UploadUrl.__table__))
         try:
@@ -222,15 +262,20 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
         snapshots = traffic.Snapshots(settings.metrics_dir)  # this process's counts, for its siblings' scrapes
         snapshots.start()
         app.state.metrics = metrics.registry(sessions, snapshots)
-        bastion = start_bastion(app, settings)
-        reaper = asyncio.get_running_loop().create_task(
-            reaper_loop(settings.reaper_interval_seconds, app.state.rentals.tick, app.state.transit.sweep)
+        bastion = start_bastion(app, settings, run=not worker)
+        lease = reaper_lease(settings, sessions, app.state.rentals)
+        loop = asyncio.get_running_loop()
+        keeper = loop.create_task(lease.keep())
+        reaper = loop.create_task(
+            reaper_loop(settings.reaper_interval_seconds, lease, app.state.rentals.tick, app.state.transit.sweep)
         )
         try:
             yield
         finally:
             reaper.cancel()
             snapshots.stop()
+            keeper.cancel()
+            await run_in_threadpool(lease.release)
             if bastion is not None:
                 bastion.stop()
             app.state.rentals.close()

@@ -33,59 +33,22 @@ def _reporting_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[
     return run
 
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
+    return int(text)
 
 
 @_reporting_errors
 def _serve(args: argparse.Namespace) -> int:
-    import logging
-
-    import uvicorn
-
-    from gateway import access_log, db, metrics, traffic
-    from gateway.app import create_app
-    from gateway.pods.network import pod_host_address
+    from gateway.data_dir import secure_data_dir
+    from gateway.serving import serve
     from gateway.settings import Settings
 
-    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "data_dir": args.data_dir}.items() if v}
-    settings = Settings(**overrides)
-    from gateway.data_dir import secure_data_dir
-
+    given = {"host": args.host, "port": args.port, "data_dir": args.data_dir, "workers": args.workers}
+    settings = Settings(**{k: v for k, v in given.items() if v})
     secure_data_dir(settings.data_dir)  # 0711: others pass through (the pods' folders), read nothing
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    traffic.clear(settings.metrics_dir)  # counters start again with the server
-    app = create_app(settings)
-    if settings.metrics_address:  # bound before the API's port, as SSH's: a taken address stops here
-        sessions = db.make_sessionmaker(db.make_engine(settings.resolved_database_url))
-        try:
-            metrics.serve(settings.metrics_address, metrics.registry(sessions, traffic.Snapshots(settings.metrics_dir)))
-        except OSError as exc:
-            logging.getLogger("kgpu").error("cannot serve metrics on %s: %s", settings.metrics_address, exc)
-            return 1
-    if settings.ssh_port:  # bound first, as the HTTP port is: a taken port stops here with a message
-        from gateway.ssh.bastion import SshPortInUse, listen_socket
-
-        try:
-            app.state.ssh_socket = listen_socket(settings.host, settings.ssh_port)
-        except SshPortInUse as exc:
-            logging.getLogger("kgpu").error("%s", exc)
-            return 1
-    # One line per request from gateway/access_log.py, written by a thread: not uvicorn's own.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, proxy_headers=True, access_log=False)
-    sockets = [config.bind_socket()]
-    pod_address = pod_host_address(settings)
-    if pod_address and settings.host in ("127.0.0.1", "localhost"):
-        # Docker pods on a bridge cannot reach 127.0.0.1: serve them on the bridge's host address too.
-        logging.getLogger("kgpu").info("also listening on %s:%s for pods", pod_address, settings.port)
-        sockets.append(uvicorn.Config(config.app, host=pod_address, port=settings.port).bind_socket())
-    written = logging.StreamHandler()
-    written.setFormatter(logging.Formatter(LOG_FORMAT))
-    writer = access_log.start(written)
-    try:
-        uvicorn.Server(config).run(sockets=sockets)
-    finally:
-        access_log.stop(writer)
-    return 0
+    return serve(settings)
 
 
 def _sessions(args: argparse.Namespace):
@@ -195,6 +158,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--data-dir", type=Path)
+    serve.add_argument("--workers", type=_positive, help="worker processes on the one port (default: KGPU_WORKERS, else the machine's cores)")
     serve.set_defaults(func=_serve)
 
     admin = commands.add_parser("admin", help="manage users and tokens directly in the database")

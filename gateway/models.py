@@ -321,3 +321,15 @@ class TransitObject(Base):
     # When its presigned PUT stops working: until then the upload may still land, even after a DELETE.
     upload_expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class DutyLease(Base):
+    """Who does a duty that one process at a time must do (the reaper of a pod backend): held by
+    ``holder`` until ``expires_at``, renewed while it lives, taken over once it lapses
+    (gateway/leases.py). Shared by the worker processes of one server and by replicas alike."""
+
+    __tablename__ = "duty_leases"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))
+    expires_at: Mapped[float] = mapped_column(Float)  # seconds since the epoch

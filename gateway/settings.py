@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field, SecretStr
@@ -16,6 +17,8 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    # `kgpu serve`'s worker processes on the one port (gateway/serving.py); default: this machine's cores.
+    workers: int = Field(default_factory=lambda: len(os.sched_getaffinity(0)), ge=1, le=256)
     data_dir: Path = Path("data")
     # Empty: SQLite in the data directory.
     database_url: str = ""
@@ -104,6 +107,9 @@ class Settings(BaseSettings):
     idle_return_seconds: int = Field(default=7200, ge=1)
     reaper_interval_seconds: float = Field(default=15, gt=0)
     reaper_observe_timeout_seconds: float = Field(default=10, gt=0)
+    # One process reaps a pod backend's rentals at a time (gateway/leases.py); another takes over
+    # this long after it dies.
+    reaper_lease_seconds: float = Field(default=20, ge=1)
     run_output_tail_bytes: int = Field(default=64 * 1024, ge=1024)
     run_kill_grace_seconds: float = Field(default=5, ge=0)
     # Pod files (docs/pod-files.md): how long a transfer may go without a byte either way before it is ended.

@@ -41,8 +41,9 @@ class Served:
         ``log_path``: where its output goes (none: nowhere)."""
         self.port = free_port()
         env = {key: value for key, value in os.environ.items() if key != "KGPU_DATABASE_URL"}
-        # Never the default SSH port: many servers run on this machine at once.
-        env.update({"KGPU_ADMIN_TOKEN": self.admin_token, "KGPU_SSH_PORT": str(free_port()), **(settings or {})})
+        # Never the default SSH port: many servers run on this machine at once. One process unless a
+        # test asks for workers (tests/test_serve_workers.py): the default, the machine's cores, differs by machine.
+        env.update({"KGPU_ADMIN_TOKEN": self.admin_token, "KGPU_SSH_PORT": str(free_port()), "KGPU_WORKERS": "1", **(settings or {})})
         with open(log_path or os.devnull, "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "gateway.cli", "serve", "--data-dir", str(data_dir), "--port", str(self.port)],

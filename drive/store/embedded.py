@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import secrets
+import select
 import signal
 import socket
 import subprocess
@@ -44,7 +45,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """SIGTERM to this process when the thread that started it ends (its process killed, even)."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     PR_SET_PDEATHSIG = 1
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -54,7 +56,7 @@ def _store_child() -> None:
     """In ``rclone serve s3`` before it runs: it dies with its parent, and what it writes (the
     drives' files, its folders) is its owner's alone: umask 077 makes them 0600 and 0700."""
     os.umask(0o077)
-    _die_with_parent()
+    die_with_parent()
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -213,6 +215,8 @@ class EmbeddedS3Server:
                 time.sleep(0.05)
                 continue
             self._serving = True
+            # The worker processes of `kgpu serve --workers N` follow the store by its pid (AttachedS3Server).
+            _write_state(self.state_path, {**_read_state(self.state_path), "pid": process.pid})
             return self.endpoint_url
         self._kill(process)
         raise RuntimeError(f"rclone serve s3 did not start within {timeout}s")
@@ -277,12 +281,90 @@ class EmbeddedS3Server:
             process.wait()
 
 
+class AttachedS3Server:
+    """The embedded store as a worker process of ``kgpu serve --workers N`` sees it: the server's
+    parent process starts and supervises the one ``rclone serve s3`` (:class:`EmbeddedS3Server`), which
+    writes the pid of each store it starts, once it answers, into ``embedded-s3.json``. A worker
+    holds a pidfd of that process: the store's exit is seen at the next call, as in the parent, and
+    the next store is followed within :data:`FOLLOW_INTERVAL_S` of its start."""
+
+    def __init__(self, data_dir: Path, host: str = "127.0.0.1", port: int = 0):
+        self.root = Path(data_dir) / "objects"
+        self.state_path = Path(data_dir) / "embedded-s3.json"
+        self.credentials = EmbeddedCredentials.load_or_create(self.state_path)
+        self.host = host
+        self.port = port or _read_state(self.state_path)["port"]
+        self._pidfd: int | None = None
+        self._stopping = threading.Event()
+        self._follower: threading.Thread | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def serving(self) -> bool:
+        """The store's process has not exited (a poll of its pidfd: a poll object per call, as
+        request threads ask at once)."""
+        pidfd = self._pidfd
+        if pidfd is None:
+            return False
+        exited = select.poll()
+        exited.register(pidfd, select.POLLIN)
+        try:
+            return not exited.poll(0)
+        except OSError:  # closed meanwhile (stop)
+            return False
+
+    def follow(self) -> None:
+        """Attach to the store now, and to each one the parent starts after it, until :meth:`stop`."""
+        self._attach()
+        if self._follower is None:
+            self._follower = threading.Thread(target=self._follow, name="embedded-s3-follower", daemon=True)
+            self._follower.start()
+
+    def _follow(self) -> None:
+        while not self._stopping.wait(FOLLOW_INTERVAL_S):
+            if not self.serving:
+                self._attach()
+
+    def _attach(self) -> None:
+        pid = _read_state(self.state_path).get("pid")
+        if not isinstance(pid, int):
+            return
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:  # gone already: the parent writes the next one's pid when it answers
+            return
+        try:  # the pid is pinned by the pidfd from here on: make sure it is this data directory's store
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            command = []
+        if command[1:3] != [b"serve", b"s3"] or os.fsencode(self.root) not in command:
+            os.close(pidfd)
+            return
+        old, self._pidfd = self._pidfd, pidfd
+        if old is not None:
+            os.close(old)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._follower is not None:
+            self._follower.join(timeout=5)
+        pidfd, self._pidfd = self._pidfd, None
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+FOLLOW_INTERVAL_S = 0.2
+
+
 class EmbeddedStore(S3ObjectStore):
     """The S3 store over a supervised :class:`EmbeddedS3Server`: while the server is down, every
     call and every presigned URL fails at once with ``StoreUnavailable`` (503 with Retry-After)
     rather than a redirect to, or a connection with, whatever holds its port then."""
 
-    def __init__(self, server: EmbeddedS3Server, *args, **kwargs):
+    def __init__(self, server: EmbeddedS3Server | AttachedS3Server, *args, **kwargs):
         self.server = server
         super().__init__(*args, **kwargs)
 

@@ -63,6 +63,20 @@ def listen_socket(host: str, port: int) -> socket.socket:
         ) from None
 
 
+def door(settings: Settings, port: int, host_key) -> dict:
+    """Where clients connect, for ``ssh_access``: the configured host, else the public URL's. Worker
+    processes that do not run the bastion (`kgpu serve --workers N`) tell it alike."""
+    host = settings.ssh_host or urlsplit(settings.public_base_url).hostname
+    if not host:
+        host = settings.host if settings.host not in ("0.0.0.0", "::", "") else socket.getfqdn()
+    return {"ssh_host": host, "ssh_port": port, "host_key_fingerprint": fingerprint_of(host_key)}
+
+
+def published(door: dict, host_key) -> dict:
+    """The door as the API shows it, with the ``known_hosts`` line of the host key."""
+    return {**door, "known_hosts": known_hosts_line(door["ssh_host"], door["ssh_port"], host_key)}
+
+
 class Bastion:
     def __init__(self, settings: Settings, rentals: Rentals):
         self.settings = settings
@@ -135,15 +149,8 @@ class Bastion:
 
     # --- what clients are told --------------------------------------------------------------
 
-    def door(self, public_base_url: str = "") -> dict:
-        """Where clients connect, for ``ssh_access``: the configured host, else the public URL's."""
-        host = self.settings.ssh_host or urlsplit(public_base_url or self.settings.public_base_url).hostname
-        if not host:
-            host = self.settings.host if self.settings.host not in ("0.0.0.0", "::", "") else socket.getfqdn()
-        return {"ssh_host": host, "ssh_port": self.port, "host_key_fingerprint": self.host_key_fingerprint}
-
-    def published(self, door: dict) -> dict:
-        return {**door, "known_hosts": known_hosts_line(door["ssh_host"], door["ssh_port"], self.host_key)}
+    def door(self) -> dict:
+        return door(self.settings, self.port, self.host_key)
 
     # --- helpers for logins ------------------------------------------------------------------
 

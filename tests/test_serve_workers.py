@@ -1,0 +1,196 @@
+"""`kgpu serve --workers N`: N worker processes on one port; one embedded store and one SSH bastion,
+in the parent; one reaper among the workers, elected through the database (gateway/leases.py), which
+another worker takes over when its holder dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import threading
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import requests
+from sqlalchemy.orm import Session
+
+from gateway import db
+from gateway.leases import Lease
+from gateway.models import DutyLease, Rental, utcnow
+from tests.clients import curl
+from tests.conftest import passable
+from tests.test_serve import Served, alive, children, wait_gone
+
+ADMIN = {"Authorization": "Bearer serve-test-admin"}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/kgpu.db"
+    return request.getfixturevalue("postgres_url")
+
+
+def sessions_of(url: str):
+    db.migrate(url)
+    return db.make_sessionmaker(db.make_engine(url))
+
+
+# ------------------------------------------------------------------ the election
+
+
+def test_one_holder_at_a_time_and_the_next_once_it_lapses(database_url):
+    sessions = sessions_of(database_url)
+    duty = f"duty:{uuid.uuid4().hex}"
+    first = Lease(sessions, lambda: duty, seconds=0.5)
+    second = Lease(sessions, lambda: duty, seconds=30)
+    assert first.renew() and first.held
+    assert not second.renew() and not second.held
+    assert first.renew()  # its own lease, extended
+    deadline = time.monotonic() + 30
+    while not second.renew():  # first stopped renewing: its lease lapses
+        assert time.monotonic() < deadline, "a lapsed lease was never taken over"
+        time.sleep(0.1)
+    assert not first.renew() and not first.held
+    second.release()
+    assert first.renew(), "a released lease is free at once"
+
+
+def test_racing_processes_elect_exactly_one(database_url):
+    """Many contenders at the same moment, each its own connection: exactly one holds the duty."""
+    sessions = sessions_of(database_url)
+    duty = f"duty:{uuid.uuid4().hex}"
+    leases = [Lease(sessions, lambda: duty, seconds=30) for _ in range(8)]
+    start = threading.Barrier(len(leases))
+    won: list[bool] = [False] * len(leases)
+
+    def contend(i: int) -> None:
+        start.wait()
+        won[i] = leases[i].renew()
+
+    threads = [threading.Thread(target=contend, args=(i,)) for i in range(len(leases))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(won) == 1, won
+    with sessions() as session:
+        [row] = session.query(DutyLease).filter(DutyLease.name == duty).all()
+    assert row.holder == leases[won.index(True)].holder
+
+
+# ------------------------------------------------------------------ a server of two workers
+
+
+def workers_of(server: Served) -> list[int]:
+    return [p for p in children(server.process.pid) if alive(p) and b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+def reaper_holder(url: str) -> int | None:
+    """The pid of the process that holds a reaper's lease now (holder: host:pid:token)."""
+    with Session(db.make_engine(url)) as session:
+        rows = session.query(DutyLease).filter(DutyLease.name.like("reaper:%"), DutyLease.expires_at > time.time()).all()
+    return int(rows[0].holder.split(":")[-2]) if rows else None
+
+
+def wait_for(what: str, check, seconds: float = 60):
+    deadline = time.monotonic() + seconds
+    while not (found := check()):
+        assert time.monotonic() < deadline, f"{what}: not within {seconds} s"
+        time.sleep(0.1)
+    return found
+
+
+def rent_ready(base: str, auth: dict, name: str) -> str:
+    rented = requests.post(f"{base}/v1/gpus", json={"name": name}, headers=auth)
+    assert rented.status_code == 201, rented.text
+    gpu = rented.json()["gpu_id"]
+    wait_for("the rental ready", lambda: requests.get(f"{base}/v1/gpus/{gpu}", headers=auth).json()["ready"])
+    return gpu
+
+
+def test_two_workers_serve_one_drive_webdav_and_rentals(tmp_path):
+    """The representative flow through a 2-worker server: every request lands on either worker, and
+    each answers as one server would (one store, listings current, one bastion)."""
+    data = passable(tmp_path) / "data"
+    server = Served(data, {"KGPU_WORKERS": "2", "KGPU_LOCAL_POD_MOUNTS": "false"})
+    try:
+        assert len(workers_of(server)) == 2
+        store = server.rclone_pid()  # exactly one embedded store, the parent's child
+        token = requests.post(f"{server.base}/v1/admin/users", json={"email": "w@lab.example"}, headers=ADMIN).json()["token"]
+        auth = {"Authorization": f"Bearer {token}"}
+
+        def listed() -> list[str]:  # PROPFIND Depth 1, on whichever worker takes it
+            reply = requests.request("PROPFIND", f"{server.base}/v1/files/f/", headers={**auth, "Depth": "1"})
+            assert reply.status_code == 207, reply.text
+            return sorted(set(re.findall(r"/v1/files/f/([^<]+)</", reply.text)))
+
+        names = []
+        for i in range(6):  # each write seen by the very next listing, whichever worker cached the last
+            payload = os.urandom(1000 + i)
+            if i % 2:
+                assert requests.put(f"{server.base}/v1/dav/f/{i}.bin", data=payload, headers=auth).status_code == 201
+            else:
+                curl("-f", "-L", "-T", "-", f"{server.base}/v1/files/f/{i}.bin", token=token, input=payload)
+            names.append(f"{i}.bin")
+            assert listed() == names
+            for _ in range(2):
+                assert curl("-f", "-L", f"{server.base}/v1/files/f/{i}.bin", token=token).stdout == payload
+        assert requests.delete(f"{server.base}/v1/files/f/0.bin", headers=auth).status_code == 204
+        assert listed() == names[1:]
+
+        # The bastion the workers publish is the parent's, listening on the configured port.
+        published = [requests.get(f"{server.base}/v1/gpus", headers=auth).json()["ssh"] for _ in range(6)]
+        assert all(door == published[0] for door in published), published  # the same door from both workers
+        with socket.create_connection(("127.0.0.1", published[0]["ssh_port"]), timeout=10) as conn:
+            assert conn.recv(64).startswith(b"SSH-2.0-")
+
+        gpu = rent_ready(server.base, auth, "two-workers")
+        ran = requests.post(f"{server.base}/v1/runs", json={"gpu_id": gpu, "command": ["echo", "from a pod"], "wait_seconds": 30}, headers=auth)
+        assert ran.json()["stdout"] == "from a pod\n", ran.text
+        assert requests.delete(f"{server.base}/v1/gpus/{gpu}", headers=auth).json()["phase"] == "Ended"
+    finally:
+        server.process.terminate()
+        server.process.wait(timeout=30)
+    assert wait_gone(store), "rclone serve s3 outlived kgpu serve"
+
+
+def test_a_killed_reaper_is_replaced_and_an_expired_rental_still_returned(tmp_path, database_url):
+    """SIGKILL the worker that holds the reaper's lease: uvicorn starts another worker, another
+    process takes the lease within a lease period, and a rental that expires then is returned."""
+    own_node = json.dumps([{"node": f"w-{uuid.uuid4().hex[:8]}", "gpu_model": "WorkerGPU", "count": 1, "price_per_hour_credits": 10}])
+    settings = {
+        "KGPU_WORKERS": "2", "KGPU_LOCAL_POD_MOUNTS": "false", "KGPU_GPU_INVENTORY": own_node,
+        "KGPU_REAPER_INTERVAL_SECONDS": "0.3", "KGPU_REAPER_LEASE_SECONDS": "2",
+    }
+    if not database_url.startswith("sqlite"):
+        settings["KGPU_DATABASE_URL"] = database_url
+    data = passable(tmp_path) / "data"
+    url = database_url if not database_url.startswith("sqlite") else f"sqlite:///{data}/kgpu.db"
+    server = Served(data, settings)
+    try:
+        token = requests.post(f"{server.base}/v1/admin/users", json={"email": f"{uuid.uuid4().hex[:6]}@lab.example"}, headers=ADMIN).json()["token"]
+        auth = {"Authorization": f"Bearer {token}"}
+        gpu = rent_ready(server.base, auth, "outlives-its-reaper")
+        leader = wait_for("a reaper elected", lambda: reaper_holder(url))
+        assert leader in workers_of(server)
+        os.kill(leader, signal.SIGKILL)
+        assert wait_gone(leader)
+        with Session(db.make_engine(url)) as session, session.begin():  # its time is up
+            rental = session.get(Rental, gpu)
+            rental.started_at, rental.duration_hours = utcnow() - timedelta(hours=2), 1
+        ended = wait_for(  # (a GET racing the pod's removal may answer 503 pod_unavailable: asked again)
+            "the expired rental returned",
+            lambda: (state := requests.get(f"{server.base}/v1/gpus/{gpu}", headers=auth).json()).get("phase") == "Ended" and state,
+        )
+        assert ended["end_reason"] == "expired", ended
+        assert reaper_holder(url) not in (None, leader)
+        assert len(wait_for("a worker started in the killed one's place", lambda: len(workers_of(server)) == 2 and workers_of(server))) == 2
+    finally:
+        server.process.terminate()
+        server.process.wait(timeout=30)
