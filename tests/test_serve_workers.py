@@ -23,7 +23,9 @@ from gateway import db
 from gateway.leases import Lease
 from gateway.models import DutyLease, Rental, utcnow
 from tests.clients import curl
+from drive.store.embedded import free_port
 from tests.conftest import passable
+from tests.test_metrics import scrape, value
 from tests.test_serve import Served, alive, children, wait_gone
 
 ADMIN = {"Authorization": "Bearer serve-test-admin"}
@@ -118,7 +120,8 @@ def test_two_workers_serve_one_drive_webdav_and_rentals(tmp_path):
     """The representative flow through a 2-worker server: every request lands on either worker, and
     each answers as one server would (one store, listings current, one bastion)."""
     data = passable(tmp_path) / "data"
-    server = Served(data, {"KGPU_WORKERS": "2", "KGPU_LOCAL_POD_MOUNTS": "false"})
+    metrics = f"127.0.0.1:{free_port()}"
+    server = Served(data, {"KGPU_WORKERS": "2", "KGPU_LOCAL_POD_MOUNTS": "false", "KGPU_METRICS_ADDRESS": metrics})
     try:
         assert len(workers_of(server)) == 2
         store = server.rclone_pid()  # exactly one embedded store, the parent's child
@@ -154,6 +157,12 @@ def test_two_workers_serve_one_drive_webdav_and_rentals(tmp_path):
         ran = requests.post(f"{server.base}/v1/runs", json={"gpu_id": gpu, "command": ["echo", "from a pod"], "wait_seconds": 30}, headers=auth)
         assert ran.json()["stdout"] == "from a pod\n", ran.text
         assert requests.delete(f"{server.base}/v1/gpus/{gpu}", headers=auth).json()["phase"] == "Ended"
+
+        # /metrics, on the parent's listener or through either worker, counts both workers' requests.
+        for _ in range(10):
+            assert requests.get(f"{server.base}/healthz").status_code == 200
+        for base, headers in ((f"http://{metrics}", None), (server.base, ADMIN)):
+            wait_for("every worker's requests counted", lambda: value(scrape(base, headers), "kgpu_http_requests_total", family="health", status="200") >= 11)
     finally:
         server.process.terminate()
         server.process.wait(timeout=30)
