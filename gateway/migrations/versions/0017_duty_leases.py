@@ -1,15 +1,15 @@
 """duty_leases: one holder at a time of a duty such as a pod backend's reaper, among the worker
 processes of `kgpu serve --workers N` and replicas alike (gateway/leases.py; issue 23, item 4)
 
-Revision ID: 0016
-Revises: 0015
+Revision ID: 0017
+Revises: 0016
 Create Date: 2026-12-06
 """
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0016"
-down_revision = "0015"
+revision = "0017"
+down_revision = "0016"
 branch_labels = None
 depends_on = None
 
