@@ -2,23 +2,35 @@
 and the WebDAV resources of drive/dav/): each runs the drive's rules in one order — names
 (drive/names.py, checked by the caller before), the quota (the usage book, drive/usage.py),
 the store, the facts (drive/facts.py) — and the listing cache follows from the store itself
-(drive/store/caching.py). The caller holds the keys it writes (``UsageBook.writing``) around
-the call, and turns the outcome into its protocol's answer; nothing here speaks HTTP.
+(drive/store/caching.py). The keys a write changes are held through :meth:`DriveService.writing`
+(the one way every protocol holds them) from before it reads what it replaces until it is
+counted; the caller turns the outcome into its protocol's answer; nothing here speaks HTTP.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from itertools import chain
-from typing import Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 from drive.direct import DeclaredMd5, NoSuchUpload, PartPlan, completed_parts
 from drive.facts import STORE_MD5, Carried, Facts, FactsBook, proven_md5, resolve
+from drive.keys import DrivePath
 from drive.listing import FOLDER_MARKER, is_hidden
-from drive.store import CommonPrefix, ListPage, ObjectInfo, PartsRefused, StoreError, UploadedPart, delete_prefix
+from drive.store import (
+    CommonPrefix,
+    ListPage,
+    ObjectInfo,
+    PartsRefused,
+    StoreError,
+    UploadedPart,
+    delete_prefix,
+    iter_objects,
+)
 from drive.store.caching import CachingStore
-from drive.usage import Upload, UsageBook, open_upload
+from drive.usage import NoLease, Upload, UsageBook, WriteLease, open_upload
 
 COPY_THREADS = 8  # server-side copies at once, for a folder
 Member = tuple[ObjectInfo | CommonPrefix, Facts | None]  # a folder's member: a file with its facts, or a folder
@@ -107,6 +119,31 @@ class DriveService:
         return self.store.presign_get(key, expires_in)
 
     # ------------------------------------------------------------ writes (the caller holds the keys)
+
+    def writing(
+        self,
+        prefix: str,
+        exclusive: Iterable[str] = (),
+        shared: Iterable[str] = (),
+        *,
+        within: Iterable[WriteLease] = (),
+        quota: int | None = None,
+        frees: bool = False,
+        urls: bool = True,
+    ) -> WriteLease | NoLease:
+        """Hold keys of the drive ``prefix`` for one write, taken before it reads what it
+        replaces and released once it is counted (``release()`` or a ``with``): one write of a
+        key at a time, on every replica; a folder's key holds all under it; ``shared`` keys are
+        only read whole (a COPY's source); what ``within`` (the request's own leases) holds is
+        not taken again. Upload URLs still out for the keys are counted whole (``urls`` False:
+        left as they are, for a write that hands out another). WriteBusy when another write
+        holds one and does not end soon; QuotaExceeded when those URLs' room does not fit
+        ``quota``, unless the write ``frees`` room (a DELETE)."""
+        if self.usage is None:
+            return NoLease()
+        return self.usage.writing(
+            prefix, list(exclusive), list(shared), within=within, quota=quota, frees=frees, urls=urls
+        )
 
     def begin_upload(
         self, prefix: str, previous: ObjectInfo | None, declared: int | None, quota: int | None, step: int
@@ -235,6 +272,15 @@ class DriveService:
         self.usage.close_parts_upload(prefix, hold.id, None)
         self.store.abort_multipart(key, upload_id)
 
+    def create_empty(self, key: str, content_type: str) -> ObjectInfo:
+        """Make ``key`` exist, an empty file, unless a write made it meanwhile (that write counted
+        it; it is not replaced): what is there now."""
+        info = self.store.head(key)
+        if info is None:
+            etag = self.store.put_object(key, b"", content_type)
+            info = ObjectInfo(key, 0, etag, datetime.now(timezone.utc), content_type)
+        return info
+
     def mkdir(self, folder_key: str) -> None:
         """Make the folder exist, empty: its hidden marker object (drive/listing.py)."""
         self.store.put_object(folder_key + FOLDER_MARKER, b"")
@@ -260,6 +306,66 @@ class DriveService:
         if self.facts is not None:
             self.facts.forget_under(folder_key)
         self._count(prefix, -sum(info.size for info in objects))
+
+    def transfer(
+        self,
+        source: DrivePath,
+        dest: DrivePath,
+        *,
+        info: ObjectInfo | None,
+        move: bool,
+        quota: int | None,
+        mtime: float | None = None,
+        depth_infinity: bool = True,
+        extra: int = 0,
+        then: Callable[[], None] = lambda: None,
+    ) -> None:
+        """A COPY or MOVE, both ends held by the caller and the destination empty: of the file
+        ``info`` (as read under the hold), or of the folder ``source`` (``info`` None; without
+        ``depth_infinity``, the folder alone). In the drive's order: the room it adds reserved
+        in the destination drive (QuotaExceeded; a move within one drive adds none), ``extra``
+        bytes more for what comes along (WebDAV's dead properties, carried by ``then``); the
+        store's server-side copies, their facts following (``mtime``: a file's new time); the
+        count settled; for a MOVE the source removed; then ``then()``, the room still held."""
+        if info is not None:
+            objects = [info]
+        else:
+            objects = list(iter_objects(self.store, source.key)) if depth_infinity else []
+        moved_within = move and source.prefix == dest.prefix  # the drive does not grow
+        reserved = self._reserve(dest.prefix, 0 if moved_within else sum(o.size for o in objects) + extra, quota)
+        added = 0
+        try:
+            if info is not None:
+                added = self.copy_file(info, dest.key, mtime)
+            elif depth_infinity:
+                self.copy_folder(source.key, dest.key, objects)
+                added = sum(o.size for o in objects)
+            else:
+                self.mkdir(dest.key)
+            if move:
+                self._settle(dest.prefix, reserved, added)
+                reserved = added = 0
+                if info is not None:
+                    self.remove_file(source.prefix, info)
+                else:
+                    self.remove_objects(source.prefix, source.key, objects)
+            then()
+        finally:
+            self._settle(dest.prefix, reserved, added)
+
+    def _reserve(self, prefix: str, incoming: int, quota: int | None) -> int:
+        """Reserve ``incoming`` bytes in the drive before a copy moves any (QuotaExceeded when
+        they do not fit; 0 when nothing needs reserving); closed by :meth:`_settle`."""
+        if self.usage is None or quota is None or incoming <= 0:
+            return 0
+        return self.usage.open(prefix, incoming, quota)
+
+    def _settle(self, prefix: str, reserved: int, added: int) -> None:
+        """What a write really added (0: it failed) counts; the rest of its reservation goes back."""
+        if reserved:
+            self.usage.settle(prefix, reserved, added)
+        else:
+            self._count(prefix, added)
 
     def copy_file(self, source: ObjectInfo, dest_key: str, mtime: float | None) -> int:
         """A server-side copy of ``source``, its facts following (``mtime``, when the client gave

@@ -54,6 +54,24 @@ class WriteLease(Protocol):
     def __exit__(self, *exc) -> None: ...
 
 
+class NoLease:
+    """What a write holds where nothing is counted (no usage book): nothing."""
+
+    prefix = ""
+
+    def holds(self, path: str, exclusive: bool) -> bool:
+        return False
+
+    def release(self) -> None:
+        pass
+
+    def __enter__(self) -> "NoLease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 class UsageBook(Protocol):
     """A drive's count and its quota's reservations (gateway/quota.py keeps them in the database)."""
 

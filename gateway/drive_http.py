@@ -125,14 +125,13 @@ def quota_refusal(message: str) -> ApiError:
 async def writing(
     request: Request, drive: Drive, *keys: str, frees: bool = False, urls: bool = True
 ) -> AsyncIterator[WriteLease]:
-    """Hold ``keys`` of the drive for this write (drive/usage.py: one write of a key at a time,
-    on every replica, upload URLs still out for them counted whole; ``frees`` and ``urls`` as
-    UsageBook.writing has them); 423 ``busy`` if another write holds one and does not end soon,
-    413 if the room those URLs need does not fit. What the write replaces is read inside."""
-    usage = request.app.state.usage
+    """Hold ``keys`` of the drive for this write (drive/service.py: DriveService.writing, with
+    ``frees`` and ``urls``); 423 ``busy`` if another write holds one and does not end soon,
+    413 if the room the upload URLs still out for them need does not fit. What the write
+    replaces is read inside."""
     try:
         lease = await run_in_threadpool(
-            partial(usage.writing, drive.prefix, list(keys), quota=drive.quota_bytes, frees=frees, urls=urls)
+            partial(_service(request).writing, drive.prefix, keys, quota=drive.quota_bytes, frees=frees, urls=urls)
         )
     except WriteBusy as exc:
         raise ApiError(423, "busy", str(exc)) from None

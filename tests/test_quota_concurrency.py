@@ -279,6 +279,34 @@ def test_parallel_webdav_copies_stay_within_the_quota(stack, user, small_quota, 
     assert requests.put(f"{stack.base}/v1/files/over.bin", data=b"x", headers=user.auth).status_code == 413
 
 
+@pytest.mark.parametrize("mount", ["dav", "files"])
+def test_a_copy_that_does_not_fit_copies_nothing_and_a_move_within_the_drive_needs_no_room(stack, user, small_quota, mount):
+    """drive/service.py DriveService.transfer: a COPY's room is reserved before the store copies
+    (507, nothing copied, the count and reservations as they were); a MOVE within the drive adds
+    nothing, so it goes through with the drive too full for a copy; both settle exactly."""
+    data = os.urandom(3 * MiB)
+    assert requests.put(f"{stack.base}/v1/files/t/a.bin", data=data, headers=user.auth).status_code == 201
+    before = counted(stack, user)
+    assert before == (len(data), 0)
+
+    def transfer(method, source, dest):
+        return requests.request(
+            method, f"{stack.base}/v1/{mount}/{source}",
+            headers={**user.auth, "Destination": f"{stack.base}/v1/{mount}/{dest}"}, timeout=60,
+        )
+
+    for source, dest in (("t/a.bin", "t/b.bin"), ("t/", "u/")):
+        refused = transfer("COPY", source, dest)
+        assert refused.status_code == 507 and refused.json()["error_code"] == "quota_exceeded", refused.text
+        assert counted(stack, user) == before
+        assert stored(stack, user) == {"t/a.bin": len(data)}
+    assert transfer("MOVE", "t/a.bin", "t/c.bin").status_code == 201
+    assert transfer("MOVE", "t/", "v/").status_code == 201
+    assert counted(stack, user) == before
+    assert stored(stack, user) == {"v/c.bin": len(data), "v/.kgpu-folder": 0}  # a moved folder keeps existing
+    assert read_back(stack, user, "v/c.bin") == data
+
+
 # ------------------------------------------------------------------ one file, written by two requests at once
 
 

@@ -90,9 +90,10 @@ class DavContext:
         self.used_bytes()  # settles the presigned PUTs that are done; counts a drive seen first
         return max(0, self.usage.room(self.prefix, self.quota_bytes))
 
-    def add_usage(self, prefix: str, delta: int) -> None:
-        if self.usage is not None and delta and prefix == self.prefix:
-            self.usage.add(prefix, delta)
+    def quota_of(self, prefix: str) -> int | None:
+        """The quota a write into the drive ``prefix`` counts against: the caller's own drive's
+        (the others it sees are read-only here)."""
+        return self.quota_bytes if prefix == self.prefix else None
 
     def hold_keys(
         self,
@@ -103,18 +104,14 @@ class DavContext:
         frees: bool = False,
         too_large: int = HTTP_INSUFFICIENT_STORAGE,
     ):
-        """Hold keys of ``prefix`` for a write (UsageBook.writing: one write of a key
-        at a time, on every replica; a folder's key holds all under it; upload URLs still out for
-        them counted whole), as a context manager or until ``release()``. What this request holds
-        already is not taken again. 423 ``busy`` when another write holds one and does not end
-        soon; ``too_large`` quota_exceeded when the room those URLs need does not fit (a write
-        that ``frees`` it, a DELETE, never is). Read what a write replaces inside."""
-        if self.usage is None:
-            return _NoLease()
-        quota = self.quota_bytes if prefix == self.prefix else None
+        """Hold keys of ``prefix`` for a write (drive/service.py: DriveService.writing), as a
+        context manager or until ``release()``. What this request holds already is not taken
+        again. 423 ``busy`` when another write holds one and does not end soon; ``too_large``
+        quota_exceeded when the room the upload URLs still out for them need does not fit (a
+        write that ``frees`` it, a DELETE, never is). Read what a write replaces inside."""
         try:
-            lease = self.usage.writing(
-                prefix, list(exclusive), list(shared), within=self._leases, quota=quota, frees=frees
+            lease = self.drive.writing(
+                prefix, exclusive, shared, within=self._leases, quota=self.quota_of(prefix), frees=frees
             )
         except WriteBusy as exc:
             raise coded_error(HTTP_LOCKED, "busy", str(exc)) from None
@@ -122,24 +119,6 @@ class DavContext:
             raise coded_error(too_large, "quota_exceeded", str(exc)) from None
         self._leases.append(lease)
         return _Held(lease, lambda: self._leases.remove(lease))
-
-    def reserve_room(self, prefix: str, incoming: int) -> int:
-        """Reserve ``incoming`` bytes in the caller's drive before a copy moves any (507 when they
-        do not fit; 0 when nothing needs reserving); close it with :meth:`settle_room`."""
-        if self.usage is None or self.quota_bytes is None or prefix != self.prefix or incoming <= 0:
-            return 0
-        try:
-            return self.usage.open(prefix, incoming, self.quota_bytes)
-        except UploadTooLarge as exc:
-            # The PUT path's quota message and code (507 here: RFC 4918 11.5 for a COPY that does not fit).
-            raise coded_error(HTTP_INSUFFICIENT_STORAGE, "quota_exceeded", str(exc)) from None
-
-    def settle_room(self, prefix: str, reserved: int, added: int) -> None:
-        """What a write really added (0: it failed) counts; the rest of its reservation goes back."""
-        if reserved:
-            self.usage.settle(prefix, reserved, added)
-        else:
-            self.add_usage(prefix, added)
 
 
 class _Held:
@@ -160,11 +139,6 @@ class _Held:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-class _NoLease(_Held):
-    def __init__(self):
-        super().__init__(None, None)
 
 
 @contextmanager

@@ -395,14 +395,9 @@ class FolderResource(_Located, DAVCollection):
             location = keys.from_text(self.location.prefix, self.location.rel + name)
             resource = FileResource(util.join_uri(self.path, name), self.environ, location, None, False)
             if self.environ["REQUEST_METHOD"] != "PUT":
-                # LOCK on an unmapped URL creates an empty resource (RFC 4918 7.3), unless a
-                # write made it meanwhile (it is not replaced: that write counted it).
+                # LOCK on an unmapped URL creates an empty resource (RFC 4918 7.3).
                 with ctx.hold_keys(location.prefix, [location.key]):
-                    resource.info = ctx.store.head(location.key)
-                    if resource.info is None:
-                        kind = guess_type(name)
-                        etag = ctx.store.put_object(location.key, b"", kind)
-                        resource.info = ObjectInfo(location.key, 0, etag, utcnow(), kind)
+                    resource.info = ctx.drive.create_empty(location.key, guess_type(name))
         forget_after_write(self.environ)
         self.environ[CACHE_KEY][cache_key(resource.path)] = resource
         return resource

@@ -1,7 +1,8 @@
 """COPY and MOVE: server-side copies in the store (then deletes, for MOVE), for files and whole
-folders (the drive's operations, drive/service.py); the bytes a copy adds are reserved in the quota
-before the store copies them and settled after. Dead properties follow (copied or moved),
-and so do modification times and checksums (drive/facts.py; a file's ``X-OC-Mtime`` sets the
+folders, by the drive's one operation (drive/service.py: DriveService.transfer, which reserves
+the bytes a copy adds in the quota before the store copies them and settles them after). Dead
+properties follow (copied or moved, their bytes reserved with the copy's), and so do
+modification times and checksums (drive/facts.py; a file's ``X-OC-Mtime`` sets the
 destination's time); locks do not (RFC 4918 7.5)."""
 
 from __future__ import annotations
@@ -9,19 +10,20 @@ from __future__ import annotations
 from urllib.parse import quote
 
 from wsgidav import util
-from wsgidav.dav_error import HTTP_NOT_FOUND, DAVError
+from wsgidav.dav_error import HTTP_INSUFFICIENT_STORAGE, HTTP_NOT_FOUND, DAVError
 
 from drive import keys
 from drive.dav.context import (
     CACHE_KEY,
     DEST_EXISTED_KEY,
     client_mtime,
+    coded_error,
     context_of,
     forget_after_write,
     store_errors,
 )
 from drive.dav.storage import DbPropertyManager
-from drive.store import iter_objects
+from drive.uploads import UploadTooLarge
 
 
 def transfer(src, dest_path: str, parent, *, move: bool, depth_infinity: bool) -> bool:
@@ -32,8 +34,7 @@ def transfer(src, dest_path: str, parent, *, move: bool, depth_infinity: bool) -
     collection, Overwrite allows replacing an existing destination, no lock is in
     the way, and the destination is not ``src`` itself or below it.
     """
-    environ, provider = src.environ, src.provider
-    ctx = context_of(environ)
+    ctx = context_of(src.environ)
     with store_errors():
         name = util.get_uri_name(dest_path)
         suffix = "/" if src.is_collection else ""
@@ -61,49 +62,41 @@ def _transfer_held(src, dest, dest_path: str, *, move: bool, depth_infinity: boo
     copied_properties = 0
     if not move and isinstance(properties, DbPropertyManager):
         copied_properties = properties.bytes_under(src_ref, with_children=src.is_collection and depth_infinity)
-    reserved = added = 0  # a COPY's reservation, settled at the end
-    try:
-        with store_errors():
-            if not src.is_collection:
-                src.info = ctx.store.head(src.location.key)
-                if src.info is None:
-                    raise DAVError(HTTP_NOT_FOUND)  # another request moved or deleted it meanwhile
-            existing = provider.get_resource_inst(dest_path, environ)
-            environ[DEST_EXISTED_KEY] = existing is not None
-            if existing is not None:
-                existing.delete()  # RFC 4918 9.8.4 / 9.9.3: Overwrite: T deletes the destination first
-            if not src.is_collection:
-                size = src.get_content_length()
-                moved_within = move and src.location.prefix == dest.prefix  # the drive does not grow
-                reserved = 0 if moved_within else ctx.reserve_room(dest.prefix, size + copied_properties)
-                added = ctx.drive.copy_file(src.info, dest.key, client_mtime(environ))
-                if move:
-                    ctx.settle_room(dest.prefix, reserved, added)
-                    reserved = added = 0
-                    ctx.drive.remove_file(src.location.prefix, src.info)
-            elif not depth_infinity:
-                reserved = ctx.reserve_room(dest.prefix, copied_properties)
-                ctx.drive.mkdir(dest.key)
-            else:
-                objects = list(iter_objects(ctx.store, src.location.key))
-                total = sum(info.size for info in objects)
-                moved_within = move and src.location.prefix == dest.prefix
-                reserved = 0 if moved_within else ctx.reserve_room(dest.prefix, total + copied_properties)
-                ctx.drive.copy_folder(src.location.key, dest.key, objects)
-                added = total
-                if move:
-                    ctx.settle_room(dest.prefix, reserved, added)
-                    reserved = added = 0
-                    ctx.drive.remove_objects(src.location.prefix, src.location.key, objects)
-        if properties is not None:
-            if move:
-                properties.move_properties(src_ref, dest_ref, with_children=src.is_collection)
-            elif isinstance(properties, DbPropertyManager):
-                properties.copy_tree(src_ref, dest_ref, with_children=src.is_collection and depth_infinity)
-            else:
-                properties.copy_properties(src_ref, dest_ref)
-    finally:
-        ctx.settle_room(dest.prefix, reserved, added)
+
+    def follow_properties() -> None:
+        if properties is None:
+            return
+        if move:
+            properties.move_properties(src_ref, dest_ref, with_children=src.is_collection)
+        elif isinstance(properties, DbPropertyManager):
+            properties.copy_tree(src_ref, dest_ref, with_children=src.is_collection and depth_infinity)
+        else:
+            properties.copy_properties(src_ref, dest_ref)
+
+    with store_errors():
+        if not src.is_collection:
+            src.info = ctx.store.head(src.location.key)
+            if src.info is None:
+                raise DAVError(HTTP_NOT_FOUND)  # another request moved or deleted it meanwhile
+        existing = provider.get_resource_inst(dest_path, environ)
+        environ[DEST_EXISTED_KEY] = existing is not None
+        if existing is not None:
+            existing.delete()  # RFC 4918 9.8.4 / 9.9.3: Overwrite: T deletes the destination first
+        try:
+            ctx.drive.transfer(
+                src.location,
+                dest,
+                info=None if src.is_collection else src.info,
+                move=move,
+                quota=ctx.quota_of(dest.prefix),
+                mtime=None if src.is_collection else client_mtime(environ),
+                depth_infinity=depth_infinity,
+                extra=copied_properties,
+                then=follow_properties,
+            )
+        except UploadTooLarge as exc:
+            # The PUT path's quota message and code (507 here: RFC 4918 11.5 for a COPY that does not fit).
+            raise coded_error(HTTP_INSUFFICIENT_STORAGE, "quota_exceeded", str(exc)) from None
     if move:
         src.remove_all_locks(recursive=True)
     forget_after_write(environ)
