@@ -133,12 +133,11 @@ def under_mount(mount: bytes, raw: bytes) -> bytes | None:
     """The raw part of the URL path ``raw`` (query removed) after the mount point ``mount``
     (b"/v1/files", a trailing "/" or not): b"" for the mount itself, None when ``raw`` is not
     under it. Compared byte for byte: a mount spelled with percent-encoding is not it."""
-    mount = mount.rstrip(b"/")
-    if raw == mount or raw == mount + b"/":
-        return b""
-    if raw.startswith(mount + b"/"):
-        return raw[len(mount) + 1 :]
-    return None
+    if not mount.endswith(b"/"):
+        mount += b"/"
+    if raw.startswith(mount):
+        return raw[len(mount) :]
+    return b"" if raw == mount[:-1] else None
 
 
 def from_url_path(prefix: str, mount: bytes, raw: bytes) -> DrivePath:
