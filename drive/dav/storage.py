@@ -247,8 +247,8 @@ class DbPropertyManager(PropertyManager):
         self.copy_tree(src_url, dest_url, with_children=False)
 
     def copy_tree(self, src_url: str, dest_url: str, *, with_children: bool) -> None:
-        """Counted in the destination's drive, unchecked: a COPY reserves their bytes first
-        (drive/dav/transfer.py)."""
+        """Counted in the destination's drive, unchecked: a COPY reserves their bytes first, with
+        its objects' (drive/service.py: DriveService.transfer's ``extra``)."""
         self._transfer(src_url, dest_url, with_children=with_children, move=False)
 
     def move_properties(self, src_url, dest_url, with_children, environ=None):
