@@ -7,7 +7,8 @@ everything it made. Nothing but 127.0.0.1 is touched. See bench/README.md.
 
   (a) GET /v1/files/x 302 req/s vs two lower bounds: a bare ASGI app answering a constant
       302 under uvicorn without access log (the goal: >= 0.5 of it), and a bare FastAPI
-      constant 302 served as `kgpu serve` ran uvicorn before (with its access log)
+      constant 302 served as `kgpu serve` ran uvicorn before (with its access log); kgpu
+      with one worker process and with two (`--workers 2`)
   (b) 1 GiB `curl -L -T` through the 307 vs `curl -T` straight to a presigned PUT
   (c) 1 GiB streamed PUT (`-H 'Expect:'`, from a file and from a pipe) vs the same
       direct PUT, with the server's peak RSS growth
@@ -35,7 +36,7 @@ from pathlib import Path
 
 from harness import (
     HOST, REPO, MiB, Proc, RssSampler, add_run_options, arm_time_limit, children, cpu_seconds, download_sha256,
-    end_run, free_port, http_json, log, make_dirs, make_file, new_user, pct, print_report, rss_kib, start_kgpu,
+    end_run, free_port, http_json, log, make_dirs, make_file, new_user, pct, print_report, rss_kib, server_cpu_seconds, start_kgpu,
     store_client, store_endpoint, wait_ready, write_json,
 )
 
@@ -138,9 +139,9 @@ def check_302(port: int, path: str, token: str | None) -> str:
 
 def measured_load(load, server_pid: int, *args) -> dict:
     """One load run, plus the server's CPU time per request (robust to other load on the machine)."""
-    cpu_before = cpu_seconds(server_pid)
+    cpu_before = server_cpu_seconds(server_pid)
     result = load(*args)
-    cpu = cpu_seconds(server_pid) - cpu_before
+    cpu = server_cpu_seconds(server_pid) - cpu_before
     result["server_cpu_s"] = cpu
     result["server_cpu_us_per_request"] = cpu / max(result["requests"], 1) * 1e6
     return result
@@ -418,30 +419,38 @@ def main(argv: list[str] | None = None) -> int:
         if "a" in args.only:
             bares = {kind: start_bare(free_port(), log_dir, kind) for kind in BARE_SERVERS}
             procs.extend(bares.values())
+            workers_port = free_port()
+            kgpu2 = start_kgpu(tmp / "data-2-workers", workers_port, admin_token, log_dir, 2, args.src, NO_SSH | {"KGPU_WORKERS": "2"})
+            procs.append(kgpu2)
+            token2 = new_user(f"http://{HOST}:{workers_port}", admin_token, "bench@example.org")["token"]
             location = check_302(port, "/v1/files/x", token)
+            check_302(workers_port, "/v1/files/x", token2)
             for bare in bares.values():
                 check_302(bare.port, "/v1/files/x", None)
             results["a_location_example"] = location
             load = load_wrk if loadgen == "wrk" else load_python
-            servers = {f"bare_{kind}": (bare, None) for kind, bare in bares.items()} | {"kgpu": (kgpu, token)}
+            servers = {f"bare_{kind}": (bare, None) for kind, bare in bares.items()} | {
+                "kgpu": (kgpu, token), "kgpu_2_workers": (kgpu2, token2),
+            }
             runs: dict[str, list[dict]] = {name: [] for name in servers}
             # a short warm-up of each, then alternate rounds so drift hits all alike
             for proc, auth in servers.values():
                 load(proc.port, "/v1/files/x", auth, 1, args.connections, args.threads)
             for r in range(args.rounds):
-                log(f"(a) round {r + 1}/{args.rounds}: bare ASGI 302, bare FastAPI 302, then GET /v1/files/x")
+                log(f"(a) round {r + 1}/{args.rounds}: bare ASGI 302, bare FastAPI 302, then GET /v1/files/x with 1 and 2 workers")
                 for name, (proc, auth) in servers.items():
                     runs[name].append(
                         measured_load(load, proc.pid, proc.port, "/v1/files/x", auth, args.duration, args.connections, args.threads)
                     )
-            for bare in bares.values():
-                bare.stop()
-                procs.remove(bare)
+            for proc in (*bares.values(), kgpu2):
+                proc.stop()
+                procs.remove(proc)
             rps = {name: statistics.median(r["rps"] for r in rs) for name, rs in runs.items()}
             cpu = {name: statistics.median(r["server_cpu_us_per_request"] for r in rs) for name, rs in runs.items()}
             results["a"] = {
                 "runs": runs, "rps": rps, "cpu_us": cpu,
                 "ratio": rps["kgpu"] / rps["bare_asgi"], "ratio_fastapi": rps["kgpu"] / rps["bare_fastapi"],
+                "ratio_2_workers": rps["kgpu_2_workers"] / rps["bare_asgi"], "workers_gain": rps["kgpu_2_workers"] / rps["kgpu"],
                 "cpu_ratio": cpu["bare_asgi"] / cpu["kgpu"],
             }
 
@@ -574,14 +583,14 @@ def report(results: dict, args) -> None:
     def rounds(a: dict, name: str) -> str:
         return ", ".join(f"{r['rps']:.0f}" for r in a["runs"][name])
 
-    out = ["", "kgpu files benchmark (127.0.0.1, one uvicorn worker each)",
+    out = ["", "kgpu files benchmark (127.0.0.1, one uvicorn worker each, and kgpu with two in (a))",
            f"data directory (SQLite) {results['tmp']}/data, store objects and the big file in {results['fast']}", ""]
     if "a" in results:
         a = results["a"]
         out.append(f"(a) GET /v1/files/x 302, {results['loadgen']}, {args.connections} connections, "
                    f"{args.rounds} x {args.duration:g} s each, median of rounds")
         labels = {"bare_asgi": "bare ASGI constant 302", "bare_fastapi": "bare FastAPI constant 302",
-                  "kgpu": "kgpu GET /v1/files/x"}
+                  "kgpu": "kgpu GET /v1/files/x", "kgpu_2_workers": "kgpu, 2 workers"}
         for name, label in labels.items():
             out.append(f"    {label:26s}: {a['rps'][name]:9.0f} req/s, server CPU {a['cpu_us'][name]:4.0f} us/request   "
                        f"(rounds: {rounds(a, name)})")
@@ -589,6 +598,8 @@ def report(results: dict, args) -> None:
                    f"{a['cpu_ratio']:.2f} (the throughput ratio on an otherwise idle core)")
         bad = sum(r["non_2xx_3xx"] for rs in a["runs"].values() for r in rs)
         out.append(f"    ratio kgpu / bare ASGI {a['ratio']:.2f} (target >= 0.5: {verdict(a['ratio'] >= 0.5)}); non-2xx/3xx answers: {bad}")
+        out.append(f"    2 workers: / bare ASGI (one process) {a['ratio_2_workers']:.2f}, / 1 worker {a['workers_gain']:.2f} "
+                   f"(the load generator shares the {os.cpu_count()} cores)")
         out.append("")
     if "uploads" in results:
         out.append(f"(b)(c) {args.size_mib} MiB uploads, each verified by sha256 of a curl -L download")

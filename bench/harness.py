@@ -108,6 +108,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def server_cpu_seconds(pid: int) -> float:
+    """CPU time of a ``kgpu serve`` so far: its own and its worker processes' (``--workers N``),
+    not its embedded store's."""
+    workers = [c for c in children(pid) if b"multiprocessing.spawn" in _cmdline(c)]
+    return cpu_seconds(pid) + sum(cpu_seconds(c) for c in workers)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def children(pid: int) -> list[int]:
     try:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -287,10 +301,13 @@ def start_kgpu(
     settings: dict[str, str] | None = None,
 ) -> Proc:
     """``settings``: more environment variables, KGPU_* settings or what a pod backend needs (SLURM_CONF…);
-    none of this process's KGPU_* variables is passed on, only the admin token is set."""
+    none of this process's KGPU_* variables is passed on, only the admin token is set. One worker
+    process unless ``settings`` sets ``KGPU_WORKERS`` (the server's CPU is then its workers':
+    :func:`server_cpu_seconds`)."""
     log_path = log_dir / f"kgpu-serve-{n}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("KGPU_")}
     env["KGPU_ADMIN_TOKEN"] = admin_token
+    env["KGPU_WORKERS"] = "1"
     env.update(settings or {})
     if src:  # another checkout of the code (e.g. `git archive` of a commit), ahead of the editable install
         env["PYTHONPATH"] = str(Path(src).resolve())
