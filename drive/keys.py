@@ -109,7 +109,8 @@ def _split(path: str) -> tuple[list[str], bool]:
 
 def from_raw_path(prefix: str, raw: bytes) -> DrivePath:
     """Map the raw (still percent-encoded) part of a URL path after the drive's mount point."""
-    if _BAD_PERCENT.search(raw):
+    encoded = b"%" in raw
+    if encoded and _BAD_PERCENT.search(raw):
         raise InvalidPath("malformed percent-encoding in path")
     if b"\\" in raw:
         raise InvalidPath("backslashes are not allowed in paths")
@@ -119,6 +120,8 @@ def from_raw_path(prefix: str, raw: bytes) -> DrivePath:
         raw_segments = raw_segments[:-1]
     if raw and not raw_segments:
         raise InvalidPath("absolute paths are not allowed")
+    if not encoded and raw.isascii():  # the common case: every segment is its own text
+        return _join(prefix, [segment.decode("ascii") for segment in raw_segments], is_dir)
     segments = []
     for raw_segment in raw_segments:
         decoded = _PERCENT.sub(lambda m: bytes([int(m.group(1), 16)]), raw_segment) if b"%" in raw_segment else raw_segment

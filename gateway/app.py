@@ -262,6 +262,7 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
         snapshots = traffic.Snapshots(settings.metrics_dir)  # this process's counts, for its siblings' scrapes
         snapshots.start()
         app.state.metrics = metrics.registry(sessions, snapshots)
+        app.serve_redirects(app.state.authenticator, active_store, settings.presign_expires_seconds)
         bastion = start_bastion(app, settings, run=not worker)
         lease = reaper_lease(settings, sessions, app.state.rentals)
         loop = asyncio.get_running_loop()
@@ -273,12 +274,14 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
             yield
         finally:
             reaper.cancel()
+            app.stop_redirects()
             snapshots.stop()
             keeper.cancel()
             await run_in_threadpool(lease.release)
             if bastion is not None:
                 bastion.stop()
             app.state.rentals.close()
+            app.state.authenticator.close()
             app.state.usage.close()
             if embedded is not None:
                 embedded.stop()

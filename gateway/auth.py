@@ -4,7 +4,10 @@ Lookups are cached for ``KGPU_AUTH_CACHE_SECONDS`` (default 2 s) because a
 download is one redirect and the token check would otherwise be most of its
 cost. Changes made through this server's own API (revocation, status, role)
 clear the cache at once; changes made by ``kgpu admin`` in another process
-reach a running server within that many seconds.
+reach a running server within that many seconds. A token in use is looked up
+again in the background once its entry is half that old, so a busy client never
+finds it expired (and its requests never queue on the database together), while
+no entry is ever used past that age.
 
 A request is authenticated once (:func:`authenticate`): the outcome, a principal or the
 refusal, stays in ``scope["state"]``, so the layer that authenticated first (the WebDAV
@@ -18,7 +21,8 @@ import base64
 import hmac
 import threading
 import time
-from typing import Annotated
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Callable
 
 from fastapi import Depends, Request
 from sqlalchemy import select
@@ -39,16 +43,26 @@ def unauthorized(message: str) -> ApiError:
 
 
 class Authenticator:
-    def __init__(self, sessions: sessionmaker, admin_token: str, cache_seconds: float = 2.0):
+    def __init__(
+        self, sessions: sessionmaker, admin_token: str, cache_seconds: float = 2.0, clock: Callable[[], float] = time.time
+    ):
         self._sessions = sessions
+        self._clock = clock
         self._admin_token = admin_token
         self._cache_seconds = cache_seconds
         self._cache: dict[str, tuple[float, Principal, float | None]] = {}
         self._lock = threading.Lock()
+        self._generation = 0  # bumped by invalidate(): a lookup begun before it caches nothing
+        self._refreshing: set[str] = set()
+        self._refresher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kgpu-auth-refresh")
 
     def invalidate(self) -> None:
         with self._lock:
+            self._generation += 1
             self._cache.clear()
+
+    def close(self) -> None:
+        self._refresher.shutdown(wait=False, cancel_futures=True)
 
     def bearer(self, authorization: str | None, allow_basic: bool = False) -> str:
         """The token from ``Bearer <token>``; with ``allow_basic`` also from HTTP Basic, where the
@@ -73,16 +87,41 @@ class Authenticator:
         if hit is None:
             return None
         fetched, principal, expires = hit
-        now = time.time()
-        if now - fetched > self._cache_seconds or (expires is not None and now >= expires):
+        now = self._clock()
+        age = now - fetched
+        if age > self._cache_seconds or (expires is not None and now >= expires):
             return None
+        if age > self._cache_seconds / 2 and token not in self._refreshing:
+            self._refresh_soon(token)
         return principal
 
+    def _refresh_soon(self, token: str) -> None:
+        with self._lock:
+            if token in self._refreshing:
+                return
+            self._refreshing.add(token)
+        self._refresher.submit(self._refresh, token)
+
+    def _refresh(self, token: str) -> None:
+        """Look a cached token up again; one that no longer passes leaves the cache."""
+        try:
+            self._look_up(token)
+        except Exception:  # noqa: BLE001 - revoked, expired, or the database down: the next request looks it up
+            with self._lock:
+                self._cache.pop(token, None)
+        finally:
+            with self._lock:
+                self._refreshing.discard(token)
+
     def lookup(self, token: str) -> Principal:
-        """Resolve a token against the database (blocking)."""
+        """Resolve a token against the database (blocking), for a request."""
+        return self._look_up(token)
+
+    def _look_up(self, token: str) -> Principal:
         # Bytes, not str: compare_digest refuses non-ASCII str (a 500 for a token like "kgpu_é").
         if self._admin_token and hmac.compare_digest(token.encode(), self._admin_token.encode()):
             return ENV_ADMIN
+        generation = self._generation
         if not is_well_formed(token):
             raise unauthorized("malformed token: expected kgpu_ and 48 hex digits")
         with self._sessions() as session:
@@ -104,9 +143,11 @@ class Authenticator:
         )
         if self._cache_seconds > 0:
             with self._lock:
+                if generation != self._generation:
+                    return principal  # invalidated while it was read: it may predate the change
                 if len(self._cache) > 10_000:
                     self._cache.clear()
-                self._cache[token] = (time.time(), principal, expires.timestamp() if expires else None)
+                self._cache[token] = (self._clock(), principal, expires.timestamp() if expires else None)
         return principal
 
 

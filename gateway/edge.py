@@ -20,10 +20,10 @@ from starlette.types import Message, Receive, Scope, Send
 
 from drive import keys
 from drive.keys import InvalidPath
-from drive.store import StoreUnavailable
+from drive.store import ObjectStore, StoreUnavailable
 from gateway import access_log
 from gateway.traffic import TRAFFIC, family_of
-from gateway.auth import remember
+from gateway.auth import Authenticator, remember
 from gateway.bounds import header_problem
 from gateway.dav_app import maybe_shared
 from gateway.errors import request_id_of
@@ -32,6 +32,17 @@ MOUNT = b"/v1/files/"
 
 
 class Gateway(FastAPI):
+    # What the redirect needs, set by the lifespan once the services exist (None: the full
+    # application answers everything): read as one attribute, not three lookups on app.state.
+    _redirects: tuple[Authenticator, ObjectStore, int] | None = None
+
+    def serve_redirects(self, authenticator: Authenticator, store: ObjectStore, expires_seconds: int) -> None:
+        """Answer downloads here, with these (the lifespan, once they exist)."""
+        self._redirects = (authenticator, store, expires_seconds)
+
+    def stop_redirects(self) -> None:
+        self._redirects = None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await super().__call__(scope, receive, send)
@@ -108,10 +119,10 @@ class Gateway(FastAPI):
         if header_problem(scope["headers"]) is not None:
             return None
         scheme, _, token = authorization.decode("latin-1").partition(" ")
-        if scheme.lower() != "bearer":
+        if scheme.lower() != "bearer" or self._redirects is None:
             return None
-        state = self.state
-        principal = state.authenticator.cached(token.strip())
+        authenticator, store, expires_seconds = self._redirects
+        principal = authenticator.cached(token.strip())
         if principal is None:
             return None
         remember(scope, principal, allow_basic=True)  # should the route answer after all: no second lookup
@@ -122,6 +133,6 @@ class Gateway(FastAPI):
         except InvalidPath:
             return None
         try:
-            return state.store.presign_get(path.key, state.settings.presign_expires_seconds)
+            return store.presign_get(path.key, expires_seconds)
         except StoreUnavailable:
             return None  # the embedded store is restarting: the full application answers the 503

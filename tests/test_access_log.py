@@ -3,6 +3,7 @@ token or a presigned URL's signature in it."""
 
 import io
 import logging
+import queue
 
 import requests
 
@@ -60,3 +61,35 @@ def test_a_path_is_logged_on_one_line(stack, user):
         access_log.stop(writer)
     assert written.getvalue().splitlines() == [written.getvalue().rstrip("\n")]
     assert "path=/v1/files/a%0Ab%22c " in written.getvalue()
+
+
+def test_each_line_keeps_its_own_time_and_an_odd_path_stays_one_line():
+    """The writer formats one record a millisecond and puts each line's fields in it: lines of
+    other milliseconds carry their own time, and a path with a newline or a backslash is escaped."""
+    written = io.StringIO()
+    handler = logging.StreamHandler(written)
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    handler.setFormatter(formatter)
+    lines = queue.SimpleQueue()
+    writer = access_log.Writer(lines, handler, 3600)
+    base = 1_700_000_000.0
+    moments = (base + 0.0001, base + 0.0004, base + 1.25, base + 61.5)
+    for i, created in enumerate(moments):
+        lines.put((created, ("GET", f"/v1/files/{i}", 302, 0.5, f"id{i}", "127.0.0.1")))
+    odd = {"type": "http", "method": "GET", "raw_path": b"/v1/files/a\nb\\c\xff", "headers": [], "client": None}
+    access_log._queue = lines
+    try:
+        access_log.record(odd, 404, "odd", 0.001)
+    finally:
+        access_log._queue = None
+    writer.flush()
+    written_lines = written.getvalue().splitlines()
+    assert len(written_lines) == len(moments) + 1
+    for i, (line, created) in enumerate(zip(written_lines, moments)):
+        record = logging.LogRecord("kgpu.access", logging.INFO, "", 0, "", None, None)
+        record.created, record.msecs = created, created % 1 * 1000
+        stamp = formatter.formatTime(record)
+        assert line == (
+            f"{stamp} INFO kgpu.access method=GET path=/v1/files/{i} status=302 ms=0.50 request_id=id{i} client=127.0.0.1"
+        )
+    assert "path=/v1/files/a\\nb\\\\c\\xff status=404" in written_lines[-1]
