@@ -68,7 +68,9 @@ def direct_puts(tree: Path, base: str, token: str, folder: str, transfers: int, 
         lines += [f'url = "{grant["url"]}"', f'upload-file = "{path}"', 'output = "/dev/null"']
     config = work / "direct.curl"
     config.write_text("\n".join(lines) + "\n")
-    command = ["curl", "-fsS", "--parallel", "--parallel-max", str(transfers), "-K", str(config)]
+    # --retry: rclone serve s3 now and then answers one of many PUTs at once 500; kgpu cp sends it again too.
+    command = ["curl", "-fsS", "--no-progress-meter", "--retry", "3", "--retry-delay", "0", "--parallel",
+               "--parallel-max", str(transfers), "-K", str(config)]
     return timed(command, dict(os.environ))
 
 

@@ -7,7 +7,7 @@ import os
 from datetime import datetime
 from pathlib import Path
 
-from client import rclone, uploads
+from client import rclone
 from client.api import ApiError
 from client.errors import TransferFailed, UsageError
 from client.locations import Remote, is_remote, parse_remote
@@ -33,15 +33,8 @@ def is_file(session: Session, remote: Remote) -> bool:
 
 
 def is_folder(session: Session, remote: Remote) -> bool:
-    if remote.is_root:
-        return True
-    try:
-        session.api.call("GET", http_path(remote, folder=True), params={"json": 1})
-        return True
-    except ApiError as exc:
-        if exc.status == 404:
-            return False
-        raise
+    """A HEAD of the folder's path: the server looks for one key under it, never lists it."""
+    return remote.is_root or session.api.head(http_path(remote, folder=True)) is not None
 
 
 # ---------------------------------------------------------------- ls
@@ -122,8 +115,13 @@ def _endpoints(session: Session, source: str, destination: str, recursive: bool,
         raise UsageError(f"one side of kgpu {verb} must be in your drive (kgpu:PATH); use {verb} for local files")
     if is_remote(source):
         src = parse_remote(source)
-        folder = not is_file(session, src)
-        if folder and not is_folder(session, src):
+        if recursive:  # -r names a folder, mostly: one HEAD then
+            folder = is_folder(session, src)
+            exists = folder or is_file(session, src)
+        else:
+            folder = not is_file(session, src)
+            exists = not folder or is_folder(session, src)
+        if not exists:
             raise ApiError(404, "not_found", f"no file or folder {src}")
         name = src.name
     else:
@@ -195,6 +193,8 @@ def rm(session: Session, target: str, recursive: bool) -> int:
 
 def _upload(session: Session, source: str, destination: Remote, recursive: bool, transfers: int) -> int:
     """Local files into a drive, straight to the object store (client/uploads.py)."""
+    from client import uploads  # only here: the other commands start faster without it
+
     if is_remote(source):
         raise UsageError("copy into a shared drive from local files (kgpu cp LOCAL kgpu:shared/ORG/PATH)")
     if not os.path.exists(source):
