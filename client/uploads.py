@@ -192,8 +192,13 @@ class _Multipart:
                                   params={"uploadId": self.upload_id, "partNumber": str(number)})
             return put(grant["url"], grant["headers"], self.file.path, offset, length, progress)
 
-        if not stop.is_set():
+        if stop.is_set():
+            return
+        try:
             self.etags[number] = _attempts(once, stop)
+        except BaseException:
+            stop.set()
+            raise
 
     def complete(self, progress: _Progress) -> None:
         parts = [{"number": n, "etag": self.etags[n]} for n in range(1, self.count + 1)]
@@ -208,18 +213,29 @@ class _Multipart:
             pass  # gone already; the server aborts it when its hold expires in any case
 
 
-def _send_whole(api: Api, f: LocalFile, progress: _Progress, stop: threading.Event) -> None:
+def _mint(api: Api, f: LocalFile, stop: threading.Event) -> dict:
+    headers = {"X-Content-Length": str(f.size), "X-OC-Mtime": str(f.mtime)}
+    return _attempts(lambda: api.call("POST", f.route, headers=headers), stop)
+
+
+def _send_whole(f: LocalFile, grant: dict, progress: _Progress, stop: threading.Event) -> None:
     if stop.is_set():
         return
-    headers = {"X-Content-Length": str(f.size), "X-OC-Mtime": str(f.mtime)}
-    grant = api.call("POST", f.route, headers=headers)
-    _attempts(lambda: put(grant["url"], grant["headers"], f.path, 0, f.size, progress), stop)
+    try:
+        _attempts(lambda: put(grant["url"], grant["headers"], f.path, 0, f.size, progress), stop)
+    except BaseException:
+        stop.set()  # the thread that mints stops handing out more
+        raise
     progress.add(0, file_done=True)
 
 
 def upload(api: Api, files: list[LocalFile], transfers: int, on_stats: Callable[[dict], None]) -> dict:
     """Send every file, ``transfers`` PUTs at a time; the first refusal stops the rest and is
-    raised (ApiError, TransferFailed), with every multipart upload it leaves unfinished aborted."""
+    raised (ApiError, TransferFailed), with every multipart upload it leaves unfinished aborted.
+
+    This thread mints the URLs, one after another, ahead of the PUTs the pool sends: mints never
+    queue on each other (each writes to the server's database), and a PUT never waits for one
+    once the first is out."""
     progress = _Progress(files, on_stats)
     stop = threading.Event()
     multiparts: list[_Multipart] = []
@@ -227,8 +243,10 @@ def upload(api: Api, files: list[LocalFile], transfers: int, on_stats: Callable[
         futures: list[Future] = []
         try:
             for f in files:
+                if stop.is_set():
+                    break
                 if f.size < MULTIPART_THRESHOLD:
-                    futures.append(pool.submit(_send_whole, api, f, progress, stop))
+                    futures.append(pool.submit(_send_whole, f, _mint(api, f, stop), progress, stop))
                     continue
                 big = _Multipart(api, f)
                 multiparts.append(big)
