@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from drive.uploads import MAX_PARTS, choose_part_size
 
 MAX_ETAG = 200  # characters of one part's ETag, as the client reports it back
+MAX_OPEN_UPLOADS = 100  # multipart uploads open at once in one drive (each is a store upload and a row)
 _HEX_MD5 = re.compile(r"[0-9a-fA-F]{32}")
 
 
@@ -29,6 +30,10 @@ class DirectUploadError(ValueError):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
+
+
+class TooManyUploads(Exception):
+    """A drive already has :data:`MAX_OPEN_UPLOADS` multipart uploads open: a 429 until some end."""
 
 
 class NoSuchUpload(LookupError):

@@ -15,7 +15,8 @@ from datetime import datetime, timezone
 from itertools import chain
 from typing import Callable, Iterable, Iterator, Protocol
 
-from drive.direct import DeclaredMd5, NoSuchUpload, PartPlan, completed_parts
+from drive import direct
+from drive.direct import DeclaredMd5, NoSuchUpload, PartPlan, TooManyUploads, completed_parts
 from drive.facts import STORE_MD5, Carried, Facts, FactsBook, proven_md5, resolve
 from drive.keys import DrivePath
 from drive.listing import FOLDER_MARKER, is_hidden
@@ -202,11 +203,16 @@ class DriveService:
     ) -> str:
         """A multipart upload of ``plan.size`` bytes the client sends straight to the store
         (drive/direct.py): started in the store, its size held against the quota for
-        ``lifetime`` seconds (QuotaExceeded, and the upload aborted, if it does not fit). Its id."""
+        ``lifetime`` seconds (QuotaExceeded, and the upload aborted, if it does not fit), at most
+        ``drive.direct.MAX_OPEN_UPLOADS`` open in a drive (TooManyUploads). Its id."""
+        if self.usage is None:
+            raise NoSuchUpload("a drive without a usage book keeps no multipart uploads")
+        if self.usage.open_parts_uploads(prefix) >= direct.MAX_OPEN_UPLOADS:
+            raise TooManyUploads(
+                f"this drive has {direct.MAX_OPEN_UPLOADS} multipart uploads open: complete or abort some first"
+            )
         upload_id = self.store.create_multipart(key, content_type)
         try:
-            if self.usage is None:
-                raise NoSuchUpload("a drive without a usage book keeps no multipart uploads")
             self.usage.hold(prefix, key, plan.size, quota, previous, lifetime,
                             upload_id=upload_id, part_bytes=plan.part_bytes)
         except BaseException:

@@ -104,6 +104,9 @@ class UsageBook(Protocol):
         """Reserve room for a presigned PUT of ``key`` until its object appears or the URL expires
         (with ``upload_id``: a multipart upload sent straight to the store, drive/direct.py)."""
 
+    def open_parts_uploads(self, prefix: str) -> int:
+        """How many multipart uploads sent straight to the store the drive has open."""
+
     def parts_upload(self, prefix: str, key: str, upload_id: str):
         """The open multipart upload's hold (``id``, ``size``, ``part_bytes``), or None."""
 

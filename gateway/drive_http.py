@@ -30,7 +30,15 @@ from starlette.requests import ClientDisconnect
 
 from drive import keys, listing, names
 from drive.checksums import ChecksumMismatch, digest_header
-from drive.direct import DeclaredMd5, DirectUploadError, NoSuchUpload, parse_md5, parse_number, plan_parts
+from drive.direct import (
+    DeclaredMd5,
+    DirectUploadError,
+    NoSuchUpload,
+    TooManyUploads,
+    parse_md5,
+    parse_number,
+    plan_parts,
+)
 from drive.facts import BadClientFact, ClientFacts, client_facts
 from drive.keys import DrivePath
 from drive.service import DriveService
@@ -511,6 +519,8 @@ async def direct_parts(request: Request, drive: Drive, path: DrivePath) -> JSONR
         raise ApiError(400, exc.code, str(exc)) from None
     except NoSuchUpload as exc:
         raise ApiError(404, "no_such_upload", str(exc)) from None
+    except TooManyUploads as exc:
+        raise ApiError(429, "too_many_uploads", str(exc)) from None
     except PartsRefused as exc:
         raise ApiError(400, "bad_parts", f"{exc}: the upload is aborted, start it again") from None
     except QuotaExceeded as exc:

@@ -340,6 +340,14 @@ class DbUsageBook:
 
     # A multipart upload sent straight to the store (drive/direct.py): a QuotaHold of kind "parts".
 
+    def open_parts_uploads(self, prefix: str) -> int:
+        with self._sessions() as session:
+            return session.scalar(
+                select(func.count()).where(
+                    QuotaHold.prefix == prefix, QuotaHold.kind == "parts", QuotaHold.expires_at > utcnow()
+                )
+            )
+
     def parts_upload(self, prefix: str, key: str, upload_id: str) -> QuotaHold | None:
         """The open multipart upload ``upload_id`` of ``key`` (its size and part size), or None:
         finished, aborted, expired or never this key's."""

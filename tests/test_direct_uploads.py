@@ -200,6 +200,18 @@ def test_the_quota_holds_a_multipart_upload_whole_and_an_abort_gives_it_back(sta
                         headers=user.auth).status_code == 201
 
 
+def test_a_drive_keeps_a_bounded_number_of_multipart_uploads_open(stack, user, monkeypatch):
+    from drive import direct
+
+    monkeypatch.setattr(direct, "MAX_OPEN_UPLOADS", 2)
+    ids = [start(stack, user, f"mp/n{i}.bin", 10).json()["upload_id"] for i in range(2)]
+    refused = start(stack, user, "mp/n2.bin", 10)
+    assert (refused.status_code, refused.json()["error_code"]) == (429, "too_many_uploads")
+    assert requests.delete(f"{stack.base}/v1/files/mp/n0.bin", params={"uploadId": ids[0]},
+                           headers=user.auth).status_code == 204
+    assert start(stack, user, "mp/n2.bin", 10).status_code == 201
+
+
 def test_an_expired_multipart_upload_is_aborted_and_cannot_complete(stack, user):
     payload = os.urandom(PART + 10)
     upload_id = start(stack, user, "mp/e.bin", len(payload)).json()["upload_id"]

@@ -167,7 +167,10 @@ DIRECT = merge(
         "part_bytes, parts, expires_in); ?uploadId= with the parts: that upload completed (path, size, etag, parts, md5)",
         json_of({"anyOf": [UPLOAD_RESULT, PARTS_STARTED]}),
     ),
-    errors((404, "no_such_upload: no multipart upload of that id is open for this file (finished, aborted, expired)")),
+    errors(
+        (404, "no_such_upload: no multipart upload of that id is open for this file (finished, aborted, expired)"),
+        (429, "too_many_uploads: the drive has the most multipart uploads open at once; complete or abort some"),
+    ),
 )
 _QUERY_FLAG = {"type": "string", "maxLength": 0}
 MINT_HEADERS = {
