@@ -812,3 +812,45 @@ def test_cp_to_and_from_a_rented_gpu(stack, user, kgpu, gpu, tmp_path):
     assert sorted(os.listdir(down)) == ["renamed.pt", "v1.pt"]  # no partial file left behind
     assert kgpu("cp", "-r", str(tmp_path), f"{gpu}:x").returncode == 2
     assert kgpu("cp", f"{gpu}:a", f"{gpu}:b").returncode == 2
+
+
+def test_a_put_that_fails_on_the_way_is_sent_again_and_a_refusal_is_not(stack, tmp_path):
+    """client/uploads.py against a store that answers 500 now and then (rclone serve s3 does, under
+    many PUTs at once): the PUT is sent again, whole, its bytes counted once; a 403 is final."""
+    import http.server
+
+    from client import uploads
+
+    answers: list[int] = []
+    received: list[bytes] = []
+
+    class Flaky(http.server.BaseHTTPRequestHandler):
+        def do_PUT(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            status = answers.pop(0)
+            received.append(body)
+            self.send_response(status)
+            self.send_header("ETag", '"abc"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        local = tmp_path / "f.bin"
+        local.write_bytes(os.urandom(3 << 20))
+        url = f"http://127.0.0.1:{server.server_address[1]}/b/k?X-Amz-Signature=x"
+        progress = uploads._Progress([uploads.LocalFile(local, "/v1/files/f.bin", 3 << 20, 0)], lambda stats: None)
+        answers[:] = [500, 503, 200]
+        etag = uploads._attempts(lambda: uploads.put(url, {}, local, 0, 3 << 20, progress), threading.Event())
+        assert etag == "abc" and len(received) == 3 and all(body == local.read_bytes() for body in received)
+        assert progress.sent == 3 << 20
+        answers[:] = [403]
+        with pytest.raises(uploads.StoreRefused):
+            uploads._attempts(lambda: uploads.put(url, {}, local, 0, 3 << 20, progress), threading.Event())
+        assert len(received) == 4 and progress.sent == 3 << 20
+    finally:
+        server.shutdown()
