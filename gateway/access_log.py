@@ -4,8 +4,8 @@ The line is ``key=value`` pairs (method, path, status, ms, request_id, client): 
 without its query string and no header at all, so neither a token nor a presigned URL's
 signature ever reaches the log. While :func:`start`'s writer runs, a request only puts a
 tuple on a queue (no ``LogRecord``, no formatting, no lock, nothing woken): the writer's
-thread formats what came every 0.2 s (the handler's formatter applied once a millisecond,
-the line's own fields put in) and writes it in one write. Otherwise (tests) each line is an
+thread formats what came every 0.2 s (the handler's formatter applied once a second, each
+line's milliseconds and fields put in) and writes it in one write. Otherwise (tests) each line is an
 ordinary record of the ``kgpu.access`` logger.
 """
 
@@ -34,7 +34,12 @@ class Writer:
         self._interval = interval
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kgpu-access-log", daemon=True)
-        self._moment = -1  # the millisecond of self._head_tail
+        if handler.formatter is None:
+            handler.setFormatter(logging.Formatter())
+        self._uses_time = handler.formatter.usesTime()
+        self._second = -1  # the second of self._cut: (before the milliseconds, after, tail, whether they go in)
+        self._cut: tuple[str, str, str, bool] | None = None
+        self._moment = -1  # the millisecond of self._head_tail, for a time of another shape
         self._head_tail = ("", "")
 
     def _run(self) -> None:
@@ -49,11 +54,7 @@ class Writer:
                 created, args = self._lines.get_nowait()
             except queue.Empty:
                 break
-            moment = int(created * 1000)
-            if moment != self._moment:
-                self._head_tail = self._around(created)
-                self._moment = moment
-            head, tail = self._head_tail
+            head, tail = self._around(created)
             batch.append(f"{head}{_FORMAT % args}{tail}")
         if batch:
             self._handler.stream.write("".join(batch))
@@ -61,9 +62,38 @@ class Writer:
 
     def _around(self, created: float) -> tuple[str, str]:
         """What the handler's formatter writes before and after the message of a line made at
-        ``created``: one record formatted per millisecond, not one per line (most of the log's cost)."""
+        ``created``. The formatter runs once a second (most of the log's cost was a record
+        formatted per line): its line for the second's first millisecond, with this line's
+        milliseconds put where that one's are; once a millisecond for a time of another shape."""
+        second = int(created)
+        if second != self._second:
+            self._second = second
+            head, tail = self._formatted(float(second))
+            if not self._uses_time:
+                self._cut = (head, "", tail, False)
+            else:
+                stamp, later = (self._handler.formatter.formatTime(self._record(second + s)) for s in (0.0, 0.5))
+                if later == stamp[:-3] + "500" and stamp.endswith("000") and head.count(stamp) == 1:
+                    before, _, after = head.partition(stamp)
+                    self._cut = (before + stamp[:-3], after, tail, True)
+                else:
+                    self._cut = None
+        cut = self._cut
+        if cut is None:
+            moment = int(created * 1000)
+            if moment != self._moment:
+                self._moment, self._head_tail = moment, self._formatted(created)
+            return self._head_tail
+        before, after, tail, with_msecs = cut
+        return (f"{before}{int(created % 1 * 1000):03d}{after}" if with_msecs else before), tail
+
+    def _record(self, created: float) -> logging.LogRecord:
         record = access.makeRecord(access.name, logging.INFO, "", 0, _MARK, None, None)
         record.created, record.msecs = created, created % 1 * 1000
+        return record
+
+    def _formatted(self, created: float) -> tuple[str, str]:
+        record = self._record(created)
         try:
             head, _, tail = self._handler.format(record).partition(_MARK)
         except Exception:  # noqa: BLE001 - a formatter that fails is reported, and the bare line written

@@ -5,6 +5,7 @@ import io
 import logging
 import queue
 
+import pytest
 import requests
 
 from gateway import access_log
@@ -93,3 +94,21 @@ def test_each_line_keeps_its_own_time_and_an_odd_path_stays_one_line():
             f"{stamp} INFO kgpu.access method=GET path=/v1/files/{i} status=302 ms=0.50 request_id=id{i} client=127.0.0.1"
         )
     assert "path=/v1/files/a\\nb\\\\c\\xff status=404" in written_lines[-1]
+
+
+@pytest.mark.parametrize("datefmt", [None, "%H%M%S", "%Y-%m-%dT%H:%M:%S"])
+def test_a_time_of_any_shape_is_each_lines_own(datefmt):
+    written = io.StringIO()
+    handler = logging.StreamHandler(written)
+    formatter = logging.Formatter("[%(asctime)s] %(message)s", datefmt=datefmt)
+    handler.setFormatter(formatter)
+    lines = queue.SimpleQueue()
+    writer = access_log.Writer(lines, handler, 3600)
+    moments = (1_700_006_400.0, 1_700_006_400.9994, 1_700_006_401.0, 1_700_006_401.0205)  # 00:00:00 UTC and after
+    for created in moments:
+        lines.put((created, ("GET", "/x", 200, 0.5, "id", "-")))
+    writer.flush()
+    for line, created in zip(written.getvalue().splitlines(), moments, strict=True):
+        record = logging.LogRecord("kgpu.access", logging.INFO, "", 0, "", None, None)
+        record.created, record.msecs = created, created % 1 * 1000
+        assert line == f"[{formatter.formatTime(record, datefmt)}] method=GET path=/x status=200 ms=0.50 request_id=id client=-"
