@@ -12,7 +12,9 @@ data directory), makes a user through the admin API, then:
       servers alternated), with response sizes, the ratio kgpu/rclone (target
       <= 1.0) and the kgpu server's peak RSS growth during each request. Done
       with an empty body (allprop) and with the body rclone's own webdav backend
-      sends (what a pod's ``/files`` mount asks for).
+      sends (what a pod's ``/files`` mount asks for). Then kgpu's HTTP folder
+      listings of it (``GET /v1/files/big/``, JSON and HTML), cold (after a PUT
+      into the folder, which drops its cached listing) and warm.
   (2) ``rclone mount :webdav:`` of /v1/files/ read-write (``--vfs-cache-mode
       writes``, ``--webdav-vendor other``, a Bearer header): a ``--size-mib``
       random file written into the mount, timed until rclone's upload queue is
@@ -127,6 +129,41 @@ def propfind(port: int, path: str, headers: dict, body: bytes, server_pid: int, 
     if reply.status != 207:
         raise RuntimeError(f"PROPFIND {path} on :{port} answered {reply.status}: {data[:300]!r}")
     return result
+
+
+def get_listing(port: int, path: str, headers: dict, server_pid: int, store_pid: int) -> Propfind:
+    """One GET of a folder listing (JSON or HTML) on a fresh connection, timed like :func:`propfind`."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=120)
+    cpu_before = harness.cpu_seconds(server_pid), harness.cpu_seconds(store_pid)
+    with harness.RssSampler(server_pid, interval=0.01) as sampler:
+        started = time.perf_counter()
+        conn.request("GET", path, headers=headers)
+        reply = conn.getresponse()
+        first_byte = time.perf_counter() - started
+        data = reply.read()
+        seconds = time.perf_counter() - started
+    conn.close()
+    if reply.status != 200:
+        raise RuntimeError(f"GET {path} on :{port} answered {reply.status}: {data[:300]!r}")
+    entries = data.count(b'"name":') if data.startswith(b"{") else data.count(b"<tr><td><a href=") - 1
+    return Propfind(
+        seconds, first_byte, reply.status, len(data), entries,
+        server_cpu_s=harness.cpu_seconds(server_pid) - cpu_before[0],
+        store_cpu_s=harness.cpu_seconds(store_pid) - cpu_before[1],
+        rss_growth_mib=sampler.growth_mib, rss_peak_mib=sampler.peak / 1024,
+    )
+
+
+def drop_cached_listing(port: int, token: str, name: str) -> None:
+    """A small file put into the folder through the gateway: its cached listing is dropped, so the
+    next listing is read from the store again (cold)."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=60)
+    conn.request("PUT", f"/v1/files/{FOLDER}/{name}", body=b"x", headers={"Authorization": f"Bearer {token}"})
+    reply = conn.getresponse()
+    reply.read()
+    conn.close()
+    if reply.status not in (200, 201, 204):
+        raise RuntimeError(f"PUT {name} answered {reply.status}")
 
 
 def write_objects(folder: Path, count: int, size: int) -> float:
@@ -401,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds between warm rounds, longer than a short cache lifetime (default 3)")
     parser.add_argument("--size-mib", type=int, default=1024, help="size of the file written through the mount")
     parser.add_argument("--only", default="12", help="which parts to run: 1, 2 or 12 (default)")
+    parser.add_argument("--kgpu-only", action="store_true",
+                        help="(1) without rclone serve webdav (no ratios): for a big folder's memory run, e.g. --objects 100000")
     parser.add_argument("--profile", action="store_true",
                         help="also py-spy record kgpu serve during 3 more allprop PROPFINDs and print where the time goes")
     parser.add_argument("--profile-rate", type=int, default=250, help="py-spy samples a second (default 250)")
@@ -461,12 +500,12 @@ def main(argv: list[str] | None = None) -> int:
             harness.log(f"(1) the store lists the folder ({listed} keys, {-(-listed // 1000)} list calls) "
                    f"in {results['store_listing_s']:.2f} s")
             store_pid = (harness.children(kgpu.pid) or [0])[0]
-            dav = start_rclone_webdav(endpoint, data_dir, user_id, log_dir)
-            procs.append(dav)
-            servers = {
-                "kgpu": (port, f"/v1/files/{FOLDER}/", auth, kgpu.pid),
-                "rclone": (dav.port, f"/{FOLDER}/", {}, dav.pid),
-            }
+            servers = {"kgpu": (port, f"/v1/files/{FOLDER}/", auth, kgpu.pid)}
+            dav = None
+            if not args.kgpu_only:
+                dav = start_rclone_webdav(endpoint, data_dir, user_id, log_dir)
+                procs.append(dav)
+                servers["rclone"] = (dav.port, f"/{FOLDER}/", {}, dav.pid)
             want = args.objects + 1
 
             def one(name: str, body: str) -> Propfind:
@@ -477,32 +516,48 @@ def main(argv: list[str] | None = None) -> int:
                 return got
 
             pf: dict = {"cold": {}, "warm": {}}
-            for name in ("kgpu", "rclone"):
+            for name in servers:
                 harness.log(f"(1) cold PROPFIND Depth 1 (allprop) on {name}")
                 pf["cold"][name] = one(name, "allprop")
                 harness.log(f"    {pf['cold'][name].seconds:.2f} s, {pf['cold'][name].size / 1e6:.1f} MB")
             for body in BODIES:
-                pf["warm"][body] = {"kgpu": [], "rclone": []}
+                pf["warm"][body] = {name: [] for name in servers}
                 for r in range(args.warm):
                     time.sleep(args.warm_pause)  # every round, not only those that follow the last at once
-                    order = ("kgpu", "rclone") if r % 2 == 0 else ("rclone", "kgpu")
+                    order = list(servers) if r % 2 == 0 else list(reversed(servers))
                     for name in order:
                         pf["warm"][body][name].append(one(name, body))
-                harness.log(f"(1) warm ({body}): kgpu median {statistics.median(x.seconds for x in pf['warm'][body]['kgpu']):.2f} s, "
-                       f"rclone {statistics.median(x.seconds for x in pf['warm'][body]['rclone']):.2f} s")
+                harness.log(f"(1) warm ({body}): " + ", ".join(
+                    f"{name} median {statistics.median(x.seconds for x in pf['warm'][body][name]):.2f} s" for name in servers))
             results["propfind"] = {
                 "cold": {k: v.__dict__ for k, v in pf["cold"].items()},
                 "warm": {b: {k: [x.__dict__ for x in v] for k, v in d.items()} for b, d in pf["warm"].items()},
             }
-            results["rclone_webdav_rss_mib"] = harness.rss_kib(dav.pid) / 1024
+            if dav is not None:
+                results["rclone_webdav_rss_mib"] = harness.rss_kib(dav.pid) / 1024
+            # The HTTP folder listings of the same folder (kgpu only: rclone serve webdav has none):
+            # cold (a file put into the folder first drops its cached listing) and warm.
+            http_listings: dict = {}
+            for kind, query, accept in (("json", "?json=1", "application/json"), ("html", "", "text/html")):
+                path = f"/v1/files/{FOLDER}/{query}"
+                got: dict = {"cold": [], "warm": []}
+                for r in range(args.warm):
+                    drop_cached_listing(port, token, f"zz-{kind}-{r}.txt")
+                    got["cold"].append(get_listing(port, path, {**auth, "Accept": accept}, kgpu.pid, store_pid).__dict__)
+                    got["warm"].append(get_listing(port, path, {**auth, "Accept": accept}, kgpu.pid, store_pid).__dict__)
+                http_listings[kind] = got
+                harness.log(f"(1) GET {path}: cold median {statistics.median(x['seconds'] for x in got['cold']):.2f} s, "
+                            f"warm {statistics.median(x['seconds'] for x in got['warm']):.2f} s")
+            results["http_listings"] = http_listings
             if args.profile:
                 harness.log("(1) py-spy record of kgpu serve during 3 allprop PROPFINDs")
                 results["profile"] = profile_requests(
                     kgpu.pid, tmp / "pyspy-propfind", args.profile_rate,
                     lambda: [one("kgpu", "allprop") for _ in range(3)],
                 )
-            dav.stop()
-            procs.remove(dav)
+            if dav is not None:
+                dav.stop()
+                procs.remove(dav)
 
         # ---------------------------------------------------------------- (2)
         if "2" in args.only:
@@ -606,12 +661,19 @@ def report(results: dict, args) -> None:
         cold = pf["cold"]
         out.append("    cold (each server's first PROPFIND, allprop):")
         out.append(row("kgpu", cold["kgpu"]) + f"  RSS +{cold['kgpu']['rss_growth_mib']:.0f} MiB")
-        out.append(row("rclone serve webdav", cold["rclone"]))
-        ratio = cold["kgpu"]["seconds"] / cold["rclone"]["seconds"]
-        results["ratios"]["cold"] = ratio
-        out.append(f"    cold ratio kgpu/rclone {ratio:.2f} (target <= 1.0: {verdict(ratio <= 1.0)})")
+        with_rclone = "rclone" in cold
+        if with_rclone:
+            out.append(row("rclone serve webdav", cold["rclone"]))
+            ratio = cold["kgpu"]["seconds"] / cold["rclone"]["seconds"]
+            results["ratios"]["cold"] = ratio
+            out.append(f"    cold ratio kgpu/rclone {ratio:.2f} (target <= 1.0: {verdict(ratio <= 1.0)})")
         for body, d in pf["warm"].items():
             k = statistics.median(x["seconds"] for x in d["kgpu"])
+            if not with_rclone:
+                kx = min(d["kgpu"], key=lambda x: abs(x["seconds"] - k))
+                out.append(f"    warm ({body}), median of {len(d['kgpu'])}:")
+                out.append(row("kgpu", {**kx, "seconds": k}) + f"  RSS +{max(x['rss_growth_mib'] for x in d['kgpu']):.0f} MiB max")
+                continue
             r = statistics.median(x["seconds"] for x in d["rclone"])
             kx = min(d["kgpu"], key=lambda x: abs(x["seconds"] - k))
             rx = min(d["rclone"], key=lambda x: abs(x["seconds"] - r))
@@ -633,7 +695,17 @@ def report(results: dict, args) -> None:
         peak = max([cold["kgpu"]["rss_peak_mib"]] + [x["rss_peak_mib"] for d in pf["warm"].values() for x in d["kgpu"]])
         out.append(f"    kgpu serve peak RSS growth during a PROPFIND: cold +{cold['kgpu']['rss_growth_mib']:.0f} MiB, "
                    f"warm max +{max(x['rss_growth_mib'] for d in pf['warm'].values() for x in d['kgpu']):.0f} MiB "
-                   f"(peak RSS {peak:.0f} MiB); rclone serve webdav RSS afterwards {results['rclone_webdav_rss_mib']:.0f} MiB")
+                   f"(peak RSS {peak:.0f} MiB)" + (f"; rclone serve webdav RSS afterwards {results['rclone_webdav_rss_mib']:.0f} MiB"
+                                                   if "rclone_webdav_rss_mib" in results else ""))
+        if "http_listings" in results:
+            out.append(f"    HTTP folder listings of the same folder (kgpu), median of {args.warm} each; cold: after a PUT into the folder:")
+            for kind, got in results["http_listings"].items():
+                for temp in ("cold", "warm"):
+                    xs = got[temp]
+                    m = statistics.median(x["seconds"] for x in xs)
+                    fb = statistics.median(x["first_byte_s"] for x in xs)
+                    out.append(f"      GET ({kind}) {temp}: {m:5.2f} s (first byte {fb:5.2f} s), {xs[0]['responses']} entries, "
+                               f"{xs[0]['size'] / 1e6:.1f} MB, RSS +{max(x['rss_growth_mib'] for x in xs):.0f} MiB max")
         if "profile" in results:
             prof = results["profile"]
             if "error" in prof:
