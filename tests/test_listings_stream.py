@@ -16,6 +16,7 @@ import requests
 
 from drive.store import ListPage, ObjectInfo, StoreUnavailable
 from drive.store.caching import CachingStore
+from tests.clients import curl
 
 D = "{DAV:}"
 
@@ -196,6 +197,9 @@ def test_a_store_failing_mid_listing_cuts_the_connection(stack, user, monkeypatc
     assert reply.status in (200, 207)
     with pytest.raises(http.client.IncompleteRead):
         reply.read()
+    extra = [arg for name, value in headers.items() for arg in ("-H", f"{name}: {value}")]
+    cut = curl("-X", method, *extra, f"{stack.base}/v1/files/{folder}/{query}", token=user.token, check=False)
+    assert cut.returncode == 18, (cut.returncode, cut.stderr)  # "transfer closed with outstanding read data"
     assert f"users/{user.id}/{folder}/" not in stack.store.cached_folders()
     monkeypatch.setattr(stack.store, "inner", inner)
     whole = requests.request(method, f"{stack.base}/v1/files/{folder}/{query}", headers={**user.auth, **headers})
