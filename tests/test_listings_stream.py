@@ -89,6 +89,32 @@ def test_a_folder_too_big_to_keep_is_streamed_every_time_and_never_kept():
     assert store.cached_folders() == []
 
 
+def test_a_tenants_huge_folder_does_not_push_out_the_others_listings():
+    """Before, a folder of up to the cache's 100,000 entries was kept whole, and every other
+    folder went to make room: one tenant listing one big folder emptied the cache for all."""
+    small, huge = _PagedStore(5), _PagedStore(35)
+    store = CachingStore(_Router({"users/1/": small, "users/2/": huge}), _Marks(), max_entries=40, folder_max_entries=30)
+    store.page_size = 10
+    assert len(list(store.folder_entries("users/1/f/"))) == 5
+    for _ in range(3):
+        assert len(list(store.folder_entries("users/2/f/"))) == 35
+    assert store.cached_folders() == ["users/1/f/"]
+    calls = small.calls
+    list(store.folder_entries("users/1/f/"))
+    assert small.calls == calls  # still answered from the cache
+
+
+class _Router:
+    """Each drive's folder listed by its own store."""
+
+    def __init__(self, stores: dict):
+        self.stores = stores
+
+    def list_page(self, prefix, delimiter=None, token=None, max_keys=1000):
+        store = next(s for drive, s in self.stores.items() if prefix.startswith(drive))
+        return store.list_page(prefix, delimiter, token, max_keys)
+
+
 def test_a_store_failing_mid_listing_raises_to_the_reader_and_nothing_is_kept():
     store = _caching(_PagedStore(35, fail_pages={2}))
     pages = store.folder_pages("users/1/f/")
@@ -204,6 +230,33 @@ def test_a_store_failing_mid_listing_cuts_the_connection(stack, user, monkeypatc
     monkeypatch.setattr(stack.store, "inner", inner)
     whole = requests.request(method, f"{stack.base}/v1/files/{folder}/{query}", headers={**user.auth, **headers})
     assert whole.status_code in (200, 207) and all(f"f{n}.txt" in whole.text for n in range(5))
+
+
+def test_a_client_gone_mid_listing_leaves_no_short_listing_behind(stack, user, monkeypatch):
+    """A hostile (or impatient) client reads the first page and hangs up: whatever the server
+    had listed by then, what it keeps (if anything) is whole, and the next listing is too."""
+    folder = "gone"
+    for n in range(5):
+        requests.put(f"{stack.base}/v1/files/{folder}/f{n}.txt", data=b"x", headers=user.auth)
+    key = f"users/{user.id}/{folder}/"
+    held = _Held(stack.store.inner, key)
+    monkeypatch.setattr(stack.store, "inner", held)
+    monkeypatch.setattr(stack.store, "page_size", 2)
+    reply = _open(f"{stack.base}/v1/files/{folder}/", "PROPFIND", {**user.auth, "Depth": "1"})
+    _read_until(reply, b"f1.txt")
+    reply.close()  # gone, with the second page still held back
+    held.client_read_first.set()
+    monkeypatch.setattr(stack.store, "page_size", 1000)
+    listing = propfind_names(stack, user, folder)
+    assert listing == [f"f{n}.txt" for n in range(5)]
+    assert key in stack.store.cached_folders()  # this one was read to its end
+
+
+def propfind_names(stack, user, folder: str) -> list[str]:
+    reply = requests.request("PROPFIND", f"{stack.base}/v1/files/{folder}/", headers={**user.auth, "Depth": "1"})
+    assert reply.status_code == 207, reply.text
+    hrefs = [r.find(f"{D}href").text for r in ET.fromstring(reply.content).iter(f"{D}response")]
+    return sorted(h.rsplit("/", 1)[1] for h in hrefs if not h.endswith("/"))
 
 
 def test_a_store_down_before_the_first_page_is_a_503_for_every_listing(stack, user, monkeypatch):
