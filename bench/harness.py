@@ -331,6 +331,28 @@ def new_user(base: str, admin_token: str, email: str) -> dict:
     return http_json("POST", f"{base}/v1/admin/users", admin_token, {"email": email})
 
 
+def run_in_pod(base: str, token: str, gpu: str, script: str, timeout: float = 900) -> str:
+    """``bash -euo pipefail -c script`` as a run on the rental ``gpu``, waited for; its stdout
+    (RuntimeError with its output when it fails or outlives ``timeout``)."""
+    import requests
+
+    auth = {"Authorization": f"Bearer {token}"}
+    reply = requests.post(
+        f"{base}/v1/runs",
+        json={"gpu_id": gpu, "command": ["bash", "-euo", "pipefail", "-c", script], "wait_seconds": 60},
+        headers=auth,
+    ).json()
+    deadline = time.monotonic() + timeout
+    while reply["phase"] not in ("Succeeded", "Failed"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"run did not end: {reply}")
+        time.sleep(0.5)
+        reply = requests.get(f"{base}/v1/runs/{reply['run_id']}", headers=auth).json()
+    if reply["exit_code"] != 0:
+        raise RuntimeError(f"{script}\n{reply['stdout']}\n{reply['stderr']}")
+    return reply["stdout"]
+
+
 def store_endpoint(kgpu: Proc) -> str:
     found = re.findall(r"embedded object store \(rclone serve s3\) at (http://\S+)", kgpu.log_path.read_text())
     if not found:

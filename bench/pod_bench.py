@@ -62,20 +62,7 @@ class Api:
             time.sleep(0.05)
 
     def run(self, gpu: str, script: str, timeout: float = 900) -> str:
-        reply = requests.post(
-            f"{self.base}/v1/runs",
-            json={"gpu_id": gpu, "command": ["bash", "-euo", "pipefail", "-c", script], "wait_seconds": 60},
-            headers=self.auth,
-        ).json()
-        deadline = time.monotonic() + timeout
-        while reply["phase"] not in ("Succeeded", "Failed"):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"run did not end: {reply}")
-            time.sleep(0.5)
-            reply = requests.get(f"{self.base}/v1/runs/{reply['run_id']}", headers=self.auth).json()
-        if reply["exit_code"] != 0:
-            raise RuntimeError(f"{script}\n{reply['stdout']}\n{reply['stderr']}")
-        return reply["stdout"]
+        return harness.run_in_pod(self.base, self.auth["Authorization"].split()[1], gpu, script, timeout)
 
     def delete(self, gpu: str) -> tuple[dict, float]:
         started = time.monotonic()

@@ -80,6 +80,22 @@ def assert_sha256_checks_passed(doc: str, output: str) -> None:
     assert len(passed) == expected, (passed, output)
 
 
+def assert_in_step(stack, doc: str, wanted) -> None:
+    """The document's examples use only KGPU_API_BASE and KGPU_API_TOKEN, and every operation
+    of the server's paths that ``wanted(path)`` picks is a row of its routes table."""
+    used = set()
+    for block in bash_blocks(doc):
+        used |= set(re.findall(r"\$\{?(KGPU_[A-Z0-9_]+)", block))
+    assert used <= {"KGPU_API_BASE", "KGPU_API_TOKEN"}, used
+    rows = re.findall(r"^\| (GET|HEAD|PUT|POST|PATCH|DELETE) \| `([^`?]+)", (DOCS / doc).read_text(), re.M)
+    documented = {(method, re.sub(r"\{[^}]*\}", "{}", path)) for method, path in rows}
+    paths = {path: ops for path, ops in stack.server.app.openapi()["paths"].items() if wanted(path)}
+    assert paths
+    for path, operations in paths.items():
+        for method in operations:
+            assert (method.upper(), re.sub(r"\{[^}]*\}", "{}", path)) in documented, f"{method} {path}"
+
+
 def variables_for(stack, user) -> dict[str, str]:
     # conftest's ADMIN_TOKEN, as the server got it: importing conftest again here would
     # make a second module with a token of its own.
