@@ -13,11 +13,13 @@ import base64
 import hashlib
 import re
 from dataclasses import dataclass
+from typing import Sequence
 
 # The length of each algorithm's hex digest; ownCloud writes the names upper case.
 ALGORITHMS = {"SHA1": 40, "MD5": 32}
 MAX_HEADER = 512
 _TOKEN = re.compile(r"([A-Za-z0-9]+):([0-9A-Fa-f]*)")
+_MD5_HEX = re.compile(r"[0-9a-f]{32}")
 
 
 class InvalidChecksum(ValueError):
@@ -58,23 +60,21 @@ def parse_oc_checksum(value: str) -> tuple[Checksum, ...]:
 
 
 class Hashes:
-    """SHA1 and MD5 of a body fed in order, part by part. hashlib releases the GIL on large
-    parts, so each can run in a worker thread of its own (:meth:`update_sha1`,
-    :meth:`update_md5`) while the part uploads and the event loop goes on."""
+    """SHA1 and MD5 of a body fed in order, block by block, each block in one call
+    (:meth:`update`) that a worker thread makes: hashlib releases the GIL on buffers over
+    2 KiB, so the hashes run beside the upload and the event loop. ``md5=False``: the store
+    computes the MD5 (the ETag of a single PUT), so it is not computed here."""
 
-    def __init__(self) -> None:
+    def __init__(self, md5: bool = True) -> None:
         self._sha1 = hashlib.sha1()
-        self._md5 = hashlib.md5()
+        self._md5 = hashlib.md5() if md5 else None
 
-    def update(self, data: bytes) -> None:
-        self._sha1.update(data)
-        self._md5.update(data)
-
-    def update_sha1(self, data: bytes) -> None:
-        self._sha1.update(data)
-
-    def update_md5(self, data: bytes) -> None:
-        self._md5.update(data)
+    def update(self, chunks: Sequence[bytes]) -> None:
+        sha1, md5 = self._sha1.update, self._md5.update if self._md5 is not None else None
+        for chunk in chunks:
+            sha1(chunk)
+            if md5 is not None:
+                md5(chunk)
 
     @property
     def sha1(self) -> str:
@@ -82,7 +82,8 @@ class Hashes:
 
     @property
     def md5(self) -> str:
-        return self._md5.hexdigest()
+        """"" when not computed here."""
+        return self._md5.hexdigest() if self._md5 is not None else ""
 
     def check(self, expected: tuple[Checksum, ...]) -> None:
         """:class:`ChecksumMismatch` unless every announced checksum is the body's."""
@@ -93,6 +94,12 @@ class Hashes:
                     f"the body's {checksum.algorithm} is {ours[checksum.algorithm]}, not {checksum.hex} "
                     "as OC-Checksum said; nothing was stored"
                 )
+
+
+def md5_of_etag(etag: str) -> str:
+    """The MD5 a store's ETag of a single PUT is (quotes off), or "" if it is not one."""
+    value = etag.strip('"').lower()
+    return value if _MD5_HEX.fullmatch(value) else ""
 
 
 def oc_checksums_text(sha1: str | None, md5: str | None) -> str:

@@ -1,15 +1,18 @@
 """Streaming an upload body through to the object store, exactly once.
 
-Bodies are never buffered whole: up to one part is collected in memory while
-the previous part is being sent, so a 1 GiB upload costs about three parts of
-memory. Anything larger than one part goes up as a multipart upload whose
-parts all have the same size except the last (R2 refuses anything else), at
-most 10,000 of them.
+Bodies are never buffered whole. One whose length is known and larger than one part (up
+to 5 GiB) goes up as a single PUT sent as it arrives, two blocks of 1 MiB in memory at
+most; the store then computes its MD5 (its ETag) and the gateway only its SHA1. Any other
+body is collected a part at a time while the previous part is being sent: one that ends
+within its first part is a single PUT, a longer one (a chunked body, one over 5 GiB) a
+multipart upload whose parts all have the same size except the last (R2 refuses anything
+else), at most 10,000 of them, about three parts of memory.
 
 A body is complete only when the HTTP layer has seen its end (the last chunk of a
 chunked body, or as many bytes as Content-Length said) and exactly that many bytes
 arrived: a client that goes away, or a body that stops short, leaves no object behind
-and replaces none (a started multipart upload is aborted). :func:`receive_body` is that
+and replaces none (a started multipart upload is aborted, a streamed PUT closed before
+its last bytes). :func:`receive_body` is that
 rule for an ASGI ``receive`` (Starlette's ``request.stream()`` follows it too), and
 :func:`stream_to_store` checks the length and commits only then. A client that sends
 nothing for :data:`BODY_IDLE_TIMEOUT` seconds is cut off (:class:`BodyTimeout`).
@@ -18,16 +21,20 @@ nothing for :data:`BODY_IDLE_TIMEOUT` seconds is cut off (:class:`BodyTimeout`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 from starlette.concurrency import run_in_threadpool
 
-from drive.checksums import Checksum, Hashes
-from drive.store import ObjectStore, StoreError, UploadedPart
+from drive.checksums import Checksum, Hashes, md5_of_etag
+from drive.store import ObjectStore, StoreError, StreamedPut, UploadedPart
 
 MiB = 1 << 20
 MAX_PARTS = 10_000
+SINGLE_PUT_MAX = 5 << 30  # the largest body one PUT may carry (S3, R2)
+BLOCK_BYTES = 1 * MiB  # a streamed PUT's body is hashed and sent a block per worker-thread call
+FLUSH_SECONDS = 1.0  # a slow client's bytes go on to the store at least this often
 BODY_IDLE_TIMEOUT = 60.0  # seconds a client may send nothing in the middle of a body
 
 
@@ -126,30 +133,140 @@ async def stream_to_store(
 ) -> UploadResult:
     """Stream ``chunks`` to ``key``; the object is created or replaced only if the body
     is complete, and its SHA1 and MD5 are the ``expected`` ones (:class:`ChecksumMismatch`
-    otherwise). Each part's SHA1 and MD5 are computed in worker threads of their own while a
-    third uploads it (one part is in flight at a time, so they see the parts in order).
-    ``idle_timeout`` defaults to :data:`BODY_IDLE_TIMEOUT`."""
+    otherwise). A body of known length over one part goes up as one PUT sent as it arrives
+    (:func:`_streamed_put`), any other in parts (:func:`_in_parts`). Hashes are computed in
+    worker threads, a block or a part per call, beside the upload; the MD5 of a single PUT is
+    the store's ETag where the store says so (``put_etag_is_md5``), unless the client announced
+    an MD5 to check first. ``idle_timeout`` defaults to :data:`BODY_IDLE_TIMEOUT`."""
+    watch = _IdleWatch(BODY_IDLE_TIMEOUT if idle_timeout is None else idle_timeout)
+    body = _checked(chunks, watch, content_length, max_bytes)
+    store_md5 = getattr(store, "put_etag_is_md5", False) and not any(c.algorithm == "MD5" for c in expected)
+    try:
+        if content_length is not None and part_size < content_length <= SINGLE_PUT_MAX:
+            return await _streamed_put(store, key, body, content_length, content_type, expected, store_md5)
+        return await _in_parts(store, key, body, part_size, content_type, expected, store_md5)
+    except asyncio.CancelledError:
+        if not watch.fired:
+            raise
+        watch.task.uncancel()
+        raise BodyTimeout(f"the client sent nothing for {watch.seconds:g} s in the middle of its body") from None
+    finally:
+        watch.close()
+        await body.aclose()
+
+
+async def _checked(
+    chunks: AsyncIterator[bytes], watch: _IdleWatch, content_length: int | None, max_bytes: int | None
+) -> AsyncIterator[bytes]:
+    """The body's non-empty chunks, ending only where it ends whole: :class:`UploadTooLarge` past
+    ``max_bytes``, :class:`IncompleteBody` past its Content-Length or short of it, and the idle
+    watch armed while waiting for each chunk."""
+    received = 0
+    iterator = chunks.__aiter__()
+    while True:
+        watch.waiting_since = watch.loop.time()
+        try:
+            chunk = await iterator.__anext__()
+        except StopAsyncIteration:
+            break
+        finally:
+            watch.waiting_since = None
+        if not chunk:
+            continue
+        received += len(chunk)
+        if max_bytes is not None and received > max_bytes:
+            raise UploadTooLarge("upload exceeds the drive quota")
+        if content_length is not None and received > content_length:
+            raise IncompleteBody("body is longer than its Content-Length")
+        yield chunk
+    if content_length is not None and received != content_length:
+        raise IncompleteBody(f"body ended after {received} of {content_length} bytes")
+
+
+async def _streamed_put(
+    store: ObjectStore,
+    key: str,
+    body: AsyncIterator[bytes],
+    size: int,
+    content_type: str | None,
+    expected: tuple[Checksum, ...],
+    store_md5: bool,
+) -> UploadResult:
+    """One PUT of ``size`` bytes (signed), its body sent as it arrives: chunks gathered into
+    blocks of :data:`BLOCK_BYTES` (sooner after :data:`FLUSH_SECONDS`, so the store's connection
+    idles no longer than the client), each block hashed and sent by one worker-thread call while
+    the next is gathered; nothing is copied. The body's last bytes are held back until it has
+    arrived whole and its checksums are the expected ones: until then the store has fewer bytes
+    than the signed length, and closing the connection (``abort``) leaves no object."""
+    hashes = Hashes(md5=not store_md5)
+    put = await run_in_threadpool(store.open_put, key, size, content_type)
+    block: list[bytes] = []
+    block_size = received = 0
+    in_flight: asyncio.Future | None = None
+    loop = asyncio.get_running_loop()
+    sent_at = loop.time()
+    try:
+        async for chunk in body:
+            block.append(chunk)
+            block_size += len(chunk)
+            received += len(chunk)
+            if received < size and (block_size >= BLOCK_BYTES or loop.time() - sent_at > FLUSH_SECONDS):
+                if in_flight is not None:
+                    await in_flight
+                in_flight = asyncio.ensure_future(run_in_threadpool(_hash_and_send, put, hashes, block))
+                block, block_size, sent_at = [], 0, loop.time()
+        if in_flight is not None:
+            await in_flight
+            in_flight = None
+        etag = await run_in_threadpool(_send_last, put, hashes, block, expected)
+    except BaseException:
+        if in_flight is not None:
+            with contextlib.suppress(BaseException):
+                await in_flight  # the thread finishes its block before the connection closes
+        put.abort()
+        raise
+    return UploadResult(size=size, etag=etag, parts=0, sha1=hashes.sha1, md5=hashes.md5 or md5_of_etag(etag))
+
+
+def _hash_and_send(put: StreamedPut, hashes: Hashes, block: list[bytes]) -> None:
+    hashes.update(block)
+    put.send(block)
+
+
+def _send_last(put: StreamedPut, hashes: Hashes, block: list[bytes], expected: tuple[Checksum, ...]) -> str:
+    hashes.update(block)
+    hashes.check(expected)  # before the store has the last byte: a mismatch stores nothing
+    put.send(block)
+    return put.finish()
+
+
+async def _in_parts(
+    store: ObjectStore,
+    key: str,
+    body: AsyncIterator[bytes],
+    part_size: int,
+    content_type: str | None,
+    expected: tuple[Checksum, ...],
+    store_md5: bool,
+) -> UploadResult:
+    """A body gathered a part at a time: one that ends within its first part is one PUT
+    (checked before the store sees a byte); a longer one a multipart upload, each part uploaded
+    in one worker thread while another hashes it and the next is gathered (one part in flight,
+    so the hashes see the parts in order)."""
     pending: list[bytes] = []  # chunks of the part being collected, joined once when it is full
     pending_size = 0
     received = 0
     upload_id: str | None = None
     parts: list[UploadedPart] = []
     in_flight: asyncio.Future | None = None
-    hashes = Hashes()
+    hashes = Hashes()  # a multipart upload's ETag is no MD5 of its bytes
 
     async def upload_and_hash(number: int, data: bytes) -> UploadedPart:
-        # Three threads: the part's upload, its SHA1 and its MD5 (the next part waits for all three).
-        part, _, _ = await asyncio.gather(
+        part, _ = await asyncio.gather(
             run_in_threadpool(store.upload_part, key, upload_id, number, data),
-            run_in_threadpool(hashes.update_sha1, data),
-            run_in_threadpool(hashes.update_md5, data),
+            run_in_threadpool(hashes.update, (data,)),
         )
         return part
-
-    def check_then_put(data: bytes) -> str:
-        hashes.update(data)
-        hashes.check(expected)  # before the store sees a byte: a mismatch stores nothing
-        return store.put_object(key, data, content_type)
 
     async def send_part(data: bytes) -> None:
         nonlocal upload_id, in_flight
@@ -162,24 +279,9 @@ async def stream_to_store(
             raise UploadTooLarge(f"body needs more than {MAX_PARTS} parts of {part_size} bytes")
         in_flight = asyncio.ensure_future(upload_and_hash(number, data))
 
-    watch = _IdleWatch(BODY_IDLE_TIMEOUT if idle_timeout is None else idle_timeout)
-    iterator = chunks.__aiter__()
     try:
-        while True:
-            watch.waiting_since = watch.loop.time()
-            try:
-                chunk = await iterator.__anext__()
-            except StopAsyncIteration:
-                break
-            finally:
-                watch.waiting_since = None
-            if not chunk:
-                continue
+        async for chunk in body:
             received += len(chunk)
-            if max_bytes is not None and received > max_bytes:
-                raise UploadTooLarge("upload exceeds the drive quota")
-            if content_length is not None and received > content_length:
-                raise IncompleteBody("body is longer than its Content-Length")
             while pending_size + len(chunk) >= part_size:
                 needed = part_size - pending_size
                 pending.append(chunk[:needed])
@@ -191,13 +293,12 @@ async def stream_to_store(
             if chunk:
                 pending.append(chunk)
                 pending_size += len(chunk)
-        if content_length is not None and received != content_length:
-            raise IncompleteBody(f"body ended after {received} of {content_length} bytes")
         rest = b"".join(pending)
         pending = []
         if upload_id is None:
-            etag = await run_in_threadpool(check_then_put, rest)
-            return UploadResult(size=received, etag=etag, parts=0, sha1=hashes.sha1, md5=hashes.md5)
+            single = Hashes(md5=not store_md5)
+            etag = await run_in_threadpool(_check_then_put, store, key, rest, content_type, single, expected)
+            return UploadResult(size=received, etag=etag, parts=0, sha1=single.sha1, md5=single.md5 or md5_of_etag(etag))
         if rest:
             await send_part(rest)
         del rest
@@ -214,23 +315,22 @@ async def stream_to_store(
         if listed is not None and listed.size == received:
             etag = listed.etag
         return UploadResult(size=received, etag=etag, parts=len(parts), sha1=hashes.sha1, md5=hashes.md5)
-    except BaseException as exc:
-        timed_out = watch.fired and isinstance(exc, asyncio.CancelledError)
-        if timed_out:
-            watch.task.uncancel()
+    except BaseException:
         if in_flight is not None:
             in_flight.cancel()
-            try:
+            with contextlib.suppress(BaseException):
                 await in_flight
-            except BaseException:
-                pass
         if upload_id is not None:
             try:
                 await run_in_threadpool(store.abort_multipart, key, upload_id)
             except Exception:
                 pass  # the store expires abandoned uploads; the original error matters more
-        if timed_out:
-            raise BodyTimeout(f"the client sent nothing for {watch.seconds:g} s in the middle of its body") from None
         raise
-    finally:
-        watch.close()
+
+
+def _check_then_put(
+    store: ObjectStore, key: str, data: bytes, content_type: str | None, hashes: Hashes, expected: tuple[Checksum, ...]
+) -> str:
+    hashes.update((data,))
+    hashes.check(expected)  # before the store sees a byte: a mismatch stores nothing
+    return store.put_object(key, data, content_type)

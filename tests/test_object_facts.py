@@ -106,11 +106,20 @@ def test_put_with_mtime_and_checksum_is_reported_everywhere(stack, user):
         assert propfind_files(f"{stack.base}/v1/{mount}/f/a.bin", user, depth="0")["a.bin"] == expected
 
 
-def test_multipart_upload_gets_hashes_that_match_the_listing(stack, user):
+@pytest.mark.parametrize("chunked", [False, True], ids=["streamed-put", "multipart"])
+def test_big_upload_gets_hashes_that_match_the_content(stack, user, chunked):
+    """Over one part: a known length is one streamed PUT whose MD5 is the store's ETag, a
+    chunked body a multipart upload hashed here; either way the recorded hashes are the bytes'."""
     data = os.urandom(stack.settings.upload_part_bytes + 12345)
-    assert put(stack, user, "big.bin", data, **{"X-OC-Mtime": str(MTIME)}).status_code == 201
+    body = iter([data[: 1 << 20], data[1 << 20 :]]) if chunked else data
+    reply = put(stack, user, "big.bin", body, **{"X-OC-Mtime": str(MTIME)})
+    assert reply.status_code == 201, reply.text
+    assert (reply.json()["parts"] > 0) == chunked
+    assert (reply.json()["sha1"], reply.json()["md5"]) == (sha1(data), md5(data))
     got = head(stack, user, "big.bin")
     assert got.headers["OC-Checksum"] == f"SHA1:{sha1(data)}"
+    digests = dict(part.split("=", 1) for part in got.headers["Digest"].split(","))
+    assert base64.b64decode(digests["MD5"]).hex() == md5(data)
     assert got.headers["Last-Modified"] == http_date(MTIME)
 
 

@@ -1,4 +1,5 @@
-"""drive.uploads on a real store: single PUT below one part, equal parts above, nothing left on failure."""
+"""drive.uploads on a real store: a known length over one part is one streamed PUT, an unknown one
+a single PUT below one part and equal parts above; hashes kept; nothing left on failure."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import time
 import pytest
 import requests
 
+import drive.uploads
+from drive.checksums import Checksum, ChecksumMismatch
 from drive.uploads import MAX_PARTS, MiB, IncompleteBody, UploadTooLarge, choose_part_size, stream_to_store
 
 
@@ -20,6 +23,7 @@ class Recorder:
         self.store = store
         self.part_sizes: list[int] = []
         self.aborted = 0
+        self.streamed: list[int] = []  # the size of each send of a streamed PUT
 
     def __getattr__(self, name):
         return getattr(self.store, name)
@@ -32,6 +36,23 @@ class Recorder:
         self.aborted += 1
         return self.store.abort_multipart(key, upload_id)
 
+    def open_put(self, key, size, content_type=None):
+        recorder, put = self, self.store.open_put(key, size, content_type)
+
+        class Recorded:
+            def send(self, chunks):
+                recorder.streamed.append(sum(map(len, chunks)))
+                put.send(chunks)
+
+            def finish(self):
+                return put.finish()
+
+            def abort(self):
+                recorder.aborted += 1
+                put.abort()
+
+        return Recorded()
+
 
 async def chunks_of(data: bytes, sizes):
     position, n = 0, 0
@@ -42,13 +63,18 @@ async def chunks_of(data: bytes, sizes):
         n += 1
 
 
-def upload(store, key, data, *, length, part_size=5 * MiB, max_bytes=None, sizes=(65536, 1, 300_001)):
+def upload(store, key, data, *, length, part_size=5 * MiB, max_bytes=None, sizes=(65536, 1, 300_001), expected=()):
     return asyncio.run(
         stream_to_store(
             store, key, chunks_of(data, list(sizes)),
             content_length=length, content_type="application/x-test", part_size=part_size, max_bytes=max_bytes,
+            expected=expected,
         )
     )
+
+
+def stored(store, key) -> bytes:
+    return requests.get(store.presign_get(key, 60)).content
 
 
 def test_part_size_choice():
@@ -65,30 +91,72 @@ def test_small_body_is_one_put(store):
     assert result.parts == 0 and result.size == 1000 and recorder.part_sizes == []
 
 
-@pytest.mark.parametrize("length_known", [True, False])
-def test_large_body_goes_up_in_equal_parts(store, length_known):
+def test_unknown_length_goes_up_in_equal_parts(store):
     data = os.urandom(3 * 5 * MiB + 12345)
     recorder = Recorder(store)
-    result = upload(recorder, "u/big", data, length=len(data) if length_known else None)
+    result = upload(recorder, "u/big", data, length=None)
     assert result.parts == 4
     assert recorder.part_sizes == [5 * MiB] * 3 + [12345]
-    body = requests.get(store.presign_get("u/big", 60)).content
-    assert hashlib.sha256(body).digest() == hashlib.sha256(data).digest()
+    assert hashlib.sha256(stored(store, "u/big")).digest() == hashlib.sha256(data).digest()
+    assert (result.sha1, result.md5) == (hashlib.sha1(data).hexdigest(), hashlib.md5(data).hexdigest())
+
+
+def test_known_length_is_one_streamed_put_whose_md5_the_store_computed(store):
+    data = os.urandom(3 * 5 * MiB + 12345)
+    recorder = Recorder(store)
+    result = upload(recorder, "u/streamed", data, length=len(data))
+    assert result.parts == 0 and recorder.part_sizes == [] and sum(recorder.streamed) == len(data)
+    assert max(recorder.streamed) <= drive.uploads.BLOCK_BYTES + 300_001  # blocks, never the whole body
+    assert hashlib.sha256(stored(store, "u/streamed")).digest() == hashlib.sha256(data).digest()
+    # The MD5 recorded is the store's ETag: it must be the content's.
+    assert (result.sha1, result.md5) == (hashlib.sha1(data).hexdigest(), hashlib.md5(data).hexdigest())
+    assert store.head("u/streamed").etag.strip('"') == result.md5
 
 
 def test_exact_multiple_has_no_empty_last_part(store):
     data = os.urandom(2 * 5 * MiB)
     recorder = Recorder(store)
-    assert upload(recorder, "u/exact", data, length=len(data)).parts == 2
+    assert upload(recorder, "u/exact", data, length=None).parts == 2
     assert recorder.part_sizes == [5 * MiB, 5 * MiB]
 
 
-def test_short_body_is_refused_and_leaves_nothing(store):
-    data = os.urandom(6 * MiB)
+@pytest.mark.parametrize("length", [6 * MiB + 1, 100])
+def test_short_body_is_refused_and_replaces_nothing(store, length):
+    """A streamed PUT (over one part) or a single one: the old object stays as it was."""
+    store.put_object("u/short", b"old")
     recorder = Recorder(store)
     with pytest.raises(IncompleteBody):
-        upload(recorder, "u/short", data, length=len(data) + 1)
-    assert recorder.aborted == 1 and store.head("u/short") is None
+        upload(recorder, "u/short", os.urandom(length - 1), length=length)
+    assert recorder.aborted == (1 if length > 5 * MiB else 0) and stored(store, "u/short") == b"old"
+
+
+@pytest.mark.parametrize("length_known", [True, False])
+def test_a_wrong_checksum_stores_nothing(store, length_known):
+    data = os.urandom(6 * MiB)
+    store.put_object("u/sum", b"old")
+    wrong = Checksum("SHA1", hashlib.sha1(b"other").hexdigest())
+    with pytest.raises(ChecksumMismatch):
+        upload(Recorder(store), "u/sum", data, length=len(data) if length_known else None, expected=(wrong,))
+    assert stored(store, "u/sum") == b"old"
+
+
+def test_an_announced_md5_is_checked_by_the_gateway(store):
+    data = os.urandom(6 * MiB)
+    right = Checksum("MD5", hashlib.md5(data).hexdigest())
+    assert upload(store, "u/md5", data, length=len(data), expected=(right,)).md5 == right.hex
+    wrong = Checksum("MD5", hashlib.md5(b"other").hexdigest())
+    with pytest.raises(ChecksumMismatch):
+        upload(store, "u/md5", os.urandom(6 * MiB), length=len(data), expected=(wrong,))
+    assert hashlib.md5(stored(store, "u/md5")).hexdigest() == right.hex
+
+
+def test_a_slow_client_s_bytes_go_on_to_the_store(store, monkeypatch):
+    """The store's connection never waits for a whole block from a slow client."""
+    monkeypatch.setattr(drive.uploads, "FLUSH_SECONDS", 0)
+    data = os.urandom(6 * MiB)
+    recorder = Recorder(store)
+    upload(recorder, "u/slow", data, length=len(data), sizes=(1 << 20,))
+    assert recorder.streamed == [1 << 20] * 6 and stored(store, "u/slow") == data
 
 
 def test_budget_stops_the_upload(store):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Iterator, Protocol, Sequence, runtime_checkable
 
 
 class StoreError(Exception):
@@ -67,18 +67,35 @@ class UploadedPart:
     etag: str
 
 
+class StreamedPut(Protocol):
+    """One PUT whose body is sent as it arrives (its length known and signed up front): the
+    object exists only after :meth:`finish`; :meth:`abort` (or a body cut short) leaves none.
+    Its calls block and come one at a time, from worker threads."""
+
+    def send(self, chunks: Sequence[bytes]) -> None: ...
+
+    def finish(self) -> str:
+        """After the last byte: the store's answer, the new object's ETag."""
+
+    def abort(self) -> None:
+        """Give up: the connection closes before the body's end, so the store keeps nothing."""
+
+
 @runtime_checkable
 class ObjectStore(Protocol):
     bucket: str
     # The ETag of an object stored by one PUT is the MD5 of its bytes (R2, rclone serve s3, moto,
-    # S3 without KMS encryption): the drive reports it for a file a client sent straight to the
-    # store (drive/facts.py proven_md5).
+    # S3 without KMS encryption): a streamed upload need not compute it (drive/uploads.py), and the
+    # drive reports it for a file a client sent straight to the store (drive/facts.py proven_md5).
     put_etag_is_md5: bool
 
     def ensure_bucket(self) -> None: ...
 
     def put_object(self, key: str, data: bytes, content_type: str | None = None) -> str:
         """Store ``data`` in one request; returns the ETag."""
+
+    def open_put(self, key: str, size: int, content_type: str | None = None) -> StreamedPut:
+        """A PUT of exactly ``size`` bytes, sent as they come (:class:`StreamedPut`)."""
 
     def head(self, key: str) -> ObjectInfo | None: ...
 

@@ -36,10 +36,10 @@ import time
 from collections import OrderedDict
 from itertools import chain
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 from drive.keys import drive_of
-from drive.store import CommonPrefix, ListPage, ObjectInfo, ObjectStore, UploadedPart
+from drive.store import CommonPrefix, ListPage, ObjectInfo, ObjectStore, StreamedPut, UploadedPart
 
 LISTING_MAX_AGE = 300.0  # seconds: a write made behind every gateway's back is seen after this at most
 KNOWN_FOLDER_TTL = 2.0  # seconds drive/names.py trusts that a folder a write went into is no file
@@ -75,6 +75,26 @@ class _Listing:
     entries: list
     generation: int
     listed_at: float
+
+
+@dataclass
+class _ChangingPut:
+    """A streamed PUT whose end drops the listings it changes (as :meth:`CachingStore.put_object`)."""
+
+    inner: StreamedPut
+    changed: Callable[[], None]
+
+    def send(self, chunks) -> None:
+        self.inner.send(chunks)
+
+    def finish(self) -> str:
+        try:
+            return self.inner.finish()
+        finally:
+            self.changed()
+
+    def abort(self) -> None:
+        self.inner.abort()
 
 
 class CachingStore:
@@ -238,6 +258,9 @@ class CachingStore:
             return self.inner.put_object(key, data, content_type)
         finally:
             self.changed([key])
+
+    def open_put(self, key: str, size: int, content_type: str | None = None) -> StreamedPut:
+        return _ChangingPut(self.inner.open_put(key, size, content_type), lambda: self.changed([key]))
 
     def delete(self, key: str) -> None:
         try:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import functools
+import http.client
+import re
 from datetime import datetime, timedelta, timezone
-from typing import Callable, TypeVar
+from typing import Callable, Sequence, TypeVar
+from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
@@ -12,7 +15,16 @@ from botocore.parsers import DEFAULT_TIMESTAMP_PARSER as default_timestamp_parse
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
 
 from drive.presign import Presigner
-from drive.store import CommonPrefix, ListPage, ObjectInfo, ObjectNotFound, PartsRefused, StoreUnavailable, UploadedPart
+from drive.store import (
+    CommonPrefix,
+    ListPage,
+    ObjectInfo,
+    ObjectNotFound,
+    PartsRefused,
+    StoreError,
+    StoreUnavailable,
+    UploadedPart,
+)
 
 T = TypeVar("T")
 
@@ -48,6 +60,76 @@ def _parse_timestamp(value: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
+STREAMED_PUT_URL_SECONDS = 3600  # a streamed PUT's URL outlives any body the idle timeout lets through
+STORE_SOCKET_TIMEOUT = 120  # seconds a blocked send to, or read from, the store may take
+MAX_ERROR_BODY = 64 << 10
+_ERROR_CODE = re.compile(rb"<Code>([^<]{1,64})</Code>")
+
+
+class _StreamedPut:
+    """A presigned PUT (``Content-Length`` signed) sent with http.client, its body block by block:
+    each block goes out in ``sendall`` calls that release the GIL, with nothing copied or hashed
+    here (botocore would SHA-256 an http store's body once more to sign it)."""
+
+    def __init__(self, url: str, size: int, content_type: str | None):
+        parts = urlsplit(url)
+        connection = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        self._conn = connection(parts.netloc, timeout=STORE_SOCKET_TIMEOUT)
+        try:
+            self._conn.putrequest("PUT", f"{parts.path}?{parts.query}", skip_host=True, skip_accept_encoding=True)
+            self._conn.putheader("Host", parts.netloc)  # as signed, a default port included
+            self._conn.putheader("Content-Length", str(size))
+            if content_type:
+                self._conn.putheader("Content-Type", content_type)
+            self._conn.endheaders()
+        except OSError as exc:
+            self._conn.close()
+            raise StoreUnavailable(f"object store unreachable: {exc.__class__.__name__}") from exc
+
+    def send(self, chunks: Sequence[bytes]) -> None:
+        try:
+            for chunk in chunks:
+                self._conn.send(chunk)
+        except OSError as exc:
+            raise self._refusal(exc) from exc
+
+    def finish(self) -> str:
+        try:
+            answer = self._conn.getresponse()
+            body = answer.read(MAX_ERROR_BODY) if answer.status != 200 else answer.read()
+        except (OSError, http.client.HTTPException) as exc:
+            self._conn.close()
+            raise StoreUnavailable(f"object store unreachable: {exc.__class__.__name__}") from exc
+        self._conn.close()
+        if answer.status == 200:
+            return answer.getheader("ETag", "")
+        raise _error_of(answer.status, body)
+
+    def abort(self) -> None:
+        self._conn.close()
+
+    def _refusal(self, cause: OSError) -> StoreError:
+        """The store stopped reading: its answer says why, when it sent one before closing."""
+        try:
+            self._conn.sock.settimeout(3)
+            answer = self._conn.getresponse()
+            error = _error_of(answer.status, answer.read(MAX_ERROR_BODY))
+        except Exception:
+            error = StoreUnavailable(f"object store unreachable: {cause.__class__.__name__}")
+        self._conn.close()
+        return error
+
+
+def _error_of(status: int, body: bytes) -> StoreError:
+    found = _ERROR_CODE.search(body)
+    code = found.group(1).decode(errors="replace") if found else str(status)
+    if status == 404:
+        return ObjectNotFound(code)
+    if status >= 500:
+        return StoreUnavailable(f"object store error {code}")
+    return StoreError(f"object store refused the upload: {status} {code}")
+
+
 class S3ObjectStore:
     put_etag_is_md5 = True  # R2, rclone serve s3, moto, S3 (where a bucket encrypts with KMS, it is not)
 
@@ -65,7 +147,9 @@ class S3ObjectStore:
         self.presign_endpoint_url = public_endpoint_url or endpoint_url  # where presigned URLs lead
         config = Config(
             signature_version="s3v4",
-            s3={"addressing_style": "path"},
+            # The body is not signed: SHA-256 of every byte once more (for a store over http) costs
+            # as much CPU as the upload's own hashes; presigned PUTs are UNSIGNED-PAYLOAD too.
+            s3={"addressing_style": "path", "payload_signing_enabled": False},
             retries={"max_attempts": 2, "mode": "standard"},
             connect_timeout=3,
             read_timeout=120,
@@ -102,6 +186,9 @@ class S3ObjectStore:
     def put_object(self, key: str, data: bytes, content_type: str | None = None) -> str:
         extra = {"ContentType": content_type} if content_type else {}
         return self._client.put_object(Bucket=self.bucket, Key=key, Body=data, **extra)["ETag"]
+
+    def open_put(self, key: str, size: int, content_type: str | None = None) -> _StreamedPut:
+        return _StreamedPut(self.presign_put(key, STREAMED_PUT_URL_SECONDS, content_length=size), size, content_type)
 
     @_translate_errors
     def head(self, key: str) -> ObjectInfo | None:
