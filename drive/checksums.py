@@ -96,9 +96,10 @@ class Hashes:
                 )
 
 
-def md5_of_etag(etag: str) -> str:
-    """The MD5 a store's ETag of a single PUT is (quotes off), or "" if it is not one."""
-    value = etag.strip('"').lower()
+def md5_of_etag(etag: str | None) -> str:
+    """The MD5 that a store's ETag of one PUT is (where its ``put_etag_is_md5``), or "" if the ETag
+    is no plain MD5 (a multipart upload's "…-N")."""
+    value = (etag or "").strip('"').lower()
     return value if _MD5_HEX.fullmatch(value) else ""
 
 

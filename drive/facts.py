@@ -27,7 +27,7 @@ from sqlalchemy import Table, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from drive.checksums import Checksum, InvalidChecksum, parse_oc_checksum
+from drive.checksums import Checksum, InvalidChecksum, md5_of_etag, parse_oc_checksum
 from drive.store import ObjectInfo
 
 MAX_MTIME = 253402300799  # 9999-12-31T23:59:59Z: what an HTTP date can still write
@@ -204,7 +204,6 @@ def resolve(info: ObjectInfo, row: FactRow | None) -> Facts:
 # What a direct upload's facts say of its MD5 when the store's ETag of it is its MD5 (the store's
 # ``put_etag_is_md5``): no client declared one, the store computed it.
 STORE_MD5 = "etag"
-_HEX_MD5 = re.compile(r"[0-9a-f]{32}")
 
 
 def proven_md5(info: ObjectInfo, vouched: str | None) -> str | None:
@@ -214,10 +213,9 @@ def proven_md5(info: ObjectInfo, vouched: str | None) -> str | None:
     plain MD5 ETag is reported (a multipart "…-N" one is none); else the MD5 a client declared,
     which the URL signed (``Content-MD5``, so the store refused other bytes), reported only where
     the store's ETag is that very MD5. Nothing the client says alone is ever reported."""
-    etag = bare_etag(info.etag).lower()
     if vouched == STORE_MD5:
-        return etag if _HEX_MD5.fullmatch(etag) else None
-    return vouched if vouched is not None and vouched == etag else None
+        return md5_of_etag(info.etag) or None
+    return vouched if vouched is not None and vouched == bare_etag(info.etag).lower() else None
 
 
 def folder_of(key: str) -> str:

@@ -15,7 +15,10 @@ from datetime import datetime, timezone
 from itertools import chain
 from typing import Callable, Iterable, Iterator, Protocol
 
+from starlette.concurrency import run_in_threadpool
+
 from drive import direct
+from drive.checksums import Checksum
 from drive.direct import DeclaredMd5, NoSuchUpload, PartPlan, TooManyUploads, completed_parts
 from drive.facts import STORE_MD5, Carried, Facts, FactsBook, proven_md5, resolve
 from drive.keys import DrivePath
@@ -31,6 +34,7 @@ from drive.store import (
     iter_objects,
 )
 from drive.store.caching import CachingStore
+from drive.uploads import MiB, UploadResult, choose_part_size, receive_body, stream_to_store
 from drive.usage import NoLease, Upload, UsageBook, WriteLease, open_upload
 
 COPY_THREADS = 8  # server-side copies at once, for a folder
@@ -39,7 +43,7 @@ COMPLETING_SECONDS = 600  # a multipart upload being completed is held at least 
 
 
 class Written(Protocol):
-    """What a body streamed to the store was (drive/uploads.py's result, WebDAV's writer)."""
+    """What a body streamed to the store was (drive/uploads.py's result)."""
 
     size: int
     etag: str | None
@@ -52,6 +56,8 @@ class DriveService:
     store: CachingStore
     usage: UsageBook | None = None  # None: nothing counted (a test's bare drive)
     facts: FactsBook | None = None  # None: no modification times or checksums kept
+    part_bytes: int = 8 * MiB  # a streamed body's parts, its length known (KGPU_UPLOAD_PART_BYTES)
+    unknown_length_part_bytes: int = 12 * MiB  # and unknown (KGPU_UPLOAD_UNKNOWN_LENGTH_PART_BYTES)
 
     # ------------------------------------------------------------ reads
 
@@ -147,14 +153,50 @@ class DriveService:
         )
 
     def begin_upload(
-        self, prefix: str, previous: ObjectInfo | None, declared: int | None, quota: int | None, step: int
+        self, prefix: str, previous: ObjectInfo | None, declared: int | None, quota: int | None
     ) -> Upload | None:
         """The quota side of a body streamed through the gateway, before any byte moves: its
         declared length reserved (QuotaExceeded if it does not fit), an unknown one as it
-        arrives (``Upload.guard``). None: nothing is counted."""
+        arrives, a part at a time (``Upload.guard``). None: nothing is counted."""
         if self.usage is None:
             return None
-        return open_upload(self.usage, prefix, quota, previous.size if previous else 0, declared, step)
+        previous_size = previous.size if previous else 0
+        return open_upload(self.usage, prefix, quota, previous_size, declared, self.unknown_length_part_bytes)
+
+    async def receive_file(
+        self,
+        upload: Upload | None,
+        key: str,
+        receive,
+        *,
+        content_length: int | None,
+        content_type: str,
+        expected: tuple[Checksum, ...] = (),
+        mtime: float | None = None,
+    ) -> UploadResult:
+        """The one way a request body reaches the store, for every protocol: read from the ASGI
+        ``receive`` to the body's end (drive/uploads.py:receive_body), counted against ``upload``
+        as it arrives (its quota), streamed and hashed by drive/uploads.py:stream_to_store in
+        parts of this drive's sizes, and stored only whole and as announced (``expected``); then
+        committed (:meth:`commit_upload`, with ``mtime``). Any failure aborts ``upload`` and stores
+        nothing; the exceptions are stream_to_store's, for the caller to answer."""
+        chunks = receive_body(receive)
+        try:
+            result = await stream_to_store(
+                self.store,
+                key,
+                upload.guard(chunks) if upload is not None else chunks,
+                content_length=content_length,
+                content_type=content_type,
+                part_size=choose_part_size(content_length, self.part_bytes, self.unknown_length_part_bytes),
+                expected=expected,
+            )
+        except BaseException:
+            if upload is not None:
+                await run_in_threadpool(upload.abort)
+            raise
+        await run_in_threadpool(self.commit_upload, upload, key, result, mtime)
+        return result
 
     def commit_upload(self, upload: Upload | None, key: str, written: Written, mtime: float | None) -> None:
         """A streamed body is stored whole: the drive's count (new minus old), then its facts."""

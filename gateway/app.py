@@ -248,7 +248,13 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
         app.state.authenticator = Authenticator(sessions, settings.admin_token, settings.auth_cache_seconds)
         app.state.usage = DbUsageBook(sessions, active_store, settings.quota_reconcile_seconds)
         app.state.facts = FactsBook(sessions, ObjectFact.__table__)
-        app.state.drive = DriveService(active_store, app.state.usage, app.state.facts)
+        app.state.drive = DriveService(
+            active_store,
+            app.state.usage,
+            app.state.facts,
+            part_bytes=settings.upload_part_bytes,
+            unknown_length_part_bytes=settings.upload_unknown_length_part_bytes,
+        )
         app.state.rentals = Rentals(
             settings,
             sessions,

@@ -26,7 +26,6 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.convertors import Convertor, register_url_convertor
-from starlette.requests import ClientDisconnect
 
 from drive import keys, listing, names
 from drive.checksums import ChecksumMismatch, digest_header
@@ -44,7 +43,7 @@ from drive.keys import DrivePath
 from drive.service import DriveService
 from drive.store import ListPage, ObjectInfo, ObjectStore, PartsRefused, StoreUnavailable
 from drive.store.caching import CachingStore
-from drive.uploads import IncompleteBody, UploadTooLarge, WriteBusy, choose_part_size, stream_to_store
+from drive.uploads import ClientGone, IncompleteBody, UploadTooLarge, WriteBusy
 from drive.usage import QuotaExceeded, Upload, WriteLease
 from gateway.errors import ApiError
 
@@ -156,9 +155,7 @@ def open_upload(request: Request, drive: Drive, previous: ObjectInfo | None, dec
     begun: a declared length is reserved now (413 if it does not fit), an unknown one as it
     arrives."""
     try:
-        return _service(request).begin_upload(
-            drive.prefix, previous, declared, drive.quota_bytes, request.app.state.settings.upload_unknown_length_part_bytes
-        )
+        return _service(request).begin_upload(drive.prefix, previous, declared, drive.quota_bytes)
     except QuotaExceeded as exc:
         raise quota_refusal(str(exc)) from None
 
@@ -340,7 +337,6 @@ async def stream_upload(request: Request, drive: Drive, path: DrivePath) -> JSON
 async def _stream_held(
     request: Request, drive: Drive, path: DrivePath, length: int | None, mtime: float | None, expected
 ) -> JSONResponse:
-    state = request.app.state
     store = _store(request)
     previous = await _previous_and_names(store, path)
     try:
@@ -350,37 +346,30 @@ async def _stream_held(
             await _drain(request)
         raise
     try:
-        settings = state.settings
-        part_size = choose_part_size(length, settings.upload_part_bytes, settings.upload_unknown_length_part_bytes)
-        try:
-            result = await stream_to_store(
-                store,
-                path.key,
-                upload.guard(request.stream()),
-                content_length=length,
-                content_type=_content_type(request, path),
-                part_size=part_size,
-                expected=expected,
-            )
-        except ChecksumMismatch as exc:
-            raise ApiError(400, "checksum_mismatch", str(exc)) from None
-        except UploadTooLarge as exc:
-            await _drain(request)
-            raise quota_refusal(str(exc)) from None
-        except IncompleteBody as exc:
-            raise ApiError(400, "incomplete_body", str(exc), {"Connection": "close"}) from None
-        except ClientDisconnect:
-            raise ApiError(400, "client_disconnected", "the client went away before the body was complete") from None
-        except StoreUnavailable:
-            # A bare 500 from the store, explained when a folder above is a file.
-            why = await run_in_threadpool(names.file_above, store, path.prefix, path.rel)
-            if why:
-                raise ApiError(409, names.NAME_CONFLICT, why) from None
-            raise
-    except BaseException:
-        await run_in_threadpool(upload.abort)
+        result = await _service(request).receive_file(
+            upload,
+            path.key,
+            request.receive,
+            content_length=length,
+            content_type=_content_type(request, path),
+            expected=expected,
+            mtime=mtime,
+        )
+    except ChecksumMismatch as exc:
+        raise ApiError(400, "checksum_mismatch", str(exc)) from None
+    except UploadTooLarge as exc:
+        await _drain(request)
+        raise quota_refusal(str(exc)) from None
+    except ClientGone:
+        raise ApiError(400, "client_disconnected", "the client went away before the body was complete") from None
+    except IncompleteBody as exc:
+        raise ApiError(400, "incomplete_body", str(exc), {"Connection": "close"}) from None
+    except StoreUnavailable:
+        # A bare 500 from the store, explained when a folder above is a file.
+        why = await run_in_threadpool(names.file_above, store, path.prefix, path.rel)
+        if why:
+            raise ApiError(409, names.NAME_CONFLICT, why) from None
         raise
-    await run_in_threadpool(_service(request).commit_upload, upload, path.key, result, mtime)
     body = {
         "path": path.rel,
         "size": result.size,

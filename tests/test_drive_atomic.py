@@ -103,7 +103,7 @@ def read_reply(sock: socket.socket, deadline: float) -> tuple[bytes, bool]:
 
 
 @pytest.mark.parametrize("mount", MOUNTS)
-@pytest.mark.parametrize("sent", [3000, 6 * MiB + 17], ids=["small", "multipart"])
+@pytest.mark.parametrize("sent", [3000, 6 * MiB + 17], ids=["small", "over-a-part"])
 def test_disconnect_mid_body_keeps_the_old_file(stack, user, mount, sent):
     """The measured finding: a 5,000-byte file became the prefix a vanished client had sent."""
     rel = f"atomic/{mount}-{sent}.bin"
@@ -165,7 +165,7 @@ def test_curl_killed_before_the_final_chunk_keeps_the_old_file(stack, user, moun
 
 
 @pytest.mark.parametrize("mount", MOUNTS)
-@pytest.mark.parametrize("sent", [100, 6 * MiB + 17], ids=["small", "multipart"])
+@pytest.mark.parametrize("sent", [100, 6 * MiB + 17], ids=["small", "over-a-part"])
 def test_stalled_body_is_cut_off_after_the_idle_timeout(stack, user, mount, sent, monkeypatch):
     """A body shorter than its Content-Length used to hold the connection forever."""
     idle = 1.5

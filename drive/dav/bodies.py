@@ -18,58 +18,50 @@ from wsgidav.dav_error import (
 )
 
 from drive.checksums import ChecksumMismatch
-from drive.dav.context import CLOSE_CONNECTION, client_checksums, coded_error, store_errors
-from drive.store import ObjectStore
-from drive.uploads import BodyTimeout, IncompleteBody, UploadTooLarge, receive_body, stream_to_store
+from drive.dav.context import CLOSE_CONNECTION, client_checksums, client_mtime, coded_error, store_errors
+from drive.service import DriveService
+from drive.uploads import BodyTimeout, IncompleteBody, UploadTooLarge
 
 
 class BodyWriter:
     """wsgidav's file object for a PUT. The body is not read through ``wsgi.input`` (whose
-    end a2wsgi cannot tell from a client that went away): :meth:`writelines` reads it from
-    the ASGI ``receive`` behind it and streams it with :func:`drive.uploads.stream_to_store`,
-    the one rule /v1/files/ uses too, so the object is created or replaced only when the
-    body arrived whole, a stalled client is cut off after the idle timeout, and a started
-    multipart upload is aborted otherwise."""
+    end a2wsgi cannot tell from a client that went away): :meth:`writelines` hands the ASGI
+    ``receive`` behind it to :meth:`drive.service.DriveService.receive_file` on the event loop,
+    the one way /v1/files/ takes too, so the object is created or replaced only when the
+    body arrived whole, a stalled client is cut off after the idle timeout, a started upload
+    is aborted otherwise, and a stored one is counted and its facts recorded."""
 
     def __init__(
         self,
         environ: dict,
-        store: ObjectStore,
+        drive: DriveService,
         key: str,
         content_type: str,
         *,
         content_length: int | None,
-        part_size: int,
-        max_bytes: int | None,
         reservation=None,
     ):
         self.reservation = reservation
         self.environ = environ
-        self.store = store
+        self.drive = drive
         self.key = key
         self.content_type = content_type
         self.content_length = content_length
-        self.part_size = part_size
-        self.max_bytes = max_bytes
         self.size = 0
         self.etag: str | None = None
-        self.sha1: str | None = None
-        self.md5: str | None = None
 
     def writelines(self, _wsgi_chunks) -> None:
         # _wsgi_chunks is wsgidav's lazy reader of wsgi.input: never started, so nothing is read twice.
         body = self.environ["wsgi.input"]  # a2wsgi's Body: the ASGI receive and the event loop it runs on
         self.environ["wsgidav.some_input_read"] = 1  # wsgidav must not read the rest after an error
-        chunks = receive_body(body.receive)
-        upload = stream_to_store(
-            self.store,
+        upload = self.drive.receive_file(
+            self.reservation,
             self.key,
-            chunks if self.reservation is None else self.reservation.guard(chunks),
+            body.receive,
             content_length=self.content_length,
             content_type=self.content_type,
-            part_size=self.part_size,
-            max_bytes=self.max_bytes,
             expected=client_checksums(self.environ),
+            mtime=client_mtime(self.environ),
         )
         try:
             with store_errors():
@@ -84,7 +76,6 @@ class BodyWriter:
             raise DAVError(HTTP_BAD_REQUEST, str(exc), add_headers=[CLOSE_CONNECTION]) from None
         self.environ["wsgidav.all_input_read"] = 1
         self.size, self.etag = result.size, result.etag
-        self.sha1, self.md5 = result.sha1, result.md5
 
     def write(self, data: bytes) -> None:
         raise NotImplementedError("BodyWriter reads the body itself: wsgidav calls writelines")

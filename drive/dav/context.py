@@ -72,7 +72,13 @@ class DavContext:
     @functools.cached_property
     def drive(self) -> DriveService:
         """The drive's operations (drive/service.py), over this request's store, book and facts."""
-        return DriveService(self.store, self.usage, self.facts)
+        return DriveService(
+            self.store,
+            self.usage,
+            self.facts,
+            part_bytes=self.part_size,
+            unknown_length_part_bytes=self.unknown_length_part_size,
+        )
 
     def org_slugs(self) -> list[str]:
         if self._orgs is None:

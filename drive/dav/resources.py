@@ -40,7 +40,6 @@ from drive.dav.context import (
     CLOSE_CONNECTION,
     SHARED,
     cache_key,
-    client_mtime,
     context_of,
     guess_type,
     coded_error,
@@ -56,7 +55,7 @@ from drive.facts import Facts, FactRow, InvalidMtime, parse_lastmodified, resolv
 from drive.keys import DrivePath
 from drive.listing import FOLDER_MARKER, is_hidden
 from drive.store import CommonPrefix, ObjectInfo
-from drive.uploads import UploadTooLarge, choose_part_size
+from drive.uploads import UploadTooLarge
 
 if TYPE_CHECKING:
     from drive.dav.provider import ObjectStoreProvider
@@ -269,22 +268,13 @@ class FileResource(_Located, DAVNonCollection):
         if self.location.prefix == ctx.prefix:
             try:
                 with store_errors():
-                    reservation = ctx.drive.begin_upload(
-                        ctx.prefix, self.info, length, ctx.quota_bytes, ctx.unknown_length_part_size
-                    )
+                    reservation = ctx.drive.begin_upload(ctx.prefix, self.info, length, ctx.quota_bytes)
             except UploadTooLarge as exc:
                 raise DAVError(HTTP_REQUEST_ENTITY_TOO_LARGE, str(exc), add_headers=[CLOSE_CONNECTION]) from None
         sent = (content_type or "").split(";")[0].strip().lower()
         kind = content_type if sent not in _IGNORED_CONTENT_TYPES else guess_type(self.name)
         self._writer = BodyWriter(
-            self.environ,
-            ctx.store,
-            self.location.key,
-            kind,
-            content_length=length,
-            part_size=choose_part_size(length, ctx.part_size, ctx.unknown_length_part_size),
-            max_bytes=None,
-            reservation=reservation,
+            self.environ, ctx.drive, self.location.key, kind, content_length=length, reservation=reservation
         )
         return self._writer
 
@@ -300,11 +290,9 @@ class FileResource(_Located, DAVNonCollection):
     def _end_held_write(self, writer: BodyWriter, with_errors: bool) -> None:
         if with_errors:
             if writer.reservation is not None:
-                writer.reservation.abort()
-            return  # nothing was committed: stream_to_store aborted what it had started
-        ctx = context_of(self.environ)
+                writer.reservation.abort()  # when the body was never read (receive_file aborts its own)
+            return
         self.info = ObjectInfo(self.location.key, writer.size, writer.etag or "", utcnow(), writer.content_type)
-        ctx.drive.commit_upload(writer.reservation, self.location.key, writer, client_mtime(self.environ))
         self._fact_row = _UNREAD
         forget_after_write(self.environ)
         self.environ[CACHE_KEY][cache_key(self.path)] = self
