@@ -199,7 +199,7 @@ async def _streamed_put(
     arrived whole and its checksums are the expected ones: until then the store has fewer bytes
     than the signed length, and closing the connection (``abort``) leaves no object."""
     hashes = Hashes(md5=not store_md5)
-    put = await run_in_threadpool(store.open_put, key, size, content_type)
+    put: StreamedPut | None = None  # opened with the first block: no store connection waits for a late client
     block: list[bytes] = []
     block_size = received = 0
     in_flight: asyncio.Future | None = None
@@ -213,17 +213,22 @@ async def _streamed_put(
             if received < size and (block_size >= BLOCK_BYTES or loop.time() - sent_at > FLUSH_SECONDS):
                 if in_flight is not None:
                     await in_flight
+                if put is None:
+                    put = await run_in_threadpool(store.open_put, key, size, content_type)
                 in_flight = asyncio.ensure_future(run_in_threadpool(_hash_and_send, put, hashes, block))
                 block, block_size, sent_at = [], 0, loop.time()
         if in_flight is not None:
             await in_flight
             in_flight = None
+        if put is None:
+            put = await run_in_threadpool(store.open_put, key, size, content_type)
         etag = await run_in_threadpool(_send_last, put, hashes, block, expected)
     except BaseException:
         if in_flight is not None:
             with contextlib.suppress(BaseException):
                 await in_flight  # the thread finishes its block before the connection closes
-        put.abort()
+        if put is not None:
+            put.abort()
         raise
     return UploadResult(size=size, etag=etag, parts=0, sha1=hashes.sha1, md5=hashes.md5 or md5_of_etag(etag))
 

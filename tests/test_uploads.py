@@ -130,6 +130,13 @@ def test_short_body_is_refused_and_replaces_nothing(store, length):
     assert recorder.aborted == (1 if length > 5 * MiB else 0) and stored(store, "u/short") == b"old"
 
 
+def test_a_body_cut_short_before_its_first_block_never_reaches_the_store(store):
+    recorder = Recorder(store)
+    with pytest.raises(IncompleteBody):
+        upload(recorder, "u/early", os.urandom(100_000), length=6 * MiB)
+    assert recorder.streamed == [] and recorder.aborted == 0 and store.head("u/early") is None
+
+
 @pytest.mark.parametrize("length_known", [True, False])
 def test_a_wrong_checksum_stores_nothing(store, length_known):
     data = os.urandom(6 * MiB)
