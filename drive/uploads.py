@@ -107,7 +107,7 @@ class UploadResult:
     etag: str  # as the store lists the object (after a multipart upload, read back: stores differ)
     parts: int  # 0 for a single PUT
     sha1: str = ""
-    md5: str = ""
+    md5: str | None = ""  # None: unknown (a store whose ETag of a single PUT was no MD5 after all)
 
 
 def choose_part_size(content_length: int | None, part_size: int, unknown_length_part_size: int) -> int:
@@ -230,7 +230,7 @@ async def _streamed_put(
         if put is not None:
             put.abort()
         raise
-    return UploadResult(size=size, etag=etag, parts=0, sha1=hashes.sha1, md5=hashes.md5 or md5_of_etag(etag))
+    return UploadResult(size=size, etag=etag, parts=0, sha1=hashes.sha1, md5=hashes.md5 or md5_of_etag(etag) or None)
 
 
 def _hash_and_send(put: StreamedPut, hashes: Hashes, block: list[bytes]) -> None:
@@ -303,7 +303,8 @@ async def _in_parts(
         if upload_id is None:
             single = Hashes(md5=not store_md5)
             etag = await run_in_threadpool(_check_then_put, store, key, rest, content_type, single, expected)
-            return UploadResult(size=received, etag=etag, parts=0, sha1=single.sha1, md5=single.md5 or md5_of_etag(etag))
+            md5 = single.md5 or md5_of_etag(etag) or None
+            return UploadResult(size=received, etag=etag, parts=0, sha1=single.sha1, md5=md5)
         if rest:
             await send_part(rest)
         del rest
