@@ -23,7 +23,7 @@ from drive.store.s3 import S3ObjectStore
 from gateway import db, metrics, traffic
 from gateway.auth import Authenticator
 from gateway.dav_app import DavDispatcher
-from gateway.data_dir import secure_data_dir
+from gateway.data_dir import AUTH_GENERATION, secure_data_dir
 from gateway.edge import Gateway
 from gateway.errors import RequestIdMiddleware, install_error_handlers
 from gateway.quota import DbUsageBook
@@ -39,6 +39,7 @@ from gateway.routes import admin, files, gpus, health, me, objects, orgs_admin, 
 from gateway.routes import metrics as metrics_route
 from gateway.runs import Runs
 from gateway.settings import Settings
+from gateway.shared_generation import SharedGeneration
 from gateway.signin import AdmissionPolicy, OidcClient
 from gateway.transit import TransitObjects
 from gateway.web_session import CookieSigner, load_or_create_secret
@@ -245,7 +246,9 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
         app.state.sessions = sessions
         app.state.store = active_store
         install_signin(app, settings)
-        app.state.authenticator = Authenticator(sessions, settings.admin_token, settings.auth_cache_seconds)
+        app.state.authenticator = Authenticator(
+            sessions, settings.admin_token, settings.auth_cache_seconds, shared=SharedGeneration(settings.data_dir / AUTH_GENERATION)
+        )
         app.state.usage = DbUsageBook(sessions, active_store, settings.quota_reconcile_seconds)
         app.state.facts = FactsBook(sessions, ObjectFact.__table__)
         app.state.drive = DriveService(

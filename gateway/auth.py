@@ -33,6 +33,7 @@ from starlette.types import Scope
 from gateway.errors import ApiError
 from gateway.models import ApiToken, User, utcnow
 from gateway.principal import ENV_ADMIN, Principal
+from gateway.shared_generation import SharedGeneration
 from gateway.tokens import as_utc, hash_token, is_well_formed
 
 _BEARER_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="kgpu"'}
@@ -44,15 +45,19 @@ def unauthorized(message: str) -> ApiError:
 
 class Authenticator:
     def __init__(
-        self, sessions: sessionmaker, admin_token: str, cache_seconds: float = 2.0, clock: Callable[[], float] = time.time
+        self, sessions: sessionmaker, admin_token: str, cache_seconds: float = 2.0, clock: Callable[[], float] = time.time,
+        shared: SharedGeneration | None = None,
     ):
+        """``shared``: the generation the server's processes share (its data directory's): an
+        invalidation in one drops every process's cached lookups."""
         self._sessions = sessions
         self._clock = clock
         self._admin_token = admin_token
         self._cache_seconds = cache_seconds
-        self._cache: dict[str, tuple[float, Principal, float | None]] = {}
+        self._cache: dict[str, tuple[float, Principal, float | None, bytes]] = {}
         self._lock = threading.Lock()
         self._generation = 0  # bumped by invalidate(): a lookup begun before it caches nothing
+        self._shared = shared
         self._refreshing: set[str] = set()
         self._refresher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kgpu-auth-refresh")
 
@@ -60,6 +65,11 @@ class Authenticator:
         with self._lock:
             self._generation += 1
             self._cache.clear()
+        if self._shared is not None:
+            self._shared.bump()
+
+    def _shared_generation(self) -> bytes:
+        return self._shared.read() if self._shared is not None else b""
 
     def close(self) -> None:
         self._refresher.shutdown(wait=False, cancel_futures=True)
@@ -86,10 +96,12 @@ class Authenticator:
         hit = self._cache.get(token)
         if hit is None:
             return None
-        fetched, principal, expires = hit
+        fetched, principal, expires, shared = hit
         now = self._clock()
         age = now - fetched
         if age > self._cache_seconds or (expires is not None and now >= expires):
+            return None
+        if shared != self._shared_generation():  # another process invalidated since
             return None
         if age > self._cache_seconds / 2 and token not in self._refreshing:
             self._refresh_soon(token)
@@ -121,7 +133,7 @@ class Authenticator:
         # Bytes, not str: compare_digest refuses non-ASCII str (a 500 for a token like "kgpu_é").
         if self._admin_token and hmac.compare_digest(token.encode(), self._admin_token.encode()):
             return ENV_ADMIN
-        generation = self._generation
+        generation, shared = self._generation, self._shared_generation()
         if not is_well_formed(token):
             raise unauthorized("malformed token: expected kgpu_ and 48 hex digits")
         with self._sessions() as session:
@@ -147,7 +159,7 @@ class Authenticator:
                     return principal  # invalidated while it was read: it may predate the change
                 if len(self._cache) > 10_000:
                     self._cache.clear()
-                self._cache[token] = (self._clock(), principal, expires.timestamp() if expires else None)
+                self._cache[token] = (self._clock(), principal, expires.timestamp() if expires else None, shared)
         return principal
 
 

@@ -9,7 +9,8 @@ others may traverse it by name, never list or read it. Everything else in it is 
 * ``objects/``, the embedded store's files, ``0700``: ``rclone serve s3`` runs under umask 077, so
   what it writes there is ``0600`` too (drive/store/embedded.py); a folder ``0700`` alone already
   keeps every file under it from other users, whatever an older server left their modes;
-* the session secret, the store's keys and port (``embedded-s3.json``) and its log ``0600``.
+* the session secret, the store's keys and port (``embedded-s3.json``) and its log, the token
+  cache's generation (``auth-generation``) ``0600``.
 
 :func:`secure_data_dir` runs at every start (``kgpu serve``, and any app made by
 :func:`gateway.app.create_app`), so an older server's data directory (``0755``, files ``0644``)
@@ -28,8 +29,9 @@ DATA_DIR_MODE = 0o711  # others pass through (the pods' folders), never list or 
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
 OBJECTS = "objects"  # the embedded store's root (drive/store/embedded.py)
+AUTH_GENERATION = "auth-generation"  # the token cache's generation, shared by a server's processes (gateway/auth.py)
 # Files of the data directory that are the server's alone, besides the database.
-PRIVATE_FILES = ("session-secret", "embedded-s3.json", "embedded-s3.log", "webdav.sqlite3")
+PRIVATE_FILES = ("session-secret", "embedded-s3.json", "embedded-s3.log", "webdav.sqlite3", AUTH_GENERATION)
 
 
 def set_mode(path: Path, mode: int) -> None:

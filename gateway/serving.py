@@ -10,9 +10,9 @@ bastion and the reaper. With N > 1 (the default on a machine of N cores):
   (drive/store/embedded.py:AttachedS3Server) and tells clients where the bastion is; the reaper runs
   in the one worker that holds its lease in the database (gateway/leases.py), as among replicas.
 
-What each worker caches stays as current as between replicas: folder listings check the
-database's per-drive generation (drive/store/caching.py); token lookups are cached
-``KGPU_AUTH_CACHE_SECONDS`` in each process (docs/admin.md).
+What each worker caches stays current: folder listings check the database's per-drive generation
+(drive/store/caching.py), as between replicas; token lookups are dropped in every worker at once
+when one of them revokes a token or changes an account (gateway/shared_generation.py).
 """
 
 from __future__ import annotations

@@ -60,14 +60,19 @@ def load_or_create_secret(configured: str, data_dir: Path) -> str:
     except FileNotFoundError:
         pass
     data_dir.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_urlsafe(48)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process of this data directory made it first
-        return path.read_text().strip()
+    # Written whole before it appears under its name: the worker processes of `kgpu serve` start at
+    # once, and one reading a secret another has created but not yet written would sign with "".
+    staged = path.with_name(f".session-secret.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
-        handle.write(secret)
-    return secret
+        handle.write(secrets.token_urlsafe(48))
+    try:
+        os.link(staged, path)
+    except FileExistsError:  # another process of this data directory made it first: theirs holds
+        pass
+    finally:
+        staged.unlink()
+    return path.read_text().strip()
 
 
 class CookieSigner:

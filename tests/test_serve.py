@@ -36,9 +36,12 @@ def alive(pid: int) -> bool:
 class Served:
     admin_token = "serve-test-admin"
 
-    def __init__(self, data_dir: Path, settings: dict[str, str] | None = None, log_path: Path | None = None):
+    def __init__(
+        self, data_dir: Path, settings: dict[str, str] | None = None, log_path: Path | None = None, start_seconds: float = 30
+    ):
         """``settings``: KGPU_* variables besides the admin token (none: the zero-configuration server);
-        ``log_path``: where its output goes (none: nowhere)."""
+        ``log_path``: where its output goes (none: nowhere); ``start_seconds``: how long it may take
+        to answer /healthz."""
         self.port = free_port()
         env = {key: value for key, value in os.environ.items() if key != "KGPU_DATABASE_URL"}
         # Never the default SSH port: many servers run on this machine at once. One process unless a
@@ -52,7 +55,7 @@ class Served:
                 stderr=subprocess.STDOUT,
             )
         self.base = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + start_seconds
         while True:
             try:
                 if requests.get(f"{self.base}/healthz", timeout=1).status_code == 200:

@@ -29,6 +29,7 @@ from tests.test_metrics import scrape, value
 from tests.test_serve import Served, alive, children, wait_gone
 
 ADMIN = {"Authorization": "Bearer serve-test-admin"}
+WORKERS_START_S = 90  # the parent, then each worker, imports the server: slow on a loaded machine
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -93,11 +94,13 @@ def workers_of(server: Served) -> list[int]:
     return [p for p in children(server.process.pid) if alive(p) and b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
-def reaper_holder(url: str) -> int | None:
-    """The pid of the process that holds a reaper's lease now (holder: host:pid:token)."""
+def reaper_holder(url: str, data: Path) -> int | None:
+    """The pid of the process that holds the reaper's lease of the server on ``data`` now (its
+    local pods' instance; holder: host:pid:token)."""
+    instance = (data / "pods" / ".instance").read_text().strip()
     with Session(db.make_engine(url)) as session:
-        rows = session.query(DutyLease).filter(DutyLease.name.like("reaper:%"), DutyLease.expires_at > time.time()).all()
-    return int(rows[0].holder.split(":")[-2]) if rows else None
+        row = session.get(DutyLease, f"reaper:{instance}")
+    return int(row.holder.split(":")[-2]) if row is not None and row.expires_at > time.time() else None
 
 
 def wait_for(what: str, check, seconds: float = 60):
@@ -121,7 +124,10 @@ def test_two_workers_serve_one_drive_webdav_and_rentals(tmp_path):
     each answers as one server would (one store, listings current, one bastion)."""
     data = passable(tmp_path) / "data"
     metrics = f"127.0.0.1:{free_port()}"
-    server = Served(data, {"KGPU_WORKERS": "2", "KGPU_LOCAL_POD_MOUNTS": "false", "KGPU_METRICS_ADDRESS": metrics})
+    server = Served(data, {
+        "KGPU_WORKERS": "2", "KGPU_LOCAL_POD_MOUNTS": "false", "KGPU_METRICS_ADDRESS": metrics,
+        "KGPU_AUTH_CACHE_SECONDS": "600",  # a revocation must reach the other worker's cache, not outwait it
+    }, start_seconds=WORKERS_START_S)
     try:
         assert len(workers_of(server)) == 2
         store = server.rclone_pid()  # exactly one embedded store, the parent's child
@@ -158,6 +164,15 @@ def test_two_workers_serve_one_drive_webdav_and_rentals(tmp_path):
         assert ran.json()["stdout"] == "from a pod\n", ran.text
         assert requests.delete(f"{server.base}/v1/gpus/{gpu}", headers=auth).json()["phase"] == "Ended"
 
+        # A token revoked through one worker is refused at once by both, though both had it cached.
+        user_id = requests.get(f"{server.base}/v1/me", headers=auth).json()["user"]["id"]
+        for _ in range(20):
+            assert requests.get(f"{server.base}/v1/me", headers=auth).status_code == 200
+        reissued = requests.post(f"{server.base}/v1/admin/users/{user_id}/token", headers=ADMIN)
+        assert reissued.status_code == 201, reissued.text
+        assert {requests.get(f"{server.base}/v1/me", headers=auth).status_code for _ in range(20)} == {401}
+        assert requests.get(f"{server.base}/v1/me", headers={"Authorization": f"Bearer {reissued.json()['token']}"}).status_code == 200
+
         # /metrics, on the parent's listener or through either worker, counts both workers' requests.
         for _ in range(10):
             assert requests.get(f"{server.base}/healthz").status_code == 200
@@ -181,12 +196,12 @@ def test_a_killed_reaper_is_replaced_and_an_expired_rental_still_returned(tmp_pa
         settings["KGPU_DATABASE_URL"] = database_url
     data = passable(tmp_path) / "data"
     url = database_url if not database_url.startswith("sqlite") else f"sqlite:///{data}/kgpu.db"
-    server = Served(data, settings)
+    server = Served(data, settings, start_seconds=WORKERS_START_S)
     try:
         token = requests.post(f"{server.base}/v1/admin/users", json={"email": f"{uuid.uuid4().hex[:6]}@lab.example"}, headers=ADMIN).json()["token"]
         auth = {"Authorization": f"Bearer {token}"}
         gpu = rent_ready(server.base, auth, "outlives-its-reaper")
-        leader = wait_for("a reaper elected", lambda: reaper_holder(url))
+        leader = wait_for("a reaper elected", lambda: reaper_holder(url, data))
         assert leader in workers_of(server)
         os.kill(leader, signal.SIGKILL)
         assert wait_gone(leader)
@@ -198,8 +213,30 @@ def test_a_killed_reaper_is_replaced_and_an_expired_rental_still_returned(tmp_pa
             lambda: (state := requests.get(f"{server.base}/v1/gpus/{gpu}", headers=auth).json()).get("phase") == "Ended" and state,
         )
         assert ended["end_reason"] == "expired", ended
-        assert reaper_holder(url) not in (None, leader)
+        assert reaper_holder(url, data) not in (None, leader)
         assert len(wait_for("a worker started in the killed one's place", lambda: len(workers_of(server)) == 2 and workers_of(server))) == 2
     finally:
         server.process.terminate()
         server.process.wait(timeout=30)
+
+
+def test_workers_starting_at_once_share_one_session_secret(tmp_path):
+    """Every worker signs the dashboard's cookies with the one secret kept in the data directory,
+    however many make it at the same moment (none reads it half written)."""
+    from gateway.web_session import load_or_create_secret
+
+    start = threading.Barrier(16)
+    found: list[str] = []
+
+    def load() -> None:
+        start.wait()
+        found.append(load_or_create_secret("", tmp_path))
+
+    threads = [threading.Thread(target=load) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(found) == 16 and len(set(found)) == 1 and len(found[0]) >= 48, found
+    assert [p.name for p in tmp_path.iterdir()] == ["session-secret"]
+    assert (tmp_path / "session-secret").stat().st_mode & 0o777 == 0o600
