@@ -240,3 +240,34 @@ def test_workers_starting_at_once_share_one_session_secret(tmp_path):
     assert len(found) == 16 and len(set(found)) == 1 and len(found[0]) >= 48, found
     assert [p.name for p in tmp_path.iterdir()] == ["session-secret"]
     assert (tmp_path / "session-secret").stat().st_mode & 0o777 == 0o600
+
+
+def test_every_worker_answers_503_while_the_parents_store_is_down_then_follows_the_next(tmp_path):
+    """The parent's store killed (and its port taken, so it cannot come back): every worker sees
+    it at once and answers 503 with Retry-After, never a redirect to a dead port; once the parent
+    restarts the store, every worker follows the new one."""
+    from tests.test_store_supervision import Server, hold_port, kill_store, new_user, presigned, upload
+    from tests.test_store_supervision import wait_for as wait_served
+
+    server = Server(passable(tmp_path) / "data", {"KGPU_WORKERS": "2"}, start_seconds=WORKERS_START_S)
+    try:
+        auth = new_user(server)
+        payload = os.urandom(10_000)
+        upload(server, auth, "a.bin", payload)
+        url = presigned(server, auth, "a.bin")
+        kill_store(server)
+        squatter = hold_port(int(url.split("/")[2].rsplit(":", 1)[1]))
+        try:
+            replies = [requests.get(f"{server.base}/v1/files/a.bin", headers=auth, allow_redirects=False, timeout=10) for _ in range(10)]
+            assert {r.status_code for r in replies} == {503}, [(r.status_code, r.text) for r in replies]
+            assert all(r.json()["error_code"] == "store_unavailable" and r.headers.get("Retry-After") for r in replies)
+        finally:
+            squatter.close()
+        wait_served(url, payload, 60)  # the parent's store is back on its port
+        wait_for("both workers follow the new store", lambda: all(
+            requests.get(f"{server.base}/v1/files/a.bin", headers=auth, allow_redirects=False, timeout=10).status_code == 302
+            for _ in range(10)
+        ))
+        assert requests.get(f"{server.base}/v1/files/a.bin", headers=auth, timeout=10).content == payload
+    finally:
+        server.stop()

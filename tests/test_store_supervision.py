@@ -26,9 +26,9 @@ class Server(Served):
 
     admin_token = "supervision-test-admin"
 
-    def __init__(self, data_dir: Path, settings: dict[str, str] | None = None):
+    def __init__(self, data_dir: Path, settings: dict[str, str] | None = None, **served):
         self.log_path = data_dir.parent / f"serve-{uuid.uuid4().hex[:8]}.log"
-        super().__init__(data_dir, settings, self.log_path)
+        super().__init__(data_dir, settings, self.log_path, **served)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
