@@ -24,8 +24,8 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
-import time
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 
@@ -63,8 +63,9 @@ sub fail { my ($k, $m) = @_; unlink $tmp if defined $tmp; undef $tmp; answer("er
 sub readn { my $n = shift; my $buf = "";
   while (length($buf) < $n) { alarm $idle; my $r = sysread(STDIN, $buf, $n - length($buf), length($buf));
     return undef unless $r } return $buf }
-sub request { my $len = readn(8); exit 0 unless defined $len && $len =~ /^[0-9a-f]{8}$/;
-  my $r = readn(hex $len); exit 0 unless defined $r; return split / /, $r }
+sub request { my $len = readn(8); fail("io", "no request came (its stdin ended)") unless defined $len;
+  fail("io", "a garbled request") unless $len =~ /^[0-9a-f]{8}$/;
+  my $r = readn(hex $len); fail("io", "a request cut short") unless defined $r; return split / /, $r }
 sub enter_dirs { my ($make, @dirs) = @_;
   chdir "/" or fail(kind(), "/: $!");
   for my $d (@dirs) {
@@ -229,75 +230,86 @@ def _hex(path: PodPath) -> str:
     return "/".join(path.parts).encode().hex()
 
 
-class _Errors(asyncio.Protocol):
-    """The in-pod process's stderr: its first 4 KiB kept (why it ended without answering)."""
-
-    def __init__(self):
-        self.text = b""
-
-    def data_received(self, data: bytes) -> None:
-        if len(self.text) < 4096:
-            self.text += data[: 4096 - len(self.text)]
-
-
 class Channel:
     """One FILE_SCRIPT process in a pod, its stdio through ``backend.enter``'s host command (in a
     session of its own); every read and write waits at most ``idle_s``, every answer line is capped.
-    The pipes are the gateway's own, so closing one reaches the pod at once."""
 
-    def __init__(self, process: subprocess.Popen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 transports: list[asyncio.BaseTransport], errors: _Errors, idle_s: float):
+    Its stdio are socket pairs read and written with blocking calls on worker threads, one call a
+    chunk, not event-loop transports: under uvloop, transports over a child's stdio now and then
+    lost a request (the process read nothing, or another's bytes) when many were open at once."""
+
+    def __init__(self, process: subprocess.Popen, stdin: socket.socket, stdout: socket.socket,
+                 stderr: socket.socket, idle_s: float):
         self.process = process
-        self.reader = reader
-        self.writer = writer
-        self.transports = transports
-        self.errors = errors
+        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
         self.idle_s = idle_s
+        self._buffer = b""
+        for sock in (stdin, stdout, stderr):
+            sock.settimeout(idle_s)
 
     @classmethod
     async def open(cls, backend: PodBackend, ref: str, idle_s: float) -> "Channel":
         command = await asyncio.to_thread(backend.enter, ref, ["-c", _LAUNCH + str(max(1, round(idle_s)))], False, {})
+        return await asyncio.to_thread(cls._spawn, command, idle_s)
+
+    @classmethod
+    def _spawn(cls, command, idle_s: float) -> "Channel":
+        pairs = [socket.socketpair() for _ in range(3)]
         try:
             process = subprocess.Popen(
-                command.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                command.argv, stdin=pairs[0][1], stdout=pairs[1][1], stderr=pairs[2][1],
                 env=command.env, cwd=command.cwd, start_new_session=True,
             )
         except OSError as exc:
+            for ours, _ in pairs:
+                ours.close()
             raise PodError(f"could not enter the pod: {exc}") from exc
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=max(_LINE_LIMIT, 1 << 16))
-        out, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), process.stdout)
-        errors = _Errors()
-        err, _ = await loop.connect_read_pipe(lambda: errors, process.stderr)
-        into, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, process.stdin)
-        writer = asyncio.StreamWriter(into, protocol, None, loop)
-        return cls(process, reader, writer, [out, err, into], errors, idle_s)
+        finally:
+            for _, theirs in pairs:
+                theirs.close()
+        return cls(process, pairs[0][0], pairs[1][0], pairs[2][0], idle_s)
 
     async def send(self, data: bytes) -> None:
         try:
-            self.writer.write(data)
-            await asyncio.wait_for(self.writer.drain(), self.idle_s)
-        except (BrokenPipeError, ConnectionResetError, RuntimeError):
-            raise PodError("the pod's file process ended early") from None
-        except TimeoutError:
+            await asyncio.to_thread(self.stdin.sendall, data)
+        except (TimeoutError, socket.timeout):
             raise PodError(f"the pod took no bytes for {self.idle_s:g} s") from None
+        except OSError:
+            raise PodError(f"the pod's file process ended early: {await self._last_words()}") from None
 
     def end_input(self) -> None:
         """The end of the pod's stdin (a cut body)."""
-        self.writer.close()
+        with contextlib.suppress(OSError):
+            self.stdin.shutdown(socket.SHUT_WR)
+
+    def _recv(self, n: int) -> bytes:
+        try:
+            return self.stdout.recv(n)
+        except (TimeoutError, socket.timeout):
+            raise PodError(f"the pod sent nothing for {self.idle_s:g} s") from None
+        except OSError:
+            return b""
+
+    def _readline(self) -> bytes:
+        while b"\n" not in self._buffer and len(self._buffer) <= _LINE_LIMIT:
+            chunk = self._recv(1 << 16)
+            if not chunk:
+                break
+            self._buffer += chunk
+        line, found, rest = self._buffer.partition(b"\n")
+        if not found:
+            if len(self._buffer) > _LINE_LIMIT:
+                raise PodError("the pod's answer was garbled (a line too long)")
+            self._buffer = b""
+            return line
+        self._buffer = rest
+        return line + b"\n"
 
     async def line(self) -> list[str]:
         """The pod's next answer line, split; an ``err`` line raised as PodFileError."""
-        try:
-            raw = await asyncio.wait_for(self.reader.readline(), self.idle_s)
-        except TimeoutError:
-            raise PodError(f"the pod did not answer within {self.idle_s:g} s") from None
-        except (ValueError, asyncio.LimitOverrunError):
-            raise PodError("the pod's answer was garbled (a line too long)") from None
+        raw = await asyncio.to_thread(self._readline)
         if not raw.endswith(b"\n"):
-            await asyncio.sleep(0.2)  # its last words on stderr
-            why = self.errors.text.decode(errors="replace").strip()[-300:] or "no answer"
-            raise PodError(f"the pod's file process ended without answering: {why}")
+            raise PodError(f"the pod's file process ended without answering: {await self._last_words()}")
         words = raw.decode(errors="replace").rstrip("\n").split(" ")
         if words[0] == "err":
             kind = words[1] if len(words) > 1 and words[1] in KINDS else "io"
@@ -307,25 +319,44 @@ class Channel:
             raise PodFileError(kind, message, size)
         return words
 
+    async def _last_words(self) -> str:
+        """What the process (or the host command entering the pod) said on stderr, and its exit."""
+        def gather() -> str:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(1)
+            said = b""
+            self.stderr.settimeout(0.2)
+            with contextlib.suppress(OSError):
+                while len(said) < 4096 and (chunk := self.stderr.recv(4096)):
+                    said += chunk
+            text = said.decode(errors="replace").strip()[-300:] or "nothing on stderr"
+            return f"{text} (exit {self.process.returncode})"
+
+        return await asyncio.to_thread(gather)
+
     async def read(self, n: int) -> bytes:
-        try:
-            return await asyncio.wait_for(self.reader.read(n), self.idle_s)
-        except TimeoutError:
-            raise PodError(f"the pod sent nothing for {self.idle_s:g} s") from None
+        if self._buffer:
+            chunk, self._buffer = self._buffer[:n], self._buffer[n:]
+            return chunk
+        return await asyncio.to_thread(self._recv, n)
 
     async def close(self) -> None:
-        """Both pipes closed (the pod sees its stdin end, and its next write fails: a cut upload's
+        """Its stdio closed (the pod sees its stdin end, and its next write fails: a cut upload's
         temporary file is removed there), a few seconds to finish, then the host command's whole
-        session killed and reaped."""
-        for transport in self.transports:
-            transport.close()
-        deadline = time.monotonic() + _CLOSE_GRACE_S
-        while self.process.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        while self.process.poll() is None:
-            await asyncio.sleep(0.05)
+        session killed if it is still running, and reaped."""
+        for sock in (self.stdin, self.stdout, self.stderr):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a worker thread blocked on it
+            sock.close()
+        await asyncio.to_thread(self._end)
+
+    def _end(self) -> None:
+        try:
+            self.process.wait(_CLOSE_GRACE_S)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)  # not reaped yet: the group is still its own
+            self.process.wait()
 
 
 @dataclass
@@ -343,7 +374,7 @@ class Download:
         while left > 0:
             chunk = await self.channel.read(min(CHUNK, left))
             if not chunk:
-                raise PodError(f"the pod's file ended {left} bytes early")
+                raise PodError(f"the pod's file ended {left} bytes early: {await self.channel._last_words()}")
             left -= len(chunk)
             yield chunk
 
