@@ -248,7 +248,7 @@ def test_a_restarted_gateway_finds_its_pods_and_their_runs(slurm_cluster):
     ref = first.start(spec)
     try:
         first.start_run(ref, "run-long", ["sh", "-c", "echo before; sleep 2; echo after; exit 4"], {})
-        os.killpg(first._runs[(ref, "run-long")].pid, signal.SIGKILL)  # the gateway's srun is gone
+        os.killpg(first._held[(ref, "run-long")].pid, signal.SIGKILL)  # the gateway's srun is gone
         restarted = slurm_cluster.backend()
         assert restarted.adopt()[spec.rental_id] == ref
         state = restarted.wait_run(ref, "run-long", 20, 1000)
