@@ -70,6 +70,24 @@ WRITE_WAIT_SECONDS = 5.0  # how long a write waits for another write of the same
 _WRITES_LOCK = 0x6B677077 << 32  # PostgreSQL advisory locks "kgpw" + a drive's CRC: one taker at a time
 
 
+def _update_usage(session, prefix: str, *, used: int = 0, reserved: int = 0, inflight: int = 0, where=None) -> bool:
+    """One UPDATE of a drive's usage row in ``session``'s transaction (every change bumps
+    ``changes``, which a recount checks); whether the row changed."""
+    conditions = [DriveUsage.prefix == prefix] + ([where] if where is not None else [])
+    return bool(
+        session.execute(
+            update(DriveUsage)
+            .where(*conditions)
+            .values(
+                used_bytes=DriveUsage.used_bytes + used,
+                reserved_bytes=DriveUsage.reserved_bytes + reserved,
+                inflight=DriveUsage.inflight + inflight,
+                changes=DriveUsage.changes + 1,
+            )
+        ).rowcount
+    )
+
+
 class _NoRoom(Exception):
     """Bytes that do not fit (rolls their transaction back)."""
 
@@ -167,20 +185,8 @@ class DbUsageBook:
     ) -> bool:
         """One UPDATE of a drive's row (every change bumps ``changes``, which a recount checks);
         ``also(session)`` runs in the same transaction when the row changed."""
-        conditions = [DriveUsage.prefix == prefix] + ([where] if where is not None else [])
         with self._sessions.begin() as session:
-            changed = bool(
-                session.execute(
-                    update(DriveUsage)
-                    .where(*conditions)
-                    .values(
-                        used_bytes=DriveUsage.used_bytes + used,
-                        reserved_bytes=DriveUsage.reserved_bytes + reserved,
-                        inflight=DriveUsage.inflight + inflight,
-                        changes=DriveUsage.changes + 1,
-                    )
-                ).rowcount
-            )
+            changed = _update_usage(session, prefix, used=used, reserved=reserved, inflight=inflight, where=where)
             if changed and also is not None:
                 also(session, max(reserved, 0))
             return changed
@@ -269,15 +275,7 @@ class DbUsageBook:
             n = claim(session)
             if n is None:
                 return None
-            session.execute(
-                update(DriveUsage)
-                .where(DriveUsage.prefix == prefix)
-                .values(
-                    reserved_bytes=DriveUsage.reserved_bytes - n,
-                    inflight=DriveUsage.inflight - 1,
-                    changes=DriveUsage.changes + 1,
-                )
-            )
+            _update_usage(session, prefix, reserved=-n, inflight=-1)
             return n
 
     def hold(
@@ -385,16 +383,8 @@ class DbUsageBook:
             if row is None:
                 return  # settled already (settle_holds saw its object appear)
             reserved, previous_size = row
-            session.execute(
-                update(DriveUsage)
-                .where(DriveUsage.prefix == prefix)
-                .values(
-                    used_bytes=DriveUsage.used_bytes + (needed(stored.size, previous_size) if stored else 0),
-                    reserved_bytes=DriveUsage.reserved_bytes - reserved,
-                    inflight=DriveUsage.inflight - 1,
-                    changes=DriveUsage.changes + 1,
-                )
-            )
+            grown = needed(stored.size, previous_size) if stored else 0
+            _update_usage(session, prefix, used=grown, reserved=-reserved, inflight=-1)
 
     # A streamed upload's reservation: a QuotaHold of kind "stream", its lease renewed while
     # bytes flow, given back by settle_holds if the lease runs out (the gateway died).
@@ -502,16 +492,8 @@ class DbUsageBook:
                         raise _Rebased()  # rolls the claim back: that URL may still land
                     if hold.kind == "parts" and not appeared:
                         self._abort_quietly(hold.key, hold.upload_id)
-                    session.execute(
-                        update(DriveUsage)
-                        .where(DriveUsage.prefix == prefix)
-                        .values(
-                            used_bytes=DriveUsage.used_bytes + (needed(info.size, previous_size) if appeared else 0),
-                            reserved_bytes=DriveUsage.reserved_bytes - reserved,
-                            inflight=DriveUsage.inflight - 1,
-                            changes=DriveUsage.changes + 1,
-                        )
-                    )
+                    grown = needed(info.size, previous_size) if appeared else 0
+                    _update_usage(session, prefix, used=grown, reserved=-reserved, inflight=-1)
             except _Rebased:
                 continue
             settled += 1
