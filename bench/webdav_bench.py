@@ -535,6 +535,12 @@ def main(argv: list[str] | None = None) -> int:
             }
             if dav is not None:
                 results["rclone_webdav_rss_mib"] = harness.rss_kib(dav.pid) / 1024
+            if args.profile:
+                harness.log("(1) py-spy record of kgpu serve during 3 warm allprop PROPFINDs (before the HTTP listings add files)")
+                results["profile"] = profile_requests(
+                    kgpu.pid, tmp / "pyspy-propfind", args.profile_rate,
+                    lambda: [one("kgpu", "allprop") for _ in range(3)],
+                )
             # The HTTP folder listings of the same folder (kgpu only: rclone serve webdav has none):
             # cold (a file put into the folder first drops its cached listing) and warm.
             http_listings: dict = {}
@@ -549,12 +555,6 @@ def main(argv: list[str] | None = None) -> int:
                 harness.log(f"(1) GET {path}: cold median {statistics.median(x['seconds'] for x in got['cold']):.2f} s, "
                             f"warm {statistics.median(x['seconds'] for x in got['warm']):.2f} s")
             results["http_listings"] = http_listings
-            if args.profile:
-                harness.log("(1) py-spy record of kgpu serve during 3 allprop PROPFINDs")
-                results["profile"] = profile_requests(
-                    kgpu.pid, tmp / "pyspy-propfind", args.profile_rate,
-                    lambda: [one("kgpu", "allprop") for _ in range(3)],
-                )
             if dav is not None:
                 dav.stop()
                 procs.remove(dav)
@@ -689,7 +689,7 @@ def report(results: dict, args) -> None:
             results["ratios"][f"warm_{body}"] = k / r
             results["ratios"][f"warm_{body}_worst_round"] = max(per_round)
             out.append(f"    warm ratio kgpu/rclone ({body}) {k / r:.2f}, worst round {max(per_round):.2f} "
-                       f"(target <= 1.0: {verdict(k / r <= 1.0)})")
+                       f"(target <= 1.0 on every round: {verdict(max(per_round) <= 1.0)})")
         out.append("    (both answer a repeated PROPFIND from a directory cache: rclone's --dir-cache-time 5m, kgpu's"
                    " drive/store/caching.py, checked against the database on every use)")
         peak = max([cold["kgpu"]["rss_peak_mib"]] + [x["rss_peak_mib"] for d in pf["warm"].values() for x in d["kgpu"]])
