@@ -45,6 +45,7 @@ from drive.keys import (
 )
 
 PREFIX = "users/1/"
+THOROUGH = settings(max_examples=500, deadline=None)  # the properties of one parser
 
 
 # ============================================================== helpers
@@ -74,6 +75,14 @@ def assert_inside(prefix: str, path: DrivePath) -> None:
     resolved = posixpath.normpath("/" + key)
     assert (resolved + "/").startswith("/" + prefix), (key, resolved)
     assert path.is_dir == (rel == "" or rel.endswith("/"))
+
+
+def accepted(parse, prefix: str, value):
+    """What ``parse(prefix, value)`` makes of ``value``, or None where it refuses it (InvalidPath)."""
+    try:
+        return parse(prefix, value)
+    except InvalidPath:
+        return None
 
 
 def quote_path(rel: str) -> bytes:
@@ -474,9 +483,8 @@ user_ids = st.integers(min_value=1, max_value=10**9)
 @example(raw=b"//etc", uid=1)
 def test_property_raw_path_refused_or_inside(raw, uid):
     prefix = user_prefix(uid)
-    try:
-        path = from_raw_path(prefix, raw)
-    except InvalidPath:
+    path = accepted(from_raw_path, prefix, raw)
+    if path is None:
         return
     assert_inside(prefix, path)
     # The three entry points agree on what a key means.
@@ -486,7 +494,7 @@ def test_property_raw_path_refused_or_inside(raw, uid):
     assert from_raw_path(prefix, quote_path(path.rel)) == path
 
 
-@settings(max_examples=500, deadline=None)
+@THOROUGH
 @given(raw=raw_paths, a=user_ids, b=user_ids)
 @example(raw=b"x", a=1, b=10)
 @example(raw=b"x", a=10, b=1)
@@ -494,33 +502,24 @@ def test_property_raw_path_refused_or_inside(raw, uid):
 @example(raw=b"0/x", a=1, b=10)
 def test_property_users_never_collide(raw, a, b):
     assume(a != b)
-    try:
-        path = from_raw_path(user_prefix(a), raw)
-    except InvalidPath:
+    path = accepted(from_raw_path, user_prefix(a), raw)
+    if path is None:
         return
     assert path.key.startswith(user_prefix(a))
     assert not path.key.startswith(user_prefix(b))
 
 
-@settings(max_examples=500, deadline=None)
+@THOROUGH
 @given(text=piece_string, uid=user_ids)
-def test_property_text_refused_or_inside(text, uid):
+def test_property_text_and_listing_prefix_refused_or_inside(text, uid):
+    """The two parsers of a decoded name, on the same text: each refuses it or stays inside."""
     prefix = user_prefix(uid)
-    try:
-        path = from_text(prefix, text)
-    except InvalidPath:
-        return
-    assert_inside(prefix, path)
-    assert path.rel == text
-
-
-@settings(max_examples=500, deadline=None)
-@given(text=piece_string, uid=user_ids)
-def test_property_listing_prefix_refused_or_inside(text, uid):
-    prefix = user_prefix(uid)
-    try:
-        got = listing_prefix(prefix, text)
-    except InvalidPath:
+    path = accepted(from_text, prefix, text)
+    if path is not None:
+        assert_inside(prefix, path)
+        assert path.rel == text
+    got = accepted(listing_prefix, prefix, text)
+    if got is None:
         return
     assert got.startswith(prefix)
     rest = got[len(prefix) :]
@@ -545,7 +544,7 @@ safe_segment = st.one_of(
 )
 
 
-@settings(max_examples=500, deadline=None)
+@THOROUGH
 @given(
     segments=st.lists(safe_segment, min_size=1, max_size=6),
     is_dir=st.booleans(),
@@ -611,15 +610,14 @@ INNER = b"inner sentinel " + uuid.uuid4().bytes
 
 @dataclass
 class Victim:
+    """A second user, and the keys and ETags of the two files every attack must leave alone."""
+
     account: object
+    id: int
     key: str
     inner_key: str
     etag: str
     inner_etag: str
-
-    @property
-    def id(self) -> int:
-        return self.account.id
 
 
 @pytest.fixture
@@ -634,7 +632,7 @@ def victim(stack) -> Victim:
     inner = stack.store.head(prefix + "folder/inner.txt")
     assert info is not None and info.size == len(SENTINEL)
     assert inner is not None and inner.size == len(INNER)
-    return Victim(account, prefix + "secret.txt", prefix + "folder/inner.txt", info.etag, inner.etag)
+    return Victim(account, account.id, prefix + "secret.txt", prefix + "folder/inner.txt", info.etag, inner.etag)
 
 
 def assert_victim_intact(stack, victim: Victim) -> None:
@@ -727,13 +725,23 @@ def assert_envelope(reply: Reply, request_id: str, method: str, where: str) -> N
     assert isinstance(body["message"], str) and body["message"], where
 
 
+def attempt(stack, user, method: str, target: str, request_id: str) -> Reply:
+    """``method target`` sent as ``user``, tagged with ``request_id`` (a PUT carries bytes to write)."""
+    return raw_request(stack, method, target, {**user.auth, "X-Request-ID": request_id}, b"pwned" if method == "PUT" else None)
+
+
+def assert_refused_by_every_method(stack, user, target: str, request_id: str) -> None:
+    for method in METHODS:
+        assert_envelope(attempt(stack, user, method, target, request_id), request_id, method, f"{method} {target}")
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_http_attack_paths_are_refused(stack, user, victim, method):
     failures = []
     for name, template in ATTACKS.items():
         target = template.format(v=victim.id)
         request_id = f"keys-{method}-{name}"
-        reply = raw_request(stack, method, target, {**user.auth, "X-Request-ID": request_id}, b"pwned" if method == "PUT" else None)
+        reply = attempt(stack, user, method, target, request_id)
         try:
             assert_envelope(reply, request_id, method, f"{method} {target}")
         except AssertionError as exc:
@@ -745,12 +753,7 @@ def test_http_attack_paths_are_refused(stack, user, victim, method):
 def test_http_newline_is_invalid_path(stack, user, victim):
     """A decoded newline must still reach drive.keys (400 invalid_path), not fall out of the route (404)."""
     for template in ("/v1/files/a%0ab", "/v1/files/a%0d%0aX-Evil:%201", "/v1/files/..%0a/{v}/secret.txt"):
-        target = template.format(v=victim.id)
-        for method in METHODS:
-            request_id = "keys-newline"
-            reply = raw_request(stack, method, target, {**user.auth, "X-Request-ID": request_id},
-                                b"pwned" if method == "PUT" else None)
-            assert_envelope(reply, request_id, method, f"{method} {target}")
+        assert_refused_by_every_method(stack, user, template.format(v=victim.id), "keys-newline")
 
 
 LISTING_ATTACKS = ["..", "../", "../{v}/", "a/../..", "./", "a//", "\\", "..\\{v}", "\x00", "a/\x00",
@@ -861,12 +864,7 @@ def test_http_encoded_mount_is_refused(stack, user, victim):
         "/v1/%66iles/secret.txt",
         "/v1/%66iles/../{v}/secret.txt",
     ):
-        target = template.format(v=victim.id)
-        for method in METHODS:
-            request_id = "keys-mount"
-            reply = raw_request(stack, method, target, {**user.auth, "X-Request-ID": request_id},
-                                b"pwned" if method == "PUT" else None)
-            assert_envelope(reply, request_id, method, f"{method} {target}")
+        assert_refused_by_every_method(stack, user, template.format(v=victim.id), "keys-mount")
     assert_victim_intact(stack, victim)
 
 
@@ -908,14 +906,9 @@ http_targets = st.lists(st.sampled_from(HTTP_PIECES), max_size=12).map("".join)
 def test_http_property_matches_keys_and_stays_inside(stack, user, victim, rel, method):
     rel = rel.replace("{v}", str(victim.id))
     target = "/v1/files/" + rel
-    own = user_prefix(user.id)
-    try:
-        expected = from_raw_path(own, rel.encode())
-    except InvalidPath:
-        expected = None
+    expected = accepted(from_raw_path, user_prefix(user.id), rel.encode())
     request_id = "prop-" + uuid.uuid4().hex[:12]
-    reply = raw_request(stack, method, target, {**user.auth, "X-Request-ID": request_id},
-                        b"pwned" if method == "PUT" else None)
+    reply = attempt(stack, user, method, target, request_id)
     assert reply.headers.get("X-Request-ID") == request_id
     if expected is None:
         assert_envelope(reply, request_id, method, f"{method} {target}")

@@ -6,6 +6,7 @@ the test that opened it. Screenshots of each page go to $KGPU_SCREENSHOTS if set
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import subprocess
 import sys
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import requests
@@ -242,26 +244,40 @@ def test_an_unlisted_email_waits_for_an_admin_then_gets_a_token(server, new_page
     screenshot(stranger, "08-approved-dashboard")
 
 
-def _browser_login(base: str, home: Path) -> tuple[subprocess.Popen, str]:
-    """`kgpu login --browser --no-open` started; the address of the page it asks to open."""
+@contextlib.contextmanager
+def _browser_login(base: str, home: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`kgpu login --browser --no-open` started (and killed on the way out if it still runs); the
+    address of the page it asks to open."""
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("KGPU_")}, "XDG_CONFIG_HOME": str(home)}
     command = subprocess.Popen(
         [sys.executable, "-m", "client", "login", "--browser", "--no-open", "--base-url", base],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
-    line = command.stderr.readline()
-    found = re.search(r"(http://\S+/view/cli\?port=(\d+)&state=\S+)", line)
-    assert found, line
-    return command, found.group(1)
+    try:
+        line = command.stderr.readline()
+        found = re.search(r"(http://\S+/view/cli\?port=(\d+)&state=\S+)", line)
+        assert found, line
+        yield command, found.group(1)
+    finally:
+        if command.poll() is None:
+            command.kill()
+
+
+def _allow(page, command: subprocess.Popen) -> str:
+    """Confirm on the handoff page; what the command printed once it has saved the token."""
+    page.click("#allow")
+    page.wait_for_selector("text=The kgpu command has your token")
+    out, err = command.communicate(timeout=60)
+    assert command.returncode == 0, err
+    return out
 
 
 def test_kgpu_login_through_the_browser(server, new_page, tmp_path):
     """`kgpu login --browser`: the person signs in on the page it opens and confirms; the token
     reaches the command in a form post to its loopback listener, never in a URL."""
     base = server.base
-    command, url = _browser_login(base, tmp_path)
-    port = int(re.search(r"port=(\d+)", url).group(1))
-    try:
+    with _browser_login(base, tmp_path) as (command, url):
+        port = int(re.search(r"port=(\d+)", url).group(1))
         # A post without this login's state is refused, and the command keeps waiting.
         forged = requests.post(f"http://127.0.0.1:{port}/callback", data={"state": "x" * 32, "token": "kgpu_forged"})
         assert forged.status_code == 400 and command.poll() is None
@@ -274,13 +290,7 @@ def test_kgpu_login_through_the_browser(server, new_page, tmp_path):
         page.click("button[type=submit]")
         page.wait_for_selector("#allow")
         screenshot(page, "09-kgpu-login")
-        page.click("#allow")
-        page.wait_for_selector("text=The kgpu command has your token")
-        out, err = command.communicate(timeout=60)
-    finally:
-        if command.poll() is None:
-            command.kill()
-    assert command.returncode == 0, err
+        out = _allow(page, command)
     assert RESEARCHER in out
     saved = json.loads((tmp_path / "kgpu" / "config.json").read_text())
     assert (tmp_path / "kgpu" / "config.json").stat().st_mode & 0o777 == 0o600
@@ -298,19 +308,12 @@ def test_the_handoff_page_refuses_odd_addresses_and_reissues_when_it_cannot_show
     # A second browser of a person whose token was issued elsewhere cannot show it: it offers a new one.
     first = new_page()
     sign_in(first, base, RESEARCHER)
-    command, url = _browser_login(base, tmp_path)
-    try:
+    with _browser_login(base, tmp_path) as (command, url):
         second = new_page()
         sign_in(second, base, RESEARCHER)
         second.goto(url)
         second.click("#reissue-for-cli")
-        second.click("#allow")
-        second.wait_for_selector("text=The kgpu command has your token")
-        _, err = command.communicate(timeout=60)
-    finally:
-        if command.poll() is None:
-            command.kill()
-    assert command.returncode == 0, err
+        _allow(second, command)
     token = json.loads((tmp_path / "kgpu" / "config.json").read_text())["token"]
     assert requests.get(f"{base}/v1/me", headers={"Authorization": f"Bearer {token}"}).status_code == 200
 

@@ -30,6 +30,12 @@ class Server(Served):
         self.log_path = data_dir.parent / f"serve-{uuid.uuid4().hex[:8]}.log"
         super().__init__(data_dir, settings, self.log_path, **served)
 
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.stop()
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
@@ -124,9 +130,7 @@ def hold_port(port: int, seconds: float = 5) -> socket.socket:
 
 
 def test_killed_store_is_restarted_on_its_port(tmp_path):
-    data = passable(tmp_path) / "data"
-    server = Server(data)
-    try:
+    with Server(passable(tmp_path) / "data") as server:
         auth = new_user(server)
         payload = os.urandom(200_000)
         upload(server, auth, "kept/a.bin", payload)
@@ -149,16 +153,12 @@ def test_killed_store_is_restarted_on_its_port(tmp_path):
         assert reply.status_code in (200, 201), (reply.status_code, reply.text)
         assert fetch(presigned(server, auth, "kept/b.bin")) == fresh
         assert "restart" in server.log()
-    finally:
-        server.stop()
 
 
 def test_store_down_answers_503_then_comes_back(tmp_path):
     """While the store cannot come back (its port taken), downloads (and /healthz) answer 503 with
     Retry-After, not a redirect to a dead port; once the port is free it serves again."""
-    data = passable(tmp_path) / "data"
-    server = Server(data)
-    try:
+    with Server(passable(tmp_path) / "data") as server:
         auth = new_user(server)
         payload = os.urandom(10_000)
         upload(server, auth, "a.bin", payload)
@@ -184,44 +184,42 @@ def test_store_down_answers_503_then_comes_back(tmp_path):
             squatter.close()
         wait_for(url, payload, BACK_WITHIN + 30)  # the back-off is capped well below this
         assert fetch(presigned_once_back(server, auth, "a.bin")) == payload
-    finally:
-        server.stop()
 
 
 def test_presigned_url_survives_server_restart(tmp_path):
     data = passable(tmp_path) / "data"
-    first = Server(data)
-    try:
+    with Server(data) as first:
         auth = new_user(first)
         payload = os.urandom(100_000)
         upload(first, auth, "kept/a.bin", payload)
         url = presigned(first, auth, "kept/a.bin")
-    finally:
-        first.stop()
-    second = Server(data)
-    try:
+    with Server(data) as second:
         assert fetch(url) == payload
         # Killed without a chance to clean up, the server's next start still gets the same port.
         os.kill(second.process.pid, signal.SIGKILL)
         second.process.wait(timeout=15)
-    finally:
-        second.stop()
-    third = Server(data)
-    try:
+    with Server(data):
         assert fetch(url) == payload
-    finally:
-        third.stop()
+
+
+def stored_port(data: Path) -> int:
+    """The store's port a server keeps in its data directory."""
+    return json.loads((data / "embedded-s3.json").read_text())["port"]
+
+
+def data_dir_with_a_kept_port(tmp_path: Path) -> Path:
+    """A data directory a server has run on once: its store's port chosen and kept."""
+    data = passable(tmp_path) / "data"
+    Server(data).stop()
+    return data
 
 
 def test_port_taken_at_start_falls_back_and_says_so(tmp_path):
-    data = passable(tmp_path) / "data"
-    first = Server(data)
-    first.stop()
-    port = json.loads((data / "embedded-s3.json").read_text())["port"]
+    data = data_dir_with_a_kept_port(tmp_path)
+    port = stored_port(data)
     squatter = hold_port(port)
     try:
-        second = Server(data)
-        try:
+        with Server(data) as second:
             auth = new_user(second)
             upload(second, auth, "a.bin", b"still works")
             url = presigned(second, auth, "a.bin")
@@ -229,26 +227,19 @@ def test_port_taken_at_start_falls_back_and_says_so(tmp_path):
             assert fetch(url) == b"still works"
             log = second.log()
             assert f"port {port}" in log and "taken" in log, log
-        finally:
-            second.stop()
     finally:
         squatter.close()
 
 
 def test_explicit_port_wins(tmp_path):
-    data = passable(tmp_path) / "data"
-    first = Server(data)
-    first.stop()
-    stored = json.loads((data / "embedded-s3.json").read_text())["port"]
+    data = data_dir_with_a_kept_port(tmp_path)
+    stored = stored_port(data)
     explicit = free_port()
-    server = Server(data, {"KGPU_EMBEDDED_S3_PORT": str(explicit)})
-    try:
+    with Server(data, {"KGPU_EMBEDDED_S3_PORT": str(explicit)}) as server:
         auth = new_user(server)
         upload(server, auth, "a.bin", b"x")
         assert f"127.0.0.1:{explicit}/" in presigned(server, auth, "a.bin")
-    finally:
-        server.stop()
-    assert json.loads((data / "embedded-s3.json").read_text())["port"] == stored
+    assert stored_port(data) == stored
 
 
 def test_data_dir_of_an_older_server_gets_a_kept_port(tmp_path):
