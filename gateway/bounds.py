@@ -9,8 +9,9 @@ exist). Path names have their own rule in :func:`drive.keys.check_name`; a run's
 
 from __future__ import annotations
 
+import re
 import unicodedata
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field
 
@@ -40,6 +41,23 @@ def plain_text(value: str) -> str:
 
 
 PlainText = Annotated[str, AfterValidator(plain_text)]
+
+
+def is_dns_label(value: str, longest: int) -> bool:
+    """Lowercase letters, digits and inner '-', 1 to ``longest`` characters."""
+    return re.fullmatch(rf"[a-z0-9](?:[a-z0-9-]{{0,{longest - 2}}}[a-z0-9])?", value) is not None
+
+
+def dns_label(longest: int, refusal: str) -> Any:
+    """The type of a field that must be a DNS label of at most ``longest`` characters (an org's slug,
+    a rental's name); ``refusal``: the 422's message for one that is not."""
+
+    def check(value: str) -> str:
+        if not is_dns_label(value, longest):
+            raise ValueError(refusal)
+        return value
+
+    return Annotated[str, AfterValidator(check)]
 
 
 def header_problem(headers: list[tuple[bytes, bytes]]) -> tuple[int, str, str] | None:

@@ -7,7 +7,8 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.orm import DeclarativeBase, sessionmaker
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from gateway.data_dir import PRIVATE_FILE_MODE, create_private_file, make_private_dir, set_mode
 
@@ -42,6 +43,17 @@ def make_engine(url: str) -> Engine:
 
 def make_sessionmaker(engine: Engine) -> sessionmaker:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def add_new(session: Session, row: Base, taken: Exception) -> None:
+    """``row`` added and flushed (its id given); where a unique column already holds its value,
+    the transaction is rolled back and ``taken`` raised instead."""
+    session.add(row)
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        raise taken from None
 
 
 def alembic_config(url: str) -> Config:

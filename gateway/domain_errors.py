@@ -15,6 +15,15 @@ class DomainError(Exception):
         self.message = message
 
 
+class _OneCode:
+    """Mixed into a kind of error whose ``error_code`` never varies (its ``code``): it takes only the message."""
+
+    code: str
+
+    def __init__(self, message: str):
+        super().__init__(self.code, message)
+
+
 class NotFound(DomainError):
     """No such thing, or none the caller may see."""
 
@@ -23,11 +32,10 @@ class Conflict(DomainError):
     """The thing's present state forbids it (a name taken, a rental ended, a cap reached)."""
 
 
-class NoCapacity(Conflict):
+class NoCapacity(_OneCode, Conflict):
     """No node has the GPUs asked for (now, or at all)."""
 
-    def __init__(self, message: str):
-        super().__init__("no_capacity", message)
+    code = "no_capacity"
 
 
 class Gone(DomainError):
@@ -42,16 +50,16 @@ class TooLarge(DomainError):
     """More bytes than a cap or a quota allows."""
 
 
-class Invalid(DomainError):
+class Invalid(_OneCode, DomainError):
     """A value the request's shape allowed but the domain refuses (a model not offered, a balance out of bounds)."""
 
-    def __init__(self, message: str):
-        super().__init__("validation_error", message)
+    code = "validation_error"
 
 
-class InsufficientCredits(DomainError):
-    def __init__(self, message: str):
-        super().__init__("insufficient_credits", message)
+class InsufficientCredits(_OneCode, DomainError):
+    """The caller's balance does not cover what they ask for."""
+
+    code = "insufficient_credits"
 
 
 class Unavailable(DomainError):

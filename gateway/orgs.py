@@ -7,37 +7,30 @@ every org. An org the caller may not read behaves as if it did not exist.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from gateway.bounds import PlainText, RowId
+from gateway.bounds import PlainText, RowId, dns_label, is_dns_label
+from gateway.db import add_new
 from gateway.domain_errors import Conflict, NotFound
 from gateway.models import Org, OrgMember, User
 from gateway.principal import Principal
 from gateway.tokens import as_utc
 
 OrgRole = Literal["admin", "uploader", "member"]
-SLUG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+SLUG_LENGTH = 63
+Slug = dns_label(SLUG_LENGTH, "slug must be DNS-friendly: lowercase letters, digits and inner '-', at most 63")
 _WRITERS = {"admin", "uploader"}
 
 
 class NewOrg(BaseModel):
-    slug: str
+    slug: Slug
     name: PlainText = Field(default="", max_length=200)
     owner_user_id: RowId | None = None
-
-    @field_validator("slug")
-    @classmethod
-    def _dns_friendly(cls, value: str) -> str:
-        if not SLUG.match(value):
-            raise ValueError("slug must be DNS-friendly: lowercase letters, digits and inner '-', at most 63")
-        return value
 
 
 class Membership(BaseModel):
@@ -74,7 +67,7 @@ def describe_member(member: OrgMember, user: User) -> dict:
 
 def access(session: Session, principal: Principal, slug: str) -> Access:
     """The caller's access to an org; 404 when the org does not exist *or* the caller is not in it."""
-    org = session.scalar(select(Org).where(Org.slug == slug)) if SLUG.match(slug) else None
+    org = session.scalar(select(Org).where(Org.slug == slug)) if is_dns_label(slug, SLUG_LENGTH) else None
     if org is not None and principal.is_admin:
         return Access(org, "admin")
     if org is not None and principal.user_id is not None:
@@ -105,12 +98,7 @@ def create(session: Session, new: NewOrg) -> Org:
     if new.owner_user_id is not None and session.get(User, new.owner_user_id) is None:
         raise NotFound("user_not_found", f"no user with id {new.owner_user_id}")
     org = Org(slug=new.slug, name=new.name, owner_user_id=new.owner_user_id)
-    session.add(org)
-    try:
-        session.flush()
-    except IntegrityError:
-        session.rollback()
-        raise Conflict("org_exists", f"an organisation {new.slug!r} already exists") from None
+    add_new(session, org, Conflict("org_exists", f"an organisation {new.slug!r} already exists"))
     if new.owner_user_id is not None:
         session.add(OrgMember(org_id=org.id, user_id=new.owner_user_id, role="admin"))
         session.flush()

@@ -6,10 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gateway.bounds import MAX_CREDITS, MAX_ROW_ID, PlainText
+from gateway.db import add_new
 from gateway.domain_errors import Conflict, Invalid, NotFound
 from gateway.models import User
 from gateway.tokens import as_utc
@@ -61,12 +61,7 @@ def create(session: Session, new: NewUser, starting_credits: int) -> User:
         status=new.status,
         credits=starting_credits if new.credits is None else new.credits,
     )
-    session.add(user)
-    try:
-        session.flush()
-    except IntegrityError:
-        session.rollback()
-        raise Conflict("user_exists", f"a user with email {new.email} already exists") from None
+    add_new(session, user, Conflict("user_exists", f"a user with email {new.email} already exists"))
     return user
 
 

@@ -9,9 +9,9 @@ from typing import Annotated
 
 from pydantic import BaseModel, Field, field_validator
 
-from gateway.bounds import PlainText
+from gateway.bounds import PlainText, dns_label
 
-_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,28}[a-z0-9])?$")
+RentalName = dns_label(30, "name must be DNS-safe: lowercase letters, digits and inner '-', at most 30")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _IMAGE = re.compile(r"^[\x21-\x7e]+$")  # a docker reference: printable ASCII, no spaces
 # What exec(2) can carry: Linux refuses one argument or NAME=value over 128 KiB, and all of
@@ -79,7 +79,7 @@ def check_command(value: list[str]) -> list[str]:
 
 
 class RentRequest(BaseModel):
-    name: str = Field(default="rent", max_length=30)
+    name: RentalName = Field(default="rent", max_length=30)
     image: str | None = Field(default=None, max_length=300, pattern=_IMAGE.pattern)
     gpu_model: PlainText | None = Field(default=None, max_length=100)
     gpu_count: int | None = Field(default=None, ge=0, le=4)
@@ -94,13 +94,6 @@ class RentRequest(BaseModel):
                     "and its private half returned once (docs/ssh.md)",
     )
     queue: bool = Field(default=False, description="when no GPU is free, wait in the queue (phase Queued) rather than 409")
-
-    @field_validator("name")
-    @classmethod
-    def _dns_safe(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError("name must be DNS-safe: lowercase letters, digits and inner '-', at most 30")
-        return value
 
     @field_validator("cpu")
     @classmethod
