@@ -1,8 +1,9 @@
 """Uploads from this machine into a drive (``kgpu cp LOCAL kgpu:…``, my drive or a shared one):
 each file goes straight to the object store, by URLs the server mints, ``transfers`` at a time.
 
-* a file below :data:`MULTIPART_THRESHOLD` (``KGPU_MULTIPART_THRESHOLD``, bytes): one presigned PUT
-  (``POST`` with no body, ``X-Content-Length`` and ``X-OC-Mtime``);
+* a file below :data:`MULTIPART_THRESHOLD` (``KGPU_MULTIPART_THRESHOLD``, bytes): one presigned PUT,
+  minted with many others in one request (``POST /v1/files/?mint``, each file's path, size and
+  modification time);
 * a larger one: a multipart upload the server starts (``?uploads``), its parts' URLs minted one by
   one (``?uploadId=&partNumber=``) and sent in parallel with the other files, and which the server
   completes (``?uploadId=`` with the parts' ETags) with the file's time; aborted on failure.
@@ -22,7 +23,7 @@ import http.client
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from client.errors import TransferFailed
 
 MULTIPART_THRESHOLD = int(os.environ.get("KGPU_MULTIPART_THRESHOLD") or 64 << 20)
 ATTEMPTS = 3
+MINT_BATCH = 256  # files one batch mint asks for (the server takes up to 1000)
 BLOCK = 1 << 20  # bytes read from the file and sent at a time
 PUT_TIMEOUT = 120  # seconds the store may stay silent during one PUT
 MTIME_SLACK = 1.0  # seconds: the drive keeps whole seconds, as rclone's owncloud dialect does
@@ -218,6 +220,42 @@ def _mint(api: Api, f: LocalFile, stop: threading.Event) -> dict:
     return _attempts(lambda: api.call("POST", f.route, headers=headers), stop)
 
 
+def _mount(route: str) -> str:
+    """The drive's own route of a file's: ``/v1/files/`` or ``/v1/shared/ORG/``."""
+    parts = route.split("/")
+    return "/".join(parts[: 3 if parts[2] == "files" else 4]) + "/"
+
+
+def _mint_batch(api: Api, batch: list[LocalFile], stop: threading.Event) -> tuple[list[dict], ApiError | None]:
+    """Presigned PUTs for the files of ``batch`` (one drive), in one request (``POST
+    /v1/files/?mint``): the grants up to the first file refused, and that refusal. A server
+    without batch mints answers is_a_folder: one mint a file then."""
+    mount = _mount(batch[0].route)
+    asked = [{"path": f.route[len(mount):], "size": f.size, "mtime": f.mtime} for f in batch]
+    try:
+        reply = _attempts(lambda: api.call("POST", mount, params={"mint": ""}, body={"files": asked}), stop)
+    except ApiError as exc:
+        if exc.error_code != "is_a_folder":
+            raise
+        return [_mint(api, f, stop) for f in batch], None
+    grants: list[dict] = []
+    for grant in reply["files"]:
+        if "error" in grant:
+            error = grant["error"]
+            return grants, ApiError(error["status"], error["error_code"], f"{grant['path']}: {error['message']}")
+        grants.append(grant)
+    return grants, None
+
+
+def _batches(files: list[LocalFile], first: int) -> Iterator[list[LocalFile]]:
+    """``files`` cut for batch mints: ``first`` at first (so the first PUTs start at once), then
+    :data:`MINT_BATCH` at a time."""
+    start, size = 0, max(1, first)
+    while start < len(files):
+        yield files[start : start + size]
+        start, size = start + size, MINT_BATCH
+
+
 def _send_whole(f: LocalFile, grant: dict, progress: _Progress, stop: threading.Event) -> None:
     if stop.is_set():
         return
@@ -233,20 +271,24 @@ def upload(api: Api, files: list[LocalFile], transfers: int, on_stats: Callable[
     """Send every file, ``transfers`` PUTs at a time; the first refusal stops the rest and is
     raised (ApiError, TransferFailed), with every multipart upload it leaves unfinished aborted.
 
-    This thread mints the URLs, one after another, ahead of the PUTs the pool sends: mints never
-    queue on each other (each writes to the server's database), and a PUT never waits for one
-    once the first is out."""
+    This thread mints the URLs ahead of the PUTs the pool sends, many files a request (a batch
+    mint: the server holds their room in one transaction), the first batch only as many as
+    go at once, so the first PUTs start soon; mints never queue on each other."""
     progress = _Progress(files, on_stats)
     stop = threading.Event()
     multiparts: list[_Multipart] = []
     with ThreadPoolExecutor(max_workers=max(1, transfers), thread_name_prefix="kgpu-put") as pool:
         futures: list[Future] = []
         try:
-            for f in files:
+            for batch in _batches([f for f in files if f.size < MULTIPART_THRESHOLD], transfers):
                 if stop.is_set():
                     break
-                if f.size < MULTIPART_THRESHOLD:
-                    futures.append(pool.submit(_send_whole, f, _mint(api, f, stop), progress, stop))
+                grants, refusal = _mint_batch(api, batch, stop)
+                futures += [pool.submit(_send_whole, f, grant, progress, stop) for f, grant in zip(batch, grants)]
+                if refusal is not None:
+                    raise refusal
+            for f in files:
+                if stop.is_set() or f.size < MULTIPART_THRESHOLD:
                     continue
                 big = _Multipart(api, f)
                 multiparts.append(big)

@@ -35,12 +35,12 @@ class DbChangeMarks:
                 )
             )
 
-    def url_out(self, drive: str, key: str, expires_in: int) -> None:
+    def urls_out(self, drive: str, keys: list[str], expires_in: int) -> None:
         u = self._urls
         now = time.time()
         with self._sessions.begin() as session:
             session.execute(delete(u).where(u.c.prefix == drive, u.c.expires_at <= now))
-            session.execute(insert(u).values(prefix=drive, key=key, expires_at=now + expires_in))
+            session.execute(insert(u), [{"prefix": drive, "key": key, "expires_at": now + expires_in} for key in keys])
 
     def look(self, drive: str, folder: str, limit: int) -> tuple[int, list[str]]:
         g, u = self._generations, self._urls

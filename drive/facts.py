@@ -299,26 +299,27 @@ class FactsBook:
         with self._sessions.begin() as session:
             self._upsert(session, key, values)
 
-    def hand_out(self, key: str, *, size: int, mtime: float | None, expires_in: int, md5: str | None = None) -> None:
-        """A presigned PUT of ``size`` bytes, valid ``expires_in`` seconds, handed out with a
-        modification time or who vouches for its MD5 (``md5``: a declared hex, or
-        :data:`STORE_MD5`): the object's once an object of that size appears in that time (its
-        bytes never pass through the gateway: no SHA1, and the MD5 only as :func:`proven_md5`
-        allows)."""
+    def hand_out(self, urls: list[tuple[str, int, float | None, str | None]], expires_in: int) -> None:
+        """Presigned PUTs, valid ``expires_in`` seconds, handed out (one transaction for all) as
+        (key, size, modification time, who vouches for its MD5: a declared hex, or
+        :data:`STORE_MD5`): each the object's once an object of that size appears in that time
+        (its bytes never pass through the gateway: no SHA1, and the MD5 only as
+        :func:`proven_md5` allows)."""
         now = time.time()
         with self._sessions.begin() as session:
-            self._upsert(
-                session,
-                key,
-                {
-                    **({} if self._exists(session, key) else {"etag": None, "size": None, "mtime": None}),
-                    "pending_size": size,
-                    "pending_mtime": mtime,
-                    "pending_since": now,
-                    "pending_until": now + expires_in,
-                    "pending_md5": md5,
-                },
-            )
+            for key, size, mtime, md5 in urls:
+                self._upsert(
+                    session,
+                    key,
+                    {
+                        **({} if self._exists(session, key) else {"etag": None, "size": None, "mtime": None}),
+                        "pending_size": size,
+                        "pending_mtime": mtime,
+                        "pending_since": now,
+                        "pending_until": now + expires_in,
+                        "pending_md5": md5,
+                    },
+                )
 
     def _exists(self, session: Session, key: str) -> bool:
         return session.scalar(select(self._table.c.key).where(self._table.c.key == key)) is not None

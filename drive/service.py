@@ -35,11 +35,23 @@ from drive.store import (
 )
 from drive.store.caching import CachingStore
 from drive.uploads import MiB, UploadResult, choose_part_size, receive_body, stream_to_store
-from drive.usage import NoLease, Upload, UsageBook, WriteLease, open_upload
+from drive.usage import NoLease, QuotaExceeded, Upload, UsageBook, WriteLease, open_upload
 
 COPY_THREADS = 8  # server-side copies at once, for a folder
 Member = tuple[ObjectInfo | CommonPrefix, Facts | None]  # a folder's member: a file with its facts, or a folder
 COMPLETING_SECONDS = 600  # a multipart upload being completed is held at least this much longer
+
+
+@dataclass(frozen=True)
+class UrlAsked:
+    """One presigned PUT a mint asks for: its key, its size (None: all the room left), what it
+    replaces (read while the key is held), the client's modification time and declared MD5."""
+
+    key: str
+    size: int | None
+    previous: ObjectInfo | None
+    mtime: float | None = None
+    md5: DeclaredMd5 | None = None
 
 
 class Written(Protocol):
@@ -224,12 +236,30 @@ class DriveService:
         store records it, so cached listings check it). The length is signed into the URL: a
         store that checks signatures refuses a body of another size, so the hold covers whatever
         arrives; so is the MD5 (``Content-MD5``), which the store checks."""
+        (outcome,) = self.upload_urls(prefix, [UrlAsked(key, size, previous, mtime, md5)], quota, expires_in)
+        if isinstance(outcome, QuotaExceeded):
+            raise outcome
+        return outcome
+
+    def upload_urls(
+        self, prefix: str, asked: list[UrlAsked], quota: int | None, expires_in: int
+    ) -> list[str | QuotaExceeded]:
+        """:meth:`upload_url` for many files of one drive at once (a batch mint), each by the same
+        rules, in three writes for all: their room held together when it fits, else each alone
+        (drive/usage.py ``UsageBook.hold_many``: each that does not fit gets its QuotaExceeded in
+        its place, and nothing is held past the quota); the facts of those granted; their URLs."""
         if self.usage is not None:
-            self.usage.hold(prefix, key, size, quota, previous, expires_in)
-        vouched = self._vouched(md5)
-        if (mtime is not None or vouched is not None) and self.facts is not None and size is not None:
-            self.facts.hand_out(key, size=size, mtime=mtime, expires_in=expires_in, md5=vouched)
-        return self.store.presign_put(key, expires_in, content_length=size, content_md5=md5 and md5.base64)
+            refused = self.usage.hold_many(prefix, [(a.key, a.size, a.previous) for a in asked], quota, expires_in)
+        else:
+            refused = [None] * len(asked)
+        granted = [a for a, refusal in zip(asked, refused) if refusal is None]
+        if self.facts is not None:
+            noted = [(a.key, a.size, a.mtime, self._vouched(a.md5)) for a in granted if a.size is not None]
+            noted = [entry for entry in noted if entry[2] is not None or entry[3] is not None]
+            if noted:
+                self.facts.hand_out(noted, expires_in)
+        urls = iter(self.store.presign_puts([(a.key, a.size, a.md5 and a.md5.base64) for a in granted], expires_in))
+        return [refusal if refusal is not None else next(urls) for refusal in refused]
 
     # ------------------------------------------------------------ multipart uploads sent straight to the store
 

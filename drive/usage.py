@@ -104,6 +104,12 @@ class UsageBook(Protocol):
         """Reserve room for a presigned PUT of ``key`` until its object appears or the URL expires
         (with ``upload_id``: a multipart upload sent straight to the store, drive/direct.py)."""
 
+    def hold_many(
+        self, prefix: str, wanted: list[tuple[str, int | None, ObjectInfo | None]], quota: int | None, expires_in: int
+    ) -> list[QuotaExceeded | None]:
+        """:meth:`hold` for many presigned PUTs of one drive, ``wanted`` as (key, size, what it
+        replaces): together when they fit, else each alone; for each, None (held) or its refusal."""
+
     def open_parts_uploads(self, prefix: str) -> int:
         """How many multipart uploads sent straight to the store the drive has open."""
 

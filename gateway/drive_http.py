@@ -39,8 +39,8 @@ from drive.direct import (
     plan_parts,
 )
 from drive.facts import BadClientFact, ClientFacts, client_facts
-from drive.keys import DrivePath
-from drive.service import DriveService
+from drive.keys import DrivePath, InvalidPath
+from drive.service import DriveService, UrlAsked
 from drive.store import ListPage, ObjectInfo, ObjectStore, PartsRefused, StoreUnavailable
 from drive.store.caching import CachingStore
 from drive.uploads import ClientGone, IncompleteBody, UploadTooLarge, WriteBusy
@@ -384,12 +384,17 @@ async def _stream_held(
 
 
 def _file_path(request: Request, drive: Drive, method: str) -> DrivePath:
-    path = drive.path(request)
+    path = _a_file(drive.path(request), method)
+    drive.require_write()
+    return path
+
+
+def _a_file(path: DrivePath, method: str) -> DrivePath:
+    """``path`` if a file may be written there (400 is_a_folder, reserved_name)."""
     if path.is_dir:
         raise ApiError(400, "is_a_folder", f"{method} needs a file path, not one ending in '/'")
     if path.name == listing.FOLDER_MARKER:
         raise ApiError(400, "reserved_name", f"{listing.FOLDER_MARKER} is reserved for folder markers")
-    drive.require_write()
     return path
 
 
@@ -422,9 +427,12 @@ def _declared_md5(request: Request) -> DeclaredMd5 | None:
 
 async def post(request: Request, drive: Drive) -> Response:
     """A body is streamed through (curl --data-binary sends POST); no body mints a presigned PUT;
-    ``?uploads``, ``?uploadId=`` are a multipart upload sent straight to the store (drive/direct.py)."""
-    path = _file_path(request, drive, "POST")
+    ``?uploads``, ``?uploadId=`` are a multipart upload sent straight to the store (drive/direct.py);
+    ``FOLDER/?mint`` mints presigned PUTs for many files (:func:`mint_many`)."""
     query = request.query_params
+    if "mint" in query:
+        return await mint_many(request, drive)
+    path = _file_path(request, drive, "POST")
     if "uploads" in query or "uploadId" in query:
         return await direct_parts(request, drive, path)
     if has_body(request):
@@ -447,16 +455,147 @@ async def post(request: Request, drive: Drive) -> Response:
             "it) to have OC-Checksum verified",
         )
     url = await upload_url(request, drive, path, declared, told.mtime, md5)
-    content_type = request.headers.get("x-content-type") or mimetypes.guess_type(path.name)[0]
+    return JSONResponse(_grant(request, path, url, md5, request.headers.get("x-content-type")))
+
+
+def _grant(request: Request, path: DrivePath, url: str, md5: DeclaredMd5 | None, content_type: str | None) -> dict:
+    """A minted presigned PUT as the client is told it: the headers its PUT must send."""
+    content_type = content_type or mimetypes.guess_type(path.name)[0]
     headers = {"Content-Type": content_type} if content_type else {}
-    return JSONResponse(
-        {
-            "url": url,
-            "method": "PUT",
-            "expires_in": _expires(request),
-            "headers": headers | ({"Content-MD5": md5.base64} if md5 else {}),
-        }
-    )
+    return {
+        "url": url,
+        "method": "PUT",
+        "expires_in": _expires(request),
+        "headers": headers | ({"Content-MD5": md5.base64} if md5 else {}),
+    }
+
+
+MAX_MINT_FILES = 1000  # files one batch mint asks for at most
+MAX_MINT_BODY = 2 << 20  # bytes of its JSON (1000 entries of the longest paths fit)
+NAME_CHECKS_AT_ONCE = 16  # a batch's name checks (store requests) running at once
+MINT_SHAPE = '{"files": [{"path": "a/b.bin", "size": 123, "mtime": 1700000000, "md5": "…"}, …]}'
+
+
+@dataclass(frozen=True)
+class _Wanted:
+    """One file of a batch mint, read and checked as a single mint's headers are."""
+
+    rel: str  # as the client named it, relative to the folder
+    path: DrivePath
+    size: int
+    mtime: float | None
+    md5: DeclaredMd5 | None
+    content_type: str | None
+
+
+def _wanted(item: object, folder: DrivePath) -> _Wanted:
+    """One entry of a batch mint (400 with the single mint's error codes when it breaks a rule)."""
+    if not isinstance(item, dict) or not isinstance(item.get("path"), str):
+        raise ApiError(400, "bad_mint", f"each file is an object with a path and a size: {MINT_SHAPE}")
+    rel, size, mtime = item["path"], item.get("size"), item.get("mtime")
+    path = _a_file(keys.from_text(folder.prefix, folder.rel + rel), "a mint")
+    if type(size) is not int or not 0 <= size < 10**18:
+        raise ApiError(400, "bad_content_length", "size must be a non-negative integer (bytes)")
+    if mtime is not None and (type(mtime) not in (int, float, str)):
+        raise ApiError(400, "bad_mtime", "mtime is seconds since the epoch")
+    content_type = item.get("content_type")
+    if content_type is not None and not (isinstance(content_type, str) and 0 < len(content_type) <= 256):
+        raise ApiError(400, "bad_content_type", "content_type is a media type of at most 256 characters")
+    md5 = item.get("md5")
+    try:
+        told = client_facts({"x-oc-mtime": None if mtime is None else str(mtime)}.get)
+        declared = parse_md5(md5 if isinstance(md5, str) or md5 is None else "?")
+    except (BadClientFact, DirectUploadError) as exc:
+        raise ApiError(400, exc.code, str(exc)) from None
+    return _Wanted(rel, path, size, told.mtime, declared, content_type)
+
+
+def _refused(rel: object, exc: ApiError | InvalidPath) -> dict:
+    if isinstance(exc, InvalidPath):
+        exc = ApiError(400, "invalid_path", str(exc))
+    return {"path": rel, "error": {"status": exc.status, "error_code": exc.error_code, "message": exc.message}}
+
+
+def _in_batch(items: list) -> list[_Wanted | dict]:
+    """A file named twice (400 duplicate_path), or under a file of the same batch (409
+    name_conflict), is refused in its place; the first of each stands."""
+    keys_asked = {w.path.key for w in items if isinstance(w, _Wanted)}
+    seen: set[str] = set()
+    checked: list[_Wanted | dict] = []
+    for wanted in items:
+        if isinstance(wanted, _Wanted):
+            parts = wanted.path.rel.split("/")
+            folders = ("/".join(parts[:n]) for n in range(1, len(parts)))
+            above = next((a for a in folders if wanted.path.prefix + a in keys_asked), None)
+            if wanted.path.key in seen:
+                wanted = _refused(wanted.rel, ApiError(400, "duplicate_path", "this path is named twice in the batch"))
+            elif above is not None:
+                why = f"{above} is a file in this batch, so it cannot hold {wanted.path.rel}"
+                wanted = _refused(wanted.rel, ApiError(409, names.NAME_CONFLICT, why))
+            else:
+                seen.add(wanted.path.key)
+        checked.append(wanted)
+    return checked
+
+
+async def mint_many(request: Request, drive: Drive) -> JSONResponse:
+    """``POST FOLDER/?mint`` with :data:`MINT_SHAPE`: a presigned PUT for each file (its path
+    relative to FOLDER), each by the single mint's rules and answered in its place, a refused
+    one with its own error (the others are minted); their keys held at once, their names
+    checked, and their room held together in one transaction (DriveService.upload_urls)."""
+    folder = drive.path(request)
+    if not folder.is_dir:
+        raise ApiError(400, "not_a_folder", "?mint names the folder its files' paths are relative to: end it in '/'")
+    drive.require_write()
+    body = await _small_json(request, MAX_MINT_BODY, "bad_mint", f"the body must be JSON: {MINT_SHAPE}")
+    items = body.get("files") if isinstance(body, dict) else None
+    if not isinstance(items, list) or not items:
+        raise ApiError(400, "bad_mint", f"the body must be {MINT_SHAPE}, with at least one file")
+    if len(items) > MAX_MINT_FILES:
+        raise ApiError(400, "too_many_files", f"a batch mint asks for at most {MAX_MINT_FILES} files; this one {len(items)}")
+    read: list[_Wanted | dict] = []
+    for item in items:
+        try:
+            read.append(_wanted(item, folder))
+        except (ApiError, InvalidPath) as exc:
+            read.append(_refused(item.get("path") if isinstance(item, dict) else None, exc))
+    answers = _in_batch(read)
+    wanted = [w for w in answers if isinstance(w, _Wanted)]
+    if wanted:
+        service = _service(request)
+        async with writing(request, drive, *(w.path.key for w in wanted), urls=False):
+            at_once = asyncio.Semaphore(NAME_CHECKS_AT_ONCE)
+
+            async def checked(w: _Wanted) -> ObjectInfo | None | ApiError:
+                async with at_once:
+                    try:
+                        return await _previous_and_names(service.store, w.path)
+                    except ApiError as exc:
+                        return exc
+
+            found = await asyncio.gather(*(checked(w) for w in wanted))
+            named = [(w, previous) for w, previous in zip(wanted, found) if not isinstance(previous, ApiError)]
+            minted = await run_in_threadpool(
+                service.upload_urls,
+                drive.prefix,
+                [UrlAsked(w.path.key, w.size, previous, w.mtime, w.md5) for w, previous in named],
+                drive.quota_bytes,
+                _expires(request),
+            )
+        outcome = {w.path.key: found_ for w, found_ in zip(wanted, found) if isinstance(found_, ApiError)}
+        outcome |= {w.path.key: url for (w, _), url in zip(named, minted)}
+        for n, answer in enumerate(answers):
+            if isinstance(answer, _Wanted):
+                got = outcome[answer.path.key]
+                if isinstance(got, QuotaExceeded):
+                    answers[n] = _refused(answer.rel, quota_refusal(str(got)))
+                elif isinstance(got, ApiError):
+                    answers[n] = _refused(answer.rel, got)
+                else:
+                    answers[n] = {"path": answer.rel, **_grant(request, answer.path, got, answer.md5, answer.content_type)}
+    refused = sum("error" in answer for answer in answers)
+    return JSONResponse({"files": answers, "minted": len(answers) - refused, "refused": refused,
+                         "expires_in": _expires(request)})
 
 
 MAX_PARTS_BODY = 1 << 20  # the JSON that completes a multipart upload (10,000 parts fit)
@@ -493,7 +632,9 @@ async def direct_parts(request: Request, drive: Drive, path: DrivePath) -> JSONR
             )
             headers = {"Content-MD5": md5.base64} if md5 else {}
             return JSONResponse({"url": url, "method": "PUT", "expires_in": _expires(request), "headers": headers})
-        parts = await _small_json(request)
+        parts = await _small_json(
+            request, MAX_PARTS_BODY, "bad_parts", 'the body must be JSON: {"parts": [{"number": 1, "etag": "…"}, …]}'
+        )
         mtime = client_facts_of(request).mtime
         async with writing(request, drive, path.key, urls=False):
             await _previous_and_names(service.store, path)
@@ -516,18 +657,19 @@ async def direct_parts(request: Request, drive: Drive, path: DrivePath) -> JSONR
         raise quota_refusal(str(exc)) from None
 
 
-async def _small_json(request: Request) -> object:
-    """A JSON body of at most MAX_PARTS_BODY bytes (400 otherwise)."""
+async def _small_json(request: Request, limit: int, code: str, shape: str) -> object:
+    """A JSON body of at most ``limit`` bytes (400 ``code`` otherwise, ``shape`` saying what it must be)."""
     chunks, taken = [], 0
     async for chunk in request.stream():
         taken += len(chunk)
-        if taken > MAX_PARTS_BODY:
-            raise ApiError(400, "bad_parts", f"the parts' JSON is at most {MAX_PARTS_BODY} bytes")
+        if taken > limit:
+            await _drain(request)  # so the client reads the 400, not a reset
+            raise ApiError(400, code, f"the body is at most {limit} bytes of JSON")
         chunks.append(chunk)
     try:
         return json.loads(b"".join(chunks))
     except ValueError:
-        raise ApiError(400, "bad_parts", 'the body must be JSON: {"parts": [{"number": 1, "etag": "…"}, …]}') from None
+        raise ApiError(400, code, shape) from None
 
 
 async def delete(request: Request, drive: Drive) -> Response:

@@ -66,6 +66,7 @@ BACKGROUND_SETTLE_MAX_HOLDS = 64  # more outstanding holds: settled only when a 
 # WRITE_RENEW_SECONDS while held and runs out WRITE_LEASE_SECONDS after a gateway that died.
 WRITE_LEASE_SECONDS = 120
 WRITE_RENEW_SECONDS = 30
+PATHS_A_QUERY = 100  # a lease's keys looked up in one query (SQLite's expressions are at most 1000 deep)
 WRITE_WAIT_SECONDS = 5.0  # how long a write waits for another write of the same key, then 423
 _WRITES_LOCK = 0x6B677077 << 32  # PostgreSQL advisory locks "kgpw" + a drive's CRC: one taker at a time
 
@@ -228,10 +229,11 @@ class DbUsageBook:
             + (f" ({', '.join(notes)})" if notes else "")
         )
 
-    def _reserve(self, prefix: str, n: int, quota: int, *, opening: bool, also=None) -> int:
+    def _reserve(self, prefix: str, n: int, quota: int, *, opening: int, also=None, settle: bool = True) -> int:
         """``n`` more bytes (0 or less: none) for an upload, atomically: ``used + reserved + n``
-        must stay within ``quota``; ``opening`` counts a new upload in flight. Presigned PUTs
-        that are done are settled once before giving up."""
+        must stay within ``quota``; ``opening`` counts that many new uploads in flight (True: one).
+        Presigned PUTs that are done are settled once before giving up (``settle`` False: not,
+        for a batch whose settle was tried already)."""
         n = max(n, 0)
         settled = counted = False
         while True:
@@ -246,7 +248,7 @@ class DbUsageBook:
                         self.reconcile(prefix)
                 # Once more, now that the row exists (another request may have just counted it).
                 continue
-            if settled or not self.settle_holds(prefix):
+            if settled or not settle or not self.settle_holds(prefix):
                 raise self._refusal(prefix, n, quota)
             settled = True
 
@@ -296,30 +298,19 @@ class DbUsageBook:
         "parts", drive/direct.py), recorded even without a quota, since its row is the upload's."""
         if quota is None and upload_id is None:
             return
-        previous_size = previous.size if previous else 0
+        parts = {"kind": "parts", "upload_id": upload_id, "size": size, "part_bytes": part_bytes} if upload_id else {}
 
-        def record(session, n: int) -> None:  # in the reservation's own transaction
-            session.execute(
-                insert(QuotaHold).values(
-                    prefix=prefix,
-                    key=key,
-                    bytes=n,
-                    previous_etag=previous.etag if previous else None,
-                    previous_size=previous_size,
-                    expires_at=utcnow() + timedelta(seconds=expires_in),
-                    **({"kind": "parts", "upload_id": upload_id, "size": size, "part_bytes": part_bytes}
-                       if upload_id is not None else {}),
-                )
-            )
+        def row(n: int) -> dict:
+            return self._hold_row(prefix, key, n, previous, expires_in, **parts)
 
         if quota is None:
-            self._reserve(prefix, 0, 0, opening=True, also=record)
+            self._hold([row(0)], prefix, None)
         elif size is None:
             self._ensure_row(prefix)
             for _attempt in range(4):
                 n = self.room(prefix, quota)  # read apart: the conditional UPDATE re-checks it
                 try:
-                    self._reserve(prefix, max(n, 1), quota, opening=True, also=record)
+                    self._hold([row(max(n, 1))], prefix, quota)
                     break
                 except QuotaExceeded:
                     if n <= 0:
@@ -327,13 +318,75 @@ class DbUsageBook:
             else:
                 raise self._refusal(prefix, 1, quota)
         else:
-            self._reserve(prefix, needed(size, previous_size), quota, opening=True, also=record)
+            self._hold([row(needed(size, previous.size if previous else 0))], prefix, quota)
+        self._settle_now_and_then(prefix)
+
+    def hold_many(
+        self, prefix: str, wanted: list[tuple[str, int | None, ObjectInfo | None]], quota: int | None, expires_in: int
+    ) -> list[QuotaExceeded | None]:
+        """:meth:`hold` for many presigned PUTs at once (a batch mint), ``wanted`` as (key, size,
+        what it replaces): all in one transaction when they fit together; else each alone, in
+        order, so each that does not fit is refused on its own and nothing is ever reserved past
+        the quota. For each: None (held) or its QuotaExceeded."""
+        if len(wanted) <= 1 or quota is None or any(size is None for _, size, _ in wanted):
+            outcomes: list[QuotaExceeded | None] = []
+            for key, size, previous in wanted:
+                try:
+                    self.hold(prefix, key, size, quota, previous, expires_in)
+                    outcomes.append(None)
+                except QuotaExceeded as exc:
+                    outcomes.append(exc)
+            return outcomes
+        rows = [self._hold_row(prefix, key, needed(size, previous.size if previous else 0), previous, expires_in)
+                for key, size, previous in wanted]
+        try:
+            self._hold(rows, prefix, quota)
+            outcomes = [None] * len(rows)
+        except QuotaExceeded:
+            outcomes = []
+            for row in rows:  # the done URLs were settled just now: not again for each
+                try:
+                    self._hold([row], prefix, quota, settle=False)
+                    outcomes.append(None)
+                except QuotaExceeded as exc:
+                    outcomes.append(exc)
+        self._settle_now_and_then(prefix)
+        return outcomes
+
+    @staticmethod
+    def _hold_row(prefix: str, key: str, n: int, previous: ObjectInfo | None, expires_in: int, **parts) -> dict:
+        """A QuotaHold's values: ``n`` bytes (0 or less: none) for a presigned PUT of ``key``."""
+        return {
+            "prefix": prefix,
+            "key": key,
+            "bytes": max(n, 0),
+            "previous_etag": previous.etag if previous else None,
+            "previous_size": previous.size if previous else 0,
+            "expires_at": utcnow() + timedelta(seconds=expires_in),
+            **parts,
+        }
+
+    def _hold(self, rows: list[dict], prefix: str, quota: int | None, *, settle: bool = True) -> None:
+        """Reserve the bytes of the holds ``rows`` (:meth:`_hold_row`) together, in one
+        transaction with the rows (QuotaExceeded, and none of them, when they do not fit)."""
+
+        def record(session, _n: int) -> None:
+            session.execute(insert(QuotaHold), rows)
+
+        if quota is None:
+            self._reserve(prefix, 0, 0, opening=len(rows), also=record)
+        else:
+            self._reserve(prefix, sum(row["bytes"] for row in rows), quota, opening=len(rows), also=record,
+                          settle=settle)
+
+    def _settle_now_and_then(self, prefix: str) -> None:
+        """Redirected PUTs in a row: settle the done ones in the background now and then."""
         now = time.monotonic()
         with self._lock:
             due = now - self._last_hold_settle.get(prefix, 0.0) >= HOLD_SETTLE_INTERVAL
             if due:
                 self._last_hold_settle[prefix] = now
-        if due:  # redirected PUTs in a row: settle the done ones in the background now and then
+        if due:
             self._soon(self._settle_few_holds, prefix)
 
     # A multipart upload sent straight to the store (drive/direct.py): a QuotaHold of kind "parts".
@@ -726,9 +779,11 @@ class DbUsageBook:
             # On SQLite this first write takes the database's write lock: the check below and the
             # insert are one step for every process on the file, as the advisory lock makes them.
             session.execute(delete(DriveWrite).where(DriveWrite.prefix == prefix, DriveWrite.expires_at <= now))
-            meeting = or_(*(_meeting(path, exclusive) for path, exclusive in wanted.items()))
-            if session.execute(select(DriveWrite.id).where(DriveWrite.prefix == prefix, meeting).limit(1)).first():
-                return None
+            asked = list(wanted.items())
+            for start in range(0, len(asked), PATHS_A_QUERY):  # a batch mint's many keys: SQL of bounded depth
+                meeting = or_(*(_meeting(path, exclusive) for path, exclusive in asked[start : start + PATHS_A_QUERY]))
+                if session.execute(select(DriveWrite.id).where(DriveWrite.prefix == prefix, meeting).limit(1)).first():
+                    return None
             expires = now + timedelta(seconds=WRITE_LEASE_SECONDS)
             rows = [DriveWrite(prefix=prefix, path=path, exclusive=mine, expires_at=expires) for path, mine in wanted.items()]
             session.add_all(rows)

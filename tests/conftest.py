@@ -292,6 +292,18 @@ class Stack:
         body = reply.json()
         return Account(body["user"]["id"], email, body["token"], self.base, body)
 
+    def new_org(self, owner: Account, **roles: Account) -> str:
+        """An organisation owned by ``owner``, with each of ``roles`` (role=account) a member; its slug."""
+        slug = "lab-" + uuid.uuid4().hex[:8]
+        reply = requests.post(f"{self.base}/v1/admin/orgs", json={"slug": slug, "owner_user_id": owner.id},
+                              headers=self.admin)
+        assert reply.status_code == 201, reply.text
+        for role, member in roles.items():
+            reply = requests.post(f"{self.base}/v1/admin/orgs/{slug}/members",
+                                  json={"user_id": member.id, "role": role}, headers=self.admin)
+            assert reply.status_code in (200, 201), reply.text
+        return slug
+
 
 STACKS = {
     "rclone-sqlite": ("rclone_target", None),

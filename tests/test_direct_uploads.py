@@ -227,14 +227,8 @@ def test_an_expired_multipart_upload_is_aborted_and_cannot_complete(stack, user)
 
 
 def test_a_reader_of_a_shared_drive_starts_no_upload(stack, user):
-    import uuid
-
-    slug = "lab-" + uuid.uuid4().hex[:8]
-    assert requests.post(f"{stack.base}/v1/admin/orgs", json={"slug": slug, "owner_user_id": user.id},
-                         headers=stack.admin).status_code == 201
     member = stack.new_user()
-    requests.post(f"{stack.base}/v1/admin/orgs/{slug}/members", json={"user_id": member.id, "role": "member"},
-                  headers=stack.admin)
+    slug = stack.new_org(user, member=member)
     reply = requests.post(f"{stack.base}/v1/shared/{slug}/x.bin", params={"uploads": ""},
                           headers={**member.auth, "X-Content-Length": "10"})
     assert (reply.status_code, reply.json()["error_code"]) == (403, "read_only")

@@ -22,6 +22,7 @@ import os
 import re
 import subprocess
 import sys
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,7 @@ def test_my_drive_examples(stack, user, tmp_path):
     assert_sha256_checks_passed("my-drive.md", out)
     assert "python round trip: sha256 OK" in out
     assert "6000000 bytes; md5 kept: True" in out
+    assert "minted 3 refused 1 ('../outside.bin', 400, 'invalid_path')" in out and "batch42 holds 3 files" in out
     assert "HTTP 413" in out and "quota_exceeded" in out
     assert "stamped upload: HTTP 201" in out and "Mon, 06 May 2024 07:08:09 GMT" in out
     assert re.search(r"^oc-checksum: SHA1:[0-9a-f]{40}\s*$", out, re.M | re.I) and "checksum_mismatch" in out
@@ -137,6 +139,12 @@ def test_my_drive_examples(stack, user, tmp_path):
     for remote, local in local_copies.items():
         assert paths.get(remote) == (workdir / local).stat().st_size, remote
     assert paths.get("exp42/big.bin") == (workdir / "big.bin").stat().st_size
+    for n in (1, 2, 3):  # the batch mint's files, byte for byte, with their times
+        sent = workdir / f"batch/run-{n}.bin"
+        got = requests.get(f"{stack.base}/v1/files/batch42/run-{n}.bin", headers=user.auth)
+        assert got.content == sent.read_bytes()
+        mtime = requests.head(f"{stack.base}/v1/files/batch42/run-{n}.bin", headers=user.auth).headers["Last-Modified"]
+        assert parsedate_to_datetime(mtime).timestamp() == int(sent.stat().st_mtime)
     assert "exp42-outputs.tgz" in paths and "envs/exp42.tgz" in paths
     assert "exp42/notes.txt" not in paths
     assert not [p for p in paths if p.startswith("scratch/")]

@@ -28,7 +28,7 @@ class _Marks:
     def bump(self, drive):
         pass
 
-    def url_out(self, drive, key, expires_in):
+    def urls_out(self, drive, keys, expires_in):
         pass
 
     def look(self, drive, folder, limit):

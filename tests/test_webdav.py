@@ -583,8 +583,8 @@ class _Marks:
     def bump(self, drive):
         self.generations[drive] = self.generations.get(drive, 0) + 1
 
-    def url_out(self, drive, key, expires_in):
-        self.urls.append((drive, key))
+    def urls_out(self, drive, keys, expires_in):
+        self.urls += [(drive, key) for key in keys]
 
     def look(self, drive, folder, limit):
         return self.generation(drive), [k for d, k in self.urls if d == drive and k.startswith(folder)][:limit]

@@ -62,8 +62,8 @@ class ChangeMarks(Protocol):
     def bump(self, drive: str) -> None:
         """The drive changed (after the store has the change)."""
 
-    def url_out(self, drive: str, key: str, expires_in: int) -> None:
-        """A presigned PUT of ``key`` was handed out, valid for ``expires_in`` seconds."""
+    def urls_out(self, drive: str, keys: list[str], expires_in: int) -> None:
+        """Presigned PUTs of ``keys`` were handed out, valid for ``expires_in`` seconds."""
 
     def look(self, drive: str, folder: str, limit: int) -> tuple[int, list[str]]:
         """The drive's generation and the keys under ``folder`` with a presigned PUT still
@@ -295,9 +295,22 @@ class CachingStore:
         self, key: str, expires_in: int, content_length: int | None = None, content_md5: str | None = None
     ) -> str:
         """A presigned PUT, recorded first: until it expires, listings of its folders check it."""
-        self.marks.url_out(drive_of(key), key, expires_in)
-        self._forget_known(key)
-        return self.inner.presign_put(key, expires_in, content_length=content_length, content_md5=content_md5)
+        return self.presign_puts([(key, content_length, content_md5)], expires_in)[0]
+
+    def presign_puts(self, wanted: list[tuple[str, int | None, str | None]], expires_in: int) -> list[str]:
+        """Presigned PUTs of (key, length, Content-MD5), recorded first (one write for each drive
+        among them), as :meth:`presign_put`."""
+        drives: dict[str, list[str]] = {}
+        for key, _, _ in wanted:
+            drives.setdefault(drive_of(key), []).append(key)
+        for drive, keys in drives.items():
+            self.marks.urls_out(drive, keys, expires_in)
+        for key, _, _ in wanted:
+            self._forget_known(key)
+        return [
+            self.inner.presign_put(key, expires_in, content_length=length, content_md5=md5)
+            for key, length, md5 in wanted
+        ]
 
     # ------------------------------------------------------------ reads and the rest, as they are
 

@@ -63,6 +63,23 @@ PARTS_STARTED = _object({"upload_id": _STR, "size": _INT, "part_bytes": _INT, "p
 MINT = _object(
     {"url": _STR, "method": {"type": "string", "enum": ["PUT"]}, "expires_in": _INT, "headers": {"type": "object"}}
 )
+MINTED_MANY = _object(
+    {
+        "files": {
+            "type": "array",
+            "items": {
+                "anyOf": [
+                    _object({"path": _STR, **MINT["properties"]}),
+                    _object({"path": {"type": ["string", "null"]}, "error": _object(
+                        {"status": {"type": "integer"}, "error_code": _STR, "message": _STR})}),
+                ]
+            },
+        },
+        "minted": _INT,
+        "refused": _INT,
+        "expires_in": _INT,
+    }
+)
 FILE_LINK = _object({"url": _STR, "size": _INT, "expires_in": _INT, "etag": _STR, "content_type": _NULLABLE_STR})
 FOLDER = _object({"path": _STR, "entries": {"type": "array", "items": ENTRY}})
 LISTING = _object(
@@ -111,7 +128,8 @@ UPLOAD_ERRORS = errors(
         "(X-OC-Mtime without X-Content-Length), checksum_unverifiable (OC-Checksum: those bytes never pass here), "
         "bad_md5 (X-Content-MD5 is not an MD5), md5_needs_length; a multipart upload (?uploads, ?uploadId): "
         "bad_part (a partNumber outside the upload), bad_parts (the completion does not name every part once, "
-        "in order, or the store refused them: the upload is aborted)",
+        "in order, or the store refused them: the upload is aborted); a batch mint (?mint): bad_mint (the body "
+        "is not its JSON), too_many_files, not_a_folder (its path is not a folder's)",
     ),
     (403, "read_only: you may read this drive but not write to it; no_drive: the environment admin token has none"),
     (409, "name_conflict: a folder has this name, or a file is where a folder would be"),
@@ -126,8 +144,9 @@ UPLOAD_ERRORS = errors(
 MINTED = content(
     200,
     "Stored, replacing a file (path, size, etag, parts); with no body, a presigned PUT to send the "
-    "bytes to (url, method, expires_in, headers)",
-    json_of({"anyOf": [UPLOAD_RESULT, MINT]}),
+    "bytes to (url, method, expires_in, headers); FOLDER/?mint: one for each file asked, or its error "
+    "(files, minted, refused, expires_in)",
+    json_of({"anyOf": [UPLOAD_RESULT, MINT, MINTED_MANY]}),
 )
 OC_MTIME = {
     "name": "X-OC-Mtime",
@@ -184,6 +203,16 @@ MINT_HEADERS = {
             "description": "with no body: the MD5 (32 hex digits or base64) of the bytes the presigned PUT (or part) "
             "will send; signed into the URL as Content-MD5, so the store refuses other bytes",
             "schema": {"type": "string", "maxLength": 64},
+        },
+        {
+            "name": "mint",
+            "in": "query",
+            "required": False,
+            "description": 'on a folder: mint presigned PUTs for many files, the JSON body {"files": [{"path": '
+            '"a/b.bin", "size": 123, "mtime": 1700000000, "md5": "…", "content_type": "…"}, …]} (at most 1000 '
+            "files, 2 MiB; paths relative to the folder)",
+            "schema": _QUERY_FLAG,
+            "allowEmptyValue": True,
         },
         {
             "name": "uploads",
