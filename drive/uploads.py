@@ -1,12 +1,14 @@
 """Streaming an upload body through to the object store, exactly once.
 
-Bodies are never buffered whole. One whose length is known and larger than one part (up
-to 5 GiB) goes up as a single PUT sent as it arrives, two blocks of 1 MiB in memory at
+Bodies are never buffered whole, and go on to the store as they arrive, a block of 1 MiB
+per worker-thread call that hashes it and sends it (no copy). One whose length is known
+and larger than one part (up to 5 GiB) goes up as a single PUT, two blocks in memory at
 most; the store then computes its MD5 (its ETag) and the gateway only its SHA1. Any other
-body is collected a part at a time while the previous part is being sent: one that ends
-within its first part is a single PUT, a longer one (a chunked body, one over 5 GiB) a
-multipart upload whose parts all have the same size except the last (R2 refuses anything
-else), at most 10,000 of them, about three parts of memory.
+body (a chunked one, one over 5 GiB) ends within its first part, held, and is one PUT, or
+is a multipart upload whose parts all have the same size except the last (R2 refuses
+anything else), at most 10,000 of them, each a PUT sent as the blocks arrive: one part's
+bytes in memory, kept in case the body ends inside it. Its MD5 is computed here unless
+the store lists one for it (``multipart_etag_is_md5``).
 
 A body is complete only when the HTTP layer has seen its end (the last chunk of a
 chunked body, or as many bytes as Content-Length said) and exactly that many bytes
@@ -134,17 +136,23 @@ async def stream_to_store(
     """Stream ``chunks`` to ``key``; the object is created or replaced only if the body
     is complete, and its SHA1 and MD5 are the ``expected`` ones (:class:`ChecksumMismatch`
     otherwise). A body of known length over one part goes up as one PUT sent as it arrives
-    (:func:`_streamed_put`), any other in parts (:func:`_in_parts`). Hashes are computed in
-    worker threads, a block or a part per call, beside the upload; the MD5 of a single PUT is
-    the store's ETag where the store says so (``put_etag_is_md5``), unless the client announced
-    an MD5 to check first. ``idle_timeout`` defaults to :data:`BODY_IDLE_TIMEOUT`."""
+    (:class:`_OnePut`), any other in parts (:class:`_Parts`); either way a block at a time, each
+    hashed and sent by one worker-thread call while the next arrives (:func:`_pump`). The MD5 is
+    the store's ETag where the store says it is (``put_etag_is_md5``, ``multipart_etag_is_md5``),
+    unless the client announced an MD5 to check first. ``idle_timeout`` defaults to
+    :data:`BODY_IDLE_TIMEOUT`."""
     watch = _IdleWatch(BODY_IDLE_TIMEOUT if idle_timeout is None else idle_timeout)
     body = _checked(chunks, watch, content_length, max_bytes)
-    store_md5 = getattr(store, "put_etag_is_md5", False) and not any(c.algorithm == "MD5" for c in expected)
+    announced_md5 = any(c.algorithm == "MD5" for c in expected)
+    put_md5 = getattr(store, "put_etag_is_md5", False) and not announced_md5
+    parts_md5 = put_md5 and getattr(store, "multipart_etag_is_md5", False)
+    sink: _OnePut | _Parts
+    if content_length is not None and part_size < content_length <= SINGLE_PUT_MAX:
+        sink = _OnePut(store, key, content_length, content_type, Hashes(md5=not put_md5))
+    else:
+        sink = _Parts(store, key, part_size, content_type, Hashes(md5=not parts_md5), parts_md5)
     try:
-        if content_length is not None and part_size < content_length <= SINGLE_PUT_MAX:
-            return await _streamed_put(store, key, body, content_length, content_type, expected, store_md5)
-        return await _in_parts(store, key, body, part_size, content_type, expected, store_md5)
+        return await _pump(body, sink, content_length, expected)
     except asyncio.CancelledError:
         if not watch.fired:
             raise
@@ -183,23 +191,15 @@ async def _checked(
         raise IncompleteBody(f"body ended after {received} of {content_length} bytes")
 
 
-async def _streamed_put(
-    store: ObjectStore,
-    key: str,
-    body: AsyncIterator[bytes],
-    size: int,
-    content_type: str | None,
-    expected: tuple[Checksum, ...],
-    store_md5: bool,
+async def _pump(
+    body: AsyncIterator[bytes], sink: _OnePut | _Parts, size: int | None, expected: tuple[Checksum, ...]
 ) -> UploadResult:
-    """One PUT of ``size`` bytes (signed), its body sent as it arrives: chunks gathered into
-    blocks of :data:`BLOCK_BYTES` (sooner after :data:`FLUSH_SECONDS`, so the store's connection
-    idles no longer than the client), each block hashed and sent by one worker-thread call while
-    the next is gathered; nothing is copied. The body's last bytes are held back until it has
-    arrived whole and its checksums are the expected ones: until then the store has fewer bytes
-    than the signed length, and closing the connection (``abort``) leaves no object."""
-    hashes = Hashes(md5=not store_md5)
-    put: StreamedPut | None = None  # opened with the first block: no store connection waits for a late client
+    """The body's chunks gathered into blocks of :data:`BLOCK_BYTES` (sooner after
+    :data:`FLUSH_SECONDS`, so the store's connection idles no longer than the client), each handed
+    to ``sink.write`` in a worker thread while the next is gathered (one at a time: the sink sees
+    them in order); nothing is copied. The block holding the body's last byte (of ``size``, where
+    known) goes to ``sink.close``, which checks the hashes and commits, only once the body has
+    arrived whole. Any failure: ``sink.abort``, and nothing stored or replaced."""
     block: list[bytes] = []
     block_size = received = 0
     in_flight: asyncio.Future | None = None
@@ -210,133 +210,145 @@ async def _streamed_put(
             block.append(chunk)
             block_size += len(chunk)
             received += len(chunk)
-            if received < size and (block_size >= BLOCK_BYTES or loop.time() - sent_at > FLUSH_SECONDS):
+            if (size is None or received < size) and (
+                block_size >= BLOCK_BYTES or loop.time() - sent_at > FLUSH_SECONDS
+            ):
                 if in_flight is not None:
                     await in_flight
-                if put is None:
-                    put = await run_in_threadpool(store.open_put, key, size, content_type)
-                in_flight = asyncio.ensure_future(run_in_threadpool(_hash_and_send, put, hashes, block))
+                in_flight = asyncio.ensure_future(run_in_threadpool(sink.write, block))
                 block, block_size, sent_at = [], 0, loop.time()
         if in_flight is not None:
             await in_flight
             in_flight = None
-        if put is None:
-            put = await run_in_threadpool(store.open_put, key, size, content_type)
-        etag = await run_in_threadpool(_send_last, put, hashes, block, expected)
+        return await run_in_threadpool(sink.close, block, expected)
     except BaseException:
         if in_flight is not None:
             with contextlib.suppress(BaseException):
                 await in_flight  # the thread finishes its block before the connection closes
-        if put is not None:
-            put.abort()
+        await run_in_threadpool(sink.abort)
         raise
-    return UploadResult(size=size, etag=etag, parts=0, sha1=hashes.sha1, md5=hashes.md5 or md5_of_etag(etag) or None)
 
 
-def _hash_and_send(put: StreamedPut, hashes: Hashes, block: list[bytes]) -> None:
-    hashes.update(block)
-    put.send(block)
+class _OnePut:
+    """A body of known length as one PUT (signed for that length) sent as it arrives, opened with
+    its first block: no store connection waits for a late client. Until the last block, which
+    :meth:`close` sends only once the hashes are the expected ones, the store has fewer bytes than
+    the signed length, and closing the connection (:meth:`abort`) leaves no object. Its methods
+    block, and come one at a time from worker threads."""
+
+    def __init__(self, store: ObjectStore, key: str, size: int, content_type: str | None, hashes: Hashes):
+        self.store, self.key, self.size, self.content_type, self.hashes = store, key, size, content_type, hashes
+        self.put: StreamedPut | None = None
+
+    def write(self, chunks: list[bytes]) -> None:
+        self.hashes.update(chunks)
+        self._open().send(chunks)
+
+    def close(self, chunks: list[bytes], expected: tuple[Checksum, ...]) -> UploadResult:
+        self.hashes.update(chunks)
+        self.hashes.check(expected)  # before the store has the last byte: a mismatch stores nothing
+        put = self._open()
+        put.send(chunks)
+        etag = put.finish()
+        md5 = self.hashes.md5 or md5_of_etag(etag) or None
+        return UploadResult(size=self.size, etag=etag, parts=0, sha1=self.hashes.sha1, md5=md5)
+
+    def abort(self) -> None:
+        if self.put is not None:
+            self.put.abort()
+
+    def _open(self) -> StreamedPut:
+        if self.put is None:
+            self.put = self.store.open_put(self.key, self.size, self.content_type)
+        return self.put
 
 
-def _send_last(put: StreamedPut, hashes: Hashes, block: list[bytes], expected: tuple[Checksum, ...]) -> str:
-    hashes.update(block)
-    hashes.check(expected)  # before the store has the last byte: a mismatch stores nothing
-    put.send(block)
-    return put.finish()
+class _Parts:
+    """A body of unknown length (or over 5 GiB). Its first ``part_size`` bytes are held: one that
+    ends there is one PUT, checked before the store sees a byte. A longer one is a multipart upload
+    whose parts all have ``part_size`` bytes but the last (R2 refuses anything else), each one PUT
+    of that length sent as the blocks arrive (:meth:`StreamedPut.send`, nothing gathered or copied:
+    a chunk across two parts is cut into two views of it). The part the body ends in is shorter
+    than its PUT said: that PUT is dropped and the part's bytes, kept until its end, sent again
+    with their own length. So at most one part's bytes are held, plus the blocks in hand.
+    ``store_md5``: the hashes compute no MD5, the object's listed ETag is it. Its methods block,
+    and come one at a time from worker threads."""
 
+    def __init__(
+        self, store: ObjectStore, key: str, part_size: int, content_type: str | None, hashes: Hashes, store_md5: bool
+    ):
+        self.store, self.key, self.part_size, self.content_type = store, key, part_size, content_type
+        self.hashes, self.store_md5 = hashes, store_md5
+        self.kept: list[bytes | memoryview] = []  # the current part's bytes
+        self.kept_size = 0
+        self.upload_id: str | None = None
+        self.put: StreamedPut | None = None  # the current part's PUT
+        self.parts: list[UploadedPart] = []
+        self.size = 0
 
-async def _in_parts(
-    store: ObjectStore,
-    key: str,
-    body: AsyncIterator[bytes],
-    part_size: int,
-    content_type: str | None,
-    expected: tuple[Checksum, ...],
-    store_md5: bool,
-) -> UploadResult:
-    """A body gathered a part at a time: one that ends within its first part is one PUT
-    (checked before the store sees a byte); a longer one a multipart upload, each part uploaded
-    in one worker thread while another hashes it and the next is gathered (one part in flight,
-    so the hashes see the parts in order)."""
-    pending: list[bytes] = []  # chunks of the part being collected, joined once when it is full
-    pending_size = 0
-    received = 0
-    upload_id: str | None = None
-    parts: list[UploadedPart] = []
-    in_flight: asyncio.Future | None = None
-    hashes = Hashes()  # a multipart upload's ETag is no MD5 of its bytes
+    def write(self, chunks: list[bytes]) -> None:
+        self.hashes.update(chunks)
+        for chunk in chunks:
+            length, offset = len(chunk), 0
+            while offset < length:
+                if self.kept_size == self.part_size:  # full, and more follows: the part is done
+                    self._part_done()
+                take = min(length - offset, self.part_size - self.kept_size)
+                piece = chunk if take == length else memoryview(chunk)[offset : offset + take]
+                if self.upload_id is not None:
+                    self._part_put(self.part_size).send((piece,))
+                self.kept.append(piece)
+                self.kept_size += take
+                offset += take
+            self.size += length
 
-    async def upload_and_hash(number: int, data: bytes) -> UploadedPart:
-        part, _ = await asyncio.gather(
-            run_in_threadpool(store.upload_part, key, upload_id, number, data),
-            run_in_threadpool(hashes.update, (data,)),
-        )
-        return part
-
-    async def send_part(data: bytes) -> None:
-        nonlocal upload_id, in_flight
-        if upload_id is None:
-            upload_id = await run_in_threadpool(store.create_multipart, key, content_type)
-        if in_flight is not None:
-            parts.append(await in_flight)
-        number = len(parts) + 1
-        if number > MAX_PARTS:
-            raise UploadTooLarge(f"body needs more than {MAX_PARTS} parts of {part_size} bytes")
-        in_flight = asyncio.ensure_future(upload_and_hash(number, data))
-
-    try:
-        async for chunk in body:
-            received += len(chunk)
-            while pending_size + len(chunk) >= part_size:
-                needed = part_size - pending_size
-                pending.append(chunk[:needed])
-                chunk = chunk[needed:]
-                data = b"".join(pending)
-                pending, pending_size = [], 0
-                await send_part(data)
-                del data
-            if chunk:
-                pending.append(chunk)
-                pending_size += len(chunk)
-        rest = b"".join(pending)
-        pending = []
-        if upload_id is None:
-            single = Hashes(md5=not store_md5)
-            etag = await run_in_threadpool(_check_then_put, store, key, rest, content_type, single, expected)
-            md5 = single.md5 or md5_of_etag(etag) or None
-            return UploadResult(size=received, etag=etag, parts=0, sha1=single.sha1, md5=md5)
-        if rest:
-            await send_part(rest)
-        del rest
-        if in_flight is not None:
-            parts.append(await in_flight)
-            in_flight = None
-        hashes.check(expected)  # the parts are aborted below: a mismatch stores nothing
-        etag = await run_in_threadpool(store.complete_multipart, key, upload_id, parts)
-        upload_id = None  # committed: nothing to abort any more
+    def close(self, chunks: list[bytes], expected: tuple[Checksum, ...]) -> UploadResult:
+        self.write(chunks)
+        self.hashes.check(expected)  # before anything is committed: a mismatch stores nothing
+        if self.upload_id is None:
+            etag = self.store.put_object(self.key, b"".join(self.kept), self.content_type)
+            md5 = self.hashes.md5 or md5_of_etag(etag) or None
+            return UploadResult(size=self.size, etag=etag, parts=0, sha1=self.hashes.sha1, md5=md5)
+        if self.kept_size < self.part_size:  # the last part: sent again with its own length
+            if self.put is not None:
+                self.put.abort()
+                self.put = None
+            self._part_put(self.kept_size).send(self.kept)
+        self._part_done()
+        etag = self.store.complete_multipart(self.key, self.upload_id, self.parts)
+        self.upload_id = None  # committed: nothing to abort any more
         try:
-            listed = await run_in_threadpool(store.head, key)
+            listed = self.store.head(self.key)
         except StoreError:
             listed = None  # committed all the same; its facts will simply not match
-        if listed is not None and listed.size == received:
+        if listed is not None and listed.size == self.size:
             etag = listed.etag
-        return UploadResult(size=received, etag=etag, parts=len(parts), sha1=hashes.sha1, md5=hashes.md5)
-    except BaseException:
-        if in_flight is not None:
-            in_flight.cancel()
-            with contextlib.suppress(BaseException):
-                await in_flight
-        if upload_id is not None:
+        md5 = self.hashes.md5 or (self.store_md5 and listed is not None and md5_of_etag(listed.etag)) or None
+        return UploadResult(size=self.size, etag=etag, parts=len(self.parts), sha1=self.hashes.sha1, md5=md5)
+
+    def abort(self) -> None:
+        if self.put is not None:
+            self.put.abort()
+        if self.upload_id is not None:
             try:
-                await run_in_threadpool(store.abort_multipart, key, upload_id)
+                self.store.abort_multipart(self.key, self.upload_id)
             except Exception:
                 pass  # the store expires abandoned uploads; the original error matters more
-        raise
 
+    def _part_put(self, size: int) -> StreamedPut:
+        if self.put is None:
+            number = len(self.parts) + 1
+            if number > MAX_PARTS:
+                raise UploadTooLarge(f"body needs more than {MAX_PARTS} parts of {self.part_size} bytes")
+            self.put = self.store.open_part(self.key, self.upload_id, number, size)
+        return self.put
 
-def _check_then_put(
-    store: ObjectStore, key: str, data: bytes, content_type: str | None, hashes: Hashes, expected: tuple[Checksum, ...]
-) -> str:
-    hashes.update((data,))
-    hashes.check(expected)  # before the store sees a byte: a mismatch stores nothing
-    return store.put_object(key, data, content_type)
+    def _part_done(self) -> None:
+        """The current part is complete: its ETag from the store (the first part is sent now,
+        with the upload started, once the body is known to be longer)."""
+        if self.upload_id is None:
+            self.upload_id = self.store.create_multipart(self.key, self.content_type)
+            self._part_put(self.part_size).send(self.kept)
+        self.parts.append(UploadedPart(number=len(self.parts) + 1, etag=self.put.finish()))
+        self.put = None
+        self.kept, self.kept_size = [], 0

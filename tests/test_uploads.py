@@ -24,13 +24,27 @@ class Recorder:
         self.part_sizes: list[int] = []
         self.aborted = 0
         self.streamed: list[int] = []  # the size of each send of a streamed PUT
+        self.part_sends: list[tuple[int, int]] = []  # (part number, size) of each send of a part
 
     def __getattr__(self, name):
         return getattr(self.store, name)
 
-    def upload_part(self, key, upload_id, number, data):
-        self.part_sizes.append(len(data))
-        return self.store.upload_part(key, upload_id, number, data)
+    def open_part(self, key, upload_id, number, size):
+        recorder, put = self, self.store.open_part(key, upload_id, number, size)
+
+        class Part:
+            def send(self, chunks):
+                recorder.part_sends.append((number, sum(map(len, chunks))))
+                put.send(chunks)
+
+            def finish(self):
+                recorder.part_sizes.append(size)  # as stored: a part dropped half-way is not
+                return put.finish()
+
+            def abort(self):
+                put.abort()
+
+        return Part()
 
     def abort_multipart(self, key, upload_id):
         self.aborted += 1
@@ -99,6 +113,36 @@ def test_unknown_length_goes_up_in_equal_parts(store):
     assert recorder.part_sizes == [5 * MiB] * 3 + [12345]
     assert hashlib.sha256(stored(store, "u/big")).digest() == hashlib.sha256(data).digest()
     assert (result.sha1, result.md5) == (hashlib.sha1(data).hexdigest(), hashlib.md5(data).hexdigest())
+
+
+def test_parts_go_up_as_the_blocks_arrive(store):
+    """Only the first part is held (the body might end within it); the others are sent a block
+    at a time, and the short last one is sent again with its own length."""
+    data = os.urandom(3 * 5 * MiB + 12345)
+    recorder = Recorder(store)
+    upload(recorder, "u/blocks", data, length=None)
+    sends = recorder.part_sends
+    assert [size for number, size in sends if number == 1] == [5 * MiB]
+    assert max(size for number, size in sends if number in (2, 3)) <= drive.uploads.BLOCK_BYTES + 300_001
+    assert sends[-1] == (4, 12345) and stored(store, "u/blocks") == data
+
+
+@pytest.mark.parametrize("announced", [False, True])
+def test_parts_on_a_store_that_lists_their_md5(embedded_target, announced):
+    """rclone serve s3 lists a multipart object's MD5 as its ETag: it is what is reported, unless
+    the client announced one, which the gateway then computes and checks before committing."""
+    store = embedded_target.store("t" + os.urandom(6).hex())
+    assert store.multipart_etag_is_md5
+    data = os.urandom(2 * 5 * MiB + 777)
+    md5 = hashlib.md5(data).hexdigest()
+    expected = (Checksum("MD5", md5),) if announced else ()
+    result = upload(store, "u/listed", data, length=None, expected=expected)
+    assert result.parts == 3 and (result.sha1, result.md5) == (hashlib.sha1(data).hexdigest(), md5)
+    assert store.head("u/listed").etag.strip('"') == md5
+    if announced:
+        with pytest.raises(ChecksumMismatch):
+            upload(store, "u/listed", os.urandom(len(data)), length=None, expected=expected)
+        assert stored(store, "u/listed") == data
 
 
 def test_known_length_is_one_streamed_put_whose_md5_the_store_computed(store):

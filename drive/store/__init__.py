@@ -88,6 +88,10 @@ class ObjectStore(Protocol):
     # S3 without KMS encryption): a streamed upload need not compute it (drive/uploads.py), and the
     # drive reports it for a file a client sent straight to the store (drive/facts.py proven_md5).
     put_etag_is_md5: bool
+    # The ETag it lists for an object a multipart upload made is the MD5 of its bytes too (rclone
+    # serve s3 over a directory; never R2 or S3, whose are "…-N"): a streamed upload in parts need
+    # not compute it either.
+    multipart_etag_is_md5: bool
 
     def ensure_bucket(self) -> None: ...
 
@@ -126,6 +130,10 @@ class ObjectStore(Protocol):
     def create_multipart(self, key: str, content_type: str | None = None) -> str: ...
 
     def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> UploadedPart: ...
+
+    def open_part(self, key: str, upload_id: str, number: int, size: int) -> StreamedPut:
+        """Part ``number`` of a multipart upload as a PUT of exactly ``size`` bytes sent as they come
+        (:class:`StreamedPut`; :meth:`StreamedPut.finish` answers the part's ETag)."""
 
     def complete_multipart(self, key: str, upload_id: str, parts: list[UploadedPart]) -> str: ...
 

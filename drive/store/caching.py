@@ -291,6 +291,10 @@ class CachingStore:
     def put_etag_is_md5(self) -> bool:
         return getattr(self.inner, "put_etag_is_md5", False)
 
+    @property
+    def multipart_etag_is_md5(self) -> bool:
+        return getattr(self.inner, "multipart_etag_is_md5", False)
+
     def presign_put(
         self, key: str, expires_in: int, content_length: int | None = None, content_md5: str | None = None
     ) -> str:
@@ -333,6 +337,9 @@ class CachingStore:
 
     def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> UploadedPart:
         return self.inner.upload_part(key, upload_id, number, data)
+
+    def open_part(self, key: str, upload_id: str, number: int, size: int) -> StreamedPut:
+        return self.inner.open_part(key, upload_id, number, size)
 
     def presign_part(
         self, key: str, upload_id: str, number: int, expires_in: int, content_length: int, content_md5: str | None = None

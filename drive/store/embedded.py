@@ -364,6 +364,10 @@ class EmbeddedStore(S3ObjectStore):
     call and every presigned URL fails at once with ``StoreUnavailable`` (503 with Retry-After)
     rather than a redirect to, or a connection with, whatever holds its port then."""
 
+    # rclone serve s3 lists the MD5 of an object's file as its ETag, however the object was made
+    # (it reads the file to compute it, on each HEAD and listing).
+    multipart_etag_is_md5 = True
+
     def __init__(self, server: EmbeddedS3Server | AttachedS3Server, *args, **kwargs):
         self.server = server
         super().__init__(*args, **kwargs)

@@ -132,6 +132,7 @@ def _error_of(status: int, body: bytes) -> StoreError:
 
 class S3ObjectStore:
     put_etag_is_md5 = True  # R2, rclone serve s3, moto, S3 (where a bucket encrypts with KMS, it is not)
+    multipart_etag_is_md5 = False  # "…-N" on R2, S3 and moto
 
     def __init__(
         self,
@@ -273,6 +274,9 @@ class S3ObjectStore:
             Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data
         )
         return UploadedPart(number=number, etag=reply["ETag"])
+
+    def open_part(self, key: str, upload_id: str, number: int, size: int) -> _StreamedPut:
+        return _StreamedPut(self.presign_part(key, upload_id, number, STREAMED_PUT_URL_SECONDS, size), size, None)
 
     @_translate_errors
     def complete_multipart(self, key: str, upload_id: str, parts: list[UploadedPart]) -> str:
