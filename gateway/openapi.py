@@ -84,6 +84,11 @@ _AUTH_403 = {
 }
 _DRIVE_PREFIXES = ("/v1/files", "/v1/shared", "/v1/dav")
 
+# Errors that several routes answer alike, described once.
+GPU_NOT_FOUND = (404, "gpu_not_found: no rental of yours with this id")
+GPU_ENDED = (410, "gpu_not_running: the rental has ended")
+POD_DOWN = (503, "pod_unavailable: the pod backend did not answer; retry after Retry-After")
+
 
 def errors(*statuses: int | tuple[int, str]) -> dict[int | str, dict[str, Any]]:
     """``responses=`` entries for error statuses, each with the envelope as its body:

@@ -118,6 +118,7 @@ UPLOADED = merge(
     content(200, "Stored, replacing a file (path, size, etag, parts)", json_of(UPLOAD_RESULT)),
     content(201, "Stored as a new file (path, size, etag, parts)", json_of(UPLOAD_RESULT)),
 )
+READ_ONLY = (403, "read_only: you may read this drive but not write to it; no_drive: the environment admin token has none")
 UPLOAD_ERRORS = errors(
     (
         400,
@@ -131,7 +132,7 @@ UPLOAD_ERRORS = errors(
         "in order, or the store refused them: the upload is aborted); a batch mint (?mint): bad_mint (the body "
         "is not its JSON), too_many_files, not_a_folder (its path is not a folder's)",
     ),
-    (403, "read_only: you may read this drive but not write to it; no_drive: the environment admin token has none"),
+    READ_ONLY,
     (409, "name_conflict: a folder has this name, or a file is where a folder would be"),
     (413, "quota_exceeded: the upload would pass the drive's quota (nothing is stored)"),
     (
@@ -288,7 +289,7 @@ DELETED = merge(
     ),
     errors(
         (400, "invalid_path, or refused: the drive's root cannot be deleted"),
-        (403, "read_only: you may read this drive but not write to it; no_drive: the environment admin token has none"),
+        READ_ONLY,
         (404, "not_found: no such file or folder; no_such_upload: no multipart upload of that uploadId is open"),
         (
             423,

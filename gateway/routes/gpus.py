@@ -12,7 +12,7 @@ from gateway.deps import RentalIdPath, RentalsDep, RunsDep, SessionsDep, Setting
 from gateway.errors import ApiError
 from gateway.inventory import CREDITS_PER_DOLLAR
 from gateway.models import Rental, User
-from gateway.openapi import content, errors, merge
+from gateway.openapi import GPU_NOT_FOUND, POD_DOWN, content, errors, merge
 
 _CREDITS = {"type": "integer"}
 CHARGE = {
@@ -41,7 +41,6 @@ from gateway.rentals import ACTIVE, RentRequest, Rentals
 from gateway.ssh.keys import BadPublicKey, PinnedKey, mint_pair, parse_public_key
 
 router = APIRouter(tags=["gpus"])
-POD_DOWN = (503, "pod_unavailable: the pod backend did not answer; retry after Retry-After")
 
 
 def ssh_key(rentals: Rentals, text: str | None, rental_name: str) -> tuple[PinnedKey | None, str | None]:
@@ -164,7 +163,7 @@ class KeyChange(BaseModel):
     responses=errors(
         (400, "bad_ssh_key: not one OpenSSH public key line of an accepted kind"),
         (403, "pod_token: a pod's own token cannot change its key"),
-        (404, "gpu_not_found: no rental of yours with this id"),
+        GPU_NOT_FOUND,
         (409, "gpu_not_live: the rental has ended; or ssh_key_in_use: another account's rental pins this key"),
     ),
 )
@@ -182,7 +181,7 @@ def change_key(
 @router.get(
     "/v1/gpus/{gpu_id}",
     summary="A rental's state and its runs (also after it ended)",
-    responses=errors((404, "gpu_not_found: no rental of yours with this id"), POD_DOWN),
+    responses=errors(GPU_NOT_FOUND, POD_DOWN),
 )
 def rental_state(
     rental_id: RentalIdPath, principal: ApprovedUser, rentals: RentalsDep, runs: RunsDep, sessions: SessionsDep
@@ -205,7 +204,7 @@ def rental_state(
 @router.delete(
     "/v1/gpus/{gpu_id}",
     summary="Return the GPU: the pod is destroyed",
-    responses=errors((404, "gpu_not_found: no rental of yours with this id")),
+    responses=errors(GPU_NOT_FOUND),
 )
 async def return_gpu(
     rental_id: RentalIdPath, principal: ApprovedUser, rentals: RentalsDep, sessions: SessionsDep

@@ -18,7 +18,7 @@ from gateway.deps import PodFilesDep, RentalIdPath
 from gateway.domain_errors import RangeNotSatisfiable
 from gateway.drive_http import AnyPathConvertor
 from gateway.errors import ApiError
-from gateway.openapi import content, errors, merge
+from gateway.openapi import GPU_ENDED, content, errors, merge
 
 router = APIRouter(tags=["pod files"])
 assert AnyPathConvertor.regex  # imported for what importing it does: {path:anypath} takes newlines, for their 400
@@ -46,7 +46,7 @@ POD_FILE_ERRORS = errors(
     (403, "pod_file_denied: the pod's permissions refuse it (a read-only folder)"),
     (404, "gpu_not_found: no rental of yours with this id; or pod_file_not_found"),
     (409, "gpu_not_running, gpu_not_ready, is_a_folder, or not_a_folder"),
-    (410, "gpu_not_running: the rental has ended"),
+    GPU_ENDED,
     (503, "pod_unavailable: the pod did not answer in time, or has 4 transfers going; pod_file_error"),
 )
 _416 = {416: {**errors((416, "range_not_satisfiable: the span starts past the file's end"))[416], "headers": _RANGE_HEADER}}

@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from gateway.auth import ApprovedUser
 from gateway.deps import RentalIdQuery, RunsDep, SettingsDep
-from gateway.openapi import content, errors, merge
+from gateway.openapi import GPU_ENDED, GPU_NOT_FOUND, POD_DOWN, content, errors, merge
 from gateway.pods import RunInput, RunState
 from gateway.rentals import check_command, check_env
 from gateway.runs import (
@@ -24,11 +24,10 @@ from gateway.runs import (
 )
 
 router = APIRouter(tags=["runs"])
-POD_DOWN = (503, "pod_unavailable: the pod backend did not answer; retry after Retry-After")
 RUN_ERRORS = errors(
     (404, "gpu_not_found, or run_not_found: no such run on a rental of yours"),
     (409, "gpu_not_running: the rental is not running"),
-    (410, "gpu_not_running: the rental has ended"),
+    GPU_ENDED,
     POD_DOWN,
 )
 
@@ -115,7 +114,7 @@ async def _wait(runs: Runs, ref: str, run_id: str, seconds: float) -> RunState:
     responses=merge(
         RUN_ERRORS,
         errors(
-            (404, "gpu_not_found: no rental of yours with this id"),
+            GPU_NOT_FOUND,
             (409, "gpu_not_running, or gpu_not_ready: the pod is still starting"),
         ),
     ),
@@ -132,7 +131,7 @@ async def start_run(body: RunRequest, principal: ApprovedUser, runs: RunsDep, se
 @router.get(
     "/v1/runs",
     summary="Runs on your rented GPUs (all of them, or ?gpu_id=)",
-    responses=errors((404, "gpu_not_found: no rental of yours with this id"), POD_DOWN),
+    responses=errors(GPU_NOT_FOUND, POD_DOWN),
 )
 def list_runs(principal: ApprovedUser, runs: RunsDep, rental_id: RentalIdQuery = None) -> dict:
     return {"runs": runs.of(principal, rental_id)}
