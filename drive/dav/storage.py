@@ -61,7 +61,24 @@ MAX_PROPERTY_BYTES = 64 << 10
 MAX_RESOURCE_PROPERTY_BYTES = 256 << 10
 
 
-class DbPropertyManager(PropertyManager):
+class _InTable:
+    """What wsgidav's two stores kept in a database table share: the table and its sessions. wsgidav
+    opens, syncs, flushes and closes its own stores (files); a table needs none of that, each call
+    being its own transaction."""
+
+    def __init__(self, sessions: sessionmaker, table: Table):
+        super().__init__()
+        self._sessions = sessions
+        self._table = table
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._table.name})"
+
+    def _no_step(self) -> None:
+        """Opening, syncing, flushing or closing: nothing to do for a table."""
+
+
+class DbPropertyManager(_InTable, PropertyManager):
     """wsgidav's property manager over the table ``dav_properties`` (url, name, value: the XML).
 
     Dead properties count in their drive's quota (issue 19, item 12): every change goes through
@@ -70,24 +87,12 @@ class DbPropertyManager(PropertyManager):
     dry run checks all its properties together (the caps and the quota) and its real run makes
     them in one transaction, so a refused PROPPATCH changes nothing."""
 
+    _lazy_open = _sync = _close = _InTable._no_step
+
     def __init__(self, sessions: sessionmaker, table: Table, usage=None):
-        super().__init__()
-        self._sessions = sessions
-        self._table = table
+        super().__init__(sessions, table)
         self._usage = usage  # drive.usage.UsageBook (None: nothing counted)
         self._loaded = True
-
-    def __repr__(self) -> str:
-        return f"DbPropertyManager({self._table.name})"
-
-    def _lazy_open(self):
-        pass
-
-    def _sync(self):
-        pass
-
-    def _close(self):
-        pass
 
     @property
     def _size(self):
@@ -297,28 +302,13 @@ class DbLockManager(LockManager):
         return super()._get_write_conflicts(url, depth, token_list, principal)
 
 
-class DbLockStorage(LockStorageDict):
+class DbLockStorage(_InTable, LockStorageDict):
     """wsgidav's lock storage over the table ``dav_locks`` (one row a lock; ``root`` is the
     locked URL, ``expire`` the time it runs out in seconds since the epoch, as wsgidav has it)."""
 
     _FIELDS = ("token", "root", "principal", "scope", "type", "depth", "owner", "timeout", "expire")
 
-    def __init__(self, sessions: sessionmaker, table: Table):
-        super().__init__()
-        self._sessions = sessions
-        self._table = table
-
-    def __repr__(self) -> str:
-        return f"DbLockStorage({self._table.name})"
-
-    def open(self):
-        pass
-
-    def close(self):
-        pass
-
-    def _flush(self):
-        pass
+    open = close = _flush = _InTable._no_step
 
     @contextmanager
     def granting(self) -> Iterator[None]:

@@ -193,21 +193,10 @@ class DockerPodBackend(ExecRuns):
 
     # --- labels and names -------------------------------------------------------
 
-    @property
-    def _label_rental(self) -> str:
-        return f"{self.prefix}.rental_id"
-
-    @property
-    def _label_managed(self) -> str:
-        return f"{self.prefix}.managed"
-
-    @property
-    def _label_bootstrap(self) -> str:
-        return f"{self.prefix}.bootstrap"
-
-    @property
-    def _label_fuse(self) -> str:
-        return f"{self.prefix}.fuse"
+    def _label(self, name: str) -> str:
+        """One of the labels this gateway puts on its containers: ``rental_id``, ``managed``,
+        ``bootstrap`` (whether it runs the bootstrap), ``fuse`` (how it mounts the drive)."""
+        return f"{self.prefix}.{name}"
 
     def container_name(self, rental_id: str) -> str:
         return f"{self.prefix}-{rental_id}"
@@ -284,10 +273,10 @@ class DockerPodBackend(ExecRuns):
             hostname=spec.rental_id[:63],
             init=self.init,
             labels={
-                self._label_rental: spec.rental_id,
-                self._label_managed: "true",
-                self._label_bootstrap: "true" if bootstrap else "false",
-                self._label_fuse: fuse,
+                self._label("rental_id"): spec.rental_id,
+                self._label("managed"): "true",
+                self._label("bootstrap"): "true" if bootstrap else "false",
+                self._label("fuse"): fuse,
             },
             environment=env,
             working_dir=WORKDIR,
@@ -338,7 +327,7 @@ class DockerPodBackend(ExecRuns):
             container = self.client.containers.get(name)
         except _DOCKER_ERRORS as exc:
             raise PodStartError(f"container name {name} is taken and cannot be inspected: {exc}") from exc
-        if container.labels.get(self._label_rental) != rental_id:
+        if container.labels.get(self._label("rental_id")) != rental_id:
             raise PodStartError(f"container name {name} is taken by a container this gateway does not manage")
         if container.status != "running":
             try:
@@ -385,9 +374,9 @@ class DockerPodBackend(ExecRuns):
         status = state.get("Status")
         if status == "running" and not state.get("Paused"):
             labels = (info.get("Config") or {}).get("Labels") or {}
-            if labels.get(self._label_bootstrap) != "true":
+            if labels.get(self._label("bootstrap")) != "true":
                 return PodStatus("Running", True)
-            return self._bootstrap_status(ref, state.get("StartedAt"), labels.get(self._label_fuse))
+            return self._bootstrap_status(ref, state.get("StartedAt"), labels.get(self._label("fuse")))
         if status in ("created", "restarting", "paused") or state.get("Paused"):
             return PodStatus("Pending", False, f"container is {status}")
         if status == "removing":
@@ -430,12 +419,12 @@ class DockerPodBackend(ExecRuns):
 
     def adopt(self) -> dict[str, str]:
         try:
-            found = self.api.containers(all=True, filters={"label": [f"{self._label_managed}=true"]})
+            found = self.api.containers(all=True, filters={"label": [self._label("managed") + "=true"]})
         except _DOCKER_ERRORS as exc:
             raise PodError(f"docker could not list containers: {exc}") from exc
         pods = {}
         for item in found:
-            rental_id = (item.get("Labels") or {}).get(self._label_rental)
+            rental_id = (item.get("Labels") or {}).get(self._label("rental_id"))
             names = [n.lstrip("/") for n in item.get("Names") or []]
             if rental_id and names:
                 pods[rental_id] = names[0]
