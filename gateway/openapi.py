@@ -23,7 +23,6 @@ from typing import Any, Iterable
 
 import fastapi.routing
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -235,14 +234,7 @@ def _tidy(operation: dict, method: str) -> None:
 
 
 def build_schema(app: FastAPI) -> dict[str, Any]:
-    schema = get_openapi(
-        title=app.title,
-        version=app.version,
-        description=app.description,
-        routes=app.routes,
-        tags=app.openapi_tags,
-        servers=app.servers,
-    )
+    schema = FastAPI.openapi(app)  # FastAPI's own schema of the app (its routes, title, version, tags, servers)
     components = schema.setdefault("components", {})
     components.setdefault("schemas", {})["ErrorEnvelope"] = ErrorEnvelope.model_json_schema()
     components["securitySchemes"] = {
