@@ -17,6 +17,7 @@ import termios
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,33 @@ def test_a_shell_without_a_terminal_runs_a_script_from_stdin(door, pod):
     done = door.ssh(pod["key"], "-T", "bash", input=script)
     assert done.returncode == 4
     assert done.stdout == b"hello from bash\n/tmp\n"
+
+
+def test_sessions_at_once_keep_every_byte_and_the_gateways_other_descriptors(door, pod):
+    """Commands with a terminal and without, at once: each keeps its stdout, the stderr it writes
+    last and its exit code, and a pipe the gateway's process holds meanwhile is still that pipe."""
+    sentinel_r, sentinel_w = os.pipe()
+    inodes = (os.fstat(sentinel_r).st_ino, os.fstat(sentinel_w).st_ino)
+
+    def one(i: int) -> None:
+        size = 1000 + 7919 * i
+        make = f"head -c {size} /dev/zero | tr '\\0' x"
+        if i % 2:
+            done = door.ssh(pod["key"], f"{make}; echo done{i} >&2; exit {i % 7}")
+            assert (done.stdout, done.stderr, done.returncode) == (b"x" * size, f"done{i}\n".encode(), i % 7), i
+        else:
+            done = door.ssh(pod["key"], "-tt", make)  # (a failing srun adds its own line to a terminal)
+            assert (done.stdout, done.returncode) == (b"x" * size, 0), (i, done.stderr)
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(one, range(24)))
+        assert (os.fstat(sentinel_r).st_ino, os.fstat(sentinel_w).st_ino) == inodes
+        os.write(sentinel_w, b"still mine")
+        assert os.read(sentinel_r, 64) == b"still mine"
+    finally:
+        os.close(sentinel_r)
+        os.close(sentinel_w)
 
 
 def _pty_ssh(door: Door, key: Path, rows: int, cols: int, command: str | None = None):

@@ -7,9 +7,10 @@ reaches the pod's foreground job; its size and every resize are set on the maste
 The channel ends once the process has exited *and* its output has all been sent, as with
 sshd; a channel closed first (the client went) hangs the process up.
 
-Its stdin is pumped here rather than by asyncssh's ``redirect``, which here lost some of a large
-stdin now and then (3 MiB piped to ``cat | wc -c`` counted 3,076,096 bytes in one try of three);
-so the pty's size and its resizes, which asyncssh applies only to a redirected stdin, are set here.
+Its stdio are pumped here rather than by asyncssh's ``redirect``, which here lost some of a large
+stdin now and then (3 MiB piped to ``cat | wc -c`` counted 3,076,096 bytes in one try of three),
+and which hands the event loop file objects: under uvloop a descriptor so handed is closed twice
+(gateway/ssh/fd_stream.py). So the pty's size and its resizes are set here too.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ with warnings.catch_warnings():
     import asyncssh
 
 from gateway.pods import PodCommand
+from gateway.ssh.fd_stream import FdStream
 
 BUFSIZE = 256 << 10  # asyncssh reads pipes 8 KiB at a time by default: 30-56 MiB/s instead of 250+
 TERMINAL_ENV = ("TERM", "LANG", "LC_ALL", "LC_CTYPE", "COLORTERM")
@@ -36,11 +38,10 @@ TERMINAL_ENV = ("TERM", "LANG", "LC_ALL", "LC_CTYPE", "COLORTERM")
 
 class PodProcess(asyncssh.SSHServerProcess):
     """asyncssh's server process, taking the ``sftp`` subsystem (run in the pod, not served from
-    the bastion's own files) and telling when each of its outputs has reached its end."""
+    the bastion's own files)."""
 
     def __init__(self, handler, channel_limit):
         super().__init__(handler, None, 0, False)
-        self._ended: dict[object, asyncio.Event] = {}
         self._channel_limit = channel_limit
 
     def subsystem_requested(self, subsystem: str) -> bool:
@@ -54,17 +55,6 @@ class PodProcess(asyncssh.SSHServerProcess):
         stdout = asyncssh.SSHWriter(self, self._chan)
         stderr = asyncssh.SSHWriter(self, self._chan, asyncssh.EXTENDED_DATA_STDERR)
         self._conn.create_task(self._session_factory(stdin, stdout, stderr), stdin.logger)
-
-    def ended(self, datatype) -> asyncio.Event:
-        return self._ended.setdefault(datatype, asyncio.Event())
-
-    def feed_eof(self, datatype) -> None:
-        super().feed_eof(datatype)
-        self.ended(datatype).set()
-
-    def feed_close(self, datatype) -> None:
-        super().feed_close(datatype)
-        self.ended(datatype).set()
 
     def connection_lost(self, exc) -> None:
         super().connection_lost(exc)
@@ -133,23 +123,17 @@ async def run_in_pod(process: PodProcess, command: PodCommand) -> None:
         return
     for fd in theirs:
         os.close(fd)
+    streams = [FdStream(fd) for fd in ours]
     if tty:
-        to_pod = os.fdopen(os.dup(ours[0]), "wb", buffering=0)
-        from_pod = os.fdopen(ours[0], "rb", buffering=0)
-        await process.redirect(stdout=from_pod, bufsize=BUFSIZE)
-        outputs = [None]
+        to_pod = streams[0]
+        outputs = [asyncio.ensure_future(_pump_output(streams[0], process.stdout))]
     else:
-        to_pod = os.fdopen(ours[0], "wb", buffering=0)
-        from_pod = os.fdopen(ours[1], "rb", buffering=0)
-        errors = os.fdopen(ours[2], "rb", buffering=0)
-        if command.own_stderr is None:
-            await process.redirect(stdout=from_pod, stderr=errors, bufsize=BUFSIZE)
-            outputs = [None, asyncssh.EXTENDED_DATA_STDERR]
-        else:
-            await process.redirect(stdout=from_pod, bufsize=BUFSIZE)
-            filtered = asyncio.ensure_future(_pump_stderr(process, errors, command.own_stderr))
-            outputs = [None, filtered]
-    pump = asyncio.ensure_future(_pump_stdin(process, to_pod, master if tty else None))
+        to_pod, from_pod, errors = streams
+        outputs = [
+            asyncio.ensure_future(_pump_output(from_pod, process.stdout)),
+            asyncio.ensure_future(_pump_output(errors, process.stderr, command.own_stderr)),
+        ]
+    pump = asyncio.ensure_future(_pump_stdin(process, to_pod, streams[0].fd if tty else None))
     finished = asyncio.ensure_future(_finished(child, process, outputs))
     closed = asyncio.ensure_future(process.channel.wait_closed())
     try:
@@ -158,8 +142,11 @@ async def run_in_pod(process: PodProcess, command: PodCommand) -> None:
         if not finished.done():  # the client went first: hang up what it left running
             _hang_up(child, tty)
             finished.cancel()
-        closed.cancel()
-        pump.cancel()
+        for task in (closed, pump, *outputs):
+            task.cancel()
+        await asyncio.gather(pump, *outputs, return_exceptions=True)
+        for stream in streams:
+            stream.close()
     if finished.done() and not finished.cancelled():
         code = finished.result()
         if code is not None and code < 0:
@@ -169,12 +156,9 @@ async def run_in_pod(process: PodProcess, command: PodCommand) -> None:
         process.exit(code if code is not None else 255)
 
 
-async def _pump_stdin(process: PodProcess, target, pty_master: int | None) -> None:
+async def _pump_stdin(process: PodProcess, target: FdStream, pty_master: int | None) -> None:
     """The client's stdin into the pod until its end (then the pipe's end: the pod sees EOF);
     on a terminal, its size changes too."""
-    loop = asyncio.get_running_loop()
-    transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, target)
-    writer = asyncio.StreamWriter(transport, protocol, None, loop)
     try:
         while True:
             try:
@@ -187,14 +171,12 @@ async def _pump_stdin(process: PodProcess, target, pty_master: int | None) -> No
                 continue
             if not data:
                 break
-            writer.write(data)
-            await writer.drain()
+            await target.write(data)
         if pty_master is not None:
             await asyncio.Future()  # a terminal stays open: its end is the shell's exit, not the client's EOF
+        target.close()
     except (ConnectionError, OSError):
         pass  # the pod's side closed its stdin
-    finally:
-        writer.close()
 
 
 def _set_size(fd: int, width: int, height: int, pixwidth: int = 0, pixheight: int = 0) -> None:
@@ -202,34 +184,36 @@ def _set_size(fd: int, width: int, height: int, pixwidth: int = 0, pixheight: in
         fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, pixwidth, pixheight))
 
 
-async def _finished(child: asyncio.subprocess.Process, process: PodProcess, outputs: list) -> int:
+async def _finished(child: asyncio.subprocess.Process, process: PodProcess, outputs: list[asyncio.Future]) -> int:
     code = await child.wait()
     for output in outputs:  # everything it wrote has been passed on
-        await (output if isinstance(output, asyncio.Future) else process.ended(output).wait())
+        await output
+    with contextlib.suppress(OSError, asyncssh.Error):
+        process.stdout.write_eof()
     return code
 
 
-async def _pump_stderr(process: PodProcess, source, own: "re.Pattern[bytes]") -> None:
-    """The command's stderr to the client's, without the whole lines ``own`` matches (the host
-    command's, not the pod's). A line is held back only while it could still become one."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=BUFSIZE)
-    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), source)
+async def _pump_output(source: FdStream, target: asyncssh.SSHWriter, own: "re.Pattern[bytes] | None" = None) -> None:
+    """One of the command's outputs to the client until its end. With ``own``, the whole lines it
+    matches (the host command's, not the pod's) are left out; a line is held back only while it
+    could still become one."""
     held = b""
     try:
-        while chunk := await reader.read(BUFSIZE):
-            lines = (held + chunk).split(b"\n")
-            held = lines.pop()
-            out = b"".join(line + b"\n" for line in lines if not own.fullmatch(line + b"\n"))
-            if held and not b"srun: error: ".startswith(held[:13]):
-                out, held = out + held, b""  # not one of the host command's lines: pass it on now
+        while chunk := await source.read(BUFSIZE):
+            out = chunk
+            if own is not None:
+                lines = (held + chunk).split(b"\n")
+                held = lines.pop()
+                out = b"".join(line + b"\n" for line in lines if not own.fullmatch(line + b"\n"))
+                if held and not b"srun: error: ".startswith(held[:13]):
+                    out, held = out + held, b""  # not one of the host command's lines: pass it on now
             if out:
-                process.stderr.write(out)
-                await process.stderr.drain()
+                target.write(out)
+                await target.drain()
         if held:
-            process.stderr.write(held)
-    finally:
-        transport.close()
+            target.write(held)
+    except (ConnectionError, asyncssh.Error):
+        pass  # the client went
 
 
 def _hang_up(child: asyncio.subprocess.Process, tty: bool) -> None:
