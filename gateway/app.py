@@ -63,6 +63,7 @@ def open_store(
             settings.s3_bucket,
             settings.s3_region,
             settings.s3_public_endpoint_url or None,
+            put_etag_is_md5=settings.s3_put_etag_is_md5,
         )
         return store, None
     server = follow_embedded(settings, pod_address) if attach else start_embedded(settings, pod_address)

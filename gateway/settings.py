@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     s3_secret_access_key: str = ""
     s3_bucket: str = "kgpu"
     s3_region: str = "us-east-1"
+    # Whether the store's ETag of an object stored by one PUT is its MD5 (R2, MinIO, S3 without
+    # SSE-KMS or SSE-C): false, and the drive computes MD5s itself. The embedded store's always is.
+    s3_put_etag_is_md5: bool = True
 
     presign_expires_seconds: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
     user_quota_bytes: int = Field(default=100 * GiB, ge=0)

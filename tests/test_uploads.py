@@ -7,13 +7,17 @@ import asyncio
 import hashlib
 import os
 import time
+import uuid
 
 import pytest
 import requests
 
 import drive.uploads
 from drive.checksums import Checksum, ChecksumMismatch
+from drive.store.s3 import S3ObjectStore
 from drive.uploads import MAX_PARTS, MiB, IncompleteBody, UploadTooLarge, choose_part_size, stream_to_store
+from gateway.app import open_store
+from gateway.settings import Settings
 
 
 class Recorder:
@@ -155,6 +159,48 @@ def test_known_length_is_one_streamed_put_whose_md5_the_store_computed(store):
     # The MD5 recorded is the store's ETag: it must be the content's.
     assert (result.sha1, result.md5) == (hashlib.sha1(data).hexdigest(), hashlib.md5(data).hexdigest())
     assert store.head("u/streamed").etag.strip('"') == result.md5
+
+
+KMS_ETAG = '"' + "ab" * 16 + '"'  # S3 under SSE-KMS or SSE-C: a PUT's ETag, but not the MD5 of its bytes
+
+
+class KmsEtags:
+    """The real store, answering a streamed PUT with an ETag that is not its MD5."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def open_put(self, key, size, content_type=None):
+        put = self.store.open_put(key, size, content_type)
+        finish = put.finish
+        put.finish = lambda: (finish(), KMS_ETAG)[1]
+        return put
+
+
+@pytest.mark.parametrize("etag_is_md5", [True, False])
+def test_the_md5_of_one_put_is_its_etag_only_where_the_store_is_said_to_make_it_so(rclone_target, etag_is_md5):
+    target = rclone_target
+    store = S3ObjectStore(target.endpoint, target.access_key, target.secret_key, "t" + uuid.uuid4().hex[:12],
+                          put_etag_is_md5=etag_is_md5)
+    store.ensure_bucket()
+    data = os.urandom(6 * MiB + 7)  # one streamed PUT
+    result = upload(KmsEtags(store), "u/kms", data, length=len(data))
+    assert result.parts == 0 and result.etag == KMS_ETAG
+    # true: the ETag is taken for the MD5 (the gateway hashes nothing); false: the gateway's own MD5
+    assert result.md5 == ("ab" * 16 if etag_is_md5 else hashlib.md5(data).hexdigest())
+    assert result.sha1 == hashlib.sha1(data).hexdigest()
+
+
+@pytest.mark.parametrize("value, expected", [(None, True), ("false", False), ("true", True)])
+def test_kgpu_s3_put_etag_is_md5_reaches_the_configured_store(monkeypatch, value, expected):
+    if value is not None:
+        monkeypatch.setenv("KGPU_S3_PUT_ETAG_IS_MD5", value)
+    settings = Settings(s3_endpoint_url="http://127.0.0.1:9", s3_access_key_id="k", s3_secret_access_key="s")
+    store, embedded = open_store(settings)
+    assert embedded is None and store.put_etag_is_md5 is expected
 
 
 def test_exact_multiple_has_no_empty_last_part(store):

@@ -85,8 +85,9 @@ class StreamedPut(Protocol):
 class ObjectStore(Protocol):
     bucket: str
     # The ETag of an object stored by one PUT is the MD5 of its bytes (R2, rclone serve s3, moto,
-    # S3 without KMS encryption): a streamed upload need not compute it (drive/uploads.py), and the
-    # drive reports it for a file a client sent straight to the store (drive/facts.py proven_md5).
+    # S3 without SSE-KMS or SSE-C; KGPU_S3_PUT_ETAG_IS_MD5): a streamed upload need not compute it
+    # (drive/uploads.py), and the drive reports it for a file a client sent straight to the store
+    # (drive/facts.py proven_md5). False: the drive computes MD5s itself, and knows none of the rest.
     put_etag_is_md5: bool
     # The ETag it lists for an object a multipart upload made is the MD5 of its bytes too (rclone
     # serve s3 over a directory; never R2 or S3, whose are "…-N"): a streamed upload in parts need

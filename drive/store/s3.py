@@ -131,7 +131,6 @@ def _error_of(status: int, body: bytes) -> StoreError:
 
 
 class S3ObjectStore:
-    put_etag_is_md5 = True  # R2, rclone serve s3, moto, S3 (where a bucket encrypts with KMS, it is not)
     multipart_etag_is_md5 = False  # "…-N" on R2, S3 and moto
 
     def __init__(
@@ -142,8 +141,11 @@ class S3ObjectStore:
         bucket: str,
         region: str = "us-east-1",
         public_endpoint_url: str | None = None,
+        put_etag_is_md5: bool = True,
     ):
         self.bucket = bucket
+        # True of R2, rclone serve s3, moto, MinIO and S3 without SSE-KMS or SSE-C (KGPU_S3_PUT_ETAG_IS_MD5).
+        self.put_etag_is_md5 = put_etag_is_md5
         self.endpoint_url = endpoint_url
         self.presign_endpoint_url = public_endpoint_url or endpoint_url  # where presigned URLs lead
         config = Config(
