@@ -21,7 +21,6 @@ medians and the ratios: up kgpu/direct PUTs (goal >= 0.8), down kgpu/rclone (goa
 
 from __future__ import annotations
 
-import argparse
 import os
 import secrets
 import shutil
@@ -75,7 +74,7 @@ def direct_puts(tree: Path, base: str, token: str, folder: str, transfers: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.bench_parser(__doc__)
     parser.add_argument("--files", type=int, default=64)
     parser.add_argument("--file-mib", type=int, default=16)
     parser.add_argument("--transfers", "-j", type=int, default=8)
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         port = harness.free_port()
         server = harness.start_kgpu(work / "data", port, admin_token, work, 0)
-        base = f"http://{harness.HOST}:{port}"
+        base = server.base
         token = harness.new_user(base, admin_token, "bench-client@example.org")["token"]
         tree = work / "tree"
         total = make_tree(tree, args.files, args.file_mib)

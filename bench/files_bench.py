@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import secrets
 import shutil
 import socket
 import statistics
@@ -35,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import (
-    HOST, REPO, MiB, Proc, RssSampler, add_run_options, arm_time_limit, children, cpu_seconds, download_sha256,
-    end_run, free_port, http_json, log, make_dirs, make_file, new_user, pct, print_report, rss_kib, server_cpu_seconds, start_kgpu,
-    store_client, store_endpoint, wait_ready, write_json,
+    HOST, REPO, MiB, Proc, RssSampler, add_run_options, arm_time_limit, bench_parser, children, cpu_seconds, download_sha256,
+    end_run, free_port, http_json, log, make_dirs, make_file, new_user, pct, publish, rss_kib, server_cpu_seconds, start_kgpu,
+    start_bench_server, store_client, store_endpoint, verdict, wait_ready,
 )
 
 # A Location of the same shape and length as a presigned GET the gateway sends.
@@ -101,7 +100,6 @@ def serve_bare_asgi_302(port: int) -> None:
 # ------------------------------------------------------------------ the servers
 
 
-NO_SSH = {"KGPU_SSH_PORT": "0"}  # not measured here, and port 2222 may be another server's
 BARE_SERVERS = {"asgi": "--serve-bare-asgi-302", "fastapi": "--serve-bare-302"}
 
 
@@ -358,7 +356,7 @@ def count_objects(s3, user_id: int) -> tuple[int, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__)
     parser.add_argument("--size-mib", type=int, default=1024, help="size of the big upload (default 1024)")
     parser.add_argument("--objects", type=int, default=100_000, help="objects put in the drive for (d) (default 100000)")
     parser.add_argument("--latency-requests", type=int, default=200, help="PUT 307 requests per latency figure")
@@ -396,12 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     run_started = time.monotonic()
     results["loadavg_start"] = os.getloadavg()
     try:
-        admin_token = "bench-admin-" + secrets.token_hex(12)
-        port = free_port()
-        log(f"starting kgpu serve on :{port}, data in {data_dir}")
-        kgpu = start_kgpu(data_dir, port, admin_token, log_dir, 1, args.src, NO_SSH)
-        procs.append(kgpu)
-        base = f"http://{HOST}:{port}"
+        kgpu, admin_token = start_bench_server(procs, data_dir, log_dir, args.src)
+        port, base = kgpu.port, kgpu.base
         created = new_user(base, admin_token, "bench@example.org")
         token, user_id = created["token"], created["user"]["id"]
         log(f"user {user_id} created")
@@ -420,9 +414,9 @@ def main(argv: list[str] | None = None) -> int:
             bares = {kind: start_bare(free_port(), log_dir, kind) for kind in BARE_SERVERS}
             procs.extend(bares.values())
             workers_port = free_port()
-            kgpu2 = start_kgpu(tmp / "data-2-workers", workers_port, admin_token, log_dir, 2, args.src, NO_SSH | {"KGPU_WORKERS": "2"})
+            kgpu2 = start_kgpu(tmp / "data-2-workers", workers_port, admin_token, log_dir, 2, args.src, {"KGPU_WORKERS": "2"})
             procs.append(kgpu2)
-            token2 = new_user(f"http://{HOST}:{workers_port}", admin_token, "bench@example.org")["token"]
+            token2 = new_user(kgpu2.base, admin_token, "bench@example.org")["token"]
             location = check_302(port, "/v1/files/x", token)
             check_302(workers_port, "/v1/files/x", token2)
             for bare in bares.values():
@@ -545,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
                 log("(d) the store does not list them yet: restarting kgpu serve on the same data directory")
                 kgpu.stop()
                 procs.remove(kgpu)
-                kgpu = start_kgpu(data_dir, port, admin_token, log_dir, 2, args.src, NO_SSH)
+                kgpu = start_kgpu(data_dir, port, admin_token, log_dir, 2, args.src)
                 procs.append(kgpu)
                 s3 = store_client(data_dir, store_endpoint(kgpu))
                 restarted = True
@@ -571,15 +565,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         end_run(args, procs, (tmp, fast))
 
-    report(results, args)
-    write_json(args, results)
+    publish(args, results, report(results, args))
     return 0
 
 
-def report(results: dict, args) -> None:
-    def verdict(ok: bool) -> str:
-        return "ok" if ok else "MISSED"
-
+def report(results: dict, args) -> list[str]:
     def rounds(a: dict, name: str) -> str:
         return ", ".join(f"{r['rps']:.0f}" for r in a["runs"][name])
 
@@ -642,7 +632,7 @@ def report(results: dict, args) -> None:
             fl = results["d_full_listing"]
             out.append(f"    a full listing of the drive (what a reconcile costs): {fl['objects']} objects in {fl['seconds']:.1f} s")
         out.append("")
-    print_report(out, results)
+    return out
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Usage: python bench/gpu_check.py   (the `kgpu` script beside that python is the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -28,7 +27,7 @@ TORCH = "import torch; print('torch sees', torch.cuda.device_count(), 'GPU(s):',
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.bench_parser(__doc__)
     parser.parse_args()
     if not shutil.which("nvidia-smi"):
         print("no nvidia-smi on this machine: nothing to check")
@@ -41,7 +40,7 @@ def main() -> int:
 
     tmp.chmod(0o711)  # local pods run under uids of their own, which pass through it to their folders
     server = harness.start_kgpu(tmp / "data", harness.free_port(), ADMIN, tmp, 0, settings={"KGPU_POD_BACKEND": "local"})
-    base = f"http://{harness.HOST}:{server.port}"
+    base = server.base
     failures = []
     try:
         token = harness.new_user(base, ADMIN, "gpu@lab.example")["token"]
@@ -80,8 +79,7 @@ def main() -> int:
         ended = requests.delete(f"{base}/v1/gpus/{gpu}", headers=auth).json()
         print("DELETE:", ended["phase"], ended["end_reason"], "credits charged", ended["credits_charged"])
     finally:
-        server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        harness.clean_up([server], [tmp])
     print("FAILURES: " + "; ".join(failures) if failures else "gpu check: all as expected")
     return 1 if failures else 0
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -211,11 +212,22 @@ class ProcessWatch:
         return f"CPU s: {cpu}; peak RSS MiB: {rss}"
 
 
+def verdict(ok: bool) -> str:
+    """How a report marks a figure against its target."""
+    return "ok" if ok else "MISSED"
+
+
 def print_report(lines: list[str], results: dict) -> None:
     """A bench's report, closed by its duration and the load average before and after."""
     load = " -> ".join(" ".join(f"{x:.1f}" for x in results[k]) for k in ("loadavg_start", "loadavg_end") if k in results)
     lines.append(f"total {results.get('total_seconds', 0):.0f} s; load average {load} on {os.cpu_count()} CPUs")
     print("\n".join(lines), flush=True)
+
+
+def publish(args: argparse.Namespace, results: dict, lines: list[str]) -> None:
+    """A run's figures out: its report printed (print_report) and, with ``--json``, the figures written."""
+    print_report(lines, results)
+    write_json(args, results)
 
 
 class RssSampler:
@@ -279,10 +291,15 @@ class Proc:
                 os.killpg(self.popen.pid, signal.SIGKILL)
             self.popen.wait(timeout=5)
 
+    @property
+    def base(self) -> str:
+        """Where it answers HTTP."""
+        return f"http://{HOST}:{self.port}"
+
 
 def wait_ready(proc: Proc, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
-    url = f"http://{HOST}:{proc.port}/healthz"
+    url = f"{proc.base}/healthz"
     while time.monotonic() < deadline:
         if proc.popen.poll() is not None:
             raise RuntimeError(f"{proc.name} exited early; see {proc.log_path}:\n{proc.log_path.read_text()[-3000:]}")
@@ -303,11 +320,13 @@ def start_kgpu(
     """``settings``: more environment variables, KGPU_* settings or what a pod backend needs (SLURM_CONF…);
     none of this process's KGPU_* variables is passed on, only the admin token is set. One worker
     process unless ``settings`` sets ``KGPU_WORKERS`` (the server's CPU is then its workers':
-    :func:`server_cpu_seconds`)."""
+    :func:`server_cpu_seconds`); no SSH bastion unless it sets ``KGPU_SSH_PORT`` (the default port
+    may be another server's on this machine)."""
     log_path = log_dir / f"kgpu-serve-{n}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("KGPU_")}
     env["KGPU_ADMIN_TOKEN"] = admin_token
     env["KGPU_WORKERS"] = "1"
+    env["KGPU_SSH_PORT"] = "0"
     env.update(settings or {})
     if src:  # another checkout of the code (e.g. `git archive` of a commit), ahead of the editable install
         env["PYTHONPATH"] = str(Path(src).resolve())
@@ -324,6 +343,16 @@ def start_kgpu(
     proc = Proc("kgpu serve", popen, log_path, port)
     wait_ready(proc)
     return proc
+
+
+def start_bench_server(procs: list[Proc], data_dir: Path, log_dir: Path, src: str | None = None) -> tuple[Proc, str]:
+    """A bench's own ``kgpu serve`` (one worker) on a free port with a fresh admin token, put on
+    ``procs`` (what the run stops): the process and the token."""
+    admin_token = "bench-admin-" + secrets.token_hex(12)
+    port = free_port()
+    log(f"starting kgpu serve on :{port}, data in {data_dir}")
+    procs.append(start_kgpu(data_dir, port, admin_token, log_dir, 1, src))
+    return procs[-1], admin_token
 
 
 def new_user(base: str, admin_token: str, email: str) -> dict:
@@ -416,6 +445,11 @@ def download_sha256(url: str, token: str, timeout: float = 180) -> tuple[str, in
 # ------------------------------------------------------------------ a bench's run
 
 
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """A bench's command line, its --help opening with the bench's docstring as written."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def add_run_options(parser: argparse.ArgumentParser, time_limit: int = 600) -> None:
     """The options of every bench that starts its own server: where its folders go, which code it
     runs, whether it keeps them, its time limit, and a JSON copy of its figures."""
@@ -431,8 +465,13 @@ def add_run_options(parser: argparse.ArgumentParser, time_limit: int = 600) -> N
 
 
 def end_run(args: argparse.Namespace, procs: Sequence[Proc], folders: Sequence[Path], mounts: Sequence[RcloneMount] = ()) -> None:
+    """``clean_up`` for a bench with the run options (``--keep``)."""
+    clean_up(procs, folders, mounts, keep=args.keep)
+
+
+def clean_up(procs: Sequence[Proc], folders: Sequence[Path], mounts: Sequence[RcloneMount] = (), keep: bool = False) -> None:
     """What a run started stops, last first (its mounts, then its processes), and its temporary
-    folders go unless ``--keep``. The time limit is disarmed first: cleaning up is not cut short."""
+    folders go unless ``keep``. The time limit is disarmed first: cleaning up is not cut short."""
     signal.alarm(0)
     started = time.monotonic()
     for mount in reversed(mounts):
@@ -440,7 +479,7 @@ def end_run(args: argparse.Namespace, procs: Sequence[Proc], folders: Sequence[P
             mount.stop()
     for proc in reversed(procs):
         proc.stop()
-    if args.keep:
+    if keep:
         log(f"kept {' and '.join(map(str, folders))}")
     else:
         for folder in folders:

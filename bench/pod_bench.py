@@ -21,12 +21,10 @@ Everything it starts is stopped and its temporary directory deleted at the end.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import secrets
-import shutil
 import statistics
 import subprocess
 import sys
@@ -79,7 +77,7 @@ def seconds(line: str) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.bench_parser(__doc__)
     parser.add_argument("--rentals", type=int, default=5)
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--small-files", type=int, default=100)
@@ -98,7 +96,7 @@ def main() -> int:
         tmp / "data", harness.free_port(), admin_token, tmp, 0,
         settings={"KGPU_POD_BACKEND": args.backend, "KGPU_DEFAULT_IMAGE": IMAGE, "KGPU_DOCKER_PULL": "false"},
     )
-    base = f"http://{harness.HOST}:{server.port}"
+    base = server.base
     admin = {"Authorization": f"Bearer {admin_token}"}
     results: dict = {}
     try:
@@ -166,8 +164,7 @@ def main() -> int:
         results["flush"] = {"empty_s": empty, "small_s": small, "small_arrived": arrived, "big_s": big, "big_ok": got == big_digest}
         print(json.dumps(results))
     finally:
-        server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        harness.clean_up([server], [tmp])
     return 0
 
 

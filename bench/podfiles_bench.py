@@ -21,7 +21,6 @@ Everything it starts is stopped and its temporary directory deleted at the end.
 
 from __future__ import annotations
 
-import argparse
 import os
 import secrets
 import shlex
@@ -119,7 +118,7 @@ def settled_size(url: str, auth: dict) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.bench_parser(__doc__)
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backend", choices=sorted(IMAGES), default="local")
@@ -134,7 +133,7 @@ def main() -> int:
         data_dir, harness.free_port(), admin_token, log_dir, 0, args.src,
         settings=backend_settings(args.backend),
     )
-    base = f"http://{harness.HOST}:{server.port}"
+    base = server.base
     results: dict = {"loadavg_start": os.getloadavg(), "size_mib": args.size_mib, "backend": args.backend}
     started = time.monotonic()
     try:
@@ -185,8 +184,7 @@ def main() -> int:
                      f"down, SHA-256 {'same' if down_digest == digest else 'DIFFERENT'}")
         results["total_seconds"] = time.monotonic() - started
         results["loadavg_end"] = os.getloadavg()
-        harness.print_report(lines, results)
-        harness.write_json(args, results)
+        harness.publish(args, results, lines)
     finally:
         harness.end_run(args, [server], [tmp] + ([fast] if fast != tmp else []))
     return 0

@@ -12,8 +12,6 @@ Usage: .venv/bin/python bench/runs_bench.py [--backend local|docker] [--samples 
 
 from __future__ import annotations
 
-import argparse
-import shutil
 import statistics
 import subprocess
 import sys
@@ -50,7 +48,7 @@ def count_execs(events: subprocess.Popen) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.bench_parser(__doc__)
     parser.add_argument("--samples", type=int, default=30)
     parser.add_argument("--concurrent", type=int, default=500)
     parser.add_argument("--hold-seconds", type=float, default=5.0)
@@ -65,7 +63,7 @@ def main() -> int:
     if args.backend == "docker":
         settings["KGPU_DEFAULT_IMAGE"] = args.image
     server = harness.start_kgpu(tmp / "data", harness.free_port(), ADMIN, tmp, 0, settings=settings)
-    base = f"http://{harness.HOST}:{server.port}"
+    base = server.base
     try:
         token = harness.new_user(base, ADMIN, "bench@lab.example")["token"]
         auth = {"Authorization": f"Bearer {token}"}
@@ -149,8 +147,7 @@ def main() -> int:
         print(f"    gateway RSS {before:.0f} MiB before, peak {peak[0]:.0f} MiB (+{peak[0] - before:.0f} MiB)")
         requests.delete(f"{base}/v1/gpus/{gpu}", headers=auth)
     finally:
-        server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        harness.clean_up([server], [tmp])
     return 0
 
 

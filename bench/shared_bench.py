@@ -23,7 +23,6 @@ directories deleted at the end (``--keep`` keeps them). See bench/README.md.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import os
@@ -142,7 +141,7 @@ def random_reads(mounted: Path, source: Path, count: int, length: int, seed: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.bench_parser(__doc__)
     parser.add_argument("--size-mib", type=int, default=1024, help="size of the shared file (default 1024)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of (a) and (b) (default 3)")
     parser.add_argument("--random-reads", type=int, default=200, help="random-offset reads in (c) (default 200)")
@@ -169,12 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     run_started = time.monotonic()
     timeout = max(60.0, size / MiB / 10)  # no single transfer slower than 10 MiB/s
     try:
-        admin_token = "bench-admin-" + secrets.token_hex(12)
-        port = harness.free_port()
-        harness.log(f"starting kgpu serve on :{port}")
-        kgpu = harness.start_kgpu(data_dir, port, admin_token, log_dir, 1, args.src)
-        procs.append(kgpu)
-        base = f"http://{HOST}:{port}"
+        kgpu, admin_token = harness.start_bench_server(procs, data_dir, log_dir, args.src)
+        base = kgpu.base
         store_pid = (harness.children(kgpu.pid) or [0])[0]
         user = harness.new_user(base, admin_token, "bench-shared@example.org")
         token = user["token"]
@@ -263,15 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         harness.end_run(args, procs, (tmp, fast), mounts)
 
-    report(results, args)
-    harness.write_json(args, results)
+    harness.publish(args, results, report(results, args))
     return 0 if results["ratio"] >= 0.8 else 1
 
 
-def report(results: dict, args) -> None:
-    def verdict(ok: bool) -> str:
-        return "ok" if ok else "MISSED"
-
+def report(results: dict, args) -> list[str]:
     mib = args.size_mib
     out = ["", f"kgpu shared-drive read benchmark (127.0.0.1; {os.cpu_count()} CPUs)",
            f"store objects, source file and mount caches in {results['fast']}",
@@ -288,7 +279,7 @@ def report(results: dict, args) -> None:
                    f"{m['gateway_cpu_s']:.2f}; rclone peak RSS {m['rclone_peak_rss_mib']:.0f} MiB; cache {m['cache_bytes'] / MiB:.0f} MiB"
                    f"   | direct store CPU s {d['store_cpu_s']:.2f}")
     out.append(f"    median: mount {results['mount_median_mib_s']:.0f} MiB/s, direct {results['direct_median_mib_s']:.0f} MiB/s, "
-               f"ratio {results['ratio']:.2f} (target >= 0.8: {verdict(results['ratio'] >= 0.8)})")
+               f"ratio {results['ratio']:.2f} (target >= 0.8: {harness.verdict(results['ratio'] >= 0.8)})")
     out.append("")
     c, w = results["random"]["cold"], results["random"]["warm"]
     out.append(f"random reads through a fresh mount: {c['reads']} x {c['bytes_each'] // 1024} KiB at random offsets "
@@ -298,7 +289,7 @@ def report(results: dict, args) -> None:
                    f"max {x['max_ms']:.1f} ms, {x['mib_s']:.0f} MiB/s; mismatches {x['mismatches']}")
     out.append(f"    cache after the cold pass: {c['cache_bytes_after'] / MiB:.0f} MiB")
     out.append("")
-    harness.print_report(out, results)
+    return out
 
 
 if __name__ == "__main__":

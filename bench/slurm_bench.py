@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -67,7 +66,7 @@ def main() -> int:
     settings = {**env, "KGPU_DEFAULT_IMAGE": "kgpu-test:latest", "KGPU_SLURM_PULL": "false",
                 "KGPU_SLURM_JOB_PREFIX": "kgpu-bench", "KGPU_REAPER_INTERVAL_SECONDS": "3600", "KGPU_MAX_GPUS_PER_USER": "8"}
     server = harness.start_kgpu(data / "data", harness.free_port(), ADMIN, data, 0, settings=settings)
-    base = f"http://{harness.HOST}:{server.port}"
+    base = server.base
     try:
         token = harness.new_user(base, ADMIN, "bench@lab.example")["token"]
         me = {"Authorization": f"Bearer {token}"}
@@ -134,8 +133,7 @@ def main() -> int:
         for gpu_id in held:
             requests.delete(f"{base}/v1/gpus/{gpu_id}", headers=me)
     finally:
-        server.stop()
-        shutil.rmtree(data, ignore_errors=True)
+        harness.clean_up([server], [data])
         if not was_up:
             subprocess.run(["bash", str(CLUSTER), "down"], capture_output=True)
     return 0

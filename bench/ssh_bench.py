@@ -21,7 +21,6 @@ stopped and its temporary directory deleted at the end.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import secrets
@@ -160,7 +159,7 @@ def sessions_at_once(target: Target, count: int, gateway_pid: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.bench_parser(__doc__)
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--logins", type=int, default=10)
     parser.add_argument("--sessions", type=int, default=50)
@@ -191,7 +190,7 @@ def main() -> int:
         (work / "data").mkdir()
         kgpu = harness.start_kgpu(work / "data", harness.free_port(), admin, work, 0, settings=settings)
         started.append(kgpu)
-        base = f"http://{harness.HOST}:{kgpu.port}"
+        base = kgpu.base
         user = harness.new_user(base, admin, "bench@lab.example")
         auth = {"Authorization": f"Bearer {user['token']}"}
         key = work / "id_ed25519"

@@ -29,7 +29,6 @@ directories deleted at the end (``--keep`` keeps them). See bench/README.md.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import hashlib
@@ -37,7 +36,6 @@ import http.client
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import socket
@@ -56,7 +54,6 @@ import harness  # noqa: E402  (this folder's shared bench code)
 HOST = harness.HOST
 MiB = harness.MiB
 FOLDER = "big"
-NO_SSH = {"KGPU_SSH_PORT": "0"}  # not measured here, and port 2222 may be another server's
 
 # What rclone's webdav backend sends to list a folder (backend/webdav/webdav.go, listAll).
 RCLONE_PROPFIND_BODY = b"""<?xml version="1.0"?>
@@ -430,7 +427,7 @@ def make_file(path: Path, size: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = harness.bench_parser(__doc__)
     parser.add_argument("--objects", type=int, default=10_000, help="objects in the listed folder (default 10000)")
     parser.add_argument("--object-kib", type=int, default=1, help="size of each of them in KiB (default 1)")
     parser.add_argument("--warm", type=int, default=5, help="warm PROPFINDs per server and body (default 5)")
@@ -460,12 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     results["loadavg_start"] = os.getloadavg()
     run_started = time.monotonic()
     try:
-        admin_token = "bench-admin-" + secrets.token_hex(12)
-        port = harness.free_port()
-        harness.log(f"starting kgpu serve on :{port}")
-        kgpu = harness.start_kgpu(data_dir, port, admin_token, log_dir, 1, args.src, NO_SSH)
-        procs.append(kgpu)
-        base = f"http://{HOST}:{port}"
+        kgpu, admin_token = harness.start_bench_server(procs, data_dir, log_dir, args.src)
+        port, base = kgpu.port, kgpu.base
         created = harness.new_user(base, admin_token, "bench-webdav@example.org")
         token, user_id = created["token"], created["user"]["id"]
         auth = {"Authorization": f"Bearer {token}"}
@@ -487,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
                 harness.log(f"(1) the store lists {listed}, not {args.objects}: restarting kgpu serve on the same data directory")
                 kgpu.stop()
                 procs.remove(kgpu)
-                kgpu = harness.start_kgpu(data_dir, port, admin_token, log_dir, 2, args.src, NO_SSH)
+                kgpu = harness.start_kgpu(data_dir, port, admin_token, log_dir, 2, args.src)
                 procs.append(kgpu)
                 endpoint = store_endpoint(kgpu, data_dir)
                 s3 = harness.store_client(data_dir, endpoint)
@@ -633,16 +626,23 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         harness.end_run(args, procs, (tmp, fast), mounts)
 
-    report(results, args)
-    harness.write_json(args, results)
+    harness.publish(args, results, report(results, args))
     ratios = [r for r in results.get("ratios", {}).values()]
     return 0 if all(r <= 1.0 for r in ratios) else 1
 
 
-def report(results: dict, args) -> None:
-    def verdict(ok: bool) -> str:
-        return "ok" if ok else "MISSED"
+def rclone_log(span: dict, then: str, size: int | None = None) -> list[str]:
+    """The report's line of what rclone's log says of one upload (upload_span): when it was queued,
+    how long held back, and ``then`` what it took (at what speed, given its ``size``); none where
+    the log showed no upload."""
+    if "upload_s" not in span:
+        return []
+    line = (f"        rclone's log: queued at {span['log_queued_at_s']:.2f} s, held back {span['write_back_s']:g} s"
+            f"{then} {span['upload_s']:.2f} s")
+    return [line + f", {size / MiB / span['upload_s']:.0f} MiB/s" if size else line]
 
+
+def report(results: dict, args) -> list[str]:
     out = ["", "kgpu WebDAV benchmark (127.0.0.1; kgpu serve with its embedded rclone serve s3)", ""]
     results["ratios"] = {}
     if "propfind" in results:
@@ -666,7 +666,7 @@ def report(results: dict, args) -> None:
             out.append(row("rclone serve webdav", cold["rclone"]))
             ratio = cold["kgpu"]["seconds"] / cold["rclone"]["seconds"]
             results["ratios"]["cold"] = ratio
-            out.append(f"    cold ratio kgpu/rclone {ratio:.2f} (target <= 1.0: {verdict(ratio <= 1.0)})")
+            out.append(f"    cold ratio kgpu/rclone {ratio:.2f} (target <= 1.0: {harness.verdict(ratio <= 1.0)})")
         for body, d in pf["warm"].items():
             k = statistics.median(x["seconds"] for x in d["kgpu"])
             if not with_rclone:
@@ -689,7 +689,7 @@ def report(results: dict, args) -> None:
             results["ratios"][f"warm_{body}"] = k / r
             results["ratios"][f"warm_{body}_worst_round"] = max(per_round)
             out.append(f"    warm ratio kgpu/rclone ({body}) {k / r:.2f}, worst round {max(per_round):.2f} "
-                       f"(target <= 1.0 on every round: {verdict(max(per_round) <= 1.0)})")
+                       f"(target <= 1.0 on every round: {harness.verdict(max(per_round) <= 1.0)})")
         out.append("    (both answer a repeated PROPFIND from a directory cache: rclone's --dir-cache-time 5m, kgpu's"
                    " drive/store/caching.py, checked against the database on every use)")
         peak = max([cold["kgpu"]["rss_peak_mib"]] + [x["rss_peak_mib"] for d in pf["warm"].values() for x in d["kgpu"]])
@@ -728,10 +728,8 @@ def report(results: dict, args) -> None:
         out.append(f"    write into the mount: write()+close() returned in {m['write_returned_s']:.2f} s; queued for upload at "
                    f"{w['queued_at_s'] or 0:.2f} s; stored (upload queue drained) {w['stored_s']:.2f} s after the write began "
                    f"({size / MiB / w['stored_s']:.0f} MiB/s end to end)")
-        if "upload_s" in w:
-            out.append(f"        rclone's log: queued at {w['log_queued_at_s']:.2f} s, held back {w['write_back_s']:g} s "
-                       f"(--vfs-write-back), then the upload (PUT streamed through the gateway into the store, and "
-                       f"rclone's PROPFIND of the new file) {w['upload_s']:.2f} s, {size / MiB / w['upload_s']:.0f} MiB/s")
+        out += rclone_log(w, " (--vfs-write-back), then the upload (PUT streamed through the gateway into the store, "
+                             "and rclone's PROPFIND of the new file)", size)
         out.append(f"        one HEAD of the stored file afterwards: {w['head_s']:.2f} s")
         out.append(f"        {m['write_watch']}")
         out.append(f"    read back through a fresh mount and cache: {m['read_s']:.2f} s, {size / MiB / m['read_s']:.0f} MiB/s, "
@@ -741,12 +739,10 @@ def report(results: dict, args) -> None:
         out.append(f"    append one line: open() took {m['append_open_s']:.2f} s, close() returned at {m['append_returned_s']:.2f} s, "
                    f"stored {a['stored_s']:.2f} s after the open (the whole {args.size_mib} MiB downloaded and uploaded again); "
                    f"sha256 of a curl -L download {'ok' if m['append_sha_ok'] else 'MISMATCH'}")
-        if "upload_s" in a:
-            out.append(f"        rclone's log: queued at {a['log_queued_at_s']:.2f} s, held back {a['write_back_s']:g} s, "
-                       f"then the download of the old content (if not done during the hold) and the upload {a['upload_s']:.2f} s")
+        out += rclone_log(a, ", then the download of the old content (if not done during the hold) and the upload")
         out.append(f"        {m['append_watch']}")
         out.append("")
-    harness.print_report(out, results)
+    return out
 
 
 if __name__ == "__main__":
