@@ -12,6 +12,9 @@ own), writes a tree of ``--files`` (64) random files of ``--file-mib`` (16) MiB,
         vs  ``rclone copy TREE :webdav:up-N --transfers J``
   down  ``kgpu cp -r kgpu:src LOCAL -j J``  vs  ``rclone copy :webdav:src LOCAL --transfers J``
 
+and, first, the gateway's CPU to mint URLs for the tree's files: one mint a file against one batch
+mint (``POST /v1/files/FOLDER/?mint``), alternated, medians.
+
 rclone runs the way the WebDAV guide says (``--webdav-vendor owncloud``, the Bearer header in its
 environment) with the same parallelism (``--transfers J --checkers max(8, J)``), against the same
 server. Each upload goes to a fresh folder (deleted after the round), each download into an empty
@@ -73,6 +76,27 @@ def direct_puts(tree: Path, base: str, token: str, folder: str, transfers: int, 
     return timed(command, dict(os.environ))
 
 
+def mint_cpu(server: harness.Proc, base: str, token: str, tree: Path, rounds: int) -> dict[str, float]:
+    """The gateway's CPU seconds to mint URLs for every file of ``tree``: one mint a file (what
+    kgpu cp did before batch mints) against one batch mint (``?mint``), alternated, medians."""
+    paths = sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*") if p.is_file())
+    size = (tree / paths[0]).stat().st_size
+    spent: dict[str, list[float]] = {"single": [], "batch": []}
+    for n in range(rounds):
+        for kind in ("single", "batch") if n % 2 == 0 else ("batch", "single"):
+            before = harness.server_cpu_seconds(server.pid)
+            if kind == "single":
+                for path in paths:
+                    harness.http_json("POST", f"{base}/v1/files/mint-{kind}-{n}/{path}", token,
+                                      headers={"X-Content-Length": str(size), "X-OC-Mtime": "1700000000"})
+            else:
+                files = [{"path": path, "size": size, "mtime": 1700000000} for path in paths]
+                minted = harness.http_json("POST", f"{base}/v1/files/mint-{kind}-{n}/?mint", token, {"files": files})
+                assert minted["minted"] == len(paths), minted
+            spent[kind].append(harness.server_cpu_seconds(server.pid) - before)
+    return {kind: statistics.median(values) for kind, values in spent.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = harness.bench_parser(__doc__)
     parser.add_argument("--files", type=int, default=64)
@@ -107,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         parallel = ["--transfers", str(args.transfers), "--checkers", str(max(8, args.transfers))]
         j = ["-j", str(args.transfers)]
 
+        # Another user's drive: the URLs minted here stay out (held) until they expire.
+        minter = harness.new_user(base, admin_token, "bench-minter@example.org")["token"]
+        mints = mint_cpu(server, base, minter, tree, args.rounds)
+
         # The source of the downloads, uploaded once.
         timed([kgpu, "cp", "-r", str(tree), "kgpu:src", *j], kgpu_env)
 
@@ -137,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"\nkgpu cp -r vs its lower bounds: {args.files} x {args.file_mib} MiB ({total / MiB:.0f} MiB), "
               f"-j {args.transfers}, {args.rounds} rounds, medians; load average {open('/proc/loadavg').read().strip()}")
+        print(f"  mints  gateway CPU for {args.files} URLs: one mint a file {mints['single'] * 1000:.0f} ms, "
+              f"one batch mint {mints['batch'] * 1000:.0f} ms")
         median = {k: statistics.median(v) for k, v in results.items()}
         for direction, bound, goal in (("up", "direct", 0.8), ("up", "rclone", None), ("down", "rclone", 0.9)):
             mine, theirs = median[f"{direction} kgpu"], median[f"{direction} {bound}"]
