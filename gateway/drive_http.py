@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import json
-import mimetypes
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -38,6 +37,7 @@ from drive.direct import (
     parse_number,
     plan_parts,
 )
+from drive.content_types import known_type, stored_type
 from drive.facts import BadClientFact, ClientFacts, client_facts
 from drive.keys import DrivePath, InvalidPath
 from drive.service import DriveService, UrlAsked
@@ -46,9 +46,6 @@ from drive.store.caching import CachingStore
 from drive.uploads import ClientGone, IncompleteBody, UploadTooLarge, WriteBusy
 from drive.usage import QuotaExceeded, Upload, WriteLease
 from gateway.errors import ApiError
-
-_IGNORED_CONTENT_TYPES = {"", "application/x-www-form-urlencoded"}
-
 
 @dataclass(frozen=True)
 class Drive:
@@ -97,10 +94,7 @@ def has_body(request: Request) -> bool:
 
 
 def _content_type(request: Request, path: DrivePath) -> str:
-    sent = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if sent not in _IGNORED_CONTENT_TYPES:
-        return request.headers["content-type"]
-    return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return stored_type(request.headers.get("content-type"), path.name)
 
 
 def _store(request: Request) -> ObjectStore:
@@ -460,7 +454,7 @@ async def post(request: Request, drive: Drive) -> Response:
 
 def _grant(request: Request, path: DrivePath, url: str, md5: DeclaredMd5 | None, content_type: str | None) -> dict:
     """A minted presigned PUT as the client is told it: the headers its PUT must send."""
-    content_type = content_type or mimetypes.guess_type(path.name)[0]
+    content_type = content_type or known_type(path.name)
     headers = {"Content-Type": content_type} if content_type else {}
     return {
         "url": url,
@@ -614,7 +608,7 @@ async def direct_parts(request: Request, drive: Drive, path: DrivePath) -> JSONR
             if size is None:
                 raise ApiError(400, "bad_content_length", "a multipart upload needs its size: X-Content-Length")
             plan = plan_parts(size, settings.upload_part_bytes)
-            content_type = request.headers.get("x-content-type") or mimetypes.guess_type(path.name)[0]
+            content_type = request.headers.get("x-content-type") or known_type(path.name)
             lifetime = settings.direct_upload_seconds
             async with writing(request, drive, path.key, urls=False):
                 previous = await _previous_and_names(service.store, path)

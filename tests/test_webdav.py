@@ -85,6 +85,23 @@ def test_propfind_properties_and_names_round_trip(stack, user):
     assert listing["/v1/files/dir/"][f"{D}resourcetype"].find(f"{D}collection") is not None
 
 
+@pytest.mark.parametrize("sent", [None, "application/x-www-form-urlencoded"])  # no type, and curl -d's
+def test_http_and_webdav_puts_store_one_name_with_one_type(stack, user, sent):
+    expected = {"a.tar.gz": "application/gzip", "README": "application/octet-stream",
+                "x.JSON": "application/json", "noext": "application/octet-stream"}
+    headers = {"Content-Type": sent} if sent else {}
+    folder = uuid.uuid4().hex[:8]
+    for made in (f"{folder}/", f"{folder}/dav/"):
+        assert dav("MKCOL", f"{stack.base}/v1/dav/{made}", user).status_code == 201
+    for name in expected:
+        assert dav("PUT", f"{stack.base}/v1/files/{folder}/http/{name}", user, data=b"{}", headers=headers).ok
+        assert dav("PUT", f"{stack.base}/v1/dav/{folder}/dav/{name}", user, data=b"{}", headers=headers).ok
+    for name, kind in expected.items():
+        stored = {way: dav("HEAD", f"{stack.base}/v1/files/{folder}/{way}/{name}", user).headers["Content-Type"]
+                  for way in ("http", "dav")}
+        assert stored == {"http": kind, "dav": kind}, name
+
+
 def test_depth_infinity_is_refused(stack, user):
     for depth in ({"Depth": "infinity"}, {}):
         reply = dav("PROPFIND", f"{stack.base}/v1/files/", user, headers=depth)

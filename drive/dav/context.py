@@ -7,8 +7,6 @@ from the URL alone), store failures as WebDAV statuses, and what the request rem
 from __future__ import annotations
 
 import functools
-import mimetypes
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -220,15 +218,6 @@ def folder_pages(environ: dict, folder_key: str) -> Iterator[list]:
 
 def cache_key(path: str) -> str:
     return "/" + path.strip("/")
-
-
-def guess_type(name: str) -> str:
-    return _type_of_suffix(os.path.splitext(name)[1].lower())
-
-
-@functools.lru_cache(maxsize=1024)
-def _type_of_suffix(suffix: str) -> str:
-    return mimetypes.guess_type("x" + suffix)[0] or "application/octet-stream"
 
 
 def utcnow() -> datetime:

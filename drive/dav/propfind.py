@@ -20,7 +20,8 @@ from urllib.parse import quote, unquote
 from wsgidav import util, xml_tools
 from wsgidav.dav_error import DAVError
 
-from drive.dav.context import EXTRAS_KEY, SHARED, AnswerCut, context_of, folder_pages, guess_type
+from drive.content_types import guess_type
+from drive.dav.context import EXTRAS_KEY, SHARED, AnswerCut, context_of, folder_pages
 from drive.checksums import oc_checksums_text
 from drive.dav.resources import OC_CHECKSUMS, FolderResource, SharedRoot
 from drive.dav.storage import note_folder_extras

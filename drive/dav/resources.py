@@ -34,6 +34,7 @@ from wsgidav.xml_tools import etree
 
 from drive import keys
 from drive.checksums import InvalidChecksum, oc_checksums_text, parse_oc_checksum
+from drive.content_types import guess_type, stored_type
 from drive.dav.bodies import BodyWriter, PresignedReader
 from drive.dav.context import (
     CACHE_KEY,
@@ -41,7 +42,6 @@ from drive.dav.context import (
     SHARED,
     cache_key,
     context_of,
-    guess_type,
     coded_error,
     folder_pages,
     forget_after_write,
@@ -60,7 +60,6 @@ from drive.uploads import UploadTooLarge
 if TYPE_CHECKING:
     from drive.dav.provider import ObjectStoreProvider
 
-_IGNORED_CONTENT_TYPES = {"", "application/x-www-form-urlencoded"}  # what a client sends when it means none
 OC_NS = "{http://owncloud.org/ns}"
 OC_CHECKSUMS = OC_NS + "checksums"  # <oc:checksums><oc:checksum>SHA1:… MD5:…</oc:checksum></oc:checksums>
 LASTMODIFIED = "{DAV:}lastmodified"  # what ownCloud clients (rclone's owncloud vendor) PROPPATCH
@@ -271,8 +270,7 @@ class FileResource(_Located, DAVNonCollection):
                     reservation = ctx.drive.begin_upload(ctx.prefix, self.info, length, ctx.quota_bytes)
             except UploadTooLarge as exc:
                 raise DAVError(HTTP_REQUEST_ENTITY_TOO_LARGE, str(exc), add_headers=[CLOSE_CONNECTION]) from None
-        sent = (content_type or "").split(";")[0].strip().lower()
-        kind = content_type if sent not in _IGNORED_CONTENT_TYPES else guess_type(self.name)
+        kind = stored_type(content_type, self.name)
         self._writer = BodyWriter(
             self.environ, ctx.drive, self.location.key, kind, content_length=length, reservation=reservation
         )
