@@ -270,7 +270,9 @@ class _Parts:
     of that length sent as the blocks arrive (:meth:`StreamedPut.send`, nothing gathered or copied:
     a chunk across two parts is cut into two views of it). The part the body ends in is shorter
     than its PUT said: that PUT is dropped and the part's bytes, kept until its end, sent again
-    with their own length. So at most one part's bytes are held, plus the blocks in hand.
+    with their own length. So at most one part's bytes are held, plus the blocks in hand. A full
+    part's answer (its ETag) is read only at the next part's end: by then the store has sent it,
+    and the body never waits for it (two parts' PUTs open at most).
     ``store_md5``: the hashes compute no MD5, the object's listed ETag is it. Its methods block,
     and come one at a time from worker threads."""
 
@@ -283,6 +285,7 @@ class _Parts:
         self.kept_size = 0
         self.upload_id: str | None = None
         self.put: StreamedPut | None = None  # the current part's PUT
+        self.sent: StreamedPut | None = None  # the previous part's, all its bytes sent, its answer unread
         self.parts: list[UploadedPart] = []
         self.size = 0
 
@@ -315,6 +318,7 @@ class _Parts:
                 self.put = None
             self._part_put(self.kept_size).send(self.kept)
         self._part_done()
+        self._answered()
         etag = self.store.complete_multipart(self.key, self.upload_id, self.parts)
         self.upload_id = None  # committed: nothing to abort any more
         try:
@@ -327,8 +331,9 @@ class _Parts:
         return UploadResult(size=self.size, etag=etag, parts=len(self.parts), sha1=self.hashes.sha1, md5=md5)
 
     def abort(self) -> None:
-        if self.put is not None:
-            self.put.abort()
+        for put in (self.sent, self.put):
+            if put is not None:
+                put.abort()
         if self.upload_id is not None:
             try:
                 self.store.abort_multipart(self.key, self.upload_id)
@@ -337,18 +342,23 @@ class _Parts:
 
     def _part_put(self, size: int) -> StreamedPut:
         if self.put is None:
-            number = len(self.parts) + 1
+            number = len(self.parts) + (self.sent is not None) + 1
             if number > MAX_PARTS:
                 raise UploadTooLarge(f"body needs more than {MAX_PARTS} parts of {self.part_size} bytes")
             self.put = self.store.open_part(self.key, self.upload_id, number, size)
         return self.put
 
     def _part_done(self) -> None:
-        """The current part is complete: its ETag from the store (the first part is sent now,
-        with the upload started, once the body is known to be longer)."""
+        """The current part's bytes are all sent (the first part's now, with the upload started,
+        once the body is known to be longer); the previous part's answer is read."""
         if self.upload_id is None:
             self.upload_id = self.store.create_multipart(self.key, self.content_type)
             self._part_put(self.part_size).send(self.kept)
-        self.parts.append(UploadedPart(number=len(self.parts) + 1, etag=self.put.finish()))
-        self.put = None
+        self._answered()
+        self.sent, self.put = self.put, None
         self.kept, self.kept_size = [], 0
+
+    def _answered(self) -> None:
+        if self.sent is not None:
+            self.parts.append(UploadedPart(number=len(self.parts) + 1, etag=self.sent.finish()))
+            self.sent = None

@@ -217,18 +217,20 @@ class Upload:
         """A step more; near the quota, all the room left (so of uploads racing for the last
         room one gets it and finishes, rather than all starving on small reservations); else
         exactly what is missing; else this upload is over the quota."""
-        tries = [max(missing, self.step)]
-        room = self.book.room(self.prefix, self.quota)
-        if missing <= room < tries[0]:
-            tries.append(room)
-        tries.append(missing)
-        for n in dict.fromkeys(tries):
-            try:
-                self.reserved += self.book.extend_stream(self.prefix, self.lease, n, self.quota)
-                return
-            except QuotaExceeded:
-                continue
-        raise UploadTooLarge("upload exceeds the drive quota")
+        step = max(missing, self.step)
+        if self._extend(step):
+            return
+        room = self.book.room(self.prefix, self.quota)  # asked only near the quota: a step did not fit
+        tries = ([room] if missing <= room < step else []) + [missing]
+        if not any(self._extend(n) for n in dict.fromkeys(tries) if n != step):
+            raise UploadTooLarge("upload exceeds the drive quota")
+
+    def _extend(self, n: int) -> bool:
+        try:
+            self.reserved += self.book.extend_stream(self.prefix, self.lease, n, self.quota)
+        except QuotaExceeded:
+            return False
+        return True
 
     def commit(self, size: int) -> None:
         """The object is stored: the drive grew by new minus old."""
