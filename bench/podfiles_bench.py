@@ -16,11 +16,13 @@ connection closed), resumes with ``curl -C N`` (Content-Range) and arrives with 
 in the pod; the same down, cut at 40 % and resumed with ``curl -C -``.
 
 Usage: .venv/bin/python bench/podfiles_bench.py [--size-mib 1024] [--rounds 3] [--backend local|docker|slurm]
+                                                [--srun-stdio]  (slurm: without the direct channel)
 Everything it starts is stopped and its temporary directory deleted at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shlex
@@ -40,7 +42,7 @@ IMAGES = {"local": "local", "docker": "kgpu-pytorch-test:latest", "slurm": "kgpu
 CLUSTER = harness.REPO / "tests" / "slurm" / "cluster.sh"
 
 
-def backend_settings(backend: str) -> dict[str, str]:
+def backend_settings(backend: str, srun_stdio: bool = False) -> dict[str, str]:
     """What ``kgpu serve`` needs for the backend; slurm: the local test cluster's (it must be up:
     ``bash tests/slurm/cluster.sh up``), whose ``env`` prints them."""
     settings = {"KGPU_POD_BACKEND": backend, "KGPU_DEFAULT_IMAGE": IMAGES[backend], "KGPU_DOCKER_PULL": "false",
@@ -50,7 +52,8 @@ def backend_settings(backend: str) -> dict[str, str]:
         for line in printed.splitlines():
             name, _, value = line.removeprefix("export ").partition("=")
             settings[name] = shlex.split(value)[0] if value else ""
-        settings.update(KGPU_SLURM_PULL="false", KGPU_SLURM_JOB_PREFIX="kgpu-pfbench", KGPU_POD_BACKEND="slurm")
+        settings.update(KGPU_SLURM_PULL="false", KGPU_SLURM_JOB_PREFIX="kgpu-pfbench", KGPU_POD_BACKEND="slurm",
+                        KGPU_SLURM_DIRECT_CHANNEL="false" if srun_stdio else "true")
     return settings
 TIMED = 's=$(date +%s.%N); {cmd}; e=$(date +%s.%N); echo "$s $e"'
 
@@ -122,6 +125,7 @@ def main() -> int:
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backend", choices=sorted(IMAGES), default="local")
+    parser.add_argument("--srun-stdio", action="store_true", help="slurm: pod files over srun's stdio (the direct channel off)")
     harness.add_run_options(parser, time_limit=1800)
     args = parser.parse_args()
     harness.arm_time_limit(args.time_limit)
@@ -131,11 +135,13 @@ def main() -> int:
     admin_token = secrets.token_hex(16)
     server = harness.start_kgpu(
         data_dir, harness.free_port(), admin_token, log_dir, 0, args.src,
-        settings=backend_settings(args.backend),
+        settings=backend_settings(args.backend, args.srun_stdio),
     )
     base = server.base
-    results: dict = {"loadavg_start": os.getloadavg(), "size_mib": args.size_mib, "backend": args.backend}
+    results: dict = {"loadavg_start": os.getloadavg(), "size_mib": args.size_mib, "backend": args.backend,
+                     "srun_stdio": args.srun_stdio}
     started = time.monotonic()
+    api, gpu = None, None
     try:
         api = Api(base, harness.new_user(base, admin_token, "bench@lab.example")["token"])
         gpu = api.rent_ready()
@@ -186,6 +192,9 @@ def main() -> int:
         results["loadavg_end"] = os.getloadavg()
         harness.publish(args, results, lines)
     finally:
+        if gpu is not None:  # returned, so a slurm pod's job ends with it (stopping the server leaves it)
+            with contextlib.suppress(requests.RequestException):
+                requests.delete(f"{base}/v1/gpus/{gpu}", headers=api.auth, timeout=120)
         harness.end_run(args, [server], [tmp] + ([fast] if fast != tmp else []))
     return 0
 

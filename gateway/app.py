@@ -140,6 +140,7 @@ def open_pod_backend(settings: Settings, store_url: str | None = None) -> PodBac
             gpu_price_per_hour_credits=settings.gpu_price_per_hour_credits,
             network=settings.slurm_docker_network,
             pull=settings.slurm_pull,
+            direct_channel=settings.slurm_direct_channel,
             flush_timeout_s=settings.pod_flush_timeout_seconds,
             pids_limit=settings.pod_pids_limit,
         )

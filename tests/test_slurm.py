@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -351,5 +352,129 @@ def test_the_in_pod_token_is_in_neither_the_job_nor_the_containers_configuration
         job = subprocess.run(["scontrol", "show", "job", ref.split("/")[0]], env=pod_backend._env(),
                              capture_output=True, text=True).stdout
         assert "JobState=RUNNING" in job and token not in job
+    finally:
+        pod_backend.destroy(ref)
+
+
+# A pod's process that knocks on the gateway's listener: `perl -e KNOCK HOST PORT WORDS TRIES`,
+# one line per try: "refused", or what it read back ("read 0": dropped without a byte).
+KNOCK = r"""
+use IO::Socket::INET; my ($host, $port, $words, $tries) = @ARGV;
+for (1 .. $tries) {
+  my $s = IO::Socket::INET->new(PeerAddr => $host, PeerPort => $port, Timeout => 3);
+  if (!$s) { print "refused\n"; } else {
+    print $s "$words\n"; local $SIG{ALRM} = sub { print "silence\n"; exit 0 }; alarm 5;
+    my $n = sysread($s, my $buf, 100); alarm 0; print "read ", (defined $n ? $n : "error"), "\n"; close $s;
+  }
+  select(undef, undef, undef, 0.3);
+}
+"""
+
+
+def _pod_files_roundtrip(backend, ref, size: int) -> None:
+    import asyncio
+    import hashlib
+
+    from gateway.pods import files
+
+    data = os.urandom(size)
+
+    async def pieces():
+        for at in range(0, size, 1 << 20):
+            yield data[at:at + (1 << 20)]
+
+    async def both():
+        await files.write_file(backend, ref, files.pod_path("/tmp/direct.bin"), pieces(), size, 30)
+        got = hashlib.sha256()
+        async with files.reading(backend, ref, files.pod_path("/tmp/direct.bin"), 30) as download:
+            async for chunk in download.chunks(0, download.size):
+                got.update(chunk)
+        return got.hexdigest()
+
+    assert asyncio.run(both()) == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("pod_backend", ["slurm"], indirect=True)
+def test_pod_files_travel_on_a_connection_of_their_own_and_fall_back_to_srun(pod_backend, monkeypatch, caplog):
+    """gateway/pods/slurm_channel.py: the step connects back from the node; when it cannot, the
+    transfer goes over srun's stdio, and the log says so."""
+    import logging
+
+    from gateway.pods import slurm as slurm_module
+    from tests.test_pod_hostile import start_pod
+
+    caplog.set_level(logging.WARNING)
+    ref = start_pod(pod_backend)
+    try:
+        pod_backend._wait_up(ref)
+        stream = pod_backend.stream(ref, ["-c", "cat; echo said >&2"])
+        assert stream is not None and stream.process.args[0] == "srun"
+        try:
+            stream.data.sendall(b"y" * (3 << 20))
+            stream.data.shutdown(socket.SHUT_WR)
+            got = b""
+            while chunk := stream.data.recv(1 << 20):
+                got += chunk
+            assert got == b"y" * (3 << 20)
+            assert stream.process.wait(30) == 0
+            stream.stderr.settimeout(10)
+            assert stream.stderr.recv(100).startswith(b"said")
+        finally:
+            stream.data.close()
+            stream.stderr.close()
+        _pod_files_roundtrip(pod_backend, ref, 8 << 20)
+        assert "direct channel failed" not in caplog.text
+
+        monkeypatch.setattr(slurm_module, "NODE_SCRIPT", 'echo "no way back" >&2; exit 1')
+        assert pod_backend.stream(ref, ["-c", "cat"]) is None
+        assert "the direct channel failed (the step exited before it joined: " in caplog.text
+        assert "no way back" in caplog.text  # what the step said (before or after srun's own line)
+        assert caplog.text.count("using srun's stdio") == 1
+        _pod_files_roundtrip(pod_backend, ref, 2 << 20)  # over srun's stdio
+        monkeypatch.setattr(pod_backend, "direct_channel", False)
+        assert pod_backend.stream(ref, ["-c", "cat"]) is None
+    finally:
+        pod_backend.destroy(ref)
+
+
+@pytest.mark.parametrize("pod_backend", ["slurm"], indirect=True)
+def test_a_pod_can_neither_take_the_channel_nor_replay_its_secret(pod_backend, slurm_cluster, monkeypatch):
+    """A run in the pod reaches the gateway's address (its API is there), so it can knock on a
+    transfer's listener: guessing before the step joins gets nothing, and the step still joins;
+    the secret itself, once used, opens nothing (the listener is closed)."""
+    from gateway.pods import slurm_channel
+    from tests.test_pod_hostile import sh, start_pod
+
+    gateway = slurm_cluster.env["KGPU_SLURM_GATEWAY_ADDRESS"]
+    ref = start_pod(pod_backend)
+    made: list = []
+
+    class Raced(slurm_channel.Rendezvous):
+        def __init__(self):
+            super().__init__()
+            made.append(self)  # the pod knocks before the step is even started
+            pod_backend.start_run(ref, "run-knock", ["perl", "-e", KNOCK, gateway, str(self.port), "0" * 64, "3"], {})
+
+    try:
+        pod_backend._wait_up(ref)
+        monkeypatch.setattr(slurm_channel, "Rendezvous", Raced)
+        stream = pod_backend.stream(ref, ["-c", "cat"])
+        monkeypatch.undo()
+        assert stream is not None, "the pod's knocks stopped the step from joining"
+        try:
+            stream.data.sendall(b"mine")
+            stream.data.shutdown(socket.SHUT_WR)
+            assert stream.data.recv(10) == b"mine"
+        finally:
+            stream.data.close()
+            stream.stderr.close()
+            stream.process.wait(30)
+        from tests.test_pod_conformance import wait_finished
+
+        knocks = wait_finished(pod_backend, ref, "run-knock", 60).stdout.decode().split()
+        assert knocks and all(line in ("refused", "read", "0", "error") for line in knocks), knocks
+        secret = made[0].secret.decode()
+        code, out, _ = sh(pod_backend, ref, f"perl -e '{KNOCK}' {gateway} {made[0].port} {secret} 1")
+        assert (code, out) == (0, "refused\n")
     finally:
         pod_backend.destroy(ref)

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    import subprocess
+
     from gateway.inventory import GpuClass
 
 RUNNER = (Path(__file__).parent / "runner.sh").read_text()
@@ -156,6 +158,17 @@ class PodCommand:
     # A whole line the host command itself adds to stderr (srun's report of the exit code), which
     # is not the pod process's and is left out of what the client sees.
     own_stderr: "re.Pattern[bytes] | None" = None
+
+
+@dataclass
+class PodStream:
+    """A process in a pod whose stdin and stdout are one connection of their own (``data``)
+    rather than a host command's stdio: ``PodBackend.stream``. ``process`` is the host command
+    that runs it (in a session of its own: kill its group to stop it), ``stderr`` what it says."""
+
+    process: "subprocess.Popen"
+    data: socket.socket
+    stderr: socket.socket
 
 
 # Run inside a pod (``sh -c SCRIPT kgpu ARGS...``), so a signal reaches only the pod's own
@@ -333,6 +346,11 @@ class PodBackend(Protocol):
         """A TCP connection to ``host:port`` opened from inside the pod's network (an SSH
         forward: ``127.0.0.1`` is the pod's own loopback, never the host's). Raises OSError
         when the pod refuses it, PodError when this backend cannot reach the pod's network."""
+
+    def stream(self, ref: str, args: list[str]) -> "PodStream | None":
+        """``login_command(args)`` in the pod without a terminal, its stdin and stdout on a
+        connection of their own, where the backend has one faster than ``enter``'s host command
+        (slurm: gateway/pods/slurm_channel.py); None: use ``enter``."""
 
     def cpu_seconds(self, ref: str) -> float | None:
         """CPU seconds the pod's processes have used so far (None: unknown); the reaper's load

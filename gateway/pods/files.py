@@ -232,7 +232,7 @@ def _hex(path: PodPath) -> str:
 
 class Channel:
     """One FILE_SCRIPT process in a pod, its stdio through ``backend.enter``'s host command (in a
-    session of its own); every read and write waits at most ``idle_s``, every answer line is capped.
+    session of its own), or its stdin and stdout on one connection (``backend.stream``); every read and write waits at most ``idle_s``, every answer line is capped.
 
     Its stdio are socket pairs read and written with blocking calls on worker threads, one call a
     chunk, not event-loop transports: under uvloop, transports over a child's stdio now and then
@@ -249,7 +249,11 @@ class Channel:
 
     @classmethod
     async def open(cls, backend: PodBackend, ref: str, idle_s: float) -> "Channel":
-        command = await asyncio.to_thread(backend.enter, ref, ["-c", _LAUNCH + str(max(1, round(idle_s)))], False, {})
+        args = ["-c", _LAUNCH + str(max(1, round(idle_s)))]
+        stream = await asyncio.to_thread(backend.stream, ref, args)
+        if stream is not None:  # one connection carries both ways (the stdin's end: a half-close)
+            return cls(stream.process, stream.data, stream.data, stream.stderr, idle_s)
+        command = await asyncio.to_thread(backend.enter, ref, args, False, {})
         return await asyncio.to_thread(cls._spawn, command, idle_s)
 
     @classmethod
