@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import http.client
 import re
+import ssl
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Sequence, TypeVar
 from urllib.parse import urlsplit
@@ -13,6 +14,7 @@ import boto3
 from botocore.config import Config
 from botocore.parsers import DEFAULT_TIMESTAMP_PARSER as default_timestamp_parser
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
+from botocore.httpsession import get_cert_path
 
 from drive.presign import Presigner
 from drive.store import (
@@ -71,10 +73,12 @@ class _StreamedPut:
     each block goes out in ``sendall`` calls that release the GIL, with nothing copied or hashed
     here (botocore would SHA-256 an http store's body once more to sign it)."""
 
-    def __init__(self, url: str, size: int, content_type: str | None):
+    def __init__(self, url: str, size: int, content_type: str | None, tls: ssl.SSLContext):
         parts = urlsplit(url)
-        connection = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        self._conn = connection(parts.netloc, timeout=STORE_SOCKET_TIMEOUT)
+        if parts.scheme == "https":
+            self._conn = http.client.HTTPSConnection(parts.netloc, timeout=STORE_SOCKET_TIMEOUT, context=tls)
+        else:
+            self._conn = http.client.HTTPConnection(parts.netloc, timeout=STORE_SOCKET_TIMEOUT)
         try:
             self._conn.putrequest("PUT", f"{parts.path}?{parts.query}", skip_host=True, skip_accept_encoding=True)
             self._conn.putheader("Host", parts.netloc)  # as signed, a default port included
@@ -130,6 +134,13 @@ def _error_of(status: int, body: bytes) -> StoreError:
     return StoreError(f"object store refused the upload: {status} {code}")
 
 
+def _tls_context(session: boto3.session.Session) -> ssl.SSLContext:
+    """What the streamed PUTs (http.client) verify the store's certificate with: the CA bundle
+    boto3's calls use, so both trust the same store (AWS_CA_BUNDLE or the profile's ca_bundle,
+    else the certifi bundle botocore ships with)."""
+    return ssl.create_default_context(cafile=get_cert_path(session._session.get_config_variable("ca_bundle") or True))
+
+
 class S3ObjectStore:
     multipart_etag_is_md5 = False  # "…-N" on R2, S3 and moto
 
@@ -175,6 +186,7 @@ class S3ObjectStore:
             config=config,
         )
         self._presigner = Presigner(public_endpoint_url or endpoint_url, bucket, access_key, secret_key, region)
+        self._tls = _tls_context(session)
 
     @_translate_errors
     def ensure_bucket(self) -> None:
@@ -191,7 +203,8 @@ class S3ObjectStore:
         return self._client.put_object(Bucket=self.bucket, Key=key, Body=data, **extra)["ETag"]
 
     def open_put(self, key: str, size: int, content_type: str | None = None) -> _StreamedPut:
-        return _StreamedPut(self.presign_put(key, STREAMED_PUT_URL_SECONDS, content_length=size), size, content_type)
+        url = self.presign_put(key, STREAMED_PUT_URL_SECONDS, content_length=size)
+        return _StreamedPut(url, size, content_type, self._tls)
 
     @_translate_errors
     def head(self, key: str) -> ObjectInfo | None:
@@ -278,7 +291,8 @@ class S3ObjectStore:
         return UploadedPart(number=number, etag=reply["ETag"])
 
     def open_part(self, key: str, upload_id: str, number: int, size: int) -> _StreamedPut:
-        return _StreamedPut(self.presign_part(key, upload_id, number, STREAMED_PUT_URL_SECONDS, size), size, None)
+        url = self.presign_part(key, upload_id, number, STREAMED_PUT_URL_SECONDS, size)
+        return _StreamedPut(url, size, None, self._tls)
 
     @_translate_errors
     def complete_multipart(self, key: str, upload_id: str, parts: list[UploadedPart]) -> str:
