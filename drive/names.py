@@ -14,6 +14,7 @@ import asyncio
 from starlette.concurrency import run_in_threadpool
 
 from drive.keys import DrivePath
+from drive.listing import FOLDER_MARKER
 from drive.store import ObjectInfo, ObjectStore
 from drive.store.caching import CachingStore
 
@@ -56,6 +57,16 @@ def file_coming(store: CachingStore, key: str) -> None:
     """A file is about to be written at ``key`` (streamed, or through a presigned URL the
     gateway hands out): from now on it is not taken for a folder above anything."""
     store.forget_folder(key)
+
+
+class ReservedName(ValueError):
+    """A name the drive keeps for itself (its folders' marker objects): never written by a client."""
+
+
+def check_new_name(name: str) -> None:
+    """ReservedName unless a client may write a file or folder of this name."""
+    if name == FOLDER_MARKER:
+        raise ReservedName(f"{FOLDER_MARKER} is reserved for folder markers")
 
 
 class NameConflict(Exception):

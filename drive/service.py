@@ -1,25 +1,30 @@
 """The drive's operations, the same for every protocol (the HTTP routes of gateway/drive_http.py
-and the WebDAV resources of drive/dav/): each runs the drive's rules in one order — names
-(drive/names.py, checked by the caller before), the quota (the usage book, drive/usage.py),
-the store, the facts (drive/facts.py) — and the listing cache follows from the store itself
-(drive/store/caching.py). The keys a write changes are held through :meth:`DriveService.writing`
-(the one way every protocol holds them) from before it reads what it replaces until it is
-counted; the caller turns the outcome into its protocol's answer; nothing here speaks HTTP.
+and the WebDAV resources of drive/dav/): each runs the drive's rules in one order — the keys
+held, names (drive/names.py), the quota (the usage book, drive/usage.py), the store, the facts
+(drive/facts.py) — and the listing cache follows from the store itself (drive/store/caching.py).
+The keys a write changes are held through :meth:`DriveService.writing` (the one way every
+protocol holds them) from before it reads what it replaces until it is counted: by the
+operation itself (:meth:`DriveService.delete`, :meth:`DriveService.put_file`, the presigned
+PUTs and direct uploads), or by a WebDAV resource around the steps it runs. The caller turns
+the outcome, or the exception, into its protocol's answer; nothing here speaks HTTP.
 """
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from itertools import chain
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import AsyncIterator, Callable, Iterable, Iterator, Protocol
 
 from starlette.concurrency import run_in_threadpool
 
-from drive import direct
+from drive import direct, names
 from drive.checksums import Checksum
-from drive.direct import DeclaredMd5, NoSuchUpload, PartPlan, TooManyUploads, completed_parts
+from drive.direct import DeclaredMd5, DirectUploadError, NoSuchUpload, PartPlan, TooManyUploads, completed_parts, plan_parts
 from drive.facts import STORE_MD5, Carried, Facts, FactsBook, proven_md5, resolve
 from drive.keys import DrivePath
 from drive.listing import FOLDER_MARKER, is_hidden
@@ -29,29 +34,85 @@ from drive.store import (
     ObjectInfo,
     PartsRefused,
     StoreError,
+    StoreUnavailable,
     UploadedPart,
     delete_prefix,
     iter_objects,
 )
 from drive.store.caching import CachingStore
 from drive.uploads import MiB, UploadResult, choose_part_size, receive_body, stream_to_store
-from drive.usage import NoLease, QuotaExceeded, Upload, UsageBook, WriteLease, open_upload
+from drive.usage import Keys, NoLease, PutHold, QuotaExceeded, Upload, UsageBook, WriteLease, open_upload
 
 COPY_THREADS = 8  # server-side copies at once, for a folder
 Member = tuple[ObjectInfo | CommonPrefix, Facts | None]  # a folder's member: a file with its facts, or a folder
+File = tuple[ObjectInfo, Facts]  # a file with its facts
 COMPLETING_SECONDS = 600  # a multipart upload being completed is held at least this much longer
+NAME_CHECKS_AT_ONCE = 16  # a batch mint's name checks (store requests) running at once
+
+
+class WholeDrive(Exception):
+    """A DELETE of a drive's root: refused (its folders go one at a time)."""
+
+
+class DuplicatePath(ValueError):
+    """A batch mint names one file twice: the first stands, the others are refused."""
 
 
 @dataclass(frozen=True)
 class UrlAsked:
-    """One presigned PUT a mint asks for: its key, its size (None: all the room left), what it
-    replaces (read while the key is held), the client's modification time and declared MD5."""
+    """One presigned PUT a mint asks for: the file, its size (None: all the room left), the
+    client's modification time and declared MD5."""
 
-    key: str
+    path: DrivePath
     size: int | None
-    previous: ObjectInfo | None
     mtime: float | None = None
     md5: DeclaredMd5 | None = None
+
+
+@dataclass(frozen=True)
+class Link:
+    """A presigned URL the client uses, and how long it lasts."""
+
+    url: str
+    expires_in: int
+
+
+@dataclass(frozen=True)
+class Deleted:
+    """What a DELETE removed: ``file``, the file the path named, else ``count`` objects of a
+    folder (0: there was nothing to delete)."""
+
+    count: int
+    file: ObjectInfo | None = None
+
+
+@dataclass(frozen=True)
+class PartsStarted:
+    """A multipart upload sent straight to the store, begun: its id, how it is cut, how long it may take."""
+
+    upload_id: str
+    plan: PartPlan
+    expires_in: int
+
+
+def _refused_in_batch(asked: list[UrlAsked]) -> list[Exception | None]:
+    """A file a batch names twice (DuplicatePath), or under another file of the batch
+    (NameConflict), refused in its place; the first of each stands (None: not refused)."""
+    keys_asked = {one.path.key for one in asked}
+    seen: set[str] = set()
+    refusals: list[Exception | None] = []
+    for one in asked:
+        parts = one.path.rel.split("/")
+        folders = ("/".join(parts[:n]) for n in range(1, len(parts)))
+        above = next((a for a in folders if one.path.prefix + a in keys_asked), None)
+        if one.path.key in seen:
+            refusals.append(DuplicatePath("this path is named twice in the batch"))
+        elif above is not None:
+            refusals.append(names.NameConflict(f"{above} is a file in this batch, so it cannot hold {one.path.rel}"))
+        else:
+            seen.add(one.path.key)
+            refusals.append(None)
+    return refusals
 
 
 class Written(Protocol):
@@ -63,13 +124,36 @@ class Written(Protocol):
     md5: str | None
 
 
+class DriveSettings(Protocol):
+    """What configures a drive (gateway/settings.py's Settings: KGPU_* of these names), read by
+    each operation, so a changed setting applies from the next request on."""
+
+    upload_part_bytes: int  # a body's parts, its length known; a direct upload's parts
+    upload_unknown_length_part_bytes: int  # a body's parts, its length unknown
+    presign_expires_seconds: int  # a presigned URL's life
+    direct_upload_seconds: int  # a direct multipart upload's life
+
+
+@dataclass(frozen=True)
+class DefaultSettings:
+    """A drive's settings where none are given (a test's bare drive): gateway/settings.py's defaults."""
+
+    upload_part_bytes: int = 8 * MiB
+    upload_unknown_length_part_bytes: int = 12 * MiB
+    presign_expires_seconds: int = 3600
+    direct_upload_seconds: int = 6 * 3600
+
+
 @dataclass(frozen=True)
 class DriveService:
     store: CachingStore
     usage: UsageBook | None = None  # None: nothing counted (a test's bare drive)
     facts: FactsBook | None = None  # None: no modification times or checksums kept
-    part_bytes: int = 8 * MiB  # a streamed body's parts, its length known (KGPU_UPLOAD_PART_BYTES)
-    unknown_length_part_bytes: int = 12 * MiB  # and unknown (KGPU_UPLOAD_UNKNOWN_LENGTH_PART_BYTES)
+    settings: DriveSettings = DefaultSettings()
+
+    @property
+    def url_seconds(self) -> int:
+        return self.settings.presign_expires_seconds
 
     # ------------------------------------------------------------ reads
 
@@ -95,7 +179,7 @@ class DriveService:
         """A drive's root always exists; a folder while anything is under it."""
         return is_root or bool(self.first_page(folder_key, "/", max_keys=1).entries)
 
-    def files(self, prefix: str, first: ListPage) -> Iterator[tuple[ObjectInfo, Facts]]:
+    def files(self, prefix: str, first: ListPage) -> Iterator[File]:
         """Every file under ``prefix`` (folder markers hidden) with its facts, page by page (one
         range query of facts a page), never all in memory."""
         page = first
@@ -133,36 +217,91 @@ class DriveService:
                 if isinstance(entry, CommonPrefix) or (entry.key != folder_key and not is_hidden(entry.key))
             ]
 
-    def read_url(self, key: str, expires_in: int) -> str:
-        """Where the client reads the object: a presigned GET (the bytes never pass through here)."""
-        return self.store.presign_get(key, expires_in)
+    def file_or_nothing(self, key: str) -> bool:
+        """Whether ``key`` is a file, or neither a file nor a folder."""
+        return self.store.head(key) is not None or not self.first_page(key + "/", max_keys=1).entries
 
-    # ------------------------------------------------------------ writes (the caller holds the keys)
+    def file_above(self, prefix: str, rel: str) -> str | None:
+        """Why nothing may be made at ``rel`` in the drive ``prefix``: a folder above it is a file
+        (drive/names.py); None: none is."""
+        return names.file_above(self.store, prefix, rel)
+
+    def read_url(self, key: str) -> str:
+        """Where the client reads the object: a presigned GET (the bytes never pass through here)."""
+        return self.store.presign_get(key, self.url_seconds)
+
+    def file_link(self, key: str) -> tuple[ObjectInfo, Link] | None:
+        """The file at ``key`` and its :meth:`read_url`; None: no file there."""
+        info = self.store.head(key)
+        if info is None:
+            return None
+        return info, Link(self.read_url(key), self.url_seconds)
+
+    # ------------------------------------------------------------ writes
 
     def writing(
-        self,
-        prefix: str,
-        exclusive: Iterable[str] = (),
-        shared: Iterable[str] = (),
-        *,
-        within: Iterable[WriteLease] = (),
-        quota: int | None = None,
-        frees: bool = False,
-        urls: bool = True,
+        self, prefix: str, exclusive: Iterable[str] = (), shared: Iterable[str] = (), **options
     ) -> WriteLease | NoLease:
         """Hold keys of the drive ``prefix`` for one write, taken before it reads what it
         replaces and released once it is counted (``release()`` or a ``with``): one write of a
         key at a time, on every replica; a folder's key holds all under it; ``shared`` keys are
-        only read whole (a COPY's source); what ``within`` (the request's own leases) holds is
-        not taken again. Upload URLs still out for the keys are counted whole (``urls`` False:
-        left as they are, for a write that hands out another). WriteBusy when another write
-        holds one and does not end soon; QuotaExceeded when those URLs' room does not fit
-        ``quota``, unless the write ``frees`` room (a DELETE)."""
+        only read whole (a COPY's source). ``options`` are the usage book's
+        (drive/usage.py UsageBook.writing): ``within`` (the request's own leases, not taken
+        again), ``quota``, ``frees`` (a DELETE), ``urls`` (False: upload URLs still out for the
+        keys are left as they are, for a write that hands out another; else counted whole).
+        WriteBusy when another write holds one and does not end soon; QuotaExceeded when those
+        URLs' room does not fit ``quota``, unless the write ``frees`` room."""
         if self.usage is None:
             return NoLease()
-        return self.usage.writing(
-            prefix, list(exclusive), list(shared), within=within, quota=quota, frees=frees, urls=urls
-        )
+        return self.usage.writing(Keys(prefix, tuple(exclusive), tuple(shared)), **options)
+
+    @asynccontextmanager
+    async def _held(
+        self, prefix: str, keys: list[str], *, quota: int | None, urls: bool = True
+    ) -> AsyncIterator[WriteLease | NoLease]:
+        """:meth:`writing` for a caller on the event loop: the keys held for the block."""
+        lease = await run_in_threadpool(partial(self.writing, prefix, keys, quota=quota, urls=urls))
+        try:
+            yield lease
+        finally:
+            await run_in_threadpool(lease.release)
+
+    async def put_file(
+        self,
+        path: DrivePath,
+        receive,
+        *,
+        quota: int | None,
+        content_length: int | None,
+        content_type: str,
+        expected: tuple[Checksum, ...] = (),
+        mtime: float | None = None,
+    ) -> tuple[UploadResult, ObjectInfo | None]:
+        """A body streamed through the gateway into the file ``path``, in the drive's order: the
+        key held (WriteBusy; QuotaExceeded when upload URLs still out for it do not fit), what it
+        replaces read and the names checked (NameConflict), the quota reserved
+        (:meth:`begin_upload`: QuotaExceeded), then :meth:`receive_file`. What was stored, and
+        the object it replaced (None: a new file). A store that fails the write because a folder
+        above is a file is a NameConflict that says so."""
+        async with self._held(path.prefix, [path.key], quota=quota):
+            previous = await self.replaced_object(path)
+            upload = await run_in_threadpool(self.begin_upload, path.prefix, previous, content_length, quota)
+            try:
+                result = await self.receive_file(
+                    upload, path.key, receive,
+                    content_length=content_length, content_type=content_type, expected=expected, mtime=mtime,
+                )
+            except StoreUnavailable:
+                # A bare 500 from the store, explained when a folder above is a file.
+                why = await run_in_threadpool(self.file_above, path.prefix, path.rel)
+                if why:
+                    raise names.NameConflict(why) from None
+                raise
+        return result, previous
+
+    async def replaced_object(self, path: DrivePath) -> ObjectInfo | None:
+        """What a write at ``path`` replaces, the names checked (drive/names.py: NameConflict)."""
+        return await names.replaced_object(self.store, path)
 
     def begin_upload(
         self, prefix: str, previous: ObjectInfo | None, declared: int | None, quota: int | None
@@ -173,7 +312,9 @@ class DriveService:
         if self.usage is None:
             return None
         previous_size = previous.size if previous else 0
-        return open_upload(self.usage, prefix, quota, previous_size, declared, self.unknown_length_part_bytes)
+        return open_upload(
+            self.usage, prefix, quota, previous_size, declared, self.settings.upload_unknown_length_part_bytes
+        )
 
     async def receive_file(
         self,
@@ -200,7 +341,9 @@ class DriveService:
                 upload.guard(chunks) if upload is not None else chunks,
                 content_length=content_length,
                 content_type=content_type,
-                part_size=choose_part_size(content_length, self.part_bytes, self.unknown_length_part_bytes),
+                part_size=choose_part_size(
+                    content_length, self.settings.upload_part_bytes, self.settings.upload_unknown_length_part_bytes
+                ),
                 expected=expected,
             )
         except BaseException:
@@ -219,51 +362,98 @@ class DriveService:
                 key, etag=written.etag or "", size=written.size, mtime=mtime, sha1=written.sha1, md5=written.md5
             )
 
-    def upload_url(
-        self,
-        prefix: str,
-        key: str,
-        size: int | None,
-        quota: int | None,
-        previous: ObjectInfo | None,
-        mtime: float | None,
-        expires_in: int,
-        md5: DeclaredMd5 | None = None,
-    ) -> str:
-        """A presigned PUT of ``key``: the room its bytes need held until the object appears or
-        the URL expires (QuotaExceeded if it does not fit; ``size`` None: all the room left), the
-        modification time (and declared MD5) noted for the object of that size, then the URL (the
-        store records it, so cached listings check it). The length is signed into the URL: a
-        store that checks signatures refuses a body of another size, so the hold covers whatever
-        arrives; so is the MD5 (``Content-MD5``), which the store checks."""
-        (outcome,) = self.upload_urls(prefix, [UrlAsked(key, size, previous, mtime, md5)], quota, expires_in)
-        if isinstance(outcome, QuotaExceeded):
+    async def upload_url(
+        self, path: DrivePath, size: int | None, quota: int | None, mtime: float | None, md5: DeclaredMd5 | None = None
+    ) -> Link:
+        """A presigned PUT of the file ``path`` (a 307 or a mint): :meth:`upload_urls` for one
+        file, its refusal raised (WriteBusy, NameConflict, QuotaExceeded)."""
+        (outcome,) = await self.upload_urls([UrlAsked(path, size, mtime, md5)], quota)
+        if isinstance(outcome, Exception):
             raise outcome
         return outcome
 
-    def upload_urls(
-        self, prefix: str, asked: list[UrlAsked], quota: int | None, expires_in: int
-    ) -> list[str | QuotaExceeded]:
-        """:meth:`upload_url` for many files of one drive at once (a batch mint), each by the same
-        rules, in three writes for all: their room held together when it fits, else each alone
-        (drive/usage.py ``UsageBook.hold_many``: each that does not fit gets its QuotaExceeded in
-        its place, and nothing is held past the quota); the facts of those granted; their URLs."""
+    async def upload_urls(self, asked: list[UrlAsked], quota: int | None) -> list[Link | Exception]:
+        """Presigned PUTs for files of one drive (a mint, or a batch mint), each by the same
+        rules and answered in its place, a URL or why not: a file named twice in the batch
+        (DuplicatePath) or under another file of it (NameConflict) is refused; the others' keys
+        are held at once (WriteBusy, for all) while their names are checked (NameConflict) and
+        their room is held until each object appears or its URL expires (together when it fits,
+        else each alone: QuotaExceeded for each that does not; ``size`` None: all the room
+        left); the modification times (and declared MD5s) noted for objects of those sizes; then
+        the URLs (the store records them, so cached listings check them). A URL signs the length:
+        a store that checks signatures refuses a body of another size, so the hold covers
+        whatever arrives; and the MD5 (``Content-MD5``), which the store checks."""
+        outcomes: list[Link | Exception | None] = _refused_in_batch(asked)
+        wanted = [(n, one) for n, one in enumerate(asked) if outcomes[n] is None]
+        if not wanted:
+            return outcomes
+        at_once = asyncio.Semaphore(NAME_CHECKS_AT_ONCE)
+
+        async def replaced(one: UrlAsked) -> ObjectInfo | None | names.NameConflict:
+            async with at_once:
+                try:
+                    return await self.replaced_object(one.path)
+                except names.NameConflict as exc:
+                    return exc
+
+        prefix = wanted[0][1].path.prefix
+        async with self._held(prefix, [one.path.key for _, one in wanted], quota=quota, urls=False):
+            found = await asyncio.gather(*(replaced(one) for _, one in wanted))
+            named = []
+            for (n, one), previous in zip(wanted, found):
+                if isinstance(previous, names.NameConflict):
+                    outcomes[n] = previous
+                else:
+                    named.append((n, one, previous))
+            minted = await run_in_threadpool(self._hand_out_puts, [(one, previous) for _, one, previous in named], quota)
+        for (n, _, _), outcome in zip(named, minted):
+            outcomes[n] = outcome
+        return outcomes
+
+    def _hand_out_puts(
+        self, asked: list[tuple[UrlAsked, ObjectInfo | None]], quota: int | None
+    ) -> list[Link | QuotaExceeded]:
+        """The room, facts and URLs of :meth:`upload_urls`' files (with what each replaces), in
+        three writes for all (drive/usage.py ``UsageBook.hold_many``)."""
+        expires_in = self.url_seconds
+        if not asked:
+            return []
         if self.usage is not None:
-            refused = self.usage.hold_many(prefix, [(a.key, a.size, a.previous) for a in asked], quota, expires_in)
+            puts = [PutHold(one.path.prefix, one.path.key, one.size, previous, expires_in) for one, previous in asked]
+            refused = self.usage.hold_many(puts, quota)
         else:
             refused = [None] * len(asked)
-        granted = [a for a, refusal in zip(asked, refused) if refusal is None]
+        granted = [one for (one, _), refusal in zip(asked, refused) if refusal is None]
         if self.facts is not None:
-            noted = [(a.key, a.size, a.mtime, self._vouched(a.md5)) for a in granted if a.size is not None]
+            noted = [(one.path.key, one.size, one.mtime, self._vouched(one.md5)) for one in granted if one.size is not None]
             noted = [entry for entry in noted if entry[2] is not None or entry[3] is not None]
             if noted:
                 self.facts.hand_out(noted, expires_in)
-        urls = iter(self.store.presign_puts([(a.key, a.size, a.md5 and a.md5.base64) for a in granted], expires_in))
-        return [refusal if refusal is not None else next(urls) for refusal in refused]
+        wanted = [(one.path.key, one.size, one.md5 and one.md5.base64) for one in granted]
+        urls = iter(self.store.presign_puts(wanted, expires_in))
+        return [refusal if refusal is not None else Link(next(urls), expires_in) for refusal in refused]
 
     # ------------------------------------------------------------ multipart uploads sent straight to the store
 
-    def start_parts(
+    async def start_parts(
+        self, path: DrivePath, size: int, quota: int | None, content_type: str | None
+    ) -> PartsStarted:
+        """A multipart upload of ``size`` bytes the client sends straight to the store into the
+        file ``path`` (drive/direct.py), cut in parts of this drive's size (DirectUploadError
+        when it cannot be): its key held while the names are checked (NameConflict), started in
+        the store, its size held against the quota for ``direct_upload_seconds``
+        (QuotaExceeded, and the upload aborted, if it does not fit), at most
+        ``drive.direct.MAX_OPEN_UPLOADS`` open in a drive (TooManyUploads)."""
+        plan = plan_parts(size, self.settings.upload_part_bytes)
+        lifetime = self.settings.direct_upload_seconds
+        async with self._held(path.prefix, [path.key], quota=quota, urls=False):
+            previous = await self.replaced_object(path)
+            upload_id = await run_in_threadpool(
+                self._start_parts, path.prefix, path.key, plan, quota, previous, lifetime, content_type
+            )
+        return PartsStarted(upload_id, plan, lifetime)
+
+    def _start_parts(
         self,
         prefix: str,
         key: str,
@@ -273,10 +463,6 @@ class DriveService:
         lifetime: int,
         content_type: str | None,
     ) -> str:
-        """A multipart upload of ``plan.size`` bytes the client sends straight to the store
-        (drive/direct.py): started in the store, its size held against the quota for
-        ``lifetime`` seconds (QuotaExceeded, and the upload aborted, if it does not fit), at most
-        ``drive.direct.MAX_OPEN_UPLOADS`` open in a drive (TooManyUploads). Its id."""
         if self.usage is None:
             raise NoSuchUpload("a drive without a usage book keeps no multipart uploads")
         if self.usage.open_parts_uploads(prefix) >= direct.MAX_OPEN_UPLOADS:
@@ -285,8 +471,8 @@ class DriveService:
             )
         upload_id = self.store.create_multipart(key, content_type)
         try:
-            self.usage.hold(prefix, key, plan.size, quota, previous, lifetime,
-                            upload_id=upload_id, part_bytes=plan.part_bytes)
+            put = PutHold(prefix, key, plan.size, previous, lifetime, upload_id=upload_id, part_bytes=plan.part_bytes)
+            self.usage.hold(put, quota)
         except BaseException:
             self.store.abort_multipart(key, upload_id)
             raise
@@ -298,14 +484,23 @@ class DriveService:
             raise NoSuchUpload(f"no multipart upload {upload_id[:80]} is open for this file")
         return hold, PartPlan(hold.size, hold.part_bytes)
 
-    def part_url(
-        self, prefix: str, key: str, upload_id: str, number: int, expires_in: int, md5: DeclaredMd5 | None
-    ) -> str:
+    def part_url(self, prefix: str, key: str, upload_id: str, number: int, md5: DeclaredMd5 | None) -> Link:
         """Where the client PUTs part ``number``: its exact length (and declared MD5) signed in."""
         _, plan = self._open_parts(prefix, key, upload_id)
-        return self.store.presign_part(
-            key, upload_id, number, expires_in, plan.length(number), md5.base64 if md5 else None
+        url = self.store.presign_part(
+            key, upload_id, number, self.url_seconds, plan.length(number), md5.base64 if md5 else None
         )
+        return Link(url, self.url_seconds)
+
+    async def finish_parts(
+        self, path: DrivePath, upload_id: str, body: object, mtime: float | None, md5: DeclaredMd5 | None
+    ) -> tuple[ObjectInfo, Facts]:
+        """:meth:`complete_parts`, its key held and the names checked again (NameConflict): the
+        object stored and its facts."""
+        async with self._held(path.prefix, [path.key], quota=None, urls=False):
+            await self.replaced_object(path)
+            stored = await run_in_threadpool(self.complete_parts, path.prefix, path.key, upload_id, body, mtime, md5)
+        return stored, await run_in_threadpool(self.facts_of, stored)
 
     def complete_parts(
         self, prefix: str, key: str, upload_id: str, body: object, mtime: float | None, md5: DeclaredMd5 | None
@@ -313,21 +508,21 @@ class DriveService:
         """The gateway completes a multipart upload with every part of its plan; the object
         counts, new minus old, and its facts are the client's modification time and the MD5 the
         store vouches for (:func:`~drive.facts.proven_md5`), never a SHA1. Parts the store
-        refuses (PartsRefused: a wrong ETag) end the upload, its hold given back: some stores
-        (rclone serve s3) drop it then, so none is kept open."""
+        refuses (a wrong ETag: DirectUploadError ``bad_parts``) end the upload, its hold given
+        back: some stores (rclone serve s3) drop it then, so none is kept open."""
         hold, plan = self._open_parts(prefix, key, upload_id)
         parts = completed_parts(plan, body)
         if not self.usage.keep_parts_upload(hold, COMPLETING_SECONDS):
             raise NoSuchUpload(f"the multipart upload {upload_id[:80]} expired")
         try:
             self.store.complete_multipart(key, upload_id, [UploadedPart(number, etag) for number, etag in parts])
-        except PartsRefused:
+        except PartsRefused as exc:
             self.usage.close_parts_upload(prefix, hold.id, None)
             try:
                 self.store.abort_multipart(key, upload_id)
             except StoreError:
                 pass  # the store dropped it already
-            raise
+            raise DirectUploadError("bad_parts", f"{exc}: the upload is aborted, start it again") from None
         stored = self.store.head(key)
         if stored is None:  # deleted at once by another client; nothing to count
             raise NoSuchUpload("the completed object is gone already")
@@ -363,6 +558,26 @@ class DriveService:
         """Make the folder exist, empty: its hidden marker object (drive/listing.py)."""
         self.store.put_object(folder_key + FOLDER_MARKER, b"")
 
+    def delete(self, path: DrivePath, *, file_only: bool = False, within: Iterable[WriteLease] = ()) -> Deleted:
+        """A DELETE, for every protocol: the file ``path`` names or, when it names none (or ends
+        in "/"), everything under the folder of that name (``file_only``: a file or nothing, as
+        a WebDAV file resource asks). What it may remove is held first (a DELETE frees room, so
+        upload URLs still out never refuse it; WriteBusy when another write holds it; ``within``:
+        the request's own leases), then looked at: the objects go from the store (and its
+        cached listings), their facts and the drive's count. A drive's root: WholeDrive."""
+        if path.rel == "":
+            raise WholeDrive("refusing to delete a whole drive; delete its folders one by one")
+        folder_key = path.key if path.is_dir else path.key + "/"
+        held = [] if path.is_dir else [path.key]
+        held += [] if file_only else [folder_key]
+        with self.writing(path.prefix, held, within=within, frees=True):
+            if not path.is_dir:
+                info = self.delete_file(path.prefix, path.key)
+                if info is not None or file_only:
+                    return Deleted(int(info is not None), info)
+            count, _ = self.delete_folder(path.prefix, folder_key)
+        return Deleted(count)
+
     def delete_file(self, prefix: str, key: str) -> ObjectInfo | None:
         """Delete the object at ``key``, its facts, and its size from the drive's count; what was
         deleted, or None when nothing was there."""
@@ -385,6 +600,17 @@ class DriveService:
             self.facts.forget_under(folder_key)
         self._count(prefix, -sum(info.size for info in objects))
 
+    def transfer_keys(self, source: DrivePath, dest: DrivePath, *, move: bool) -> list[Keys]:
+        """What a COPY or MOVE holds (:meth:`writing`) until the quota has counted it, so that no
+        other write changes what is copied, moved or replaced meanwhile: both ends, the source
+        only shared for a COPY (other copies of it may run at once); a source in another drive
+        (a COPY out of an organisation's read-only drive) is held there."""
+        if source.prefix == dest.prefix:
+            if move:
+                return [Keys(dest.prefix, (source.key, dest.key))]
+            return [Keys(dest.prefix, (dest.key,), (source.key,))]
+        return [Keys(dest.prefix, (dest.key,)), Keys(source.prefix, (), (source.key,))]
+
     def transfer(
         self,
         source: DrivePath,
@@ -398,9 +624,9 @@ class DriveService:
         extra: int = 0,
         then: Callable[[], None] = lambda: None,
     ) -> None:
-        """A COPY or MOVE, both ends held by the caller and the destination empty: of the file
-        ``info`` (as read under the hold), or of the folder ``source`` (``info`` None; without
-        ``depth_infinity``, the folder alone). In the drive's order: the room it adds reserved
+        """A COPY or MOVE, the caller holding :meth:`transfer_keys` and the destination empty: of
+        the file ``info`` (as read under the hold), or of the folder ``source`` (``info`` None;
+        without ``depth_infinity``, the folder alone). In the drive's order: the room it adds reserved
         in the destination drive (QuotaExceeded; a move within one drive adds none), ``extra``
         bytes more for what comes along (WebDAV's dead properties, carried by ``then``); the
         store's server-side copies, their facts following (``mtime``: a file's new time); the

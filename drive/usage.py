@@ -14,6 +14,7 @@ leases, shared by every replica). The rules that are the drive's own live here:
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import AsyncIterator, Iterable, Protocol
 
 from starlette.concurrency import run_in_threadpool
@@ -38,6 +39,39 @@ def room_left(quota, used, reserved, properties):
     """What a drive may still take: its quota less what it stores, what is promised to uploads
     and what its dead properties weigh. Works on numbers and on columns (the SQL of a reservation)."""
     return quota - used - reserved - properties
+
+
+def free_bytes(book: "UsageBook", prefix: str, quota: int) -> int:
+    """What a drive may still take, as its owner is told (WebDAV's quota-available-bytes, the
+    transit quota's ``free_bytes``): :func:`room_left`, never below 0, once the book has settled
+    the presigned PUTs that are done (and counted a drive it sees first)."""
+    book.used_bytes(prefix)
+    return max(0, book.room(prefix, quota))
+
+
+@dataclass(frozen=True)
+class PutHold:
+    """Room held for bytes a client sends straight to the store: a presigned PUT of ``key`` (a
+    307 or a mint) or, with ``upload_id``, a multipart upload's parts (drive/direct.py)."""
+
+    prefix: str
+    key: str
+    size: int | None  # None: a mint that did not say; all the room left is held
+    previous: ObjectInfo | None  # what it replaces (counted new minus old)
+    expires_in: int  # seconds until the URL (or the upload) expires and the room goes back
+    upload_id: str | None = None
+    part_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The keys of one drive a write holds: ``exclusive`` ones it changes, ``shared`` ones it only
+    reads whole (a COPY's source, which other readers may copy at once); a folder's key (ending
+    in "/") holds everything under it."""
+
+    prefix: str
+    exclusive: tuple[str, ...] = ()
+    shared: tuple[str, ...] = ()
 
 
 class WriteLease(Protocol):
@@ -83,32 +117,24 @@ class UsageBook(Protocol):
 
     def add(self, prefix: str, delta: int) -> None: ...
 
-    def open(self, prefix: str, n: int, quota: int) -> int:
-        """Reserve ``n`` bytes for a write that starts now; QuotaExceeded if they do not fit."""
+    def open(self, prefix: str, n: int, quota: int, also=None) -> int:
+        """Reserve ``n`` bytes for a write that starts now; QuotaExceeded if they do not fit.
+        ``also(session, n)`` runs in the reservation's own transaction (a row that carries it,
+        closed by :meth:`give_back`)."""
 
     def settle(self, prefix: str, reserved: int, delta: int) -> None:
         """Close a write: its reservation goes back and ``delta`` (:func:`needed`) counts."""
 
-    def hold(
-        self,
-        prefix: str,
-        key: str,
-        size: int | None,
-        quota: int | None,
-        previous: ObjectInfo | None,
-        expires_in: int,
-        *,
-        upload_id: str | None = None,
-        part_bytes: int | None = None,
-    ) -> None:
-        """Reserve room for a presigned PUT of ``key`` until its object appears or the URL expires
-        (with ``upload_id``: a multipart upload sent straight to the store, drive/direct.py)."""
+    def give_back(self, prefix: str, claim) -> int | None:
+        """Close a reservation a row of its own carries (:meth:`open` with ``also``), once:
+        ``claim(session)`` removes the row and returns its bytes (None: removed already)."""
 
-    def hold_many(
-        self, prefix: str, wanted: list[tuple[str, int | None, ObjectInfo | None]], quota: int | None, expires_in: int
-    ) -> list[QuotaExceeded | None]:
-        """:meth:`hold` for many presigned PUTs of one drive, ``wanted`` as (key, size, what it
-        replaces): together when they fit, else each alone; for each, None (held) or its refusal."""
+    def hold(self, put: PutHold, quota: int | None) -> None:
+        """Reserve room for ``put`` until its object appears or its URL expires (QuotaExceeded)."""
+
+    def hold_many(self, puts: list[PutHold], quota: int | None) -> list[QuotaExceeded | None]:
+        """:meth:`hold` for many presigned PUTs of one drive: together when they fit, else each
+        alone; for each, None (held) or its refusal."""
 
     def open_parts_uploads(self, prefix: str) -> int:
         """How many multipart uploads sent straight to the store the drive has open."""
@@ -121,18 +147,14 @@ class UsageBook(Protocol):
     def close_parts_upload(self, prefix: str, hold_id: int, stored: ObjectInfo | None) -> None: ...
 
     def writing(
-        self,
-        prefix: str,
-        exclusive: list[str] = (),
-        shared: list[str] = (),
-        *,
-        within: Iterable[WriteLease] = (),
-        quota: int | None = None,
-        frees: bool = False,
+        self, keys: Keys, *, within: Iterable[WriteLease] = (), quota: int | None = None, frees: bool = False,
         urls: bool = True,
     ) -> WriteLease:
-        """Hold keys of the drive for one write (one write of a key at a time, on every replica);
-        WriteBusy when another holds one and does not end soon."""
+        """Hold ``keys`` for one write (one write of a key at a time, on every replica);
+        WriteBusy when another holds one and does not end soon. What ``within`` (the request's
+        own leases) holds is not taken again; upload URLs still out for the ``exclusive`` keys
+        are counted whole, QuotaExceeded when their room does not fit ``quota`` unless the write
+        ``frees`` room (a DELETE), or left as they are (``urls`` False)."""
 
     def open_stream(self, prefix: str, n: int, quota: int) -> tuple[int, int]:
         """Reserve ``n`` bytes for a new streamed upload: (reserved, lease id)."""

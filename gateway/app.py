@@ -253,13 +253,7 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
         )
         app.state.usage = DbUsageBook(sessions, active_store, settings.quota_reconcile_seconds)
         app.state.facts = FactsBook(sessions, ObjectFact.__table__)
-        app.state.drive = DriveService(
-            active_store,
-            app.state.usage,
-            app.state.facts,
-            part_bytes=settings.upload_part_bytes,
-            unknown_length_part_bytes=settings.upload_unknown_length_part_bytes,
-        )
+        app.state.drive = DriveService(active_store, app.state.usage, app.state.facts, settings)
         app.state.rentals = Rentals(
             settings,
             sessions,

@@ -364,16 +364,11 @@ class DavDispatcher:
                 return [org.slug for org, _ in orgs.visible_orgs(session, principal)]
 
         context = dav.DavContext(
-            store=state.store,
+            drive=state.drive,
             prefix=principal.drive_prefix,
             principal=f"user:{principal.user_id}",
             load_orgs=load_orgs,
-            usage=state.usage,
             quota_bytes=settings.user_quota_bytes,
-            part_size=settings.upload_part_bytes,
-            unknown_length_part_size=settings.upload_unknown_length_part_bytes,
-            presign_expires=settings.presign_expires_seconds,
-            facts=state.facts,
         )
 
         no_depth = method == "PROPFIND" and _header(scope, b"depth") is None
@@ -381,7 +376,7 @@ class DavDispatcher:
             # No Depth means infinity, which is refused for folders (RFC 4918 9.1); on a file it
             # is the same as Depth 0, which webdav4 and fsspec rely on to read a file's properties.
             # Nothing there at all: Depth 0 too, so the answer is a 404 rather than a refused depth.
-            if await run_in_threadpool(_file_or_nothing, state.store, principal.drive_prefix + rel):
+            if await run_in_threadpool(state.drive.file_or_nothing, principal.drive_prefix + rel):
                 scope = {**scope, "headers": [*scope["headers"], (b"depth", b"0")]}
 
         async def explain_conflict() -> str | None:
@@ -389,7 +384,7 @@ class DavDispatcher:
             target = destination if method in ("COPY", "MOVE") else rel
             if method not in ("PUT", "MKCOL", "COPY", "MOVE") or not target:
                 return None
-            return await run_in_threadpool(names.file_above, state.store, principal.drive_prefix, target)
+            return await run_in_threadpool(state.drive.file_above, principal.drive_prefix, target)
 
         sender = _wsgidav_sender(send, method, rel, explain_conflict, lambda: context.answer)
         await self._dav_app(state)({**scope, dav.ENVIRON_KEY: context}, receive, sender)
@@ -411,11 +406,6 @@ class DavDispatcher:
         if principal.user_id is None:
             return envelope(403, "no_drive", "the environment admin token has no drive; use a user's token")
         return principal
-
-
-def _file_or_nothing(store, key: str) -> bool:
-    """Whether ``key`` is a file, or neither a file nor a folder."""
-    return store.head(key) is not None or not store.list_page(key + "/", max_keys=1).entries
 
 
 def _wsgidav_sender(send: Send, method: str, rel: str, explain_conflict=None, answer=lambda: None) -> Send:

@@ -15,36 +15,27 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import json
-from contextlib import asynccontextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from itertools import islice
-from typing import AsyncIterator, Iterator
+from typing import Iterator
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.convertors import Convertor, register_url_convertor
 
-from drive import keys, listing, names
+from drive import keys, listing
 from drive.checksums import ChecksumMismatch, digest_header
-from drive.direct import (
-    DeclaredMd5,
-    DirectUploadError,
-    NoSuchUpload,
-    TooManyUploads,
-    parse_md5,
-    parse_number,
-    plan_parts,
-)
+from drive.direct import DeclaredMd5, DirectUploadError, NoSuchUpload, TooManyUploads, parse_md5, parse_number
 from drive.content_types import known_type, stored_type
 from drive.facts import BadClientFact, ClientFacts, client_facts
 from drive.keys import DrivePath, InvalidPath
-from drive.service import DriveService, UrlAsked
-from drive.store import ListPage, ObjectInfo, ObjectStore, PartsRefused, StoreUnavailable
-from drive.store.caching import CachingStore
+from drive import names
+from drive.names import NAME_CONFLICT, NameConflict, ReservedName
+from drive.service import DriveService, DuplicatePath, File, Link, UrlAsked, WholeDrive
 from drive.uploads import ClientGone, IncompleteBody, UploadTooLarge, WriteBusy
-from drive.usage import QuotaExceeded, Upload, WriteLease
+from drive.usage import QuotaExceeded
 from gateway.errors import ApiError
 
 @dataclass(frozen=True)
@@ -97,14 +88,6 @@ def _content_type(request: Request, path: DrivePath) -> str:
     return stored_type(request.headers.get("content-type"), path.name)
 
 
-def _store(request: Request) -> ObjectStore:
-    return request.app.state.store
-
-
-def _expires(request: Request) -> int:
-    return request.app.state.settings.presign_expires_seconds
-
-
 def _service(request: Request) -> DriveService:
     return request.app.state.drive
 
@@ -112,64 +95,52 @@ def _service(request: Request) -> DriveService:
 def client_facts_of(request: Request) -> ClientFacts:
     """``X-OC-Mtime`` and ``OC-Checksum`` (drive/facts.py), 400 bad_mtime or bad_checksum when
     one cannot be read."""
-    try:
+    with answers():
         return client_facts(request.headers.get)
-    except BadClientFact as exc:
-        raise ApiError(400, exc.code, str(exc)) from None
 
 
-def quota_refusal(message: str) -> ApiError:
-    return ApiError(413, "quota_exceeded", message, {"Connection": "close"})
+@dataclass(frozen=True)
+class Answer:
+    """How the HTTP side answers one of the drive's exceptions."""
+
+    status: int
+    code: str | None = None  # None: the exception's own ``code``
+    headers: dict | None = None
 
 
-@asynccontextmanager
-async def writing(
-    request: Request, drive: Drive, *keys: str, frees: bool = False, urls: bool = True
-) -> AsyncIterator[WriteLease]:
-    """Hold ``keys`` of the drive for this write (drive/service.py: DriveService.writing, with
-    ``frees`` and ``urls``); 423 ``busy`` if another write holds one and does not end soon,
-    413 if the room the upload URLs still out for them need does not fit. What the write
-    replaces is read inside."""
+CLOSE = {"Connection": "close"}  # a body that did not arrive whole (or was refused): its rest may still come
+
+# The drive's exceptions and their answers, looked up along an exception's classes (a subclass's own first).
+ANSWERS: dict[type[Exception], Answer] = {
+    BadClientFact: Answer(400),
+    DirectUploadError: Answer(400),
+    WholeDrive: Answer(400, "refused"),
+    DuplicatePath: Answer(400, "duplicate_path"),
+    ReservedName: Answer(400, "reserved_name"),
+    ChecksumMismatch: Answer(400, "checksum_mismatch"),
+    ClientGone: Answer(400, "client_disconnected"),
+    IncompleteBody: Answer(400, "incomplete_body", CLOSE),
+    NoSuchUpload: Answer(404, "no_such_upload"),
+    NameConflict: Answer(409, NAME_CONFLICT),
+    UploadTooLarge: Answer(413, "quota_exceeded", CLOSE),
+    WriteBusy: Answer(423, "busy"),
+    TooManyUploads: Answer(429, "too_many_uploads"),
+}
+
+
+def answer_of(exc: Exception) -> ApiError:
+    """The drive's exception ``exc`` (an instance of a kind in :data:`ANSWERS`) as an HTTP error."""
+    answer = next(ANSWERS[kind] for kind in type(exc).__mro__ if kind in ANSWERS)
+    return ApiError(answer.status, answer.code or exc.code, str(exc), answer.headers)
+
+
+@contextmanager
+def answers() -> Iterator[None]:
+    """Inside: the drive's exceptions become their HTTP answers (:data:`ANSWERS`)."""
     try:
-        lease = await run_in_threadpool(
-            partial(_service(request).writing, drive.prefix, keys, quota=drive.quota_bytes, frees=frees, urls=urls)
-        )
-    except WriteBusy as exc:
-        raise ApiError(423, "busy", str(exc)) from None
-    except QuotaExceeded as exc:
-        raise quota_refusal(str(exc)) from None
-    try:
-        yield lease
-    finally:
-        await run_in_threadpool(lease.release)
-
-
-def open_upload(request: Request, drive: Drive, previous: ObjectInfo | None, declared: int | None) -> Upload:
-    """The quota reservation of one upload streamed through the gateway (drive/usage.py),
-    begun: a declared length is reserved now (413 if it does not fit), an unknown one as it
-    arrives."""
-    try:
-        return _service(request).begin_upload(drive.prefix, previous, declared, drive.quota_bytes)
-    except QuotaExceeded as exc:
-        raise quota_refusal(str(exc)) from None
-
-
-async def upload_url(
-    request: Request, drive: Drive, path: DrivePath, size: int | None, mtime: float | None,
-    md5: DeclaredMd5 | None = None,
-) -> str:
-    """A presigned PUT for bytes that go straight to the store (a 307 or a mint), the key held
-    while the names are checked and the room is held (413 if it would not fit)."""
-    service = _service(request)
-    async with writing(request, drive, path.key, urls=False):
-        previous = await _previous_and_names(service.store, path)
-        try:
-            return await run_in_threadpool(
-                service.upload_url, drive.prefix, path.key, size, drive.quota_bytes, previous, mtime, _expires(request),
-                md5,
-            )
-        except QuotaExceeded as exc:
-            raise quota_refusal(str(exc)) from None
+        yield
+    except tuple(ANSWERS) as exc:
+        raise answer_of(exc) from None
 
 
 # ---------------------------------------------------------------- listings
@@ -184,15 +155,14 @@ def _in_chunks(parts: Iterator[bytes]) -> Iterator[bytes]:
         yield b"".join(chunk)
 
 
-def flat_listing(
-    request: Request, drive: Drive, list_prefix: str, glob: str | None, first_page: ListPage, header: dict
-) -> StreamingResponse:
-    """Every file under ``list_prefix`` as one JSON document, streamed page by page after ``header``."""
+def flat_listing(drive: Drive, files: Iterator[File], glob: str | None, header: dict) -> StreamingResponse:
+    """``files`` (drive/service.py: DriveService.files) as one JSON document, streamed page by
+    page after ``header``."""
 
     def body() -> Iterator[bytes]:
         yield json.dumps(header)[:-1].encode() + b', "files": ['
         count = total = 0
-        for entry, facts in _service(request).files(list_prefix, first_page):
+        for entry, facts in files:
             item = listing.entry_json(entry, drive.prefix, facts)
             if glob is not None and not fnmatch.fnmatchcase(item["path"], glob):
                 continue
@@ -266,31 +236,21 @@ async def get(request: Request, drive: Drive) -> Response:
         return await folder(request, drive, path, (drive.mount + path.rel.encode()).decode())
     service = _service(request)
     if wants_json(request):
-        info = await run_in_threadpool(service.store.head, path.key)
-        if info is None:
+        found = await run_in_threadpool(service.file_link, path.key)
+        if found is None:
             raise ApiError(404, "not_found", f"no file {path.rel}")
+        info, link = found
         return JSONResponse(
             {
-                "url": service.read_url(path.key, _expires(request)),
+                "url": link.url,
                 "size": info.size,
-                "expires_in": _expires(request),
+                "expires_in": link.expires_in,
                 "etag": info.etag.strip('"'),
                 "content_type": info.content_type,
             }
         )
     # No HEAD here: a redirect is the hot path, and the store itself answers 404 for a missing key.
-    return Response(
-        status_code=302,
-        headers={"Location": service.read_url(path.key, _expires(request)), "Cache-Control": "no-store"},
-    )
-
-
-async def _previous_and_names(store: CachingStore, path: DrivePath) -> ObjectInfo | None:
-    """What a write would replace, or 409 name_conflict (drive/names.py)."""
-    try:
-        return await names.replaced_object(store, path)
-    except names.NameConflict as exc:
-        raise ApiError(409, names.NAME_CONFLICT, str(exc)) from None
+    return Response(status_code=302, headers={"Location": service.read_url(path.key), "Cache-Control": "no-store"})
 
 
 DRAIN_LIMIT = 16 << 20
@@ -316,54 +276,27 @@ async def _drain(request: Request) -> None:
 async def stream_upload(request: Request, drive: Drive, path: DrivePath) -> JSONResponse:
     """The body streamed through to the store and hashed on the way (SHA1, MD5): committed only
     whole and, with ``OC-Checksum``, only if it is what the client announced; ``X-OC-Mtime``
-    becomes its modification time. The key is held from reading what it replaces to counting."""
+    becomes its modification time (drive/service.py: DriveService.put_file)."""
     length = _content_length(request)
     told = client_facts_of(request)
-    try:
-        async with writing(request, drive, path.key):
-            return await _stream_held(request, drive, path, length, told.mtime, told.checksums)
-    except ApiError as exc:
-        if exc.error_code == "busy" and length is not None and length <= DRAIN_LIMIT:
+    with answers():
+        try:
+            result, previous = await _service(request).put_file(
+                path,
+                request.receive,
+                quota=drive.quota_bytes,
+                content_length=length,
+                content_type=_content_type(request, path),
+                expected=told.checksums,
+                mtime=told.mtime,
+            )
+        except (WriteBusy, QuotaExceeded):  # refused before the body was read
+            if length is not None and length <= DRAIN_LIMIT:
+                await _drain(request)
+            raise
+        except UploadTooLarge:  # refused as it arrived
             await _drain(request)
-        raise
-
-
-async def _stream_held(
-    request: Request, drive: Drive, path: DrivePath, length: int | None, mtime: float | None, expected
-) -> JSONResponse:
-    store = _store(request)
-    previous = await _previous_and_names(store, path)
-    try:
-        upload = await run_in_threadpool(open_upload, request, drive, previous, length)
-    except ApiError:
-        if length is not None and length <= DRAIN_LIMIT:
-            await _drain(request)
-        raise
-    try:
-        result = await _service(request).receive_file(
-            upload,
-            path.key,
-            request.receive,
-            content_length=length,
-            content_type=_content_type(request, path),
-            expected=expected,
-            mtime=mtime,
-        )
-    except ChecksumMismatch as exc:
-        raise ApiError(400, "checksum_mismatch", str(exc)) from None
-    except UploadTooLarge as exc:
-        await _drain(request)
-        raise quota_refusal(str(exc)) from None
-    except ClientGone:
-        raise ApiError(400, "client_disconnected", "the client went away before the body was complete") from None
-    except IncompleteBody as exc:
-        raise ApiError(400, "incomplete_body", str(exc), {"Connection": "close"}) from None
-    except StoreUnavailable:
-        # A bare 500 from the store, explained when a folder above is a file.
-        why = await run_in_threadpool(names.file_above, store, path.prefix, path.rel)
-        if why:
-            raise ApiError(409, names.NAME_CONFLICT, why) from None
-        raise
+            raise
     body = {
         "path": path.rel,
         "size": result.size,
@@ -372,9 +305,8 @@ async def _stream_held(
         "sha1": result.sha1,
         "md5": result.md5,
     }
-    return JSONResponse(
-        body, status_code=200 if previous else 201, headers={"X-OC-Mtime": "accepted"} if mtime is not None else None
-    )
+    accepted = {"X-OC-Mtime": "accepted"} if told.mtime is not None else None
+    return JSONResponse(body, status_code=200 if previous else 201, headers=accepted)
 
 
 def _file_path(request: Request, drive: Drive, method: str) -> DrivePath:
@@ -387,8 +319,8 @@ def _a_file(path: DrivePath, method: str) -> DrivePath:
     """``path`` if a file may be written there (400 is_a_folder, reserved_name)."""
     if path.is_dir:
         raise ApiError(400, "is_a_folder", f"{method} needs a file path, not one ending in '/'")
-    if path.name == listing.FOLDER_MARKER:
-        raise ApiError(400, "reserved_name", f"{listing.FOLDER_MARKER} is reserved for folder markers")
+    with answers():
+        names.check_new_name(path.name)
     return path
 
 
@@ -400,8 +332,9 @@ async def put(request: Request, drive: Drive) -> Response:
     redirect = not told.checksums
     if redirect and request.headers.get("expect", "").lower() == "100-continue" and length is not None:
         # Answered before the body is read: uvicorn sends 100 Continue only when the app reads.
-        url = await upload_url(request, drive, path, length, told.mtime)
-        return Response(status_code=307, headers={"Location": url, "Connection": "close"})
+        with answers():
+            link = await _service(request).upload_url(path, length, drive.quota_bytes, told.mtime)
+        return Response(status_code=307, headers={"Location": link.url, "Connection": "close"})
     return await stream_upload(request, drive, path)
 
 
@@ -413,10 +346,8 @@ def _declared_length(request: Request) -> int | None:
 
 
 def _declared_md5(request: Request) -> DeclaredMd5 | None:
-    try:
+    with answers():
         return parse_md5(request.headers.get("x-content-md5"))
-    except DirectUploadError as exc:
-        raise ApiError(400, exc.code, str(exc)) from None
 
 
 async def post(request: Request, drive: Drive) -> Response:
@@ -448,25 +379,25 @@ async def post(request: Request, drive: Drive) -> Response:
             "with X-Content-MD5 (the store checks that), or send the body through the gateway (POST or PUT with "
             "it) to have OC-Checksum verified",
         )
-    url = await upload_url(request, drive, path, declared, told.mtime, md5)
-    return JSONResponse(_grant(request, path, url, md5, request.headers.get("x-content-type")))
+    with answers():
+        link = await _service(request).upload_url(path, declared, drive.quota_bytes, told.mtime, md5)
+    return JSONResponse(_grant(path, link, md5, request.headers.get("x-content-type")))
 
 
-def _grant(request: Request, path: DrivePath, url: str, md5: DeclaredMd5 | None, content_type: str | None) -> dict:
+def _grant(path: DrivePath, link: Link, md5: DeclaredMd5 | None, content_type: str | None) -> dict:
     """A minted presigned PUT as the client is told it: the headers its PUT must send."""
     content_type = content_type or known_type(path.name)
     headers = {"Content-Type": content_type} if content_type else {}
     return {
-        "url": url,
+        "url": link.url,
         "method": "PUT",
-        "expires_in": _expires(request),
+        "expires_in": link.expires_in,
         "headers": headers | ({"Content-MD5": md5.base64} if md5 else {}),
     }
 
 
 MAX_MINT_FILES = 1000  # files one batch mint asks for at most
 MAX_MINT_BODY = 2 << 20  # bytes of its JSON (1000 entries of the longest paths fit)
-NAME_CHECKS_AT_ONCE = 16  # a batch's name checks (store requests) running at once
 MINT_SHAPE = '{"files": [{"path": "a/b.bin", "size": 123, "mtime": 1700000000, "md5": "…"}, …]}'
 
 
@@ -496,11 +427,9 @@ def _wanted(item: object, folder: DrivePath) -> _Wanted:
     if content_type is not None and not (isinstance(content_type, str) and 0 < len(content_type) <= 256):
         raise ApiError(400, "bad_content_type", "content_type is a media type of at most 256 characters")
     md5 = item.get("md5")
-    try:
+    with answers():
         told = client_facts({"x-oc-mtime": None if mtime is None else str(mtime)}.get)
         declared = parse_md5(md5 if isinstance(md5, str) or md5 is None else "?")
-    except (BadClientFact, DirectUploadError) as exc:
-        raise ApiError(400, exc.code, str(exc)) from None
     return _Wanted(rel, path, size, told.mtime, declared, content_type)
 
 
@@ -510,33 +439,10 @@ def _refused(rel: object, exc: ApiError | InvalidPath) -> dict:
     return {"path": rel, "error": {"status": exc.status, "error_code": exc.error_code, "message": exc.message}}
 
 
-def _in_batch(items: list) -> list[_Wanted | dict]:
-    """A file named twice (400 duplicate_path), or under a file of the same batch (409
-    name_conflict), is refused in its place; the first of each stands."""
-    keys_asked = {w.path.key for w in items if isinstance(w, _Wanted)}
-    seen: set[str] = set()
-    checked: list[_Wanted | dict] = []
-    for wanted in items:
-        if isinstance(wanted, _Wanted):
-            parts = wanted.path.rel.split("/")
-            folders = ("/".join(parts[:n]) for n in range(1, len(parts)))
-            above = next((a for a in folders if wanted.path.prefix + a in keys_asked), None)
-            if wanted.path.key in seen:
-                wanted = _refused(wanted.rel, ApiError(400, "duplicate_path", "this path is named twice in the batch"))
-            elif above is not None:
-                why = f"{above} is a file in this batch, so it cannot hold {wanted.path.rel}"
-                wanted = _refused(wanted.rel, ApiError(409, names.NAME_CONFLICT, why))
-            else:
-                seen.add(wanted.path.key)
-        checked.append(wanted)
-    return checked
-
-
 async def mint_many(request: Request, drive: Drive) -> JSONResponse:
     """``POST FOLDER/?mint`` with :data:`MINT_SHAPE`: a presigned PUT for each file (its path
     relative to FOLDER), each by the single mint's rules and answered in its place, a refused
-    one with its own error (the others are minted); their keys held at once, their names
-    checked, and their room held together in one transaction (DriveService.upload_urls)."""
+    one with its own error (the others are minted): drive/service.py DriveService.upload_urls."""
     folder = drive.path(request)
     if not folder.is_dir:
         raise ApiError(400, "not_a_folder", "?mint names the folder its files' paths are relative to: end it in '/'")
@@ -547,49 +453,27 @@ async def mint_many(request: Request, drive: Drive) -> JSONResponse:
         raise ApiError(400, "bad_mint", f"the body must be {MINT_SHAPE}, with at least one file")
     if len(items) > MAX_MINT_FILES:
         raise ApiError(400, "too_many_files", f"a batch mint asks for at most {MAX_MINT_FILES} files; this one {len(items)}")
-    read: list[_Wanted | dict] = []
+    replies: list[_Wanted | dict] = []
     for item in items:
         try:
-            read.append(_wanted(item, folder))
+            replies.append(_wanted(item, folder))
         except (ApiError, InvalidPath) as exc:
-            read.append(_refused(item.get("path") if isinstance(item, dict) else None, exc))
-    answers = _in_batch(read)
-    wanted = [w for w in answers if isinstance(w, _Wanted)]
+            replies.append(_refused(item.get("path") if isinstance(item, dict) else None, exc))
+    wanted = [(n, w) for n, w in enumerate(replies) if isinstance(w, _Wanted)]
+    service = _service(request)
     if wanted:
-        service = _service(request)
-        async with writing(request, drive, *(w.path.key for w in wanted), urls=False):
-            at_once = asyncio.Semaphore(NAME_CHECKS_AT_ONCE)
-
-            async def checked(w: _Wanted) -> ObjectInfo | None | ApiError:
-                async with at_once:
-                    try:
-                        return await _previous_and_names(service.store, w.path)
-                    except ApiError as exc:
-                        return exc
-
-            found = await asyncio.gather(*(checked(w) for w in wanted))
-            named = [(w, previous) for w, previous in zip(wanted, found) if not isinstance(previous, ApiError)]
-            minted = await run_in_threadpool(
-                service.upload_urls,
-                drive.prefix,
-                [UrlAsked(w.path.key, w.size, previous, w.mtime, w.md5) for w, previous in named],
-                drive.quota_bytes,
-                _expires(request),
+        with answers():
+            minted = await service.upload_urls(
+                [UrlAsked(w.path, w.size, w.mtime, w.md5) for _, w in wanted], drive.quota_bytes
             )
-        outcome = {w.path.key: found_ for w, found_ in zip(wanted, found) if isinstance(found_, ApiError)}
-        outcome |= {w.path.key: url for (w, _), url in zip(named, minted)}
-        for n, answer in enumerate(answers):
-            if isinstance(answer, _Wanted):
-                got = outcome[answer.path.key]
-                if isinstance(got, QuotaExceeded):
-                    answers[n] = _refused(answer.rel, quota_refusal(str(got)))
-                elif isinstance(got, ApiError):
-                    answers[n] = _refused(answer.rel, got)
-                else:
-                    answers[n] = {"path": answer.rel, **_grant(request, answer.path, got, answer.md5, answer.content_type)}
-    refused = sum("error" in answer for answer in answers)
-    return JSONResponse({"files": answers, "minted": len(answers) - refused, "refused": refused,
-                         "expires_in": _expires(request)})
+        for (n, w), got in zip(wanted, minted):
+            if isinstance(got, Link):
+                replies[n] = {"path": w.rel, **_grant(w.path, got, w.md5, w.content_type)}
+            else:
+                replies[n] = _refused(w.rel, answer_of(got))
+    refused = sum("error" in reply for reply in replies)
+    return JSONResponse({"files": replies, "minted": len(replies) - refused, "refused": refused,
+                         "expires_in": service.url_seconds})
 
 
 MAX_PARTS_BODY = 1 << 20  # the JSON that completes a multipart upload (10,000 parts fit)
@@ -599,56 +483,32 @@ async def direct_parts(request: Request, drive: Drive, path: DrivePath) -> JSONR
     """A multipart upload sent straight to the store: ``?uploads`` starts it (X-Content-Length),
     ``?uploadId=ID&partNumber=N`` mints a part's URL, ``?uploadId=ID`` with the parts completes it."""
     service = _service(request)
-    settings = request.app.state.settings
     query = request.query_params
     md5 = _declared_md5(request)
-    try:
+    with answers():
         if "uploads" in query:
             size = _declared_length(request)
             if size is None:
                 raise ApiError(400, "bad_content_length", "a multipart upload needs its size: X-Content-Length")
-            plan = plan_parts(size, settings.upload_part_bytes)
             content_type = request.headers.get("x-content-type") or known_type(path.name)
-            lifetime = settings.direct_upload_seconds
-            async with writing(request, drive, path.key, urls=False):
-                previous = await _previous_and_names(service.store, path)
-                upload_id = await run_in_threadpool(
-                    service.start_parts, drive.prefix, path.key, plan, drive.quota_bytes, previous, lifetime, content_type
-                )
-            body = {"upload_id": upload_id, "size": size, "part_bytes": plan.part_bytes, "parts": plan.count,
-                    "expires_in": lifetime}
+            started = await service.start_parts(path, size, drive.quota_bytes, content_type)
+            body = {"upload_id": started.upload_id, "size": size, "part_bytes": started.plan.part_bytes,
+                    "parts": started.plan.count, "expires_in": started.expires_in}
             return JSONResponse(body, status_code=201)
         upload_id = query["uploadId"]
         if "partNumber" in query:
             number = parse_number(query["partNumber"])
-            url = await run_in_threadpool(
-                service.part_url, drive.prefix, path.key, upload_id, number, _expires(request), md5
-            )
+            link = await run_in_threadpool(service.part_url, drive.prefix, path.key, upload_id, number, md5)
             headers = {"Content-MD5": md5.base64} if md5 else {}
-            return JSONResponse({"url": url, "method": "PUT", "expires_in": _expires(request), "headers": headers})
+            return JSONResponse({"url": link.url, "method": "PUT", "expires_in": link.expires_in, "headers": headers})
         parts = await _small_json(
             request, MAX_PARTS_BODY, "bad_parts", 'the body must be JSON: {"parts": [{"number": 1, "etag": "…"}, …]}'
         )
         mtime = client_facts_of(request).mtime
-        async with writing(request, drive, path.key, urls=False):
-            await _previous_and_names(service.store, path)
-            stored = await run_in_threadpool(
-                service.complete_parts, drive.prefix, path.key, upload_id, parts, mtime, md5
-            )
-        facts = await run_in_threadpool(service.facts_of, stored)
-        body = {"path": path.rel, "size": stored.size, "etag": stored.etag.strip('"'), "parts": len(parts["parts"])}
-        body |= {"md5": facts.md5} if facts.md5 else {}
-        return JSONResponse(body, status_code=201, headers={"X-OC-Mtime": "accepted"} if mtime is not None else None)
-    except DirectUploadError as exc:
-        raise ApiError(400, exc.code, str(exc)) from None
-    except NoSuchUpload as exc:
-        raise ApiError(404, "no_such_upload", str(exc)) from None
-    except TooManyUploads as exc:
-        raise ApiError(429, "too_many_uploads", str(exc)) from None
-    except PartsRefused as exc:
-        raise ApiError(400, "bad_parts", f"{exc}: the upload is aborted, start it again") from None
-    except QuotaExceeded as exc:
-        raise quota_refusal(str(exc)) from None
+        stored, facts = await service.finish_parts(path, upload_id, parts, mtime, md5)
+    body = {"path": path.rel, "size": stored.size, "etag": stored.etag.strip('"'), "parts": len(parts["parts"])}
+    body |= {"md5": facts.md5} if facts.md5 else {}
+    return JSONResponse(body, status_code=201, headers={"X-OC-Mtime": "accepted"} if mtime is not None else None)
 
 
 async def _small_json(request: Request, limit: int, code: str, shape: str) -> object:
@@ -667,28 +527,23 @@ async def _small_json(request: Request, limit: int, code: str, shape: str) -> ob
 
 
 async def delete(request: Request, drive: Drive) -> Response:
-    """One file, or every file under a folder (a path ending in '/', or with no exact key)."""
+    """One file, or every file under a folder (a path ending in '/', or with no exact key):
+    drive/service.py DriveService.delete; ``?uploadId=`` aborts a multipart upload instead."""
     path = drive.path(request)
     drive.require_write()
     service = _service(request)
     if "uploadId" in request.query_params:
         path = _file_path(request, drive, "DELETE")
-        try:
+        with answers():
             await run_in_threadpool(service.abort_parts, drive.prefix, path.key, request.query_params["uploadId"])
-        except NoSuchUpload as exc:
-            raise ApiError(404, "no_such_upload", str(exc)) from None
         return Response(status_code=204)
-    if path.rel == "":
-        raise ApiError(400, "refused", "refusing to delete a whole drive; delete its folders one by one")
-    folder_key = path.key if path.is_dir else path.key + "/"
-    # A path without "/" may be a file or a folder: both are held, then looked at.
-    async with writing(request, drive, *([] if path.is_dir else [path.key]), folder_key, frees=True):
-        if not path.is_dir and await run_in_threadpool(service.delete_file, drive.prefix, path.key) is not None:
-            return Response(status_code=204)
-        count, _ = await run_in_threadpool(service.delete_folder, drive.prefix, folder_key)
-    if count == 0:
+    with answers():
+        deleted = await run_in_threadpool(service.delete, path)
+    if deleted.file is not None:
+        return Response(status_code=204)
+    if deleted.count == 0:
         raise ApiError(404, "not_found", f"no file or folder {path.rel}")
-    return Response(status_code=204, headers={"X-Deleted-Count": str(count)})
+    return Response(status_code=204, headers={"X-Deleted-Count": str(deleted.count)})
 
 
 class AnyPathConvertor(Convertor):

@@ -50,7 +50,7 @@ from sqlalchemy.orm import sessionmaker
 
 from drive.store import ObjectInfo, ObjectStore, iter_objects
 from drive.uploads import WriteBusy
-from drive.usage import QuotaExceeded, needed, room_left
+from drive.usage import Keys, PutHold, QuotaExceeded, needed, room_left
 from gateway.models import DavProperty, DriveUsage, DriveWrite, QuotaHold, utcnow
 from gateway.tokens import as_utc
 
@@ -280,28 +280,18 @@ class DbUsageBook:
             _update_usage(session, prefix, reserved=-n, inflight=-1)
             return n
 
-    def hold(
-        self,
-        prefix: str,
-        key: str,
-        size: int | None,
-        quota: int | None,
-        previous: ObjectInfo | None,
-        expires_in: int,
-        *,
-        upload_id: str | None = None,
-        part_bytes: int | None = None,
-    ) -> None:
-        """Reserve room for a presigned PUT of ``key`` (a 307 or a mint), held until the object
-        appears or the URL expires. ``size`` None (a mint that did not say): all the room left.
-        With ``upload_id``: a multipart upload the client sends straight to the store (kind
+    def hold(self, put: PutHold, quota: int | None) -> None:
+        """Reserve room for a presigned PUT (a 307 or a mint), held until the object appears or
+        the URL expires. ``put.size`` None (a mint that did not say): all the room left. With
+        ``put.upload_id``: a multipart upload the client sends straight to the store (kind
         "parts", drive/direct.py), recorded even without a quota, since its row is the upload's."""
-        if quota is None and upload_id is None:
+        if quota is None and put.upload_id is None:
             return
-        parts = {"kind": "parts", "upload_id": upload_id, "size": size, "part_bytes": part_bytes} if upload_id else {}
+        prefix, previous, size, upload_id = put.prefix, put.previous, put.size, put.upload_id
+        parts = {"kind": "parts", "upload_id": upload_id, "size": size, "part_bytes": put.part_bytes} if upload_id else {}
 
         def row(n: int) -> dict:
-            return self._hold_row(prefix, key, n, previous, expires_in, **parts)
+            return self._hold_row(put, n, **parts)
 
         if quota is None:
             self._hold([row(0)], prefix, None)
@@ -321,24 +311,22 @@ class DbUsageBook:
             self._hold([row(needed(size, previous.size if previous else 0))], prefix, quota)
         self._settle_now_and_then(prefix)
 
-    def hold_many(
-        self, prefix: str, wanted: list[tuple[str, int | None, ObjectInfo | None]], quota: int | None, expires_in: int
-    ) -> list[QuotaExceeded | None]:
-        """:meth:`hold` for many presigned PUTs at once (a batch mint), ``wanted`` as (key, size,
-        what it replaces): all in one transaction when they fit together; else each alone, in
-        order, so each that does not fit is refused on its own and nothing is ever reserved past
-        the quota. For each: None (held) or its QuotaExceeded."""
-        if len(wanted) <= 1 or quota is None or any(size is None for _, size, _ in wanted):
+    def hold_many(self, puts: list[PutHold], quota: int | None) -> list[QuotaExceeded | None]:
+        """:meth:`hold` for many presigned PUTs of one drive at once (a batch mint): all in one
+        transaction when they fit together; else each alone, in order, so each that does not fit
+        is refused on its own and nothing is ever reserved past the quota. For each: None (held)
+        or its QuotaExceeded."""
+        if len(puts) <= 1 or quota is None or any(put.size is None for put in puts):
             outcomes: list[QuotaExceeded | None] = []
-            for key, size, previous in wanted:
+            for put in puts:
                 try:
-                    self.hold(prefix, key, size, quota, previous, expires_in)
+                    self.hold(put, quota)
                     outcomes.append(None)
                 except QuotaExceeded as exc:
                     outcomes.append(exc)
             return outcomes
-        rows = [self._hold_row(prefix, key, needed(size, previous.size if previous else 0), previous, expires_in)
-                for key, size, previous in wanted]
+        prefix = puts[0].prefix
+        rows = [self._hold_row(put, needed(put.size, put.previous.size if put.previous else 0)) for put in puts]
         try:
             self._hold(rows, prefix, quota)
             outcomes = [None] * len(rows)
@@ -354,15 +342,15 @@ class DbUsageBook:
         return outcomes
 
     @staticmethod
-    def _hold_row(prefix: str, key: str, n: int, previous: ObjectInfo | None, expires_in: int, **parts) -> dict:
-        """A QuotaHold's values: ``n`` bytes (0 or less: none) for a presigned PUT of ``key``."""
+    def _hold_row(put: PutHold, n: int, **parts) -> dict:
+        """A QuotaHold's values: ``n`` bytes (0 or less: none) for the presigned PUT ``put``."""
         return {
-            "prefix": prefix,
-            "key": key,
+            "prefix": put.prefix,
+            "key": put.key,
             "bytes": max(n, 0),
-            "previous_etag": previous.etag if previous else None,
-            "previous_size": previous.size if previous else 0,
-            "expires_at": utcnow() + timedelta(seconds=expires_in),
+            "previous_etag": put.previous.etag if put.previous else None,
+            "previous_size": put.previous.size if put.previous else 0,
+            "expires_at": utcnow() + timedelta(seconds=put.expires_in),
             **parts,
         }
 
@@ -709,21 +697,13 @@ class DbUsageBook:
     # ------------------------------------------------------------ one write of a key at a time
 
     def writing(
-        self,
-        prefix: str,
-        exclusive: list[str] = (),
-        shared: list[str] = (),
-        *,
-        within: Iterable[WriteLease] = (),
-        wait: float | None = None,
-        quota: int | None = None,
-        frees: bool = False,
-        urls: bool = True,
+        self, keys: Keys, *, within: Iterable[WriteLease] = (), wait: float | None = None, quota: int | None = None,
+        frees: bool = False, urls: bool = True,
     ) -> WriteLease:
-        """Hold keys of ``prefix`` (a folder's key, ending in "/", holds all under it) for one
-        write: ``exclusive`` ones are written, ``shared`` ones only read whole (a COPY's source,
-        which other readers may copy at once). Taken all at once or not at all, on every replica
-        (one drive's takers go one at a time: a PostgreSQL advisory lock, or SQLite's write lock);
+        """Hold ``keys`` (drive/usage.py: a folder's key, ending in "/", holds all under it) for
+        one write: ``exclusive`` ones are written, ``shared`` ones only read whole. Taken all at
+        once or not at all, on every replica (one drive's takers go one at a time: a PostgreSQL
+        advisory lock, or SQLite's write lock);
         waits up to ``wait`` (WRITE_WAIT_SECONDS) for the writes in the way, then WriteBusy.
         What ``within`` (the request's own leases) already holds is not taken again.
         Read what a write replaces only once its key is held.
@@ -732,8 +712,9 @@ class DbUsageBook:
         (:meth:`_count_urls_whole`): QuotaExceeded, and nothing held, when their room does not
         fit ``quota``, unless the write ``frees`` it (a DELETE). ``urls`` False: left as they are
         (a write that hands out another URL for the key: either may land, each counted apart)."""
-        wanted = {path: True for path in exclusive}
-        for path in shared:
+        prefix = keys.prefix
+        wanted = {path: True for path in keys.exclusive}
+        for path in keys.shared:
             wanted.setdefault(path, False)
         wanted = {
             path: mine for path, mine in wanted.items()

@@ -5,7 +5,9 @@ signed in (a store that checks signatures, R2 or the embedded rclone, refuses an
 then any number of pods fetch it with presigned GETs. Objects live under ``transit/{user}/``
 in the store, apart from the drives (``users/``, ``orgs/``): no drive path reaches them.
 
-The quota is the drive's mechanism (gateway/quota.py) on the prefix ``transit/{user}/``: the
+The quota is the drive's usage book (drive/usage.py's UsageBook, which gateway/quota.py keeps in
+the database) on the prefix ``transit/{user}/``, with its operations and formulas (``open`` with
+``also``, ``give_back``, :func:`drive.usage.free_bytes`): the
 mint reserves the declared size, in one transaction with the object's row, atomically against
 ``KGPU_TRANSIT_QUOTA_BYTES``; the reservation lasts as long as the row and is given back when
 the row goes (:meth:`TransitObjects._purge`, once, whichever replica gets there). A row goes
@@ -29,11 +31,10 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import sessionmaker
 
 from drive.store import ObjectNotFound, ObjectStore
-from drive.usage import QuotaExceeded
+from drive.usage import QuotaExceeded, UsageBook, free_bytes
 from gateway.domain_errors import Conflict, Forbidden, NotFound, TooLarge
 from gateway.models import TransitObject, utcnow
 from gateway.principal import Principal
-from gateway.quota import DbUsageBook
 from gateway.settings import Settings
 from gateway.tokens import as_utc
 
@@ -76,7 +77,7 @@ class TransitObjects:
         settings: Settings,
         sessions: sessionmaker,
         store: ObjectStore,
-        usage: DbUsageBook,
+        usage: UsageBook,
         now: Callable[[], datetime] = utcnow,
     ):
         self.settings = settings
@@ -126,10 +127,9 @@ class TransitObjects:
         try:
             self.usage.open(prefix, size, quota, also=record)
         except QuotaExceeded:
-            room = max(self.usage.room(prefix, quota), 0)
             raise TooLarge(
                 "quota_exceeded",
-                f"this object ({size} bytes) does not fit: {room} of your {quota} bytes of transit objects are free "
+                f"this object ({size} bytes) does not fit: {free_bytes(self.usage, prefix, quota)} of your {quota} bytes of transit objects are free "
                 "(deleted objects hold their room until their upload URL expires)",
             ) from None
         return {
@@ -159,8 +159,7 @@ class TransitObjects:
         """The transit quota and what is free of it (deleted objects hold their room until
         their upload URL expires)."""
         prefix, limit = transit_prefix(_owner(principal)), self.settings.transit_quota_bytes
-        self.usage.used_bytes(prefix)  # counts the prefix the first time it is seen
-        return {"limit_bytes": limit, "free_bytes": max(self.usage.room(prefix, limit), 0)}
+        return {"limit_bytes": limit, "free_bytes": free_bytes(self.usage, prefix, limit)}
 
     def _find(self, session, principal: Principal, object_id: str) -> TransitObject:
         """One of the caller's live objects; anything else (another user's, gone, malformed) is 404."""

@@ -6,7 +6,6 @@ from the URL alone), store failures as WebDAV statuses, and what the request rem
 
 from __future__ import annotations
 
-import functools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,7 +28,7 @@ from drive.service import DriveService
 from drive.store import ObjectNotFound, StoreUnavailable
 from drive.store.caching import CachingStore
 from drive.uploads import UploadTooLarge, WriteBusy
-from drive.usage import UsageBook
+from drive.usage import UsageBook, free_bytes
 
 ENVIRON_KEY = "kgpu.dav"
 CACHE_KEY = "kgpu.dav.cache"  # path -> resource, this request
@@ -47,16 +46,11 @@ CLOSE_CONNECTION = ("Connection", "close")  # after a body that did not arrive w
 class DavContext:
     """Who is calling and which drive they see; one per request."""
 
-    store: CachingStore  # every write through it drops the listings it changes
+    drive: DriveService  # the drive's operations (drive/service.py), the HTTP routes' own
     prefix: str  # the caller's own drive, "users/7/"
     principal: str  # lock owner, "user:7"
     load_orgs: Callable[[], list[str]] = list  # slugs of the orgs the caller may read
-    usage: UsageBook | None = None  # what the drive holds and may take (drive/usage.py)
     quota_bytes: int | None = None
-    part_size: int = 8 << 20
-    unknown_length_part_size: int = 16 << 20
-    presign_expires: int = 3600
-    facts: FactsBook | None = None  # modification times and checksums (drive/facts.py)
     _orgs: list[str] | None = field(default=None, repr=False)
     _leases: list = field(default_factory=list, repr=False)  # the keys this request holds now
     # A PROPPATCH's dead properties, (ref URL, name) -> XML value (None: removed), noted by its dry
@@ -67,16 +61,20 @@ class DavContext:
     # wsgidav's (a PROPPATCH past the quota: 507 rather than a 207; gateway/dav_app.py).
     answer: tuple | None = None
 
-    @functools.cached_property
-    def drive(self) -> DriveService:
-        """The drive's operations (drive/service.py), over this request's store, book and facts."""
-        return DriveService(
-            self.store,
-            self.usage,
-            self.facts,
-            part_bytes=self.part_size,
-            unknown_length_part_bytes=self.unknown_length_part_size,
-        )
+    @property
+    def store(self) -> CachingStore:
+        """The drive's store: every write through it drops the listings it changes."""
+        return self.drive.store
+
+    @property
+    def usage(self) -> UsageBook | None:
+        """What the drive holds and may take (drive/usage.py)."""
+        return self.drive.usage
+
+    @property
+    def facts(self) -> FactsBook | None:
+        """Modification times and checksums (drive/facts.py)."""
+        return self.drive.facts
 
     def org_slugs(self) -> list[str]:
         if self._orgs is None:
@@ -91,8 +89,7 @@ class DavContext:
         what uploads in flight were promised is not available either); None: no quota."""
         if self.usage is None or self.quota_bytes is None:
             return None
-        self.used_bytes()  # settles the presigned PUTs that are done; counts a drive seen first
-        return max(0, self.usage.room(self.prefix, self.quota_bytes))
+        return free_bytes(self.usage, self.prefix, self.quota_bytes)
 
     def quota_of(self, prefix: str) -> int | None:
         """The quota a write into the drive ``prefix`` counts against: the caller's own drive's
@@ -113,16 +110,29 @@ class DavContext:
         again. 423 ``busy`` when another write holds one and does not end soon; ``too_large``
         quota_exceeded when the room the upload URLs still out for them need does not fit (a
         write that ``frees`` it, a DELETE, never is). Read what a write replaces inside."""
-        try:
+        with write_errors(too_large):
             lease = self.drive.writing(
                 prefix, exclusive, shared, within=self._leases, quota=self.quota_of(prefix), frees=frees
             )
-        except WriteBusy as exc:
-            raise coded_error(HTTP_LOCKED, "busy", str(exc)) from None
-        except UploadTooLarge as exc:
-            raise coded_error(too_large, "quota_exceeded", str(exc)) from None
         self._leases.append(lease)
         return _Held(lease, lambda: self._leases.remove(lease))
+
+    @property
+    def leases(self) -> tuple:
+        """What this request holds now (the ``within`` of a drive operation that holds keys itself)."""
+        return tuple(self._leases)
+
+
+@contextmanager
+def write_errors(too_large: int = HTTP_INSUFFICIENT_STORAGE) -> Iterator[None]:
+    """A write's refusals by the drive as WebDAV statuses: 423 ``busy`` when another write holds
+    its keys and does not end soon, ``too_large`` quota_exceeded when it does not fit."""
+    try:
+        yield
+    except WriteBusy as exc:
+        raise coded_error(HTTP_LOCKED, "busy", str(exc)) from None
+    except UploadTooLarge as exc:
+        raise coded_error(too_large, "quota_exceeded", str(exc)) from None
 
 
 class _Held:

@@ -32,7 +32,7 @@ from wsgidav.dav_error import (
 from wsgidav.dav_provider import DAVCollection, DAVNonCollection
 from wsgidav.xml_tools import etree
 
-from drive import keys
+from drive import keys, names
 from drive.checksums import InvalidChecksum, oc_checksums_text, parse_oc_checksum
 from drive.content_types import guess_type, stored_type
 from drive.dav.bodies import BodyWriter, PresignedReader
@@ -48,12 +48,14 @@ from drive.dav.context import (
     listed_without,
     store_errors,
     utcnow,
+    write_errors,
 )
 from drive.dav.storage import note_folder_extras, remove_property_tree
 from drive.dav.transfer import transfer
 from drive.facts import Facts, FactRow, InvalidMtime, parse_lastmodified, resolve
 from drive.keys import DrivePath
-from drive.listing import FOLDER_MARKER, is_hidden
+from drive.listing import is_hidden
+from drive.service import WholeDrive
 from drive.store import CommonPrefix, ObjectInfo
 from drive.uploads import UploadTooLarge
 
@@ -107,8 +109,10 @@ class _Located:
             raise DAVError(HTTP_FORBIDDEN, "the shared/ folders are read-only here")
 
     def _check_new_name(self, name: str) -> None:
-        if name == FOLDER_MARKER:
-            raise DAVError(HTTP_FORBIDDEN, f"{FOLDER_MARKER} is reserved for folder markers")
+        try:
+            names.check_new_name(name)
+        except names.ReservedName as exc:
+            raise DAVError(HTTP_FORBIDDEN, str(exc)) from None
         if name == SHARED and self.location.rel == "" and self.location.prefix == context_of(self.environ).prefix:
             raise DAVError(HTTP_FORBIDDEN, "shared/ is reserved for your organisations' drives")
 
@@ -245,7 +249,7 @@ class FileResource(_Located, DAVNonCollection):
         if not self.provider.proxy_reads or self.info is None:
             raise DAVError(HTTP_FORBIDDEN, "downloads are redirects here: GET follows a 302")
         ctx = context_of(self.environ)
-        return PresignedReader(ctx.drive.read_url(self.location.key, ctx.presign_expires), self.info.size)
+        return PresignedReader(ctx.drive.read_url(self.location.key), self.info.size)
 
     def begin_write(self, *, content_type=None):
         self._require_writable()
@@ -298,11 +302,11 @@ class FileResource(_Located, DAVNonCollection):
     def delete(self):
         self._require_writable()
         ctx = context_of(self.environ)
-        with ctx.hold_keys(self.location.prefix, [self.location.key], frees=True), store_errors():
-            deleted = ctx.drive.delete_file(self.location.prefix, self.location.key)  # what is there now
-            if deleted is None:
-                raise DAVError(HTTP_NOT_FOUND)  # another request deleted or moved it meanwhile
-            self.info = deleted
+        with write_errors(), store_errors():
+            deleted = ctx.drive.delete(self.location, file_only=True, within=ctx.leases).file  # what is there now
+        if deleted is None:
+            raise DAVError(HTTP_NOT_FOUND)  # another request deleted or moved it meanwhile
+        self.info = deleted
         self.remove_all_properties(recursive=False)
         self.remove_all_locks(recursive=False)
         forget_after_write(self.environ)
@@ -408,11 +412,12 @@ class FolderResource(_Located, DAVCollection):
 
     def delete(self):
         self._require_writable()
-        if self.location.rel == "":
-            raise DAVError(HTTP_FORBIDDEN, "refusing to delete a whole drive")
         ctx = context_of(self.environ)
-        with ctx.hold_keys(self.location.prefix, [self.location.key], frees=True), store_errors():
-            ctx.drive.delete_folder(self.location.prefix, self.location.key)
+        try:
+            with write_errors(), store_errors():
+                ctx.drive.delete(self.location, within=ctx.leases)
+        except WholeDrive as exc:
+            raise DAVError(HTTP_FORBIDDEN, str(exc)) from None
         remove_property_tree(self.provider, self.get_ref_url())
         self.remove_all_locks(recursive=True)
         forget_after_write(self.environ)

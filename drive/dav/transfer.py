@@ -7,6 +7,7 @@ destination's time); locks do not (RFC 4918 7.5)."""
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from urllib.parse import quote
 
 from wsgidav import util
@@ -39,16 +40,10 @@ def transfer(src, dest_path: str, parent, *, move: bool, depth_infinity: bool) -
         name = util.get_uri_name(dest_path)
         suffix = "/" if src.is_collection else ""
         dest = keys.from_text(parent.location.prefix, parent.location.rel + name + suffix)
-    # Both ends are held (the source shared, for a COPY) until the quota has counted the copy,
-    # so no other write changes what is copied, moved or replaced meanwhile (gateway/quota.py).
-    source = src.location
-    if source.prefix == dest.prefix:
-        held = ctx.hold_keys(dest.prefix, [source.key, dest.key] if move else [dest.key], [] if move else [source.key])
-        with held:
-            _transfer_held(src, dest, dest_path, move=move, depth_infinity=depth_infinity)
-    else:  # a COPY out of an organisation's read-only drive: its source is held there
-        with ctx.hold_keys(dest.prefix, [dest.key]), ctx.hold_keys(source.prefix, [], [source.key]):
-            _transfer_held(src, dest, dest_path, move=move, depth_infinity=depth_infinity)
+    with ExitStack() as held:
+        for wanted in ctx.drive.transfer_keys(src.location, dest, move=move):
+            held.enter_context(ctx.hold_keys(wanted.prefix, list(wanted.exclusive), list(wanted.shared)))
+        _transfer_held(src, dest, dest_path, move=move, depth_infinity=depth_infinity)
     return True
 
 

@@ -345,7 +345,7 @@ async def list_files(
     used = await run_in_threadpool(service.used_bytes, drive.prefix)
     first = await run_in_threadpool(service.first_page, list_prefix)  # errors surface before any byte is sent
     header = {"prefix": prefix, "glob": glob, "quota": {"used_bytes": used, "quota_bytes": drive.quota_bytes}}
-    return drive_http.flat_listing(request, drive, list_prefix, glob, first, header)
+    return drive_http.flat_listing(drive, service.files(list_prefix, first), glob, header)
 
 
 @router.head(

@@ -171,9 +171,10 @@ async def _register(request: Request, principal: Principal, drive: Drive, access
     path = drive.path_from_raw(drive_http.raw_path(request).removesuffix(b"/registered"))
     if path.is_dir:
         raise ApiError(400, "is_a_folder", "only files can be registered")
-    info = await run_in_threadpool(services(request).store.head, path.key)
-    if info is None:
+    found = await run_in_threadpool(services(request).drive.stat, path.key)
+    if found is None:
         raise ApiError(404, "not_found", f"no object {path.rel} to register; PUT it first")
+    info, _ = found
 
     def record() -> dict:
         with services(request).sessions.begin() as session:
