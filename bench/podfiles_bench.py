@@ -4,11 +4,14 @@
 Starts its own ``kgpu serve`` (embedded store, SQLite, the local pod backend unless --backend),
 rents one pod, then, ``--rounds`` times, side by side:
 
-  up:    ``curl -T`` of a ``--size-mib`` file from this host into the pod through the gateway,
-         against the lower bound: ``curl -T`` of the same file from inside the pod to a
-         presigned PUT of the object store (a transit object);
+  up:    ``curl -T`` of a ``--size-mib`` file from this host into the pod's /workspace through
+         the gateway, against the lower bound: the pod's own fetch of the same bytes into its
+         /workspace, ``curl -o`` of a presigned GET (a transit object), so both write the same
+         disk; before each, both files are deleted and the disks synced (untimed), so neither
+         pays for the other's writeback or for freeing the previous round's file;
   down:  ``curl -o /dev/null`` of the pod's file through the gateway, against ``curl -o
-         /dev/null`` of a presigned GET from inside the pod;
+         /dev/null`` of a presigned GET from inside the pod (the same fetch as up's bound, to
+         no disk: the two bounds side by side are what the pod's disk costs);
 
 and the gateway's RSS growth over each transfer (goal: gateway / lower bound >= 0.7 both ways,
 RSS growth <= 64 MiB). Then the issue's "done when": the file goes up, is cut at 40 % (the
@@ -55,6 +58,10 @@ def backend_settings(backend: str, srun_stdio: bool = False) -> dict[str, str]:
         settings.update(KGPU_SLURM_PULL="false", KGPU_SLURM_JOB_PREFIX="kgpu-pfbench", KGPU_POD_BACKEND="slurm",
                         KGPU_SLURM_DIRECT_CHANNEL="false" if srun_stdio else "true")
     return settings
+# Before an upload's round: its file gone, and every dirty page written, so each transfer starts
+# on the same clean disk (freeing a GiB on a disk mounted with discard, or the last round's
+# writeback, would otherwise land in whichever transfer comes next).
+FRESH_DISK = "rm -f /workspace/{name} && sync"
 TIMED = 's=$(date +%s.%N); {cmd}; e=$(date +%s.%N); echo "$s $e"'
 
 
@@ -154,15 +161,16 @@ def main() -> int:
         subprocess.run(["curl", "-fsS", "-T", str(source), fetched["put_url"]], check=True, stdout=subprocess.DEVNULL)
         rows = {"up": [], "up_bound": [], "down": [], "down_bound": [], "rss_up": [], "rss_down": []}
         for n in range(args.rounds):
+            get_url = api.get_url(fetched["object_id"])
+            api.run(gpu, FRESH_DISK.format(name="bench.bin"))
             with harness.RssSampler(server.pid) as rss:
                 rows["up"].append(curl_seconds(*auth, "-T", str(source), url))
             rows["rss_up"].append(rss.growth_mib)
-            put_url = api.mint(size)["put_url"]
-            rows["up_bound"].append(in_pod_seconds(api, gpu, f"curl -fsS -T /workspace/bench.bin '{put_url}' >/dev/null"))
+            api.run(gpu, FRESH_DISK.format(name="bound.bin"))
+            rows["up_bound"].append(in_pod_seconds(api, gpu, f"curl -fsS -o /workspace/bound.bin '{get_url}'"))
             with harness.RssSampler(server.pid) as rss:
                 rows["down"].append(curl_seconds(*auth, "-o", "/dev/null", url))
             rows["rss_down"].append(rss.growth_mib)
-            get_url = api.get_url(fetched["object_id"])
             rows["down_bound"].append(in_pod_seconds(api, gpu, f"curl -fsS -o /dev/null '{get_url}'"))
             harness.log(f"round {n + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()))
         for name, values in rows.items():
@@ -173,7 +181,8 @@ def main() -> int:
         for way in ("up", "down"):
             gateway, bound = mib / results[way], mib / results[way + "_bound"]
             results[way + "_ratio"] = gateway / bound
-            lines.append(f"  {way:4}: gateway {gateway:.0f} MiB/s, presigned curl in the pod {bound:.0f} MiB/s, "
+            where = "/workspace" if way == "up" else "/dev/null"
+            lines.append(f"  {way:4}: gateway {gateway:.0f} MiB/s, the pod's presigned fetch to {where} {bound:.0f} MiB/s, "
                          f"ratio {gateway / bound:.2f} (goal >= 0.7); gateway RSS +{results['rss_' + way]:.0f} MiB (goal <= 64)")
         # The "done when": cut at 40 % and resumed, both ways, the same SHA-256.
         api.run(gpu, "rm -f /workspace/bench.bin")
