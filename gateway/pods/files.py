@@ -36,6 +36,7 @@ MAX_PATH_BYTES = 4096
 MAX_NAME_BYTES = 255
 MAX_LISTING = 10_000  # entries a listing answers at most (then "truncated")
 CHUNK = 1 << 20
+SOCKET_BUFFER = 1 << 20  # asked for both ways' socket buffers (the kernel doubles it): kernel memory, not the gateway's
 _LINE_LIMIT = 4 * MAX_NAME_BYTES + 256  # one answer line at most (a listing's carries a hex name)
 _CLOSE_GRACE_S = 5.0  # after its stdin's end, how long the pod's process may take to tidy up
 
@@ -234,9 +235,14 @@ class Channel:
     """One FILE_SCRIPT process in a pod, its stdio through ``backend.enter``'s host command (in a
     session of its own), or its stdin and stdout on one connection (``backend.stream``); every read and write waits at most ``idle_s``, every answer line is capped.
 
-    Its stdio are socket pairs read and written with blocking calls on worker threads, one call a
-    chunk, not event-loop transports: under uvloop, transports over a child's stdio now and then
-    lost a request (the process read nothing, or another's bytes) when many were open at once."""
+    Its stdio are sockets (pairs, or the stream's connection), not event-loop transports: under
+    uvloop, transports over a child's stdio now and then lost a request (the process read nothing,
+    or another's bytes) when many were open at once. A send first writes what the socket's buffer
+    takes without waiting, and a read first takes what the pod already wrote (their fds are
+    non-blocking: a socket with a timeout is, at the system's level); only when the buffer is
+    full, or empty, does the call wait, blocking on a worker thread. A pair's buffer holds
+    SOCKET_BUFFER both ways, so while the other side keeps up a chunk costs one system call and
+    no thread hop."""
 
     def __init__(self, process: subprocess.Popen, stdin: socket.socket, stdout: socket.socket,
                  stderr: socket.socket, idle_s: float):
@@ -246,6 +252,7 @@ class Channel:
         self._buffer = b""
         for sock in (stdin, stdout, stderr):
             sock.settimeout(idle_s)
+            assert not os.get_blocking(sock.fileno())  # send's first write and read's first read never wait
 
     @classmethod
     async def open(cls, backend: PodBackend, ref: str, idle_s: float) -> "Channel":
@@ -259,6 +266,9 @@ class Channel:
     @classmethod
     def _spawn(cls, command, idle_s: float) -> "Channel":
         pairs = [socket.socketpair() for _ in range(3)]
+        for sending in (pairs[0][0], pairs[1][1]):  # into the pod's stdin; the pod's stdout
+            with contextlib.suppress(OSError):  # the system may grant less (net.core.wmem_max)
+                sending.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         try:
             process = subprocess.Popen(
                 command.argv, stdin=pairs[0][1], stdout=pairs[1][1], stderr=pairs[2][1],
@@ -275,7 +285,12 @@ class Channel:
 
     async def send(self, data: bytes) -> None:
         try:
-            await asyncio.to_thread(self.stdin.sendall, data)
+            try:
+                sent = os.write(self.stdin.fileno(), data)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(data):
+                await asyncio.to_thread(self.stdin.sendall, memoryview(data)[sent:])
         except (TimeoutError, socket.timeout):
             raise PodError(f"the pod took no bytes for {self.idle_s:g} s") from None
         except OSError:
@@ -342,7 +357,12 @@ class Channel:
         if self._buffer:
             chunk, self._buffer = self._buffer[:n], self._buffer[n:]
             return chunk
-        return await asyncio.to_thread(self._recv, n)
+        try:
+            return os.read(self.stdout.fileno(), n)
+        except BlockingIOError:
+            return await asyncio.to_thread(self._recv, n)
+        except OSError:
+            return b""
 
     async def close(self) -> None:
         """Its stdio closed (the pod sees its stdin end, and its next write fails: a cut upload's
