@@ -13,8 +13,8 @@ rents one pod, then, ``--rounds`` times, side by side:
          /dev/null`` of a presigned GET from inside the pod (the same fetch as up's bound, to
          no disk: the two bounds side by side are what the pod's disk costs);
 
-and the gateway's RSS growth over each transfer (goal: gateway / lower bound >= 0.7 both ways,
-RSS growth <= 64 MiB). Then the issue's "done when": the file goes up, is cut at 40 % (the
+and the gateway's RSS growth and CPU time (ms per MiB) over each transfer (goal: gateway / lower
+bound >= 0.7 both ways, RSS growth <= 64 MiB). Then the issue's "done when": the file goes up, is cut at 40 % (the
 connection closed), resumes with ``curl -C N`` (Content-Range) and arrives with the same SHA-256
 in the pod; the same down, cut at 40 % and resumed with ``curl -C -``.
 
@@ -90,6 +90,21 @@ class Api:
         return requests.get(f"{self.base}/v1/objects/{object_id}", headers=self.auth).json()["get_url"]
 
 
+class ServerCpu:
+    """The gateway's CPU time over a transfer, in ms per MiB moved: what the gateway itself costs,
+    which a wall-clock ratio on a loaded machine or a slow disk can hide."""
+
+    def __init__(self, pid: int, mib: int):
+        self.pid, self.mib = pid, mib
+
+    def __enter__(self) -> "ServerCpu":
+        self.start = harness.server_cpu_seconds(self.pid)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.ms_per_mib = (harness.server_cpu_seconds(self.pid) - self.start) * 1000 / self.mib
+
+
 def curl_seconds(*args: str) -> float:
     started = time.monotonic()
     subprocess.run(["curl", "-fsS", *args], check=True, stdout=subprocess.DEVNULL, timeout=1800)
@@ -159,18 +174,21 @@ def main() -> int:
         # The lower bound's object: uploaded once from here, fetched from inside the pod.
         fetched = api.mint(size)
         subprocess.run(["curl", "-fsS", "-T", str(source), fetched["put_url"]], check=True, stdout=subprocess.DEVNULL)
-        rows = {"up": [], "up_bound": [], "down": [], "down_bound": [], "rss_up": [], "rss_down": []}
+        rows = {"up": [], "up_bound": [], "down": [], "down_bound": [], "rss_up": [], "rss_down": [],
+                "cpu_up": [], "cpu_down": []}
         for n in range(args.rounds):
             get_url = api.get_url(fetched["object_id"])
             api.run(gpu, FRESH_DISK.format(name="bench.bin"))
-            with harness.RssSampler(server.pid) as rss:
+            with harness.RssSampler(server.pid) as rss, ServerCpu(server.pid, args.size_mib) as cpu:
                 rows["up"].append(curl_seconds(*auth, "-T", str(source), url))
             rows["rss_up"].append(rss.growth_mib)
+            rows["cpu_up"].append(cpu.ms_per_mib)
             api.run(gpu, FRESH_DISK.format(name="bound.bin"))
             rows["up_bound"].append(in_pod_seconds(api, gpu, f"curl -fsS -o /workspace/bound.bin '{get_url}'"))
-            with harness.RssSampler(server.pid) as rss:
+            with harness.RssSampler(server.pid) as rss, ServerCpu(server.pid, args.size_mib) as cpu:
                 rows["down"].append(curl_seconds(*auth, "-o", "/dev/null", url))
             rows["rss_down"].append(rss.growth_mib)
+            rows["cpu_down"].append(cpu.ms_per_mib)
             rows["down_bound"].append(in_pod_seconds(api, gpu, f"curl -fsS -o /dev/null '{get_url}'"))
             harness.log(f"round {n + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()))
         for name, values in rows.items():
@@ -183,7 +201,8 @@ def main() -> int:
             results[way + "_ratio"] = gateway / bound
             where = "/workspace" if way == "up" else "/dev/null"
             lines.append(f"  {way:4}: gateway {gateway:.0f} MiB/s, the pod's presigned fetch to {where} {bound:.0f} MiB/s, "
-                         f"ratio {gateway / bound:.2f} (goal >= 0.7); gateway RSS +{results['rss_' + way]:.0f} MiB (goal <= 64)")
+                         f"ratio {gateway / bound:.2f} (goal >= 0.7); gateway RSS +{results['rss_' + way]:.0f} MiB (goal <= 64), "
+                         f"gateway CPU {results['cpu_' + way]:.2f} ms/MiB")
         # The issue's "done when": cut at 40 % and resumed, both ways, the same SHA-256.
         api.run(gpu, "rm -f /workspace/bench.bin")
         cut_upload(url, api.token, source, size, size * 2 // 5)
