@@ -95,6 +95,13 @@ class PartsStarted:
     expires_in: int
 
 
+def _one_a_deepest_folder(asked: list[UrlAsked]) -> list[UrlAsked]:
+    """One file of each folder holding files of ``asked`` that is not above another such folder."""
+    one_a_folder = {one.path.rel.rpartition("/")[0]: one for one in asked if "/" in one.path.rel}
+    above = {folder.rsplit("/", depth)[0] for folder in one_a_folder for depth in range(1, folder.count("/") + 1)}
+    return [one for folder, one in one_a_folder.items() if folder not in above]
+
+
 def _refused_in_batch(asked: list[UrlAsked]) -> list[Exception | None]:
     """A file a batch names twice (DuplicatePath), or under another file of the batch
     (NameConflict), refused in its place; the first of each stands (None: not refused)."""
@@ -396,8 +403,16 @@ class DriveService:
                 except names.NameConflict as exc:
                     return exc
 
+        async def folders_above(one: UrlAsked) -> None:
+            async with at_once:
+                await run_in_threadpool(names.file_above, self.store, one.path.prefix, one.path.rel)
+
         prefix = wanted[0][1].path.prefix
         async with self._held(prefix, [one.path.key for _, one in wanted], quota=quota, urls=False):
+            # The folders above the files asked of the store once each, not once a file: one file
+            # of each deepest folder first (file_above remembers the folders it finds), so each
+            # file's own check (the single mint's) asks only about the file itself.
+            await asyncio.gather(*(folders_above(one) for one in _one_a_deepest_folder([one for _, one in wanted])))
             found = await asyncio.gather(*(replaced(one) for _, one in wanted))
             named = []
             for (n, one), previous in zip(wanted, found):

@@ -193,3 +193,15 @@ def test_a_reader_of_a_shared_drive_mints_nothing(stack, user):
     assert owner.status_code == 200 and owner.json()["minted"] == 1, owner.text
     assert requests.put(owner.json()["files"][0]["url"], data=b"z").status_code == 200
     assert requests.head(f"{stack.base}/v1/shared/{slug}/x.bin", headers=user.auth).status_code == 200
+
+
+def test_a_batch_asks_the_store_about_each_folder_above_its_files_once(stack, user, monkeypatch):
+    asked: list[str] = []
+    head = stack.store.head
+    monkeypatch.setattr(stack.store, "head", lambda key: asked.append(key) or head(key))
+    files = [{"path": f"deep/er/f{n}.bin", "size": 1} for n in range(12)] + [{"path": "deep/top.bin", "size": 1}]
+    assert mint(stack, user, files).json()["minted"] == 13
+    prefix = f"users/{user.id}/"
+    assert asked.count(prefix + "deep") == 1 and asked.count(prefix + "deep/er") == 1
+    # Each file itself is asked about (what it replaces); a background settle of the URLs may ask again.
+    assert {key for key in asked if key.endswith(".bin")} == {prefix + f["path"] for f in files}
