@@ -34,7 +34,7 @@ from drive.keys import DrivePath, InvalidPath
 from drive import names
 from drive.names import NAME_CONFLICT, NameConflict, ReservedName
 from drive.service import DriveService, DuplicatePath, File, Link, UrlAsked, WholeDrive
-from drive.uploads import ClientGone, IncompleteBody, UploadTooLarge, WriteBusy
+from drive.uploads import BodyTimeout, ClientGone, IncompleteBody, UploadTooLarge, WriteBusy
 from drive.usage import QuotaExceeded
 from gateway.errors import ApiError
 
@@ -121,6 +121,7 @@ ANSWERS: dict[type[Exception], Answer] = {
     ClientGone: Answer(400, "client_disconnected"),
     IncompleteBody: Answer(400, "incomplete_body", CLOSE),
     NoSuchUpload: Answer(404, "no_such_upload"),
+    BodyTimeout: Answer(408, "body_timeout", CLOSE),  # an IncompleteBody, answered as what it is
     NameConflict: Answer(409, NAME_CONFLICT),
     UploadTooLarge: Answer(413, "quota_exceeded", CLOSE),
     WriteBusy: Answer(423, "busy"),

@@ -104,7 +104,7 @@ def test_documented_statuses_of_the_drive(spec):
         return set(paths[path][method]["responses"])
 
     assert {"302", "200", "400", "401", "403", "404", "503"} <= statuses("get", "/v1/files/{path}")
-    assert {"200", "201", "307", "400", "401", "403", "409", "413", "423", "503"} <= statuses("put", "/v1/files/{path}")
+    assert {"200", "201", "307", "400", "401", "403", "408", "409", "413", "423", "503"} <= statuses("put", "/v1/files/{path}")
     assert {"200", "201", "400", "409", "413"} <= statuses("post", "/v1/files/{path}")
     assert {"204", "404"} <= statuses("delete", "/v1/files/{path}")
     assert {"302", "404"} <= statuses("get", "/v1/shared/{org}/{path}")

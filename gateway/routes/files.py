@@ -133,6 +133,8 @@ UPLOAD_ERRORS = errors(
         "is not its JSON), too_many_files, not_a_folder (its path is not a folder's)",
     ),
     READ_ONLY,
+    (408, "body_timeout: the client sent nothing for 60 s in the middle of its body (nothing is stored; the "
+          "connection is closed)"),
     (409, "name_conflict: a folder has this name, or a file is where a folder would be"),
     (413, "quota_exceeded: the upload would pass the drive's quota (nothing is stored)"),
     (
