@@ -15,6 +15,7 @@ sftp-server), rents one pod with a key of its own, then:
       RSS before and at its highest.
 
 Usage: .venv/bin/python bench/ssh_bench.py [--size-mib 1024] [--logins 10] [--sessions 50] [--backend local|docker|slurm]
+                                           [--srun-stdio]  (slurm: sessions without the direct channel)
 Needs openssh-server (sshd), rsync and, for the local backend, root. Everything it starts is
 stopped and its temporary directory deleted at the end.
 """
@@ -164,6 +165,7 @@ def main() -> int:
     parser.add_argument("--logins", type=int, default=10)
     parser.add_argument("--sessions", type=int, default=50)
     parser.add_argument("--backend", choices=("local", "docker", "slurm"), default="local")
+    parser.add_argument("--srun-stdio", action="store_true", help="slurm: sessions over srun's stdio (no direct channel)")
     args = parser.parse_args()
     for tool in ("ssh", "scp", "rsync", SSHD):
         if not shutil.which(tool):
@@ -186,7 +188,8 @@ def main() -> int:
             for line in cluster.splitlines():
                 name, _, value = line.removeprefix("export ").partition("=")
                 settings[name] = value.strip("'")
-            settings.update(KGPU_SLURM_PULL="false", KGPU_DEFAULT_IMAGE="kgpu-test:latest")
+            settings.update(KGPU_SLURM_PULL="false", KGPU_DEFAULT_IMAGE="kgpu-test:latest",
+                            KGPU_SLURM_DIRECT_CHANNEL="false" if args.srun_stdio else "true")
         (work / "data").mkdir()
         kgpu = harness.start_kgpu(work / "data", harness.free_port(), admin, work, 0, settings=settings)
         started.append(kgpu)

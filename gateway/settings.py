@@ -87,8 +87,9 @@ class Settings(BaseSettings):
     slurm_gpu_model: str = Field(default="gpu", pattern=r"^[A-Za-z0-9_.-]{1,100}$")
     slurm_docker_network: str = ""
     slurm_pull: bool = True
-    # Pod files travel on a connection of their own from the node back to the gateway (docs/slurm.md);
-    # false: over srun's stdio (slow), where the nodes cannot connect to the gateway's host.
+    # Pod files and SSH sessions without a terminal travel on a connection of their own from the node
+    # back to the gateway (docs/slurm.md); false: over srun's stdio (slow), where the nodes cannot
+    # connect to the gateway's host.
     slurm_direct_channel: bool = True
     # This host's address on the cluster's network, where pods on the nodes reach the gateway and the
     # embedded store (`kgpu serve` then also listens there, as for docker pods on a bridge); empty: pods

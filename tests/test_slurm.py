@@ -407,7 +407,7 @@ def test_pod_files_travel_on_a_connection_of_their_own_and_fall_back_to_srun(pod
     ref = start_pod(pod_backend)
     try:
         pod_backend._wait_up(ref)
-        stream = pod_backend.stream(ref, ["-c", "cat; echo said >&2"])
+        stream = pod_backend.stream(ref, ["-c", "cat; echo said \"$LANG\" >&2"], {"LANG": "C.UTF-8"})
         assert stream is not None and stream.process.args[0] == "srun"
         try:
             stream.data.sendall(b"y" * (3 << 20))
@@ -418,7 +418,7 @@ def test_pod_files_travel_on_a_connection_of_their_own_and_fall_back_to_srun(pod
             assert got == b"y" * (3 << 20)
             assert stream.process.wait(30) == 0
             stream.stderr.settimeout(10)
-            assert stream.stderr.recv(100).startswith(b"said")
+            assert stream.stderr.recv(100).startswith(b"said C.UTF-8\n")
         finally:
             stream.data.close()
             stream.stderr.close()
@@ -426,13 +426,13 @@ def test_pod_files_travel_on_a_connection_of_their_own_and_fall_back_to_srun(pod
         assert "direct channel failed" not in caplog.text
 
         monkeypatch.setattr(slurm_module, "NODE_SCRIPT", 'echo "no way back" >&2; exit 1')
-        assert pod_backend.stream(ref, ["-c", "cat"]) is None
+        assert pod_backend.stream(ref, ["-c", "cat"], {}) is None
         assert "the direct channel failed (the step exited before it joined: " in caplog.text
         assert "no way back" in caplog.text  # what the step said (before or after srun's own line)
         assert caplog.text.count("using srun's stdio") == 1
         _pod_files_roundtrip(pod_backend, ref, 2 << 20)  # over srun's stdio
         monkeypatch.setattr(pod_backend, "direct_channel", False)
-        assert pod_backend.stream(ref, ["-c", "cat"]) is None
+        assert pod_backend.stream(ref, ["-c", "cat"], {}) is None
     finally:
         pod_backend.destroy(ref)
 
@@ -458,7 +458,7 @@ def test_a_pod_can_neither_take_the_channel_nor_replay_its_secret(pod_backend, s
     try:
         pod_backend._wait_up(ref)
         monkeypatch.setattr(slurm_channel, "Rendezvous", Raced)
-        stream = pod_backend.stream(ref, ["-c", "cat"])
+        stream = pod_backend.stream(ref, ["-c", "cat"], {})
         monkeypatch.undo()
         assert stream is not None, "the pod's knocks stopped the step from joining"
         try:
@@ -476,5 +476,38 @@ def test_a_pod_can_neither_take_the_channel_nor_replay_its_secret(pod_backend, s
         secret = made[0].secret.decode()
         code, out, _ = sh(pod_backend, ref, f"perl -e '{KNOCK}' {gateway} {made[0].port} {secret} 1")
         assert (code, out) == (0, "refused\n")
+    finally:
+        pod_backend.destroy(ref)
+
+
+@pytest.mark.parametrize("pod_backend", ["slurm"], indirect=True)
+def test_ssh_sessions_without_a_terminal_take_the_direct_channel(pod_backend):
+    """gateway/ssh/pod_session.py:open_session: a command, scp or sftp gets the backend's own
+    connection (with the client's locale); a terminal stays on srun's stdio (--pty)."""
+    from types import SimpleNamespace
+
+    from gateway.pods import PodCommand, PodStream
+    from gateway.ssh.pod_session import open_session
+    from tests.test_pod_hostile import start_pod
+
+    ref = start_pod(pod_backend)
+    try:
+        pod_backend._wait_up(ref)
+        command = SimpleNamespace(subsystem=None, command='echo "hi $LANG"', term_type=None, env={"LANG": "C.UTF-8"})
+        session = open_session(pod_backend, ref, command)
+        assert isinstance(session, PodStream)
+        try:
+            session.data.settimeout(30)
+            said = b""
+            while chunk := session.data.recv(100):
+                said += chunk
+            assert said == b"hi C.UTF-8\n"
+            assert session.process.wait(30) == 0
+        finally:
+            session.data.close()
+            session.stderr.close()
+        terminal = SimpleNamespace(subsystem=None, command=None, term_type="xterm", env={})
+        entered = open_session(pod_backend, ref, terminal)
+        assert isinstance(entered, PodCommand) and "--pty" in entered.argv
     finally:
         pod_backend.destroy(ref)

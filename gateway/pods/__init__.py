@@ -15,16 +15,18 @@ same tests on each.
 from __future__ import annotations
 
 import base64
+import contextlib
 import math
+import os
 import re
+import signal
 import socket
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    import subprocess
-
     from gateway.inventory import GpuClass
 
 RUNNER = (Path(__file__).parent / "runner.sh").read_text()
@@ -169,6 +171,18 @@ class PodStream:
     process: "subprocess.Popen"
     data: socket.socket
     stderr: socket.socket
+    own_stderr: "re.Pattern[bytes] | None" = None  # as PodCommand's
+
+
+def end_host_command(process: subprocess.Popen, grace_s: float) -> None:
+    """Wait up to ``grace_s`` for a host command started in a session of its own (its stdio
+    closed: the pod's process sees its end), then kill its whole session; reap it either way."""
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)  # not reaped yet: the group is still its own
+        process.wait()
 
 
 # Run inside a pod (``sh -c SCRIPT kgpu ARGS...``), so a signal reaches only the pod's own
@@ -347,10 +361,11 @@ class PodBackend(Protocol):
         forward: ``127.0.0.1`` is the pod's own loopback, never the host's). Raises OSError
         when the pod refuses it, PodError when this backend cannot reach the pod's network."""
 
-    def stream(self, ref: str, args: list[str]) -> "PodStream | None":
-        """``login_command(args)`` in the pod without a terminal, its stdin and stdout on a
-        connection of their own, where the backend has one faster than ``enter``'s host command
-        (slurm: gateway/pods/slurm_channel.py); None: use ``enter``."""
+    def stream(self, ref: str, args: list[str], env: dict[str, str]) -> "PodStream | None":
+        """``login_command(args)`` in the pod without a terminal, with ``env`` added (a pod file,
+        an SSH session), its stdin and stdout on a connection of their own, where the backend has
+        one faster than ``enter``'s host command (slurm: gateway/pods/slurm_channel.py); None:
+        use ``enter``."""
 
     def cpu_seconds(self, ref: str) -> float | None:
         """CPU seconds the pod's processes have used so far (None: unknown); the reaper's load

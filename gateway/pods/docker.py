@@ -643,7 +643,7 @@ class DockerPodBackend(ExecRuns):
         return [runc, "--root", root, "exec", *(["-t"] if tty else []), *(["-d"] if detach else []), "--cwd", WORKDIR,
                 *named, container_id, *argv]
 
-    def stream(self, ref: str, args: list[str]) -> None:
+    def stream(self, ref: str, args: list[str], env: dict[str, str]) -> None:
         return None  # enter's stdio are runc's or the docker CLI's, as fast as the daemon is
 
     def connect(self, ref: str, host: str, port: int, timeout: float) -> socket.socket:

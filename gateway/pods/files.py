@@ -23,13 +23,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 
-from gateway.pods import PodBackend, PodError
+from gateway.pods import PodBackend, PodError, end_host_command
 
 ROOTS = ("workspace", "tmp", "files")  # a relative path is under /workspace
 MAX_PATH_BYTES = 4096
@@ -257,7 +256,7 @@ class Channel:
     @classmethod
     async def open(cls, backend: PodBackend, ref: str, idle_s: float) -> "Channel":
         args = ["-c", _LAUNCH + str(max(1, round(idle_s)))]
-        stream = await asyncio.to_thread(backend.stream, ref, args)
+        stream = await asyncio.to_thread(backend.stream, ref, args, {})
         if stream is not None:  # one connection carries both ways (the stdin's end: a half-close)
             return cls(stream.process, stream.data, stream.data, stream.stderr, idle_s)
         command = await asyncio.to_thread(backend.enter, ref, args, False, {})
@@ -375,12 +374,7 @@ class Channel:
         await asyncio.to_thread(self._end)
 
     def _end(self) -> None:
-        try:
-            self.process.wait(_CLOSE_GRACE_S)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.process.pid, signal.SIGKILL)  # not reaped yet: the group is still its own
-            self.process.wait()
+        end_host_command(self.process, _CLOSE_GRACE_S)
 
 
 @dataclass

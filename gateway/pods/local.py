@@ -471,7 +471,7 @@ class LocalPodBackend:
         argv = [*self._enter(pod, record, tty), *login_command(args, self._inner(pod, TOKEN_PATH))]
         return PodCommand(argv, self._process_env(pod, record, env), str(pod / "workspace"))
 
-    def stream(self, ref: str, args: list[str]) -> None:
+    def stream(self, ref: str, args: list[str], env: dict[str, str]) -> None:
         return None  # enter's stdio are the gateway's own pipes already
 
     def connect(self, ref: str, host: str, port: int, timeout: float) -> socket.socket:

@@ -121,16 +121,22 @@ GPU_UTILIZATION_SCRIPT = (
 )
 SRUN_START_S = 15  # what srun may take to reach the node, on top of a call's own deadline
 # On the node, with stdio of its own (a direct channel, gateway/pods/slurm_channel.py): CONTAINER
-# ARGV... in the container, by runc exec where the step is root (the process docker exec would
+# NAMES ARGV... in the container with the variables NAMES (comma-separated, values in the step's
+# environment: TERM, LANG), by runc exec where the step is root (the process docker exec would
 # start, with these stdio as its own: no daemon copies the bytes, twice as fast here), else docker exec.
 NODE_ENTER_SCRIPT = r"""
-n="$1"; shift
+n="$1"; names="$2"; shift 2
 if [ "$(id -u)" = 0 ] && command -v runc >/dev/null 2>&1 && id=$(docker inspect --format '{{.Id}}' "$n" 2>/dev/null); then
   for root in %(roots)s; do
-    [ -f "$root/$id/state.json" ] && exec runc --root "$root" exec --cwd %(workdir)s "$id" "$@"
+    [ -f "$root/$id/state.json" ] || continue
+    set -- --cwd %(workdir)s "$id" "$@"
+    for v in $(echo "$names" | tr , ' '); do set -- --env "$v=$(printenv "$v")" "$@"; done
+    exec runc --root "$root" exec "$@"
   done
 fi
-exec docker exec -i -w %(workdir)s "$n" "$@"
+set -- -w %(workdir)s "$n" "$@"
+for v in $(echo "$names" | tr , ' '); do set -- -e "$v" "$@"; done
+exec docker exec -i "$@"
 """ % {"roots": " ".join(RUNC_ROOTS), "workdir": WORKDIR}
 
 
@@ -500,7 +506,7 @@ class SlurmPodBackend(ExecRuns):
             step = ["setsid", "--ctty", step[0], "--pty", *step[1:]]
         return PodCommand(step, self._env(env), own_stderr=SRUN_EXIT_REPORT)
 
-    def stream(self, ref: str, args: list[str]) -> PodStream | None:
+    def stream(self, ref: str, args: list[str], env: dict[str, str]) -> PodStream | None:
         """An srun step that connects back to the gateway from the node and enters the container
         (NODE_ENTER_SCRIPT) with that connection as its stdin and stdout
         (gateway/pods/slurm_channel.py): srun's stdio carry 12-15 MiB/s at best. None with
@@ -509,11 +515,14 @@ class SlurmPodBackend(ExecRuns):
             return None
         job_id, name = self._split(ref)
         self._wait_up(ref)
-        inner = ["sh", "-c", NODE_ENTER_SCRIPT, "kgpu", name, *login_command(args)]
-        return open_direct(
+        inner = ["sh", "-c", NODE_ENTER_SCRIPT, "kgpu", name, ",".join(sorted(env)), *login_command(args)]
+        stream = open_direct(
             lambda port: self._srun(job_id, ["bash", "-c", NODE_SCRIPT, "kgpu", str(port), *inner]),
-            self._env(), f"slurm pod {ref}",
+            self._env(env), f"slurm pod {ref}",
         )
+        if stream is not None:
+            stream.own_stderr = SRUN_EXIT_REPORT
+        return stream
 
     def connect(self, ref: str, host: str, port: int, timeout: float) -> socket.socket:
         """An srun step of ``docker exec -i`` running CONNECT_SCRIPT in the container: the

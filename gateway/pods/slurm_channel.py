@@ -1,8 +1,8 @@
 """A direct byte channel to a process in a Slurm pod, beside srun's stdio forwarding.
 
 srun carries a step's stdin and stdout in messages of 1 KiB (Slurm's ``MAX_MSG_LEN``), which caps a
-transfer at 12-15 MiB/s whatever its options (docs/slurm.md). So a transfer (a pod file) opens a
-TCP connection of its own from the node to the gateway:
+transfer at 5-15 MiB/s whatever its options (docs/slurm.md). So a transfer (a pod file, an SSH
+session without a terminal) opens a TCP connection of its own from the node to the gateway:
 
 1. The gateway listens on a port of its own (any address, as srun does for its own I/O) and starts
    the step ``bash -c NODE_SCRIPT kgpu PORT docker exec …`` with srun's stdio as before.

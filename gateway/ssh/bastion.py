@@ -29,7 +29,7 @@ from gateway.ssh import flow
 from gateway.ssh.access import Access, Ambiguous, Target
 from gateway.ssh.forward import PodForward, open_forward
 from gateway.ssh.keys import fingerprint_of, known_hosts_line, load_host_key
-from gateway.ssh.pod_session import PodProcess, run_in_pod, session_args, session_env, wants_terminal
+from gateway.ssh.pod_session import PodProcess, open_session, run_in_pod
 from gateway.traffic import TRAFFIC
 
 log = logging.getLogger("kgpu.ssh")
@@ -301,10 +301,7 @@ class Login(asyncssh.SSHServer):
         if refusal:
             return _refuse(process, refusal)
         try:
-            command = await self.bastion.blocking(
-                self.bastion.backend.enter, target.pod_ref, session_args(process), wants_terminal(process),
-                session_env(process),
-            )
+            command = await self.bastion.blocking(open_session, self.bastion.backend, target.pod_ref, process)
         except PodError as exc:
             return _refuse(process, f"kgpu: cannot enter the pod of {target.rental_id}: {exc}", 255)
         self.sessions_open += 1

@@ -21,6 +21,7 @@ import fcntl
 import os
 import re
 import signal
+import socket
 import struct
 import termios
 import warnings
@@ -29,11 +30,12 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import asyncssh
 
-from gateway.pods import PodCommand
+from gateway.pods import PodBackend, PodCommand, PodStream, end_host_command
 from gateway.ssh.fd_stream import FdStream
 
 BUFSIZE = 256 << 10  # asyncssh reads pipes 8 KiB at a time by default: 30-56 MiB/s instead of 250+
 TERMINAL_ENV = ("TERM", "LANG", "LC_ALL", "LC_CTYPE", "COLORTERM")
+HANG_UP_GRACE_S = 5.0  # a session's srun (PodBackend.stream) after its connection closed, before it is killed
 
 
 class PodProcess(asyncssh.SSHServerProcess):
@@ -88,8 +90,17 @@ def session_env(process: asyncssh.SSHServerProcess) -> dict[str, str]:
     return env
 
 
-async def run_in_pod(process: PodProcess, command: PodCommand) -> None:
+def open_session(backend: PodBackend, ref: str, process: asyncssh.SSHServerProcess) -> PodCommand | PodStream:
+    """What runs the session in the pod: without a terminal, on the backend's own connection
+    where it has one (``PodBackend.stream``: slurm), else ``enter``'s host command."""
+    args, tty, env = session_args(process), wants_terminal(process), session_env(process)
+    return (not tty and backend.stream(ref, args, env)) or backend.enter(ref, args, tty, env)
+
+
+async def run_in_pod(process: PodProcess, command: PodCommand | PodStream) -> None:
     """Run ``command`` with the channel as its stdio, then report its exit to the client."""
+    if isinstance(command, PodStream):
+        return await _run_stream(process, command)
     tty = wants_terminal(process)
     ours: list[int] = []  # our ends of its stdio
     theirs: list[int] = []
@@ -129,11 +140,60 @@ async def run_in_pod(process: PodProcess, command: PodCommand) -> None:
         outputs = [asyncio.ensure_future(_pump_output(streams[0], process.stdout))]
     else:
         to_pod, from_pod, errors = streams
-        outputs = [
-            asyncio.ensure_future(_pump_output(from_pod, process.stdout)),
-            asyncio.ensure_future(_pump_output(errors, process.stderr, command.own_stderr)),
-        ]
-    pump = asyncio.ensure_future(_pump_stdin(process, to_pod, streams[0].fd if tty else None))
+        outputs = _outputs(process, from_pod, errors, command.own_stderr)
+    await _serve(process, child, to_pod, outputs, streams, tty)
+
+
+def _outputs(process: PodProcess, from_pod: FdStream, errors: FdStream, own: "re.Pattern[bytes] | None") -> list:
+    return [
+        asyncio.ensure_future(_pump_output(from_pod, process.stdout)),
+        asyncio.ensure_future(_pump_output(errors, process.stderr, own)),
+    ]
+
+
+async def _run_stream(process: PodProcess, stream: PodStream) -> None:
+    """A session whose stdin and stdout are one connection: the end of its stdin is a half-close."""
+    to_pod, from_pod = _HalfClosing(stream.data), FdStream(os.dup(stream.data.fileno()))
+    errors = FdStream(stream.stderr.detach())
+    outputs = _outputs(process, from_pod, errors, stream.own_stderr)
+    try:
+        await _serve(process, _Held(stream.process), to_pod, outputs, [to_pod, from_pod, errors], False)
+    finally:
+        stream.data.close()
+        asyncio.get_running_loop().run_in_executor(None, end_host_command, stream.process, HANG_UP_GRACE_S)
+
+
+class _HalfClosing(FdStream):
+    """The sending side of a connection (a descriptor of its own): its close is the connection's
+    half-close, so the pod sees its stdin end while its stdout still comes."""
+
+    def __init__(self, connection: socket.socket):
+        super().__init__(os.dup(connection.fileno()))
+        self._connection = connection
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                self._connection.shutdown(socket.SHUT_WR)
+        super().close()
+
+
+class _Held:
+    """A host command started without asyncio (``PodBackend.stream``'s), awaited as asyncio's."""
+
+    def __init__(self, popen):
+        self._popen = popen
+        self.pid = popen.pid
+
+    async def wait(self) -> int:
+        return await asyncio.to_thread(self._popen.wait)
+
+
+async def _serve(process: PodProcess, child, to_pod: FdStream, outputs: list[asyncio.Future],
+                 streams: list[FdStream], tty: bool) -> None:
+    """Pump the client's stdin into ``to_pod`` until the child has exited and its ``outputs`` have
+    all been passed on, or the client has gone first (then hang it up); report its exit."""
+    pump = asyncio.ensure_future(_pump_stdin(process, to_pod, to_pod.fd if tty else None))
     finished = asyncio.ensure_future(_finished(child, process, outputs))
     closed = asyncio.ensure_future(process.channel.wait_closed())
     try:
