@@ -560,13 +560,18 @@ class DriveService:
         self.usage.close_parts_upload(prefix, hold.id, None)
         self.store.abort_multipart(key, upload_id)
 
-    def create_empty(self, key: str, content_type: str) -> ObjectInfo:
-        """Make ``key`` exist, an empty file, unless a write made it meanwhile (that write counted
-        it; it is not replaced): what is there now."""
-        info = self.store.head(key)
-        if info is None:
-            etag = self.store.put_object(key, b"", content_type)
-            info = ObjectInfo(key, 0, etag, datetime.now(timezone.utc), content_type)
+    def create_empty(
+        self, path: DrivePath, content_type: str, *, quota: int | None, within: Iterable[WriteLease] = ()
+    ) -> ObjectInfo:
+        """Make the file ``path`` exist, empty (WebDAV's LOCK of an unmapped URL), its key held
+        (WriteBusy; QuotaExceeded when upload URLs still out for it do not fit ``quota``),
+        unless a write made it meanwhile (that write counted it; it is not replaced): what is
+        there now."""
+        with self.writing(path.prefix, [path.key], within=within, quota=quota):
+            info = self.store.head(path.key)
+            if info is None:
+                etag = self.store.put_object(path.key, b"", content_type)
+                info = ObjectInfo(path.key, 0, etag, datetime.now(timezone.utc), content_type)
         return info
 
     def mkdir(self, folder_key: str) -> None:

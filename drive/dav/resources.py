@@ -386,8 +386,10 @@ class FolderResource(_Located, DAVCollection):
             resource = FileResource(util.join_uri(self.path, name), self.environ, location, None, False)
             if self.environ["REQUEST_METHOD"] != "PUT":
                 # LOCK on an unmapped URL creates an empty resource (RFC 4918 7.3).
-                with ctx.hold_keys(location.prefix, [location.key]):
-                    resource.info = ctx.drive.create_empty(location.key, guess_type(name))
+                with write_errors():
+                    resource.info = ctx.drive.create_empty(
+                        location, guess_type(name), quota=ctx.quota_of(location.prefix), within=ctx.leases
+                    )
         forget_after_write(self.environ)
         self.environ[CACHE_KEY][cache_key(resource.path)] = resource
         return resource
