@@ -22,8 +22,8 @@ def spawned(script: str, idle_s: float = 10) -> Channel:
 
 
 def test_a_body_bigger_than_the_buffer_arrives_whole_and_in_order(tmp_path):
-    """The process starts reading late, so the first sends fill the buffer and the rest wait on a
-    worker thread; chunks of several sizes, one of them larger than the buffer itself."""
+    """The process starts reading late, so the first sends fill the buffer and the rest wait on the
+    event loop; chunks of several sizes, one of them larger than the buffer itself."""
     received = tmp_path / "received"
     blob = os.urandom(4 * SOCKET_BUFFER + 12345)
     sizes = [1, 65536, 3 * SOCKET_BUFFER, 777, MiB]
@@ -101,5 +101,30 @@ def test_a_process_gone_mid_body_is_a_pod_error():
                     await channel.send(b"x" * MiB)
         finally:
             await channel.close()
+
+    asyncio.run(main())
+
+
+def test_pods_that_take_no_bytes_hold_no_thread():
+    """Sixteen pods that stop reading (more than the event loop's default pool has threads on this
+    machine) wait on the event loop: a call on that pool still runs before any of them reaches its
+    idle deadline. (Were each wait a blocked thread, the call would queue until they timed out.)"""
+
+    async def main() -> None:
+        channels = [spawned("exec sleep 60", idle_s=8) for _ in range(16)]
+
+        async def stall(channel: Channel) -> None:
+            with pytest.raises(PodError, match="took no bytes"):
+                for _ in range(64):
+                    await channel.send(b"x" * MiB)
+
+        try:
+            stalls = [asyncio.create_task(stall(channel)) for channel in channels]
+            await asyncio.sleep(1)  # every buffer filled: each send now waits
+            assert await asyncio.to_thread(lambda: "ran") == "ran"
+            assert not any(task.done() for task in stalls)
+            await asyncio.gather(*stalls)
+        finally:
+            await asyncio.gather(*(channel.close() for channel in channels))
 
     asyncio.run(main())

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import subprocess
 from collections.abc import AsyncIterable, AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from gateway.pods import PodBackend, PodError, end_host_command
@@ -38,6 +40,16 @@ CHUNK = 1 << 20
 SOCKET_BUFFER = 1 << 20  # asked for both ways' socket buffers (the kernel doubles it): kernel memory, not the gateway's
 _LINE_LIMIT = 4 * MAX_NAME_BYTES + 256  # one answer line at most (a listing's carries a hex name)
 _CLOSE_GRACE_S = 5.0  # after its stdin's end, how long the pod's process may take to tidy up
+
+# Entering a pod (srun, a slurm rendezvous of up to 20 s) and reaping its process block: they run on
+# threads of their own, not the event loop's default pool (6 threads on 2 cores), so that a tenant's
+# slow or stalled pods never hold the threads another tenant's transfers need. The bytes themselves
+# wait on the event loop, holding no thread at all.
+_BLOCKING_CALLS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="kgpu-podfiles")
+
+
+async def _blocking(function, *args):
+    return await asyncio.get_running_loop().run_in_executor(_BLOCKING_CALLS, functools.partial(function, *args))
 
 # kinds of refusal the pod (or pod_path) answers; gateway/pod_files.py says what each means to a caller
 BAD_PATH = "badpath"
@@ -234,14 +246,14 @@ class Channel:
     """One FILE_SCRIPT process in a pod, its stdio through ``backend.enter``'s host command (in a
     session of its own), or its stdin and stdout on one connection (``backend.stream``); every read and write waits at most ``idle_s``, every answer line is capped.
 
-    Its stdio are sockets (pairs, or the stream's connection), not event-loop transports: under
-    uvloop, transports over a child's stdio now and then lost a request (the process read nothing,
-    or another's bytes) when many were open at once. A send first writes what the socket's buffer
-    takes without waiting, and a read first takes what the pod already wrote (their fds are
-    non-blocking: a socket with a timeout is, at the system's level); only when the buffer is
-    full, or empty, does the call wait, blocking on a worker thread. A pair's buffer holds
-    SOCKET_BUFFER both ways, so while the other side keeps up a chunk costs one system call and
-    no thread hop."""
+    Its stdio are non-blocking sockets (pairs, or the stream's connection), not event-loop
+    transports: under uvloop, transports over a child's stdio now and then lost a request (the
+    process read nothing, or another's bytes) when many were open at once. A send first writes
+    what the socket's buffer takes, and a read first takes what the pod already wrote; only when
+    the buffer is full, or empty, does the call wait, on the event loop (``sock_sendall``,
+    ``sock_recv``) under the idle deadline, so a pod that stops reading or writing holds no
+    thread. A pair's buffer holds SOCKET_BUFFER both ways, so while the other side keeps up a
+    chunk costs one system call."""
 
     def __init__(self, process: subprocess.Popen, stdin: socket.socket, stdout: socket.socket,
                  stderr: socket.socket, idle_s: float):
@@ -250,17 +262,16 @@ class Channel:
         self.idle_s = idle_s
         self._buffer = b""
         for sock in (stdin, stdout, stderr):
-            sock.settimeout(idle_s)
-            assert not os.get_blocking(sock.fileno())  # send's first write and read's first read never wait
+            sock.setblocking(False)
 
     @classmethod
     async def open(cls, backend: PodBackend, ref: str, idle_s: float) -> "Channel":
         args = ["-c", _LAUNCH + str(max(1, round(idle_s)))]
-        stream = await asyncio.to_thread(backend.stream, ref, args, {})
+        stream = await _blocking(backend.stream, ref, args, {})
         if stream is not None:  # one connection carries both ways (the stdin's end: a half-close)
             return cls(stream.process, stream.data, stream.data, stream.stderr, idle_s)
-        command = await asyncio.to_thread(backend.enter, ref, args, False, {})
-        return await asyncio.to_thread(cls._spawn, command, idle_s)
+        command = await _blocking(backend.enter, ref, args, False, {})
+        return await _blocking(cls._spawn, command, idle_s)
 
     @classmethod
     def _spawn(cls, command, idle_s: float) -> "Channel":
@@ -289,8 +300,9 @@ class Channel:
             except BlockingIOError:
                 sent = 0
             if sent < len(data):
-                await asyncio.to_thread(self.stdin.sendall, memoryview(data)[sent:])
-        except (TimeoutError, socket.timeout):
+                async with asyncio.timeout(self.idle_s):
+                    await asyncio.get_running_loop().sock_sendall(self.stdin, memoryview(data)[sent:])
+        except TimeoutError:
             raise PodError(f"the pod took no bytes for {self.idle_s:g} s") from None
         except OSError:
             raise PodError(f"the pod's file process ended early: {await self._last_words()}") from None
@@ -300,17 +312,18 @@ class Channel:
         with contextlib.suppress(OSError):
             self.stdin.shutdown(socket.SHUT_WR)
 
-    def _recv(self, n: int) -> bytes:
+    async def _recv(self, n: int) -> bytes:
         try:
-            return self.stdout.recv(n)
-        except (TimeoutError, socket.timeout):
+            async with asyncio.timeout(self.idle_s):
+                return await asyncio.get_running_loop().sock_recv(self.stdout, n)
+        except TimeoutError:
             raise PodError(f"the pod sent nothing for {self.idle_s:g} s") from None
         except OSError:
             return b""
 
-    def _readline(self) -> bytes:
+    async def _readline(self) -> bytes:
         while b"\n" not in self._buffer and len(self._buffer) <= _LINE_LIMIT:
-            chunk = self._recv(1 << 16)
+            chunk = await self._recv(1 << 16)
             if not chunk:
                 break
             self._buffer += chunk
@@ -325,7 +338,7 @@ class Channel:
 
     async def line(self) -> list[str]:
         """The pod's next answer line, split; an ``err`` line raised as PodFileError."""
-        raw = await asyncio.to_thread(self._readline)
+        raw = await self._readline()
         if not raw.endswith(b"\n"):
             raise PodError(f"the pod's file process ended without answering: {await self._last_words()}")
         words = raw.decode(errors="replace").rstrip("\n").split(" ")
@@ -350,7 +363,7 @@ class Channel:
             text = said.decode(errors="replace").strip()[-300:] or "nothing on stderr"
             return f"{text} (exit {self.process.returncode})"
 
-        return await asyncio.to_thread(gather)
+        return await _blocking(gather)
 
     async def read(self, n: int) -> bytes:
         if self._buffer:
@@ -359,7 +372,7 @@ class Channel:
         try:
             return os.read(self.stdout.fileno(), n)
         except BlockingIOError:
-            return await asyncio.to_thread(self._recv, n)
+            return await self._recv(n)
         except OSError:
             return b""
 
@@ -369,9 +382,9 @@ class Channel:
         session killed if it is still running, and reaped."""
         for sock in (self.stdin, self.stdout, self.stderr):
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)  # wakes a worker thread blocked on it
+                sock.shutdown(socket.SHUT_RDWR)
             sock.close()
-        await asyncio.to_thread(self._end)
+        await _blocking(self._end)
 
     def _end(self) -> None:
         end_host_command(self.process, _CLOSE_GRACE_S)
