@@ -135,3 +135,22 @@ def test_many_sessions_lose_nothing_and_close_only_their_own_descriptors(run):
     with Sentinels() as sentinels:
         run(_sessions(host_key))
     assert sentinels.lost == []
+
+
+def test_sessions_on_a_direct_channel_hold_no_thread_while_they_run():
+    """A session whose host command came from ``PodBackend.stream`` (slurm's direct channel) is
+    awaited on the event loop: sixteen of them running (more than the loop's default pool has
+    threads here) leave that pool free for a call, answered before any of them has ended."""
+    import subprocess
+
+    from gateway.ssh.pod_session import _Held
+
+    async def main() -> None:
+        held = [_Held(subprocess.Popen(["sleep", "5"])) for _ in range(16)]
+        waits = [asyncio.ensure_future(h.wait()) for h in held]
+        await asyncio.sleep(0.5)
+        assert await asyncio.to_thread(lambda: "ran") == "ran"
+        assert not any(w.done() for w in waits)
+        assert await asyncio.gather(*waits) == [0] * 16
+
+    asyncio.run(main())

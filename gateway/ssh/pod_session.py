@@ -179,14 +179,20 @@ class _HalfClosing(FdStream):
 
 
 class _Held:
-    """A host command started without asyncio (``PodBackend.stream``'s), awaited as asyncio's."""
+    """A host command started without asyncio (``PodBackend.stream``'s), awaited as asyncio's: its
+    exit is polled on the event loop, so a long session holds no thread of the loop's default pool
+    (a few threads, which a tenant's open sessions would otherwise all hold from everyone else)."""
+
+    POLL_S = 0.1
 
     def __init__(self, popen):
         self._popen = popen
         self.pid = popen.pid
 
     async def wait(self) -> int:
-        return await asyncio.to_thread(self._popen.wait)
+        while (code := self._popen.poll()) is None:
+            await asyncio.sleep(self.POLL_S)
+        return code
 
 
 async def _serve(process: PodProcess, child, to_pod: FdStream, outputs: list[asyncio.Future],
