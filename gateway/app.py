@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 from contextlib import asynccontextmanager
@@ -275,6 +276,8 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
         reaper = loop.create_task(
             reaper_loop(settings.reaper_interval_seconds, lease, app.state.rentals.tick, app.state.transit.sweep)
         )
+        gc.collect()
+        gc.freeze()  # what start-up built stays for good: a full collection then walks only what requests made
         try:
             yield
         finally:
