@@ -118,15 +118,16 @@ def abort_stale_uploads(store: ObjectStore) -> None:
 
 def open_pod_backend(settings: Settings, store_url: str | None = None) -> PodBackend:
     """``store_url``: where pods reach the object store (presigned URLs), besides the API base."""
+    # What every backend is told alike.
+    every = {"flush_timeout_s": settings.pod_flush_timeout_seconds, "pids_limit": settings.pod_pids_limit}
     if settings.pod_backend == "docker":
         from gateway.pods.docker import DockerPodBackend
 
         return DockerPodBackend(
             network=settings.docker_network or None,
             pull=settings.docker_pull,
-            flush_timeout_s=settings.pod_flush_timeout_seconds,
-            pids_limit=settings.pod_pids_limit,
             disk_dir=settings.data_dir / "pod-disks",
+            **every,
         )
     if settings.pod_backend == "slurm":
         from gateway.pods.slurm import SlurmPodBackend
@@ -142,8 +143,7 @@ def open_pod_backend(settings: Settings, store_url: str | None = None) -> PodBac
             network=settings.slurm_docker_network,
             pull=settings.slurm_pull,
             direct_channel=settings.slurm_direct_channel,
-            flush_timeout_s=settings.pod_flush_timeout_seconds,
-            pids_limit=settings.pod_pids_limit,
+            **every,
         )
     from gateway.pods.local import LocalPodBackend
 
@@ -154,8 +154,7 @@ def open_pod_backend(settings: Settings, store_url: str | None = None) -> PodBac
         trusted_single_user=settings.local_trusted_single_user,
         uid_base=settings.local_pod_uid_base,
         uid_count=settings.local_pod_uid_count,
-        flush_timeout_s=settings.pod_flush_timeout_seconds,
-        pids_limit=settings.pod_pids_limit,
+        **every,
     )
 
 

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from drive.store import ListPage, ObjectInfo, StoreUnavailable
-from drive.store.caching import CachingStore
+from drive.store.caching import CacheLimits, CachingStore
 from tests.clients import curl
 
 D = "{DAV:}"
@@ -56,7 +56,7 @@ class _PagedStore:
 
 
 def _caching(inner, **extra) -> CachingStore:
-    store = CachingStore(inner, _Marks(), **extra)
+    store = CachingStore(inner, _Marks(), CacheLimits(**extra))
     store.page_size = 10
     return store
 
@@ -93,7 +93,8 @@ def test_a_tenants_huge_folder_does_not_push_out_the_others_listings():
     """Before, a folder of up to the cache's 100,000 entries was kept whole, and every other
     folder went to make room: one tenant listing one big folder emptied the cache for all."""
     small, huge = _PagedStore(5), _PagedStore(35)
-    store = CachingStore(_Router({"users/1/": small, "users/2/": huge}), _Marks(), max_entries=40, folder_max_entries=30)
+    limits = CacheLimits(max_entries=40, folder_max_entries=30)
+    store = CachingStore(_Router({"users/1/": small, "users/2/": huge}), _Marks(), limits)
     store.page_size = 10
     assert len(list(store.folder_entries("users/1/f/"))) == 5
     for _ in range(3):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import email.utils
 import hashlib
 import os
@@ -580,11 +581,11 @@ def test_folder_listings_are_cached_and_never_stale_after_a_write(stack, user):
     # Only a write no gateway made or handed a URL for goes unseen, until the listing's max age.
     store.inner.put_object(f"users/{user.id}/cached/direct.txt", b"z")
     assert names() == {"a.txt", "r.txt", "new"}
-    max_age, store.max_age = store.max_age, 0.0
+    limits, store.limits = store.limits, dataclasses.replace(store.limits, max_age=0.0)
     try:
         assert names() == {"a.txt", "r.txt", "new", "direct.txt"}
     finally:
-        store.max_age = max_age
+        store.limits = limits
 
 
 class _Marks:
@@ -633,10 +634,10 @@ class _ListedStore:
 
 
 def test_listing_cache_is_bounded_per_drive_and_in_all():
-    from drive.store.caching import CachingStore
+    from drive.store.caching import CacheLimits, CachingStore
 
     inner = _ListedStore({"users/1/big/": 6, "users/3/huge/": 9})
-    store = CachingStore(inner, _Marks(), max_folders=6, max_entries=8, drive_max_folders=3)
+    store = CachingStore(inner, _Marks(), CacheLimits(max_folders=6, max_entries=8, drive_max_folders=3))
     mine = [f"users/1/f{n}/" for n in range(3)]
     for folder in mine:
         list(store.folder_entries(folder))

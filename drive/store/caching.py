@@ -97,28 +97,25 @@ class _ChangingPut:
         self.inner.abort()
 
 
+@dataclass(frozen=True)
+class CacheLimits:
+    """How long a listing is kept and how much of them: the module's note says why each."""
+
+    max_age: float = LISTING_MAX_AGE
+    max_folders: int = LISTING_MAX_FOLDERS
+    max_entries: int = LISTING_MAX_ENTRIES
+    drive_max_folders: int = DRIVE_MAX_FOLDERS
+    folder_max_entries: int = FOLDER_MAX_ENTRIES
+
+
 class CachingStore:
     """An :class:`~drive.store.ObjectStore` over ``inner`` whose folder listings
     (:meth:`folder_entries`) are kept while current (see the module's note)."""
 
-    def __init__(
-        self,
-        inner: ObjectStore,
-        marks: ChangeMarks,
-        *,
-        max_age: float = LISTING_MAX_AGE,
-        max_folders: int = LISTING_MAX_FOLDERS,
-        max_entries: int = LISTING_MAX_ENTRIES,
-        drive_max_folders: int = DRIVE_MAX_FOLDERS,
-        folder_max_entries: int = FOLDER_MAX_ENTRIES,
-    ):
+    def __init__(self, inner: ObjectStore, marks: ChangeMarks, limits: CacheLimits = CacheLimits()):
         self.inner = inner
         self.marks = marks
-        self.max_age = max_age
-        self.max_folders = max_folders
-        self.max_entries = max_entries
-        self.drive_max_folders = drive_max_folders
-        self.folder_max_entries = folder_max_entries
+        self.limits = limits
         self.page_size = LISTING_PAGE
         self._lock = threading.Lock()
         self._folders: OrderedDict[str, _Listing] = OrderedDict()
@@ -149,7 +146,7 @@ class CachingStore:
         drive = drive_of(folder)
         with self._lock:
             hit = self._folders.get(folder)
-        if hit is not None and time.monotonic() - hit.listed_at < self.max_age:
+        if hit is not None and time.monotonic() - hit.listed_at < self.limits.max_age:
             generation, urls = self.marks.look(drive, folder, URLS_CHECKED + 1)
             if generation == hit.generation and self._urls_listed(hit.entries, folder, urls):
                 with self._lock:
@@ -170,7 +167,7 @@ class CachingStore:
     def _streamed(self, folder: str, page: ListPage, listing: _Listing, dropped: int) -> Iterator[list]:
         """The pages from ``page`` on, kept in ``listing`` as they pass while the folder is
         small enough, and cached once the last one has been read."""
-        keep = min(self.folder_max_entries, self.max_entries)
+        keep = min(self.limits.folder_max_entries, self.limits.max_entries)
         kept: list | None = listing.entries
         while True:
             if kept is not None and len(kept) + len(page.entries) <= keep:
@@ -215,9 +212,9 @@ class CachingStore:
 
     def _trim(self, drive: str) -> None:
         mine = [f for f in self._folders if f.startswith(drive)]
-        for folder in mine[: max(0, len(mine) - self.drive_max_folders)]:
+        for folder in mine[: max(0, len(mine) - self.limits.drive_max_folders)]:
             self._drop(folder)
-        while len(self._folders) > self.max_folders or self._entries > self.max_entries:
+        while len(self._folders) > self.limits.max_folders or self._entries > self.limits.max_entries:
             self._drop(next(iter(self._folders)))
 
     def _drop(self, folder: str) -> None:
@@ -363,7 +360,7 @@ class CachingStore:
     def note_folders(self, folders: list[str]) -> None:
         now = time.monotonic()
         with self._lock:
-            if len(self._known_folders) > self.max_entries:
+            if len(self._known_folders) > self.limits.max_entries:
                 self._known_folders.clear()
             for folder in folders:
                 self._known_folders[folder] = now
