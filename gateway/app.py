@@ -267,7 +267,7 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
         snapshots = traffic.Snapshots(settings.metrics_dir)  # this process's counts, for its siblings' scrapes
         snapshots.start()
         app.state.metrics = metrics.registry(sessions, snapshots)
-        app.serve_redirects(app.state.authenticator, active_store, settings.presign_expires_seconds)
+        app.serve_redirects(app.state.authenticator, app.state.drive)
         bastion = start_bastion(app, settings, run=not worker)
         lease = reaper_lease(settings, sessions, app.state.rentals)
         loop = asyncio.get_running_loop()

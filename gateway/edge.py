@@ -20,7 +20,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from drive import keys
 from drive.keys import InvalidPath
-from drive.store import ObjectStore, StoreUnavailable
+from drive.service import DriveService
 from gateway import access_log
 from gateway.traffic import TRAFFIC, family_of
 from gateway.auth import Authenticator, remember
@@ -34,11 +34,11 @@ MOUNT = b"/v1/files/"
 class Gateway(FastAPI):
     # What the redirect needs, set by the lifespan once the services exist (None: the full
     # application answers everything): read as one attribute, not three lookups on app.state.
-    _redirects: tuple[Authenticator, ObjectStore, int] | None = None
+    _redirects: tuple[Authenticator, DriveService] | None = None
 
-    def serve_redirects(self, authenticator: Authenticator, store: ObjectStore, expires_seconds: int) -> None:
+    def serve_redirects(self, authenticator: Authenticator, drive: DriveService) -> None:
         """Answer downloads here, with these (the lifespan, once they exist)."""
-        self._redirects = (authenticator, store, expires_seconds)
+        self._redirects = (authenticator, drive)
 
     def stop_redirects(self) -> None:
         self._redirects = None
@@ -121,7 +121,7 @@ class Gateway(FastAPI):
         scheme, _, token = authorization.decode("latin-1").partition(" ")
         if scheme.lower() != "bearer" or self._redirects is None:
             return None
-        authenticator, store, expires_seconds = self._redirects
+        authenticator, drive = self._redirects
         principal = authenticator.cached(token.strip())
         if principal is None:
             return None
@@ -132,7 +132,4 @@ class Gateway(FastAPI):
             path = keys.from_raw_path(principal.drive_prefix, rel)
         except InvalidPath:
             return None
-        try:
-            return store.presign_get(path.key, expires_seconds)
-        except StoreUnavailable:
-            return None  # the embedded store is restarting: the full application answers the 503
+        return drive.read_url(path.key)  # a store that is down raises: the full application answers the 503

@@ -21,6 +21,7 @@ SERVING = {
     "gateway/routes/files.py": {"store", "usage", "writing"},
     "gateway/routes/shared.py": {"store", "usage", "writing"},
     "gateway/dav_app.py": {"store", "writing"},  # it hands the usage book to wsgidav's dead properties
+    "gateway/edge.py": {"store", "usage", "writing", "settings"},  # the download 302 before FastAPI
 }
 FORBIDDEN_MODULES = ("drive.store", "gateway.quota")
 EXCEPTIONS_ONLY = ("drive.usage",)
