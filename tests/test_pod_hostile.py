@@ -460,6 +460,7 @@ def test_a_connection_cannot_reach_the_hosts_loopback_services(pods, host_servic
 
 
 # --- pod files (issue 22): every way out of /workspace, /tmp and /files is a 4xx, nothing touched ---
+# 73 hostile paths: 45 refused for their letters, 27 names a run plants, 1 folder a run swaps.
 
 # Paths refused for their letters alone, before anything enters the pod.
 LEXICAL_ESCAPES = [
@@ -468,6 +469,10 @@ LEXICAL_ESCAPES = [
     "/proc/self/environ", "/proc/1/root/etc/passwd", "/sys/kernel/notes", "/dev/null", "/dev/zero",
     "/run/kgpu/token", "/", "", "/workspacex/a", "/tmpfoo", "/filesx/a", "//etc/passwd", "/./etc/passwd",
     "/usr/bin/perl", "a\0b", "/tmp/\0", "x" * 256, "a/" + "y" * 300, "/tmp/" + "a/" * 2100,
+    "/workspace/../../etc/passwd", "/files/../etc/hosts", "a/./../../b", "/tmp/./../etc/passwd",
+    "/var/run/docker.sock", "/home/user/.bashrc", "/boot/vmlinuz", "/WORKSPACE/a", "/tmp/../../../../etc/passwd",
+    "/proc/self/cwd/../../etc/passwd", "/files/../workspace/../etc/passwd", "/workspace/a/../../../etc", "/opt/x",
+    "/tmp/a/../../etc/shadow", "/workspace/" + "b" * 256,
 ]
 # Names a run plants in /workspace (DECOY is a real folder, outside what the paths name): each is
 # read, written whole, written at a range and listed through; none may reach a file it points at.
@@ -478,12 +483,15 @@ ln -s /etc etc_link; ln -s /etc/passwd file_link; ln -s /tmp/nowhere-yet danglin
 ln -s ../../etc d/rel_link; ln -s /workspace ws_link; ln -s /proc/self/root proc_link; ln -s /dev/zero zero
 ln -s decoy/secret secret_link; ln -s fifo fifo_link; ln -s /tmp tmp_link; ln -s / root_link; mkdir -p d/e
 ln -s ../../decoy d/e/up_link
+ln -s /dev/null null_link; ln -s loop_b loop_a; ln -s loop_a loop_b; ln -s /proc/1/environ env_link
+ln -s /run run_link; ln -s /etc /tmp/etc_link
 perl -MIO::Socket::UNIX -e 'IO::Socket::UNIX->new(Type => 1, Local => "sock", Listen => 1) or die $!'
 """
 PLANTED = [
     "etc_link/passwd", "etc_link/", "file_link", "dangling", "dir_link/secret", "dir_link/", "dir_link/new",
     "d/rel_link/passwd", "ws_link/decoy/secret", "proc_link/etc/passwd", "zero", "secret_link", "fifo",
     "real/fifo", "fifo_link", "tmp_link/x", "root_link/etc/passwd", "sock", "d/e/up_link/secret", "fifo/",
+    "null_link", "loop_a", "loop_a/x", "env_link", "run_link/kgpu/token", "/tmp/etc_link/passwd", "/tmp/etc_link/",
 ]
 
 
