@@ -19,6 +19,10 @@ MAX_KEY_BYTES = 1024  # the S3 / R2 limit for a whole key
 MAX_NAME_BYTES = 255
 _PERCENT = re.compile(rb"%([0-9A-Fa-f]{2})")
 _BAD_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+# A raw path whose every segment is a plain name: letters, digits and "_-~+=,@." (not first, so no
+# dot segment), nothing percent-encoded. Each such segment passes check_name as it is; at most
+# MAX_NAME_BYTES in all, no segment is longer than a name may be.
+_PLAIN_RAW = re.compile(rb"[\w~+=,@-][\w.~+=,@-]*(?:/[\w~+=,@-][\w.~+=,@-]*)*/?", re.ASCII)
 
 
 class InvalidPath(ValueError):
@@ -109,6 +113,11 @@ def _split(path: str) -> tuple[list[str], bool]:
 
 def from_raw_path(prefix: str, raw: bytes) -> DrivePath:
     """Map the raw (still percent-encoded) part of a URL path after the drive's mount point."""
+    if len(raw) <= MAX_NAME_BYTES and _PLAIN_RAW.fullmatch(raw):  # the hot case (every download's 302)
+        rel = raw.decode("ascii")
+        if len(prefix.encode("utf-8")) + len(rel) > MAX_KEY_BYTES:
+            raise InvalidPath(f"path too long: a key is at most {MAX_KEY_BYTES} bytes")
+        return DrivePath(prefix=prefix, rel=rel)
     encoded = b"%" in raw
     if encoded and _BAD_PERCENT.search(raw):
         raise InvalidPath("malformed percent-encoding in path")

@@ -494,6 +494,37 @@ def test_property_raw_path_refused_or_inside(raw, uid):
     assert from_raw_path(prefix, quote_path(path.rel)) == path
 
 
+plain_pieces = st.sampled_from(["a", "Z9", ".", "..", "-", "_", "~", "+=,@", "/", "//", "%2F", "%41", " ", "\\", "é", "\x00"])
+plain_like = st.lists(plain_pieces, max_size=12).map(lambda p: "".join(p).encode("utf-8"))
+
+
+@settings(max_examples=3000, deadline=None)
+@given(raw=st.one_of(plain_like, raw_paths))
+@example(raw=b"a" * 255)
+@example(raw=b"a" * 256)
+@example(raw=b"a/" * 127)
+@example(raw=b"a/.b/..c/")
+def test_the_plain_path_shortcut_answers_as_the_general_rule(raw):
+    """from_raw_path's shortcut for plain ASCII paths (the 302's hot case) gives exactly what the
+    segment-by-segment rule gives: the same DrivePath, or InvalidPath for both."""
+    import drive.keys as keys_module
+
+    def outcome():
+        try:
+            return from_raw_path("users/1/", raw)
+        except InvalidPath:
+            return InvalidPath
+
+    fast = outcome()
+    saved = keys_module._PLAIN_RAW
+    keys_module._PLAIN_RAW = re.compile(rb"(?!)")  # matches nothing: the general rule only
+    try:
+        general = outcome()
+    finally:
+        keys_module._PLAIN_RAW = saved
+    assert fast == general
+
+
 @THOROUGH
 @given(raw=raw_paths, a=user_ids, b=user_ids)
 @example(raw=b"x", a=1, b=10)
