@@ -437,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="12", help="which parts to run: 1, 2 or 12 (default)")
     parser.add_argument("--kgpu-only", action="store_true",
                         help="(1) without rclone serve webdav (no ratios): for a big folder's memory run, e.g. --objects 100000")
+    parser.add_argument("--cold-only", action="store_true",
+                        help="(1) only each server's cold PROPFIND and one cold JSON listing, the store's listing not "
+                             "warmed first: a big folder's memory figures, e.g. --kgpu-only --objects 100000")
     parser.add_argument("--profile", action="store_true",
                         help="also py-spy record kgpu serve during 3 more allprop PROPFINDs and print where the time goes")
     parser.add_argument("--profile-rate", type=int, default=250, help="py-spy samples a second (default 250)")
@@ -473,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             endpoint = store_endpoint(kgpu, data_dir)
             s3 = harness.store_client(data_dir, endpoint)
             prefix = f"users/{user_id}/{FOLDER}/"
-            listed, _ = list_all(s3, prefix)
+            listed, counted_s = list_all(s3, prefix)
             results["restarted"] = False
             if listed != args.objects:
                 # The store caches directory listings: restart so it reads the directory afresh.
@@ -484,12 +487,15 @@ def main(argv: list[str] | None = None) -> int:
                 procs.append(kgpu)
                 endpoint = store_endpoint(kgpu, data_dir)
                 s3 = harness.store_client(data_dir, endpoint)
-                listed, _ = list_all(s3, prefix)
+                listed, counted_s = list_all(s3, prefix)
                 results["restarted"] = True
                 if listed != args.objects:
                     raise RuntimeError(f"the store lists {listed} objects under {prefix}, not {args.objects}")
             # Warm the store itself, so neither server's cold PROPFIND pays for the store's first listing.
-            _, results["store_listing_s"] = list_all(s3, prefix)
+            if not args.cold_only:
+                _, results["store_listing_s"] = list_all(s3, prefix)
+            else:  # the listing that counted them: the store's first, so it is not warm
+                results["store_listing_s"] = counted_s
             harness.log(f"(1) the store lists the folder ({listed} keys, {-(-listed // 1000)} list calls) "
                    f"in {results['store_listing_s']:.2f} s")
             store_pid = (harness.children(kgpu.pid) or [0])[0]
@@ -513,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
                 harness.log(f"(1) cold PROPFIND Depth 1 (allprop) on {name}")
                 pf["cold"][name] = one(name, "allprop")
                 harness.log(f"    {pf['cold'][name].seconds:.2f} s, {pf['cold'][name].size / 1e6:.1f} MB")
-            for body in BODIES:
+            for body in BODIES if not args.cold_only else ():
                 pf["warm"][body] = {name: [] for name in servers}
                 for r in range(args.warm):
                     time.sleep(args.warm_pause)  # every round, not only those that follow the last at once
@@ -537,16 +543,18 @@ def main(argv: list[str] | None = None) -> int:
             # The HTTP folder listings of the same folder (kgpu only: rclone serve webdav has none):
             # cold (a file put into the folder first drops its cached listing) and warm.
             http_listings: dict = {}
-            for kind, query, accept in (("json", "?json=1", "application/json"), ("html", "", "text/html")):
+            kinds = (("json", "?json=1", "application/json"), ("html", "", "text/html"))
+            for kind, query, accept in kinds if not args.cold_only else kinds[:1]:
                 path = f"/v1/files/{FOLDER}/{query}"
                 got: dict = {"cold": [], "warm": []}
-                for r in range(args.warm):
+                for r in range(args.warm if not args.cold_only else 1):
                     drop_cached_listing(port, token, f"zz-{kind}-{r}.txt")
                     got["cold"].append(get_listing(port, path, {**auth, "Accept": accept}, kgpu.pid, store_pid).__dict__)
-                    got["warm"].append(get_listing(port, path, {**auth, "Accept": accept}, kgpu.pid, store_pid).__dict__)
+                    if not args.cold_only:
+                        got["warm"].append(get_listing(port, path, {**auth, "Accept": accept}, kgpu.pid, store_pid).__dict__)
                 http_listings[kind] = got
-                harness.log(f"(1) GET {path}: cold median {statistics.median(x['seconds'] for x in got['cold']):.2f} s, "
-                            f"warm {statistics.median(x['seconds'] for x in got['warm']):.2f} s")
+                harness.log(f"(1) GET {path}: cold median {statistics.median(x['seconds'] for x in got['cold']):.2f} s"
+                            + (f", warm {statistics.median(x['seconds'] for x in got['warm']):.2f} s" if got["warm"] else ""))
             results["http_listings"] = http_listings
             if dav is not None:
                 dav.stop()
@@ -651,7 +659,8 @@ def report(results: dict, args) -> list[str]:
                    f"(written straight into the store's directory{'; kgpu serve restarted to see them' if results['restarted'] else ''})")
         out.append(f"    kgpu:   /v1/files/{FOLDER}/ (Bearer)")
         out.append(f"    rclone: rclone serve webdav :s3,provider=Other,endpoint=<the same store>:kgpu/users/ID, /{FOLDER}/")
-        out.append(f"    the store's own listing of the folder (boto3, done first so both servers find it warm): "
+        out.append(f"    the store's own listing of the folder (boto3, done first"
+                   f"{' to count them: the store is not warm' if args.cold_only else ' so both servers find it warm'}): "
                    f"{results['store_listing_s']:.2f} s")
 
         def row(label: str, x: dict) -> str:
@@ -693,15 +702,19 @@ def report(results: dict, args) -> list[str]:
         out.append("    (both answer a repeated PROPFIND from a directory cache: rclone's --dir-cache-time 5m, kgpu's"
                    " drive/store/caching.py, checked against the database on every use)")
         peak = max([cold["kgpu"]["rss_peak_mib"]] + [x["rss_peak_mib"] for d in pf["warm"].values() for x in d["kgpu"]])
+        warm_growth = [x["rss_growth_mib"] for d in pf["warm"].values() for x in d["kgpu"]]
         out.append(f"    kgpu serve peak RSS growth during a PROPFIND: cold +{cold['kgpu']['rss_growth_mib']:.0f} MiB, "
-                   f"warm max +{max(x['rss_growth_mib'] for d in pf['warm'].values() for x in d['kgpu']):.0f} MiB "
-                   f"(peak RSS {peak:.0f} MiB)" + (f"; rclone serve webdav RSS afterwards {results['rclone_webdav_rss_mib']:.0f} MiB"
+                   + (f"warm max +{max(warm_growth):.0f} MiB " if warm_growth else "no warm rounds (--cold-only) ")
+                   + f"(peak RSS {peak:.0f} MiB)" + (f"; rclone serve webdav RSS afterwards {results['rclone_webdav_rss_mib']:.0f} MiB"
                                                    if "rclone_webdav_rss_mib" in results else ""))
         if "http_listings" in results:
-            out.append(f"    HTTP folder listings of the same folder (kgpu), median of {args.warm} each; cold: after a PUT into the folder:")
+            rounds = len(next(iter(results["http_listings"].values()))["cold"])
+            out.append(f"    HTTP folder listings of the same folder (kgpu), median of {rounds} each; cold: after a PUT into the folder:")
             for kind, got in results["http_listings"].items():
                 for temp in ("cold", "warm"):
                     xs = got[temp]
+                    if not xs:
+                        continue
                     m = statistics.median(x["seconds"] for x in xs)
                     fb = statistics.median(x["first_byte_s"] for x in xs)
                     out.append(f"      GET ({kind}) {temp}: {m:5.2f} s (first byte {fb:5.2f} s), {xs[0]['responses']} entries, "
