@@ -7,13 +7,14 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 import uuid
 from pathlib import Path
 
 import requests
 
-from drive.store.embedded import free_port
+from drive.store.embedded import ExitWatch, free_port
 from tests.conftest import passable
 from tests.test_serve import Served, alive, children, wait_gone
 
@@ -256,3 +257,22 @@ def test_data_dir_of_an_older_server_gets_a_kept_port(tmp_path):
     assert state.stat().st_mode & 0o777 == 0o600
     assert EmbeddedS3Server(tmp_path).port == first.port
     assert EmbeddedS3Server(tmp_path, port=free_port()).port != first.port
+
+
+def test_exit_watch_sees_an_exit_before_anyone_reaps_it():
+    """The watch behind every presigned URL's "is the store serving" (no system call per URL):
+    cleared as the process exits, while it is still unreaped, and never set by a pid long gone."""
+    child = subprocess.Popen(["sleep", "60"])
+    watch = ExitWatch.of(child.pid)
+    assert watch is not None and watch.alive
+    time.sleep(0.3)
+    assert watch.alive  # a live process stays alive past the watch's poll interval
+    child.kill()
+    deadline = time.monotonic() + 2
+    while watch.alive and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert not watch.alive
+    assert child.returncode is None  # nobody has reaped it: the watch saw the exit itself
+    assert child.wait(timeout=5) == -signal.SIGKILL
+    watch.close()
+    assert ExitWatch.of(child.pid) is None  # reaped: nothing left to watch

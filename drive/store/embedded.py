@@ -115,6 +115,41 @@ class EmbeddedCredentials:
         return creds
 
 
+class ExitWatch:
+    """Whether a process still runs, read without a system call: every presigned URL asks (a
+    syscall there cost the download's 302 about 5 µs of its ~60). A thread waits on the process's
+    pidfd and clears :attr:`alive` as it exits, before anyone can reap it; the watch owns the pidfd."""
+
+    def __init__(self, pidfd: int):
+        self.alive = True
+        self._pidfd = pidfd
+        self._closed = threading.Event()
+        threading.Thread(target=self._wait, name="embedded-s3-exit-watch", daemon=True).start()
+
+    def _wait(self) -> None:
+        exited = select.poll()
+        exited.register(self._pidfd, select.POLLIN)
+        try:
+            while not self._closed.is_set() and not exited.poll(200):
+                pass
+        finally:
+            self.alive = False
+            os.close(self._pidfd)
+
+    def close(self) -> None:
+        """Stop watching (the fd is closed by the thread, within 0.2 s)."""
+        self.alive = False
+        self._closed.set()
+
+    @classmethod
+    def of(cls, pid: int) -> "ExitWatch | None":
+        """A watch of ``pid``; None when it is gone already."""
+        try:
+            return cls(os.pidfd_open(pid))
+        except OSError:
+            return None
+
+
 class EmbeddedS3Server:
     """``port`` 0: the port kept in ``embedded-s3.json`` (chosen on the first start); any other
     port is used as given and not kept."""
@@ -129,6 +164,7 @@ class EmbeddedS3Server:
         self.log_path = Path(data_dir) / "embedded-s3.log"
         self.restarts = 0
         self._process: subprocess.Popen | None = None
+        self._exit: ExitWatch | None = None
         self._serving = False
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
@@ -147,9 +183,10 @@ class EmbeddedS3Server:
 
     @property
     def serving(self) -> bool:
-        """Started, answering, and not exited since (checked at each call: no supervisor lag)."""
-        process = self._process
-        return self._serving and process is not None and process.poll() is None
+        """Started, answering, and not exited since (its exit is seen at once, not at the
+        supervisor's next look)."""
+        exit = self._exit
+        return self._serving and exit is not None and exit.alive
 
     def start(self, timeout: float = 15.0) -> str:
         if not self.explicit_port and not self._wait_port_free(3.0):
@@ -203,6 +240,9 @@ class EmbeddedS3Server:
             command, stdout=log_file, stderr=log_file, stdin=subprocess.DEVNULL, preexec_fn=_store_child, env=env
         )
         log_file.close()
+        if self._exit is not None:
+            self._exit.close()
+        self._exit = ExitWatch.of(process.pid)  # not reaped before this: only this process waits for it
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -268,6 +308,8 @@ class EmbeddedS3Server:
         process, self._process = self._process, None
         if process is not None:
             self._kill(process)
+        if self._exit is not None:
+            self._exit.close()
 
     @staticmethod
     def _kill(process: subprocess.Popen) -> None:
@@ -285,7 +327,7 @@ class AttachedS3Server:
     """The embedded store as a worker process of ``kgpu serve --workers N`` sees it: the server's
     parent process starts and supervises the one ``rclone serve s3`` (:class:`EmbeddedS3Server`), which
     writes the pid of each store it starts, once it answers, into ``embedded-s3.json``. A worker
-    holds a pidfd of that process: the store's exit is seen at the next call, as in the parent, and
+    watches that process by its pidfd (:class:`ExitWatch`): its exit is seen at once, as in the parent, and
     the next store is followed within :data:`FOLLOW_INTERVAL_S` of its start."""
 
     def __init__(self, data_dir: Path, host: str = "127.0.0.1", port: int = 0):
@@ -294,7 +336,7 @@ class AttachedS3Server:
         self.credentials = EmbeddedCredentials.load_or_create(self.state_path)
         self.host = host
         self.port = port or _read_state(self.state_path)["port"]
-        self._pidfd: int | None = None
+        self._exit: ExitWatch | None = None
         self._stopping = threading.Event()
         self._follower: threading.Thread | None = None
 
@@ -304,17 +346,9 @@ class AttachedS3Server:
 
     @property
     def serving(self) -> bool:
-        """The store's process has not exited (a poll of its pidfd: a poll object per call, as
-        request threads ask at once)."""
-        pidfd = self._pidfd
-        if pidfd is None:
-            return False
-        exited = select.poll()
-        exited.register(pidfd, select.POLLIN)
-        try:
-            return not exited.poll(0)
-        except OSError:  # closed meanwhile (stop)
-            return False
+        """The store's process has not exited (its :class:`ExitWatch`)."""
+        exit = self._exit
+        return exit is not None and exit.alive
 
     def follow(self) -> None:
         """Attach to the store now, and to each one the parent starts after it, until :meth:`stop`."""
@@ -343,17 +377,17 @@ class AttachedS3Server:
         if command[1:3] != [b"serve", b"s3"] or os.fsencode(self.root) not in command:
             os.close(pidfd)
             return
-        old, self._pidfd = self._pidfd, pidfd
+        old, self._exit = self._exit, ExitWatch(pidfd)
         if old is not None:
-            os.close(old)
+            old.close()
 
     def stop(self) -> None:
         self._stopping.set()
         if self._follower is not None:
             self._follower.join(timeout=5)
-        pidfd, self._pidfd = self._pidfd, None
-        if pidfd is not None:
-            os.close(pidfd)
+        watch, self._exit = self._exit, None
+        if watch is not None:
+            watch.close()
 
 
 FOLLOW_INTERVAL_S = 0.2
