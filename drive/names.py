@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from drive.keys import DrivePath
 from drive.listing import FOLDER_MARKER
-from drive.store import ObjectInfo, ObjectStore
+from drive.store import CommonPrefix, ObjectInfo, ObjectStore
 from drive.store.caching import CachingStore
 
 NAME_CONFLICT = "name_conflict"
@@ -24,8 +24,12 @@ NAME_CONFLICT = "name_conflict"
 def folder_named(store: ObjectStore, prefix: str, rel: str) -> str | None:
     """Why a file may not be written at ``rel`` because a folder has its name (None: none has)."""
     if store.list_page(prefix + rel.rstrip("/") + "/", max_keys=1).entries:
-        return f"a folder named {rel.rstrip('/')} exists"
+        return _folder_exists(rel)
     return None
+
+
+def _folder_exists(rel: str) -> str:
+    return f"a folder named {rel.rstrip('/')} exists"
 
 
 def unknown_ancestors(store: CachingStore, prefix: str, rel: str) -> list[str]:
@@ -93,3 +97,49 @@ async def replaced_object(store: CachingStore, path: DrivePath) -> ObjectInfo | 
         raise NameConflict(why)
     file_coming(store, path.key)
     return previous
+
+
+LISTED_TOGETHER = 4  # files of one folder in a batch from which the folder is listed, not each file asked
+
+
+async def replaced_objects(
+    store: CachingStore, paths: list[DrivePath], at_once: asyncio.Semaphore
+) -> list[ObjectInfo | None | NameConflict]:
+    """:func:`replaced_object` of each of ``paths`` (files of one drive, each named once), answered
+    in its place. A folder holding :data:`LISTED_TOGETHER` or more of them, with no unknown folder
+    above it, is listed once (one page: two store requests a file become one a folder); a folder
+    past one page, or a few files, are asked file by file, ``at_once`` at a time."""
+    outcomes: list[ObjectInfo | None | NameConflict] = [None] * len(paths)
+    by_folder: dict[str, list[int]] = {}
+    for n, path in enumerate(paths):
+        by_folder.setdefault(path.key.rpartition("/")[0] + "/", []).append(n)
+
+    async def one(n: int) -> None:
+        async with at_once:
+            try:
+                outcomes[n] = await replaced_object(store, paths[n])
+            except NameConflict as exc:
+                outcomes[n] = exc
+
+    async def together(folder: str, members: list[int]) -> None:
+        first = paths[members[0]]
+        page = None
+        if len(members) >= LISTED_TOGETHER and not unknown_ancestors(store, first.prefix, first.rel):
+            async with at_once:
+                page = await run_in_threadpool(store.list_page, folder, "/")
+        if page is None or page.next_token is not None:
+            await asyncio.gather(*(one(n) for n in members))
+            return
+        objects = {entry.key: entry for entry in page.entries if isinstance(entry, ObjectInfo)}
+        folders = {entry.prefix for entry in page.entries if isinstance(entry, CommonPrefix)}
+        for n in members:
+            path = paths[n]
+            previous = objects.get(path.key)
+            if previous is None and path.key + "/" in folders:
+                outcomes[n] = NameConflict(_folder_exists(path.rel))
+                continue
+            file_coming(store, path.key)
+            outcomes[n] = previous
+
+    await asyncio.gather(*(together(folder, members) for folder, members in by_folder.items()))
+    return outcomes

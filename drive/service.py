@@ -396,13 +396,6 @@ class DriveService:
             return outcomes
         at_once = asyncio.Semaphore(NAME_CHECKS_AT_ONCE)
 
-        async def replaced(one: UrlAsked) -> ObjectInfo | None | names.NameConflict:
-            async with at_once:
-                try:
-                    return await self.replaced_object(one.path)
-                except names.NameConflict as exc:
-                    return exc
-
         async def folders_above(one: UrlAsked) -> None:
             async with at_once:
                 await run_in_threadpool(names.file_above, self.store, one.path.prefix, one.path.rel)
@@ -413,7 +406,7 @@ class DriveService:
             # of each deepest folder first (file_above remembers the folders it finds), so each
             # file's own check (the single mint's) asks only about the file itself.
             await asyncio.gather(*(folders_above(one) for one in _one_a_deepest_folder([one for _, one in wanted])))
-            found = await asyncio.gather(*(replaced(one) for _, one in wanted))
+            found = await names.replaced_objects(self.store, [one.path for _, one in wanted], at_once)
             named = []
             for (n, one), previous in zip(wanted, found):
                 if isinstance(previous, names.NameConflict):

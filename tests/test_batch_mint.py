@@ -203,5 +203,33 @@ def test_a_batch_asks_the_store_about_each_folder_above_its_files_once(stack, us
     assert mint(stack, user, files).json()["minted"] == 13
     prefix = f"users/{user.id}/"
     assert asked.count(prefix + "deep") == 1 and asked.count(prefix + "deep/er") == 1
-    # Each file itself is asked about (what it replaces); a background settle of the URLs may ask again.
-    assert {key for key in asked if key.endswith(".bin")} == {prefix + f["path"] for f in files}
+    # deep/top.bin, alone in its folder, is asked about itself (what it replaces).
+    assert prefix + "deep/top.bin" in asked
+
+
+def test_a_folder_of_many_files_in_a_batch_is_listed_once_not_asked_twice_a_file(stack, user, monkeypatch):
+    """Twelve files of one folder: one listing of the folder answers what each replaces and whether
+    a folder has its name, by the single mint's rules and in its words."""
+    auth = user.auth
+    assert requests.put(f"{stack.base}/v1/files/many/old.bin", data=b"x" * 100, headers=auth).status_code == 201
+    assert requests.put(f"{stack.base}/v1/files/many/sub/inside.bin", data=b"y", headers=auth).status_code == 201
+    single = requests.post(f"{stack.base}/v1/files/many/sub", headers={**auth, "X-Content-Length": "5"}, timeout=30)
+    assert single.status_code == 409, single.text
+    listed: list[str] = []
+    asked: list[str] = []
+    list_page, head = stack.store.list_page, stack.store.head
+    monkeypatch.setattr(stack.store, "list_page", lambda prefix, *a, **k: listed.append(prefix) or list_page(prefix, *a, **k))
+    monkeypatch.setattr(stack.store, "head", lambda key: asked.append(key) or head(key))
+    files = [{"path": f"many/f{n}.bin", "size": 10} for n in range(10)]
+    files += [{"path": "many/old.bin", "size": 30}, {"path": "many/sub", "size": 5}]
+    reply = mint(stack, user, files)
+    assert reply.status_code == 200, reply.text
+    answers = reply.json()["files"]
+    assert [a.get("error", {}).get("error_code", "minted") for a in answers] == ["minted"] * 11 + ["name_conflict"]
+    assert answers[-1]["error"]["message"] == single.json()["message"]
+    prefix = f"users/{user.id}/"
+    assert listed.count(prefix + "many/") == 1
+    assert not [p for p in listed if p.startswith(prefix + "many/f")]  # no folder_named listing a file
+    # old.bin (100 bytes) is known as what 30 bytes replace: they need no more room; 10 x 10 new bytes do.
+    assert reserved(stack, user) == 10 * 10
+
