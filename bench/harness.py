@@ -298,6 +298,15 @@ class Proc:
 
 
 def wait_ready(proc: Proc, timeout: float = 30) -> None:
+    """Until ``proc`` answers /healthz; stopped (it is on no caller's list yet) if it does not."""
+    try:
+        _wait_healthy(proc, timeout)
+    except BaseException:
+        proc.stop()
+        raise
+
+
+def _wait_healthy(proc: Proc, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     url = f"{proc.base}/healthz"
     while time.monotonic() < deadline:
