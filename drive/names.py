@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from drive.keys import DrivePath
 from drive.listing import FOLDER_MARKER
-from drive.store import CommonPrefix, ObjectInfo, ObjectStore
+from drive.store import ObjectInfo, ObjectStore, list_together
 from drive.store.caching import CachingStore
 
 NAME_CONFLICT = "name_conflict"
@@ -99,20 +99,25 @@ async def replaced_object(store: CachingStore, path: DrivePath) -> ObjectInfo | 
     return previous
 
 
-LISTED_TOGETHER = 4  # files of one folder in a batch from which the folder is listed, not each file asked
-
-
 async def replaced_objects(
     store: CachingStore, paths: list[DrivePath], at_once: asyncio.Semaphore
 ) -> list[ObjectInfo | None | NameConflict]:
     """:func:`replaced_object` of each of ``paths`` (files of one drive, each named once), answered
-    in its place. A folder holding :data:`LISTED_TOGETHER` or more of them, with no unknown folder
-    above it, is listed once (one page: two store requests a file become one a folder); a folder
-    past one page, or a few files, are asked file by file, ``at_once`` at a time."""
+    in its place: from their folders' listings where a folder holds many of them and none above
+    it is unknown (drive/store list_together: two store requests a file become one a folder),
+    else file by file, ``at_once`` at a time."""
     outcomes: list[ObjectInfo | None | NameConflict] = [None] * len(paths)
-    by_folder: dict[str, list[int]] = {}
+    known = [p for p in paths if not unknown_ancestors(store, p.prefix, p.rel)]
+    listed = await run_in_threadpool(list_together, store, [p.key for p in known])
     for n, path in enumerate(paths):
-        by_folder.setdefault(path.key.rpartition("/")[0] + "/", []).append(n)
+        if path.key not in listed.objects:
+            continue
+        previous = listed.objects[path.key]
+        if previous is None and path.key + "/" in listed.folders:
+            outcomes[n] = NameConflict(_folder_exists(path.rel))
+        else:
+            file_coming(store, path.key)
+            outcomes[n] = previous
 
     async def one(n: int) -> None:
         async with at_once:
@@ -121,25 +126,5 @@ async def replaced_objects(
             except NameConflict as exc:
                 outcomes[n] = exc
 
-    async def together(folder: str, members: list[int]) -> None:
-        first = paths[members[0]]
-        page = None
-        if len(members) >= LISTED_TOGETHER and not unknown_ancestors(store, first.prefix, first.rel):
-            async with at_once:
-                page = await run_in_threadpool(store.list_page, folder, "/")
-        if page is None or page.next_token is not None:
-            await asyncio.gather(*(one(n) for n in members))
-            return
-        objects = {entry.key: entry for entry in page.entries if isinstance(entry, ObjectInfo)}
-        folders = {entry.prefix for entry in page.entries if isinstance(entry, CommonPrefix)}
-        for n in members:
-            path = paths[n]
-            previous = objects.get(path.key)
-            if previous is None and path.key + "/" in folders:
-                outcomes[n] = NameConflict(_folder_exists(path.rel))
-                continue
-            file_coming(store, path.key)
-            outcomes[n] = previous
-
-    await asyncio.gather(*(together(folder, members) for folder, members in by_folder.items()))
+    await asyncio.gather(*(one(n) for n, path in enumerate(paths) if path.key not in listed.objects))
     return outcomes

@@ -48,7 +48,7 @@ from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
-from drive.store import ObjectInfo, ObjectStore, iter_objects
+from drive.store import ObjectInfo, ObjectStore, iter_objects, list_together
 from drive.uploads import WriteBusy
 from drive.usage import Keys, PutHold, QuotaExceeded, needed, room_left
 from gateway.models import DavProperty, DriveUsage, DriveWrite, QuotaHold, utcnow
@@ -100,6 +100,19 @@ class _Rebased(Exception):
 def _appeared(info: ObjectInfo | None, previous_etag: str | None, previous_size: int) -> bool:
     """Whether a presigned PUT's object is in the store: one there, other than the one it replaces."""
     return info is not None and (previous_etag is None or info.etag != previous_etag or info.size != previous_size)
+
+
+def _objects_at(store: ObjectStore, keys: set[str]) -> dict[str, ObjectInfo | None]:
+    """What the store holds at each of ``keys``: their folders listed where they hold many
+    (drive/store list_together), the others asked :data:`HOLD_CHECK_THREADS` HEADs at a time."""
+    listed = list_together(store, sorted(keys))
+    found, asked = dict(listed.objects), listed.unlisted
+    if len(asked) > 1:
+        with ThreadPoolExecutor(max_workers=min(len(asked), HOLD_CHECK_THREADS)) as pool:
+            found.update(zip(asked, pool.map(store.head, asked)))
+    else:
+        found.update((key, store.head(key)) for key in asked)
+    return found
 
 
 class _LeaseLost(Exception):
@@ -506,13 +519,9 @@ class DbUsageBook:
         # A streamed upload's lease only runs out; a presigned PUT's object may have appeared.
         holds = [hold for hold in holds if hold.kind != "stream" or as_utc(hold.expires_at) <= now]
         puts = [hold for hold in holds if hold.kind != "stream"]
-        if len(puts) > 1:
-            with ThreadPoolExecutor(max_workers=min(len(puts), HOLD_CHECK_THREADS)) as pool:
-                heads = dict(zip((hold.id for hold in puts), pool.map(lambda hold: self._store.head(hold.key), puts)))
-        else:
-            heads = {hold.id: self._store.head(hold.key) for hold in puts}
+        found = _objects_at(self._store, {hold.key for hold in puts})
         for hold in holds:
-            info = heads.get(hold.id)
+            info = found.get(hold.key)
             expired = as_utc(hold.expires_at) <= now
             if not expired and not _appeared(info, hold.previous_etag, hold.previous_size):
                 continue

@@ -164,6 +164,40 @@ def iter_objects(store: ObjectStore, prefix: str) -> Iterator[ObjectInfo]:
             yield entry
 
 
+LISTED_TOGETHER = 4  # keys of one folder from which the folder is listed rather than each key asked
+
+
+@dataclass(frozen=True)
+class Listed:
+    """What :func:`list_together` learned: the object at each key it could answer (None: none),
+    the sub-folders (``…/``) those listings showed, and the keys left to ask one by one."""
+
+    objects: dict[str, ObjectInfo | None]
+    folders: set[str]
+    unlisted: list[str]
+
+
+def list_together(store: ObjectStore, keys: Sequence[str]) -> Listed:
+    """The objects at ``keys`` from their folders' listings, where a folder holds
+    :data:`LISTED_TOGETHER` or more of them: one request (its first page) instead of one a key.
+    A folder with fewer of them, or past one page, is left to the caller, key by key."""
+    by_folder: dict[str, list[str]] = {}
+    for key in keys:
+        by_folder.setdefault(key.rpartition("/")[0] + "/", []).append(key)
+    objects: dict[str, ObjectInfo | None] = {}
+    folders: set[str] = set()
+    unlisted: list[str] = []
+    for folder, members in by_folder.items():
+        page = store.list_page(folder, delimiter="/") if len(members) >= LISTED_TOGETHER else None
+        if page is None or page.next_token is not None:
+            unlisted += members
+            continue
+        listed = {entry.key: entry for entry in page.entries if isinstance(entry, ObjectInfo)}
+        objects.update((key, listed.get(key)) for key in members)
+        folders.update(entry.prefix for entry in page.entries if isinstance(entry, CommonPrefix))
+    return Listed(objects, folders, unlisted)
+
+
 def delete_prefix(store: ObjectStore, prefix: str) -> tuple[int, int]:
     """Delete every object under ``prefix``, 1,000 per request; returns (objects, bytes) freed."""
     batch: list[str] = []
