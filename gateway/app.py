@@ -143,6 +143,7 @@ def open_pod_backend(settings: Settings, store_url: str | None = None) -> PodBac
             network=settings.slurm_docker_network,
             pull=settings.slurm_pull,
             direct_channel=settings.slurm_direct_channel,
+            gateway_address=pod_host_address(settings) or "",
             **every,
         )
     from gateway.pods.local import LocalPodBackend

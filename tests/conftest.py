@@ -424,7 +424,7 @@ class SlurmCluster:
 
         return SlurmPodBackend(
             conf=self.env["KGPU_SLURM_CONF"], gpu_device_dir=self.env["KGPU_SLURM_GPU_DEVICE_DIR"],
-            prefix=DOCKER_TEST_PREFIX, pull=False, **extra,
+            prefix=DOCKER_TEST_PREFIX, pull=False, gateway_address=self.env["KGPU_SLURM_GATEWAY_ADDRESS"], **extra,
         )
 
 

@@ -441,18 +441,27 @@ def test_pod_files_travel_on_a_connection_of_their_own_and_fall_back_to_srun(pod
 def test_a_pod_can_neither_take_the_channel_nor_replay_its_secret(pod_backend, slurm_cluster, monkeypatch):
     """A run in the pod reaches the gateway's address (its API is there), so it can knock on a
     transfer's listener: guessing before the step joins gets nothing, and the step still joins;
-    the secret itself, once used, opens nothing (the listener is closed)."""
+    the secret itself, once used, opens nothing (the listener is closed). The listener is on the
+    gateway's cluster address only: its port on another address of the host (127.0.0.1) refuses."""
     from gateway.pods import slurm_channel
     from tests.test_pod_hostile import sh, start_pod
 
     gateway = slurm_cluster.env["KGPU_SLURM_GATEWAY_ADDRESS"]
     ref = start_pod(pod_backend)
     made: list = []
+    seen: list = []
 
     class Raced(slurm_channel.Rendezvous):
-        def __init__(self):
-            super().__init__()
-            made.append(self)  # the pod knocks before the step is even started
+        def __init__(self, address: str = ""):
+            super().__init__(address)
+            made.append(self)
+            seen.append(self.listener.getsockname()[0])
+            try:  # the host's loopback, while the listener is open
+                socket.create_connection(("127.0.0.1", self.port), timeout=2).close()
+                seen.append("accepted")
+            except ConnectionRefusedError:
+                seen.append("refused")
+            # the pod knocks before the step is even started
             pod_backend.start_run(ref, "run-knock", ["perl", "-e", KNOCK, gateway, str(self.port), "0" * 64, "3"], {})
 
     try:
@@ -461,6 +470,7 @@ def test_a_pod_can_neither_take_the_channel_nor_replay_its_secret(pod_backend, s
         stream = pod_backend.stream(ref, ["-c", "cat"], {})
         monkeypatch.undo()
         assert stream is not None, "the pod's knocks stopped the step from joining"
+        assert seen == [gateway, "refused"]
         try:
             stream.data.sendall(b"mine")
             stream.data.shutdown(socket.SHUT_WR)

@@ -109,15 +109,15 @@ def test_the_node_script_carries_the_process_stdio_and_keeps_the_secret_off_its_
     made: list[Rendezvous] = []
 
     class Recorded(Rendezvous):
-        def __init__(self):
-            super().__init__()
+        def __init__(self, address: str = ""):
+            super().__init__(address)
             made.append(self)
 
     monkeypatch.setattr(slurm_channel, "Rendezvous", Recorded)
     seen: list[list[str]] = []
 
-    def step(port: int) -> list[str]:
-        seen.append(["bash", "-c", NODE_SCRIPT, "kgpu", str(port), "sh", "-c", "cat; echo end >&2"])
+    def step(address: str, port: int) -> list[str]:
+        seen.append(["bash", "-c", NODE_SCRIPT, "kgpu", address, str(port), "sh", "-c", "cat; echo end >&2"])
         return seen[-1]
 
     stream = open_direct(step, LOCAL_NODE, "test")
@@ -144,10 +144,10 @@ def test_a_failed_rendezvous_kills_the_step_and_says_so(caplog):
     caplog.set_level(logging.WARNING, logger=slurm_channel.__name__)
     node = {**LOCAL_NODE, "SLURM_SRUN_COMM_HOST": "127.0.0.1"}
 
-    def nowhere(port: int) -> list[str]:  # connects to a port where nobody listens
+    def nowhere(address: str, port: int) -> list[str]:  # connects to a port where nobody listens
         with socket.create_server(("127.0.0.1", 0)) as other:
             closed = other.getsockname()[1]
-        return ["bash", "-c", NODE_SCRIPT, "kgpu", str(closed), "cat"]
+        return ["bash", "-c", NODE_SCRIPT, "kgpu", address, str(closed), "cat"]
 
     assert open_direct(nowhere, node, "slurm pod 1/x") is None
     assert "slurm pod 1/x: the direct channel failed" in caplog.text
@@ -156,7 +156,8 @@ def test_a_failed_rendezvous_kills_the_step_and_says_so(caplog):
 
 def test_a_step_that_never_connects_is_killed_at_the_deadline():
     marker = f"kgpu-channel-test-{uuid.uuid4().hex}"
-    assert open_direct(lambda port: ["sh", "-c", f"sleep 60; : {marker}"], LOCAL_NODE, "test", join_s=0.5) is None
+    never = ["sh", "-c", f"sleep 60; : {marker}"]
+    assert open_direct(lambda address, port: never, LOCAL_NODE, "test", join_s=0.5) is None
     assert subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout == b""
 
 
@@ -164,5 +165,61 @@ def test_a_step_that_never_connects_is_killed_at_the_deadline():
 def test_without_the_srun_address_the_step_says_why(missing, caplog):
     caplog.set_level(logging.WARNING, logger=slurm_channel.__name__)
     env = {k: v for k, v in LOCAL_NODE.items() if k != missing}
-    assert open_direct(lambda port: ["bash", "-c", NODE_SCRIPT, "kgpu", str(port), "cat"], env, "t") is None
+
+    def step(address: str, port: int) -> list[str]:
+        return ["bash", "-c", NODE_SCRIPT, "kgpu", address, str(port), "cat"]
+
+    assert open_direct(step, env, "t") is None
     assert "SLURM_SRUN_COMM_HOST is not set" in caplog.text
+
+
+def test_the_listener_binds_only_the_nodes_address_and_the_transfer_still_flows(monkeypatch):
+    """Nodes that reach this host at 127.0.0.2 (10.77.0.1 on the test cluster): while a transfer's
+    listener is open, its port on another address of this host (127.0.0.1) refuses, and the step,
+    told that address (not SLURM_SRUN_COMM_HOST), joins."""
+    seen: list = []
+
+    class Knocked(Rendezvous):
+        def __init__(self, address: str = ""):
+            super().__init__(address)
+            seen.append((self.listener.getsockname(), refused(self.port)))
+
+    monkeypatch.setattr(slurm_channel, "Rendezvous", Knocked)
+    node = {"PATH": "/usr/bin:/bin"}
+    stream = open_direct(lambda address, port: ["bash", "-c", NODE_SCRIPT, "kgpu", address, str(port), "cat"],
+                         node, "test", "127.0.0.2")
+    assert stream is not None
+    try:
+        stream.data.sendall(b"z" * (1 << 20))
+        stream.data.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := stream.data.recv(1 << 20):
+            got += chunk
+        assert got == b"z" * (1 << 20)
+        assert stream.process.wait(10) == 0
+    finally:
+        stream.data.close()
+        stream.stderr.close()
+    [((address, port), elsewhere_refused)] = seen
+    assert (address, elsewhere_refused) == ("127.0.0.2", True)
+
+
+def test_an_address_this_host_does_not_have_falls_back_to_srun_without_a_step(caplog):
+    caplog.set_level(logging.WARNING, logger=slurm_channel.__name__)
+    started: list = []
+    assert open_direct(lambda address, port: started.append(port) or ["true"], LOCAL_NODE, "t", "192.0.2.1") is None
+    assert started == [] and "no direct channel (cannot listen on '192.0.2.1'" in caplog.text
+
+
+def test_without_the_nodes_address_the_listener_binds_every_address_and_the_backend_says_so(caplog):
+    from gateway.pods.slurm import SlurmPodBackend
+
+    caplog.set_level(logging.WARNING, logger="gateway.pods.slurm")
+    SlurmPodBackend(gateway_address="10.77.0.1")
+    SlurmPodBackend(direct_channel=False)
+    assert "KGPU_SLURM_GATEWAY_ADDRESS is not set" not in caplog.text
+    SlurmPodBackend()
+    assert caplog.text.count("KGPU_SLURM_GATEWAY_ADDRESS is not set: the direct channel's one-time listeners bind") == 1
+    rendezvous = Rendezvous()
+    assert rendezvous.listener.getsockname()[0] == "0.0.0.0"
+    rendezvous.close()

@@ -164,6 +164,7 @@ class SlurmPodBackend(ExecRuns):
         command_timeout_s: float = 90,  # a long-poll's srun waits up to 60 s
         start_wait_s: float = 60,
         direct_channel: bool = True,
+        gateway_address: str = "",
     ):
         self.conf = conf
         self.partition = partition
@@ -183,6 +184,11 @@ class SlurmPodBackend(ExecRuns):
         self.call_timeout_s = CALL_TIMEOUT_S  # a call into the pod that does not wait on purpose
         self.start_wait_s = start_wait_s
         self.direct_channel = direct_channel  # transfers on a connection of their own (stream)
+        # This host's address on the cluster's network: the direct channel listens only there.
+        self.gateway_address = gateway_address
+        if direct_channel and not gateway_address:
+            log.warning("KGPU_SLURM_GATEWAY_ADDRESS is not set: the direct channel's one-time listeners bind "
+                        "every address of this host, not only the cluster's network (docs/slurm.md)")
         self._up: set[str] = set()  # pods whose container was seen running
         self._instance: str | None = None
         self._inventory: tuple[float, list[GpuClass]] | None = None
@@ -517,8 +523,8 @@ class SlurmPodBackend(ExecRuns):
         self._wait_up(ref)
         inner = ["sh", "-c", NODE_ENTER_SCRIPT, "kgpu", name, ",".join(sorted(env)), *login_command(args)]
         stream = open_direct(
-            lambda port: self._srun(job_id, ["bash", "-c", NODE_SCRIPT, "kgpu", str(port), *inner]),
-            self._env(env), f"slurm pod {ref}",
+            lambda address, port: self._srun(job_id, ["bash", "-c", NODE_SCRIPT, "kgpu", address, str(port), *inner]),
+            self._env(env), f"slurm pod {ref}", self.gateway_address,
         )
         if stream is not None:
             stream.own_stderr = SRUN_EXIT_REPORT

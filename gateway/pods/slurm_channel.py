@@ -4,20 +4,24 @@ srun carries a step's stdin and stdout in messages of 1 KiB (Slurm's ``MAX_MSG_L
 transfer at 5-15 MiB/s whatever its options (docs/slurm.md). So a transfer (a pod file, an SSH
 session without a terminal) opens a TCP connection of its own from the node to the gateway:
 
-1. The gateway listens on a port of its own (any address, as srun does for its own I/O) and starts
-   the step ``bash -c NODE_SCRIPT kgpu PORT docker exec …`` with srun's stdio as before.
+1. The gateway listens on a port of its own, on the address the nodes reach it at
+   (KGPU_SLURM_GATEWAY_ADDRESS; without one, on every address, as srun does for its own I/O), and
+   starts the step ``bash -c NODE_SCRIPT kgpu ADDRESS PORT docker exec …`` with srun's stdio as before.
 2. It writes a one-time secret, the first and only line of the step's stdin: never on a command
    line, in an environment or in a log.
-3. On the node, outside the pod's container, the script reads it, connects to
-   ``$SLURM_SRUN_COMM_HOST`` (the address of the gateway's srun, as slurmstepd reaches it) at PORT,
-   says the secret, and runs ``docker exec -i`` with that connection as its stdin and stdout. The
-   container gets docker's pipes, never the socket; srun's stderr still carries what the step says.
+3. On the node, outside the pod's container, the script reads it, connects to ADDRESS (the one the
+   listener binds; empty: ``$SLURM_SRUN_COMM_HOST``, the address of the gateway's srun, as
+   slurmstepd reaches it) at PORT, says the secret, and runs ``docker exec -i`` with that
+   connection as its stdin and stdout. The container gets docker's pipes, never the socket; srun's
+   stderr still carries what the step says.
 4. The gateway takes the first connection that says the secret and closes the listener. A
    connection that says anything else, or nothing within ``HELLO_S``, is dropped; after
    ``MAX_TRIES`` of them, or ``JOIN_S`` without a join, or once the step has exited, the
    rendezvous has failed: the step is killed and the caller falls back to srun's stdio (logged).
 
-A pod can reach the gateway's address (its API is there), so it could reach the listener too; it
+With KGPU_SLURM_GATEWAY_ADDRESS set, the listener is on that address only: not on this host's
+loopback nor on its public interfaces. A pod can reach the gateway's address (its API is there), so
+it could reach the listener too; it
 never learns the secret (it has no view of the step's stdin nor of the node's processes), a guess
 gets nothing, and the secret dies with the listener once used.
 """
@@ -44,26 +48,30 @@ HELLO_S = 1.0  # what one connection may take to say the secret
 MAX_TRIES = 8  # connections that may try a secret on one listener
 SECRET_BYTES = 32
 
-# On the node, before entering the pod: $1 the gateway's port, the rest the command to run with the
-# connection as its stdin and stdout. bash for /dev/tcp; its `read` takes one byte at a time from a
-# pipe, so nothing past the secret's line is consumed.
+# On the node, before entering the pod: $1 the gateway's address (empty: srun's, as slurmstepd
+# reaches it), $2 its port, the rest the command to run with the connection as its stdin and stdout.
+# bash for /dev/tcp; its `read` takes one byte at a time from a pipe, so nothing past the secret's
+# line is consumed.
 NODE_SCRIPT = r"""
 IFS= read -r secret || { echo "kgpu channel: no secret on stdin" >&2; exit 97; }
-[ -n "${SLURM_SRUN_COMM_HOST:-}" ] || { echo "kgpu channel: SLURM_SRUN_COMM_HOST is not set" >&2; exit 98; }
-exec 3<>"/dev/tcp/$SLURM_SRUN_COMM_HOST/$1" || { echo "kgpu channel: cannot connect to $SLURM_SRUN_COMM_HOST:$1" >&2; exit 98; }
+host="${1:-${SLURM_SRUN_COMM_HOST:-}}"
+[ -n "$host" ] || { echo "kgpu channel: no gateway address given and SLURM_SRUN_COMM_HOST is not set" >&2; exit 98; }
+exec 3<>"/dev/tcp/$host/$2" || { echo "kgpu channel: cannot connect to $host:$2" >&2; exit 98; }
 printf '%s\n' "$secret" >&3
 secret=
-shift
+shift 2
 exec "$@" <&3 >&3 3<&-
 """
 
 
 class Rendezvous:
-    """A one-time listener and its secret: :meth:`join` answers the first connection that says it."""
+    """A one-time listener and its secret: :meth:`join` answers the first connection that says it.
+    ``address``: the only one it listens on, where the nodes reach this host; empty: every address."""
 
-    def __init__(self) -> None:
+    def __init__(self, address: str = "") -> None:
         self.secret = secrets.token_hex(SECRET_BYTES).encode()
-        self.listener = socket.create_server(("", 0), family=socket.AF_INET, backlog=MAX_TRIES)
+        self.address = address
+        self.listener = socket.create_server((address, 0), family=socket.AF_INET, backlog=MAX_TRIES)
         self.port = self.listener.getsockname()[1]
 
     def join(self, alive: Callable[[], bool], join_s: float = JOIN_S) -> tuple[socket.socket | None, str]:
@@ -112,17 +120,23 @@ class Rendezvous:
 
 
 def open_direct(
-    step: Callable[[int], list[str]], env: dict[str, str], what: str, join_s: float = JOIN_S,
+    step: Callable[[str, int], list[str]], env: dict[str, str], what: str, address: str = "",
+    join_s: float = JOIN_S,
 ) -> PodStream | None:
-    """Start ``step(port)`` (an srun of NODE_SCRIPT) in a session of its own, hand it the secret and
-    wait for its connection. None when the rendezvous failed (the step killed, the reason logged):
-    the caller then uses srun's stdio."""
-    rendezvous = Rendezvous()
+    """Listen on ``address`` (see Rendezvous), start ``step(address, port)`` (an srun of NODE_SCRIPT,
+    told where to connect) in a session of its own, hand it the secret and wait for its connection.
+    None when the rendezvous failed (the step killed, the reason logged): the caller then uses
+    srun's stdio."""
+    try:
+        rendezvous = Rendezvous(address)
+    except OSError as exc:  # the address is not (or no longer) this host's
+        log.warning("%s: no direct channel (cannot listen on %r: %s); using srun's stdio", what, address, exc)
+        return None
     ours, theirs = socket.socketpair()
     try:
         process = subprocess.Popen(
-            step(rendezvous.port), env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=theirs,
-            start_new_session=True,
+            step(rendezvous.address, rendezvous.port), env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            stderr=theirs, start_new_session=True,
         )
     except OSError as exc:
         rendezvous.close()
