@@ -263,7 +263,9 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
             tokens_revoked=app.state.authenticator.invalidate,
         )
         app.state.runs = Runs(app.state.rentals)
-        app.state.pod_files = PodFiles(app.state.runs, settings.pod_files_idle_seconds)
+        app.state.pod_files = PodFiles(
+            app.state.runs, settings.pod_files_idle_seconds, per_user=settings.pod_files_per_user
+        )
         app.state.transit = TransitObjects(settings, sessions, active_store, app.state.usage)
         snapshots = traffic.Snapshots(settings.metrics_dir)  # this process's counts, for its siblings' scrapes
         snapshots.start()

@@ -81,3 +81,8 @@ class RangeNotSatisfiable(DomainError):
 
 class NoSpace(DomainError):
     """The place being written has no room left (a pod's disk)."""
+
+
+class Busy(DomainError):
+    """The caller already has as many of these going at once as one caller may (pod-file
+    transfers): refused at once, to try again once one of theirs ends (Retry-After)."""

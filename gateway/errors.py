@@ -23,7 +23,7 @@ from drive.keys import InvalidPath
 from drive.store import ObjectNotFound, StoreUnavailable
 from gateway.bounds import header_problem
 from gateway.domain_errors import (
-    BadInput, Conflict, DomainError, Forbidden, Gone, InsufficientCredits, Invalid, NoSpace, NotFound,
+    BadInput, Busy, Conflict, DomainError, Forbidden, Gone, InsufficientCredits, Invalid, NoSpace, NotFound,
     RangeNotSatisfiable, TooLarge, Unavailable,
 )
 from gateway.pods import PodError
@@ -83,6 +83,7 @@ _DOMAIN_STATUS: dict[type[DomainError], int] = {
     BadInput: 400,
     RangeNotSatisfiable: 416,
     NoSpace: 507,
+    Busy: 429,
 }
 
 
@@ -92,6 +93,15 @@ def status_of(error: DomainError) -> int:
         if kind in _DOMAIN_STATUS:
             return _DOMAIN_STATUS[kind]
     return 500
+
+
+def _headers_of(error: DomainError) -> dict[str, str] | None:
+    """What a domain error's answer says besides its envelope: where a resume starts, when to retry."""
+    if isinstance(error, RangeNotSatisfiable):
+        return {"Content-Range": f"bytes */{error.size}"}
+    if isinstance(error, Busy):
+        return {"Retry-After": "5"}
+    return None
 
 
 def envelope(status: int, error_code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -173,8 +183,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(DomainError)
     async def _domain_error(_: Request, exc: DomainError):
-        headers = {"Content-Range": f"bytes */{exc.size}"} if isinstance(exc, RangeNotSatisfiable) else None
-        return envelope(status_of(exc), exc.error_code, exc.message, headers)
+        return envelope(status_of(exc), exc.error_code, exc.message, _headers_of(exc))
 
     @app.exception_handler(InvalidPath)
     async def _invalid_path(_: Request, exc: InvalidPath):

@@ -59,7 +59,7 @@ _DEFAULT_DESCRIPTIONS = {
     423: "Locked (WebDAV lock): send its lock token in an If header",
     503: "Unavailable for a few seconds: retry after Retry-After",
 }
-_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
 _LOCATION = {"Location": {"description": "where to go", "schema": {"type": "string"}}}
 _CHALLENGE = {
     "WWW-Authenticate": {
@@ -67,7 +67,7 @@ _CHALLENGE = {
         "schema": {"type": "string"},
     }
 }
-_HEADERS_OF = {401: _CHALLENGE, 503: _RETRY_AFTER}
+_HEADERS_OF = {401: _CHALLENGE, 503: RETRY_AFTER}
 
 # Statuses every operation can answer: a header no request may carry is refused before routing.
 _ANY_REQUEST = {
@@ -227,7 +227,7 @@ def _tidy(operation: dict, method: str) -> None:
             responses[key] = _error_response(description, status)
     for key, response in responses.items():
         if key == "503" and "headers" not in response:
-            response["headers"] = _RETRY_AFTER
+            response["headers"] = RETRY_AFTER
         code = int(key) if key.isdigit() else 0
         if method == "head" or code in (204, 301, 302):
             response.pop("content", None)

@@ -1,7 +1,7 @@
 """Pod files (issue 22, item 1): a rental's files read, written and listed by its owner (or its
 in-pod token) through the gateway, streamed both ways. The pod-side protocol and the path's
-checks are gateway/pods/files.py; here: which rental, how many transfers a pod takes at once,
-and what each refusal means to the caller (docs/pod-files.md)."""
+checks are gateway/pods/files.py; here: which rental, how many transfers a pod, and a user across
+all their pods, take at once, and what each refusal means to the caller (docs/pod-files.md)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from datetime import datetime, timezone
 
-from gateway.domain_errors import BadInput, Conflict, Forbidden, NoSpace, NotFound, RangeNotSatisfiable, Unavailable
-from gateway.pods.bounded import CallSlots
+from gateway.domain_errors import (
+    BadInput, Busy, Conflict, Forbidden, NoSpace, NotFound, RangeNotSatisfiable, Unavailable,
+)
+from gateway.pods.bounded import CallerBusy, CallSlots
 from gateway.pods.files import (
     Download, PodFileError, PodPath, Written, list_folder, pod_path, reading, write_file,
 )
@@ -18,6 +20,7 @@ from gateway.principal import Principal
 from gateway.runs import Runs
 
 TRANSFERS_PER_POD = 4  # a pod's file transfers at once; more are refused (503) until one ends
+TRANSFERS_PER_USER = 8  # one user's, across all their pods (KGPU_POD_FILES_PER_USER); more: 429
 
 
 def _refusal(error: PodFileError, path: PodPath | None = None):
@@ -59,12 +62,16 @@ def _iso(seconds: int) -> str:
 
 class PodFiles:
     """Files in the caller's rented pods. ``pod`` is blocking (the database); the transfers are
-    coroutines, each a process in the pod whose every read and write waits at most ``idle_s``."""
+    coroutines, each a process in the pod whose every read and write waits at most ``idle_s``,
+    and each holds a slot of its pod's ``per_pod`` and of its user's ``per_user`` (in this process)
+    from its start to its end, however it ends."""
 
-    def __init__(self, runs: Runs, idle_s: float, per_pod: int = TRANSFERS_PER_POD):
+    def __init__(
+        self, runs: Runs, idle_s: float, per_pod: int = TRANSFERS_PER_POD, per_user: int = TRANSFERS_PER_USER
+    ):
         self.runs = runs
         self.idle_s = idle_s
-        self.slots = CallSlots(per_pod)
+        self.slots = CallSlots(per_pod, per_caller=per_user)
 
     @staticmethod
     def path(text: str, *, folder_ok: bool = True) -> PodPath:
@@ -78,22 +85,42 @@ class PodFiles:
         self.runs.rentals.touch(rental_id)
         return ref
 
+    @contextlib.contextmanager
+    def _transfer(self, principal: Principal, ref: str, path: PodPath) -> Iterator[None]:
+        """One transfer into pod ``ref``: its slots until it ends, or a refusal at once (the pod's
+        ``per_pod`` going: PodBusy, a 503; the user's ``per_user`` across their pods: Busy, a 429),
+        and the pod's refusals in the domain's words."""
+        # A pod's own token counts as its owner; the environment admin token (no user) as one caller.
+        caller = principal.user_id if principal.user_id is not None else principal.email
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(self.slots.hold(ref, caller))
+            except CallerBusy:
+                raise Busy(
+                    "too_many_transfers",
+                    f"you have {self.slots.per_caller} pod-file transfers going, the most one user may at once; "
+                    "try again once one ends",
+                ) from None
+            with refusals(path):
+                yield
+
     @contextlib.asynccontextmanager
-    async def opened(self, ref: str, path: PodPath) -> AsyncIterator[Download]:
+    async def opened(self, principal: Principal, ref: str, path: PodPath) -> AsyncIterator[Download]:
         """The file at ``path`` open in the pod for reading (its size, then any span of it)."""
-        with self.slots.hold(ref), refusals(path):
+        with self._transfer(principal, ref, path):
             async with reading(self._backend, ref, path, self.idle_s) as download:
                 yield download
 
     async def write(
-        self, ref: str, path: PodPath, body: AsyncIterable[bytes], length: int, start: int | None = None
+        self, principal: Principal, ref: str, path: PodPath, body: AsyncIterable[bytes], length: int,
+        start: int | None = None,
     ) -> Written:
         """``length`` bytes of ``body`` into the file (whole, or at ``start``: gateway/pods/files.py)."""
-        with self.slots.hold(ref), refusals(path):
+        with self._transfer(principal, ref, path):
             return await write_file(self._backend, ref, path, body, length, self.idle_s, start)
 
-    async def listing(self, ref: str, path: PodPath) -> dict:
-        with self.slots.hold(ref), refusals(path):
+    async def listing(self, principal: Principal, ref: str, path: PodPath) -> dict:
+        with self._transfer(principal, ref, path):
             entries, more = await list_folder(self._backend, ref, path, self.idle_s)
         return {
             "path": path.text,

@@ -121,6 +121,8 @@ class Settings(BaseSettings):
     run_kill_grace_seconds: float = Field(default=5, ge=0)
     # Pod files (docs/pod-files.md): how long a transfer may go without a byte either way before it is ended.
     pod_files_idle_seconds: float = Field(default=60, ge=1, le=3600)
+    # One user's pod-file transfers at once across all their pods, in each worker process; more are refused (429).
+    pod_files_per_user: int = Field(default=8, ge=1, le=10_000)
 
     # The SSH bastion into pods (docs/ssh.md). Port 0: no SSH. The host handed to clients; empty:
     # the host of public_base_url, else the host the request came to. The host key: the key itself

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from gateway.pods import PodError
-from gateway.pods.bounded import CallSlots, PodBusy, read_docker_stream, run_bounded
+from gateway.pods.bounded import CallerBusy, CallSlots, PodBusy, read_docker_stream, run_bounded
 
 
 def alive(pid: int) -> bool:
@@ -66,6 +66,33 @@ def test_one_pod_holds_only_a_few_calls():
         with slots.hold("b"):  # another pod is not held back
             pass
     with slots.hold("a"), slots.hold("a"):  # given back
+        pass
+
+
+def test_one_caller_holds_only_a_few_calls_across_its_pods():
+    """A tenant with many pods: each pod has room, but the caller's cap across them is reached;
+    another caller still gets in, and every way a call ends gives its slots back."""
+    slots = CallSlots(per_pod=2, per_caller=3)
+    with slots.hold("a", "mallory"), slots.hold("a", "mallory"), slots.hold("b", "mallory"):
+        with pytest.raises(CallerBusy):
+            with slots.hold("c", "mallory"):  # a pod with nothing in flight
+                pass
+        with pytest.raises(PodBusy):  # the pod's cap is still the pod's, and a refusal takes nothing
+            with slots.hold("a", "alice"):
+                pass
+        with slots.hold("c", "alice"), slots.hold("b", "alice"):  # another caller is not held back
+            pass
+        with slots.hold("c"):  # nor a call that names no caller (a run's)
+            pass
+    with pytest.raises(RuntimeError):  # a call that fails gives its slots back
+        with slots.hold("a", "mallory"), slots.hold("b", "mallory"), slots.hold("c", "mallory"):
+            raise RuntimeError("the pod went away")
+    with slots.hold("a", "mallory"), slots.hold("a", "mallory"), slots.hold("b", "mallory"):  # all three again
+        with pytest.raises(CallerBusy):
+            with slots.hold("b", "mallory"):
+                pass
+    # Refusals took nothing: mallory's none of c's, alice's none of hers.
+    with slots.hold("c", "alice"), slots.hold("c", "alice"), slots.hold("a", "alice"):
         pass
 
 

@@ -1,10 +1,12 @@
 """/v1/gpus/{id}/files (issue 22, item 1; docs/pod-files.md) over HTTP, on the local backend: upload,
-download, Range, listings, resumes after a cut at 40 % both ways with curl, who may use it, and
-what every bad request answers. The backends' side (local, docker, slurm) is in
-tests/test_pod_conformance.py; the hostile paths in tests/test_pod_hostile.py."""
+download, Range, listings, resumes after a cut at 40 % both ways with curl, who may use it, what
+every bad request answers, and how many transfers one user may hold across their pods. The
+backends' side (local, docker, slurm) is in tests/test_pod_conformance.py; the hostile paths in
+tests/test_pod_hostile.py."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -223,3 +225,126 @@ def test_curl_uploads_and_downloads_as_the_docs_say(stack, user, gpu, tmp_path):
     curl("-f", "-T", str(source), url(stack, gpu, "notes/in.txt"), token=user.token)
     got = curl("-f", url(stack, gpu, "notes/in.txt"), token=user.token)
     assert got.stdout == b"hello pod\n"
+
+
+# One tenant cannot starve the others: a user's transfers across all their pods are capped
+# (KGPU_POD_FILES_PER_USER, 8 by default), besides each pod's 4.
+
+
+def _rent(stack, account) -> str:
+    reply = requests.post(f"{stack.base}/v1/gpus", json={"name": "t"}, headers=account.auth)
+    assert reply.status_code == 201, reply.text
+    return reply.json()["gpu_id"]
+
+
+def _held_download(stack, auth: dict, gpu: str, *, wait_s: float = 0) -> requests.Response:
+    """A download of a 1 GiB file whose body is left unread: once its head is back, its transfer
+    holds its slots (taken before the head) until the answer is closed (or dropped: keep it). With
+    ``wait_s``: asked again while refused, for that long (slots still being given back)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        reply = requests.get(url(stack, gpu, "/tmp/big.bin"), headers=auth, stream=True, timeout=30)
+        if reply.status_code == 200:
+            return reply
+        reply.close()
+        assert reply.status_code in (429, 503) and time.monotonic() < deadline, (reply.status_code, reply.headers)
+        time.sleep(0.2)
+
+
+def _held_upload(stack, user, token: str, gpu: str) -> socket.socket:
+    """An upload that sends its head and a few bytes, then nothing; returned once its transfer has
+    begun in the pod (the file is there), so its slots are held."""
+    parts = urlsplit(stack.base)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=30)
+    sock.sendall((
+        f"PUT /v1/gpus/{gpu}/files/stalled.bin HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        f"Authorization: Bearer {token}\r\nContent-Length: 1000\r\nContent-Range: bytes 0-999/1000\r\n\r\nabc"
+    ).encode())
+    deadline = time.monotonic() + 30
+    while in_pod(stack, user, gpu, "[ -e stalled.bin ] && echo begun || true") != "begun\n":
+        assert time.monotonic() < deadline, "the stalled upload never began"
+        time.sleep(0.2)
+    return sock
+
+
+def _pod_token(stack, user, gpu: str) -> dict:
+    """The Authorization header of the pod's own token (a run's KGPU_API_TOKEN)."""
+    return {"Authorization": "Bearer " + in_pod(stack, user, gpu, 'printf %s "$KGPU_API_TOKEN"')}
+
+
+def _refused_for_the_user(reply: requests.Response) -> None:
+    assert reply.status_code == 429, (reply.request.method, reply.request.url, reply.status_code)  # not a GiB of body
+    assert reply.headers["retry-after"] == "5"
+    if reply.request.method != "HEAD":
+        body = reply.json()
+        assert body["error_code"] == "too_many_transfers" and "8 pod-file transfers" in body["message"], body
+        assert body["trace_id"]
+
+
+def test_one_user_cannot_hold_every_transfer_across_their_pods(stack, user):
+    """A tenant with three pods holds 8 transfers (4 on one pod, 4 on another, two of those by that
+    pod's own token): every further one is refused at once, on the third pod too, whose own cap is
+    far off, and writes nothing; another user's transfers go through meanwhile; once the tenant's
+    clients go, or a pod with 4 of them, every slot comes back (8 held again, the 9th refused again)."""
+    assert stack.settings.pod_files_per_user == 8  # what the counts below are made of
+    other = stack.new_user()
+    pods = [_rent(stack, user) for _ in range(3)]
+    theirs = _rent(stack, other)
+    downloads: list[requests.Response] = []
+    uploads: list[socket.socket] = []
+
+    def let_go() -> None:
+        for client in [*downloads, *uploads]:
+            client.close()
+        downloads.clear()
+        uploads.clear()
+
+    try:
+        for gpu in pods:
+            in_pod(stack, user, gpu, "truncate -s 1G /tmp/big.bin")
+        pod_token = _pod_token(stack, user, pods[1])
+        downloads.extend(_held_download(stack, user.auth, pods[0]) for _ in range(4))
+        downloads.extend(_held_download(stack, user.auth, pods[1]) for _ in range(2))
+        downloads.append(_held_download(stack, pod_token, pods[1]))
+        uploads.append(_held_upload(stack, user, pod_token["Authorization"].split()[1], pods[1]))
+
+        idle = pods[2]  # no transfer of its own: only the user's cap refuses
+        _refused_for_the_user(requests.get(url(stack, idle, "/tmp/big.bin"), headers=user.auth, stream=True))
+        _refused_for_the_user(requests.head(url(stack, idle, "/tmp/big.bin"), headers=user.auth))
+        _refused_for_the_user(requests.get(url(stack, idle, "/tmp/"), headers=user.auth))
+        _refused_for_the_user(requests.put(url(stack, idle, "new.bin"), data=b"lost?", headers=user.auth))
+        idle_token = _pod_token(stack, user, idle)
+        _refused_for_the_user(requests.put(url(stack, idle, "new.bin"), data=b"lost?", headers=idle_token))
+        assert in_pod(stack, user, idle, "ls -A") == ""  # a refused upload wrote nothing
+
+        # Meanwhile another user moves files at will.
+        data = os.urandom(MiB)
+        put = requests.put(url(stack, theirs, "mine.bin"), data=data, headers=other.auth)
+        assert put.status_code == 201, put.text
+        got = requests.get(url(stack, theirs, "mine.bin"), headers=other.auth)
+        assert (got.status_code, got.content) == (200, data)
+
+        # The tenant's clients go (downloads unread, an upload cut): all 8 slots come back, none more.
+        let_go()
+        for gpu in [pods[0]] * 4 + [pods[1]] * 4:
+            downloads.append(_held_download(stack, user.auth, gpu, wait_s=30))
+        _refused_for_the_user(requests.get(url(stack, idle, "/tmp/"), headers=user.auth))
+
+        # A pod that goes ends its transfers, and gives back their slots: 4 more on the idle pod.
+        gone = requests.delete(f"{stack.base}/v1/gpus/{pods[0]}", headers=user.auth)
+        assert gone.status_code == 200, gone.text
+        drained = 0
+        for reply in downloads[:4]:  # what was on its way still arrives, then the body is cut short
+            with contextlib.suppress(requests.RequestException):
+                for chunk in reply.iter_content(1 << 20):
+                    drained += len(chunk)
+        assert drained < 4 << 30, drained  # none was whole: each ended with its pod
+        for _ in range(4):
+            downloads.append(_held_download(stack, user.auth, idle, wait_s=30))
+        pods.append(_rent(stack, user))  # room in a pod again, none for the user
+        _refused_for_the_user(requests.get(url(stack, pods[-1], "/tmp/"), headers=user.auth))
+    finally:
+        let_go()
+        for gpu in pods:
+            requests.delete(f"{stack.base}/v1/gpus/{gpu}", headers=user.auth)
+        requests.delete(f"{stack.base}/v1/gpus/{theirs}", headers=other.auth)

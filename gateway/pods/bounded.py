@@ -17,7 +17,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 
 from gateway.pods import PodError
@@ -32,31 +32,48 @@ class PodBusy(PodError):
     """The pod already has as many calls in flight as one pod may."""
 
 
-class CallSlots:
-    """At most ``per_pod`` calls into one pod at once: the rest are refused at once (PodBusy)
-    rather than queued behind a pod that may never answer."""
+class CallerBusy(Exception):
+    """The caller already has as many calls in flight, across all its pods, as one caller may
+    (not the pod's doing: no PodError)."""
 
-    def __init__(self, per_pod: int = CALLS_PER_POD):
+
+class CallSlots:
+    """At most ``per_pod`` calls into one pod at once and, with ``per_caller``, at most that many of
+    one caller's calls across all its pods: the rest are refused at once (PodBusy, CallerBusy)
+    rather than queued behind a pod that may never answer, or left to one tenant with many pods."""
+
+    def __init__(self, per_pod: int = CALLS_PER_POD, per_caller: int | None = None):
         self.per_pod = per_pod
-        self._held: dict[str, int] = {}
+        self.per_caller = per_caller
+        self._held: dict[tuple[str, Hashable], int] = {}  # ("pod", ref) or ("caller", who): calls in flight
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
-    def hold(self, ref: str) -> Iterator[None]:
+    def hold(self, ref: str, caller: Hashable | None = None) -> Iterator[None]:
+        """A slot of pod ``ref`` (and of ``caller``, where callers are capped) until the block ends,
+        however it ends; a refusal takes none."""
+        keys = [("pod", ref)]
         with self._lock:
-            held = self._held.get(ref, 0)
+            held = self._held.get(keys[0], 0)
             if held >= self.per_pod:
                 raise PodBusy(f"the pod already has {held} calls in flight; try again shortly")
-            self._held[ref] = held + 1
+            if caller is not None and self.per_caller is not None:
+                keys.append(("caller", caller))
+                held = self._held.get(keys[1], 0)
+                if held >= self.per_caller:
+                    raise CallerBusy(f"the caller already has {held} calls in flight across its pods")
+            for key in keys:
+                self._held[key] = self._held.get(key, 0) + 1
         try:
             yield
         finally:
             with self._lock:
-                left = self._held[ref] - 1
-                if left:
-                    self._held[ref] = left
-                else:
-                    del self._held[ref]
+                for key in keys:
+                    left = self._held[key] - 1
+                    if left:
+                        self._held[key] = left
+                    else:
+                        del self._held[key]
 
 
 @dataclass(frozen=True)

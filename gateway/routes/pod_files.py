@@ -18,7 +18,7 @@ from gateway.deps import PodFilesDep, RentalIdPath
 from gateway.domain_errors import RangeNotSatisfiable
 from gateway.drive_http import AnyPathConvertor
 from gateway.errors import ApiError
-from gateway.openapi import GPU_ENDED, content, errors, merge
+from gateway.openapi import GPU_ENDED, RETRY_AFTER, content, errors, merge
 
 router = APIRouter(tags=["pod files"])
 assert AnyPathConvertor.regex  # imported for what importing it does: {path:anypath} takes newlines, for their 400
@@ -49,6 +49,11 @@ POD_FILE_ERRORS = errors(
     GPU_ENDED,
     (503, "pod_unavailable: the pod did not answer in time, or has 4 transfers going; pod_file_error"),
 )
+_429 = {429: {
+    **errors((429, "too_many_transfers: you have the most pod-file transfers going at once, across your GPUs, "
+                   "that one user may (8 unless the server sets another); retry after Retry-After"))[429],
+    "headers": RETRY_AFTER,
+}}
 _416 = {416: {**errors((416, "range_not_satisfiable: the span starts past the file's end"))[416], "headers": _RANGE_HEADER}}
 _BODY = {
     "requestBody": {
@@ -120,6 +125,7 @@ def _upload_span(request: Request) -> tuple[int | None, int]:
         }),
         content(206, "the span asked for", {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}),
         POD_FILE_ERRORS,
+        _429,
         _416,
     ),
     openapi_extra=_RANGE_PARAM,
@@ -130,9 +136,9 @@ async def get_pod_file(
     target = files.path(path)
     ref = await run_in_threadpool(files.pod, principal, rental_id)
     if target.folder:
-        listing = JSONResponse(await files.listing(ref, target))
+        listing = JSONResponse(await files.listing(principal, ref, target))
         return Response(status_code=200, media_type="application/json") if request.method == "HEAD" else listing
-    opened = files.opened(ref, target)
+    opened = files.opened(principal, ref, target)
     download = await opened.__aenter__()
     try:
         span = _span(request.headers.get("range"), download.size)
@@ -178,6 +184,7 @@ class _Streamed(StreamingResponse):
         POD_FILE_ERRORS,
         errors((411, "length_required: no Content-Length and no Content-Range"),
                (507, "pod_disk_full: the pod's disk has no room")),
+        _429,
         _416,
     ),
     openapi_extra=_BODY,
@@ -189,7 +196,7 @@ async def put_pod_file(
     start, length = _upload_span(request)
     ref = await run_in_threadpool(files.pod, principal, rental_id)
     try:
-        written = await files.write(ref, target, request.stream(), length, start)
+        written = await files.write(principal, ref, target, request.stream(), length, start)
     except ClientDisconnect:
         return Response(status_code=400)  # nobody reads it: the client has gone
     body = {"gpu_id": rental_id, "path": target.text, "size": written.size}
