@@ -6,6 +6,7 @@ import html
 from typing import Iterable, Iterator
 from urllib.parse import quote
 
+from drive.content_types import served_type
 from drive.facts import Facts
 from drive.store import CommonPrefix, ObjectInfo
 
@@ -29,11 +30,13 @@ def entry_json(entry: ObjectInfo | CommonPrefix, drive_prefix: str, facts: Facts
         rel = entry.prefix[len(drive_prefix) :]
         return {"name": rel.rstrip("/").rsplit("/", 1)[-1], "path": rel, "type": "dir"}
     rel = entry.key[len(drive_prefix) :]
+    name = rel.rsplit("/", 1)[-1]
     item = {
-        "name": rel.rsplit("/", 1)[-1],
+        "name": name,
         "path": rel,
         "type": "file",
         "size": entry.size,
+        "content_type": served_type(entry.content_type, name),
         "etag": entry.etag.strip('"'),
         "last_modified": iso_time(facts.mtime if facts is not None else entry.last_modified),
     }

@@ -10,6 +10,7 @@ checks the embedded store accepts it and refuses a tampered one).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -27,6 +28,12 @@ _OUTER_PAD = bytes(b ^ 0x5C for b in range(256))
 
 def _uri_encode(value: str, safe: str = "") -> str:
     return quote(value, safe="-_.~" + safe)
+
+
+@functools.lru_cache(maxsize=256)
+def _query_pair(name: str, value: str) -> str:
+    """``&name=value`` encoded; cached: a download's ``response-content-type`` is one of few types."""
+    return f"&{_uri_encode(name)}={_uri_encode(value)}"
 
 
 def _key_path(key: str) -> str:
@@ -116,7 +123,7 @@ class Presigner:
         if query:
             for name, value in sorted(query.items()):
                 # Every extra name (lower case) sorts after the X-Amz- ones, as SigV4 orders them.
-                canonical_query += f"&{_uri_encode(name)}={_uri_encode(value)}"
+                canonical_query += _query_pair(name, value)
         canonical_request = f"{method}\n{path}\n{canonical_query}\n{headers}\n{names}\nUNSIGNED-PAYLOAD"
         string_to_sign = (
             f"{_ALGORITHM}\n{amz_date}\n{day.scope}\n{hashlib.sha256(canonical_request.encode()).hexdigest()}"

@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from drive import direct, names
 from drive.checksums import Checksum
 from drive.direct import DeclaredMd5, DirectUploadError, NoSuchUpload, PartPlan, TooManyUploads, completed_parts, plan_parts
+from drive.content_types import served_type
 from drive.facts import STORE_MD5, Carried, Facts, FactsBook, proven_md5, resolve
 from drive.keys import DrivePath
 from drive.listing import FOLDER_MARKER, is_hidden
@@ -233,16 +234,24 @@ class DriveService:
         (drive/names.py); None: none is."""
         return names.file_above(self.store, prefix, rel)
 
-    def read_url(self, key: str) -> str:
-        """Where the client reads the object: a presigned GET (the bytes never pass through here)."""
-        return self.store.presign_get(key, self.url_seconds)
+    def read_url(self, key: str, content_type: str | None = None) -> str:
+        """Where the client reads the object: a presigned GET (the bytes never pass through here),
+        answered with ``content_type`` when one is given (drive/content_types.py: served_type)."""
+        return self.store.presign_get(key, self.url_seconds, content_type)
 
-    def file_link(self, key: str) -> tuple[ObjectInfo, Link] | None:
-        """The file at ``key`` and its :meth:`read_url`; None: no file there."""
+    def download_url(self, path: DrivePath) -> str:
+        """The 302's target for the file at ``path``. No HEAD (a redirect is the hot path, and
+        the store itself answers 404 for a missing key), so the stored type is not known: the URL
+        names the type a listing gives the file (drive/content_types.py: served_type)."""
+        return self.read_url(path.key, served_type(None, path.name))
+
+    def file_link(self, key: str, name: str) -> tuple[ObjectInfo, Link] | None:
+        """The file at ``key`` (named ``name``) and its :meth:`read_url`, which answers the file's
+        served type; None: no file there."""
         info = self.store.head(key)
         if info is None:
             return None
-        return info, Link(self.read_url(key), self.url_seconds)
+        return info, Link(self.read_url(key, served_type(info.content_type, name)), self.url_seconds)
 
     # ------------------------------------------------------------ writes
 

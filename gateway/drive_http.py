@@ -28,7 +28,7 @@ from starlette.convertors import Convertor, register_url_convertor
 from drive import keys, listing
 from drive.checksums import ChecksumMismatch, digest_header
 from drive.direct import DeclaredMd5, DirectUploadError, NoSuchUpload, TooManyUploads, parse_md5, parse_number
-from drive.content_types import known_type, stored_type
+from drive.content_types import known_type, served_type, stored_type
 from drive.facts import BadClientFact, ClientFacts, client_facts
 from drive.keys import DrivePath, InvalidPath
 from drive import names
@@ -220,7 +220,7 @@ async def head(request: Request, drive: Drive) -> Response:
     info, facts = found
     headers = {
         "Content-Length": str(info.size),
-        "Content-Type": info.content_type or "application/octet-stream",
+        "Content-Type": served_type(info.content_type, path.name),
         "ETag": info.etag,
         "Last-Modified": facts.mtime.strftime("%a, %d %b %Y %H:%M:%S GMT"),
         "Accept-Ranges": "bytes",
@@ -237,7 +237,7 @@ async def get(request: Request, drive: Drive) -> Response:
         return await folder(request, drive, path, (drive.mount + path.rel.encode()).decode())
     service = _service(request)
     if wants_json(request):
-        found = await run_in_threadpool(service.file_link, path.key)
+        found = await run_in_threadpool(service.file_link, path.key, path.name)
         if found is None:
             raise ApiError(404, "not_found", f"no file {path.rel}")
         info, link = found
@@ -247,11 +247,10 @@ async def get(request: Request, drive: Drive) -> Response:
                 "size": info.size,
                 "expires_in": link.expires_in,
                 "etag": info.etag.strip('"'),
-                "content_type": info.content_type,
+                "content_type": served_type(info.content_type, path.name),
             }
         )
-    # No HEAD here: a redirect is the hot path, and the store itself answers 404 for a missing key.
-    return Response(status_code=302, headers={"Location": service.read_url(path.key), "Cache-Control": "no-store"})
+    return Response(status_code=302, headers={"Location": service.download_url(path), "Cache-Control": "no-store"})
 
 
 DRAIN_LIMIT = 16 << 20

@@ -132,4 +132,4 @@ class Gateway(FastAPI):
             path = keys.from_raw_path(principal.drive_prefix, rel)
         except InvalidPath:
             return None
-        return drive.read_url(path.key)  # a store that is down raises: the full application answers the 503
+        return drive.download_url(path)  # a store that is down raises: the full application answers the 503

@@ -2,12 +2,14 @@
 
 from datetime import datetime, timezone
 from unittest import mock
+from urllib.parse import parse_qsl, urlsplit
 
 import boto3
 import pytest
 from botocore.config import Config
 
 from drive.presign import Presigner
+from drive.store.s3 import S3ObjectStore
 
 MOMENT = datetime(2026, 5, 17, 1, 2, 3, tzinfo=timezone.utc)
 
@@ -61,3 +63,19 @@ def test_a_signed_content_length_matches_botocore():
     )
     assert ours.presign("PUT", "users/1/sized.bin", 900, now=MOMENT, content_length=1234) == expected
     assert ours.presign("PUT", "users/1/sized.bin", 900, now=MOMENT, content_length=1235) != expected
+
+
+@pytest.mark.parametrize("kind", ["text/csv", "application/gzip", "application/vnd.ms-excel", "text/plain; charset=utf-8"])
+def test_a_download_s_content_type_matches_botocore(kind):
+    """The 302's presigned GET names the file's type (``response-content-type``, signed):
+    drive/store/s3.py presign_get, the URL botocore makes with ``ResponseContentType``."""
+    store = S3ObjectStore("http://127.0.0.1:9000", "AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", "kgpu", "auto")
+    with mock.patch("drive.presign.time.time", return_value=MOMENT.timestamp()):
+        url = store.presign_get("users/1/ünï.csv", 900, kind)
+    expected = botocore_url("http://127.0.0.1:9000", "GET", "users/1/ünï.csv", 900, {"ResponseContentType": kind})
+    assert _parts(url) == _parts(expected)  # botocore writes the same parameters in another order
+
+
+def _parts(url: str) -> tuple:
+    parts = urlsplit(url)
+    return parts.scheme, parts.netloc, parts.path, sorted(parse_qsl(parts.query, keep_blank_values=True))

@@ -16,6 +16,7 @@ from urllib.parse import quote, unquote
 import pytest
 import requests
 
+from drive.content_types import served_type
 from drive.listing import FOLDER_MARKER
 from tests.conftest import Account, LiveServer
 
@@ -101,6 +102,89 @@ def test_http_and_webdav_puts_store_one_name_with_one_type(stack, user, sent):
         stored = {way: dav("HEAD", f"{stack.base}/v1/files/{folder}/{way}/{name}", user).headers["Content-Type"]
                   for way in ("http", "dav")}
         assert stored == {"http": kind, "dav": kind}, name
+
+
+# Objects stored with no Content-Type (straight into the store, a presigned PUT that sent none),
+# and the one type every read reports for each: the name's guess (drive/content_types.py: served_type).
+UNTYPED = {"a.csv": "text/csv", "a.tar.gz": "application/gzip", "noext": "application/octet-stream",
+           "weird.ZZZ": "application/octet-stream", "ünï données.txt": "text/plain"}
+
+
+def _store_untyped(stack, user, folder: str, way: str) -> None:
+    from tests.test_files_api import object_store_client
+
+    client = object_store_client(stack)
+    for name in UNTYPED:
+        if way == "boto3":
+            client.put_object(Bucket=stack.settings.s3_bucket, Key=f"users/{user.id}/{folder}/{name}", Body=b"x,y\n")
+            continue
+        grant = dav("POST", f"{stack.base}/v1/files/{folder}/{quote(name)}", user)
+        assert grant.status_code == 200, grant.text
+        assert requests.put(grant.json()["url"], data=b"x,y\n").status_code == 200  # no Content-Type sent
+    for name in UNTYPED:  # the store holds each with no type of its own (what S3 answers for none)
+        stored = client.head_object(Bucket=stack.settings.s3_bucket, Key=f"users/{user.id}/{folder}/{name}")
+        assert "ContentType" not in stored or stored["ContentType"] in (
+            "binary/octet-stream", "application/octet-stream"
+        ) or stored["ContentType"].split(";")[0] == UNTYPED[name], (name, stored["ContentType"])
+
+
+@pytest.mark.parametrize("way", ["boto3", "presigned PUT"])
+def test_a_file_stored_without_a_type_has_one_type_on_every_protocol(stack, user, way):
+    folder = uuid.uuid4().hex[:8]
+    _store_untyped(stack, user, folder, way)
+    base = f"{stack.base}/v1/files/{folder}/"
+    listed = propfind(base, user)
+    entries = {e["name"]: e for e in requests.get(base + "?json=1", headers=user.auth).json()["entries"]}
+    flat = requests.get(f"{stack.base}/v1/files", params={"prefix": folder + "/"}, headers=user.auth).json()
+    flat = {f["path"].rsplit("/", 1)[-1]: f for f in flat["files"]}
+    for name, kind in UNTYPED.items():
+        url = base + quote(name)
+        redirect = dav("GET", url, user)
+        assert redirect.status_code == 302
+        link = requests.get(url + "?json=1", headers=user.auth).json()
+        seen = {
+            "HEAD": dav("HEAD", url, user).headers["Content-Type"],
+            "GET": requests.get(redirect.headers["Location"]).headers["Content-Type"],
+            "GET /v1/dav": dav("GET", f"{stack.base}/v1/dav/{folder}/{quote(name)}", user).headers["Content-Type"],
+            "?json=1": link["content_type"],
+            "?json=1 url": requests.get(link["url"]).headers["Content-Type"],
+            "PROPFIND 1": listed["/v1/files/" + quote(f"{folder}/{name}")][f"{D}getcontenttype"].text,
+            "PROPFIND 0": propfind(url, user, depth="0")[
+                "/v1/files/" + quote(f"{folder}/{name}")][f"{D}getcontenttype"].text,
+            "folder ?json=1": entries[name]["content_type"],
+            "flat listing": flat[name]["content_type"],
+        }
+        assert seen == dict.fromkeys(seen, kind), (way, name, seen)
+        if stack.target.checks_signatures:  # a tenant cannot have the store answer another type
+            forged = redirect.headers["Location"].replace(quote(kind, safe=""), "text%2Fhtml")
+            assert forged != redirect.headers["Location"] and requests.get(forged).status_code == 403
+
+
+@pytest.mark.parametrize("stored, name, served", [
+    (None, "a.csv", "text/csv"), ("binary/octet-stream", "a.tar.gz", "application/gzip"),
+    ("application/octet-stream", "ünï.txt", "text/plain"), ("", "noext", "application/octet-stream"),
+    ("TEXT/CSV; charset=utf-8", "a.csv", "text/csv"), ("text/plain", "data.bin", "text/plain"),
+    ("text/plain; charset=latin-1", "notes.csv", "text/plain; charset=latin-1"),
+])
+def test_the_served_type_is_the_stored_one_else_the_name_s(stored, name, served):
+    assert served_type(stored, name) == served
+
+
+def test_a_type_sent_on_upload_is_kept_where_the_store_is_asked(stack, user):
+    """A type other than the name's: HEAD, a PROPFIND of the file and ?json=1 (its URL too) give
+    it; a listing and the 302, which ask the store nothing per file, give the name's
+    (docs/my-drive.md)."""
+    folder = uuid.uuid4().hex[:8]
+    put = dav("PUT", f"{stack.base}/v1/files/{folder}/data.bin", user, data=b"hi", headers={"Content-Type": "text/plain"})
+    assert put.status_code == 201
+    url = f"{stack.base}/v1/files/{folder}/data.bin"
+    link = requests.get(url + "?json=1", headers=user.auth).json()
+    assert dav("HEAD", url, user).headers["Content-Type"] == link["content_type"] == "text/plain"
+    assert requests.get(link["url"]).headers["Content-Type"] == "text/plain"
+    assert propfind(url, user, depth="0")[f"/v1/files/{folder}/data.bin"][f"{D}getcontenttype"].text == "text/plain"
+    listed = requests.get(f"{stack.base}/v1/files/{folder}/?json=1", headers=user.auth).json()["entries"]
+    assert [e["content_type"] for e in listed] == ["application/octet-stream"]
+    assert requests.get(url, headers=user.auth).headers["Content-Type"] == "application/octet-stream"
 
 
 def test_depth_infinity_is_refused(stack, user):

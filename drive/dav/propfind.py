@@ -20,7 +20,7 @@ from urllib.parse import quote, unquote
 from wsgidav import util, xml_tools
 from wsgidav.dav_error import DAVError
 
-from drive.content_types import guess_type
+from drive.content_types import served_type
 from drive.dav.context import EXTRAS_KEY, SHARED, AnswerCut, context_of, folder_pages
 from drive.checksums import oc_checksums_text
 from drive.dav.resources import OC_CHECKSUMS, FolderResource, SharedRoot
@@ -221,7 +221,7 @@ def fast_propfind(provider: ObjectStoreProvider, environ: dict, start_response):
         known = {
             "{DAV:}resourcetype": "",
             "{DAV:}getcontentlength": str(info.size),
-            "{DAV:}getcontenttype": info.content_type or guess_type(name),
+            "{DAV:}getcontenttype": served_type(info.content_type, name),
             "{DAV:}getlastmodified": _rfc1123(modified.timestamp()) if modified is not None else _NOT_FOUND,
             "{DAV:}displayname": name,
             "{DAV:}getetag": f'"{etag}"' if etag else _NOT_FOUND,

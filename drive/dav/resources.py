@@ -34,7 +34,7 @@ from wsgidav.xml_tools import etree
 
 from drive import keys, names
 from drive.checksums import InvalidChecksum, oc_checksums_text, parse_oc_checksum
-from drive.content_types import guess_type, stored_type
+from drive.content_types import guess_type, served_type, stored_type
 from drive.dav.bodies import BodyWriter, PresignedReader
 from drive.dav.context import (
     CACHE_KEY,
@@ -176,9 +176,7 @@ class FileResource(_Located, DAVNonCollection):
         return self.info.size if self.info else 0
 
     def get_content_type(self) -> str:
-        if self.info and self.info.content_type:
-            return self.info.content_type
-        return guess_type(self.name)
+        return served_type(self.info.content_type if self.info else None, self.name)
 
     def get_display_name(self) -> str:
         return self.name

@@ -115,7 +115,9 @@ class ObjectStore(Protocol):
     def copy(self, src_key: str, dst_key: str) -> str:
         """A server-side copy; returns the new object's ETag."""
 
-    def presign_get(self, key: str, expires_in: int) -> str: ...
+    def presign_get(self, key: str, expires_in: int, content_type: str | None = None) -> str:
+        """A presigned GET; with ``content_type``, the store answers it with that Content-Type
+        (``response-content-type``, signed) whatever type the object was stored with."""
 
     def presign_put(
         self, key: str, expires_in: int, content_length: int | None = None, content_md5: str | None = None

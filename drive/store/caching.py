@@ -326,8 +326,8 @@ class CachingStore:
     ) -> ListPage:
         return self.inner.list_page(prefix, delimiter=delimiter, token=token, max_keys=max_keys)
 
-    def presign_get(self, key: str, expires_in: int) -> str:
-        return self.inner.presign_get(key, expires_in)
+    def presign_get(self, key: str, expires_in: int, content_type: str | None = None) -> str:
+        return self.inner.presign_get(key, expires_in, content_type)
 
     def create_multipart(self, key: str, content_type: str | None = None) -> str:
         return self.inner.create_multipart(key, content_type)

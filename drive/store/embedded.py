@@ -419,10 +419,10 @@ class EmbeddedStore(S3ObjectStore):
     def _client(self, client) -> None:
         self.__dict__["_client"] = client
 
-    def presign_get(self, key: str, expires_in: int) -> str:
+    def presign_get(self, key: str, expires_in: int, content_type: str | None = None) -> str:
         if not self.server.serving:
             raise self._down()
-        return super().presign_get(key, expires_in)
+        return super().presign_get(key, expires_in, content_type)
 
     def presign_put(
         self, key: str, expires_in: int, content_length: int | None = None, content_md5: str | None = None

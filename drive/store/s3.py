@@ -262,8 +262,9 @@ class S3ObjectStore:
         )
         return reply.get("CopyObjectResult", {}).get("ETag", "")
 
-    def presign_get(self, key: str, expires_in: int) -> str:
-        return self._presigner.presign("GET", key, expires_in)
+    def presign_get(self, key: str, expires_in: int, content_type: str | None = None) -> str:
+        query = {"response-content-type": content_type} if content_type else None
+        return self._presigner.presign("GET", key, expires_in, query=query)
 
     def presign_put(
         self, key: str, expires_in: int, content_length: int | None = None, content_md5: str | None = None

@@ -49,10 +49,12 @@ _STR, _INT = {"type": "string"}, {"type": "integer", "minimum": 0}
 _NULLABLE_STR = {"type": ["string", "null"]}
 _SHA1 = {"type": "string", "description": "SHA1 (hex) of bytes that passed through the gateway"}
 _MD5 = {"type": "string", "description": "MD5 (hex) of bytes that passed through the gateway"}
+_CONTENT_TYPE = {"type": "string", "description": "the file's Content-Type (drive/content_types.py: served_type)"}
 _MODIFIED = {"type": "string", "description": "the modification time a client gave (X-OC-Mtime), else the store's"}
 ENTRY = _object(
     {"name": _STR, "path": _STR, "type": {"type": "string", "enum": ["file", "dir"]}},
     size=_INT,
+    content_type=_CONTENT_TYPE,
     etag=_STR,
     last_modified=_MODIFIED,
     sha1=_SHA1,
@@ -80,7 +82,7 @@ MINTED_MANY = _object(
         "expires_in": _INT,
     }
 )
-FILE_LINK = _object({"url": _STR, "size": _INT, "expires_in": _INT, "etag": _STR, "content_type": _NULLABLE_STR})
+FILE_LINK = _object({"url": _STR, "size": _INT, "expires_in": _INT, "etag": _STR, "content_type": _CONTENT_TYPE})
 FOLDER = _object({"path": _STR, "entries": {"type": "array", "items": ENTRY}})
 LISTING = _object(
     {
@@ -90,7 +92,9 @@ LISTING = _object(
         "files": {
             "type": "array",
             "items": _object(
-                {"path": _STR, "size": _INT, "etag": _STR, "last_modified": _MODIFIED}, sha1=_SHA1, md5=_MD5
+                {"path": _STR, "size": _INT, "content_type": _CONTENT_TYPE, "etag": _STR, "last_modified": _MODIFIED},
+                sha1=_SHA1,
+                md5=_MD5,
             ),
         },
         "count": _INT,

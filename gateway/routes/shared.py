@@ -14,6 +14,7 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from drive import listing
+from drive.content_types import served_type
 from gateway import drive_http, orgs
 from gateway.auth import ApprovedUser
 from gateway.deps import services
@@ -185,7 +186,7 @@ async def _register(request: Request, principal: Principal, drive: Drive, access
                 session.add(row)
             row.size = info.size
             row.etag = info.etag.strip('"')
-            row.content_type = info.content_type
+            row.content_type = served_type(info.content_type, path.name)
             row.uploader_user_id = principal.user_id
             row.registered_at = utcnow()
             session.flush()
