@@ -67,6 +67,13 @@ def operations(spec: dict):
             yield method.upper(), path, operation
 
 
+def test_every_operation_has_its_own_id(spec):
+    """OpenAPI wants each operationId unique (client generators name functions by it): a route
+    serving two methods must not give both one id."""
+    ids = [operation["operationId"] for _, _, operation in operations(spec)]
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+
+
 def test_every_error_is_the_envelope(spec):
     envelope = spec["components"]["schemas"]["ErrorEnvelope"]
     assert set(envelope["required"]) == {"error_code", "message", "trace_id"}

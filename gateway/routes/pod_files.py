@@ -114,9 +114,7 @@ def _upload_span(request: Request) -> tuple[int | None, int]:
     return start, end - start + 1
 
 
-@router.api_route(
-    FILE_ROUTE,
-    methods=["GET", "HEAD"],
+_READ = dict(
     summary="A pod's file (Range: 206), or a folder's listing (a path ending in /)",
     responses=merge(
         content(200, "the file's bytes; a folder: its listing", {
@@ -130,6 +128,12 @@ def _upload_span(request: Request) -> tuple[int | None, int]:
     ),
     openapi_extra=_RANGE_PARAM,
 )
+
+
+# One route per method (not one api_route for both): each gets its own operationId, which
+# OpenAPI requires to be unique.
+@router.get(FILE_ROUTE, **_READ)
+@router.head(FILE_ROUTE, **_READ)
 async def get_pod_file(
     rental_id: RentalIdPath, path: str, request: Request, principal: ApprovedUser, files: PodFilesDep
 ) -> Response:
