@@ -20,6 +20,7 @@ from tests.conftest import ADMIN_TOKEN, DOCKER_TEST_IMAGE, DOCKER_TEST_PREFIX, L
 from tests import test_pod_mounts
 from tests.test_pod_mounts import drive_bytes, ok, rent_ready
 from tests.test_serve import Served
+from tests.test_slurm_channel import echoed
 
 pytorch_image = test_pod_mounts.pytorch_image  # the fixture: kgpu-pytorch-test, checked fresh
 
@@ -410,13 +411,7 @@ def test_pod_files_travel_on_a_connection_of_their_own_and_fall_back_to_srun(pod
         stream = pod_backend.stream(ref, ["-c", "cat; echo said \"$LANG\" >&2"], {"LANG": "C.UTF-8"})
         assert stream is not None and stream.process.args[0] == "srun"
         try:
-            stream.data.sendall(b"y" * (3 << 20))
-            stream.data.shutdown(socket.SHUT_WR)
-            got = b""
-            while chunk := stream.data.recv(1 << 20):
-                got += chunk
-            assert got == b"y" * (3 << 20)
-            assert stream.process.wait(30) == 0
+            echoed(stream, b"y" * (3 << 20), 30)
             stream.stderr.settimeout(10)
             assert stream.stderr.recv(100).startswith(b"said C.UTF-8\n")
         finally:

@@ -42,6 +42,17 @@ def joined(thread: threading.Thread, result: list, ours: socket.socket) -> socke
     return conn
 
 
+def echoed(stream, payload: bytes, wait_s: float) -> None:
+    """``payload`` sent into a step that runs ``cat`` comes back whole, and the step exits 0."""
+    stream.data.sendall(payload)
+    stream.data.shutdown(socket.SHUT_WR)
+    got = bytearray()
+    while chunk := stream.data.recv(1 << 20):
+        got += chunk
+    assert got == payload
+    assert stream.process.wait(wait_s) == 0
+
+
 def refused(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
@@ -123,13 +134,7 @@ def test_the_node_script_carries_the_process_stdio_and_keeps_the_secret_off_its_
     stream = open_direct(step, LOCAL_NODE, "test")
     assert stream is not None
     try:
-        stream.data.sendall(b"x" * (4 << 20))
-        stream.data.shutdown(socket.SHUT_WR)
-        got = 0
-        while chunk := stream.data.recv(1 << 20):
-            got += len(chunk)
-        assert got == 4 << 20
-        assert stream.process.wait(10) == 0
+        echoed(stream, b"x" * (4 << 20), 10)
         stream.stderr.settimeout(5)
         assert stream.stderr.recv(100) == b"end\n"
     finally:
@@ -190,13 +195,7 @@ def test_the_listener_binds_only_the_nodes_address_and_the_transfer_still_flows(
                          node, "test", "127.0.0.2")
     assert stream is not None
     try:
-        stream.data.sendall(b"z" * (1 << 20))
-        stream.data.shutdown(socket.SHUT_WR)
-        got = b""
-        while chunk := stream.data.recv(1 << 20):
-            got += chunk
-        assert got == b"z" * (1 << 20)
-        assert stream.process.wait(10) == 0
+        echoed(stream, b"z" * (1 << 20), 10)
     finally:
         stream.data.close()
         stream.stderr.close()
