@@ -245,13 +245,14 @@ class DriveService:
         names the type a listing gives the file (drive/content_types.py: served_type)."""
         return self.read_url(path.key, served_type(None, path.name))
 
-    def file_link(self, key: str, name: str) -> tuple[ObjectInfo, Link] | None:
-        """The file at ``key`` (named ``name``) and its :meth:`read_url`, which answers the file's
-        served type; None: no file there."""
-        info = self.store.head(key)
+    def file_link(self, path: DrivePath) -> tuple[ObjectInfo, Link, str] | None:
+        """The file at ``path``, its :meth:`read_url` and the served type that URL answers
+        (drive/content_types.py: served_type); None: no file there."""
+        info = self.store.head(path.key)
         if info is None:
             return None
-        return info, Link(self.read_url(key, served_type(info.content_type, name)), self.url_seconds)
+        served = served_type(info.content_type, path.name)
+        return info, Link(self.read_url(path.key, served), self.url_seconds), served
 
     # ------------------------------------------------------------ writes
 

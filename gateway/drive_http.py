@@ -237,17 +237,17 @@ async def get(request: Request, drive: Drive) -> Response:
         return await folder(request, drive, path, (drive.mount + path.rel.encode()).decode())
     service = _service(request)
     if wants_json(request):
-        found = await run_in_threadpool(service.file_link, path.key, path.name)
+        found = await run_in_threadpool(service.file_link, path)
         if found is None:
             raise ApiError(404, "not_found", f"no file {path.rel}")
-        info, link = found
+        info, link, content_type = found
         return JSONResponse(
             {
                 "url": link.url,
                 "size": info.size,
                 "expires_in": link.expires_in,
                 "etag": info.etag.strip('"'),
-                "content_type": served_type(info.content_type, path.name),
+                "content_type": content_type,
             }
         )
     return Response(status_code=302, headers={"Location": service.download_url(path), "Cache-Control": "no-store"})

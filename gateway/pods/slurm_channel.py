@@ -21,9 +21,8 @@ session without a terminal) opens a TCP connection of its own from the node to t
 
 With KGPU_SLURM_GATEWAY_ADDRESS set, the listener is on that address only: not on this host's
 loopback nor on its public interfaces. A pod can reach the gateway's address (its API is there), so
-it could reach the listener too; it
-never learns the secret (it has no view of the step's stdin nor of the node's processes), a guess
-gets nothing, and the secret dies with the listener once used.
+it could reach the listener too; it never learns the secret (it has no view of the step's stdin nor
+of the node's processes), a guess gets nothing, and the secret dies with the listener once used.
 """
 
 from __future__ import annotations
