@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import mimetypes
-import os
 
 UNKNOWN = "application/octet-stream"
 # What a client sends when it means no type at all (curl -d, some WebDAV clients).
@@ -21,7 +20,15 @@ _COMPRESSED = {"gzip": "application/gzip", "bzip2": "application/x-bzip2", "xz":
 
 def known_type(name: str) -> str | None:
     """The type of ``name`` by its last suffix, case aside (``a.tar.gz``: gzip); None if unknown."""
-    return _type_of_suffix(os.path.splitext(name)[1].lower())
+    return _type_of_suffix(suffix(name).lower())
+
+
+def suffix(name: str) -> str:
+    """``os.path.splitext(name)[1]``, in one call (a download's 302 asks it for every file): from the
+    name's last dot, unless only dots come before that dot."""
+    start = name.rfind("/") + 1
+    dot = name.rfind(".")
+    return name[dot:] if dot > start and name[start:dot].lstrip(".") else ""
 
 
 def guess_type(name: str) -> str:
@@ -54,7 +61,7 @@ def served_type(stored: str | None, name: str) -> str:
     The listings and the 302 (drive/service.py: DriveService.download_url) ask the store nothing
     per file and pass None: a type other than the name's, sent on upload, shows where the store
     is asked (HEAD, a PROPFIND of the file, ``?json=1`` and its URL)."""
-    guess = guess_type(name)
+    guess = _type_of_suffix(suffix(name).lower()) or UNKNOWN
     if stored is None:  # a listing's entry: the hot case
         return guess
     kind = _media_type(stored)

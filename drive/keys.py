@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass
+from typing import NamedTuple
 
 MAX_KEY_BYTES = 1024  # the S3 / R2 limit for a whole key
 # One name (a path segment): the embedded store keeps objects as files, and a file name is at
@@ -29,8 +29,7 @@ class InvalidPath(ValueError):
     """The path cannot be mapped to a key inside the drive."""
 
 
-@dataclass(frozen=True)
-class DrivePath:
+class DrivePath(NamedTuple):  # a tuple: made on every request (each download's 302), at a tuple's cost
     prefix: str  # the drive's prefix, ending in "/"
     rel: str  # path relative to the drive, "" for its root; ends in "/" for a folder
 

@@ -183,10 +183,13 @@ def _in_shared(rel: str) -> bool:
     return rel.split("/", 1)[0] == dav.SHARED
 
 
+_SHARED_RAW = dav.SHARED.encode()
+
+
 def maybe_shared(raw_rel: bytes) -> bool:
     """Whether the first segment could be ``shared`` (cheap: no decoding unless it is encoded)."""
     first = raw_rel.split(b"/", 1)[0]
-    return first == dav.SHARED.encode() or b"%" in first
+    return first == _SHARED_RAW or b"%" in first
 
 
 def _split_mount(raw: bytes) -> tuple[bytes | None, bytes]:

@@ -125,11 +125,13 @@ class Gateway(FastAPI):
         principal = authenticator.cached(token.strip())
         if principal is None:
             return None
-        remember(scope, principal, allow_basic=True)  # should the route answer after all: no second lookup
-        if principal.status != "approved" or principal.user_id is None:
-            return None
+        location = None
         try:
-            path = keys.from_raw_path(principal.drive_prefix, rel)
+            if principal.status == "approved" and principal.user_id is not None:
+                location = drive.download_url(keys.from_raw_path(principal.drive_prefix, rel))
         except InvalidPath:
-            return None
-        return drive.download_url(path)  # a store that is down raises: the full application answers the 503
+            pass
+        finally:  # a store that is down raises on, and the full application answers its 503
+            if location is None:
+                remember(scope, principal, allow_basic=True)  # the full application answers: no second lookup
+        return location

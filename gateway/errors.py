@@ -111,7 +111,7 @@ def envelope(status: int, error_code: str, message: str, headers: dict[str, str]
 
 def new_request_id() -> str:
     # 128 random bits as uuid4().hex prints them, without its system call (random reseeds on fork).
-    return random.getrandbits(128).to_bytes(16, "big").hex()
+    return f"{random.getrandbits(128):032x}"
 
 
 def request_id_of(headers: list[tuple[bytes, bytes]]) -> str:

@@ -5,6 +5,7 @@ and the drive take it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from drive.keys import user_prefix
 from gateway.domain_errors import Forbidden
@@ -23,7 +24,7 @@ class Principal:
         """Admin powers never travel into a pod: an in-pod token of an admin is not an admin."""
         return self.role == "admin" and self.rental_id is None
 
-    @property
+    @cached_property  # a cached principal serves many requests (gateway/auth.py)
     def drive_prefix(self) -> str:
         if self.user_id is None:
             raise Forbidden("no_drive", "the environment admin token has no drive; use a user's token")

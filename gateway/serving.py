@@ -64,11 +64,15 @@ def serve(settings: Settings) -> int:
     return _serve_workers(settings, ssh_socket)
 
 
+# How uvicorn serves, with one worker or several: one access-log line per request from
+# gateway/access_log.py (written by a thread), not uvicorn's own; no Server header naming it.
+HTTP_OPTIONS = {"proxy_headers": True, "access_log": False, "server_header": False}
+
+
 def _serve_alone(settings: Settings, ssh_socket: socket.socket | None) -> int:
     app = create_app(settings)
     app.state.ssh_socket = ssh_socket
-    # One line per request from gateway/access_log.py, written by a thread: not uvicorn's own.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, proxy_headers=True, access_log=False)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, **HTTP_OPTIONS)
     sockets = _bind(config, settings)
     writer = access_log.start(_log_handler())
     try:
@@ -83,8 +87,8 @@ def _serve_workers(settings: Settings, ssh_socket: socket.socket | None) -> int:
     for name in ("host", "port", "data_dir"):
         os.environ[f"KGPU_{name.upper()}"] = str(getattr(settings, name))
     config = uvicorn.Config(
-        f"{__name__}:worker_app", factory=True, host=settings.host, port=settings.port, proxy_headers=True,
-        access_log=False, workers=settings.workers,
+        f"{__name__}:worker_app", factory=True, host=settings.host, port=settings.port, workers=settings.workers,
+        **HTTP_OPTIONS,
     )
     sockets = _bind(config, settings)
     with _parent_duties(settings, ssh_socket):
