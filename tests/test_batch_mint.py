@@ -259,3 +259,24 @@ def test_settling_many_uploads_of_one_folder_lists_it_once(stack, user, monkeypa
     assert listed.count(prefix + "set/") == 1
     assert not [key for key in asked_keys if key.startswith(prefix + "set/")]
     assert holds(stack, user) == 1 and reserved(stack, user) == 7  # later.bin: still out
+
+
+def test_the_folders_of_a_batch_are_listed_at_once_not_one_after_another(stack, user, monkeypatch):
+    """A batch over three folders of four files each: their three listings are in flight together
+    (each waits for the other two here, which listings made one after another never see)."""
+    prefix = f"users/{user.id}/"
+    folders = [f"{prefix}spread/{name}/" for name in ("a", "b", "c")]
+    together = threading.Barrier(len(folders), timeout=20)
+    list_page = stack.store.list_page
+
+    def listing(folder, *args, **kwargs):
+        if folder in folders:
+            together.wait()  # BrokenBarrierError unless all three are being listed at once
+        return list_page(folder, *args, **kwargs)
+
+    monkeypatch.setattr(stack.store, "list_page", listing)
+    files = [{"path": f"spread/{name}/f{n}.bin", "size": 3} for name in ("a", "b", "c") for n in range(4)]
+    reply = mint(stack, user, files)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["minted"] == 12
+    assert not together.broken

@@ -9,6 +9,7 @@ run of ``tests/test_store_conformance.py`` against it.
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterator, Protocol, Sequence, runtime_checkable
@@ -167,6 +168,7 @@ def iter_objects(store: ObjectStore, prefix: str) -> Iterator[ObjectInfo]:
 
 
 LISTED_TOGETHER = 4  # keys of one folder from which the folder is listed rather than each key asked
+LISTING_THREADS = 8  # folders of one list_together listed at once
 
 
 @dataclass(frozen=True)
@@ -181,16 +183,27 @@ class Listed:
 
 def list_together(store: ObjectStore, keys: Sequence[str]) -> Listed:
     """The objects at ``keys`` from their folders' listings, where a folder holds
-    :data:`LISTED_TOGETHER` or more of them: one request (its first page) instead of one a key.
-    A folder with fewer of them, or past one page, is left to the caller, key by key."""
+    :data:`LISTED_TOGETHER` or more of them: one request (its first page) instead of one a key,
+    up to :data:`LISTING_THREADS` folders at once. A folder with fewer of them, or past one page,
+    is left to the caller, key by key."""
     by_folder: dict[str, list[str]] = {}
     for key in keys:
         by_folder.setdefault(key.rpartition("/")[0] + "/", []).append(key)
+    listed_folders = [folder for folder, members in by_folder.items() if len(members) >= LISTED_TOGETHER]
+
+    def first_page(folder: str) -> ListPage:
+        return store.list_page(folder, delimiter="/")
+
+    if len(listed_folders) > 1:  # their listings overlap, as the keys asked one by one do
+        with ThreadPoolExecutor(max_workers=min(len(listed_folders), LISTING_THREADS)) as pool:
+            pages = dict(zip(listed_folders, pool.map(first_page, listed_folders)))
+    else:
+        pages = {folder: first_page(folder) for folder in listed_folders}
     objects: dict[str, ObjectInfo | None] = {}
     folders: set[str] = set()
     unlisted: list[str] = []
     for folder, members in by_folder.items():
-        page = store.list_page(folder, delimiter="/") if len(members) >= LISTED_TOGETHER else None
+        page = pages.get(folder)
         if page is None or page.next_token is not None:
             unlisted += members
             continue
