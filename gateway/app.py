@@ -119,7 +119,10 @@ def abort_stale_uploads(store: ObjectStore) -> None:
 def open_pod_backend(settings: Settings, store_url: str | None = None) -> PodBackend:
     """``store_url``: where pods reach the object store (presigned URLs), besides the API base."""
     # What every backend is told alike.
-    every = {"flush_timeout_s": settings.pod_flush_timeout_seconds, "pids_limit": settings.pod_pids_limit}
+    every = {
+        "flush_timeout_s": settings.pod_flush_timeout_seconds, "pids_limit": settings.pod_pids_limit,
+        "slots_dir": settings.slots_dir,
+    }
     if settings.pod_backend == "docker":
         from gateway.pods.docker import DockerPodBackend
 
@@ -264,7 +267,8 @@ def create_app(settings: Settings | None = None, store: ObjectStore | None = Non
         )
         app.state.runs = Runs(app.state.rentals)
         app.state.pod_files = PodFiles(
-            app.state.runs, settings.pod_files_idle_seconds, per_user=settings.pod_files_per_user
+            app.state.runs, settings.pod_files_idle_seconds, per_user=settings.pod_files_per_user,
+            slots_dir=settings.slots_dir,
         )
         app.state.transit = TransitObjects(settings, sessions, active_store, app.state.usage)
         snapshots = traffic.Snapshots(settings.metrics_dir)  # this process's counts, for its siblings' scrapes

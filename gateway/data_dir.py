@@ -9,6 +9,7 @@ others may traverse it by name, never list or read it. Everything else in it is 
 * ``objects/``, the embedded store's files, ``0700``: ``rclone serve s3`` runs under umask 077, so
   what it writes there is ``0600`` too (drive/store/embedded.py); a folder ``0700`` alone already
   keeps every file under it from other users, whatever an older server left their modes;
+* ``slots/``, the lock files of the caps on calls in flight (gateway/pods/slots.py), ``0700``;
 * the session secret, the store's keys and port (``embedded-s3.json``) and its log, the token
   cache's generation (``auth-generation``) ``0600``.
 

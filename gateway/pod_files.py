@@ -8,11 +8,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 
 from gateway.domain_errors import (
     BadInput, Busy, Conflict, Forbidden, NoSpace, NotFound, RangeNotSatisfiable, Unavailable,
 )
-from gateway.pods.bounded import CallerBusy, CallSlots
+from gateway.pods.slots import CallerBusy, call_slots
 from gateway.pods.files import (
     Download, PodFileError, PodPath, Written, list_folder, pod_path, reading, write_file,
 )
@@ -63,15 +64,17 @@ def _iso(seconds: int) -> str:
 class PodFiles:
     """Files in the caller's rented pods. ``pod`` is blocking (the database); the transfers are
     coroutines, each a process in the pod whose every read and write waits at most ``idle_s``,
-    and each holds a slot of its pod's ``per_pod`` and of its user's ``per_user`` (in this process)
-    from its start to its end, however it ends."""
+    and each holds a slot of its pod's ``per_pod`` and of its user's ``per_user`` from its start to
+    its end, however it ends: in every process of the server that shares ``slots_dir``, else in
+    this one."""
 
     def __init__(
-        self, runs: Runs, idle_s: float, per_pod: int = TRANSFERS_PER_POD, per_user: int = TRANSFERS_PER_USER
+        self, runs: Runs, idle_s: float, per_pod: int = TRANSFERS_PER_POD, per_user: int = TRANSFERS_PER_USER,
+        slots_dir: Path | None = None,
     ):
         self.runs = runs
         self.idle_s = idle_s
-        self.slots = CallSlots(per_pod, per_caller=per_user)
+        self.slots = call_slots("pod-files", per_pod, per_caller=per_user, shared_in=slots_dir)
 
     @staticmethod
     def path(text: str, *, folder_ok: bool = True) -> PodPath:

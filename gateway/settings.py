@@ -121,7 +121,7 @@ class Settings(BaseSettings):
     run_kill_grace_seconds: float = Field(default=5, ge=0)
     # Pod files (docs/pod-files.md): how long a transfer may go without a byte either way before it is ended.
     pod_files_idle_seconds: float = Field(default=60, ge=1, le=3600)
-    # One user's pod-file transfers at once across all their pods, in each worker process; more are refused (429).
+    # One user's pod-file transfers at once across all their pods, in all of a server's processes; more are refused (429).
     pod_files_per_user: int = Field(default=8, ge=1, le=10_000)
 
     # The SSH bastion into pods (docs/ssh.md). Port 0: no SSH. The host handed to clients; empty:
@@ -167,6 +167,12 @@ class Settings(BaseSettings):
     def metrics_dir(self) -> Path:
         """Where each process of this server keeps its request counts (gateway/traffic.py)."""
         return self.data_dir / "metrics"
+
+    @property
+    def slots_dir(self) -> Path:
+        """Where the processes of this server hold the slots of their shared caps on calls into
+        pods and pod-file transfers (gateway/pods/slots.py)."""
+        return self.data_dir / "slots"
 
     @property
     def uses_embedded_store(self) -> bool:

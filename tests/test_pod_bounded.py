@@ -1,5 +1,6 @@
 """gateway/pods/bounded.py: every call into a pod has a deadline and a cap, whatever the pod does
-with the process that answers (stops it, trickles, floods), and leaves nothing behind."""
+with the process that answers (stops it, trickles, floods), and leaves nothing behind (the caps on
+calls in flight: tests/test_call_slots.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 import pytest
 
 from gateway.pods import PodError
-from gateway.pods.bounded import CallerBusy, CallSlots, PodBusy, read_docker_stream, run_bounded
+from gateway.pods.bounded import read_docker_stream, run_bounded
 
 
 def alive(pid: int) -> bool:
@@ -55,45 +56,6 @@ def test_a_flood_is_cut_at_the_cap():
 def test_an_answer_within_bounds_is_whole():
     answer = run_bounded(["sh", "-c", "head -c 300000 /dev/zero; echo oops >&2; exit 3"], timeout=10, limit=300000)
     assert (answer.returncode, len(answer.stdout), answer.stderr) == (3, 300000, b"oops\n")
-
-
-def test_one_pod_holds_only_a_few_calls():
-    slots = CallSlots(per_pod=2)
-    with slots.hold("a"), slots.hold("a"):
-        with pytest.raises(PodBusy):
-            with slots.hold("a"):
-                pass
-        with slots.hold("b"):  # another pod is not held back
-            pass
-    with slots.hold("a"), slots.hold("a"):  # given back
-        pass
-
-
-def test_one_caller_holds_only_a_few_calls_across_its_pods():
-    """A tenant with many pods: each pod has room, but the caller's cap across them is reached;
-    another caller still gets in, and every way a call ends gives its slots back."""
-    slots = CallSlots(per_pod=2, per_caller=3)
-    with slots.hold("a", "mallory"), slots.hold("a", "mallory"), slots.hold("b", "mallory"):
-        with pytest.raises(CallerBusy):
-            with slots.hold("c", "mallory"):  # a pod with nothing in flight
-                pass
-        with pytest.raises(PodBusy):  # the pod's cap is still the pod's, and a refusal takes nothing
-            with slots.hold("a", "alice"):
-                pass
-        with slots.hold("c", "alice"), slots.hold("b", "alice"):  # another caller is not held back
-            pass
-        with slots.hold("c"):  # nor a call that names no caller (a run's)
-            pass
-    with pytest.raises(RuntimeError):  # a call that fails gives its slots back
-        with slots.hold("a", "mallory"), slots.hold("b", "mallory"), slots.hold("c", "mallory"):
-            raise RuntimeError("the pod went away")
-    with slots.hold("a", "mallory"), slots.hold("a", "mallory"), slots.hold("b", "mallory"):  # all three again
-        with pytest.raises(CallerBusy):
-            with slots.hold("b", "mallory"):
-                pass
-    # Refusals took nothing: mallory's none of c's, alice's none of hers.
-    with slots.hold("c", "alice"), slots.hold("c", "alice"), slots.hold("a", "alice"):
-        pass
 
 
 def frame(kind: int, data: bytes) -> bytes:

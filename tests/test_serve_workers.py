@@ -271,3 +271,90 @@ def test_every_worker_answers_503_while_the_parents_store_is_down_then_follows_t
         assert requests.get(f"{server.base}/v1/files/a.bin", headers=auth, timeout=10).content == payload
     finally:
         server.stop()
+
+
+# ------------------------------------------------------------------ caps that count every worker's transfers
+
+
+def worker_of(server: Served, conn: socket.socket) -> int | None:
+    """The worker process that accepted ``conn`` (its server side's socket among its descriptors),
+    None while none has."""
+    client_port = conn.getsockname()[1]
+    inodes = set()
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if (int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16)) == (server.port, client_port):
+                inodes.add(f"socket:[{fields[9]}]")
+    for pid in workers_of(server):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                    return pid
+            except FileNotFoundError:
+                continue
+    return None
+
+
+def download_on(server: Served, worker: int, token: str, gpu: str) -> tuple[int, socket.socket]:
+    """A download of the pod's 1 GiB file on a connection ``worker`` accepted (others are closed
+    unused until one lands there): its status, and the connection, left unread, so that a 200's
+    transfer holds its slots until it is closed."""
+    while True:
+        conn = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        if wait_for("the connection accepted", lambda: worker_of(server, conn)) == worker:
+            break
+        conn.close()
+    conn.sendall((
+        f"GET /v1/gpus/{gpu}/files//tmp/big.bin HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+        f"Authorization: Bearer {token}\r\n\r\n"
+    ).encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = conn.recv(4096)
+        assert chunk, head
+        head += chunk
+    return int(head.split()[1]), conn
+
+
+def test_a_users_transfers_are_capped_across_all_workers(tmp_path):
+    """One tenant's stalled downloads spread over both workers: a pod's 4 (2 on each) fill the
+    pod, and the user's 6 (KGPU_POD_FILES_PER_USER) fill the user's cap, whichever worker holds
+    them; the next is refused on either worker (503 for the pod, 429 for the user), where
+    counts per worker process let each worker take more."""
+    data = passable(tmp_path) / "data"
+    server = Served(data, {"KGPU_WORKERS": "2", "KGPU_LOCAL_POD_MOUNTS": "false", "KGPU_POD_FILES_PER_USER": "6"}, start_seconds=WORKERS_START_S)
+    held: list[socket.socket] = []
+    try:
+        workers = workers_of(server)
+        assert len(workers) == 2
+        first, second = workers
+        token = requests.post(f"{server.base}/v1/admin/users", json={"email": "caps@lab.example"}, headers=ADMIN).json()["token"]
+        auth = {"Authorization": f"Bearer {token}"}
+        full, other = (rent_ready(server.base, auth, name) for name in ("full", "other"))
+        for gpu in (full, other):
+            made = requests.post(f"{server.base}/v1/runs", json={"gpu_id": gpu, "command": ["truncate", "-s", "1G", "/tmp/big.bin"], "wait_seconds": 30}, headers=auth)
+            assert made.json()["exit_code"] == 0, made.text
+
+        def hold(worker: int, gpu: str) -> None:
+            status, conn = download_on(server, worker, token, gpu)
+            held.append(conn)
+            assert status == 200, (status, len(held))
+
+        def refused(gpu: str, status: int) -> None:
+            for worker in workers:
+                answer, conn = download_on(server, worker, token, gpu)
+                conn.close()
+                assert answer == status, (worker, answer)
+
+        for worker in (first, second, first, second):
+            hold(worker, full)
+        refused(full, 503)  # the pod's 4 are held, 2 by each worker
+        hold(first, other)
+        hold(second, other)
+        refused(other, 429)  # the user's 6 are held, 3 by each worker; the pod has 2 left
+    finally:
+        for conn in held:
+            conn.close()
+        server.process.terminate()
+        server.process.wait(timeout=30)

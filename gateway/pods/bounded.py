@@ -1,5 +1,6 @@
 """Calls into a pod, bounded: a pod is hostile, so every call into one has a deadline and a cap
-on the bytes it reads, and one pod holds only a few of the gateway's threads at a time.
+on the bytes it reads (and one pod holds only a few of the gateway's threads at a time:
+gateway/pods/slots.py).
 
 Before these bounds a pod whose ``sh`` trickled a byte every 20 s held the gateway's workers for
 minutes (45 requests stopped billing and every other tenant's requests), and one that printed
@@ -15,9 +16,7 @@ import signal
 import socket
 import struct
 import subprocess
-import threading
 import time
-from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 
 from gateway.pods import PodError
@@ -25,55 +24,6 @@ from gateway.pods import PodError
 CALL_TIMEOUT_S = 15.0  # a call that does not wait on purpose answers within this
 MAX_ANSWER = 4 << 20  # the most bytes a call reads from a pod unless it says otherwise
 MAX_STDERR = 64 << 10
-CALLS_PER_POD = 8  # a pod's calls in flight at once, across every request
-
-
-class PodBusy(PodError):
-    """The pod already has as many calls in flight as one pod may."""
-
-
-class CallerBusy(Exception):
-    """The caller already has as many calls in flight, across all its pods, as one caller may
-    (not the pod's doing: no PodError)."""
-
-
-class CallSlots:
-    """At most ``per_pod`` calls into one pod at once and, with ``per_caller``, at most that many of
-    one caller's calls across all its pods: the rest are refused at once (PodBusy, CallerBusy)
-    rather than queued behind a pod that may never answer, or left to one tenant with many pods."""
-
-    def __init__(self, per_pod: int = CALLS_PER_POD, per_caller: int | None = None):
-        self.per_pod = per_pod
-        self.per_caller = per_caller
-        self._held: dict[tuple[str, Hashable], int] = {}  # ("pod", ref) or ("caller", who): calls in flight
-        self._lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def hold(self, ref: str, caller: Hashable | None = None) -> Iterator[None]:
-        """A slot of pod ``ref`` (and of ``caller``, where callers are capped) until the block ends,
-        however it ends; a refusal takes none."""
-        keys = [("pod", ref)]
-        with self._lock:
-            held = self._held.get(keys[0], 0)
-            if held >= self.per_pod:
-                raise PodBusy(f"the pod already has {held} calls in flight; try again shortly")
-            if caller is not None and self.per_caller is not None:
-                keys.append(("caller", caller))
-                held = self._held.get(keys[1], 0)
-                if held >= self.per_caller:
-                    raise CallerBusy(f"the caller already has {held} calls in flight across its pods")
-            for key in keys:
-                self._held[key] = self._held.get(key, 0) + 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                for key in keys:
-                    left = self._held[key] - 1
-                    if left:
-                        self._held[key] = left
-                    else:
-                        del self._held[key]
 
 
 @dataclass(frozen=True)

@@ -69,11 +69,12 @@ from gateway.pods import (
     safe_run_id,
 )
 from gateway.inventory import gpus_busy
-from gateway.pods.bounded import CALL_TIMEOUT_S, MAX_ANSWER, CallSlots, read_docker_stream, run_bounded
+from gateway.pods.bounded import CALL_TIMEOUT_S, MAX_ANSWER, read_docker_stream, run_bounded
 from gateway.pods.exec_runs import ExecRuns
 from gateway.pods.disk import disk_used, make_disk, release_disk
 from gateway.pods.relay import connect_in_namespace
 from gateway.pods.tree import remove_tree
+from gateway.pods.slots import call_slots
 from gateway.pods.mounts import (
     FLUSH_SCRIPT,
     MAX_FLUSH_REPORT,
@@ -155,10 +156,13 @@ class DockerPodBackend(ExecRuns):
         flush_timeout_s: int = 60,
         bootstrap_timeout_s: int = 180,
         disk_dir: Path | None = None,
+        slots_dir: Path | None = None,
     ):
         """``pull=False``: a missing image fails at once instead of trying a registry.
         ``disk_dir``: where each pod's own disk is made (gateway/pods/disk.py), when the daemon
-        runs on this host and the gateway as root; else a pod's disk use is watched."""
+        runs on this host and the gateway as root; else a pod's disk use is watched. ``slots_dir``:
+        where the processes of one server share each pod's cap on calls in flight
+        (gateway/pods/slots.py)."""
         # The flush before removal is one blocking exec: the API timeout must outlast it.
         self.client = client if client is not None else docker.from_env(
             timeout=flush_timeout_s + 60, max_pool_size=DOCKER_CONNECTIONS
@@ -175,7 +179,7 @@ class DockerPodBackend(ExecRuns):
         self.disk_dir = disk_dir if disk_dir is not None and os.geteuid() == 0 and self._local_daemon() else None
         # runc reaches the containers of a daemon on this host, for a gateway that is root: its path, else None.
         self._runc = shutil.which("runc") if self._local_daemon() and os.geteuid() == 0 else None
-        self.calls = CallSlots()
+        self.calls = call_slots("pod-calls", shared_in=slots_dir)
         self.call_timeout_s = CALL_TIMEOUT_S  # a call that does not wait on purpose
         self._instance: str | None = None
         self._container_ids: dict[str, str] = {}  # ref -> the container's id, for runc

@@ -73,10 +73,11 @@ from gateway.pods import (
     safe_run_id,
 )
 from gateway.inventory import gpus_busy
-from gateway.pods.bounded import CALL_TIMEOUT_S, CallSlots, run_bounded
+from gateway.pods.bounded import CALL_TIMEOUT_S, run_bounded
 from gateway.pods.disk import bind, disk_used, make_disk, release_disk
 from gateway.pods.mounts import MAX_FLUSH_REPORT, bootstrap_status
 from gateway.pods.relay import connect_in_namespace
+from gateway.pods.slots import call_slots
 from gateway.pods.tree import TreeTooLarge, disk_usage, remove_tree
 from gateway.pods.sandbox import (
     HOLDER_ENV,
@@ -141,14 +142,16 @@ class LocalPodBackend:
         flush_timeout_s: int = 60,
         bootstrap_timeout_s: int = 180,
         pids_limit: int = 4096,
+        slots_dir: Path | None = None,
     ):
         """``hidden``: paths a pod must not see (the data directory by default). ``mounts``: run
         kgpu-bootstrap for each pod, its mounts bound at /shared and /files (needs FUSE and
         fusermount3 here). ``reachable``: URLs pods may reach besides their KGPU_API_BASE (the
         object store's). ``uid_base``/``uid_count``: the host uids pods get (isolated mode).
-        ``pids_limit``: the most processes one pod may have."""
+        ``pids_limit``: the most processes one pod may have. ``slots_dir``: where the processes of
+        one server share each pod's cap on calls in flight (gateway/pods/slots.py)."""
         self.pids_limit = pids_limit
-        self.calls = CallSlots()
+        self.calls = call_slots("pod-calls", shared_in=slots_dir)
         self.call_timeout_s = CALL_TIMEOUT_S  # a call into the pod that does not wait on purpose
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)

@@ -59,10 +59,11 @@ from gateway.pods import (
     run_command,
     safe_run_id,
 )
-from gateway.pods.bounded import CALL_TIMEOUT_S, MAX_ANSWER, CallSlots, run_bounded
+from gateway.pods.bounded import CALL_TIMEOUT_S, MAX_ANSWER, run_bounded
 from gateway.pods.docker import CAP_DROP, RUNC_ROOTS, WORKDIR, docker_age_seconds, docker_exec_argv
 from gateway.pods.exec_runs import ExecRuns
 from gateway.pods.slurm_channel import NODE_SCRIPT, open_direct
+from gateway.pods.slots import call_slots
 from gateway.pods.mounts import (
     BOOTSTRAP_NAME,
     FLUSH_SCRIPT,
@@ -165,6 +166,7 @@ class SlurmPodBackend(ExecRuns):
         start_wait_s: float = 60,
         direct_channel: bool = True,
         gateway_address: str = "",
+        slots_dir: Path | None = None,  # where one server's processes share each pod's cap on calls
     ):
         self.conf = conf
         self.partition = partition
@@ -180,7 +182,7 @@ class SlurmPodBackend(ExecRuns):
         self.flush_timeout_s = flush_timeout_s
         self.bootstrap_timeout_s = bootstrap_timeout_s
         self.command_timeout_s = command_timeout_s
-        self.calls = CallSlots()
+        self.calls = call_slots("pod-calls", shared_in=slots_dir)
         self.call_timeout_s = CALL_TIMEOUT_S  # a call into the pod that does not wait on purpose
         self.start_wait_s = start_wait_s
         self.direct_channel = direct_channel  # transfers on a connection of their own (stream)
