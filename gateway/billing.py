@@ -7,6 +7,13 @@ per hour, so any number of minutes costs exactly the rounded-up total. The
 ``(rental_id, minute)`` pair is unique in the ledger and the balance moves in
 the same transaction as the insert, so gateway restarts and several gateway
 processes on one database never charge a minute twice.
+
+Each account keeps the running total of its credits charged (``users.credits_charged``), moved by
+the same UPDATE as its balance, so the credits charged in all (``/metrics``) are read without
+scanning the ledger. A total on the account's row rather than one row for everyone: the charge
+locks that row anyway, while a shared row, locked by the reaper's first charge until its
+transaction ends (it charges every live rental in one), would deadlock it on PostgreSQL against a
+rental's start or return holding a row the reaper wants next.
 """
 
 from __future__ import annotations
@@ -64,9 +71,19 @@ def charge(session: Session, rental: Rental, now: datetime) -> int:
         cost = minute_cost(per_hour, minute)
         values = {"rental_id": rental.id, "user_id": rental.user_id, "minute": minute, "credits": cost, "charged_at": now}
         if _insert_ignoring_duplicates(session, values):
-            session.execute(update(User).where(User.id == rental.user_id).values(credits=User.credits - cost))
+            session.execute(
+                update(User)
+                .where(User.id == rental.user_id)
+                .values(credits=User.credits - cost, credits_charged=User.credits_charged + cost)
+            )
             taken += cost
     return taken
+
+
+def charged_in_all(session: Session) -> int:
+    """Credits charged for every rental of every account: the ledger's sum, read from the
+    accounts' running totals (one row per account, however long the ledger)."""
+    return int(session.scalar(select(func.coalesce(func.sum(User.credits_charged), 0))))  # PostgreSQL's SUM: a numeric
 
 
 def charged_total(session: Session, rental_id: str) -> int:

@@ -20,8 +20,8 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
-from gateway import traffic
-from gateway.models import CreditCharge, Rental
+from gateway import billing, traffic
+from gateway.models import Rental
 from gateway.rentals.phases import WITH_POD, Phase
 
 log = logging.getLogger("kgpu.metrics")
@@ -101,7 +101,7 @@ class DatabaseCollector(Collector):
                 pods = session.execute(
                     select(Rental.backend, func.count()).where(Rental.phase.in_(WITH_POD)).group_by(Rental.backend)
                 ).all()
-                credits = session.scalar(select(func.coalesce(func.sum(CreditCharge.credits), 0)))
+                credits = billing.charged_in_all(session)
         except SQLAlchemyError:
             log.warning("metrics: the database did not answer", exc_info=True)
             yield GaugeMetricFamily("kgpu_database_up", "Whether the database answered this scrape", value=0)
@@ -119,7 +119,7 @@ class DatabaseCollector(Collector):
         for backend, n in sorted(pods):
             backends.add_metric([backend], n)
         yield backends
-        yield CounterMetricFamily("kgpu_credits_charged", "Credits charged for rentals, in all", value=credits or 0)
+        yield CounterMetricFamily("kgpu_credits_charged", "Credits charged for rentals, in all", value=credits)
 
 
 def registry(sessions: sessionmaker, snapshots: traffic.Snapshots) -> CollectorRegistry:

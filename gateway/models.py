@@ -35,6 +35,9 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(16), default="user")  # user | admin
     status: Mapped[str] = mapped_column(String(16), default="approved")  # approved | pending | suspended
     credits: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Credits charged for this account's rentals in all, its ledger rows' sum, moved with each
+    # (gateway/billing.py:charge): /metrics adds these up instead of scanning the ledger.
+    credits_charged: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     tokens: Mapped[list["ApiToken"]] = relationship(back_populates="user")

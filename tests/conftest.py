@@ -15,6 +15,8 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -218,8 +220,10 @@ def store(s3_target) -> S3ObjectStore:
     return s3_target.store("t" + uuid.uuid4().hex[:12])
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> str:
+@contextmanager
+def new_postgres_database() -> Iterator[str]:
+    """The URL of a new, empty database on the PostgreSQL of the tests, dropped afterwards; the
+    test skips where that PostgreSQL is not reachable (it fails in CI)."""
     import psycopg
 
     name = "kgpu_test_" + secrets.token_hex(4)
@@ -230,9 +234,17 @@ def postgres_url() -> str:
         if os.environ.get("CI"):
             raise
         pytest.skip(f"PostgreSQL not reachable: {exc}")
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    with new_postgres_database() as url:
+        yield url
 
 
 class LiveServer:
