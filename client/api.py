@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.parse
@@ -11,16 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.config import Login
+from client.retry import Refusal, retry_after
 
 USER_AGENT = "kgpu-client/0.1"
 
 
-class ApiError(Exception):
-    """An answer other than 2xx, with the envelope's ``error_code`` and ``message`` (exit code 1)."""
+class ApiError(Refusal):
+    """An answer other than 2xx, with the envelope's ``error_code`` and ``message`` (exit code 1);
+    status 0 when none came (client/retry.py: which ones are worth another try)."""
 
-    def __init__(self, status: int, error_code: str, message: str):
-        super().__init__(message)
-        self.status, self.error_code, self.message = status, error_code, message
+    def __init__(self, status: int, error_code: str, message: str, retry_after: float | None = None):
+        super().__init__(message, status, retry_after)
+        self.error_code, self.message = error_code, message
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -53,9 +56,11 @@ class Api:
             if 300 <= exc.code < 400:
                 return exc
             raise _error_of(exc) from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ApiError(0, "unreachable", f"cannot reach {self.login.base_url}: {reason}") from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            raise self._unreachable(exc) from None
+
+    def _unreachable(self, exc: BaseException) -> ApiError:
+        return ApiError(0, "unreachable", f"cannot reach {self.login.base_url}: {getattr(exc, 'reason', exc)}")
 
     def call(self, method: str, path: str, *, params=None, body=None, headers=None, timeout: float = 0) -> dict:
         """One request; the JSON answer (``{}`` for an empty one)."""
@@ -86,22 +91,23 @@ class Api:
                     return json.loads(reply.read() or b"{}")
             except urllib.error.HTTPError as exc:
                 raise _error_of(exc) from None
-            except (urllib.error.URLError, OSError) as exc:
-                raise ApiError(0, "unreachable", f"cannot reach {self.login.base_url}: {getattr(exc, 'reason', exc)}") from None
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+                raise self._unreachable(exc) from None
 
     def download(self, path: str, local: Path) -> int:
-        """A GET's body streamed into ``local`` (through a temporary name beside it, so a cut
-        download leaves no half file under the name); its size."""
+        """A GET's body streamed into ``local`` (through a temporary name beside it, written from
+        its start, so a cut download, or one sent again, leaves no half or doubled file); its size."""
         partial = local.with_name(f".{local.name}.kgpu-partial")
         size = 0
-        with self._open("GET", path, timeout=self.timeout) as reply, open(partial, "wb") as out:
+        with self._open("GET", path, timeout=self.timeout) as reply:
             try:
-                while chunk := reply.read(1 << 20):
-                    out.write(chunk)
-                    size += len(chunk)
-            except OSError as exc:
+                with open(partial, "wb") as out:
+                    while chunk := _read(reply, size):
+                        out.write(chunk)
+                        size += len(chunk)
+            except BaseException:
                 partial.unlink(missing_ok=True)
-                raise ApiError(0, "unreachable", f"the download was cut after {size} bytes: {exc}") from None
+                raise
         partial.replace(local)
         return size
 
@@ -119,11 +125,24 @@ class Api:
                     yield json.loads(line)
 
 
+def _read(reply: http.client.HTTPResponse, so_far: int) -> bytes:
+    """The body's next block (b"" at its end); a cut (a reset, or a body shorter than its
+    Content-Length, which http.client ends quietly) as the ApiError it is."""
+    try:
+        block = reply.read(1 << 20)
+    except (OSError, http.client.HTTPException) as exc:
+        raise ApiError(0, "unreachable", f"the download was cut after {so_far} bytes: {exc}") from None
+    if not block and reply.length:  # bytes the Content-Length promised are still missing
+        raise ApiError(0, "unreachable", f"the download was cut after {so_far} bytes, {reply.length} short")
+    return block
+
+
 def _error_of(exc: urllib.error.HTTPError) -> ApiError:
     raw = exc.read() or b""
+    wait = retry_after(exc.headers.get("Retry-After") if exc.headers else None)
     try:
         envelope = json.loads(raw)
-        return ApiError(exc.code, envelope.get("error_code", "error"), envelope.get("message", raw.decode()))
+        return ApiError(exc.code, envelope.get("error_code", "error"), envelope.get("message", raw.decode()), wait)
     except (ValueError, AttributeError):
         text = raw.decode(errors="replace").strip() or exc.reason
-        return ApiError(exc.code, "http_error", f"HTTP {exc.code}: {text}")
+        return ApiError(exc.code, "http_error", f"HTTP {exc.code}: {text}", wait)

@@ -19,6 +19,11 @@ def error(message: str, *, as_json: bool, error_code: str = "error") -> None:
         print(f"kgpu: {message}", file=sys.stderr)
 
 
+def notice(message: str) -> None:
+    """A line on stderr for the person at the terminal: what the command is waiting for."""
+    print(f"kgpu: {message}", file=sys.stderr, flush=True)
+
+
 def human_bytes(n: float | None) -> str:
     if n is None:
         return "-"

@@ -1,20 +1,31 @@
 """``kgpu cp`` with a rented GPU on one side (``gpu-…:PATH``): one file up or down through
-/v1/gpus/{id}/files (docs/pod-files.md), streamed; a folder is scp's or rsync's job."""
+/v1/gpus/{id}/files (docs/pod-files.md), streamed; a folder is scp's or rsync's job.
+
+The server refuses a transfer at once when the pod or you have too many going (503, 429, with
+``Retry-After``): every request here is sent again as client/retry.py says, for a few minutes at
+most, an upload read again from the start of the local file, a download written again from the
+start of its temporary file."""
 
 from __future__ import annotations
 
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+from client import retry
 from client.api import ApiError
 from client.errors import UsageError
-from client.output import emit_json, human_bytes
+from client.output import emit_json, human_bytes, notice
 from client.session import Session
 
+T = TypeVar("T")
 _POD_SIDE = re.compile(r"^(gpu-[0-9a-f]{1,40}):(.*)$", re.S)
+TRIES = 100  # the most times one request is sent
+MOST_WAITED_S = 300.0  # the most one request waits, all its waits together, for a busy pod or server
 
 
 @dataclass(frozen=True)
@@ -48,7 +59,7 @@ def cp(session: Session, source: str, destination: str, recursive: bool) -> int:
         if not local.is_file():
             raise UsageError(f"{source}: no such file (a folder needs scp -r or rsync)")
         target = _into_folder(session, dst, local.name)
-        answer = session.api.put_file(target.route, local)
+        answer = _sent(session, lambda: session.api.put_file(target.route, local))
         size, where = answer.get("size", local.stat().st_size), f"{target.gpu_id}:{answer.get('path', target.path)}"
     else:
         name = src.path.rstrip("/").rsplit("/", 1)[-1]
@@ -57,7 +68,7 @@ def cp(session: Session, source: str, destination: str, recursive: bool) -> int:
         local = Path(destination)
         if destination.endswith(os.sep) or local.is_dir():
             local = local / name
-        size, where = session.api.download(src.route, local), str(local)
+        size, where = _sent(session, lambda: session.api.download(src.route, local)), str(local)
     seconds = round(time.monotonic() - started, 3)
     if session.as_json:
         emit_json({"source": source, "destination": where, "bytes": size, "files": 1, "seconds": seconds})
@@ -71,9 +82,19 @@ def _into_folder(session: Session, side: PodSide, name: str) -> PodSide:
     if side.path == "" or side.path.endswith("/"):
         return PodSide(side.gpu_id, side.path + name)
     try:
-        session.api.call("GET", side.route + "/")
+        _sent(session, lambda: session.api.call("GET", side.route + "/"))
     except ApiError as exc:
         if exc.status in (404, 409):  # no such folder, or a file there: the path names the file
             return side
         raise
     return PodSide(side.gpu_id, f"{side.path}/{name}")
+
+
+def _sent(session: Session, request: Callable[[], T]) -> T:
+    """``request()``, sent again while its answer says to wait (a person is told each wait)."""
+
+    def told(refusal: retry.Refusal, seconds: float) -> None:
+        if not session.as_json:  # with --json, stderr holds only a failure's envelope
+            notice(f"{refusal} (trying again in {seconds:.0f} s)")
+
+    return retry.attempts(request, tries=TRIES, most_waited_s=MOST_WAITED_S, on_wait=told)

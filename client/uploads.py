@@ -11,9 +11,9 @@ each file goes straight to the object store, by URLs the server mints, ``transfe
 The client computes no hash: the drive reports the MD5 the store computed (its ETag), never one
 a client merely says (drive/facts.py ``proven_md5``).
 
-Every PUT has a deadline, and a failed one (the network, the store's 5xx) is sent again, up to
-:data:`ATTEMPTS` times; the first refusal (the quota, a name) stops what has not started, and
-what was uploaded stays. Like ``rclone copy``, a file already in the drive with the same size and
+Every PUT has a deadline, and a failed one (the network, the store's 5xx or 429: client/retry.py)
+is sent again, up to :data:`ATTEMPTS` times; the first refusal (the quota, a name) stops what has
+not started, and what was uploaded stays. Like ``rclone copy``, a file already in the drive with the same size and
 modification time is skipped, and symbolic links are not followed.
 """
 
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from client import retry
 from client.api import Api, ApiError
 from client.errors import TransferFailed
 
@@ -38,7 +39,6 @@ MINT_BATCH = 256  # files one batch mint asks for (the server takes up to 1000)
 BLOCK = 1 << 20  # bytes read from the file and sent at a time
 PUT_TIMEOUT = 120  # seconds the store may stay silent during one PUT
 MTIME_SLACK = 1.0  # seconds: the drive keeps whole seconds, as rclone's owncloud dialect does
-_RETRIED_API = (0, 502, 503, 504)  # unreachable, or the store restarting behind the server
 
 
 @dataclass(frozen=True)
@@ -124,10 +124,12 @@ class _Section:
         return data
 
 
-class StoreRefused(Exception):
-    def __init__(self, status: int, text: str):
-        super().__init__(f"the object store answered {status}: {text[:300]}")
-        self.status = status
+class StoreRefused(retry.Refusal):
+    """The object store's answer to a PUT, other than a success; status 0: it gave none."""
+
+    def __init__(self, status: int, text: str, retry_after: float | None = None):
+        said = f"answered {status}: {text[:300]}" if status else f"did not answer: {text}"
+        super().__init__(f"the object store {said}", status, retry_after)
 
 
 def put(url: str, headers: dict, path: Path, offset: int, length: int, progress: _Progress) -> str:
@@ -140,12 +142,15 @@ def put(url: str, headers: dict, path: Path, offset: int, length: int, progress:
         with open(path, "rb") as handle:
             handle.seek(offset)
             section = _Section(handle, length, progress)
-            connection.request("PUT", f"{parts.path}?{parts.query}", body=section,
-                               headers={**headers, "Content-Length": str(length)})
-            reply = connection.getresponse()
-            text = reply.read(64 << 10).decode(errors="replace")
+            try:
+                connection.request("PUT", f"{parts.path}?{parts.query}", body=section,
+                                   headers={**headers, "Content-Length": str(length)})
+                reply = connection.getresponse()
+                text = reply.read(64 << 10).decode(errors="replace")
+            except (OSError, http.client.HTTPException) as exc:
+                raise StoreRefused(0, str(exc) or type(exc).__name__) from None
         if reply.status >= 300:
-            raise StoreRefused(reply.status, text)
+            raise StoreRefused(reply.status, text, retry.retry_after(reply.getheader("Retry-After")))
         return (reply.getheader("ETag") or "").strip('"')
     except BaseException:
         if section is not None:
@@ -155,24 +160,10 @@ def put(url: str, headers: dict, path: Path, offset: int, length: int, progress:
         connection.close()
 
 
-def _again(exc: BaseException) -> bool:
-    """Whether a failure is worth another try: the network, or a server or store not answering."""
-    if isinstance(exc, StoreRefused):
-        return exc.status >= 500 or exc.status in (408, 429)
-    if isinstance(exc, ApiError):
-        return exc.status in _RETRIED_API
-    return isinstance(exc, (OSError, http.client.HTTPException))
-
-
 def _attempts(action: Callable[[], str], stop: threading.Event) -> str:
-    for attempt in range(ATTEMPTS):
-        try:
-            return action()
-        except Exception as exc:  # noqa: BLE001 - sorted by _again
-            if attempt == ATTEMPTS - 1 or not _again(exc) or stop.is_set():
-                raise
-            time.sleep(0.5 * 2 ** attempt)
-    raise AssertionError("unreachable")
+    """``action`` (a mint or a PUT), sent again as client/retry.py says, :data:`ATTEMPTS` times at
+    most, and not once another file failed for good (``stop``)."""
+    return retry.attempts(action, tries=ATTEMPTS, give_up=stop.is_set)
 
 
 class _Multipart:

@@ -187,7 +187,7 @@ def test_login_through_the_browser_never_takes_a_token_another_user_sends(stack,
     attacker = stack.new_user()
     client = Kgpu(tmp_path)
     command, found = _browser_login(client, stack.base)
-    page_url, port, state, challenge = found.group(1), found.group(2), found.group(3), found.group(4)
+    page_url, port, state = found.group(1), found.group(2), found.group(3)
     callback = f"http://127.0.0.1:{port}/callback"
     try:
         # Another local user posts the token it made itself, with the state it read from `ps`.
@@ -812,6 +812,104 @@ def test_cp_to_and_from_a_rented_gpu(stack, user, kgpu, gpu, tmp_path):
     assert sorted(os.listdir(down)) == ["renamed.pt", "v1.pt"]  # no partial file left behind
     assert kgpu("cp", "-r", str(tmp_path), f"{gpu}:x").returncode == 2
     assert kgpu("cp", f"{gpu}:a", f"{gpu}:b").returncode == 2
+
+
+def _told_to_wait(process: subprocess.Popen) -> str:
+    """The first line a running ``kgpu cp`` writes on stderr: the wait it was told, or its failure."""
+    line = process.stderr.readline()
+    assert "(trying again in " in line, (line, process.communicate(timeout=30))
+    return line
+
+
+def test_many_cp_with_a_gpu_at_once_wait_out_the_cap_and_all_arrive(stack, user, kgpu, gpu, tmp_path, monkeypatch):
+    """Three ``kgpu cp`` up to a GPU at once, then three down, while the user may hold one pod-file
+    transfer (KGPU_POD_FILES_PER_USER=1) and already holds it: each is refused (429
+    too_many_transfers), says it waits, and once that transfer ends every file arrives whole, both
+    ways, with no partial or stray file left."""
+    from tests.test_pod_files import _held_download, in_pod
+
+    monkeypatch.setattr(stack.server.app.state.pod_files.slots, "per_caller", 1)
+    in_pod(stack, user, gpu, "truncate -s 1G /tmp/big.bin")
+    files = {f"f{i}.bin": os.urandom((1 << 20) + i) for i in range(3)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+
+    def all_once_the_held_transfer_ends(*commands: list[str]) -> None:
+        held = _held_download(stack, user.auth, gpu, wait_s=30)
+        running: list[subprocess.Popen] = []
+        try:
+            running += [kgpu.popen(*command) for command in commands]
+            for process in running:
+                assert "1 pod-file transfers going" in _told_to_wait(process)
+            held.close()
+            for process in running:
+                out, err = process.communicate(timeout=240)
+                assert process.returncode == 0, (out, err)
+        finally:
+            held.close()
+            for process in running:
+                if process.poll() is None:
+                    process.kill()
+                    process.communicate()
+
+    all_once_the_held_transfer_ends(*[["cp", str(tmp_path / name), f"{gpu}:many/"] for name in files])
+    for name, data in files.items():
+        got = requests.get(f"{stack.base}/v1/gpus/{gpu}/files/many/{name}", headers=user.auth)
+        assert (got.status_code, got.content) == (200, data), name
+    down = tmp_path / "down"
+    down.mkdir()
+    all_once_the_held_transfer_ends(*[["cp", f"{gpu}:many/{name}", f"{down}/"] for name in files])
+    assert tree_of(down) == files  # each whole, once, and no .NAME.kgpu-partial left
+
+
+def test_cp_with_a_gpu_fails_at_once_on_a_refusal_that_waiting_cannot_change(stack, kgpu, gpu, tmp_path):
+    """A 404 (no such file in the pod) and a 400 (a path outside the pod's folders) are not sent again."""
+    missing = kgpu("cp", f"{gpu}:no/such.bin", str(tmp_path))
+    assert missing.returncode == 1 and missing.stderr.splitlines() == [missing.stderr.strip()], missing.stderr
+    assert "/workspace/no/such.bin" in missing.stderr and "trying again" not in missing.stderr
+    (tmp_path / "x.bin").write_bytes(b"x")
+    outside = kgpu("cp", str(tmp_path / "x.bin"), f"{gpu}:/etc/x.bin")
+    assert outside.returncode == 1 and outside.stderr.splitlines() == [outside.stderr.strip()], outside.stderr
+    assert "trying again" not in outside.stderr
+    as_json = kgpu("cp", str(tmp_path / "x.bin"), f"{gpu}:/etc/x.bin", "--json")
+    assert (as_json.returncode, json.loads(as_json.stderr)["error_code"]) == (1, "invalid_path")
+
+
+def test_a_download_cut_short_is_fetched_again_whole(stack, tmp_path):
+    """client/api.py against a server that cuts its first answer short of its Content-Length (a
+    gateway going away mid-file): the cut is an error worth another try, never a file renamed into
+    place short, and the second try writes the file whole, once, with no partial name left."""
+    import http.server
+
+    from client import retry
+    from client.api import Api
+    from client.config import Login
+
+    data = os.urandom(300_000)
+    sent: list[int] = []
+
+    class Cutting(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = data[: len(data) // 2] if not sent else data
+            sent.append(len(body))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Cutting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        api = Api(Login(f"http://127.0.0.1:{server.server_address[1]}", "t"))
+        local = tmp_path / "ckpt.pt"
+        size = retry.attempts(lambda: api.download("/v1/gpus/gpu-1/files/ckpt.pt", local), tries=3)
+        assert (size, sent, local.read_bytes() == data) == (len(data), [len(data) // 2, len(data)], True)
+        assert os.listdir(tmp_path) == ["ckpt.pt"]
+    finally:
+        server.shutdown()
 
 
 def test_a_put_that_fails_on_the_way_is_sent_again_and_a_refusal_is_not(stack, tmp_path):
