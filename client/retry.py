@@ -7,7 +7,10 @@ server could not serve for now (500, 502-504: a restart, a pod or store out of r
 answer is final: a 404 or a 400 stays what it is. Between tries the client waits what the answer's
 ``Retry-After`` asks, else a backoff from half a second doubling; each wait is stretched by up to
 a quarter at random, so that transfers refused together do not all come back at the same moment,
-and none is longer than :data:`LONGEST_WAIT_S`.
+and none is longer than :data:`LONGEST_WAIT_S`. A request that gets no answer at all is sent at
+most :data:`UNANSWERED_TRIES` times however many tries the caller allows: a busy server says so
+and is waited for, a server that is not there (a wrong address, a network down) is said to be
+within seconds, not after minutes of waiting.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ T = TypeVar("T")
 SENT_AGAIN = frozenset({0, 408, 429, 500, 502, 503, 504})
 LONGEST_WAIT_S = 30.0
 FIRST_BACKOFF_S = 0.5
+UNANSWERED_TRIES = 4  # the most times a request that gets no answer (status 0) is sent
 
 
 class Refusal(Exception):
@@ -62,11 +66,13 @@ def attempts(
     worth another try, the ``tries``-th, one whose wait would take all the waits past
     ``most_waited_s``, or any once ``give_up()`` is true. ``on_wait`` hears of each wait first."""
     waited = 0.0
+    unanswered = 0
     for failures in range(1, tries + 1):
         try:
             return action()
         except Refusal as exc:
-            if failures == tries or not worth_again(exc) or give_up():
+            unanswered += exc.status == 0
+            if failures == tries or not worth_again(exc) or unanswered == UNANSWERED_TRIES or give_up():
                 raise
             wait = wait_before(failures, exc)
             if waited + wait > most_waited_s:
