@@ -325,13 +325,16 @@ def test_a_users_transfers_are_capped_across_all_workers(tmp_path):
     data = passable(tmp_path) / "data"
     server = Served(data, {"KGPU_WORKERS": "2", "KGPU_LOCAL_POD_MOUNTS": "false", "KGPU_POD_FILES_PER_USER": "6"}, start_seconds=WORKERS_START_S)
     held: list[socket.socket] = []
+    rented: list[str] = []
     try:
         workers = workers_of(server)
         assert len(workers) == 2
         first, second = workers
         token = requests.post(f"{server.base}/v1/admin/users", json={"email": "caps@lab.example"}, headers=ADMIN).json()["token"]
         auth = {"Authorization": f"Bearer {token}"}
-        full, other = (rent_ready(server.base, auth, name) for name in ("full", "other"))
+        for name in ("full", "other"):
+            rented.append(rent_ready(server.base, auth, name))
+        full, other = rented
         for gpu in (full, other):
             made = requests.post(f"{server.base}/v1/runs", json={"gpu_id": gpu, "command": ["truncate", "-s", "1G", "/tmp/big.bin"], "wait_seconds": 30}, headers=auth)
             assert made.json()["exit_code"] == 0, made.text
@@ -356,5 +359,7 @@ def test_a_users_transfers_are_capped_across_all_workers(tmp_path):
     finally:
         for conn in held:
             conn.close()
+        for gpu in rented:  # a pod outlives the gateway by design: return it, or it stays
+            requests.delete(f"{server.base}/v1/gpus/{gpu}", headers=auth)
         server.process.terminate()
         server.process.wait(timeout=30)
