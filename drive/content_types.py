@@ -61,7 +61,7 @@ def served_type(stored: str | None, name: str) -> str:
     The listings and the 302 (drive/service.py: DriveService.download_url) ask the store nothing
     per file and pass None: a type other than the name's, sent on upload, shows where the store
     is asked (HEAD, a PROPFIND of the file, ``?json=1`` and its URL)."""
-    guess = _type_of_suffix(suffix(name).lower()) or UNKNOWN
+    guess = guess_type(name)
     if stored is None:  # a listing's entry: the hot case
         return guess
     kind = _media_type(stored)

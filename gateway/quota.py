@@ -48,7 +48,7 @@ from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
-from drive.store import ObjectInfo, ObjectStore, iter_objects, list_together
+from drive.store import ObjectInfo, ObjectStore, at_once, iter_objects, list_together
 from drive.uploads import WriteBusy
 from drive.usage import Keys, PutHold, QuotaExceeded, needed, room_left
 from gateway.models import DavProperty, DriveUsage, DriveWrite, QuotaHold, utcnow
@@ -106,12 +106,8 @@ def _objects_at(store: ObjectStore, keys: set[str]) -> dict[str, ObjectInfo | No
     """What the store holds at each of ``keys``: their folders listed where they hold many
     (drive/store list_together), the others asked :data:`HOLD_CHECK_THREADS` HEADs at a time."""
     listed = list_together(store, sorted(keys))
-    found, asked = dict(listed.objects), listed.unlisted
-    if len(asked) > 1:
-        with ThreadPoolExecutor(max_workers=min(len(asked), HOLD_CHECK_THREADS)) as pool:
-            found.update(zip(asked, pool.map(store.head, asked)))
-    else:
-        found.update((key, store.head(key)) for key in asked)
+    found = dict(listed.objects)
+    found.update(zip(listed.unlisted, at_once(store.head, listed.unlisted, HOLD_CHECK_THREADS)))
     return found
 
 

@@ -12,7 +12,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Iterator, Protocol, Sequence, runtime_checkable
+from typing import Callable, Iterator, Protocol, Sequence, TypeVar, runtime_checkable
 
 
 class StoreError(Exception):
@@ -167,6 +167,19 @@ def iter_objects(store: ObjectStore, prefix: str) -> Iterator[ObjectInfo]:
             yield entry
 
 
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def at_once(ask: Callable[[T], R], items: Sequence[T], threads: int) -> list[R]:
+    """``ask(item)`` of each of ``items``, in order, up to ``threads`` store requests at a time
+    (one item: in this thread, no pool)."""
+    if len(items) <= 1:
+        return [ask(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(len(items), threads)) as pool:
+        return list(pool.map(ask, items))
+
+
 LISTED_TOGETHER = 4  # keys of one folder from which the folder is listed rather than each key asked
 LISTING_THREADS = 8  # folders of one list_together listed at once
 
@@ -194,11 +207,7 @@ def list_together(store: ObjectStore, keys: Sequence[str]) -> Listed:
     def first_page(folder: str) -> ListPage:
         return store.list_page(folder, delimiter="/")
 
-    if len(listed_folders) > 1:  # their listings overlap, as the keys asked one by one do
-        with ThreadPoolExecutor(max_workers=min(len(listed_folders), LISTING_THREADS)) as pool:
-            pages = dict(zip(listed_folders, pool.map(first_page, listed_folders)))
-    else:
-        pages = {folder: first_page(folder) for folder in listed_folders}
+    pages = dict(zip(listed_folders, at_once(first_page, listed_folders, LISTING_THREADS)))
     objects: dict[str, ObjectInfo | None] = {}
     folders: set[str] = set()
     unlisted: list[str] = []
