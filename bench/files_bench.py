@@ -28,6 +28,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -145,12 +146,21 @@ def measured_load(load, server_pid: int, *args) -> dict:
     return result
 
 
+DISTINCT = "{n}"  # in a path of (a): each request asks for another name (n = 0, 1, 2, ...), never the same twice
+
+
 def load_wrk(port: int, path: str, token: str | None, seconds: float, conns: int, threads: int) -> dict:
     command = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds:g}s", "--timeout", "5s"]
     if token:
         command += ["-H", f"Authorization: Bearer {token}"]
-    command.append(f"http://{HOST}:{port}{path}")
-    out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30, check=True).stdout
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+        if DISTINCT in path:
+            head, tail = path.split(DISTINCT)
+            script.write(f'local n = 0\nrequest = function()\n  n = n + 1\n  return wrk.format(nil, "{head}" .. n .. "{tail}")\nend\n')
+            script.flush()
+            command += ["-s", script.name]
+        command.append(f"http://{HOST}:{port}{path.replace(DISTINCT, '0')}")
+        out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     total = int(re.search(r"(\d+) requests in", out).group(1))
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -177,7 +187,7 @@ def load_python(port: int, path: str, token: str | None, seconds: float, conns: 
     def worker(i: int) -> None:
         conn = http.client.HTTPConnection(HOST, port, timeout=10)
         while time.monotonic() < stop_at:
-            conn.request("GET", path, headers=headers)
+            conn.request("GET", path.replace(DISTINCT, f"{i}-{counts[i]}"), headers=headers)
             reply = conn.getresponse()
             reply.read()
             if reply.status != 302:
@@ -423,18 +433,22 @@ def main(argv: list[str] | None = None) -> int:
                 check_302(bare.port, "/v1/files/x", None)
             results["a_location_example"] = location
             load = load_wrk if loadgen == "wrk" else load_python
-            servers = {f"bare_{kind}": (bare, None) for kind, bare in bares.items()} | {
-                "kgpu": (kgpu, token), "kgpu_2_workers": (kgpu2, token2),
+            # The same file again and again (the issue's case; its 302 is signed once a second), and a
+            # new name each request (each one signed).
+            servers = {f"bare_{kind}": (bare, None, "/v1/files/x") for kind, bare in bares.items()} | {
+                "kgpu": (kgpu, token, "/v1/files/x"), "kgpu_2_workers": (kgpu2, token2, "/v1/files/x"),
+                "kgpu_distinct": (kgpu, token, f"/v1/files/many/f{DISTINCT}.bin"),
             }
             runs: dict[str, list[dict]] = {name: [] for name in servers}
             # a short warm-up of each, then alternate rounds so drift hits all alike
-            for proc, auth in servers.values():
-                load(proc.port, "/v1/files/x", auth, 1, args.connections, args.threads)
+            for proc, auth, path in servers.values():
+                load(proc.port, path, auth, 1, args.connections, args.threads)
             for r in range(args.rounds):
-                log(f"(a) round {r + 1}/{args.rounds}: bare ASGI 302, bare FastAPI 302, then GET /v1/files/x with 1 and 2 workers")
-                for name, (proc, auth) in servers.items():
+                log(f"(a) round {r + 1}/{args.rounds}: bare ASGI 302, bare FastAPI 302, then GET /v1/files/x with 1 and 2 workers, "
+                    "and a new name each request")
+                for name, (proc, auth, path) in servers.items():
                     runs[name].append(
-                        measured_load(load, proc.pid, proc.port, "/v1/files/x", auth, args.duration, args.connections, args.threads)
+                        measured_load(load, proc.pid, proc.port, path, auth, args.duration, args.connections, args.threads)
                     )
             for proc in (*bares.values(), kgpu2):
                 proc.stop()
@@ -445,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
                 "runs": runs, "rps": rps, "cpu_us": cpu,
                 "ratio": rps["kgpu"] / rps["bare_asgi"], "ratio_fastapi": rps["kgpu"] / rps["bare_fastapi"],
                 "ratio_2_workers": rps["kgpu_2_workers"] / rps["bare_asgi"], "workers_gain": rps["kgpu_2_workers"] / rps["kgpu"],
-                "cpu_ratio": cpu["bare_asgi"] / cpu["kgpu"],
+                "cpu_ratio": cpu["bare_asgi"] / cpu["kgpu"], "ratio_distinct": rps["kgpu_distinct"] / rps["bare_asgi"],
             }
 
         # ---------------------------------------------------------------- (b) (c)
@@ -580,7 +594,8 @@ def report(results: dict, args) -> list[str]:
         out.append(f"(a) GET /v1/files/x 302, {results['loadgen']}, {args.connections} connections, "
                    f"{args.rounds} x {args.duration:g} s each, median of rounds")
         labels = {"bare_asgi": "bare ASGI constant 302", "bare_fastapi": "bare FastAPI constant 302",
-                  "kgpu": "kgpu GET /v1/files/x", "kgpu_2_workers": "kgpu, 2 workers"}
+                  "kgpu": "kgpu GET /v1/files/x", "kgpu_2_workers": "kgpu, 2 workers",
+                  "kgpu_distinct": "kgpu, a new name each"}
         for name, label in labels.items():
             out.append(f"    {label:26s}: {a['rps'][name]:9.0f} req/s, server CPU {a['cpu_us'][name]:4.0f} us/request   "
                        f"(rounds: {rounds(a, name)})")
@@ -588,6 +603,7 @@ def report(results: dict, args) -> list[str]:
                    f"{a['cpu_ratio']:.2f} (the throughput ratio on an otherwise idle core)")
         bad = sum(r["non_2xx_3xx"] for rs in a["runs"].values() for r in rs)
         out.append(f"    ratio kgpu / bare ASGI {a['ratio']:.2f} (target >= 0.5: {verdict(a['ratio'] >= 0.5)}); non-2xx/3xx answers: {bad}")
+        out.append(f"    a new name each request (each one signed), / bare ASGI: {a['ratio_distinct']:.2f}")
         out.append(f"    2 workers: / bare ASGI (one process) {a['ratio_2_workers']:.2f}, / 1 worker {a['workers_gain']:.2f} "
                    f"(the load generator shares the {os.cpu_count()} cores)")
         out.append("")

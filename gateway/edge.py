@@ -14,6 +14,7 @@ Anything else, or anything that goes wrong, goes to the full application, which 
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 from fastapi import FastAPI
 from starlette.types import Message, Receive, Scope, Send
@@ -31,6 +32,35 @@ from gateway.errors import request_id_of
 MOUNT = b"/v1/files/"
 
 
+class RecentRedirects:
+    """The redirects handed out in the current second, by drive prefix and raw path.
+
+    A presigned URL is a function of its key, its served type and the second it is signed in
+    (drive/presign.py), so within one second a file's 302 is the same bytes however often it is
+    asked: the key's checks, its type and the signature are done once a second for it, not once a
+    request (many clients reading one file: a job's workers, a page's images). At most
+    :attr:`LIMIT` are held (the rest are signed each time); all are let go as the second turns.
+    Used from the event loop only."""
+
+    LIMIT = 4096
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self._clock = clock
+        self._second = -1
+        self._locations: dict[tuple[str, bytes], bytes] = {}
+
+    def get(self, prefix: str, rel: bytes) -> bytes | None:
+        second = int(self._clock())
+        if second != self._second:
+            self._second, self._locations = second, {}
+            return None
+        return self._locations.get((prefix, rel))
+
+    def put(self, prefix: str, rel: bytes, location: bytes) -> None:
+        if len(self._locations) < self.LIMIT:
+            self._locations[(prefix, rel)] = location
+
+
 class Gateway(FastAPI):
     # What the redirect needs, set by the lifespan once the services exist (None: the full
     # application answers everything): read as one attribute, not three lookups on app.state.
@@ -39,6 +69,7 @@ class Gateway(FastAPI):
     def serve_redirects(self, authenticator: Authenticator, drive: DriveService) -> None:
         """Answer downloads here, with these (the lifespan, once they exist)."""
         self._redirects = (authenticator, drive)
+        self._recent = RecentRedirects()
 
     def stop_redirects(self) -> None:
         self._redirects = None
@@ -56,7 +87,7 @@ class Gateway(FastAPI):
                     "type": "http.response.start",
                     "status": 302,
                     "headers": [
-                        (b"location", location.encode()),
+                        (b"location", location),
                         (b"cache-control", b"no-store"),
                         (b"content-length", b"0"),
                         (b"x-request-id", request_id.encode()),
@@ -94,14 +125,14 @@ class Gateway(FastAPI):
             raw = (scope.get("raw_path") or scope["path"].encode()).split(b"?", 1)[0]
             TRAFFIC.request(family_of(raw), answer["status"], seconds, answer["received"], answer["sent"])
 
-    def _redirect(self, scope: Scope) -> str | None:
+    def _redirect(self, scope: Scope) -> bytes | None:
         """The presigned GET this request is answered with here, or None: the full application answers."""
         try:
             return self._presigned_get(scope)
         except Exception:  # noqa: BLE001 - the full application answers, and reports, whatever this is
             return None
 
-    def _presigned_get(self, scope: Scope) -> str | None:
+    def _presigned_get(self, scope: Scope) -> bytes | None:
         raw = (scope.get("raw_path") or b"").split(b"?", 1)[0]
         rel = keys.under_mount(MOUNT, raw)
         if not rel or rel.endswith(b"/") or b"json" in scope.get("query_string", b""):
@@ -127,8 +158,12 @@ class Gateway(FastAPI):
             return None
         location = None
         try:
-            if principal.status == "approved" and principal.user_id is not None:
-                location = drive.download_url(keys.from_raw_path(principal.drive_prefix, rel))
+            if principal.status == "approved" and principal.user_id is not None and drive.store.serving:
+                prefix = principal.drive_prefix
+                location = self._recent.get(prefix, rel)
+                if location is None:
+                    location = drive.download_url(keys.from_raw_path(prefix, rel)).encode()
+                    self._recent.put(prefix, rel, location)
         except InvalidPath:
             pass
         finally:  # a store that is down raises on, and the full application answers its 503

@@ -94,6 +94,9 @@ class ObjectStore(Protocol):
     # serve s3 over a directory; never R2 or S3, whose are "…-N"): a streamed upload in parts need
     # not compute it either.
     multipart_etag_is_md5: bool
+    # False while the store cannot answer (the embedded store restarting): no URL of it is handed
+    # out then, a remembered one included (gateway/edge.py). A store elsewhere (R2, S3) is True.
+    serving: bool
 
     def ensure_bucket(self) -> None: ...
 

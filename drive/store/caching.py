@@ -292,6 +292,10 @@ class CachingStore:
     def multipart_etag_is_md5(self) -> bool:
         return getattr(self.inner, "multipart_etag_is_md5", False)
 
+    @property
+    def serving(self) -> bool:
+        return getattr(self.inner, "serving", True)
+
     def presign_put(
         self, key: str, expires_in: int, content_length: int | None = None, content_md5: str | None = None
     ) -> str:

@@ -410,6 +410,10 @@ class EmbeddedStore(S3ObjectStore):
         return StoreUnavailable("object store restarting; try again in a few seconds")
 
     @property
+    def serving(self) -> bool:
+        return self.server.serving
+
+    @property
     def _client(self):
         if not self.server.serving:
             raise self._down()

@@ -143,6 +143,7 @@ def _tls_context(session: boto3.session.Session) -> ssl.SSLContext:
 
 class S3ObjectStore:
     multipart_etag_is_md5 = False  # "…-N" on R2, S3 and moto
+    serving = True  # a store elsewhere: whether it answers is found out by asking it
 
     def __init__(
         self,
