@@ -4,6 +4,7 @@ the rental, the transfer and the refusals are gateway/pod_files.py's."""
 
 from __future__ import annotations
 
+import logging
 import re
 from email.utils import formatdate
 
@@ -17,9 +18,12 @@ from gateway.auth import ApprovedUser
 from gateway.deps import PodFilesDep, RentalIdPath
 from gateway.domain_errors import RangeNotSatisfiable
 from gateway.drive_http import AnyPathConvertor
-from gateway.errors import ApiError
+from gateway.ended_early import end_early, one_line
+from gateway.errors import ApiError, request_id_var
 from gateway.openapi import GPU_ENDED, RETRY_AFTER, content, errors, merge
+from gateway.pods import PodError
 
+log = logging.getLogger("kgpu")
 router = APIRouter(tags=["pod files"])
 assert AnyPathConvertor.regex  # imported for what importing it does: {path:anypath} takes newlines, for their 400
 FILE_ROUTE = "/v1/gpus/{gpu_id}/files/{path:anypath}"
@@ -160,20 +164,34 @@ async def get_pod_file(
     except BaseException as exc:
         await opened.__aexit__(type(exc), exc, exc.__traceback__)
         raise
-    return _Streamed(download.chunks(start, length), opened, status_code=status, headers=headers,
-                     media_type="application/octet-stream")
+    return _Streamed(download.chunks(start, length), opened, f"{rental_id} {target.text}", length,
+                     status_code=status, headers=headers, media_type="application/octet-stream")
 
 
 class _Streamed(StreamingResponse):
-    """A streamed answer that closes the pod's side however it ends (a client gone included)."""
+    """A streamed answer that closes the pod's side however it ends (a client gone included). A pod
+    failing once the head is sent (its file cut short, the pod gone, its reader stalled) ends the
+    body short of its Content-Length: the connection closed (the client sees the cut), one warning
+    line, no traceback, however often a tenant makes it happen."""
 
-    def __init__(self, chunks, opened, **kwargs):
+    def __init__(self, chunks, opened, what: str, length: int, **kwargs):
         super().__init__(chunks, **kwargs)
         self._opened = opened
+        self._what = what
+        self._length = length
+        self._sent = 0
 
     async def __call__(self, scope, receive, send) -> None:
+        async def counted(message) -> None:
+            await send(message)
+            self._sent += len(message.get("body", b""))
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, counted)
+        except PodError as exc:
+            log.warning("pod file download cut: %s: %d of %d bytes sent: %s (request %s)", one_line(self._what),
+                        self._sent, self._length, one_line(str(exc)), request_id_var.get())
+            end_early()
         finally:
             await self.body_iterator.aclose()
             await self._opened.__aexit__(None, None, None)
