@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import io
 import json
+import os
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -15,6 +18,9 @@ from client.config import Login
 from client.retry import Refusal, retry_after
 
 USER_AGENT = "kgpu-client/0.1"
+CONTINUE_WAIT_S = 1.0  # how long an upload waits for the server's go-ahead before it sends its body anyway
+BLOCK = 1 << 20  # bytes of an upload read and sent at a time
+_LONGEST_LINE = 65537  # http.client's own bound on a status line
 
 
 class ApiError(Refusal):
@@ -55,7 +61,7 @@ class Api:
         except urllib.error.HTTPError as exc:
             if 300 <= exc.code < 400:
                 return exc
-            raise _error_of(exc) from None
+            raise _error_of(exc.code, exc.reason, exc.headers, exc.read() or b"") from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             raise self._unreachable(exc) from None
 
@@ -79,20 +85,35 @@ class Api:
             raise
 
     def put_file(self, path: str, local: Path) -> dict:
-        """Upload one file, streamed through the gateway (a PUT without ``Expect``)."""
+        """Upload one file, streamed through the gateway. It asks first (``Expect: 100-continue``,
+        RFC 9110 section 10.1.1): a refusal (429, 503…) comes back before any of the body is sent,
+        and a server that says nothing for :data:`CONTINUE_WAIT_S` (a proxy that does not pass the
+        question on) gets the body anyway."""
+        url = urllib.parse.urlsplit(self.url(path))
+        kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        connection = kind(url.netloc, timeout=self.timeout, blocksize=BLOCK)
         with open(local, "rb") as body:
-            request = urllib.request.Request(
-                self.url(path), data=body, method="PUT",
-                headers={"Authorization": f"Bearer {self.login.token}", "User-Agent": USER_AGENT,
-                         "Content-Length": str(local.stat().st_size), "Content-Type": "application/octet-stream"},
-            )
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as reply:
-                    return json.loads(reply.read() or b"{}")
-            except urllib.error.HTTPError as exc:
-                raise _error_of(exc) from None
-            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+                connection.putrequest("PUT", url.path + (f"?{url.query}" if url.query else ""))
+                for name, value in {
+                    "Authorization": f"Bearer {self.login.token}", "User-Agent": USER_AGENT,
+                    "Content-Length": str(os.fstat(body.fileno()).st_size),
+                    "Content-Type": "application/octet-stream", "Expect": "100-continue",
+                }.items():
+                    connection.putheader(name, value)
+                connection.endheaders()
+                reply = _answer_before_the_body(connection)
+                if reply is None:
+                    reply = _answer_after(connection, body)
+                with reply:
+                    raw = reply.read()
+            except (OSError, http.client.HTTPException) as exc:
                 raise self._unreachable(exc) from None
+            finally:
+                connection.close()  # a refused request's body was never sent: the connection cannot serve another
+        if reply.status >= 300:
+            raise _error_of(reply.status, reply.reason, reply.headers, raw)
+        return json.loads(raw or b"{}")
 
     def download(self, path: str, local: Path) -> int:
         """A GET's body streamed into ``local`` (through a temporary name beside it, written from
@@ -137,12 +158,85 @@ def _read(reply: http.client.HTTPResponse, so_far: int) -> bytes:
     return block
 
 
-def _error_of(exc: urllib.error.HTTPError) -> ApiError:
-    raw = exc.read() or b""
-    wait = retry_after(exc.headers.get("Retry-After") if exc.headers else None)
+def _answer_before_the_body(connection: http.client.HTTPConnection) -> http.client.HTTPResponse | None:
+    """The server's final answer to a request whose head alone was sent with ``Expect:
+    100-continue``, when it gave one at once (a refusal); None when it said to go on (``100
+    Continue``, or another interim answer) or said nothing within :data:`CONTINUE_WAIT_S`."""
+    head = connection.sock.makefile("rb", buffering=0)  # unbuffered: reads nothing past the interim answer
+    with contextlib.ExitStack() as owned:
+        owned.callback(head.close)
+        status_line = _first_line(connection, head)
+        if status_line is None:
+            return None
+        if _interim(status_line):
+            http.client.parse_headers(head)  # the rest of the interim answer
+            return None
+        reply = http.client.HTTPResponse(_ReadAgain(status_line, head), method="PUT")
+        reply.begin()
+        owned.pop_all()  # the reply reads the rest of its body from head, and closes it
+        return reply
+
+
+def _interim(status_line: bytes) -> bool:
+    """``HTTP/1.1 1xx …``: not the answer yet (100 Continue: send the body)."""
+    words = status_line.split(None, 2)
+    return len(words) > 1 and len(words[1]) == 3 and words[1].startswith(b"1")
+
+
+def _first_line(connection: http.client.HTTPConnection, head) -> bytes | None:
+    """The first line of the server's answer, or None when none began within :data:`CONTINUE_WAIT_S`."""
+    connection.sock.settimeout(CONTINUE_WAIT_S)
+    try:
+        first = head.read(1)
+    except TimeoutError:
+        return None
+    finally:
+        connection.sock.settimeout(connection.timeout)
+    if not first:
+        raise http.client.RemoteDisconnected("the server closed the connection without an answer")
+    return first + head.readline(_LONGEST_LINE)
+
+
+def _answer_after(connection: http.client.HTTPConnection, body) -> http.client.HTTPResponse:
+    """The answer once the body is sent. A server that answered while it came and then closed
+    the connection (a refusal after the wait) cuts the body short: its answer says why."""
+    try:
+        connection.send(body)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    return connection.getresponse()
+
+
+class _ReadAgain(io.RawIOBase):
+    """An answer whose status line was read already: that line again, then the rest from
+    ``rest``. ``HTTPResponse`` takes it as its socket (it only asks a socket for ``makefile``)."""
+
+    def __init__(self, first: bytes, rest):
+        self.first, self.rest = first, rest
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(self)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if not self.first:
+            return self.rest.readinto(buffer)
+        n = min(len(buffer), len(self.first))
+        buffer[:n], self.first = self.first[:n], self.first[n:]
+        return n
+
+    def close(self) -> None:
+        super().close()
+        self.rest.close()
+
+
+def _error_of(status: int, reason: str, headers, raw: bytes) -> ApiError:
+    wait = retry_after(headers.get("Retry-After") if headers else None)
     try:
         envelope = json.loads(raw)
-        return ApiError(exc.code, envelope.get("error_code", "error"), envelope.get("message", raw.decode()), wait)
+        return ApiError(status, envelope.get("error_code", "error"), envelope.get("message", raw.decode()), wait)
     except (ValueError, AttributeError):
-        text = raw.decode(errors="replace").strip() or exc.reason
-        return ApiError(exc.code, "http_error", f"HTTP {exc.code}: {text}", wait)
+        text = raw.decode(errors="replace").strip() or reason
+        return ApiError(status, "http_error", f"HTTP {status}: {text}", wait)

@@ -862,6 +862,96 @@ def test_many_cp_with_a_gpu_at_once_wait_out_the_cap_and_all_arrive(stack, user,
     assert tree_of(down) == files  # each whole, once, and no .NAME.kgpu-partial left
 
 
+class RecordingProxy:
+    """A TCP forwarder to the server that keeps, for each connection, how many bytes the client
+    sent up and what the server answered."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sent: list[int] = []
+        self.answered: list[bytearray] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self.sent.append(0)
+            self.answered.append(bytearray())
+            n = len(self.sent) - 1
+            threading.Thread(target=self._pipe, args=(client, upstream, n, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, n, False), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, n: int, up: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if up:
+                    self.sent[n] += len(data)
+                else:
+                    self.answered[n] += data
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_cp_to_a_gpu_asks_first_so_a_refusal_costs_no_body(stack, user, gpu, tmp_path, monkeypatch):
+    """``kgpu cp FILE gpu-…:PATH`` sends ``Expect: 100-continue`` (client/api.py put_file): the
+    server refuses an upload past the user's cap (KGPU_POD_FILES_PER_USER=1, held by a stalled
+    download) before its route reads the body, so uvicorn sends no 100 Continue and the client
+    sends none of its 8 MiB; once the cap has room, uvicorn's 100 Continue (sent when the route
+    reads the body) lets it go, and it arrives whole."""
+    import hashlib
+    from urllib.parse import urlsplit
+
+    from client import retry
+    from client.api import Api, ApiError
+    from client.config import Login
+    from tests.test_pod_files import _held_download, in_pod
+
+    monkeypatch.setattr(stack.server.app.state.pod_files.slots, "per_caller", 1)
+    in_pod(stack, user, gpu, "truncate -s 1G /tmp/big.bin")
+    local = tmp_path / "weights.bin"
+    local.write_bytes(os.urandom(8 << 20))
+    proxy = RecordingProxy(urlsplit(stack.base).port)
+    api = Api(Login(f"http://127.0.0.1:{proxy.port}", user.token), timeout=60)
+    route = f"/v1/gpus/{gpu}/files/weights.bin"
+    try:
+        held = _held_download(stack, user.auth, gpu, wait_s=30)
+        try:
+            with pytest.raises(ApiError) as refused:
+                api.put_file(route, local)
+        finally:
+            held.close()
+        assert proxy.sent[0] < 4096, proxy.sent  # the request's head, none of its body
+        assert proxy.answered[0].startswith(b"HTTP/1.1 429 "), bytes(proxy.answered[0][:200])
+        assert (refused.value.status, refused.value.error_code, refused.value.retry_after) == (429, "too_many_transfers", 5)
+
+        # The held transfer's slot comes back once the server sees it closed: a 429 meanwhile is waited out.
+        monkeypatch.setattr(retry, "LONGEST_WAIT_S", 0.5)
+        written = retry.attempts(lambda: api.put_file(route, local), tries=40)
+        assert written == {"gpu_id": gpu, "path": "/workspace/weights.bin", "size": 8 << 20}
+        assert proxy.answered[-1].startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 "), bytes(proxy.answered[-1][:200])
+        assert proxy.sent[-1] > 8 << 20
+    finally:
+        proxy.close()
+    got = requests.get(f"{stack.base}/v1/gpus/{gpu}/files/weights.bin", headers=user.auth)
+    assert hashlib.sha256(got.content).hexdigest() == hashlib.sha256(local.read_bytes()).hexdigest()
+
+
 def test_cp_with_a_gpu_fails_at_once_on_a_refusal_that_waiting_cannot_change(stack, kgpu, gpu, tmp_path):
     """A 404 (no such file in the pod) and a 400 (a path outside the pod's folders) are not sent again."""
     missing = kgpu("cp", f"{gpu}:no/such.bin", str(tmp_path))
