@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import io
@@ -88,21 +89,21 @@ class Api:
         """Upload one file, streamed through the gateway. It asks first (``Expect: 100-continue``,
         RFC 9110 section 10.1.1): a refusal (429, 503…) comes back before any of the body is sent,
         and a server that says nothing for :data:`CONTINUE_WAIT_S` (a proxy that does not pass the
-        question on) gets the body anyway."""
-        url = urllib.parse.urlsplit(self.url(path))
-        kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-        connection = kind(url.netloc, timeout=self.timeout, blocksize=BLOCK)
+        question on) gets the body anyway. An empty file has nothing to ask about."""
+        connection, target, for_the_proxy = _connection(urllib.parse.urlsplit(self.url(path)), self.timeout)
         with open(local, "rb") as body:
+            size = os.fstat(body.fileno()).st_size
+            asks = size > 0  # RFC 9110: no expectation without content
             try:
-                connection.putrequest("PUT", url.path + (f"?{url.query}" if url.query else ""))
+                connection.putrequest("PUT", target)
                 for name, value in {
-                    "Authorization": f"Bearer {self.login.token}", "User-Agent": USER_AGENT,
-                    "Content-Length": str(os.fstat(body.fileno()).st_size),
-                    "Content-Type": "application/octet-stream", "Expect": "100-continue",
+                    **for_the_proxy, "Authorization": f"Bearer {self.login.token}", "User-Agent": USER_AGENT,
+                    "Content-Length": str(size), "Content-Type": "application/octet-stream",
+                    **({"Expect": "100-continue"} if asks else {}),
                 }.items():
                     connection.putheader(name, value)
                 connection.endheaders()
-                reply = _answer_before_the_body(connection)
+                reply = _answer_before_the_body(connection) if asks else None
                 if reply is None:
                     reply = _answer_after(connection, body)
                 with reply:
@@ -156,6 +157,25 @@ def _read(reply: http.client.HTTPResponse, so_far: int) -> bytes:
     if not block and reply.length:  # bytes the Content-Length promised are still missing
         raise ApiError(0, "unreachable", f"the download was cut after {so_far} bytes, {reply.length} short")
     return block
+
+
+def _connection(url: urllib.parse.SplitResult, timeout: float) -> tuple[http.client.HTTPConnection, str, dict]:
+    """A connection for one request to ``url``, the request's target and the headers its proxy
+    wants: straight to the server, or through the proxy the environment names (``https_proxy``,
+    ``http_proxy``, ``no_proxy``), as urllib sends the client's other requests."""
+    kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+    target = url.path + (f"?{url.query}" if url.query else "")
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if not proxy or urllib.request.proxy_bypass(url.netloc):
+        return kind(url.netloc, timeout=timeout, blocksize=BLOCK), target, {}
+    via = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    login = f"{urllib.parse.unquote(via.username or '')}:{urllib.parse.unquote(via.password or '')}"
+    for_the_proxy = {"Proxy-Authorization": f"Basic {base64.b64encode(login.encode()).decode()}"} if via.password else {}
+    connection = kind(via.netloc.rpartition("@")[2], timeout=timeout, blocksize=BLOCK)
+    if url.scheme == "https":  # a tunnel (CONNECT): TLS from here to the server, the proxy in between
+        connection.set_tunnel(url.netloc, headers=for_the_proxy)
+        return connection, target, {}
+    return connection, urllib.parse.urlunsplit(url), for_the_proxy
 
 
 def _answer_before_the_body(connection: http.client.HTTPConnection) -> http.client.HTTPResponse | None:

@@ -946,6 +946,8 @@ def test_cp_to_a_gpu_asks_first_so_a_refusal_costs_no_body(stack, user, gpu, tmp
         assert written == {"gpu_id": gpu, "path": "/workspace/weights.bin", "size": 8 << 20}
         assert proxy.answered[-1].startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 "), bytes(proxy.answered[-1][:200])
         assert proxy.sent[-1] > 8 << 20
+        (tmp_path / "empty").write_bytes(b"")  # nothing to ask about: sent without Expect
+        assert api.put_file(f"/v1/gpus/{gpu}/files/empty", tmp_path / "empty")["size"] == 0
     finally:
         proxy.close()
     got = requests.get(f"{stack.base}/v1/gpus/{gpu}/files/weights.bin", headers=user.auth)

@@ -13,6 +13,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -79,7 +80,7 @@ def _head(connection: socket.socket) -> str:
         byte = connection.recv(1)
         assert byte, f"the connection closed inside the head: {head!r}"
         head += byte
-    return head.decode("latin-1").lower()
+    return head.decode("latin-1")
 
 
 def _body(connection: socket.socket, length: int) -> bytes:
@@ -120,7 +121,7 @@ def test_a_refusal_comes_back_before_the_body_and_none_of_it_is_sent(scheme, cer
     head, received = server.join()
     assert received == 0
     assert (refused.value.status, refused.value.error_code, refused.value.retry_after) == (503, "pod_unavailable", 2)
-    assert "expect: 100-continue" in head and f"content-length: {SIZE}" in head
+    assert "expect: 100-continue" in head.lower() and f"content-length: {SIZE}" in head.lower()
 
 
 def test_a_server_that_hangs_up_once_it_has_refused_is_heard(scheme, certificates, tmp_path):
@@ -157,7 +158,7 @@ def test_100_continue_gets_the_body(scheme, certificates, tmp_path, monkeypatch)
     written = Api(Login(server.base, "t"), timeout=30).put_file("/v1/gpus/gpu-1/files/model.pt", local)
     head, received = server.join()
     assert written == {"path": "model.pt", "size": SIZE}
-    assert received == sha256 and "expect: 100-continue" in head
+    assert received == sha256 and "expect: 100-continue" in head.lower()
 
 
 def test_a_server_that_never_answers_the_question_gets_the_body_after_a_short_wait(scheme, certificates, tmp_path,
@@ -169,4 +170,83 @@ def test_a_server_that_never_answers_the_question_gets_the_body_after_a_short_wa
     written = Api(Login(server.base, "t"), timeout=30).put_file("/v1/gpus/gpu-1/files/model.pt", local)
     head, received = server.join()
     assert written == {"path": "model.pt", "size": SIZE}
-    assert received == sha256 and "expect: 100-continue" in head
+    assert received == sha256 and "expect: 100-continue" in head.lower()
+
+
+
+def test_an_empty_file_is_sent_without_asking(scheme, certificates, tmp_path, monkeypatch):
+    """RFC 9110: no ``Expect`` without content, so no wait for a go-ahead that need not come."""
+    monkeypatch.setattr(client_api, "CONTINUE_WAIT_S", 60.0)
+
+    def take(connection: socket.socket, head: str) -> str:
+        connection.sendall(_answer("201 Created", {"path": "empty", "size": 0}))
+        return head
+
+    server = OneConnection(scheme, certificates, take)
+    (tmp_path / "empty").write_bytes(b"")
+    written = Api(Login(server.base, "t"), timeout=30).put_file("/v1/gpus/gpu-1/files/empty", tmp_path / "empty")
+    head = server.join()
+    assert written == {"path": "empty", "size": 0}
+    assert "content-length: 0" in head.lower() and "expect" not in head.lower()
+
+class Proxy:
+    """An HTTP proxy for one request: a tunnel to CONNECT's host (https), or a request in absolute
+    form sent on in origin form (http); it keeps the request line and the proxy login it was given."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://someone:p%40ss@127.0.0.1:{self.listener.getsockname()[1]}"
+        self.request_line = self.login = None
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        client, _ = self.listener.accept()
+        self.listener.close()
+        line, _, rest = _head(client).partition("\r\n")
+        self.request_line = line
+        self.login = next((h.split(":", 1)[1].strip() for h in rest.split("\r\n")
+                           if h.lower().startswith("proxy-authorization:")), None)
+        method, where, version = line.split(" ")
+        if method == "CONNECT":
+            host, port = where.rsplit(":", 1)
+            upstream = socket.create_connection((host, int(port)))
+            client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        else:
+            parts = urlsplit(where)
+            upstream = socket.create_connection((parts.hostname, parts.port))
+            upstream.sendall(f"{method} {parts.path} {version}\r\n{rest}".encode("latin-1"))
+        threading.Thread(target=_pipe, args=(client, upstream), daemon=True).start()
+        _pipe(upstream, client)
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(1 << 16):
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (source, sink):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def test_through_the_environments_proxy(scheme, certificates, tmp_path, monkeypatch):
+    """``https_proxy``/``http_proxy`` (with a login) are honoured as urllib honours them, and the
+    question and its go-ahead pass through: https through a CONNECT tunnel, TLS checked end to end."""
+    monkeypatch.setattr(client_api, "CONTINUE_WAIT_S", 60.0)
+    server = OneConnection(scheme, certificates, _take_the_body(b"HTTP/1.1 100 Continue\r\n\r\n"))
+    proxy = Proxy()
+    for name in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(f"{scheme}_proxy", proxy.url)
+    local, sha256 = _local_file(tmp_path)
+    written = Api(Login(server.base, "t"), timeout=30).put_file("/v1/gpus/gpu-1/files/model.pt", local)
+    head, received = server.join()
+    assert written == {"path": "model.pt", "size": SIZE} and received == sha256
+    where = server.base.split("://")[1]
+    assert proxy.request_line.rsplit(" ", 1)[0] == (
+        f"CONNECT {where}" if scheme == "https" else f"PUT {server.base}/v1/gpus/gpu-1/files/model.pt")
+    assert proxy.login == "Basic c29tZW9uZTpwQHNz"  # someone:p@ss
