@@ -1,7 +1,7 @@
 """One access-log line per request, cheap on the event loop.
 
 The line is ``key=value`` pairs (method, path, status, ms, request_id, client): the path
-without its query string and no header at all, so neither a token nor a presigned URL's
+without its query string (escaped, and cut to PATH_LIMIT characters) and no header at all, so neither a token nor a presigned URL's
 signature ever reaches the log. While :func:`start`'s writer runs, a request only puts a
 tuple on a queue (no ``LogRecord``, no formatting, no lock, nothing woken): the writer's
 thread formats what came every 0.2 s (the handler's formatter applied once a second, each
@@ -18,11 +18,16 @@ import time
 
 from starlette.types import Scope
 
+from gateway.log_line import one_line
+
 access = logging.getLogger("kgpu.access")
 
 _FORMAT = "method=%s path=%s status=%d ms=%.2f request_id=%s client=%s"
 _MARK = "\x00kgpu-access-line\x00"  # where a formatted record's message goes
 _queue: queue.SimpleQueue | None = None
+# A path's characters in its line (the middle of a longer one elided): any client, signed in or not,
+# sends a URL of up to uvicorn's limit (tens of KiB), which would otherwise be logged whole.
+PATH_LIMIT = 512
 
 
 class Writer:
@@ -124,9 +129,7 @@ def record(scope: Scope, status: int, request_id: str, seconds: float) -> None:
     if lines is None and not access.isEnabledFor(logging.INFO):
         return
     raw = (scope.get("raw_path") or scope["path"].encode()).split(b"?", 1)[0]
-    path = raw.decode("latin-1")
-    if not (path.isascii() and path.isprintable()) or "\\" in path:
-        path = path.encode("unicode_escape").decode("ascii")  # one line, whatever was sent
+    path = one_line(raw.decode("latin-1"), PATH_LIMIT)  # one short line, whatever was sent
     client = scope.get("client")
     args = (scope["method"], path, status, seconds * 1000, request_id, client[0] if client else "-")
     if lines is not None:

@@ -40,12 +40,3 @@ def end_early() -> None:
     if _DROP not in uvicorn_log.filters:  # added once needed: importing this changes no logger
         uvicorn_log.addFilter(_DROP)
 
-
-def one_line(text: str, limit: int = 200) -> str:
-    """``text`` for a log line: at most ``limit`` characters (its middle elided), control and
-    non-ASCII characters escaped (a tenant's path or message cannot start a line of its own)."""
-    if len(text) > limit:
-        text = text[: limit // 2] + "..." + text[-(limit // 2):]
-    if not (text.isascii() and text.isprintable()) or "\\" in text:
-        text = text.encode("unicode_escape").decode("ascii")
-    return text

@@ -9,6 +9,7 @@ Stacks the HTTP tests run on (``stack`` fixture):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import secrets
 import signal
@@ -377,6 +378,17 @@ def stack(request, tmp_path_factory) -> Stack:
     server = LiveServer(settings).start()
     yield Stack(request.param, server, target)
     server.stop()
+
+
+@pytest.fixture
+def server_log(caplog):
+    """Every record of the server: the gateway's (to the root logger) and uvicorn's own (which
+    does not propagate to the root)."""
+    caplog.set_level(logging.INFO)
+    uvicorn_log = logging.getLogger("uvicorn")
+    uvicorn_log.addHandler(caplog.handler)
+    yield caplog
+    uvicorn_log.removeHandler(caplog.handler)
 
 
 @pytest.fixture

@@ -17,24 +17,14 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from gateway.ended_early import end_early, one_line
+from gateway.ended_early import end_early
+from gateway.log_line import one_line
 from gateway.pods.files import Channel, Download
 from tests.test_pod_files import in_pod, url
 
 live = pytest.mark.parametrize("stack", ["rclone-sqlite"], indirect=True)
 MiB = 1 << 20
 SIZE = 64 * MiB  # far more than the socket buffers between the pod and the client hold
-
-
-@pytest.fixture
-def server_log(caplog):
-    """Every record of the server: the gateway's (to the root logger) and uvicorn's own (which
-    does not propagate to the root)."""
-    caplog.set_level(logging.INFO)
-    uvicorn = logging.getLogger("uvicorn")
-    uvicorn.addHandler(caplog.handler)
-    yield caplog
-    uvicorn.removeHandler(caplog.handler)
 
 
 class RawDownload:

@@ -301,16 +301,22 @@ def run_int(value: str | None) -> int | None:
         return None
 
 
+# The times a run file may name: from 1970 until the last second of year 9999, the most a datetime
+# holds. The pod writes them, and the pod is its tenant's: nan, inf or 1e20 is garbled, not a 500.
+_RUN_TIMES = (0.0, 253402300799.0)
+
+
 def run_float(value: str | None) -> float | None:
-    """A run file's time; None when absent or garbled (a ``date`` without %N prints
-    "1700000000.%N" or "1700000000.N": its seconds are kept)."""
+    """A run file's time; None when absent or garbled (out of _RUN_TIMES included; a ``date``
+    without %N prints "1700000000.%N" or "1700000000.N": its seconds are kept)."""
     if not value:
         return None
     try:
-        return float(value)
+        moment = float(value)
     except ValueError:
         head = value.split(".", 1)[0]
-        return float(head) if head.isdigit() else None
+        moment = float(head) if head.isdigit() else None
+    return moment if moment is not None and _RUN_TIMES[0] <= moment <= _RUN_TIMES[1] else None
 
 
 @runtime_checkable

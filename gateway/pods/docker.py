@@ -82,6 +82,7 @@ from gateway.pods.mounts import (
     READ_STATUS_SCRIPT,
     STATUS_PATH,
     bootstrap_status,
+    flush_report_logged,
     runs_bootstrap,
 )
 
@@ -468,7 +469,7 @@ class DockerPodBackend(ExecRuns):
         output = output.strip()
         output = output[-MAX_FLUSH_REPORT:]  # the pod's own words: bounded
         if output:
-            log.info("flush of %s: %s", ref, output.replace("\n", "; "))
+            log.info("flush of %s: %s", ref, flush_report_logged(output))
         return None if code == 0 else (output or f"kgpu-flush exited with {code}")
 
     # --- exec helpers ---------------------------------------------------------------

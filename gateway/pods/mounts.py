@@ -20,6 +20,7 @@ so it works in any image, also where the user ran the helpers by hand.
 from __future__ import annotations
 
 from bootstrap import script_path
+from gateway.log_line import one_line
 from gateway.pods import PodStatus
 
 STATUS_PATH = "/tmp/kgpu/mounts/status"
@@ -34,6 +35,13 @@ BOOTSTRAP_NAME = "kgpu-bootstrap"
 MAX_MOUNTS = 8
 MAX_VALUE = 1000
 MAX_FLUSH_REPORT = 4000
+FLUSH_LOG_CHARS = 500  # of a report, in the log's one line: the rental keeps all of it (flush_error)
+
+
+def flush_report_logged(report: str) -> str:
+    """A flush report as the gateway's log quotes it: rclone's words about the tenant's files,
+    names with newlines included, on one short line."""
+    return one_line(report, FLUSH_LOG_CHARS)
 
 
 def parse_status(text: str) -> tuple[bool, dict | None]:

@@ -71,6 +71,7 @@ from gateway.pods.mounts import (
     READ_STATUS_SCRIPT,
     STATUS_PATH,
     bootstrap_status,
+    flush_report_logged,
 )
 
 log = logging.getLogger(__name__)
@@ -472,7 +473,7 @@ class SlurmPodBackend(ExecRuns):
         report, _, code = out.rpartition("kgpu-flush-exit=")
         report = report.strip()[-MAX_FLUSH_REPORT:]
         if report:
-            log.info("flush of %s: %s", ref, report.replace("\n", "; "))
+            log.info("flush of %s: %s", ref, flush_report_logged(report))
         return None if code.strip() == "0" else (report or f"kgpu-flush exited with {code.strip()}")
 
     # --- runs ---------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from gateway.domain_errors import Conflict, InsufficientCredits, NoCapacity, Una
 from gateway.inventory import GpuClass
 from gateway.models import ApiToken, Rental, utcnow
 from gateway.pods import PodBackend, PodError, PodSpec, PodStatus
+from gateway.pods.mounts import flush_report_logged
 from gateway.principal import Principal
 from gateway.rentals import describe as describing
 from gateway.rentals.phases import ACTIVE, HANDED_OVER, OVER, WITH_POD, Phase, apply_status, pod_lost
@@ -322,7 +323,8 @@ class Rentals:
                 token.revoked_at = token.revoked_at or utcnow()
         self.tokens_revoked()
         if lost:
-            log.warning("rental %s ended (%s) but not every write to /files was uploaded: %s", rental_id, reason, lost)
+            log.warning("rental %s ended (%s) but not every write to /files was uploaded: %s", rental_id, reason,
+                        flush_report_logged(lost))
         with self.sessions.begin() as session:
             rental = session.get(Rental, rental_id)
             rental.flush_error = lost

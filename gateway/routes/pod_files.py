@@ -18,8 +18,9 @@ from gateway.auth import ApprovedUser
 from gateway.deps import PodFilesDep, RentalIdPath
 from gateway.domain_errors import RangeNotSatisfiable
 from gateway.drive_http import AnyPathConvertor
-from gateway.ended_early import end_early, one_line
+from gateway.ended_early import end_early
 from gateway.errors import ApiError, request_id_var
+from gateway.log_line import one_line
 from gateway.openapi import GPU_ENDED, RETRY_AFTER, content, errors, merge
 from gateway.pods import PodError
 
