@@ -717,6 +717,35 @@ def test_a_dynamic_forward_connects_inside_the_pod(door, pod):
         host_listener.close()
 
 
+def test_a_forward_to_a_name_no_resolver_takes_is_refused_alone(door, pod):
+    """A host name IDNA cannot encode (a label of 64 characters) is refused as that one channel;
+    the connection goes on: the next forward through it reaches the pod."""
+    port = free_port()
+    server = _serve_once_in_pod(door, pod, port, '$c->send("POD\\n")')
+    socks = free_port()
+    tunnel = subprocess.Popen(["ssh", *door.options(pod["key"]), "-p", str(door.port), "-N", "-D", str(socks),
+                               door.remote()])
+    try:
+        name = b"a" * 64 + b".example"
+        with _connect_when_up(socks) as conn:
+            conn.sendall(b"\x05\x01\x00")
+            assert conn.recv(2) == b"\x05\x00"
+            conn.sendall(b"\x05\x01\x00\x03" + bytes([len(name)]) + name + port.to_bytes(2, "big"))
+            conn.settimeout(10)
+            assert conn.recv(10)[:2] != b"\x05\x00"  # refused (or closed): not connected
+        with _connect_when_up(socks) as conn:
+            conn.sendall(b"\x05\x01\x00")
+            assert conn.recv(2) == b"\x05\x00"
+            conn.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + port.to_bytes(2, "big"))
+            assert conn.recv(10)[:2] == b"\x05\x00"
+            conn.settimeout(10)
+            assert conn.recv(100) == b"POD\n"
+        assert tunnel.poll() is None  # the SSH connection itself is still up
+    finally:
+        _stop(tunnel)
+        server.kill()
+
+
 def test_tmux_keeps_a_job_after_the_session(door, pod):
     require_system_part(door.kind != "local" or shutil.which("tmux") is not None, "tmux")
     if door.ssh(pod["key"], "command -v tmux").returncode != 0:

@@ -22,6 +22,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import asyncssh
 
+from gateway.log_line import one_line
 from gateway.pods import PodError
 from gateway.rentals import Rentals
 from gateway.settings import Settings
@@ -326,15 +327,15 @@ class Login(asyncssh.SSHServer):
         except PodError as exc:
             self._release_channel()
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, str(exc)) from None
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:  # UnicodeError: a name IDNA cannot encode (a label over 63 characters)
             self._release_channel()
             raise asyncssh.ChannelOpenError(
-                asyncssh.OPEN_CONNECT_FAILED, f"kgpu: {host}:{port} in the pod: {exc.strerror or exc}"
+                asyncssh.OPEN_CONNECT_FAILED, f"kgpu: {host}:{port} in the pod: {getattr(exc, 'strerror', None) or exc}"
             ) from None
         except BaseException:
             self._release_channel()
             raise
-        log.info("ssh forward: user %s in %s to %s:%s", self.user_id, target.rental_id, host, port)
+        log.info("ssh forward: user %s in %s to %s:%s", self.user_id, target.rental_id, one_line(host), port)
         self._carried()
         return await open_forward(sock, PodForward(self._carried, self._release_channel))
 
