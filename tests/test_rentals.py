@@ -146,6 +146,11 @@ def test_stop_and_stream_a_run(stack, user):
         {"cpu": "lots"},
         {"memory": "129Gi"},
         {"memory": "sixteen"},
+        {"memory": "\u0661Gi"},  # an Arabic-Indic one: a digit to Python, not to a backend
+        {"cpu": "1_0"},
+        {"cpu": "1e1"},
+        {"cpu": "\u0662"},
+        {"cpu": "nan"},
         {"ephemeral_storage_gib": 0},
         {"ephemeral_storage_gib": 101},
         {"duration_hours": 0},

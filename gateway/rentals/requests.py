@@ -20,12 +20,15 @@ _IMAGE = re.compile(r"^[\x21-\x7e]+$")  # a docker reference: printable ASCII, n
 MAX_EXEC_STRING_BYTES = 64 << 10
 MAX_EXEC_TOTAL_BYTES = 256 << 10
 MAX_MEMORY_BYTES = 128 << 30
-_QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+# ASCII digits only: Python's \d, int() and float() also take other scripts' digits, and float()
+# takes "1_0" and "1e1", none of which a backend is given.
+_QUANTITY = re.compile(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|K|M|G|T)?", re.ASCII)
+_CORES = re.compile(r"(\d+(?:\.\d+)?)(m?)", re.ASCII)
 _UNITS = {None: 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
 
 
 def parse_memory(value: str) -> int:
-    match = _QUANTITY.match(value.strip())
+    match = _QUANTITY.fullmatch(value.strip())
     if not match:
         raise ValueError("memory must be a quantity such as 16Gi or 512Mi")
     amount = float(match.group(1)) * _UNITS[match.group(2)]
@@ -35,9 +38,11 @@ def parse_memory(value: str) -> int:
 
 
 def parse_cpu(value: str | float) -> float:
-    text = str(value).strip()
-    cores = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
-    return cores
+    match = _CORES.fullmatch(str(value).strip())
+    if not match:
+        raise ValueError("cpu must be a number of cores such as 2 or 500m")
+    cores = float(match.group(1))
+    return cores / 1000 if match.group(2) else cores
 
 
 def _exec_bytes(what: str, text: str) -> int:
