@@ -239,6 +239,12 @@ class DriveService:
         answered with ``content_type`` when one is given (drive/content_types.py: served_type)."""
         return self.store.presign_get(key, self.url_seconds, content_type)
 
+    @property
+    def serving(self) -> bool:
+        """Whether the store answers now (False while the embedded store restarts): a URL of it
+        remembered from before is not handed out then (gateway/edge.py)."""
+        return self.store.serving
+
     def download_url(self, path: DrivePath) -> str:
         """The 302's target for the file at ``path``. No HEAD (a redirect is the hot path, and
         the store itself answers 404 for a missing key), so the stored type is not known: the URL

@@ -158,7 +158,7 @@ class Gateway(FastAPI):
             return None
         location = None
         try:
-            if principal.status == "approved" and principal.user_id is not None and drive.store.serving:
+            if principal.status == "approved" and principal.user_id is not None and drive.serving:
                 prefix = principal.drive_prefix
                 location = self._recent.get(prefix, rel)
                 if location is None:
