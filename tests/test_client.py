@@ -30,6 +30,7 @@ import pytest
 import requests
 
 from tests.conftest import fuse_present, require_system_part
+from tests.tcp_relay import Forwarder
 from tests.test_docs_examples import bash_blocks, run_doc
 
 pytestmark = pytest.mark.parametrize("stack", ["rclone-sqlite"], indirect=True)
@@ -607,41 +608,17 @@ def test_rent_run_stream_exit_code_and_return(stack, user, kgpu):
     assert after.returncode == 1
 
 
-class CuttableProxy:
+class CuttableProxy(Forwarder):
     """A TCP forwarder to the server whose open connections can be cut (a gateway going away)."""
 
     def __init__(self, upstream_port: int):
-        self.upstream_port = upstream_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self.open: list[socket.socket] = []
         self.cuts = 0
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(upstream_port)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            self.open += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+    def forward(self, client: socket.socket, upstream: socket.socket, *_) -> None:
+        self.open += [client, upstream]
+        super().forward(client, upstream)
 
     def cut(self) -> None:
         for s in self.open:
@@ -653,7 +630,7 @@ class CuttableProxy:
         self.cuts += 1
 
     def close(self) -> None:
-        self.listener.close()
+        super().close()
         self.cut()
 
 
@@ -862,50 +839,24 @@ def test_many_cp_with_a_gpu_at_once_wait_out_the_cap_and_all_arrive(stack, user,
     assert tree_of(down) == files  # each whole, once, and no .NAME.kgpu-partial left
 
 
-class RecordingProxy:
+class RecordingProxy(Forwarder):
     """A TCP forwarder to the server that keeps, for each connection, how many bytes the client
     sent up and what the server answered."""
 
     def __init__(self, upstream_port: int):
-        self.upstream_port = upstream_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self.sent: list[int] = []
         self.answered: list[bytearray] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(upstream_port)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            self.sent.append(0)
-            self.answered.append(bytearray())
-            n = len(self.sent) - 1
-            threading.Thread(target=self._pipe, args=(client, upstream, n, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, n, False), daemon=True).start()
+    def forward(self, client: socket.socket, upstream: socket.socket, *_) -> None:
+        n = len(self.sent)
+        self.sent.append(0)
+        self.answered.append(bytearray())
 
-    def _pipe(self, source: socket.socket, sink: socket.socket, n: int, up: bool) -> None:
-        try:
-            while data := source.recv(65536):
-                if up:
-                    self.sent[n] += len(data)
-                else:
-                    self.answered[n] += data
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        def went_up(data: bytes) -> None:
+            self.sent[n] += len(data)
 
-    def close(self) -> None:
-        self.listener.close()
+        super().forward(client, upstream, up=went_up, down=self.answered[n].extend)
 
 
 def test_cp_to_a_gpu_asks_first_so_a_refusal_costs_no_body(stack, user, gpu, tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ import pytest
 from client import api as client_api
 from client.api import Api, ApiError
 from client.config import Login
+from tests.tcp_relay import relay
 from tests.test_store_tls import _certificates
 
 SIZE = 8 << 20  # well past what the sockets' buffers take without the server reading
@@ -215,22 +216,8 @@ class Proxy:
             parts = urlsplit(where)
             upstream = socket.create_connection((parts.hostname, parts.port))
             upstream.sendall(f"{method} {parts.path} {version}\r\n{rest}".encode("latin-1"))
-        threading.Thread(target=_pipe, args=(client, upstream), daemon=True).start()
-        _pipe(upstream, client)
-
-
-def _pipe(source: socket.socket, sink: socket.socket) -> None:
-    try:
-        while data := source.recv(1 << 16):
-            sink.sendall(data)
-    except OSError:
-        pass
-    finally:
-        for s in (source, sink):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        threading.Thread(target=relay, args=(client, upstream), daemon=True).start()
+        relay(upstream, client)
 
 
 def test_through_the_environments_proxy(scheme, certificates, tmp_path, monkeypatch):
