@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from gateway import access_log
-from gateway.log_line import one_line
+from gateway.log_line import Sparse, one_line
 from gateway.pods import run_float
 from gateway.pods.mounts import FLUSH_LOG_CHARS, flush_report_logged
 from tests.test_pod_files import in_pod
@@ -111,3 +111,23 @@ def test_one_line_stays_short_when_escaping_lengthens_it():
         assert said.isascii() and said.isprintable() and len(said) <= 203, (len(said), said[:80])
     assert one_line("/tmp/plain.bin") == "/tmp/plain.bin"
     assert len(flush_report_logged("x" * 4000)) <= FLUSH_LOG_CHARS + 3
+
+
+def test_sparse_lets_one_line_a_key_through_each_period_and_counts_the_rest(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr("gateway.log_line.time.monotonic", lambda: now[0])
+    sparse = Sparse(seconds=60, keys=3)
+    assert sparse.due("10.0.0.1") == 0  # the first: logged
+    assert [sparse.due("10.0.0.1") for _ in range(5)] == [None] * 5  # held back
+    assert sparse.due("10.0.0.2") == 0  # another key has its own line
+    now[0] += 61
+    assert sparse.due("10.0.0.1") == 5  # a minute on: logged, saying how many were held back
+    assert sparse.due("10.0.0.1") is None
+    # at most 3 keys: a new one makes room by forgetting the quiet ones (.2, logged a minute ago),
+    # and waits while every one remembered is recent
+    assert sparse.due("10.0.0.3") == 0
+    assert sparse.due("10.0.0.4") == 0
+    assert sparse.due("10.0.0.5") is None
+    now[0] += 61
+    assert sparse.due("10.0.0.5") == 0
+    assert len(sparse._last) == 1

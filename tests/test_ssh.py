@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import select
@@ -24,6 +25,7 @@ import pytest
 import requests
 
 from drive.store.embedded import free_port
+from gateway.log_line import Sparse
 from gateway.traffic import TRAFFIC
 from tests.conftest import (
     ADMIN_TOKEN,
@@ -757,10 +759,14 @@ def test_tmux_keeps_a_job_after_the_session(door, pod):
     door.ssh(pod["key"], "tmux kill-server", timeout=30)
 
 
-def test_connections_that_never_log_in_are_capped_per_address(door, pod):
+def test_connections_that_never_log_in_are_capped_per_address(door, pod, caplog):
     """A client opening connection after connection without logging in holds at most a few of
-    the bastion's slots (each may wait 30 s for its login), and gets them back as they close."""
+    the bastion's slots (each may wait 30 s for its login), and gets them back as they close.
+    The log says so once a minute per address, not once per connection closed."""
     from gateway.ssh.bastion import UNAUTHENTICATED_PER_ADDRESS
+
+    caplog.set_level(logging.WARNING, logger="kgpu.ssh")
+    door.server.app.state.bastion.over_cap_lines = Sparse()  # this test's address is everyone's here
 
     idle = [socket.create_connection(("127.0.0.1", door.port)) for _ in range(UNAUTHENTICATED_PER_ADDRESS + 8)]
     try:
@@ -777,6 +783,8 @@ def test_connections_that_never_log_in_are_capped_per_address(door, pod):
     finally:
         for conn in idle:
             conn.close()
+    lines = [r.getMessage() for r in caplog.records if "have not logged in" in r.getMessage()]
+    assert len(lines) == 1, lines
     # the slots come back as they go (this test's address is everyone's here)
     bastion = door.server.app.state.bastion
     deadline = time.monotonic() + 10

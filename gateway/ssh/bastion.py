@@ -22,7 +22,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import asyncssh
 
-from gateway.log_line import one_line
+from gateway.log_line import Sparse, one_line
 from gateway.pods import PodError
 from gateway.rentals import Rentals
 from gateway.settings import Settings
@@ -89,6 +89,7 @@ class Bastion:
         self.logins: set[Login] = set()
         self._failures: dict[str, collections.deque] = {}
         self.waiting: collections.Counter = collections.Counter()  # address: connections not yet logged in
+        self.over_cap_lines = Sparse()  # one line a minute per address past the cap above
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping: asyncio.Event | None = None
@@ -228,8 +229,11 @@ class Login(asyncssh.SSHServer):
         self.waiting = True
         self.bastion.waiting[self.address] += 1
         if self.bastion.waiting[self.address] > UNAUTHENTICATED_PER_ADDRESS:
-            log.warning("ssh: %s holds %d connections that have not logged in; closing the newest",
-                        self.address, self.bastion.waiting[self.address] - 1)
+            held = self.bastion.over_cap_lines.due(self.address)
+            if held is not None:
+                log.warning("ssh: %s holds %d connections that have not logged in; closing the newest%s",
+                            self.address, self.bastion.waiting[self.address] - 1,
+                            f" ({held} more closed since this line last came)" if held else "")
             conn.abort()
 
     def _logged_in_or_gone(self) -> None:
