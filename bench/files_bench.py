@@ -11,7 +11,8 @@ everything it made. Nothing but 127.0.0.1 is touched. See bench/README.md.
       with one worker process and with two (`--workers 2`)
   (b) 1 GiB `curl -L -T` through the 307 vs `curl -T` straight to a presigned PUT
   (c) 1 GiB streamed PUT (`-H 'Expect:'`, from a file and from a pipe) vs the same
-      direct PUT, with the server's peak RSS growth
+      direct PUT, with the server's peak RSS growth; the one from a pipe (no length: a
+      multipart upload) also vs the same parts sent straight to the store
   (d) PUT 307 answer time at 0 objects and at N objects in the drive
 
 Every uploaded object is downloaded again (curl -L through the gateway) and its
@@ -21,6 +22,7 @@ sha256 compared with the source file's.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import shutil
@@ -39,6 +41,11 @@ from harness import (
     end_run, free_port, http_json, log, make_dirs, make_file, new_user, pct, publish, rss_kib, server_cpu_seconds, start_kgpu,
     start_bench_server, store_client, store_endpoint, verdict, wait_ready,
 )
+
+# The server's defaults (gateway/settings.py: s3_bucket, upload_unknown_length_part_bytes), which the
+# bench's server runs with: the direct multipart upload sends the parts the gateway would.
+STORE_BUCKET = "kgpu"
+UNKNOWN_LENGTH_PART_BYTES = 12 * MiB
 
 # A Location of the same shape and length as a presigned GET the gateway sends.
 BARE_LOCATION = (
@@ -481,6 +488,40 @@ def main(argv: list[str] | None = None) -> int:
                     size, kgpu.pid,
                 )
 
+            def direct_multipart(n: int) -> Upload:
+                # What a client that does not know its length can do at best: a multipart upload
+                # straight to the store, in the gateway's parts of a body of unknown length, sent in
+                # order on one connection as the gateway sends them, then completed. Its parts are
+                # cut and signed (their ETags, the parts' MD5s, known) before the clock starts.
+                key = f"users/{user_id}/big/direct-multipart-{n}.bin"
+                s3 = store_client(data_dir, store_endpoint(kgpu))
+                upload_id = s3.create_multipart_upload(Bucket=STORE_BUCKET, Key=key)["UploadId"]
+                lines, parts, files = [], [], []
+                with open(big, "rb") as f:
+                    while chunk := f.read(UNKNOWN_LENGTH_PART_BYTES):
+                        number = len(files) + 1
+                        files.append(fast / f"part-{number}")
+                        files[-1].write_bytes(chunk)
+                        url = s3.generate_presigned_url("upload_part", ExpiresIn=3600, Params={
+                            "Bucket": STORE_BUCKET, "Key": key, "UploadId": upload_id, "PartNumber": number})
+                        lines += [f'url = "{url}"', f'upload-file = "{files[-1]}"', 'output = "/dev/null"']
+                        parts.append(f'<Part><PartNumber>{number}</PartNumber><ETag>"{hashlib.md5(chunk).hexdigest()}"</ETag></Part>')
+                config, complete = fast / "parts.curl", fast / "complete.xml"
+                config.write_text("\n".join(lines) + "\n")
+                complete.write_text(f"<CompleteMultipartUpload>{''.join(parts)}</CompleteMultipartUpload>")
+                done_url = s3.generate_presigned_url("complete_multipart_upload", HttpMethod="POST", ExpiresIn=3600,
+                                                     Params={"Bucket": STORE_BUCKET, "Key": key, "UploadId": upload_id})
+                try:
+                    return run_curl(
+                        f"direct presigned multipart #{n} ({UNKNOWN_LENGTH_PART_BYTES // MiB} MiB parts)",
+                        ["sh", "-c", 'curl -sS -f -K "$1" && curl -sS -f -o /dev/null -X POST --data-binary @"$2" '
+                         f'{fmt[0]} "$3" "$4"', "sh", str(config), str(complete), fmt[1], done_url],
+                        size, kgpu.pid,
+                    )
+                finally:
+                    for path in (*files, config, complete):
+                        path.unlink()
+
             gateway_steps = []
             if "b" in args.only:
                 gateway_steps.append((
@@ -512,10 +553,16 @@ def main(argv: list[str] | None = None) -> int:
                     ),
                 ))
             # Every gateway upload sits between two direct ones and is compared with their mean, so that
-            # drift (other load on the machine) hits both sides of each ratio alike.
+            # drift (other load on the machine) hits both sides of each ratio alike; the chunked one
+            # also between two direct multipart uploads, its own lower bound.
             plan = [("direct-1", lambda: direct(1))]
             for n, step in enumerate(gateway_steps, start=2):
-                plan += [step, (f"direct-{n}", lambda n=n: direct(n))]
+                if step[0] == "streamed-chunked":
+                    plan += [("direct-multipart-1", lambda: direct_multipart(1)), step,
+                             ("direct-multipart-2", lambda: direct_multipart(2))]
+                else:
+                    plan.append(step)
+                plan.append((f"direct-{n}", lambda n=n: direct(n)))
             by_name: dict[str, Upload] = {}
             for name, step in plan:
                 log(f"(b/c) upload: {name}")
@@ -533,14 +580,24 @@ def main(argv: list[str] | None = None) -> int:
                     f"CPU server {upload.server_cpu_s:.2f} s store {upload.store_cpu_s:.2f} s, sha256 ok")
             big.unlink()
             results["uploads"] = {u.label: u.__dict__ | {"mib_s": u.mib_s} for u in uploads}
-            directs = [u for u in uploads if u.label.startswith("direct")]
+            directs = [u for u in uploads if u.label.startswith("direct presigned PUT")]
             results["direct_mean_s"] = statistics.mean(u.seconds for u in directs)
-            results["upload_ratios"] = {}
-            for i, (name, _) in enumerate(plan):
+            results["upload_ratios"], results["multipart_ratios"] = {}, {}
+            names = [name for name, _ in plan]
+
+            def around(i: int, prefix: str) -> float:
+                """The mean time of the nearest uploads named ``prefix…`` before and after step ``i``."""
+                before = next(n for n in reversed(names[:i]) if n.startswith(prefix))
+                after = next(n for n in names[i + 1:] if n.startswith(prefix))
+                return statistics.mean([by_name[before].seconds, by_name[after].seconds])
+
+            for i, name in enumerate(names):
                 if name.startswith("direct"):
                     continue
-                around = statistics.mean([by_name[plan[i - 1][0]].seconds, by_name[plan[i + 1][0]].seconds])
-                results["upload_ratios"][by_name[name].label] = around / by_name[name].seconds
+                label = by_name[name].label
+                results["upload_ratios"][label] = around(i, "direct-") / by_name[name].seconds
+                if name == "streamed-chunked":
+                    results["multipart_ratios"][label] = around(i, "direct-multipart-") / by_name[name].seconds
 
         # ---------------------------------------------------------------- (d) at N objects
         if "d" in args.only:
@@ -617,7 +674,7 @@ def report(results: dict, args) -> list[str]:
             out.append(f"    {'':50s} server RSS +{u['server_rss_growth_mib']:.1f} MiB (VmHWM +{u['server_hwm_delta_mib']:.1f}){store}; "
                        f"CPU s: server {u['server_cpu_s']:.2f} ({u['server_cpu_s'] * 1000 / args.size_mib:.2f} ms/MiB), "
                        f"store {u['store_cpu_s']:.2f}")
-        out.append(f"    ratio: mean time of the two direct PUTs around each gateway upload / its time "
+        out.append(f"    ratio: mean time of the nearest direct PUT before and after each gateway upload / its time "
                    f"(all direct PUTs: mean {results['direct_mean_s']:.2f} s)")
         targets = {"gateway 307": 0.9, "gateway streamed": 0.8}
         for label, ratio in results["upload_ratios"].items():
@@ -627,6 +684,9 @@ def report(results: dict, args) -> list[str]:
             note = (f", server CPU {cpu:.2f} ms/MiB (target <= 2: {verdict(cpu <= 2)}), "
                     f"RSS growth {growth:.1f} MiB (target <= 64: {verdict(growth <= 64)})") if "streamed" in label else ""
             out.append(f"    {label}: ratio {ratio:.2f} (target >= {target}: {verdict(ratio >= target)}){note}")
+        for label, ratio in results.get("multipart_ratios", {}).items():
+            out.append(f"    {label}: / the same parts sent straight to the store (direct presigned multipart, "
+                       f"mean of the two around it) {ratio:.2f}")
         out.append("")
     if "d_full" in results:
         e, f = results["d_empty"], results["d_full"]

@@ -7,8 +7,7 @@ most; the store then computes its MD5 (its ETag) and the gateway only its SHA1. 
 body (a chunked one, one over 5 GiB) ends within its first part, held, and is one PUT, or
 is a multipart upload whose parts all have the same size except the last (R2 refuses
 anything else), at most 10,000 of them, each a PUT sent as the blocks arrive: one part's
-bytes in memory, kept in case the body ends inside it. Its MD5 is computed here unless
-the store lists one for it (``multipart_etag_is_md5``).
+bytes in memory, kept in case the body ends inside it; its MD5 is computed here.
 
 A body is complete only when the HTTP layer has seen its end (the last chunk of a
 chunked body, or as many bytes as Content-Length said) and exactly that many bytes
@@ -137,20 +136,19 @@ async def stream_to_store(
     is complete, and its SHA1 and MD5 are the ``expected`` ones (:class:`ChecksumMismatch`
     otherwise). A body of known length over one part goes up as one PUT sent as it arrives
     (:class:`_OnePut`), any other in parts (:class:`_Parts`); either way a block at a time, each
-    hashed and sent by one worker-thread call while the next arrives (:func:`_pump`). The MD5 is
-    the store's ETag where the store says it is (``put_etag_is_md5``, ``multipart_etag_is_md5``),
-    unless the client announced an MD5 to check first. ``idle_timeout`` defaults to
-    :data:`BODY_IDLE_TIMEOUT`."""
+    hashed and sent by one worker-thread call while the next arrives (:func:`_pump`). The MD5 of
+    one PUT is the store's ETag where the store says it is (``put_etag_is_md5``), unless the client
+    announced an MD5 to check first; a multipart upload's is computed here. ``idle_timeout``
+    defaults to :data:`BODY_IDLE_TIMEOUT`."""
     watch = _IdleWatch(BODY_IDLE_TIMEOUT if idle_timeout is None else idle_timeout)
     body = _checked(chunks, watch, content_length, max_bytes)
     announced_md5 = any(c.algorithm == "MD5" for c in expected)
     put_md5 = getattr(store, "put_etag_is_md5", False) and not announced_md5
-    parts_md5 = put_md5 and getattr(store, "multipart_etag_is_md5", False)
     sink: _OnePut | _Parts
     if content_length is not None and part_size < content_length <= SINGLE_PUT_MAX:
         sink = _OnePut(store, key, content_length, content_type, Hashes(md5=not put_md5))
     else:
-        sink = _Parts(store, key, part_size, content_type, Hashes(md5=not parts_md5), parts_md5)
+        sink = _Parts(store, key, part_size, content_type, Hashes(), getattr(store, "multipart_etag_is_md5", False))
     try:
         return await _pump(body, sink, content_length, expected)
     except asyncio.CancelledError:
@@ -273,14 +271,16 @@ class _Parts:
     with their own length. So at most one part's bytes are held, plus the blocks in hand. A full
     part's answer (its ETag) is read only at the next part's end: by then the store has sent it,
     and the body never waits for it (two parts' PUTs open at most).
-    ``store_md5``: the hashes compute no MD5, the object's listed ETag is it. Its methods block,
-    and come one at a time from worker threads."""
+    Its MD5 is computed here, as on R2 (whose listed ETag of it is "…-N"). ``listed_md5``: the
+    store lists that MD5 as the object's ETag (rclone serve s3), so it is not asked for it: a HEAD
+    there reads the whole object again to compute it, after the body, while the client waits. Its
+    methods block, and come one at a time from worker threads."""
 
     def __init__(
-        self, store: ObjectStore, key: str, part_size: int, content_type: str | None, hashes: Hashes, store_md5: bool
+        self, store: ObjectStore, key: str, part_size: int, content_type: str | None, hashes: Hashes, listed_md5: bool
     ):
         self.store, self.key, self.part_size, self.content_type = store, key, part_size, content_type
-        self.hashes, self.store_md5 = hashes, store_md5
+        self.hashes, self.listed_md5 = hashes, listed_md5
         self.kept: list[bytes | memoryview] = []  # the current part's bytes
         self.kept_size = 0
         self.upload_id: str | None = None
@@ -310,8 +310,7 @@ class _Parts:
         self.hashes.check(expected)  # before anything is committed: a mismatch stores nothing
         if self.upload_id is None:
             etag = self.store.put_object(self.key, b"".join(self.kept), self.content_type)
-            md5 = self.hashes.md5 or md5_of_etag(etag) or None
-            return UploadResult(size=self.size, etag=etag, parts=0, sha1=self.hashes.sha1, md5=md5)
+            return UploadResult(size=self.size, etag=etag, parts=0, sha1=self.hashes.sha1, md5=self.hashes.md5)
         if self.kept_size < self.part_size:  # the last part: sent again with its own length
             if self.put is not None:
                 self.put.abort()
@@ -321,14 +320,16 @@ class _Parts:
         self._answered()
         etag = self.store.complete_multipart(self.key, self.upload_id, self.parts)
         self.upload_id = None  # committed: nothing to abort any more
-        try:
-            listed = self.store.head(self.key)
-        except StoreError:
-            listed = None  # committed all the same; its facts will simply not match
-        if listed is not None and listed.size == self.size:
-            etag = listed.etag
-        md5 = self.hashes.md5 or (self.store_md5 and listed is not None and md5_of_etag(listed.etag)) or None
-        return UploadResult(size=self.size, etag=etag, parts=len(self.parts), sha1=self.hashes.sha1, md5=md5)
+        if self.listed_md5:
+            etag = f'"{self.hashes.md5}"'
+        else:
+            try:
+                listed = self.store.head(self.key)
+            except StoreError:
+                listed = None  # committed all the same; its facts will simply not match
+            if listed is not None and listed.size == self.size:
+                etag = listed.etag
+        return UploadResult(size=self.size, etag=etag, parts=len(self.parts), sha1=self.hashes.sha1, md5=self.hashes.md5)
 
     def abort(self) -> None:
         for put in (self.sent, self.put):
