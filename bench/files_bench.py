@@ -42,10 +42,12 @@ from harness import (
     start_bench_server, store_client, store_endpoint, verdict, wait_ready,
 )
 
-# The server's defaults (gateway/settings.py: s3_bucket, upload_unknown_length_part_bytes), which the
-# bench's server runs with: the direct multipart upload sends the parts the gateway would.
-STORE_BUCKET = "kgpu"
-UNKNOWN_LENGTH_PART_BYTES = 12 * MiB
+from gateway.settings import Settings
+
+# The server's defaults, which the bench's server runs with: the direct multipart upload sends the
+# parts the gateway would.
+STORE_BUCKET = Settings.model_fields["s3_bucket"].default
+UNKNOWN_LENGTH_PART_BYTES = Settings.model_fields["upload_unknown_length_part_bytes"].default
 
 # A Location of the same shape and length as a presigned GET the gateway sends.
 BARE_LOCATION = (

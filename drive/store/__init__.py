@@ -91,8 +91,8 @@ class ObjectStore(Protocol):
     # (drive/facts.py proven_md5). False: the drive computes MD5s itself, and knows none of the rest.
     put_etag_is_md5: bool
     # The ETag it lists for an object a multipart upload made is the MD5 of its bytes too (rclone
-    # serve s3 over a directory; never R2 or S3, whose are "…-N"): a streamed upload in parts need
-    # not compute it either.
+    # serve s3 over a directory; never R2 or S3, whose are "…-N"): a streamed upload in parts, which
+    # computes that MD5 anyway, records it as the ETag without asking the store (drive/uploads.py).
     multipart_etag_is_md5: bool
     # False while the store cannot answer (the embedded store restarting): no URL of it is handed
     # out then, a remembered one included (gateway/edge.py). A store elsewhere (R2, S3) is True.
