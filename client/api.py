@@ -16,21 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.config import Login
-from client.retry import Refusal, retry_after
+from client.errors import ApiError
+from client.retry import retry_after
 
 USER_AGENT = "kgpu-client/0.1"
 CONTINUE_WAIT_S = 1.0  # how long an upload waits for the server's go-ahead before it sends its body anyway
 BLOCK = 1 << 20  # bytes of an upload read and sent at a time
 _LONGEST_LINE = 65537  # http.client's own bound on a status line
-
-
-class ApiError(Refusal):
-    """An answer other than 2xx, with the envelope's ``error_code`` and ``message`` (exit code 1);
-    status 0 when none came (client/retry.py: which ones are worth another try)."""
-
-    def __init__(self, status: int, error_code: str, message: str, retry_after: float | None = None):
-        super().__init__(message, status, retry_after)
-        self.error_code, self.message = error_code, message
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):

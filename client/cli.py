@@ -9,13 +9,13 @@ command line that cannot work; 3 not logged in; ``kgpu run`` exits with the run'
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
 
-from client import drive, gpus, login, mounts, pod_files, ssh
-from client.api import Api, ApiError
 from client.config import NotLoggedIn, load
-from client.errors import TransferFailed, UsageError
+from client.errors import ApiError, TransferFailed, UsageError
+from client.locations import pod_side
 from client.output import error
 from client.session import Session
 
@@ -27,6 +27,20 @@ SERVER_COMMANDS = ("serve", "admin")
 SERVER_MISSING = ("`kgpu {command}` is the server's: install the kgpu server beside this client "
                   "(`pip install .` in a kgpu checkout; docs/client.md#install)")
 
+
+
+class _Later:
+    """A command's module, imported when the command runs: ``kgpu cp`` does not wait for the
+    imports of ``kgpu rent`` or ``kgpu login`` (the whole client takes some 70 ms to import)."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attribute: str):
+        return getattr(importlib.import_module(f"client.{self._name}"), attribute)
+
+
+drive, gpus, login, mounts, pod_files, ssh = (_Later(n) for n in ("drive", "gpus", "login", "mounts", "pod_files", "ssh"))
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -43,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cp(session: Session, args: argparse.Namespace) -> int:
-    if pod_files.pod_side(args.source) or pod_files.pod_side(args.destination):
+    if pod_side(args.source) or pod_side(args.destination):
         return pod_files.cp(session, args.source, args.destination, args.recursive)
     return drive.cp(session, args.source, args.destination, args.recursive, args.transfers)
 
@@ -84,7 +98,7 @@ def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse
 
 def _session(args: argparse.Namespace) -> Session:
     logged_in = load()
-    return Session(logged_in, Api(logged_in), args.json)
+    return Session(logged_in, args.json)
 
 
 def _with_session(action: Callable[[Session, argparse.Namespace], int]):

@@ -8,8 +8,7 @@ from datetime import datetime
 from pathlib import Path
 
 from client import rclone
-from client.api import ApiError
-from client.errors import TransferFailed, UsageError
+from client.errors import ApiError, TransferFailed, UsageError
 from client.locations import Remote, is_remote, parse_remote
 from client.output import ProgressBar, emit_json, human_bytes, table
 from client.session import Session
@@ -45,7 +44,7 @@ def ls(session: Session, target: str, recursive: bool) -> int:
     depth = ["-R"] if recursive else ["--max-depth", "1"]
     outcome = rclone.run(session.login, ["lsjson", f"{rclone.REMOTE}:{remote.path}", *depth])
     if outcome.returncode != 0:
-        if outcome.returncode == 3:  # rclone: directory not found
+        if outcome.returncode == rclone.DIRECTORY_NOT_FOUND:
             raise ApiError(404, "not_found", f"no file or folder {remote}")
         raise TransferFailed(_rclone_failure("ls", outcome))
     entries = [
@@ -69,7 +68,7 @@ def cp(session: Session, source: str, destination: str, recursive: bool, transfe
     if is_remote(destination) and (not is_remote(source) or parse_remote(destination).in_shared):
         return _upload(session, source, parse_remote(destination), recursive, transfers)
     src, dst, folder = _endpoints(session, source, destination, recursive, "cp")
-    verb = "copy" if folder else "copyto"
+    verb = "copy" if folder else "copyto"  # copyto: a file to DST itself, a folder's contents into DST
     return _transfer(session, [verb, src, dst, *_parallel(transfers)], "cp", source, destination)
 
 
@@ -106,13 +105,17 @@ def _rclone_path(text: str) -> str:
     return os.path.abspath(text)  # a local path with ":" in it must not read as a remote
 
 
-def _endpoints(session: Session, source: str, destination: str, recursive: bool, verb: str) -> tuple[str, str, bool]:
-    """rclone's source and destination, and whether the source is a folder.
+def _endpoints(session: Session, source: str, destination: str, recursive: bool, verb: str) -> tuple[str, str, bool | None]:
+    """rclone's source and destination, and whether the source is a folder (None: not asked).
 
     Like cp(1): a file copied onto an existing folder (or a path ending in "/") lands inside it.
+    A drive path copied with -r to a local path that does not exist yet goes there whichever it is,
+    so the server is not asked: rclone finds out (and says when it is neither, _transfer).
     """
     if not is_remote(source) and not is_remote(destination):
         raise UsageError(f"one side of kgpu {verb} must be in your drive (kgpu:PATH); use {verb} for local files")
+    if is_remote(source) and recursive and not is_remote(destination) and _new_local_path(destination):
+        return _rclone_path(source), os.path.abspath(destination), None
     if is_remote(source):
         src = parse_remote(source)
         if recursive:  # -r names a folder, mostly: one HEAD then
@@ -143,10 +146,16 @@ def _endpoints(session: Session, source: str, destination: str, recursive: bool,
     return _rclone_path(source), dst_text, folder
 
 
+def _new_local_path(path: str) -> bool:
+    return not path.endswith("/") and not os.path.lexists(path)
+
+
 def _transfer(session: Session, args: list[str], verb: str, source: str, destination: str) -> int:
     bar = ProgressBar(f"{verb} {source} → {destination}", enabled=None if not session.as_json else False)
     outcome = rclone.run(session.login, args, on_stats=bar.update)
     bar.close()
+    if outcome.returncode == rclone.DIRECTORY_NOT_FOUND and is_remote(source):
+        raise ApiError(404, "not_found", f"no file or folder {parse_remote(source)}")
     if outcome.returncode != 0:
         raise TransferFailed(_rclone_failure(verb, outcome))
     stats = outcome.stats

@@ -7,8 +7,8 @@ import signal
 import sys
 import time
 
-from client.api import Api, ApiError
-from client.errors import UsageError
+from client.api import Api
+from client.errors import ApiError, UsageError
 from client.output import emit_json, table
 from client.session import Session
 from client.ssh import own_public_key, remember_minted

@@ -1,12 +1,15 @@
-"""``kgpu:path`` (my drive), ``kgpu:shared/ORG/path`` (a shared drive) and local paths."""
+"""``kgpu:path`` (my drive), ``kgpu:shared/ORG/path`` (a shared drive), ``gpu-…:path`` (a rented
+GPU) and local paths."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from client.errors import UsageError
 
 PREFIX = "kgpu:"
+_POD_SIDE = re.compile(r"^(gpu-[0-9a-f]{1,40}):(.*)$", re.S)
 
 
 @dataclass(frozen=True)
@@ -58,3 +61,22 @@ def parse_remote(text: str) -> Remote:
     if any(s in (".", "..") for s in segments):
         raise UsageError(f"{text!r}: '.' and '..' are not allowed in drive paths")
     return Remote("/".join(segments), folder_hint=path.endswith("/"))
+
+
+@dataclass(frozen=True)
+class PodSide:
+    gpu_id: str
+    path: str  # relative to /workspace, or absolute; "" is /workspace
+
+    @property
+    def route(self) -> str:
+        return f"/v1/gpus/{self.gpu_id}/files/{self.path}"
+
+    def __str__(self) -> str:
+        return f"{self.gpu_id}:{self.path}"
+
+
+def pod_side(text: str) -> PodSide | None:
+    """``gpu-…:PATH`` as a PodSide; None for anything else (a local path, ``kgpu:…``)."""
+    match = _POD_SIDE.match(text)
+    return PodSide(match.group(1), match.group(2)) if match else None

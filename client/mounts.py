@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 from client import rclone
-from client.api import ApiError
-from client.errors import TransferFailed, UsageError
+from client.errors import ApiError, TransferFailed, UsageError
 from client.locations import parse_remote
 from client.output import emit_json
 from client.session import Session

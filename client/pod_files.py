@@ -9,42 +9,20 @@ start of its temporary file."""
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from client import retry
-from client.api import ApiError
-from client.errors import UsageError
+from client.errors import ApiError, UsageError
+from client.locations import PodSide, pod_side
 from client.output import emit_json, human_bytes, notice
 from client.session import Session
 
 T = TypeVar("T")
-_POD_SIDE = re.compile(r"^(gpu-[0-9a-f]{1,40}):(.*)$", re.S)
 TRIES = 100  # the most times one request is sent
 MOST_WAITED_S = 300.0  # the most one request waits, all its waits together, for a busy pod or server
-
-
-@dataclass(frozen=True)
-class PodSide:
-    gpu_id: str
-    path: str  # relative to /workspace, or absolute; "" is /workspace
-
-    @property
-    def route(self) -> str:
-        return f"/v1/gpus/{self.gpu_id}/files/{self.path}"
-
-    def __str__(self) -> str:
-        return f"{self.gpu_id}:{self.path}"
-
-
-def pod_side(text: str) -> PodSide | None:
-    """``gpu-…:PATH`` as a PodSide; None for anything else (a local path, ``kgpu:…``)."""
-    match = _POD_SIDE.match(text)
-    return PodSide(match.group(1), match.group(2)) if match else None
 
 
 def cp(session: Session, source: str, destination: str, recursive: bool) -> int:

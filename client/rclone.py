@@ -25,6 +25,7 @@ REMOTE = "kgpu"
 # object store refuses (400). The owncloud vendor keeps modification times (X-OC-Mtime) and
 # checks SHA1/MD5 (OC-Checksum, oc:checksums): docs/webdav.md says why not the others.
 WEBDAV_OPTIONS = {"VENDOR": "owncloud", "PACER_MIN_SLEEP": "1ms"}
+DIRECTORY_NOT_FOUND = 3  # rclone's exit code when a source folder (or file) is not there
 
 
 def environment(login: Login) -> dict[str, str]:

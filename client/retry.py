@@ -21,20 +21,13 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from client.errors import Refusal
+
 T = TypeVar("T")
 SENT_AGAIN = frozenset({0, 408, 429, 500, 502, 503, 504})
 LONGEST_WAIT_S = 30.0
 FIRST_BACKOFF_S = 0.5
 UNANSWERED_TRIES = 4  # the most times a request that gets no answer (status 0) is sent
-
-
-class Refusal(Exception):
-    """A request that did not succeed: the answer's status (0: no answer came) and the seconds its
-    ``Retry-After`` asked for (None: it named none)."""
-
-    def __init__(self, message: str, status: int, retry_after: float | None = None):
-        super().__init__(message)
-        self.status, self.retry_after = status, retry_after
 
 
 def retry_after(header: str | None) -> float | None:

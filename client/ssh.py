@@ -17,9 +17,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from client.api import ApiError
 from client.config import config_path
-from client.errors import UsageError
+from client.errors import ApiError, UsageError
 from client.session import Session
 
 OWN_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")

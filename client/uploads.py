@@ -30,8 +30,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from client import retry
-from client.api import Api, ApiError
-from client.errors import TransferFailed
+from client.api import Api
+from client.errors import ApiError, TransferFailed
 
 MULTIPART_THRESHOLD = int(os.environ.get("KGPU_MULTIPART_THRESHOLD") or 64 << 20)
 ATTEMPTS = 3

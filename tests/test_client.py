@@ -329,6 +329,11 @@ def test_cp_ls_sync_mv_rm_round_trips(stack, user, kgpu, tmp_path):
     down = tmp_path / "back"
     kgpu.json("cp", "-r", "kgpu:exp42", str(down))
     assert tree_of(down) == files
+    # -r to a new local path: a folder's contents, or a file to that very name (rclone tells which).
+    kgpu.json("cp", "-r", "kgpu:exp42/sub/b.bin", str(tmp_path / "b.copy"))
+    assert (tmp_path / "b.copy").read_bytes() == files["sub/b.bin"]
+    kgpu.json("cp", "-r", "kgpu:exp42/sub", str(tmp_path / "sub.copy"))
+    assert tree_of(tmp_path / "sub.copy") == {n[len("sub/"):]: d for n, d in files.items() if n.startswith("sub/")}
 
     # One file: into a folder (like cp), to a new name, and back.
     kgpu.json("cp", str(local / "a.txt"), "kgpu:exp42/sub/")
@@ -369,6 +374,11 @@ def test_cp_ls_sync_mv_rm_round_trips(stack, user, kgpu, tmp_path):
 def test_errors_have_exit_codes_and_messages(stack, user, kgpu, tmp_path):
     missing = kgpu("cp", "kgpu:no/such/file.bin", str(tmp_path / "x"))
     assert missing.returncode == 1 and "no file or folder kgpu:no/such/file.bin" in missing.stderr
+    for recursive in (["-r"], ["-r", "--json"]):  # -r to a new path: the server is not asked first
+        folder = kgpu("cp", *recursive, "kgpu:no/such/folder", str(tmp_path / "y"))
+        assert folder.returncode == 1 and "no file or folder kgpu:no/such/folder" in folder.stderr
+        assert "--json" not in recursive or json.loads(folder.stderr)["error_code"] == "not_found"
+        assert not os.path.lexists(tmp_path / "y")
     gone = kgpu("rm", "kgpu:no/such/file.bin", "--json")
     assert gone.returncode == 1 and json.loads(gone.stderr)["error_code"] == "not_found"
     assert kgpu("cp", "a", "b").returncode == 2  # neither side in the drive
