@@ -20,6 +20,7 @@ environment) with the same parallelism (``--transfers J --checkers max(8, J)``),
 server. Each upload goes to a fresh folder (deleted after the round), each download into an empty
 folder; wall time includes process start-up (what a user waits for). Prints MiB/s per round, the
 medians and the ratios: up kgpu/direct PUTs (goal >= 0.8), down kgpu/rclone (goal >= 0.9).
+``--src DIR`` runs both the server and the client from another checkout (an A/B: ``git archive``).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     try:
         port = harness.free_port()
-        server = harness.start_kgpu(work / "data", port, admin_token, work, 0)
+        server = harness.start_kgpu(work / "data", port, admin_token, work, 0, args.src)
         base = server.base
         token = harness.new_user(base, admin_token, "bench-client@example.org")["token"]
         tree = work / "tree"
@@ -120,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
 
         clean = {k: v for k, v in os.environ.items() if not k.startswith(("KGPU_", "RCLONE_"))}
         kgpu_env = {**clean, "XDG_CONFIG_HOME": str(work / "config"), "XDG_STATE_HOME": str(work / "state")}
+        if args.src:  # the client of that checkout too
+            kgpu_env["PYTHONPATH"] = str(Path(args.src).resolve())
         kgpu = str(harness.VENV_BIN / "kgpu")
         login = subprocess.run([kgpu, "login", "--base-url", base], input=token + "\n", env=kgpu_env,
                                capture_output=True, text=True)
