@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transfers", "-j", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--src", help="run the server and the client from this source tree (first on PYTHONPATH)")
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="kgpu-client-bench-"))
