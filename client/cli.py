@@ -31,7 +31,7 @@ SERVER_MISSING = ("`kgpu {command}` is the server's: install the kgpu server bes
 
 class _Later:
     """A command's module, imported when the command runs: ``kgpu cp`` does not wait for the
-    imports of ``kgpu rent`` or ``kgpu login`` (the whole client takes some 70 ms to import)."""
+    imports of ``kgpu rent`` or ``kgpu login`` (docs/client.md: about 70 ms of imports, not 170)."""
 
     def __init__(self, name: str):
         self._name = name
