@@ -28,7 +28,6 @@ SERVER_MISSING = ("`kgpu {command}` is the server's: install the kgpu server bes
                   "(`pip install .` in a kgpu checkout; docs/client.md#install)")
 
 
-
 class _Later:
     """A command's module, imported when the command runs: ``kgpu cp`` does not wait for the
     imports of ``kgpu rent`` or ``kgpu login`` (docs/client.md: about 70 ms of imports, not 170)."""
@@ -41,6 +40,7 @@ class _Later:
 
 
 drive, gpus, login, mounts, pod_files, ssh = (_Later(n) for n in ("drive", "gpus", "login", "mounts", "pod_files", "ssh"))
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
