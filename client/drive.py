@@ -25,6 +25,11 @@ def http_path(remote: Remote, folder: bool = False) -> str:
     return path if not folder or path.endswith("/") else path + "/"
 
 
+def _not_found(remote: Remote) -> ApiError:
+    """The refusal for a drive path that is neither a file nor a folder, however the client found out."""
+    return ApiError(404, "not_found", f"no file or folder {remote}")
+
+
 def is_file(session: Session, remote: Remote) -> bool:
     if remote.is_root or remote.folder_hint:
         return False
@@ -45,7 +50,7 @@ def ls(session: Session, target: str, recursive: bool) -> int:
     outcome = rclone.run(session.login, ["lsjson", f"{rclone.REMOTE}:{remote.path}", *depth])
     if outcome.returncode != 0:
         if outcome.returncode == rclone.DIRECTORY_NOT_FOUND:
-            raise ApiError(404, "not_found", f"no file or folder {remote}")
+            raise _not_found(remote)
         raise TransferFailed(_rclone_failure("ls", outcome))
     entries = [
         {"path": e["Path"] + ("/" if e["IsDir"] else ""), "name": e["Name"], "type": "dir" if e["IsDir"] else "file",
@@ -114,10 +119,10 @@ def _endpoints(session: Session, source: str, destination: str, recursive: bool,
     """
     if not is_remote(source) and not is_remote(destination):
         raise UsageError(f"one side of kgpu {verb} must be in your drive (kgpu:PATH); use {verb} for local files")
-    if is_remote(source) and recursive and not is_remote(destination) and _new_local_path(destination):
-        return _rclone_path(source), os.path.abspath(destination), None
     if is_remote(source):
         src = parse_remote(source)
+        if recursive and not is_remote(destination) and _new_local_path(destination):
+            return _rclone_path(source), os.path.abspath(destination), None
         if recursive:  # -r names a folder, mostly: one HEAD then
             folder = is_folder(session, src)
             exists = folder or is_file(session, src)
@@ -125,7 +130,7 @@ def _endpoints(session: Session, source: str, destination: str, recursive: bool,
             folder = not is_file(session, src)
             exists = not folder or is_folder(session, src)
         if not exists:
-            raise ApiError(404, "not_found", f"no file or folder {src}")
+            raise _not_found(src)
         name = src.name
     else:
         if not os.path.exists(source):
@@ -155,7 +160,7 @@ def _transfer(session: Session, args: list[str], verb: str, source: str, destina
     outcome = rclone.run(session.login, args, on_stats=bar.update)
     bar.close()
     if outcome.returncode == rclone.DIRECTORY_NOT_FOUND and is_remote(source):
-        raise ApiError(404, "not_found", f"no file or folder {parse_remote(source)}")
+        raise _not_found(parse_remote(source))
     if outcome.returncode != 0:
         raise TransferFailed(_rclone_failure(verb, outcome))
     stats = outcome.stats
@@ -192,7 +197,7 @@ def rm(session: Session, target: str, recursive: bool) -> int:
             raise UsageError(f"{remote} is a folder: use kgpu rm -r")
         deleted = session.api.delete(http_path(remote, folder=True))
     else:
-        raise ApiError(404, "not_found", f"no file or folder {remote}")
+        raise _not_found(remote)
     if session.as_json:
         emit_json({"deleted": str(remote), "files": deleted})
     else:
